@@ -1,0 +1,23 @@
+"""Triton kernels and their launchers (installed as ``distillcse.kernels``).
+
+Layers: ``@triton.jit`` kernels (pointer arithmetic and maths) and launchers that allocate
+outputs, pick blocks and compute the grid. No autograd here, and nothing here imports
+``distillcse``; the autograd Functions live in ``distillcse/triton_backend.py``.
+
+Naming scheme inside kernels (fla's prefixes):
+  i_  program ids and loop indices        o_  offset vectors (aranges)
+  m_  masks                               b_  block values held in registers
+  p_  pointers                            s_  strides
+  BM, BN, BD  block sizes over rows, columns and the feature dimension.
+Shapes are written next to every pointer argument and every ``tl.dot``.
+
+Conventions shared by every kernel:
+  * Embeddings come raw (any float dtype, row stride arbitrary, unit feature stride) with
+    fp32 inverse norms ``r = 1 / max(|x|, 1e-8)``; a cosine is ``(x_i . y_j) * r_i * r_j``,
+    the dot accumulated in fp32.
+  * Teacher rows come pre-normalised and pre-weighted (``sqrt(w_k) e_k / |e_k|``,
+    concatenated over the K teachers), so ``t_ij = t_i . t_j``.
+  * Gradients are returned w.r.t. the *normalised* vectors ``u = x * r`` in fp32; the
+    normalisation's backward is applied by the caller.
+  * Row statistics (logsumexps) are fp32 vectors of length B: extra memory O(B).
+"""

@@ -1,0 +1,59 @@
+"""Test set-up shared by every test.
+
+* Without a GPU, kernels run under Triton's interpreter: ``TRITON_INTERPRET=1`` is set here,
+  before anything imports ``triton``.
+* ``torch.empty`` / ``torch.empty_like`` return NaN-filled (float) or sentinel-filled (int)
+  tensors, so an output a kernel forgets to write fails the comparison instead of passing
+  on lucky zeros.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+_empty, _empty_like = torch.empty, torch.empty_like
+
+
+def _poison(t):
+    if t.is_floating_point() or t.is_complex():
+        t.fill_(float("nan"))
+    elif t.dtype != torch.bool:
+        t.fill_(-12345 if t.dtype.is_signed else 123)
+    return t
+
+
+def _poisoned_empty(*args, **kwargs):
+    return _poison(_empty(*args, **kwargs))
+
+
+def _poisoned_empty_like(*args, **kwargs):
+    return _poison(_empty_like(*args, **kwargs))
+
+
+@pytest.fixture(autouse=True)
+def poison_empty(monkeypatch):
+    monkeypatch.setattr(torch, "empty", _poisoned_empty)
+    monkeypatch.setattr(torch, "empty_like", _poisoned_empty_like)
+    yield
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+def triton_available():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+requires_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
