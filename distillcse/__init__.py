@@ -1,0 +1,12 @@
+"""distillcse: fused, memory-efficient DistillCSE losses.
+
+``contrastive_loss``, ``distill_loss``, ``distillcse_loss`` and ``DistillCSELoss`` with backends
+"reference" (plain PyTorch, B x B), "torch" (row-chunked, any device), "triton" (fused
+kernels) and "auto" (triton on CUDA, torch elsewhere).
+"""
+from .api import DistillCSELoss, contrastive_loss, distill_loss, distillcse_loss
+from .config import chunk_budget, set_chunk_budget
+
+__all__ = ["contrastive_loss", "distill_loss", "distillcse_loss", "DistillCSELoss",
+           "set_chunk_budget", "chunk_budget"]
+__version__ = "0.1.0"

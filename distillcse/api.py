@@ -1,0 +1,192 @@
+"""Public API: the three losses and the module, input checks and backend selection.
+
+Shapes: ``z1, z2`` [B, D] student embeddings of two views; ``teachers`` one tensor [B, D_t] or
+a sequence of K tensors [B, D_k]; ``hard_negatives`` [B_h, D]. Every loss returns a scalar
+(float32 for half-precision inputs) that autograd differentiates w.r.t. the student inputs.
+"""
+import os
+
+import torch
+
+from . import checks, reference
+from .reference import EPS
+from .torch_backend import ContrastiveChunked, DistillChunked
+
+
+def _triton_importable():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend, x):
+    """"auto" -> "triton" on CUDA tensors when Triton is installed, else "torch"."""
+    checks.check_choice("backend", backend, checks.BACKENDS)
+    if backend == "auto":
+        return "triton" if x.is_cuda and _triton_importable() else "torch"
+    if backend == "triton":
+        if not _triton_importable():
+            raise RuntimeError('backend="triton" needs the triton package (pip install triton)')
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1" and x.device.type == "cpu"
+        if not (x.is_cuda or interpreted):
+            raise RuntimeError(f'backend="triton" needs CUDA tensors (got {x.device}); on CPU set '
+                               'TRITON_INTERPRET=1 before importing triton, or use backend="torch"')
+    return backend
+
+
+def _work_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _normalize(x):
+    """Unit rows ``x / max(|x|, eps)`` in fp32 (fp64 for fp64 inputs), differentiable."""
+    x = x.to(_work_dtype(x))
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(EPS)
+
+
+def _teacher_rows(teachers, weights, dtype):
+    """[B, sum D_k]: ``sqrt(w_k) e_k / |e_k|`` side by side, so that ``T T^T = sum_k w_k cos_k``."""
+    return torch.cat([w ** 0.5 * _normalize(e).to(dtype) for w, e in zip(weights, teachers)], dim=1)
+
+
+def _step_seed(seed):
+    """The 62-bit integer that keys this step's random shuffle (fresh from torch's RNG if None)."""
+    if isinstance(seed, int):
+        return seed & (2**64 - 1)
+    device = seed.device if isinstance(seed, torch.Generator) else "cpu"
+    return int(torch.randint(0, 2**62, (1,), generator=seed, device=device).item())
+
+
+def _reference_generator(seed):
+    if isinstance(seed, int):
+        return torch.Generator().manual_seed(seed)
+    return seed
+
+
+def _distill_options(student_temperature, teacher_temperature, group_p, group_size,
+                     grouping_temperature, shuffle, teacher_weights, seed, K):
+    group_p, group_size = checks.check_grouping(group_p, group_size)
+    return dict(
+        student_temperature=checks.check_positive("student_temperature", student_temperature),
+        teacher_temperature=checks.check_positive("teacher_temperature", teacher_temperature),
+        group_p=group_p,
+        group_size=group_size,
+        grouping_temperature=checks.check_positive("grouping_temperature", grouping_temperature),
+        shuffle=checks.check_choice("shuffle", shuffle, checks.SHUFFLES),
+        teacher_weights=checks.check_teacher_weights(teacher_weights, K),
+        seed=checks.check_seed(seed),
+    )
+
+
+def contrastive_loss(z1, z2, *, temperature=0.05, hard_negatives=None, backend="auto"):
+    """SimCSE InfoNCE: ``mean_i [logsumexp_j(c_ij / tau) - c_ii / tau]``,
+    ``c_ij = cos(z1_i, [z2; hard_negatives]_j)``. z1, z2 [B, D]; hard_negatives [B_h, D]."""
+    _check_views(z1, z2, hard_negatives)
+    temperature = checks.check_positive("temperature", temperature)
+    return _contrastive(z1, z2, hard_negatives, temperature, resolve_backend(backend, z1))
+
+
+def _check_views(z1, z2, hard_negatives):
+    checks.check_student("z1", z1)
+    checks.check_embeddings("z2", z2, rows=z1.shape[0], dim=z1.shape[1], like=z1)
+    if hard_negatives is not None:
+        checks.check_embeddings("hard_negatives", hard_negatives, dim=z1.shape[1], like=z1)
+
+
+def _contrastive(z1, z2, hard_negatives, temperature, backend):
+    """The contrastive term on checked inputs."""
+    if backend == "reference":
+        return reference.contrastive_loss(z1, z2, temperature, hard_negatives)
+    columns = z2 if hard_negatives is None else torch.cat([z2, hard_negatives], dim=0)
+    if backend == "triton":
+        from .triton_backend import contrastive
+        return contrastive(z1, columns, 1.0 / temperature)
+    return ContrastiveChunked.apply(_normalize(z1), _normalize(columns), 1.0 / temperature)
+
+
+def _distill(student, teachers, options, backend):
+    """The distillation term on checked inputs (``teachers`` a list, ``options`` checked)."""
+    seed = options.pop("seed")
+    weights = options.pop("teacher_weights")
+    if backend == "reference":
+        return reference.distill_loss(student, teachers, teacher_weights=weights,
+                                      generator=_reference_generator(seed), **options)
+    student_temperature = options.pop("student_temperature")
+    options["step_seed"] = _step_seed(seed) if options["shuffle"] == "random" else None
+    if backend == "triton":
+        from .triton_backend import distill
+        return distill(student, _teacher_rows(teachers, weights, student.dtype),
+                       student_temperature, options)
+    u = _normalize(student)
+    return DistillChunked.apply(u, _teacher_rows(teachers, weights, u.dtype), student_temperature, options)
+
+
+def distill_loss(student, teachers, *, student_temperature=0.025, teacher_temperature=0.0125,
+                 group_p=0.1, group_size=None, grouping_temperature=1.0, shuffle="random",
+                 teacher_weights=None, seed=None, backend="auto"):
+    """Group-P shuffled distillation: ``mean_i sum_{j!=i} -q~_ij log_softmax_{j!=i}(s_ij / tau_s)``.
+
+    student [B, D]; teachers [B, D_t] or K tensors [B, D_k] (frozen); ``shuffle`` "random" (the
+    paper), "expected" (its deterministic expectation) or "none"; ``group_size`` switches to
+    fixed-size groups; ``seed`` (int or torch.Generator) makes the random shuffle reproducible.
+    """
+    checks.check_student("student", student)
+    teachers = checks.check_teachers(teachers, student)
+    options = _distill_options(student_temperature, teacher_temperature, group_p, group_size,
+                               grouping_temperature, shuffle, teacher_weights, seed, len(teachers))
+    return _distill(student, teachers, options, resolve_backend(backend, student))
+
+
+def distillcse_loss(z1, z2, teachers, *, temperature=0.05, distill_weight=1.0, distill_only=False,
+                    hard_negatives=None, student_temperature=0.025, teacher_temperature=0.0125,
+                    group_p=0.1, group_size=None, grouping_temperature=1.0, shuffle="random",
+                    teacher_weights=None, seed=None, backend="auto"):
+    """``L = L_cl + distill_weight * L_kd`` (``distill_only=True`` drops ``L_cl``); the
+    distillation term uses view 1 (``z1``) as the student, as the authors' code does."""
+    _check_views(z1, z2, hard_negatives)
+    temperature = checks.check_positive("temperature", temperature)
+    distill_weight = checks.check_real("distill_weight", distill_weight)
+    if not isinstance(distill_only, bool):
+        raise TypeError(f"distill_only must be a bool, got {type(distill_only).__name__}")
+    teachers = checks.check_teachers(teachers, z1)
+    options = _distill_options(student_temperature, teacher_temperature, group_p, group_size,
+                               grouping_temperature, shuffle, teacher_weights, seed, len(teachers))
+    backend = resolve_backend(backend, z1)
+    kd = distill_weight * _distill(z1, teachers, options, backend)
+    if distill_only:
+        return kd
+    return _contrastive(z1, z2, hard_negatives, temperature, backend) + kd
+
+
+class DistillCSELoss(torch.nn.Module):
+    """Module form of :func:`distillcse_loss`; keywords as there, checked at construction.
+
+    ``loss = DistillCSELoss(group_p=0.1)(z1, z2, teachers, hard_negatives=None)``
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        known = set(distillcse_loss.__kwdefaults__)
+        unknown = set(kwargs) - known
+        if unknown:
+            raise TypeError(f"DistillCSELoss got unknown keyword(s) {sorted(unknown)}; "
+                            f"expected some of {sorted(known)}")
+        if "hard_negatives" in kwargs:
+            raise TypeError("pass hard_negatives to forward(), not to DistillCSELoss()")
+        seed = checks.check_seed(kwargs.get("seed"))
+        if isinstance(seed, int):  # a reproducible sequence of fresh shuffles, one per call
+            kwargs["seed"] = torch.Generator().manual_seed(seed)
+        self.kwargs = kwargs
+        checks.check_choice("backend", kwargs.get("backend", "auto"), checks.BACKENDS)
+        _distill_options(*(kwargs.get(k, distillcse_loss.__kwdefaults__[k]) for k in (
+            "student_temperature", "teacher_temperature", "group_p", "group_size",
+            "grouping_temperature", "shuffle")), None, None, 1)
+        checks.check_positive("temperature", kwargs.get("temperature", 0.05))
+
+    def forward(self, z1, z2, teachers, hard_negatives=None):
+        return distillcse_loss(z1, z2, teachers, hard_negatives=hard_negatives, **self.kwargs)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

@@ -1,0 +1,110 @@
+"""Input validation for the public API: every error names the argument and what was expected."""
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SHUFFLES = ("none", "random", "expected")
+BACKENDS = ("auto", "reference", "torch", "triton")
+
+
+def check_embeddings(name, x, *, rows=None, dim=None, like=None):
+    """A 2-D floating tensor [rows, dim] on ``like``'s device, finite. Returns it."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape [B, D], got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [B, D], got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if rows is not None and x.shape[0] != rows:
+        raise ValueError(f"{name} must have {rows} rows (the batch size), got shape {tuple(x.shape)}")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"{name} must have {dim} features like z1, got shape {tuple(x.shape)}")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} must have at least one feature, got shape {tuple(x.shape)}")
+    if like is not None:
+        if x.device != like.device:
+            raise ValueError(f"{name} is on {x.device} but the student embeddings are on {like.device}")
+        if x.dtype != like.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but the student embeddings have {like.dtype}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+    return x
+
+
+def check_student(name, x):
+    check_embeddings(name, x)
+    if x.shape[0] < 2:
+        raise ValueError(f"{name} needs a batch of at least 2 rows (in-batch negatives), got {x.shape[0]}")
+    return x
+
+
+def check_teachers(teachers, student):
+    """One tensor [B, D_t] or a non-empty sequence of K tensors [B, D_k]. Returns a list."""
+    if isinstance(teachers, torch.Tensor):
+        teachers = [teachers]
+    elif isinstance(teachers, (list, tuple)) and len(teachers) > 0:
+        teachers = list(teachers)
+    else:
+        raise TypeError("teachers must be a tensor [B, D_t] or a non-empty sequence of tensors [B, D_k], "
+                        f"got {type(teachers).__name__}")
+    B = student.shape[0]
+    for k, e in enumerate(teachers):
+        label = "teachers" if len(teachers) == 1 else f"teachers[{k}]"
+        check_embeddings(label, e, rows=B)
+        if e.device != student.device:
+            raise ValueError(f"{label} is on {e.device} but the student embeddings are on {student.device}")
+    return [e.detach() for e in teachers]
+
+
+def check_teacher_weights(weights, K):
+    """None (uniform) or K non-negative finite numbers summing to 1. Returns a list of floats."""
+    if weights is None:
+        return [1.0 / K] * K
+    if isinstance(weights, torch.Tensor):
+        weights = weights.detach().cpu().flatten().tolist()
+    weights = list(weights)
+    if len(weights) != K:
+        raise ValueError(f"teacher_weights must have one weight per teacher ({K}), got {len(weights)}")
+    if any(not isinstance(w, numbers.Real) or not math.isfinite(w) or w < 0 for w in weights):
+        raise ValueError(f"teacher_weights must be finite and >= 0, got {weights}")
+    if abs(sum(weights) - 1.0) > 1e-6:
+        raise ValueError(f"teacher_weights must sum to 1, got sum {sum(weights)}")
+    return [float(w) for w in weights]
+
+
+def check_positive(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def check_grouping(group_p, group_size):
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size < 1:
+            raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")
+        return group_p, int(group_size)
+    if isinstance(group_p, bool) or not isinstance(group_p, numbers.Real) or not (0 < group_p <= 1):
+        raise ValueError(f"group_p must be in (0, 1], got {group_p!r}")
+    return float(group_p), None
+
+
+def check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
+    return value
+
+
+def check_seed(seed):
+    if seed is None or isinstance(seed, torch.Generator):
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be None, an int or a torch.Generator, got {type(seed).__name__}")
+    return int(seed)
+
+
+def check_real(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)

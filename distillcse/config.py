@@ -1,0 +1,31 @@
+"""Library-wide settings."""
+import os
+from contextlib import contextmanager
+
+_DEFAULT_CHUNK_MIB = 256
+_chunk_budget = int(float(os.environ.get("DISTILLCSE_CHUNK_MIB", _DEFAULT_CHUNK_MIB)) * 2**20)
+
+
+def chunk_budget_bytes() -> int:
+    """Memory the row-chunked paths may use for one chunk's temporaries (bytes)."""
+    return _chunk_budget
+
+
+def set_chunk_budget(mib: float) -> None:
+    """Set the per-chunk memory budget of the torch backend and of the triton backend's
+    random-shuffle slabs, in MiB (default 256, or ``$DISTILLCSE_CHUNK_MIB``)."""
+    global _chunk_budget
+    if not (isinstance(mib, (int, float)) and mib > 0):
+        raise ValueError(f"chunk budget must be a positive number of MiB, got {mib!r}")
+    _chunk_budget = int(mib * 2**20)
+
+
+@contextmanager
+def chunk_budget(mib: float):
+    """Context manager form of :func:`set_chunk_budget`."""
+    previous = _chunk_budget
+    set_chunk_budget(mib)
+    try:
+        yield
+    finally:
+        set_chunk_budget(previous / 2**20)

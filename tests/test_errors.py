@@ -1,0 +1,86 @@
+"""Bad input raises a clear error naming the argument, on every public entry point."""
+import pytest
+import torch
+
+import distillcse
+
+B, D = 8, 6
+
+
+def good():
+    return torch.randn(B, D), torch.randn(B, D), torch.randn(B, 5)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (lambda z1, z2, t: (z1[None], z2, t), ValueError, "z1 must be 2-D"),
+    (lambda z1, z2, t: (z1[:1], z2[:1], t[:1]), ValueError, "at least 2 rows"),
+    (lambda z1, z2, t: (z1, z2[:-1], t), ValueError, "z2 must have 8 rows"),
+    (lambda z1, z2, t: (z1, z2[:, :-1], t), ValueError, "z2 must have 6 features"),
+    (lambda z1, z2, t: (z1, z2.double(), t), TypeError, "z2 has dtype"),
+    (lambda z1, z2, t: (z1.long(), z2, t), TypeError, "z1 must be float16"),
+    (lambda z1, z2, t: (z1.index_fill(0, torch.tensor([2]), float("nan")), z2, t), ValueError, "z1 contains NaN"),
+    (lambda z1, z2, t: (z1, z2.index_fill(0, torch.tensor([2]), float("inf")), t), ValueError, "z2 contains NaN or Inf"),
+    (lambda z1, z2, t: (z1, z2, t[:-1]), ValueError, "teachers must have 8 rows"),
+    (lambda z1, z2, t: (z1, z2, [t, t[:-2]]), ValueError, r"teachers\[1\] must have 8 rows"),
+    (lambda z1, z2, t: (z1, z2, []), TypeError, "teachers must be a tensor"),
+    (lambda z1, z2, t: (z1, z2, t.index_fill(0, torch.tensor([0]), float("nan"))), ValueError, "teachers contains NaN"),
+    (lambda z1, z2, t: ("z1", z2, t), TypeError, "z1 must be a torch.Tensor"),
+])
+def test_bad_tensors(change, error, match):
+    z1, z2, t = change(*good())
+    with pytest.raises(error, match=match):
+        distillcse.distillcse_loss(z1, z2, t, backend="torch")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=0.0), "temperature must be a positive"),
+    (dict(student_temperature=-1.0), "student_temperature must be a positive"),
+    (dict(teacher_temperature=float("nan")), "teacher_temperature must be a positive"),
+    (dict(grouping_temperature=0), "grouping_temperature must be a positive"),
+    (dict(group_p=0.0), r"group_p must be in \(0, 1\]"),
+    (dict(group_p=1.5), r"group_p must be in \(0, 1\]"),
+    (dict(group_size=0), "group_size must be a positive integer"),
+    (dict(group_size=2.5), "group_size must be a positive integer"),
+    (dict(shuffle="sometimes"), "shuffle must be one of"),
+    (dict(backend="cuda"), "backend must be one of"),
+    (dict(teacher_weights=[0.5, 0.5]), "one weight per teacher"),
+    (dict(teacher_weights=[2.0]), "must sum to 1"),
+    (dict(teacher_weights=[-1.0]), "must be finite and >= 0"),
+    (dict(distill_weight=float("inf")), "distill_weight must be a finite number"),
+    (dict(distill_only="yes"), "distill_only must be a bool"),
+])
+def test_bad_options(kwargs, match):
+    z1, z2, t = good()
+    with pytest.raises((ValueError, TypeError), match=match):
+        distillcse.distillcse_loss(z1, z2, t, **dict(dict(backend="torch"), **kwargs))
+
+
+def test_bad_seed_and_hard_negatives():
+    z1, z2, t = good()
+    with pytest.raises(TypeError, match="seed must be None, an int or a torch.Generator"):
+        distillcse.distill_loss(z1, t, seed="42")
+    with pytest.raises(ValueError, match="hard_negatives must have 6 features"):
+        distillcse.contrastive_loss(z1, z2, hard_negatives=torch.randn(3, 4))
+    with pytest.raises(ValueError, match="hard_negatives contains NaN"):
+        distillcse.contrastive_loss(z1, z2, hard_negatives=torch.full((3, 6), float("nan")))
+
+
+def test_module_rejects_unknown_keywords_and_bad_options():
+    with pytest.raises(TypeError, match="unknown keyword"):
+        distillcse.DistillCSELoss(temprature=0.05)
+    with pytest.raises(ValueError, match="shuffle must be one of"):
+        distillcse.DistillCSELoss(shuffle="all")
+    with pytest.raises(ValueError, match="group_p must be in"):
+        distillcse.DistillCSELoss(group_p=2)
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    z1, z2, t = good()
+    with pytest.raises(RuntimeError, match='backend="triton" needs CUDA tensors'):
+        distillcse.contrastive_loss(z1, z2, backend="triton")
+
+
+def test_chunk_budget_must_be_positive():
+    with pytest.raises(ValueError, match="chunk budget must be a positive"):
+        distillcse.set_chunk_budget(0)

@@ -1,0 +1,233 @@
+"""The public losses: reference vs torch backend at float64, hand-computed cases, gradcheck,
+random-shuffle properties, seeds, chunking and the module."""
+import math
+
+import pytest
+import torch
+
+import distillcse
+from distillcse import reference
+from distillcse.shuffle import shuffled_targets
+
+F64 = torch.float64
+
+
+def make_batch(B=37, D=48, dims=(32,), Bh=0, seed=0, dtype=F64):
+    """Student views and K teachers whose cosines are positive and clustered, like real ones."""
+    g = torch.Generator().manual_seed(seed)
+    z1 = torch.randn(B, D, generator=g, dtype=dtype)
+    z2 = z1 + 0.3 * torch.randn(B, D, generator=g, dtype=dtype)
+    teachers = [torch.randn(1, d, generator=g, dtype=dtype) + 0.8 * torch.randn(B, d, generator=g, dtype=dtype)
+                for d in dims]
+    hard = torch.randn(Bh, D, generator=g, dtype=dtype) if Bh else None
+    return z1, z2, teachers, hard
+
+
+def loss_and_grads(backend, z1, z2, teachers, hard, **kw):
+    leaves = [x.detach().clone().requires_grad_() for x in (z1, z2) + ((hard,) if hard is not None else ())]
+    loss = distillcse.distillcse_loss(leaves[0], leaves[1], teachers, hard_negatives=leaves[2] if hard is not None else None,
+                                      backend=backend, **kw)
+    return loss.detach(), torch.autograd.grad(loss, leaves)
+
+
+def rel_err(a, b, floor=1e-6):
+    """||a - b|| / ||b||, with ||b|| floored (a loss or gradient of 1e-14 is zero here)."""
+    return ((a - b).norm() / b.norm().clamp_min(floor)).item()
+
+
+@pytest.mark.parametrize("shuffle", ["none", "expected", "random"])
+@pytest.mark.parametrize("B,D,dims,Bh", [(37, 48, (32,), 0), (37, 48, (32, 20, 40), 11), (130, 96, (64,), 0), (2, 5, (3,), 0)])
+def test_torch_backend_matches_reference(shuffle, B, D, dims, Bh):
+    z1, z2, teachers, hard = make_batch(B, D, dims, Bh)
+    kw = dict(shuffle=shuffle, seed=7)
+    if shuffle == "random":
+        # Same distribution, different draws: compare with the random shuffle removed from
+        # both (group_size=1 gives singleton groups, where random == none exactly).
+        kw["group_size"] = 1
+    ref_loss, ref_grads = loss_and_grads("reference", z1, z2, teachers, hard, **kw)
+    loss, grads = loss_and_grads("torch", z1, z2, teachers, hard, **kw)
+    assert rel_err(loss, ref_loss, floor=1.0) < 1e-12
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g, rg) < 1e-9
+
+
+@pytest.mark.parametrize("group_p,group_size,gtemp", [(0.1, None, 1.0), (0.3, None, 1.0), (0.25, None, 0.1), (None, 4, 1.0)])
+def test_expected_groupings_match_reference(group_p, group_size, gtemp):
+    z1, z2, teachers, _ = make_batch(61, 40, (24, 24))
+    kw = dict(shuffle="expected", group_size=group_size, grouping_temperature=gtemp, teacher_weights=[0.25, 0.75])
+    if group_p is not None:
+        kw["group_p"] = group_p
+    ref_loss, ref_grads = loss_and_grads("reference", z1, z2, teachers, None, **kw)
+    loss, grads = loss_and_grads("torch", z1, z2, teachers, None, **kw)
+    assert rel_err(loss, ref_loss, floor=1.0) < 1e-12
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g, rg) < 1e-9
+
+
+def test_contrastive_hand_computed_b2():
+    z1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=F64)
+    z2 = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=F64)
+    tau, r = 0.05, 1 / math.sqrt(2)
+    row1 = math.log(math.exp(1 / tau) + math.exp(r / tau)) - 1 / tau
+    row2 = math.log(math.exp(0.0) + math.exp(r / tau)) - r / tau
+    for backend in ("reference", "torch"):
+        loss = distillcse.contrastive_loss(z1, z2, temperature=tau, backend=backend)
+        assert loss.item() == pytest.approx((row1 + row2) / 2, rel=1e-12)
+
+
+def test_distill_b2_is_zero():
+    # One off-diagonal entry per row: the target and the student distribution are both 1.
+    z1, _, teachers, _ = make_batch(2, 4, (3,))
+    for backend in ("reference", "torch"):
+        assert distillcse.distill_loss(z1, teachers, backend=backend).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def _softmax2(a, b):
+    m = max(a, b)
+    ea, eb = math.exp(a - m), math.exp(b - m)
+    return ea / (ea + eb), eb / (ea + eb)
+
+
+@pytest.mark.parametrize("group_p,expected_same_group", [(0.1, False), (0.5, True)])
+def test_distill_hand_computed_b3(group_p, expected_same_group):
+    # B = 3: each row has two off-diagonal entries. With P = 0.5 both fall in the last group
+    # (c_1 = pi_1 >= 0.5), so the expected targets are (1/2, 1/2); with P = 0.1 they stay q.
+    s = torch.tensor([[1.0, 0.0], [0.6, 0.8], [-0.6, 0.8]], dtype=F64)
+    t = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.0, 0.6, 0.8]], dtype=F64)
+    tau_s, tau_t = 0.025, 0.0125
+    total = 0.0
+    for i in range(3):
+        j, k = [c for c in range(3) if c != i]
+        cs = lambda a, b: float(s[a] @ s[b])  # noqa: E731 (unit rows)
+        ct = lambda a, b: float(t[a] @ t[b])  # noqa: E731
+        p_j, p_k = _softmax2(cs(i, j) / tau_s, cs(i, k) / tau_s)
+        q_j, q_k = _softmax2(ct(i, j) / tau_t, ct(i, k) / tau_t)
+        if expected_same_group:
+            q_j = q_k = 0.5
+        total += -(q_j * math.log(p_j) + q_k * math.log(p_k))
+    for backend in ("reference", "torch"):
+        loss = distillcse.distill_loss(s, t, shuffle="expected", group_p=group_p, backend=backend)
+        assert loss.item() == pytest.approx(total / 3, rel=1e-10)
+
+
+def test_gradcheck_torch_backend():
+    z1, z2, teachers, hard = make_batch(9, 6, (5, 4), Bh=3)
+    leaves = [x.clone().requires_grad_() for x in (z1, z2, hard)]
+
+    def f(a, b, h):
+        return distillcse.distillcse_loss(a, b, teachers, hard_negatives=h, shuffle="random", seed=1,
+                                          group_p=0.3, backend="torch")
+    assert torch.autograd.gradcheck(f, leaves)
+
+
+def _group_of_each_column(t_row, i, group_p):
+    """Group of each column of one teacher row, via the reference grouping."""
+    t = t_row.clone()
+    t[i] = float("-inf")
+    t_sorted, idx = torch.sort(t, descending=True)
+    groups = reference.group_ids(t_sorted[None, :-1], group_p)[0]
+    out = torch.full_like(idx, -1)
+    out[idx[:-1]] = groups
+    return out
+
+
+def test_random_pairing_stays_within_groups():
+    _, _, teachers, _ = make_batch(53, 8, (16,))
+    T = torch.nn.functional.normalize(teachers[0], dim=-1)
+    t = T @ T.T
+    rows = torch.arange(53)
+    opts = dict(teacher_temperature=0.0125, grouping_temperature=1.0, group_p=0.2, group_size=None)
+    q = shuffled_targets(t, rows, shuffle="none", **opts)
+    moved = 0
+    for seed in range(3):
+        q_tilde = shuffled_targets(t, rows, shuffle="random", step_seed=seed, **opts)
+        for i in range(53):
+            groups = _group_of_each_column(t[i], i, 0.2)
+            assert q_tilde[i, i] == 0
+            for g in groups.unique().tolist():
+                if g < 0:
+                    continue
+                cols = groups == g
+                assert torch.allclose(q_tilde[i, cols].sort().values, q[i, cols].sort().values, rtol=1e-12, atol=0)
+            moved += int((q_tilde[i] != q[i]).sum())
+    assert moved > 0  # the shuffle does permute
+
+
+def test_random_mode_averages_to_expected():
+    z1, _, teachers, _ = make_batch(11, 8, (6,))
+    kw = dict(group_p=0.25, backend="torch")
+    expected = distillcse.distill_loss(z1, teachers, shuffle="expected", **kw).item()
+    for backend in ("torch", "reference"):
+        samples = torch.tensor([distillcse.distill_loss(z1, teachers, shuffle="random", seed=s, **dict(kw, backend=backend)).item()
+                                for s in range(400)], dtype=F64)
+        stderr = samples.std().item() / math.sqrt(len(samples))
+        assert samples.std().item() > 0
+        assert abs(samples.mean().item() - expected) < 5 * stderr + 1e-12
+
+
+def test_same_seed_same_result_and_generator_seed():
+    z1, z2, teachers, _ = make_batch(37, 16, (12,))
+    a = loss_and_grads("torch", z1, z2, teachers, None, seed=123)
+    b = loss_and_grads("torch", z1, z2, teachers, None, seed=123)
+    c = loss_and_grads("torch", z1, z2, teachers, None, seed=124)
+    assert torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
+    assert not torch.equal(a[0], c[0])
+    g1 = loss_and_grads("torch", z1, z2, teachers, None, seed=torch.Generator().manual_seed(5))
+    g2 = loss_and_grads("torch", z1, z2, teachers, None, seed=torch.Generator().manual_seed(5))
+    assert torch.equal(g1[0], g2[0])
+    r1 = distillcse.distill_loss(z1, teachers, seed=9, backend="reference")
+    r2 = distillcse.distill_loss(z1, teachers, seed=9, backend="reference")
+    assert torch.equal(r1, r2)
+
+
+def test_module_draws_a_fresh_reproducible_shuffle_each_call():
+    z1, z2, teachers, _ = make_batch(37, 16, (12,))
+    first = distillcse.DistillCSELoss(seed=5, backend="torch")
+    second = distillcse.DistillCSELoss(seed=5, backend="torch")
+    a = [first(z1, z2, teachers).item() for _ in range(3)]
+    b = [second(z1, z2, teachers).item() for _ in range(3)]
+    assert a == b and len(set(a)) == 3
+
+
+def test_chunking_does_not_change_results():
+    z1, z2, teachers, hard = make_batch(70, 24, (16, 8), Bh=5)
+    whole = loss_and_grads("torch", z1, z2, teachers, hard, shuffle="random", seed=4)
+    with distillcse.chunk_budget(0.001):  # ~1 KiB: one row per chunk
+        rows = loss_and_grads("torch", z1, z2, teachers, hard, shuffle="random", seed=4)
+    assert rel_err(rows[0], whole[0]) < 1e-13
+    for g, w in zip(rows[1], whole[1]):
+        assert rel_err(g, w) < 1e-12
+
+
+def test_zero_vectors_behave_like_cosine_similarity():
+    z1, z2, teachers, _ = make_batch(9, 6, (5,))
+    z1[3] = 0
+    teachers[0][4] = 0
+    cos = torch.nn.functional.cosine_similarity(z1[:, None], z2[None], dim=-1)
+    assert torch.allclose(reference.cosine_matrix(z1, z2), cos)
+    for backend in ("reference", "torch"):
+        loss, grads = loss_and_grads(backend, z1, z2, teachers, None, shuffle="expected")
+        assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    assert rel_err(loss_and_grads("torch", z1, z2, teachers, None, shuffle="expected")[0],
+                   loss_and_grads("reference", z1, z2, teachers, None, shuffle="expected")[0]) < 1e-12
+
+
+def test_distill_only_and_weight():
+    z1, z2, teachers, _ = make_batch(21, 8, (6,))
+    kd = distillcse.distill_loss(z1, teachers, shuffle="none", backend="torch")
+    cl = distillcse.contrastive_loss(z1, z2, backend="torch")
+    both = distillcse.distillcse_loss(z1, z2, teachers, shuffle="none", distill_weight=0.5, backend="torch")
+    only = distillcse.distillcse_loss(z1, z2, teachers, shuffle="none", distill_only=True, backend="torch")
+    assert both.item() == pytest.approx(cl.item() + 0.5 * kd.item(), rel=1e-12)
+    assert only.item() == pytest.approx(kd.item(), rel=1e-12)
+
+
+def test_half_precision_inputs_on_torch_backend():
+    z1, z2, teachers, _ = make_batch(37, 48, (32,))
+    ref = distillcse.distillcse_loss(z1, z2, teachers, shuffle="expected", backend="reference")
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        a, b = z1.to(dtype).requires_grad_(), z2.to(dtype).requires_grad_()
+        loss = distillcse.distillcse_loss(a, b, [t.to(dtype) for t in teachers], shuffle="expected", backend="torch")
+        loss.backward()
+        assert a.grad.dtype == dtype and torch.isfinite(a.grad.float()).all()
+        assert abs(loss.item() - ref.item()) / ref.item() < (1e-5 if dtype == torch.float32 else 3e-2)
