@@ -1,0 +1,81 @@
+"""``distillcse verify``: every available backend against the reference, printed as a table.
+
+For each case (batch size, shuffle mode, dtype) the loss and the gradients of z1, z2 and the
+hard negatives are compared with the reference backend run on the same inputs upcast to
+float64. The random shuffle is compared through its distribution-free part (singleton groups),
+the other modes directly.
+"""
+import os
+import time
+
+import torch
+
+from . import distillcse_loss
+
+
+def _available_backends(device):
+    backends = ["torch"]
+    try:
+        import triton  # noqa: F401
+        if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+            backends.append("triton")
+    except ImportError:
+        pass
+    return backends
+
+
+def _batch(B, D, Dt, K, Bh, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # A shared direction makes in-batch negatives as similar as real sentence embeddings are.
+    z1 = torch.randn(1, D, generator=g, dtype=torch.float64) + torch.randn(B, D, generator=g, dtype=torch.float64)
+    z2 = z1 + 0.5 * torch.randn(B, D, generator=g, dtype=torch.float64)
+    hard = torch.randn(Bh, D, generator=g, dtype=torch.float64)
+    teachers = [torch.randn(1, Dt, generator=g, dtype=torch.float64)
+                + 0.8 * torch.randn(B, Dt, generator=g, dtype=torch.float64) for _ in range(K)]
+    cast = lambda x: x.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(z1), cast(z2), [cast(t) for t in teachers], cast(hard)
+
+
+def _run(backend, z1, z2, teachers, hard, **kw):
+    leaves = [x.detach().clone().requires_grad_() for x in (z1, z2, hard)]
+    start = time.perf_counter()
+    loss = distillcse_loss(leaves[0], leaves[1], teachers, hard_negatives=leaves[2], backend=backend, **kw)
+    grads = torch.autograd.grad(loss, leaves)
+    if z1.is_cuda:
+        torch.cuda.synchronize()
+    return loss.detach().double(), [g.double() for g in grads], time.perf_counter() - start
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-6)).item()
+
+
+def verify(device=None, sizes=(37, 130), dtypes=None, out=print):
+    """Prints a table and returns its rows (dicts). Raises nothing on a mismatch: read the table."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtypes is None:
+        dtypes = [torch.float32] + ([torch.bfloat16, torch.float16] if device.type == "cuda" else [])
+    rows = []
+    header = f"{'backend':8} {'dtype':9} {'B':>5} {'shuffle':9} {'loss':>12} {'rel.err loss':>12} {'grad z1':>9} {'grad z2':>9} {'grad hn':>9} {'ms':>8}"
+    out(f"distillcse verify on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}")
+    out(header)
+    out("-" * len(header))
+    for B in sizes:
+        for shuffle in ("none", "expected", "random"):
+            kw = dict(shuffle=shuffle, seed=0, group_p=0.1)
+            if shuffle == "random":
+                kw["group_size"] = 1
+            base = _batch(B, 48, 40, 2, 7, torch.float64, torch.device("cpu"))
+            ref_loss, ref_grads, _ = _run("reference", *base, **kw)
+            for dtype in dtypes:
+                inputs = [x.to(device=device, dtype=dtype) if isinstance(x, torch.Tensor) else
+                          [t.to(device=device, dtype=dtype) for t in x] for x in base]
+                for backend in _available_backends(device):
+                    loss, grads, seconds = _run(backend, *inputs, **kw)
+                    row = dict(backend=backend, dtype=str(dtype).replace("torch.", ""), B=B, shuffle=shuffle,
+                               loss=loss.item(), err_loss=_rel(loss.cpu(), ref_loss),
+                               err_grads=[_rel(g.cpu(), r) for g, r in zip(grads, ref_grads)], ms=1e3 * seconds)
+                    rows.append(row)
+                    out(f"{backend:8} {row['dtype']:9} {B:>5} {shuffle:9} {row['loss']:>12.6f} {row['err_loss']:>12.2e} "
+                        + " ".join(f"{e:>9.2e}" for e in row["err_grads"]) + f" {row['ms']:>8.1f}")
+    return rows
