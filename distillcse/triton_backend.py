@@ -1,0 +1,97 @@
+"""Fused Triton backend (``backend="triton"``): autograd Functions over the kernels in
+``distillcse.kernels``. Extra memory O(B) (row statistics), never B x B.
+
+``shuffle="random"`` (and groupings with more than ``MAX_KERNEL_GROUPS`` groups) runs the
+distillation term over row slabs of the chunk budget instead, with the same counter-based
+random keys as the torch backend, so both backends give the same shuffle for a seed.
+"""
+import torch
+
+from .kernels.contrastive import contrastive_bwd, contrastive_fwd
+from .kernels.distill import distill_bwd, distill_fwd, distill_row_stats
+from .kernels.group_partition import group_means, group_thresholds, num_groups
+from .reference import EPS
+from .torch_backend import DistillChunked
+
+MAX_KERNEL_GROUPS = 64
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_dtype(x):
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(f'backend="triton" takes float16, bfloat16 or float32 embeddings, got {x.dtype}; '
+                        'use backend="torch" for float64')
+
+
+def _inv_norms(x):
+    """[R, D] -> [R] fp32 ``1 / max(|x_r|, eps)``."""
+    return x.float().norm(dim=-1).clamp_min(EPS).reciprocal()
+
+
+def _through_normalisation(du, x, r):
+    """dL/dx from dL/du for ``u = x r``: ``r (du - u (u . du))`` [R, D], in x's dtype."""
+    u = x.float() * r[:, None]
+    return (r[:, None] * (du - u * (u * du).sum(-1, keepdim=True))).to(x.dtype)
+
+
+def _grad_rows(grad_out, B):
+    """dL/dloss_rows [B] fp32 for ``L = mean(loss_rows)``, without a host sync."""
+    return (grad_out.float() / B).expand(B).contiguous()
+
+
+class ContrastiveFused(torch.autograd.Function):
+    """InfoNCE over z1 [B, D] against columns y [N, D] (z2 then hard negatives)."""
+
+    @staticmethod
+    def forward(ctx, z1, y, scale):
+        r1, ry = _inv_norms(z1), _inv_norms(y)
+        loss_rows, lse = contrastive_fwd(z1, r1, y, ry, scale)
+        ctx.save_for_backward(z1, r1, y, ry, lse)
+        ctx.scale = scale
+        return loss_rows.mean()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z1, r1, y, ry, lse = ctx.saved_tensors
+        du1, duy = contrastive_bwd(z1, r1, y, ry, lse, ctx.scale, _grad_rows(grad_out, z1.shape[0]))
+        return _through_normalisation(du1, z1, r1), _through_normalisation(duy, y, ry), None
+
+
+class DistillFused(torch.autograd.Function):
+    """Distillation over student z [B, D] and teacher rows T [B, Dt], shuffle "none" or "expected"."""
+
+    @staticmethod
+    def forward(ctx, z, T, student_temperature, options):
+        r = _inv_norms(z)
+        ss, ts, gs = 1.0 / student_temperature, 1.0 / options["teacher_temperature"], 1.0 / options["grouping_temperature"]
+        lse_s, lse_t, lse_g, t_min, t_max = distill_row_stats(z, r, T, ss, ts, gs)
+        thr = qbar = None
+        if options["shuffle"] == "expected":
+            thr = group_thresholds(T, lse_g, t_min, t_max, gs, group_p=options["group_p"],
+                                   group_size=options["group_size"])
+            qbar = group_means(T, lse_t, thr, ts)
+        loss_rows = distill_fwd(z, r, T, lse_s, lse_t, ss, ts, thr, qbar)
+        ctx.save_for_backward(z, r, T, lse_s, lse_t, thr, qbar)
+        ctx.scales = ss, ts
+        return loss_rows.mean()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, r, T, lse_s, lse_t, thr, qbar = ctx.saved_tensors
+        du = distill_bwd(z, r, T, lse_s, lse_t, *ctx.scales, _grad_rows(grad_out, z.shape[0]), thr, qbar)
+        return _through_normalisation(du, z, r), None, None, None
+
+
+def contrastive(z1, columns, scale):
+    _check_dtype(z1)
+    return ContrastiveFused.apply(z1, columns, scale)
+
+
+def distill(z, T, student_temperature, options):
+    """The distillation term; ``T`` [B, Dt] weighted unit teacher rows in z's dtype."""
+    _check_dtype(z)
+    G = num_groups(z.shape[0], options["group_p"], options["group_size"])
+    if options["shuffle"] == "random" or (options["shuffle"] == "expected" and G > MAX_KERNEL_GROUPS):
+        u = z.float() / z.float().norm(dim=-1, keepdim=True).clamp_min(EPS)
+        return DistillChunked.apply(u, T.float(), student_temperature, options)
+    return DistillFused.apply(z, T, student_temperature, options)
