@@ -21,3 +21,10 @@ Conventions shared by every kernel:
     normalisation's backward is applied by the caller.
   * Row statistics (logsumexps) are fp32 vectors of length B: extra memory O(B).
 """
+
+try:
+    from .utils import patch_interpreter_scalar_index
+
+    patch_interpreter_scalar_index()
+except ImportError:  # triton not installed: the launchers are unavailable, the package is not
+    pass

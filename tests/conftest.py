@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 _empty, _empty_like = torch.empty, torch.empty_like

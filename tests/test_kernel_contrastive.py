@@ -1,5 +1,4 @@
 """kernels/contrastive.py against a naive float64 PyTorch InfoNCE (SPEC section 1)."""
-import os
 
 import pytest
 import torch
@@ -10,27 +9,6 @@ pytestmark = requires_triton
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 SCALE = 1 / 0.05
-
-
-@pytest.fixture(autouse=True, scope="module")
-def interpreter_scalar_index():
-    """triton-lang/triton#9171: under numpy >= 2.4 the interpreter's ``int()`` of a runtime
-    scalar (a 1-element array) raises, so ``range(0, N, BN)`` fails; index through ``.item()``.
-    Belongs in conftest.py (every kernel with a runtime loop bound needs it)."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        yield
-        return
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(interpreter, "_patch_lang_tensor", patched)
-        yield
 
 
 def _inv_norm(a):

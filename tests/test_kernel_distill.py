@@ -1,6 +1,5 @@
 """kernels/distill.py against naive float64 PyTorch formulas (SPEC sections 2, 3, 5, 6)."""
 import math
-import os
 
 import pytest
 import torch
@@ -12,27 +11,6 @@ pytestmark = requires_triton
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 STUDENT, TEACHER, GROUPING = 1 / 0.025, 1 / 0.0125, 1 / 0.7
 N_GROUPS = 10
-
-
-@pytest.fixture(autouse=True, scope="module")
-def interpreter_scalar_index():
-    """triton-lang/triton#9171: under numpy >= 2.4 the interpreter's ``int()`` of a runtime
-    scalar (a 1-element array) raises, so ``range(0, tl.cdiv(B, BN))`` fails; index through
-    ``.item()``. Same patch as test_kernel_contrastive.py; belongs in conftest.py."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        yield
-        return
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(interpreter, "_patch_lang_tensor", patched)
-        yield
 
 
 def _inputs(B, D, Dt, dtype, device, *, zero_row=False, strided=False, seed=0):
