@@ -1,0 +1,99 @@
+"""backend="triton" end to end against the reference (float64) and the torch backend:
+every shuffle mode, K = 1 and 3 teachers, hard negatives, odd sizes; on CPU under the interpreter."""
+import pytest
+import torch
+
+import distillcse
+from conftest import DEVICE, requires_triton
+from test_losses import rel_err
+
+pytestmark = requires_triton
+
+# Relative error (loss, gradients) against the float64 reference on the same rounded inputs;
+# bf16/fp16 only on CUDA (the interpreter's bf16 dot is wrong).
+TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-2, 5e-2), torch.float16: (1e-2, 2e-2)}
+DTYPES = [torch.float32] + ([torch.bfloat16, torch.float16] if DEVICE == "cuda" else [])
+
+
+def make_batch(B, D, dims, Bh=0, seed=0, dtype=torch.float64):
+    """Views with a shared direction (negatives as similar as real sentence embeddings) and
+    positives not much closer: the softmax is not saturated, so fp32 gradients are meaningful."""
+    g = torch.Generator().manual_seed(seed)
+    z1 = torch.randn(1, D, generator=g, dtype=dtype) + torch.randn(B, D, generator=g, dtype=dtype)
+    z2 = z1 + torch.randn(B, D, generator=g, dtype=dtype)
+    teachers = [torch.randn(1, d, generator=g, dtype=dtype) + 0.8 * torch.randn(B, d, generator=g, dtype=dtype)
+                for d in dims]
+    hard = torch.randn(1, D, generator=g, dtype=dtype) + torch.randn(Bh, D, generator=g, dtype=dtype) if Bh else None
+    return z1, z2, teachers, hard
+
+
+def round_trip(inputs, dtype):
+    """The batch rounded to ``dtype`` and back to float64 (None stays None)."""
+    z1, z2, teachers, hard = inputs
+    rnd = lambda x: None if x is None else x.to(dtype).double()  # noqa: E731
+    return rnd(z1), rnd(z2), [rnd(t) for t in teachers], rnd(hard)
+
+
+def run(backend, inputs, dtype, device, **kw):
+    z1, z2, teachers, hard = inputs
+    cast = lambda x: x.to(device=device, dtype=dtype)  # noqa: E731
+    leaves = [cast(x).requires_grad_() for x in (z1, z2) + ((hard,) if hard is not None else ())]
+    loss = distillcse.distillcse_loss(leaves[0], leaves[1], [cast(t) for t in teachers],
+                                      hard_negatives=leaves[2] if hard is not None else None,
+                                      backend=backend, **kw)
+    grads = torch.autograd.grad(loss, leaves)
+    return loss.detach().double().cpu(), [g.double().cpu() for g in grads]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shuffle", ["none", "expected"])
+@pytest.mark.parametrize("B,D,dims,Bh", [(37, 48, (32,), 0), (37, 48, (32, 20, 40), 11), (130, 96, (64,), 0), (2, 8, (5,), 0)])
+def test_matches_reference(dtype, shuffle, B, D, dims, Bh):
+    inputs = make_batch(B, D, dims, Bh, dtype=torch.float64)
+    kw = dict(shuffle=shuffle, temperature=1.0 if B == 2 else 0.05)
+    # The reference on the same rounded inputs isolates the kernels' error from the input cast.
+    rounded = round_trip(inputs, dtype)
+    ref_loss, ref_grads = run("reference", rounded, torch.float64, "cpu", **kw)
+    loss, grads = run("triton", inputs, dtype, DEVICE, **kw)
+    tol_loss, tol_grad = TOL[dtype]
+    if B == 2:
+        # The distillation gradient is 0 in exact arithmetic at B = 2 (one column per row, p = q = 1);
+        # the kernels leave the rounding of exp(s / tau_s - lse) - 1, about eps * 40, times 1 / tau_s.
+        tol_grad = max(tol_grad, 1e-3)
+    assert rel_err(loss, ref_loss, floor=1.0) < tol_loss
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g, rg) < tol_grad
+
+
+@pytest.mark.parametrize("group_p,group_size", [(0.25, None), (None, 6)])
+def test_groupings_match_reference(group_p, group_size):
+    inputs = make_batch(61, 40, (24, 24))
+    kw = dict(shuffle="expected", group_size=group_size, teacher_weights=[0.3, 0.7])
+    if group_p is not None:
+        kw["group_p"] = group_p
+    rounded = round_trip(inputs, torch.float32)
+    ref_loss, ref_grads = run("reference", rounded, torch.float64, "cpu", **kw)
+    loss, grads = run("triton", inputs, torch.float32, DEVICE, **kw)
+    assert rel_err(loss, ref_loss, floor=1.0) < 2e-5
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g, rg) < 2e-5
+
+
+def test_random_shuffle_matches_torch_backend_for_a_seed():
+    # Counter-based keys: the same seed gives the same permutation on every backend and device.
+    inputs = make_batch(53, 32, (24, 16), Bh=4)
+    kw = dict(shuffle="random", seed=11, group_p=0.2)
+    ref_loss, ref_grads = run("torch", inputs, torch.float32, "cpu", **kw)
+    loss, grads = run("triton", inputs, torch.float32, DEVICE, **kw)
+    again, _ = run("triton", inputs, torch.float32, DEVICE, **kw)
+    other, _ = run("triton", inputs, torch.float32, DEVICE, **dict(kw, seed=12))
+    assert torch.equal(loss, again) and not torch.equal(loss, other)
+    assert rel_err(loss, ref_loss, floor=1.0) < 2e-5
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g, rg) < 2e-5
+
+
+def test_float64_is_a_clear_error():
+    z1, z2, teachers, _ = make_batch(8, 8, (4,))
+    with pytest.raises(TypeError, match='backend="triton" takes float16, bfloat16 or float32'):
+        distillcse.distillcse_loss(z1.to(DEVICE), z2.to(DEVICE), [t.to(DEVICE) for t in teachers], backend="triton")
