@@ -1,0 +1,215 @@
+"""Group-P thresholds and group means (kernels/group_partition.py) against a naive float64
+sort-and-cumsum partition.
+
+Teacher rows are rounded to multiples of 2^-7 (|entry| < 1), so every ``t_ij`` is exact in
+fp32 whatever the summation order: the kernel, torch and the float64 reference see the same
+logits, and the rounding also creates exact ties. The only freedom left is the fp32 mass
+accumulation, which may flip an entry whose cumulative mass lies within 1e-5 of a group
+boundary: there (and only there) a difference of one group is allowed.
+"""
+import math
+
+import pytest
+import torch
+
+from conftest import requires_triton
+
+pytestmark = requires_triton
+
+NEAR_BOUNDARY = 1e-5
+
+
+def teachers(B, Dt, device, dtype=torch.float32, dup=1, seed=0):
+    """Realistic rows (random + a shared component: positive, clustered cosines), normalised,
+    rounded to 2^-7; ``dup`` > 1 repeats every row (exact ties between whole rows)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = -(-B // dup)
+    x = torch.randn(n, Dt, generator=gen) + 0.8 * torch.randn(1, Dt, generator=gen)
+    x = x / x.norm(dim=1, keepdim=True)
+    x = ((x * 128).round() / 128).repeat_interleave(dup, 0)[:B]
+    return x.to(device=device, dtype=dtype)
+
+
+def row_stats(x, scale):
+    """t (float64), lse over j != i at ``scale``, t_min, t_max (the last three fp32)."""
+    t = x.double() @ x.double().T
+    eye = torch.eye(len(x), dtype=torch.bool, device=x.device)
+    lse = torch.logsumexp((t * scale).masked_fill(eye, -math.inf), 1)
+    t_min = t.masked_fill(eye, math.inf).amin(1)
+    t_max = t.masked_fill(eye, -math.inf).amax(1)
+    return t, lse.float(), t_min.float(), t_max.float()
+
+
+def naive_groups(t, scale, group_p=0.1, group_size=None):
+    """group [B, B] (diagonal -1) and, by mass, the cumulative mass deciding each entry.
+    Sort descending, softmax, cumsum, floor, clamp (or rank // size); tied values all take
+    the group of the last of their run (the kernel's tie rule, one of the allowed ones)."""
+    B = t.shape[0]
+    G = -(-(B - 1) // group_size) if group_size is not None else math.ceil(1.0 / group_p)
+    eye = torch.eye(B, dtype=torch.bool, device=t.device)
+    v, order = t.masked_fill(eye, -math.inf).sort(dim=1, descending=True)
+    v = v[:, :-1]  # the diagonal sorts last
+    c = torch.softmax(v * scale, dim=1).cumsum(dim=1)
+    last = torch.searchsorted(-v, -v, right=True) - 1  # last rank holding the same value
+    if group_size is not None:
+        g_sorted = last // group_size
+    else:
+        c = c.gather(1, last)
+        g_sorted = torch.floor(c / group_p).long().clamp(max=G - 1)
+    groups = torch.full((B, B), -1, dtype=torch.long, device=t.device)
+    groups.scatter_(1, order[:, :-1], g_sorted)
+    mass = torch.zeros(B, B, dtype=torch.float64, device=t.device).scatter_(1, order[:, :-1], c)
+    return groups, mass
+
+
+def kernel_groups(t, thr):
+    """group(j) = #{g : t_ij < thr[i, g]}, diagonal -1."""
+    g = (t[:, :, None] < thr.double()[:, None, :]).sum(2)
+    return g.fill_diagonal_(-1)
+
+
+def check_partition(x, grouping_temperature, group_p=0.1, group_size=None):
+    from distillcse.kernels.group_partition import group_thresholds, num_groups
+
+    scale = 1.0 / grouping_temperature
+    t, lse, t_min, t_max = row_stats(x, scale)
+    thr = group_thresholds(x, lse, t_min, t_max, scale, group_p=group_p, group_size=group_size)
+    G = num_groups(len(x), group_p, group_size)
+    assert thr.shape == (len(x), G - 1) and thr.dtype == torch.float32
+    assert torch.isfinite(thr).all()
+    assert (thr[:, 1:] <= thr[:, :-1]).all(), "thresholds must be non-increasing in g"
+    ref, mass = naive_groups(t, scale, group_p, group_size)
+    got = kernel_groups(t, thr)
+    diff = got != ref
+    if group_size is None:
+        k = torch.round(mass / group_p)  # nearest boundary, a real one if 1 <= k <= G-1
+        near = ((mass - k * group_p).abs() < NEAR_BOUNDARY) & (k >= 1) & (k <= G - 1)
+        assert ((got - ref).abs() <= 1).all()
+        diff &= ~near
+    assert not diff.any(), f"{int(diff.sum())} entries in the wrong group"
+    return thr
+
+
+MODES = [  # (grouping temperature, group_p, group_size)
+    (1.0, 0.1, None), (1.0, 0.25, None), (1.0, 0.3, None),
+    (0.1, 0.1, None), (0.1, 0.25, None), (0.1, 0.3, None),
+    (1.0, 0.1, 4), (1.0, 0.1, 10),
+]
+
+
+@pytest.mark.parametrize("B,Dt", [(37, 48), (130, 96)])
+@pytest.mark.parametrize("temperature,group_p,group_size", MODES)
+def test_partition_matches_naive(device, B, Dt, temperature, group_p, group_size):
+    check_partition(teachers(B, Dt, device), temperature, group_p, group_size)
+
+
+@pytest.mark.parametrize("temperature,group_p,group_size",
+                         [(1.0, 0.1, None), (0.1, 0.3, None), (1.0, 0.1, 4)])
+def test_partition_exact_ties(device, temperature, group_p, group_size):
+    """Every teacher row three times: runs of equal logits straddle the boundaries."""
+    check_partition(teachers(130, 48, device, dup=3, seed=1), temperature, group_p, group_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_partition_half_rows(device, dtype):
+    """Half-precision teacher rows (2^-7 multiples are exact in both), fp32 accumulation."""
+    if dtype == torch.bfloat16 and device != "cuda":
+        pytest.skip("Triton 3.6's interpreter computes bf16 tl.dot wrongly; bf16 is checked on CUDA")
+    check_partition(teachers(37, 96, device, dtype=dtype, seed=2), 1.0, 0.1)
+
+
+def test_partition_small_and_single_group(device):
+    from distillcse.kernels.group_partition import group_thresholds
+
+    check_partition(teachers(2, 48, device), 1.0, 0.1)
+    check_partition(teachers(3, 48, device), 0.1, 0.3, None)
+    x = teachers(37, 48, device)
+    _, lse, t_min, t_max = row_stats(x, 1.0)
+    assert group_thresholds(x, lse, t_min, t_max, 1.0, group_p=1.0).shape == (37, 0)
+    assert group_thresholds(x, lse, t_min, t_max, 1.0, group_size=40).shape == (37, 0)
+    x1 = x[:1]  # B = 1: no off-diagonal entry, thresholds are written but arbitrary
+    _, lse, t_min, t_max = row_stats(x1, 1.0)
+    assert torch.isfinite(group_thresholds(x1, lse, t_min, t_max, 1.0)).all()
+
+
+@pytest.mark.parametrize("shift", [5e-4, -5e-4])
+def test_partition_inexact_row_stats(device, shift):
+    """t_min / t_max off by less than the search's margin (another kernel's summation order)."""
+    from distillcse.kernels.group_partition import group_thresholds
+
+    x = teachers(130, 48, device, seed=5)
+    t, lse, t_min, t_max = row_stats(x, 1.0)
+    for group_p, group_size in [(0.1, None), (0.1, 4)]:
+        thr = group_thresholds(x, lse, t_min + shift, t_max - shift, 1.0, group_p=group_p,
+                               group_size=group_size)
+        ref, _ = naive_groups(t, 1.0, group_p, group_size)
+        assert (kernel_groups(t, thr) == ref).all()
+
+
+def test_search_pass_count(device, monkeypatch):
+    """The search converges in a handful of passes on realistic data (7-8 at B = 130)."""
+    import distillcse.kernels.group_partition as gp
+
+    launches = []
+    kernel = gp._group_search_pass_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(gp, "_group_search_pass_kernel", Counting())
+    check_partition(teachers(130, 96, device, seed=3), 1.0, 0.1)
+    assert 1 <= len(launches) <= 16, f"{len(launches)} passes"
+
+
+@pytest.mark.parametrize("B,Dt,teacher_temperature,group_p,group_size",
+                         [(37, 48, 0.0125, 0.1, None), (130, 96, 0.0125, 0.3, None),
+                          (130, 48, 0.05, 0.1, 10)])
+def test_group_means(device, B, Dt, teacher_temperature, group_p, group_size):
+    from distillcse.kernels.group_partition import group_means, group_thresholds
+
+    x = teachers(B, Dt, device, seed=4)
+    t, lse_g, t_min, t_max = row_stats(x, 1.0)
+    thr = group_thresholds(x, lse_g, t_min, t_max, 1.0, group_p=group_p, group_size=group_size)
+    scale = 1.0 / teacher_temperature
+    _, lse_t, _, _ = row_stats(x, scale)
+    qbar = group_means(x, lse_t, thr, scale)
+
+    groups = kernel_groups(t, thr)
+    G = thr.shape[1] + 1
+    eye = torch.eye(B, dtype=torch.bool, device=device)
+    q = torch.softmax((t * scale).masked_fill(eye, -math.inf), 1)
+    onehot = (groups[:, :, None] == torch.arange(G, device=device)).double()
+    sums, counts = (q[:, :, None] * onehot).sum(1), onehot.sum(1)
+    ref = torch.where(counts > 0, sums / counts.clamp(min=1), 0.0)
+    assert qbar.shape == (B, G) and qbar.dtype == torch.float32
+    assert ((counts == 0) == (qbar == 0)).all()
+    err = (qbar.double() - ref).norm() / ref.norm()
+    assert err <= 1e-5, f"relative error {err:.2e}"
+    torch.testing.assert_close(qbar.double(), ref, rtol=1e-4, atol=0.0)
+
+
+def test_group_means_single_group(device):
+    from distillcse.kernels.group_partition import group_means
+
+    x = teachers(37, 48, device)
+    _, lse_t, _, _ = row_stats(x, 80.0)
+    thr = torch.zeros(37, 0, device=device)
+    qbar = group_means(x, lse_t, thr, 80.0)
+    torch.testing.assert_close(qbar, torch.full((37, 1), 1.0 / 36, device=device), rtol=1e-5, atol=0.0)
+
+
+def test_too_many_groups_and_bad_arguments(device):
+    from distillcse.kernels.group_partition import group_thresholds
+
+    x = teachers(130, 48, device)
+    _, lse, t_min, t_max = row_stats(x, 1.0)
+    with pytest.raises(ValueError, match="group_p"):
+        group_thresholds(x, lse, t_min, t_max, 1.0, group_p=0.01)
+    with pytest.raises(ValueError, match="group_size"):
+        group_thresholds(x, lse, t_min, t_max, 1.0, group_size=2)
+    with pytest.raises(ValueError, match="group_size"):
+        group_thresholds(x, lse, t_min, t_max, 1.0, group_size=0)
+    with pytest.raises(ValueError, match="group_p"):
+        group_thresholds(x, lse, t_min, t_max, 1.0, group_p=0.0)
