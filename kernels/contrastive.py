@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import dot_tile
 from .utils import dot_precision, unit_stride_rows
 
 
@@ -30,15 +31,7 @@ def _logits_tile(
     """scale * c_ij for a [BM, BN] tile, the dot accumulated over D in chunks of BD.
     Every kernel builds its tiles here, in this orientation and with the same BD, so the
     backward's P is consistent with the forward's lse (P_ii - 1 is ill-conditioned otherwise)."""
-    b_dot = tl.zeros([o_m.shape[0], o_n.shape[0]], dtype=tl.float32)
-    for i_k in range(0, D, BD):
-        o_k = i_k + tl.arange(0, BD)
-        m_k = o_k < D
-        p_x = x + o_m[:, None] * s_x + o_k[None, :]  # [BM, BD]
-        p_yt = y + o_n[None, :] * s_y + o_k[:, None]  # [BD, BN]
-        b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)
-        b_yt = tl.load(p_yt, mask=m_k[:, None] & m_n[None, :], other=0.0)
-        b_dot = tl.dot(b_x, b_yt, b_dot, input_precision=PRECISION)  # [BM, BD] @ [BD, BN] -> [BM, BN]
+    b_dot = dot_tile(x, y, o_m, m_m, o_n, m_n, D, s_x, s_y, BD, PRECISION)  # [BM, BN]
     b_rx = tl.load(rx + o_m, mask=m_m, other=0.0)
     b_ry = tl.load(ry + o_n, mask=m_n, other=0.0)
     return scale * (b_dot * b_rx[:, None] * b_ry[None, :])

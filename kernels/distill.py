@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import dot_tile
 from .utils import dot_precision, unit_stride_rows
 
 
@@ -28,27 +29,11 @@ def _logit_tiles(
 ):
     """Student cosines ``s`` and teacher logits ``t`` of rows ``o_m`` against columns ``o_n``,
     both [BM, BN] fp32 (diagonal and out-of-range entries included; callers mask them)."""
-    b_s = tl.zeros([BM, BN], dtype=tl.float32)
-    for i_d in range(0, tl.cdiv(D, BD)):
-        o_d = i_d * BD + tl.arange(0, BD)
-        m_d = o_d < D
-        b_xm = tl.load(p_x + o_m[:, None] * s_x + o_d[None, :],
-                       mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
-        b_xn = tl.load(p_x + o_n[None, :] * s_x + o_d[:, None],
-                       mask=m_d[:, None] & m_n[None, :], other=0.0)  # [BD, BN]
-        b_s = tl.dot(b_xm, b_xn, b_s, input_precision=PREC_X)  # [BM, BD] @ [BD, BN] -> [BM, BN]
+    b_s = dot_tile(p_x, p_x, o_m, m_m, o_n, m_n, D, s_x, s_x, BD, PREC_X)  # [BM, BN]
     b_rxm = tl.load(p_rx + o_m, mask=m_m, other=0.0)
     b_rxn = tl.load(p_rx + o_n, mask=m_n, other=0.0)
     b_s = b_s * b_rxm[:, None] * b_rxn[None, :]
-    b_t = tl.zeros([BM, BN], dtype=tl.float32)
-    for i_d in range(0, tl.cdiv(Dt, BDT)):
-        o_d = i_d * BDT + tl.arange(0, BDT)
-        m_d = o_d < Dt
-        b_tm = tl.load(p_t + o_m[:, None] * s_t + o_d[None, :],
-                       mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BM, BDT]
-        b_tn = tl.load(p_t + o_n[None, :] * s_t + o_d[:, None],
-                       mask=m_d[:, None] & m_n[None, :], other=0.0)  # [BDT, BN]
-        b_t = tl.dot(b_tm, b_tn, b_t, input_precision=PREC_T)  # [BM, BDT] @ [BDT, BN] -> [BM, BN]
+    b_t = dot_tile(p_t, p_t, o_m, m_m, o_n, m_n, Dt, s_t, s_t, BDT, PREC_T)  # [BM, BN]
     return b_s, b_t
 
 

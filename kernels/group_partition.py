@@ -29,33 +29,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import dot_tile
 from .utils import dot_precision, unit_stride_rows
 
 MAX_BOUNDARIES = 63  # G - 1: the boundary axis is a register dimension of the search
 MAX_PASSES = 64  # safety cap of the search; typical data needs ~7 (B = 130) to ~15 (B = 2000)
 STATS_MARGIN = 1e-3  # the bracket starts at [t_min - margin, t_max + margin]: the row statistics
 # may come from another summation order or precision (the search itself never needs them exact)
-
-
-@triton.jit
-def _teacher_tile(
-    p_t,  # [B, Dt] teacher rows, row stride s_t
-    o_m, m_m,  # [BM] row offsets (int64) and mask
-    o_n, m_n,  # [BN] column offsets (int64) and mask
-    Dt, s_t,
-    BD: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """t_ij = t_i . t_j for a [BM, BN] tile, accumulated in fp32 over Dt in chunks of BD."""
-    b_t = tl.zeros([o_m.shape[0], o_n.shape[0]], dtype=tl.float32)
-    for i_d in range(0, tl.cdiv(Dt, BD)):
-        o_d = i_d * BD + tl.arange(0, BD)
-        m_d = o_d < Dt
-        b_tm = tl.load(p_t + o_m[:, None] * s_t + o_d[None, :],
-                       mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
-        b_tn = tl.load(p_t + o_n[None, :] * s_t + o_d[:, None],
-                       mask=m_d[:, None] & m_n[None, :], other=0.0)  # [BD, BN]
-        b_t = tl.dot(b_tm, b_tn, b_t, input_precision=PRECISION)  # [BM, BD] @ [BD, BN] -> [BM, BN]
-    return b_t
 
 
 @triton.jit
@@ -126,7 +106,7 @@ def _group_search_pass_kernel(
         for i_n in range(0, tl.cdiv(B, BN)):
             o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
             m_n = o_n < B
-            b_t = _teacher_tile(p_t, o_m, m_m, o_n, m_n, Dt, s_t, BD, PRECISION)  # [BM, BN]
+            b_t = dot_tile(p_t, p_t, o_m, m_m, o_n, m_n, Dt, s_t, s_t, BD, PRECISION)  # [BM, BN]
             m_v = (o_m[:, None] != o_n[None, :]) & m_n[None, :]
             if FIXED:
                 b_w = m_v.to(tl.int32)
@@ -189,7 +169,7 @@ def _group_means_kernel(
     for i_n in range(0, tl.cdiv(B, BN)):
         o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
         m_n = o_n < B
-        b_t = _teacher_tile(p_t, o_m, m_m, o_n, m_n, Dt, s_t, BD, PRECISION)  # [BM, BN]
+        b_t = dot_tile(p_t, p_t, o_m, m_m, o_n, m_n, Dt, s_t, s_t, BD, PRECISION)  # [BM, BN]
         m_v = (o_m[:, None] != o_n[None, :]) & m_n[None, :]
         b_q = tl.exp(b_t * teacher_scale - b_lse[:, None])
         b_grp = tl.sum((b_t[:, :, None] < b_thr[:, None, :]).to(tl.int32), axis=2)  # [BM, BN]
