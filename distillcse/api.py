@@ -22,10 +22,11 @@ def _triton_importable():
 
 
 def resolve_backend(backend, x):
-    """"auto" -> "triton" on CUDA tensors when Triton is installed, else "torch"."""
+    """"auto" -> "triton" for CUDA tensors (fp16/bf16/fp32) when Triton is installed, else "torch"."""
     checks.check_choice("backend", backend, checks.BACKENDS)
     if backend == "auto":
-        return "triton" if x.is_cuda and _triton_importable() else "torch"
+        fused = x.is_cuda and x.dtype != torch.float64 and _triton_importable()
+        return "triton" if fused else "torch"
     if backend == "triton":
         if not _triton_importable():
             raise RuntimeError('backend="triton" needs the triton package (pip install triton)')
