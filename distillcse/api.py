@@ -61,8 +61,11 @@ def _step_seed(seed):
 
 
 def _reference_generator(seed):
+    """A CPU generator for the reference's randperm calls (seeded from a CUDA generator if given)."""
     if isinstance(seed, int):
         return torch.Generator().manual_seed(seed)
+    if isinstance(seed, torch.Generator) and seed.device.type != "cpu":
+        return torch.Generator().manual_seed(_step_seed(seed))
     return seed
 
 
