@@ -52,9 +52,9 @@ def check_teachers(teachers, student):
     B = student.shape[0]
     for k, e in enumerate(teachers):
         label = "teachers" if len(teachers) == 1 else f"teachers[{k}]"
-        check_embeddings(label, e, rows=B)
-        if e.device != student.device:
+        if isinstance(e, torch.Tensor) and e.device != student.device:
             raise ValueError(f"{label} is on {e.device} but the student embeddings are on {student.device}")
+        check_embeddings(label, e, rows=B)
     return [e.detach() for e in teachers]
 
 

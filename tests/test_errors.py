@@ -84,3 +84,13 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch)
 def test_chunk_budget_must_be_positive():
     with pytest.raises(ValueError, match="chunk budget must be a positive"):
         distillcse.set_chunk_budget(0)
+
+
+def test_device_mismatch_names_the_argument():
+    z1, z2, t = good()
+    with pytest.raises(ValueError, match="z2 is on meta but the student embeddings are on cpu"):
+        distillcse.contrastive_loss(z1, z2.to("meta"), backend="torch")
+    with pytest.raises(ValueError, match="hard_negatives is on meta"):
+        distillcse.contrastive_loss(z1, z2, hard_negatives=torch.randn(3, D, device="meta"), backend="torch")
+    with pytest.raises(ValueError, match=r"teachers\[1\] is on meta"):
+        distillcse.distill_loss(z1, [t, t.to("meta")], backend="torch")
