@@ -11,17 +11,13 @@ import time
 import torch
 
 from . import distillcse_loss
+from .api import _triton_importable
 
 
 def _available_backends(device):
-    backends = ["torch"]
-    try:
-        import triton  # noqa: F401
-        if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-            backends.append("triton")
-    except ImportError:
-        pass
-    return backends
+    interpreted = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    fused = _triton_importable() and (device.type == "cuda" or interpreted)
+    return ["torch", "triton"] if fused else ["torch"]
 
 
 def _batch(B, D, Dt, K, Bh, dtype, device, seed=0):
