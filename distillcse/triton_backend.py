@@ -1,14 +1,18 @@
 """Fused Triton backend (``backend="triton"``): autograd Functions over the kernels in
 ``distillcse.kernels``. Extra memory O(B) (row statistics), never B x B.
 
-``shuffle="random"`` (and groupings with more than ``MAX_KERNEL_GROUPS`` groups) runs the
-distillation term over row slabs of the chunk budget instead, with the same counter-based
-random keys as the torch backend, so both backends give the same shuffle for a seed.
+``shuffle="random"`` needs each row's group ranks: its kernels work on row slabs whose
+[R, B] buffers fit the chunk budget (``distillcse.set_chunk_budget``), and draw the same
+shuffle as the torch backend for a seed. Groupings with more than ``MAX_KERNEL_GROUPS``
+groups run on the torch backend's row chunks.
 """
 import torch
+from torch.autograd.function import once_differentiable
 
+from . import config
 from .kernels.contrastive import contrastive_bwd, contrastive_fwd
 from .kernels.distill import distill_bwd, distill_fwd, distill_row_stats
+from .kernels.distill_random import distill_random
 from .kernels.group_partition import group_means, group_thresholds, num_groups
 from .reference import EPS
 from .torch_backend import DistillChunked
@@ -82,6 +86,31 @@ class DistillFused(torch.autograd.Function):
         return _through_normalisation(du, z, r), None, None, None
 
 
+class DistillRandomFused(torch.autograd.Function):
+    """Distillation over student z [B, D] and teacher rows T [B, Dt] with shuffle "random":
+    the forward computes the loss and, when z needs it, its gradient (the shuffle is drawn
+    once per step); the backward scales that gradient."""
+
+    @staticmethod
+    def forward(ctx, z, T, student_temperature, options):
+        r = _inv_norms(z)
+        ss, ts, gs = 1.0 / student_temperature, 1.0 / options["teacher_temperature"], 1.0 / options["grouping_temperature"]
+        lse_s, lse_t, lse_g, t_min, t_max = distill_row_stats(z, r, T, ss, ts, gs)
+        thr = group_thresholds(T, lse_g, t_min, t_max, gs, group_p=options["group_p"],
+                               group_size=options["group_size"])
+        loss_rows, du = distill_random(z, r, T, lse_s, lse_t, thr, ss, ts, options["step_seed"],
+                                       budget_bytes=config.chunk_budget_bytes(),
+                                       need_grad=ctx.needs_input_grad[0])
+        ctx.save_for_backward(z, r, du)
+        return loss_rows.mean()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        z, r, du = ctx.saved_tensors
+        return _through_normalisation(du * (grad_out.float() / z.shape[0]), z, r), None, None, None
+
+
 def contrastive(z1, columns, scale):
     _check_dtype(z1)
     return ContrastiveFused.apply(z1, columns, scale)
@@ -91,7 +120,9 @@ def distill(z, T, student_temperature, options):
     """The distillation term; ``T`` [B, Dt] weighted unit teacher rows in z's dtype."""
     _check_dtype(z)
     G = num_groups(z.shape[0], options["group_p"], options["group_size"])
-    if options["shuffle"] == "random" or (options["shuffle"] == "expected" and G > MAX_KERNEL_GROUPS):
+    if options["shuffle"] != "none" and G > MAX_KERNEL_GROUPS:
         u = z.float() / z.float().norm(dim=-1, keepdim=True).clamp_min(EPS)
         return DistillChunked.apply(u, T.float(), student_temperature, options)
+    if options["shuffle"] == "random":
+        return DistillRandomFused.apply(z, T, student_temperature, options)
     return DistillFused.apply(z, T, student_temperature, options)
