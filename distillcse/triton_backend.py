@@ -28,14 +28,21 @@ def _check_dtype(x):
 
 
 def _inv_norms(x):
-    """[R, D] -> [R] fp32 ``1 / max(|x_r|, eps)``."""
-    return x.float().norm(dim=-1).clamp_min(EPS).reciprocal()
+    """[R, D] -> [R] fp32 ``1 / max(|x_r|, eps)`` (accumulated in fp32, no fp32 copy of x)."""
+    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).clamp_min(EPS).reciprocal()
 
 
-def _through_normalisation(du, x, r):
-    """dL/dx from dL/du for ``u = x r``: ``r (du - u (u . du))`` [R, D], in x's dtype."""
-    u = x.float() * r[:, None]
-    return (r[:, None] * (du - u * (u * du).sum(-1, keepdim=True))).to(x.dtype)
+def _through_normalisation(du, x, r, scale=1.0):
+    """dL/dx from dL/du for ``u = x r``: ``scale r (du - u (u . du))`` [R, D] in x's dtype.
+    Works in place on ``du`` (fp32, overwritten) over row chunks of the chunk budget, so the
+    only new [R, D] tensor is the result (none for fp32 x)."""
+    R, D = x.shape
+    step = max(1, config.chunk_budget_bytes() // (8 * D))
+    for r0 in range(0, R, step):
+        d, xc, rc = du[r0:r0 + step], x[r0:r0 + step], r[r0:r0 + step, None]
+        u_dot_du = rc * (d * xc).sum(-1, keepdim=True)  # [rows, 1] fp32
+        d.addcmul_(xc, -rc * u_dot_du).mul_(scale * rc)  # du - u (u . du), times scale r
+    return du.to(x.dtype)
 
 
 def _grad_rows(grad_out, B):
@@ -88,8 +95,8 @@ class DistillFused(torch.autograd.Function):
 
 class DistillRandomFused(torch.autograd.Function):
     """Distillation over student z [B, D] and teacher rows T [B, Dt] with shuffle "random":
-    the forward computes the loss and, when z needs it, its gradient (the shuffle is drawn
-    once per step); the backward scales that gradient."""
+    the forward computes the loss and, when z needs it, the gradient of the summed loss rows
+    (the shuffle is drawn once per step); the backward scales that gradient."""
 
     @staticmethod
     def forward(ctx, z, T, student_temperature, options):
@@ -101,14 +108,14 @@ class DistillRandomFused(torch.autograd.Function):
         loss_rows, du = distill_random(z, r, T, lse_s, lse_t, thr, ss, ts, options["step_seed"],
                                        budget_bytes=config.chunk_budget_bytes(),
                                        need_grad=ctx.needs_input_grad[0])
-        ctx.save_for_backward(z, r, du)
+        ctx.save_for_backward(None if du is None else _through_normalisation(du, z, r))
         return loss_rows.mean()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        z, r, du = ctx.saved_tensors
-        return _through_normalisation(du * (grad_out.float() / z.shape[0]), z, r), None, None, None
+        dz_sum, = ctx.saved_tensors  # d(sum of loss rows)/dz
+        return dz_sum * (grad_out.float() / dz_sum.shape[0]), None, None, None  # fp32 scale, one rounding
 
 
 def contrastive(z1, columns, scale):

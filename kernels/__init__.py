@@ -1,8 +1,9 @@
 """Triton kernels and their launchers (installed as ``distillcse.kernels``).
 
 Layers: ``@triton.jit`` kernels (pointer arithmetic and maths) and launchers that allocate
-outputs, pick blocks and compute the grid. No autograd here, and nothing here imports
-``distillcse``; the autograd Functions live in ``distillcse/triton_backend.py``.
+outputs, pick blocks and compute the grid. No autograd here; the autograd Functions live in
+``distillcse/triton_backend.py``. The only import from ``distillcse`` is ``distillcse.shuffle``
+(plain torch), whose definition of the random shuffle ``distill_random`` follows bit for bit.
 
 Naming scheme inside kernels (fla's prefixes):
   i_  program ids and loop indices        o_  offset vectors (aranges)
