@@ -215,13 +215,19 @@ def _shuffled_grad_kernel(
     tl.store(p_cross + o_r * n_chunks + i_c, b_cross, mask=m_m)
 
 
-def _blocks(B: int) -> dict:
-    """Tiles of the slab kernels: the rank bookkeeping loops over groups on [BM, BN] tiles,
-    so tiles stay moderate. Under the interpreter, few large blocks run fastest."""
+def _blocks(B: int):
+    """(blocks of the count and compaction kernels, blocks of the gradient kernel). Compiled
+    offline for sm_90 (bf16, D = 768; ``benchmarks/compile_sm90.py --what distill_random``):
+    64 x 64 tiles with 8 warps use wgmma without spills in the first two (124 and 226
+    registers) but spill 140 bytes in the gradient kernel, which also holds the permutation's
+    state; there 32 x 64 tiles compile without spills (238 registers, mma.sync). Column tiles
+    must divide the chunk width (powers of two). Under the interpreter few large blocks run
+    fastest."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         bm = min(64, max(16, triton.next_power_of_2(B)))
-        return dict(BM=bm, BN=bm, BD=64, BDT=64, num_warps=4)
-    return dict(BM=32, BN=64, BD=64, BDT=64, num_warps=8)
+        blocks = dict(BM=bm, BN=bm, BDT=64, num_warps=4)
+        return blocks, dict(blocks, BD=64)
+    return dict(BM=64, BN=64, BDT=64, num_warps=8), dict(BM=32, BN=64, BD=64, BDT=64, num_warps=8)
 
 
 def slab_rows(B: int, budget_bytes: int, grad_bytes: int, BM: int) -> int:
@@ -274,8 +280,9 @@ def distill_random(x, rx, t, lse_s, lse_t, thr, student_scale, teacher_scale, st
     B, D = x.shape
     n_thr = thr.shape[1]
     G = n_thr + 1
-    cfg = _blocks(B)
-    BM, BN = cfg["BM"], cfg["BN"]
+    teacher_blocks, grad_blocks = _blocks(B)
+    BM = max(teacher_blocks["BM"], grad_blocks["BM"])
+    BN = max(teacher_blocks["BN"], grad_blocks["BN"])
     prec = dict(PREC_X=dot_precision(x.dtype), PREC_T=dot_precision(t.dtype))
     grad_dtype = torch.float32 if x.dtype == torch.float32 else torch.bfloat16
     R = slab_rows(B, budget_bytes, grad_dtype.itemsize if need_grad else 0, BM)
@@ -286,28 +293,28 @@ def distill_random(x, rx, t, lse_s, lse_t, thr, student_scale, teacher_scale, st
     chunk_width = triton.cdiv(triton.cdiv(B, chunks), BN) * BN
     chunks = triton.cdiv(B, chunk_width)
     BG = max(2, triton.next_power_of_2(G))
-    common = dict(BM=BM, BN=BN, BDT=cfg["BDT"], BG=BG, num_warps=cfg["num_warps"])
 
     loss = torch.empty(B, device=x.device, dtype=torch.float32)
     du = torch.zeros(B, D, device=x.device, dtype=torch.float32) if need_grad else None
-    u = (x.float() * rx[:, None]).to(grad_dtype) if need_grad else None
+    u = torch.mul(x, rx[:, None], out=torch.empty_like(x, dtype=grad_dtype)) if need_grad else None
     compact = torch.empty(R, B, device=x.device, dtype=torch.float32)
     grad = torch.empty(R, B, device=x.device, dtype=grad_dtype) if need_grad else compact
     for row0 in range(0, B, R):
         rows = min(R, B - row0)
-        grid = (triton.cdiv(rows, BM), chunks)
+        teacher_grid = (triton.cdiv(rows, teacher_blocks["BM"]), chunks)
         counts = torch.empty(rows, chunks, G, device=x.device, dtype=torch.int32)
-        _group_counts_kernel[grid](t, thr, counts, row0, B, t.shape[1], t.stride(0), thr.stride(0),
-                                   n_thr, chunk_width, rows, PREC_T=prec["PREC_T"], **common)
+        _group_counts_kernel[teacher_grid](
+            t, thr, counts, row0, B, t.shape[1], t.stride(0), thr.stride(0), n_thr, chunk_width, rows,
+            BG=BG, PREC_T=prec["PREC_T"], **teacher_blocks)
         first, perm = _permutation_tables(counts, torch.arange(row0, row0 + rows, device=x.device), step_seed)
-        _compact_targets_kernel[grid](t, thr, lse_t, first, compact, row0, B, t.shape[1], t.stride(0),
-                                      thr.stride(0), n_thr, chunk_width, rows, float(teacher_scale),
-                                      PREC_T=prec["PREC_T"], **common)
+        _compact_targets_kernel[teacher_grid](
+            t, thr, lse_t, first, compact, row0, B, t.shape[1], t.stride(0), thr.stride(0), n_thr,
+            chunk_width, rows, float(teacher_scale), BG=BG, PREC_T=prec["PREC_T"], **teacher_blocks)
         cross = torch.empty(rows, chunks, device=x.device, dtype=torch.float32)
-        _shuffled_grad_kernel[grid](x, rx, t, thr, lse_s, first, compact, perm, cross, grad, row0, B, D,
-                                    t.shape[1], x.stride(0), t.stride(0), thr.stride(0), n_thr,
-                                    chunk_width, rows, float(student_scale), BD=cfg["BD"], WRITE_GRAD=need_grad,
-                                    **prec, **common)
+        _shuffled_grad_kernel[(triton.cdiv(rows, grad_blocks["BM"]), chunks)](
+            x, rx, t, thr, lse_s, first, compact, perm, cross, grad, row0, B, D, t.shape[1], x.stride(0),
+            t.stride(0), thr.stride(0), n_thr, chunk_width, rows, float(student_scale),
+            BG=BG, WRITE_GRAD=need_grad, **prec, **grad_blocks)
         loss[row0:row0 + rows] = lse_s[row0:row0 + rows] - student_scale * cross.sum(1)
         if need_grad:
             g = grad[:rows]
