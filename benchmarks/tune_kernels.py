@@ -2,8 +2,20 @@
 
     python benchmarks/tune_kernels.py --B 16384 65536 --D 768
 
-Prints, per B: one cuBLAS GEMM (B x D @ D x B), the contrastive forward and backward per
-config, and the distillation row stats / forward / backward (shuffle none)."""
+Prints, per B: one cuBLAS GEMM (B x D @ D x B); the contrastive forward per --fwd config and
+backward per --bwd config, each also in GEMM-equivalents (its time / the cuBLAS time; for the
+backward next to the count its design predicts, 2 (S + W / D): S feature splits, W padded
+output features); and the distillation row stats / forward / backward (shuffle none).
+
+Configs are comma-separated integers (`C._config` is replaced while each one is timed):
+  --fwd  BM,BN,BD,warps,stages                 the forward's logits tile [BM, BN], K-chunk BD
+  --bwd  R,S,BD,BD_OUT,N_OUT,warps,stages      each backward program owns R rows (du_x: tile
+         [R, S]; du_y: tile [S, R]), streams S at a time, and accumulates N_OUT blocks of
+         BD_OUT output features; the logits' K-chunk BD
+The forward and backward must share BD and, for the GPU tests to hold, should share the
+tile; time a mixed choice, then run the GPU tests with it before adopting it. Check a
+config's registers, spills and shared memory offline first: benchmarks/compile_sm90.py.
+"""
 import argparse
 
 import torch
@@ -12,19 +24,63 @@ from triton.testing import do_bench
 import distillcse.kernels.contrastive as C
 import distillcse.kernels.distill as KD
 
+# The current default first, then the candidates worth timing on an H100 (bf16, D = 768),
+# with what benchmarks/compile_sm90.py reports for them (registers, spills, shared memory);
+# "GEMM-eq" is the backward's predicted count, forward excluded.
+FWD_CONFIGS = [
+    "64,64,128,8,3",  # default: wgmma m64n32 per warpgroup (likely shared-memory bound); 109 regs, 96 KiB
+    "128,128,128,8,3",  # m64n128; 223 regs, 192 KiB
+    "128,128,64,8,4",  # m64n128; 207 regs, 128 KiB
+    "64,128,128,4,3",  # one warpgroup, m64n128; 239 regs, 144 KiB
+]
+BWD_CONFIGS = [
+    "64,64,128,128,3,8,3",  # default: 2 splits of 3 x 128, 6 GEMM-eq; 246 / 242 regs, 96 KiB
+    "64,64,128,128,1,8,3",  # the previous design: 6 splits of 128, 14 GEMM-eq; 169 / 164 regs
+    "64,64,128,128,4,8,3",  # 2 splits of 4 x 128 (1/4 padding), 6.7 GEMM-eq; 255 regs, no spills
+    "64,64,128,128,3,8,2",  # fewer pipeline stages; 245 / 250 regs, 64 KiB
+    "64,64,64,128,3,8,3",  # K-chunk 64 (the forward must then use BD = 64 too); 237 / 230 regs, 48 KiB
+    "64,64,128,256,2,8,3",  # 2 x 256 (wgmma m64n128 products), 6.7 GEMM-eq; du_y spills 12 B
+    "64,128,128,128,3,8,2",  # streamed tile 128 (wgmma m64n64 logits); spills 20-28 B
+]
 
 def bench(fn):
     return do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def fwd_config(spec):
+    BM, BN, BD, warps, stages = map(int, spec.split(","))
+    return dict(BM=BM, BN=BN, BD=BD, num_warps=warps, num_stages=stages)
+
+
+def bwd_config(spec):
+    """(du_x kernel config, du_y kernel config)."""
+    R, S, BD, BD_OUT, N_OUT, warps, stages = map(int, spec.split(","))
+    common = dict(BD=BD, BD_OUT=BD_OUT, N_OUT=N_OUT, num_warps=warps, num_stages=stages)
+    return dict(BM=R, BN=S, **common), dict(BM=S, BN=R, **common)
+
+
+def predicted_bwd_gemms(D, cfg):
+    """2 (S + W / D) GEMM-equivalents: each backward kernel recomputes the logits once per
+    feature split and multiplies dS by W padded output features."""
+    splits = C._feature_splits(D, cfg)
+    return 2 * (splits + splits * cfg["N_OUT"] * cfg["BD_OUT"] / D)
+
+
+def patch_config(**kernels):
+    """Replaces the launchers' config: the given kernels' entries over the default ones."""
+    default = C._config
+    C._config = lambda D, dtype: dict(default(D, dtype), **kernels)
+    return default
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--B", type=int, nargs="+", default=[16384, 65536])
     p.add_argument("--D", type=int, default=768)
-    p.add_argument("--configs", nargs="+", default=["64,64,64,4,3", "64,64,128,8,3", "128,64,64,8,3", "128,128,64,8,3", "64,64,256,8,2"])
+    p.add_argument("--fwd", nargs="+", default=FWD_CONFIGS)
+    p.add_argument("--bwd", nargs="+", default=BWD_CONFIGS)
     a = p.parse_args()
     dtype = torch.bfloat16
-    original = C._config
     for B in a.B:
         x = torch.randn(B, a.D, device="cuda", dtype=dtype)
         y = torch.randn(B, a.D, device="cuda", dtype=dtype)
@@ -32,17 +88,28 @@ def main():
         g = torch.full((B,), 1.0 / B, device="cuda")
         gemm = bench(lambda: x @ y.T)
         print(f"B={B} D={a.D} bf16: one cuBLAS GEMM {gemm:.3f} ms", flush=True)
-        for cfg in a.configs:
-            BM, BN, BD, w, s = map(int, cfg.split(","))
-            C._config = lambda D, dt, BM=BM, BN=BN, BD=BD, w=w, s=s: dict(BM=BM, BN=BN, BD=BD, num_warps=w, num_stages=s)
-            try:
-                _, lse = C.contrastive_fwd(x, r, y, r, 20.0)
+        _, lse = C.contrastive_fwd(x, r, y, r, 20.0)
+        for spec in a.fwd:
+            default = patch_config(fwd=fwd_config(spec))
+            try:  # a config that does not compile (shared memory) is reported, not fatal
                 f = bench(lambda: C.contrastive_fwd(x, r, y, r, 20.0))
+                print(f"  contrastive fwd BM,BN,BD,warps,stages={spec}: {f:.3f} ms ({f / gemm:.2f} GEMM-eq)",
+                      flush=True)
+            except Exception as e:
+                print(f"  contrastive fwd {spec}: failed {type(e).__name__}: {str(e)[:120]}", flush=True)
+            finally:
+                C._config = default
+        for spec in a.bwd:
+            dx_cfg, dy_cfg = bwd_config(spec)
+            default = patch_config(dx=dx_cfg, dy=dy_cfg)
+            try:
                 b = bench(lambda: C.contrastive_bwd(x, r, y, r, lse, 20.0, g))
-                print(f"  contrastive BM={BM} BN={BN} BD={BD} warps={w} stages={s}: fwd {f:.3f} ms ({f/gemm:.2f}x GEMM)  bwd {b:.3f} ms ({b/gemm:.2f}x)", flush=True)
-            except Exception as e:  # a config that does not compile (shared memory) is reported, not fatal
-                print(f"  contrastive {cfg}: failed {type(e).__name__}: {str(e)[:120]}", flush=True)
-        C._config = original
+                print(f"  contrastive bwd R,S,BD,BD_OUT,N_OUT,warps,stages={spec}: {b:.3f} ms "
+                      f"({b / gemm:.2f} GEMM-eq, predicted {predicted_bwd_gemms(a.D, dx_cfg):.2f})", flush=True)
+            except Exception as e:
+                print(f"  contrastive bwd {spec}: failed {type(e).__name__}: {str(e)[:120]}", flush=True)
+            finally:
+                C._config = default
         t = torch.randn(B, a.D, device="cuda", dtype=dtype) / a.D ** 0.5
         stats = KD.distill_row_stats(x, r, t, 40.0, 80.0, 1.0)
         st = bench(lambda: KD.distill_row_stats(x, r, t, 40.0, 80.0, 1.0))

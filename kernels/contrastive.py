@@ -5,7 +5,8 @@ second view, rows ``B..N-1`` hard negatives. With ``scale = 1 / temperature``:
   forward   ``lse_i = logsumexp_j(scale c_ij)``, ``loss_i = lse_i - scale c_ii``;
   backward  ``P_ij = exp(scale c_ij - lse_i)`` recomputed tile by tile from the saved ``lse``
             (flash-attention-2 style: a row-block kernel for ``du_x``, a column-block kernel
-            for ``du_y``, no atomics).
+            for ``du_y``, no atomics), each program holding up to 4 output blocks of features
+            (cost and register budget in the comment above the backward kernels).
 """
 import os
 
@@ -75,13 +76,60 @@ def _contrastive_fwd_kernel(
     tl.store(loss + o_m, (b_max - b_diag) + b_log_sum, mask=m_m)
 
 
-# Backward, handling of the feature dim D (1..4096): the [BM, BD] (or [BN, BD]) output
-# accumulator cannot hold all of D in registers, so the output features are split over grid
-# axis 1 in chunks of BD and every split recomputes its similarity tiles over the full D
-# (in chunks of BD too). That costs (ceil(D / BD) + 1) GEMMs per kernel instead of 2, but
-# keeps each accumulator in registers, needs no atomics, and for the small batches this loss
-# sees (B ~ 64..1024) the extra programs are what fills the GPU. With BD = 128, D = 768 is
-# 6 splits.
+# Backward: cost in GEMM-equivalents (1 = one B x N x D product, 2 B N D flops; counted, not
+# timed: no GPU was available). A backward kernel recomputes its [BM, BN] logits tiles over
+# the full D (1) and multiplies dS by the unit rows (1). A program keeps N_OUT <= 4 fp32
+# accumulators of [64, BD_OUT] in registers, so the D output features are split over grid axis
+# 1 in S = ceil(D / (N_OUT BD_OUT)) chunks, and each split recomputes the logits: a kernel costs
+# S + W / D, W = S N_OUT BD_OUT the padded feature count, and the loss 1 (forward) + 2 (S + W / D).
+#                                                  D = 768              D = 384             D = 1024
+#   before: one [64, 128] accumulator (BD_OUT = BD)  1 + 2 (6 + 1) = 15   1 + 2 (3 + 1) = 9   1 + 2 (8 + 1) = 19
+#   now, bf16 / fp16 (up to 4 x 128)               1 + 2 (2 + 1) = 7    1 + 2 (1 + 1) = 5   1 + 2 (2 + 1) = 7
+#   now, fp32 with TF32 dots (up to 3 x 128)       7                    5                   1 + 2 (3 + 1.125) = 9.25
+#   now, fp32 with "ieee" dots (FMA, 1 x 128)      15, as before        9, as before        19, as before
+# Registers bound N_OUT (measured by compiling offline for sm_90a, benchmarks/compile_sm90.py):
+# 3 or 4 accumulators of [64, 128] take 242-255 registers per thread at 8 warps without
+# spilling, while one [64, 512] accumulator spills, 16 warps spill, and one split for all of
+# D = 768 would need [64, 768] fp32 = 48K of an SM's 64K registers. Fewer splits also mean
+# fewer programs: at D = 768 a kernel launches 2 B / 64 of them (6 B / 64 before), so batches
+# under ~4096 rows no longer fill an H100's 132 SMs (predicted to cost little: such batches
+# are small). No atomics: each program owns its output rows and features, so results are
+# deterministic.
+
+
+@triton.jit
+def _accumulate_rows(
+    b_acc,  # [BR, BD_OUT] fp32
+    b_w,  # [BR, BS] fp32 weights, or [BS, BR] if TRANS_W
+    v,  # [R, D] rows, row stride s_v
+    b_r,  # [BS] fp32 inverse norms of the streamed rows
+    o_s, m_s,  # [BS] streamed row offsets (int64) and mask
+    o_d,  # [BD_OUT] output feature offsets (int64)
+    D, s_v,
+    TRANS_W: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """b_acc + b_w @ u[o_s, o_d] with unit rows u = v r, the product in v's dtype: one output
+    block of a backward kernel, BR the program's output rows, BS the rows it streams.
+    (Transposing b_w here, after the load, keeps the fp32 FMA build of du_y from spilling.)"""
+    p_v = v + o_s[:, None] * s_v + o_d[None, :]  # [BS, BD_OUT]
+    b_v = tl.load(p_v, mask=m_s[:, None] & (o_d < D)[None, :], other=0.0)
+    b_u = (b_v.to(tl.float32) * b_r[:, None]).to(b_v.dtype)  # |u| <= 1
+    b_w = b_w.to(b_v.dtype)
+    if TRANS_W:
+        b_w = tl.trans(b_w)
+    return tl.dot(b_w, b_u, b_acc, input_precision=PRECISION)  # [BR, BS] @ [BS, BD_OUT] -> [BR, BD_OUT]
+
+
+@triton.jit
+def _store_rows(
+    out,  # [R, D] fp32, row stride s_out
+    b_val,  # [BR, BD_OUT] fp32
+    o_r, m_r,  # [BR] row offsets (int64) and mask
+    o_d,  # [BD_OUT] feature offsets (int64)
+    D, s_out,
+):
+    """Stores a block of output rows; features past D are masked."""
+    tl.store(out + o_r[:, None] * s_out + o_d[None, :], b_val, mask=m_r[:, None] & (o_d < D)[None, :])
 
 
 @triton.jit
@@ -94,18 +142,25 @@ def _contrastive_bwd_dx_kernel(
     g,  # [B] fp32 dL/dloss_i
     dx,  # [B, D] fp32 out, row stride s_dx
     B, N, D, s_x, s_y, s_dx, scale,
-    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    BD_OUT: tl.constexpr, N_OUT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """du_x_i = scale g_i sum_j (P_ij - [i == j]) u_y_j for BM rows and BD output features."""
+    """du_x_i = scale g_i sum_j (P_ij - [i == j]) u_y_j for BM rows (grid axis 0) and the
+    N_OUT BD_OUT output features of split i_d (grid axis 1); columns streamed BN at a time."""
     i_m = tl.program_id(0).to(tl.int64)
     i_d = tl.program_id(1).to(tl.int64)
     o_m = i_m * BM + tl.arange(0, BM)
     m_m = o_m < B
-    o_d = i_d * BD + tl.arange(0, BD)
-    m_d = o_d < D
+    o_d = i_d * (N_OUT * BD_OUT) + tl.arange(0, BD_OUT)  # [BD_OUT] features of accumulator 0; accumulator k: + k BD_OUT
     b_lse = tl.load(lse + o_m, mask=m_m, other=0.0)
 
-    b_acc = tl.zeros([BM, BD], dtype=tl.float32)
+    b_acc0 = tl.zeros([BM, BD_OUT], dtype=tl.float32)
+    if N_OUT > 1:
+        b_acc1 = tl.zeros([BM, BD_OUT], dtype=tl.float32)
+    if N_OUT > 2:
+        b_acc2 = tl.zeros([BM, BD_OUT], dtype=tl.float32)
+    if N_OUT > 3:
+        b_acc3 = tl.zeros([BM, BD_OUT], dtype=tl.float32)
     for i_n in range(0, N, BN):
         o_n = i_n + tl.arange(0, BN).to(tl.int64)
         m_n = o_n < N
@@ -113,17 +168,23 @@ def _contrastive_bwd_dx_kernel(
         b_p = tl.exp(b_s - b_lse[:, None])
         b_p = tl.where(m_n[None, :], b_p, 0.0)
         b_ds = b_p - tl.where(o_m[:, None] == o_n[None, :], 1.0, 0.0)  # [BM, BN] in [-1, 1]
-
-        p_y = y + o_n[:, None] * s_y + o_d[None, :]  # [BN, BD]
-        b_y = tl.load(p_y, mask=m_n[:, None] & m_d[None, :], other=0.0)
         b_ry = tl.load(ry + o_n, mask=m_n, other=0.0)
-        b_uy = (b_y.to(tl.float32) * b_ry[:, None]).to(b_y.dtype)  # u_y, |u_y| <= 1
-        # [BM, BN] @ [BN, BD] -> [BM, BD]
-        b_acc = tl.dot(b_ds.to(b_y.dtype), b_uy, b_acc, input_precision=PRECISION)
+        b_acc0 = _accumulate_rows(b_acc0, b_ds, y, b_ry, o_n, m_n, o_d, D, s_y, False, PRECISION)
+        if N_OUT > 1:
+            b_acc1 = _accumulate_rows(b_acc1, b_ds, y, b_ry, o_n, m_n, o_d + BD_OUT, D, s_y, False, PRECISION)
+        if N_OUT > 2:
+            b_acc2 = _accumulate_rows(b_acc2, b_ds, y, b_ry, o_n, m_n, o_d + 2 * BD_OUT, D, s_y, False, PRECISION)
+        if N_OUT > 3:
+            b_acc3 = _accumulate_rows(b_acc3, b_ds, y, b_ry, o_n, m_n, o_d + 3 * BD_OUT, D, s_y, False, PRECISION)
 
-    b_g = tl.load(g + o_m, mask=m_m, other=0.0)
-    p_dx = dx + o_m[:, None] * s_dx + o_d[None, :]  # [BM, BD]
-    tl.store(p_dx, b_acc * (scale * b_g)[:, None], mask=m_m[:, None] & m_d[None, :])
+    b_scale = scale * tl.load(g + o_m, mask=m_m, other=0.0)[:, None]  # [BM, 1]
+    _store_rows(dx, b_acc0 * b_scale, o_m, m_m, o_d, D, s_dx)
+    if N_OUT > 1:
+        _store_rows(dx, b_acc1 * b_scale, o_m, m_m, o_d + BD_OUT, D, s_dx)
+    if N_OUT > 2:
+        _store_rows(dx, b_acc2 * b_scale, o_m, m_m, o_d + 2 * BD_OUT, D, s_dx)
+    if N_OUT > 3:
+        _store_rows(dx, b_acc3 * b_scale, o_m, m_m, o_d + 3 * BD_OUT, D, s_dx)
 
 
 @triton.jit
@@ -136,15 +197,16 @@ def _contrastive_bwd_dy_kernel(
     g,  # [B] fp32 dL/dloss_i
     dy,  # [N, D] fp32 out, row stride s_dy
     B, N, D, s_x, s_y, s_dy, scale,
-    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    BD_OUT: tl.constexpr, N_OUT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """du_y_j = scale sum_i g_i (P_ij - [i == j]) u_x_i for BN rows of y and BD output features."""
+    """du_y_j = scale sum_i g_i (P_ij - [i == j]) u_x_i for BN rows of y (grid axis 0) and the
+    N_OUT BD_OUT output features of split i_d (grid axis 1); rows of x streamed BM at a time."""
     i_n = tl.program_id(0).to(tl.int64)
     i_d = tl.program_id(1).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
-    o_d = i_d * BD + tl.arange(0, BD)
-    m_d = o_d < D
+    o_d = i_d * (N_OUT * BD_OUT) + tl.arange(0, BD_OUT)  # [BD_OUT] features of accumulator 0; accumulator k: + k BD_OUT
 
     # g_i enters the (possibly fp16) dot operand: divide it by max_i |g_i| there and multiply
     # back in fp32 at the end, so that g = 1/B or a loss-scaled g neither underflows nor overflows.
@@ -155,7 +217,13 @@ def _contrastive_bwd_dy_kernel(
     g_max = tl.max(b_gmax, 0)
     g_max = tl.where(g_max > 0.0, g_max, 1.0)
 
-    b_acc = tl.zeros([BN, BD], dtype=tl.float32)
+    b_acc0 = tl.zeros([BN, BD_OUT], dtype=tl.float32)
+    if N_OUT > 1:
+        b_acc1 = tl.zeros([BN, BD_OUT], dtype=tl.float32)
+    if N_OUT > 2:
+        b_acc2 = tl.zeros([BN, BD_OUT], dtype=tl.float32)
+    if N_OUT > 3:
+        b_acc3 = tl.zeros([BN, BD_OUT], dtype=tl.float32)
     for i_m in range(0, B, BM):
         o_m = i_m + tl.arange(0, BM).to(tl.int64)
         m_m = o_m < B
@@ -166,32 +234,78 @@ def _contrastive_bwd_dy_kernel(
         b_p = tl.where(m_m[:, None], b_p, 0.0)
         b_ds = b_p - tl.where(o_m[:, None] == o_n[None, :], 1.0, 0.0)  # [BM, BN]
         b_ds = b_ds * (b_g / g_max)[:, None]
-
-        p_x = x + o_m[:, None] * s_x + o_d[None, :]  # [BM, BD]
-        b_x = tl.load(p_x, mask=m_m[:, None] & m_d[None, :], other=0.0)
         b_rx = tl.load(rx + o_m, mask=m_m, other=0.0)
-        b_ux = (b_x.to(tl.float32) * b_rx[:, None]).to(b_x.dtype)  # u_x, |u_x| <= 1
-        b_dst = tl.trans(b_ds.to(b_x.dtype))  # [BN, BM]
-        b_acc = tl.dot(b_dst, b_ux, b_acc, input_precision=PRECISION)  # [BN, BM] @ [BM, BD] -> [BN, BD]
+        # the transpose of b_ds: [BN, BM] @ [BM, BD_OUT] -> [BN, BD_OUT]
+        b_acc0 = _accumulate_rows(b_acc0, b_ds, x, b_rx, o_m, m_m, o_d, D, s_x, True, PRECISION)
+        if N_OUT > 1:
+            b_acc1 = _accumulate_rows(b_acc1, b_ds, x, b_rx, o_m, m_m, o_d + BD_OUT, D, s_x, True, PRECISION)
+        if N_OUT > 2:
+            b_acc2 = _accumulate_rows(b_acc2, b_ds, x, b_rx, o_m, m_m, o_d + 2 * BD_OUT, D, s_x, True, PRECISION)
+        if N_OUT > 3:
+            b_acc3 = _accumulate_rows(b_acc3, b_ds, x, b_rx, o_m, m_m, o_d + 3 * BD_OUT, D, s_x, True, PRECISION)
 
-    p_dy = dy + o_n[:, None] * s_dy + o_d[None, :]  # [BN, BD]
-    tl.store(p_dy, b_acc * (scale * g_max), mask=m_n[:, None] & m_d[None, :])
+    b_scale = scale * g_max
+    _store_rows(dy, b_acc0 * b_scale, o_n, m_n, o_d, D, s_dy)
+    if N_OUT > 1:
+        _store_rows(dy, b_acc1 * b_scale, o_n, m_n, o_d + BD_OUT, D, s_dy)
+    if N_OUT > 2:
+        _store_rows(dy, b_acc2 * b_scale, o_n, m_n, o_d + 2 * BD_OUT, D, s_dy)
+    if N_OUT > 3:
+        _store_rows(dy, b_acc3 * b_scale, o_n, m_n, o_d + 3 * BD_OUT, D, s_dy)
+
+
+MAX_OUT_BLOCKS = 4  # accumulators per backward program (the kernels hold b_acc0..b_acc3)
+
+
+def _output_blocks(D: int, max_block: int, max_blocks: int) -> dict:
+    """BD_OUT and N_OUT of a backward program: the fewest feature splits that ``max_blocks``
+    accumulators of ``BD_OUT`` features allow, then the fewest accumulators that cover D in that
+    many splits (D = 768, blocks of 128: 2 splits of 3 blocks, not 2 of 4)."""
+    BD_OUT = min(max_block, triton.next_power_of_2(max(D, 16)))  # tl.dot needs >= 16
+    blocks = triton.cdiv(D, BD_OUT)
+    splits = triton.cdiv(blocks, max_blocks)
+    return dict(BD_OUT=BD_OUT, N_OUT=triton.cdiv(blocks, splits))
+
+
+def _feature_splits(D: int, cfg: dict) -> int:
+    """Grid axis 1 of a backward kernel: chunks of N_OUT BD_OUT output features."""
+    return triton.cdiv(D, cfg["N_OUT"] * cfg["BD_OUT"])
 
 
 def _config(D: int, dtype: torch.dtype) -> dict:
-    """Block sizes and launch options, the same for forward and backward so that both
-    accumulate the logits in the same order.
+    """Launch keywords of the three kernels: ``{"fwd": ..., "dx": ..., "dy": ...}``.
 
-    GPU: 64 x 64 tiles, BD = 128 features at most (D = 768 gives 6 backward splits), 8 warps,
-    2 pipeline stages for 4-byte inputs and 3 for 2-byte ones: at most 128 KiB of shared
-    memory (fits sm_80 too) and, compiled offline for sm_90, no register spills except a few
-    bytes for fp32 "ieee" dots at BD = 64. Under the interpreter every block op costs Python
-    overhead, so blocks are as large as D allows.
+    All three share the logits tile (BM x BN, here 64 x 64) and its K-chunk BD, so that the
+    backward recomputes every logit exactly as the forward summed it (P_ii - 1 is
+    ill-conditioned otherwise). BD must be shared; under the interpreter the tile shape too
+    (numpy's matmul rounding depends on it, measured). On a GPU wgmma and FMA dots sum each
+    logit over K in order, so the tile shape should not matter there: a tuned forward tile may
+    differ from the backward's once the GPU tests pass with it (unchecked so far).
+    The backward adds its output blocks (``_output_blocks``).
+
+    GPU: BD = 128 (at most D), 8 warps, 3 pipeline stages for 2-byte inputs and 2 for 4-byte
+    ones (at most 128 KiB of shared memory). Output blocks of 128, as many per program as
+    compile without spilling for sm_90a (benchmarks/compile_sm90.py; not timed): 4 for bf16 /
+    fp16 (255 registers), 3 for fp32 with TF32 dots (4 spill), and 1 for fp32 with "ieee" dots
+    (PyTorch's default "highest" matmul precision), which run on the FMA units with register-
+    hungrier layouts. All but "ieee" use wgmma. Rows whose stride is not a multiple of 16
+    elements (D = 300, say) load element by element and spill a little in every design, the
+    previous one included: not tuned, as embedding widths are multiples of 64.
+    Interpreter: every block op costs Python time, so the logits tiles are large (BD up to 256),
+    while the output blocks are 32 wide so that the test shapes take 1..4 blocks and several splits.
     """
     BD = triton.next_power_of_2(max(D, 16))
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return dict(BM=64, BN=64, BD=min(BD, 256))
-    return dict(BM=64, BN=64, BD=min(BD, 128), num_warps=8, num_stages=2 if dtype.itemsize == 4 else 3)
+        tile = dict(BM=64, BN=64, BD=min(BD, 256))
+        bwd = dict(tile, **_output_blocks(D, 32, MAX_OUT_BLOCKS))
+        return dict(fwd=tile, dx=bwd, dy=bwd)
+    tile = dict(BM=64, BN=64, BD=min(BD, 128), num_warps=8, num_stages=2 if dtype.itemsize == 4 else 3)
+    if dtype.itemsize == 2:  # output blocks per program that compile without spills, as above
+        max_blocks = MAX_OUT_BLOCKS
+    else:
+        max_blocks = 3 if dot_precision(dtype) == "tf32" else 1
+    bwd = dict(tile, **_output_blocks(D, 128, max_blocks))
+    return dict(fwd=tile, dx=bwd, dy=bwd)
 
 
 def _check(x, rx, y, ry):
@@ -210,7 +324,7 @@ def contrastive_fwd(x, rx, y, ry, scale):
     (B, D), N = x.shape, y.shape[0]
     loss = torch.empty(B, device=x.device, dtype=torch.float32)
     lse = torch.empty(B, device=x.device, dtype=torch.float32)
-    cfg = _config(D, x.dtype)
+    cfg = _config(D, x.dtype)["fwd"]
     _contrastive_fwd_kernel[(triton.cdiv(B, cfg["BM"]),)](
         x, rx, y, ry, loss, lse, B, N, D, x.stride(0), y.stride(0), float(scale),
         PRECISION=dot_precision(x.dtype), **cfg,
@@ -231,12 +345,13 @@ def contrastive_bwd(x, rx, y, ry, lse, scale, grad_rows):
     dy = torch.empty(N, D, device=x.device, dtype=torch.float32)
     cfg = _config(D, x.dtype)
     precision = dot_precision(x.dtype)
-    _contrastive_bwd_dx_kernel[(triton.cdiv(B, cfg["BM"]), triton.cdiv(D, cfg["BD"]))](
+    dx_cfg, dy_cfg = cfg["dx"], cfg["dy"]
+    _contrastive_bwd_dx_kernel[(triton.cdiv(B, dx_cfg["BM"]), _feature_splits(D, dx_cfg))](
         x, rx, y, ry, lse, grad_rows, dx, B, N, D, x.stride(0), y.stride(0), dx.stride(0), float(scale),
-        PRECISION=precision, **cfg,
+        PRECISION=precision, **dx_cfg,
     )
-    _contrastive_bwd_dy_kernel[(triton.cdiv(N, cfg["BN"]), triton.cdiv(D, cfg["BD"]))](
+    _contrastive_bwd_dy_kernel[(triton.cdiv(N, dy_cfg["BN"]), _feature_splits(D, dy_cfg))](
         x, rx, y, ry, lse, grad_rows, dy, B, N, D, x.stride(0), y.stride(0), dy.stride(0), float(scale),
-        PRECISION=precision, **cfg,
+        PRECISION=precision, **dy_cfg,
     )
     return dx, dy

@@ -68,9 +68,11 @@ def test_odd_shapes(B, D, n_hard, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_random_grad_rows_and_non_contiguous(dtype, device):
+@pytest.mark.parametrize("D", [48, 200])
+def test_random_grad_rows_and_non_contiguous(D, dtype, device):
+    """Row stride 3 D; D = 200 also takes two feature splits in the backward."""
     _dtype_or_skip(dtype)
-    B, n_hard, D = 37, 23, 48
+    B, n_hard = 37, 23
     x, y = _views(B, n_hard, 3 * D, dtype, device, seed=1)
     x, y = x[:, 5 : 5 + D], y[:, D : 2 * D]  # row stride 3 D, feature stride 1
     assert not x.is_contiguous() and not y.is_contiguous()
@@ -104,15 +106,78 @@ def test_zero_rows(device):
     _check(x, y, torch.full((B,), 1.0 / B, device=device), 1e-5)
 
 
-def test_two_rows(device):
-    x, y = _views(2, 0, 48, torch.float32, device, seed=5, noise=10.0)
+@pytest.mark.parametrize("n_hard", [0, 3])
+@pytest.mark.parametrize("D", [48, 200])
+def test_two_rows(D, n_hard, device):
+    x, y = _views(2, n_hard, D, torch.float32, device, seed=5, noise=10.0)
     _check(x, y, torch.tensor([0.5, -1.5], device=device), 1e-5)
 
 
 @pytest.mark.parametrize("D", [5, 300])
 def test_feature_dim_split(D, device):
-    """D below the smallest tl.dot block (16), and D over one feature block: the backward
-    then splits the output features over the grid."""
+    """D below the smallest tl.dot block (16), and D over one program's output blocks: the
+    backward then splits the output features over the grid (D = 300 under the interpreter:
+    3 splits of 4 blocks of 32, the last split partly and its last two blocks fully masked)."""
     B = 37
     x, y = _views(B, 23, D, torch.float32, device, seed=6)
     _check(x, y, torch.full((B,), 1.0 / B, device=device), 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n_out", [1, 2, 3, 4])
+def test_output_blocks(n_out, dtype, monkeypatch, device):
+    """Every accumulator count of the backward (b_acc0..b_acc3), each with several feature
+    splits and a partly or fully masked last block: D = 100 in blocks of 16, N > B."""
+    import distillcse.kernels.contrastive as C
+
+    default = C._config
+
+    def config(D, dtype):
+        cfg, blocks = default(D, dtype), dict(BD_OUT=16, N_OUT=n_out)
+        return dict(cfg, dx=dict(cfg["dx"], **blocks), dy=dict(cfg["dy"], **blocks))
+
+    monkeypatch.setattr(C, "_config", config)
+    B, D = 37, 100
+    assert C._feature_splits(D, config(D, dtype)["dx"]) >= 2
+    x, y = _views(B, 23, D, dtype, device, seed=8)
+    grad_rows = torch.randn(B, generator=torch.Generator().manual_seed(9)).to(device)
+    _check(x, y, grad_rows, TOL[dtype])
+
+
+@pytest.mark.parametrize("D, max_block, max_blocks, expected", [
+    (768, 128, 4, (128, 3, 2)),  # 2 splits of 3 x 128, not 2 of 4 x 128
+    (384, 128, 4, (128, 3, 1)),
+    (1024, 128, 4, (128, 4, 2)),
+    (1024, 128, 3, (128, 3, 3)),
+    (768, 128, 1, (128, 1, 6)),
+    (100, 128, 4, (128, 1, 1)),
+    (5, 128, 4, (16, 1, 1)),
+    (300, 32, 4, (32, 4, 3)),
+])
+def test_output_block_choice(D, max_block, max_blocks, expected):
+    """(BD_OUT, N_OUT, feature splits): the fewest splits, then the fewest blocks per split."""
+    from distillcse.kernels.contrastive import _feature_splits, _output_blocks
+
+    blocks = _output_blocks(D, max_block, max_blocks)
+    assert (blocks["BD_OUT"], blocks["N_OUT"], _feature_splits(D, blocks)) == expected
+
+
+@pytest.mark.parametrize("dtype, matmul_precision, n_out", [
+    (torch.bfloat16, "highest", 3), (torch.float16, "highest", 3),
+    (torch.float32, "high", 3), (torch.float32, "highest", 1),
+])
+def test_gpu_config_at_768(dtype, matmul_precision, n_out, monkeypatch):
+    """The GPU launch configuration (pure Python, checked without a GPU): one 64 x 64 x 128
+    logits tile for all three kernels; at D = 768 two feature splits of 3 x 128 (7
+    GEMM-equivalents for forward + backward), and one block of 128 for fp32 "ieee" dots."""
+    import distillcse.kernels.contrastive as C
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: matmul_precision)
+    cfg = C._config(768, dtype)
+    tile = {k: cfg["fwd"][k] for k in ("BM", "BN", "BD")}
+    assert tile == dict(BM=64, BN=64, BD=128)
+    for kernel in ("dx", "dy"):
+        assert {k: cfg[kernel][k] for k in tile} == tile, "the backward must rebuild the forward's logits"
+        assert (cfg[kernel]["BD_OUT"], cfg[kernel]["N_OUT"]) == (128, n_out)
+    assert C._feature_splits(768, cfg["dx"]) == (2 if n_out == 3 else 6)

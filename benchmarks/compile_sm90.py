@@ -1,0 +1,177 @@
+"""Offline compile report for an H100 (sm_90a): no GPU needed, nothing runs.
+
+    python benchmarks/compile_sm90.py                                  # contrastive kernels, D = 768
+    python benchmarks/compile_sm90.py --what contrastive distill --D 384 768 --dtypes bf16 tf32
+
+The launchers are called as in training, on CPU tensors of the real shapes (``torch.empty``,
+never touched). Each ``kernel[grid](...)`` they issue is intercepted instead of launched: its
+arguments are bound and specialised exactly as Triton's launcher does (pointer dtypes, integers
+divisible by 16 or equal to 1, constexprs, ``num_warps`` / ``num_stages``), and the kernel is
+compiled for ``GPUTarget("cuda", 90, 32)`` with ptxas's log captured. Row counts are runtime
+arguments, so the code compiled for one B serves every B with the same divisibility by 16.
+
+Per kernel, one table row per input precision and launch (bf16, fp16, fp32 with TF32 dots,
+fp32 with full-precision "ieee" dots, the switch PyTorch's ``float32_matmul_precision`` makes):
+  constexprs  block sizes and flags of the launch (the dot precisions are in "inputs")
+  regs        registers per thread (ptxas); an SM has 64K, so 8 warps at > 128 fit one program
+  spills      bytes of spill stores / loads (ptxas); anything but 0/0 is slow
+  smem        shared memory per program; an H100 block can have at most 227 KiB
+  MMA         tensor-core instructions in the PTX: wgmma shape and operand sources (SS: both
+              from shared memory, RS: A from registers); mma.sync when there is no wgmma
+              (blocks under 64 rows), FMA when there are no tensor-core instructions at all
+  flags       SPILLS, SMEM > 227 KiB, and ptxas warnings (wgmma serialisation, say) verbatim
+
+Extend: add a function to TARGETS that calls a kernel file's launchers on tensors of shape
+(B, D). Kernels wrapped in ``triton.autotune`` cannot be compiled this way (the autotuner
+times its configs); launchers whose host logic loops on kernel results must be left out.
+Uses Triton 3.6 internals (``jit.create_function_from_signature``, ``JITFunction._pack_args``,
+the ``dump_ptxas_log`` knob), which later versions may move.
+"""
+import argparse
+import contextlib
+import io
+import os
+import re
+
+os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compile, do not interpret
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime import jit  # noqa: E402
+
+H100 = GPUTarget("cuda", 90, 32)
+H100_SMEM_PER_BLOCK = 227 * 1024
+# name: (input dtype, torch.set_float32_matmul_precision value)
+PRECISIONS = {
+    "bf16": (torch.bfloat16, "highest"),
+    "fp16": (torch.float16, "highest"),
+    "tf32": (torch.float32, "high"),
+    "ieee": (torch.float32, "highest"),
+}
+
+
+def contrastive(B, D, dtype):
+    """InfoNCE forward and backward (kernels/contrastive.py), N = B columns."""
+    from distillcse.kernels.contrastive import contrastive_bwd, contrastive_fwd
+
+    x, y = torch.empty(B, D, dtype=dtype), torch.empty(B, D, dtype=dtype)
+    r = torch.empty(B)
+    _, lse = contrastive_fwd(x, r, y, r, 20.0)
+    contrastive_bwd(x, r, y, r, lse, 20.0, r)
+
+
+def distill(B, D, dtype):
+    """Distillation row stats, forward and backward with shuffle "none" and "expected"
+    (kernels/distill.py), teacher width D, G = 10 groups; and the group means pass
+    (kernels/group_partition.py). The threshold search is left out: its launcher loops on results."""
+    from distillcse.kernels.distill import distill_bwd, distill_fwd, distill_row_stats
+    from distillcse.kernels.group_partition import group_means
+
+    x, t = torch.empty(B, D, dtype=dtype), torch.empty(B, D, dtype=dtype)
+    r = torch.empty(B)
+    thr, qbar = torch.empty(B, 9), torch.empty(B, 10)
+    lse_s, lse_t, _, _, _ = distill_row_stats(x, r, t, 40.0, 80.0, 1.0)
+    for groups in ((None, None), (thr, qbar)):
+        distill_fwd(x, r, t, lse_s, lse_t, 40.0, 80.0, *groups)
+        distill_bwd(x, r, t, lse_s, lse_t, 40.0, 80.0, r, *groups)
+    group_means(t, lse_t, thr, 80.0)
+
+
+TARGETS = {"contrastive": contrastive, "distill": distill}
+
+
+def _compile_for_h100(kernel, args, kwargs):
+    """Compiles what ``kernel[grid](*args, **kwargs)`` would launch; returns one report row."""
+    backend = make_backend(H100)
+    binder = jit.create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):  # ptxas -v output, printed by triton when dump_ptxas_log is set
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=H100,
+                                  options=options.__dict__)
+    log = log.getvalue()
+    ptx = compiled.asm["ptx"]
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    mma = sorted({f"{shape} {'RS' if a_operand.startswith('{') else 'SS'}" for shape, a_operand in
+                  re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)\.\S+ \{[^}]*\}, (\S+)", ptx)})
+    if not mma and "mma.sync" in ptx:
+        mma = ["mma.sync (no wgmma)"]
+    names = {kernel.arg_names[path[0]]: value for path, value in constexprs.items()}
+    shown = {name: value for name, value in names.items() if not name.startswith("PREC")}  # in "inputs"
+    return dict(
+        kernel=kernel.__name__,
+        constexprs=" ".join(f"{k}={v}" for k, v in shown.items()),
+        warps=compiled.metadata.num_warps,
+        stages=compiled.metadata.num_stages,
+        regs=int(re.search(r"Used (\d+) registers", log).group(1)),
+        spills=f"{spills.group(1)}/{spills.group(2)}",
+        smem=compiled.metadata.shared,
+        mma=", ".join(mma) or "FMA",
+        warnings=" ".join(line.strip() for line in log.splitlines() if "warning" in line.lower()),
+    )
+
+
+@contextlib.contextmanager
+def compiled_launches(rows):
+    """Within the block, ``kernel[grid](...)`` compiles for sm_90a and appends a row to ``rows``."""
+    launch = jit.JITFunction.run
+
+    def compile_instead(self, *args, grid, warmup, **kwargs):
+        rows.append(_compile_for_h100(self, args, kwargs))
+
+    knobs = triton.knobs
+    saved = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
+    knobs.nvidia.dump_ptxas_log = True
+    knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its log
+    jit.JITFunction.run = compile_instead
+    try:
+        yield
+    finally:
+        jit.JITFunction.run = launch
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
+
+
+def report(target, B, D, precisions):
+    """Markdown tables, one per kernel, one row per precision."""
+    by_kernel = {}
+    for name in precisions:
+        dtype, matmul_precision = PRECISIONS[name]
+        rows = []
+        torch.set_float32_matmul_precision(matmul_precision)
+        with compiled_launches(rows):
+            TARGETS[target](B, D, dtype)
+        for row in rows:
+            by_kernel.setdefault(row["kernel"], []).append(dict(row, inputs=name))
+    lines = []
+    for kernel, rows in by_kernel.items():
+        lines += [f"### {kernel} (D = {D})", "",
+                  "| inputs | constexprs | warps | stages | regs | spills st/ld B | smem KiB | MMA | flags |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in rows:
+            flags = [f for f, bad in (("SPILLS", r["spills"] != "0/0"),
+                                      ("SMEM > 227 KiB", r["smem"] > H100_SMEM_PER_BLOCK)) if bad]
+            flags += [r["warnings"]] if r["warnings"] else []
+            lines.append(f"| {r['inputs']} | {r['constexprs']} | {r['warps']} | {r['stages']} | {r['regs']} | "
+                         f"{r['spills']} | {r['smem'] / 1024:.0f} | {r['mma']} | {'; '.join(flags) or 'ok'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--what", nargs="+", default=["contrastive"], choices=sorted(TARGETS))
+    p.add_argument("--B", type=int, default=65536, help="rows (a runtime value: only its divisibility by 16 matters)")
+    p.add_argument("--D", type=int, nargs="+", default=[768])
+    p.add_argument("--dtypes", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
+    a = p.parse_args(argv)
+    print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_90a, B = {a.B}\n")
+    for target in a.what:
+        for D in a.D:
+            print(report(target, a.B, D, a.dtypes), flush=True)
+
+
+if __name__ == "__main__":
+    main()
