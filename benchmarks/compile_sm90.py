@@ -2,6 +2,7 @@
 
     python benchmarks/compile_sm90.py                                  # contrastive kernels, D = 768
     python benchmarks/compile_sm90.py --what contrastive distill --D 384 768 --dtypes bf16 tf32
+    python benchmarks/compile_sm90.py --what distill_random
 
 The launchers are called as in training, on CPU tensors of the real shapes (``torch.empty``,
 never touched). Each ``kernel[grid](...)`` they issue is intercepted instead of launched: its
@@ -79,7 +80,34 @@ def distill(B, D, dtype):
     group_means(t, lse_t, thr, 80.0)
 
 
-TARGETS = {"contrastive": contrastive, "distill": distill}
+def distill_random(B, D, dtype):
+    """The three slab kernels of shuffle "random" (kernels/distill_random.py) for a slab of 512
+    rows in 8 column chunks, teacher width D, G = 10 groups. Their launcher builds each slab's
+    tables from the first kernel's counts, so the kernels are called directly here."""
+    from distillcse.kernels import distill_random as K
+    from distillcse.kernels.utils import dot_precision
+
+    rows, chunks, n_thr = 512, 8, 9
+    x, t = torch.empty(B, D, dtype=dtype), torch.empty(B, D, dtype=dtype)
+    r, thr = torch.empty(B), torch.empty(B, n_thr)
+    teacher_blocks, grad_blocks = K._blocks(B)
+    width = triton.cdiv(B, chunks)
+    first = torch.empty(rows, chunks, n_thr + 1, dtype=torch.int32)
+    perm = torch.empty(6, rows, n_thr + 1, dtype=torch.int32)
+    compact, cross = torch.empty(rows, B), torch.empty(rows, chunks)
+    grad = torch.empty(rows, B, dtype=torch.float32 if dtype == torch.float32 else torch.bfloat16)
+    prec = dict(PREC_X=dot_precision(dtype), PREC_T=dot_precision(dtype))
+    teacher_grid = (rows // teacher_blocks["BM"], chunks)
+    K._group_counts_kernel[teacher_grid](t, thr, first, 0, B, D, D, n_thr, n_thr, width, rows, BG=16,
+                                         PREC_T=prec["PREC_T"], **teacher_blocks)
+    K._compact_targets_kernel[teacher_grid](t, thr, r, first, compact, 0, B, D, D, n_thr, n_thr, width, rows,
+                                            80.0, BG=16, PREC_T=prec["PREC_T"], **teacher_blocks)
+    K._shuffled_grad_kernel[(rows // grad_blocks["BM"], chunks)](
+        x, r, t, thr, r, first, compact, perm, cross, grad, 0, B, D, D, D, D, n_thr, n_thr, width, rows, 40.0,
+        BG=16, WRITE_GRAD=True, **prec, **grad_blocks)
+
+
+TARGETS = {"contrastive": contrastive, "distill": distill, "distill_random": distill_random}
 
 
 def _compile_for_h100(kernel, args, kwargs):
