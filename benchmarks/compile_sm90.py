@@ -2,7 +2,6 @@
 
     python benchmarks/compile_sm90.py                                  # contrastive kernels, D = 768
     python benchmarks/compile_sm90.py --what contrastive distill --D 384 768 --dtypes bf16 tf32
-    python benchmarks/compile_sm90.py --what distill_random
 
 The launchers are called as in training, on CPU tensors of the real shapes (``torch.empty``,
 never touched). Each ``kernel[grid](...)`` they issue is intercepted instead of launched: its
@@ -64,50 +63,40 @@ def contrastive(B, D, dtype):
 
 
 def distill(B, D, dtype):
-    """Distillation row stats, forward and backward with shuffle "none" and "expected"
-    (kernels/distill.py), teacher width D, G = 10 groups; and the group means pass
-    (kernels/group_partition.py). The threshold search is left out: its launcher loops on results."""
-    from distillcse.kernels.distill import distill_bwd, distill_fwd, distill_row_stats
+    """Distillation (kernels/distill.py): the row statistics pass, and for a slab of 512 rows
+    in 8 column chunks the slab kernel with each shuffle plus the random mode's count and
+    compaction kernels (teacher width D, G = 10 groups); and the group means pass
+    (kernels/group_partition.py). The slab launcher builds its tables from kernel results, and
+    the threshold search loops on them, so those kernels are called directly or left out."""
+    from distillcse.kernels import distill as K
     from distillcse.kernels.group_partition import group_means
-
-    x, t = torch.empty(B, D, dtype=dtype), torch.empty(B, D, dtype=dtype)
-    r = torch.empty(B)
-    thr, qbar = torch.empty(B, 9), torch.empty(B, 10)
-    lse_s, lse_t, _, _, _ = distill_row_stats(x, r, t, 40.0, 80.0, 1.0)
-    for groups in ((None, None), (thr, qbar)):
-        distill_fwd(x, r, t, lse_s, lse_t, 40.0, 80.0, *groups)
-        distill_bwd(x, r, t, lse_s, lse_t, 40.0, 80.0, r, *groups)
-    group_means(t, lse_t, thr, 80.0)
-
-
-def distill_random(B, D, dtype):
-    """The three slab kernels of shuffle "random" (kernels/distill_random.py) for a slab of 512
-    rows in 8 column chunks, teacher width D, G = 10 groups. Their launcher builds each slab's
-    tables from the first kernel's counts, so the kernels are called directly here."""
-    from distillcse.kernels import distill_random as K
     from distillcse.kernels.utils import dot_precision
 
     rows, chunks, n_thr = 512, 8, 9
     x, t = torch.empty(B, D, dtype=dtype), torch.empty(B, D, dtype=dtype)
-    r, thr = torch.empty(B), torch.empty(B, n_thr)
-    teacher_blocks, grad_blocks = K._blocks(B)
+    r, thr, qbar = torch.empty(B), torch.empty(B, n_thr), torch.empty(B, n_thr + 1)
+    K.distill_row_stats(x, r, t, 40.0, 80.0, 1.0)
+    prec = dict(PREC_X=dot_precision(dtype), PREC_T=dot_precision(dtype))
+    teacher_blocks, _ = K._slab_blocks(B, "random", prec["PREC_X"])
     width = triton.cdiv(B, chunks)
     first = torch.empty(rows, chunks, n_thr + 1, dtype=torch.int32)
     perm = torch.empty(6, rows, n_thr + 1, dtype=torch.int32)
     compact, cross = torch.empty(rows, B), torch.empty(rows, chunks)
     grad = torch.empty(rows, B, dtype=torch.float32 if dtype == torch.float32 else torch.bfloat16)
-    prec = dict(PREC_X=dot_precision(dtype), PREC_T=dot_precision(dtype))
     teacher_grid = (rows // teacher_blocks["BM"], chunks)
     K._group_counts_kernel[teacher_grid](t, thr, first, 0, B, D, D, n_thr, n_thr, width, rows, BG=16,
                                          PREC_T=prec["PREC_T"], **teacher_blocks)
     K._compact_targets_kernel[teacher_grid](t, thr, r, first, compact, 0, B, D, D, n_thr, n_thr, width, rows,
                                             80.0, BG=16, PREC_T=prec["PREC_T"], **teacher_blocks)
-    K._shuffled_grad_kernel[(rows // grad_blocks["BM"], chunks)](
-        x, r, t, thr, r, first, compact, perm, cross, grad, 0, B, D, D, D, D, n_thr, n_thr, width, rows, 40.0,
-        BG=16, WRITE_GRAD=True, **prec, **grad_blocks)
+    for targets, shuffle in enumerate(K.SHUFFLES):
+        slab_blocks = K._slab_blocks(B, shuffle, prec["PREC_X"])[1]
+        K._distill_slab_kernel[(rows // slab_blocks["BM"], chunks)](
+            x, r, t, thr, r, r, qbar, first, compact, perm, cross, grad, 0, B, D, D, D, D, n_thr, n_thr, width,
+            rows, 40.0, 80.0, BG=16, TARGETS=targets, WRITE_GRAD=True, **prec, **slab_blocks)
+    group_means(t, r, thr, 80.0)
 
 
-TARGETS = {"contrastive": contrastive, "distill": distill, "distill_random": distill_random}
+TARGETS = {"contrastive": contrastive, "distill": distill}
 
 
 def _compile_for_h100(kernel, args, kwargs):

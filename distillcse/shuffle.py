@@ -1,5 +1,5 @@
 """Shuffled teacher targets for a slab of rows (the torch backend), and the random shuffle's
-definition, which the triton backend's kernels (``distillcse.kernels.distill_random``) follow
+definition, which the triton backend's kernels (``distillcse.kernels.distill``) follow
 bit for bit.
 
 The random shuffle of row i (SPEC section 5): number the members of each group by column

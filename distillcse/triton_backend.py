@@ -1,18 +1,15 @@
 """Fused Triton backend (``backend="triton"``): autograd Functions over the kernels in
-``distillcse.kernels``. Extra memory O(B) (row statistics), never B x B.
-
-``shuffle="random"`` needs each row's group ranks: its kernels work on row slabs whose
-[R, B] buffers fit the chunk budget (``distillcse.set_chunk_budget``), and draw the same
-shuffle as the torch backend for a seed. Groupings with more than ``MAX_KERNEL_GROUPS``
-groups run on the torch backend's row chunks.
+``distillcse.kernels``; never B x B. The contrastive term keeps O(B) row statistics; the
+distillation term also works on row slabs whose [R, B] buffers fit the chunk budget
+(``distillcse.set_chunk_budget``), and its random shuffle is the torch backend's for a seed.
+Groupings with more than ``MAX_KERNEL_GROUPS`` groups run on the torch backend's row chunks.
 """
 import torch
 from torch.autograd.function import once_differentiable
 
 from . import config
 from .kernels.contrastive import contrastive_bwd, contrastive_fwd
-from .kernels.distill import distill_bwd, distill_fwd, distill_row_stats
-from .kernels.distill_random import distill_random
+from .kernels.distill import distill_loss_and_grad, distill_row_stats
 from .kernels.group_partition import group_means, group_thresholds, num_groups
 from .reference import EPS
 from .torch_backend import DistillChunked
@@ -69,45 +66,24 @@ class ContrastiveFused(torch.autograd.Function):
 
 
 class DistillFused(torch.autograd.Function):
-    """Distillation over student z [B, D] and teacher rows T [B, Dt], shuffle "none" or "expected"."""
+    """Distillation over student z [B, D] and teacher rows T [B, Dt], any shuffle: the forward
+    computes the loss and, when z needs it, the gradient of the summed loss rows (so a random
+    shuffle is drawn once per step and nothing is recomputed); the backward scales it."""
 
     @staticmethod
     def forward(ctx, z, T, student_temperature, options):
         r = _inv_norms(z)
         ss, ts, gs = 1.0 / student_temperature, 1.0 / options["teacher_temperature"], 1.0 / options["grouping_temperature"]
         lse_s, lse_t, lse_g, t_min, t_max = distill_row_stats(z, r, T, ss, ts, gs)
-        thr = qbar = None
-        if options["shuffle"] == "expected":
-            thr = group_thresholds(T, lse_g, t_min, t_max, gs, group_p=options["group_p"],
-                                   group_size=options["group_size"])
-            qbar = group_means(T, lse_t, thr, ts)
-        loss_rows = distill_fwd(z, r, T, lse_s, lse_t, ss, ts, thr, qbar)
-        ctx.save_for_backward(z, r, T, lse_s, lse_t, thr, qbar)
-        ctx.scales = ss, ts
-        return loss_rows.mean()
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        z, r, T, lse_s, lse_t, thr, qbar = ctx.saved_tensors
-        du = distill_bwd(z, r, T, lse_s, lse_t, *ctx.scales, _grad_rows(grad_out, z.shape[0]), thr, qbar)
-        return _through_normalisation(du, z, r), None, None, None
-
-
-class DistillRandomFused(torch.autograd.Function):
-    """Distillation over student z [B, D] and teacher rows T [B, Dt] with shuffle "random":
-    the forward computes the loss and, when z needs it, the gradient of the summed loss rows
-    (the shuffle is drawn once per step); the backward scales that gradient."""
-
-    @staticmethod
-    def forward(ctx, z, T, student_temperature, options):
-        r = _inv_norms(z)
-        ss, ts, gs = 1.0 / student_temperature, 1.0 / options["teacher_temperature"], 1.0 / options["grouping_temperature"]
-        lse_s, lse_t, lse_g, t_min, t_max = distill_row_stats(z, r, T, ss, ts, gs)
-        thr = group_thresholds(T, lse_g, t_min, t_max, gs, group_p=options["group_p"],
-                               group_size=options["group_size"])
-        loss_rows, du = distill_random(z, r, T, lse_s, lse_t, thr, ss, ts, options["step_seed"],
-                                       budget_bytes=config.chunk_budget_bytes(),
-                                       need_grad=ctx.needs_input_grad[0])
+        shuffle, groups = options["shuffle"], {}
+        if shuffle != "none":
+            groups["thr"] = group_thresholds(T, lse_g, t_min, t_max, gs, group_p=options["group_p"],
+                                             group_size=options["group_size"])
+        if shuffle == "expected":
+            groups["qbar"] = group_means(T, lse_t, groups["thr"], ts)
+        loss_rows, du = distill_loss_and_grad(
+            z, r, T, lse_s, lse_t, ss, ts, shuffle=shuffle, step_seed=options["step_seed"],
+            budget_bytes=config.chunk_budget_bytes(), need_grad=ctx.needs_input_grad[0], **groups)
         ctx.save_for_backward(None if du is None else _through_normalisation(du, z, r))
         return loss_rows.mean()
 
@@ -130,6 +106,4 @@ def distill(z, T, student_temperature, options):
     if options["shuffle"] != "none" and G > MAX_KERNEL_GROUPS:
         u = z.float() / z.float().norm(dim=-1, keepdim=True).clamp_min(EPS)
         return DistillChunked.apply(u, T.float(), student_temperature, options)
-    if options["shuffle"] == "random":
-        return DistillRandomFused.apply(z, T, student_temperature, options)
     return DistillFused.apply(z, T, student_temperature, options)

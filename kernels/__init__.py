@@ -3,7 +3,7 @@
 Layers: ``@triton.jit`` kernels (pointer arithmetic and maths) and launchers that allocate
 outputs, pick blocks and compute the grid. No autograd here; the autograd Functions live in
 ``distillcse/triton_backend.py``. The only import from ``distillcse`` is ``distillcse.shuffle``
-(plain torch), whose definition of the random shuffle ``distill_random`` follows bit for bit.
+(plain torch), whose definition of the random shuffle ``distill.py`` follows bit for bit.
 
 Naming scheme inside kernels (fla's prefixes):
   i_  program ids and loop indices        o_  offset vectors (aranges)

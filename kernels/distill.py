@@ -1,12 +1,28 @@
-"""Distillation term: row statistics, per-row loss and its gradient, streamed over column
-tiles so the B x B logits never exist in memory.
+"""Distillation term (SPEC sections 3-6): row statistics, then the loss and its gradient,
+streamed over tiles so that the B x B logits never exist in memory.
 
 Student logits ``s_ij = (x_i . x_j) rx_i rx_j``, teacher logits ``t_ij = t_i . t_j``; only
-``j != i`` takes part. Targets ``q_ij = exp(t_ij * teacher_scale - lse_t_i)``. With ``thr``
-[B, G-1] and ``qbar`` [B, G] the "expected" Group-P shuffle applies,
-``q~_ij = qbar[i, group_i(j)]`` with ``group_i(j) = #{g : t_ij < thr[i, g]}``; without them
-``q~ = q``. Every scale must be positive (the running maximum of ``t`` serves both of its
-logsumexps).
+``j != i`` takes part. Targets ``q_ij = exp(t_ij * teacher_scale - lse_t_i)``, shuffled into
+``q~`` within the Group-P groups ``group_i(j) = #{g : t_ij < thr[i, g]}`` (thresholds from
+``group_partition.group_thresholds``):
+  none      ``q~ = q``;
+  expected  ``q~_ij = qbar[i, group_i(j)]`` (``group_partition.group_means``);
+  random    ``q~_ij = q_ij'``, j' the member of j's group whose column-order rank is
+            ``sigma(rank_i(j))``, ``sigma`` the keyed Feistel permutation that
+            ``distillcse.shuffle`` defines (``_group_permutation`` is the same uint32 arithmetic).
+
+1. ``distill_row_stats``: one pass, the logsumexps of s and t (two scales) and t's range.
+2. ``distill_loss_and_grad``: per slab of R rows, a (row block, column chunk) grid streams the
+   s and t tiles and writes ``G_rj = student_scale (p_rj - q~_rj)`` to an [R, B] buffer and
+   the loss's cross term ``sum_j q~_rj s_rj``; two GEMMs then add ``G u`` to the slab's rows
+   of ``du`` and ``G^T u[slab]`` to every row (s is symmetric). The loss and its gradient are
+   computed together, so the backward recomputes nothing (the loss is linear in the upstream
+   gradient). Extra memory: the slab buffers, within ``budget_bytes``.
+   The random shuffle needs each row's ranks in column order, so it runs two teacher passes
+   first: ``_group_counts_kernel`` (members of each group per column chunk) and
+   ``_compact_targets_kernel`` (targets in group order, ``compact[r, start_g + rank] = q``).
+
+Every scale must be positive (the running maximum of ``t`` serves both of its logsumexps).
 """
 import os
 
@@ -14,8 +30,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ..shuffle import feistel_shape, group_keys
 from .tiles import dot_tile
 from .utils import dot_precision, unit_stride_rows
+
+_GOLDEN = tl.constexpr(0x9E3779B1)
+SHUFFLES = ("none", "expected", "random")  # the TARGETS constexpr of _distill_slab_kernel: their index
 
 
 @triton.jit
@@ -35,30 +55,6 @@ def _logit_tiles(
     b_s = b_s * b_rxm[:, None] * b_rxn[None, :]
     b_t = dot_tile(p_t, p_t, o_m, m_m, o_n, m_n, Dt, s_t, s_t, BDT, PREC_T)  # [BM, BN]
     return b_s, b_t
-
-
-@triton.jit
-def _targets(
-    b_t,  # [BM, BN] teacher logits
-    o_r, m_r,  # [BM, 1] or [1, BN]: rows owning the targets (either axis of the tile) and mask
-    p_lse_t,  # [B] teacher logsumexps
-    p_thr,  # [B, G-1] group thresholds
-    p_qbar,  # [B, G] mean target of each group
-    s_thr, s_qbar, n_thr, teacher_scale,
-    SHUFFLE: tl.constexpr,
-):
-    """Targets ``q~`` [BM, BN] fp32 of the rows ``o_r`` (row side or column side of ``b_t``)."""
-    if SHUFFLE:
-        # G-1 is small and runtime: one compare per threshold, no [BM, BN, G] intermediate.
-        b_grp = tl.zeros(b_t.shape, dtype=tl.int32)
-        for i_g in range(0, n_thr):
-            b_thr = tl.load(p_thr + o_r * s_thr + i_g, mask=m_r, other=float("-inf"))
-            b_grp += (b_t < b_thr).to(tl.int32)
-        b_q = tl.load(p_qbar + o_r * s_qbar + b_grp, mask=m_r, other=0.0)  # gather, cache-resident
-    else:
-        b_lse = tl.load(p_lse_t + o_r, mask=m_r, other=0.0)
-        b_q = tl.exp(b_t * teacher_scale - b_lse)
-    return b_q
 
 
 @triton.jit
@@ -115,102 +111,209 @@ def _distill_row_stats_kernel(
 
 
 @triton.jit
-def _distill_fwd_kernel(
-    p_x,  # [B, D] student rows, raw
-    p_rx,  # [B] fp32 inverse norms
-    p_t,  # [B, Dt] teacher rows
-    p_lse_s,  # [B] student logsumexps
-    p_lse_t,  # [B] teacher logsumexps
-    p_thr,  # [B, G-1] group thresholds (unused without SHUFFLE)
-    p_qbar,  # [B, G] group mean targets (unused without SHUFFLE)
-    p_loss,  # [B] fp32 loss rows
-    s_x, s_t, s_thr, s_qbar, B, D, Dt, n_thr,
-    student_scale, teacher_scale,
-    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDT: tl.constexpr,
-    PREC_X: tl.constexpr, PREC_T: tl.constexpr, SHUFFLE: tl.constexpr,
-):
-    """loss_i = lse_s_i - student_scale * sum_j q~_ij s_ij for rows of block I."""
-    i_m = tl.program_id(0).to(tl.int64)
-    o_m = i_m * BM + tl.arange(0, BM)
-    m_m = o_m < B
-    b_cross = tl.zeros([BM], dtype=tl.float32)  # sum_j q~_ij s_ij
-    for i_n in range(0, tl.cdiv(B, BN)):
-        o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
-        m_n = o_n < B
-        b_s, b_t = _logit_tiles(p_x, p_rx, p_t, s_x, s_t, o_m, o_n, m_m, m_n, D, Dt,
-                                BM, BN, BD, BDT, PREC_X, PREC_T)
-        b_q = _targets(b_t, o_m[:, None], m_m[:, None], p_lse_t, p_thr, p_qbar,
-                       s_thr, s_qbar, n_thr, teacher_scale, SHUFFLE)
-        m_valid = (o_m[:, None] != o_n[None, :]) & m_n[None, :]
-        b_cross += tl.sum(tl.where(m_valid, b_q * b_s, 0.0), axis=1)
-    b_lse_s = tl.load(p_lse_s + o_m, mask=m_m, other=0.0)
-    tl.store(p_loss + o_m, b_lse_s - student_scale * b_cross, mask=m_m)
+def _mix32(x):
+    """The 32-bit finaliser of ``distillcse.shuffle._mix32`` on uint32 (multiplies wrap)."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B
+    x = ((x >> 16) ^ x) * 0x45D9F3B
+    return (x >> 16) ^ x
 
 
 @triton.jit
-def _distill_bwd_kernel(
+def _feistel(x, key, h, b, rounds, max_rounds):
+    """``distillcse.shuffle._feistel``: x, key, h, b uint32 and rounds int32 (even), one shape."""
+    a_mask = (tl.full(x.shape, 1, tl.uint32) << h) - 1
+    hi = x >> h
+    lo = x & a_mask
+    for i_pair in range(0, max_rounds // 2):
+        active = 2 * i_pair < rounds
+        r_even = tl.cast(2 * i_pair, tl.uint32) * _GOLDEN
+        lo = tl.where(active, (lo + _mix32((hi ^ key) + r_even)) & a_mask, lo)
+        r_odd = tl.cast(2 * i_pair + 1, tl.uint32) * _GOLDEN
+        up = hi + tl.umulhi(_mix32((lo ^ key) + r_odd), b)
+        hi = tl.where(active, tl.where(up >= b, up - b, up), hi)
+    return (hi << h) | lo
+
+
+@triton.jit
+def _group_permutation(x, n, key, h, b, rounds):
+    """``distillcse.shuffle.group_permutation``: sigma_key(x) for 0 <= x < n, all uint32 but
+    rounds (int32), one shape. Cycle walking runs until every element is in range."""
+    max_rounds = tl.max(rounds)
+    y = _feistel(x, key, h, b, rounds, max_rounds)
+    out = y >= n
+    while tl.max(out.to(tl.int32)) > 0:
+        y = tl.where(out, _feistel(y, key, h, b, rounds, max_rounds), y)
+        out = y >= n
+    return y
+
+
+@triton.jit
+def _teacher_groups(
+    p_t, p_thr, s_t, s_thr, o_m, m_m, o_n, m_n, Dt, n_thr,
+    BDT: tl.constexpr, PREC_T: tl.constexpr,
+):
+    """Teacher logits t [BM, BN] fp32 and group ids [BM, BN] int32 (-1 off the off-diagonal
+    in-range entries): ``group = #{g : t < thr[row, g]}``, as the expected mode classifies."""
+    b_t = dot_tile(p_t, p_t, o_m, m_m, o_n, m_n, Dt, s_t, s_t, BDT, PREC_T)  # [BM, BN]
+    b_grp = tl.zeros(b_t.shape, dtype=tl.int32)
+    for i_g in range(0, n_thr):
+        b_thr = tl.load(p_thr + o_m * s_thr + i_g, mask=m_m, other=float("-inf"))  # [BM]
+        b_grp += (b_t < b_thr[:, None]).to(tl.int32)
+    m_valid = (o_m[:, None] != o_n[None, :]) & m_m[:, None] & m_n[None, :]
+    return b_t, tl.where(m_valid, b_grp, -1)
+
+
+@triton.jit
+def _compact_positions(b_grp, b_next, n_groups, BG: tl.constexpr):
+    """Compact positions [BM, BN] of a tile's members (``b_next`` [BM, BG]: the next free
+    position of each group, advanced past this tile and returned). -1 for non-members."""
+    o_g = tl.arange(0, BG)[None, :]  # [1, BG]
+    b_pos = tl.full(b_grp.shape, -1, dtype=tl.int32)
+    for g in range(0, n_groups):
+        m_g = b_grp == g  # [BM, BN]
+        b_at = tl.sum(tl.where(o_g == g, b_next, 0), axis=1)  # [BM] next position of group g
+        b_seen = tl.cumsum(m_g.to(tl.int32), axis=1)  # members so far in the tile, inclusive
+        b_pos = tl.where(m_g, b_at[:, None] + b_seen - 1, b_pos)
+        b_next += tl.where(o_g == g, tl.sum(m_g.to(tl.int32), axis=1)[:, None], 0)
+    return b_pos, b_next
+
+
+@triton.jit
+def _group_counts_kernel(
+    p_t,  # [B, Dt] teacher rows (normalised, weighted)
+    p_thr,  # [B, G-1] fp32 group thresholds
+    p_counts,  # [R, C, G] int32 out: members of group g in chunk c of slab row r
+    row0, B, Dt, s_t, s_thr, n_thr, chunk_width, R,
+    BM: tl.constexpr, BN: tl.constexpr, BDT: tl.constexpr, BG: tl.constexpr,
+    PREC_T: tl.constexpr,
+):
+    i_m, i_c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    n_chunks = tl.num_programs(1)
+    o_r = i_m * BM + tl.arange(0, BM)  # slab rows
+    o_m = row0 + o_r
+    m_m = (o_r < R) & (o_m < B)
+    o_g = tl.arange(0, BG)[None, :]
+    n_groups = n_thr + 1
+    b_counts = tl.zeros([BM, BG], dtype=tl.int32)
+    col0 = i_c * chunk_width
+    for i_n in range(0, tl.cdiv(chunk_width, BN)):
+        o_n = col0 + i_n * BN + tl.arange(0, BN).to(tl.int64)
+        m_n = (o_n < B) & (o_n < col0 + chunk_width)
+        _, b_grp = _teacher_groups(p_t, p_thr, s_t, s_thr, o_m, m_m, o_n, m_n, Dt, n_thr, BDT, PREC_T)
+        for g in range(0, n_groups):
+            b_counts += tl.where(o_g == g, tl.sum((b_grp == g).to(tl.int32), axis=1)[:, None], 0)
+    p_out = p_counts + (o_r[:, None] * n_chunks + i_c) * n_groups + o_g
+    tl.store(p_out, b_counts, mask=m_m[:, None] & (o_g < n_groups))
+
+
+@triton.jit
+def _compact_targets_kernel(
+    p_t,  # [B, Dt] teacher rows
+    p_thr,  # [B, G-1] fp32
+    p_lse_t,  # [B] fp32 teacher logsumexps
+    p_first,  # [R, C, G] int32: compact position of chunk c's first member of group g
+    p_compact,  # [R, B] fp32 out: targets in group order (B-1 used)
+    row0, B, Dt, s_t, s_thr, n_thr, chunk_width, R, teacher_scale,
+    BM: tl.constexpr, BN: tl.constexpr, BDT: tl.constexpr, BG: tl.constexpr,
+    PREC_T: tl.constexpr,
+):
+    i_m, i_c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    n_chunks = tl.num_programs(1)
+    o_r = i_m * BM + tl.arange(0, BM)
+    o_m = row0 + o_r
+    m_m = (o_r < R) & (o_m < B)
+    o_g = tl.arange(0, BG)[None, :]
+    n_groups = n_thr + 1
+    b_next = tl.load(p_first + (o_r[:, None] * n_chunks + i_c) * n_groups + o_g,
+                     mask=m_m[:, None] & (o_g < n_groups), other=0)  # [BM, BG]
+    col0 = i_c * chunk_width
+    for i_n in range(0, tl.cdiv(chunk_width, BN)):
+        o_n = col0 + i_n * BN + tl.arange(0, BN).to(tl.int64)
+        m_n = (o_n < B) & (o_n < col0 + chunk_width)
+        b_t, b_grp = _teacher_groups(p_t, p_thr, s_t, s_thr, o_m, m_m, o_n, m_n, Dt, n_thr, BDT, PREC_T)
+        b_pos, b_next = _compact_positions(b_grp, b_next, n_groups, BG)
+        b_lse_t = tl.load(p_lse_t + o_m, mask=m_m, other=0.0)
+        b_q = tl.exp(b_t * teacher_scale - b_lse_t[:, None])  # q_ij [BM, BN]
+        tl.store(p_compact + o_r[:, None] * B + b_pos, b_q, mask=b_pos >= 0)
+
+
+@triton.jit
+def _distill_slab_kernel(
     p_x,  # [B, D] student rows, raw
     p_rx,  # [B] fp32 inverse norms
     p_t,  # [B, Dt] teacher rows
-    p_lse_s,  # [B] student logsumexps
-    p_lse_t,  # [B] teacher logsumexps
-    p_thr,  # [B, G-1] group thresholds (unused without SHUFFLE)
-    p_qbar,  # [B, G] group mean targets (unused without SHUFFLE)
-    p_grad,  # [B] fp32 dL/dloss_rows
-    p_du,  # [B, D] fp32 dL/du
-    s_x, s_t, s_thr, s_qbar, s_du, B, D, Dt, n_thr,
-    student_scale, teacher_scale,
+    p_thr,  # [B, G-1] fp32 (expected, random)
+    p_lse_s,  # [B] fp32 student logsumexps
+    p_lse_t,  # [B] fp32 teacher logsumexps (none)
+    p_qbar,  # [B, G] fp32 group means of q (expected)
+    p_first,  # [R, C, G] int32, as in _compact_targets_kernel (random)
+    p_compact,  # [R, B] fp32 targets in group order (random)
+    p_perm,  # [6, R, G] int32: start, size, h, b, rounds, key (bits) of each group's sigma (random)
+    p_cross,  # [R, C] fp32 out: sum over chunk c of q~_rj s_rj
+    p_grad,  # [R, B] out (G's dtype): student_scale (p_rj - q~_rj), 0 on the diagonal
+    row0, B, D, Dt, s_x, s_t, s_thr, n_thr, chunk_width, R, student_scale, teacher_scale,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDT: tl.constexpr,
-    BDO: tl.constexpr, PREC_X: tl.constexpr, PREC_T: tl.constexpr,
-    SHUFFLE: tl.constexpr, RESCALE: tl.constexpr,
+    BG: tl.constexpr, PREC_X: tl.constexpr, PREC_T: tl.constexpr, TARGETS: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
 ):
-    """du[I, chunk o] = sum_J (G_IJ + G_JI^T) @ u[J, chunk o], u = x * rx."""
-    # Program (I, o) owns du[I, o-th BDO features]: it recomputes every s_IJ / t_IJ tile
-    # (as many times as there are feature splits) and accumulates without atomics.
-    i_m = tl.program_id(0).to(tl.int64)
-    i_o = tl.program_id(1).to(tl.int64)
-    o_m = i_m * BM + tl.arange(0, BM)
-    m_m = o_m < B
-    o_o = i_o * BDO + tl.arange(0, BDO)
-    m_o = o_o < D
-    b_lse_m = tl.load(p_lse_s + o_m, mask=m_m, other=0.0)
-    b_grad_m = tl.load(p_grad + o_m, mask=m_m, other=0.0)
-    b_du = tl.zeros([BM, BDO], dtype=tl.float32)
-    for i_n in range(0, tl.cdiv(B, BN)):
-        o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
-        m_n = o_n < B
-        b_s, b_t = _logit_tiles(p_x, p_rx, p_t, s_x, s_t, o_m, o_n, m_m, m_n, D, Dt,
-                                BM, BN, BD, BDT, PREC_X, PREC_T)
-        b_lse_n = tl.load(p_lse_s + o_n, mask=m_n, other=0.0)
-        b_grad_n = tl.load(p_grad + o_n, mask=m_n, other=0.0)
-        b_rx_n = tl.load(p_rx + o_n, mask=m_n, other=0.0)
-        # Row side G_IJ (stats of rows I) and column side G_JI^T (stats of rows J, same s, t).
-        b_q_mn = _targets(b_t, o_m[:, None], m_m[:, None], p_lse_t, p_thr, p_qbar,
-                          s_thr, s_qbar, n_thr, teacher_scale, SHUFFLE)
-        b_q_nm = _targets(b_t, o_n[None, :], m_n[None, :], p_lse_t, p_thr, p_qbar,
-                          s_thr, s_qbar, n_thr, teacher_scale, SHUFFLE)
-        b_g = (b_grad_m[:, None] * (tl.exp(b_s * student_scale - b_lse_m[:, None]) - b_q_mn)
-               + b_grad_n[None, :] * (tl.exp(b_s * student_scale - b_lse_n[None, :]) - b_q_nm))
-        m_valid = (o_m[:, None] != o_n[None, :]) & m_n[None, :]
-        b_g = tl.where(m_valid, b_g * student_scale, 0.0)
-        b_xn = tl.load(p_x + o_n[:, None] * s_x + o_o[None, :],
-                       mask=m_n[:, None] & m_o[None, :], other=0.0)  # [BN, BDO]
-        b_un = (b_xn.to(tl.float32) * b_rx_n[:, None]).to(b_xn.dtype)  # |u| <= 1 fits fp16
-        if RESCALE:
-            # fp16: scale each factor row to max 1 so small entries do not underflow.
-            b_r = tl.max(tl.abs(b_g), axis=1)
-            b_r = tl.where(b_r > 0, b_r, 1.0)
-            b_gn = (b_g / b_r[:, None]).to(b_xn.dtype)
-            # [BM, BN] @ [BN, BDO] -> [BM, BDO]
-            b_du += b_r[:, None] * tl.dot(b_gn, b_un, input_precision=PREC_X)
+    """Cross terms and gradient factors of slab rows ``row0 + [0, R)``, block i_m of BM rows,
+    column chunk i_c; ``TARGETS`` is the index of the shuffle in SHUFFLES."""
+    i_m, i_c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    n_chunks = tl.num_programs(1)
+    o_r = i_m * BM + tl.arange(0, BM)
+    o_m = row0 + o_r
+    m_m = (o_r < R) & (o_m < B)
+    o_g = tl.arange(0, BG)[None, :]
+    n_groups = n_thr + 1
+    if TARGETS == 2:
+        b_next = tl.load(p_first + (o_r[:, None] * n_chunks + i_c) * n_groups + o_g,
+                         mask=m_m[:, None] & (o_g < n_groups), other=0)  # [BM, BG]
+    b_lse_s = tl.load(p_lse_s + o_m, mask=m_m, other=0.0)
+    b_rx_m = tl.load(p_rx + o_m, mask=m_m, other=0.0)
+    s_perm = R * n_groups  # stride between the tables of p_perm
+    b_cross = tl.zeros([BM], dtype=tl.float32)
+    col0 = i_c * chunk_width
+    for i_n in range(0, tl.cdiv(chunk_width, BN)):
+        o_n = col0 + i_n * BN + tl.arange(0, BN).to(tl.int64)
+        m_n = (o_n < B) & (o_n < col0 + chunk_width)
+        if TARGETS == 0:
+            b_t = dot_tile(p_t, p_t, o_m, m_m, o_n, m_n, Dt, s_t, s_t, BDT, PREC_T)  # [BM, BN]
+            m_in = (o_m[:, None] != o_n[None, :]) & m_m[:, None] & m_n[None, :]
+            b_lse_t = tl.load(p_lse_t + o_m, mask=m_m, other=0.0)
+            b_qt = tl.exp(b_t * teacher_scale - b_lse_t[:, None])  # q [BM, BN]
+        elif TARGETS == 1:
+            _, b_grp = _teacher_groups(p_t, p_thr, s_t, s_thr, o_m, m_m, o_n, m_n, Dt, n_thr, BDT, PREC_T)
+            m_in = b_grp >= 0
+            b_qt = tl.load(p_qbar + o_m[:, None] * n_groups + b_grp, mask=m_in, other=0.0)  # cache-resident gather
         else:
-            b_du = tl.dot(b_g.to(b_xn.dtype), b_un, b_du,
-                          input_precision=PREC_X)  # [BM, BN] @ [BN, BDO] -> [BM, BDO]
-    tl.store(p_du + o_m[:, None] * s_du + o_o[None, :], b_du, mask=m_m[:, None] & m_o[None, :])
+            _, b_grp = _teacher_groups(p_t, p_thr, s_t, s_thr, o_m, m_m, o_n, m_n, Dt, n_thr, BDT, PREC_T)
+            b_pos, b_next = _compact_positions(b_grp, b_next, n_groups, BG)
+            m_in = b_pos >= 0
+            # sigma's parameters of each member's group (non-members: size 1, so sigma(0) = 0)
+            p_tab = p_perm + o_r[:, None] * n_groups + b_grp
+            b_start = tl.load(p_tab, mask=m_in, other=0)
+            b_size = tl.load(p_tab + s_perm, mask=m_in, other=1).to(tl.uint32)
+            b_h = tl.load(p_tab + 2 * s_perm, mask=m_in, other=0).to(tl.uint32)
+            b_b = tl.load(p_tab + 3 * s_perm, mask=m_in, other=1).to(tl.uint32)
+            b_rounds = tl.load(p_tab + 4 * s_perm, mask=m_in, other=0)
+            b_key = tl.load(p_tab + 5 * s_perm, mask=m_in, other=0).to(tl.uint32, bitcast=True)
+            b_rank = tl.where(m_in, b_pos - b_start, 0).to(tl.uint32)
+            b_partner = b_start + _group_permutation(b_rank, b_size, b_key, b_h, b_b, b_rounds).to(tl.int32)
+            b_qt = tl.load(p_compact + o_r[:, None] * B + b_partner, mask=m_in, other=0.0)  # q~ [BM, BN]
+
+        b_s = dot_tile(p_x, p_x, o_m, m_m, o_n, m_n, D, s_x, s_x, BD, PREC_X)
+        b_s = b_s * b_rx_m[:, None] * tl.load(p_rx + o_n, mask=m_n, other=0.0)[None, :]  # cosines
+        b_p = tl.exp(b_s * student_scale - b_lse_s[:, None])
+        b_cross += tl.sum(tl.where(m_in, b_qt * b_s, 0.0), axis=1)
+        if WRITE_GRAD:
+            b_g = tl.where(m_in, student_scale * (b_p - b_qt), 0.0)
+            tl.store(p_grad + o_r[:, None] * B + o_n[None, :], b_g.to(p_grad.dtype.element_ty),
+                     mask=m_m[:, None] & m_n[None, :])
+    tl.store(p_cross + o_r * n_chunks + i_c, b_cross, mask=m_m)
 
 
-def _blocks(B: int) -> dict:
-    """Row, column and feature blocks of the streaming passes. The interpreter is fastest on
+def _stats_blocks(B: int) -> dict:
+    """Row, column and feature blocks of the statistics pass. The interpreter is fastest on
     large blocks. On a GPU a row block shrinks to 16..64 rows so that mid-sized batches still
     give ~128 programs."""
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -220,14 +323,20 @@ def _blocks(B: int) -> dict:
     return dict(BM=bm, BN=64, BD=64, BDT=64, num_warps=4)
 
 
-def _bwd_blocks(B: int, D: int) -> dict:
-    """``_blocks`` plus BDO, the output feature chunk of one backward program (at most 256;
-    64 under the interpreter so that small test shapes still take several chunks)."""
-    blocks = _blocks(B)
+def _slab_blocks(B: int, shuffle: str, precision: str):
+    """(blocks of the random mode's count and compaction kernels, blocks of the slab kernel),
+    from offline sm_90 compiles (``benchmarks/compile_sm90.py --what distill``, D = 768): 64 x 64
+    tiles with 8 warps use wgmma without spills in the count and compaction kernels (124 and
+    226 registers); the slab kernel takes 64 x 128 tiles (wgmma, 220-255 registers for bf16 and
+    TF32, no spills) except in random mode, whose permutation state spills there, and with
+    fp32 "ieee" FMA dots (52-564 bytes of spills): 32 x 64 (202-238 registers, no spills). Column tiles must divide the chunk width (powers of
+    two). Under the interpreter few large blocks run fastest."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return dict(blocks, BDO=64)
-    bdo = min(256, max(16, triton.next_power_of_2(D)))
-    return dict(blocks, BDO=bdo, num_warps=8 if blocks["BM"] * bdo > 8192 else 4)
+        bm = min(64, max(16, triton.next_power_of_2(B)))
+        blocks = dict(BM=bm, BN=bm, BDT=64, num_warps=4)
+        return blocks, dict(blocks, BD=64)
+    slab = dict(BM=32, BN=64) if shuffle == "random" or precision == "ieee" else dict(BM=64, BN=128)
+    return dict(BM=64, BN=64, BDT=64, num_warps=8), dict(slab, BD=64, BDT=64, num_warps=8)
 
 
 def _prepare(x, rx, t):
@@ -236,22 +345,13 @@ def _prepare(x, rx, t):
     return x, rx.contiguous(), t, dict(PREC_X=dot_precision(x.dtype), PREC_T=dot_precision(t.dtype))
 
 
-def _groups(thr, qbar, fallback):
-    """(thr, qbar, s_thr, s_qbar, n_thr, SHUFFLE); ``fallback`` stands in for absent pointers."""
-    if thr is None:
-        return fallback, fallback, 0, 0, 0, False
-    thr, qbar = unit_stride_rows(thr), unit_stride_rows(qbar)
-    assert qbar.shape[1] == thr.shape[1] + 1, "qbar must have one more column than thr"
-    return thr, qbar, thr.stride(0), qbar.stride(0), thr.shape[1], True
-
-
 def distill_row_stats(x, rx, t, student_scale, teacher_scale, grouping_scale):
     """One streaming pass. ``x`` [B, D], ``rx`` [B] fp32, ``t`` [B, Dt]. Returns five fp32 [B]
     vectors: lse_s, lse_t, lse_g (logsumexps over j != i of s * student_scale, t * teacher_scale,
     t * grouping_scale) and t_min, t_max (min / max over j != i of t)."""
     x, rx, t, prec = _prepare(x, rx, t)
     B, D = x.shape
-    blocks = _blocks(B)
+    blocks = _stats_blocks(B)
     out = torch.empty((5, B), device=x.device, dtype=torch.float32)
     _distill_row_stats_kernel[(triton.cdiv(B, blocks["BM"]),)](
         x, rx, t, out, x.stride(0), t.stride(0), B, D, t.shape[1],
@@ -259,39 +359,103 @@ def distill_row_stats(x, rx, t, student_scale, teacher_scale, grouping_scale):
     return tuple(out.unbind(0))
 
 
-def distill_fwd(x, rx, t, lse_s, lse_t, student_scale, teacher_scale, thr=None, qbar=None):
-    """loss_rows [B] fp32: ``lse_s_i - student_scale * sum_{j != i} q~_ij s_ij``, i.e. the
-    cross-entropy of q~ against the student's softmax. ``thr`` [B, G-1], ``qbar`` [B, G] fp32
-    select the shuffled targets; both None gives q~ = q."""
-    x, rx, t, prec = _prepare(x, rx, t)
-    lse_s, lse_t = lse_s.contiguous(), lse_t.contiguous()
-    thr, qbar, s_thr, s_qbar, n_thr, shuffle = _groups(thr, qbar, lse_t)
+def slab_rows(B: int, budget_bytes: int, bytes_per_entry: int, BM: int) -> int:
+    """Rows per slab: its [R, B] buffers (``bytes_per_entry`` per entry) fit ``budget_bytes``,
+    rounded down to whole row blocks (at least one)."""
+    if bytes_per_entry == 0:
+        return B
+    return max(BM, min(B, budget_bytes // (B * bytes_per_entry)) // BM * BM)
+
+
+def _matmul_f32(a, b):
+    """``a @ b`` accumulated and returned in fp32 (a, b in one dtype)."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def _permutation_tables(counts, rows, step_seed):
+    """From the chunk counts [R, C, G] int32: ``first`` [R, C, G] (compact position of each
+    chunk's first member of each group) and ``perm`` [6, R, G] int32, the parameters of each
+    group's sigma (start, size, h, b, rounds, key bits)."""
+    counts = counts.long()
+    sizes = counts.sum(1)  # [R, G]
+    starts = sizes.cumsum(-1) - sizes
+    first = starts[:, None, :] + counts.cumsum(1) - counts
+    h, b, rounds = feistel_shape(sizes)
+    groups = torch.arange(sizes.shape[1], device=counts.device)
+    keys = group_keys(step_seed, rows.long()[:, None], groups[None, :])
+    keys = torch.where(keys >= 2**31, keys - 2**32, keys)  # uint32 bits as int32
+    perm = torch.stack([starts, sizes, h, b, rounds, keys]).to(torch.int32)
+    return first.to(torch.int32), perm
+
+
+def distill_loss_and_grad(x, rx, t, lse_s, lse_t, student_scale, teacher_scale, *, shuffle="none",
+                          thr=None, qbar=None, step_seed=None, budget_bytes, need_grad=True, chunks=None):
+    """Loss rows [B] fp32 and du [B, D] fp32 (None without ``need_grad``):
+    ``loss_i = lse_s_i - student_scale sum_{j != i} q~_ij s_ij`` and ``du = d(sum_i loss_i)/du``
+    for ``u = x rx``.
+
+    ``x`` [B, D] raw student rows, ``rx`` [B] fp32 inverse norms, ``t`` [B, Dt] teacher rows,
+    ``lse_s``, ``lse_t`` [B] fp32 (``distill_row_stats``). ``shuffle`` "none"; "expected" with
+    ``thr`` [B, G-1] and ``qbar`` [B, G]; or "random" with ``thr`` and ``step_seed`` (64-bit).
+    Rows go in slabs whose [R, B] buffers fit ``budget_bytes`` (at least one row block);
+    ``chunks`` (column chunks per slab row) defaults to enough programs to fill the GPU.
+    """
+    x, t = unit_stride_rows(x), unit_stride_rows(t)
+    rx, lse_s, lse_t = rx.contiguous(), lse_s.float().contiguous(), lse_t.float().contiguous()
     B, D = x.shape
-    blocks = _blocks(B)
+    targets = SHUFFLES.index(shuffle)
+    if shuffle == "none":
+        thr, n_thr = lse_s[:, None], 0  # unread
+    else:
+        thr = unit_stride_rows(thr.float())
+        n_thr = thr.shape[1]
+    qbar = unit_stride_rows(qbar.float()) if shuffle == "expected" else lse_t
+    G = n_thr + 1
+    BG = max(2, triton.next_power_of_2(G))
+    prec = dict(PREC_X=dot_precision(x.dtype), PREC_T=dot_precision(t.dtype))
+    teacher_blocks, slab_blocks = _slab_blocks(B, shuffle, prec["PREC_X"])
+    BM = max(teacher_blocks["BM"], slab_blocks["BM"])
+    BN = max(teacher_blocks["BN"], slab_blocks["BN"])
+    grad_dtype = torch.float32 if x.dtype == torch.float32 else torch.bfloat16
+    entry_bytes = (grad_dtype.itemsize if need_grad else 0) + (4 if shuffle == "random" else 0)
+    R = slab_rows(B, budget_bytes, entry_bytes, BM)
+    if chunks is None:
+        programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+        chunks = triton.cdiv(programs, triton.cdiv(R, BM))
+    chunks = max(1, min(chunks, triton.cdiv(B, BN)))
+    chunk_width = triton.cdiv(triton.cdiv(B, chunks), BN) * BN
+    chunks = triton.cdiv(B, chunk_width)
+
     loss = torch.empty(B, device=x.device, dtype=torch.float32)
-    _distill_fwd_kernel[(triton.cdiv(B, blocks["BM"]),)](
-        x, rx, t, lse_s, lse_t, thr, qbar, loss, x.stride(0), t.stride(0), s_thr, s_qbar,
-        B, D, t.shape[1], n_thr, float(student_scale), float(teacher_scale),
-        **blocks, **prec, SHUFFLE=shuffle)
-    return loss
-
-
-def distill_bwd(x, rx, t, lse_s, lse_t, student_scale, teacher_scale, grad_rows, thr=None,
-                qbar=None):
-    """du [B, D] fp32: gradient of ``sum_i grad_rows_i * loss_rows_i`` w.r.t. ``u = x * rx``,
-    ``du_i = sum_j (G_ij + G_ji) u_j`` with ``G_ij = student_scale * grad_rows_i * (p_ij - q~_ij)``
-    off the diagonal. The grid is (row blocks, feature chunks of BDO <= 256): D <= 256 needs
-    one pass; D = 768 recomputes the s / t tiles three times, which buys a register-resident
-    [BM, BDO] accumulator and more programs at small B."""
-    x, rx, t, prec = _prepare(x, rx, t)
-    lse_s, lse_t, grad_rows = lse_s.contiguous(), lse_t.contiguous(), grad_rows.contiguous()
-    thr, qbar, s_thr, s_qbar, n_thr, shuffle = _groups(thr, qbar, lse_t)
-    B, D = x.shape
-    blocks = _bwd_blocks(B, D)
-    du = torch.empty((B, D), device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(B, blocks["BM"]), triton.cdiv(D, blocks["BDO"]))
-    _distill_bwd_kernel[grid](
-        x, rx, t, lse_s, lse_t, thr, qbar, grad_rows, du, x.stride(0), t.stride(0), s_thr,
-        s_qbar, du.stride(0), B, D, t.shape[1], n_thr, float(student_scale), float(teacher_scale),
-        **blocks, **prec, SHUFFLE=shuffle, RESCALE=x.dtype == torch.float16)
-    return du
+    du = torch.zeros(B, D, device=x.device, dtype=torch.float32) if need_grad else None
+    u = torch.mul(x, rx[:, None], out=torch.empty_like(x, dtype=grad_dtype)) if need_grad else None
+    grad = torch.empty(R, B, device=x.device, dtype=grad_dtype) if need_grad else lse_s
+    compact = torch.empty(R, B, device=x.device, dtype=torch.float32) if shuffle == "random" else lse_s
+    first = perm = lse_s  # the random mode's tables, per slab
+    for row0 in range(0, B, R):
+        rows = min(R, B - row0)
+        if shuffle == "random":
+            teacher_grid = (triton.cdiv(rows, teacher_blocks["BM"]), chunks)
+            counts = torch.empty(rows, chunks, G, device=x.device, dtype=torch.int32)
+            _group_counts_kernel[teacher_grid](
+                t, thr, counts, row0, B, t.shape[1], t.stride(0), thr.stride(0), n_thr, chunk_width, rows,
+                BG=BG, PREC_T=prec["PREC_T"], **teacher_blocks)
+            first, perm = _permutation_tables(counts, torch.arange(row0, row0 + rows, device=x.device), step_seed)
+            _compact_targets_kernel[teacher_grid](
+                t, thr, lse_t, first, compact, row0, B, t.shape[1], t.stride(0), thr.stride(0), n_thr,
+                chunk_width, rows, float(teacher_scale), BG=BG, PREC_T=prec["PREC_T"], **teacher_blocks)
+        cross = torch.empty(rows, chunks, device=x.device, dtype=torch.float32)
+        _distill_slab_kernel[(triton.cdiv(rows, slab_blocks["BM"]), chunks)](
+            x, rx, t, thr, lse_s, lse_t, qbar, first, compact, perm, cross, grad, row0, B, D, t.shape[1],
+            x.stride(0), t.stride(0), thr.stride(0), n_thr, chunk_width, rows, float(student_scale),
+            float(teacher_scale), BG=BG, TARGETS=targets, WRITE_GRAD=need_grad, **prec, **slab_blocks)
+        loss[row0:row0 + rows] = lse_s[row0:row0 + rows] - student_scale * cross.sum(1)
+        if need_grad:
+            g = grad[:rows]
+            du[row0:row0 + rows] += _matmul_f32(g, u)
+            du += _matmul_f32(g.T, u[row0:row0 + rows])
+    return loss, du
