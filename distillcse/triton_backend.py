@@ -61,8 +61,8 @@ class ContrastiveFused(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         z1, r1, y, ry, lse = ctx.saved_tensors
-        du1, duy = contrastive_bwd(z1, r1, y, ry, lse, ctx.scale, _grad_rows(grad_out, z1.shape[0]))
-        return _through_normalisation(du1, z1, r1), _through_normalisation(duy, y, ry), None
+        dz1, dy = contrastive_bwd(z1, r1, y, ry, lse, ctx.scale, _grad_rows(grad_out, z1.shape[0]))
+        return dz1, dy, None
 
 
 class DistillFused(torch.autograd.Function):

@@ -4,9 +4,10 @@
 second view, rows ``B..N-1`` hard negatives. With ``scale = 1 / temperature``:
   forward   ``lse_i = logsumexp_j(scale c_ij)``, ``loss_i = lse_i - scale c_ii``;
   backward  ``P_ij = exp(scale c_ij - lse_i)`` recomputed tile by tile from the saved ``lse``
-            (flash-attention-2 style: a row-block kernel for ``du_x``, a column-block kernel
-            for ``du_y``, no atomics), each program holding up to 4 output blocks of features
-            (cost and register budget in the comment above the backward kernels).
+            (flash-attention-2 style: a row-block kernel for ``dx``, a column-block kernel
+            for ``dy``, no atomics), each program holding up to 4 output blocks of features
+            (cost and register budget in the comment above the backward kernels); the
+            gradients are written w.r.t. the raw rows, the normalisation's backward fused.
 """
 import os
 
@@ -95,6 +96,12 @@ def _contrastive_fwd_kernel(
 # under ~4096 rows no longer fill an H100's 132 SMs (predicted to cost little: such batches
 # are small). No atomics: each program owns its output rows and features, so results are
 # deterministic.
+# The normalisation's backward, dL/dx = r (du - u (u . du)), is fused into the stores: u . du
+# is a per-row sum of (P - [i == j]) s over the tiles each program already streams, so the
+# kernels write the gradients w.r.t. the raw rows in their dtype and no fp32 [B, D] buffer
+# exists (2 x 192 MiB at B = 65,536, D = 768). Offline sm_90 compile: no spills in bf16 / fp16
+# and in the du_x kernel; the du_y kernel's column sum of that product spills with fp32 dots
+# (TF32 44 B, "ieee" 1.8 KB; bf16 none): a GPU tuning item.
 
 
 @triton.jit
@@ -121,15 +128,24 @@ def _accumulate_rows(
 
 
 @triton.jit
-def _store_rows(
-    out,  # [R, D] fp32, row stride s_out
-    b_val,  # [BR, BD_OUT] fp32
+def _store_grad_rows(
+    out,  # [R, D] in v's dtype, row stride s_out
+    b_acc,  # [BR, BD_OUT] fp32: du / b_coef, du = dL/du the gradient w.r.t. the unit rows
+    v,  # [R, D] the raw rows, row stride s_v
+    b_r,  # [BR] fp32 inverse norms of the output rows
+    b_coef,  # [BR] fp32
+    b_radial,  # [BR] fp32: (u . du) / b_coef over the whole row
     o_r, m_r,  # [BR] row offsets (int64) and mask
     o_d,  # [BD_OUT] feature offsets (int64)
-    D, s_out,
+    D, s_v, s_out,
 ):
-    """Stores a block of output rows; features past D are masked."""
-    tl.store(out + o_r[:, None] * s_out + o_d[None, :], b_val, mask=m_r[:, None] & (o_d < D)[None, :])
+    """Stores dL/dv = r (du - u (u . du)) for a block of output rows, the normalisation's
+    backward fused here (u . du is a per-row sum the kernels accumulate); features past D are masked."""
+    m = m_r[:, None] & (o_d < D)[None, :]
+    b_v = tl.load(v + o_r[:, None] * s_v + o_d[None, :], mask=m, other=0.0).to(tl.float32)
+    b_u = b_v * b_r[:, None]
+    b_dv = (b_r * b_coef)[:, None] * (b_acc - b_u * b_radial[:, None])
+    tl.store(out + o_r[:, None] * s_out + o_d[None, :], b_dv.to(out.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -140,13 +156,14 @@ def _contrastive_bwd_dx_kernel(
     ry,  # [N] fp32
     lse,  # [B] fp32, from the forward
     g,  # [B] fp32 dL/dloss_i
-    dx,  # [B, D] fp32 out, row stride s_dx
+    dx,  # [B, D] out in x's dtype, row stride s_dx
     B, N, D, s_x, s_y, s_dx, scale,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     BD_OUT: tl.constexpr, N_OUT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """du_x_i = scale g_i sum_j (P_ij - [i == j]) u_y_j for BM rows (grid axis 0) and the
-    N_OUT BD_OUT output features of split i_d (grid axis 1); columns streamed BN at a time."""
+    """dL/dx_i through u_x = x rx, from du_x_i = scale g_i sum_j (P_ij - [i == j]) u_y_j, for BM
+    rows (grid axis 0) and the N_OUT BD_OUT output features of split i_d (grid axis 1); columns
+    streamed BN at a time. u_x_i . du_x_i = g_i sum_j (P_ij - [i == j]) s_ij, s = scale c."""
     i_m = tl.program_id(0).to(tl.int64)
     i_d = tl.program_id(1).to(tl.int64)
     o_m = i_m * BM + tl.arange(0, BM)
@@ -154,6 +171,7 @@ def _contrastive_bwd_dx_kernel(
     o_d = i_d * (N_OUT * BD_OUT) + tl.arange(0, BD_OUT)  # [BD_OUT] features of accumulator 0; accumulator k: + k BD_OUT
     b_lse = tl.load(lse + o_m, mask=m_m, other=0.0)
 
+    b_radial = tl.zeros([BM], dtype=tl.float32)  # sum_j (P_ij - [i == j]) s_ij
     b_acc0 = tl.zeros([BM, BD_OUT], dtype=tl.float32)
     if N_OUT > 1:
         b_acc1 = tl.zeros([BM, BD_OUT], dtype=tl.float32)
@@ -168,6 +186,7 @@ def _contrastive_bwd_dx_kernel(
         b_p = tl.exp(b_s - b_lse[:, None])
         b_p = tl.where(m_n[None, :], b_p, 0.0)
         b_ds = b_p - tl.where(o_m[:, None] == o_n[None, :], 1.0, 0.0)  # [BM, BN] in [-1, 1]
+        b_radial += tl.sum(b_ds * b_s, axis=1)  # masked columns have b_ds = 0
         b_ry = tl.load(ry + o_n, mask=m_n, other=0.0)
         b_acc0 = _accumulate_rows(b_acc0, b_ds, y, b_ry, o_n, m_n, o_d, D, s_y, False, PRECISION)
         if N_OUT > 1:
@@ -177,14 +196,16 @@ def _contrastive_bwd_dx_kernel(
         if N_OUT > 3:
             b_acc3 = _accumulate_rows(b_acc3, b_ds, y, b_ry, o_n, m_n, o_d + 3 * BD_OUT, D, s_y, False, PRECISION)
 
-    b_scale = scale * tl.load(g + o_m, mask=m_m, other=0.0)[:, None]  # [BM, 1]
-    _store_rows(dx, b_acc0 * b_scale, o_m, m_m, o_d, D, s_dx)
+    b_coef = scale * tl.load(g + o_m, mask=m_m, other=0.0)  # du_x = b_coef acc
+    b_rx = tl.load(rx + o_m, mask=m_m, other=0.0)
+    b_radial = b_radial / scale  # (u . du) / b_coef
+    _store_grad_rows(dx, b_acc0, x, b_rx, b_coef, b_radial, o_m, m_m, o_d, D, s_x, s_dx)
     if N_OUT > 1:
-        _store_rows(dx, b_acc1 * b_scale, o_m, m_m, o_d + BD_OUT, D, s_dx)
+        _store_grad_rows(dx, b_acc1, x, b_rx, b_coef, b_radial, o_m, m_m, o_d + BD_OUT, D, s_x, s_dx)
     if N_OUT > 2:
-        _store_rows(dx, b_acc2 * b_scale, o_m, m_m, o_d + 2 * BD_OUT, D, s_dx)
+        _store_grad_rows(dx, b_acc2, x, b_rx, b_coef, b_radial, o_m, m_m, o_d + 2 * BD_OUT, D, s_x, s_dx)
     if N_OUT > 3:
-        _store_rows(dx, b_acc3 * b_scale, o_m, m_m, o_d + 3 * BD_OUT, D, s_dx)
+        _store_grad_rows(dx, b_acc3, x, b_rx, b_coef, b_radial, o_m, m_m, o_d + 3 * BD_OUT, D, s_x, s_dx)
 
 
 @triton.jit
@@ -195,13 +216,14 @@ def _contrastive_bwd_dy_kernel(
     ry,  # [N] fp32
     lse,  # [B] fp32, from the forward
     g,  # [B] fp32 dL/dloss_i
-    dy,  # [N, D] fp32 out, row stride s_dy
+    dy,  # [N, D] out in y's dtype, row stride s_dy
     B, N, D, s_x, s_y, s_dy, scale,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     BD_OUT: tl.constexpr, N_OUT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """du_y_j = scale sum_i g_i (P_ij - [i == j]) u_x_i for BN rows of y (grid axis 0) and the
-    N_OUT BD_OUT output features of split i_d (grid axis 1); rows of x streamed BM at a time."""
+    """dL/dy_j through u_y = y ry, from du_y_j = scale sum_i g_i (P_ij - [i == j]) u_x_i, for BN
+    rows of y (grid axis 0) and the N_OUT BD_OUT output features of split i_d (grid axis 1);
+    rows of x streamed BM at a time. u_y_j . du_y_j = sum_i g_i (P_ij - [i == j]) s_ij."""
     i_n = tl.program_id(0).to(tl.int64)
     i_d = tl.program_id(1).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
@@ -217,6 +239,7 @@ def _contrastive_bwd_dy_kernel(
     g_max = tl.max(b_gmax, 0)
     g_max = tl.where(g_max > 0.0, g_max, 1.0)
 
+    b_radial = tl.zeros([BN], dtype=tl.float32)  # sum_i (g_i / g_max) (P_ij - [i == j]) s_ij
     b_acc0 = tl.zeros([BN, BD_OUT], dtype=tl.float32)
     if N_OUT > 1:
         b_acc1 = tl.zeros([BN, BD_OUT], dtype=tl.float32)
@@ -234,6 +257,7 @@ def _contrastive_bwd_dy_kernel(
         b_p = tl.where(m_m[:, None], b_p, 0.0)
         b_ds = b_p - tl.where(o_m[:, None] == o_n[None, :], 1.0, 0.0)  # [BM, BN]
         b_ds = b_ds * (b_g / g_max)[:, None]
+        b_radial += tl.sum(b_ds * b_s, axis=0)  # masked rows have g = 0, so b_ds = 0
         b_rx = tl.load(rx + o_m, mask=m_m, other=0.0)
         # the transpose of b_ds: [BN, BM] @ [BM, BD_OUT] -> [BN, BD_OUT]
         b_acc0 = _accumulate_rows(b_acc0, b_ds, x, b_rx, o_m, m_m, o_d, D, s_x, True, PRECISION)
@@ -244,14 +268,16 @@ def _contrastive_bwd_dy_kernel(
         if N_OUT > 3:
             b_acc3 = _accumulate_rows(b_acc3, b_ds, x, b_rx, o_m, m_m, o_d + 3 * BD_OUT, D, s_x, True, PRECISION)
 
-    b_scale = scale * g_max
-    _store_rows(dy, b_acc0 * b_scale, o_n, m_n, o_d, D, s_dy)
+    b_coef = tl.full([BN], scale * g_max, dtype=tl.float32)  # du_y = b_coef acc
+    b_ry = tl.load(ry + o_n, mask=m_n, other=0.0)
+    b_radial = b_radial / scale  # (u . du) / b_coef
+    _store_grad_rows(dy, b_acc0, y, b_ry, b_coef, b_radial, o_n, m_n, o_d, D, s_y, s_dy)
     if N_OUT > 1:
-        _store_rows(dy, b_acc1 * b_scale, o_n, m_n, o_d + BD_OUT, D, s_dy)
+        _store_grad_rows(dy, b_acc1, y, b_ry, b_coef, b_radial, o_n, m_n, o_d + BD_OUT, D, s_y, s_dy)
     if N_OUT > 2:
-        _store_rows(dy, b_acc2 * b_scale, o_n, m_n, o_d + 2 * BD_OUT, D, s_dy)
+        _store_grad_rows(dy, b_acc2, y, b_ry, b_coef, b_radial, o_n, m_n, o_d + 2 * BD_OUT, D, s_y, s_dy)
     if N_OUT > 3:
-        _store_rows(dy, b_acc3 * b_scale, o_n, m_n, o_d + 3 * BD_OUT, D, s_dy)
+        _store_grad_rows(dy, b_acc3, y, b_ry, b_coef, b_radial, o_n, m_n, o_d + 3 * BD_OUT, D, s_y, s_dy)
 
 
 MAX_OUT_BLOCKS = 4  # accumulators per backward program (the kernels hold b_acc0..b_acc3)
@@ -333,16 +359,17 @@ def contrastive_fwd(x, rx, y, ry, scale):
 
 
 def contrastive_bwd(x, rx, y, ry, lse, scale, grad_rows):
-    """Gradients of L = sum_i grad_rows_i loss_rows_i w.r.t. u_x = x rx and u_y = y ry.
+    """Gradients of L = sum_i grad_rows_i loss_rows_i w.r.t. the raw rows x and y, through
+    u_x = x rx and u_y = y ry (rx, ry the inverse norms ``1 / max(|x|, eps)``).
 
     x [B, D], rx [B], y [N, D], ry [N], lse [B] (from ``contrastive_fwd``), grad_rows [B] fp32;
-    returns (du_x [B, D], du_y [N, D]), both fp32.
+    returns (dx [B, D], dy [N, D]) in x's dtype, accumulated in fp32.
     """
     x, rx, y, ry = _check(x, rx, y, ry)
     (B, D), N = x.shape, y.shape[0]
     lse, grad_rows = lse.float().contiguous(), grad_rows.float().contiguous()
-    dx = torch.empty(B, D, device=x.device, dtype=torch.float32)
-    dy = torch.empty(N, D, device=x.device, dtype=torch.float32)
+    dx = torch.empty(B, D, device=x.device, dtype=x.dtype)
+    dy = torch.empty(N, D, device=x.device, dtype=x.dtype)
     cfg = _config(D, x.dtype)
     precision = dot_precision(x.dtype)
     dx_cfg, dy_cfg = cfg["dx"], cfg["dy"]
