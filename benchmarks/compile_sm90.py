@@ -77,7 +77,8 @@ def distill(B, D, dtype):
     r, thr, qbar = torch.empty(B), torch.empty(B, n_thr), torch.empty(B, n_thr + 1)
     K.distill_row_stats(x, r, t, 40.0, 80.0, 1.0)
     prec = dict(PREC_X=dot_precision(dtype), PREC_T=dot_precision(dtype))
-    teacher_blocks, _ = K._slab_blocks(B, "random", prec["PREC_X"])
+    fma_dots = dtype == torch.float32 and prec["PREC_X"] == "ieee"
+    teacher_blocks, _ = K._slab_blocks(B, "random", fma_dots)
     width = triton.cdiv(B, chunks)
     first = torch.empty(rows, chunks, n_thr + 1, dtype=torch.int32)
     perm = torch.empty(6, rows, n_thr + 1, dtype=torch.int32)
@@ -89,7 +90,7 @@ def distill(B, D, dtype):
     K._compact_targets_kernel[teacher_grid](t, thr, r, first, compact, 0, B, D, D, n_thr, n_thr, width, rows,
                                             80.0, BG=16, PREC_T=prec["PREC_T"], **teacher_blocks)
     for targets, shuffle in enumerate(K.SHUFFLES):
-        slab_blocks = K._slab_blocks(B, shuffle, prec["PREC_X"])[1]
+        slab_blocks = K._slab_blocks(B, shuffle, fma_dots)[1]
         K._distill_slab_kernel[(rows // slab_blocks["BM"], chunks)](
             x, r, t, thr, r, r, qbar, first, compact, perm, cross, grad, 0, B, D, D, D, D, n_thr, n_thr, width,
             rows, 40.0, 80.0, BG=16, TARGETS=targets, WRITE_GRAD=True, **prec, **slab_blocks)

@@ -29,19 +29,6 @@ def _inv_norms(x):
     return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).clamp_min(EPS).reciprocal()
 
 
-def _through_normalisation(du, x, r, scale=1.0):
-    """dL/dx from dL/du for ``u = x r``: ``scale r (du - u (u . du))`` [R, D] in x's dtype.
-    Works in place on ``du`` (fp32, overwritten) over row chunks of the chunk budget, so the
-    only new [R, D] tensor is the result (none for fp32 x)."""
-    R, D = x.shape
-    step = max(1, config.chunk_budget_bytes() // (8 * D))
-    for r0 in range(0, R, step):
-        d, xc, rc = du[r0:r0 + step], x[r0:r0 + step], r[r0:r0 + step, None]
-        u_dot_du = rc * (d * xc).sum(-1, keepdim=True)  # [rows, 1] fp32
-        d.addcmul_(xc, -rc * u_dot_du).mul_(scale * rc)  # du - u (u . du), times scale r
-    return du.to(x.dtype)
-
-
 def _grad_rows(grad_out, B):
     """dL/dloss_rows [B] fp32 for ``L = mean(loss_rows)``, without a host sync."""
     return (grad_out.float() / B).expand(B).contiguous()
@@ -81,10 +68,10 @@ class DistillFused(torch.autograd.Function):
                                              group_size=options["group_size"])
         if shuffle == "expected":
             groups["qbar"] = group_means(T, lse_t, groups["thr"], ts)
-        loss_rows, du = distill_loss_and_grad(
+        loss_rows, dz_sum = distill_loss_and_grad(
             z, r, T, lse_s, lse_t, ss, ts, shuffle=shuffle, step_seed=options["step_seed"],
             budget_bytes=config.chunk_budget_bytes(), need_grad=ctx.needs_input_grad[0], **groups)
-        ctx.save_for_backward(None if du is None else _through_normalisation(du, z, r))
+        ctx.save_for_backward(dz_sum)
         return loss_rows.mean()
 
     @staticmethod

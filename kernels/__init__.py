@@ -18,9 +18,10 @@ Conventions shared by every kernel:
     the dot accumulated in fp32.
   * Teacher rows come pre-normalised and pre-weighted (``sqrt(w_k) e_k / |e_k|``,
     concatenated over the K teachers), so ``t_ij = t_i . t_j``.
-  * Gradients are returned w.r.t. the *normalised* vectors ``u = x * r`` in fp32; the
-    normalisation's backward is applied by the caller.
-  * Row statistics (logsumexps) are fp32 vectors of length B: extra memory O(B).
+  * Gradients are returned w.r.t. the raw rows, in their dtype, the normalisation's backward
+    ``r (du - u (u . du))`` included (accumulated in fp32).
+  * Row statistics (logsumexps) are fp32 vectors of length B: extra memory O(B); the
+    distillation's slab buffers are bounded by the caller's budget.
 """
 
 try:

@@ -250,14 +250,18 @@ def _distill_slab_kernel(
     p_compact,  # [R, B] fp32 targets in group order (random)
     p_perm,  # [6, R, G] int32: start, size, h, b, rounds, key (bits) of each group's sigma (random)
     p_cross,  # [R, C] fp32 out: sum over chunk c of q~_rj s_rj
-    p_grad,  # [R, B] out (G's dtype): student_scale (p_rj - q~_rj), 0 on the diagonal
+    p_grad,  # [R, B] out (G's dtype): G_rj, or G_rj + G_jr when TARGETS < 2; 0 on the diagonal
     row0, B, D, Dt, s_x, s_t, s_thr, n_thr, chunk_width, R, student_scale, teacher_scale,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDT: tl.constexpr,
     BG: tl.constexpr, PREC_X: tl.constexpr, PREC_T: tl.constexpr, TARGETS: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
 ):
-    """Cross terms and gradient factors of slab rows ``row0 + [0, R)``, block i_m of BM rows,
-    column chunk i_c; ``TARGETS`` is the index of the shuffle in SHUFFLES."""
+    """Cross terms and gradient factors ``G_rj = student_scale (p_rj - q~_rj)`` of slab rows
+    ``row0 + [0, R)``, block i_m of BM rows, column chunk i_c; ``TARGETS`` is the index of the
+    shuffle in SHUFFLES. With shuffle none or expected, any row's targets can be evaluated here
+    (O(B G) tables), so the factor also takes the column side ``G_jr`` (s and t are symmetric)
+    and one GEMM gives the slab rows' whole gradient; the random shuffle's ranks exist for the
+    slab rows only, so its column side is a second GEMM."""
     i_m, i_c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     n_chunks = tl.num_programs(1)
     o_r = i_m * BM + tl.arange(0, BM)
@@ -282,7 +286,7 @@ def _distill_slab_kernel(
             b_lse_t = tl.load(p_lse_t + o_m, mask=m_m, other=0.0)
             b_qt = tl.exp(b_t * teacher_scale - b_lse_t[:, None])  # q [BM, BN]
         elif TARGETS == 1:
-            _, b_grp = _teacher_groups(p_t, p_thr, s_t, s_thr, o_m, m_m, o_n, m_n, Dt, n_thr, BDT, PREC_T)
+            b_t, b_grp = _teacher_groups(p_t, p_thr, s_t, s_thr, o_m, m_m, o_n, m_n, Dt, n_thr, BDT, PREC_T)
             m_in = b_grp >= 0
             b_qt = tl.load(p_qbar + o_m[:, None] * n_groups + b_grp, mask=m_in, other=0.0)  # cache-resident gather
         else:
@@ -306,7 +310,20 @@ def _distill_slab_kernel(
         b_p = tl.exp(b_s * student_scale - b_lse_s[:, None])
         b_cross += tl.sum(tl.where(m_in, b_qt * b_s, 0.0), axis=1)
         if WRITE_GRAD:
-            b_g = tl.where(m_in, student_scale * (b_p - b_qt), 0.0)
+            b_g = b_p - b_qt
+            if TARGETS < 2:  # the column side: row j's factor at column r
+                b_lse_s_n = tl.load(p_lse_s + o_n, mask=m_n, other=0.0)
+                if TARGETS == 0:
+                    b_lse_t_n = tl.load(p_lse_t + o_n, mask=m_n, other=0.0)
+                    b_qt_n = tl.exp(b_t * teacher_scale - b_lse_t_n[None, :])
+                else:
+                    b_grp_n = tl.zeros(b_t.shape, dtype=tl.int32)
+                    for i_g in range(0, n_thr):
+                        b_thr_n = tl.load(p_thr + o_n * s_thr + i_g, mask=m_n, other=float("-inf"))  # [BN]
+                        b_grp_n += (b_t < b_thr_n[None, :]).to(tl.int32)
+                    b_qt_n = tl.load(p_qbar + o_n[None, :] * n_groups + b_grp_n, mask=m_in, other=0.0)
+                b_g += tl.exp(b_s * student_scale - b_lse_s_n[None, :]) - b_qt_n
+            b_g = tl.where(m_in, student_scale * b_g, 0.0)
             tl.store(p_grad + o_r[:, None] * B + o_n[None, :], b_g.to(p_grad.dtype.element_ty),
                      mask=m_m[:, None] & m_n[None, :])
     tl.store(p_cross + o_r * n_chunks + i_c, b_cross, mask=m_m)
@@ -323,19 +340,23 @@ def _stats_blocks(B: int) -> dict:
     return dict(BM=bm, BN=64, BD=64, BDT=64, num_warps=4)
 
 
-def _slab_blocks(B: int, shuffle: str, precision: str):
+def _slab_blocks(B: int, shuffle: str, fma_dots: bool):
     """(blocks of the random mode's count and compaction kernels, blocks of the slab kernel),
-    from offline sm_90 compiles (``benchmarks/compile_sm90.py --what distill``, D = 768): 64 x 64
-    tiles with 8 warps use wgmma without spills in the count and compaction kernels (124 and
-    226 registers); the slab kernel takes 64 x 128 tiles (wgmma, 220-255 registers for bf16 and
-    TF32, no spills) except in random mode, whose permutation state spills there, and with
-    fp32 "ieee" FMA dots (52-564 bytes of spills): 32 x 64 (202-238 registers, no spills). Column tiles must divide the chunk width (powers of
-    two). Under the interpreter few large blocks run fastest."""
+    from offline sm_90 compiles (``benchmarks/compile_sm90.py --what distill``, D = 768): the
+    largest wgmma tiles that compile without spills in bf16, fp16 and TF32 (8 warps): 64 x 64
+    for the count and compaction kernels (124-240 registers), and for the slab kernel 64 x 128
+    with shuffle none (252-255), 64 x 64 with expected (236-255: its column side classifies
+    the entries again, 64 x 128 spills 224-292 bytes), 32 x 64 (mma.sync, 202-238) with random
+    (the permutation's state) and with fp32 "ieee" FMA dots. Column tiles must divide the
+    chunk width (powers of two). Under the interpreter few large blocks run fastest."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         bm = min(64, max(16, triton.next_power_of_2(B)))
         blocks = dict(BM=bm, BN=bm, BDT=64, num_warps=4)
         return blocks, dict(blocks, BD=64)
-    slab = dict(BM=32, BN=64) if shuffle == "random" or precision == "ieee" else dict(BM=64, BN=128)
+    if shuffle == "random" or fma_dots:
+        slab = dict(BM=32, BN=64)
+    else:
+        slab = dict(BM=64, BN=128 if shuffle == "none" else 64)
     return dict(BM=64, BN=64, BDT=64, num_warps=8), dict(slab, BD=64, BDT=64, num_warps=8)
 
 
@@ -392,17 +413,31 @@ def _permutation_tables(counts, rows, step_seed):
     return first.to(torch.int32), perm
 
 
+def unit_rows_backward(du, x, rx, budget_bytes):
+    """dL/dx [R, D] in x's dtype from dL/du (fp32, overwritten) for ``u = x rx``:
+    ``rx (du - u (u . du))``, in place over row chunks of ``budget_bytes``."""
+    R, D = x.shape
+    step = max(1, budget_bytes // (8 * D))
+    for r0 in range(0, R, step):
+        d, xc, rc = du[r0:r0 + step], x[r0:r0 + step], rx[r0:r0 + step, None]
+        u_dot_du = rc * (d * xc).sum(-1, keepdim=True)  # [rows, 1] fp32
+        d.addcmul_(xc, -rc * u_dot_du).mul_(rc)  # du - u (u . du), times rx
+    return du.to(x.dtype)
+
+
 def distill_loss_and_grad(x, rx, t, lse_s, lse_t, student_scale, teacher_scale, *, shuffle="none",
                           thr=None, qbar=None, step_seed=None, budget_bytes, need_grad=True, chunks=None):
-    """Loss rows [B] fp32 and du [B, D] fp32 (None without ``need_grad``):
-    ``loss_i = lse_s_i - student_scale sum_{j != i} q~_ij s_ij`` and ``du = d(sum_i loss_i)/du``
-    for ``u = x rx``.
+    """Loss rows [B] fp32 and dx [B, D] in x's dtype (None without ``need_grad``):
+    ``loss_i = lse_s_i - student_scale sum_{j != i} q~_ij s_ij`` and ``dx = d(sum_i loss_i)/dx``
+    through ``u = x rx``.
 
     ``x`` [B, D] raw student rows, ``rx`` [B] fp32 inverse norms, ``t`` [B, Dt] teacher rows,
     ``lse_s``, ``lse_t`` [B] fp32 (``distill_row_stats``). ``shuffle`` "none"; "expected" with
     ``thr`` [B, G-1] and ``qbar`` [B, G]; or "random" with ``thr`` and ``step_seed`` (64-bit).
     Rows go in slabs whose [R, B] buffers fit ``budget_bytes`` (at least one row block);
     ``chunks`` (column chunks per slab row) defaults to enough programs to fill the GPU.
+    Extra memory besides the slab: none / expected [R, D] fp32 per slab; random [B, D] fp32
+    (the column side adds to every row).
     """
     x, t = unit_stride_rows(x), unit_stride_rows(t)
     rx, lse_s, lse_t = rx.contiguous(), lse_s.float().contiguous(), lse_t.float().contiguous()
@@ -417,7 +452,8 @@ def distill_loss_and_grad(x, rx, t, lse_s, lse_t, student_scale, teacher_scale, 
     G = n_thr + 1
     BG = max(2, triton.next_power_of_2(G))
     prec = dict(PREC_X=dot_precision(x.dtype), PREC_T=dot_precision(t.dtype))
-    teacher_blocks, slab_blocks = _slab_blocks(B, shuffle, prec["PREC_X"])
+    fma_dots = x.dtype == torch.float32 and prec["PREC_X"] == "ieee"  # fp32 at "highest" precision
+    teacher_blocks, slab_blocks = _slab_blocks(B, shuffle, fma_dots)
     BM = max(teacher_blocks["BM"], slab_blocks["BM"])
     BN = max(teacher_blocks["BN"], slab_blocks["BN"])
     grad_dtype = torch.float32 if x.dtype == torch.float32 else torch.bfloat16
@@ -431,7 +467,8 @@ def distill_loss_and_grad(x, rx, t, lse_s, lse_t, student_scale, teacher_scale, 
     chunks = triton.cdiv(B, chunk_width)
 
     loss = torch.empty(B, device=x.device, dtype=torch.float32)
-    du = torch.zeros(B, D, device=x.device, dtype=torch.float32) if need_grad else None
+    dx = torch.empty_like(x) if need_grad and shuffle != "random" else None
+    du = torch.zeros(B, D, device=x.device, dtype=torch.float32) if need_grad and shuffle == "random" else None
     u = torch.mul(x, rx[:, None], out=torch.empty_like(x, dtype=grad_dtype)) if need_grad else None
     grad = torch.empty(R, B, device=x.device, dtype=grad_dtype) if need_grad else lse_s
     compact = torch.empty(R, B, device=x.device, dtype=torch.float32) if shuffle == "random" else lse_s
@@ -455,7 +492,12 @@ def distill_loss_and_grad(x, rx, t, lse_s, lse_t, student_scale, teacher_scale, 
             float(teacher_scale), BG=BG, TARGETS=targets, WRITE_GRAD=need_grad, **prec, **slab_blocks)
         loss[row0:row0 + rows] = lse_s[row0:row0 + rows] - student_scale * cross.sum(1)
         if need_grad:
-            g = grad[:rows]
-            du[row0:row0 + rows] += _matmul_f32(g, u)
-            du += _matmul_f32(g.T, u[row0:row0 + rows])
-    return loss, du
+            g, slab = grad[:rows], slice(row0, row0 + rows)
+            if shuffle == "random":
+                du[slab] += _matmul_f32(g, u)
+                du += _matmul_f32(g.T, u[slab])
+            else:  # g holds both sides: the slab rows' gradient is complete
+                dx[slab] = unit_rows_backward(_matmul_f32(g, u), x[slab], rx[slab], budget_bytes)
+    if need_grad and shuffle == "random":
+        dx = unit_rows_backward(du, x, rx, budget_bytes)
+    return loss, dx

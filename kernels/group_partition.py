@@ -8,18 +8,29 @@ scale) and the count ``N_i(x) = #{j != i : t_ij >= x}``, an element of value v l
 size) holds. Both are monotone in v, so boundary g is a threshold ``thr[i, g-1]``:
 ``t_ij`` is in group >= g iff ``t_ij < thr[i, g-1]``, and ``group_i(j) = #{g : t_ij < thr[i, g]}``.
 
-``group_thresholds`` finds every threshold by a bracketing search, one streaming kernel launch
-per pass. Per (row, boundary) it keeps
-  ``lo``  a value of the row whose predicate holds,
-  ``hd``  a value of the row such that every x > hd fails the predicate,
-  ``hu``  a bound above hd with no value of the row strictly between hd and hu,
+``group_thresholds`` finds every threshold in a few passes over the teacher's columns (one
+streaming kernel launch per pass and row chunk, one host sync per pass). Per (row, boundary)
+the host keeps a bracket:
+  ``lo``  a value of the row whose predicate holds (at first a bound below the row),
+  ``hd``  a value of the row such that every x > hd fails (at first a bound above the row),
+  ``hu``  the smallest value of the row above hd (or that bound),
   ``meas_lo``, ``meas_hi``  the measure (mass F, or count N) at lo and just above hd.
-Each pass evaluates F or N at two points of (lo, hd]: the measure-linear interpolation point
-and the midpoint, and "snaps" the new bracket to values of the row (``min{t >= x}`` for a
-passing x, ``max{t < x}`` for a failing one). The distinct values in [lo, hd] decrease every
-pass and the range at least halves. A (row, boundary) is done when lo == hd, the largest value
-in group >= g; ``thr = (hd + hu) / 2`` sits in the middle of the gap above it, so that a kernel
-recomputing ``t_ij`` in another summation order still classifies every entry the same way.
+A pass evaluates the measure at BP probe points per row together with the row's values next
+to each point (``min{t >= x}``, ``max{t < x}``), which "snap" the brackets to row values, and
+collects every value of the row inside one window per (row, boundary):
+  * pass 1: probe points on a uniform grid over [t_min, t_max], shared by all boundaries;
+    windows only when the whole row fits in the buffer;
+  * later passes: the window holds about ``FILL * BUFFER`` values around the inverse-cubic
+    estimate of where the measure crosses the boundary (from the probe points around the
+    crossing), its top is a probe point (so the measure above the window is known), and
+    further probe points sit at its bottom and at ``OUTER``-fold distances beyond.
+A window that contains the answer and at most ``BUFFER`` values settles its boundary on the
+host: its values sorted in descending order, the measure accumulated down from the window's
+top, the answer is the largest value whose measure passes. A (row, boundary) is done when
+lo == hd, the largest value in group >= g; ``thr = (hd + hu) / 2`` sits in the middle of the
+gap above it, so that a kernel recomputing ``t_ij`` in another summation order still
+classifies every entry the same way. On real MiniLM sentence embeddings the search takes 2-4
+passes from B = 256 to 65,536 (``benchmarks/group_search_passes.py``).
 ``group_means`` then averages the targets ``q_ij`` over each group in one pass.
 """
 import math
@@ -32,117 +43,82 @@ import triton.language as tl
 from .tiles import dot_tile
 from .utils import dot_precision, unit_stride_rows
 
-MAX_BOUNDARIES = 63  # G - 1: the boundary axis is a register dimension of the search
-MAX_PASSES = 64  # safety cap; measured under the interpreter: 5-10 passes at B = 130, 9-12 at B = 2000
+MAX_BOUNDARIES = 63  # G - 1: the boundary axis is a register dimension of the collection
+MAX_PASSES = 64  # safety cap; measured on real embeddings: 2-4 passes
+GRID_LANES = 64  # probe points of the first pass
+BUFFER = 256  # values collected per (row, boundary) and pass
+FILL = 0.8  # a window aims at FILL * BUFFER values
+OUTER = 3.0  # probe points beyond a window sit at OUTER**k half-widths from its centre
+CHUNK_VALUES = 1 << 24  # a launch that collects covers at most this many buffer slots
+SPLIT_PROGRAMS = 1024  # a launch over few rows splits the columns up to about this many programs
 STATS_MARGIN = 1e-3  # the bracket starts at [t_min - margin, t_max + margin]: the row statistics
 # may come from another summation order or precision (the search itself never needs them exact)
 
 
 @triton.jit
-def _predicate(b_m, b_g, group_p, group_size, FIXED: tl.constexpr):
-    """Whether a point whose measure is b_m [BM, BG] lies in group >= b_g [1, BG]."""
-    if FIXED:
-        return b_m - 1 >= b_g * group_size
-    else:
-        return tl.floor(b_m / group_p) >= b_g.to(tl.float32)
-
-
-@triton.jit
-def _group_search_pass_kernel(
+def _group_probe_kernel(
     p_t,  # [B, Dt] teacher rows, row stride s_t
     p_lse,  # [B] fp32 logsumexp_{j != i}(t_ij * grouping_scale) (unused when FIXED)
-    p_lo,  # [B, G1] fp32 in/out, row stride G1
-    p_hd,  # [B, G1] fp32 in/out
-    p_hu,  # [B, G1] fp32 in/out
-    p_mlo,  # [B, G1] in/out: F (fp32) or N (int32) at lo
-    p_mhi,  # [B, G1] in/out: F or N just above hd
-    p_thr,  # [B, G1] fp32 out: (hd + hu) / 2, rounded into (hd, hu], written every pass
-    B, Dt, G1, s_t, grouping_scale, group_p, group_size,
-    FIXED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-    BG: tl.constexpr, PRECISION: tl.constexpr,
+    p_rows,  # [R] int64 rows evaluated by this launch
+    p_x,  # [R, BP] fp32 probe points
+    p_meas,  # [S, R, BP] out: F (fp32) or N (int32) at each probe point over split S's columns
+    p_above,  # [S, R, BP] fp32 out: min{t >= x} (inf if none)
+    p_below,  # [S, R, BP] fp32 out: max{t < x} (-inf if none)
+    p_wlo,  # [R, G1] fp32 window [wlo, whi) per boundary, NaN for none (read when COLLECT)
+    p_whi,  # [R, G1] fp32
+    p_count,  # [R, G1] int32 in/out, zeroed by the caller: values found in the window
+    p_buf,  # [R, G1, C] fp32 out: the first C of them, in no particular order
+    R, B, Dt, G1, C, s_t, tiles_per_split, grouping_scale,
+    FIXED: tl.constexpr, COLLECT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    BD: tl.constexpr, BP: tl.constexpr, BG: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One pass of the bracketing search for BM rows and all G1 boundaries."""
-    i_m = tl.program_id(0).to(tl.int64)
-    o_m = i_m * BM + tl.arange(0, BM)
-    m_m = o_m < B
-    o_g = tl.arange(0, BG)
-    b_g = (o_g + 1)[None, :]  # [1, BG] boundary index g = 1..G1
-    m_s = m_m[:, None] & (o_g < G1)[None, :]
-    p_s = o_m[:, None] * G1 + o_g[None, :]  # [BM, BG] offsets into the state
-    # Padding loads lo = hd = 0: inactive.
-    b_lo = tl.load(p_lo + p_s, mask=m_s, other=0.0)
-    b_hd = tl.load(p_hd + p_s, mask=m_s, other=0.0)
-    b_hu = tl.load(p_hu + p_s, mask=m_s, other=0.0)
-    b_act = b_lo < b_hd
-    if tl.sum(b_act.to(tl.int32)) > 0:  # skip row blocks whose search is over
-        b_mlo = tl.load(p_mlo + p_s, mask=m_s, other=0)
-        b_mhi = tl.load(p_mhi + p_s, mask=m_s, other=0)
-
-        # Two points in (lo, hd]: the midpoint (hd itself if lo, hd are adjacent floats) and
-        # the point where the measure, linear between (lo, m_lo) and (hd, m_hi), hits the target.
-        b_mid = b_lo + (b_hd - b_lo) * 0.5
-        b_mid = tl.where(b_mid > b_lo, b_mid, b_hd)
+    """Measure and snaps at BP probe points for BM rows over one split of the columns, and
+    (COLLECT) the row values inside each boundary's window."""
+    i_m, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    o_r = i_m * BM + tl.arange(0, BM)
+    m_r = o_r < R
+    o_m = tl.load(p_rows + o_r, mask=m_r, other=0)
+    o_p = tl.arange(0, BP)
+    b_x = tl.load(p_x + o_r[:, None] * BP + o_p[None, :], mask=m_r[:, None], other=float("nan"))
+    if FIXED:
+        b_meas = tl.zeros([BM, BP], dtype=tl.int32)
+    else:
+        b_meas = tl.zeros([BM, BP], dtype=tl.float32)
+        b_lse = tl.load(p_lse + o_m, mask=m_r, other=0.0)
+    b_above = tl.full([BM, BP], float("inf"), dtype=tl.float32)
+    b_below = tl.full([BM, BP], float("-inf"), dtype=tl.float32)
+    if COLLECT:
+        o_g = tl.arange(0, BG)
+        o_rg = o_r[:, None] * G1 + o_g[None, :]  # [BM, BG] offsets into the windows
+        m_rg = m_r[:, None] & (o_g < G1)[None, :]
+        b_wlo = tl.load(p_wlo + o_rg, mask=m_rg, other=float("nan"))  # NaN: nothing is inside
+        b_whi = tl.load(p_whi + o_rg, mask=m_rg, other=float("nan"))
+        p_cnt = p_count + o_rg[:, None, :] + tl.zeros([BM, BN, BG], dtype=tl.int64)
+    i_first = i_s * tiles_per_split
+    for i_n in range(i_first, tl.minimum(i_first + tiles_per_split, tl.cdiv(B, BN))):
+        o_n = i_n * BN + tl.arange(0, BN)
+        m_n = o_n < B
+        b_t = dot_tile(p_t, p_t, o_m, m_r, o_n, m_n, Dt, s_t, s_t, BD, PRECISION)  # [BM, BN]
+        m_v = (o_m[:, None] != o_n[None, :]) & m_n[None, :]
         if FIXED:
-            b_target = (b_g * group_size + 1).to(tl.float32)
-            b_span = tl.maximum(b_mlo - b_mhi, 1).to(tl.float32)
+            b_w = m_v.to(tl.int32)
         else:
-            b_target = b_g.to(tl.float32) * group_p
-            b_span = tl.maximum(b_mlo - b_mhi, 1e-30)
-        b_int = b_lo + (b_hd - b_lo) * ((b_mlo.to(tl.float32) - b_target) / b_span)
-        b_int = tl.where(b_int > b_lo, tl.minimum(b_int, b_hd), b_mid)
-        b_xa = tl.minimum(b_int, b_mid)
-        b_xb = tl.maximum(b_int, b_mid)
-
-        if FIXED:
-            b_ma = tl.zeros([BM, BG], dtype=tl.int32)
-        else:
-            b_ma = tl.zeros([BM, BG], dtype=tl.float32)
-            b_lse = tl.load(p_lse + o_m, mask=m_m, other=0.0)
-        b_mb = b_ma  # measure at xa / xb
-        b_ua = tl.full([BM, BG], float("inf"), dtype=tl.float32)  # min{t >= xa}
-        b_ub = b_ua  # min{t >= xb}
-        b_la = tl.full([BM, BG], float("-inf"), dtype=tl.float32)  # max{t < xa}
-        b_lb = b_la  # max{t < xb}
-        for i_n in range(0, tl.cdiv(B, BN)):
-            o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
-            m_n = o_n < B
-            b_t = dot_tile(p_t, p_t, o_m, m_m, o_n, m_n, Dt, s_t, s_t, BD, PRECISION)  # [BM, BN]
-            m_v = (o_m[:, None] != o_n[None, :]) & m_n[None, :]
-            if FIXED:
-                b_w = m_v.to(tl.int32)
-            else:
-                b_w = tl.where(m_v, tl.exp(b_t * grouping_scale - b_lse[:, None]), 0.0)
-            b_t3 = b_t[:, :, None]  # [BM, BN, 1]
-            b_w3 = b_w[:, :, None]
-            m_v3 = m_v[:, :, None]
-            m_a = m_v3 & (b_t3 >= b_xa[:, None, :])  # [BM, BN, BG]
-            m_b = m_v3 & (b_t3 >= b_xb[:, None, :])
-            b_ma += tl.sum(tl.where(m_a, b_w3, 0), axis=1)
-            b_mb += tl.sum(tl.where(m_b, b_w3, 0), axis=1)
-            b_ua = tl.minimum(b_ua, tl.min(tl.where(m_a, b_t3, float("inf")), axis=1))
-            b_ub = tl.minimum(b_ub, tl.min(tl.where(m_b, b_t3, float("inf")), axis=1))
-            b_la = tl.maximum(b_la, tl.max(tl.where(m_v3 & ~m_a, b_t3, float("-inf")), axis=1))
-            b_lb = tl.maximum(b_lb, tl.max(tl.where(m_v3 & ~m_b, b_t3, float("-inf")), axis=1))
-
-        # Keep the tightest bracket: both pass, xa passes and xb fails, or both fail.
-        m_pb = _predicate(b_mb, b_g, group_p, group_size, FIXED)
-        m_pa = _predicate(b_ma, b_g, group_p, group_size, FIXED) & ~m_pb
-        m_fa = ~m_pa & ~m_pb
-        b_lo_new = tl.minimum(tl.where(m_pb, b_ub, tl.where(m_pa, b_ua, b_lo)), b_hd)
-        b_mlo = tl.where(m_pb, b_mb, tl.where(m_pa, b_ma, b_mlo))
-        b_hd_new = tl.maximum(tl.where(m_pa, b_lb, tl.where(m_fa, b_la, b_hd)), b_lo)
-        b_hu_new = tl.minimum(tl.where(m_pa, b_ub, tl.where(m_fa, b_ua, b_hu)), b_hu)
-        b_mhi = tl.where(m_pa, b_mb, tl.where(m_fa, b_ma, b_mhi))
-        b_lo = tl.where(b_act, b_lo_new, b_lo)
-        b_hd = tl.where(b_act, b_hd_new, b_hd)
-        b_hu = tl.where(b_act, b_hu_new, b_hu)
-        tl.store(p_lo + p_s, b_lo, mask=m_s)
-        tl.store(p_hd + p_s, b_hd, mask=m_s)
-        tl.store(p_hu + p_s, b_hu, mask=m_s)
-        tl.store(p_mlo + p_s, b_mlo, mask=m_s)
-        tl.store(p_mhi + p_s, b_mhi, mask=m_s)
-    b_thr = b_hd + (b_hu - b_hd) * 0.5
-    tl.store(p_thr + p_s, tl.where(b_thr > b_hd, b_thr, b_hu), mask=m_s)
+            b_w = tl.where(m_v, tl.exp(b_t * grouping_scale - b_lse[:, None]), 0.0)
+        b_t3 = b_t[:, :, None]  # [BM, BN, 1]
+        m_v3 = m_v[:, :, None]
+        m_ge = m_v3 & (b_t3 >= b_x[:, None, :])  # [BM, BN, BP]
+        b_meas += tl.sum(tl.where(m_ge, b_w[:, :, None], 0), axis=1)
+        b_above = tl.minimum(b_above, tl.min(tl.where(m_ge, b_t3, float("inf")), axis=1))
+        b_below = tl.maximum(b_below, tl.max(tl.where(m_v3 & ~m_ge, b_t3, float("-inf")), axis=1))
+        if COLLECT:
+            m_in = m_v3 & (b_t3 >= b_wlo[:, None, :]) & (b_t3 < b_whi[:, None, :])  # [BM, BN, BG]
+            b_slot = tl.atomic_add(p_cnt, 1, mask=m_in, sem="relaxed")
+            tl.store(p_buf + o_rg[:, None, :] * C + b_slot, tl.broadcast_to(b_t3, [BM, BN, BG]),
+                     mask=m_in & (b_slot < C))
+    o_out = (i_s * R + o_r)[:, None] * BP + o_p[None, :]
+    tl.store(p_meas + o_out, b_meas, mask=m_r[:, None])
+    tl.store(p_above + o_out, b_above, mask=m_r[:, None])
+    tl.store(p_below + o_out, b_below, mask=m_r[:, None])
 
 
 @triton.jit
@@ -183,9 +159,9 @@ def _group_means_kernel(
 
 def _blocks() -> dict:
     """Row, column and feature blocks. Under the interpreter large blocks run fastest. On a GPU
-    the [BM, BN, BG] intermediates and the FMA dot's operands share the registers: 16 x 16
-    tiles, BD = 32 and 8 warps compile for sm_90 without spills up to BG = 32 (about 230
-    registers; BG = 64 spills under 100 bytes)."""
+    the [BM, BN, BP] and [BM, BN, BG] intermediates and the FMA dot's operands share the
+    registers: 16 x 16 tiles, BD = 32 and 8 warps (sm_90 figures in
+    benchmarks/group_search_passes.py's notes)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return dict(BM=64, BN=64, BD=64)
     return dict(BM=16, BN=16, BD=32, num_warps=8)
@@ -208,7 +184,7 @@ def group_thresholds(t, lse_g, t_min, t_max, grouping_scale, *, group_p=0.1, gro
     ``t_ij < thr[i, g-1]``; thr is non-increasing in g. ``t`` [B, Dt] teacher rows (normalised,
     weighted, concatenated); ``lse_g``, ``t_min``, ``t_max`` fp32 [B] row statistics over j != i.
     ``group_size``, when given, selects the fixed-size variant (``lse_g`` is then unused).
-    One launch per search pass and one host sync per pass."""
+    A few passes, each one launch per row chunk and one host sync."""
     t = unit_stride_rows(t)
     B, Dt = t.shape
     G = num_groups(B, group_p, group_size)
@@ -216,36 +192,251 @@ def group_thresholds(t, lse_g, t_min, t_max, grouping_scale, *, group_p=0.1, gro
         knob = "group_size" if group_size is not None else "group_p"
         raise ValueError(f"Group-P with {G} groups (B={B}, group_p={group_p}, group_size="
                          f"{group_size}): at most {MAX_BOUNDARIES + 1} are supported; raise {knob}")
-    G1 = G - 1
-    thr = torch.empty((B, G1), device=t.device, dtype=torch.float32)
-    if G1 == 0:
-        return thr
+    if G == 1:
+        return torch.empty((B, 0), device=t.device, dtype=torch.float32)
     if B < 2:  # no off-diagonal entry: any threshold is right
-        return thr.zero_()
+        return torch.zeros((B, G - 1), device=t.device, dtype=torch.float32)
+    lse_g = lse_g.float().contiguous()
+    evaluate = _kernel_probes(t, lse_g, float(grouping_scale), G - 1, group_size is not None)
+    return _search(evaluate, t_min, t_max, lse_g, grouping_scale, G - 1, B, group_p, group_size)
+
+
+def _kernel_probes(t, lse_g, grouping_scale, G1, fixed):
+    """``evaluate(rows, x, windows)`` for ``_search`` by ``_group_probe_kernel``: rows [R] int64,
+    x [R, BP] probe points, windows None or (wlo, whi) [R, G1] -> the measure, min{t >= x},
+    max{t < x} [R, BP] and, with windows, count [R, G1] and buffer [R, G1, BUFFER]."""
+    B, Dt = t.shape
+    cfg = _blocks()
+    n_tiles = triton.cdiv(B, cfg["BN"])
+
+    def evaluate(rows, x, windows):
+        R, BP = x.shape
+        row_blocks = triton.cdiv(R, cfg["BM"])
+        # splits: a power of two, so that the partial measures are summed in the same order
+        splits = min(1 << (n_tiles.bit_length() - 1),
+                     triton.next_power_of_2(triton.cdiv(SPLIT_PROGRAMS, row_blocks)))
+        meas = torch.empty((splits, R, BP), device=t.device, dtype=torch.int32 if fixed else torch.float32)
+        above = torch.empty((splits, R, BP), device=t.device, dtype=torch.float32)
+        below = torch.empty_like(above)
+        if windows is None:
+            wlo = whi = count = buf = x  # not read
+        else:
+            wlo, whi = windows
+            count = torch.zeros((R, G1), device=t.device, dtype=torch.int32)
+            buf = torch.empty((R, G1, BUFFER), device=t.device, dtype=torch.float32)
+        _group_probe_kernel[(row_blocks, splits)](
+            t, lse_g, rows, x, meas, above, below, wlo, whi, count, buf,
+            R, B, Dt, G1, BUFFER, t.stride(0), triton.cdiv(n_tiles, splits), grouping_scale,
+            FIXED=fixed, COLLECT=windows is not None, BP=BP, BG=max(2, triton.next_power_of_2(G1)),
+            PRECISION=dot_precision(t.dtype), **cfg)
+        while meas.shape[0] > 1:
+            meas = meas[0::2] + meas[1::2]
+        return meas[0], above.amin(0), below.amax(0), count, buf
+
+    return evaluate
+
+
+def _search(evaluate, t_min, t_max, lse_g, grouping_scale, G1, B, group_p, group_size, trace=None):
+    """thr [R, G1] for R rows whose values are seen through ``evaluate`` (see ``_kernel_probes``;
+    rows index t_min). ``trace``, a list, receives per pass (fraction of (row, boundary) pairs
+    still open, fraction of rows evaluated, probe points per row)."""
     fixed = group_size is not None
+    dev = t_min.device
     t_min, t_max = t_min.float(), t_max.float()
     lo = (t_min - STATS_MARGIN * (1.0 + t_min.abs()))[:, None].repeat(1, G1)
     hd = (t_max + STATS_MARGIN * (1.0 + t_max.abs()))[:, None].repeat(1, G1)
-    hu = hd.clone()
     if fixed:
-        meas_lo = torch.full((B, G1), B - 1, device=t.device, dtype=torch.int32)
-        meas_hi = torch.zeros((B, G1), device=t.device, dtype=torch.int32)
+        meas_lo = torch.full_like(lo, B - 1, dtype=torch.int32)
+        meas_hi = torch.zeros_like(lo, dtype=torch.int32)
     else:
-        meas_lo = torch.ones((B, G1), device=t.device, dtype=torch.float32)
-        meas_hi = torch.zeros((B, G1), device=t.device, dtype=torch.float32)
-    BG = max(2, triton.next_power_of_2(G1))
-    cfg = _blocks()
-    grid = (triton.cdiv(B, cfg["BM"]),)
-    lse_g = lse_g.float().contiguous()
-    for _ in range(MAX_PASSES):
-        _group_search_pass_kernel[grid](
-            t, lse_g, lo, hd, hu, meas_lo, meas_hi, thr, B, Dt, G1, t.stride(0),
-            float(grouping_scale), float(group_p), int(group_size or 0),
-            FIXED=fixed, BG=BG, PRECISION=dot_precision(t.dtype), **cfg)
-        if not bool((lo < hd).any()):
-            return thr
+        meas_lo, meas_hi = torch.ones_like(lo), torch.zeros_like(lo)
+    state = dict(lo=lo, hd=hd, hu=hd.clone(), meas_lo=meas_lo, meas_hi=meas_hi,
+                 est=torch.full_like(lo, math.nan), dx_dm=torch.full_like(lo, math.nan))
+    rule = _Rule(G1, group_p, group_size, grouping_scale, dev)
+    lanes = max(16, triton.next_power_of_2(G1))
+    chunk = max(1, CHUNK_VALUES // (G1 * BUFFER))
+    rows = torch.arange(len(t_min), device=dev)
+    for i_pass in range(MAX_PASSES):
+        collect = i_pass > 0 or B - 1 <= FILL * BUFFER
+        for r in rows.split(chunk if collect else len(rows)):
+            s = {k: v[r] for k, v in state.items()}
+            if i_pass == 0:
+                j = torch.arange(GRID_LANES, device=dev, dtype=torch.float32)
+                x = s["hd"][:, :1] - (s["hd"][:, :1] - s["lo"][:, :1]) * ((GRID_LANES - 1 - j) / GRID_LANES)
+                windows = (s["lo"], _next_up(s["hd"])) if collect else None
+                top = torch.full_like(r[:, None], -1).expand(-1, G1)
+            else:
+                x, windows, top = _place(s, lanes, rule, lse_g[r])
+            meas, above, below, count, buf = evaluate(r, x.contiguous(), windows)
+            new = _narrow(s, x, meas, above, below, rule, lse_g[r])
+            if windows is not None:
+                _settle(new, s, windows, top, meas, above, count, buf, rule, lse_g[r])
+            active = s["lo"] < s["hd"]
+            for k, v in new.items():
+                state[k][r] = torch.where(active, v, s[k])
+        is_open = state["lo"] < state["hd"]
+        if trace is not None:
+            trace.append((is_open.float().mean().item(), len(rows) / len(t_min), x.shape[1]))
+        rows = is_open.any(1).nonzero()[:, 0]  # the pass's host sync
+        if len(rows) == 0:
+            thr = state["hd"] + (state["hu"] - state["hd"]) * 0.5
+            return torch.where(thr > state["hd"], thr, state["hu"])
     raise RuntimeError(f"group_thresholds: search not converged after {MAX_PASSES} passes "
                        "(non-finite teacher logits?)")
+
+
+class _Rule:
+    """The predicate of every boundary g = 1..G1 and the measure where it starts to hold."""
+
+    def __init__(self, G1, group_p, group_size, scale, device):
+        self.G1, self.size, self.scale = G1, group_size, scale
+        self.p = torch.tensor(group_p, dtype=torch.float32, device=device)
+        self.g = torch.arange(1, G1 + 1, device=device)[None, :]  # [1, G1]
+        self.target = (self.g * group_size + 1).float() if group_size is not None else self.g.float() * self.p
+
+    def holds(self, m, g):
+        """Whether a value whose measure is m lies in group >= g (broadcast)."""
+        if self.size is not None:
+            return m - 1 >= g * self.size
+        return torch.floor(m / self.p) >= g.float()
+
+    def passed(self, m):
+        """Number of boundaries whose predicate m satisfies, in [0, G1]."""
+        if self.size is not None:
+            q = torch.div(m.long() - 1, self.size, rounding_mode="floor")
+        else:
+            q = torch.floor(m / self.p).long()
+        return q.clamp(0, self.G1)
+
+    def weight(self, v, lse):
+        """Measure carried by one value v [R, ...] of its row (lse [R])."""
+        if self.size is not None:
+            return torch.ones_like(v, dtype=torch.int32)
+        return torch.exp(v * self.scale - lse.view(-1, *[1] * (v.dim() - 1)))
+
+
+def _next_up(x):
+    return torch.nextafter(x, torch.full_like(x, math.inf))
+
+
+def _narrow(s, x, meas, above, below, rule, lse):
+    """Brackets [R, G1] shrunk by the probe points x [R, BP] (all of a row's points serve all
+    its boundaries), the check whether hd itself passes, and the estimate of each crossing."""
+    xs, order = x.sort(1)
+    ms, us, ls = (v.gather(1, order) for v in (meas, above, below))
+    BP = xs.shape[1]
+    # last point that passes boundary g: the passed counts are non-increasing along xs
+    i_pass = torch.searchsorted(-rule.passed(ms), -rule.g.expand(len(xs), -1).contiguous(), right=True) - 1
+    i_a, i_b = i_pass.clamp(min=0), (i_pass + 1).clamp(max=BP - 1)
+    u_a, m_a = us.gather(1, i_a), ms.gather(1, i_a)
+    l_b, u_b, m_b = ls.gather(1, i_b), us.gather(1, i_b), ms.gather(1, i_b)
+    raise_lo = (i_pass >= 0) & (u_a > s["lo"])
+    lo = torch.where(raise_lo, torch.minimum(u_a, s["hd"]), s["lo"])
+    meas_lo = torch.where(raise_lo, m_a, s["meas_lo"])
+    lower_hd = (i_pass + 1 < BP) & (l_b < s["hd"])
+    hd = torch.where(lower_hd, torch.maximum(l_b, lo), s["hd"])
+    hu = torch.where(lower_hd, torch.minimum(u_b, s["hu"]), s["hu"])
+    meas_hi = torch.where(lower_hd, m_b, s["meas_hi"])
+    # a new hd whose own weight lifts the measure over the boundary is the answer
+    m_hd = meas_hi + rule.weight(hd, lse)
+    hd_holds = lower_hd & (lo < hd) & rule.holds(m_hd, rule.g)
+    lo = torch.where(hd_holds, hd, lo)
+    meas_lo = torch.where(hd_holds, m_hd, meas_lo)
+    est, dx_dm = _inverse_cubic(xs, ms, i_pass, rule.target)
+    return dict(lo=lo, hd=hd, hu=hu, meas_lo=meas_lo, meas_hi=meas_hi, est=est, dx_dm=dx_dm)
+
+
+def _inverse_cubic(xs, ms, i_pass, target):
+    """x where the measure reaches ``target`` [1, G1] and -dx/dm there, from the cubic x(m)
+    through the sorted probe points i_pass - 1 .. i_pass + 2 (NaN unless their measures
+    strictly decrease and the estimate falls between the middle two)."""
+    BP = xs.shape[1]
+    nodes, valid = [], torch.ones_like(i_pass, dtype=torch.bool)
+    for d in (-1, 0, 1, 2):
+        i = i_pass + d
+        valid &= (i >= 0) & (i < BP)
+        i = i.clamp(0, BP - 1)
+        nodes.append((xs.gather(1, i).double(), ms.gather(1, i).double()))
+    for (_, m0), (_, m1) in zip(nodes[:-1], nodes[1:]):
+        valid &= m0 > m1
+    y = target.double()
+    est = slope = 0.0
+    for i, (x_i, m_i) in enumerate(nodes):
+        basis, d_basis = 1.0, 0.0  # Lagrange basis polynomial i and its derivative at y
+        for k, (_, m_k) in enumerate(nodes):
+            if k != i:
+                d_basis = d_basis * (y - m_k) / (m_i - m_k) + basis / (m_i - m_k)
+                basis = basis * (y - m_k) / (m_i - m_k)
+        est, slope = est + x_i * basis, slope + x_i * d_basis
+    valid &= (est >= nodes[1][0]) & (est <= nodes[2][0]) & (slope < 0)
+    return (torch.where(valid, est, math.nan).float(), torch.where(valid, -slope, math.nan).float())
+
+
+def _place(s, lanes, rule, lse):
+    """Probe points x [R, lanes], windows (wlo, whi) [R, G1] and the index of the point that is
+    each window's top (-1: the top is just above hd, whose measure meas_hi is known)."""
+    lo, hd = s["lo"], s["hd"]
+    R, G1 = lo.shape
+    is_open = lo < hd
+    # the row's points shared out among its open boundaries, in order
+    n_open = is_open.sum(1, keepdim=True)
+    per = torch.where(is_open, lanes // n_open + ((is_open.cumsum(1) - 1) < lanes % n_open).long(), 0)
+    end = per.cumsum(1)
+    o_lane = torch.arange(lanes, device=lo.device).expand(R, lanes)
+    owner = torch.searchsorted(end, o_lane.contiguous(), right=True).clamp(max=G1 - 1)
+    first = (end - per).clamp(max=lanes - 1)
+    j = o_lane - first.gather(1, owner)  # index of a point among its boundary's
+    # values in the bracket and where the target lies (fraction from the top), for a uniform
+    # density of values in [lo, hd] (weights exp(scale t) inside it when by mass)
+    width = hd - lo
+    if rule.size is not None:
+        n = (s["meas_lo"] - s["meas_hi"]).float()
+        frac = (rule.target - s["meas_hi"].float()) / n.clamp(min=1)
+    else:
+        mass = (s["meas_lo"] - s["meas_hi"]).clamp(min=1e-30)
+        sw = (rule.scale * width).clamp(min=1e-30)
+        decay = torch.expm1(-sw)
+        frac = -torch.log1p((rule.target - s["meas_hi"]) / mass * decay) / sw
+        n = mass * sw / (rule.weight(hd, lse) * -decay).clamp(min=1e-38)
+    n = n.clamp(min=1)
+    centre = torch.where(torch.isnan(s["est"]), hd - frac.clamp(0, 1) * width, s["est"])
+    centre = torch.minimum(torch.maximum(centre, lo), hd)
+    spacing = torch.where(torch.isnan(s["dx_dm"]), width / n,
+                          s["dx_dm"] * (1.0 if rule.size is not None else rule.weight(centre, lse)))
+    half = (FILL * BUFFER / 2) * spacing
+    whole = n <= FILL * BUFFER
+    # points: the window's top, its bottom, then OUTER**k half-widths above and below; a small
+    # bracket (collected whole) spreads them evenly from hd down
+    sign = torch.where(j % 2 == 0, 1.0, -1.0)
+    x_focus = centre.gather(1, owner) + half.gather(1, owner) * sign * OUTER ** torch.div(j, 2, rounding_mode="floor")
+    x_even = hd.gather(1, owner) - width.gather(1, owner) * j / per.gather(1, owner).clamp(min=1)
+    x = torch.where(whole.gather(1, owner), x_even, x_focus)
+    x = torch.minimum(torch.maximum(x, _next_up(lo).gather(1, owner)), hd.gather(1, owner))
+    top_is_point = ~whole & (per > 0) & (centre + half < hd)
+    top = torch.where(top_is_point, first, -1)
+    whi = torch.where(top_is_point, x.gather(1, first), _next_up(hd))
+    wlo = torch.where(whole, lo, torch.maximum(centre - half, lo))
+    return x, (torch.where(is_open, wlo, math.nan), whi), top
+
+
+def _settle(new, s, windows, top, meas, above, count, buf, rule, lse):
+    """Boundaries whose window held at most BUFFER values, the answer among them, take it: the
+    largest collected value whose measure (accumulated down from the window's top) passes."""
+    C = buf.shape[-1]
+    top_c = top.clamp(min=0)
+    m_top = torch.where(top >= 0, meas.gather(1, top_c), s["meas_hi"])  # measure at whi
+    u_top = torch.where(top >= 0, above.gather(1, top_c), s["hu"])  # smallest value >= whi
+    slot = torch.arange(C, device=buf.device)
+    v = torch.where(slot < count[..., None], buf, -math.inf).sort(-1, descending=True).values
+    m = m_top[..., None] + torch.where(v > -math.inf, rule.weight(v, lse), 0).cumsum(-1)
+    holds = rule.holds(m, rule.g[..., None]) & (v > -math.inf)
+    found = holds.any(-1) & (count <= C) & ~rule.holds(m_top, rule.g) & ~torch.isnan(windows[0])
+    v_star = v.gather(-1, holds.int().argmax(-1, keepdim=True))[..., 0]  # first that holds
+    v_up = torch.where(v > v_star[..., None], v, math.inf).amin(-1)
+    v_up = torch.where(v_up < math.inf, v_up, u_top)
+    new["lo"] = torch.where(found, v_star, new["lo"])
+    new["hd"] = torch.where(found, v_star, new["hd"])
+    new["hu"] = torch.where(found, v_up, new["hu"])
 
 
 def group_means(t, lse_t, thr, teacher_scale):

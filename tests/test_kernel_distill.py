@@ -62,8 +62,16 @@ def _groups(t):
     return thr, qbar.float()
 
 
+def _through_unit_rows(du, x):
+    """float64 dL/dx from dL/du for u = x / max(|x|, 1e-8)."""
+    x = x.double().cpu()
+    r = 1.0 / x.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    u = x * r
+    return r * (du - u * (u * du).sum(1, keepdim=True))
+
+
 def _reference(x, rx, t, thr=None, qbar=None):
-    """float64 (lse_s, lse_t, lse_g, t_min, t_max, loss_rows, du = d(sum loss_rows)/du) from
+    """float64 (lse_s, lse_t, lse_g, t_min, t_max, loss_rows, dx = d(sum loss_rows)/dx) from
     B x B matrices."""
     u, s, tt, off = _logits(x, rx, t)
     neg = lambda a: a.masked_fill(~off, -math.inf)  # noqa: E731
@@ -80,15 +88,15 @@ def _reference(x, rx, t, thr=None, qbar=None):
     log_p = torch.log_softmax(neg(STUDENT * (u @ u.T)), dim=1).masked_fill(~off, 0.0)
     loss_rows = -(q * log_p).sum(1)
     loss_rows.sum().backward()
-    return lse_s, lse_t, lse_g, t_min, t_max, loss_rows.detach(), u.grad
+    return lse_s, lse_t, lse_g, t_min, t_max, loss_rows.detach(), _through_unit_rows(u.grad.cpu(), x).to(u.device)
 
 
 def _rel(out, ref):
     return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def _check(name, out, ref, tol):
-    assert out.shape == ref.shape and out.dtype == torch.float32, name
+def _check(name, out, ref, tol, dtype=torch.float32):
+    assert out.shape == ref.shape and out.dtype == dtype, name
     assert torch.isfinite(out).all(), f"{name} has non-finite entries (unwritten output?)"
     assert _rel(out, ref) <= tol, f"{name}: relative error {_rel(out, ref):.2e} > {tol:.0e}"
 
@@ -98,12 +106,12 @@ def _run_and_check(x, rx, t, shuffle, tol, **kw):
 
     thr, qbar = _groups(t) if shuffle == "expected" else (None, None)
     stats = distill_row_stats(x, rx, t, STUDENT, TEACHER, GROUPING)
-    loss, du = distill_loss_and_grad(x, rx, t, stats[0], stats[1], STUDENT, TEACHER, shuffle=shuffle,
+    loss, dx = distill_loss_and_grad(x, rx, t, stats[0], stats[1], STUDENT, TEACHER, shuffle=shuffle,
                                      thr=thr, qbar=qbar, budget_bytes=kw.pop("budget_bytes", 1 << 20), **kw)
     refs = _reference(x, rx, t, thr, qbar)
-    names = ("lse_s", "lse_t", "lse_g", "t_min", "t_max", "loss_rows", "du")
-    for name, out, ref in zip(names, (*stats, loss, du), refs):
-        _check(name, out, ref, tol)
+    names = ("lse_s", "lse_t", "lse_g", "t_min", "t_max", "loss_rows", "dx")
+    for name, out, ref in zip(names, (*stats, loss, dx), refs):
+        _check(name, out, ref, tol, dtype=x.dtype if name == "dx" else torch.float32)
 
 
 @pytest.mark.parametrize("shuffle", ["none", "expected"])
@@ -135,15 +143,15 @@ def test_distill_two_rows(shuffle, device):
 
     thr, qbar = _groups(t) if shuffle == "expected" else (None, None)
     stats = distill_row_stats(x, rx, t, STUDENT, TEACHER, GROUPING)
-    loss, du = distill_loss_and_grad(x, rx, t, stats[0], stats[1], STUDENT, TEACHER, shuffle=shuffle,
+    loss, dx = distill_loss_and_grad(x, rx, t, stats[0], stats[1], STUDENT, TEACHER, shuffle=shuffle,
                                      thr=thr, qbar=qbar, budget_bytes=1 << 20)
     refs = _reference(x, rx, t, thr, qbar)
     for name, out, ref in zip(("lse_s", "lse_t", "lse_g", "t_min", "t_max"), stats, refs):
         _check(name, out, ref, TOL[torch.float32])
-    # Loss and du are 0 in exact arithmetic: bound them by fp32 rounding of the logits.
+    # Loss and dx are 0 in exact arithmetic: bound them by fp32 rounding of the logits.
     assert loss.abs().max().item() <= 1e-5 * STUDENT, "loss_rows"
-    assert du.shape == (2, 48) and torch.isfinite(du).all(), "du"
-    assert du.abs().max().item() <= 2e-5 * STUDENT, "du"
+    assert dx.shape == (2, 48) and torch.isfinite(dx).all(), "dx"
+    assert (dx.abs().max() / rx.max()).item() <= 2e-5 * STUDENT, "dx"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -161,7 +169,7 @@ SEED = 0x1234_5678_9ABC
 
 
 def _random_reference(x, rx, t, grouping, step_seed):
-    """float64 loss rows and du = d(sum_i loss_i)/du with the targets of shuffled_targets."""
+    """float64 loss rows and dx = d(sum_i loss_i)/dx with the targets of shuffled_targets."""
     from distillcse.shuffle import shuffled_targets
 
     B = x.shape[0]
@@ -175,7 +183,7 @@ def _random_reference(x, rx, t, grouping, step_seed):
     logits = torch.where(off, s * STUDENT, float("-inf"))
     loss = torch.logsumexp(logits, dim=1) - STUDENT * (q_tilde * torch.where(off, s, 0.0)).sum(1)
     g = torch.where(off, STUDENT * (torch.softmax(logits, dim=1) - q_tilde), 0.0)
-    return loss, (g + g.T) @ u
+    return loss, _through_unit_rows((g + g.T) @ u, x)
 
 
 def _run_random(x, rx, t, grouping, seed=SEED, **kw):
@@ -196,16 +204,16 @@ def _run_random(x, rx, t, grouping, seed=SEED, **kw):
 def test_random_matches_the_shuffle_definition(B, D, Dt, budget, chunks, grouping, device):
     x, rx, t = _inputs(B, D, Dt, torch.float32, device)
     kernel_grouping = dict(group_p=grouping["group_p"] or 0.1, group_size=grouping["group_size"])
-    loss, du = _run_random(x, rx, t, kernel_grouping, budget_bytes=budget, chunks=chunks)
-    ref_loss, ref_du = _random_reference(x, rx, t, grouping, SEED)
+    loss, dx = _run_random(x, rx, t, kernel_grouping, budget_bytes=budget, chunks=chunks)
+    ref_loss, ref_dx = _random_reference(x, rx, t, grouping, SEED)
     assert ((loss.cpu().double() - ref_loss).abs().max() / ref_loss.abs().max()).item() < 1e-5
-    assert ((du.cpu().double() - ref_du).norm() / ref_du.norm()).item() < 1e-5
+    assert ((dx.cpu().double() - ref_dx).norm() / ref_dx.norm()).item() < 1e-5
 
 
 def test_random_without_grad_and_other_seeds(device):
     x, rx, t = _inputs(61, 40, 24, torch.float32, device, strided=True)
     grouping = dict(group_p=0.2, group_size=None)
-    loss, du = _run_random(x, rx, t, grouping, budget_bytes=1 << 20)
+    loss, _ = _run_random(x, rx, t, grouping, budget_bytes=1 << 20)
     loss_only, none = _run_random(x, rx, t, grouping, budget_bytes=1 << 20, need_grad=False)
     assert none is None and torch.equal(loss, loss_only)
     again, _ = _run_random(x, rx, t, grouping, budget_bytes=1 << 20)
