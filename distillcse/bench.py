@@ -12,7 +12,7 @@ plain          :func:`plain_distillcse_loss` below: the vectorised loss a user w
                row, softmax/cumsum groups, shuffle by ``argsort`` of (group, key))
 plain-compile  the same under ``torch.compile(dynamic=True)``
 torch          ``backend="torch"`` (row-chunked, chunk x B)
-triton         ``backend="triton"`` (fused kernels, O(B); CUDA only here)
+triton         ``backend="triton"`` (fused kernels, row slabs within the chunk budget; CUDA only here)
 inf-cl         Inf-CL's ``cal_inf_loss`` when ``inf_cl`` is importable (CUDA only;
                the contrastive term only, whatever ``--what`` says)
 ============== =====================================================================
@@ -485,7 +485,10 @@ def projected_bytes(impl, what, B, D, Dt, K, dtype):
     work = 8 if dtype == torch.float64 else 4
     linear = 8 * B * (D + K * Dt) * work
     factors = _BB_FACTORS.get(impl)
-    if factors is None:          # O(B): triton, inf-cl
+    if factors is None:          # O(B): inf-cl; triton's slabs within the chunk budget
+        if impl == "triton" and what != "contrastive":
+            from .config import chunk_budget_bytes
+            return linear + chunk_budget_bytes()
         return linear
     bb = factors[what] * B * B * work
     if impl == "torch":
