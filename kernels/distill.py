@@ -13,11 +13,14 @@ Student logits ``s_ij = (x_i . x_j) rx_i rx_j``, teacher logits ``t_ij = t_i . t
 
 1. ``distill_row_stats``: one pass, the logsumexps of s and t (two scales) and t's range.
 2. ``distill_loss_and_grad``: per slab of R rows, a (row block, column chunk) grid streams the
-   s and t tiles and writes ``G_rj = student_scale (p_rj - q~_rj)`` to an [R, B] buffer and
-   the loss's cross term ``sum_j q~_rj s_rj``; two GEMMs then add ``G u`` to the slab's rows
-   of ``du`` and ``G^T u[slab]`` to every row (s is symmetric). The loss and its gradient are
-   computed together, so the backward recomputes nothing (the loss is linear in the upstream
-   gradient). Extra memory: the slab buffers, within ``budget_bytes``.
+   s and t tiles and writes the gradient factors ``G_rj = student_scale (p_rj - q~_rj)`` to an
+   [R, B] buffer and the loss's cross term ``sum_j q~_rj s_rj``. s is symmetric, so row r's
+   gradient is ``sum_j (G_rj + G_jr) u_j``: with shuffle none or expected the kernel writes
+   both sides (any row's targets are at hand) and one GEMM finishes the slab's rows; the
+   random shuffle's ranks exist for the slab rows only, so there a second GEMM adds
+   ``G^T u[slab]`` to every row. The loss and its gradient are computed together, so the
+   backward recomputes nothing (the loss is linear in the upstream gradient). Extra memory:
+   the slab buffers, within ``budget_bytes``.
    The random shuffle needs each row's ranks in column order, so it runs two teacher passes
    first: ``_group_counts_kernel`` (members of each group per column chunk) and
    ``_compact_targets_kernel`` (targets in group order, ``compact[r, start_g + rank] = q``).
@@ -250,7 +253,7 @@ def _distill_slab_kernel(
     p_compact,  # [R, B] fp32 targets in group order (random)
     p_perm,  # [6, R, G] int32: start, size, h, b, rounds, key (bits) of each group's sigma (random)
     p_cross,  # [R, C] fp32 out: sum over chunk c of q~_rj s_rj
-    p_grad,  # [R, B] out (G's dtype): G_rj, or G_rj + G_jr when TARGETS < 2; 0 on the diagonal
+    p_grad,  # [R, B] out (G's dtype): G_rj, or (G_rj + G_jr) rx_j when TARGETS < 2; 0 on the diagonal
     row0, B, D, Dt, s_x, s_t, s_thr, n_thr, chunk_width, R, student_scale, teacher_scale,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDT: tl.constexpr,
     BG: tl.constexpr, PREC_X: tl.constexpr, PREC_T: tl.constexpr, TARGETS: tl.constexpr,
@@ -306,7 +309,8 @@ def _distill_slab_kernel(
             b_qt = tl.load(p_compact + o_r[:, None] * B + b_partner, mask=m_in, other=0.0)  # q~ [BM, BN]
 
         b_s = dot_tile(p_x, p_x, o_m, m_m, o_n, m_n, D, s_x, s_x, BD, PREC_X)
-        b_s = b_s * b_rx_m[:, None] * tl.load(p_rx + o_n, mask=m_n, other=0.0)[None, :]  # cosines
+        b_rx_n = tl.load(p_rx + o_n, mask=m_n, other=0.0)
+        b_s = b_s * b_rx_m[:, None] * b_rx_n[None, :]  # cosines
         b_p = tl.exp(b_s * student_scale - b_lse_s[:, None])
         b_cross += tl.sum(tl.where(m_in, b_qt * b_s, 0.0), axis=1)
         if WRITE_GRAD:
@@ -323,6 +327,7 @@ def _distill_slab_kernel(
                         b_grp_n += (b_t < b_thr_n[None, :]).to(tl.int32)
                     b_qt_n = tl.load(p_qbar + o_n[None, :] * n_groups + b_grp_n, mask=m_in, other=0.0)
                 b_g += tl.exp(b_s * student_scale - b_lse_s_n[None, :]) - b_qt_n
+                b_g = b_g * b_rx_n[None, :]  # so that the GEMM takes the raw rows: M u = (M rx) x
             b_g = tl.where(m_in, student_scale * b_g, 0.0)
             tl.store(p_grad + o_r[:, None] * B + o_n[None, :], b_g.to(p_grad.dtype.element_ty),
                      mask=m_m[:, None] & m_n[None, :])
@@ -345,8 +350,8 @@ def _slab_blocks(B: int, shuffle: str, fma_dots: bool):
     from offline sm_90 compiles (``benchmarks/compile_sm90.py --what distill``, D = 768): the
     largest wgmma tiles that compile without spills in bf16, fp16 and TF32 (8 warps): 64 x 64
     for the count and compaction kernels (124-240 registers), and for the slab kernel 64 x 128
-    with shuffle none (252-255), 64 x 64 with expected (236-255: its column side classifies
-    the entries again, 64 x 128 spills 224-292 bytes), 32 x 64 (mma.sync, 202-238) with random
+    with shuffle none (252-255), 64 x 64 with expected (236-255 and 8 bytes of spills in
+    bf16 / fp16: its column side classifies the entries again; 64 x 128 spills 224-292 bytes), 32 x 64 (mma.sync, 202-238) with random
     (the permutation's state) and with fp32 "ieee" FMA dots. Column tiles must divide the
     chunk width (powers of two). Under the interpreter few large blocks run fastest."""
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -469,7 +474,12 @@ def distill_loss_and_grad(x, rx, t, lse_s, lse_t, student_scale, teacher_scale, 
     loss = torch.empty(B, device=x.device, dtype=torch.float32)
     dx = torch.empty_like(x) if need_grad and shuffle != "random" else None
     du = torch.zeros(B, D, device=x.device, dtype=torch.float32) if need_grad and shuffle == "random" else None
-    u = torch.mul(x, rx[:, None], out=torch.empty_like(x, dtype=grad_dtype)) if need_grad else None
+    # The rows the GEMMs multiply, in the factors' dtype: u = x rx for random; x itself for
+    # none / expected, whose factors carry rx_j (M u = (M rx) x).
+    if need_grad and shuffle == "random":
+        v = torch.mul(x, rx[:, None], out=torch.empty_like(x, dtype=grad_dtype))
+    elif need_grad:
+        v = x if x.dtype == grad_dtype else x.to(grad_dtype)
     grad = torch.empty(R, B, device=x.device, dtype=grad_dtype) if need_grad else lse_s
     compact = torch.empty(R, B, device=x.device, dtype=torch.float32) if shuffle == "random" else lse_s
     first = perm = lse_s  # the random mode's tables, per slab
@@ -494,10 +504,10 @@ def distill_loss_and_grad(x, rx, t, lse_s, lse_t, student_scale, teacher_scale, 
         if need_grad:
             g, slab = grad[:rows], slice(row0, row0 + rows)
             if shuffle == "random":
-                du[slab] += _matmul_f32(g, u)
-                du += _matmul_f32(g.T, u[slab])
+                du[slab] += _matmul_f32(g, v)
+                du += _matmul_f32(g.T, v[slab])
             else:  # g holds both sides: the slab rows' gradient is complete
-                dx[slab] = unit_rows_backward(_matmul_f32(g, u), x[slab], rx[slab], budget_bytes)
+                dx[slab] = unit_rows_backward(_matmul_f32(g, v), x[slab], rx[slab], budget_bytes)
     if need_grad and shuffle == "random":
         dx = unit_rows_backward(du, x, rx, budget_bytes)
     return loss, dx
