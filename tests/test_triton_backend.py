@@ -97,3 +97,32 @@ def test_float64_is_a_clear_error():
     z1, z2, teachers, _ = make_batch(8, 8, (4,))
     with pytest.raises(TypeError, match='backend="triton" takes float16, bfloat16 or float32'):
         distillcse.distillcse_loss(z1.to(DEVICE), z2.to(DEVICE), [t.to(DEVICE) for t in teachers], backend="triton")
+
+
+@pytest.mark.parametrize("shuffle", ["none", "expected", "random"])
+def test_never_allocates_a_batch_by_batch_tensor(shuffle):
+    """No tensor the triton backend creates in forward or backward is B x B or larger in its
+    last two dims, with a chunk budget of a 64-row slab (B = 130); the reference does create one."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.square = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dim() >= 2 and min(t.shape[-2:]) >= B:
+                    self.square.append((str(func), tuple(t.shape)))
+            return out
+
+    B = 130
+    inputs = make_batch(B, 40, (24,))
+    kw = dict(shuffle=shuffle, seed=3, group_p=0.25)
+    with distillcse.chunk_budget(B * 8 * 64 / 2**20):
+        with Shapes() as triton_shapes:
+            run("triton", inputs, torch.float32, DEVICE, **kw)
+        with Shapes() as reference_shapes:
+            run("reference", inputs, torch.float32, DEVICE, **kw)
+    assert triton_shapes.square == [] and reference_shapes.square
