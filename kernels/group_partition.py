@@ -104,14 +104,14 @@ def _group_probe_kernel(
             b_w = m_v.to(tl.int32)
         else:
             b_w = tl.where(m_v, tl.exp(b_t * grouping_scale - b_lse[:, None]), 0.0)
-        b_t3 = b_t[:, :, None]  # [BM, BN, 1]
-        m_v3 = m_v[:, :, None]
-        m_ge = m_v3 & (b_t3 >= b_x[:, None, :])  # [BM, BN, BP]
+        # the diagonal and padding read -inf: below every probe point and window
+        b_t3 = tl.where(m_v, b_t, float("-inf"))[:, :, None]  # [BM, BN, 1]
+        m_ge = b_t3 >= b_x[:, None, :]  # [BM, BN, BP]
         b_meas += tl.sum(tl.where(m_ge, b_w[:, :, None], 0), axis=1)
         b_above = tl.minimum(b_above, tl.min(tl.where(m_ge, b_t3, float("inf")), axis=1))
-        b_below = tl.maximum(b_below, tl.max(tl.where(m_v3 & ~m_ge, b_t3, float("-inf")), axis=1))
+        b_below = tl.maximum(b_below, tl.max(tl.where(m_ge, float("-inf"), b_t3), axis=1))
         if COLLECT:
-            m_in = m_v3 & (b_t3 >= b_wlo[:, None, :]) & (b_t3 < b_whi[:, None, :])  # [BM, BN, BG]
+            m_in = (b_t3 >= b_wlo[:, None, :]) & (b_t3 < b_whi[:, None, :])  # [BM, BN, BG]
             b_slot = tl.atomic_add(p_cnt, 1, mask=m_in, sem="relaxed")
             tl.store(p_buf + o_rg[:, None, :] * C + b_slot, tl.broadcast_to(b_t3, [BM, BN, BG]),
                      mask=m_in & (b_slot < C))
@@ -159,9 +159,10 @@ def _group_means_kernel(
 
 def _blocks() -> dict:
     """Row, column and feature blocks. Under the interpreter large blocks run fastest. On a GPU
-    the [BM, BN, BP] and [BM, BN, BG] intermediates and the FMA dot's operands share the
-    registers: 16 x 16 tiles, BD = 32 and 8 warps (sm_90 figures in
-    benchmarks/group_search_passes.py's notes)."""
+    the [BM, BN, BP] and [BM, BN, BG] intermediates and the dot's operands share the registers:
+    with 16 x 16 tiles, BD = 32 and 8 warps, sm_90 builds (fp32, tf32, bf16; by mass or fixed
+    size) of the grid pass (BP = 64) and of the later passes up to G - 1 = 16 (BP = BG = 16)
+    take 190-255 registers without spills; G - 1 = 17..63 spills up to 128 bytes in some."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return dict(BM=64, BN=64, BD=64)
     return dict(BM=16, BN=16, BD=32, num_warps=8)
@@ -263,14 +264,14 @@ def _search(evaluate, t_min, t_max, lse_g, grouping_scale, G1, B, group_p, group
             if i_pass == 0:
                 j = torch.arange(GRID_LANES, device=dev, dtype=torch.float32)
                 x = s["hd"][:, :1] - (s["hd"][:, :1] - s["lo"][:, :1]) * ((GRID_LANES - 1 - j) / GRID_LANES)
-                windows = (s["lo"], _next_up(s["hd"])) if collect else None
-                top = torch.full_like(r[:, None], -1).expand(-1, G1)
+                windows = (s["lo"], s["hd"]) if collect else None  # [lo0, hd0): the whole row
+                top = torch.full((len(r), G1), GRID_LANES - 1, device=dev)
             else:
                 x, windows, top = _place(s, lanes, rule, lse_g[r])
             meas, above, below, count, buf = evaluate(r, x.contiguous(), windows)
             new = _narrow(s, x, meas, above, below, rule, lse_g[r])
             if windows is not None:
-                _settle(new, s, windows, top, meas, above, count, buf, rule, lse_g[r])
+                _settle(new, windows, top, meas, above, count, buf, rule, lse_g[r])
             active = s["lo"] < s["hd"]
             for k, v in new.items():
                 state[k][r] = torch.where(active, v, s[k])
@@ -316,6 +317,7 @@ class _Rule:
 
 
 def _next_up(x):
+    """The smallest float above each x."""
     return torch.nextafter(x, torch.full_like(x, math.inf))
 
 
@@ -373,24 +375,24 @@ def _inverse_cubic(xs, ms, i_pass, target):
 
 
 def _place(s, lanes, rule, lse):
-    """Probe points x [R, lanes], windows (wlo, whi) [R, G1] and the index of the point that is
-    each window's top (-1: the top is just above hd, whose measure meas_hi is known)."""
-    lo, hd = s["lo"], s["hd"]
+    """Probe points x [R, lanes], windows (wlo, whi) [R, G1] and the index of the point at each
+    window's top (whi)."""
+    lo, hd, hu = s["lo"], s["hd"], s["hu"]
     R, G1 = lo.shape
     is_open = lo < hd
-    # the row's points shared out among its open boundaries, in order
+    # the row's points shared out among its open boundaries, in order (lanes >= G1: one at least)
     n_open = is_open.sum(1, keepdim=True)
     per = torch.where(is_open, lanes // n_open + ((is_open.cumsum(1) - 1) < lanes % n_open).long(), 0)
     end = per.cumsum(1)
     o_lane = torch.arange(lanes, device=lo.device).expand(R, lanes)
     owner = torch.searchsorted(end, o_lane.contiguous(), right=True).clamp(max=G1 - 1)
-    first = (end - per).clamp(max=lanes - 1)
-    j = o_lane - first.gather(1, owner)  # index of a point among its boundary's
+    top = (end - per).clamp(max=lanes - 1)  # each boundary's first point: its window's top
+    j = o_lane - top.gather(1, owner)  # index of a point among its boundary's
     # values in the bracket and where the target lies (fraction from the top), for a uniform
     # density of values in [lo, hd] (weights exp(scale t) inside it when by mass)
     width = hd - lo
     if rule.size is not None:
-        n = (s["meas_lo"] - s["meas_hi"]).float()
+        n = n_max = (s["meas_lo"] - s["meas_hi"]).float()
         frac = (rule.target - s["meas_hi"].float()) / n.clamp(min=1)
     else:
         mass = (s["meas_lo"] - s["meas_hi"]).clamp(min=1e-30)
@@ -398,34 +400,43 @@ def _place(s, lanes, rule, lse):
         decay = torch.expm1(-sw)
         frac = -torch.log1p((rule.target - s["meas_hi"]) / mass * decay) / sw
         n = mass * sw / (rule.weight(hd, lse) * -decay).clamp(min=1e-38)
+        n_max = mass / rule.weight(lo, lse)  # every value of the bracket weighs at least w(lo)
     n = n.clamp(min=1)
     centre = torch.where(torch.isnan(s["est"]), hd - frac.clamp(0, 1) * width, s["est"])
     centre = torch.minimum(torch.maximum(centre, lo), hd)
-    spacing = torch.where(torch.isnan(s["dx_dm"]), width / n,
-                          s["dx_dm"] * (1.0 if rule.size is not None else rule.weight(centre, lse)))
+    # distance between neighbouring values: the bracket's mean, or less where the inverse
+    # cubic's slope says the values are denser around the centre
+    mean_spacing = width / n
+    local = s["dx_dm"] * (1.0 if rule.size is not None else rule.weight(centre, lse))
+    spacing = torch.where(local < mean_spacing, local, mean_spacing)
     half = (FILL * BUFFER / 2) * spacing
-    whole = n <= FILL * BUFFER
-    # points: the window's top, its bottom, then OUTER**k half-widths above and below; a small
-    # bracket (collected whole) spreads them evenly from hd down
-    sign = torch.where(j % 2 == 0, 1.0, -1.0)
-    x_focus = centre.gather(1, owner) + half.gather(1, owner) * sign * OUTER ** torch.div(j, 2, rounding_mode="floor")
-    x_even = hd.gather(1, owner) - width.gather(1, owner) * j / per.gather(1, owner).clamp(min=1)
-    x = torch.where(whole.gather(1, owner), x_even, x_focus)
-    x = torch.minimum(torch.maximum(x, _next_up(lo).gather(1, owner)), hd.gather(1, owner))
-    top_is_point = ~whole & (per > 0) & (centre + half < hd)
-    top = torch.where(top_is_point, first, -1)
-    whi = torch.where(top_is_point, x.gather(1, first), _next_up(hd))
-    wlo = torch.where(whole, lo, torch.maximum(centre - half, lo))
-    return x, (torch.where(is_open, wlo, math.nan), whi), top
+    # Windows end mid-gap above hd at the latest and reach a mean spacing below lo: the values
+    # at the bracket's ends were computed in earlier passes and may differ from this pass's by
+    # rounding. A bracket of surely at most FILL * BUFFER values is collected whole.
+    whole = n_max <= FILL * BUFFER
+    gap_mid = hd + (hu - hd) * 0.5
+    gap_mid = torch.where(gap_mid > hd, gap_mid, hu)
+    x_top = torch.where(whole | (centre + half >= gap_mid), gap_mid, centre + half)
+    wlo = lo - mean_spacing
+    wlo = torch.where(whole, wlo, torch.maximum(centre - half, wlo))
+    # points: the top, then the window's bottom and OUTER**k half-widths above and below; a
+    # bracket collected whole spreads them evenly from hd down
+    at = lambda v: v.gather(1, owner)  # noqa: E731  [R, G1] -> [R, lanes]
+    sign = torch.where(j % 2 == 1, -1.0, 1.0)
+    x_focus = at(centre) + at(half) * sign * OUTER ** torch.div(j, 2, rounding_mode="floor")
+    x_even = at(hd) - at(width) * (j - 1) / (at(per) - 1).clamp(min=1)
+    x = torch.where(at(whole), x_even, x_focus)
+    x = torch.minimum(torch.maximum(x, at(_next_up(lo))), at(hd))
+    x = torch.where(j == 0, at(x_top), x)
+    return x, (torch.where(is_open, wlo, math.nan), x_top), top
 
 
-def _settle(new, s, windows, top, meas, above, count, buf, rule, lse):
+def _settle(new, windows, top, meas, above, count, buf, rule, lse):
     """Boundaries whose window held at most BUFFER values, the answer among them, take it: the
     largest collected value whose measure (accumulated down from the window's top) passes."""
     C = buf.shape[-1]
-    top_c = top.clamp(min=0)
-    m_top = torch.where(top >= 0, meas.gather(1, top_c), s["meas_hi"])  # measure at whi
-    u_top = torch.where(top >= 0, above.gather(1, top_c), s["hu"])  # smallest value >= whi
+    m_top, u_top = meas.gather(1, top), above.gather(1, top)  # at whi; smallest value >= whi
+    u_top = torch.where(u_top < math.inf, u_top, windows[1])  # none: whi bounds the gap
     slot = torch.arange(C, device=buf.device)
     v = torch.where(slot < count[..., None], buf, -math.inf).sort(-1, descending=True).values
     m = m_top[..., None] + torch.where(v > -math.inf, rule.weight(v, lse), 0).cumsum(-1)

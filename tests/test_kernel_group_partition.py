@@ -146,21 +146,50 @@ def test_partition_inexact_row_stats(device, shift):
         assert (kernel_groups(t, thr) == ref).all()
 
 
-def test_search_pass_count(device, monkeypatch):
-    """The search converges in a handful of passes on realistic data (7-8 at B = 130)."""
+def count_passes(monkeypatch):
+    """A list that receives one entry per pass of every ``group_thresholds`` call."""
     import distillcse.kernels.group_partition as gp
 
-    launches = []
-    kernel = gp._group_search_pass_kernel
+    passes, search = [], gp._search
+    monkeypatch.setattr(gp, "_search", lambda *args, **kw: search(*args, **kw, trace=passes))
+    return passes
 
-    class Counting:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return kernel[grid]
 
-    monkeypatch.setattr(gp, "_group_search_pass_kernel", Counting())
+@pytest.mark.parametrize("temperature,group_p,group_size", [(1.0, 0.1, None), (0.1, 0.3, None), (1.0, 0.1, 4)])
+@pytest.mark.parametrize("dup", [1, 3])
+def test_partition_multi_pass(device, monkeypatch, temperature, group_p, group_size, dup):
+    """An 8-value buffer: the grid pass, windows around the estimates that miss or overflow,
+    brackets narrowed by the probe points; also several row chunks per pass and one column
+    split per launch."""
+    import distillcse.kernels.group_partition as gp
+
+    monkeypatch.setattr(gp, "BUFFER", 8)
+    monkeypatch.setattr(gp, "CHUNK_VALUES", 40 * 9 * 8)  # 40 rows per chunk when G - 1 = 9
+    monkeypatch.setattr(gp, "SPLIT_PROGRAMS", 1 if dup == 1 else 1024)
+    passes = count_passes(monkeypatch)
+    check_partition(teachers(130, 48, device, dup=dup, seed=6), temperature, group_p, group_size)
+    assert 2 <= len(passes) <= 6, f"{len(passes)} passes"
+
+
+@pytest.mark.parametrize("shift", [5e-4, -5e-4])
+def test_partition_multi_pass_inexact_row_stats(device, monkeypatch, shift):
+    """Windows collected whole reach below the bracket: they must not depend on exact stats."""
+    import distillcse.kernels.group_partition as gp
+    from distillcse.kernels.group_partition import group_thresholds
+
+    monkeypatch.setattr(gp, "BUFFER", 8)
+    x = teachers(130, 48, device, seed=5)
+    t, lse, t_min, t_max = row_stats(x, 1.0)
+    thr = group_thresholds(x, lse, t_min + shift, t_max - shift, 1.0, group_p=0.1)
+    ref, _ = naive_groups(t, 1.0, 0.1)
+    assert (kernel_groups(t, thr) == ref).all()
+
+
+def test_search_pass_count(device, monkeypatch):
+    """B - 1 <= FILL * BUFFER: the first pass collects whole rows and settles everything."""
+    passes = count_passes(monkeypatch)
     check_partition(teachers(130, 96, device, seed=3), 1.0, 0.1)
-    assert 1 <= len(launches) <= 16, f"{len(launches)} passes"
+    assert len(passes) == 1 and passes[0][0] == 0.0
 
 
 @pytest.mark.parametrize("B,Dt,teacher_temperature,group_p,group_size",
