@@ -182,6 +182,16 @@ def _compact_positions(b_grp, b_next, n_groups, BG: tl.constexpr):
 
 
 @triton.jit
+def _slab_program(row0, B, R, BM: tl.constexpr):
+    """(i_c, n_chunks, o_r, o_m, m_m) of a slab kernel's program: column chunk i_c of n_chunks
+    (grid axis 1), slab rows o_r [BM] (block of grid axis 0), their batch rows o_m and mask."""
+    i_m, i_c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    o_r = i_m * BM + tl.arange(0, BM)
+    o_m = row0 + o_r
+    return i_c, tl.num_programs(1), o_r, o_m, (o_r < R) & (o_m < B)
+
+
+@triton.jit
 def _group_counts_kernel(
     p_t,  # [B, Dt] teacher rows (normalised, weighted)
     p_thr,  # [B, G-1] fp32 group thresholds
@@ -190,11 +200,7 @@ def _group_counts_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BDT: tl.constexpr, BG: tl.constexpr,
     PREC_T: tl.constexpr,
 ):
-    i_m, i_c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    n_chunks = tl.num_programs(1)
-    o_r = i_m * BM + tl.arange(0, BM)  # slab rows
-    o_m = row0 + o_r
-    m_m = (o_r < R) & (o_m < B)
+    i_c, n_chunks, o_r, o_m, m_m = _slab_program(row0, B, R, BM)
     o_g = tl.arange(0, BG)[None, :]
     n_groups = n_thr + 1
     b_counts = tl.zeros([BM, BG], dtype=tl.int32)
@@ -220,11 +226,7 @@ def _compact_targets_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BDT: tl.constexpr, BG: tl.constexpr,
     PREC_T: tl.constexpr,
 ):
-    i_m, i_c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    n_chunks = tl.num_programs(1)
-    o_r = i_m * BM + tl.arange(0, BM)
-    o_m = row0 + o_r
-    m_m = (o_r < R) & (o_m < B)
+    i_c, n_chunks, o_r, o_m, m_m = _slab_program(row0, B, R, BM)
     o_g = tl.arange(0, BG)[None, :]
     n_groups = n_thr + 1
     b_next = tl.load(p_first + (o_r[:, None] * n_chunks + i_c) * n_groups + o_g,
@@ -265,11 +267,7 @@ def _distill_slab_kernel(
     (O(B G) tables), so the factor also takes the column side ``G_jr`` (s and t are symmetric)
     and one GEMM gives the slab rows' whole gradient; the random shuffle's ranks exist for the
     slab rows only, so its column side is a second GEMM."""
-    i_m, i_c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    n_chunks = tl.num_programs(1)
-    o_r = i_m * BM + tl.arange(0, BM)
-    o_m = row0 + o_r
-    m_m = (o_r < R) & (o_m < B)
+    i_c, n_chunks, o_r, o_m, m_m = _slab_program(row0, B, R, BM)
     o_g = tl.arange(0, BG)[None, :]
     n_groups = n_thr + 1
     if TARGETS == 2:
