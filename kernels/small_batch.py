@@ -1,0 +1,292 @@
+"""The whole DistillCSE loss of a small batch (B <= ``MAX_ROWS``) and its gradients in one
+program, one launch.
+
+At the paper's B = 64 the streaming kernels (``contrastive.py``, ``distill.py``,
+``group_partition.py``) are launch-bound: about 60 launches and a host sync per threshold-search
+pass for a few microseconds of arithmetic. Here a single program holds every logit tile of
+the batch in registers (s, t [BB, BB] and c [BB, BY], fp32, BB = next_pow2(B)): extra memory
+O(1) in B (nothing is written but the loss and the gradients), any D.
+
+Maths (SPEC): cosines from raw rows and inverse norms computed in the same pass over D as the
+dot products; ``t_ij = (t_i . t_j) rt_i rt_j`` (``rt`` from the teacher rows when
+``NORM_T``, else 1 for pre-normalised weighted rows). Only ``j != i`` enters the
+distillation. The Group-P group of entry (i, j) follows ``group_partition``'s definition:
+with the measure ``F_i(v) = sum_{k != i, t_ik >= v} w_ik`` (w the softmax at the grouping
+scale, or 1 for fixed-size groups), ``group = min(floor(F_i(t_ij) / P), G - 1)`` by mass and
+``min(floor((F_i(t_ij) - 1) / S), G - 1)`` by size: ties share a group, as the threshold
+search classifies them. F comes from a loop over the columns k (O(B^3) work, a few million
+operations at B = 64). Targets: none ``q``; expected the group mean of ``q``; random ``q`` of
+the group member whose column-order rank is ``sigma(rank)``, sigma the keyed Feistel
+permutation of ``distillcse.shuffle`` (the same uint32 arithmetic as ``distill.py``), so a
+seed gives the same shuffle here, in the streaming kernels and in the torch backend.
+
+Loss ``w_cl mean_i L_cl_i + w_kd mean_i L_kd_i``. Gradient factors:
+  distillation ``A_ij = w_kd/B (G_ij + G_ji)``, ``G = student_scale (p - q~)`` (s symmetric);
+  contrastive  ``C_ij = w_cl/B cl_scale (P_ij - [i == j])``;
+  ``du1 = A u1 + C uy``, ``duy = C^T u1``, and through ``u = x r``: ``dx = r (du - u (u . du))``
+  with ``u1_i . du1_i = sum_j A_ij s_ij + C_ij c_ij`` (no extra pass).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ..shuffle import ROUNDS, SMALL_DOMAIN, SMALL_DOMAIN_ROUNDS
+from .distill import SHUFFLES, _group_permutation, _mix32
+from .utils import dot_precision, unit_stride_rows
+
+MAX_ROWS = 64  # B and the contrastive columns N = B + B_h of a batch that fits one program
+MAX_COLUMNS = 128
+_SMALL_DOMAIN = tl.constexpr(SMALL_DOMAIN)
+_SMALL_DOMAIN_ROUNDS = tl.constexpr(SMALL_DOMAIN_ROUNDS)
+_ROUNDS = tl.constexpr(ROUNDS)
+
+
+@triton.jit
+def _column(b_a, o_col, k):
+    """Column k of a [BB, BB] block as a [BB] vector (indexed by row)."""
+    return tl.sum(tl.where(o_col[None, :] == k, b_a, 0), axis=1)
+
+
+@triton.jit
+def _row_logsumexp(b_a):
+    """logsumexp along axis 1 of a [BB, BC] block whose excluded entries are -inf; 0 for an
+    all-excluded (padding) row."""
+    b_max = tl.max(b_a, axis=1)
+    b_max = tl.where(b_max == float("-inf"), 0.0, b_max)
+    b_sum = tl.sum(tl.exp(b_a - b_max[:, None]), axis=1)
+    return b_max + tl.log(tl.where(b_sum > 0, b_sum, 1.0))
+
+
+@triton.jit
+def _group_measure(b_t, b_w, o_col, B):
+    """``F_ij = sum_k w_ik [t_ik >= t_ij]`` [BB, BB] (w 0 off the valid entries)."""
+    b_f = tl.zeros(b_t.shape, dtype=tl.float32)
+    for k in range(0, B):
+        b_tk = _column(b_t, o_col, k)
+        b_wk = _column(b_w, o_col, k)
+        b_f += tl.where(b_tk[:, None] >= b_t, b_wk[:, None], 0.0)
+    return b_f
+
+
+@triton.jit
+def _bit_length(b_v, BITS: tl.constexpr):
+    """Bit length of non-negative uint32 values below 2^BITS."""
+    b_n = tl.zeros(b_v.shape, dtype=tl.uint32)
+    for i_bit in tl.static_range(BITS):
+        b_n += ((b_v >> i_bit) != 0).to(tl.uint32)
+    return b_n
+
+
+@triton.jit
+def _random_targets(b_q, b_grp, o_row, o_col, B, seed_lo, seed_hi, BITS: tl.constexpr):
+    """q~ [BB, BB] of the random shuffle (``distillcse.shuffle``): rank in column order within
+    the group, ``sigma`` keyed by (seed, row, group), then the target of the member of that
+    rank. ``b_grp`` is -1 off the valid entries, which get 0."""
+    m_in = b_grp >= 0
+    b_rank = tl.zeros(b_grp.shape, dtype=tl.int32)
+    b_size = tl.zeros(b_grp.shape, dtype=tl.int32)
+    for k in range(0, B):
+        m_same = _column(b_grp, o_col, k)[:, None] == b_grp
+        b_size += m_same.to(tl.int32)
+        b_rank += (m_same & (o_col[None, :] > k)).to(tl.int32)
+    # group_keys(seed, row, group) and feistel_shape(size), as distillcse.shuffle computes them
+    b_row = tl.broadcast_to(o_row[:, None], b_grp.shape).to(tl.uint32)
+    b_key = _mix32(b_row * 0x632BE5AB + b_grp.to(tl.uint32) * 0x7FEB352D + seed_lo.to(tl.uint32, bitcast=True))
+    b_key = _mix32(b_key ^ seed_hi.to(tl.uint32, bitcast=True))
+    b_n = tl.where(m_in, b_size, 1).to(tl.uint32)
+    b_h = _bit_length(b_n - 1, BITS) >> 1
+    b_b = (b_n + (tl.full(b_n.shape, 1, tl.uint32) << b_h) - 1) >> b_h
+    b_rounds = tl.where(b_n < _SMALL_DOMAIN, _SMALL_DOMAIN_ROUNDS, _ROUNDS).to(tl.int32)
+    b_x = tl.where(m_in, b_rank, 0).to(tl.uint32)
+    b_partner = _group_permutation(b_x, b_n, b_key, b_h, b_b, b_rounds).to(tl.int32)
+    b_qt = tl.zeros(b_q.shape, dtype=tl.float32)
+    for k in range(0, B):
+        b_gk = _column(b_grp, o_col, k)
+        b_rk = _column(b_rank, o_col, k)
+        b_qk = _column(b_q, o_col, k)
+        m_hit = (b_gk[:, None] == b_grp) & (b_rk[:, None] == b_partner)
+        b_qt += tl.where(m_hit, b_qk[:, None], 0.0)
+    return tl.where(m_in, b_qt, 0.0)
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+def _small_batch_kernel(
+    p_x,  # [B, D] view-1 rows z1, raw, row stride s_x
+    p_y,  # [N, D] contrastive columns (z2, then hard negatives), raw, row stride s_y
+    p_t,  # [B, Dt] teacher rows, raw (NORM_T) or normalised and weighted, row stride s_t
+    p_loss,  # [1] fp32 out: w_cl L_cl + w_kd L_kd
+    p_dx,  # [B, D] out in x's dtype: d(loss)/dz1 (WRITE_GRAD)
+    p_dy,  # [N, D] out in y's dtype: d(loss)/dy (WRITE_GRAD)
+    B, N, D, Dt, s_x, s_y, s_t, s_dx, s_dy,
+    cl_scale, student_scale, teacher_scale, grouping_scale, group_p, group_size, n_groups,
+    seed_lo, seed_hi, w_cl, w_kd,
+    BB: tl.constexpr, BY: tl.constexpr, BD: tl.constexpr, BDT: tl.constexpr, BD_GRAD: tl.constexpr,
+    CONTRASTIVE: tl.constexpr, DISTILL: tl.constexpr, TARGETS: tl.constexpr,
+    FIXED_SIZE: tl.constexpr, NORM_T: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    PREC: tl.constexpr, PREC_T: tl.constexpr, PREC_GRAD: tl.constexpr, BITS: tl.constexpr,
+):
+    o_row = tl.arange(0, BB)
+    o_col = tl.arange(0, BB)
+    o_y = tl.arange(0, BY)
+    m_row = o_row < B
+    m_y = o_y < N
+
+    # The teacher's targets first, while nothing else is live (the random shuffle's loops
+    # hold several [BB, BB] blocks).
+    if DISTILL:
+        b_tt = tl.zeros([BB, BB], dtype=tl.float32)
+        b_nt = tl.zeros([BB], dtype=tl.float32)
+        for i_d in range(0, tl.cdiv(Dt, BDT)):
+            o_d = i_d * BDT + tl.arange(0, BDT)
+            m_d = o_d < Dt
+            b_te = tl.load(p_t + o_row[:, None] * s_t + o_d[None, :], mask=m_row[:, None] & m_d[None, :], other=0.0)  # [BB, BDT]
+            b_nt += tl.sum(b_te.to(tl.float32) * b_te.to(tl.float32), axis=1)
+            b_tt = tl.dot(b_te, tl.trans(b_te), b_tt, input_precision=PREC_T)  # [BB, BDT] @ [BDT, BB]
+        if NORM_T:
+            b_rt = 1.0 / tl.maximum(tl.sqrt(b_nt), 1e-8)
+            b_tt = b_tt * b_rt[:, None] * b_rt[None, :]
+        m_in = m_row[:, None] & m_row[None, :] & (o_row[:, None] != o_col[None, :])
+        b_lt = tl.where(m_in, b_tt * teacher_scale, float("-inf"))
+        b_qt = tl.exp(b_lt - _row_logsumexp(b_lt)[:, None])  # q
+        if TARGETS > 0:
+            b_t = tl.where(m_in, b_tt, float("-inf"))
+            if FIXED_SIZE:
+                b_f = _group_measure(b_t, m_in.to(tl.float32), o_col, B)
+                b_grp = ((b_f - 1.0) / group_size).to(tl.int32)
+            else:
+                b_lg = tl.where(m_in, b_tt * grouping_scale, float("-inf"))
+                b_pi = tl.exp(b_lg - _row_logsumexp(b_lg)[:, None])
+                b_f = _group_measure(b_t, b_pi, o_col, B)
+                b_grp = tl.floor(b_f / group_p).to(tl.int32)
+            b_grp = tl.where(m_in, tl.minimum(b_grp, n_groups - 1), -1)
+            if TARGETS == 1:
+                b_mean = tl.zeros([BB, BB], dtype=tl.float32)
+                for g in range(0, n_groups):
+                    m_g = b_grp == g
+                    b_sum = tl.sum(tl.where(m_g, b_qt, 0.0), axis=1)
+                    b_cnt = tl.sum(m_g.to(tl.float32), axis=1)
+                    b_mean = tl.where(m_g, (b_sum / tl.maximum(b_cnt, 1.0))[:, None], b_mean)
+                b_qt = b_mean
+            else:
+                b_qt = _random_targets(b_qt, b_grp, o_row, o_col, B, seed_lo, seed_hi, BITS)
+
+    # One pass over the features: z1 z1^T, z1 y^T and the squared norms.
+    b_xx = tl.zeros([BB, BB], dtype=tl.float32)
+    b_xy = tl.zeros([BB, BY], dtype=tl.float32)
+    b_nx = tl.zeros([BB], dtype=tl.float32)
+    b_ny = tl.zeros([BY], dtype=tl.float32)
+    for i_d in range(0, tl.cdiv(D, BD)):
+        o_d = i_d * BD + tl.arange(0, BD)
+        m_d = o_d < D
+        b_x = tl.load(p_x + o_row[:, None] * s_x + o_d[None, :], mask=m_row[:, None] & m_d[None, :], other=0.0)  # [BB, BD]
+        b_nx += tl.sum(b_x.to(tl.float32) * b_x.to(tl.float32), axis=1)
+        if DISTILL:
+            b_xx = tl.dot(b_x, tl.trans(b_x), b_xx, input_precision=PREC)  # [BB, BD] @ [BD, BB]
+        if CONTRASTIVE:
+            b_yd = tl.load(p_y + o_y[:, None] * s_y + o_d[None, :], mask=m_y[:, None] & m_d[None, :], other=0.0)  # [BY, BD]
+            b_ny += tl.sum(b_yd.to(tl.float32) * b_yd.to(tl.float32), axis=1)
+            b_xy = tl.dot(b_x, tl.trans(b_yd), b_xy, input_precision=PREC)  # [BB, BD] @ [BD, BY]
+    b_rx = tl.where(m_row, 1.0 / tl.maximum(tl.sqrt(b_nx), 1e-8), 0.0)
+    b_ry = tl.where(m_y, 1.0 / tl.maximum(tl.sqrt(b_ny), 1e-8), 0.0)
+
+    # The contrastive term (its logits die here), then the distillation term. With
+    # WRITE_GRAD each leaves its gradient factors, 1 / B and the inverse norms folded in:
+    # dx = Wx @ x + Wc @ y - coef_x x and dy = Wc^T @ x - coef_y y (module docstring).
+    b_loss = tl.zeros([BB], dtype=tl.float32)
+    b_coef_x = tl.zeros([BB], dtype=tl.float32)  # u1 . du1 (times rx^2 below)
+    if CONTRASTIVE:
+        b_c = b_xy * b_rx[:, None] * b_ry[None, :]  # cosines c [BB, BY]
+        m_c = m_row[:, None] & m_y[None, :]
+        m_pos = o_row[:, None] == o_y[None, :]
+        b_lc = tl.where(m_c, b_c * cl_scale, float("-inf"))
+        b_max = tl.where(m_row, tl.max(b_lc, axis=1), 0.0)
+        b_log_sum = tl.log(tl.where(m_row, tl.sum(tl.exp(b_lc - b_max[:, None]), axis=1), 1.0))
+        b_pos = tl.sum(tl.where(m_pos & m_c, b_lc, 0.0), axis=1)
+        b_loss += w_cl * tl.where(m_row, (b_max - b_pos) + b_log_sum, 0.0)  # (max - positive) first
+        if WRITE_GRAD:
+            b_C = tl.exp(b_lc - (b_max + b_log_sum)[:, None])  # P, 0 off the valid entries
+            b_C = (w_cl * cl_scale / B) * tl.where(m_pos & m_c, b_C - 1.0, b_C)  # [BB, BY]
+            b_coef_x += tl.sum(b_C * b_c, axis=1)
+            b_coef_y = tl.sum(b_C * b_c, axis=0) * b_ry * b_ry  # [BY]
+            b_Wc = b_C * b_rx[:, None] * b_ry[None, :]
+    if DISTILL:
+        b_s = b_xx * b_rx[:, None] * b_rx[None, :]  # cosines s [BB, BB]
+        b_ls = tl.where(m_in, b_s * student_scale, float("-inf"))
+        b_lse_s = _row_logsumexp(b_ls)
+        b_loss += w_kd * (b_lse_s - student_scale * tl.sum(tl.where(m_in, b_qt * b_s, 0.0), axis=1))
+        if WRITE_GRAD:
+            b_G = student_scale * (tl.exp(b_ls - b_lse_s[:, None]) - b_qt)  # 0 off the valid entries
+            b_A = (w_kd / B) * (b_G + tl.trans(b_G))  # [BB, BB]
+            b_coef_x += tl.sum(b_A * b_s, axis=1)
+            b_Wx = b_A * b_rx[:, None] * b_rx[None, :]
+    tl.store(p_loss, tl.sum(b_loss, axis=0) / B)
+    if WRITE_GRAD:
+        b_coef_x = b_coef_x * b_rx * b_rx
+        for i_d in range(0, tl.cdiv(D, BD_GRAD)):
+            o_d = i_d * BD_GRAD + tl.arange(0, BD_GRAD)
+            m_d = o_d < D
+            b_x = tl.load(p_x + o_row[:, None] * s_x + o_d[None, :], mask=m_row[:, None] & m_d[None, :], other=0.0).to(tl.float32)  # [BB, BD_GRAD]
+            b_dx = -b_coef_x[:, None] * b_x
+            if DISTILL:
+                b_dx = tl.dot(b_Wx, b_x, b_dx, input_precision=PREC_GRAD)  # [BB, BB] @ [BB, BD_GRAD]
+            if CONTRASTIVE:
+                b_yd = tl.load(p_y + o_y[:, None] * s_y + o_d[None, :], mask=m_y[:, None] & m_d[None, :], other=0.0).to(tl.float32)  # [BY, BD_GRAD]
+                b_dx = tl.dot(b_Wc, b_yd, b_dx, input_precision=PREC_GRAD)  # [BB, BY] @ [BY, BD_GRAD]
+                b_dy = tl.dot(tl.trans(b_Wc), b_x, -b_coef_y[:, None] * b_yd, input_precision=PREC_GRAD)  # [BY, BB] @ [BB, BD_GRAD]
+                tl.store(p_dy + o_y[:, None] * s_dy + o_d[None, :], b_dy.to(p_dy.dtype.element_ty),
+                         mask=m_y[:, None] & m_d[None, :])
+            tl.store(p_dx + o_row[:, None] * s_dx + o_d[None, :], b_dx.to(p_dx.dtype.element_ty),
+                     mask=m_row[:, None] & m_d[None, :])
+
+def fits(B: int, N: int = 0) -> bool:
+    """Whether a batch of B rows (and N contrastive columns) runs in one program."""
+    return 2 <= B <= MAX_ROWS and N <= MAX_COLUMNS
+
+
+def small_batch_loss(x, y, t, *, cl_scale=1.0, student_scale=1.0, teacher_scale=1.0, grouping_scale=1.0,
+                     group_p=0.1, group_size=None, n_groups=1, shuffle="none", step_seed=None,
+                     w_cl=1.0, w_kd=1.0, normalize_teacher=True, need_grad=False):
+    """``(loss, dx, dy)``: ``loss = w_cl L_cl + w_kd L_kd`` (0-dim fp32) and, with ``need_grad``,
+    its gradients ``dx`` [B, D] and ``dy`` [N, D] in x's dtype (else None).
+
+    x [B, D] z1 (the student); y [N, D] the contrastive columns or None (no contrastive term);
+    t [B, Dt] teacher rows (raw with ``normalize_teacher``, else normalised and weighted) or
+    None (no distillation term). ``n_groups`` G from ``group_partition.num_groups``;
+    ``step_seed`` the 64-bit key of a random shuffle. Needs ``fits(B, N)``.
+    """
+    B, D = x.shape
+    N = 0 if y is None else y.shape[0]
+    assert fits(B, N), f"the one-program path takes 2 <= B <= {MAX_ROWS} and N <= {MAX_COLUMNS}"
+    contrastive, distill = y is not None, t is not None
+    x = unit_stride_rows(x)
+    y = unit_stride_rows(y) if contrastive else x
+    t = unit_stride_rows(t) if distill else x
+    assert y.shape[1] == D and y.dtype == x.dtype and t.shape[0] == B
+    seed = 0 if step_seed is None else step_seed
+    prec = dot_precision(x.dtype)
+    BB = max(16, triton.next_power_of_2(B))
+    meta = dict(
+        BB=BB, BY=max(16, triton.next_power_of_2(max(N, 1))),
+        BD=min(64, triton.next_power_of_2(max(D, 16))), BDT=min(64, triton.next_power_of_2(max(t.shape[1], 16))),
+        BD_GRAD=min(32 if prec == "ieee" and x.dtype == torch.float32 else 64, triton.next_power_of_2(max(D, 16))),
+        CONTRASTIVE=contrastive, DISTILL=distill, TARGETS=SHUFFLES.index(shuffle),
+        FIXED_SIZE=group_size is not None, NORM_T=normalize_teacher, WRITE_GRAD=need_grad,
+        PREC=prec, PREC_T=dot_precision(t.dtype), PREC_GRAD=prec if x.dtype == torch.float32 else "tf32",
+        BITS=BB.bit_length(), num_warps=8,
+    )
+    loss = torch.empty((), device=x.device, dtype=torch.float32)
+    dx = torch.empty_like(x) if need_grad else None
+    dy = torch.empty_like(y) if need_grad and contrastive else None
+    _small_batch_kernel[(1,)](
+        x, y, t, loss, x if dx is None else dx, x if dy is None else dy, B, N, D, t.shape[1],
+        x.stride(0), y.stride(0), t.stride(0), D if dx is None else dx.stride(0), D if dy is None else dy.stride(0),
+        float(cl_scale), float(student_scale), float(teacher_scale), float(grouping_scale),
+        float(group_p), float(group_size or 1), int(n_groups),
+        _int32_bits(seed & 0xFFFFFFFF), _int32_bits((seed >> 32) & 0xFFFFFFFF), float(w_cl), float(w_kd),
+        **meta)
+    return loss, dx, dy
+
+
+def _int32_bits(v: int) -> int:
+    """A uint32 value as the int32 with the same bits (the kernel reinterprets it)."""
+    return v - (1 << 32) if v >= 1 << 31 else v

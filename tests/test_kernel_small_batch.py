@@ -1,0 +1,132 @@
+"""kernels/small_batch.py (the whole loss of a small batch in one program) against float64
+formulas, with the random shuffle from distillcse.shuffle's definition."""
+import pytest
+import torch
+
+from conftest import DEVICE
+
+pytest.importorskip("triton")
+from distillcse.kernels.group_partition import num_groups  # noqa: E402
+from distillcse.kernels.small_batch import small_batch_loss  # noqa: E402
+from distillcse.shuffle import shuffled_targets  # noqa: E402
+
+SCALES = dict(cl_scale=1 / 0.05, student_scale=1 / 0.025, teacher_scale=1 / 0.0125, grouping_scale=1.0)
+# loss (relative), gradients (relative to the largest entry, plus an absolute floor: fp32 P - 1
+# is ill-conditioned where the positive dominates, as in the streaming kernels)
+TOL = {torch.float32: (2e-5, 2e-4, 1e-6), torch.float16: (2e-3, 2e-2, 1e-4), torch.bfloat16: (1e-2, 5e-2, 1e-3)}
+
+
+def _inputs(B, D, Dt, N, dtype, *, seed=0, strided=False, zero_row=False):
+    """z1 [B, D], columns y [N, D] (z2 close to z1, then hard negatives), raw teacher rows
+    [B, Dt] of varied norms that agree a little with z1."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, generator=gen)
+    y = torch.cat([x + 1.5 * torch.randn(B, D, generator=gen), torch.randn(N - B, D, generator=gen)])
+    t = x[:, :1] + torch.randn(B, Dt, generator=gen)
+    t = t * torch.rand(B, 1, generator=gen).add(0.5) * 3
+    if zero_row:
+        x[B // 3] = 0.0
+        t[B // 2] = 0.0
+    if strided:  # row strides != D, Dt
+        x = torch.cat([x, torch.ones(B, 5)], dim=1)[:, :D]
+        t = torch.cat([t, torch.ones(B, 3)], dim=1)[:, :Dt]
+    return x.to(dtype).to(DEVICE), y.to(dtype).to(DEVICE), t.to(dtype).to(DEVICE)
+
+
+def _expected(x, y, t, *, shuffle, group_p, group_size, step_seed, w_cl, w_kd):
+    """float64 loss and gradients of ``w_cl L_cl + w_kd L_kd`` (y or t None drops a term)."""
+    B = x.shape[0]
+    x64 = x.detach().double().requires_grad_()
+    unit = lambda a: a / a.norm(dim=1, keepdim=True).clamp_min(1e-8)  # noqa: E731
+    u = unit(x64)
+    loss = x64.new_zeros(())
+    if t is not None:
+        te = unit(t.double())
+        q = shuffled_targets(te @ te.T, torch.arange(B, device=x.device),
+                             teacher_temperature=1 / SCALES["teacher_scale"],
+                             grouping_temperature=1 / SCALES["grouping_scale"], group_p=group_p,
+                             group_size=group_size, shuffle=shuffle, step_seed=step_seed)
+        eye = torch.eye(B, dtype=torch.bool, device=x.device)
+        logp = torch.log_softmax((u @ u.T * SCALES["student_scale"]).masked_fill(eye, float("-inf")), dim=1)
+        loss = loss + w_kd * -(q * logp.masked_fill(eye, 0.0)).sum(1).mean()
+    y64 = None
+    if y is not None:
+        y64 = y.detach().double().requires_grad_()
+        c = u @ unit(y64).T * SCALES["cl_scale"]
+        loss = loss + w_cl * (torch.logsumexp(c, dim=1) - c.diagonal()).mean()
+    grads = torch.autograd.grad(loss, [x64] + ([y64] if y is not None else []))
+    return loss.detach(), grads
+
+
+def _check(x, y, t, *, shuffle="none", group_p=0.1, group_size=None, step_seed=None, w_cl=1.0, w_kd=1.0):
+    B = x.shape[0]
+    kwargs = dict(SCALES, group_p=group_p, group_size=group_size, n_groups=num_groups(B, group_p, group_size),
+                  shuffle=shuffle, step_seed=step_seed, w_cl=w_cl, w_kd=w_kd)
+    loss, no_dx, no_dy = small_batch_loss(x, y, t, **kwargs)
+    assert no_dx is None and no_dy is None
+    loss_too, dx, dy = small_batch_loss(x, y, t, need_grad=True, **kwargs)
+    assert loss_too.item() == loss.item()
+    want, grads = _expected(x, y, t, shuffle=shuffle, group_p=group_p, group_size=group_size,
+                            step_seed=step_seed, w_cl=w_cl, w_kd=w_kd)
+    tol_loss, tol_grad, atol = TOL[x.dtype]
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert abs(loss.double().item() - want.item()) <= tol_loss * max(1.0, abs(want.item()))
+    for got, ref in zip((dx, dy), grads):
+        assert got.dtype == x.dtype and got.shape == ref.shape
+        err = (got.double() - ref).abs().max().item()
+        assert err <= tol_grad * ref.abs().max().item() + atol, (err, ref.abs().max().item())
+    if y is None:
+        assert dy is None
+
+
+@pytest.mark.parametrize("shuffle", ["none", "expected", "random"])
+@pytest.mark.parametrize("B, D, Dt, N", [(37, 48, 40, 37), (64, 96, 72, 101), (2, 16, 16, 2)])
+def test_whole_loss_matches_float64(shuffle, B, D, Dt, N):
+    x, y, t = _inputs(B, D, Dt, N, torch.float32, seed=B)
+    _check(x, y, t, shuffle=shuffle, step_seed=12345 if shuffle == "random" else None)
+
+
+@pytest.mark.parametrize("shuffle", ["expected", "random"])
+@pytest.mark.parametrize("group_p, group_size", [(0.25, None), (0.1, 5), (1.0, None)])
+def test_groupings(shuffle, group_p, group_size):
+    x, y, t = _inputs(30, 32, 24, 30, torch.float32, seed=7)
+    _check(x, y, t, shuffle=shuffle, group_p=group_p, group_size=group_size, step_seed=2**63 + 99)
+
+
+def test_random_shuffle_follows_the_seed():
+    x, y, t = _inputs(40, 32, 24, 40, torch.float32, seed=3)
+    for seed in (0, 1, 2**40 + 5):
+        _check(x, None, t, shuffle="random", step_seed=seed, w_kd=1.0)
+    kw = dict(SCALES, n_groups=10, shuffle="random", w_cl=0.0)
+    a = small_batch_loss(x, None, t, step_seed=5, **kw)[0]
+    assert a.item() == small_batch_loss(x, None, t, step_seed=5, **kw)[0].item()
+    assert a.item() != small_batch_loss(x, None, t, step_seed=6, **kw)[0].item()
+
+
+def test_single_terms_weights_strides_and_zero_rows():
+    x, y, t = _inputs(45, 40, 33, 60, torch.float32, seed=11, strided=True, zero_row=True)
+    assert not x.is_contiguous() and not t.is_contiguous()
+    _check(x, y, None, w_cl=1.0)  # contrastive only, with hard negatives
+    _check(x, None, t, shuffle="expected", w_kd=1.0)  # distillation only
+    _check(x, y, t, shuffle="random", step_seed=4, w_cl=0.5, w_kd=-2.0)
+
+
+def test_prenormalised_teacher_rows():
+    """K > 1: concatenated weighted unit rows are used as they are (no re-normalisation)."""
+    x, y, t = _inputs(33, 32, 24, 33, torch.float32, seed=5)
+    e1, e2 = t[:, :12], t[:, 12:]
+    unit = lambda a: a / a.norm(dim=1, keepdim=True)  # noqa: E731
+    rows = torch.cat([0.8 ** 0.5 * unit(e1), 0.2 ** 0.5 * unit(e2)], dim=1)
+    kw = dict(SCALES, n_groups=10, shuffle="expected", w_cl=0.0)
+    got = small_batch_loss(x, None, rows, normalize_teacher=False, **kw)[0]
+    assert abs(got.item() - small_batch_loss(x, None, rows, **kw)[0].item()) < 1e-5  # unit rows already
+    rows[0] *= 0.5  # a row of norm 1/2 now: the kernel must keep it
+    assert abs(small_batch_loss(x, None, rows, normalize_teacher=False, **kw)[0].item() - got.item()) > 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype):
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        pytest.skip("the interpreter has no bf16 dots; runs on CUDA")
+    x, y, t = _inputs(50, 64, 48, 70, dtype, seed=9)
+    _check(x, y, t, shuffle="random", step_seed=77)
