@@ -138,14 +138,20 @@ def _store_grad_rows(
     o_r, m_r,  # [BR] row offsets (int64) and mask
     o_d,  # [BD_OUT] feature offsets (int64)
     D, s_v, s_out,
+    add_scale,  # fp32 scalar (ADD)
+    ADD: tl.constexpr,
 ):
     """Stores dL/dv = r (du - u (u . du)) for a block of output rows, the normalisation's
-    backward fused here (u . du is a per-row sum the kernels accumulate); features past D are masked."""
+    backward fused here (u . du is a per-row sum the kernels accumulate); features past D are
+    masked. With ADD, ``add_scale`` times the values already in ``out`` are added (in place)."""
     m = m_r[:, None] & (o_d < D)[None, :]
     b_v = tl.load(v + o_r[:, None] * s_v + o_d[None, :], mask=m, other=0.0).to(tl.float32)
     b_u = b_v * b_r[:, None]
     b_dv = (b_r * b_coef)[:, None] * (b_acc - b_u * b_radial[:, None])
-    tl.store(out + o_r[:, None] * s_out + o_d[None, :], b_dv.to(out.dtype.element_ty), mask=m)
+    p_out = out + o_r[:, None] * s_out + o_d[None, :]
+    if ADD:
+        b_dv += add_scale * tl.load(p_out, mask=m, other=0.0).to(tl.float32)
+    tl.store(p_out, b_dv.to(out.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -156,14 +162,16 @@ def _contrastive_bwd_dx_kernel(
     ry,  # [N] fp32
     lse,  # [B] fp32, from the forward
     g,  # [B] fp32 dL/dloss_i
-    dx,  # [B, D] out in x's dtype, row stride s_dx
+    dx,  # [B, D] out in x's dtype, row stride s_dx (with ADD also in: a gradient to add)
+    p_add_scale,  # [1] fp32: the factor of dx's incoming values (ADD)
     B, N, D, s_x, s_y, s_dx, scale,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-    BD_OUT: tl.constexpr, N_OUT: tl.constexpr, PRECISION: tl.constexpr,
+    BD_OUT: tl.constexpr, N_OUT: tl.constexpr, PRECISION: tl.constexpr, ADD: tl.constexpr,
 ):
     """dL/dx_i through u_x = x rx, from du_x_i = scale g_i sum_j (P_ij - [i == j]) u_y_j, for BM
     rows (grid axis 0) and the N_OUT BD_OUT output features of split i_d (grid axis 1); columns
-    streamed BN at a time. u_x_i . du_x_i = g_i sum_j (P_ij - [i == j]) s_ij, s = scale c."""
+    streamed BN at a time. u_x_i . du_x_i = g_i sum_j (P_ij - [i == j]) s_ij, s = scale c.
+    With ADD, dx's incoming values times ``p_add_scale`` are added (another term's gradient)."""
     i_m = tl.program_id(0).to(tl.int64)
     i_d = tl.program_id(1).to(tl.int64)
     o_m = i_m * BM + tl.arange(0, BM)
@@ -199,13 +207,14 @@ def _contrastive_bwd_dx_kernel(
     b_coef = scale * tl.load(g + o_m, mask=m_m, other=0.0)  # du_x = b_coef acc
     b_rx = tl.load(rx + o_m, mask=m_m, other=0.0)
     b_radial = b_radial / scale  # (u . du) / b_coef
-    _store_grad_rows(dx, b_acc0, x, b_rx, b_coef, b_radial, o_m, m_m, o_d, D, s_x, s_dx)
+    add_scale = tl.load(p_add_scale) if ADD else 0.0
+    _store_grad_rows(dx, b_acc0, x, b_rx, b_coef, b_radial, o_m, m_m, o_d, D, s_x, s_dx, add_scale, ADD)
     if N_OUT > 1:
-        _store_grad_rows(dx, b_acc1, x, b_rx, b_coef, b_radial, o_m, m_m, o_d + BD_OUT, D, s_x, s_dx)
+        _store_grad_rows(dx, b_acc1, x, b_rx, b_coef, b_radial, o_m, m_m, o_d + BD_OUT, D, s_x, s_dx, add_scale, ADD)
     if N_OUT > 2:
-        _store_grad_rows(dx, b_acc2, x, b_rx, b_coef, b_radial, o_m, m_m, o_d + 2 * BD_OUT, D, s_x, s_dx)
+        _store_grad_rows(dx, b_acc2, x, b_rx, b_coef, b_radial, o_m, m_m, o_d + 2 * BD_OUT, D, s_x, s_dx, add_scale, ADD)
     if N_OUT > 3:
-        _store_grad_rows(dx, b_acc3, x, b_rx, b_coef, b_radial, o_m, m_m, o_d + 3 * BD_OUT, D, s_x, s_dx)
+        _store_grad_rows(dx, b_acc3, x, b_rx, b_coef, b_radial, o_m, m_m, o_d + 3 * BD_OUT, D, s_x, s_dx, add_scale, ADD)
 
 
 @triton.jit
@@ -271,13 +280,13 @@ def _contrastive_bwd_dy_kernel(
     b_coef = tl.full([BN], scale * g_max, dtype=tl.float32)  # du_y = b_coef acc
     b_ry = tl.load(ry + o_n, mask=m_n, other=0.0)
     b_radial = b_radial / scale  # (u . du) / b_coef
-    _store_grad_rows(dy, b_acc0, y, b_ry, b_coef, b_radial, o_n, m_n, o_d, D, s_y, s_dy)
+    _store_grad_rows(dy, b_acc0, y, b_ry, b_coef, b_radial, o_n, m_n, o_d, D, s_y, s_dy, 0.0, False)
     if N_OUT > 1:
-        _store_grad_rows(dy, b_acc1, y, b_ry, b_coef, b_radial, o_n, m_n, o_d + BD_OUT, D, s_y, s_dy)
+        _store_grad_rows(dy, b_acc1, y, b_ry, b_coef, b_radial, o_n, m_n, o_d + BD_OUT, D, s_y, s_dy, 0.0, False)
     if N_OUT > 2:
-        _store_grad_rows(dy, b_acc2, y, b_ry, b_coef, b_radial, o_n, m_n, o_d + 2 * BD_OUT, D, s_y, s_dy)
+        _store_grad_rows(dy, b_acc2, y, b_ry, b_coef, b_radial, o_n, m_n, o_d + 2 * BD_OUT, D, s_y, s_dy, 0.0, False)
     if N_OUT > 3:
-        _store_grad_rows(dy, b_acc3, y, b_ry, b_coef, b_radial, o_n, m_n, o_d + 3 * BD_OUT, D, s_y, s_dy)
+        _store_grad_rows(dy, b_acc3, y, b_ry, b_coef, b_radial, o_n, m_n, o_d + 3 * BD_OUT, D, s_y, s_dy, 0.0, False)
 
 
 MAX_OUT_BLOCKS = 4  # accumulators per backward program (the kernels hold b_acc0..b_acc3)
@@ -358,24 +367,30 @@ def contrastive_fwd(x, rx, y, ry, scale):
     return loss, lse
 
 
-def contrastive_bwd(x, rx, y, ry, lse, scale, grad_rows):
+def contrastive_bwd(x, rx, y, ry, lse, scale, grad_rows, *, add_to=None, add_scale=None):
     """Gradients of L = sum_i grad_rows_i loss_rows_i w.r.t. the raw rows x and y, through
     u_x = x rx and u_y = y ry (rx, ry the inverse norms ``1 / max(|x|, eps)``).
 
     x [B, D], rx [B], y [N, D], ry [N], lse [B] (from ``contrastive_fwd``), grad_rows [B] fp32;
-    returns (dx [B, D], dy [N, D]) in x's dtype, accumulated in fp32.
+    returns (dx [B, D], dy [N, D]) in x's dtype, accumulated in fp32. With ``add_to`` (a
+    contiguous [B, D] tensor in x's dtype, another term's gradient) and ``add_scale`` (a
+    1-element fp32 tensor), dx is ``add_to`` itself, overwritten with dx + add_scale add_to.
     """
     x, rx, y, ry = _check(x, rx, y, ry)
     (B, D), N = x.shape, y.shape[0]
     lse, grad_rows = lse.float().contiguous(), grad_rows.float().contiguous()
-    dx = torch.empty(B, D, device=x.device, dtype=x.dtype)
+    if add_to is None:
+        dx, add_scale = torch.empty(B, D, device=x.device, dtype=x.dtype), lse  # unread
+    else:
+        assert add_to.shape == (B, D) and add_to.dtype == x.dtype and add_to.is_contiguous()
+        dx, add_scale = add_to, add_scale.float().reshape(1)
     dy = torch.empty(N, D, device=x.device, dtype=x.dtype)
     cfg = _config(D, x.dtype)
     precision = dot_precision(x.dtype)
     dx_cfg, dy_cfg = cfg["dx"], cfg["dy"]
     _contrastive_bwd_dx_kernel[(triton.cdiv(B, dx_cfg["BM"]), _feature_splits(D, dx_cfg))](
-        x, rx, y, ry, lse, grad_rows, dx, B, N, D, x.stride(0), y.stride(0), dx.stride(0), float(scale),
-        PRECISION=precision, **dx_cfg,
+        x, rx, y, ry, lse, grad_rows, dx, add_scale, B, N, D, x.stride(0), y.stride(0), dx.stride(0), float(scale),
+        PRECISION=precision, ADD=add_to is not None, **dx_cfg,
     )
     _contrastive_bwd_dy_kernel[(triton.cdiv(N, dy_cfg["BN"]), _feature_splits(D, dy_cfg))](
         x, rx, y, ry, lse, grad_rows, dy, B, N, D, x.stride(0), y.stride(0), dy.stride(0), float(scale),

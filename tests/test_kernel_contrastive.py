@@ -185,3 +185,24 @@ def test_gpu_config_at_768(dtype, matmul_precision, n_out, monkeypatch):
         assert {k: cfg[kernel][k] for k in tile} == tile, "the backward must rebuild the forward's logits"
         assert (cfg[kernel]["BD_OUT"], cfg[kernel]["N_OUT"]) == (128, n_out)
     assert C._feature_splits(768, cfg["dx"]) == (2 if n_out == 3 else 6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dx_adds_another_gradient_in_place(dtype, device):
+    """``add_to``: dx is written into the given tensor as dx + add_scale * its values."""
+    from distillcse.kernels.contrastive import contrastive_bwd, contrastive_fwd
+
+    B, D = 37, 200
+    x, y = _views(B, 23, D, dtype, device, seed=2)
+    rx, ry = _inv_norm(x), _inv_norm(y)
+    _, lse = contrastive_fwd(x, rx, y, ry, SCALE)
+    grad_rows = torch.full((B,), 1.0 / B, device=device)
+    dx, dy = contrastive_bwd(x, rx, y, ry, lse, SCALE, grad_rows)
+    other = torch.randn(B, D, generator=torch.Generator().manual_seed(3)).to(device, dtype) * dx.double().abs().max().item()
+    want = dx.double() + 0.3 * other.double()
+    buffer = other.clone()
+    dx_sum, dy_again = contrastive_bwd(x, rx, y, ry, lse, SCALE, grad_rows, add_to=buffer,
+                                       add_scale=torch.tensor([0.3], device=device))
+    assert dx_sum.data_ptr() == buffer.data_ptr()
+    assert torch.equal(dy_again, dy)
+    assert _rel(dx_sum, want) <= (1e-6 if dtype == torch.float32 else 2e-3)
