@@ -2,6 +2,7 @@
 
     python benchmarks/compile_sm90.py                                  # contrastive kernels, D = 768
     python benchmarks/compile_sm90.py --what contrastive distill --D 384 768 --dtypes bf16 tf32
+    python benchmarks/compile_sm90.py --what distill --dtypes bf16+fp32/tf32 bf16+fp32/ieee
 
 The launchers are called as in training, on CPU tensors of the real shapes (``torch.empty``,
 never touched). Each ``kernel[grid](...)`` they issue is intercepted instead of launched: its
@@ -11,7 +12,8 @@ compiled for ``GPUTarget("cuda", 90, 32)`` with ptxas's log captured. Row counts
 arguments, so the code compiled for one B serves every B with the same divisibility by 16.
 
 Per kernel, one table row per input precision and launch (bf16, fp16, fp32 with TF32 dots,
-fp32 with full-precision "ieee" dots, the switch PyTorch's ``float32_matmul_precision`` makes):
+fp32 with full-precision "ieee" dots, the switch PyTorch's ``float32_matmul_precision`` makes;
+on request a bf16 student with an fp32 teacher, whose dots are TF32 or "ieee"):
   constexprs  block sizes and flags of the launch (the dot precisions are in "inputs")
   regs        registers per thread (ptxas); an SM has 64K, so 8 warps at > 128 fit one program
   spills      bytes of spill stores / loads (ptxas); anything but 0/0 is slow
@@ -43,17 +45,20 @@ from triton.runtime import jit  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 H100_SMEM_PER_BLOCK = 227 * 1024
-# name: (input dtype, torch.set_float32_matmul_precision value)
+# name: (input dtype, teacher rows' dtype, torch.set_float32_matmul_precision value)
 PRECISIONS = {
-    "bf16": (torch.bfloat16, "highest"),
-    "fp16": (torch.float16, "highest"),
-    "tf32": (torch.float32, "high"),
-    "ieee": (torch.float32, "highest"),
+    "bf16": (torch.bfloat16, torch.bfloat16, "highest"),
+    "fp16": (torch.float16, torch.float16, "highest"),
+    "tf32": (torch.float32, torch.float32, "high"),
+    "ieee": (torch.float32, torch.float32, "highest"),
+    "bf16+fp32/tf32": (torch.bfloat16, torch.float32, "high"),  # one fp32 teacher, read raw
+    "bf16+fp32/ieee": (torch.bfloat16, torch.float32, "highest"),
 }
+SAME_DTYPES = ["bf16", "fp16", "tf32", "ieee"]
 
 
-def contrastive(B, D, dtype):
-    """InfoNCE forward and backward (kernels/contrastive.py), N = B columns."""
+def contrastive(B, D, dtype, teacher_dtype):
+    """InfoNCE forward and backward (kernels/contrastive.py), N = B columns (no teacher)."""
     from distillcse.kernels.contrastive import contrastive_bwd, contrastive_fwd
 
     x, y = torch.empty(B, D, dtype=dtype), torch.empty(B, D, dtype=dtype)
@@ -62,39 +67,47 @@ def contrastive(B, D, dtype):
     contrastive_bwd(x, r, y, r, lse, 20.0, r)
 
 
-def distill(B, D, dtype):
+def distill(B, D, dtype, teacher_dtype):
     """Distillation (kernels/distill.py): the row statistics pass, and for a slab of 512 rows
     in 8 column chunks the slab kernel with each shuffle plus the random mode's count and
-    compaction kernels (teacher width D, G = 10 groups); and the group means pass
-    (kernels/group_partition.py). The slab launcher builds its tables from kernel results, and
-    the threshold search loops on them, so those kernels are called directly or left out."""
+    compaction kernels (teacher width D, G = 10 groups); and in kernels/group_partition.py the
+    probe pass of the threshold search over 4096 rows (the first pass's grid of 64 points, and
+    a later pass's 16 points with windows; by mass and fixed size) and the group means pass.
+    The slab launcher builds its tables from kernel results and the search loops on them, so
+    those kernels are called directly."""
     from distillcse.kernels import distill as K
-    from distillcse.kernels.group_partition import group_means
+    from distillcse.kernels import group_partition as GP
     from distillcse.kernels.utils import dot_precision
 
     rows, chunks, n_thr = 512, 8, 9
-    x, t = torch.empty(B, D, dtype=dtype), torch.empty(B, D, dtype=dtype)
+    x, t = torch.empty(B, D, dtype=dtype), torch.empty(B, D, dtype=teacher_dtype)
     r, thr, qbar = torch.empty(B), torch.empty(B, n_thr), torch.empty(B, n_thr + 1)
-    K.distill_row_stats(x, r, t, 40.0, 80.0, 1.0)
-    prec = dict(PREC_X=dot_precision(dtype), PREC_T=dot_precision(dtype))
-    fma_dots = dtype == torch.float32 and prec["PREC_X"] == "ieee"
-    teacher_blocks, _ = K._slab_blocks(B, "random", fma_dots)
+    K.distill_row_stats(x, r, t, r, 40.0, 80.0, 1.0)
+    prec = dict(PREC_X=dot_precision(dtype), PREC_T=dot_precision(teacher_dtype))
+    dot_kinds = K._fp32_dots(dtype, teacher_dtype)
+    teacher_blocks, _ = K._slab_blocks(B, "random", *dot_kinds)
     width = triton.cdiv(B, chunks)
     first = torch.empty(rows, chunks, n_thr + 1, dtype=torch.int32)
     perm = torch.empty(6, rows, n_thr + 1, dtype=torch.int32)
     compact, cross = torch.empty(rows, B), torch.empty(rows, chunks)
     grad = torch.empty(rows, B, dtype=torch.float32 if dtype == torch.float32 else torch.bfloat16)
     teacher_grid = (rows // teacher_blocks["BM"], chunks)
-    K._group_counts_kernel[teacher_grid](t, thr, first, 0, B, D, D, n_thr, n_thr, width, rows, BG=16,
+    K._group_counts_kernel[teacher_grid](t, r, thr, first, 0, B, D, D, n_thr, n_thr, width, rows, BG=16,
                                          PREC_T=prec["PREC_T"], **teacher_blocks)
-    K._compact_targets_kernel[teacher_grid](t, thr, r, first, compact, 0, B, D, D, n_thr, n_thr, width, rows,
+    K._compact_targets_kernel[teacher_grid](t, r, thr, r, first, compact, 0, B, D, D, n_thr, n_thr, width, rows,
                                             80.0, BG=16, PREC_T=prec["PREC_T"], **teacher_blocks)
     for targets, shuffle in enumerate(K.SHUFFLES):
-        slab_blocks = K._slab_blocks(B, shuffle, fma_dots)[1]
+        slab_blocks = K._slab_blocks(B, shuffle, *dot_kinds)[1]
         K._distill_slab_kernel[(rows // slab_blocks["BM"], chunks)](
-            x, r, t, thr, r, r, qbar, first, compact, perm, cross, grad, 0, B, D, D, D, D, n_thr, n_thr, width,
+            x, r, t, r, thr, r, r, qbar, first, compact, perm, cross, grad, 0, B, D, D, D, D, n_thr, n_thr, width,
             rows, 40.0, 80.0, BG=16, TARGETS=targets, WRITE_GRAD=True, **prec, **slab_blocks)
-    group_means(t, r, thr, 80.0)
+    search_rows = torch.arange(4096)
+    windows = torch.empty(4096, n_thr), torch.empty(4096, n_thr)
+    for fixed in (False, True):
+        evaluate = GP._kernel_probes(t, r, r, 1.0, n_thr, fixed)
+        evaluate(search_rows, torch.empty(4096, GP.GRID_LANES), None)
+        evaluate(search_rows, torch.empty(4096, 16), windows)
+    GP.group_means(t, r, r, thr, 80.0)
 
 
 TARGETS = {"contrastive": contrastive, "distill": distill}
@@ -156,11 +169,11 @@ def report(target, B, D, precisions):
     """Markdown tables, one per kernel, one row per precision."""
     by_kernel = {}
     for name in precisions:
-        dtype, matmul_precision = PRECISIONS[name]
+        dtype, teacher_dtype, matmul_precision = PRECISIONS[name]
         rows = []
         torch.set_float32_matmul_precision(matmul_precision)
         with compiled_launches(rows):
-            TARGETS[target](B, D, dtype)
+            TARGETS[target](B, D, dtype, teacher_dtype)
         for row in rows:
             by_kernel.setdefault(row["kernel"], []).append(dict(row, inputs=name))
     lines = []
@@ -183,7 +196,8 @@ def main(argv=None):
     p.add_argument("--what", nargs="+", default=["contrastive"], choices=sorted(TARGETS))
     p.add_argument("--B", type=int, default=65536, help="rows (a runtime value: only its divisibility by 16 matters)")
     p.add_argument("--D", type=int, nargs="+", default=[768])
-    p.add_argument("--dtypes", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
+    p.add_argument("--dtypes", nargs="+", default=SAME_DTYPES, choices=list(PRECISIONS),
+                   help="input precisions; NAME+fp32/PREC: an fp32 teacher (distill only)")
     a = p.parse_args(argv)
     print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_90a, B = {a.B}\n")
     for target in a.what:

@@ -253,23 +253,26 @@ def kernel_traces(x, scale, group_p, group_size, baseline):
     finally:
         baseline._group_search_pass_kernel = kernel
     after = []
-    evaluate = gp._kernel_probes(x, lse, scale, G1, group_size is not None)
+    ones = torch.ones(B, device=x.device)  # unit rows: t_ij = x_i . x_j exactly
+    evaluate = gp._kernel_probes(x, ones, lse, scale, G1, group_size is not None)
     gp._search(evaluate, t_min, t_max, lse, scale, G1, B, group_p, group_size, trace=after)
     return before, after
 
 
 def timings(x, scale, group_p, group_size, baseline):
     """Median ms of ``group_thresholds`` before and after on CUDA, bf16 rows, Dt = 384 and 768
-    (768: each row twice, weights 1/2, so the logits and the passes stay the same)."""
+    (768: each row twice, weights 1/2, so the logits and the passes stay the same; the current
+    kernels also take the rows' inverse norms, ones here)."""
     from triton.testing import do_bench
 
     lse, t_min, t_max = row_stats(x, scale)
+    ones = torch.ones(len(x), device=x.device)
     out = []
     for rows in (x, torch.cat([x, x], 1) * 0.5 ** 0.5):
         rows = rows.to(torch.bfloat16)
-        for module in (baseline, gp):
-            run = lambda: module.group_thresholds(rows, lse, t_min, t_max, scale, group_p=group_p,  # noqa: E731
-                                                  group_size=group_size)
+        for module, norms in ((baseline, ()), (gp, (ones,))):
+            run = lambda: module.group_thresholds(rows, *norms, lse, t_min, t_max, scale,  # noqa: E731
+                                                  group_p=group_p, group_size=group_size)
             run()  # compiles
             out.append(do_bench(run, return_mode="median"))
     return out

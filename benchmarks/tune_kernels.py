@@ -110,14 +110,16 @@ def main():
                 print(f"  contrastive bwd {spec}: failed {type(e).__name__}: {str(e)[:120]}", flush=True)
             finally:
                 C._config = default
-        t = torch.randn(B, a.D, device="cuda", dtype=dtype) / a.D ** 0.5
-        stats = KD.distill_row_stats(x, r, t, 40.0, 80.0, 1.0)
-        st = bench(lambda: KD.distill_row_stats(x, r, t, 40.0, 80.0, 1.0))
+        t = torch.randn(B, a.D, device="cuda", dtype=dtype)  # one teacher's raw rows
+        rt = torch.linalg.vector_norm(t, dim=1, dtype=torch.float32).reciprocal()
+        stats = KD.distill_row_stats(x, r, t, rt, 40.0, 80.0, 1.0)
+        st = bench(lambda: KD.distill_row_stats(x, r, t, rt, 40.0, 80.0, 1.0))
         budget = 256 * 2**20
-        lg = bench(lambda: KD.distill_loss_and_grad(x, r, t, stats[0], stats[1], 40.0, 80.0, budget_bytes=budget))
+        lg = bench(lambda: KD.distill_loss_and_grad(x, r, t, rt, stats[0], stats[1], 40.0, 80.0,
+                                                    budget_bytes=budget))
         print(f"  distill (none): stats {st:.3f} ms ({st/gemm:.2f}x)  loss+grad {lg:.3f} ms ({lg/gemm:.2f}x, "
               f"predicted 4: s, t and two cuBLAS GEMMs)", flush=True)
-        del x, y, t
+        del x, y, t, rt
 
 
 if __name__ == "__main__":

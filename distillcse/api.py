@@ -121,8 +121,10 @@ def _distill(student, teachers, options, backend):
     options["step_seed"] = _step_seed(seed) if options["shuffle"] == "random" else None
     if backend == "triton":
         from .triton_backend import distill
+        if len(teachers) == 1:  # its raw rows: the kernels normalise on the fly, no [B, Dt] copy
+            return distill(student, teachers[0], student_temperature, options, unit_rows=False)
         return distill(student, _teacher_rows(teachers, weights, student.dtype),
-                       student_temperature, options)
+                       student_temperature, options, unit_rows=True)
     u = _normalize(student)
     return DistillChunked.apply(u, _teacher_rows(teachers, weights, u.dtype), student_temperature, options)
 

@@ -53,23 +53,24 @@ class ContrastiveFused(torch.autograd.Function):
 
 
 class DistillFused(torch.autograd.Function):
-    """Distillation over student z [B, D] and teacher rows T [B, Dt], any shuffle: the forward
-    computes the loss and, when z needs it, the gradient of the summed loss rows (so a random
-    shuffle is drawn once per step and nothing is recomputed); the backward scales it."""
+    """Distillation over student z [B, D] and teacher rows t [B, Dt] with fp32 inverse norms
+    rt [B] (``t_ij = (t_i . t_j) rt_i rt_j``), any shuffle: the forward computes the loss and,
+    when z needs it, the gradient of the summed loss rows (so a random shuffle is drawn once per
+    step and nothing is recomputed); the backward scales it."""
 
     @staticmethod
-    def forward(ctx, z, T, student_temperature, options):
+    def forward(ctx, z, t, rt, student_temperature, options):
         r = _inv_norms(z)
         ss, ts, gs = 1.0 / student_temperature, 1.0 / options["teacher_temperature"], 1.0 / options["grouping_temperature"]
-        lse_s, lse_t, lse_g, t_min, t_max = distill_row_stats(z, r, T, ss, ts, gs)
+        lse_s, lse_t, lse_g, t_min, t_max = distill_row_stats(z, r, t, rt, ss, ts, gs)
         shuffle, groups = options["shuffle"], {}
         if shuffle != "none":
-            groups["thr"] = group_thresholds(T, lse_g, t_min, t_max, gs, group_p=options["group_p"],
+            groups["thr"] = group_thresholds(t, rt, lse_g, t_min, t_max, gs, group_p=options["group_p"],
                                              group_size=options["group_size"])
         if shuffle == "expected":
-            groups["qbar"] = group_means(T, lse_t, groups["thr"], ts)
+            groups["qbar"] = group_means(t, rt, lse_t, groups["thr"], ts)
         loss_rows, dz_sum = distill_loss_and_grad(
-            z, r, T, lse_s, lse_t, ss, ts, shuffle=shuffle, step_seed=options["step_seed"],
+            z, r, t, rt, lse_s, lse_t, ss, ts, shuffle=shuffle, step_seed=options["step_seed"],
             budget_bytes=config.chunk_budget_bytes(), need_grad=ctx.needs_input_grad[0], **groups)
         ctx.save_for_backward(dz_sum)
         return loss_rows.mean()
@@ -78,7 +79,7 @@ class DistillFused(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         dz_sum, = ctx.saved_tensors  # d(sum of loss rows)/dz
-        return dz_sum * (grad_out.float() / dz_sum.shape[0]), None, None, None  # fp32 scale, one rounding
+        return dz_sum * (grad_out.float() / dz_sum.shape[0]), None, None, None, None  # fp32 scale, one rounding
 
 
 def contrastive(z1, columns, scale):
@@ -86,11 +87,16 @@ def contrastive(z1, columns, scale):
     return ContrastiveFused.apply(z1, columns, scale)
 
 
-def distill(z, T, student_temperature, options):
-    """The distillation term; ``T`` [B, Dt] weighted unit teacher rows in z's dtype."""
+def distill(z, t, student_temperature, options, *, unit_rows):
+    """The distillation term. ``t`` [B, Dt]: K teachers' weighted unit rows side by side
+    (``unit_rows``), or one teacher's raw rows, which the kernels read as they are (float64
+    ones cast to z's dtype) with their inverse norms."""
     _check_dtype(z)
+    if t.dtype not in KERNEL_DTYPES:
+        t = t.to(z.dtype)
+    rt = torch.ones(t.shape[0], device=t.device) if unit_rows else _inv_norms(t)
     G = num_groups(z.shape[0], options["group_p"], options["group_size"])
     if options["shuffle"] != "none" and G > MAX_KERNEL_GROUPS:
         u = z.float() / z.float().norm(dim=-1, keepdim=True).clamp_min(EPS)
-        return DistillChunked.apply(u, T.float(), student_temperature, options)
-    return DistillFused.apply(z, T, student_temperature, options)
+        return DistillChunked.apply(u, t.float() * rt[:, None], student_temperature, options)
+    return DistillFused.apply(z, t, rt, student_temperature, options)

@@ -16,8 +16,10 @@ Conventions shared by every kernel:
   * Embeddings come raw (any float dtype, row stride arbitrary, unit feature stride) with
     fp32 inverse norms ``r = 1 / max(|x|, 1e-8)``; a cosine is ``(x_i . y_j) * r_i * r_j``,
     the dot accumulated in fp32.
-  * Teacher rows come pre-normalised and pre-weighted (``sqrt(w_k) e_k / |e_k|``,
-    concatenated over the K teachers), so ``t_ij = t_i . t_j``.
+  * Teacher rows come the same way (raw, fp32 inverse norms ``rt``, a dtype that need not be
+    the student's): ``t_ij = (t_i . t_j) * rt_i * rt_j``, computed by every kernel through
+    ``group_partition.teacher_logits``. One teacher passes its own rows and norms; K teachers
+    pass their rows ``sqrt(w_k) e_k / |e_k|`` side by side with ``rt = 1``.
   * Gradients are returned w.r.t. the raw rows, in their dtype, the normalisation's backward
     ``r (du - u (u . du))`` included (accumulated in fp32).
   * Row statistics (logsumexps) are fp32 vectors of length B: extra memory O(B); the

@@ -1,10 +1,11 @@
 """Distillation term (SPEC sections 3-6): row statistics, then the loss and its gradient,
 streamed over tiles so that the B x B logits never exist in memory.
 
-Student logits ``s_ij = (x_i . x_j) rx_i rx_j``, teacher logits ``t_ij = t_i . t_j``; only
-``j != i`` takes part. Targets ``q_ij = exp(t_ij * teacher_scale - lse_t_i)``, shuffled into
-``q~`` within the Group-P groups ``group_i(j) = #{g : t_ij < thr[i, g]}`` (thresholds from
-``group_partition.group_thresholds``):
+Student logits ``s_ij = (x_i . x_j) rx_i rx_j``, teacher logits ``t_ij = (t_i . t_j) rt_i rt_j``
+(raw rows of any float dtype, fp32 inverse norms; ``group_partition.teacher_logits``, which
+every teacher-reading kernel shares); only ``j != i`` takes part. Targets
+``q_ij = exp(t_ij * teacher_scale - lse_t_i)``, shuffled into ``q~`` within the Group-P groups
+``group_i(j) = #{g : t_ij < thr[i, g]}`` (thresholds from ``group_partition.group_thresholds``):
   none      ``q~ = q``;
   expected  ``q~_ij = qbar[i, group_i(j)]`` (``group_partition.group_means``);
   random    ``q~_ij = q_ij'``, j' the member of j's group whose column-order rank is
@@ -34,6 +35,7 @@ import triton
 import triton.language as tl
 
 from ..shuffle import feistel_shape, group_keys
+from .group_partition import teacher_logits
 from .tiles import dot_tile
 from .utils import dot_precision, unit_stride_rows
 
@@ -45,7 +47,8 @@ SHUFFLES = ("none", "expected", "random")  # the TARGETS constexpr of _distill_s
 def _logit_tiles(
     p_x,  # [B, D] student rows, raw
     p_rx,  # [B] fp32 inverse norms
-    p_t,  # [B, Dt] teacher rows, normalised and weighted
+    p_t,  # [B, Dt] teacher rows, raw
+    p_rt,  # [B] fp32 inverse norms
     s_x, s_t, o_m, o_n, m_m, m_n, D, Dt,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDT: tl.constexpr,
     PREC_X: tl.constexpr, PREC_T: tl.constexpr,
@@ -56,7 +59,7 @@ def _logit_tiles(
     b_rxm = tl.load(p_rx + o_m, mask=m_m, other=0.0)
     b_rxn = tl.load(p_rx + o_n, mask=m_n, other=0.0)
     b_s = b_s * b_rxm[:, None] * b_rxn[None, :]
-    b_t = dot_tile(p_t, p_t, o_m, m_m, o_n, m_n, Dt, s_t, s_t, BDT, PREC_T)  # [BM, BN]
+    b_t = teacher_logits(p_t, p_rt, o_m, m_m, o_n, m_n, Dt, s_t, BDT, PREC_T)  # [BM, BN]
     return b_s, b_t
 
 
@@ -64,7 +67,8 @@ def _logit_tiles(
 def _distill_row_stats_kernel(
     p_x,  # [B, D] student rows, raw
     p_rx,  # [B] fp32 inverse norms
-    p_t,  # [B, Dt] teacher rows
+    p_t,  # [B, Dt] teacher rows, raw
+    p_rt,  # [B] fp32 inverse norms
     p_out,  # [5, B] fp32: lse_s, lse_t, lse_g, t_min, t_max
     s_x, s_t, B, D, Dt,
     student_scale, teacher_scale, grouping_scale,
@@ -84,7 +88,7 @@ def _distill_row_stats_kernel(
     for i_n in range(0, tl.cdiv(B, BN)):
         o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
         m_n = o_n < B
-        b_s, b_t = _logit_tiles(p_x, p_rx, p_t, s_x, s_t, o_m, o_n, m_m, m_n, D, Dt,
+        b_s, b_t = _logit_tiles(p_x, p_rx, p_t, p_rt, s_x, s_t, o_m, o_n, m_m, m_n, D, Dt,
                                 BM, BN, BD, BDT, PREC_X, PREC_T)
         m_valid = (o_m[:, None] != o_n[None, :]) & m_n[None, :]
         b_s = tl.where(m_valid, b_s * student_scale, float("-inf"))
@@ -152,12 +156,12 @@ def _group_permutation(x, n, key, h, b, rounds):
 
 @triton.jit
 def _teacher_groups(
-    p_t, p_thr, s_t, s_thr, o_m, m_m, o_n, m_n, Dt, n_thr,
+    p_t, p_rt, p_thr, s_t, s_thr, o_m, m_m, o_n, m_n, Dt, n_thr,
     BDT: tl.constexpr, PREC_T: tl.constexpr,
 ):
     """Teacher logits t [BM, BN] fp32 and group ids [BM, BN] int32 (-1 off the off-diagonal
     in-range entries): ``group = #{g : t < thr[row, g]}``, as the expected mode classifies."""
-    b_t = dot_tile(p_t, p_t, o_m, m_m, o_n, m_n, Dt, s_t, s_t, BDT, PREC_T)  # [BM, BN]
+    b_t = teacher_logits(p_t, p_rt, o_m, m_m, o_n, m_n, Dt, s_t, BDT, PREC_T)  # [BM, BN]
     b_grp = tl.zeros(b_t.shape, dtype=tl.int32)
     for i_g in range(0, n_thr):
         b_thr = tl.load(p_thr + o_m * s_thr + i_g, mask=m_m, other=float("-inf"))  # [BM]
@@ -193,7 +197,8 @@ def _slab_program(row0, B, R, BM: tl.constexpr):
 
 @triton.jit
 def _group_counts_kernel(
-    p_t,  # [B, Dt] teacher rows (normalised, weighted)
+    p_t,  # [B, Dt] teacher rows, raw
+    p_rt,  # [B] fp32 inverse norms
     p_thr,  # [B, G-1] fp32 group thresholds
     p_counts,  # [R, C, G] int32 out: members of group g in chunk c of slab row r
     row0, B, Dt, s_t, s_thr, n_thr, chunk_width, R,
@@ -208,7 +213,7 @@ def _group_counts_kernel(
     for i_n in range(0, tl.cdiv(chunk_width, BN)):
         o_n = col0 + i_n * BN + tl.arange(0, BN).to(tl.int64)
         m_n = (o_n < B) & (o_n < col0 + chunk_width)
-        _, b_grp = _teacher_groups(p_t, p_thr, s_t, s_thr, o_m, m_m, o_n, m_n, Dt, n_thr, BDT, PREC_T)
+        _, b_grp = _teacher_groups(p_t, p_rt, p_thr, s_t, s_thr, o_m, m_m, o_n, m_n, Dt, n_thr, BDT, PREC_T)
         for g in range(0, n_groups):
             b_counts += tl.where(o_g == g, tl.sum((b_grp == g).to(tl.int32), axis=1)[:, None], 0)
     p_out = p_counts + (o_r[:, None] * n_chunks + i_c) * n_groups + o_g
@@ -217,7 +222,8 @@ def _group_counts_kernel(
 
 @triton.jit
 def _compact_targets_kernel(
-    p_t,  # [B, Dt] teacher rows
+    p_t,  # [B, Dt] teacher rows, raw
+    p_rt,  # [B] fp32 inverse norms
     p_thr,  # [B, G-1] fp32
     p_lse_t,  # [B] fp32 teacher logsumexps
     p_first,  # [R, C, G] int32: compact position of chunk c's first member of group g
@@ -235,7 +241,7 @@ def _compact_targets_kernel(
     for i_n in range(0, tl.cdiv(chunk_width, BN)):
         o_n = col0 + i_n * BN + tl.arange(0, BN).to(tl.int64)
         m_n = (o_n < B) & (o_n < col0 + chunk_width)
-        b_t, b_grp = _teacher_groups(p_t, p_thr, s_t, s_thr, o_m, m_m, o_n, m_n, Dt, n_thr, BDT, PREC_T)
+        b_t, b_grp = _teacher_groups(p_t, p_rt, p_thr, s_t, s_thr, o_m, m_m, o_n, m_n, Dt, n_thr, BDT, PREC_T)
         b_pos, b_next = _compact_positions(b_grp, b_next, n_groups, BG)
         b_lse_t = tl.load(p_lse_t + o_m, mask=m_m, other=0.0)
         b_q = tl.exp(b_t * teacher_scale - b_lse_t[:, None])  # q_ij [BM, BN]
@@ -246,7 +252,8 @@ def _compact_targets_kernel(
 def _distill_slab_kernel(
     p_x,  # [B, D] student rows, raw
     p_rx,  # [B] fp32 inverse norms
-    p_t,  # [B, Dt] teacher rows
+    p_t,  # [B, Dt] teacher rows, raw
+    p_rt,  # [B] fp32 inverse norms
     p_thr,  # [B, G-1] fp32 (expected, random)
     p_lse_s,  # [B] fp32 student logsumexps
     p_lse_t,  # [B] fp32 teacher logsumexps (none)
@@ -282,16 +289,16 @@ def _distill_slab_kernel(
         o_n = col0 + i_n * BN + tl.arange(0, BN).to(tl.int64)
         m_n = (o_n < B) & (o_n < col0 + chunk_width)
         if TARGETS == 0:
-            b_t = dot_tile(p_t, p_t, o_m, m_m, o_n, m_n, Dt, s_t, s_t, BDT, PREC_T)  # [BM, BN]
+            b_t = teacher_logits(p_t, p_rt, o_m, m_m, o_n, m_n, Dt, s_t, BDT, PREC_T)  # [BM, BN]
             m_in = (o_m[:, None] != o_n[None, :]) & m_m[:, None] & m_n[None, :]
             b_lse_t = tl.load(p_lse_t + o_m, mask=m_m, other=0.0)
             b_qt = tl.exp(b_t * teacher_scale - b_lse_t[:, None])  # q [BM, BN]
         elif TARGETS == 1:
-            b_t, b_grp = _teacher_groups(p_t, p_thr, s_t, s_thr, o_m, m_m, o_n, m_n, Dt, n_thr, BDT, PREC_T)
+            b_t, b_grp = _teacher_groups(p_t, p_rt, p_thr, s_t, s_thr, o_m, m_m, o_n, m_n, Dt, n_thr, BDT, PREC_T)
             m_in = b_grp >= 0
             b_qt = tl.load(p_qbar + o_m[:, None] * n_groups + b_grp, mask=m_in, other=0.0)  # cache-resident gather
         else:
-            _, b_grp = _teacher_groups(p_t, p_thr, s_t, s_thr, o_m, m_m, o_n, m_n, Dt, n_thr, BDT, PREC_T)
+            _, b_grp = _teacher_groups(p_t, p_rt, p_thr, s_t, s_thr, o_m, m_m, o_n, m_n, Dt, n_thr, BDT, PREC_T)
             b_pos, b_next = _compact_positions(b_grp, b_next, n_groups, BG)
             m_in = b_pos >= 0
             # sigma's parameters of each member's group (non-members: size 1, so sigma(0) = 0)
@@ -332,53 +339,70 @@ def _distill_slab_kernel(
     tl.store(p_cross + o_r * n_chunks + i_c, b_cross, mask=m_m)
 
 
-def _stats_blocks(B: int) -> dict:
+def _fp32_dots(x_dtype, t_dtype):
+    """(whether the student or the teacher is fp32, whether that fp32 tl.dot runs on FMAs:
+    full precision, PyTorch's "highest")."""
+    fp32 = torch.float32 in (x_dtype, t_dtype)
+    return fp32, fp32 and dot_precision(torch.float32) == "ieee"
+
+
+def _stats_blocks(B: int, fp32_dots: bool) -> dict:
     """Row, column and feature blocks of the statistics pass. The interpreter is fastest on
     large blocks. On a GPU a row block shrinks to 16..64 rows so that mid-sized batches still
-    give ~128 programs."""
+    give ~128 programs; feature chunks are 32 wide when the student or the teacher is fp32
+    (sm_90, D = 768: 64 wide spills 20-32 bytes with FMA dots, 32 wide 4-12), else 64."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         bm = min(128, max(16, triton.next_power_of_2(B)))
         return dict(BM=bm, BN=bm, BD=64, BDT=64, num_warps=4)
     bm = min(64, max(16, triton.next_power_of_2(triton.cdiv(B, 128))))
-    return dict(BM=bm, BN=64, BD=64, BDT=64, num_warps=4)
+    bd = 32 if fp32_dots else 64
+    return dict(BM=bm, BN=64, BD=bd, BDT=bd, num_warps=4)
 
 
-def _slab_blocks(B: int, shuffle: str, fma_dots: bool):
+def _slab_blocks(B: int, shuffle: str, fp32_dots: bool, fma_dots: bool):
     """(blocks of the random mode's count and compaction kernels, blocks of the slab kernel),
-    from offline sm_90 compiles (``benchmarks/compile_sm90.py --what distill``, D = 768): the
-    largest wgmma tiles that compile without spills in bf16, fp16 and TF32 (8 warps): 64 x 64
-    for the count and compaction kernels (124-240 registers), and for the slab kernel 64 x 128
-    with shuffle none (252-255), 64 x 64 with expected (236-255 and 8 bytes of spills in
-    bf16 / fp16: its column side classifies the entries again; 64 x 128 spills 224-292 bytes), 32 x 64 (mma.sync, 202-238) with random
-    (the permutation's state) and with fp32 "ieee" FMA dots. Column tiles must divide the
-    chunk width (powers of two). Under the interpreter few large blocks run fastest."""
+    from offline sm_90 compiles (``benchmarks/compile_sm90.py --what distill``, D = 768, 8
+    warps): the largest wgmma tiles that compile without spills in bf16, fp16 and TF32: 64 x 64
+    for the count and compaction kernels (123-230 registers), and for the slab kernel 64 x 128
+    with shuffle none (254-255), 64 x 64 with expected (232-254: its column side classifies
+    the entries again; 64 x 128 spills 268-312 bytes), 32 x 64 with random (mma.sync, 240-248:
+    the permutation's state) and with fp32 "ieee" FMA dots, the student's or the teacher's
+    (180-255; 32 x 32 with random, whose 32 x 64 spills 24 bytes; the count kernel spills 4).
+    Feature chunks are 32 wide when the student or the teacher is fp32 (64 wide spills up to
+    100 bytes there), else 64. Column tiles must divide the chunk width (powers of two). Under
+    the interpreter few large blocks run fastest."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         bm = min(64, max(16, triton.next_power_of_2(B)))
         blocks = dict(BM=bm, BN=bm, BDT=64, num_warps=4)
         return blocks, dict(blocks, BD=64)
-    if shuffle == "random" or fma_dots:
+    bd = 32 if fp32_dots else 64
+    if fma_dots:
+        slab = dict(BM=32, BN=32 if shuffle == "random" else 64)
+    elif shuffle == "random":
         slab = dict(BM=32, BN=64)
     else:
         slab = dict(BM=64, BN=128 if shuffle == "none" else 64)
-    return dict(BM=64, BN=64, BDT=64, num_warps=8), dict(slab, BD=64, BDT=64, num_warps=8)
+    return dict(BM=64, BN=64, BDT=bd, num_warps=8), dict(slab, BD=bd, BDT=bd, num_warps=8)
 
 
-def _prepare(x, rx, t):
-    """Unit feature strides, a contiguous ``rx`` and the dot precisions of x and t."""
+def _prepare(x, rx, t, rt):
+    """Unit feature strides, contiguous ``rx`` and ``rt`` and the dot precisions of x and t
+    (each operand's own: the teacher may come in fp32 while the student is in bf16)."""
     x, t = unit_stride_rows(x), unit_stride_rows(t)
-    return x, rx.contiguous(), t, dict(PREC_X=dot_precision(x.dtype), PREC_T=dot_precision(t.dtype))
+    prec = dict(PREC_X=dot_precision(x.dtype), PREC_T=dot_precision(t.dtype))
+    return x, rx.contiguous(), t, rt.contiguous(), prec
 
 
-def distill_row_stats(x, rx, t, student_scale, teacher_scale, grouping_scale):
-    """One streaming pass. ``x`` [B, D], ``rx`` [B] fp32, ``t`` [B, Dt]. Returns five fp32 [B]
-    vectors: lse_s, lse_t, lse_g (logsumexps over j != i of s * student_scale, t * teacher_scale,
-    t * grouping_scale) and t_min, t_max (min / max over j != i of t)."""
-    x, rx, t, prec = _prepare(x, rx, t)
+def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale):
+    """One streaming pass. ``x`` [B, D], ``rx`` [B] fp32, ``t`` [B, Dt], ``rt`` [B] fp32. Returns
+    five fp32 [B] vectors: lse_s, lse_t, lse_g (logsumexps over j != i of s * student_scale,
+    t * teacher_scale, t * grouping_scale) and t_min, t_max (min / max over j != i of t)."""
+    x, rx, t, rt, prec = _prepare(x, rx, t, rt)
     B, D = x.shape
-    blocks = _stats_blocks(B)
+    blocks = _stats_blocks(B, _fp32_dots(x.dtype, t.dtype)[0])
     out = torch.empty((5, B), device=x.device, dtype=torch.float32)
     _distill_row_stats_kernel[(triton.cdiv(B, blocks["BM"]),)](
-        x, rx, t, out, x.stride(0), t.stride(0), B, D, t.shape[1],
+        x, rx, t, rt, out, x.stride(0), t.stride(0), B, D, t.shape[1],
         float(student_scale), float(teacher_scale), float(grouping_scale), **blocks, **prec)
     return tuple(out.unbind(0))
 
@@ -428,22 +452,23 @@ def unit_rows_backward(du, x, rx, budget_bytes):
     return du.to(x.dtype)
 
 
-def distill_loss_and_grad(x, rx, t, lse_s, lse_t, student_scale, teacher_scale, *, shuffle="none",
+def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_scale, *, shuffle="none",
                           thr=None, qbar=None, step_seed=None, budget_bytes, need_grad=True, chunks=None):
     """Loss rows [B] fp32 and dx [B, D] in x's dtype (None without ``need_grad``):
     ``loss_i = lse_s_i - student_scale sum_{j != i} q~_ij s_ij`` and ``dx = d(sum_i loss_i)/dx``
     through ``u = x rx``.
 
-    ``x`` [B, D] raw student rows, ``rx`` [B] fp32 inverse norms, ``t`` [B, Dt] teacher rows,
-    ``lse_s``, ``lse_t`` [B] fp32 (``distill_row_stats``). ``shuffle`` "none"; "expected" with
+    ``x`` [B, D] raw student rows, ``rx`` [B] fp32 inverse norms, ``t`` [B, Dt] raw teacher rows
+    (fp16, bf16 or fp32, x's dtype or not), ``rt`` [B] fp32 their inverse norms, ``lse_s``,
+    ``lse_t`` [B] fp32 (``distill_row_stats``). ``shuffle`` "none"; "expected" with
     ``thr`` [B, G-1] and ``qbar`` [B, G]; or "random" with ``thr`` and ``step_seed`` (64-bit).
     Rows go in slabs whose [R, B] buffers fit ``budget_bytes`` (at least one row block);
     ``chunks`` (column chunks per slab row) defaults to enough programs to fill the GPU.
     Extra memory besides the slab: none / expected [R, D] fp32 per slab; random [B, D] fp32
     (the column side adds to every row).
     """
-    x, t = unit_stride_rows(x), unit_stride_rows(t)
-    rx, lse_s, lse_t = rx.contiguous(), lse_s.float().contiguous(), lse_t.float().contiguous()
+    x, rx, t, rt, prec = _prepare(x, rx, t, rt)
+    lse_s, lse_t = lse_s.float().contiguous(), lse_t.float().contiguous()
     B, D = x.shape
     targets = SHUFFLES.index(shuffle)
     if shuffle == "none":
@@ -454,9 +479,7 @@ def distill_loss_and_grad(x, rx, t, lse_s, lse_t, student_scale, teacher_scale, 
     qbar = unit_stride_rows(qbar.float()) if shuffle == "expected" else lse_t
     G = n_thr + 1
     BG = max(2, triton.next_power_of_2(G))
-    prec = dict(PREC_X=dot_precision(x.dtype), PREC_T=dot_precision(t.dtype))
-    fma_dots = x.dtype == torch.float32 and prec["PREC_X"] == "ieee"  # fp32 at "highest" precision
-    teacher_blocks, slab_blocks = _slab_blocks(B, shuffle, fma_dots)
+    teacher_blocks, slab_blocks = _slab_blocks(B, shuffle, *_fp32_dots(x.dtype, t.dtype))
     BM = max(teacher_blocks["BM"], slab_blocks["BM"])
     BN = max(teacher_blocks["BN"], slab_blocks["BN"])
     grad_dtype = torch.float32 if x.dtype == torch.float32 else torch.bfloat16
@@ -487,15 +510,15 @@ def distill_loss_and_grad(x, rx, t, lse_s, lse_t, student_scale, teacher_scale, 
             teacher_grid = (triton.cdiv(rows, teacher_blocks["BM"]), chunks)
             counts = torch.empty(rows, chunks, G, device=x.device, dtype=torch.int32)
             _group_counts_kernel[teacher_grid](
-                t, thr, counts, row0, B, t.shape[1], t.stride(0), thr.stride(0), n_thr, chunk_width, rows,
+                t, rt, thr, counts, row0, B, t.shape[1], t.stride(0), thr.stride(0), n_thr, chunk_width, rows,
                 BG=BG, PREC_T=prec["PREC_T"], **teacher_blocks)
             first, perm = _permutation_tables(counts, torch.arange(row0, row0 + rows, device=x.device), step_seed)
             _compact_targets_kernel[teacher_grid](
-                t, thr, lse_t, first, compact, row0, B, t.shape[1], t.stride(0), thr.stride(0), n_thr,
+                t, rt, thr, lse_t, first, compact, row0, B, t.shape[1], t.stride(0), thr.stride(0), n_thr,
                 chunk_width, rows, float(teacher_scale), BG=BG, PREC_T=prec["PREC_T"], **teacher_blocks)
         cross = torch.empty(rows, chunks, device=x.device, dtype=torch.float32)
         _distill_slab_kernel[(triton.cdiv(rows, slab_blocks["BM"]), chunks)](
-            x, rx, t, thr, lse_s, lse_t, qbar, first, compact, perm, cross, grad, row0, B, D, t.shape[1],
+            x, rx, t, rt, thr, lse_s, lse_t, qbar, first, compact, perm, cross, grad, row0, B, D, t.shape[1],
             x.stride(0), t.stride(0), thr.stride(0), n_thr, chunk_width, rows, float(student_scale),
             float(teacher_scale), BG=BG, TARGETS=targets, WRITE_GRAD=need_grad, **prec, **slab_blocks)
         loss[row0:row0 + rows] = lse_s[row0:row0 + rows] - student_scale * cross.sum(1)

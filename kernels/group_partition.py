@@ -1,12 +1,13 @@
 """Group-P partition of the teacher's rows (SPEC sections 4 and 5) without sorting and
 without B x B memory.
 
-Row i's off-diagonal teacher logits ``t_ij = t_i . t_j`` are split into G groups. With the
-mass function ``F_i(x) = sum_{j != i, t_ij >= x} pi_ij`` (``pi`` the softmax at the grouping
-scale) and the count ``N_i(x) = #{j != i : t_ij >= x}``, an element of value v lies in group
->= g iff the predicate ``floor(F_i(v) / P) >= g`` (by mass) or ``N_i(v) - 1 >= g * S`` (fixed
-size) holds. Both are monotone in v, so boundary g is a threshold ``thr[i, g-1]``:
-``t_ij`` is in group >= g iff ``t_ij < thr[i, g-1]``, and ``group_i(j) = #{g : t_ij < thr[i, g]}``.
+Row i's off-diagonal teacher logits ``t_ij = (t_i . t_j) rt_i rt_j`` (raw rows, fp32 inverse
+norms: ``teacher_logits``) are split into G groups. With the mass function
+``F_i(x) = sum_{j != i, t_ij >= x} pi_ij`` (``pi`` the softmax at the grouping scale) and the
+count ``N_i(x) = #{j != i : t_ij >= x}``, an element of value v lies in group >= g iff the
+predicate ``floor(F_i(v) / P) >= g`` (by mass) or ``N_i(v) - 1 >= g * S`` (fixed size)
+holds. Both are monotone in v, so boundary g is a threshold ``thr[i, g-1]``: ``t_ij`` is in
+group >= g iff ``t_ij < thr[i, g-1]``, and ``group_i(j) = #{g : t_ij < thr[i, g]}``.
 
 ``group_thresholds`` finds every threshold in a few passes over the teacher's columns (one
 streaming kernel launch per pass and row chunk, one host sync per pass). Per (row, boundary)
@@ -28,9 +29,12 @@ A window that contains the answer and at most ``BUFFER`` values settles its boun
 host: its values sorted in descending order, the measure accumulated down from the window's
 top, the answer is the largest value whose measure passes. A (row, boundary) is done when
 lo == hd, the largest value in group >= g; ``thr = (hd + hu) / 2`` sits in the middle of the
-gap above it, so that a kernel recomputing ``t_ij`` in another summation order still
-classifies every entry the same way. On real MiniLM sentence embeddings the search takes 2-4
-passes from B = 256 to 65,536 (``benchmarks/group_search_passes.py``).
+gap above it, so that a kernel recomputing ``t_ij`` in another summation order (other blocks,
+or the transposed tile: ``t_ji``) still classifies every entry the same way. Every kernel
+computes t through ``teacher_logits``, one expression in one operation order
+(``dot * rt_i * rt_j``), so two kernels' values can differ only where their dots sum in
+another order or the tile is transposed. On real MiniLM sentence embeddings the search takes
+2-4 passes from B = 256 to 65,536 (``benchmarks/group_search_passes.py``).
 ``group_means`` then averages the targets ``q_ij`` over each group in one pass.
 """
 import math
@@ -56,8 +60,27 @@ STATS_MARGIN = 1e-3  # the bracket starts at [t_min - margin, t_max + margin]: t
 
 
 @triton.jit
+def teacher_logits(
+    p_t,  # [B, Dt] teacher rows, raw (any float dtype), row stride s_t, unit feature stride
+    p_rt,  # [B] fp32 inverse norms (ones for pre-normalised rows)
+    o_m, m_m,  # [BM] rows (int64) and mask
+    o_n, m_n,  # [BN] columns and mask
+    Dt, s_t,
+    BDT: tl.constexpr, PREC_T: tl.constexpr,
+):
+    """Teacher logits ``t_ij = (t_i . t_j) rt_i rt_j`` of rows o_m against columns o_n, [BM, BN]
+    fp32 (masked entries 0). The one place every kernel computes t, so that all of them
+    classify the values the same way (see the module docstring)."""
+    b_t = dot_tile(p_t, p_t, o_m, m_m, o_n, m_n, Dt, s_t, s_t, BDT, PREC_T)  # [BM, BN]
+    b_rt_m = tl.load(p_rt + o_m, mask=m_m, other=0.0)
+    b_rt_n = tl.load(p_rt + o_n, mask=m_n, other=0.0)
+    return b_t * b_rt_m[:, None] * b_rt_n[None, :]
+
+
+@triton.jit
 def _group_probe_kernel(
     p_t,  # [B, Dt] teacher rows, row stride s_t
+    p_rt,  # [B] fp32 inverse norms
     p_lse,  # [B] fp32 logsumexp_{j != i}(t_ij * grouping_scale) (unused when FIXED)
     p_rows,  # [R] int64 rows evaluated by this launch
     p_x,  # [R, BP] fp32 probe points
@@ -98,7 +121,7 @@ def _group_probe_kernel(
     for i_n in range(i_first, tl.minimum(i_first + tiles_per_split, tl.cdiv(B, BN))):
         o_n = i_n * BN + tl.arange(0, BN)
         m_n = o_n < B
-        b_t = dot_tile(p_t, p_t, o_m, m_r, o_n, m_n, Dt, s_t, s_t, BD, PRECISION)  # [BM, BN]
+        b_t = teacher_logits(p_t, p_rt, o_m, m_r, o_n, m_n, Dt, s_t, BD, PRECISION)  # [BM, BN]
         m_v = (o_m[:, None] != o_n[None, :]) & m_n[None, :]
         if FIXED:
             b_w = m_v.to(tl.int32)
@@ -124,6 +147,7 @@ def _group_probe_kernel(
 @triton.jit
 def _group_means_kernel(
     p_t,  # [B, Dt] teacher rows, row stride s_t
+    p_rt,  # [B] fp32 inverse norms
     p_lse,  # [B] fp32 logsumexp_{j != i}(t_ij * teacher_scale)
     p_thr,  # [B, G-1] fp32, row stride s_thr
     p_qbar,  # [B, G] fp32 out, contiguous
@@ -145,7 +169,7 @@ def _group_means_kernel(
     for i_n in range(0, tl.cdiv(B, BN)):
         o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
         m_n = o_n < B
-        b_t = dot_tile(p_t, p_t, o_m, m_m, o_n, m_n, Dt, s_t, s_t, BD, PRECISION)  # [BM, BN]
+        b_t = teacher_logits(p_t, p_rt, o_m, m_m, o_n, m_n, Dt, s_t, BD, PRECISION)  # [BM, BN]
         m_v = (o_m[:, None] != o_n[None, :]) & m_n[None, :]
         b_q = tl.exp(b_t * teacher_scale - b_lse[:, None])
         b_grp = tl.sum((b_t[:, :, None] < b_thr[:, None, :]).to(tl.int32), axis=2)  # [BM, BN]
@@ -161,8 +185,9 @@ def _blocks() -> dict:
     """Row, column and feature blocks. Under the interpreter large blocks run fastest. On a GPU
     the [BM, BN, BP] and [BM, BN, BG] intermediates and the dot's operands share the registers:
     with 16 x 16 tiles, BD = 32 and 8 warps, sm_90 builds (fp32, tf32, bf16; by mass or fixed
-    size) of the grid pass (BP = 64) and of the later passes up to G - 1 = 16 (BP = BG = 16)
-    take 190-255 registers without spills; G - 1 = 17..63 spills up to 128 bytes in some."""
+    size) of the grid pass (BP = 64) and of the later passes up to G - 1 = 32 (BP = BG = 32;
+    built at G - 1 = 9, 16, 17, 32) take 155-255 registers without spills; G - 1 = 33..63
+    (BG = 64), last built before the teacher's inverse norms came in, spilled up to 128 bytes."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return dict(BM=64, BN=64, BD=64)
     return dict(BM=16, BN=16, BD=32, num_warps=8)
@@ -180,10 +205,11 @@ def num_groups(B, group_p=0.1, group_size=None) -> int:
     return max(1, math.ceil(1.0 / group_p))
 
 
-def group_thresholds(t, lse_g, t_min, t_max, grouping_scale, *, group_p=0.1, group_size=None):
+def group_thresholds(t, rt, lse_g, t_min, t_max, grouping_scale, *, group_p=0.1, group_size=None):
     """thr [B, G-1] fp32 (shape [B, 0] when G == 1): ``t_ij`` (j != i) is in group >= g iff
-    ``t_ij < thr[i, g-1]``; thr is non-increasing in g. ``t`` [B, Dt] teacher rows (normalised,
-    weighted, concatenated); ``lse_g``, ``t_min``, ``t_max`` fp32 [B] row statistics over j != i.
+    ``t_ij < thr[i, g-1]``; thr is non-increasing in g. ``t`` [B, Dt] teacher rows (fp16, bf16
+    or fp32) and ``rt`` [B] fp32 their inverse norms (``teacher_logits``); ``lse_g``, ``t_min``,
+    ``t_max`` fp32 [B] row statistics over j != i.
     ``group_size``, when given, selects the fixed-size variant (``lse_g`` is then unused).
     A few passes, each one launch per row chunk and one host sync."""
     t = unit_stride_rows(t)
@@ -198,12 +224,13 @@ def group_thresholds(t, lse_g, t_min, t_max, grouping_scale, *, group_p=0.1, gro
     if B < 2:  # no off-diagonal entry: any threshold is right
         return torch.zeros((B, G - 1), device=t.device, dtype=torch.float32)
     lse_g = lse_g.float().contiguous()
-    evaluate = _kernel_probes(t, lse_g, float(grouping_scale), G - 1, group_size is not None)
+    evaluate = _kernel_probes(t, rt.contiguous(), lse_g, float(grouping_scale), G - 1, group_size is not None)
     return _search(evaluate, t_min, t_max, lse_g, grouping_scale, G - 1, B, group_p, group_size)
 
 
-def _kernel_probes(t, lse_g, grouping_scale, G1, fixed):
-    """``evaluate(rows, x, windows)`` for ``_search`` by ``_group_probe_kernel``: rows [R] int64,
+def _kernel_probes(t, rt, lse_g, grouping_scale, G1, fixed):
+    """``evaluate(rows, x, windows)`` for ``_search`` by ``_group_probe_kernel`` on the teacher
+    rows ``t`` [B, Dt] (unit feature stride) and their inverse norms ``rt`` [B]: rows [R] int64,
     x [R, BP] probe points, windows None or (wlo, whi) [R, G1] -> the measure, min{t >= x},
     max{t < x} [R, BP] and, with windows, count [R, G1] and buffer [R, G1, BUFFER]."""
     B, Dt = t.shape
@@ -226,7 +253,7 @@ def _kernel_probes(t, lse_g, grouping_scale, G1, fixed):
             count = torch.zeros((R, G1), device=t.device, dtype=torch.int32)
             buf = torch.empty((R, G1, BUFFER), device=t.device, dtype=torch.float32)
         _group_probe_kernel[(row_blocks, splits)](
-            t, lse_g, rows, x, meas, above, below, wlo, whi, count, buf,
+            t, rt, lse_g, rows, x, meas, above, below, wlo, whi, count, buf,
             R, B, Dt, G1, BUFFER, t.stride(0), triton.cdiv(n_tiles, splits), grouping_scale,
             FIXED=fixed, COLLECT=windows is not None, BP=BP, BG=max(2, triton.next_power_of_2(G1)),
             PRECISION=dot_precision(t.dtype), **cfg)
@@ -450,10 +477,10 @@ def _settle(new, windows, top, meas, above, count, buf, rule, lse):
     new["hu"] = torch.where(found, v_up, new["hu"])
 
 
-def group_means(t, lse_t, thr, teacher_scale):
+def group_means(t, rt, lse_t, thr, teacher_scale):
     """qbar [B, G] fp32: ``qbar[i, g]`` = mean of ``q_ij = exp(t_ij * teacher_scale - lse_t_i)``
-    over the members j (j != i) of group g of row i, 0 for an empty group; groups from ``thr``
-    [B, G-1] as returned by ``group_thresholds``. One pass."""
+    over the members j (j != i) of group g of row i, 0 for an empty group; ``t``, ``rt`` as in
+    ``group_thresholds``, groups from its ``thr`` [B, G-1]. One pass."""
     t = unit_stride_rows(t)
     B, Dt = t.shape
     G = thr.shape[1] + 1
@@ -462,6 +489,6 @@ def group_means(t, lse_t, thr, teacher_scale):
     BG = max(2, triton.next_power_of_2(G))
     cfg = _blocks()
     _group_means_kernel[(triton.cdiv(B, cfg["BM"]),)](
-        t, lse_t.float().contiguous(), thr, qbar, B, Dt, G, t.stride(0), thr.stride(0),
+        t, rt.contiguous(), lse_t.float().contiguous(), thr, qbar, B, Dt, G, t.stride(0), thr.stride(0),
         float(teacher_scale), BG=BG, PRECISION=dot_precision(t.dtype), **cfg)
     return qbar

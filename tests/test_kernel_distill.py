@@ -16,41 +16,57 @@ STUDENT, TEACHER, GROUPING = 1 / 0.025, 1 / 0.0125, 1 / 0.7
 N_GROUPS = 10
 
 
-def _inputs(B, D, Dt, dtype, device, *, zero_row=False, strided=False, seed=0):
-    """Student rows x [B, D], inverse norms rx [B], teacher rows t [B, Dt] (two components of
-    weight 1/2, normalised and concatenated). ``strided`` gives non-contiguous views."""
+def _inputs(B, D, Dt, dtype, device, *, teacher="raw", t_dtype=None, zero_row=False,
+            zero_teacher_row=False, strided=False, seed=0):
+    """Student rows x [B, D] and inverse norms rx [B]; teacher rows t [B, Dt] in ``t_dtype``
+    (x's by default) and inverse norms rt [B] fp32: one teacher's raw rows with norms spread
+    over 1/5..5 (``teacher="raw"``), or two of weight 1/2 as the backend passes them
+    (``"concatenated"``: unit rows side by side, rt = 1). ``strided``: x and t column slices of
+    wider tensors (row strides D + 7 and Dt + 5), rx and rt of stride 2."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(B, D, generator=gen)
     k = Dt // 2
     e1 = x[:, :1].repeat(1, k) + torch.randn(B, k, generator=gen)  # teacher 1 agrees a little
     e2 = torch.randn(B, Dt - k, generator=gen)
-    t = torch.cat([e / e.norm(dim=1, keepdim=True) for e in (e1, e2)], dim=1) * math.sqrt(0.5)
+    if teacher == "raw":
+        t = torch.cat([e1, e2], dim=1) * 5.0 ** (2 * torch.rand(B, 1, generator=gen) - 1)
+    else:
+        t = torch.cat([e / e.norm(dim=1, keepdim=True) for e in (e1, e2)], dim=1) * math.sqrt(0.5)
     if zero_row:
         x[B // 2] = 0.0
-    x, t = x.to(dtype), t.to(dtype)
+    if zero_teacher_row:
+        t[B // 3] = 0.0
+    x, t = x.to(dtype), t.to(t_dtype or dtype)
     rx = 1.0 / x.float().norm(dim=1).clamp_min(1e-8)
-    if strided:
-        x = torch.cat([x, torch.ones(B, 7, dtype=dtype)], dim=1)[:, :D]  # row stride D + 7
-        t = torch.stack([t, torch.ones_like(t)], dim=2).flatten(1)[:, ::2]  # feature stride 2
-        rx = torch.stack([rx, torch.ones_like(rx)], dim=1)[:, 0]  # stride 2
-        assert not (x.is_contiguous() or t.is_contiguous() or rx.is_contiguous())
-    return x.to(device), rx.to(device), t.to(device)
+    rt = 1.0 / t.float().norm(dim=1).clamp_min(1e-8) if teacher == "raw" else torch.ones(B)
+    x, rx, t, rt = (v.to(device) for v in (x, rx, t, rt))
+    if strided:  # views made on the device (a copy there would be contiguous)
+        x = torch.cat([x, x.new_ones(B, 7)], dim=1)[:, :D]
+        t = torch.cat([t.new_ones(B, 3), t, t.new_ones(B, 2)], dim=1)[:, 3:3 + Dt]
+        rx, rt = (torch.stack([r, torch.ones_like(r)], dim=1)[:, 0] for r in (rx, rt))
+        assert not any(v.is_contiguous() for v in (x, t, rx, rt))
+    return x, rx, t, rt
 
 
-def _logits(x, rx, t):
+def _teacher_logits(t, rt):
+    """float64 t_ij = (t_i . t_j) rt_i rt_j [B, B]."""
+    v = t.double() * rt.double()[:, None]
+    return v @ v.T
+
+
+def _logits(x, rx, t, rt):
     """float64 (u, s, t, off-diagonal mask)."""
     u = x.double() * rx.double()[:, None]
-    tt = t.double() @ t.double().T
     off = ~torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
-    return u, u @ u.T, tt, off
+    return u, u @ u.T, _teacher_logits(t, rt), off
 
 
-def _groups(t):
-    """(thr [B, G-1], qbar [B, G]) in fp32: thresholds halfway between neighbouring sorted
-    off-diagonal t (so fp32 rounding of t cannot move an entry across), qbar = group means of q."""
-    B = t.shape[0]
-    tt = t.double() @ t.double().T
-    off = ~torch.eye(B, dtype=torch.bool, device=t.device)
+def _groups(tt):
+    """(thr [B, G-1], qbar [B, G]) in fp32 from float64 teacher logits ``tt`` [B, B]: thresholds
+    halfway between neighbouring sorted off-diagonal t (so fp32 rounding of t cannot move an
+    entry across), qbar = group means of q."""
+    B = tt.shape[0]
+    off = ~torch.eye(B, dtype=torch.bool, device=tt.device)
     vals = tt[off].view(B, B - 1).sort(dim=1, descending=True).values
     ext = torch.cat([vals[:, :1] + 0.5, vals, vals[:, -1:] - 0.5], dim=1)  # [B, B + 1]
     cut = [min(B - 1, (g + 1) * (B - 1) // N_GROUPS) for g in range(N_GROUPS - 1)]
@@ -70,10 +86,10 @@ def _through_unit_rows(du, x):
     return r * (du - u * (u * du).sum(1, keepdim=True))
 
 
-def _reference(x, rx, t, thr=None, qbar=None):
+def _reference(x, rx, t, rt, thr=None, qbar=None):
     """float64 (lse_s, lse_t, lse_g, t_min, t_max, loss_rows, dx = d(sum loss_rows)/dx) from
     B x B matrices."""
-    u, s, tt, off = _logits(x, rx, t)
+    u, s, tt, off = _logits(x, rx, t, rt)
     neg = lambda a: a.masked_fill(~off, -math.inf)  # noqa: E731
     lse_s, lse_t, lse_g = (torch.logsumexp(neg(c * m), 1)
                            for c, m in ((STUDENT, s), (TEACHER, tt), (GROUPING, tt)))
@@ -101,51 +117,68 @@ def _check(name, out, ref, tol, dtype=torch.float32):
     assert _rel(out, ref) <= tol, f"{name}: relative error {_rel(out, ref):.2e} > {tol:.0e}"
 
 
-def _run_and_check(x, rx, t, shuffle, tol, **kw):
+def _run_and_check(x, rx, t, rt, shuffle, tol, **kw):
     from distillcse.kernels.distill import distill_loss_and_grad, distill_row_stats
 
-    thr, qbar = _groups(t) if shuffle == "expected" else (None, None)
-    stats = distill_row_stats(x, rx, t, STUDENT, TEACHER, GROUPING)
-    loss, dx = distill_loss_and_grad(x, rx, t, stats[0], stats[1], STUDENT, TEACHER, shuffle=shuffle,
+    thr, qbar = _groups(_teacher_logits(t, rt)) if shuffle == "expected" else (None, None)
+    stats = distill_row_stats(x, rx, t, rt, STUDENT, TEACHER, GROUPING)
+    loss, dx = distill_loss_and_grad(x, rx, t, rt, stats[0], stats[1], STUDENT, TEACHER, shuffle=shuffle,
                                      thr=thr, qbar=qbar, budget_bytes=kw.pop("budget_bytes", 1 << 20), **kw)
-    refs = _reference(x, rx, t, thr, qbar)
+    refs = _reference(x, rx, t, rt, thr, qbar)
     names = ("lse_s", "lse_t", "lse_g", "t_min", "t_max", "loss_rows", "dx")
     for name, out, ref in zip(names, (*stats, loss, dx), refs):
         _check(name, out, ref, tol, dtype=x.dtype if name == "dx" else torch.float32)
 
 
 @pytest.mark.parametrize("shuffle", ["none", "expected"])
+@pytest.mark.parametrize("teacher", ["raw", "concatenated"])
 @pytest.mark.parametrize("B,D,Dt", [(37, 48, 32), (130, 96, 80)])
-def test_distill_matches_naive(B, D, Dt, shuffle, device):
-    x, rx, t = _inputs(B, D, Dt, torch.float32, device)
-    _run_and_check(x, rx, t, shuffle, TOL[torch.float32])
+def test_distill_matches_naive(B, D, Dt, teacher, shuffle, device):
+    x, rx, t, rt = _inputs(B, D, Dt, torch.float32, device, teacher=teacher)
+    _run_and_check(x, rx, t, rt, shuffle, TOL[torch.float32])
 
 
 @pytest.mark.parametrize("shuffle", ["none", "expected"])
 def test_distill_slabs_and_chunks(shuffle, device):
     """Three slabs (64 + 64 + 2 rows) of three column chunks give the same loss and gradient."""
-    x, rx, t = _inputs(130, 96, 80, torch.float32, device)
-    _run_and_check(x, rx, t, shuffle, TOL[torch.float32], budget_bytes=130 * 4 * 64, chunks=3)
+    x, rx, t, rt = _inputs(130, 96, 80, torch.float32, device)
+    _run_and_check(x, rx, t, rt, shuffle, TOL[torch.float32], budget_bytes=130 * 4 * 64, chunks=3)
 
 
 @pytest.mark.parametrize("shuffle", ["none", "expected"])
-def test_distill_noncontiguous_zero_row(shuffle, device):
-    """Strided x, t and rx and an all-zero student row."""
-    x, rx, t = _inputs(37, 48, 32, torch.float32, device, zero_row=True, strided=True)
-    _run_and_check(x, rx, t, shuffle, TOL[torch.float32])
+def test_distill_noncontiguous_zero_rows(shuffle, device):
+    """Strided x, rx and rt, teacher rows sliced out of a wider tensor (row stride Dt + 5), an
+    all-zero student row and an all-zero teacher row (rt = 1e8, t = 0 on its row and column)."""
+    x, rx, t, rt = _inputs(37, 48, 32, torch.float32, device, zero_row=True, zero_teacher_row=True, strided=True)
+    assert t.stride() == (32 + 5, 1)
+    _run_and_check(x, rx, t, rt, shuffle, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("shuffle", ["none", "expected"])
+@pytest.mark.parametrize("dtype,t_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float16),
+                                           (torch.bfloat16, torch.float32)],
+                         ids=["fp16-fp32", "fp32-fp16", "bf16-fp32"])
+def test_distill_teacher_in_another_dtype(dtype, t_dtype, shuffle, device):
+    """One teacher's raw rows in their own dtype, not the student's: each dot at its operands'
+    precision. The float64 reference reads the same rounded rows, so the student's dtype alone
+    sets the tolerance (dx is stored in it)."""
+    if torch.bfloat16 in (dtype, t_dtype) and DEVICE != "cuda":
+        pytest.skip("Triton 3.6's interpreter computes bf16 tl.dot wrongly; bf16 is checked on CUDA")
+    x, rx, t, rt = _inputs(130, 96, 80, dtype, device, t_dtype=t_dtype, zero_teacher_row=True)
+    _run_and_check(x, rx, t, rt, shuffle, TOL[dtype])
 
 
 @pytest.mark.parametrize("shuffle", ["none", "expected"])
 def test_distill_two_rows(shuffle, device):
     """B = 2: one column per row, q~ = 1, so the loss and du vanish up to rounding."""
-    x, rx, t = _inputs(2, 48, 32, torch.float32, device)
+    x, rx, t, rt = _inputs(2, 48, 32, torch.float32, device)
     from distillcse.kernels.distill import distill_loss_and_grad, distill_row_stats
 
-    thr, qbar = _groups(t) if shuffle == "expected" else (None, None)
-    stats = distill_row_stats(x, rx, t, STUDENT, TEACHER, GROUPING)
-    loss, dx = distill_loss_and_grad(x, rx, t, stats[0], stats[1], STUDENT, TEACHER, shuffle=shuffle,
+    thr, qbar = _groups(_teacher_logits(t, rt)) if shuffle == "expected" else (None, None)
+    stats = distill_row_stats(x, rx, t, rt, STUDENT, TEACHER, GROUPING)
+    loss, dx = distill_loss_and_grad(x, rx, t, rt, stats[0], stats[1], STUDENT, TEACHER, shuffle=shuffle,
                                      thr=thr, qbar=qbar, budget_bytes=1 << 20)
-    refs = _reference(x, rx, t, thr, qbar)
+    refs = _reference(x, rx, t, rt, thr, qbar)
     for name, out, ref in zip(("lse_s", "lse_t", "lse_g", "t_min", "t_max"), stats, refs):
         _check(name, out, ref, TOL[torch.float32])
     # Loss and dx are 0 in exact arithmetic: bound them by fp32 rounding of the logits.
@@ -159,8 +192,8 @@ def test_distill_two_rows(shuffle, device):
 def test_distill_half_precision(dtype, shuffle, device):
     if DEVICE != "cuda":
         pytest.skip("bf16/fp16 tl.dot is checked on CUDA only (the interpreter emulates it on CPU)")
-    x, rx, t = _inputs(130, 96, 80, dtype, device, zero_row=True)
-    _run_and_check(x, rx, t, shuffle, TOL[dtype])
+    x, rx, t, rt = _inputs(130, 96, 80, dtype, device, zero_row=True)
+    _run_and_check(x, rx, t, rt, shuffle, TOL[dtype])
 
 
 # shuffle="random": against float64 PyTorch built on distillcse.shuffle's definition.
@@ -168,14 +201,14 @@ def test_distill_half_precision(dtype, shuffle, device):
 SEED = 0x1234_5678_9ABC
 
 
-def _random_reference(x, rx, t, grouping, step_seed):
+def _random_reference(x, rx, t, rt, grouping, step_seed):
     """float64 loss rows and dx = d(sum_i loss_i)/dx with the targets of shuffled_targets."""
     from distillcse.shuffle import shuffled_targets
 
     B = x.shape[0]
     u = x.double().cpu() * rx.double().cpu()[:, None]
     s = u @ u.T
-    tt = t.double().cpu() @ t.double().cpu().T
+    tt = _teacher_logits(t.cpu(), rt.cpu())
     q_tilde = shuffled_targets(tt, torch.arange(B), teacher_temperature=1 / TEACHER,
                                grouping_temperature=1 / GROUPING, shuffle="random",
                                step_seed=step_seed, **grouping)
@@ -186,13 +219,13 @@ def _random_reference(x, rx, t, grouping, step_seed):
     return loss, _through_unit_rows((g + g.T) @ u, x)
 
 
-def _run_random(x, rx, t, grouping, seed=SEED, **kw):
+def _run_random(x, rx, t, rt, grouping, seed=SEED, **kw):
     from distillcse.kernels.distill import distill_loss_and_grad, distill_row_stats
     from distillcse.kernels.group_partition import group_thresholds
 
-    lse_s, lse_t, lse_g, t_min, t_max = distill_row_stats(x, rx, t, STUDENT, TEACHER, GROUPING)
-    thr = group_thresholds(t, lse_g, t_min, t_max, GROUPING, **grouping)
-    return distill_loss_and_grad(x, rx, t, lse_s, lse_t, STUDENT, TEACHER, shuffle="random", thr=thr,
+    lse_s, lse_t, lse_g, t_min, t_max = distill_row_stats(x, rx, t, rt, STUDENT, TEACHER, GROUPING)
+    thr = group_thresholds(t, rt, lse_g, t_min, t_max, GROUPING, **grouping)
+    return distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, STUDENT, TEACHER, shuffle="random", thr=thr,
                                  step_seed=seed, **kw)
 
 
@@ -202,22 +235,38 @@ def _run_random(x, rx, t, grouping, seed=SEED, **kw):
 @pytest.mark.parametrize("B,D,Dt,budget,chunks", [(37, 48, 32, 1 << 20, 1), (130, 96, 80, 130 * 8 * 64, 3)],
                          ids=["one-slab", "three-slabs-three-chunks"])
 def test_random_matches_the_shuffle_definition(B, D, Dt, budget, chunks, grouping, device):
-    x, rx, t = _inputs(B, D, Dt, torch.float32, device)
+    # Not seed 0: two of its logits (row 37) lie 2.4e-8 apart, under fp32's resolution, right
+    # at a group boundary, where the kernel's fp32 and the reference's float64 order them apart.
+    x, rx, t, rt = _inputs(B, D, Dt, torch.float32, device, seed=1)
     kernel_grouping = dict(group_p=grouping["group_p"] or 0.1, group_size=grouping["group_size"])
-    loss, dx = _run_random(x, rx, t, kernel_grouping, budget_bytes=budget, chunks=chunks)
-    ref_loss, ref_dx = _random_reference(x, rx, t, grouping, SEED)
+    loss, dx = _run_random(x, rx, t, rt, kernel_grouping, budget_bytes=budget, chunks=chunks)
+    ref_loss, ref_dx = _random_reference(x, rx, t, rt, grouping, SEED)
+    assert ((loss.cpu().double() - ref_loss).abs().max() / ref_loss.abs().max()).item() < 1e-5
+    assert ((dx.cpu().double() - ref_dx).norm() / ref_dx.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("teacher", ["concatenated", "fp16-strided-zero-row"])
+def test_random_other_teacher_rows(teacher, device):
+    """Two teachers' unit rows (rt = 1); one fp16 teacher sliced out of a wider tensor with an
+    all-zero row, under an fp32 student."""
+    kw = dict(teacher="concatenated") if teacher == "concatenated" else dict(
+        t_dtype=torch.float16, strided=True, zero_teacher_row=True)
+    x, rx, t, rt = _inputs(61, 40, 24, torch.float32, device, **kw)
+    grouping = dict(group_p=0.2, group_size=None)
+    loss, dx = _run_random(x, rx, t, rt, grouping, budget_bytes=1 << 20)
+    ref_loss, ref_dx = _random_reference(x, rx, t, rt, grouping, SEED)
     assert ((loss.cpu().double() - ref_loss).abs().max() / ref_loss.abs().max()).item() < 1e-5
     assert ((dx.cpu().double() - ref_dx).norm() / ref_dx.norm()).item() < 1e-5
 
 
 def test_random_without_grad_and_other_seeds(device):
-    x, rx, t = _inputs(61, 40, 24, torch.float32, device, strided=True)
+    x, rx, t, rt = _inputs(61, 40, 24, torch.float32, device, strided=True)
     grouping = dict(group_p=0.2, group_size=None)
-    loss, _ = _run_random(x, rx, t, grouping, budget_bytes=1 << 20)
-    loss_only, none = _run_random(x, rx, t, grouping, budget_bytes=1 << 20, need_grad=False)
+    loss, _ = _run_random(x, rx, t, rt, grouping, budget_bytes=1 << 20)
+    loss_only, none = _run_random(x, rx, t, rt, grouping, budget_bytes=1 << 20, need_grad=False)
     assert none is None and torch.equal(loss, loss_only)
-    again, _ = _run_random(x, rx, t, grouping, budget_bytes=1 << 20)
-    other, _ = _run_random(x, rx, t, grouping, seed=SEED + 1, budget_bytes=1 << 20)
+    again, _ = _run_random(x, rx, t, rt, grouping, budget_bytes=1 << 20)
+    other, _ = _run_random(x, rx, t, rt, grouping, seed=SEED + 1, budget_bytes=1 << 20)
     assert torch.equal(loss, again) and not torch.equal(loss, other)
 
 

@@ -1,11 +1,13 @@
 """Group-P thresholds and group means (kernels/group_partition.py) against a naive float64
 sort-and-cumsum partition.
 
-Teacher rows are rounded to multiples of 2^-7 (|entry| < 1), so every ``t_ij`` is exact in
-fp32 whatever the summation order: the kernel, torch and the float64 reference see the same
-logits, and the rounding also creates exact ties. The only freedom left is the fp32 mass
-accumulation, which may flip an entry whose cumulative mass lies within 1e-5 of a group
-boundary: there (and only there) a difference of one group is allowed.
+Teacher rows come raw, with norms spread over 0.5..4 and fp32 inverse norms ``rt``, and are
+rounded to multiples of 2^-7, so every dot ``t_i . t_j`` is exact in fp32 whatever the
+summation order, and ``t_ij = (t_i . t_j) * rt_i * rt_j`` is the same fp32 number in the
+kernels and in torch: the float64 reference sees the kernels' logits, ties included (exact
+ties between whole rows with ``dup``). The only freedom left is the fp32 mass accumulation, which may flip an
+entry whose cumulative mass lies within 1e-5 of a group boundary: there (and only there) a
+difference of one group is allowed.
 """
 import math
 
@@ -19,21 +21,36 @@ pytestmark = requires_triton
 NEAR_BOUNDARY = 1e-5
 
 
-def teachers(B, Dt, device, dtype=torch.float32, dup=1, seed=0):
-    """Realistic rows (random + a shared component: positive, clustered cosines), normalised,
-    rounded to 2^-7; ``dup`` > 1 repeats every row (exact ties between whole rows)."""
+def teachers(B, Dt, device, dtype=torch.float32, dup=1, seed=0, zero_row=False, strided=False):
+    """(t [B, Dt], rt [B] fp32): realistic raw rows (random + a shared component: positive,
+    clustered cosines) of norms 0.5..4, rounded to 2^-7, and ``1 / max(|t_i|, 1e-8)``.
+    ``dup`` > 1 repeats every row (exact ties between whole rows); ``zero_row`` zeroes row
+    B // 2; ``strided`` slices t out of a wider tensor (row stride Dt + 5)."""
     gen = torch.Generator().manual_seed(seed)
     n = -(-B // dup)
     x = torch.randn(n, Dt, generator=gen) + 0.8 * torch.randn(1, Dt, generator=gen)
-    x = x / x.norm(dim=1, keepdim=True)
+    x = x / x.norm(dim=1, keepdim=True) * 2.0 ** (3 * torch.rand(n, 1, generator=gen) - 1)
     x = ((x * 128).round() / 128).repeat_interleave(dup, 0)[:B]
-    return x.to(device=device, dtype=dtype)
+    if zero_row:
+        x[B // 2] = 0.0
+    x = x.to(device=device, dtype=dtype)
+    rt = 1.0 / x.float().norm(dim=1).clamp_min(1e-8)
+    if strided:  # a view made on the device (a copy there would be contiguous)
+        x = torch.cat([x.new_ones(B, 3), x, x.new_ones(B, 2)], dim=1)[:, 3:3 + Dt]
+    return x, rt
 
 
-def row_stats(x, scale):
+def logits(rows):
+    """The kernels' t_ij = (t_i . t_j) * rt_i * rt_j: the exact dot, rounded as in fp32, as float64."""
+    x, rt = rows
+    dot = (x.double() @ x.double().T).float()
+    return (dot * rt[:, None] * rt[None, :]).double()
+
+
+def row_stats(rows, scale):
     """t (float64), lse over j != i at ``scale``, t_min, t_max (the last three fp32)."""
-    t = x.double() @ x.double().T
-    eye = torch.eye(len(x), dtype=torch.bool, device=x.device)
+    t = logits(rows)
+    eye = torch.eye(len(t), dtype=torch.bool, device=t.device)
     lse = torch.logsumexp((t * scale).masked_fill(eye, -math.inf), 1)
     t_min = t.masked_fill(eye, math.inf).amin(1)
     t_max = t.masked_fill(eye, -math.inf).amax(1)
@@ -68,14 +85,14 @@ def kernel_groups(t, thr):
     return g.fill_diagonal_(-1)
 
 
-def check_partition(x, grouping_temperature, group_p=0.1, group_size=None):
+def check_partition(rows, grouping_temperature, group_p=0.1, group_size=None):
     from distillcse.kernels.group_partition import group_thresholds, num_groups
 
     scale = 1.0 / grouping_temperature
-    t, lse, t_min, t_max = row_stats(x, scale)
-    thr = group_thresholds(x, lse, t_min, t_max, scale, group_p=group_p, group_size=group_size)
-    G = num_groups(len(x), group_p, group_size)
-    assert thr.shape == (len(x), G - 1) and thr.dtype == torch.float32
+    t, lse, t_min, t_max = row_stats(rows, scale)
+    thr = group_thresholds(*rows, lse, t_min, t_max, scale, group_p=group_p, group_size=group_size)
+    G = num_groups(len(t), group_p, group_size)
+    assert thr.shape == (len(t), G - 1) and thr.dtype == torch.float32
     assert torch.isfinite(thr).all()
     assert (thr[:, 1:] <= thr[:, :-1]).all(), "thresholds must be non-increasing in g"
     ref, mass = naive_groups(t, scale, group_p, group_size)
@@ -112,10 +129,20 @@ def test_partition_exact_ties(device, temperature, group_p, group_size):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_partition_half_rows(device, dtype):
-    """Half-precision teacher rows (2^-7 multiples are exact in both), fp32 accumulation."""
+    """Half-precision teacher rows (2^-7 multiples stay such multiples in both), fp32
+    accumulation and inverse norms."""
     if dtype == torch.bfloat16 and device != "cuda":
         pytest.skip("Triton 3.6's interpreter computes bf16 tl.dot wrongly; bf16 is checked on CUDA")
     check_partition(teachers(37, 96, device, dtype=dtype, seed=2), 1.0, 0.1)
+
+
+@pytest.mark.parametrize("temperature,group_p,group_size", [(1.0, 0.1, None), (1.0, 0.1, 4)])
+def test_partition_strided_rows_and_zero_row(device, temperature, group_p, group_size):
+    """Teacher rows sliced out of a wider tensor (row stride Dt + 5), one of them all zero
+    (rt = 1e8: t = 0 on its row and column, its row one run of ties)."""
+    rows = teachers(130, 48, device, seed=7, zero_row=True, strided=True)
+    assert rows[0].stride() == (48 + 5, 1)
+    check_partition(rows, temperature, group_p, group_size)
 
 
 def test_partition_small_and_single_group(device):
@@ -123,13 +150,13 @@ def test_partition_small_and_single_group(device):
 
     check_partition(teachers(2, 48, device), 1.0, 0.1)
     check_partition(teachers(3, 48, device), 0.1, 0.3, None)
-    x = teachers(37, 48, device)
-    _, lse, t_min, t_max = row_stats(x, 1.0)
-    assert group_thresholds(x, lse, t_min, t_max, 1.0, group_p=1.0).shape == (37, 0)
-    assert group_thresholds(x, lse, t_min, t_max, 1.0, group_size=40).shape == (37, 0)
-    x1 = x[:1]  # B = 1: no off-diagonal entry, thresholds are written but arbitrary
-    _, lse, t_min, t_max = row_stats(x1, 1.0)
-    assert torch.isfinite(group_thresholds(x1, lse, t_min, t_max, 1.0)).all()
+    rows = teachers(37, 48, device)
+    _, lse, t_min, t_max = row_stats(rows, 1.0)
+    assert group_thresholds(*rows, lse, t_min, t_max, 1.0, group_p=1.0).shape == (37, 0)
+    assert group_thresholds(*rows, lse, t_min, t_max, 1.0, group_size=40).shape == (37, 0)
+    row = tuple(v[:1] for v in rows)  # B = 1: no off-diagonal entry, thresholds are written but arbitrary
+    _, lse, t_min, t_max = row_stats(row, 1.0)
+    assert torch.isfinite(group_thresholds(*row, lse, t_min, t_max, 1.0)).all()
 
 
 @pytest.mark.parametrize("shift", [5e-4, -5e-4])
@@ -137,10 +164,10 @@ def test_partition_inexact_row_stats(device, shift):
     """t_min / t_max off by less than the search's margin (another kernel's summation order)."""
     from distillcse.kernels.group_partition import group_thresholds
 
-    x = teachers(130, 48, device, seed=5)
-    t, lse, t_min, t_max = row_stats(x, 1.0)
+    rows = teachers(130, 48, device, seed=5)
+    t, lse, t_min, t_max = row_stats(rows, 1.0)
     for group_p, group_size in [(0.1, None), (0.1, 4)]:
-        thr = group_thresholds(x, lse, t_min + shift, t_max - shift, 1.0, group_p=group_p,
+        thr = group_thresholds(*rows, lse, t_min + shift, t_max - shift, 1.0, group_p=group_p,
                                group_size=group_size)
         ref, _ = naive_groups(t, 1.0, group_p, group_size)
         assert (kernel_groups(t, thr) == ref).all()
@@ -178,9 +205,9 @@ def test_partition_multi_pass_inexact_row_stats(device, monkeypatch, shift):
     from distillcse.kernels.group_partition import group_thresholds
 
     monkeypatch.setattr(gp, "BUFFER", 8)
-    x = teachers(130, 48, device, seed=5)
-    t, lse, t_min, t_max = row_stats(x, 1.0)
-    thr = group_thresholds(x, lse, t_min + shift, t_max - shift, 1.0, group_p=0.1)
+    rows = teachers(130, 48, device, seed=5)
+    t, lse, t_min, t_max = row_stats(rows, 1.0)
+    thr = group_thresholds(*rows, lse, t_min + shift, t_max - shift, 1.0, group_p=0.1)
     ref, _ = naive_groups(t, 1.0, 0.1)
     assert (kernel_groups(t, thr) == ref).all()
 
@@ -198,12 +225,12 @@ def test_search_pass_count(device, monkeypatch):
 def test_group_means(device, B, Dt, teacher_temperature, group_p, group_size):
     from distillcse.kernels.group_partition import group_means, group_thresholds
 
-    x = teachers(B, Dt, device, seed=4)
-    t, lse_g, t_min, t_max = row_stats(x, 1.0)
-    thr = group_thresholds(x, lse_g, t_min, t_max, 1.0, group_p=group_p, group_size=group_size)
+    rows = teachers(B, Dt, device, seed=4)
+    t, lse_g, t_min, t_max = row_stats(rows, 1.0)
+    thr = group_thresholds(*rows, lse_g, t_min, t_max, 1.0, group_p=group_p, group_size=group_size)
     scale = 1.0 / teacher_temperature
-    _, lse_t, _, _ = row_stats(x, scale)
-    qbar = group_means(x, lse_t, thr, scale)
+    _, lse_t, _, _ = row_stats(rows, scale)
+    qbar = group_means(*rows, lse_t, thr, scale)
 
     groups = kernel_groups(t, thr)
     G = thr.shape[1] + 1
@@ -222,23 +249,23 @@ def test_group_means(device, B, Dt, teacher_temperature, group_p, group_size):
 def test_group_means_single_group(device):
     from distillcse.kernels.group_partition import group_means
 
-    x = teachers(37, 48, device)
-    _, lse_t, _, _ = row_stats(x, 80.0)
+    rows = teachers(37, 48, device)
+    _, lse_t, _, _ = row_stats(rows, 80.0)
     thr = torch.zeros(37, 0, device=device)
-    qbar = group_means(x, lse_t, thr, 80.0)
+    qbar = group_means(*rows, lse_t, thr, 80.0)
     torch.testing.assert_close(qbar, torch.full((37, 1), 1.0 / 36, device=device), rtol=1e-5, atol=0.0)
 
 
 def test_too_many_groups_and_bad_arguments(device):
     from distillcse.kernels.group_partition import group_thresholds
 
-    x = teachers(130, 48, device)
-    _, lse, t_min, t_max = row_stats(x, 1.0)
+    rows = teachers(130, 48, device)
+    _, lse, t_min, t_max = row_stats(rows, 1.0)
     with pytest.raises(ValueError, match="group_p"):
-        group_thresholds(x, lse, t_min, t_max, 1.0, group_p=0.01)
+        group_thresholds(*rows, lse, t_min, t_max, 1.0, group_p=0.01)
     with pytest.raises(ValueError, match="group_size"):
-        group_thresholds(x, lse, t_min, t_max, 1.0, group_size=2)
+        group_thresholds(*rows, lse, t_min, t_max, 1.0, group_size=2)
     with pytest.raises(ValueError, match="group_size"):
-        group_thresholds(x, lse, t_min, t_max, 1.0, group_size=0)
+        group_thresholds(*rows, lse, t_min, t_max, 1.0, group_size=0)
     with pytest.raises(ValueError, match="group_p"):
-        group_thresholds(x, lse, t_min, t_max, 1.0, group_p=0.0)
+        group_thresholds(*rows, lse, t_min, t_max, 1.0, group_p=0.0)

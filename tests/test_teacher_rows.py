@@ -1,0 +1,117 @@
+"""backend="triton" reads one teacher's own rows, with their inverse norms, instead of a copy
+of its unit rows (several teachers still go as their weighted unit rows side by side): against
+the float64 reference on raw rows of varied norms with an all-zero row, sliced out of a wider
+tensor, in the student's dtype or another; and no [B, Dt] tensor is ever allocated for it."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import distillcse
+import distillcse.api as api
+from conftest import DEVICE, requires_triton
+from test_losses import rel_err
+
+pytestmark = requires_triton
+
+B, D, DT = 70, 40, 56  # distinct sizes: a [B, DT] tensor can only be the teacher or a copy of it
+
+
+def make(t_dtype, seed=0):
+    """Student z [B, D] fp32 and one teacher's raw rows [B, DT] in ``t_dtype``: norms spread over
+    1/5..5, row 3 all zero, a column slice of a wider tensor (row stride DT + 5)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(1, D, generator=g) + torch.randn(B, D, generator=g)
+    e = torch.randn(1, DT, generator=g) + 0.8 * torch.randn(B, DT, generator=g)
+    e = e * 5.0 ** (2 * torch.rand(B, 1, generator=g) - 1)
+    e[3] = 0.0
+    wide = torch.cat([torch.randn(B, 3, generator=g), e, torch.randn(B, 2, generator=g)], dim=1)
+    return z.to(DEVICE), wide.to(device=DEVICE, dtype=t_dtype)[:, 3:3 + DT]
+
+
+def loss_and_grad(z, teachers, backend, **kw):
+    z = z.detach().requires_grad_()
+    loss = distillcse.distill_loss(z, teachers, backend=backend, **kw)
+    loss.backward()
+    return loss.detach().double().cpu(), z.grad.double().cpu()
+
+
+@pytest.mark.parametrize("t_dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("shuffle", ["none", "expected"])
+def test_one_raw_teacher_matches_reference(shuffle, t_dtype):
+    z, e = make(t_dtype)
+    assert e.stride() == (DT + 5, 1)
+    kw = dict(shuffle=shuffle, group_p=0.25)
+    ref_loss, ref_grad = loss_and_grad(z.double().cpu(), e.double().cpu(), "reference", **kw)
+    loss, grad = loss_and_grad(z, e, "triton", **kw)
+    assert rel_err(loss, ref_loss, floor=1.0) < 2e-5
+    assert rel_err(grad, ref_grad) < 2e-5
+
+
+def test_one_raw_teacher_many_groups():
+    """B - 1 = 69 groups (more than the kernels take) run on the torch backend's row chunks,
+    which get the teacher's unit rows from the same rows and inverse norms."""
+    z, e = make(torch.float16)
+    kw = dict(shuffle="expected", group_size=1)
+    ref_loss, ref_grad = loss_and_grad(z.double().cpu(), e.double().cpu(), "reference", **kw)
+    loss, grad = loss_and_grad(z, e, "triton", **kw)
+    assert rel_err(loss, ref_loss, floor=1.0) < 2e-5
+    assert rel_err(grad, ref_grad) < 2e-5
+
+
+@pytest.mark.parametrize("t_dtype", [torch.float32, torch.float16], ids=str)
+def test_one_raw_teacher_random_shuffle_matches_torch_backend(t_dtype):
+    """The torch backend's fp32 unit rows and the kernels' raw rows give the same groups."""
+    z, e = make(t_dtype, seed=1)
+    kw = dict(shuffle="random", seed=5, group_p=0.25)
+    ref_loss, ref_grad = loss_and_grad(z.cpu(), e.cpu(), "torch", **kw)
+    loss, grad = loss_and_grad(z, e, "triton", **kw)
+    assert rel_err(loss, ref_loss, floor=1.0) < 2e-5
+    assert rel_err(grad, ref_grad) < 2e-5
+
+
+class TeacherSizedOutputs(TorchDispatchMode):
+    """Records (op, shape, dtype) of every floating-point op output with a dimension of DT and
+    at least B * DT elements that does not alias ``teacher``'s storage (a view of it is no copy)."""
+
+    def __init__(self, teacher, found):
+        super().__init__()
+        self.storage = teacher.untyped_storage().data_ptr()
+        self.found = found
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if (isinstance(t, torch.Tensor) and t.is_floating_point() and DT in t.shape
+                    and t.numel() >= B * DT and t.untyped_storage().data_ptr() != self.storage):
+                self.found.append((str(func), tuple(t.shape), t.dtype))
+        return out
+
+
+def teacher_sized_outputs(monkeypatch, z, teachers, teacher, **kw):
+    """What ``TeacherSizedOutputs`` records in the distillation term's forward past the input
+    checks (``api._distill``: their finiteness test allocates [B, DT] temporaries) and backward."""
+    found, distill = [], api._distill
+
+    def recorded(*args):
+        with TeacherSizedOutputs(teacher, found):
+            return distill(*args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(api, "_distill", recorded)
+        z = z.detach().requires_grad_()
+        loss = distillcse.distill_loss(z, teachers, backend="triton", **kw)
+    with TeacherSizedOutputs(teacher, found):
+        loss.backward()
+    return found
+
+
+@pytest.mark.parametrize("t_dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shuffle", ["none", "expected", "random"])
+def test_one_teacher_is_never_copied(shuffle, t_dtype, monkeypatch):
+    """Forward and backward with K = 1 allocate no [B, DT] tensor; with K = 2 teachers of DT / 2
+    features each, the concatenation of their unit rows is one (the detector works)."""
+    z, e = make(t_dtype)
+    kw = dict(shuffle=shuffle, seed=3, group_p=0.25)
+    assert teacher_sized_outputs(monkeypatch, z, e, e, **kw) == []
+    two = teacher_sized_outputs(monkeypatch, z, [e[:, :DT // 2], e[:, DT // 2:]], e, **kw)
+    assert any(shape == (B, DT) for _, shape, _ in two)
