@@ -110,21 +110,35 @@ def _contrastive(z1, z2, hard_negatives, temperature, backend):
     return ContrastiveChunked.apply(_normalize(z1), _normalize(columns), 1.0 / temperature)
 
 
-def _distill(student, teachers, options, backend):
-    """The distillation term on checked inputs (``teachers`` a list, ``options`` checked)."""
+def _fused_setup(options):
+    """(student_temperature, teacher weights, options) for the torch and triton backends, the
+    seed replaced by the step's shuffle key."""
     seed = options.pop("seed")
     weights = options.pop("teacher_weights")
-    if backend == "reference":
-        return reference.distill_loss(student, teachers, teacher_weights=weights,
-                                      generator=_reference_generator(seed), **options)
     student_temperature = options.pop("student_temperature")
     options["step_seed"] = _step_seed(seed) if options["shuffle"] == "random" else None
+    return student_temperature, weights, options
+
+
+def _triton_teacher(teachers, weights, dtype):
+    """(rows, unit_rows): one teacher's raw rows as they are (the kernels normalise on the fly,
+    no [B, Dt] copy), or K teachers' weighted unit rows side by side."""
+    if len(teachers) == 1:
+        return teachers[0], False
+    return _teacher_rows(teachers, weights, dtype), True
+
+
+def _distill(student, teachers, options, backend):
+    """The distillation term on checked inputs (``teachers`` a list, ``options`` checked)."""
+    if backend == "reference":
+        seed, weights = options.pop("seed"), options.pop("teacher_weights")
+        return reference.distill_loss(student, teachers, teacher_weights=weights,
+                                      generator=_reference_generator(seed), **options)
+    student_temperature, weights, options = _fused_setup(options)
     if backend == "triton":
         from .triton_backend import distill
-        if len(teachers) == 1:  # its raw rows: the kernels normalise on the fly, no [B, Dt] copy
-            return distill(student, teachers[0], student_temperature, options, unit_rows=False)
-        return distill(student, _teacher_rows(teachers, weights, student.dtype),
-                       student_temperature, options, unit_rows=True)
+        rows, unit_rows = _triton_teacher(teachers, weights, student.dtype)
+        return distill(student, rows, student_temperature, options, unit_rows=unit_rows)
     u = _normalize(student)
     return DistillChunked.apply(u, _teacher_rows(teachers, weights, u.dtype), student_temperature, options)
 
@@ -160,6 +174,13 @@ def distillcse_loss(z1, z2, teachers, *, temperature=0.05, distill_weight=1.0, d
     options = _distill_options(student_temperature, teacher_temperature, group_p, group_size,
                                grouping_temperature, shuffle, teacher_weights, seed, len(teachers))
     backend = resolve_backend(backend, z1)
+    if backend == "triton" and not distill_only:  # one fused Function: z1's gradient written once
+        from .triton_backend import distillcse
+        student_temperature, weights, options = _fused_setup(options)
+        rows, unit_rows = _triton_teacher(teachers, weights, z1.dtype)
+        columns = z2 if hard_negatives is None else torch.cat([z2, hard_negatives], dim=0)
+        return distillcse(z1, columns, rows, 1.0 / temperature, distill_weight, student_temperature, options,
+                          unit_rows=unit_rows)
     kd = distill_weight * _distill(z1, teachers, options, backend)
     if distill_only:
         return kd

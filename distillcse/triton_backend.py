@@ -1,8 +1,17 @@
 """Fused Triton backend (``backend="triton"``): autograd Functions over the kernels in
-``distillcse.kernels``; never B x B. The contrastive term keeps O(B) row statistics; the
-distillation term also works on row slabs whose [R, B] buffers fit the chunk budget
-(``distillcse.set_chunk_budget``), and its random shuffle is the torch backend's for a seed.
-Groupings with more than ``MAX_KERNEL_GROUPS`` groups run on the torch backend's row chunks.
+``distillcse.kernels``; never B x B.
+
+* ``SmallBatchFused``: a batch of B <= 64 rows (``small_batch.fits``) runs its whole loss
+  and gradients in one program, one launch (the streaming path would be launch-bound).
+* Larger batches stream: the contrastive term keeps O(B) row statistics (``ContrastiveFused``);
+  the distillation term works on row slabs whose [R, B] buffers fit the chunk budget
+  (``distillcse.set_chunk_budget``; ``DistillFused``); ``DistillCSEFused`` runs both and
+  writes z1's gradient once, the contrastive backward adding into the distillation's buffer.
+The random shuffle is the torch backend's for a seed. Groupings with more than
+``MAX_KERNEL_GROUPS`` groups stream on the torch backend's row chunks.
+The distillation's gradient is computed in the forward (a random shuffle is drawn once, nothing
+is recomputed), only when autograd will need it; a backward that reuses that buffer in place
+can run once per forward.
 """
 import torch
 from torch.autograd.function import once_differentiable
@@ -11,6 +20,7 @@ from . import config
 from .kernels.contrastive import contrastive_bwd, contrastive_fwd
 from .kernels.distill import distill_loss_and_grad, distill_row_stats
 from .kernels.group_partition import group_means, group_thresholds, num_groups
+from .kernels.small_batch import fits, small_batch_loss
 from .reference import EPS
 from .torch_backend import DistillChunked
 
@@ -52,38 +62,125 @@ class ContrastiveFused(torch.autograd.Function):
         return dz1, dy, None
 
 
+def _distill_rows(z, r, t, rt, student_temperature, options, need_grad):
+    """Distillation loss rows [B] fp32 and d(sum of them)/dz [B, D] in z's dtype (or None)."""
+    ss, ts, gs = 1.0 / student_temperature, 1.0 / options["teacher_temperature"], 1.0 / options["grouping_temperature"]
+    lse_s, lse_t, lse_g, t_min, t_max = distill_row_stats(z, r, t, rt, ss, ts, gs)
+    shuffle, groups = options["shuffle"], {}
+    if shuffle != "none":
+        groups["thr"] = group_thresholds(t, rt, lse_g, t_min, t_max, gs, group_p=options["group_p"],
+                                         group_size=options["group_size"])
+    if shuffle == "expected":
+        groups["qbar"] = group_means(t, rt, lse_t, groups["thr"], ts)
+    return distill_loss_and_grad(
+        z, r, t, rt, lse_s, lse_t, ss, ts, shuffle=shuffle, step_seed=options["step_seed"],
+        budget_bytes=config.chunk_budget_bytes(), need_grad=need_grad, **groups)
+
+
+def _take_once(ctx):
+    if getattr(ctx, "consumed", False):
+        raise RuntimeError("the triton backend's fused loss reuses its gradient buffer in the backward, so it "
+                           "can be differentiated once per forward (retain_graph=True is not supported); "
+                           'recompute the loss, or use backend="torch"')
+    ctx.consumed = True
+
+
 class DistillFused(torch.autograd.Function):
     """Distillation over student z [B, D] and teacher rows t [B, Dt] with fp32 inverse norms
-    rt [B] (``t_ij = (t_i . t_j) rt_i rt_j``), any shuffle: the forward computes the loss and,
-    when z needs it, the gradient of the summed loss rows (so a random shuffle is drawn once per
-    step and nothing is recomputed); the backward scales it."""
+    rt [B] (``t_ij = (t_i . t_j) rt_i rt_j``), any shuffle; the backward scales the gradient
+    the forward computed, in place."""
 
     @staticmethod
-    def forward(ctx, z, t, rt, student_temperature, options):
-        r = _inv_norms(z)
-        ss, ts, gs = 1.0 / student_temperature, 1.0 / options["teacher_temperature"], 1.0 / options["grouping_temperature"]
-        lse_s, lse_t, lse_g, t_min, t_max = distill_row_stats(z, r, t, rt, ss, ts, gs)
-        shuffle, groups = options["shuffle"], {}
-        if shuffle != "none":
-            groups["thr"] = group_thresholds(t, rt, lse_g, t_min, t_max, gs, group_p=options["group_p"],
-                                             group_size=options["group_size"])
-        if shuffle == "expected":
-            groups["qbar"] = group_means(t, rt, lse_t, groups["thr"], ts)
-        loss_rows, dz_sum = distill_loss_and_grad(
-            z, r, t, rt, lse_s, lse_t, ss, ts, shuffle=shuffle, step_seed=options["step_seed"],
-            budget_bytes=config.chunk_budget_bytes(), need_grad=ctx.needs_input_grad[0], **groups)
+    def forward(ctx, z, t, rt, student_temperature, options, need_grad):
+        loss_rows, dz_sum = _distill_rows(z, _inv_norms(z), t, rt, student_temperature, options, need_grad)
         ctx.save_for_backward(dz_sum)
         return loss_rows.mean()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
+        _take_once(ctx)
         dz_sum, = ctx.saved_tensors  # d(sum of loss rows)/dz
-        return dz_sum * (grad_out.float() / dz_sum.shape[0]), None, None, None, None  # fp32 scale, one rounding
+        return dz_sum.mul_(grad_out.float() / dz_sum.shape[0]), None, None, None, None, None  # fp32 scale, one rounding
+
+
+class DistillCSEFused(torch.autograd.Function):
+    """``L_cl(z1, y) + distill_weight L_kd(z1, t)``: the distillation's forward leaves dL_kd/dz1,
+    and the contrastive backward adds its own gradient into that buffer (z1's gradient is
+    written once: no second [B, D] buffer, no autograd sum)."""
+
+    @staticmethod
+    def forward(ctx, z1, y, t, rt, cl_scale, distill_weight, student_temperature, options, need_grad):
+        r1, ry = _inv_norms(z1), _inv_norms(y)
+        kd_rows, dz_kd = _distill_rows(z1, r1, t, rt, student_temperature, options, need_grad)
+        cl_rows, lse = contrastive_fwd(z1, r1, y, ry, cl_scale)
+        ctx.save_for_backward(z1, r1, y, ry, lse, dz_kd)
+        ctx.cl_scale, ctx.distill_weight = cl_scale, distill_weight
+        return cl_rows.mean() + distill_weight * kd_rows.mean()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        _take_once(ctx)
+        z1, r1, y, ry, lse, dz_kd = ctx.saved_tensors
+        B = z1.shape[0]
+        dz1, dy = contrastive_bwd(z1, r1, y, ry, lse, ctx.cl_scale, _grad_rows(grad_out, B),
+                                  add_to=dz_kd.contiguous(), add_scale=grad_out.float() * (ctx.distill_weight / B))
+        return dz1, dy, None, None, None, None, None, None, None
+
+
+class SmallBatchFused(torch.autograd.Function):
+    """The whole loss of a batch that fits one program (``kernels/small_batch.py``); y (the
+    contrastive columns) or t (the teacher rows) may be None to drop a term."""
+
+    @staticmethod
+    def forward(ctx, z1, y, t, kernel_args, need_grad):
+        loss, dz1, dy = small_batch_loss(z1, y, t, need_grad=need_grad, **kernel_args)
+        ctx.save_for_backward(dz1, dy)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        dz1, dy = ctx.saved_tensors
+        g = grad_out.float()
+        return dz1 * g, (None if dy is None else dy * g), None, None, None
+
+
+def _need_grad(*xs):
+    """Whether autograd will ask for a gradient (``ctx.needs_input_grad`` ignores no_grad)."""
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
+
+
+def _teacher(t, z, unit_rows):
+    """(t, rt): teacher rows in a kernel dtype and their fp32 inverse norms (ones for unit rows)."""
+    if t.dtype not in KERNEL_DTYPES:
+        t = t.to(z.dtype)
+    return t, (torch.ones(t.shape[0], device=t.device) if unit_rows else _inv_norms(t))
+
+
+def _small_batch_args(z, cl_scale, distill_weight, student_temperature, options, unit_rows):
+    args = dict(cl_scale=cl_scale, w_cl=1.0, w_kd=distill_weight, normalize_teacher=not unit_rows)
+    if options is not None:
+        group_p, group_size = options["group_p"], options["group_size"]
+        args.update(student_scale=1.0 / student_temperature, teacher_scale=1.0 / options["teacher_temperature"],
+                    grouping_scale=1.0 / options["grouping_temperature"], group_p=group_p, group_size=group_size,
+                    n_groups=num_groups(z.shape[0], group_p, group_size), shuffle=options["shuffle"],
+                    step_seed=options["step_seed"])
+    return args
+
+
+def _streams_on_torch(z, options):
+    G = num_groups(z.shape[0], options["group_p"], options["group_size"])
+    return options["shuffle"] != "none" and G > MAX_KERNEL_GROUPS
 
 
 def contrastive(z1, columns, scale):
+    """The contrastive term; ``columns`` [N, D] z2 then hard negatives."""
     _check_dtype(z1)
+    if fits(z1.shape[0], columns.shape[0]):
+        return SmallBatchFused.apply(z1, columns, None, _small_batch_args(z1, scale, 0.0, None, None, False),
+                                     _need_grad(z1, columns))
     return ContrastiveFused.apply(z1, columns, scale)
 
 
@@ -92,11 +189,28 @@ def distill(z, t, student_temperature, options, *, unit_rows):
     (``unit_rows``), or one teacher's raw rows, which the kernels read as they are (float64
     ones cast to z's dtype) with their inverse norms."""
     _check_dtype(z)
-    if t.dtype not in KERNEL_DTYPES:
-        t = t.to(z.dtype)
-    rt = torch.ones(t.shape[0], device=t.device) if unit_rows else _inv_norms(t)
-    G = num_groups(z.shape[0], options["group_p"], options["group_size"])
-    if options["shuffle"] != "none" and G > MAX_KERNEL_GROUPS:
+    if fits(z.shape[0]):
+        t = t if t.dtype in KERNEL_DTYPES else t.to(z.dtype)
+        args = _small_batch_args(z, 1.0, 1.0, student_temperature, options, unit_rows)
+        return SmallBatchFused.apply(z, None, t, args, _need_grad(z))
+    t, rt = _teacher(t, z, unit_rows)
+    if _streams_on_torch(z, options):
         u = z.float() / z.float().norm(dim=-1, keepdim=True).clamp_min(EPS)
         return DistillChunked.apply(u, t.float() * rt[:, None], student_temperature, options)
-    return DistillFused.apply(z, t, rt, student_temperature, options)
+    return DistillFused.apply(z, t, rt, student_temperature, options, _need_grad(z))
+
+
+def distillcse(z1, columns, t, cl_scale, distill_weight, student_temperature, options, *, unit_rows):
+    """``L_cl + distill_weight L_kd`` with z1 the distillation's student; ``columns`` and ``t``
+    as in :func:`contrastive` and :func:`distill`."""
+    _check_dtype(z1)
+    if fits(z1.shape[0], columns.shape[0]):
+        t = t if t.dtype in KERNEL_DTYPES else t.to(z1.dtype)
+        args = _small_batch_args(z1, cl_scale, distill_weight, student_temperature, options, unit_rows)
+        return SmallBatchFused.apply(z1, columns, t, args, _need_grad(z1, columns))
+    if _streams_on_torch(z1, options):
+        return contrastive(z1, columns, cl_scale) + distill_weight * distill(
+            z1, t, student_temperature, options, unit_rows=unit_rows)
+    t, rt = _teacher(t, z1, unit_rows)
+    return DistillCSEFused.apply(z1, columns, t, rt, cl_scale, distill_weight, student_temperature, options,
+                                 _need_grad(z1, columns))

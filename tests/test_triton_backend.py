@@ -79,9 +79,10 @@ def test_groupings_match_reference(group_p, group_size):
         assert rel_err(g, rg) < 2e-5
 
 
-def test_random_shuffle_matches_torch_backend_for_a_seed():
+@pytest.mark.parametrize("B", [53, 130])  # one program; streaming kernels
+def test_random_shuffle_matches_torch_backend_for_a_seed(B):
     # Counter-based keys: the same seed gives the same permutation on every backend and device.
-    inputs = make_batch(53, 32, (24, 16), Bh=4)
+    inputs = make_batch(B, 32, (24, 16), Bh=4)
     kw = dict(shuffle="random", seed=11, group_p=0.2)
     ref_loss, ref_grads = run("torch", inputs, torch.float32, "cpu", **kw)
     loss, grads = run("triton", inputs, torch.float32, DEVICE, **kw)
@@ -126,3 +127,51 @@ def test_never_allocates_a_batch_by_batch_tensor(shuffle):
         with Shapes() as reference_shapes:
             run("reference", inputs, torch.float32, DEVICE, **kw)
     assert triton_shapes.square == [] and reference_shapes.square
+
+
+@pytest.mark.parametrize("shuffle", ["none", "expected", "random"])
+def test_one_program_and_streaming_paths_agree(shuffle, monkeypatch):
+    """B = 64 with 64 hard negatives is the largest batch of the one-program path
+    (kernels/small_batch.py); the streaming kernels must give the same loss and gradients."""
+    from distillcse.kernels import small_batch
+
+    inputs = make_batch(64, 48, (40,), Bh=64, seed=5)
+    kw = dict(shuffle=shuffle, seed=9)
+    loss, grads = run("triton", inputs, torch.float32, DEVICE, **kw)
+    monkeypatch.setattr(small_batch, "MAX_ROWS", 0)
+    streamed, streamed_grads = run("triton", inputs, torch.float32, DEVICE, **kw)
+    assert rel_err(loss, streamed, floor=1.0) < 2e-5
+    for g, sg in zip(grads, streamed_grads):
+        assert rel_err(g, sg) < 2e-5
+
+
+def test_backward_twice_is_a_clear_error():
+    """The streaming path's backward reuses its gradient buffer in place: once per forward."""
+    z1, z2, teachers, _ = make_batch(70, 16, (8,))
+    z1 = z1.float().to(DEVICE).requires_grad_()
+    loss = distillcse.distillcse_loss(z1, z2.float().to(DEVICE), teachers[0].float().to(DEVICE), backend="triton")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once per forward"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("B", [40, 70])
+def test_no_gradient_work_without_autograd(B, monkeypatch):
+    """Under torch.no_grad (or with inputs that need no gradient) no gradient is computed."""
+    from distillcse import triton_backend
+
+    asked = []
+    for name in ("small_batch_loss", "distill_loss_and_grad"):
+        real = getattr(triton_backend, name)
+        monkeypatch.setattr(triton_backend, name,
+                            lambda *a, _real=real, **k: asked.append(k["need_grad"]) or _real(*a, **k))
+    z1, z2, teachers, _ = (x.float().to(DEVICE) if torch.is_tensor(x) else x for x in make_batch(B, 16, (8,)))
+    teacher = teachers[0].float().to(DEVICE)
+    z1.requires_grad_()
+    with torch.no_grad():
+        distillcse.distillcse_loss(z1, z2, teacher, backend="triton")
+    distillcse.distill_loss(z1.detach(), teacher, backend="triton")
+    loss = distillcse.distillcse_loss(z1, z2, teacher, backend="triton")
+    assert asked == [False, False, True]
+    loss.backward()
+    assert z1.grad is not None and torch.isfinite(z1.grad).all()
