@@ -87,16 +87,20 @@ def _distill_options(student_temperature, teacher_temperature, group_p, group_si
 def contrastive_loss(z1, z2, *, temperature=0.05, hard_negatives=None, backend="auto"):
     """SimCSE InfoNCE: ``mean_i [logsumexp_j(c_ij / tau) - c_ii / tau]``,
     ``c_ij = cos(z1_i, [z2; hard_negatives]_j)``. z1, z2 [B, D]; hard_negatives [B_h, D]."""
-    _check_views(z1, z2, hard_negatives)
+    checks.check_finite(_check_views(z1, z2, hard_negatives))
     temperature = checks.check_positive("temperature", temperature)
     return _contrastive(z1, z2, hard_negatives, temperature, resolve_backend(backend, z1))
 
 
 def _check_views(z1, z2, hard_negatives):
+    """Shapes, dtypes and devices of the views; returns them as (name, tensor) pairs."""
     checks.check_student("z1", z1)
     checks.check_embeddings("z2", z2, rows=z1.shape[0], dim=z1.shape[1], like=z1)
+    named = [("z1", z1), ("z2", z2)]
     if hard_negatives is not None:
         checks.check_embeddings("hard_negatives", hard_negatives, dim=z1.shape[1], like=z1)
+        named.append(("hard_negatives", hard_negatives))
+    return named
 
 
 def _contrastive(z1, z2, hard_negatives, temperature, backend):
@@ -153,7 +157,9 @@ def distill_loss(student, teachers, *, student_temperature=0.025, teacher_temper
     fixed-size groups; ``seed`` (int or torch.Generator) makes the random shuffle reproducible.
     """
     checks.check_student("student", student)
-    teachers = checks.check_teachers(teachers, student)
+    named_teachers = checks.check_teachers(teachers, student)
+    checks.check_finite([("student", student)] + named_teachers)
+    teachers = [e for _, e in named_teachers]
     options = _distill_options(student_temperature, teacher_temperature, group_p, group_size,
                                grouping_temperature, shuffle, teacher_weights, seed, len(teachers))
     return _distill(student, teachers, options, resolve_backend(backend, student))
@@ -165,12 +171,14 @@ def distillcse_loss(z1, z2, teachers, *, temperature=0.05, distill_weight=1.0, d
                     teacher_weights=None, seed=None, backend="auto"):
     """``L = L_cl + distill_weight * L_kd`` (``distill_only=True`` drops ``L_cl``); the
     distillation term uses view 1 (``z1``) as the student, as the authors' code does."""
-    _check_views(z1, z2, hard_negatives)
+    named = _check_views(z1, z2, hard_negatives)
     temperature = checks.check_positive("temperature", temperature)
     distill_weight = checks.check_real("distill_weight", distill_weight)
     if not isinstance(distill_only, bool):
         raise TypeError(f"distill_only must be a bool, got {type(distill_only).__name__}")
-    teachers = checks.check_teachers(teachers, z1)
+    named_teachers = checks.check_teachers(teachers, z1)
+    checks.check_finite(named + named_teachers)
+    teachers = [e for _, e in named_teachers]
     options = _distill_options(student_temperature, teacher_temperature, group_p, group_size,
                                grouping_temperature, shuffle, teacher_weights, seed, len(teachers))
     backend = resolve_backend(backend, z1)

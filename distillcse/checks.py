@@ -10,7 +10,8 @@ BACKENDS = ("auto", "reference", "torch", "triton")
 
 
 def check_embeddings(name, x, *, rows=None, dim=None, like=None):
-    """A 2-D floating tensor [rows, dim] on ``like``'s device, finite. Returns it."""
+    """A 2-D floating tensor [rows, dim] on ``like``'s device. Returns it. (NaN and Inf:
+    ``check_finite``, once for all the inputs.)"""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape [B, D], got {type(x).__name__}")
     if x.dim() != 2:
@@ -28,9 +29,19 @@ def check_embeddings(name, x, *, rows=None, dim=None, like=None):
             raise ValueError(f"{name} is on {x.device} but the student embeddings are on {like.device}")
         if x.dtype != like.dtype:
             raise TypeError(f"{name} has dtype {x.dtype} but the student embeddings have {like.dtype}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
     return x
+
+
+def check_finite(named):
+    """Raises ValueError naming the first of ``named`` ((name, tensor) pairs) that holds NaN or
+    Inf. One reduction per tensor (max |x|, which NaN and Inf survive), no temporary of an
+    input's size, and one host sync for all of them."""
+    peaks = torch.stack([torch.linalg.vector_norm(x.detach(), ord=math.inf) for _, x in named])
+    if bool(torch.isfinite(peaks).all()):
+        return
+    for name, x in named:
+        if not bool(torch.isfinite(torch.linalg.vector_norm(x.detach(), ord=math.inf))):
+            raise ValueError(f"{name} contains NaN or Inf")
 
 
 def check_student(name, x):
@@ -41,7 +52,8 @@ def check_student(name, x):
 
 
 def check_teachers(teachers, student):
-    """One tensor [B, D_t] or a non-empty sequence of K tensors [B, D_k]. Returns a list."""
+    """One tensor [B, D_t] or a non-empty sequence of K tensors [B, D_k]. Returns a list of
+    (name, tensor) pairs, the tensors detached."""
     if isinstance(teachers, torch.Tensor):
         teachers = [teachers]
     elif isinstance(teachers, (list, tuple)) and len(teachers) > 0:
@@ -49,13 +61,13 @@ def check_teachers(teachers, student):
     else:
         raise TypeError("teachers must be a tensor [B, D_t] or a non-empty sequence of tensors [B, D_k], "
                         f"got {type(teachers).__name__}")
-    B = student.shape[0]
+    B, named = student.shape[0], []
     for k, e in enumerate(teachers):
         label = "teachers" if len(teachers) == 1 else f"teachers[{k}]"
         if isinstance(e, torch.Tensor) and e.device != student.device:
             raise ValueError(f"{label} is on {e.device} but the student embeddings are on {student.device}")
-        check_embeddings(label, e, rows=B)
-    return [e.detach() for e in teachers]
+        named.append((label, check_embeddings(label, e, rows=B).detach()))
+    return named
 
 
 def check_teacher_weights(weights, K):

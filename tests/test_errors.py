@@ -25,6 +25,10 @@ def good():
     (lambda z1, z2, t: (z1, z2, []), TypeError, "teachers must be a tensor"),
     (lambda z1, z2, t: (z1, z2, t.index_fill(0, torch.tensor([0]), float("nan"))), ValueError, "teachers contains NaN"),
     (lambda z1, z2, t: ("z1", z2, t), TypeError, "z1 must be a torch.Tensor"),
+    (lambda z1, z2, t: (z1, z2, [t, t.index_fill(0, torch.tensor([1]), float("-inf"))]), ValueError,
+     r"teachers\[1\] contains NaN or Inf"),
+    (lambda z1, z2, t: (z1.half().index_fill(1, torch.tensor([0]), float("inf")), z2.half(), t), ValueError,
+     "z1 contains NaN or Inf"),
 ])
 def test_bad_tensors(change, error, match):
     z1, z2, t = change(*good())
@@ -94,3 +98,14 @@ def test_device_mismatch_names_the_argument():
         distillcse.contrastive_loss(z1, z2, hard_negatives=torch.randn(3, D, device="meta"), backend="torch")
     with pytest.raises(ValueError, match=r"teachers\[1\] is on meta"):
         distillcse.distill_loss(z1, [t, t.to("meta")], backend="torch")
+
+
+def test_non_finite_inputs_of_each_entry_point_are_named():
+    z1, z2, t = good()
+    bad = z1.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="student contains NaN or Inf"):
+        distillcse.distill_loss(bad, t, backend="torch")
+    with pytest.raises(ValueError, match="z2 contains NaN or Inf"):
+        distillcse.contrastive_loss(z1, bad, backend="torch")
+    distillcse.distill_loss(z1, t, backend="torch")  # finite inputs pass
