@@ -263,15 +263,20 @@ def small_batch_loss(x, y, t, *, cl_scale=1.0, student_scale=1.0, teacher_scale=
     t = unit_stride_rows(t) if distill else x
     assert y.shape[1] == D and y.dtype == x.dtype and t.shape[0] == B
     seed = 0 if step_seed is None else step_seed
-    prec = dot_precision(x.dtype)
+    prec, prec_t = dot_precision(x.dtype), dot_precision(t.dtype)
     BB = max(16, triton.next_power_of_2(B))
+    # feature chunks: 64, or 16 where fp32 "ieee" dots run on the FMA units, whose register-
+    # hungry layouts spill KBs at 64 (offline sm_90a compile, benchmarks/compile_sm90.py)
+    fma_x = prec == "ieee" and x.dtype == torch.float32
+    fma_t = prec_t == "ieee" and t.dtype == torch.float32
     meta = dict(
         BB=BB, BY=max(16, triton.next_power_of_2(max(N, 1))),
-        BD=min(64, triton.next_power_of_2(max(D, 16))), BDT=min(64, triton.next_power_of_2(max(t.shape[1], 16))),
-        BD_GRAD=min(32 if prec == "ieee" and x.dtype == torch.float32 else 64, triton.next_power_of_2(max(D, 16))),
+        BD=min(16 if fma_x else 64, triton.next_power_of_2(max(D, 16))),
+        BDT=min(16 if fma_t else 64, triton.next_power_of_2(max(t.shape[1], 16))),
+        BD_GRAD=min(16 if fma_x else 64, triton.next_power_of_2(max(D, 16))),
         CONTRASTIVE=contrastive, DISTILL=distill, TARGETS=SHUFFLES.index(shuffle),
         FIXED_SIZE=group_size is not None, NORM_T=normalize_teacher, WRITE_GRAD=need_grad,
-        PREC=prec, PREC_T=dot_precision(t.dtype), PREC_GRAD=prec if x.dtype == torch.float32 else "tf32",
+        PREC=prec, PREC_T=prec_t, PREC_GRAD=prec if x.dtype == torch.float32 else "tf32",
         BITS=BB.bit_length(), num_warps=8,
     )
     loss = torch.empty((), device=x.device, dtype=torch.float32)
