@@ -19,7 +19,8 @@ every teacher-reading kernel shares); only ``j != i`` takes part. Targets
    gradient is ``sum_j (G_rj + G_jr) u_j``: with shuffle none or expected the kernel writes
    both sides (any row's targets are at hand) and one GEMM finishes the slab's rows; the
    random shuffle's ranks exist for the slab rows only, so there a second GEMM adds
-   ``G^T u[slab]`` to every row. The loss and its gradient are computed together, so the
+   ``G^T u[slab]`` to every row's fp32 accumulator, in place. Every GEMM takes the raw rows x
+   (the factors carry rx_j), so no normalised copy of x exists. The loss and its gradient are computed together, so the
    backward recomputes nothing (the loss is linear in the upstream gradient). Extra memory:
    the slab buffers, within ``budget_bytes``.
    The random shuffle needs each row's ranks in column order, so it runs two teacher passes
@@ -262,7 +263,7 @@ def _distill_slab_kernel(
     p_compact,  # [R, B] fp32 targets in group order (random)
     p_perm,  # [6, R, G] int32: start, size, h, b, rounds, key (bits) of each group's sigma (random)
     p_cross,  # [R, C] fp32 out: sum over chunk c of q~_rj s_rj
-    p_grad,  # [R, B] out (G's dtype): G_rj, or (G_rj + G_jr) rx_j when TARGETS < 2; 0 on the diagonal
+    p_grad,  # [R, B] out (G's dtype): M_rj = G_rj rx_j, or (G_rj + G_jr) rx_j when TARGETS < 2; 0 on the diagonal
     row0, B, D, Dt, s_x, s_t, s_thr, n_thr, chunk_width, R, student_scale, teacher_scale,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDT: tl.constexpr,
     BG: tl.constexpr, PREC_X: tl.constexpr, PREC_T: tl.constexpr, TARGETS: tl.constexpr,
@@ -332,7 +333,7 @@ def _distill_slab_kernel(
                         b_grp_n += (b_t < b_thr_n[None, :]).to(tl.int32)
                     b_qt_n = tl.load(p_qbar + o_n[None, :] * n_groups + b_grp_n, mask=m_in, other=0.0)
                 b_g += tl.exp(b_s * student_scale - b_lse_s_n[None, :]) - b_qt_n
-                b_g = b_g * b_rx_n[None, :]  # so that the GEMM takes the raw rows: M u = (M rx) x
+            b_g = b_g * b_rx_n[None, :]  # M = G rx_j: the GEMMs take the raw rows (G u = M x)
             b_g = tl.where(m_in, student_scale * b_g, 0.0)
             tl.store(p_grad + o_r[:, None] * B + o_n[None, :], b_g.to(p_grad.dtype.element_ty),
                      mask=m_m[:, None] & m_n[None, :])
@@ -424,6 +425,17 @@ def _matmul_f32(a, b):
     return a.float() @ b.float()
 
 
+def _addmm_f32(acc, a, b):
+    """``acc += a @ b`` in place, accumulated in fp32 (acc fp32; a, b in one dtype): no
+    temporary of acc's size."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
 def _permutation_tables(counts, rows, step_seed):
     """From the chunk counts [R, C, G] int32: ``first`` [R, C, G] (compact position of each
     chunk's first member of each group) and ``perm`` [6, R, G] int32, the parameters of each
@@ -440,15 +452,18 @@ def _permutation_tables(counts, rows, step_seed):
     return first.to(torch.int32), perm
 
 
-def unit_rows_backward(du, x, rx, budget_bytes):
+def unit_rows_backward(du, x, rx, budget_bytes, *, scaled=False):
     """dL/dx [R, D] in x's dtype from dL/du (fp32, overwritten) for ``u = x rx``:
-    ``rx (du - u (u . du))``, in place over row chunks of ``budget_bytes``."""
+    ``rx (du - u (u . du))``, in place over row chunks of ``budget_bytes``. With ``scaled``,
+    ``du`` holds ``rx du`` already (then ``rx du - u (u . rx du)`` is the answer)."""
     R, D = x.shape
     step = max(1, budget_bytes // (8 * D))
     for r0 in range(0, R, step):
         d, xc, rc = du[r0:r0 + step], x[r0:r0 + step], rx[r0:r0 + step, None]
         u_dot_du = rc * (d * xc).sum(-1, keepdim=True)  # [rows, 1] fp32
-        d.addcmul_(xc, -rc * u_dot_du).mul_(rc)  # du - u (u . du), times rx
+        d.addcmul_(xc, -rc * u_dot_du)  # du - u (u . du)
+        if not scaled:
+            d.mul_(rc)
     return du.to(x.dtype)
 
 
@@ -464,8 +479,8 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
     ``thr`` [B, G-1] and ``qbar`` [B, G]; or "random" with ``thr`` and ``step_seed`` (64-bit).
     Rows go in slabs whose [R, B] buffers fit ``budget_bytes`` (at least one row block);
     ``chunks`` (column chunks per slab row) defaults to enough programs to fill the GPU.
-    Extra memory besides the slab: none / expected [R, D] fp32 per slab; random [B, D] fp32
-    (the column side adds to every row).
+    Extra memory besides the slab: none / expected [R, D] fp32 per slab; random a [B, D] fp32
+    accumulator (the column side adds to every row).
     """
     x, rx, t, rt, prec = _prepare(x, rx, t, rt)
     lse_s, lse_t = lse_s.float().contiguous(), lse_t.float().contiguous()
@@ -494,13 +509,10 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
 
     loss = torch.empty(B, device=x.device, dtype=torch.float32)
     dx = torch.empty_like(x) if need_grad and shuffle != "random" else None
-    du = torch.zeros(B, D, device=x.device, dtype=torch.float32) if need_grad and shuffle == "random" else None
-    # The rows the GEMMs multiply, in the factors' dtype: u = x rx for random; x itself for
-    # none / expected, whose factors carry rx_j (M u = (M rx) x).
-    if need_grad and shuffle == "random":
-        v = torch.mul(x, rx[:, None], out=torch.empty_like(x, dtype=grad_dtype))
-    elif need_grad:
-        v = x if x.dtype == grad_dtype else x.to(grad_dtype)
+    # random: rx_j du_j of every row, summed over the slabs (rx du, so that the column side's
+    # GEMM takes raw rows too: sum_r G_rj u_r = (M^T (rx x)[slab])_j / rx_j)
+    acc = torch.zeros(B, D, device=x.device, dtype=torch.float32) if need_grad and shuffle == "random" else None
+    v = (x if x.dtype == grad_dtype else x.to(grad_dtype)) if need_grad else None  # the GEMMs' rows, raw
     grad = torch.empty(R, B, device=x.device, dtype=grad_dtype) if need_grad else lse_s
     compact = torch.empty(R, B, device=x.device, dtype=torch.float32) if shuffle == "random" else lse_s
     first = perm = lse_s  # the random mode's tables, per slab
@@ -525,10 +537,10 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
         if need_grad:
             g, slab = grad[:rows], slice(row0, row0 + rows)
             if shuffle == "random":
-                du[slab] += _matmul_f32(g, v)
-                du += _matmul_f32(g.T, v[slab])
+                acc[slab].addcmul_(_matmul_f32(g, v), rx[slab, None])  # row side, [R, D]
+                _addmm_f32(acc, g.T, (v[slab] * rx[slab, None]).to(grad_dtype))  # column side, in place
             else:  # g holds both sides: the slab rows' gradient is complete
                 dx[slab] = unit_rows_backward(_matmul_f32(g, v), x[slab], rx[slab], budget_bytes)
     if need_grad and shuffle == "random":
-        dx = unit_rows_backward(du, x, rx, budget_bytes)
+        dx = unit_rows_backward(acc, x, rx, budget_bytes, scaled=True)
     return loss, dx
