@@ -19,7 +19,7 @@ every teacher-reading kernel shares); only ``j != i`` takes part. Targets
    gradient is ``sum_j (G_rj + G_jr) u_j``: with shuffle none or expected the kernel writes
    both sides (any row's targets are at hand) and one GEMM finishes the slab's rows; the
    random shuffle's ranks exist for the slab rows only, so there a second GEMM adds
-   ``G^T u[slab]`` to every row's fp32 accumulator, in place. Every GEMM takes the raw rows x
+   ``G^T u[slab]`` to every row's fp32 accumulator (in row chunks). Every GEMM takes the raw rows x
    (the factors carry rx_j), so no normalised copy of x exists. The loss and its gradient are computed together, so the
    backward recomputes nothing (the loss is linear in the upstream gradient). Extra memory:
    the slab buffers, within ``budget_bytes``.
@@ -425,15 +425,12 @@ def _matmul_f32(a, b):
     return a.float() @ b.float()
 
 
-def _addmm_f32(acc, a, b):
-    """``acc += a @ b`` in place, accumulated in fp32 (acc fp32; a, b in one dtype): no
-    temporary of acc's size."""
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-    elif a.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
-        acc.addmm_(a.float(), b.float())
+def _add_matmul_f32(acc, a, b, budget_bytes):
+    """``acc += a @ b`` accumulated in fp32 (acc fp32; a, b in one dtype), over row chunks
+    whose fp32 product takes at most a quarter of ``budget_bytes``: no temporary of acc's size."""
+    step = max(1, budget_bytes // (16 * acc.shape[1]))
+    for r0 in range(0, acc.shape[0], step):
+        acc[r0:r0 + step] += _matmul_f32(a[r0:r0 + step], b)
 
 
 def _permutation_tables(counts, rows, step_seed):
@@ -538,7 +535,7 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
             g, slab = grad[:rows], slice(row0, row0 + rows)
             if shuffle == "random":
                 acc[slab].addcmul_(_matmul_f32(g, v), rx[slab, None])  # row side, [R, D]
-                _addmm_f32(acc, g.T, (v[slab] * rx[slab, None]).to(grad_dtype))  # column side, in place
+                _add_matmul_f32(acc, g.T, (v[slab] * rx[slab, None]).to(grad_dtype), budget_bytes)  # column side
             else:  # g holds both sides: the slab rows' gradient is complete
                 dx[slab] = unit_rows_backward(_matmul_f32(g, v), x[slab], rx[slab], budget_bytes)
     if need_grad and shuffle == "random":
