@@ -42,6 +42,12 @@ _ROUNDS = tl.constexpr(ROUNDS)
 
 
 @triton.jit
+def _rows_tile(p_a, o_r, m_r, s_a, o_d, m_d):
+    """Rows o_r, features o_d of a row-major matrix (row stride s_a); 0 where masked."""
+    return tl.load(p_a + o_r[:, None] * s_a + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.0)
+
+
+@triton.jit
 def _column(b_a, o_col, k):
     """Column k of a [BB, BB] block as a [BB] vector (indexed by row)."""
     return tl.sum(tl.where(o_col[None, :] == k, b_a, 0), axis=1)
@@ -139,7 +145,7 @@ def _small_batch_kernel(
         for i_d in range(0, tl.cdiv(Dt, BDT)):
             o_d = i_d * BDT + tl.arange(0, BDT)
             m_d = o_d < Dt
-            b_te = tl.load(p_t + o_row[:, None] * s_t + o_d[None, :], mask=m_row[:, None] & m_d[None, :], other=0.0)  # [BB, BDT]
+            b_te = _rows_tile(p_t, o_row, m_row, s_t, o_d, m_d)  # [BB, BDT]
             b_nt += tl.sum(b_te.to(tl.float32) * b_te.to(tl.float32), axis=1)
             b_tt = tl.dot(b_te, tl.trans(b_te), b_tt, input_precision=PREC_T)  # [BB, BDT] @ [BDT, BB]
         if NORM_T:
@@ -178,12 +184,12 @@ def _small_batch_kernel(
     for i_d in range(0, tl.cdiv(D, BD)):
         o_d = i_d * BD + tl.arange(0, BD)
         m_d = o_d < D
-        b_x = tl.load(p_x + o_row[:, None] * s_x + o_d[None, :], mask=m_row[:, None] & m_d[None, :], other=0.0)  # [BB, BD]
+        b_x = _rows_tile(p_x, o_row, m_row, s_x, o_d, m_d)  # [BB, BD]
         b_nx += tl.sum(b_x.to(tl.float32) * b_x.to(tl.float32), axis=1)
         if DISTILL:
             b_xx = tl.dot(b_x, tl.trans(b_x), b_xx, input_precision=PREC)  # [BB, BD] @ [BD, BB]
         if CONTRASTIVE:
-            b_yd = tl.load(p_y + o_y[:, None] * s_y + o_d[None, :], mask=m_y[:, None] & m_d[None, :], other=0.0)  # [BY, BD]
+            b_yd = _rows_tile(p_y, o_y, m_y, s_y, o_d, m_d)  # [BY, BD]
             b_ny += tl.sum(b_yd.to(tl.float32) * b_yd.to(tl.float32), axis=1)
             b_xy = tl.dot(b_x, tl.trans(b_yd), b_xy, input_precision=PREC)  # [BB, BD] @ [BD, BY]
     b_rx = tl.where(m_row, 1.0 / tl.maximum(tl.sqrt(b_nx), 1e-8), 0.0)
@@ -225,12 +231,12 @@ def _small_batch_kernel(
         for i_d in range(0, tl.cdiv(D, BD_GRAD)):
             o_d = i_d * BD_GRAD + tl.arange(0, BD_GRAD)
             m_d = o_d < D
-            b_x = tl.load(p_x + o_row[:, None] * s_x + o_d[None, :], mask=m_row[:, None] & m_d[None, :], other=0.0).to(tl.float32)  # [BB, BD_GRAD]
+            b_x = _rows_tile(p_x, o_row, m_row, s_x, o_d, m_d).to(tl.float32)  # [BB, BD_GRAD]
             b_dx = -b_coef_x[:, None] * b_x
             if DISTILL:
                 b_dx = tl.dot(b_Wx, b_x, b_dx, input_precision=PREC_GRAD)  # [BB, BB] @ [BB, BD_GRAD]
             if CONTRASTIVE:
-                b_yd = tl.load(p_y + o_y[:, None] * s_y + o_d[None, :], mask=m_y[:, None] & m_d[None, :], other=0.0).to(tl.float32)  # [BY, BD_GRAD]
+                b_yd = _rows_tile(p_y, o_y, m_y, s_y, o_d, m_d).to(tl.float32)  # [BY, BD_GRAD]
                 b_dx = tl.dot(b_Wc, b_yd, b_dx, input_precision=PREC_GRAD)  # [BB, BY] @ [BY, BD_GRAD]
                 b_dy = tl.dot(tl.trans(b_Wc), b_x, -b_coef_y[:, None] * b_yd, input_precision=PREC_GRAD)  # [BY, BB] @ [BB, BD_GRAD]
                 tl.store(p_dy + o_y[:, None] * s_dy + o_d[None, :], b_dy.to(p_dy.dtype.element_ty),
