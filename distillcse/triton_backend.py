@@ -152,10 +152,14 @@ def _need_grad(*xs):
     return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
 
 
+def _kernel_dtype(t, z):
+    """Teacher rows in a dtype the kernels read: their own, or z's for float64."""
+    return t if t.dtype in KERNEL_DTYPES else t.to(z.dtype)
+
+
 def _teacher(t, z, unit_rows):
     """(t, rt): teacher rows in a kernel dtype and their fp32 inverse norms (ones for unit rows)."""
-    if t.dtype not in KERNEL_DTYPES:
-        t = t.to(z.dtype)
+    t = _kernel_dtype(t, z)
     return t, (torch.ones(t.shape[0], device=t.device) if unit_rows else _inv_norms(t))
 
 
@@ -190,9 +194,8 @@ def distill(z, t, student_temperature, options, *, unit_rows):
     ones cast to z's dtype) with their inverse norms."""
     _check_dtype(z)
     if fits(z.shape[0]):
-        t = t if t.dtype in KERNEL_DTYPES else t.to(z.dtype)
         args = _small_batch_args(z, 1.0, 1.0, student_temperature, options, unit_rows)
-        return SmallBatchFused.apply(z, None, t, args, _need_grad(z))
+        return SmallBatchFused.apply(z, None, _kernel_dtype(t, z), args, _need_grad(z))
     t, rt = _teacher(t, z, unit_rows)
     if _streams_on_torch(z, options):
         u = z.float() / z.float().norm(dim=-1, keepdim=True).clamp_min(EPS)
@@ -205,9 +208,8 @@ def distillcse(z1, columns, t, cl_scale, distill_weight, student_temperature, op
     as in :func:`contrastive` and :func:`distill`."""
     _check_dtype(z1)
     if fits(z1.shape[0], columns.shape[0]):
-        t = t if t.dtype in KERNEL_DTYPES else t.to(z1.dtype)
         args = _small_batch_args(z1, cl_scale, distill_weight, student_temperature, options, unit_rows)
-        return SmallBatchFused.apply(z1, columns, t, args, _need_grad(z1, columns))
+        return SmallBatchFused.apply(z1, columns, _kernel_dtype(t, z1), args, _need_grad(z1, columns))
     if _streams_on_torch(z1, options):
         return contrastive(z1, columns, cl_scale) + distill_weight * distill(
             z1, t, student_temperature, options, unit_rows=unit_rows)

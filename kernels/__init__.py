@@ -24,6 +24,8 @@ Conventions shared by every kernel:
     ``r (du - u (u . du))`` included (accumulated in fp32).
   * Row statistics (logsumexps) are fp32 vectors of length B: extra memory O(B); the
     distillation's slab buffers are bounded by the caller's budget.
+  * Exception: ``small_batch.py`` (B <= 64, one program) takes the raw rows alone and computes
+    every norm and logit itself, in its own passes over the features.
 """
 
 try:
