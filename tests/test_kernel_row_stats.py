@@ -1,0 +1,105 @@
+"""kernels/distill.py ``distill_row_stats`` (the symmetric statistics pass) against float64
+PyTorch: odd sizes over several row groups and ragged blocks, mixed dtypes, strided rows, rows
+whose every teacher and student cosine is negative; determinism. ``torch.empty`` is NaN-filled
+(conftest), so a partial slot the kernel never writes shows up in the merged outputs."""
+import math
+
+import pytest
+import torch
+
+from conftest import DEVICE
+
+pytest.importorskip("triton")
+from distillcse.kernels import distill as K  # noqa: E402
+
+STUDENT, TEACHER, GROUPING = 1 / 0.025, 1 / 0.0125, 1 / 0.7
+NAMES = ("lse_s", "lse_t", "lse_g", "t_min", "t_max")
+
+
+def _rows(B, D, Dt, dtype, t_dtype, *, strided=False, seed=0):
+    """x [B, D] and t [B, Dt] in a cone around the all-ones direction with spread norms, x's
+    first and t's last row flipped out of it (all their cosines negative: row B - 1's t_max < 0
+    comes from the column side of the tiles above its block), and fp32 inverse norms.
+    ``strided``: x and t column slices of wider tensors, rx and rt of stride 2."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, generator=gen).abs() * 0.5 + 0.3
+    t = (torch.randn(B, Dt, generator=gen).abs() * 0.5 + 0.3) * 4.0 ** torch.rand(B, 1, generator=gen)
+    x[0], t[-1] = -x[0], -t[-1]
+    x, t = x.to(dtype), t.to(t_dtype)
+    rx = 1.0 / x.float().norm(dim=1).clamp_min(1e-8)
+    rt = 1.0 / t.float().norm(dim=1).clamp_min(1e-8)
+    x, rx, t, rt = (v.to(DEVICE) for v in (x, rx, t, rt))
+    if strided:
+        x = torch.cat([x, x.new_ones(B, 5)], dim=1)[:, :D]
+        t = torch.cat([t.new_ones(B, 3), t], dim=1)[:, 3:]
+        rx, rt = (torch.stack([r, torch.ones_like(r)], dim=1)[:, 0] for r in (rx, rt))
+    return x, rx, t, rt
+
+
+def _reference(x, rx, t, rt):
+    """float64 (lse_s, lse_t, lse_g, t_min, t_max) over j != i from the B x B matrices."""
+    u, v = x.double() * rx.double()[:, None], t.double() * rt.double()[:, None]
+    s, tt = u @ u.T, v @ v.T
+    off = ~torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
+    neg = lambda a: a.masked_fill(~off, -math.inf)  # noqa: E731
+    return (torch.logsumexp(neg(STUDENT * s), 1), torch.logsumexp(neg(TEACHER * tt), 1),
+            torch.logsumexp(neg(GROUPING * tt), 1), tt.masked_fill(~off, math.inf).amin(1), neg(tt).amax(1))
+
+
+def _check(stats, refs, tol=1e-5):
+    """Every entry within tol * max(1, |ref|): one wrong row fails."""
+    for name, out, ref in zip(NAMES, stats, refs):
+        assert out.dtype == torch.float32 and out.shape == ref.shape, name
+        err = ((out.double() - ref).abs() / ref.abs().clamp_min(1.0)).max().item()
+        assert err <= tol, f"{name}: error {err:.2e} > {tol:.0e}"
+
+
+@pytest.mark.parametrize("dtype,t_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float32),
+                                           (torch.float32, torch.float16), (torch.bfloat16, torch.float32)],
+                         ids=["fp32", "fp16-fp32", "fp32-fp16", "bf16-fp32"])
+@pytest.mark.parametrize("B,D,Dt", [(2, 48, 32), (37, 48, 40), (130, 96, 80), (200, 96, 48)])
+def test_row_stats_match_float64(B, D, Dt, dtype, t_dtype):
+    """Under the interpreter B = 37 and 130 span 3 blocks in 2 groups (of 1 and 2 blocks),
+    B = 200 4 blocks in 4 groups; every last block is ragged. The reference reads the same
+    rounded rows, so fp32 accumulation alone sets the tolerance."""
+    if torch.bfloat16 in (dtype, t_dtype) and DEVICE != "cuda":
+        pytest.skip("Triton 3.6's interpreter computes bf16 tl.dot wrongly; bf16 is checked on CUDA")
+    x, rx, t, rt = _rows(B, D, Dt, dtype, t_dtype, strided=B == 130, seed=B)
+    refs = _reference(x, rx, t, rt)
+    assert refs[4][-1] < 0 and refs[0][0] < math.log(B)  # the flipped rows
+    _check(K.distill_row_stats(x, rx, t, rt, STUDENT, TEACHER, GROUPING), refs)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 6, 8])
+def test_row_stats_any_grouping(groups, monkeypatch):
+    """16-row tiles over B = 150 (10 blocks) in G groups of 1 to 10 blocks: G = 6 and 8 take the
+    circulant pairs at distances 2 .. G / 2 - 1 too, G = 1 is one diagonal region."""
+    x, rx, t, rt = _rows(150, 40, 24, torch.float32, torch.float32, seed=groups)
+    monkeypatch.setattr(K, "_stats_blocks", lambda B, x_dtype, t_dtype: dict(BT=16, BD=32, BDT=32, num_warps=4))
+    monkeypatch.setattr(K, "_stats_groups", lambda n_blocks, programs: groups)
+    _check(K.distill_row_stats(x, rx, t, rt, STUDENT, TEACHER, GROUPING), _reference(x, rx, t, rt))
+
+
+def test_row_stats_deterministic():
+    x, rx, t, rt = _rows(130, 96, 80, torch.float32, torch.float16, seed=1)
+    first = K.distill_row_stats(x, rx, t, rt, STUDENT, TEACHER, GROUPING)
+    again = K.distill_row_stats(x, rx, t, rt, STUDENT, TEACHER, GROUPING)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_row_stats_one_row():
+    """B = 1: no valid column, every logsumexp -inf, t's range empty."""
+    x, rx, t, rt = (v[:1] for v in _rows(2, 48, 32, torch.float32, torch.float32))
+    lse_s, lse_t, lse_g, t_min, t_max = K.distill_row_stats(x, rx, t, rt, STUDENT, TEACHER, GROUPING)
+    assert (lse_s == -math.inf).all() and (lse_t == -math.inf).all() and (lse_g == -math.inf).all()
+    assert (t_min == math.inf).all() and (t_max == -math.inf).all()
+
+
+def test_stats_groups():
+    """Even (or 1), at most the block count, G^2 / 2 programs within the target."""
+    assert K._stats_groups(1, 264) == 1 and K._stats_groups(3, 8) == 2 and K._stats_groups(5, 8) == 4
+    assert K._stats_groups(64, 132) == 16 and K._stats_groups(1024, 264) == 22
+    for n_blocks in range(1, 40):
+        for programs in (2, 8, 132, 264):
+            g = K._stats_groups(n_blocks, programs)
+            assert (g == 1 or g % 2 == 0) and g <= n_blocks and g * g // 2 <= max(programs, 1)
