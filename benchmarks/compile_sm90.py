@@ -72,7 +72,8 @@ def distill(B, D, dtype, teacher_dtype):
     in 8 column chunks the slab kernel with each shuffle plus the random mode's count and
     compaction kernels (teacher width D, G = 10 groups); and in kernels/group_partition.py the
     probe pass of the threshold search over 4096 rows (the first pass's grid of 64 points, and
-    a later pass's 16 points with windows; by mass and fixed size) and the group means pass.
+    a later pass's 16 points with windows, then the settling of those windows; by mass and
+    fixed size) and the group means pass.
     The slab launcher builds its tables from kernel results and the search loops on them, so
     those kernels are called directly."""
     from distillcse.kernels import distill as K
@@ -92,21 +93,26 @@ def distill(B, D, dtype, teacher_dtype):
     compact, cross = torch.empty(rows, B), torch.empty(rows, chunks)
     grad = torch.empty(rows, B, dtype=torch.float32 if dtype == torch.float32 else torch.bfloat16)
     teacher_grid = (rows // teacher_blocks["BM"], chunks)
-    K._group_counts_kernel[teacher_grid](t, r, thr, first, 0, B, D, D, n_thr, n_thr, width, rows, BG=16,
+    K._group_counts_kernel[teacher_grid](t, r, thr, first, 0, B, D, D, n_thr, n_thr, width, chunks, rows, BG=16,
                                          PREC_T=prec["PREC_T"], **teacher_blocks)
-    K._compact_targets_kernel[teacher_grid](t, r, thr, r, first, compact, 0, B, D, D, n_thr, n_thr, width, rows,
-                                            80.0, BG=16, PREC_T=prec["PREC_T"], **teacher_blocks)
+    K._compact_targets_kernel[teacher_grid](t, r, thr, r, first, compact, 0, B, D, D, n_thr, n_thr, width, chunks,
+                                            rows, 80.0, BG=16, PREC_T=prec["PREC_T"], **teacher_blocks)
     for targets, shuffle in enumerate(K.SHUFFLES):
         slab_blocks = K._slab_blocks(B, shuffle, *dot_kinds)[1]
         K._distill_slab_kernel[(rows // slab_blocks["BM"], chunks)](
             x, r, t, r, thr, r, r, qbar, first, compact, perm, cross, grad, 0, B, D, D, D, D, n_thr, n_thr, width,
-            rows, 40.0, 80.0, BG=16, TARGETS=targets, WRITE_GRAD=True, **prec, **slab_blocks)
+            0, chunks, rows, 40.0, 80.0, BG=16, TARGETS=targets, WRITE_GRAD=True, **prec, **slab_blocks)
     search_rows = torch.arange(4096)
     windows = torch.empty(4096, n_thr), torch.empty(4096, n_thr)
     for fixed in (False, True):
         evaluate = GP._kernel_probes(t, r, r, 1.0, n_thr, fixed)
         evaluate(search_rows, torch.empty(4096, GP.GRID_LANES), None)
         evaluate(search_rows, torch.empty(4096, 16), windows)
+        GP._settle({k: torch.empty(4096, n_thr) for k in ("lo", "hd", "hu")}, windows,
+                   torch.zeros(4096, n_thr, dtype=torch.int64),
+                   torch.empty(4096, 16, dtype=torch.int32 if fixed else torch.float32), torch.empty(4096, 16),
+                   torch.empty(4096, n_thr, dtype=torch.int32), torch.empty(4096, n_thr, GP.BUFFER),
+                   GP._Rule(n_thr, 0.1, 100 if fixed else None, 1.0, "cpu"), r[:4096])
     GP.group_means(t, r, r, thr, 80.0)
 
 

@@ -66,15 +66,15 @@ def _distill_rows(z, r, t, rt, student_temperature, options, need_grad):
     """Distillation loss rows [B] fp32 and d(sum of them)/dz [B, D] in z's dtype (or None)."""
     ss, ts, gs = 1.0 / student_temperature, 1.0 / options["teacher_temperature"], 1.0 / options["grouping_temperature"]
     lse_s, lse_t, lse_g, t_min, t_max = distill_row_stats(z, r, t, rt, ss, ts, gs)
-    shuffle, groups = options["shuffle"], {}
+    shuffle, groups, budget = options["shuffle"], {}, config.chunk_budget_bytes()
     if shuffle != "none":
         groups["thr"] = group_thresholds(t, rt, lse_g, t_min, t_max, gs, group_p=options["group_p"],
-                                         group_size=options["group_size"])
+                                         group_size=options["group_size"], budget_bytes=budget)
     if shuffle == "expected":
         groups["qbar"] = group_means(t, rt, lse_t, groups["thr"], ts)
     return distill_loss_and_grad(
         z, r, t, rt, lse_s, lse_t, ss, ts, shuffle=shuffle, step_seed=options["step_seed"],
-        budget_bytes=config.chunk_budget_bytes(), need_grad=need_grad, **groups)
+        budget_bytes=budget, need_grad=need_grad, **groups)
 
 
 def _take_once(ctx):

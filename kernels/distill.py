@@ -20,10 +20,13 @@ every teacher-reading kernel shares); only ``j != i`` takes part. Targets
    gradient is ``sum_j (G_rj + G_jr) u_j``: with shuffle none or expected the kernel writes
    both sides (any row's targets are at hand) and one GEMM finishes the slab's rows; the
    random shuffle's ranks exist for the slab rows only, so there a second GEMM adds
-   ``G^T u[slab]`` to every row's fp32 accumulator (in row chunks). Every GEMM takes the raw rows x
-   (the factors carry rx_j), so no normalised copy of x exists. The loss and its gradient are computed together, so the
-   backward recomputes nothing (the loss is linear in the upstream gradient). Extra memory:
-   the slab buffers, within ``budget_bytes``.
+   ``G^T u[slab]`` to every row's fp32 accumulator (in row chunks). That accumulator holds one
+   part of the batch at a time when all of it would take more than half the budget
+   (``random_parts``): the slabs then run once per part, the slab kernel over the part's
+   columns only. Every GEMM takes the raw rows x (the factors carry rx_j), so no normalised
+   copy of x exists. The loss and its gradient are computed together, so the backward
+   recomputes nothing (the loss is linear in the upstream gradient). Extra memory besides
+   the gradient: within ``budget_bytes`` (``tests/test_memory_plan.py`` counts it).
    The random shuffle needs each row's ranks in column order, so it runs two teacher passes
    first: ``_group_counts_kernel`` (members of each group per column chunk) and
    ``_compact_targets_kernel`` (targets in group order, ``compact[r, start_g + rank] = q``).
@@ -287,13 +290,14 @@ def _compact_positions(b_grp, b_next, n_groups, BG: tl.constexpr):
 
 
 @triton.jit
-def _slab_program(row0, B, R, BM: tl.constexpr):
-    """(i_c, n_chunks, o_r, o_m, m_m) of a slab kernel's program: column chunk i_c of n_chunks
-    (grid axis 1), slab rows o_r [BM] (block of grid axis 0), their batch rows o_m and mask."""
-    i_m, i_c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+def _slab_program(row0, B, R, chunk0, BM: tl.constexpr):
+    """(i_c, o_r, o_m, m_m) of a slab kernel's program: column chunk i_c = chunk0 + grid axis 1,
+    slab rows o_r [BM] (block of grid axis 0), their batch rows o_m and mask."""
+    i_m = tl.program_id(0).to(tl.int64)
+    i_c = chunk0 + tl.program_id(1).to(tl.int64)
     o_r = i_m * BM + tl.arange(0, BM)
     o_m = row0 + o_r
-    return i_c, tl.num_programs(1), o_r, o_m, (o_r < R) & (o_m < B)
+    return i_c, o_r, o_m, (o_r < R) & (o_m < B)
 
 
 @triton.jit
@@ -302,11 +306,11 @@ def _group_counts_kernel(
     p_rt,  # [B] fp32 inverse norms
     p_thr,  # [B, G-1] fp32 group thresholds
     p_counts,  # [R, C, G] int32 out: members of group g in chunk c of slab row r
-    row0, B, Dt, s_t, s_thr, n_thr, chunk_width, R,
+    row0, B, Dt, s_t, s_thr, n_thr, chunk_width, n_chunks, R,
     BM: tl.constexpr, BN: tl.constexpr, BDT: tl.constexpr, BG: tl.constexpr,
     PREC_T: tl.constexpr,
 ):
-    i_c, n_chunks, o_r, o_m, m_m = _slab_program(row0, B, R, BM)
+    i_c, o_r, o_m, m_m = _slab_program(row0, B, R, 0, BM)
     o_g = tl.arange(0, BG)[None, :]
     n_groups = n_thr + 1
     b_counts = tl.zeros([BM, BG], dtype=tl.int32)
@@ -329,11 +333,11 @@ def _compact_targets_kernel(
     p_lse_t,  # [B] fp32 teacher logsumexps
     p_first,  # [R, C, G] int32: compact position of chunk c's first member of group g
     p_compact,  # [R, B] fp32 out: targets in group order (B-1 used)
-    row0, B, Dt, s_t, s_thr, n_thr, chunk_width, R, teacher_scale,
+    row0, B, Dt, s_t, s_thr, n_thr, chunk_width, n_chunks, R, teacher_scale,
     BM: tl.constexpr, BN: tl.constexpr, BDT: tl.constexpr, BG: tl.constexpr,
     PREC_T: tl.constexpr,
 ):
-    i_c, n_chunks, o_r, o_m, m_m = _slab_program(row0, B, R, BM)
+    i_c, o_r, o_m, m_m = _slab_program(row0, B, R, 0, BM)
     o_g = tl.arange(0, BG)[None, :]
     n_groups = n_thr + 1
     b_next = tl.load(p_first + (o_r[:, None] * n_chunks + i_c) * n_groups + o_g,
@@ -364,7 +368,7 @@ def _distill_slab_kernel(
     p_perm,  # [6, R, G] int32: start, size, h, b, rounds, key (bits) of each group's sigma (random)
     p_cross,  # [R, C] fp32 out: sum over chunk c of q~_rj s_rj
     p_grad,  # [R, B] out (G's dtype): M_rj = G_rj rx_j, or (G_rj + G_jr) rx_j when TARGETS < 2; 0 on the diagonal
-    row0, B, D, Dt, s_x, s_t, s_thr, n_thr, chunk_width, R, student_scale, teacher_scale,
+    row0, B, D, Dt, s_x, s_t, s_thr, n_thr, chunk_width, chunk0, n_chunks, R, student_scale, teacher_scale,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDT: tl.constexpr,
     BG: tl.constexpr, PREC_X: tl.constexpr, PREC_T: tl.constexpr, TARGETS: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
@@ -374,8 +378,9 @@ def _distill_slab_kernel(
     shuffle in SHUFFLES. With shuffle none or expected, any row's targets can be evaluated here
     (O(B G) tables), so the factor also takes the column side ``G_jr`` (s and t are symmetric)
     and one GEMM gives the slab rows' whole gradient; the random shuffle's ranks exist for the
-    slab rows only, so its column side is a second GEMM."""
-    i_c, n_chunks, o_r, o_m, m_m = _slab_program(row0, B, R, BM)
+    slab rows only, so its column side is a second GEMM. Grid axis 1 runs chunks chunk0 + [0, C')
+    of the n_chunks (the random shuffle's later passes need only some columns)."""
+    i_c, o_r, o_m, m_m = _slab_program(row0, B, R, chunk0, BM)
     o_g = tl.arange(0, BG)[None, :]
     n_groups = n_thr + 1
     if TARGETS == 2:
@@ -538,13 +543,18 @@ def slab_rows(B: int, budget_bytes: int, bytes_per_entry: int, BM: int) -> int:
     return max(BM, min(B, budget_bytes // (B * bytes_per_entry)) // BM * BM)
 
 
-def _matmul_f32(a, b):
-    """``a @ b`` accumulated and returned in fp32 (a, b in one dtype)."""
+def _matmul_f32(a, b, k_step=64):
+    """``a @ b`` accumulated and returned in fp32 (a, b in one dtype): on CUDA one cuBLAS call
+    with an fp32 output; elsewhere over ``k_step`` slices of the inner dimension, so that the
+    fp32 copies stay small (as on the GPU, no input-sized temporary)."""
     if a.dtype == torch.float32:
         return a @ b
     if a.is_cuda:
         return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
+    out = torch.zeros(a.shape[0], b.shape[1], device=a.device, dtype=torch.float32)
+    for k0 in range(0, a.shape[1], k_step):
+        out.addmm_(a[:, k0:k0 + k_step].float(), b[k0:k0 + k_step].float())
+    return out
 
 
 def _add_matmul_f32(acc, a, b, budget_bytes):
@@ -571,8 +581,8 @@ def _permutation_tables(counts, rows, step_seed):
     return first.to(torch.int32), perm
 
 
-def unit_rows_backward(du, x, rx, budget_bytes, *, scaled=False):
-    """dL/dx [R, D] in x's dtype from dL/du (fp32, overwritten) for ``u = x rx``:
+def unit_rows_backward(du, x, rx, budget_bytes, out, *, scaled=False):
+    """dL/dx [R, D] into ``out`` (x's dtype) from dL/du (fp32, overwritten) for ``u = x rx``:
     ``rx (du - u (u . du))``, in place over row chunks of ``budget_bytes``. With ``scaled``,
     ``du`` holds ``rx du`` already (then ``rx du - u (u . rx du)`` is the answer)."""
     R, D = x.shape
@@ -583,7 +593,18 @@ def unit_rows_backward(du, x, rx, budget_bytes, *, scaled=False):
         d.addcmul_(xc, -rc * u_dot_du)  # du - u (u . du)
         if not scaled:
             d.mul_(rc)
-    return du.to(x.dtype)
+        out[r0:r0 + step].copy_(d)
+
+
+def random_parts(B: int, D: int, budget_bytes: int, BN: int):
+    """(rows per part, slab budget) of the random shuffle's gradient: its column side adds to
+    every row, so an fp32 accumulator holds one part of the batch's rows at a time, at most half
+    the budget (whole column blocks of BN, at least one), and the slabs run once per part; the
+    slabs take the rest of the budget."""
+    acc_bytes = 4 * B * D
+    if acc_bytes <= budget_bytes // 2:
+        return B, budget_bytes - acc_bytes
+    return max(BN, budget_bytes // 2 // (4 * D) // BN * BN), budget_bytes // 2
 
 
 def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_scale, *, shuffle="none",
@@ -598,8 +619,10 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
     ``thr`` [B, G-1] and ``qbar`` [B, G]; or "random" with ``thr`` and ``step_seed`` (64-bit).
     Rows go in slabs whose [R, B] buffers fit ``budget_bytes`` (at least one row block);
     ``chunks`` (column chunks per slab row) defaults to enough programs to fill the GPU.
-    Extra memory besides the slab: none / expected [R, D] fp32 per slab; random a [B, D] fp32
-    accumulator (the column side adds to every row).
+    Extra memory besides dx: at most ``budget_bytes`` (at least one row block per slab), plus
+    [R, D] fp32 per slab. The random shuffle's gradient splits the batch into ``random_parts``
+    and, per part, runs the slabs again: the teacher passes whole, the slab kernel over the
+    part's columns only (whole rows for the slabs inside the part).
     """
     x, rx, t, rt, prec = _prepare(x, rx, t, rt)
     lse_s, lse_t = lse_s.float().contiguous(), lse_t.float().contiguous()
@@ -617,49 +640,64 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
     BM = max(teacher_blocks["BM"], slab_blocks["BM"])
     BN = max(teacher_blocks["BN"], slab_blocks["BN"])
     grad_dtype = torch.float32 if x.dtype == torch.float32 else torch.bfloat16
+    random_grad = need_grad and shuffle == "random"
+    part_rows, slab_budget = random_parts(B, D, budget_bytes, BN) if random_grad else (B, budget_bytes)
     entry_bytes = (grad_dtype.itemsize if need_grad else 0) + (4 if shuffle == "random" else 0)
-    R = slab_rows(B, budget_bytes, entry_bytes, BM)
+    R = slab_rows(B, slab_budget, entry_bytes, BM)
     if chunks is None:
         programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
         chunks = triton.cdiv(programs, triton.cdiv(R, BM))
-    chunks = max(1, min(chunks, triton.cdiv(B, BN)))
+    chunks = max(1, triton.cdiv(B, part_rows), min(chunks, triton.cdiv(B, BN)))  # a part: whole chunks
     chunk_width = triton.cdiv(triton.cdiv(B, chunks), BN) * BN
     chunks = triton.cdiv(B, chunk_width)
+    part_width = B if part_rows >= B else max(chunk_width, part_rows // chunk_width * chunk_width)
+    parts = triton.cdiv(B, part_width)
 
     loss = torch.empty(B, device=x.device, dtype=torch.float32)
-    dx = torch.empty_like(x) if need_grad and shuffle != "random" else None
-    # random: rx_j du_j of every row, summed over the slabs (rx du, so that the column side's
-    # GEMM takes raw rows too: sum_r G_rj u_r = (M^T (rx x)[slab])_j / rx_j)
-    acc = torch.zeros(B, D, device=x.device, dtype=torch.float32) if need_grad and shuffle == "random" else None
+    dx = torch.empty_like(x) if need_grad else None
     v = (x if x.dtype == grad_dtype else x.to(grad_dtype)) if need_grad else None  # the GEMMs' rows, raw
     grad = torch.empty(R, B, device=x.device, dtype=grad_dtype) if need_grad else lse_s
     compact = torch.empty(R, B, device=x.device, dtype=torch.float32) if shuffle == "random" else lse_s
     first = perm = lse_s  # the random mode's tables, per slab
-    for row0 in range(0, B, R):
-        rows = min(R, B - row0)
-        if shuffle == "random":
-            teacher_grid = (triton.cdiv(rows, teacher_blocks["BM"]), chunks)
-            counts = torch.empty(rows, chunks, G, device=x.device, dtype=torch.int32)
-            _group_counts_kernel[teacher_grid](
-                t, rt, thr, counts, row0, B, t.shape[1], t.stride(0), thr.stride(0), n_thr, chunk_width, rows,
-                BG=BG, PREC_T=prec["PREC_T"], **teacher_blocks)
-            first, perm = _permutation_tables(counts, torch.arange(row0, row0 + rows, device=x.device), step_seed)
-            _compact_targets_kernel[teacher_grid](
-                t, rt, thr, lse_t, first, compact, row0, B, t.shape[1], t.stride(0), thr.stride(0), n_thr,
-                chunk_width, rows, float(teacher_scale), BG=BG, PREC_T=prec["PREC_T"], **teacher_blocks)
-        cross = torch.empty(rows, chunks, device=x.device, dtype=torch.float32)
-        _distill_slab_kernel[(triton.cdiv(rows, slab_blocks["BM"]), chunks)](
-            x, rx, t, rt, thr, lse_s, lse_t, qbar, first, compact, perm, cross, grad, row0, B, D, t.shape[1],
-            x.stride(0), t.stride(0), thr.stride(0), n_thr, chunk_width, rows, float(student_scale),
-            float(teacher_scale), BG=BG, TARGETS=targets, WRITE_GRAD=need_grad, **prec, **slab_blocks)
-        loss[row0:row0 + rows] = lse_s[row0:row0 + rows] - student_scale * cross.sum(1)
-        if need_grad:
-            g, slab = grad[:rows], slice(row0, row0 + rows)
+    for p0 in range(0, B, part_width):
+        p1 = min(B, p0 + part_width)
+        # random: rx_j du_j of the part's rows j, summed over the slabs (rx du, so that the column
+        # side's GEMM takes raw rows too: sum_r G_rj u_r = (M^T (rx x)[slab])_j / rx_j)
+        acc = torch.zeros(p1 - p0, D, device=x.device, dtype=torch.float32) if random_grad else None
+        for row0 in range(0, B, R):
+            rows = min(R, B - row0)
+            whole = parts == 1 or (row0 < p1 and p0 < row0 + rows)  # every column of the slab rows
+            chunk0, chunk1 = (0, chunks) if whole else (p0 // chunk_width, triton.cdiv(p1, chunk_width))
             if shuffle == "random":
-                acc[slab].addcmul_(_matmul_f32(g, v), rx[slab, None])  # row side, [R, D]
-                _add_matmul_f32(acc, g.T, (v[slab] * rx[slab, None]).to(grad_dtype), budget_bytes)  # column side
-            else:  # g holds both sides: the slab rows' gradient is complete
-                dx[slab] = unit_rows_backward(_matmul_f32(g, v), x[slab], rx[slab], budget_bytes)
-    if need_grad and shuffle == "random":
-        dx = unit_rows_backward(acc, x, rx, budget_bytes, scaled=True)
+                teacher_grid = (triton.cdiv(rows, teacher_blocks["BM"]), chunks)
+                counts = torch.empty(rows, chunks, G, device=x.device, dtype=torch.int32)
+                _group_counts_kernel[teacher_grid](
+                    t, rt, thr, counts, row0, B, t.shape[1], t.stride(0), thr.stride(0), n_thr, chunk_width, chunks,
+                    rows, BG=BG, PREC_T=prec["PREC_T"], **teacher_blocks)
+                first, perm = _permutation_tables(counts, torch.arange(row0, row0 + rows, device=x.device), step_seed)
+                _compact_targets_kernel[teacher_grid](
+                    t, rt, thr, lse_t, first, compact, row0, B, t.shape[1], t.stride(0), thr.stride(0), n_thr,
+                    chunk_width, chunks, rows, float(teacher_scale), BG=BG, PREC_T=prec["PREC_T"], **teacher_blocks)
+            cross = torch.empty(rows, chunks, device=x.device, dtype=torch.float32)
+            _distill_slab_kernel[(triton.cdiv(rows, slab_blocks["BM"]), chunk1 - chunk0)](
+                x, rx, t, rt, thr, lse_s, lse_t, qbar, first, compact, perm, cross, grad, row0, B, D, t.shape[1],
+                x.stride(0), t.stride(0), thr.stride(0), n_thr, chunk_width, chunk0, chunks, rows,
+                float(student_scale), float(teacher_scale), BG=BG, TARGETS=targets, WRITE_GRAD=need_grad,
+                **prec, **slab_blocks)
+            slab = slice(row0, row0 + rows)
+            if whole:
+                loss[slab] = lse_s[slab] - student_scale * cross.sum(1)
+            if not need_grad:
+                continue
+            g = grad[:rows]
+            if not random_grad:  # g holds both sides: the slab rows' gradient is complete
+                unit_rows_backward(_matmul_f32(g, v), x[slab], rx[slab], budget_bytes, dx[slab])
+                continue
+            r0, r1 = max(row0, p0), min(row0 + rows, p1)  # the slab's rows in the part: row side
+            if r0 < r1:
+                acc[r0 - p0:r1 - p0].addcmul_(_matmul_f32(g[r0 - row0:r1 - row0], v), rx[r0:r1, None])
+            u_slab = (v[slab] * rx[slab, None]).to(grad_dtype)
+            _add_matmul_f32(acc, g[:, p0:p1].T, u_slab, budget_bytes)  # column side, the part's columns
+        if random_grad:
+            unit_rows_backward(acc, x[p0:p1], rx[p0:p1], budget_bytes, dx[p0:p1], scaled=True)
     return loss, dx

@@ -25,8 +25,8 @@ collects every value of the row inside one window per (row, boundary):
     estimate of where the measure crosses the boundary (from the probe points around the
     crossing), its top is a probe point (so the measure above the window is known), and
     further probe points sit at its bottom and at ``OUTER``-fold distances beyond.
-A window that contains the answer and at most ``BUFFER`` values settles its boundary on the
-host: its values sorted in descending order, the measure accumulated down from the window's
+A window that contains the answer and at most ``BUFFER`` values settles its boundary
+(``_settle_kernel``): its values sorted in descending order, the measure accumulated down from the window's
 top, the answer is the largest value whose measure passes. A (row, boundary) is done when
 lo == hd, the largest value in group >= g; ``thr = (hd + hu) / 2`` sits in the middle of the
 gap above it, so that a kernel recomputing ``t_ij`` in another summation order (other blocks,
@@ -54,6 +54,7 @@ BUFFER = 256  # values collected per (row, boundary) and pass
 FILL = 0.8  # a window aims at FILL * BUFFER values
 OUTER = 3.0  # probe points beyond a window sit at OUTER**k half-widths from its centre
 CHUNK_VALUES = 1 << 24  # a launch that collects covers at most this many buffer slots
+MIN_CHUNK_ROWS = 64  # a row chunk under a memory budget has at least this many rows
 SPLIT_PROGRAMS = 1024  # a launch over few rows splits the columns up to about this many programs
 STATS_MARGIN = 1e-3  # the bracket starts at [t_min - margin, t_max + margin]: the row statistics
 # may come from another summation order or precision (the search itself never needs them exact)
@@ -205,13 +206,15 @@ def num_groups(B, group_p=0.1, group_size=None) -> int:
     return max(1, math.ceil(1.0 / group_p))
 
 
-def group_thresholds(t, rt, lse_g, t_min, t_max, grouping_scale, *, group_p=0.1, group_size=None):
+def group_thresholds(t, rt, lse_g, t_min, t_max, grouping_scale, *, group_p=0.1, group_size=None,
+                     budget_bytes=None):
     """thr [B, G-1] fp32 (shape [B, 0] when G == 1): ``t_ij`` (j != i) is in group >= g iff
     ``t_ij < thr[i, g-1]``; thr is non-increasing in g. ``t`` [B, Dt] teacher rows (fp16, bf16
     or fp32) and ``rt`` [B] fp32 their inverse norms (``teacher_logits``); ``lse_g``, ``t_min``,
     ``t_max`` fp32 [B] row statistics over j != i.
     ``group_size``, when given, selects the fixed-size variant (``lse_g`` is then unused).
-    A few passes, each one launch per row chunk and one host sync."""
+    A few passes, each one launch per row chunk and one host sync; ``budget_bytes`` bounds a
+    row chunk's temporaries (``_row_bytes``; None: chunks of at most ``CHUNK_VALUES`` slots)."""
     t = unit_stride_rows(t)
     B, Dt = t.shape
     G = num_groups(B, group_p, group_size)
@@ -224,15 +227,25 @@ def group_thresholds(t, rt, lse_g, t_min, t_max, grouping_scale, *, group_p=0.1,
     if B < 2:  # no off-diagonal entry: any threshold is right
         return torch.zeros((B, G - 1), device=t.device, dtype=torch.float32)
     lse_g = lse_g.float().contiguous()
-    evaluate = _kernel_probes(t, rt.contiguous(), lse_g, float(grouping_scale), G - 1, group_size is not None)
-    return _search(evaluate, t_min, t_max, lse_g, grouping_scale, G - 1, B, group_p, group_size)
+    evaluate = _kernel_probes(t, rt.contiguous(), lse_g, float(grouping_scale), G - 1, group_size is not None,
+                              budget_bytes)
+    return _search(evaluate, t_min, t_max, lse_g, grouping_scale, G - 1, B, group_p, group_size,
+                   budget_bytes=budget_bytes)
 
 
-def _kernel_probes(t, rt, lse_g, grouping_scale, G1, fixed):
+def _row_bytes(G1, lanes, collect):
+    """Bytes of host temporaries per row of a search pass with ``lanes`` probe points and G1
+    boundaries, collecting or not (an upper estimate, measured with ``distillcse.tensor_memory``
+    in ``tests/test_memory_plan.py``)."""
+    return 160 * lanes + 400 * G1 + (4 * BUFFER * G1 if collect else 0)
+
+
+def _kernel_probes(t, rt, lse_g, grouping_scale, G1, fixed, budget_bytes=None):
     """``evaluate(rows, x, windows)`` for ``_search`` by ``_group_probe_kernel`` on the teacher
     rows ``t`` [B, Dt] (unit feature stride) and their inverse norms ``rt`` [B]: rows [R] int64,
     x [R, BP] probe points, windows None or (wlo, whi) [R, G1] -> the measure, min{t >= x},
-    max{t < x} [R, BP] and, with windows, count [R, G1] and buffer [R, G1, BUFFER]."""
+    max{t < x} [R, BP] and, with windows, count [R, G1] and buffer [R, G1, BUFFER]. The
+    per-split partial results take at most a quarter of ``budget_bytes``."""
     B, Dt = t.shape
     cfg = _blocks()
     n_tiles = triton.cdiv(B, cfg["BN"])
@@ -243,6 +256,8 @@ def _kernel_probes(t, rt, lse_g, grouping_scale, G1, fixed):
         # splits: a power of two, so that the partial measures are summed in the same order
         splits = min(1 << (n_tiles.bit_length() - 1),
                      triton.next_power_of_2(triton.cdiv(SPLIT_PROGRAMS, row_blocks)))
+        while budget_bytes is not None and splits > 1 and 12 * splits * R * BP > budget_bytes // 4:
+            splits //= 2
         meas = torch.empty((splits, R, BP), device=t.device, dtype=torch.int32 if fixed else torch.float32)
         above = torch.empty((splits, R, BP), device=t.device, dtype=torch.float32)
         below = torch.empty_like(above)
@@ -264,10 +279,12 @@ def _kernel_probes(t, rt, lse_g, grouping_scale, G1, fixed):
     return evaluate
 
 
-def _search(evaluate, t_min, t_max, lse_g, grouping_scale, G1, B, group_p, group_size, trace=None):
+def _search(evaluate, t_min, t_max, lse_g, grouping_scale, G1, B, group_p, group_size, trace=None,
+            budget_bytes=None):
     """thr [R, G1] for R rows whose values are seen through ``evaluate`` (see ``_kernel_probes``;
-    rows index t_min). ``trace``, a list, receives per pass (fraction of (row, boundary) pairs
-    still open, fraction of rows evaluated, probe points per row)."""
+    rows index t_min), in row chunks of at most ``CHUNK_VALUES`` collection slots and (when
+    given) ``budget_bytes`` of temporaries. ``trace``, a list, receives per pass (fraction of
+    (row, boundary) pairs still open, fraction of rows evaluated, probe points per row)."""
     fixed = group_size is not None
     dev = t_min.device
     t_min, t_max = t_min.float(), t_max.float()
@@ -282,29 +299,18 @@ def _search(evaluate, t_min, t_max, lse_g, grouping_scale, G1, B, group_p, group
                  est=torch.full_like(lo, math.nan), dx_dm=torch.full_like(lo, math.nan))
     rule = _Rule(G1, group_p, group_size, grouping_scale, dev)
     lanes = max(16, triton.next_power_of_2(G1))
-    chunk = max(1, CHUNK_VALUES // (G1 * BUFFER))
     rows = torch.arange(len(t_min), device=dev)
     for i_pass in range(MAX_PASSES):
         collect = i_pass > 0 or B - 1 <= FILL * BUFFER
-        for r in rows.split(chunk if collect else len(rows)):
-            s = {k: v[r] for k, v in state.items()}
-            if i_pass == 0:
-                j = torch.arange(GRID_LANES, device=dev, dtype=torch.float32)
-                x = s["hd"][:, :1] - (s["hd"][:, :1] - s["lo"][:, :1]) * ((GRID_LANES - 1 - j) / GRID_LANES)
-                windows = (s["lo"], s["hd"]) if collect else None  # [lo0, hd0): the whole row
-                top = torch.full((len(r), G1), GRID_LANES - 1, device=dev)
-            else:
-                x, windows, top = _place(s, lanes, rule, lse_g[r])
-            meas, above, below, count, buf = evaluate(r, x.contiguous(), windows)
-            new = _narrow(s, x, meas, above, below, rule, lse_g[r])
-            if windows is not None:
-                _settle(new, windows, top, meas, above, count, buf, rule, lse_g[r])
-            active = s["lo"] < s["hd"]
-            for k, v in new.items():
-                state[k][r] = torch.where(active, v, s[k])
+        chunk = max(1, CHUNK_VALUES // (G1 * BUFFER)) if collect else len(rows)
+        if budget_bytes is not None:  # at least MIN_CHUNK_ROWS rows: a launch fills a few row blocks
+            per_row = _row_bytes(G1, GRID_LANES if i_pass == 0 else lanes, collect)
+            chunk = min(chunk, max(MIN_CHUNK_ROWS, budget_bytes // per_row))
+        for r in rows.split(chunk):
+            points = _search_chunk(state, r, i_pass, collect, evaluate, rule, lanes, lse_g[r])
         is_open = state["lo"] < state["hd"]
         if trace is not None:
-            trace.append((is_open.float().mean().item(), len(rows) / len(t_min), x.shape[1]))
+            trace.append((is_open.float().mean().item(), len(rows) / len(t_min), points))
         rows = is_open.any(1).nonzero()[:, 0]  # the pass's host sync
         if len(rows) == 0:
             thr = state["hd"] + (state["hu"] - state["hd"]) * 0.5
@@ -313,11 +319,32 @@ def _search(evaluate, t_min, t_max, lse_g, grouping_scale, G1, B, group_p, group
                        "(non-finite teacher logits?)")
 
 
+def _search_chunk(state, r, i_pass, collect, evaluate, rule, lanes, lse):
+    """One pass over the rows r [R] (``state`` [B, G1] tensors updated in place; the chunk's
+    temporaries die on return); returns the probe points per row."""
+    s = {k: v[r] for k, v in state.items()}
+    if i_pass == 0:
+        j = torch.arange(GRID_LANES, device=r.device, dtype=torch.float32)
+        x = s["hd"][:, :1] - (s["hd"][:, :1] - s["lo"][:, :1]) * ((GRID_LANES - 1 - j) / GRID_LANES)
+        windows = (s["lo"], s["hd"]) if collect else None  # [lo0, hd0): the whole row
+        top = torch.full((len(r), rule.G1), GRID_LANES - 1, device=r.device)
+    else:
+        x, windows, top = _place(s, lanes, rule, lse)
+    meas, above, below, count, buf = evaluate(r, x.contiguous(), windows)
+    new = _narrow(s, x, meas, above, below, rule, lse)
+    if windows is not None:
+        _settle(new, windows, top, meas, above, count, buf, rule, lse)
+    active = s["lo"] < s["hd"]
+    for k, v in new.items():
+        state[k][r] = torch.where(active, v, s[k])
+    return x.shape[1]
+
+
 class _Rule:
     """The predicate of every boundary g = 1..G1 and the measure where it starts to hold."""
 
     def __init__(self, G1, group_p, group_size, scale, device):
-        self.G1, self.size, self.scale = G1, group_size, scale
+        self.G1, self.size, self.scale, self.group_p = G1, group_size, scale, group_p
         self.p = torch.tensor(group_p, dtype=torch.float32, device=device)
         self.g = torch.arange(1, G1 + 1, device=device)[None, :]  # [1, G1]
         self.target = (self.g * group_size + 1).float() if group_size is not None else self.g.float() * self.p
@@ -458,23 +485,83 @@ def _place(s, lanes, rule, lse):
     return x, (torch.where(is_open, wlo, math.nan), x_top), top
 
 
+@triton.jit
+def _settle_kernel(
+    p_buf,  # [P, C] fp32: each (row, boundary) pair's collected values, in no order
+    p_count,  # [P] int32 values found in the window (may exceed C)
+    p_mtop,  # [P] measure at the window's top (fp32, int32 when FIXED)
+    p_utop,  # [P] fp32 smallest row value >= the top
+    p_wlo,  # [P] fp32 window bottom, NaN for none
+    p_lse,  # [R] fp32 (by mass)
+    p_lo, p_hd, p_hu,  # [P] fp32 in/out: the brackets, replaced where the window settles
+    P, G1, C, group_size, group_p, scale,
+    FIXED: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr,
+):
+    """For BS (row, boundary g) pairs: the measure at each collected value v is m_top plus the
+    weights of the collected values >= v (every pair compared, BC x BC at a time: no sort, ties
+    share a measure as in the definition); the answer is the largest value whose measure passes
+    boundary g, taken when the window held every value (count <= C) and its top fails."""
+    o_p = tl.program_id(0).to(tl.int64) * BS + tl.arange(0, BS)
+    m_p = o_p < P
+    g = (o_p % G1 + 1).to(tl.int32)  # [BS] boundary
+    b_count = tl.load(p_count + o_p, mask=m_p, other=0)
+    n = tl.minimum(tl.max(b_count, 0), C)  # slots to read
+    b_mtop = tl.load(p_mtop + o_p, mask=m_p, other=0)
+    if not FIXED:
+        b_lse = tl.load(p_lse + o_p // G1, mask=m_p, other=0.0)
+    v_star = tl.full([BS], float("-inf"), dtype=tl.float32)
+    for k0 in range(0, n, BC):
+        o_k = k0 + tl.arange(0, BC)
+        m_k = m_p[:, None] & (o_k[None, :] < tl.minimum(b_count, C)[:, None])
+        b_vk = tl.load(p_buf + o_p[:, None] * C + o_k[None, :], mask=m_k, other=float("-inf"))  # [BS, BC]
+        b_m = tl.zeros([BS, BC], dtype=tl.int32 if FIXED else tl.float32) + b_mtop[:, None]
+        for l0 in range(0, n, BC):
+            o_l = l0 + tl.arange(0, BC)
+            m_l = m_p[:, None] & (o_l[None, :] < tl.minimum(b_count, C)[:, None])
+            b_vl = tl.load(p_buf + o_p[:, None] * C + o_l[None, :], mask=m_l, other=float("-inf"))
+            if FIXED:
+                b_wl = m_l.to(tl.int32)
+            else:
+                b_wl = tl.where(m_l, tl.exp(b_vl * scale - b_lse[:, None]), 0.0)
+            b_m += tl.sum(tl.where(b_vl[:, None, :] >= b_vk[:, :, None], b_wl[:, None, :], 0), axis=2)
+        if FIXED:
+            holds = b_m - 1 >= (g * group_size)[:, None]
+        else:
+            holds = tl.floor(b_m / group_p) >= g[:, None].to(tl.float32)
+        v_star = tl.maximum(v_star, tl.max(tl.where(holds & m_k, b_vk, float("-inf")), axis=1))
+    v_up = tl.full([BS], float("inf"), dtype=tl.float32)
+    for k0 in range(0, n, BC):
+        o_k = k0 + tl.arange(0, BC)
+        m_k = m_p[:, None] & (o_k[None, :] < tl.minimum(b_count, C)[:, None])
+        b_vk = tl.load(p_buf + o_p[:, None] * C + o_k[None, :], mask=m_k, other=float("-inf"))
+        v_up = tl.minimum(v_up, tl.min(tl.where(b_vk > v_star[:, None], b_vk, float("inf")), axis=1))
+    if FIXED:
+        top_holds = b_mtop - 1 >= g * group_size
+    else:
+        top_holds = tl.floor(b_mtop / group_p) >= g.to(tl.float32)
+    b_wlo = tl.load(p_wlo + o_p, mask=m_p, other=float("nan"))
+    found = (v_star > float("-inf")) & (b_count <= C) & ~top_holds & (b_wlo == b_wlo) & m_p
+    v_up = tl.where(v_up < float("inf"), v_up, tl.load(p_utop + o_p, mask=m_p, other=0.0))
+    tl.store(p_lo + o_p, v_star, mask=found)
+    tl.store(p_hd + o_p, v_star, mask=found)
+    tl.store(p_hu + o_p, v_up, mask=found)
+
+
 def _settle(new, windows, top, meas, above, count, buf, rule, lse):
-    """Boundaries whose window held at most BUFFER values, the answer among them, take it: the
-    largest collected value whose measure (accumulated down from the window's top) passes."""
-    C = buf.shape[-1]
+    """Boundaries whose window held at most BUFFER values, the answer among them, take it
+    (``_settle_kernel``; ``new`` lo, hd, hu [R, G1] updated in place)."""
+    R, G1 = count.shape
     m_top, u_top = meas.gather(1, top), above.gather(1, top)  # at whi; smallest value >= whi
     u_top = torch.where(u_top < math.inf, u_top, windows[1])  # none: whi bounds the gap
-    slot = torch.arange(C, device=buf.device)
-    v = torch.where(slot < count[..., None], buf, -math.inf).sort(-1, descending=True).values
-    m = m_top[..., None] + torch.where(v > -math.inf, rule.weight(v, lse), 0).cumsum(-1)
-    holds = rule.holds(m, rule.g[..., None]) & (v > -math.inf)
-    found = holds.any(-1) & (count <= C) & ~rule.holds(m_top, rule.g) & ~torch.isnan(windows[0])
-    v_star = v.gather(-1, holds.int().argmax(-1, keepdim=True))[..., 0]  # first that holds
-    v_up = torch.where(v > v_star[..., None], v, math.inf).amin(-1)
-    v_up = torch.where(v_up < math.inf, v_up, u_top)
-    new["lo"] = torch.where(found, v_star, new["lo"])
-    new["hd"] = torch.where(found, v_star, new["hd"])
-    new["hu"] = torch.where(found, v_up, new["hu"])
+    lo, hd, hu = (new[k].contiguous() for k in ("lo", "hd", "hu"))
+    # GPU: 4 pairs, 32 x 32 comparisons a step ([4, 32, 32] over 128 threads); the interpreter
+    # pays per program, so there a program takes 256 pairs
+    BS, BC = (256, 64) if os.environ.get("TRITON_INTERPRET") == "1" else (4, 32)
+    _settle_kernel[(triton.cdiv(R * G1, BS),)](
+        buf, count, m_top.contiguous(), u_top.contiguous(), windows[0].contiguous(), lse.float().contiguous(),
+        lo, hd, hu, R * G1, G1, buf.shape[-1], rule.size or 0, rule.group_p, float(rule.scale),
+        FIXED=rule.size is not None, BS=BS, BC=min(BC, triton.next_power_of_2(buf.shape[-1])), num_warps=4)
+    new.update(lo=lo, hd=hd, hu=hu)
 
 
 def group_means(t, rt, lse_t, thr, teacher_scale):

@@ -245,6 +245,21 @@ def test_random_matches_the_shuffle_definition(B, D, Dt, budget, chunks, groupin
     assert ((dx.cpu().double() - ref_dx).norm() / ref_dx.norm()).item() < 1e-5
 
 
+def test_random_parts_agree(device):
+    """A budget too small for the fp32 accumulator of every row: the batch's gradient is made
+    in three parts (the last one of 2 rows), each running the slabs again over its columns;
+    same loss and gradient as one part (the sums differ only in order)."""
+    from distillcse.kernels.distill import random_parts
+
+    x, rx, t, rt = _inputs(130, 96, 80, torch.float32, device, seed=1)
+    grouping = dict(group_p=0.1, group_size=None)
+    assert random_parts(130, 96, 40_000, 64)[0] == 64 and random_parts(130, 96, 1 << 20, 64)[0] == 130
+    loss, dx = _run_random(x, rx, t, rt, grouping, budget_bytes=1 << 20, chunks=5)
+    parts_loss, parts_dx = _run_random(x, rx, t, rt, grouping, budget_bytes=40_000, chunks=5)
+    assert torch.equal(parts_loss, loss)
+    assert ((parts_dx - dx).norm() / dx.norm()).item() < 1e-6
+
+
 @pytest.mark.parametrize("teacher", ["concatenated", "fp16-strided-zero-row"])
 def test_random_other_teacher_rows(teacher, device):
     """Two teachers' unit rows (rt = 1); one fp16 teacher sliced out of a wider tensor with an

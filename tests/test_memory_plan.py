@@ -1,0 +1,85 @@
+"""The triton backend's extra memory, counted allocation by allocation (``TensorMemory``: the
+bytes a GPU's ``max_memory_allocated`` would see, measured under the interpreter): the
+distillation's slab phase stays within its budget plus its gradient, for every shuffle
+(the random one in parts when its fp32 accumulator would not fit); the Group-P search
+within its budget plus O(B G) tables; and no B x B tensor is ever allocated."""
+import pytest
+import torch
+import triton
+
+from conftest import DEVICE, requires_triton
+from distillcse.tensor_memory import TensorMemory
+
+pytestmark = requires_triton
+
+B, D, DT = 260, 128, 32
+STUDENT, TEACHER, GROUPING = 1 / 0.025, 1 / 0.0125, 1.0
+BUDGET = 64 * 1024  # the random shuffle's accumulator: parts of 64 rows; slabs of one 64-row block
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, generator=g)
+    t = torch.randn(1, DT, generator=g) + torch.randn(B, DT, generator=g)
+    rx, rt = (1.0 / v.norm(dim=1) for v in (x, t))
+    return x.to(DEVICE), rx.to(DEVICE), t.to(DEVICE), rt.to(DEVICE)
+
+
+@pytest.mark.parametrize("shuffle", ["none", "expected", "random"])
+def test_slab_phase_within_budget(shuffle):
+    from distillcse.kernels.distill import distill_loss_and_grad, distill_row_stats, random_parts
+    from distillcse.kernels.group_partition import group_means, group_thresholds
+
+    x, rx, t, rt = _inputs()
+    lse_s, lse_t, lse_g, t_min, t_max = distill_row_stats(x, rx, t, rt, STUDENT, TEACHER, GROUPING)
+    groups = {}
+    if shuffle != "none":
+        groups["thr"] = group_thresholds(t, rt, lse_g, t_min, t_max, GROUPING, group_p=0.25)
+    if shuffle == "expected":
+        groups["qbar"] = group_means(t, rt, lse_t, groups["thr"], TEACHER)
+    if shuffle == "random":
+        groups["step_seed"] = 7
+    with TensorMemory() as mem:
+        loss, dx = distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, STUDENT, TEACHER, shuffle=shuffle,
+                                         budget_bytes=BUDGET, **groups)
+    assert torch.isfinite(loss).all() and torch.isfinite(dx).all()
+    part_rows, slab_budget = random_parts(B, D, BUDGET, 64) if shuffle == "random" else (0, BUDGET)
+    assert shuffle != "random" or part_rows < B  # the accumulator of every row would not fit
+    entry = 4 + (4 if shuffle == "random" else 0)  # fp32 gradient factors (+ compact targets)
+    G, chunks = 4, triton.cdiv(B, part_rows or B)
+    # dx, the accumulator of one part, the slab buffers (at least one 64-row block), and per
+    # slab the [64, D] fp32 product of a GEMM, its k-slice copies on the CPU, the random shuffle's
+    # permutation tables ([64, chunks, G] and [6, 64, G], int64 while built) and the loss rows
+    bound = (B * D * 4 + part_rows * D * 4 + max(slab_budget, 64 * B * entry) + 2 * 64 * D * 4
+             + 64 * (64 + D) * 4 + 8 * 64 * G * (5 * chunks + 12) + 16 * B)
+    assert mem.peak <= bound, (mem.peak, bound, mem.at_peak[:6])
+    assert mem.largest[0] < B * B * 4 // 2, mem.largest  # slabs of R < B / 2 rows, never B x B
+
+
+def test_group_search_within_budget():
+    """The search's host temporaries come in row chunks that fit the budget; its state is O(B G)."""
+    from distillcse.kernels.group_partition import MIN_CHUNK_ROWS, _row_bytes, group_thresholds
+
+    B_, G1 = 600, 9
+    g = torch.Generator().manual_seed(1)
+    e = torch.randn(1, 32, generator=g) + torch.randn(B_, 32, generator=g)
+    e = e / e.norm(dim=1, keepdim=True)
+    t = e.double() @ e.double().T
+    off = ~torch.eye(B_, dtype=torch.bool)
+    lse = torch.logsumexp(torch.where(off, t, -torch.inf), 1).float()
+    t_min = torch.where(off, t, torch.inf).amin(1).float()
+    t_max = torch.where(off, t, -torch.inf).amax(1).float()
+    budget = 100 * _row_bytes(G1, 16, True)  # collecting chunks of 100 rows
+    assert budget // _row_bytes(G1, 64, False) >= MIN_CHUNK_ROWS
+    args = (e.to(DEVICE), torch.ones(B_, device=DEVICE), lse.to(DEVICE), t_min.to(DEVICE), t_max.to(DEVICE), 1.0)
+    with TensorMemory() as mem:
+        thr = group_thresholds(*args, group_p=0.1, budget_bytes=budget)
+    assert thr.shape == (B_, G1)
+    state = 16 * 4 * B_ * G1  # brackets, measures, estimates and thresholds [B, G - 1]
+    assert mem.peak <= budget + state, (mem.peak, budget + state, mem.at_peak[:6])
+    with TensorMemory() as unbounded:
+        again = group_thresholds(*args, group_p=0.1)
+    t32 = t.float().to(DEVICE)
+    groups = lambda th: (t32[:, :, None] < th[:, None, :]).sum(-1)  # noqa: E731
+    assert torch.equal(groups(again)[off], groups(thr)[off])  # the same partition in row chunks
+    assert unbounded.peak > 2 * mem.peak  # the bound is what kept it small (the test can fail)
