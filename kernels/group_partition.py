@@ -26,8 +26,9 @@ collects every value of the row inside one window per (row, boundary):
     crossing), its top is a probe point (so the measure above the window is known), and
     further probe points sit at its bottom and at ``OUTER``-fold distances beyond.
 A window that contains the answer and at most ``BUFFER`` values settles its boundary
-(``_settle_kernel``): its values sorted in descending order, the measure accumulated down from the window's
-top, the answer is the largest value whose measure passes. A (row, boundary) is done when
+(``_settle_kernel``, no sort): each value's measure is the measure at the window's top plus
+the weights of the window's values >= it, and the answer is the largest value whose measure
+passes. A (row, boundary) is done when
 lo == hd, the largest value in group >= g; ``thr = (hd + hu) / 2`` sits in the middle of the
 gap above it, so that a kernel recomputing ``t_ij`` in another summation order (other blocks,
 or the transposed tile: ``t_ji``) still classifies every entry the same way. Every kernel
