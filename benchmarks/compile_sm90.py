@@ -70,7 +70,8 @@ def contrastive(B, D, dtype, teacher_dtype):
 def distill(B, D, dtype, teacher_dtype):
     """Distillation (kernels/distill.py): the row statistics pass, and for a slab of 512 rows
     in 8 column chunks the slab kernel with each shuffle plus the random mode's count and
-    compaction kernels (teacher width D, G = 10 groups); and in kernels/group_partition.py the
+    compaction kernels (teacher width D, G = 10 groups), the random mode's accumulation of that
+    slab's gradient into dx (and lo) and its unpacking; and in kernels/group_partition.py the
     probe pass of the threshold search over 4096 rows (the first pass's grid of 64 points, and
     a later pass's 16 points with windows, then the settling of those windows; by mass and
     fixed size) and the group means pass.
@@ -90,8 +91,8 @@ def distill(B, D, dtype, teacher_dtype):
     width = triton.cdiv(B, chunks)
     first = torch.empty(rows, chunks, n_thr + 1, dtype=torch.int32)
     perm = torch.empty(6, rows, n_thr + 1, dtype=torch.int32)
-    compact, cross = torch.empty(rows, B), torch.empty(rows, chunks)
     grad = torch.empty(rows, B, dtype=torch.float32 if dtype == torch.float32 else torch.bfloat16)
+    compact, cross = torch.empty(rows, B, dtype=grad.dtype), torch.empty(rows, chunks)
     teacher_grid = (rows // teacher_blocks["BM"], chunks)
     K._group_counts_kernel[teacher_grid](t, r, thr, first, 0, B, D, D, n_thr, n_thr, width, chunks, rows, BG=16,
                                          PREC_T=prec["PREC_T"], **teacher_blocks)
@@ -101,7 +102,12 @@ def distill(B, D, dtype, teacher_dtype):
         slab_blocks = K._slab_blocks(B, shuffle, *dot_kinds)[1]
         K._distill_slab_kernel[(rows // slab_blocks["BM"], chunks)](
             x, r, t, r, thr, r, r, qbar, first, compact, perm, cross, grad, 0, B, D, D, D, D, n_thr, n_thr, width,
-            0, chunks, rows, 40.0, 80.0, BG=16, TARGETS=targets, WRITE_GRAD=True, **prec, **slab_blocks)
+            chunks, rows, 40.0, 80.0, BG=16, TARGETS=targets, WRITE_GRAD=True, **prec, **slab_blocks)
+    lo = None if dtype == torch.float32 else torch.empty(B, D, dtype=torch.int8)
+    hi = torch.empty(B, D, dtype=dtype)
+    K.accumulate_slab(hi, lo, grad, x, r, torch.empty(rows, D), 0)
+    if lo is not None:
+        K.unpack_accumulator(hi, lo)
     search_rows = torch.arange(4096)
     windows = torch.empty(4096, n_thr), torch.empty(4096, n_thr)
     for fixed in (False, True):

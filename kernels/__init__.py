@@ -21,11 +21,13 @@ Conventions shared by every kernel:
     ``group_partition.teacher_logits``. One teacher passes its own rows and norms; K teachers
     pass their rows ``sqrt(w_k) e_k / |e_k|`` side by side with ``rt = 1``.
   * Gradients are returned w.r.t. the raw rows, in their dtype, the normalisation's backward
-    ``r (du - u (u . du))`` included (accumulated in fp32).
+    ``r (du - u (u . du))`` included (accumulated in fp32, or for the random shuffle's 16-bit
+    rows in dx plus an int8 low part: about 16 significant bits).
   * Row statistics (logsumexps) are fp32 vectors of length B: extra memory O(B); every
     other temporary of the distillation (the Group-P search's row chunks, the slab buffers,
-    the random shuffle's accumulator) is bounded by the caller's ``budget_bytes``, beyond the
-    gradient and O(B x groups) tables (``tests/test_memory_plan.py`` counts them).
+    the random shuffle's int8 low part, which leaves the slabs at least half) is bounded by
+    the caller's ``budget_bytes``, beyond the gradient and O(B x groups) tables
+    (``tests/test_memory_plan.py`` counts them).
   * Exception: ``small_batch.py`` (B <= 64, one program) takes the raw rows alone and computes
     every norm and logit itself, in its own passes over the features.
 """

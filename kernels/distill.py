@@ -19,11 +19,11 @@ every teacher-reading kernel shares); only ``j != i`` takes part. Targets
    [R, B] buffer and the loss's cross term ``sum_j q~_rj s_rj``. s is symmetric, so row r's
    gradient is ``sum_j (G_rj + G_jr) u_j``: with shuffle none or expected the kernel writes
    both sides (any row's targets are at hand) and one GEMM finishes the slab's rows; the
-   random shuffle's ranks exist for the slab rows only, so there a second GEMM adds
-   ``G^T u[slab]`` to every row's fp32 accumulator (in row chunks). That accumulator holds one
-   part of the batch at a time when all of it would take more than half the budget
-   (``random_parts``): the slabs then run once per part, the slab kernel over the part's
-   columns only. Every GEMM takes the raw rows x (the factors carry rx_j), so no normalised
+   random shuffle's ranks exist for the slab rows only, so there ``_accumulate_slab_kernel``
+   adds ``G^T u[slab]`` (and the slab rows' own side) to every row of dx in place: fp32 rows
+   directly, 16-bit rows as hi (dx) + an int8 lo, about 16 significant bits, so that the
+   column side's sum over the slabs needs 1 byte an entry beside dx instead of an fp32
+   [B, D] buffer. Every GEMM takes the raw rows x (the factors carry rx_j), so no normalised
    copy of x exists. The loss and its gradient are computed together, so the backward
    recomputes nothing (the loss is linear in the upstream gradient). Extra memory besides
    the gradient: within ``budget_bytes`` (``tests/test_memory_plan.py`` counts it).
@@ -290,11 +290,11 @@ def _compact_positions(b_grp, b_next, n_groups, BG: tl.constexpr):
 
 
 @triton.jit
-def _slab_program(row0, B, R, chunk0, BM: tl.constexpr):
-    """(i_c, o_r, o_m, m_m) of a slab kernel's program: column chunk i_c = chunk0 + grid axis 1,
-    slab rows o_r [BM] (block of grid axis 0), their batch rows o_m and mask."""
+def _slab_program(row0, B, R, BM: tl.constexpr):
+    """(i_c, o_r, o_m, m_m) of a slab kernel's program: column chunk i_c (grid axis 1), slab
+    rows o_r [BM] (block of grid axis 0), their batch rows o_m and mask."""
     i_m = tl.program_id(0).to(tl.int64)
-    i_c = chunk0 + tl.program_id(1).to(tl.int64)
+    i_c = tl.program_id(1).to(tl.int64)
     o_r = i_m * BM + tl.arange(0, BM)
     o_m = row0 + o_r
     return i_c, o_r, o_m, (o_r < R) & (o_m < B)
@@ -310,7 +310,7 @@ def _group_counts_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BDT: tl.constexpr, BG: tl.constexpr,
     PREC_T: tl.constexpr,
 ):
-    i_c, o_r, o_m, m_m = _slab_program(row0, B, R, 0, BM)
+    i_c, o_r, o_m, m_m = _slab_program(row0, B, R, BM)
     o_g = tl.arange(0, BG)[None, :]
     n_groups = n_thr + 1
     b_counts = tl.zeros([BM, BG], dtype=tl.int32)
@@ -332,12 +332,12 @@ def _compact_targets_kernel(
     p_thr,  # [B, G-1] fp32
     p_lse_t,  # [B] fp32 teacher logsumexps
     p_first,  # [R, C, G] int32: compact position of chunk c's first member of group g
-    p_compact,  # [R, B] fp32 out: targets in group order (B-1 used)
+    p_compact,  # [R, B] out (G's dtype): targets in group order (B-1 used)
     row0, B, Dt, s_t, s_thr, n_thr, chunk_width, n_chunks, R, teacher_scale,
     BM: tl.constexpr, BN: tl.constexpr, BDT: tl.constexpr, BG: tl.constexpr,
     PREC_T: tl.constexpr,
 ):
-    i_c, o_r, o_m, m_m = _slab_program(row0, B, R, 0, BM)
+    i_c, o_r, o_m, m_m = _slab_program(row0, B, R, BM)
     o_g = tl.arange(0, BG)[None, :]
     n_groups = n_thr + 1
     b_next = tl.load(p_first + (o_r[:, None] * n_chunks + i_c) * n_groups + o_g,
@@ -350,7 +350,7 @@ def _compact_targets_kernel(
         b_pos, b_next = _compact_positions(b_grp, b_next, n_groups, BG)
         b_lse_t = tl.load(p_lse_t + o_m, mask=m_m, other=0.0)
         b_q = tl.exp(b_t * teacher_scale - b_lse_t[:, None])  # q_ij [BM, BN]
-        tl.store(p_compact + o_r[:, None] * B + b_pos, b_q, mask=b_pos >= 0)
+        tl.store(p_compact + o_r[:, None] * B + b_pos, b_q.to(p_compact.dtype.element_ty), mask=b_pos >= 0)
 
 
 @triton.jit
@@ -364,11 +364,11 @@ def _distill_slab_kernel(
     p_lse_t,  # [B] fp32 teacher logsumexps (none)
     p_qbar,  # [B, G] fp32 group means of q (expected)
     p_first,  # [R, C, G] int32, as in _compact_targets_kernel (random)
-    p_compact,  # [R, B] fp32 targets in group order (random)
+    p_compact,  # [R, B] targets in group order (random; G's dtype)
     p_perm,  # [6, R, G] int32: start, size, h, b, rounds, key (bits) of each group's sigma (random)
     p_cross,  # [R, C] fp32 out: sum over chunk c of q~_rj s_rj
     p_grad,  # [R, B] out (G's dtype): M_rj = G_rj rx_j, or (G_rj + G_jr) rx_j when TARGETS < 2; 0 on the diagonal
-    row0, B, D, Dt, s_x, s_t, s_thr, n_thr, chunk_width, chunk0, n_chunks, R, student_scale, teacher_scale,
+    row0, B, D, Dt, s_x, s_t, s_thr, n_thr, chunk_width, n_chunks, R, student_scale, teacher_scale,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDT: tl.constexpr,
     BG: tl.constexpr, PREC_X: tl.constexpr, PREC_T: tl.constexpr, TARGETS: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
@@ -378,9 +378,8 @@ def _distill_slab_kernel(
     shuffle in SHUFFLES. With shuffle none or expected, any row's targets can be evaluated here
     (O(B G) tables), so the factor also takes the column side ``G_jr`` (s and t are symmetric)
     and one GEMM gives the slab rows' whole gradient; the random shuffle's ranks exist for the
-    slab rows only, so its column side is a second GEMM. Grid axis 1 runs chunks chunk0 + [0, C')
-    of the n_chunks (the random shuffle's later passes need only some columns)."""
-    i_c, o_r, o_m, m_m = _slab_program(row0, B, R, chunk0, BM)
+    slab rows only, so its column side is ``_accumulate_slab_kernel``'s GEMM."""
+    i_c, o_r, o_m, m_m = _slab_program(row0, B, R, BM)
     o_g = tl.arange(0, BG)[None, :]
     n_groups = n_thr + 1
     if TARGETS == 2:
@@ -417,7 +416,7 @@ def _distill_slab_kernel(
             b_key = tl.load(p_tab + 5 * s_perm, mask=m_in, other=0).to(tl.uint32, bitcast=True)
             b_rank = tl.where(m_in, b_pos - b_start, 0).to(tl.uint32)
             b_partner = b_start + _group_permutation(b_rank, b_size, b_key, b_h, b_b, b_rounds).to(tl.int32)
-            b_qt = tl.load(p_compact + o_r[:, None] * B + b_partner, mask=m_in, other=0.0)  # q~ [BM, BN]
+            b_qt = tl.load(p_compact + o_r[:, None] * B + b_partner, mask=m_in, other=0.0).to(tl.float32)  # q~
 
         b_s = dot_tile(p_x, p_x, o_m, m_m, o_n, m_n, D, s_x, s_x, BD, PREC_X)
         b_rx_n = tl.load(p_rx + o_n, mask=m_n, other=0.0)
@@ -445,6 +444,92 @@ def _distill_slab_kernel(
     tl.store(p_cross + o_r * n_chunks + i_c, b_cross, mask=m_m)
 
 
+
+@triton.jit
+def _lo_exponent(b_hi, MANT: tl.constexpr, EMIN: tl.constexpr):
+    """k such that lo counts units of 2^k: 1/256 of the ulp of ``b_hi`` (fp32 values of a 16-bit
+    format with MANT mantissa bits; exponents below EMIN share EMIN's unit)."""
+    b_e = ((b_hi.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    return tl.maximum(b_e, EMIN) - MANT - 8
+
+
+@triton.jit
+def _pow2(b_k):
+    """2^k as fp32 for integer k in [-126, 127]."""
+    return ((b_k + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _accumulate_slab_kernel(
+    p_m,  # [R, B] slab factors (G's dtype): M_rj = G_rj rx_j of rows row0 + [0, R)
+    p_x,  # [B, D] student rows, raw
+    p_rx,  # [B] fp32 inverse norms
+    p_row_side,  # [R, D] fp32: (M x)_r, the slab rows' own side
+    p_hi,  # [B, D] contiguous, x's dtype: the accumulator rx_j du_j (fp32: all of it)
+    p_lo,  # [B, D] int8 (HAS_LO): the rest, in units of 1/256 of hi's ulp
+    row0, R, B, D, s_x,
+    BJ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, F32_DOT: tl.constexpr,
+    HAS_LO: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr,
+):
+    """The random shuffle's gradient, one slab's share: every row j's column side
+    ``sum_r M_rj (rx_r x_r)`` (rx_j du_j, since M carries rx_j), plus ``rx_r (M x)_r`` for the
+    slab's own rows, added to the accumulator held as hi + lo: a 16-bit hi (dx itself) and an
+    int8 lo, ~16 significant bits in 3 bytes an entry (fp32 hi alone for fp32 rows).
+    Grid (feature blocks, row blocks): the programs of one strip of M run together (L2).
+    F32_DOT: fp32 operands (M in fp32, or under the interpreter, whose bf16 tl.dot is wrong)."""
+    i_d = tl.program_id(0).to(tl.int64)
+    i_j = tl.program_id(1).to(tl.int64)
+    o_d = i_d * BD + tl.arange(0, BD)
+    o_j = i_j * BJ + tl.arange(0, BJ)
+    m_d, m_j = o_d < D, o_j < B
+    b_acc = tl.zeros([BJ, BD], dtype=tl.float32)
+    for k0 in range(0, R, BK):
+        o_k = k0 + tl.arange(0, BK).to(tl.int64)
+        m_k = o_k < R
+        b_m = tl.load(p_m + o_k[:, None] * B + o_j[None, :], mask=m_k[:, None] & m_j[None, :], other=0.0)  # [BK, BJ]
+        b_rx = tl.load(p_rx + row0 + o_k, mask=m_k, other=0.0)
+        b_x = tl.load(p_x + (row0 + o_k)[:, None] * s_x + o_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.0)
+        b_u = b_x.to(tl.float32) * b_rx[:, None]  # unit rows u_r [BK, BD]
+        if F32_DOT:
+            b_acc = tl.dot(tl.trans(b_m.to(tl.float32)), b_u, b_acc, input_precision=PREC)
+        else:
+            b_acc = tl.dot(tl.trans(b_m), b_u.to(b_m.dtype), b_acc, input_precision=PREC)
+    m_own = m_j & (o_j >= row0) & (o_j < row0 + R)
+    b_own = tl.load(p_row_side + (o_j - row0)[:, None] * D + o_d[None, :], mask=m_own[:, None] & m_d[None, :],
+                    other=0.0)
+    b_acc += b_own * tl.load(p_rx + o_j, mask=m_j, other=0.0)[:, None]
+    o_out = o_j[:, None] * D + o_d[None, :]
+    m_out = m_j[:, None] & m_d[None, :]
+    b_hi = tl.load(p_hi + o_out, mask=m_out, other=0.0).to(tl.float32)
+    if HAS_LO:
+        b_lo = tl.load(p_lo + o_out, mask=m_out, other=0).to(tl.float32)
+        b_sum = b_hi + b_lo * _pow2(_lo_exponent(b_hi, MANT, EMIN)) + b_acc
+        b_hi = b_sum.to(p_hi.dtype.element_ty).to(tl.float32)  # then to nearest (the interpreter truncates)
+        b_ulp = _pow2(_lo_exponent(b_hi, MANT, EMIN) + 8)
+        b_res = b_sum - b_hi
+        b_hi += tl.where(b_res > 0.5 * b_ulp, b_ulp, tl.where(b_res < -0.5 * b_ulp, -b_ulp, 0.0))
+        b_lo = (b_sum - b_hi) * _pow2(-_lo_exponent(b_hi, MANT, EMIN))  # exact, |.| <= 128
+        b_lo = tl.where(b_lo >= 0, b_lo + 0.5, b_lo - 0.5).to(tl.int32)
+        tl.store(p_lo + o_out, tl.minimum(tl.maximum(b_lo, -127), 127).to(tl.int8), mask=m_out)
+        tl.store(p_hi + o_out, b_hi.to(p_hi.dtype.element_ty), mask=m_out)
+    else:
+        tl.store(p_hi + o_out, b_hi + b_acc, mask=m_out)
+
+
+@triton.jit
+def _unpack_kernel(p_hi, p_lo, p_out, N, MANT: tl.constexpr, EMIN: tl.constexpr, BLOCK: tl.constexpr):
+    """``out = hi + lo * unit(hi)`` (fp32) over N contiguous entries."""
+    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = o < N
+    b_hi = tl.load(p_hi + o, mask=m, other=0.0).to(tl.float32)
+    b_lo = tl.load(p_lo + o, mask=m, other=0).to(tl.float32)
+    tl.store(p_out + o, b_hi + b_lo * _pow2(_lo_exponent(b_hi, MANT, EMIN)), mask=m)
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _fp32_dots(x_dtype, t_dtype):
     """(whether the student or the teacher is fp32, whether that fp32 tl.dot runs on FMAs:
     full precision, PyTorch's "highest")."""
@@ -464,7 +549,7 @@ def _stats_blocks(B: int, x_dtype: torch.dtype, t_dtype: torch.dtype) -> dict:
     statistics are spread over the MMA layout's threads); 32-wide fp32 "ieee" chunks beside
     bf16 spill 8-28. Under the interpreter BT ~ B / 4 (16 to 128): few large tiles, yet several
     blocks and groups for the tests."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if _interpreting():
         return dict(BT=min(128, max(16, triton.next_power_of_2(triton.cdiv(B, 4)))), BD=64, BDT=64, num_warps=4)
     fp32_width = 16 if x_dtype != t_dtype and dot_precision(torch.float32) == "ieee" else 32
     bd, bdt = (fp32_width if dtype == torch.float32 else 64 for dtype in (x_dtype, t_dtype))
@@ -483,7 +568,7 @@ def _slab_blocks(B: int, shuffle: str, fp32_dots: bool, fma_dots: bool):
     """(blocks of the random mode's count and compaction kernels, blocks of the slab kernel),
     from offline sm_90 compiles (``benchmarks/compile_sm90.py --what distill``, D = 768, 8
     warps): the largest wgmma tiles that compile without spills in bf16, fp16 and TF32: 64 x 64
-    for the count and compaction kernels (123-230 registers), and for the slab kernel 64 x 128
+    for the count and compaction kernels (123-234 registers), and for the slab kernel 64 x 128
     with shuffle none (254-255), 64 x 64 with expected (232-254: its column side classifies
     the entries again; 64 x 128 spills 268-312 bytes), 32 x 64 with random (mma.sync, 240-248:
     the permutation's state) and with fp32 "ieee" FMA dots, the student's or the teacher's
@@ -491,7 +576,7 @@ def _slab_blocks(B: int, shuffle: str, fp32_dots: bool, fma_dots: bool):
     Feature chunks are 32 wide when the student or the teacher is fp32 (64 wide spills up to
     100 bytes there), else 64. Column tiles must divide the chunk width (powers of two). Under
     the interpreter few large blocks run fastest."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if _interpreting():
         bm = min(64, max(16, triton.next_power_of_2(B)))
         blocks = dict(BM=bm, BN=bm, BDT=64, num_warps=4)
         return blocks, dict(blocks, BD=64)
@@ -557,28 +642,19 @@ def _matmul_f32(a, b, k_step=64):
     return out
 
 
-def _add_matmul_f32(acc, a, b, budget_bytes):
-    """``acc += a @ b`` accumulated in fp32 (acc fp32; a, b in one dtype), over row chunks
-    whose fp32 product takes at most a quarter of ``budget_bytes``: no temporary of acc's size."""
-    step = max(1, budget_bytes // (16 * acc.shape[1]))
-    for r0 in range(0, acc.shape[0], step):
-        acc[r0:r0 + step] += _matmul_f32(a[r0:r0 + step], b)
-
-
 def _permutation_tables(counts, rows, step_seed):
     """From the chunk counts [R, C, G] int32: ``first`` [R, C, G] (compact position of each
     chunk's first member of each group) and ``perm`` [6, R, G] int32, the parameters of each
     group's sigma (start, size, h, b, rounds, key bits)."""
-    counts = counts.long()
-    sizes = counts.sum(1)  # [R, G]
+    sizes = counts.sum(1, dtype=torch.int64)  # [R, G]
     starts = sizes.cumsum(-1) - sizes
-    first = starts[:, None, :] + counts.cumsum(1) - counts
+    first = counts.cumsum(1, dtype=torch.int32).sub_(counts).add_(starts.to(torch.int32)[:, None, :])
     h, b, rounds = feistel_shape(sizes)
     groups = torch.arange(sizes.shape[1], device=counts.device)
     keys = group_keys(step_seed, rows.long()[:, None], groups[None, :])
     keys = torch.where(keys >= 2**31, keys - 2**32, keys)  # uint32 bits as int32
     perm = torch.stack([starts, sizes, h, b, rounds, keys]).to(torch.int32)
-    return first.to(torch.int32), perm
+    return first, perm
 
 
 def unit_rows_backward(du, x, rx, budget_bytes, out, *, scaled=False):
@@ -596,15 +672,62 @@ def unit_rows_backward(du, x, rx, budget_bytes, out, *, scaled=False):
         out[r0:r0 + step].copy_(d)
 
 
-def random_parts(B: int, D: int, budget_bytes: int, BN: int):
-    """(rows per part, slab budget) of the random shuffle's gradient: its column side adds to
-    every row, so an fp32 accumulator holds one part of the batch's rows at a time, at most half
-    the budget (whole column blocks of BN, at least one), and the slabs run once per part; the
-    slabs take the rest of the budget."""
-    acc_bytes = 4 * B * D
-    if acc_bytes <= budget_bytes // 2:
-        return B, budget_bytes - acc_bytes
-    return max(BN, budget_bytes // 2 // (4 * D) // BN * BN), budget_bytes // 2
+LO_FORMATS = {torch.float16: (10, -14), torch.bfloat16: (7, -100)}  # hi's (MANT, EMIN) in _lo_exponent
+
+
+def _accumulate_blocks(m_dtype, fma_dots):
+    """Blocks of ``_accumulate_slab_kernel``: memory-bound (K = R is small), so wide tiles that
+    read each strip of M once; smaller for fp32 "ieee" FMA dots."""
+    if _interpreting():
+        return dict(BJ=128, BK=64, BD=128, num_warps=4)
+    if fma_dots:
+        return dict(BJ=64, BK=16, BD=64, num_warps=4)
+    return dict(BJ=128, BK=64 if m_dtype != torch.float32 else 32, BD=128, num_warps=8)
+
+
+def _random_accumulator(x, budget_bytes):
+    """(lo, slab budget) of the random shuffle's gradient. Its column side adds to every row once
+    a slab, so dx accumulates in place: fp32 rows alone, 16-bit ones with an int8 ``lo`` [B, D]
+    beside them (fp32-like sums in 3 bytes an entry). lo comes out of the budget, but the slabs
+    keep at least half of it."""
+    if x.dtype == torch.float32:
+        return None, budget_bytes
+    lo = torch.zeros(x.shape, device=x.device, dtype=torch.int8)
+    return lo, max(budget_bytes - lo.numel(), budget_bytes // 2)
+
+
+def accumulate_slab(hi, lo, m, x, rx, row_side, row0):
+    """``acc += M^T (rx x)[row0 : row0 + R]`` on every row, plus ``rx row_side`` on rows
+    ``row0 + [0, R)``; acc [B, D] is ``hi`` (x's dtype, contiguous) + ``lo`` (int8, or None for
+    fp32 hi). ``m`` [R, B] (fp32 or bf16), ``x`` [B, D] raw rows, ``rx`` [B] fp32,
+    ``row_side`` [R, D] fp32 contiguous."""
+    B, D = hi.shape
+    blocks = _accumulate_blocks(m.dtype, _fp32_dots(m.dtype, m.dtype)[1])
+    mant, emin = LO_FORMATS.get(hi.dtype, (0, 0))
+    _accumulate_slab_kernel[(triton.cdiv(D, blocks["BD"]), triton.cdiv(B, blocks["BJ"]))](
+        m, x, rx, row_side, hi, hi if lo is None else lo, row0, m.shape[0], B, D, x.stride(0),
+        PREC=dot_precision(m.dtype), F32_DOT=m.dtype == torch.float32 or _interpreting(), HAS_LO=lo is not None,
+        MANT=mant, EMIN=emin, **blocks)
+
+
+def unpack_accumulator(hi, lo):
+    """fp32 ``hi + lo`` of ``accumulate_slab`` (contiguous rows of the same shape)."""
+    out = torch.empty(hi.shape, device=hi.device, dtype=torch.float32)
+    mant, emin = LO_FORMATS[hi.dtype]
+    _unpack_kernel[(triton.cdiv(out.numel(), 1024),)](hi, lo, out, out.numel(), MANT=mant, EMIN=emin, BLOCK=1024)
+    return out
+
+
+def _finish_random_grad(dx, lo, x, rx, budget_bytes):
+    """dx (holding rx du, with lo) -> dL/dx through ``u = x rx``, in place over row chunks."""
+    if lo is None:
+        unit_rows_backward(dx, x, rx, budget_bytes, dx, scaled=True)
+        return
+    step = max(1, budget_bytes // (16 * x.shape[1]))
+    for r0 in range(0, x.shape[0], step):
+        rows = slice(r0, r0 + step)
+        unit_rows_backward(unpack_accumulator(dx[rows], lo[rows]), x[rows], rx[rows], budget_bytes, dx[rows],
+                           scaled=True)
 
 
 def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_scale, *, shuffle="none",
@@ -620,9 +743,8 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
     Rows go in slabs whose [R, B] buffers fit ``budget_bytes`` (at least one row block);
     ``chunks`` (column chunks per slab row) defaults to enough programs to fill the GPU.
     Extra memory besides dx: at most ``budget_bytes`` (at least one row block per slab), plus
-    [R, D] fp32 per slab. The random shuffle's gradient splits the batch into ``random_parts``
-    and, per part, runs the slabs again: the teacher passes whole, the slab kernel over the
-    part's columns only (whole rows for the slabs inside the part).
+    [R, D] fp32 per slab; the random shuffle's gradient accumulates in dx, with an int8 [B, D]
+    beside 16-bit rows (``_random_accumulator``).
     """
     x, rx, t, rt, prec = _prepare(x, rx, t, rt)
     lse_s, lse_t = lse_s.float().contiguous(), lse_t.float().contiguous()
@@ -639,65 +761,56 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
     teacher_blocks, slab_blocks = _slab_blocks(B, shuffle, *_fp32_dots(x.dtype, t.dtype))
     BM = max(teacher_blocks["BM"], slab_blocks["BM"])
     BN = max(teacher_blocks["BN"], slab_blocks["BN"])
-    grad_dtype = torch.float32 if x.dtype == torch.float32 else torch.bfloat16
+    grad_dtype = torch.float32 if x.dtype == torch.float32 else torch.bfloat16  # also the compact targets'
     random_grad = need_grad and shuffle == "random"
-    part_rows, slab_budget = random_parts(B, D, budget_bytes, BN) if random_grad else (B, budget_bytes)
-    entry_bytes = (grad_dtype.itemsize if need_grad else 0) + (4 if shuffle == "random" else 0)
+    loss = torch.empty(B, device=x.device, dtype=torch.float32)
+    if random_grad:
+        dx = torch.zeros_like(x)
+        lo, slab_budget = _random_accumulator(x, budget_bytes)
+    else:
+        dx = torch.empty_like(x) if need_grad else None
+        lo, slab_budget = None, budget_bytes
+    entry_bytes = (grad_dtype.itemsize if need_grad else 0) + (grad_dtype.itemsize if shuffle == "random" else 0)
     R = slab_rows(B, slab_budget, entry_bytes, BM)
     if chunks is None:
         programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
         chunks = triton.cdiv(programs, triton.cdiv(R, BM))
-    chunks = max(1, triton.cdiv(B, part_rows), min(chunks, triton.cdiv(B, BN)))  # a part: whole chunks
-    chunk_width = triton.cdiv(triton.cdiv(B, chunks), BN) * BN
+    chunk_width = triton.cdiv(triton.cdiv(B, max(1, min(chunks, triton.cdiv(B, BN)))), BN) * BN
     chunks = triton.cdiv(B, chunk_width)
-    part_width = B if part_rows >= B else max(chunk_width, part_rows // chunk_width * chunk_width)
-    parts = triton.cdiv(B, part_width)
 
-    loss = torch.empty(B, device=x.device, dtype=torch.float32)
-    dx = torch.empty_like(x) if need_grad else None
     v = (x if x.dtype == grad_dtype else x.to(grad_dtype)) if need_grad else None  # the GEMMs' rows, raw
     grad = torch.empty(R, B, device=x.device, dtype=grad_dtype) if need_grad else lse_s
-    compact = torch.empty(R, B, device=x.device, dtype=torch.float32) if shuffle == "random" else lse_s
+    compact = torch.empty(R, B, device=x.device, dtype=grad_dtype) if shuffle == "random" else lse_s
     first = perm = lse_s  # the random mode's tables, per slab
-    for p0 in range(0, B, part_width):
-        p1 = min(B, p0 + part_width)
-        # random: rx_j du_j of the part's rows j, summed over the slabs (rx du, so that the column
-        # side's GEMM takes raw rows too: sum_r G_rj u_r = (M^T (rx x)[slab])_j / rx_j)
-        acc = torch.zeros(p1 - p0, D, device=x.device, dtype=torch.float32) if random_grad else None
-        for row0 in range(0, B, R):
-            rows = min(R, B - row0)
-            whole = parts == 1 or (row0 < p1 and p0 < row0 + rows)  # every column of the slab rows
-            chunk0, chunk1 = (0, chunks) if whole else (p0 // chunk_width, triton.cdiv(p1, chunk_width))
-            if shuffle == "random":
-                teacher_grid = (triton.cdiv(rows, teacher_blocks["BM"]), chunks)
-                counts = torch.empty(rows, chunks, G, device=x.device, dtype=torch.int32)
-                _group_counts_kernel[teacher_grid](
-                    t, rt, thr, counts, row0, B, t.shape[1], t.stride(0), thr.stride(0), n_thr, chunk_width, chunks,
-                    rows, BG=BG, PREC_T=prec["PREC_T"], **teacher_blocks)
-                first, perm = _permutation_tables(counts, torch.arange(row0, row0 + rows, device=x.device), step_seed)
-                _compact_targets_kernel[teacher_grid](
-                    t, rt, thr, lse_t, first, compact, row0, B, t.shape[1], t.stride(0), thr.stride(0), n_thr,
-                    chunk_width, chunks, rows, float(teacher_scale), BG=BG, PREC_T=prec["PREC_T"], **teacher_blocks)
-            cross = torch.empty(rows, chunks, device=x.device, dtype=torch.float32)
-            _distill_slab_kernel[(triton.cdiv(rows, slab_blocks["BM"]), chunk1 - chunk0)](
-                x, rx, t, rt, thr, lse_s, lse_t, qbar, first, compact, perm, cross, grad, row0, B, D, t.shape[1],
-                x.stride(0), t.stride(0), thr.stride(0), n_thr, chunk_width, chunk0, chunks, rows,
-                float(student_scale), float(teacher_scale), BG=BG, TARGETS=targets, WRITE_GRAD=need_grad,
-                **prec, **slab_blocks)
-            slab = slice(row0, row0 + rows)
-            if whole:
-                loss[slab] = lse_s[slab] - student_scale * cross.sum(1)
-            if not need_grad:
-                continue
-            g = grad[:rows]
-            if not random_grad:  # g holds both sides: the slab rows' gradient is complete
-                unit_rows_backward(_matmul_f32(g, v), x[slab], rx[slab], budget_bytes, dx[slab])
-                continue
-            r0, r1 = max(row0, p0), min(row0 + rows, p1)  # the slab's rows in the part: row side
-            if r0 < r1:
-                acc[r0 - p0:r1 - p0].addcmul_(_matmul_f32(g[r0 - row0:r1 - row0], v), rx[r0:r1, None])
-            u_slab = (v[slab] * rx[slab, None]).to(grad_dtype)
-            _add_matmul_f32(acc, g[:, p0:p1].T, u_slab, budget_bytes)  # column side, the part's columns
-        if random_grad:
-            unit_rows_backward(acc, x[p0:p1], rx[p0:p1], budget_bytes, dx[p0:p1], scaled=True)
+    for row0 in range(0, B, R):
+        rows = min(R, B - row0)
+        if shuffle == "random":
+            teacher_grid = (triton.cdiv(rows, teacher_blocks["BM"]), chunks)
+            counts = torch.empty(rows, chunks, G, device=x.device, dtype=torch.int32)
+            _group_counts_kernel[teacher_grid](
+                t, rt, thr, counts, row0, B, t.shape[1], t.stride(0), thr.stride(0), n_thr, chunk_width, chunks,
+                rows, BG=BG, PREC_T=prec["PREC_T"], **teacher_blocks)
+            first, perm = _permutation_tables(counts, torch.arange(row0, row0 + rows, device=x.device), step_seed)
+            _compact_targets_kernel[teacher_grid](
+                t, rt, thr, lse_t, first, compact, row0, B, t.shape[1], t.stride(0), thr.stride(0), n_thr,
+                chunk_width, chunks, rows, float(teacher_scale), BG=BG, PREC_T=prec["PREC_T"], **teacher_blocks)
+        cross = torch.empty(rows, chunks, device=x.device, dtype=torch.float32)
+        _distill_slab_kernel[(triton.cdiv(rows, slab_blocks["BM"]), chunks)](
+            x, rx, t, rt, thr, lse_s, lse_t, qbar, first, compact, perm, cross, grad, row0, B, D, t.shape[1],
+            x.stride(0), t.stride(0), thr.stride(0), n_thr, chunk_width, chunks, rows,
+            float(student_scale), float(teacher_scale), BG=BG, TARGETS=targets, WRITE_GRAD=need_grad,
+            **prec, **slab_blocks)
+        slab = slice(row0, row0 + rows)
+        loss[slab] = lse_s[slab] - student_scale * cross.sum(1)
+        if not need_grad:
+            continue
+        g = grad[:rows]
+        row_side = _matmul_f32(g, v)  # [rows, D] fp32: sum_j M_rj x_j, the slab rows' du (random: own side)
+        if not random_grad:  # g holds both sides: the slab rows' gradient is complete
+            unit_rows_backward(row_side, x[slab], rx[slab], budget_bytes, dx[slab])
+            continue
+        accumulate_slab(dx, lo, g, x, rx, row_side, row0)
+    if random_grad:
+        del g, v, grad, compact, row_side  # the slabs' buffers go before the finishing pass's chunks
+        _finish_random_grad(dx, lo, x, rx, budget_bytes)
     return loss, dx

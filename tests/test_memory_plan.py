@@ -1,7 +1,7 @@
 """The triton backend's extra memory, counted allocation by allocation (``TensorMemory``: the
 bytes a GPU's ``max_memory_allocated`` would see, measured under the interpreter): the
 distillation's slab phase stays within its budget plus its gradient, for every shuffle
-(the random one in parts when its fp32 accumulator would not fit); the Group-P search
+(the random one accumulating in its gradient, plus an int8 [B, D] for 16-bit rows); the Group-P search
 within its budget plus O(B G) tables; and no B x B tensor is ever allocated."""
 import pytest
 import torch
@@ -14,7 +14,7 @@ pytestmark = requires_triton
 
 B, D, DT = 260, 128, 32
 STUDENT, TEACHER, GROUPING = 1 / 0.025, 1 / 0.0125, 1.0
-BUDGET = 64 * 1024  # the random shuffle's accumulator: parts of 64 rows; slabs of one 64-row block
+BUDGET = 64 * 1024  # slabs of one 64-row block
 
 
 def _inputs(seed=0):
@@ -25,12 +25,14 @@ def _inputs(seed=0):
     return x.to(DEVICE), rx.to(DEVICE), t.to(DEVICE), rt.to(DEVICE)
 
 
-@pytest.mark.parametrize("shuffle", ["none", "expected", "random"])
-def test_slab_phase_within_budget(shuffle):
-    from distillcse.kernels.distill import distill_loss_and_grad, distill_row_stats, random_parts
+@pytest.mark.parametrize("shuffle,dtype", [("none", torch.float32), ("expected", torch.float32),
+                                           ("random", torch.float32), ("random", torch.float16)])
+def test_slab_phase_within_budget(shuffle, dtype):
+    from distillcse.kernels.distill import distill_loss_and_grad, distill_row_stats
     from distillcse.kernels.group_partition import group_means, group_thresholds
 
     x, rx, t, rt = _inputs()
+    x = x.to(dtype)
     lse_s, lse_t, lse_g, t_min, t_max = distill_row_stats(x, rx, t, rt, STUDENT, TEACHER, GROUPING)
     groups = {}
     if shuffle != "none":
@@ -43,17 +45,21 @@ def test_slab_phase_within_budget(shuffle):
         loss, dx = distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, STUDENT, TEACHER, shuffle=shuffle,
                                          budget_bytes=BUDGET, **groups)
     assert torch.isfinite(loss).all() and torch.isfinite(dx).all()
-    part_rows, slab_budget = random_parts(B, D, BUDGET, 64) if shuffle == "random" else (0, BUDGET)
-    assert shuffle != "random" or part_rows < B  # the accumulator of every row would not fit
-    entry = 4 + (4 if shuffle == "random" else 0)  # fp32 gradient factors (+ compact targets)
-    G, chunks = 4, triton.cdiv(B, part_rows or B)
-    # dx, the accumulator of one part, the slab buffers (at least one 64-row block), and per
-    # slab the [64, D] fp32 product of a GEMM, its k-slice copies on the CPU, the random shuffle's
-    # permutation tables ([64, chunks, G] and [6, 64, G], int64 while built) and the loss rows
-    bound = (B * D * 4 + part_rows * D * 4 + max(slab_budget, 64 * B * entry) + 2 * 64 * D * 4
-             + 64 * (64 + D) * 4 + 8 * 64 * G * (5 * chunks + 12) + 16 * B)
+    half = dtype != torch.float32
+    lo = B * D if shuffle == "random" and half else 0  # the int8 low half of the accumulator
+    v = B * D * 2 if half else 0  # the row side's GEMM takes bf16 rows: a copy of fp16 ones
+    entry = (2 if half else 4) * (2 if shuffle == "random" else 1)  # gradient factors (+ compact targets)
+    slabs = max(max(BUDGET - lo, BUDGET // 2), 64 * B * entry)  # at least one 64-row block
+    G, chunks = 4, 1
+    # dx, lo, v, the slab buffers; per slab the [64, D] fp32 row side, its k-slice copies on the
+    # CPU, the random shuffle's permutation tables ([64, chunks, G] and [6, 64, G], some int64
+    # while built) and the loss rows; at the end the unpacked fp32 rows (a quarter of the budget)
+    bound = (B * D * x.element_size() + lo + v + slabs + 2 * 64 * D * 4 + 64 * (64 + D) * 4
+             + 8 * 64 * G * (5 * chunks + 12) + 16 * B + (BUDGET // 4 if lo else 0))
     assert mem.peak <= bound, (mem.peak, bound, mem.at_peak[:6])
     assert mem.largest[0] < B * B * 4 // 2, mem.largest  # slabs of R < B / 2 rows, never B x B
+    if shuffle == "random":  # no fp32 [B, D] accumulator: fp32 rows accumulate in dx itself
+        assert sum(n >= B * D * 4 for n, *_ in mem.at_peak) == (0 if half else 1), mem.at_peak[:6]
 
 
 def test_group_search_within_budget():
