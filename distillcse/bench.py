@@ -17,13 +17,20 @@ inf-cl         Inf-CL's ``cal_inf_loss`` when ``inf_cl`` is importable (CUDA onl
                the contrastive term only, whatever ``--what`` says)
 ============== =====================================================================
 
-Per point (implementation, B): the median forward+backward time over ``--repeats`` runs
-after one warm-up run (CUDA events on CUDA, ``time.perf_counter`` on CPU); the peak extra
-memory of one forward+backward over the inputs (CUDA: ``max_memory_allocated`` minus the
-memory allocated before the step; CPU: growth of the process's peak resident set size over
-its size before the step, "RSS growth (CPU)"); and the ratio of the time to the time of the
-bare forward GEMMs the loss needs (``z1 @ z2.T``; ``z1 @ z1.T`` and ``T @ T.T`` for the
-distillation term, ``T`` the K teachers side by side) of the same shapes on the same device.
+Per point (implementation, B), on inputs made before it: a warm-up forward+backward; the peak
+extra memory of one more, untimed, forward+backward; the median time of up to ``--repeats``
+further ones (CUDA events on CUDA, ``time.perf_counter`` on CPU); and the ratio of that time to
+the time of the bare forward GEMMs the loss needs (``z1 @ z2.T``; ``z1 @ z1.T`` and ``T @ T.T``
+for the distillation term, ``T`` the K teachers side by side) of the same shapes on the same
+device. Peak extra memory is the most that the step holds at once of what it allocates: the
+inputs do not count, their gradients (cleared before the step) and every temporary do. On CUDA
+it is ``max_memory_allocated`` during the step minus ``memory_allocated`` before it ("peak
+extra CUDA memory"). On CPU, "tensor allocations (CPU, counted)": the bytes of the storages
+that torch ops allocate, counted by :class:`~distillcse.tensor_memory.TensorMemory`, a
+dispatch mode that slows ops (hence the separate step). Under a dispatch mode Dynamo runs
+compiled code eagerly, so ``plain-compile`` is counted from the CPU allocator's records in
+``torch.profiler`` instead (said in its rows' note); on eager code the two counts agree. With
+glibc, CPU runs use its steady-state malloc thresholds from the start (:func:`set_mmap_threshold`).
 
 A series stops at the first point that runs out of CUDA memory ("OOM"), whose projected
 memory exceeds ``--max-memory-gib`` ("skipped (cap)", on CPU by default) or whose projected
@@ -49,6 +56,7 @@ import torch.nn.functional as F
 
 from . import contrastive_loss, distill_loss, distillcse_loss
 from .reference import EPS
+from .tensor_memory import TensorMemory
 
 IMPLS = ("reference", "plain", "plain-compile", "torch", "triton", "inf-cl")
 LABELS = {
@@ -203,96 +211,73 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _proc_status():
-    """{"VmRSS": bytes, "VmHWM": bytes} of this process (Linux), or {} elsewhere."""
-    out = {}
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # mallopt parameters (malloc.h)
+STEADY_MMAP_THRESHOLD = 32 * 2**20              # glibc's dynamic ceiling on 64-bit
+
+
+def glibc():
+    """The C library when it is glibc (``mallopt`` and ``malloc_trim``), else None."""
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
-                    out[key] = int(value.split()[0]) * 1024
-    except (OSError, ValueError):
-        return {}
-    return out
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - both must exist
+        return libc
+    except (OSError, AttributeError):
+        return None
 
 
-class CpuMemory:
-    """Peak resident-set growth during a block: "RSS growth (CPU)".
+def set_mmap_threshold(libc, nbytes):
+    """glibc serves allocations below ``nbytes`` from its heap and trims the heap beyond 2 x ``nbytes``.
 
-    On Linux with glibc the process's peak RSS (VmHWM) is reset before the block by writing 5
-    to /proc/self/clear_refs; for the block, allocations of 64 KiB and more are served by mmap
-    and free heap pages are handed back first (``mallopt``, ``malloc_trim``), so the growth
-    counts every temporary of the step instead of memory reused unseen from an earlier one.
-    Outside the block glibc is set back to heap allocation up to 32 MiB (its own steady state),
-    as page faults on fresh mmaps would otherwise dominate the CPU timings. Elsewhere the
-    growth of ``getrusage``'s lifetime peak is reported, which misses a point whose peak
-    stays below an earlier one.
-    """
-    kind = "RSS growth (CPU)"
-    _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+    At :data:`STEADY_MMAP_THRESHOLD`, where glibc's dynamic thresholds end up in a long run, page
+    faults on fresh mmaps do not dominate short CPU timings."""
+    libc.mallopt(_M_MMAP_THRESHOLD, nbytes)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2 * nbytes)
 
-    def __init__(self):
-        self.libc = self._glibc()
-        self.resettable = self._reset() and bool(_proc_status())
-        if not self.resettable:
-            self.kind = "RSS growth (CPU, lifetime peak)"
-        self._allocate(memory_mode=False)
 
-    @staticmethod
-    def _glibc():
-        try:
-            import ctypes
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt, libc.malloc_trim  # noqa: B018 - both must exist
-            return libc
-        except (OSError, AttributeError):
-            return None
-
-    def _allocate(self, memory_mode):
-        if self.libc is None:
-            return
-        mmap_from = 64 * 1024 if memory_mode else 32 * 2**20
-        self.libc.mallopt(self._M_MMAP_THRESHOLD, mmap_from)
-        self.libc.mallopt(self._M_TRIM_THRESHOLD, 2 * mmap_from)
-        if memory_mode:
-            self.libc.malloc_trim(0)
-
-    @staticmethod
-    def _reset():
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return True
-        except OSError:
-            return False
-
-    @staticmethod
-    def _maxrss():
-        import resource
-        scale = 1 if sys.platform == "darwin" else 1024
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+class CountedMemory:
+    """Peak bytes of the tensors that torch ops allocate during a block, counted by
+    :class:`~distillcse.tensor_memory.TensorMemory`: what ``max_memory_allocated`` sees on a GPU, up
+    to the caching allocator's rounding and the workspaces that ops allocate inside."""
+    kind = "tensor allocations (CPU, counted)"
+    note = ""
 
     @contextlib.contextmanager
     def measure(self, result):
         gc.collect()
-        self._allocate(memory_mode=True)
-        try:
-            if self.resettable:
-                self._reset()
-                base = _proc_status()["VmRSS"]
-            else:
-                base = self._maxrss()
+        with TensorMemory() as counted:
             yield
-            peak = _proc_status()["VmHWM"] if self.resettable else self._maxrss()
-            result["peak"] = max(0, peak - base)
-        finally:
-            self._allocate(memory_mode=False)
+        result["peak"] = counted.peak
+
+
+class AllocatorRecords:
+    """Peak bytes that the CPU allocator hands out during a block and still holds, from the
+    allocation and free records of ``torch.profiler`` (frees of earlier blocks are not recorded):
+    for torch.compile'd code, which Dynamo runs eagerly under a dispatch mode such as
+    TensorMemory. On eager code it matches :class:`CountedMemory` (``tests/test_bench.py``)."""
+    kind = CountedMemory.kind
+    note = "memory from the CPU allocator's records (torch.profiler): under TensorMemory compiled code runs eagerly"
+
+    @contextlib.contextmanager
+    def measure(self, result):
+        from torch.profiler import ProfilerActivity, profile
+        gc.collect()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            yield
+        records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        if not records:
+            raise RuntimeError("torch.profiler recorded no CPU allocations for the memory step")
+        live = peak = 0
+        for record in sorted(records, key=lambda e: e.start_ns()):
+            live += record.nbytes()
+            peak = max(peak, live)
+        result["peak"] = peak
 
 
 class CudaMemory:
     """Peak CUDA memory allocated during a block over what was allocated before it."""
     kind = "peak extra CUDA memory"
+    note = ""
 
     def __init__(self, device):
         self.device = device
@@ -306,6 +291,13 @@ class CudaMemory:
         yield
         torch.cuda.synchronize(self.device)
         result["peak"] = torch.cuda.max_memory_allocated(self.device) - base
+
+
+def memory_meter(impl, device):
+    """The meter of an implementation's peak extra memory on ``device`` (module docstring)."""
+    if device.type == "cuda":
+        return CudaMemory(device)
+    return AllocatorRecords() if impl == "plain-compile" else CountedMemory()
 
 
 def time_once(fn, device):
@@ -520,7 +512,8 @@ def default_impls():
 
 
 def _measure_point(fn, inputs, meter, device, repeats, time_cap):
-    """Warm-up, one step under the memory meter, then up to ``repeats`` timed steps."""
+    """A warm-up step, one untimed step under the memory meter, then up to ``repeats`` timed
+    steps. Every step starts with the inputs' gradients cleared, so it allocates them."""
     z1, z2, teachers = inputs
     leaves = (z1, z2)
     loss_box = {}
@@ -534,15 +527,14 @@ def _measure_point(fn, inputs, meter, device, repeats, time_cap):
 
     step()                                 # warm-up (and compilation)
     _sync(device)
+    for x in leaves:
+        x.grad = None                      # freed before the meter's baseline, not during the step
     mem = {}
-    start = time.perf_counter()
     with meter.measure(mem):
-        t_mem = time_once(step, device)
-    if device.type != "cuda":
-        step()                             # the allocator warms up again after the memory step
-    elapsed = time.perf_counter() - start
-    n = max(1, min(repeats, int((time_cap - elapsed) / max(t_mem, 1e-9))))
-    times = [time_once(step, device) for _ in range(n)]
+        step()
+    first = time_once(step, device)
+    n = max(1, min(repeats, int(time_cap / max(first, 1e-9))))
+    times = [first] + [time_once(step, device) for _ in range(n - 1)]
     loss = float(loss_box["loss"].detach().float())
     for x in leaves:
         x.grad = None
@@ -557,7 +549,9 @@ def sweep(*, what="full", D=128, Dt=128, K=2, dtype=torch.float32, shuffle="rand
 
     device = torch.device(device)
     impls = list(impls) if impls else default_impls()
-    meter = CudaMemory(device) if device.type == "cuda" else CpuMemory()
+    libc = glibc() if device.type == "cpu" else None
+    if libc is not None:
+        set_mmap_threshold(libc, STEADY_MMAP_THRESHOLD)
     env = environment(device)
     dtype_name = str(dtype).replace("torch.", "")
     settings = dict(what=what, D=D, Dt=Dt, K=K, dtype=dtype_name, shuffle=shuffle)
@@ -569,7 +563,8 @@ def sweep(*, what="full", D=128, Dt=128, K=2, dtype=torch.float32, shuffle="rand
 
     def record(impl, B, status, note="", **values):
         row = dict(env, **settings, impl=impl, label=LABELS.get(impl, impl), B=B, status=status,
-                   time_ms="", gemm_ms="", ratio_to_gemm="", peak_mem_mib="", memory_kind=meter.kind,
+                   time_ms="", gemm_ms="", ratio_to_gemm="", peak_mem_mib="",
+                   memory_kind=memory_meter(impl, device).kind,
                    repeats="", loss="", note=note)
         row.update(values)
         rows.append(row)
@@ -578,6 +573,7 @@ def sweep(*, what="full", D=128, Dt=128, K=2, dtype=torch.float32, shuffle="rand
 
     for impl in impls:
         stop, last = None, None      # stop: (status, note) once the series ends; last: (B, seconds)
+        meter = memory_meter(impl, device)
         try:
             fn = loss_function(impl, what, shuffle, device, compiled)
         except Unavailable as why:
@@ -631,7 +627,8 @@ def sweep(*, what="full", D=128, Dt=128, K=2, dtype=torch.float32, shuffle="rand
                     _release(device)
             gemm = gemm_cache[B, dims]
             last = (B, seconds)
-            record(impl, B, OK, "contrastive term only" if impl == "inf-cl" and what != "contrastive" else "",
+            partial = "contrastive term only" if impl == "inf-cl" and what != "contrastive" else ""
+            record(impl, B, OK, "; ".join(part for part in (partial, meter.note) if part),
                    time_ms=f"{seconds * 1e3:.4g}", peak_mem_mib=f"{peak / MIB:.4g}", repeats=n,
                    loss=f"{loss:.6g}", gemm_ms="" if gemm is None else f"{gemm * 1e3:.4g}",
                    ratio_to_gemm="" if gemm is None else f"{seconds / gemm:.3g}")

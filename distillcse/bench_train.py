@@ -13,14 +13,17 @@ bert-base-uncased vocabulary, when the package is installed, else random token i
 
 Per (implementation, B): a warm-up step, one step under the memory meter (CUDA: peak allocated
 over what was allocated before it, model, optimizer state and batch included in the base;
-CPU: RSS growth), then the median time of the remaining steps. ``encoder-only`` is the same
-step with a trivial loss: the difference is what the loss costs.
+CPU: :class:`RssMemory`, resident-set growth), then the median time of the remaining steps.
+``encoder-only`` is the same step with a trivial loss: the difference is what the loss costs.
 """
+import contextlib
 import copy
 import csv
+import gc
 import os
 import random
 import statistics
+import sys
 import time
 
 import torch
@@ -110,6 +113,79 @@ def train_loss_function(impl, shuffle, device):
     if impl == "encoder-only":
         return lambda z1, z2, ts: z1.float().square().mean() + z2.float().square().mean()
     return bench.loss_function(impl, "full", shuffle, device)
+
+
+def _proc_status():
+    """{"VmRSS": bytes, "VmHWM": bytes} of this process (Linux), or {} elsewhere."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    out[key] = int(value.split()[0]) * 1024
+    except (OSError, ValueError):
+        return {}
+    return out
+
+
+class RssMemory:
+    """Peak resident-set growth during a block: "RSS growth (CPU)".
+
+    On Linux with glibc the process's peak RSS (VmHWM) is reset before the block by writing 5
+    to /proc/self/clear_refs; for the block, allocations of 64 KiB and more are served by mmap
+    and free heap pages are handed back first (``mallopt``, ``malloc_trim``), so the growth
+    counts every temporary of the step instead of memory reused unseen from an earlier one.
+    Outside the block glibc is set back to its steady state (:func:`bench.set_mmap_threshold`).
+    Elsewhere the growth of ``getrusage``'s lifetime peak is reported, which misses a point
+    whose peak stays below an earlier one.
+    """
+    kind = "RSS growth (CPU)"
+
+    def __init__(self):
+        self.libc = bench.glibc()
+        self.resettable = self._reset() and bool(_proc_status())
+        if not self.resettable:
+            self.kind = "RSS growth (CPU, lifetime peak)"
+        self._allocate(memory_mode=False)
+
+    def _allocate(self, memory_mode):
+        if self.libc is None:
+            return
+        bench.set_mmap_threshold(self.libc, 64 * 1024 if memory_mode else bench.STEADY_MMAP_THRESHOLD)
+        if memory_mode:
+            self.libc.malloc_trim(0)
+
+    @staticmethod
+    def _reset():
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def _maxrss():
+        import resource
+        scale = 1 if sys.platform == "darwin" else 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+    @contextlib.contextmanager
+    def measure(self, result):
+        gc.collect()
+        self._allocate(memory_mode=True)
+        try:
+            if self.resettable:
+                self._reset()
+                base = _proc_status()["VmRSS"]
+            else:
+                base = self._maxrss()
+            yield
+            peak = _proc_status()["VmHWM"] if self.resettable else self._maxrss()
+            result["peak"] = max(0, peak - base)
+        finally:
+            self._allocate(memory_mode=False)
 
 
 def _amp(device, amp):
@@ -216,7 +292,6 @@ def markdown_table(rows):
 
 def run_train(args, log=print):
     from tqdm.auto import tqdm
-    import sys
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
@@ -241,7 +316,7 @@ def run_train(args, log=print):
     log(f"distillcse bench train on {bench.device_name(device)}: {student_name} student ({params_m:.1f}M), "
         f"{teacher_name} teacher, max_seq_length {args.max_seq_length}, autocast {amp}, "
         f"shuffle={args.shuffle}, B={sizes}, {steps} step(s) per point, sentences from {sentences_path}")
-    meter = bench.CudaMemory(device) if cuda else bench.CpuMemory()
+    meter = bench.CudaMemory(device) if cuda else RssMemory()
     env = bench.environment(device)
     settings = dict(env, transformers=transformers.__version__, config=args.config, student=student_name,
                     teacher=teacher_name, params_m=f"{params_m:.1f}", max_seq_length=args.max_seq_length,

@@ -9,8 +9,8 @@ import torch
 
 import distillcse
 from distillcse.__main__ import main
-from distillcse.bench import (COLUMNS, group_permutation, make_inputs, plain_distill_loss,
-                              plain_distillcse_loss)
+from distillcse.bench import (COLUMNS, MIB, AllocatorRecords, CountedMemory, group_permutation,
+                              loss_function, make_inputs, plain_distill_loss, plain_distillcse_loss)
 from distillcse.bench_train import TRAIN_COLUMNS, default_sentences_path
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -89,14 +89,21 @@ def test_plain_random_shuffle_is_uniform_within_groups():
 
 BATCHES = [8, 16, 32]
 IMPLS = ["reference", "plain", "torch", "triton"]
+COUNTED = "tensor allocations (CPU, counted)"
+TINY_BUDGET_MIB = 1 / 256  # 4 KiB: the torch backend's distillation at B = 32 goes 2 rows at a time
 
 
 @pytest.fixture(scope="module")
 def memory_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_memory")
-    main(["bench", "memory", "--device", "cpu", "--min-batch", "8", "--max-batch", "32", "--D", "16",
-          "--repeats", "1", "--impl", *IMPLS, "--out", str(out), "--no-progress"])
+    with distillcse.chunk_budget(TINY_BUDGET_MIB):
+        main(["bench", "memory", "--device", "cpu", "--min-batch", "8", "--max-batch", "32", "--D", "16",
+              "--repeats", "1", "--impl", *IMPLS, "--out", str(out), "--no-progress"])
     return out
+
+
+def _peak_bytes(rows):
+    return {(r["impl"], int(r["B"])): float(r["peak_mem_mib"]) * MIB for r in rows if r["status"] == "ok"}
 
 
 def test_bench_memory_csv(memory_run):
@@ -108,13 +115,39 @@ def test_bench_memory_csv(memory_run):
             assert r[key], f"{key} empty in {r}"
         assert (r["what"], r["D"], r["Dt"], r["K"], r["dtype"], r["shuffle"]) == (
             "full", "16", "16", "2", "float32", "random")
-        assert r["device"] == "cpu" and r["memory_kind"].startswith("RSS growth (CPU)")
+        assert r["device"] == "cpu" and r["memory_kind"] == COUNTED
         if r["impl"] == "triton":
             assert r["status"] == "n/a (needs CUDA)" and r["time_ms"] == ""
             continue
         assert r["status"] == "ok", r
         assert float(r["time_ms"]) > 0 and float(r["gemm_ms"]) > 0 and float(r["ratio_to_gemm"]) > 0
         assert float(r["peak_mem_mib"]) >= 0 and int(r["repeats"]) == 1 and math.isfinite(float(r["loss"]))
+
+
+def test_bench_memory_counts_allocations(memory_run):
+    """The CPU column is the counted peak of one step: at least the B x B fp32 logits the B x B
+    implementations materialise, and below them for the torch backend once it goes in chunks."""
+    peak = _peak_bytes(_read(memory_run / "results.csv")[1])
+    for impl in ("reference", "plain"):
+        for B in BATCHES:
+            assert peak[impl, B] >= B * B * 4, (impl, B, peak[impl, B])
+        assert peak[impl, 8] < peak[impl, 16] < peak[impl, 32], impl
+    assert peak["torch", 32] < peak["reference", 32], peak
+
+
+def test_allocator_records_match_counted_memory():
+    """The allocator's records, used for compiled code, count what TensorMemory counts on eager code."""
+    z1, z2, teachers = make_inputs(32, 16, 16, 2, torch.float32, CPU)
+    fn = loss_function("plain", "full", "random", CPU)
+    peaks = []
+    for meter in (CountedMemory(), AllocatorRecords()):
+        result = {}
+        with meter.measure(result):
+            fn(z1, z2, teachers).backward()
+        z1.grad = z2.grad = None
+        peaks.append(result["peak"])
+    counted, recorded = peaks
+    assert counted >= 32 * 32 * 4 and abs(recorded - counted) <= 0.01 * counted + 1024, peaks
 
 
 def test_bench_memory_table_and_plots(memory_run, tmp_path):
@@ -138,6 +171,12 @@ def test_bench_memory_cap_and_compile(tmp_path):
     status = {(r["impl"], int(r["B"])): r["status"] for r in rows}
     assert [status["plain", B] for B in (8, 16, 32, 64)] == ["ok", "ok", "skipped (cap)", "skipped (cap)"]
     assert status["plain-compile", 8] == "ok" or status["plain-compile", 8].startswith("skipped (compile")
+    peak = _peak_bytes(rows)
+    for r in rows:
+        assert r["memory_kind"] == COUNTED
+        if r["impl"] == "plain-compile" and r["status"] == "ok":
+            assert "allocator's records" in r["note"], r
+            assert peak["plain-compile", int(r["B"])] >= int(r["B"]) ** 2 * 4, r   # the logits
 
 
 # ---- distillcse bench train -----------------------------------------------------------------
