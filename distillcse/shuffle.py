@@ -75,11 +75,15 @@ def group_permutation(x: torch.Tensor, n: torch.Tensor, key: torch.Tensor) -> to
     elementwise over int64 tensors of one shape."""
     h, b, rounds = feistel_shape(n)
     y = _feistel(x, key, h, b, rounds)
-    out = y >= n
-    while bool(out.any()):  # cycle walking: at most a few steps, as a b - n < a <= sqrt(n) + 1
-        y = torch.where(out, _feistel(y, key, h, b, rounds), y)
-        out = y >= n
-    return y
+    # cycle walking, on the entries still outside [0, n) only (a b - n < a <= sqrt(n) + 1: few)
+    flat = [v.reshape(-1) for v in (y, n, key, h, b, rounds)]
+    walk = (flat[0] >= flat[1]).nonzero().squeeze(1)
+    while walk.numel():
+        y_w, n_w, key_w, h_w, b_w, rounds_w = (v[walk] for v in flat)
+        y_w = _feistel(y_w, key_w, h_w, b_w, rounds_w)
+        flat[0][walk] = y_w
+        walk = walk[y_w >= n_w]
+    return flat[0].view(y.shape)
 
 
 def shuffled_targets(t_rows, rows, *, teacher_temperature, grouping_temperature, group_p,

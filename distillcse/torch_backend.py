@@ -10,6 +10,11 @@ from . import config
 from .shuffle import shuffled_targets
 
 
+# Per shuffle, the [rows, B] float and int64 tensors that a distillation chunk holds at its peak
+# (forward or backward, shuffled_targets included), counted with TensorMemory (tests/test_memory_plan.py).
+CHUNK_ENTRY_TENSORS = {"none": (6, 0), "expected": (6, 3), "random": (6, 21)}
+
+
 def chunk_rows(batch: int, columns: int, bytes_per_entry: int) -> int:
     """Rows per chunk so that the chunk's [rows, columns] temporaries fit the memory budget."""
     return max(1, min(batch, config.chunk_budget_bytes() // max(1, columns * bytes_per_entry)))
@@ -81,7 +86,8 @@ class DistillChunked(torch.autograd.Function):
     def _chunks(u, T, student_temperature, options):
         """Yields (rows [R], student logits [R, B] with -inf diagonal, targets q~ [R, B])."""
         B = u.shape[0]
-        step = chunk_rows(B, B, 8 * u.element_size() + 24)
+        floats, ints = CHUNK_ENTRY_TENSORS[options["shuffle"]]
+        step = chunk_rows(B, B, floats * u.element_size() + ints * 8)
         for r0 in range(0, B, step):
             rows = torch.arange(r0, min(r0 + step, B), device=u.device)
             logits = u[rows] @ u.T / student_temperature

@@ -89,3 +89,20 @@ def test_group_search_within_budget():
     groups = lambda th: (t32[:, :, None] < th[:, None, :]).sum(-1)  # noqa: E731
     assert torch.equal(groups(again)[off], groups(thr)[off])  # the same partition in row chunks
     assert unbounded.peak > 2 * mem.peak  # the bound is what kept it small (the test can fail)
+
+
+@pytest.mark.parametrize("shuffle", ["none", "expected", "random"])
+def test_torch_backend_within_budget(shuffle):
+    """backend="torch": the distillation's [rows, B] chunk temporaries (the random shuffle's
+    int64 Feistel state included) fit the chunk budget; beyond it only [B, D] tensors (the unit
+    rows and teacher rows, du, its per-chunk column side, z's gradient) and row vectors."""
+    import distillcse
+
+    B_, D_, budget_mib = 256, 32, 0.25
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(B_, D_, generator=g, requires_grad=True)
+    t = torch.randn(B_, D_, generator=g)
+    with distillcse.chunk_budget(budget_mib), TensorMemory() as mem:
+        distillcse.distill_loss(z, t, shuffle=shuffle, seed=0, backend="torch").backward()
+    bound = budget_mib * 2**20 + 6 * B_ * D_ * 4 + 16 * B_ * 8
+    assert mem.peak <= bound, (mem.peak, bound, mem.at_peak[:6])
