@@ -72,18 +72,19 @@ def _feistel(x, key, h, b, rounds):
 
 def group_permutation(x: torch.Tensor, n: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """``sigma_key(x)`` for ``0 <= x < n``: a keyed pseudorandom permutation of ``[0, n)``,
-    elementwise over int64 tensors of one shape."""
+    elementwise over broadcastable int64 tensors."""
     h, b, rounds = feistel_shape(n)
     y = _feistel(x, key, h, b, rounds)
     # cycle walking, on the entries still outside [0, n) only (a b - n < a <= sqrt(n) + 1: few)
-    flat = [v.reshape(-1) for v in (y, n, key, h, b, rounds)]
+    full = torch.broadcast_tensors(y, n, key, h, b, rounds)
+    flat = [v.reshape(-1) for v in full]
     walk = (flat[0] >= flat[1]).nonzero().squeeze(1)
     while walk.numel():
         y_w, n_w, key_w, h_w, b_w, rounds_w = (v[walk] for v in flat)
         y_w = _feistel(y_w, key_w, h_w, b_w, rounds_w)
         flat[0][walk] = y_w
         walk = walk[y_w >= n_w]
-    return flat[0].view(y.shape)
+    return flat[0].view(full[0].shape)
 
 
 def shuffled_targets(t_rows, rows, *, teacher_temperature, grouping_temperature, group_p,
