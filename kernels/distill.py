@@ -444,7 +444,6 @@ def _distill_slab_kernel(
     tl.store(p_cross + o_r * n_chunks + i_c, b_cross, mask=m_m)
 
 
-
 @triton.jit
 def _lo_exponent(b_hi, MANT: tl.constexpr, EMIN: tl.constexpr):
     """k such that lo counts units of 2^k: 1/256 of the ulp of ``b_hi`` (fp32 values of a 16-bit
@@ -688,7 +687,7 @@ def _accumulate_blocks(m_dtype, fma_dots):
 def _random_accumulator(x, budget_bytes):
     """(lo, slab budget) of the random shuffle's gradient. Its column side adds to every row once
     a slab, so dx accumulates in place: fp32 rows alone, 16-bit ones with an int8 ``lo`` [B, D]
-    beside them (fp32-like sums in 3 bytes an entry). lo comes out of the budget, but the slabs
+    beside them (~16 significant bits in 3 bytes an entry). lo comes out of the budget, but the slabs
     keep at least half of it."""
     if x.dtype == torch.float32:
         return None, budget_bytes

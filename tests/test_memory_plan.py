@@ -2,7 +2,8 @@
 bytes a GPU's ``max_memory_allocated`` would see, measured under the interpreter): the
 distillation's slab phase stays within its budget plus its gradient, for every shuffle
 (the random one accumulating in its gradient, plus an int8 [B, D] for 16-bit rows); the Group-P search
-within its budget plus O(B G) tables; and no B x B tensor is ever allocated."""
+within its budget plus O(B G) tables; and no B x B tensor is ever allocated. Also the
+torch backend's chunks (`test_torch_backend_within_budget`)."""
 import pytest
 import torch
 import triton
