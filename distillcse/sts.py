@@ -156,9 +156,10 @@ class Encoder:
         return self.tokenizer(list(sentences), padding=True, truncation=True, return_tensors="pt",
                               max_length=max_length or self.max_length).to(device)
 
-    def pool(self, batch):
-        """Pooled embeddings of a tokenised batch, with whatever grad mode is on: [n, d]."""
-        hidden = self.model(**batch).last_hidden_state
+    def pool(self, batch, model=None):
+        """Pooled embeddings of a tokenised batch, with whatever grad mode is on: [n, d];
+        ``model`` runs it instead of ``self.model`` (a DistributedDataParallel wrapper)."""
+        hidden = (self.model if model is None else model)(**batch).last_hidden_state
         if self.pooling == "cls":
             return hidden[:, 0]
         return mean_pool(hidden, batch["attention_mask"])

@@ -13,6 +13,11 @@ Every ``eval_every`` steps: Spearman on STS-B dev; the best student is saved to 
 interruption (Ctrl-C, SIGTERM) writes the checkpoint before exiting; running the same command
 again resumes from it. At the end the best student is scored on STS12-16, STS-B and SICK-R
 test (``OUT/sts_test.json``, ``OUT/results.md``).
+
+Under ``torchrun --nproc_per_node N -m distillcse train ...`` each rank encodes its share of
+the batch (``batch_size`` is the global batch), the embeddings are gathered
+(:func:`distillcse.all_gather`) and every rank computes the global loss; the student runs in
+``DistributedDataParallel``. Rank 0 evaluates, saves and logs.
 """
 import argparse
 import contextlib
@@ -25,9 +30,11 @@ import signal
 import time
 
 import torch
+import torch.distributed as dist
 
 from . import sts
 from .api import distillcse_loss
+from .distributed import all_gather
 from .bench_train import default_sentences_path, minilm_path
 
 CHECKPOINT = "checkpoint.pt"
@@ -40,7 +47,7 @@ def load_encoder(name, pooling, max_length=128):
     import transformers
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    model = transformers.AutoModel.from_pretrained(name)
+    model = transformers.AutoModel.from_pretrained(name, dtype=torch.float32)   # fp32 weights; AMP casts
     tokenizer = transformers.AutoTokenizer.from_pretrained(name)
     return sts.Encoder(model, tokenizer, pooling=pooling, max_length=max_length)
 
@@ -84,10 +91,10 @@ def read_corpus(path):
 
 def _amp_dtype(amp, device):
     if amp == "auto":
-        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
+        amp = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
     if amp != "none" and device.type != "cuda":
         raise SystemExit(f"--amp {amp}: mixed precision is for CUDA devices; use --amp none on {device}")
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[amp]
 
 
 def _atomic_save(obj, path):
@@ -112,11 +119,39 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _init_distributed(device_arg):
+    """(device, rank, world, created): joins ``torchrun``'s process group when WORLD_SIZE > 1
+    (nccl on CUDA, gloo on CPU), or uses one already initialised."""
+    created = False
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        cuda = torch.cuda.is_available() and device_arg != "cpu"
+        dist.init_process_group("nccl" if cuda else "gloo")
+        created = True
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and world > 1 and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+        torch.cuda.set_device(device)
+    return device, rank, world, created
+
+
 def train(args, log=print):
     """Run (or resume) a training job described by the parsed ``distillcse train`` arguments;
-    returns ``{"best_dev": ..., "best_step": ..., "test": {task: score} or None}``."""
+    returns ``{"best_dev": ..., "best_step": ..., "test": {task: score} or None}`` (on rank 0;
+    the other ranks return None)."""
+    device, rank, world, created_group = _init_distributed(args.device)
+    try:
+        return _train(args, log, device, rank, world)
+    finally:
+        if created_group:
+            dist.destroy_process_group()
+
+
+def _train(args, log, device, rank, world):
     from tqdm.auto import tqdm
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    main = rank == 0
+    if not main:
+        log = lambda *a, **k: None                               # noqa: E731
     amp_dtype = _amp_dtype(args.amp, device)
     os.makedirs(args.out, exist_ok=True)
 
@@ -133,11 +168,19 @@ def train(args, log=print):
     head = MLPHead(student.model.config.hidden_size).to(device) if args.mlp_head else None
     params = list(student.model.parameters()) + (list(head.parameters()) if head else [])
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    encode, project = student.model, head                       # what the training forward calls
+    if world > 1:                                               # gradients averaged over the ranks
+        ddp = torch.nn.parallel.DistributedDataParallel
+        ids = [device.index] if device.type == "cuda" else None
+        encode = ddp(student.model, device_ids=ids, find_unused_parameters=True)   # the unused pooler
+        project = ddp(head, device_ids=ids) if head is not None else None
 
     corpus = read_corpus(args.sentences or default_sentences_path())
     steps_per_epoch = len(corpus) // args.batch_size
     if steps_per_epoch < 1:
         raise SystemExit(f"--batch-size {args.batch_size}: larger than the corpus ({len(corpus)} sentences)")
+    if args.batch_size < world:
+        raise SystemExit(f"--batch-size {args.batch_size}: the global batch needs a row on each of {world} ranks")
     total = min(args.max_steps, steps_per_epoch * args.epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / total))
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
@@ -161,6 +204,8 @@ def train(args, log=print):
             f"{state['best_dev']:.2f} at step {state['best_step']})")
 
     def save_checkpoint():
+        if not main:
+            return
         _atomic_save({"student": student.model.state_dict(), "head": head.state_dict() if head else None,
                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                       "scaler": scaler.state_dict(), "state": state, "args": vars(args)}, ckpt_path)
@@ -168,13 +213,17 @@ def train(args, log=print):
     def dev_score():
         return sts.evaluate(student, ("STSBenchmark",), split="dev", max_pairs=args.dev_pairs)["STSBenchmark"]
 
+    def save_best():
+        student.model.save_pretrained(os.path.join(args.out, "best"))
+        student.tokenizer.save_pretrained(os.path.join(args.out, "best"))
+
     log_path = os.path.join(args.out, "train_log.csv")
     new_log = not os.path.exists(log_path) or state["step"] == 0
-    log_file = open(log_path, "w" if new_log else "a", newline="")
+    log_file = open(log_path if main else os.devnull, "w" if new_log else "a", newline="")
     writer = csv.DictWriter(log_file, fieldnames=LOG_COLUMNS)
     if new_log:
         writer.writeheader()
-    if state["step"] == 0 and args.eval_every:
+    if state["step"] == 0 and args.eval_every and main:
         score = dev_score()
         writer.writerow({"step": 0, "stsb_dev": f"{score:.4f}"})
         log(f"step 0: STS-B dev {score:.2f}")
@@ -189,23 +238,25 @@ def train(args, log=print):
             random.Random(args.seed * 1_000_003 + epoch).shuffle(orders[epoch])
         return [corpus[j] for j in orders[epoch][i * args.batch_size:(i + 1) * args.batch_size]]
 
-    bar = tqdm(total=total, initial=state["step"], desc="train", unit="step", disable=args.no_progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=total, initial=state["step"], desc="train", unit="step",
+               disable=args.no_progress or not main, dynamic_ncols=True)
     start_time = time.time()
     try:
         with _sigterm_as_interrupt():
             while state["step"] < total:
                 step = state["step"]
-                step_seed = args.seed * 1_000_003 + step          # dropout and shuffle: a resumed
-                torch.manual_seed(step_seed)                       # run repeats the same steps
+                step_seed = args.seed * 1_000_003 + step          # data, dropout and shuffle: a resumed
+                torch.manual_seed(step_seed * world + rank)        # run repeats the same steps
                 batch = sentences_at(step)
+                batch = batch[rank * len(batch) // world:(rank + 1) * len(batch) // world]   # this rank's rows
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                     tokens = student.tokenize(batch + batch, args.max_seq_length)              # two dropout views
-                    z1, z2 = student.pool(tokens).chunk(2)
-                    if head is not None:
-                        z1, z2 = head(z1), head(z2)
+                    z1, z2 = student.pool(tokens, encode).chunk(2)
+                    if project is not None:
+                        z1, z2 = project(z1), project(z2)
                     with torch.no_grad():
                         targets = [t.pool(t.tokenize(batch, args.max_seq_length)) for t in teachers]
+                z1, z2, *targets = all_gather(z1, z2, *targets)   # the global batch (one rank: as is)
                 loss = distillcse_loss(z1, z2, targets, seed=step_seed, **loss_options)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -216,15 +267,17 @@ def train(args, log=print):
                 row = {"step": step + 1, "loss": f"{loss.item():.6f}", "lr": f"{scheduler.get_last_lr()[0]:.3e}",
                        "seconds": f"{time.time() - start_time:.1f}"}
                 if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total):
-                    score = dev_score()
-                    row["stsb_dev"] = f"{score:.4f}"
-                    if score > state["best_dev"]:
-                        state["best_dev"], state["best_step"] = score, step + 1
-                        student.model.save_pretrained(os.path.join(args.out, "best"))
-                        student.tokenizer.save_pretrained(os.path.join(args.out, "best"))
-                    bar.set_postfix(loss=f"{loss.item():.3f}", dev=f"{score:.2f}",
-                                    best=f"{state['best_dev']:.2f}")
-                    save_checkpoint()
+                    if main:
+                        score = dev_score()
+                        row["stsb_dev"] = f"{score:.4f}"
+                        if score > state["best_dev"]:
+                            state["best_dev"], state["best_step"] = score, step + 1
+                            save_best()
+                        bar.set_postfix(loss=f"{loss.item():.3f}", dev=f"{score:.2f}",
+                                        best=f"{state['best_dev']:.2f}")
+                        save_checkpoint()
+                    if world > 1:
+                        dist.barrier()
                 else:
                     bar.set_postfix(loss=f"{loss.item():.3f}")
                 writer.writerow(row)
@@ -239,10 +292,11 @@ def train(args, log=print):
         raise
     bar.close()
     log_file.close()
+    if not main:
+        return None
     save_checkpoint()
     if state["best_step"] is None:                       # no evaluation: keep the last student
-        student.model.save_pretrained(os.path.join(args.out, "best"))
-        student.tokenizer.save_pretrained(os.path.join(args.out, "best"))
+        save_best()
     log(f"trained {total} steps; best STS-B dev {state['best_dev']:.2f} at step {state['best_step']}")
 
     test = None
@@ -309,8 +363,8 @@ def add_train_arguments(p):
     p.add_argument("--group-p", type=float, default=0.1)
     p.add_argument("--shuffle", choices=("random", "expected", "none"), default="random")
     p.add_argument("--backend", choices=("auto", "reference", "torch", "triton"), default="auto")
-    p.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
-                   help="autocast dtype (auto: bf16 on CUDA, none on CPU)")
+    p.add_argument("--amp", choices=("auto", "none", "bfloat16", "float16"), default="auto",
+                   help="autocast dtype (auto: bfloat16 on CUDA, none on CPU; float16 adds a grad scaler)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="data order, dropout and shuffles")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -133,7 +133,7 @@ def test_train_learns_and_writes_test_scores(tmp_path, sentences):
 
 @pytest.mark.parametrize("argv,message", [
     (["--student-layers", "9"], "--student-layers: expected 1..6"),
-    (["--amp", "bf16"], "--amp bf16"),
+    (["--amp", "bfloat16"], "--amp bfloat16"),
     (["--batch-size", "500"], "larger than the corpus"),
     (["--sentences", "/nonexistent.txt"], "--sentences: file not found"),
 ])
@@ -148,3 +148,53 @@ def test_train_rejects_negative_numbers(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--out", str(tmp_path), "--lr", "-1"])
     assert "expected a positive number" in capsys.readouterr().err
+
+
+def _without_dropout(load):
+    def loader(*args, **kwargs):
+        encoder = load(*args, **kwargs)
+        for module in encoder.model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        return encoder
+    return loader
+
+
+def _train_rank(rank, init_file, args, results):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        train.load_encoder = _without_dropout(train.load_encoder)
+        results[rank] = train.train(args, log=lambda *a: None)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_train_on_two_ranks_is_training_on_one(tmp_path, sentences, monkeypatch):
+    """Two gloo ranks with 4 rows each (dropout off, so the views are exact) train as one
+    process with the batch of 8: the same losses step by step; only rank 0 writes."""
+    import torch.multiprocessing as mp
+    monkeypatch.setattr(train, "load_encoder", _without_dropout(train.load_encoder))
+    one = _args(tmp_path / "one", sentences, max_steps=3, eval_every=3)
+    train.train(one, log=lambda *a: None)
+
+    two = _args(tmp_path / "two", sentences, max_steps=3, eval_every=3)
+    results = mp.Manager().dict()
+    mp.spawn(_train_rank, args=(str(tmp_path / "init"), two, results), nprocs=2, join=True)
+    assert results[1] is None and results[0]["best_step"] == 3
+    assert not os.path.exists(os.path.join(two.out, "best", "rank1"))
+
+    def losses(out):
+        with open(os.path.join(out, "train_log.csv")) as f:
+            return [float(row["loss"]) for row in csv.DictReader(f) if row["loss"]]
+    assert len(losses(two.out)) == 3
+    np.testing.assert_allclose(losses(two.out), losses(one.out), rtol=1e-5)
+    # Adam's first steps move each weight by about lr * sign(gradient), so the few entries whose
+    # gradient is at rounding level (all of the key biases: softmax ignores them) may differ.
+    mismatched = total = 0
+    two_weights = _weights(two.out)
+    for name, value in _weights(one.out).items():
+        if not name.endswith("attention.self.key.bias"):
+            mismatched += int(((two_weights[name] - value).abs() > 2e-6).sum())
+            total += value.numel()
+    assert mismatched <= total * 1e-5, f"{mismatched} of {total} weights differ"

@@ -1,0 +1,75 @@
+"""``distillcse.all_gather`` over a real 2-process gloo group on the CPU: the global loss and
+each rank's gradients equal one process's loss on the whole batch (gradients summed over the
+ranks, as DistributedDataParallel expects)."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import distillcse
+
+WORLD = 2
+SHARDS = (slice(0, 7), slice(7, 11))        # unequal local batches: 7 and 4 rows
+B, D, DT = 11, 24, 16
+
+
+def _batch():
+    g = torch.Generator().manual_seed(5)
+    z1, z2, hn = (torch.randn(B, D, generator=g, dtype=torch.float64) for _ in range(3))
+    teachers = [torch.randn(B, DT, generator=g, dtype=torch.float64),
+                torch.randn(B, 8, generator=g, dtype=torch.float64)]
+    return z1, z2, hn, teachers
+
+
+def _loss(z1, z2, hn, teachers, backend):
+    return distillcse.distillcse_loss(z1, z2, teachers, hard_negatives=hn, group_size=3,
+                                      shuffle="random", seed=11, backend=backend)
+
+
+def _worker(rank, init_file, backend, results):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        z1, z2, hn, teachers = _batch()
+        local = [t[SHARDS[rank]].clone().requires_grad_(True) for t in (z1, z2, hn)]
+        gathered = distillcse.all_gather(*local, *[t[SHARDS[rank]] for t in teachers])
+        loss = _loss(*gathered[:3], list(gathered[3:]), backend)
+        loss.backward()
+        results[rank] = (loss.detach(), [t.grad for t in local])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_gathered_loss_and_gradients_match_one_process(tmp_path, backend):
+    results = mp.Manager().dict()
+    mp.spawn(_worker, args=(str(tmp_path / "init"), backend, results), nprocs=WORLD, join=True)
+
+    z1, z2, hn, teachers = (t.requires_grad_(True) if isinstance(t, torch.Tensor) else t for t in _batch())
+    loss = _loss(z1, z2, hn, teachers, backend)
+    loss.backward()
+    for rank in range(WORLD):
+        rank_loss, grads = results[rank]
+        torch.testing.assert_close(rank_loss, loss.detach(), rtol=1e-12, atol=0)
+        for name, grad, full in zip(("z1", "z2", "hard_negatives"), grads, (z1, z2, hn)):
+            torch.testing.assert_close(grad, WORLD * full.grad[SHARDS[rank]], rtol=1e-10, atol=1e-14,
+                                       msg=f"rank {rank} grad {name}")
+
+
+def test_all_gather_without_a_process_group_is_the_identity():
+    x, y = torch.randn(3, 4), torch.randn(3, 2)
+    assert distillcse.all_gather(x) is x
+    assert distillcse.all_gather(x, y) == (x, y)
+
+
+@pytest.mark.parametrize("args,error,message", [
+    ((), TypeError, "at least one tensor"),
+    (([1.0, 2.0],), TypeError, "argument 0 must be a tensor"),
+    ((torch.tensor(1.0),), TypeError, "0 dims"),
+    ((torch.randn(3, 4), torch.randn(2, 4)), ValueError, "argument 1 has 2 rows"),
+])
+def test_all_gather_errors(args, error, message):
+    with pytest.raises(error, match=message):
+        distillcse.all_gather(*args)
+
