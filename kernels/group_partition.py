@@ -345,6 +345,7 @@ class _Rule:
     """The predicate of every boundary g = 1..G1 and the measure where it starts to hold."""
 
     def __init__(self, G1, group_p, group_size, scale, device):
+        group_p = 1.0 if group_size is not None else group_p  # unused by fixed-size groups (may be None)
         self.G1, self.size, self.scale, self.group_p = G1, group_size, scale, group_p
         self.p = torch.tensor(group_p, dtype=torch.float32, device=device)
         self.g = torch.arange(1, G1 + 1, device=device)[None, :]  # [1, G1]

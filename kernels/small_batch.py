@@ -292,7 +292,7 @@ def small_batch_loss(x, y, t, *, cl_scale=1.0, student_scale=1.0, teacher_scale=
         x, y, t, loss, x if dx is None else dx, x if dy is None else dy, B, N, D, t.shape[1],
         x.stride(0), y.stride(0), t.stride(0), D if dx is None else dx.stride(0), D if dy is None else dy.stride(0),
         float(cl_scale), float(student_scale), float(teacher_scale), float(grouping_scale),
-        float(group_p), float(group_size or 1), int(n_groups),
+        float(1.0 if group_size is not None else group_p), float(group_size or 1), int(n_groups),
         _int32_bits(seed & 0xFFFFFFFF), _int32_bits((seed >> 32) & 0xFFFFFFFF), float(w_cl), float(w_kd),
         **meta)
     return loss, dx, dy

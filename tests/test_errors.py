@@ -45,6 +45,7 @@ def test_bad_tensors(change, error, match):
     (dict(group_p=1.5), r"group_p must be in \(0, 1\]"),
     (dict(group_size=0), "group_size must be a positive integer"),
     (dict(group_size=2.5), "group_size must be a positive integer"),
+    (dict(group_size=3, group_p=2.0), r"group_p must be in \(0, 1\] \(or None with group_size\)"),
     (dict(shuffle="sometimes"), "shuffle must be one of"),
     (dict(backend="cuda"), "backend must be one of"),
     (dict(teacher_weights=[0.5, 0.5]), "one weight per teacher"),

@@ -65,12 +65,11 @@ def test_matches_reference(dtype, shuffle, B, D, dims, Bh):
         assert rel_err(g, rg) < tol_grad
 
 
-@pytest.mark.parametrize("group_p,group_size", [(0.25, None), (None, 6)])
-def test_groupings_match_reference(group_p, group_size):
-    inputs = make_batch(61, 40, (24, 24))
-    kw = dict(shuffle="expected", group_size=group_size, teacher_weights=[0.3, 0.7])
-    if group_p is not None:
-        kw["group_p"] = group_p
+@pytest.mark.parametrize("B,group_p,group_size", [(61, 0.25, None), (61, None, 6), (130, None, 6)])
+def test_groupings_match_reference(B, group_p, group_size):
+    """By mass and of fixed size (group_p None, unused), in one program and streaming."""
+    inputs = make_batch(B, 40, (24, 24))
+    kw = dict(shuffle="expected", group_p=group_p, group_size=group_size, teacher_weights=[0.3, 0.7])
     rounded = round_trip(inputs, torch.float32)
     ref_loss, ref_grads = run("reference", rounded, torch.float64, "cpu", **kw)
     loss, grads = run("triton", inputs, torch.float32, DEVICE, **kw)
