@@ -33,8 +33,9 @@ Conventions shared by every kernel:
 """
 
 try:
-    from .utils import patch_interpreter_scalar_index
+    from .utils import patch_interpreter_bf16, patch_interpreter_scalar_index
 
     patch_interpreter_scalar_index()
+    patch_interpreter_bf16()
 except ImportError:  # triton not installed: the launchers are unavailable, the package is not
     pass

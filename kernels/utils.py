@@ -38,3 +38,38 @@ def patch_interpreter_scalar_index():
 
     patched._scalar_index_patch = True
     interpreter._patch_lang_tensor = patched
+
+
+def patch_interpreter_bf16():
+    """Under ``TRITON_INTERPRET=1``, make bf16 behave as on a GPU where Triton 3.6's interpreter
+    does not (it stores bf16 as uint16 bit patterns; upstream does not support bf16 there,
+    triton-lang/triton#11584): ``tl.dot`` of bf16 operands multiplies the bit patterns (now:
+    their exact fp32 values, products accumulated in fp32, as an MMA does), and fp32 -> bf16
+    casts truncate (now: round to nearest even, as ``cvt.rn.bf16.f32``). No-op on a GPU."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+    if getattr(InterpreterBuilder.create_dot, "_bf16_patch", False):
+        return
+    dot, cast = InterpreterBuilder.create_dot, InterpreterBuilder.cast_impl
+
+    def as_fp32(h):
+        if h.dtype.scalar != tl.bfloat16:
+            return h
+        return TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return dot(self, as_fp32(a), as_fp32(b), d, input_precision, max_num_imprecise_acc)
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = src.data.astype(np.float32, copy=False).view(np.uint32)
+            nan = np.isnan(src.data)
+            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # ties to even
+            return TensorHandle(np.where(nan, np.uint16(0x7FC0), rounded), tl.bfloat16)
+        return cast(self, src, dst_type)
+
+    create_dot._bf16_patch = True
+    InterpreterBuilder.create_dot, InterpreterBuilder.cast_impl = create_dot, cast_impl
