@@ -475,7 +475,7 @@ def _accumulate_slab_kernel(
     slab's own rows, added to the accumulator held as hi + lo: a 16-bit hi (dx itself) and an
     int8 lo, ~16 significant bits in 3 bytes an entry (fp32 hi alone for fp32 rows).
     Grid (feature blocks, row blocks): the programs of one strip of M run together (L2).
-    F32_DOT: fp32 operands (M in fp32, or under the interpreter, whose bf16 tl.dot is wrong)."""
+    F32_DOT: fp32 operands (M in fp32)."""
     i_d = tl.program_id(0).to(tl.int64)
     i_j = tl.program_id(1).to(tl.int64)
     o_d = i_d * BD + tl.arange(0, BD)
@@ -491,8 +491,11 @@ def _accumulate_slab_kernel(
         b_u = b_x.to(tl.float32) * b_rx[:, None]  # unit rows u_r [BK, BD]
         if F32_DOT:
             b_acc = tl.dot(tl.trans(b_m.to(tl.float32)), b_u, b_acc, input_precision=PREC)
-        else:
-            b_acc = tl.dot(tl.trans(b_m), b_u.to(b_m.dtype), b_acc, input_precision=PREC)
+        else:  # u as two bf16 terms (~16 bits; M is exact in bf16): rounding u once would cost 8
+            b_u_hi = b_u.to(b_m.dtype)
+            b_u_lo = (b_u - b_u_hi.to(tl.float32)).to(b_m.dtype)
+            b_acc = tl.dot(tl.trans(b_m), b_u_hi, b_acc, input_precision=PREC)
+            b_acc = tl.dot(tl.trans(b_m), b_u_lo, b_acc, input_precision=PREC)
     m_own = m_j & (o_j >= row0) & (o_j < row0 + R)
     b_own = tl.load(p_row_side + (o_j - row0)[:, None] * D + o_d[None, :], mask=m_own[:, None] & m_d[None, :],
                     other=0.0)
@@ -503,10 +506,7 @@ def _accumulate_slab_kernel(
     if HAS_LO:
         b_lo = tl.load(p_lo + o_out, mask=m_out, other=0).to(tl.float32)
         b_sum = b_hi + b_lo * _pow2(_lo_exponent(b_hi, MANT, EMIN)) + b_acc
-        b_hi = b_sum.to(p_hi.dtype.element_ty).to(tl.float32)  # then to nearest (the interpreter truncates)
-        b_ulp = _pow2(_lo_exponent(b_hi, MANT, EMIN) + 8)
-        b_res = b_sum - b_hi
-        b_hi += tl.where(b_res > 0.5 * b_ulp, b_ulp, tl.where(b_res < -0.5 * b_ulp, -b_ulp, 0.0))
+        b_hi = b_sum.to(p_hi.dtype.element_ty).to(tl.float32)  # to nearest
         b_lo = (b_sum - b_hi) * _pow2(-_lo_exponent(b_hi, MANT, EMIN))  # exact, |.| <= 128
         b_lo = tl.where(b_lo >= 0, b_lo + 0.5, b_lo - 0.5).to(tl.int32)
         tl.store(p_lo + o_out, tl.minimum(tl.maximum(b_lo, -127), 127).to(tl.int8), mask=m_out)
@@ -705,7 +705,7 @@ def accumulate_slab(hi, lo, m, x, rx, row_side, row0):
     mant, emin = LO_FORMATS.get(hi.dtype, (0, 0))
     _accumulate_slab_kernel[(triton.cdiv(D, blocks["BD"]), triton.cdiv(B, blocks["BJ"]))](
         m, x, rx, row_side, hi, hi if lo is None else lo, row0, m.shape[0], B, D, x.stride(0),
-        PREC=dot_precision(m.dtype), F32_DOT=m.dtype == torch.float32 or _interpreting(), HAS_LO=lo is not None,
+        PREC=dot_precision(m.dtype), F32_DOT=m.dtype == torch.float32, HAS_LO=lo is not None,
         MANT=mant, EMIN=emin, **blocks)
 
 
