@@ -9,12 +9,12 @@ second view, rows ``B..N-1`` hard negatives. With ``scale = 1 / temperature``:
             (cost and register budget in the comment above the backward kernels); the
             gradients are written w.r.t. the raw rows, the normalisation's backward fused.
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from . import utils
 from .tiles import dot_tile
 from .utils import dot_precision, unit_stride_rows
 
@@ -330,7 +330,7 @@ def _config(D: int, dtype: torch.dtype) -> dict:
     while the output blocks are 32 wide so that the test shapes take 1..4 blocks and several splits.
     """
     BD = triton.next_power_of_2(max(D, 16))
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if utils.interpreter_blocks():
         tile = dict(BM=64, BN=64, BD=min(BD, 256))
         bwd = dict(tile, **_output_blocks(D, 32, MAX_OUT_BLOCKS))
         return dict(fwd=tile, dx=bwd, dy=bwd)

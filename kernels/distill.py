@@ -34,12 +34,12 @@ every teacher-reading kernel shares); only ``j != i`` takes part. Targets
 Every scale must be positive (the running maximum of ``t`` serves both of its logsumexps).
 """
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from . import utils
 from ..shuffle import feistel_shape, group_keys
 from .group_partition import teacher_logits
 from .tiles import dot_tile
@@ -525,10 +525,6 @@ def _unpack_kernel(p_hi, p_lo, p_out, N, MANT: tl.constexpr, EMIN: tl.constexpr,
     tl.store(p_out + o, b_hi + b_lo * _pow2(_lo_exponent(b_hi, MANT, EMIN)), mask=m)
 
 
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _fp32_dots(x_dtype, t_dtype):
     """(whether the student or the teacher is fp32, whether that fp32 tl.dot runs on FMAs:
     full precision, PyTorch's "highest")."""
@@ -548,7 +544,7 @@ def _stats_blocks(B: int, x_dtype: torch.dtype, t_dtype: torch.dtype) -> dict:
     statistics are spread over the MMA layout's threads); 32-wide fp32 "ieee" chunks beside
     bf16 spill 8-28. Under the interpreter BT ~ B / 4 (16 to 128): few large tiles, yet several
     blocks and groups for the tests."""
-    if _interpreting():
+    if utils.interpreter_blocks():
         return dict(BT=min(128, max(16, triton.next_power_of_2(triton.cdiv(B, 4)))), BD=64, BDT=64, num_warps=4)
     fp32_width = 16 if x_dtype != t_dtype and dot_precision(torch.float32) == "ieee" else 32
     bd, bdt = (fp32_width if dtype == torch.float32 else 64 for dtype in (x_dtype, t_dtype))
@@ -575,7 +571,7 @@ def _slab_blocks(B: int, shuffle: str, fp32_dots: bool, fma_dots: bool):
     Feature chunks are 32 wide when the student or the teacher is fp32 (64 wide spills up to
     100 bytes there), else 64. Column tiles must divide the chunk width (powers of two). Under
     the interpreter few large blocks run fastest."""
-    if _interpreting():
+    if utils.interpreter_blocks():
         bm = min(64, max(16, triton.next_power_of_2(B)))
         blocks = dict(BM=bm, BN=bm, BDT=64, num_warps=4)
         return blocks, dict(blocks, BD=64)
@@ -677,7 +673,7 @@ LO_FORMATS = {torch.float16: (10, -14), torch.bfloat16: (7, -100)}  # hi's (MANT
 def _accumulate_blocks(m_dtype, fma_dots):
     """Blocks of ``_accumulate_slab_kernel``: memory-bound (K = R is small), so wide tiles that
     read each strip of M once; smaller for fp32 "ieee" FMA dots."""
-    if _interpreting():
+    if utils.interpreter_blocks():
         return dict(BJ=128, BK=64, BD=128, num_warps=4)
     if fma_dots:
         return dict(BJ=64, BK=16, BD=64, num_warps=4)

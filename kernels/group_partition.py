@@ -39,12 +39,12 @@ another order or the tile is transposed. On real MiniLM sentence embeddings the 
 ``group_means`` then averages the targets ``q_ij`` over each group in one pass.
 """
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from . import utils
 from .tiles import dot_tile
 from .utils import dot_precision, unit_stride_rows
 
@@ -190,7 +190,7 @@ def _blocks() -> dict:
     size) of the grid pass (BP = 64) and of the later passes up to G - 1 = 32 (BP = BG = 32;
     built at G - 1 = 9, 16, 17, 32) take 155-255 registers without spills; G - 1 = 33..63
     (BG = 64), last built before the teacher's inverse norms came in, spilled up to 128 bytes."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if utils.interpreter_blocks():
         return dict(BM=64, BN=64, BD=64)
     return dict(BM=16, BN=16, BD=32, num_warps=8)
 
@@ -558,7 +558,7 @@ def _settle(new, windows, top, meas, above, count, buf, rule, lse):
     lo, hd, hu = (new[k].contiguous() for k in ("lo", "hd", "hu"))
     # GPU: 4 pairs, 32 x 32 comparisons a step ([4, 32, 32] over 128 threads); the interpreter
     # pays per program, so there a program takes 256 pairs
-    BS, BC = (256, 64) if os.environ.get("TRITON_INTERPRET") == "1" else (4, 32)
+    BS, BC = (256, 64) if utils.interpreter_blocks() else (4, 32)
     _settle_kernel[(triton.cdiv(R * G1, BS),)](
         buf, count, m_top.contiguous(), u_top.contiguous(), windows[0].contiguous(), lse.float().contiguous(),
         lo, hd, hu, R * G1, G1, buf.shape[-1], rule.size or 0, rule.group_p, float(rule.scale),

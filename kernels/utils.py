@@ -16,6 +16,13 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def interpreter_blocks() -> bool:
+    """Whether the launchers pick the interpreter's blocks (``TRITON_INTERPRET=1``: few large
+    blocks, as every block op costs Python time) rather than the GPU's. Tests patch it to run
+    the GPU's block shapes under the interpreter (``tests/test_gpu_blocks.py``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` [R, D] with feature stride 1 (row stride may be anything); copies only if needed."""
     return x if x.stride(-1) == 1 else x.contiguous()

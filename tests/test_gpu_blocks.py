@@ -1,0 +1,33 @@
+"""The GPU's block shapes, run under the interpreter: the launchers pick large blocks there
+(``kernels.utils.interpreter_blocks``), so the tile sizes, grids and slab rows a GPU uses
+(16-row threshold search, 64 x 128 slab tiles, 128-wide accumulation, ...) are checked here
+against the reference at a ragged B; on CUDA they are what every test runs."""
+import pytest
+import torch
+
+from conftest import DEVICE, requires_triton
+from test_losses import rel_err
+from test_triton_backend import TOL, make_batch, round_trip, run
+
+pytestmark = [requires_triton, pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA every test runs these blocks")]
+
+
+@pytest.mark.parametrize("dtype,shuffle,dims", [
+    (torch.float32, "none", (64,)), (torch.float32, "expected", (32, 40)),
+    (torch.float32, "random", (64,)), (torch.bfloat16, "random", (64,)),
+])
+def test_gpu_blocks_match_reference(dtype, shuffle, dims, monkeypatch):
+    from distillcse.kernels import group_partition, utils
+
+    inputs = make_batch(130, 96, dims, Bh=7)
+    kw = dict(shuffle=shuffle, seed=3)
+    # random: the torch backend in float64 draws the same shuffle for the seed (the reference draws its own)
+    ref_loss, ref_grads = run("torch" if shuffle == "random" else "reference", round_trip(inputs, dtype),
+                              torch.float64, "cpu", **kw)
+    monkeypatch.setattr(utils, "interpreter_blocks", lambda: False)
+    assert group_partition._blocks()["BM"] == 16  # the GPU's, not the interpreter's 64
+    loss, grads = run("triton", inputs, dtype, DEVICE, **kw)
+    tol_loss, tol_grad = TOL[dtype]
+    assert rel_err(loss, ref_loss, floor=1.0) < tol_loss
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g, rg) < tol_grad
