@@ -1,10 +1,10 @@
 """Command line: ``distillcse train``, ``distillcse sts``, ``distillcse verify`` and
-``distillcse bench {memory,train,plot}`` (or ``python -m distillcse ...``)."""
+``distillcse bench {memory,targets,train,plot}`` (or ``python -m distillcse ...``)."""
 import argparse
 
 
 def _add_bench(sub):
-    from . import bench, bench_train
+    from . import bench, bench_targets, bench_train
     b = sub.add_parser("bench", help="benchmarks: loss memory/time sweep, training steps, plots")
     bsub = b.add_subparsers(dest="bench_command", required=True)
     m = bsub.add_parser("memory", help="sweep the batch size for every loss implementation: peak extra "
@@ -14,6 +14,10 @@ def _add_bench(sub):
     t = bsub.add_parser("train", help="training-step time and peak memory of a real encoder with each loss backend",
                         description=bench_train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_train.add_train_arguments(t)
+    tg = bsub.add_parser("targets", help="the headline figures at their stated sizes (B = 64, 65,536, 2^20) "
+                         "against their targets; CSV and table", description=bench_targets.__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_targets.add_targets_arguments(tg)
     pl = bsub.add_parser("plot", help="plot a results.csv of `bench memory` (memory and time vs B)")
     pl.add_argument("csv", help="results.csv written by `distillcse bench memory`")
     pl.add_argument("--out", default=None, help="folder for the PNGs (default: the CSV's folder)")
@@ -46,6 +50,9 @@ def main(argv=None):
         if args.bench_command == "memory":
             from .bench import run_memory
             run_memory(args)
+        elif args.bench_command == "targets":
+            from .bench_targets import run_targets
+            run_targets(args)
         elif args.bench_command == "train":
             from .bench_train import run_train
             run_train(args)

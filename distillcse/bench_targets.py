@@ -1,0 +1,189 @@
+"""``distillcse bench targets``: the headline figures, each at the size its target is stated at,
+against the target, in one short run.
+
+============================ ============ ========== =========== ====================================
+point                        loss         B          target      compared with
+============================ ============ ========== =========== ====================================
+paper batch                  full, random 64         0.3 ms      ``backend="reference"`` (the authors' algorithm)
+full loss, shuffle expected  full         65,536     150 ms, 256 MiB
+full loss, shuffle random    full         65,536     250 ms, 256 MiB
+contrastive term             contrastive  65,536     60 ms       plain PyTorch, Inf-CL when importable
+a million rows               full, random 1,048,576  completes
+============================ ============ ========== =========== ====================================
+
+The targets hold at D = Dt = 768, K = 1, bf16 (the defaults on CUDA); other settings (``--D``,
+``--K``, ``--dtype``, ``--divide N``, which divides every B by N for a quick run on a CPU) are
+measured without a verdict. Each (point, implementation) is measured as ``bench memory``
+measures a point (warm-up, one step under the memory meter, the median of up to ``--repeats``
+timed steps), except the million-row point: one step, timed and metered at once (its kernels
+were compiled at 65,536). Beside each time: the bare cuBLAS forward GEMMs of the same shapes
+(``z1 z2^T``; ``z1 z1^T`` and ``T T^T`` for the distillation) and the ratio. An implementation
+that runs out of memory or fails is recorded so and the run goes on. Results: ``targets.csv``
+(device, versions, commit and time stamp on every row) and ``targets.md`` in ``--out``.
+"""
+import os
+import sys
+
+import torch
+
+from . import bench
+
+MIB = bench.MIB
+# name, what, B, shuffle, implementations, target ms, target MiB (None: no target), one step only
+POINTS = (
+    ("paper batch", "full", 64, "random", ("triton", "reference"), 0.3, None, False),
+    ("full loss, shuffle expected", "full", 65536, "expected", ("triton",), 150.0, 256.0, False),
+    ("full loss, shuffle random", "full", 65536, "random", ("triton",), 250.0, 256.0, False),
+    ("contrastive term", "contrastive", 65536, "random", ("triton", "plain", "inf-cl"), 60.0, None, False),
+    ("a million rows", "full", 1 << 20, "random", ("triton",), None, None, True),
+)
+COLUMNS = ("point", "target_ms", "target_mib") + bench.COLUMNS
+ONE_STEP_POINT = POINTS[-1][0]
+
+
+def _measure_once(fn, inputs, meter, device):
+    """One forward+backward, timed and metered at once (for points too large to repeat)."""
+    z1, z2, teachers = inputs
+    box, mem = {}, {}
+
+    def step():
+        loss = fn(z1, z2, teachers)
+        loss.backward()
+        box["loss"] = loss
+
+    with meter.measure(mem):
+        seconds = bench.time_once(step, device)
+    return seconds, mem["peak"], 1, float(box["loss"].detach().float())
+
+
+def verdict(row):
+    """"meets", "misses (time)", "misses (memory)", "completes", "measured" (no target at these
+    settings) or the row's status."""
+    if row["status"] != bench.OK:
+        return row["status"]
+    if row["target_ms"] == "" and row["target_mib"] == "" and row["point"] != ONE_STEP_POINT:
+        return "measured"
+    missed = []
+    if row["target_ms"] != "" and float(row["time_ms"]) > float(row["target_ms"]):
+        missed.append("time")
+    if row["target_mib"] != "" and float(row["peak_mem_mib"]) > float(row["target_mib"]):
+        missed.append("memory")
+    if row["target_ms"] == "" and row["target_mib"] == "":
+        return "completes"
+    return f"misses ({', '.join(missed)})" if missed else "meets"
+
+
+def run_points(*, D=768, K=1, dtype=torch.bfloat16, divide=1, impls=None, repeats=10, device="cuda",
+               points=POINTS, progress=True, log=print):
+    """Measure every (point, implementation); returns the rows (dicts with the keys of ``COLUMNS``)."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    env = bench.environment(device)
+    stated = divide == 1 and D == 768 and K == 1 and dtype == torch.bfloat16  # where the targets apply
+    work = [(p, impl) for p in points for impl in (impls or p[4])]
+    rows, compiled = [], {}
+    bar = tqdm(total=len(work), desc="bench targets", unit="pt", disable=not progress, dynamic_ncols=True,
+               file=sys.stderr)
+    if log is print:
+        log = bar.write
+    for (name, what, B, shuffle, _, target_ms, target_mib, once), impl in work:
+        B = max(2, B // divide)
+        bar.set_postfix_str(f"{name}: {impl} B={B}")
+        meter = bench.memory_meter(impl, device)
+        row = dict(env, point=name, target_ms="" if target_ms is None or not stated else target_ms,
+                   target_mib="" if target_mib is None or not stated else target_mib, what=what, impl=impl,
+                   label=bench.LABELS[impl], B=B, D=D, Dt=D, K=K, dtype=str(dtype).replace("torch.", ""),
+                   shuffle="" if what == "contrastive" else shuffle, memory_kind=meter.kind)
+        inputs = None
+        try:
+            fn = bench.loss_function(impl, what, shuffle, device, compiled)
+            inputs = bench.make_inputs(B, D, D, K, dtype, device)
+            if once:
+                seconds, peak, n, loss = _measure_once(fn, inputs, meter, device)
+            else:
+                seconds, peak, n, loss = bench._measure_point(fn, inputs, meter, device, repeats, time_cap=10.0)
+            inputs = None
+            bench._release(device)
+            gemm = bench.time_gemms(B, bench.gemm_shapes(what, impl, D, D, K), dtype, device, 3 if once else repeats)
+        except bench.Unavailable as why:
+            row["status"] = str(why)
+        except Exception as err:  # noqa: BLE001 - recorded, the run goes on
+            row["status"] = "OOM" if bench.is_oom(err) else "error"
+            row["note"] = bench._describe(err)
+        else:
+            row.update(status=bench.OK, time_ms=f"{seconds * 1e3:.4g}", peak_mem_mib=f"{peak / MIB:.4g}",
+                       repeats=n, loss=f"{loss:.6g}", gemm_ms=f"{gemm * 1e3:.4g}", ratio_to_gemm=f"{seconds / gemm:.3g}",
+                       note=meter.note)
+        finally:
+            del inputs
+            bench._release(device)
+        rows.append(row)
+        log(f"  {name:<28} {impl:<10} B={B:<8} " + (
+            f"{float(row['time_ms']):>10.4g} ms {float(row['peak_mem_mib']):>10.4g} MiB  {verdict(row)}"
+            if row["status"] == bench.OK else f"{row['status']} {row.get('note', '')}"))
+        bar.update(1)
+    bar.close()
+    return rows
+
+
+def markdown_table(rows):
+    if not rows:
+        return "(no results)\n"
+    first = rows[0]
+    lines = ["# distillcse bench targets", "",
+             f"- device: {first['device_name']} ({first['device']})",
+             f"- D = Dt = {first['D']}, K = {first['K']}, {first['dtype']}; torch {first['torch']}, "
+             f"triton {first['triton']}, python {first['python']}, commit {first['commit']}, {first['timestamp']}",
+             f"- peak memory: {first['memory_kind']}, the gradients of z1 and z2 included, the inputs not", "",
+             "| point | implementation | B | target | time, ms | cuBLAS fwd GEMMs, ms | x GEMMs | peak extra, MiB | verdict |",
+             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        target = ", ".join(part for part in (f"{r['target_ms']:g} ms" if r["target_ms"] != "" else "",
+                                             f"{r['target_mib']:g} MiB" if r["target_mib"] != "" else "") if part)
+        ok = r["status"] == bench.OK
+        if not target:
+            target = "completes" if r["point"] == ONE_STEP_POINT else "(not at these settings)"
+        cells = [r["point"], r["label"], f"{r['B']:,}", target,
+                 r["time_ms"] if ok else "", r["gemm_ms"] if ok else "", r["ratio_to_gemm"] if ok else "",
+                 r["peak_mem_mib"] if ok else "", verdict(r) + ("" if ok or not r.get("note") else f": {r['note']}")]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def add_targets_arguments(p):
+    p.add_argument("--D", type=int, default=768, help="student and teacher width (default: 768)")
+    p.add_argument("--K", type=int, default=1, help="teacher components (default: 1)")
+    p.add_argument("--dtype", choices=bench.DTYPES, default=None,
+                   help="embedding dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--divide", type=int, default=1, help="divide every batch size by this (default: 1)")
+    p.add_argument("--impl", nargs="+", choices=bench.IMPLS, default=None, metavar="IMPL",
+                   help="these implementations at every point (default: each point's own)")
+    p.add_argument("--skip-million", action="store_true", help="leave out the million-row point")
+    p.add_argument("--repeats", type=int, default=10, help="timed steps per point (default: 10)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--out", default=None, help="output folder (default: benchmarks/results/<timestamp>-targets)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_targets(args, log=print):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.divide < 1 or args.D < 1 or args.K < 1 or args.repeats < 1:
+        raise SystemExit("--divide, --D, --K and --repeats must be positive")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    points = tuple(p for p in POINTS if not (args.skip_million and p[7]))
+    out = args.out or bench.default_out_dir("-targets")
+    os.makedirs(out, exist_ok=True)
+    log(f"distillcse bench targets on {bench.device_name(device)}: D = Dt = {args.D}, K = {args.K}, "
+        f"{str(dtype).replace('torch.', '')}, batch sizes / {args.divide}")
+    rows = run_points(D=args.D, K=args.K, dtype=dtype, divide=args.divide, impls=args.impl, repeats=args.repeats,
+                      device=device, points=points, progress=not args.no_progress, log=log)
+    csv_path, md_path = os.path.join(out, "targets.csv"), os.path.join(out, "targets.md")
+    bench.write_csv(rows, csv_path, COLUMNS)
+    table = markdown_table(rows)
+    with open(md_path, "w") as f:
+        f.write(table)
+    log("")
+    log(table)
+    log(f"wrote {csv_path}, {md_path}")
+    return rows, out

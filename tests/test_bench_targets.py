@@ -1,0 +1,54 @@
+"""``distillcse bench targets`` at tiny sizes on the CPU (through the CLI entry), and its verdicts."""
+import csv
+import os
+
+import pytest
+
+from distillcse.__main__ import main
+from distillcse.bench_targets import COLUMNS, ONE_STEP_POINT, POINTS, markdown_table, verdict
+
+
+def test_targets_cli_writes_well_formed_files(tmp_path):
+    out = tmp_path / "targets"
+    main(["bench", "targets", "--divide", "4096", "--D", "16", "--impl", "torch", "plain", "--repeats", "2",
+          "--device", "cpu", "--no-progress", "--out", str(out)])
+    with open(out / "targets.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == COLUMNS
+        rows = list(reader)
+    assert [(r["point"], r["impl"]) for r in rows] == [(p[0], i) for p in POINTS for i in ("torch", "plain")]
+    assert [int(r["B"]) for r in rows[::2]] == [max(2, p[2] // 4096) for p in POINTS]
+    for r in rows:
+        assert r["status"] == "ok" and r["device"] == "cpu" and r["commit"] and r["timestamp"]
+        assert float(r["time_ms"]) > 0 and float(r["gemm_ms"]) > 0 and float(r["peak_mem_mib"]) > 0
+        assert r["target_ms"] == r["target_mib"] == ""  # scaled run: no verdict against the targets
+        assert verdict(r) == ("completes" if r["point"] == ONE_STEP_POINT else "measured")
+    assert rows[-1]["repeats"] == "1"  # the million-row point is one step
+    table = (out / "targets.md").read_text()
+    assert table.count("\n| ") == 2 + len(rows) and "(not at these settings)" in table
+    assert os.path.getsize(out / "targets.csv") > 0
+
+
+def _row(time_ms, mib, target_ms=150.0, target_mib=256.0, status="ok", point="full loss, shuffle expected"):
+    return dict(point=point, status=status, time_ms=str(time_ms), peak_mem_mib=str(mib),
+                target_ms=target_ms, target_mib=target_mib)
+
+
+@pytest.mark.parametrize("row,expected", [
+    (_row(149.0, 255.0), "meets"),
+    (_row(151.0, 255.0), "misses (time)"),
+    (_row(149.0, 257.0), "misses (memory)"),
+    (_row(151.0, 257.0), "misses (time, memory)"),
+    (_row(0.2, 1.0, target_ms=0.3, target_mib=""), "meets"),
+    (_row(1.0, 1.0, status="OOM"), "OOM"),
+    (_row(9e4, 9e3, target_ms="", target_mib="", point=ONE_STEP_POINT), "completes"),
+])
+def test_verdict(row, expected):
+    assert verdict(row) == expected
+
+
+def test_table_shows_errors_with_their_note():
+    rows = [dict(_row(1.0, 1.0, status="error"), note="RuntimeError: boom", label="x", B=64, device_name="d",
+                 device="cuda", D=768, K=1, dtype="bfloat16", torch="t", triton="t", python="p", commit="c",
+                 timestamp="s", memory_kind="m", time_ms="", gemm_ms="", ratio_to_gemm="", peak_mem_mib="")]
+    assert "| error: RuntimeError: boom |" in markdown_table(rows)
