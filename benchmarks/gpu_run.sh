@@ -1,39 +1,54 @@
 #!/usr/bin/env bash
-# GPU checks in two device calls (each under the tool's 10 minutes), results under $OUT:
-#   bash benchmarks/gpu_run.sh tests              install, GPU test suite (bf16/fp16 included), verify table
-#   bash benchmarks/gpu_run.sh bench [MAX_BATCH]  install, `distillcse bench memory` for the full loss
-#                                                 (shuffle expected and random) and the contrastive term
-#   bash benchmarks/gpu_run.sh train              install, `distillcse train` of a 3-layer MiniLM student, one
-#                                                 epoch of 40k sentences, DistillCSE and SimCSE; `bench train`
-#                                                 (first, here: python benchmarks/pack_carry.py; carry .carry)
+# GPU checks, one device call each (the device tool: <= 10 min a command, 15 min of device time a
+# task, at most 8 files back, so each mode leaves a few flat files in $OUT):
+#   bash benchmarks/gpu_run.sh check   (~9 min; run it first, with timeout_s 570)
+#       1. `distillcse bench targets`: the headline figures (B = 64, 65,536, 2^20) against their targets
+#       2. the test suite on the GPU (bf16/fp16/fp32; 8 pytest-xdist workers, as the first launch of
+#          every kernel variant JIT-compiles; the training tests skip there: no MiniLM package)
+#       3. `distillcse verify` (bf16/fp16/fp32 table)
+#   bash benchmarks/gpu_run.sh sweep   (~5 min) `bench memory` sweeps for the README's plots, packed
+#   bash benchmarks/gpu_run.sh train   (~8 min) `distillcse train` of a 3-layer MiniLM student (DistillCSE
+#       and SimCSE, 40k sentences) and `bench train`; first, here: python benchmarks/pack_carry.py; carry .carry
+# Each stage has its own time limit, so a slow one costs its limit and the rest still run.
+# The working tree travels without .git: pass the commit, `DISTILLCSE_COMMIT=$(git rev-parse --short HEAD)`
+# written out in the device command, and every result row records it.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-MODE=${1:-tests}
-MAX_BATCH=${2:-65536}
-python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/gpu.txt"
+MODE=${1:-check}
+stage() {  # stage SECONDS LOG COMMAND...: run with a time limit, output to LOG and the console
+  local limit=$1 log=$2; shift 2
+  echo "== $(date +%T) $* (limit ${limit}s)" | tee -a "$OUT/$log"
+  timeout "$limit" "$@" 2>&1 | tee -a "$OUT/$log" | tail -n 40
+  local rc=${PIPESTATUS[0]}
+  echo "== exit $rc$([ "$rc" = 124 ] && echo ' (time limit)') ($(date +%T))" | tee -a "$OUT/$log"
+}
+python3 -m pip install -q --no-deps --no-build-isolation -e . > /tmp/install.log 2>&1 || { cat /tmp/install.log; exit 1; }
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  echo "commit ${DISTILLCSE_COMMIT:-unknown}"; } | tee "$OUT/gpu.txt"
 case "$MODE" in
-  tests)
-    timeout 420 python3 -m pytest -q -x tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 25
-    timeout 150 python3 -m distillcse verify 2>&1 | tee "$OUT/verify_gpu.txt"
+  check)
+    stage 200 targets.log python3 -m distillcse bench targets --no-progress --out "$OUT"
+    stage 260 pytest_gpu.log python3 -m pytest -q -rf -n 8 --timeout 200 --durations=20 -p no:cacheprovider tests
+    stage 60 verify_gpu.txt python3 -m distillcse verify
     ;;
-  bench)
-    for run in full:expected full:random contrastive:expected; do
-      timeout "${BENCH_TIMEOUT:-170}" python3 -m distillcse bench memory --what "${run%%:*}" --shuffle "${run##*:}" \
-        --max-batch "$MAX_BATCH" --no-progress --out "$OUT/${run/:/_}" 2>&1 | tail -n 30
+  sweep)
+    for run in full:random full:expected contrastive:random; do
+      stage 90 sweep.log python3 -m distillcse bench memory --what "${run%%:*}" --shuffle "${run##*:}" \
+        --max-batch "${MAX_BATCH:-262144}" --time-cap 10 --repeats 5 --no-progress --out "/tmp/sweep/${run/:/_}"
     done
+    tar -czf "$OUT/sweep.tgz" -C /tmp sweep
     ;;
   train)
     export DISTILLCSE_MINILM=$PWD/.carry/minilm DISTILLCSE_STS_DIR=$PWD/.carry/sts
     for run in distillcse:1 simcse:0; do
-      timeout 200 python3 -m distillcse train --out "$OUT/train_${run%%:*}" --student-layers 3 \
-        --sentences .carry/sentences.txt --distill-weight "${run##*:}" --eval-every 125 --no-progress 2>&1 | tail -n 15
+      stage 200 train.log python3 -m distillcse train --out "/tmp/train/${run%%:*}" --student-layers 3 \
+        --sentences .carry/sentences.txt --distill-weight "${run##*:}" --eval-every 125 --no-progress
     done
-    timeout 150 python3 -m distillcse bench train --sentences .carry/sentences.txt --no-progress \
-      --out "$OUT/bench_train" 2>&1 | tail -n 20
+    stage 120 train.log python3 -m distillcse bench train --sentences .carry/sentences.txt --no-progress \
+      --out /tmp/train/bench_train
+    tar -czf "$OUT/train.tgz" --exclude='*.pt' --exclude='*.safetensors' --exclude='*.bin' -C /tmp train
     ;;
-  *) echo "usage: bash benchmarks/gpu_run.sh tests | bench [MAX_BATCH] | train"; exit 2 ;;
+  *) echo "usage: bash benchmarks/gpu_run.sh check | sweep | train"; exit 2 ;;
 esac

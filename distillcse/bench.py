@@ -162,16 +162,18 @@ def plain_distillcse_loss(z1, z2, teachers, *, temperature=0.05, distill_weight=
 # --------------------------------------------------------------------------------------------
 
 def git_commit():
-    """Short commit of the checkout this package runs from, "+dirty" with local changes."""
+    """Short commit of the checkout this package runs from, "+dirty" with local changes; outside
+    a git checkout (a copied tree) ``$DISTILLCSE_COMMIT``, else "unknown"."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    fallback = os.environ.get("DISTILLCSE_COMMIT", "unknown")
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                              text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
+        return fallback
+    return (sha + ("+dirty" if dirty else "")) if sha else fallback
 
 
 def cpu_name():

@@ -19,7 +19,8 @@ timed steps), except the million-row point: one step, timed and metered at once 
 were compiled at 65,536). Beside each time: the bare cuBLAS forward GEMMs of the same shapes
 (``z1 z2^T``; ``z1 z1^T`` and ``T T^T`` for the distillation) and the ratio. An implementation
 that runs out of memory or fails is recorded so and the run goes on. Results: ``targets.csv``
-(device, versions, commit and time stamp on every row) and ``targets.md`` in ``--out``.
+(device, versions, commit and time stamp on every row) and ``targets.md`` in ``--out``,
+rewritten after every point.
 """
 import os
 import sys
@@ -74,8 +75,10 @@ def verdict(row):
 
 
 def run_points(*, D=768, K=1, dtype=torch.bfloat16, divide=1, impls=None, repeats=10, device="cuda",
-               points=POINTS, progress=True, log=print):
-    """Measure every (point, implementation); returns the rows (dicts with the keys of ``COLUMNS``)."""
+               points=POINTS, progress=True, log=print, on_rows=None):
+    """Measure every (point, implementation); returns the rows (dicts with the keys of ``COLUMNS``).
+    ``on_rows(rows)`` is called after each one (the files are rewritten: a run stopped midway keeps
+    what it measured)."""
     from tqdm.auto import tqdm
 
     device = torch.device(device)
@@ -119,6 +122,8 @@ def run_points(*, D=768, K=1, dtype=torch.bfloat16, divide=1, impls=None, repeat
             del inputs
             bench._release(device)
         rows.append(row)
+        if on_rows is not None:
+            on_rows(rows)
         log(f"  {name:<28} {impl:<10} B={B:<8} " + (
             f"{float(row['time_ms']):>10.4g} ms {float(row['peak_mem_mib']):>10.4g} MiB  {verdict(row)}"
             if row["status"] == bench.OK else f"{row['status']} {row.get('note', '')}"))
@@ -176,14 +181,16 @@ def run_targets(args, log=print):
     os.makedirs(out, exist_ok=True)
     log(f"distillcse bench targets on {bench.device_name(device)}: D = Dt = {args.D}, K = {args.K}, "
         f"{str(dtype).replace('torch.', '')}, batch sizes / {args.divide}")
-    rows = run_points(D=args.D, K=args.K, dtype=dtype, divide=args.divide, impls=args.impl, repeats=args.repeats,
-                      device=device, points=points, progress=not args.no_progress, log=log)
     csv_path, md_path = os.path.join(out, "targets.csv"), os.path.join(out, "targets.md")
-    bench.write_csv(rows, csv_path, COLUMNS)
-    table = markdown_table(rows)
-    with open(md_path, "w") as f:
-        f.write(table)
+
+    def write(rows):
+        bench.write_csv(rows, csv_path, COLUMNS)
+        with open(md_path, "w") as f:
+            f.write(markdown_table(rows))
+
+    rows = run_points(D=args.D, K=args.K, dtype=dtype, divide=args.divide, impls=args.impl, repeats=args.repeats,
+                      device=device, points=points, progress=not args.no_progress, log=log, on_rows=write)
     log("")
-    log(table)
+    log(markdown_table(rows))
     log(f"wrote {csv_path}, {md_path}")
     return rows, out
