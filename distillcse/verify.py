@@ -50,7 +50,7 @@ def verify(device=None, sizes=(37, 130), dtypes=None, out=print):
     """Prints a table and returns its rows (dicts). Raises nothing on a mismatch: read the table."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtypes is None:
-        dtypes = [torch.float32] + ([torch.bfloat16, torch.float16] if device.type == "cuda" else [])
+        dtypes = [torch.float32, torch.bfloat16, torch.float16]
     rows = []
     header = f"{'backend':8} {'dtype':9} {'B':>5} {'shuffle':9} {'loss':>12} {'rel.err loss':>12} {'grad z1':>9} {'grad z2':>9} {'grad hn':>9} {'ms':>8}"
     out(f"distillcse verify on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}")
