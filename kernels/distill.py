@@ -623,13 +623,16 @@ def slab_rows(B: int, budget_bytes: int, bytes_per_entry: int, BM: int) -> int:
     return max(BM, min(B, budget_bytes // (B * bytes_per_entry)) // BM * BM)
 
 
+MM_OUT_DTYPE = torch.torch_version.TorchVersion(torch.__version__) >= "2.8"  # torch.mm(..., out_dtype=) on CUDA
+
+
 def _matmul_f32(a, b, k_step=64):
     """``a @ b`` accumulated and returned in fp32 (a, b in one dtype): on CUDA one cuBLAS call
-    with an fp32 output; elsewhere over ``k_step`` slices of the inner dimension, so that the
-    fp32 copies stay small (as on the GPU, no input-sized temporary)."""
+    with an fp32 output (PyTorch >= 2.8); elsewhere over ``k_step`` slices of the inner
+    dimension, so that the fp32 copies stay small (as on the GPU, no input-sized temporary)."""
     if a.dtype == torch.float32:
         return a @ b
-    if a.is_cuda:
+    if a.is_cuda and MM_OUT_DTYPE:
         return torch.mm(a, b, out_dtype=torch.float32)
     out = torch.zeros(a.shape[0], b.shape[1], device=a.device, dtype=torch.float32)
     for k0 in range(0, a.shape[1], k_step):
