@@ -10,7 +10,7 @@ import torch
 
 from . import checks, reference
 from .reference import EPS
-from .torch_backend import ContrastiveChunked, DistillChunked
+from .torch_backend import ContrastiveChunked, DistillChunked, need_grad
 
 
 def _triton_importable():
@@ -111,7 +111,8 @@ def _contrastive(z1, z2, hard_negatives, temperature, backend):
     if backend == "triton":
         from .triton_backend import contrastive
         return contrastive(z1, columns, 1.0 / temperature)
-    return ContrastiveChunked.apply(_normalize(z1), _normalize(columns), 1.0 / temperature)
+    u1, y = _normalize(z1), _normalize(columns)
+    return ContrastiveChunked.apply(u1, y, 1.0 / temperature, need_grad(u1, y))
 
 
 def _fused_setup(options):
@@ -144,7 +145,7 @@ def _distill(student, teachers, options, backend):
         rows, unit_rows = _triton_teacher(teachers, weights, student.dtype)
         return distill(student, rows, student_temperature, options, unit_rows=unit_rows)
     u = _normalize(student)
-    return DistillChunked.apply(u, _teacher_rows(teachers, weights, u.dtype), student_temperature, options)
+    return DistillChunked.apply(u, _teacher_rows(teachers, weights, u.dtype), student_temperature, options, need_grad(u))
 
 
 def distill_loss(student, teachers, *, student_temperature=0.025, teacher_temperature=0.0125,

@@ -22,7 +22,7 @@ from .kernels.distill import distill_loss_and_grad, distill_row_stats
 from .kernels.group_partition import group_means, group_thresholds, num_groups
 from .kernels.small_batch import fits, small_batch_loss
 from .reference import EPS
-from .torch_backend import DistillChunked
+from .torch_backend import DistillChunked, need_grad
 
 MAX_KERNEL_GROUPS = 64
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -147,11 +147,6 @@ class SmallBatchFused(torch.autograd.Function):
         return dz1 * g, (None if dy is None else dy * g), None, None, None
 
 
-def _need_grad(*xs):
-    """Whether autograd will ask for a gradient (``ctx.needs_input_grad`` ignores no_grad)."""
-    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
-
-
 def _kernel_dtype(t, z):
     """Teacher rows in a dtype the kernels read: their own, or z's for float64."""
     return t if t.dtype in KERNEL_DTYPES else t.to(z.dtype)
@@ -184,7 +179,7 @@ def contrastive(z1, columns, scale):
     _check_dtype(z1)
     if fits(z1.shape[0], columns.shape[0]):
         return SmallBatchFused.apply(z1, columns, None, _small_batch_args(z1, scale, 0.0, None, None, False),
-                                     _need_grad(z1, columns))
+                                     need_grad(z1, columns))
     return ContrastiveFused.apply(z1, columns, scale)
 
 
@@ -195,12 +190,12 @@ def distill(z, t, student_temperature, options, *, unit_rows):
     _check_dtype(z)
     if fits(z.shape[0]):
         args = _small_batch_args(z, 1.0, 1.0, student_temperature, options, unit_rows)
-        return SmallBatchFused.apply(z, None, _kernel_dtype(t, z), args, _need_grad(z))
+        return SmallBatchFused.apply(z, None, _kernel_dtype(t, z), args, need_grad(z))
     t, rt = _teacher(t, z, unit_rows)
     if _streams_on_torch(z, options):
         u = z.float() / z.float().norm(dim=-1, keepdim=True).clamp_min(EPS)
-        return DistillChunked.apply(u, t.float() * rt[:, None], student_temperature, options)
-    return DistillFused.apply(z, t, rt, student_temperature, options, _need_grad(z))
+        return DistillChunked.apply(u, t.float() * rt[:, None], student_temperature, options, need_grad(u))
+    return DistillFused.apply(z, t, rt, student_temperature, options, need_grad(z))
 
 
 def distillcse(z1, columns, t, cl_scale, distill_weight, student_temperature, options, *, unit_rows):
@@ -209,10 +204,10 @@ def distillcse(z1, columns, t, cl_scale, distill_weight, student_temperature, op
     _check_dtype(z1)
     if fits(z1.shape[0], columns.shape[0]):
         args = _small_batch_args(z1, cl_scale, distill_weight, student_temperature, options, unit_rows)
-        return SmallBatchFused.apply(z1, columns, _kernel_dtype(t, z1), args, _need_grad(z1, columns))
+        return SmallBatchFused.apply(z1, columns, _kernel_dtype(t, z1), args, need_grad(z1, columns))
     if _streams_on_torch(z1, options):
         return contrastive(z1, columns, cl_scale) + distill_weight * distill(
             z1, t, student_temperature, options, unit_rows=unit_rows)
     t, rt = _teacher(t, z1, unit_rows)
     return DistillCSEFused.apply(z1, columns, t, rt, cl_scale, distill_weight, student_temperature, options,
-                                 _need_grad(z1, columns))
+                                 need_grad(z1, columns))
