@@ -100,8 +100,8 @@ def _slope_guides(ax, series_points):
     for power, text in ((1, "∝ B"), (2, "∝ B²")):
         y1 = y0 * (B1 / B0) ** power
         ax.plot([B0, B1], [y0, y1], color="#999999", linewidth=0.9, linestyle=(0, (1, 3)), zorder=0)
-        ax.annotate(text, (B1, y1), textcoords="offset points", xytext=(-4, 3 if power == 1 else -10),
-                    fontsize=8, color="#888888", ha="right")
+        ax.annotate(text, (B1, y1), textcoords="offset points", xytext=(6, -3), fontsize=8, color="#888888",
+                    ha="left")  # past the last batch size, clear of the series
 
 
 def _plot(rows, column, path, *, title, ylabel, formatter, gemm=False, guides=False, ybase=10):
