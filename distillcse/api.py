@@ -4,6 +4,7 @@ Shapes: ``z1, z2`` [B, D] student embeddings of two views; ``teachers`` one tens
 a sequence of K tensors [B, D_k]; ``hard_negatives`` [B_h, D]. Every loss returns a scalar
 (float32 for half-precision inputs) that autograd differentiates w.r.t. the student inputs.
 """
+import functools
 import os
 
 import torch
@@ -125,12 +126,15 @@ def _fused_setup(options):
     return student_temperature, weights, options
 
 
-def _triton_teacher(teachers, weights, dtype):
+def _triton_teacher(teachers, weights):
     """(rows, unit_rows): one teacher's raw rows as they are (the kernels normalise on the fly,
-    no [B, Dt] copy), or K teachers' weighted unit rows side by side."""
+    no [B, Dt] copy), or K teachers' weighted unit rows side by side in the teachers' own
+    precision (float64 as float32), never the student's: the targets divide t by tau_t = 0.0125,
+    so rounding fp32 teachers' cosines to bf16 would cost them ~10%."""
     if len(teachers) == 1:
         return teachers[0], False
-    return _teacher_rows(teachers, weights, dtype), True
+    dtype = functools.reduce(torch.promote_types, (e.dtype for e in teachers))
+    return _teacher_rows(teachers, weights, torch.float32 if dtype == torch.float64 else dtype), True
 
 
 def _distill(student, teachers, options, backend):
@@ -142,7 +146,7 @@ def _distill(student, teachers, options, backend):
     student_temperature, weights, options = _fused_setup(options)
     if backend == "triton":
         from .triton_backend import distill
-        rows, unit_rows = _triton_teacher(teachers, weights, student.dtype)
+        rows, unit_rows = _triton_teacher(teachers, weights)
         return distill(student, rows, student_temperature, options, unit_rows=unit_rows)
     u = _normalize(student)
     return DistillChunked.apply(u, _teacher_rows(teachers, weights, u.dtype), student_temperature, options, need_grad(u))
@@ -186,7 +190,7 @@ def distillcse_loss(z1, z2, teachers, *, temperature=0.05, distill_weight=1.0, d
     if backend == "triton" and not distill_only:  # one fused Function: z1's gradient written once
         from .triton_backend import distillcse
         student_temperature, weights, options = _fused_setup(options)
-        rows, unit_rows = _triton_teacher(teachers, weights, z1.dtype)
+        rows, unit_rows = _triton_teacher(teachers, weights)
         columns = z2 if hard_negatives is None else torch.cat([z2, hard_negatives], dim=0)
         return distillcse(z1, columns, rows, 1.0 / temperature, distill_weight, student_temperature, options,
                           unit_rows=unit_rows)

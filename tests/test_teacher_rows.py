@@ -1,7 +1,8 @@
 """backend="triton" reads one teacher's own rows, with their inverse norms, instead of a copy
-of its unit rows (several teachers still go as their weighted unit rows side by side): against
-the float64 reference on raw rows of varied norms with an all-zero row, sliced out of a wider
-tensor, in the student's dtype or another; and no [B, Dt] tensor is ever allocated for it."""
+of its unit rows (several teachers still go as their weighted unit rows side by side, in the
+teachers' precision): against the float64 reference on raw rows of varied norms with an
+all-zero row, sliced out of a wider tensor, in the student's dtype or another; and no [B, Dt]
+tensor is ever allocated for it."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -45,6 +46,20 @@ def test_one_raw_teacher_matches_reference(shuffle, t_dtype):
     loss, grad = loss_and_grad(z, e, "triton", **kw)
     assert rel_err(loss, ref_loss, floor=1.0) < 2e-5
     assert rel_err(grad, ref_grad) < 2e-5
+
+
+@pytest.mark.parametrize("B_", [50, 130], ids=["one-program", "streaming"])
+def test_several_teachers_keep_their_precision(B_):
+    """A bf16 student with three fp32 teachers: their weighted unit rows go side by side in fp32,
+    not the student's dtype (bf16 unit rows put ~1e-3 on the loss: t / tau_t magnifies them)."""
+    g = torch.Generator().manual_seed(4)
+    z = (torch.randn(1, D, generator=g) + torch.randn(B_, D, generator=g)).to(torch.bfloat16)
+    teachers = [torch.randn(1, d, generator=g) + 0.8 * torch.randn(B_, d, generator=g) for d in (32, 24, DT)]
+    kw = dict(shuffle="expected", teacher_weights=[0.5, 0.2, 0.3])
+    ref_loss, ref_grad = loss_and_grad(z.double(), [e.double() for e in teachers], "reference", **kw)
+    loss, grad = loss_and_grad(z.to(DEVICE), [e.to(DEVICE) for e in teachers], "triton", **kw)
+    assert rel_err(loss, ref_loss, floor=1.0) < 2e-5
+    assert rel_err(grad, ref_grad) < 1e-2  # stored in bf16
 
 
 def test_one_raw_teacher_many_groups():
