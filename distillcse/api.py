@@ -149,7 +149,8 @@ def _distill(student, teachers, options, backend):
         rows, unit_rows = _triton_teacher(teachers, weights)
         return distill(student, rows, student_temperature, options, unit_rows=unit_rows)
     u = _normalize(student)
-    return DistillChunked.apply(u, _teacher_rows(teachers, weights, u.dtype), student_temperature, options, need_grad(u))
+    T = _teacher_rows(teachers, weights, u.dtype)
+    return DistillChunked.apply(u, T, student_temperature, options, need_grad(u))
 
 
 def distill_loss(student, teachers, *, student_temperature=0.025, teacher_temperature=0.0125,

@@ -116,7 +116,8 @@ def run_points(*, D=768, K=1, dtype=torch.bfloat16, divide=1, impls=None, repeat
             row["note"] = bench._describe(err)
         else:
             row.update(status=bench.OK, time_ms=f"{seconds * 1e3:.4g}", peak_mem_mib=f"{peak / MIB:.4g}",
-                       repeats=n, loss=f"{loss:.6g}", gemm_ms=f"{gemm * 1e3:.4g}", ratio_to_gemm=f"{seconds / gemm:.3g}",
+                       repeats=n, loss=f"{loss:.6g}", gemm_ms=f"{gemm * 1e3:.4g}",
+                       ratio_to_gemm=f"{seconds / gemm:.3g}",
                        note=meter.note)
         finally:
             del inputs

@@ -74,7 +74,8 @@ class DistillChunked(torch.autograd.Function):
         for rows, logits, q_tilde in DistillChunked._chunks(u, T, student_temperature, options):
             lse = torch.logsumexp(logits, dim=-1)
             if grad:
-                g = (torch.exp(logits - lse[:, None]) - q_tilde) / student_temperature  # dL/ds [R, B], 0 on the diagonal
+                # dL/ds [R, B] (0 on the diagonal, whose logit is -inf and target 0)
+                g = (torch.exp(logits - lse[:, None]) - q_tilde) / student_temperature
                 du[rows] += g @ u
                 du.addmm_(g.T, u[rows])
                 del g

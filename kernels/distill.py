@@ -34,6 +34,7 @@ every teacher-reading kernel shares); only ``j != i`` takes part. Targets
 Every scale must be positive (the running maximum of ``t`` serves both of its logsumexps).
 """
 import math
+import warnings
 
 import torch
 import triton
@@ -683,6 +684,22 @@ def _accumulate_blocks(m_dtype, fma_dots):
     return dict(BJ=128, BK=64 if m_dtype != torch.float32 else 32, BD=128, num_warps=8)
 
 
+RANDOM_TRAFFIC_WARN_BYTES = 1e14  # ~30 s of HBM traffic on an H100
+
+
+def _warn_accumulation_traffic(B, D, R, acc_bytes, budget_bytes):
+    """The random shuffle's gradient adds every slab's column side to all B rows: its traffic is
+    (B / R) B D x 2 acc_bytes, with R ~ budget / B rows a slab, so it grows as B^3 / budget.
+    Warn where that alone would take minutes."""
+    traffic = triton.cdiv(B, R) * B * D * 2 * acc_bytes
+    if traffic > RANDOM_TRAFFIC_WARN_BYTES:
+        warnings.warn(
+            f'shuffle="random" at B={B} with a {budget_bytes / 2**20:.3g} MiB chunk budget runs {triton.cdiv(B, R)} '
+            f'slabs of {R} rows, each adding to all {B} rows of the gradient: ~{traffic / 1e12:.3g} TB of memory '
+            f'traffic (it grows as B^3 / budget). Raise the budget (distillcse.set_chunk_budget) or use '
+            f'shuffle="expected" (its deterministic expectation, O(B^2 D) at any budget).', stacklevel=4)
+
+
 def _random_accumulator(x, budget_bytes):
     """(lo, slab budget) of the random shuffle's gradient. Its column side adds to every row once
     a slab, so dx accumulates in place: fp32 rows alone, 16-bit ones with an int8 ``lo`` [B, D]
@@ -770,6 +787,8 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
         lo, slab_budget = None, budget_bytes
     entry_bytes = (grad_dtype.itemsize if need_grad else 0) + (grad_dtype.itemsize if shuffle == "random" else 0)
     R = slab_rows(B, slab_budget, entry_bytes, BM)
+    if random_grad:
+        _warn_accumulation_traffic(B, D, R, x.element_size() + (0 if lo is None else 1), budget_bytes)
     if chunks is None:
         programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
         chunks = triton.cdiv(programs, triton.cdiv(R, BM))

@@ -256,6 +256,25 @@ def test_random_half_precision(dtype, device):
     assert ((dx.cpu().double() - ref_dx).norm() / ref_dx.norm()).item() < TOL[dtype] / 2
 
 
+def test_random_warns_when_its_accumulation_traffic_is_huge(device, monkeypatch):
+    """The column side's traffic, (B / R) B D x 2 x 3 bytes for fp16 rows (hi + lo), is announced
+    with the numbers and the way out; below the threshold nothing is said."""
+    import warnings
+
+    from distillcse.kernels import distill
+
+    x, rx, t, rt = _inputs(130, 96, 80, torch.float16, device, seed=1)
+    grouping = dict(group_p=0.1, group_size=None)
+    budget = 130 * 96 + 130 * 4 * 64  # lo, then slabs of 64 rows: 3 slabs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        _run_random(x, rx, t, rt, grouping, budget_bytes=budget)
+    monkeypatch.setattr(distill, "RANDOM_TRAFFIC_WARN_BYTES", 3 * 130 * 96 * 6 - 1)
+    announced = r'shuffle="random" at B=130 .* runs 3 slabs of 64 rows.*distillcse.set_chunk_budget'
+    with pytest.warns(UserWarning, match=announced):
+        _run_random(x, rx, t, rt, grouping, budget_bytes=budget)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_accumulator_sums_like_fp32(dtype, device):
     """``accumulate_slab`` over 60 slabs: the column side onto every row, each slab's own side
