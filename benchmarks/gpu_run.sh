@@ -29,8 +29,8 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . > /tmp/install.log
   echo "commit ${DISTILLCSE_COMMIT:-unknown}"; } | tee "$OUT/gpu.txt"
 case "$MODE" in
   check)
-    stage 200 targets.log python3 -m distillcse bench targets --no-progress --out "$OUT"
-    stage 260 pytest_gpu.log python3 -m pytest -q -rf -n 8 --timeout 200 --durations=20 -p no:cacheprovider tests
+    stage 240 targets.log python3 -m distillcse bench targets --no-progress --out "$OUT"
+    stage 230 pytest_gpu.log python3 -m pytest -q -rf -n 8 --timeout 200 --durations=20 -p no:cacheprovider tests
     stage 60 verify_gpu.txt python3 -m distillcse verify
     ;;
   sweep)
