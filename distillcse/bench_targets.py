@@ -62,15 +62,13 @@ def verdict(row):
     settings) or the row's status."""
     if row["status"] != bench.OK:
         return row["status"]
-    if row["target_ms"] == "" and row["target_mib"] == "" and row["point"] != ONE_STEP_POINT:
-        return "measured"
+    if row["target_ms"] == "" and row["target_mib"] == "":
+        return "completes" if row["point"] == ONE_STEP_POINT else "measured"
     missed = []
     if row["target_ms"] != "" and float(row["time_ms"]) > float(row["target_ms"]):
         missed.append("time")
     if row["target_mib"] != "" and float(row["peak_mem_mib"]) > float(row["target_mib"]):
         missed.append("memory")
-    if row["target_ms"] == "" and row["target_mib"] == "":
-        return "completes"
     return f"misses ({', '.join(missed)})" if missed else "meets"
 
 

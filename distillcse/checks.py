@@ -99,15 +99,15 @@ def check_grouping(group_p, group_size):
         if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size < 1:
             raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")
         if group_p is not None:
-            _check_mass("group_p", group_p, " (or None with group_size)")
+            _check_group_p(group_p, " (or None with group_size)")
         return None, int(group_size)
-    return _check_mass("group_p", group_p, ""), None
+    return _check_group_p(group_p, ""), None
 
 
-def _check_mass(name, value, alternative):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0 < value <= 1):
-        raise ValueError(f"{name} must be in (0, 1]{alternative}, got {value!r}")
-    return float(value)
+def _check_group_p(group_p, alternative):
+    if isinstance(group_p, bool) or not isinstance(group_p, numbers.Real) or not (0 < group_p <= 1):
+        raise ValueError(f"group_p must be in (0, 1]{alternative}, got {group_p!r}")
+    return float(group_p)
 
 
 def check_choice(name, value, choices):

@@ -52,3 +52,9 @@ def test_table_shows_errors_with_their_note():
                  device="cuda", D=768, K=1, dtype="bfloat16", torch="t", triton="t", python="p", commit="c",
                  timestamp="s", memory_kind="m", time_ms="", gemm_ms="", ratio_to_gemm="", peak_mem_mib="")]
     assert "| error: RuntimeError: boom |" in markdown_table(rows)
+
+
+@pytest.mark.parametrize("flag", ["--divide", "--D", "--K", "--repeats"])
+def test_non_positive_settings_are_a_clear_error(flag, tmp_path):
+    with pytest.raises(SystemExit, match="--divide, --D, --K and --repeats must be positive"):
+        main(["bench", "targets", flag, "0", "--device", "cpu", "--out", str(tmp_path)])

@@ -5,10 +5,9 @@ Widths >= 3 keep cosines from tying (ties may be grouped either way, by the spec
 import pytest
 import torch
 
-import distillcse
 from conftest import DEVICE, requires_triton
 from test_losses import rel_err
-from test_triton_backend import make_batch, round_trip
+from test_triton_backend import make_batch, round_trip, run
 
 hypothesis = pytest.importorskip("hypothesis")
 st = hypothesis.strategies
@@ -42,17 +41,6 @@ def _errors(loss, grads, ref_loss, ref_grads):
     return [rel_err(loss, ref_loss, floor=1.0)] + [rel_err(g, r) for g, r in zip(grads, ref_grads)]
 
 
-def _run(backend, inputs, dtype, device, kw):
-    """``run`` with the hard negatives' and z2's gradients as zeros where a term drops them."""
-    z1, z2, teachers, hard = inputs
-    leaves = [x.to(device=device, dtype=dtype).requires_grad_() for x in (z1, z2) + ((hard,) if hard is not None else ())]
-    loss = distillcse.distillcse_loss(leaves[0], leaves[1], [t.to(device=device, dtype=dtype) for t in teachers],
-                                      hard_negatives=leaves[2] if hard is not None else None, backend=backend, **kw)
-    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-    return loss.detach().double().cpu(), [torch.zeros(x.shape, dtype=torch.float64) if g is None else g.double().cpu()
-                                          for g, x in zip(grads, leaves)]
-
-
 @hypothesis.settings(max_examples=30, deadline=None, derandomize=True, database=None,
                      phases=[hypothesis.Phase.generate], suppress_health_check=list(hypothesis.HealthCheck))
 @hypothesis.given(configs())
@@ -61,12 +49,12 @@ def test_random_configurations_match_the_reference(config):
     inputs = make_batch(shape["B"], shape["D"], shape["dims"], shape["Bh"], seed=shape["seed"])
     rounded = round_trip(inputs, torch.float32)
     if kw["shuffle"] == "random":  # the torch backend draws the same shuffle for a seed (the reference its own)
-        ref = _run("torch", rounded, torch.float64, "cpu", kw)
+        ref = run("torch", rounded, torch.float64, "cpu", **kw)
         limits = [2e-5] * (len(ref[1]) + 1)
     else:
-        ref = _run("reference", rounded, torch.float64, "cpu", kw)
-        limits = [max(2e-5, 10 * e) for e in _errors(*_run("torch", inputs, torch.float32, "cpu", kw), *ref)]
+        ref = run("reference", rounded, torch.float64, "cpu", **kw)
+        limits = [max(2e-5, 10 * e) for e in _errors(*run("torch", inputs, torch.float32, "cpu", **kw), *ref)]
     if shape["B"] == 2:  # one column a row: the distillation gradient is rounding alone (test_matches_reference)
         limits = [limits[0]] + [max(e, 1e-4) for e in limits[1:]]
-    errors = _errors(*_run("triton", inputs, torch.float32, DEVICE, kw), *ref)
+    errors = _errors(*run("triton", inputs, torch.float32, DEVICE, **kw), *ref)
     assert all(e <= limit for e, limit in zip(errors, limits)), (errors, limits)
