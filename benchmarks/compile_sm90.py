@@ -58,13 +58,14 @@ SAME_DTYPES = ["bf16", "fp16", "tf32", "ieee"]
 
 
 def contrastive(B, D, dtype, teacher_dtype):
-    """InfoNCE forward and backward (kernels/contrastive.py), N = B columns (no teacher)."""
-    from distillcse.kernels.contrastive import contrastive_bwd, contrastive_fwd
+    """InfoNCE forward (the loss alone, and with dx) and dy (kernels/contrastive.py), N = B columns."""
+    from distillcse.kernels.contrastive import contrastive_bwd_dy, contrastive_fwd
 
     x, y = torch.empty(B, D, dtype=dtype), torch.empty(B, D, dtype=dtype)
     r = torch.empty(B)
-    _, lse = contrastive_fwd(x, r, y, r, 20.0)
-    contrastive_bwd(x, r, y, r, lse, 20.0, r)
+    _, stats, _ = contrastive_fwd(x, r, y, r, 20.0)  # the loss alone
+    contrastive_fwd(x, r, y, r, 20.0, r)  # with dx
+    contrastive_bwd_dy(x, r, y, r, stats, 20.0, r)
 
 
 def distill(B, D, dtype, teacher_dtype):

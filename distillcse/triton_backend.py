@@ -3,21 +3,22 @@
 
 * ``SmallBatchFused``: a batch of B <= 64 rows (``small_batch.fits``) runs its whole loss
   and gradients in one program, one launch (the streaming path would be launch-bound).
-* Larger batches stream: the contrastive term keeps O(B) row statistics (``ContrastiveFused``);
+* Larger batches stream: the contrastive term keeps O(B) row statistics (``ContrastiveFused``;
+  its forward also writes z1's gradient, the backward y's);
   the distillation term works on row slabs whose [R, B] buffers fit the chunk budget
   (``distillcse.set_chunk_budget``; ``DistillFused``); ``DistillCSEFused`` runs both and
-  writes z1's gradient once, the contrastive backward adding into the distillation's buffer.
+  writes z1's gradient once, the contrastive forward adding into the distillation's buffer.
 The random shuffle is the torch backend's for a seed. Groupings with more than
 ``MAX_KERNEL_GROUPS`` groups stream on the torch backend's row chunks.
-The distillation's gradient is computed in the forward (a random shuffle is drawn once, nothing
-is recomputed), only when autograd will need it; a backward that reuses that buffer in place
-can run once per forward.
+z1's gradient is computed in the forward (the distillation's: a random shuffle is drawn once,
+nothing is recomputed; the contrastive row side: in the loss's own pass), only when autograd
+will need it; a backward that reuses that buffer in place can run once per forward.
 """
 import torch
 from torch.autograd.function import once_differentiable
 
 from . import config
-from .kernels.contrastive import contrastive_bwd, contrastive_fwd
+from .kernels.contrastive import contrastive_bwd_dy, contrastive_fwd
 from .kernels.distill import distill_loss_and_grad, distill_row_stats
 from .kernels.group_partition import group_means, group_thresholds, num_groups
 from .kernels.small_batch import fits, small_batch_loss
@@ -44,22 +45,32 @@ def _grad_rows(grad_out, B):
     return (grad_out.float() / B).expand(B).contiguous()
 
 
+def _mean_grad_rows(x):
+    """dL/dloss_rows [B] fp32 for ``L = mean(loss_rows)`` at ``dL/dL = 1`` (a forward that
+    writes a gradient, which its backward scales by the real upstream gradient)."""
+    return torch.full((x.shape[0],), 1.0 / x.shape[0], device=x.device)
+
+
 class ContrastiveFused(torch.autograd.Function):
-    """InfoNCE over z1 [B, D] against columns y [N, D] (z2 then hard negatives)."""
+    """InfoNCE over z1 [B, D] against columns y [N, D] (z2 then hard negatives). The forward
+    also writes z1's gradient (the row side, in the same pass as the loss) when autograd will
+    need it; the backward scales it in place and computes y's."""
 
     @staticmethod
-    def forward(ctx, z1, y, scale):
+    def forward(ctx, z1, y, scale, need_grad):
         r1, ry = _inv_norms(z1), _inv_norms(y)
-        loss_rows, lse = contrastive_fwd(z1, r1, y, ry, scale)
-        ctx.save_for_backward(z1, r1, y, ry, lse)
+        loss_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, scale, _mean_grad_rows(z1) if need_grad else None)
+        ctx.save_for_backward(z1, r1, y, ry, cl_stats, dz1)
         ctx.scale = scale
         return loss_rows.mean()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
-        z1, r1, y, ry, lse = ctx.saved_tensors
-        dz1, dy = contrastive_bwd(z1, r1, y, ry, lse, ctx.scale, _grad_rows(grad_out, z1.shape[0]))
-        return dz1, dy, None
+        _take_once(ctx)
+        z1, r1, y, ry, cl_stats, dz1 = ctx.saved_tensors
+        dy = contrastive_bwd_dy(z1, r1, y, ry, cl_stats, ctx.scale, _grad_rows(grad_out, z1.shape[0]))
+        return dz1.mul_(grad_out.float()), dy, None, None
 
 
 def _distill_rows(z, r, t, rt, student_temperature, options, need_grad):
@@ -106,27 +117,31 @@ class DistillFused(torch.autograd.Function):
 
 class DistillCSEFused(torch.autograd.Function):
     """``L_cl(z1, y) + distill_weight L_kd(z1, t)``: the distillation's forward leaves dL_kd/dz1,
-    and the contrastive backward adds its own gradient into that buffer (z1's gradient is
-    written once: no second [B, D] buffer, no autograd sum)."""
+    and the contrastive forward adds its own row-side gradient into that buffer (z1's gradient
+    is written once: no second [B, D] buffer, no autograd sum); the backward scales it in place
+    and computes y's."""
 
     @staticmethod
     def forward(ctx, z1, y, t, rt, cl_scale, distill_weight, student_temperature, options, need_grad):
         r1, ry = _inv_norms(z1), _inv_norms(y)
+        B = z1.shape[0]
         kd_rows, dz_kd = _distill_rows(z1, r1, t, rt, student_temperature, options, need_grad)
-        cl_rows, lse = contrastive_fwd(z1, r1, y, ry, cl_scale)
-        ctx.save_for_backward(z1, r1, y, ry, lse, dz_kd)
-        ctx.cl_scale, ctx.distill_weight = cl_scale, distill_weight
+        if need_grad:
+            cl_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, cl_scale, _mean_grad_rows(z1),
+                                                add_to=dz_kd.contiguous(), add_scale=distill_weight / B)
+        else:
+            cl_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, cl_scale)
+        ctx.save_for_backward(z1, r1, y, ry, cl_stats, dz1)
+        ctx.cl_scale = cl_scale
         return cl_rows.mean() + distill_weight * kd_rows.mean()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         _take_once(ctx)
-        z1, r1, y, ry, lse, dz_kd = ctx.saved_tensors
-        B = z1.shape[0]
-        dz1, dy = contrastive_bwd(z1, r1, y, ry, lse, ctx.cl_scale, _grad_rows(grad_out, B),
-                                  add_to=dz_kd.contiguous(), add_scale=grad_out.float() * (ctx.distill_weight / B))
-        return dz1, dy, None, None, None, None, None, None, None
+        z1, r1, y, ry, cl_stats, dz1 = ctx.saved_tensors
+        dy = contrastive_bwd_dy(z1, r1, y, ry, cl_stats, ctx.cl_scale, _grad_rows(grad_out, z1.shape[0]))
+        return dz1.mul_(grad_out.float()), dy, None, None, None, None, None, None, None
 
 
 class SmallBatchFused(torch.autograd.Function):
@@ -180,7 +195,7 @@ def contrastive(z1, columns, scale):
     if fits(z1.shape[0], columns.shape[0]):
         return SmallBatchFused.apply(z1, columns, None, _small_batch_args(z1, scale, 0.0, None, None, False),
                                      need_grad(z1, columns))
-    return ContrastiveFused.apply(z1, columns, scale)
+    return ContrastiveFused.apply(z1, columns, scale, need_grad(z1, columns))
 
 
 def distill(z, t, student_temperature, options, *, unit_rows):

@@ -33,11 +33,16 @@ def _rel(out, ref):
 
 
 def _check(x, y, grad_rows, tol):
-    from distillcse.kernels.contrastive import contrastive_bwd, contrastive_fwd
+    from distillcse.kernels.contrastive import contrastive_bwd_dy, contrastive_fwd
 
     rx, ry = _inv_norm(x), _inv_norm(y)
-    loss, lse = contrastive_fwd(x, rx, y, ry, SCALE)
-    dx, dy = contrastive_bwd(x, rx, y, ry, lse, SCALE, grad_rows)
+    loss, stats, dx = contrastive_fwd(x, rx, y, ry, SCALE, grad_rows)
+    loss_only, stats_only, no_dx = contrastive_fwd(x, rx, y, ry, SCALE)
+    assert no_dx is None
+    for name, a, b in (("loss_rows", loss_only, loss), ("stats", stats_only, stats)):  # the same sums, dx or not
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"{name} without dx")
+    lse = stats[0]
+    dy = contrastive_bwd_dy(x, rx, y, ry, stats, SCALE, grad_rows)
     refs = _reference(x, y, SCALE, grad_rows)
     dtypes = (torch.float32, torch.float32, x.dtype, x.dtype)
     for name, out, ref, dtype in zip(("loss_rows", "lse", "dx", "dy"), (loss, lse, dx, dy), refs, dtypes):
@@ -49,7 +54,7 @@ def _check(x, y, grad_rows, tol):
 
 def _views(B, n_hard, D, dtype, device, seed=0, noise=3.0):
     """Positives z1 + noise * N(0, 1): noise 3 puts cos(z1_i, z2_i) near 0.3, so the losses are
-    O(1); near-perfect positives make lse - c_ii (and P_ii - 1) ill-conditioned in fp32."""
+    O(1) (``test_near_perfect_positives`` takes small noise)."""
     gen = torch.Generator().manual_seed(seed)
     z1 = torch.randn(B, D, generator=gen)
     y = torch.cat([z1 + noise * torch.randn(B, D, generator=gen), torch.randn(n_hard, D, generator=gen)])
@@ -85,6 +90,15 @@ def test_grad_rows_magnitude(grad_scale, dtype, device):
     B = 37
     x, y = _views(B, 23, 48, dtype, device, seed=7)
     _check(x, y, torch.full((B,), grad_scale / B, device=device), TOL[dtype])
+
+
+@pytest.mark.parametrize("noise", [0.3, 0.01])
+def test_near_perfect_positives(noise, device):
+    """Losses of ~3e-6 (P_ii = 1 - 3e-6): loss_i = -log P_ii and the gradients' P_ii - 1 come from
+    the off-diagonal sum, not as a difference from 1 (which left 1e-2 relative errors in fp32)."""
+    B = 130
+    x, y = _views(B, 23, 96, torch.float32, device, seed=10, noise=noise)
+    _check(x, y, torch.full((B,), 1.0 / B, device=device), 5e-5)
 
 
 def test_feature_stride_not_one(device):
@@ -130,11 +144,11 @@ def test_output_blocks(n_out, dtype, monkeypatch, device):
 
     def config(D, dtype):
         cfg, blocks = default(D, dtype), dict(BD_OUT=16, N_OUT=n_out)
-        return dict(cfg, dx=dict(cfg["dx"], **blocks), dy=dict(cfg["dy"], **blocks))
+        return dict(cfg, fwd_grad=dict(cfg["fwd_grad"], **blocks), dy=dict(cfg["dy"], **blocks))
 
     monkeypatch.setattr(C, "_config", config)
     B, D = 37, 100
-    assert C._feature_splits(D, config(D, dtype)["dx"]) >= 2
+    assert C._feature_splits(D, config(D, dtype)["fwd_grad"]) >= 2
     x, y = _views(B, 23, D, dtype, device, seed=8)
     grad_rows = torch.randn(B, generator=torch.Generator().manual_seed(9)).to(device)
     _check(x, y, grad_rows, TOL[dtype])
@@ -158,43 +172,44 @@ def test_output_block_choice(D, max_block, max_blocks, expected):
     assert (blocks["BD_OUT"], blocks["N_OUT"], _feature_splits(D, blocks)) == expected
 
 
-@pytest.mark.parametrize("dtype, matmul_precision, n_out", [
-    (torch.bfloat16, "highest", 3), (torch.float16, "highest", 3),
-    (torch.float32, "high", 3), (torch.float32, "highest", 1),
+@pytest.mark.parametrize("dtype, matmul_precision, n_out, narrow", [
+    (torch.bfloat16, "highest", 3, (64, 64, 64)), (torch.float16, "highest", 3, (64, 64, 64)),
+    (torch.float32, "high", 3, (32, 32, 64)), (torch.float32, "highest", 1, (32, 32, 32)),
 ])
-def test_gpu_config_at_768(dtype, matmul_precision, n_out, monkeypatch):
-    """The GPU launch configuration (pure Python, checked without a GPU): one 64 x 64 x 128
-    logits tile for all three kernels; at D = 768 two feature splits of 3 x 128 (7
-    GEMM-equivalents for forward + backward), and one block of 128 for fp32 "ieee" dots."""
+def test_gpu_config_at_768(dtype, matmul_precision, n_out, narrow, monkeypatch):
+    """The GPU launch configuration (pure Python, checked without a GPU): 64-row programs and
+    one K-chunk (128) everywhere; 16-bit inputs share the 64 x 64 logits tile, fp32 streams 32
+    columns in the dx-writing forward and 32 rows in dy (dy's own rows: 32 with "ieee" dots);
+    at D = 768 two feature splits of 3 x 128 (6 GEMM-equivalents for forward + backward), and
+    one block of 128 for fp32 "ieee" dots."""
     import distillcse.kernels.contrastive as C
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: matmul_precision)
     cfg = C._config(768, dtype)
-    tile = {k: cfg["fwd"][k] for k in ("BM", "BN", "BD")}
-    assert tile == dict(BM=64, BN=64, BD=128)
-    for kernel in ("dx", "dy"):
-        assert {k: cfg[kernel][k] for k in tile} == tile, "the backward must rebuild the forward's logits"
+    assert {k: cfg["fwd"][k] for k in ("BM", "BN", "BD")} == dict(BM=64, BN=64, BD=128)
+    assert cfg["fwd_grad"]["BM"] == 64
+    assert (cfg["fwd_grad"]["BN"], cfg["dy"]["BM"], cfg["dy"]["BN"]) == narrow  # streamed, streamed, own rows
+    for kernel in ("fwd_grad", "dy"):
+        assert cfg[kernel]["BD"] == 128, "one K-chunk: the dy kernel sums the logits as the forward did"
         assert (cfg[kernel]["BD_OUT"], cfg[kernel]["N_OUT"]) == (128, n_out)
-    assert C._feature_splits(768, cfg["dx"]) == (2 if n_out == 3 else 6)
+    assert C._feature_splits(768, cfg["fwd_grad"]) == (2 if n_out == 3 else 6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_dx_adds_another_gradient_in_place(dtype, device):
     """``add_to``: dx is written into the given tensor as dx + add_scale * its values."""
-    from distillcse.kernels.contrastive import contrastive_bwd, contrastive_fwd
+    from distillcse.kernels.contrastive import contrastive_fwd
 
     B, D = 37, 200
     x, y = _views(B, 23, D, dtype, device, seed=2)
     rx, ry = _inv_norm(x), _inv_norm(y)
-    _, lse = contrastive_fwd(x, rx, y, ry, SCALE)
     grad_rows = torch.full((B,), 1.0 / B, device=device)
-    dx, dy = contrastive_bwd(x, rx, y, ry, lse, SCALE, grad_rows)
+    loss, _, dx = contrastive_fwd(x, rx, y, ry, SCALE, grad_rows)
     other = torch.randn(B, D, generator=torch.Generator().manual_seed(3)).to(device, dtype) * dx.double().abs().max().item()
     want = dx.double() + 0.3 * other.double()
     buffer = other.clone()
-    dx_sum, dy_again = contrastive_bwd(x, rx, y, ry, lse, SCALE, grad_rows, add_to=buffer,
-                                       add_scale=torch.tensor([0.3], device=device))
+    loss_again, _, dx_sum = contrastive_fwd(x, rx, y, ry, SCALE, grad_rows, add_to=buffer, add_scale=0.3)
     assert dx_sum.data_ptr() == buffer.data_ptr()
-    assert torch.equal(dy_again, dy)
+    assert torch.equal(loss_again, loss)
     assert _rel(dx_sum, want) <= (1e-6 if dtype == torch.float32 else 2e-3)

@@ -144,14 +144,40 @@ def test_one_program_and_streaming_paths_agree(shuffle, monkeypatch):
         assert rel_err(g, sg) < 2e-5
 
 
-def test_backward_twice_is_a_clear_error():
+def _streamed_losses(z1, z2, teacher, backend):
+    """The three public losses on a batch that streams (B > 64), by name."""
+    return {
+        "contrastive": distillcse.contrastive_loss(z1, z2, backend=backend),
+        "distill": distillcse.distill_loss(z1, teacher, shuffle="expected", backend=backend),
+        "distillcse": distillcse.distillcse_loss(z1, z2, teacher, shuffle="expected", backend=backend),
+    }
+
+
+@pytest.mark.parametrize("name", ["contrastive", "distill", "distillcse"])
+def test_backward_twice_is_a_clear_error(name):
     """The streaming path's backward reuses its gradient buffer in place: once per forward."""
     z1, z2, teachers, _ = make_batch(70, 16, (8,))
     z1 = z1.float().to(DEVICE).requires_grad_()
-    loss = distillcse.distillcse_loss(z1, z2.float().to(DEVICE), teachers[0].float().to(DEVICE), backend="triton")
+    loss = _streamed_losses(z1, z2.float().to(DEVICE), teachers[0].float().to(DEVICE), "triton")[name]
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="once per forward"):
         loss.backward()
+
+
+@pytest.mark.parametrize("name", ["contrastive", "distill", "distillcse"])
+def test_upstream_gradient_scales_the_forward_gradient(name):
+    """The forward writes z1's gradient for dL/dloss = 1 and the backward scales it: a loss
+    weighted by -2.5 inside a larger graph gets -2.5 times it (against the torch backend)."""
+    z1, z2, teachers, _ = make_batch(70, 16, (8,))
+    grads = {}
+    for backend in ("torch", "triton"):
+        leaves = [x.float().to(DEVICE).requires_grad_() for x in (z1, z2)]
+        loss = _streamed_losses(*leaves, teachers[0].float().to(DEVICE), backend)[name]
+        (1.0 - 2.5 * loss).backward()
+        grads[backend] = [leaf.grad for leaf in leaves if leaf.grad is not None]
+    assert len(grads["triton"]) == len(grads["torch"]) >= 1
+    for ours, want in zip(grads["triton"], grads["torch"]):
+        assert rel_err(ours.double().cpu(), want.double().cpu()) < 2e-5
 
 
 @pytest.mark.parametrize("B", [40, 70])
@@ -164,6 +190,9 @@ def test_no_gradient_work_without_autograd(B, monkeypatch):
         real = getattr(triton_backend, name)
         monkeypatch.setattr(triton_backend, name,
                             lambda *a, _real=real, **k: asked.append(k["need_grad"]) or _real(*a, **k))
+    real_contrastive = triton_backend.contrastive_fwd  # its gradient: grad_rows given or not
+    monkeypatch.setattr(triton_backend, "contrastive_fwd",
+                        lambda *a, **k: asked.append(len(a) > 5) or real_contrastive(*a, **k))
     z1, z2, teachers, _ = (x.float().to(DEVICE) if torch.is_tensor(x) else x for x in make_batch(B, 16, (8,)))
     teacher = teachers[0].float().to(DEVICE)
     z1.requires_grad_()
@@ -171,6 +200,9 @@ def test_no_gradient_work_without_autograd(B, monkeypatch):
         distillcse.distillcse_loss(z1, z2, teacher, backend="triton")
     distillcse.distill_loss(z1.detach(), teacher, backend="triton")
     loss = distillcse.distillcse_loss(z1, z2, teacher, backend="triton")
-    assert asked == [False, False, True]
+    if B <= 64:  # one program a call
+        assert asked == [False, False, True]
+    else:  # the full loss streams the distillation, then the contrastive term
+        assert asked == [False, False, False, True, True]
     loss.backward()
     assert z1.grad is not None and torch.isfinite(z1.grad).all()
