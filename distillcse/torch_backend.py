@@ -40,13 +40,22 @@ class ContrastiveChunked(torch.autograd.Function):
         step = chunk_rows(B, N, 4 * u1.element_size())
         for r0 in range(0, B, step):
             rows = torch.arange(r0, min(r0 + step, B), device=u1.device)
+            diag = (torch.arange(len(rows), device=u1.device), rows)
             logits = u1[rows] @ y.T * scale  # [R, N]
-            lse = torch.logsumexp(logits, dim=-1)
-            loss_rows[rows] = lse - logits[torch.arange(len(rows)), rows]
+            positive = logits[diag]
+            row_max = logits.amax(dim=-1)
+            e = torch.exp(logits.sub_(row_max[:, None]))  # in place: [R, N] exp(s - max)
+            e_pos = e[diag]
+            e[diag] = 0.0
+            off = e.sum(-1)  # sum_{j != i} e_ij
+            total = off + e_pos
+            # -log P_ii from the off-diagonal sum: log1p while P_ii > 1/2, so small losses keep
+            # their relative precision (lse - s_ii loses it as P_ii -> 1)
+            loss_rows[rows] = torch.where(off < e_pos, torch.log1p(off / e_pos),
+                                          (row_max - positive) + torch.log(total))
             if grad:
-                d_logits = torch.exp(logits.sub_(lse[:, None]))  # softmax
-                d_logits[torch.arange(len(rows)), rows] -= 1.0
-                d_logits *= scale
+                e[diag] = -off  # P - [i == j] once divided by the total: no cancellation at P_ii ~ 1
+                d_logits = e.mul_((scale / total)[:, None])
                 du1[rows] = d_logits @ y
                 dy.addmm_(d_logits.T, u1[rows])
         ctx.save_for_backward(du1, dy)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import utils
-from .tiles import dot_tile
+from .tiles import dot_tile, log1p_unit
 from .utils import dot_precision, unit_stride_rows
 
 
@@ -41,14 +41,6 @@ def _logits_tile(
     b_rx = tl.load(rx + o_m, mask=m_m, other=0.0)
     b_ry = tl.load(ry + o_n, mask=m_n, other=0.0)
     return scale * (b_dot * b_rx[:, None] * b_ry[None, :])
-
-
-@triton.jit
-def _log1p(u):
-    """log(1 + u) for 0 <= u <= 1 to about fp32's relative precision: four terms of the series
-    below 2^-6 (error < u^4 / 5 relative), log(1 + u) above (1 + u is exact to 2^-24 there)."""
-    b_series = u * (1.0 - u * (0.5 - u * (1.0 / 3.0 - 0.25 * u)))
-    return tl.where(u < 0.015625, b_series, tl.log(1.0 + u))
 
 
 @triton.jit
@@ -126,7 +118,7 @@ def _contrastive_fwd_kernel(
     tl.store(stats + B + o_m, b_sum / b_total, mask=m_out)
     # loss_i = -log P_ii = log1p(l_i / e_ii) while P_ii > 1/2, so that small losses keep their
     # relative precision; beyond, (m_i - s_ii) + log L_i (no division by an underflowed e_ii)
-    b_loss = tl.where(b_sum < b_pos, _log1p(tl.minimum(b_sum / b_pos, 1.0)), (b_max - b_diag) + b_log_sum)
+    b_loss = tl.where(b_sum < b_pos, log1p_unit(tl.minimum(b_sum / b_pos, 1.0)), (b_max - b_diag) + b_log_sum)
     tl.store(loss + o_m, b_loss, mask=m_out)
     if GRAD:
         b_coef = scale * tl.load(g + o_m, mask=m_m, other=0.0) / b_total  # du_x = b_coef (a - l u_y_i)

@@ -32,6 +32,7 @@ import triton.language as tl
 
 from ..shuffle import ROUNDS, SMALL_DOMAIN, SMALL_DOMAIN_ROUNDS
 from .distill import SHUFFLES, _group_permutation, _mix32
+from .tiles import log1p_unit
 from .utils import dot_precision, unit_stride_rows
 
 MAX_ROWS = 64  # B and the contrastive columns N = B + B_h of a batch that fits one program
@@ -206,12 +207,20 @@ def _small_batch_kernel(
         m_pos = o_row[:, None] == o_y[None, :]
         b_lc = tl.where(m_c, b_c * cl_scale, float("-inf"))
         b_max = tl.where(m_row, tl.max(b_lc, axis=1), 0.0)
-        b_log_sum = tl.log(tl.where(m_row, tl.sum(tl.exp(b_lc - b_max[:, None]), axis=1), 1.0))
+        b_e = tl.exp(b_lc - b_max[:, None])  # [BB, BY], 0 off the valid entries
+        b_e_pos = tl.sum(tl.where(m_pos, b_e, 0.0), axis=1)  # e_ii
+        b_e = tl.where(m_pos, 0.0, b_e)
+        b_off = tl.sum(b_e, axis=1)  # l_i = sum_{j != i} e_ij
+        b_total = tl.where(m_row, b_off + b_e_pos, 1.0)
         b_pos = tl.sum(tl.where(m_pos & m_c, b_lc, 0.0), axis=1)
-        b_loss += w_cl * tl.where(m_row, (b_max - b_pos) + b_log_sum, 0.0)  # (max - positive) first
+        # -log P_ii as in contrastive.py: log1p(l_i / e_ii) while P_ii > 1/2, else (max - positive) + log L_i
+        b_cl = tl.where(b_off < b_e_pos, log1p_unit(tl.minimum(b_off / b_e_pos, 1.0)),
+                        (b_max - b_pos) + tl.log(b_total))
+        b_loss += w_cl * tl.where(m_row, b_cl, 0.0)
         if WRITE_GRAD:
-            b_C = tl.exp(b_lc - (b_max + b_log_sum)[:, None])  # P, 0 off the valid entries
-            b_C = (w_cl * cl_scale / B) * tl.where(m_pos & m_c, b_C - 1.0, b_C)  # [BB, BY]
+            # P - [i == j], the diagonal's P_ii - 1 = -l_i / L_i without cancellation
+            b_C = tl.where(m_pos, -b_off[:, None], b_e) / b_total[:, None]
+            b_C = (w_cl * cl_scale / B) * b_C  # [BB, BY]
             b_coef_x += tl.sum(b_C * b_c, axis=1)
             b_coef_y = tl.sum(b_C * b_c, axis=0) * b_ry * b_ry  # [BY]
             b_Wc = b_C * b_rx[:, None] * b_ry[None, :]

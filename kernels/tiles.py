@@ -1,4 +1,4 @@
-"""Tile helpers shared by the kernels."""
+"""Tile and maths helpers shared by the kernels."""
 import triton
 import triton.language as tl
 
@@ -23,3 +23,12 @@ def dot_tile(
         b_bt = tl.load(p_b + o_n[None, :] * s_b + o_k[:, None], mask=m_k[:, None] & m_n[None, :], other=0.0)  # [BK, BN]
         b_acc = tl.dot(b_a, b_bt, b_acc, input_precision=PRECISION)  # [BM, BK] @ [BK, BN] -> [BM, BN]
     return b_acc
+
+
+@triton.jit
+def log1p_unit(u):
+    """log(1 + u) for 0 <= u <= 1 to about fp32's relative precision (Triton has no log1p):
+    four terms of the series below 2^-6 (error < u^4 / 5 relative), log(1 + u) above (where
+    1 + u is exact to 2^-24). For a loss -log P = log1p((1 - P) / P) that stays precise as P -> 1."""
+    b_series = u * (1.0 - u * (0.5 - u * (1.0 / 3.0 - 0.25 * u)))
+    return tl.where(u < 0.015625, b_series, tl.log(1.0 + u))
