@@ -24,24 +24,35 @@ import torch
 from .reference import group_ids
 
 _M32 = 0xFFFFFFFF
+_I64_MAX = 2**63 - 1
 _GOLDEN = 0x9E3779B1
 SMALL_DOMAIN = 256  # groups smaller than this get SMALL_DOMAIN_ROUNDS Feistel rounds
 SMALL_DOMAIN_ROUNDS = 24
 ROUNDS = 12
+# group_permutation on a CPU: entries per thread in a block (ATen's grain, below which an op
+# runs on one thread); the ~7 int64 tensors of a thread's share (1.8 MB) then stay in its L2
+CPU_BLOCK_PER_THREAD = 1 << 15
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer finaliser on int64 tensors holding values in [0, 2^32) (no overflow)."""
-    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
-    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
-    return (x >> 16) ^ x
+def _mix32(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser, in place on an int64 tensor x holding values in [0, 2^32)
+    (no overflow); t is scratch of x's shape. Returns x."""
+    for _ in range(2):
+        x ^= torch.bitwise_right_shift(x, 16, out=t)
+        x *= 0x45D9F3B
+        x &= _M32
+    x ^= torch.bitwise_right_shift(x, 16, out=t)
+    return x
 
 
 def group_keys(step_seed: int, rows: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """32-bit keys (int64) of the permutations of (rows, groups), broadcast together."""
     s1, s2 = step_seed & _M32, (step_seed >> 32) & _M32
-    k = _mix32(((rows & _M32) * 0x632BE5AB + groups * 0x7FEB352D + s1) & _M32)
-    return _mix32(k ^ s2)
+    k = ((rows & _M32) * 0x632BE5AB + groups * 0x7FEB352D + s1) & _M32
+    t = torch.empty_like(k)
+    _mix32(k, t)
+    k ^= s2
+    return _mix32(k, t)
 
 
 def feistel_shape(n: torch.Tensor):
@@ -55,36 +66,69 @@ def feistel_shape(n: torch.Tensor):
     return h, b, rounds
 
 
+def _rounds(hi, lo, key, a_mask, b, rounds: range):
+    """Feistel rounds ``rounds`` on (hi, lo), in place (int64 tensors of one shape)."""
+    f, t = torch.empty_like(hi), torch.empty_like(hi)
+    for r in rounds:
+        torch.bitwise_xor(hi if r % 2 == 0 else lo, key, out=f)
+        f += r * _GOLDEN
+        f &= _M32
+        _mix32(f, t)
+        if r % 2 == 0:  # lo = (lo + f) mod a
+            lo += f
+            lo &= a_mask
+        else:  # hi = u mod b for u = hi + (f b >> 32) in [0, 2b): the smaller of u and u - b,
+            # with a negative u - b masked to a value above 2^62
+            f *= b
+            f >>= 32
+            f += hi
+            torch.sub(f, b, out=hi).bitwise_and_(_I64_MAX)
+            torch.minimum(hi, f, out=hi)
+
+
 def _feistel(x, key, h, b, rounds):
+    """The network on flat int64 tensors of one shape (``rounds``: ROUNDS or SMALL_DOMAIN_ROUNDS
+    each). Every entry has the first ROUNDS rounds; the rest run on the small domains only,
+    gathered, rather than on every entry under a mask."""
     a_mask = (1 << h) - 1
     hi, lo = x >> h, x & a_mask
-    for r in range(int(rounds.max())):
-        active = r < rounds
-        if r % 2 == 0:
-            f = _mix32(((hi ^ key) + r * _GOLDEN) & _M32)
-            lo = torch.where(active, (lo + f) & a_mask, lo)
-        else:
-            f = _mix32(((lo ^ key) + r * _GOLDEN) & _M32)
-            up = hi + ((f * b) >> 32)
-            hi = torch.where(active, torch.where(up >= b, up - b, up), hi)
-    return (hi << h) | lo
+    _rounds(hi, lo, key, a_mask, b, range(ROUNDS))
+    more = (rounds > ROUNDS).nonzero().squeeze(1)
+    if len(more) == len(x):  # small domains only (typical at B ~ 1000): no gathering
+        _rounds(hi, lo, key, a_mask, b, range(ROUNDS, SMALL_DOMAIN_ROUNDS))
+    elif len(more):
+        hi_m, lo_m = hi[more], lo[more]
+        _rounds(hi_m, lo_m, key[more], a_mask[more], b[more], range(ROUNDS, SMALL_DOMAIN_ROUNDS))
+        hi[more], lo[more] = hi_m, lo_m
+    hi <<= h
+    return hi.bitwise_or_(lo)
 
 
 def group_permutation(x: torch.Tensor, n: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """``sigma_key(x)`` for ``0 <= x < n``: a keyed pseudorandom permutation of ``[0, n)``,
-    elementwise over broadcastable int64 tensors."""
-    h, b, rounds = feistel_shape(n)
-    y = _feistel(x, key, h, b, rounds)
+    elementwise over broadcastable int64 tensors.
+
+    The network works in place on reused buffers: on a CPU, a fresh tensor per elementwise op
+    costs more (page faults) than the arithmetic. On a CPU it also runs in blocks that stay in
+    cache (elsewhere in one, as each block costs a few hundred kernel launches). Cycle walking
+    then runs on all the blocks' leftovers at once (a pass on a few entries costs about as much
+    as on a block)."""
+    x, n, key = torch.broadcast_tensors(x, n, key)
+    shape = x.shape
+    x, n, key = x.reshape(-1), n.reshape(-1), key.reshape(-1)
+    y = torch.empty_like(x)
+    block = CPU_BLOCK_PER_THREAD * torch.get_num_threads() if y.is_cpu else max(1, len(y))
+    for s in range(0, len(y), block):
+        blk = slice(s, s + block)
+        y[blk] = _feistel(x[blk], key[blk], *feistel_shape(n[blk]))
     # cycle walking, on the entries still outside [0, n) only (a b - n < a <= sqrt(n) + 1: few)
-    full = torch.broadcast_tensors(y, n, key, h, b, rounds)
-    flat = [v.reshape(-1) for v in full]
-    walk = (flat[0] >= flat[1]).nonzero().squeeze(1)
+    walk = (y >= n).nonzero().squeeze(1)
     while walk.numel():
-        y_w, n_w, key_w, h_w, b_w, rounds_w = (v[walk] for v in flat)
-        y_w = _feistel(y_w, key_w, h_w, b_w, rounds_w)
-        flat[0][walk] = y_w
+        n_w = n[walk]
+        y_w = _feistel(y[walk], key[walk], *feistel_shape(n_w))
+        y[walk] = y_w
         walk = walk[y_w >= n_w]
-    return flat[0].view(full[0].shape)
+    return y.view(shape)
 
 
 def shuffled_targets(t_rows, rows, *, teacher_temperature, grouping_temperature, group_p,
