@@ -214,8 +214,8 @@ def _small_batch_kernel(
         b_total = tl.where(m_row, b_off + b_e_pos, 1.0)
         b_pos = tl.sum(tl.where(m_pos & m_c, b_lc, 0.0), axis=1)
         # -log P_ii as in contrastive.py: log1p(l_i / e_ii) while P_ii > 1/2, else (max - positive) + log L_i
-        b_cl = tl.where(b_off < b_e_pos, log1p_unit(tl.minimum(b_off / b_e_pos, 1.0)),
-                        (b_max - b_pos) + tl.log(b_total))
+        b_ratio = tl.minimum(b_off / tl.where(b_e_pos > 0, b_e_pos, 1.0), 1.0)  # no 0 / 0 on padding rows
+        b_cl = tl.where(b_off < b_e_pos, log1p_unit(b_ratio), (b_max - b_pos) + tl.log(b_total))
         b_loss += w_cl * tl.where(m_row, b_cl, 0.0)
         if WRITE_GRAD:
             # P - [i == j], the diagonal's P_ii - 1 = -l_i / L_i without cancellation
