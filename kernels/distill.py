@@ -212,9 +212,10 @@ def _row_stats_merge_kernel(
         b_lg = (b_lg * tl.exp((b_tmax - b_tmax_ref) * grouping_scale)
                 + b_lg_g * tl.exp((b_tmax_g - b_tmax_ref) * grouping_scale))
         b_ms, b_tmax, b_tmin = b_ms_new, b_tmax_new, tl.minimum(b_tmin, b_tmin_g)
-    # A row without any valid column (B == 1) gets lse = 0 + log(0) = -inf.
+    # A row without any valid column (B == 1) gets lse = 0 + log(0) = -inf; lanes past B log 1.
     b_ms = tl.where(b_ms == float("-inf"), 0.0, b_ms)
     b_tref = tl.where(b_tmax == float("-inf"), 0.0, b_tmax)
+    b_ls, b_lt, b_lg = tl.where(m_r, b_ls, 1.0), tl.where(m_r, b_lt, 1.0), tl.where(m_r, b_lg, 1.0)
     tl.store(p_out + o_r, b_ms + tl.log(b_ls), mask=m_r)
     tl.store(p_out + B + o_r, b_tref * teacher_scale + tl.log(b_lt), mask=m_r)
     tl.store(p_out + 2 * B + o_r, b_tref * grouping_scale + tl.log(b_lg), mask=m_r)
