@@ -44,6 +44,31 @@ def _logits_tile(
 
 
 @triton.jit
+def _dot_chunk(
+    x,  # [B, D]
+    y,  # [N, D]
+    o_m, m_m,  # [BM] row offsets (int64) and mask
+    o_n, m_n,  # [BN] column offsets (int64) and mask
+    i_k, D, s_x, s_y,
+    b_dot,  # [BM, BN] fp32 partial sums
+    BD: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``b_dot + x[o_m, k] @ y[o_n, k]^T`` over feature chunk k = [i_k BD, (i_k + 1) BD).
+
+    The forward walks one loop over (column tile, chunk) pairs and finishes a tile at its last
+    chunk, rather than nesting a loop over the chunks (``dot_tile``) inside the loop over tiles:
+    compiled for sm_90a, the nest empties the software pipeline at every tile (``async_wait 0``
+    in the GPU IR), the flat loop keeps the next tile's first chunks in flight during this
+    tile's softmax and products (not timed: no GPU yet). Each logit is summed over the chunks
+    in order, as ``dot_tile`` does. The dy kernel keeps the nest: flat, it spilled 120-170 B."""
+    o_k = i_k * BD + tl.arange(0, BD)
+    m_k = o_k < D
+    b_a = tl.load(x + o_m[:, None] * s_x + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BD]
+    b_bt = tl.load(y + o_n[None, :] * s_y + o_k[:, None], mask=m_k[:, None] & m_n[None, :], other=0.0)  # [BD, BN]
+    return tl.dot(b_a, b_bt, b_dot, input_precision=PRECISION)  # [BM, BD] @ [BD, BN] -> [BM, BN]
+
+
+@triton.jit
 def _contrastive_fwd_kernel(
     x,  # [B, D] any float dtype, row stride s_x
     rx,  # [B] fp32 inverse norms
@@ -83,32 +108,40 @@ def _contrastive_fwd_kernel(
             b_acc2 = tl.zeros([BM, BD_OUT], dtype=tl.float32)
         if N_OUT > 3:
             b_acc3 = tl.zeros([BM, BD_OUT], dtype=tl.float32)
-    for i_n in range(0, N, BN):
-        o_n = i_n + tl.arange(0, BN).to(tl.int64)
+    b_rx_m = tl.load(rx + o_m, mask=m_m, other=0.0)
+    n_k = tl.cdiv(D, BD)
+    b_dot = tl.zeros([BM, BN], dtype=tl.float32)
+    for i_t in range(0, tl.cdiv(N, BN) * n_k):  # (column tile, feature chunk) pairs: see _dot_chunk
+        i_k = i_t % n_k
+        o_n = (i_t // n_k) * BN + tl.arange(0, BN).to(tl.int64)
         m_n = o_n < N
-        b_s = _logits_tile(x, rx, y, ry, o_m, m_m, o_n, m_n, D, s_x, s_y, scale, BD, PRECISION)  # [BM, BN]; 0 if masked
-        m_diag = o_m[:, None] == o_n[None, :]
-        b_diag += tl.sum(tl.where(m_diag, b_s, 0.0), 1)
-        b_max_new = tl.maximum(b_max, tl.max(tl.where(m_n[None, :], b_s, float("-inf")), 1))
-        # a row whose entries so far are all -inf keeps max -inf: subtract 0 instead (no NaN)
-        b_shift = tl.where(b_max_new == float("-inf"), 0.0, b_max_new)
-        b_alpha = tl.exp(b_max - b_shift)  # [BM] rescales what was summed against the old max
-        b_e = tl.where(m_n[None, :] & ~m_diag, tl.exp(b_s - b_shift[:, None]), 0.0)  # [BM, BN] e_ij in [0, 1]
-        b_sum = b_sum * b_alpha + tl.sum(b_e, 1)
-        b_max = b_max_new
-        if GRAD:
-            b_radial = b_radial * b_alpha + tl.sum(b_e * b_s, 1)
-            b_ry = tl.load(ry + o_n, mask=m_n, other=0.0)
-            b_acc0 = _accumulate_rows(b_acc0 * b_alpha[:, None], b_e, y, b_ry, o_n, m_n, o_d, D, s_y, False, PRECISION)
-            if N_OUT > 1:
-                b_acc1 = _accumulate_rows(b_acc1 * b_alpha[:, None], b_e, y, b_ry, o_n, m_n, o_d + BD_OUT, D, s_y,
+        b_dot = _dot_chunk(x, y, o_m, m_m, o_n, m_n, i_k, D, s_x, s_y, b_dot, BD, PRECISION)
+        if i_k == n_k - 1:
+            b_ry_n = tl.load(ry + o_n, mask=m_n, other=0.0)
+            b_s = scale * (b_dot * b_rx_m[:, None] * b_ry_n[None, :])  # [BM, BN], as _logits_tile; 0 if masked
+            b_dot = tl.zeros([BM, BN], dtype=tl.float32)
+            m_diag = o_m[:, None] == o_n[None, :]
+            b_diag += tl.sum(tl.where(m_diag, b_s, 0.0), 1)
+            b_max_new = tl.maximum(b_max, tl.max(tl.where(m_n[None, :], b_s, float("-inf")), 1))
+            # a row whose entries so far are all -inf keeps max -inf: subtract 0 instead (no NaN)
+            b_shift = tl.where(b_max_new == float("-inf"), 0.0, b_max_new)
+            b_alpha = tl.exp(b_max - b_shift)  # [BM] rescales what was summed against the old max
+            b_e = tl.where(m_n[None, :] & ~m_diag, tl.exp(b_s - b_shift[:, None]), 0.0)  # [BM, BN] e_ij in [0, 1]
+            b_sum = b_sum * b_alpha + tl.sum(b_e, 1)
+            b_max = b_max_new
+            if GRAD:
+                b_radial = b_radial * b_alpha + tl.sum(b_e * b_s, 1)
+                b_acc0 = _accumulate_rows(b_acc0 * b_alpha[:, None], b_e, y, b_ry_n, o_n, m_n, o_d, D, s_y,
                                           False, PRECISION)
-            if N_OUT > 2:
-                b_acc2 = _accumulate_rows(b_acc2 * b_alpha[:, None], b_e, y, b_ry, o_n, m_n, o_d + 2 * BD_OUT, D, s_y,
-                                          False, PRECISION)
-            if N_OUT > 3:
-                b_acc3 = _accumulate_rows(b_acc3 * b_alpha[:, None], b_e, y, b_ry, o_n, m_n, o_d + 3 * BD_OUT, D, s_y,
-                                          False, PRECISION)
+                if N_OUT > 1:
+                    b_acc1 = _accumulate_rows(b_acc1 * b_alpha[:, None], b_e, y, b_ry_n, o_n, m_n, o_d + BD_OUT, D,
+                                              s_y, False, PRECISION)
+                if N_OUT > 2:
+                    b_acc2 = _accumulate_rows(b_acc2 * b_alpha[:, None], b_e, y, b_ry_n, o_n, m_n, o_d + 2 * BD_OUT, D,
+                                              s_y, False, PRECISION)
+                if N_OUT > 3:
+                    b_acc3 = _accumulate_rows(b_acc3 * b_alpha[:, None], b_e, y, b_ry_n, o_n, m_n, o_d + 3 * BD_OUT, D,
+                                              s_y, False, PRECISION)
 
     b_pos = tl.exp(b_diag - b_max)  # e_ii
     b_total = b_sum + b_pos  # L_i
