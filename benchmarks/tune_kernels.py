@@ -28,10 +28,11 @@ import distillcse.kernels.distill as KD
 
 # The current default first, then the candidates worth timing on an H100 (bf16, D = 768),
 # with what benchmarks/compile_sm90.py reported for them (registers, spills, shared memory;
-# GRAD_CONFIGS: measured on the dx and dy kernels of session 6, before dx moved into the
-# forward); "GEMM-eq" is the predicted count of the dx-writing forward plus dy.
+# the defaults as compiled in session 7, the other rows on session 6's kernels: the forward
+# then nested its feature-chunk loop, and dx had a kernel of its own); "GEMM-eq" is the
+# predicted count of the dx-writing forward plus dy.
 FWD_CONFIGS = [
-    "64,64,128,8,3",  # default: wgmma m64n32 per warpgroup (likely shared-memory bound); 109 regs, 96 KiB
+    "64,64,128,8,3",  # default: wgmma m64n32 per warpgroup (likely shared-memory bound); 116 regs, 96 KiB
     "128,128,128,8,3",  # m64n128; 223 regs, 192 KiB
     "128,128,64,8,4",  # m64n128; 207 regs, 128 KiB
     "64,128,128,4,3",  # one warpgroup, m64n128; 239 regs, 144 KiB
