@@ -45,21 +45,23 @@ def _grad_rows(grad_out, B):
     return (grad_out.float() / B).expand(B).contiguous()
 
 
-def _mean_grad_rows(x):
-    """dL/dloss_rows [B] fp32 for ``L = mean(loss_rows)`` at ``dL/dL = 1`` (a forward that
-    writes a gradient, which its backward scales by the real upstream gradient)."""
-    return torch.full((x.shape[0],), 1.0 / x.shape[0], device=x.device)
+def _sum_grad_rows(x):
+    """dL/dloss_rows [B] fp32 = 1 for ``L = sum(loss_rows)``: a forward that writes a gradient
+    writes that of the sum, which its backward scales by ``grad_out / B`` (the mean's, already
+    times a loss scaler's factor: written at the mean's 1 / B, fp16 gradients would underflow
+    before a scaler could lift them)."""
+    return torch.ones(x.shape[0], device=x.device)
 
 
 class ContrastiveFused(torch.autograd.Function):
     """InfoNCE over z1 [B, D] against columns y [N, D] (z2 then hard negatives). The forward
-    also writes z1's gradient (the row side, in the same pass as the loss) when autograd will
-    need it; the backward scales it in place and computes y's."""
+    also writes z1's gradient (the row side, in the same pass as the loss; that of the sum of
+    the row losses) when autograd will need it; the backward scales it in place and computes y's."""
 
     @staticmethod
     def forward(ctx, z1, y, scale, need_grad):
         r1, ry = _inv_norms(z1), _inv_norms(y)
-        loss_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, scale, _mean_grad_rows(z1) if need_grad else None)
+        loss_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, scale, _sum_grad_rows(z1) if need_grad else None)
         ctx.save_for_backward(z1, r1, y, ry, cl_stats, dz1)
         ctx.scale = scale
         return loss_rows.mean()
@@ -70,7 +72,7 @@ class ContrastiveFused(torch.autograd.Function):
         _take_once(ctx)
         z1, r1, y, ry, cl_stats, dz1 = ctx.saved_tensors
         dy = contrastive_bwd_dy(z1, r1, y, ry, cl_stats, ctx.scale, _grad_rows(grad_out, z1.shape[0]))
-        return dz1.mul_(grad_out.float()), dy, None, None
+        return dz1.mul_(grad_out.float() / z1.shape[0]), dy, None, None
 
 
 def _distill_rows(z, r, t, rt, student_temperature, options, need_grad):
@@ -124,11 +126,10 @@ class DistillCSEFused(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z1, y, t, rt, cl_scale, distill_weight, student_temperature, options, need_grad):
         r1, ry = _inv_norms(z1), _inv_norms(y)
-        B = z1.shape[0]
         kd_rows, dz_kd = _distill_rows(z1, r1, t, rt, student_temperature, options, need_grad)
         if need_grad:
-            cl_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, cl_scale, _mean_grad_rows(z1),
-                                                add_to=dz_kd.contiguous(), add_scale=distill_weight / B)
+            cl_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, cl_scale, _sum_grad_rows(z1),
+                                                add_to=dz_kd.contiguous(), add_scale=distill_weight)
         else:
             cl_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, cl_scale)
         ctx.save_for_backward(z1, r1, y, ry, cl_stats, dz1)
@@ -141,7 +142,7 @@ class DistillCSEFused(torch.autograd.Function):
         _take_once(ctx)
         z1, r1, y, ry, cl_stats, dz1 = ctx.saved_tensors
         dy = contrastive_bwd_dy(z1, r1, y, ry, cl_stats, ctx.cl_scale, _grad_rows(grad_out, z1.shape[0]))
-        return dz1.mul_(grad_out.float()), dy, None, None, None, None, None, None, None
+        return dz1.mul_(grad_out.float() / z1.shape[0]), dy, None, None, None, None, None, None, None
 
 
 class SmallBatchFused(torch.autograd.Function):

@@ -33,10 +33,11 @@ def _logits_tile(
     D, s_x, s_y, scale,
     BD: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """scale * c_ij for a [BM, BN] tile, the dot accumulated over D in chunks of BD. Every
-    kernel builds its tiles here, in this orientation. The dy kernel's P_ij = exp(s_ij - lse_i)
-    then matches the forward's up to the rounding of a logit summed in another order (relative
-    ~|s| eps: no cancellation, as the diagonal's 1 - P_ii comes from the forward itself)."""
+    """scale * c_ij for a [BM, BN] tile, the dot accumulated over D in chunks of BD: the dy
+    kernel's tiles (the forward sums the same chunks in the same order through ``_dot_chunk``
+    and scales them in the same order). The dy kernel's P_ij = exp(s_ij - lse_i) then matches
+    the forward's up to the rounding of a logit summed in another order, where its tile differs
+    (relative ~|s| eps: no cancellation, as the diagonal's 1 - P_ii comes from the forward)."""
     b_dot = dot_tile(x, y, o_m, m_m, o_n, m_n, D, s_x, s_y, BD, PRECISION)  # [BM, BN]
     b_rx = tl.load(rx + o_m, mask=m_m, other=0.0)
     b_ry = tl.load(ry + o_n, mask=m_n, other=0.0)
@@ -192,7 +193,8 @@ def _contrastive_fwd_kernel(
 # CUDA-core work beside the tile's tensor-core products (~8% of their issue slots, not timed).
 # Registers bound N_OUT (measured by compiling offline for sm_90a, benchmarks/compile_sm90.py):
 # 3 or 4 accumulators of [64, 128] take 242-255 registers per thread at 8 warps without
-# spilling, while one [64, 512] accumulator spills, 16 warps spill, and one split for all of
+# spilling in the nested-loop kernels (the flat forward: 255 and 16 B of spills in bf16 / fp16,
+# results/compile-sm90/report.md), while one [64, 512] accumulator spills, 16 warps spill, and one split for all of
 # D = 768 would need [64, 768] fp32 = 48K of an SM's 64K registers. Fewer splits also mean
 # fewer programs: at D = 768 a kernel launches 2 B / 64 of them, so batches under ~4096 rows
 # do not fill an H100's 132 SMs (predicted to cost little: such batches are small). No atomics:
@@ -371,12 +373,13 @@ def _config(D: int, dtype: torch.dtype) -> dict:
 
     GPU: BD = 128 (at most D), 8 warps, 3 pipeline stages for 2-byte inputs and 2 for 4-byte
     ones (at most 128 KiB of shared memory). Output blocks of 128, as many per program as
-    compile without spilling for sm_90a (benchmarks/compile_sm90.py; not timed): 4 for bf16 /
-    fp16, 3 for fp32 with TF32 dots (4 spill), and 1 for fp32 with "ieee" dots
-    (PyTorch's default "highest" matmul precision), which run on the FMA units with register-
-    hungrier layouts. fp32 streams 32 columns in the dx-writing forward (64 spill 12 B with
-    TF32, 1.5 KB with "ieee") and 32 rows in dy (64: 44 B, 1.8 KB; "ieee" also owns 32 rows
-    there: 8 B left). All but "ieee" use wgmma. Rows whose stride is not a multiple of 16
+    compiled without spilling for sm_90a in the nested-loop kernels (benchmarks/compile_sm90.py;
+    not timed): 4 for bf16 / fp16, 3 for fp32 with TF32 dots (4 spill), and 1 for fp32 with
+    "ieee" dots (PyTorch's default "highest" matmul precision), which run on the FMA units with
+    register-hungrier layouts. fp32 streams 32 columns in the dx-writing forward (chosen on the
+    nested forward, where 64 spilled 12 B with TF32 and 1.5 KB with "ieee"; the flat one at 32:
+    TF32 44 B, "ieee" none; bf16 / fp16 at 64: 16 B) and 32 rows in dy (64: 44 B, 1.8 KB;
+    "ieee" also owns 32 rows there: 8 B left). All but "ieee" use wgmma. Rows whose stride is not a multiple of 16
     elements (D = 300, say) load element by element and spill a little in every design, the
     previous one included: not tuned, as embedding widths are multiples of 64.
     Interpreter: every block op costs Python time, so the logits tiles are large (BD up to 256),

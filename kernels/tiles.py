@@ -13,8 +13,10 @@ def dot_tile(
     BK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """``a_i . b_j`` for a [BM, BN] tile, accumulated in fp32 over K in chunks of BK
-    (masked entries are 0). Every kernel builds its tiles here, in this orientation, so a
-    backward recomputes exactly the values its forward saw."""
+    (masked entries are 0). The distillation kernels and the contrastive dy kernel build their
+    tiles here, in this orientation (the contrastive forward walks the same chunks in the same
+    order in its flat loop, ``contrastive._dot_chunk``), so a kernel that recomputes a tile sums
+    it as the first one did."""
     b_acc = tl.zeros([o_m.shape[0], o_n.shape[0]], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
@@ -28,7 +30,10 @@ def dot_tile(
 @triton.jit
 def log1p_unit(u):
     """log(1 + u) for 0 <= u <= 1 to about fp32's relative precision (Triton has no log1p):
-    four terms of the series below 2^-6 (error < u^4 / 5 relative), log(1 + u) above (where
-    1 + u is exact to 2^-24). For a loss -log P = log1p((1 - P) / P) that stays precise as P -> 1."""
+    four terms of the series below 2^-6 (error < u^4 / 5 relative), above it Goldberg's
+    ``log(w) u / (w - 1)`` with w = 1 + u rounded (the quotient undoes w's rounding, which a
+    plain log(w) would keep: up to 2^-18 relative). For a loss -log P = log1p((1 - P) / P) that
+    stays precise as P -> 1."""
     b_series = u * (1.0 - u * (0.5 - u * (1.0 / 3.0 - 0.25 * u)))
-    return tl.where(u < 0.015625, b_series, tl.log(1.0 + u))
+    w = 1.0 + u
+    return tl.where(u < 0.015625, b_series, tl.log(w) * (u / tl.where(u < 0.015625, 1.0, w - 1.0)))
