@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import utils
-from .tiles import dot_tile, log1p_unit
+from .tiles import dot_chunk, dot_tile, log1p_unit
 from .utils import dot_precision, unit_stride_rows
 
 
@@ -34,7 +34,7 @@ def _logits_tile(
     BD: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """scale * c_ij for a [BM, BN] tile, the dot accumulated over D in chunks of BD: the dy
-    kernel's tiles (the forward sums the same chunks in the same order through ``_dot_chunk``
+    kernel's tiles (the forward sums the same chunks in the same order through ``dot_chunk``
     and scales them in the same order). The dy kernel's P_ij = exp(s_ij - lse_i) then matches
     the forward's up to the rounding of a logit summed in another order, where its tile differs
     (relative ~|s| eps: no cancellation, as the diagonal's 1 - P_ii comes from the forward)."""
@@ -42,31 +42,6 @@ def _logits_tile(
     b_rx = tl.load(rx + o_m, mask=m_m, other=0.0)
     b_ry = tl.load(ry + o_n, mask=m_n, other=0.0)
     return scale * (b_dot * b_rx[:, None] * b_ry[None, :])
-
-
-@triton.jit
-def _dot_chunk(
-    x,  # [B, D]
-    y,  # [N, D]
-    o_m, m_m,  # [BM] row offsets (int64) and mask
-    o_n, m_n,  # [BN] column offsets (int64) and mask
-    i_k, D, s_x, s_y,
-    b_dot,  # [BM, BN] fp32 partial sums
-    BD: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """``b_dot + x[o_m, k] @ y[o_n, k]^T`` over feature chunk k = [i_k BD, (i_k + 1) BD).
-
-    The forward walks one loop over (column tile, chunk) pairs and finishes a tile at its last
-    chunk, rather than nesting a loop over the chunks (``dot_tile``) inside the loop over tiles:
-    compiled for sm_90a, the nest empties the software pipeline at every tile (``async_wait 0``
-    in the GPU IR), the flat loop keeps the next tile's first chunks in flight during this
-    tile's softmax and products (not timed: no GPU yet). Each logit is summed over the chunks
-    in order, as ``dot_tile`` does. The dy kernel keeps the nest: flat, it spilled 120-170 B."""
-    o_k = i_k * BD + tl.arange(0, BD)
-    m_k = o_k < D
-    b_a = tl.load(x + o_m[:, None] * s_x + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BD]
-    b_bt = tl.load(y + o_n[None, :] * s_y + o_k[:, None], mask=m_k[:, None] & m_n[None, :], other=0.0)  # [BD, BN]
-    return tl.dot(b_a, b_bt, b_dot, input_precision=PRECISION)  # [BM, BD] @ [BD, BN] -> [BM, BN]
 
 
 @triton.jit
@@ -112,11 +87,16 @@ def _contrastive_fwd_kernel(
     b_rx_m = tl.load(rx + o_m, mask=m_m, other=0.0)
     n_k = tl.cdiv(D, BD)
     b_dot = tl.zeros([BM, BN], dtype=tl.float32)
-    for i_t in range(0, tl.cdiv(N, BN) * n_k):  # (column tile, feature chunk) pairs: see _dot_chunk
+    # One loop over (column tile, feature chunk) pairs, the tile finished at its last chunk, not
+    # a chunk loop (dot_tile) nested in the tile loop: compiled for sm_90a the nest emptied the
+    # software pipeline at every tile (async_wait 0 in the GPU IR); the flat loop keeps the next
+    # tile's first chunks in flight during this tile's softmax and products (not timed). The
+    # dy kernel keeps the nest: flat, it spilled 120-170 B.
+    for i_t in range(0, tl.cdiv(N, BN) * n_k):
         i_k = i_t % n_k
         o_n = (i_t // n_k) * BN + tl.arange(0, BN).to(tl.int64)
         m_n = o_n < N
-        b_dot = _dot_chunk(x, y, o_m, m_m, o_n, m_n, i_k, D, s_x, s_y, b_dot, BD, PRECISION)
+        b_dot = dot_chunk(x, y, o_m, m_m, o_n, m_n, i_k, D, s_x, s_y, b_dot, BD, PRECISION)
         if i_k == n_k - 1:
             b_ry_n = tl.load(ry + o_n, mask=m_n, other=0.0)
             b_s = scale * (b_dot * b_rx_m[:, None] * b_ry_n[None, :])  # [BM, BN], as _logits_tile; 0 if masked
@@ -156,22 +136,21 @@ def _contrastive_fwd_kernel(
     tl.store(loss + o_m, b_loss, mask=m_out)
     if GRAD:
         b_coef = scale * tl.load(g + o_m, mask=m_m, other=0.0) / b_total  # du_x = b_coef (a - l u_y_i)
-        b_rx = tl.load(rx + o_m, mask=m_m, other=0.0)
         b_ry = tl.load(ry + o_m, mask=m_m, other=0.0)  # the positives y_i
         b_radial = (b_radial - b_sum * b_diag) / scale  # (u_x . du_x) / b_coef
         b_acc0 = b_acc0 - b_sum[:, None] * _unit_rows(y, b_ry, o_m, m_m, o_d, D, s_y)
-        _store_grad_rows(dx, b_acc0, x, b_rx, b_coef, b_radial, o_m, m_m, o_d, D, s_x, s_dx, add_scale, ADD)
+        _store_grad_rows(dx, b_acc0, x, b_rx_m, b_coef, b_radial, o_m, m_m, o_d, D, s_x, s_dx, add_scale, ADD)
         if N_OUT > 1:
             b_acc1 = b_acc1 - b_sum[:, None] * _unit_rows(y, b_ry, o_m, m_m, o_d + BD_OUT, D, s_y)
-            _store_grad_rows(dx, b_acc1, x, b_rx, b_coef, b_radial, o_m, m_m, o_d + BD_OUT, D, s_x, s_dx, add_scale,
+            _store_grad_rows(dx, b_acc1, x, b_rx_m, b_coef, b_radial, o_m, m_m, o_d + BD_OUT, D, s_x, s_dx, add_scale,
                              ADD)
         if N_OUT > 2:
             b_acc2 = b_acc2 - b_sum[:, None] * _unit_rows(y, b_ry, o_m, m_m, o_d + 2 * BD_OUT, D, s_y)
-            _store_grad_rows(dx, b_acc2, x, b_rx, b_coef, b_radial, o_m, m_m, o_d + 2 * BD_OUT, D, s_x, s_dx,
+            _store_grad_rows(dx, b_acc2, x, b_rx_m, b_coef, b_radial, o_m, m_m, o_d + 2 * BD_OUT, D, s_x, s_dx,
                              add_scale, ADD)
         if N_OUT > 3:
             b_acc3 = b_acc3 - b_sum[:, None] * _unit_rows(y, b_ry, o_m, m_m, o_d + 3 * BD_OUT, D, s_y)
-            _store_grad_rows(dx, b_acc3, x, b_rx, b_coef, b_radial, o_m, m_m, o_d + 3 * BD_OUT, D, s_x, s_dx,
+            _store_grad_rows(dx, b_acc3, x, b_rx_m, b_coef, b_radial, o_m, m_m, o_d + 3 * BD_OUT, D, s_x, s_dx,
                              add_scale, ADD)
 
 
@@ -193,9 +172,10 @@ def _contrastive_fwd_kernel(
 # CUDA-core work beside the tile's tensor-core products (~8% of their issue slots, not timed).
 # Registers bound N_OUT (measured by compiling offline for sm_90a, benchmarks/compile_sm90.py):
 # 3 or 4 accumulators of [64, 128] take 242-255 registers per thread at 8 warps without
-# spilling in the nested-loop kernels (the flat forward: 255 and 16 B of spills in bf16 / fp16,
-# results/compile-sm90/report.md), while one [64, 512] accumulator spills, 16 warps spill, and one split for all of
-# D = 768 would need [64, 768] fp32 = 48K of an SM's 64K registers. Fewer splits also mean
+# spilling in the nested-loop kernels (the flat forward: 255 and 4-28 B of spills in bf16 /
+# fp16, results/compile-sm90/report.md), while one [64, 512] accumulator spills, 16 warps
+# spill, and one split for all of D = 768 would need [64, 768] fp32 = 48K of an SM's 64K
+# registers. Fewer splits also mean
 # fewer programs: at D = 768 a kernel launches 2 B / 64 of them, so batches under ~4096 rows
 # do not fill an H100's 132 SMs (predicted to cost little: such batches are small). No atomics:
 # each program owns its output rows and features, so results are deterministic.
@@ -364,11 +344,11 @@ def _config(D: int, dtype: torch.dtype) -> dict:
     """Launch keywords of the kernels: ``{"fwd": ..., "fwd_grad": ..., "dy": ...}`` (the forward
     without and with dx, the dy kernel).
 
-    All share the logits tile (BM x BN, here 64 x 64) and its K-chunk BD, so that the dy
-    kernel recomputes the logits as the forward summed them. Since the diagonal's 1 - P_ii
-    travels from the forward (``stats``), another tile or K-chunk would only change each
-    off-diagonal P_ij by a logit's rounding: a tuned forward tile may differ from the dy
-    kernel's (the GPU tests then say whether it holds; unchecked so far).
+    All share the K-chunk BD, and 16-bit inputs the logits tile (64 x 64; fp32 narrows the
+    streamed side, below), so that the dy kernel sums each logit as the forward did. Since
+    the diagonal's 1 - P_ii travels from the forward (``stats``), another tile or K-chunk
+    would only change each off-diagonal P_ij by a logit's rounding: a tuned forward tile may
+    differ from the dy kernel's (the GPU tests then say whether it holds; unchecked so far).
     The gradient-writing kernels add their output blocks (``_output_blocks``).
 
     GPU: BD = 128 (at most D), 8 warps, 3 pipeline stages for 2-byte inputs and 2 for 4-byte
@@ -378,10 +358,10 @@ def _config(D: int, dtype: torch.dtype) -> dict:
     "ieee" dots (PyTorch's default "highest" matmul precision), which run on the FMA units with
     register-hungrier layouts. fp32 streams 32 columns in the dx-writing forward (chosen on the
     nested forward, where 64 spilled 12 B with TF32 and 1.5 KB with "ieee"; the flat one at 32:
-    TF32 44 B, "ieee" none; bf16 / fp16 at 64: 16 B) and 32 rows in dy (64: 44 B, 1.8 KB;
-    "ieee" also owns 32 rows there: 8 B left). All but "ieee" use wgmma. Rows whose stride is not a multiple of 16
-    elements (D = 300, say) load element by element and spill a little in every design, the
-    previous one included: not tuned, as embedding widths are multiples of 64.
+    TF32 28 B, "ieee" none; bf16 / fp16 at 64: 4-28 B) and 32 rows in dy (64: 44 B, 1.8 KB;
+    "ieee" also owns 32 rows there: 8 B left). All but "ieee" use wgmma. Rows whose stride is
+    not a multiple of 16 elements (D = 300, say) load element by element and spill a little in
+    every design, the previous one included: not tuned, as embedding widths are multiples of 64.
     Interpreter: every block op costs Python time, so the logits tiles are large (BD up to 256),
     while the output blocks are 32 wide so that the test shapes take 1..4 blocks and several splits.
     """
