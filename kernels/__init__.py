@@ -32,10 +32,29 @@ Conventions shared by every kernel:
     every norm and logit itself, in its own passes over the features.
 """
 
-try:
-    from .utils import patch_interpreter_bf16, patch_interpreter_scalar_index
+if __name__ == "kernels":
+    # Imported under the bare name: a source checkout's root is on sys.path (``python -m ...``
+    # run there puts it first). That name is Hugging Face's ``kernels``, which transformers
+    # imports: hand the import over to it, or fail as if this folder were not there.
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
 
-    patch_interpreter_scalar_index()
-    patch_interpreter_bf16()
-except ImportError:  # triton not installed: the launchers are unavailable, the package is not
-    pass
+    _checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _checkout]
+    _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
+    if _spec is None or _spec.loader is None:
+        raise ModuleNotFoundError(f"No module named 'kernels' ({os.path.dirname(os.path.abspath(__file__))} "
+                                  "is distillcse.kernels, not a top-level package)", name="kernels")
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _module  # what the import statement returns
+    _spec.loader.exec_module(_module)
+else:
+    try:
+        from .utils import patch_interpreter_bf16, patch_interpreter_scalar_index
+
+        patch_interpreter_scalar_index()
+        patch_interpreter_bf16()
+    except ImportError:  # triton not installed: the launchers are unavailable, the package is not
+        pass
