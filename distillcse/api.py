@@ -88,20 +88,25 @@ def _distill_options(student_temperature, teacher_temperature, group_p, group_si
 def contrastive_loss(z1, z2, *, temperature=0.05, hard_negatives=None, backend="auto"):
     """SimCSE InfoNCE: ``mean_i [logsumexp_j(c_ij / tau) - c_ii / tau]``,
     ``c_ij = cos(z1_i, [z2; hard_negatives]_j)``. z1, z2 [B, D]; hard_negatives [B_h, D]."""
-    checks.check_finite(_check_views(z1, z2, hard_negatives))
+    named, hard_negatives = _check_views(z1, z2, hard_negatives)
+    checks.check_finite(named)
     temperature = checks.check_positive("temperature", temperature)
     return _contrastive(z1, z2, hard_negatives, temperature, resolve_backend(backend, z1))
 
 
 def _check_views(z1, z2, hard_negatives):
-    """Shapes, dtypes and devices of the views; returns them as (name, tensor) pairs."""
+    """Shapes, dtypes and devices of the views. Returns them as (name, tensor) pairs, and the
+    hard negatives: None for none, which an empty [0, D] tensor also is."""
     checks.check_student("z1", z1)
     checks.check_embeddings("z2", z2, rows=z1.shape[0], dim=z1.shape[1], like=z1)
     named = [("z1", z1), ("z2", z2)]
     if hard_negatives is not None:
         checks.check_embeddings("hard_negatives", hard_negatives, dim=z1.shape[1], like=z1)
-        named.append(("hard_negatives", hard_negatives))
-    return named
+        if hard_negatives.shape[0] == 0:
+            hard_negatives = None
+        else:
+            named.append(("hard_negatives", hard_negatives))
+    return named, hard_negatives
 
 
 def _contrastive(z1, z2, hard_negatives, temperature, backend):
@@ -177,11 +182,15 @@ def distillcse_loss(z1, z2, teachers, *, temperature=0.05, distill_weight=1.0, d
                     teacher_weights=None, seed=None, backend="auto"):
     """``L = L_cl + distill_weight * L_kd`` (``distill_only=True`` drops ``L_cl``); the
     distillation term uses view 1 (``z1``) as the student, as the authors' code does."""
-    named = _check_views(z1, z2, hard_negatives)
+    named, hard_negatives = _check_views(z1, z2, hard_negatives)
     temperature = checks.check_positive("temperature", temperature)
     distill_weight = checks.check_real("distill_weight", distill_weight)
+    if distill_weight < 0:
+        raise ValueError(f"distill_weight must be >= 0 (0 is SimCSE), got {distill_weight!r}")
     if not isinstance(distill_only, bool):
         raise TypeError(f"distill_only must be a bool, got {type(distill_only).__name__}")
+    if distill_only and distill_weight == 0:
+        raise ValueError("distill_only=True with distill_weight=0 leaves no loss to train on")
     named_teachers = checks.check_teachers(teachers, z1)
     checks.check_finite(named + named_teachers)
     teachers = [e for _, e in named_teachers]

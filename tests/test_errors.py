@@ -53,6 +53,8 @@ def test_bad_tensors(change, error, match):
     (dict(teacher_weights=[-1.0]), "must be finite and >= 0"),
     (dict(distill_weight=float("inf")), "distill_weight must be a finite number"),
     (dict(distill_only="yes"), "distill_only must be a bool"),
+    (dict(distill_weight=-0.5), r"distill_weight must be >= 0 \(0 is SimCSE\)"),
+    (dict(distill_only=True, distill_weight=0.0), "distill_only=True with distill_weight=0 leaves no loss"),
 ])
 def test_bad_options(kwargs, match):
     z1, z2, t = good()
@@ -110,3 +112,14 @@ def test_non_finite_inputs_of_each_entry_point_are_named():
     with pytest.raises(ValueError, match="z2 contains NaN or Inf"):
         distillcse.contrastive_loss(z1, bad, backend="torch")
     distillcse.distill_loss(z1, t, backend="torch")  # finite inputs pass
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_empty_hard_negatives_are_none(backend):
+    """A [0, D] batch of hard negatives (a data pipeline's batch with none) is no hard negatives."""
+    z1, z2, t = good()
+    empty = torch.randn(0, D)
+    assert torch.equal(distillcse.contrastive_loss(z1, z2, hard_negatives=empty, backend=backend),
+                       distillcse.contrastive_loss(z1, z2, backend=backend))
+    assert torch.equal(distillcse.distillcse_loss(z1, z2, t, hard_negatives=empty, seed=1, backend=backend),
+                       distillcse.distillcse_loss(z1, z2, t, seed=1, backend=backend))
