@@ -179,9 +179,13 @@ def distill_loss(student, teachers, *, student_temperature=0.025, teacher_temper
 def distillcse_loss(z1, z2, teachers, *, temperature=0.05, distill_weight=1.0, distill_only=False,
                     hard_negatives=None, student_temperature=0.025, teacher_temperature=0.0125,
                     group_p=0.1, group_size=None, grouping_temperature=1.0, shuffle="random",
-                    teacher_weights=None, seed=None, backend="auto"):
+                    teacher_weights=None, seed=None, backend="auto", return_terms=False):
     """``L = L_cl + distill_weight * L_kd`` (``distill_only=True`` drops ``L_cl``); the
-    distillation term uses view 1 (``z1``) as the student, as the authors' code does."""
+    distillation term uses view 1 (``z1``) as the student, as the authors' code does.
+
+    With ``return_terms=True``, ``(L, terms)``: ``terms["contrastive"]`` (L_cl, absent with
+    ``distill_only``) and ``terms["distill"]`` (L_kd, unweighted), detached 0-dim tensors for
+    logging (no host sync; every backend has them from the same pass)."""
     named, hard_negatives = _check_views(z1, z2, hard_negatives)
     temperature = checks.check_positive("temperature", temperature)
     distill_weight = checks.check_real("distill_weight", distill_weight)
@@ -191,6 +195,8 @@ def distillcse_loss(z1, z2, teachers, *, temperature=0.05, distill_weight=1.0, d
         raise TypeError(f"distill_only must be a bool, got {type(distill_only).__name__}")
     if distill_only and distill_weight == 0:
         raise ValueError("distill_only=True with distill_weight=0 leaves no loss to train on")
+    if not isinstance(return_terms, bool):
+        raise TypeError(f"return_terms must be a bool, got {type(return_terms).__name__}")
     named_teachers = checks.check_teachers(teachers, z1)
     checks.check_finite(named + named_teachers)
     teachers = [e for _, e in named_teachers]
@@ -202,12 +208,19 @@ def distillcse_loss(z1, z2, teachers, *, temperature=0.05, distill_weight=1.0, d
         student_temperature, weights, options = _fused_setup(options)
         rows, unit_rows = _triton_teacher(teachers, weights)
         columns = z2 if hard_negatives is None else torch.cat([z2, hard_negatives], dim=0)
-        return distillcse(z1, columns, rows, 1.0 / temperature, distill_weight, student_temperature, options,
-                          unit_rows=unit_rows)
-    kd = distill_weight * _distill(z1, teachers, options, backend)
-    if distill_only:
-        return kd
-    return _contrastive(z1, z2, hard_negatives, temperature, backend) + kd
+        loss, (cl, kd) = distillcse(z1, columns, rows, 1.0 / temperature, distill_weight, student_temperature,
+                                    options, unit_rows=unit_rows)
+        terms = dict(contrastive=cl, distill=kd)
+    else:
+        kd = _distill(z1, teachers, options, backend)
+        terms = dict(distill=kd.detach())
+        if distill_only:
+            loss = distill_weight * kd
+        else:
+            cl = _contrastive(z1, z2, hard_negatives, temperature, backend)
+            loss = cl + distill_weight * kd
+            terms = dict(contrastive=cl.detach(), **terms)
+    return (loss, terms) if return_terms else loss
 
 
 class DistillCSELoss(torch.nn.Module):

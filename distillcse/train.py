@@ -38,7 +38,7 @@ from .distributed import all_gather
 from .bench_train import default_sentences_path, minilm_path
 
 CHECKPOINT = "checkpoint.pt"
-LOG_COLUMNS = ("step", "loss", "lr", "stsb_dev", "seconds")
+LOG_COLUMNS = ("step", "loss", "contrastive", "distill", "lr", "stsb_dev", "seconds")  # the loss and its two terms
 
 
 def load_encoder(name, pooling, max_length=128):
@@ -219,8 +219,12 @@ def _train(args, log, device, rank, world):
 
     log_path = os.path.join(args.out, "train_log.csv")
     new_log = not os.path.exists(log_path) or state["step"] == 0
+    columns = LOG_COLUMNS
+    if not new_log and main:  # a log begun by an earlier version keeps its columns
+        with open(log_path, newline="") as f:
+            columns = next(csv.reader(f), LOG_COLUMNS)
     log_file = open(log_path if main else os.devnull, "w" if new_log else "a", newline="")
-    writer = csv.DictWriter(log_file, fieldnames=LOG_COLUMNS)
+    writer = csv.DictWriter(log_file, fieldnames=columns, extrasaction="ignore")
     if new_log:
         writer.writeheader()
     if state["step"] == 0 and args.eval_every and main:
@@ -257,7 +261,7 @@ def _train(args, log, device, rank, world):
                     with torch.no_grad():
                         targets = [t.pool(t.tokenize(batch, args.max_seq_length)) for t in teachers]
                 z1, z2, *targets = all_gather(z1, z2, *targets)   # the global batch (one rank: as is)
-                loss = distillcse_loss(z1, z2, targets, seed=step_seed, **loss_options)
+                loss, terms = distillcse_loss(z1, z2, targets, seed=step_seed, return_terms=True, **loss_options)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
@@ -266,6 +270,7 @@ def _train(args, log, device, rank, world):
                 state["step"] = step + 1
                 row = {"step": step + 1, "loss": f"{loss.item():.6f}", "lr": f"{scheduler.get_last_lr()[0]:.3e}",
                        "seconds": f"{time.time() - start_time:.1f}"}
+                row.update({name: f"{term.item():.6f}" for name, term in terms.items()})
                 if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total):
                     if main:
                         score = dev_score()

@@ -118,10 +118,10 @@ class DistillFused(torch.autograd.Function):
 
 
 class DistillCSEFused(torch.autograd.Function):
-    """``L_cl(z1, y) + distill_weight L_kd(z1, t)``: the distillation's forward leaves dL_kd/dz1,
-    and the contrastive forward adds its own row-side gradient into that buffer (z1's gradient
-    is written once: no second [B, D] buffer, no autograd sum); the backward scales it in place
-    and computes y's."""
+    """``L_cl(z1, y) + distill_weight L_kd(z1, t)``, and (L_cl, L_kd) [2] fp32 beside it (no
+    gradient): the distillation's forward leaves dL_kd/dz1, and the contrastive forward adds
+    its own row-side gradient into that buffer (z1's gradient is written once: no second
+    [B, D] buffer, no autograd sum); the backward scales it in place and computes y's."""
 
     @staticmethod
     def forward(ctx, z1, y, t, rt, cl_scale, distill_weight, student_temperature, options, need_grad):
@@ -134,11 +134,14 @@ class DistillCSEFused(torch.autograd.Function):
             cl_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, cl_scale)
         ctx.save_for_backward(z1, r1, y, ry, cl_stats, dz1)
         ctx.cl_scale = cl_scale
-        return cl_rows.mean() + distill_weight * kd_rows.mean()
+        terms = torch.stack([cl_rows.mean(), kd_rows.mean()])
+        ctx.mark_non_differentiable(terms)
+        ctx.set_materialize_grads(False)  # no zeros for the terms' gradient
+        return terms[0] + distill_weight * terms[1], terms
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _):
         _take_once(ctx)
         z1, r1, y, ry, cl_stats, dz1 = ctx.saved_tensors
         dy = contrastive_bwd_dy(z1, r1, y, ry, cl_stats, ctx.cl_scale, _grad_rows(grad_out, z1.shape[0]))
@@ -146,18 +149,22 @@ class DistillCSEFused(torch.autograd.Function):
 
 
 class SmallBatchFused(torch.autograd.Function):
-    """The whole loss of a batch that fits one program (``kernels/small_batch.py``); y (the
-    contrastive columns) or t (the teacher rows) may be None to drop a term."""
+    """The whole loss of a batch that fits one program (``kernels/small_batch.py``), and (L_cl,
+    L_kd) [2] fp32 beside it (no gradient); y (the contrastive columns) or t (the teacher rows)
+    may be None to drop a term."""
 
     @staticmethod
     def forward(ctx, z1, y, t, kernel_args, need_grad):
-        loss, dz1, dy = small_batch_loss(z1, y, t, need_grad=need_grad, **kernel_args)
+        losses, dz1, dy = small_batch_loss(z1, y, t, need_grad=need_grad, **kernel_args)
         ctx.save_for_backward(dz1, dy)
-        return loss
+        terms = losses[1:]
+        ctx.mark_non_differentiable(terms)
+        ctx.set_materialize_grads(False)  # no zeros for the terms' gradient
+        return losses[0], terms
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _):
         dz1, dy = ctx.saved_tensors
         g = grad_out.float()
         return dz1 * g, (None if dy is None else dy * g), None, None, None
@@ -195,7 +202,7 @@ def contrastive(z1, columns, scale):
     _check_dtype(z1)
     if fits(z1.shape[0], columns.shape[0]):
         return SmallBatchFused.apply(z1, columns, None, _small_batch_args(z1, scale, 0.0, None, None, False),
-                                     need_grad(z1, columns))
+                                     need_grad(z1, columns))[0]
     return ContrastiveFused.apply(z1, columns, scale, need_grad(z1, columns))
 
 
@@ -206,7 +213,7 @@ def distill(z, t, student_temperature, options, *, unit_rows):
     _check_dtype(z)
     if fits(z.shape[0]):
         args = _small_batch_args(z, 1.0, 1.0, student_temperature, options, unit_rows)
-        return SmallBatchFused.apply(z, None, _kernel_dtype(t, z), args, need_grad(z))
+        return SmallBatchFused.apply(z, None, _kernel_dtype(t, z), args, need_grad(z))[0]
     t, rt = _teacher(t, z, unit_rows)
     if _streams_on_torch(z, options):
         u = z.float() / z.float().norm(dim=-1, keepdim=True).clamp_min(EPS)
@@ -215,15 +222,17 @@ def distill(z, t, student_temperature, options, *, unit_rows):
 
 
 def distillcse(z1, columns, t, cl_scale, distill_weight, student_temperature, options, *, unit_rows):
-    """``L_cl + distill_weight L_kd`` with z1 the distillation's student; ``columns`` and ``t``
-    as in :func:`contrastive` and :func:`distill`."""
+    """``(L_cl + distill_weight L_kd, (L_cl, L_kd))`` with z1 the distillation's student, the
+    terms [2] fp32 without gradient; ``columns`` and ``t`` as in :func:`contrastive` and
+    :func:`distill`."""
     _check_dtype(z1)
     if fits(z1.shape[0], columns.shape[0]):
         args = _small_batch_args(z1, cl_scale, distill_weight, student_temperature, options, unit_rows)
         return SmallBatchFused.apply(z1, columns, _kernel_dtype(t, z1), args, need_grad(z1, columns))
     if _streams_on_torch(z1, options):
-        return contrastive(z1, columns, cl_scale) + distill_weight * distill(
-            z1, t, student_temperature, options, unit_rows=unit_rows)
+        cl = contrastive(z1, columns, cl_scale)
+        kd = distill(z1, t, student_temperature, options, unit_rows=unit_rows)
+        return cl + distill_weight * kd, torch.stack([cl.detach(), kd.detach()])
     t, rt = _teacher(t, z1, unit_rows)
     return DistillCSEFused.apply(z1, columns, t, rt, cl_scale, distill_weight, student_temperature, options,
                                  need_grad(z1, columns))

@@ -121,7 +121,7 @@ def _small_batch_kernel(
     p_x,  # [B, D] view-1 rows z1, raw, row stride s_x
     p_y,  # [N, D] contrastive columns (z2, then hard negatives), raw, row stride s_y
     p_t,  # [B, Dt] teacher rows, raw (NORM_T) or normalised and weighted, row stride s_t
-    p_loss,  # [1] fp32 out: w_cl L_cl + w_kd L_kd
+    p_loss,  # [3] fp32 out: w_cl L_cl + w_kd L_kd, L_cl, L_kd
     p_dx,  # [B, D] out in x's dtype: d(loss)/dz1 (WRITE_GRAD)
     p_dy,  # [N, D] out in y's dtype: d(loss)/dy (WRITE_GRAD)
     B, N, D, Dt, s_x, s_y, s_t, s_dx, s_dy,
@@ -199,7 +199,8 @@ def _small_batch_kernel(
     # The contrastive term (its logits die here), then the distillation term. With
     # WRITE_GRAD each leaves its gradient factors, 1 / B and the inverse norms folded in:
     # dx = Wx @ x + Wc @ y - coef_x x and dy = Wc^T @ x - coef_y y (module docstring).
-    b_loss = tl.zeros([BB], dtype=tl.float32)
+    b_cl_rows = tl.zeros([BB], dtype=tl.float32)
+    b_kd_rows = tl.zeros([BB], dtype=tl.float32)
     b_coef_x = tl.zeros([BB], dtype=tl.float32)  # u1 . du1 (times rx^2 below)
     if CONTRASTIVE:
         b_c = b_xy * b_rx[:, None] * b_ry[None, :]  # cosines c [BB, BY]
@@ -216,7 +217,7 @@ def _small_batch_kernel(
         # -log P_ii as in contrastive.py: log1p(l_i / e_ii) while P_ii > 1/2, else (max - positive) + log L_i
         b_ratio = tl.minimum(b_off / tl.where(b_e_pos > 0, b_e_pos, 1.0), 1.0)  # no 0 / 0 on padding rows
         b_cl = tl.where(b_off < b_e_pos, log1p_unit(b_ratio), (b_max - b_pos) + tl.log(b_total))
-        b_loss += w_cl * tl.where(m_row, b_cl, 0.0)
+        b_cl_rows = tl.where(m_row, b_cl, 0.0)
         if WRITE_GRAD:
             # P - [i == j], the diagonal's P_ii - 1 = -l_i / L_i without cancellation
             b_C = tl.where(m_pos, -b_off[:, None], b_e) / b_total[:, None]
@@ -228,13 +229,17 @@ def _small_batch_kernel(
         b_s = b_xx * b_rx[:, None] * b_rx[None, :]  # cosines s [BB, BB]
         b_ls = tl.where(m_in, b_s * student_scale, float("-inf"))
         b_lse_s = _row_logsumexp(b_ls)
-        b_loss += w_kd * (b_lse_s - student_scale * tl.sum(tl.where(m_in, b_qt * b_s, 0.0), axis=1))
+        b_kd_rows = b_lse_s - student_scale * tl.sum(tl.where(m_in, b_qt * b_s, 0.0), axis=1)
         if WRITE_GRAD:
             b_G = student_scale * (tl.exp(b_ls - b_lse_s[:, None]) - b_qt)  # 0 off the valid entries
             b_A = (w_kd / B) * (b_G + tl.trans(b_G))  # [BB, BB]
             b_coef_x += tl.sum(b_A * b_s, axis=1)
             b_Wx = b_A * b_rx[:, None] * b_rx[None, :]
-    tl.store(p_loss, tl.sum(b_loss, axis=0) / B)
+    b_cl_mean = tl.sum(b_cl_rows, axis=0) / B
+    b_kd_mean = tl.sum(b_kd_rows, axis=0) / B
+    tl.store(p_loss, w_cl * b_cl_mean + w_kd * b_kd_mean)
+    tl.store(p_loss + 1, b_cl_mean)
+    tl.store(p_loss + 2, b_kd_mean)
     if WRITE_GRAD:
         b_coef_x = b_coef_x * b_rx * b_rx
         for i_d in range(0, tl.cdiv(D, BD_GRAD)):
@@ -261,8 +266,9 @@ def fits(B: int, N: int = 0) -> bool:
 def small_batch_loss(x, y, t, *, cl_scale=1.0, student_scale=1.0, teacher_scale=1.0, grouping_scale=1.0,
                      group_p=0.1, group_size=None, n_groups=1, shuffle="none", step_seed=None,
                      w_cl=1.0, w_kd=1.0, normalize_teacher=True, need_grad=False):
-    """``(loss, dx, dy)``: ``loss = w_cl L_cl + w_kd L_kd`` (0-dim fp32) and, with ``need_grad``,
-    its gradients ``dx`` [B, D] and ``dy`` [N, D] in x's dtype (else None).
+    """``(losses, dx, dy)``: ``losses`` [3] fp32 = (``w_cl L_cl + w_kd L_kd``, ``L_cl``, ``L_kd``;
+    a missing term is 0) and, with ``need_grad``, the gradients of the first, ``dx`` [B, D] and
+    ``dy`` [N, D] in x's dtype (else None).
 
     x [B, D] z1 (the student); y [N, D] the contrastive columns or None (no contrastive term);
     t [B, Dt] teacher rows (raw with ``normalize_teacher``, else normalised and weighted) or
@@ -294,7 +300,7 @@ def small_batch_loss(x, y, t, *, cl_scale=1.0, student_scale=1.0, teacher_scale=
         PREC=prec, PREC_T=prec_t, PREC_GRAD=prec if x.dtype == torch.float32 else "tf32",
         BITS=BB.bit_length(), num_warps=8,
     )
-    loss = torch.empty((), device=x.device, dtype=torch.float32)
+    loss = torch.empty(3, device=x.device, dtype=torch.float32)
     dx = torch.empty_like(x) if need_grad else None
     dy = torch.empty_like(y) if need_grad and contrastive else None
     _small_batch_kernel[(1,)](

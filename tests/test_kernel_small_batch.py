@@ -34,12 +34,13 @@ def _inputs(B, D, Dt, N, dtype, *, seed=0, strided=False, zero_row=False):
 
 
 def _expected(x, y, t, *, shuffle, group_p, group_size, step_seed, w_cl, w_kd):
-    """float64 loss and gradients of ``w_cl L_cl + w_kd L_kd`` (y or t None drops a term)."""
+    """float64 ``w_cl L_cl + w_kd L_kd``, its gradients, and (L_cl, L_kd) (y or t None drops a
+    term: 0)."""
     B = x.shape[0]
     x64 = x.detach().double().requires_grad_()
     unit = lambda a: a / a.norm(dim=1, keepdim=True).clamp_min(1e-8)  # noqa: E731
     u = unit(x64)
-    loss = x64.new_zeros(())
+    cl = kd = x64.new_zeros(())
     if t is not None:
         te = unit(t.double())
         q = shuffled_targets(te @ te.T, torch.arange(B, device=x.device),
@@ -48,29 +49,31 @@ def _expected(x, y, t, *, shuffle, group_p, group_size, step_seed, w_cl, w_kd):
                              group_size=group_size, shuffle=shuffle, step_seed=step_seed)
         eye = torch.eye(B, dtype=torch.bool, device=x.device)
         logp = torch.log_softmax((u @ u.T * SCALES["student_scale"]).masked_fill(eye, float("-inf")), dim=1)
-        loss = loss + w_kd * -(q * logp.masked_fill(eye, 0.0)).sum(1).mean()
+        kd = -(q * logp.masked_fill(eye, 0.0)).sum(1).mean()
     y64 = None
     if y is not None:
         y64 = y.detach().double().requires_grad_()
         c = u @ unit(y64).T * SCALES["cl_scale"]
-        loss = loss + w_cl * (torch.logsumexp(c, dim=1) - c.diagonal()).mean()
+        cl = (torch.logsumexp(c, dim=1) - c.diagonal()).mean()
+    loss = w_cl * cl + w_kd * kd
     grads = torch.autograd.grad(loss, [x64] + ([y64] if y is not None else []))
-    return loss.detach(), grads
+    return loss.detach(), grads, (cl.detach(), kd.detach())
 
 
 def _check(x, y, t, *, shuffle="none", group_p=0.1, group_size=None, step_seed=None, w_cl=1.0, w_kd=1.0):
     B = x.shape[0]
     kwargs = dict(SCALES, group_p=group_p, group_size=group_size, n_groups=num_groups(B, group_p, group_size),
                   shuffle=shuffle, step_seed=step_seed, w_cl=w_cl, w_kd=w_kd)
-    loss, no_dx, no_dy = small_batch_loss(x, y, t, **kwargs)
+    losses, no_dx, no_dy = small_batch_loss(x, y, t, **kwargs)
     assert no_dx is None and no_dy is None
-    loss_too, dx, dy = small_batch_loss(x, y, t, need_grad=True, **kwargs)
-    assert loss_too.item() == loss.item()
-    want, grads = _expected(x, y, t, shuffle=shuffle, group_p=group_p, group_size=group_size,
-                            step_seed=step_seed, w_cl=w_cl, w_kd=w_kd)
+    losses_too, dx, dy = small_batch_loss(x, y, t, need_grad=True, **kwargs)
+    assert torch.equal(losses_too, losses)
+    want, grads, want_terms = _expected(x, y, t, shuffle=shuffle, group_p=group_p, group_size=group_size,
+                                        step_seed=step_seed, w_cl=w_cl, w_kd=w_kd)
     tol_loss, tol_grad, atol = TOL[x.dtype]
-    assert loss.dtype == torch.float32 and loss.dim() == 0
-    assert abs(loss.double().item() - want.item()) <= tol_loss * max(1.0, abs(want.item()))
+    assert losses.dtype == torch.float32 and losses.shape == (3,)
+    for got, ref in zip(losses, (want,) + want_terms):  # the loss, L_cl, L_kd
+        assert abs(got.double().item() - ref.item()) <= tol_loss * max(1.0, abs(ref.item()))
     for got, ref in zip((dx, dy), grads):
         assert got.dtype == x.dtype and got.shape == ref.shape
         err = (got.double() - ref).abs().max().item()
@@ -98,9 +101,9 @@ def test_random_shuffle_follows_the_seed():
     for seed in (0, 1, 2**40 + 5):
         _check(x, None, t, shuffle="random", step_seed=seed, w_kd=1.0)
     kw = dict(SCALES, n_groups=10, shuffle="random", w_cl=0.0)
-    a = small_batch_loss(x, None, t, step_seed=5, **kw)[0]
-    assert a.item() == small_batch_loss(x, None, t, step_seed=5, **kw)[0].item()
-    assert a.item() != small_batch_loss(x, None, t, step_seed=6, **kw)[0].item()
+    a = small_batch_loss(x, None, t, step_seed=5, **kw)[0][0]
+    assert a.item() == small_batch_loss(x, None, t, step_seed=5, **kw)[0][0].item()
+    assert a.item() != small_batch_loss(x, None, t, step_seed=6, **kw)[0][0].item()
 
 
 def test_single_terms_weights_strides_and_zero_rows():
@@ -118,10 +121,10 @@ def test_prenormalised_teacher_rows():
     unit = lambda a: a / a.norm(dim=1, keepdim=True)  # noqa: E731
     rows = torch.cat([0.8 ** 0.5 * unit(e1), 0.2 ** 0.5 * unit(e2)], dim=1)
     kw = dict(SCALES, n_groups=10, shuffle="expected", w_cl=0.0)
-    got = small_batch_loss(x, None, rows, normalize_teacher=False, **kw)[0]
-    assert abs(got.item() - small_batch_loss(x, None, rows, **kw)[0].item()) < 1e-5  # unit rows already
+    got = small_batch_loss(x, None, rows, normalize_teacher=False, **kw)[0][0]
+    assert abs(got.item() - small_batch_loss(x, None, rows, **kw)[0][0].item()) < 1e-5  # unit rows already
     rows[0] *= 0.5  # a row of norm 1/2 now: the kernel must keep it
-    assert abs(small_batch_loss(x, None, rows, normalize_teacher=False, **kw)[0].item() - got.item()) > 1e-4
+    assert abs(small_batch_loss(x, None, rows, normalize_teacher=False, **kw)[0][0].item() - got.item()) > 1e-4
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

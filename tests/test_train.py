@@ -127,8 +127,11 @@ def test_train_learns_and_writes_test_scores(tmp_path, sentences):
     assert set(result["test"]) == set(sts.STS_TASKS) | {"avg"}
     assert os.path.exists(os.path.join(out, "results.md")) and os.path.exists(os.path.join(out, "sts_test.json"))
     with open(os.path.join(out, "train_log.csv")) as f:
-        losses = [float(row["loss"]) for row in csv.DictReader(f) if row["loss"]]
+        rows = [row for row in csv.DictReader(f) if row["loss"]]
+    losses = [float(row["loss"]) for row in rows]
     assert len(losses) == 6 and np.mean(losses[-2:]) < np.mean(losses[:2])
+    for row in rows:  # the two terms beside the loss (distill_weight 1)
+        assert float(row["loss"]) == pytest.approx(float(row["contrastive"]) + float(row["distill"]), rel=1e-5)
 
 
 @pytest.mark.parametrize("argv,message", [

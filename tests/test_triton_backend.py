@@ -230,3 +230,32 @@ def test_no_gradient_work_without_autograd(B, monkeypatch):
         assert asked == [False, False, False, False, True, True]
     loss.backward()
     assert z1.grad is not None and torch.isfinite(z1.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("B,kw", [(37, dict(shuffle="random")), (70, dict(shuffle="expected")),
+                                  (70, dict(shuffle="random", group_size=1))])  # 69 groups: torch's row chunks
+def test_return_terms_are_the_two_losses(backend, B, kw):
+    """``return_terms``: L_cl and the unweighted L_kd of the same pass (the one-program kernel,
+    the fused streaming Function, the triton backend's torch fallback), detached, equal to the
+    separate losses for the same seed; the loss is unchanged."""
+    z1, z2, teachers, hard = make_batch(B, 24, (16, 8), Bh=5)
+    z1, z2, hard = (x.float().to(DEVICE).requires_grad_() for x in (z1, z2, hard))
+    teachers = [t.float().to(DEVICE) for t in teachers]
+    kw = dict(kw, seed=11, backend=backend)
+    loss, terms = distillcse.distillcse_loss(z1, z2, teachers, hard_negatives=hard, distill_weight=0.7,
+                                             return_terms=True, **kw)
+    cl = distillcse.contrastive_loss(z1, z2, hard_negatives=hard, backend=backend)
+    kd = distillcse.distill_loss(z1, teachers, **kw)
+    assert set(terms) == {"contrastive", "distill"}
+    assert not terms["contrastive"].requires_grad and not terms["distill"].requires_grad and loss.requires_grad
+    assert terms["contrastive"].item() == pytest.approx(cl.item(), rel=1e-5)
+    assert terms["distill"].item() == pytest.approx(kd.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(cl.item() + 0.7 * kd.item(), rel=1e-5)
+    assert loss.item() == distillcse.distillcse_loss(z1, z2, teachers, hard_negatives=hard, distill_weight=0.7,
+                                                     **kw).item()
+    only, only_terms = distillcse.distillcse_loss(z1, z2, teachers, distill_only=True, distill_weight=0.7,
+                                                  return_terms=True, **kw)
+    assert set(only_terms) == {"distill"} and only.item() == pytest.approx(0.7 * kd.item(), rel=1e-5)
+    with pytest.raises(TypeError, match="return_terms must be a bool"):
+        distillcse.distillcse_loss(z1, z2, teachers, return_terms="yes", **kw)
