@@ -3,6 +3,7 @@
     python benchmarks/compile_sm90.py                                  # contrastive kernels, D = 768
     python benchmarks/compile_sm90.py --what contrastive distill --D 384 768 --dtypes bf16 tf32
     python benchmarks/compile_sm90.py --what distill --dtypes bf16+fp32/tf32 bf16+fp32/ieee
+    python benchmarks/compile_sm90.py --sweep --what contrastive distill small_batch --B 37 130 --D 5 48 300
 
 The launchers are called as in training, on CPU tensors of the real shapes (``torch.empty``,
 never touched). Each ``kernel[grid](...)`` they issue is intercepted instead of launched: its
@@ -192,44 +193,89 @@ def compiled_launches(rows):
         knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
 
 
+def compile_rows(target, B, D, precision):
+    """Report rows of every launch of ``target`` at (B, D) in ``precision`` (a PRECISIONS key)."""
+    dtype, teacher_dtype, matmul_precision = PRECISIONS[precision]
+    rows = []
+    torch.set_float32_matmul_precision(matmul_precision)
+    with compiled_launches(rows):
+        TARGETS[target](B, D, dtype, teacher_dtype)
+    return [dict(row, inputs=precision) for row in rows]
+
+
+def _flags(row):
+    flags = [f for f, bad in (("SPILLS", row["spills"] != "0/0"), ("SMEM > 227 KiB", row["smem"] > H100_SMEM_PER_BLOCK))
+             if bad]
+    return flags + ([row["warnings"]] if row["warnings"] else [])
+
+
 def report(target, B, D, precisions):
     """Markdown tables, one per kernel, one row per precision."""
     by_kernel = {}
     for name in precisions:
-        dtype, teacher_dtype, matmul_precision = PRECISIONS[name]
-        rows = []
-        torch.set_float32_matmul_precision(matmul_precision)
-        with compiled_launches(rows):
-            TARGETS[target](B, D, dtype, teacher_dtype)
-        for row in rows:
-            by_kernel.setdefault(row["kernel"], []).append(dict(row, inputs=name))
+        for row in compile_rows(target, B, D, name):
+            by_kernel.setdefault(row["kernel"], []).append(row)
     lines = []
     for kernel, rows in by_kernel.items():
         lines += [f"### {kernel} (D = {D})", "",
                   "| inputs | constexprs | warps | stages | regs | spills st/ld B | smem KiB | MMA | flags |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in rows:
-            flags = [f for f, bad in (("SPILLS", r["spills"] != "0/0"),
-                                      ("SMEM > 227 KiB", r["smem"] > H100_SMEM_PER_BLOCK)) if bad]
-            flags += [r["warnings"]] if r["warnings"] else []
             lines.append(f"| {r['inputs']} | {r['constexprs']} | {r['warps']} | {r['stages']} | {r['regs']} | "
-                         f"{r['spills']} | {r['smem'] / 1024:.0f} | {r['mma']} | {'; '.join(flags) or 'ok'} |")
+                         f"{r['spills']} | {r['smem'] / 1024:.0f} | {r['mma']} | {'; '.join(_flags(r)) or 'ok'} |")
         lines.append("")
+    return "\n".join(lines)
+
+
+def sweep(targets, batches, widths, precisions):
+    """Every (target, B, D, precision) compiled; one markdown row per kernel and D alignment:
+    compiles, failures, the worst spill and shared memory, with where each occurred. Rows whose
+    stride is not a multiple of 16 elements load element by element (``D % 16``), so the two
+    are apart."""
+    worst, failures = {}, []
+    for target in targets:
+        for B in batches:
+            for D in widths:
+                for precision in precisions:
+                    where = f"{target} B={B} D={D} {precision}"
+                    try:
+                        rows = compile_rows(target, B, D, precision)
+                    except Exception as e:  # a compile error is what this looks for
+                        failures.append(f"{where}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                        continue
+                    for r in rows:
+                        w = worst.setdefault((r["kernel"], D % 16 == 0), dict(n=0, spill=(-1, ""), smem=(-1, "")))
+                        w["n"] += 1
+                        spill = max(map(int, r["spills"].split("/")))
+                        w["spill"] = max(w["spill"], (spill, f"{where} {r['constexprs']}"))
+                        w["smem"] = max(w["smem"], (r["smem"], f"{where} {r['constexprs']}"))
+    lines = [f"failures: {len(failures)}"] + [f"- {f}" for f in failures] + [
+        "", "| kernel | D % 16 == 0 | compiles | worst spill B | at | most smem KiB | at |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for (kernel, aligned), w in sorted(worst.items()):
+        lines.append(f"| {kernel} | {aligned} | {w['n']} | {w['spill'][0]} | {w['spill'][1] if w['spill'][0] else ''} | "
+                     f"{w['smem'][0] / 1024:.0f}{' (> 227)' if w['smem'][0] > H100_SMEM_PER_BLOCK else ''} | {w['smem'][1]} |")
     return "\n".join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--what", nargs="+", default=["contrastive"], choices=sorted(TARGETS))
-    p.add_argument("--B", type=int, default=65536, help="rows (a runtime value: only its divisibility by 16 matters)")
+    p.add_argument("--B", type=int, nargs="+", default=[65536],
+                   help="rows (a runtime value: only its divisibility by 16 and the launchers' choices matter)")
     p.add_argument("--D", type=int, nargs="+", default=[768])
     p.add_argument("--dtypes", nargs="+", default=SAME_DTYPES, choices=list(PRECISIONS),
                    help="input precisions; NAME+fp32/PREC: an fp32 teacher (distill only)")
+    p.add_argument("--sweep", action="store_true", help="one summary table over every --what, --B, --D and "
+                   "--dtypes (worst spill and shared memory per kernel, compile failures) instead of the tables")
     a = p.parse_args(argv)
     print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_90a, B = {a.B}\n")
+    if a.sweep:
+        print(sweep(a.what, a.B, a.D, a.dtypes), flush=True)
+        return
     for target in a.what:
-        for D in a.D:
-            print(report(target, a.B, D, a.dtypes), flush=True)
+        for B in a.B:
+            for D in a.D:
+                print(report(target, B, D, a.dtypes), flush=True)
 
 
 if __name__ == "__main__":
