@@ -35,7 +35,9 @@ Conventions shared by every kernel:
 if __name__ == "kernels":
     # Imported under the bare name: a source checkout's root is on sys.path (``python -m ...``
     # run there puts it first). That name is Hugging Face's ``kernels``, which transformers
-    # imports: hand the import over to it, or fail as if this folder were not there.
+    # imports: hand the import over to it, or, where it is not installed, to an empty module
+    # such as a folder without __init__.py gives (no __file__: transformers then reads the
+    # name as a shadow on sys.path, not as an installed package).
     import importlib.machinery
     import importlib.util
     import os
@@ -45,11 +47,12 @@ if __name__ == "kernels":
     _path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _checkout]
     _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
     if _spec is None or _spec.loader is None:
-        raise ModuleNotFoundError(f"No module named 'kernels' ({os.path.dirname(os.path.abspath(__file__))} "
-                                  "is distillcse.kernels, not a top-level package)", name="kernels")
+        _spec = importlib.machinery.ModuleSpec("kernels", None, is_package=True)
+        _spec.submodule_search_locations = []
     _module = importlib.util.module_from_spec(_spec)
     sys.modules["kernels"] = _module  # what the import statement returns
-    _spec.loader.exec_module(_module)
+    if _spec.loader is not None:
+        _spec.loader.exec_module(_module)
 else:
     try:
         from .utils import patch_interpreter_bf16, patch_interpreter_scalar_index

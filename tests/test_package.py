@@ -1,6 +1,7 @@
 """The checkout's ``kernels/`` folder is ``distillcse.kernels`` only: from the checkout's root
 (``python -m ...`` puts it first on sys.path) the bare name ``kernels`` stays Hugging Face's,
-which transformers imports, or is missing."""
+which transformers imports, or, where that is not installed, an empty module with no
+``__file__`` (what a folder without __init__.py gives; transformers then counts it absent)."""
 import os
 import subprocess
 import sys
@@ -10,13 +11,12 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROBE = """
-import os
-try:
-    import kernels
-except ModuleNotFoundError:
-    print("missing")
-else:
-    print(os.path.abspath(kernels.__file__))
+import os, sys
+if HIDE_INSTALLED:
+    sys.path = [p for p in sys.path if "-packages" not in p]
+import kernels
+empty = getattr(kernels, "__file__", None) is None and not hasattr(kernels, "__version__") and not hasattr(kernels, "utils")
+print("empty" if empty else os.path.abspath(kernels.__file__))
 """
 
 
@@ -28,9 +28,13 @@ def _run(code):
     return done.stdout.strip().splitlines()[-1]
 
 
-def test_bare_kernels_is_not_this_checkout():
-    found = _run(PROBE)
-    assert found == "missing" or not found.startswith(os.path.join(ROOT, "kernels")), found
+@pytest.mark.parametrize("hide_installed", [False, True])
+def test_bare_kernels_is_not_this_checkout(hide_installed):
+    """Hugging Face's package where it is installed, else an empty module; never this folder."""
+    found = _run(f"HIDE_INSTALLED = {hide_installed}" + PROBE)
+    assert not found.startswith(os.path.join(ROOT, "kernels")), found
+    if hide_installed:
+        assert found == "empty"
 
 
 def test_distillcse_kernels_from_the_checkout_root():
