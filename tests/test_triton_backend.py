@@ -259,3 +259,26 @@ def test_return_terms_are_the_two_losses(backend, B, kw):
     assert set(only_terms) == {"distill"} and only.item() == pytest.approx(0.7 * kd.item(), rel=1e-5)
     with pytest.raises(TypeError, match="return_terms must be a bool"):
         distillcse.distillcse_loss(z1, z2, teachers, return_terms="yes", **kw)
+
+
+@pytest.mark.parametrize("B", [37, 70])  # the one-program kernel, the streaming Functions
+def test_inside_torch_compile(B):
+    """A training step under ``torch.compile`` calling the fused losses gets the eager losses and
+    gradients: the kernels run outside the graph (a graph break around the loss)."""
+    z1, z2, teachers, hard = make_batch(B, 24, (16,), Bh=5)
+    teacher = teachers[0].float().to(DEVICE)
+
+    def step(a, b, h):
+        e1, e2 = 2.0 * a, b + 0.5  # work around the loss for the compiler to trace
+        return (distillcse.distillcse_loss(e1, e2, teacher, hard_negatives=h, seed=5, backend="triton")
+                + distillcse.contrastive_loss(e1, e2, backend="triton")
+                + distillcse.distill_loss(e1, teacher, shuffle="expected", backend="triton"))
+
+    results = []
+    for fn in (step, torch.compile(step, backend="aot_eager")):
+        leaves = [x.float().to(DEVICE).requires_grad_() for x in (z1, z2, hard)]
+        loss = fn(*leaves)
+        results.append([loss.detach()] + list(torch.autograd.grad(loss, leaves)))
+    torch._dynamo.reset()
+    for compiled, eager in zip(results[1], results[0]):
+        assert torch.allclose(compiled, eager, rtol=1e-6, atol=1e-7)
