@@ -54,9 +54,10 @@ def _teacher_rows(teachers, weights, dtype):
 
 
 def _step_seed(seed):
-    """The 62-bit integer that keys this step's random shuffle (fresh from torch's RNG if None)."""
+    """The integer that keys this step's random shuffle: a checked int seed (64 bits) as it is,
+    62 fresh bits from a generator or, if None, from torch's RNG."""
     if isinstance(seed, int):
-        return seed & (2**64 - 1)
+        return seed
     device = seed.device if isinstance(seed, torch.Generator) else "cpu"
     return int(torch.randint(0, 2**62, (1,), generator=seed, device=device).item())
 

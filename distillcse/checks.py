@@ -87,6 +87,9 @@ def check_teacher_weights(weights, K):
 
 
 def check_positive(name, value):
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a Python number, got a tensor (pass float(...): the "
+                        "temperatures are fixed, not learned)")
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
@@ -121,7 +124,7 @@ def check_seed(seed):
         return seed
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be None, an int or a torch.Generator, got {type(seed).__name__}")
-    return int(seed)
+    return int(seed) & (2**64 - 1)  # any int, as the 64-bit key every backend uses
 
 
 def check_real(name, value):

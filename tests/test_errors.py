@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import distillcse
+from conftest import requires_triton
 
 B, D = 8, 6
 
@@ -66,6 +67,8 @@ def test_bad_seed_and_hard_negatives():
     z1, z2, t = good()
     with pytest.raises(TypeError, match="seed must be None, an int or a torch.Generator"):
         distillcse.distill_loss(z1, t, seed="42")
+    with pytest.raises(TypeError, match="temperature must be a Python number, got a tensor"):
+        distillcse.contrastive_loss(z1, z2, temperature=torch.tensor(0.05))
     with pytest.raises(ValueError, match="hard_negatives must have 6 features"):
         distillcse.contrastive_loss(z1, z2, hard_negatives=torch.randn(3, 4))
     with pytest.raises(ValueError, match="hard_negatives contains NaN"):
@@ -123,3 +126,15 @@ def test_empty_hard_negatives_are_none(backend):
                        distillcse.contrastive_loss(z1, z2, backend=backend))
     assert torch.equal(distillcse.distillcse_loss(z1, z2, t, hard_negatives=empty, seed=1, backend=backend),
                        distillcse.distillcse_loss(z1, z2, t, seed=1, backend=backend))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("triton", marks=requires_triton)])
+def test_any_int_seed_is_its_64_bit_key(backend):
+    """Seeds beyond 64 bits (a hash, say) are taken modulo 2^64 on every backend and in the
+    module form (the reference's generator overflowed on them)."""
+    z1, z2, t = good()
+    big = 2**70 + 12345
+    loss = distillcse.distillcse_loss(z1, z2, t, seed=big, backend=backend)
+    assert loss.item() == distillcse.distillcse_loss(z1, z2, t, seed=big % 2**64, backend=backend).item()
+    module = distillcse.DistillCSELoss(seed=big, backend=backend)
+    assert module(z1, z2, t).item() == distillcse.DistillCSELoss(seed=big % 2**64, backend=backend)(z1, z2, t).item()
