@@ -1,6 +1,9 @@
 """Command line: ``distillcse train``, ``distillcse sts``, ``distillcse verify`` and
 ``distillcse bench {memory,targets,train,plot}`` (or ``python -m distillcse ...``)."""
 import argparse
+import os
+
+from . import checks
 
 
 def _add_bench(sub):
@@ -28,7 +31,7 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("verify", help="compare every available backend with the reference and print a table")
     v.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    v.add_argument("--sizes", type=int, nargs="+", default=[37, 130], help="batch sizes (default: 37 130)")
+    v.add_argument("--sizes", type=checks.batch_size, nargs="+", default=[37, 130], help="batch sizes (default: 37 130)")
     from . import train
     tr = sub.add_parser("train", help="train a sentence encoder with the DistillCSE loss; STS-B dev "
                         "model selection, STS test suite at the end; resumable", description=train.__doc__,
@@ -58,6 +61,8 @@ def main(argv=None):
             run_train(args)
         else:
             from .plot import plot_results
+            if not os.path.isfile(args.csv):
+                parser.error(f"bench plot: {args.csv}: no such file")
             for path in plot_results(args.csv, args.out):
                 print(path)
 

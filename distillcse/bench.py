@@ -54,7 +54,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import contrastive_loss, distill_loss, distillcse_loss
+from . import checks, contrastive_loss, distill_loss, distillcse_loss
 from .reference import EPS
 from .tensor_memory import TensorMemory
 
@@ -712,24 +712,24 @@ def default_out_dir(suffix=""):
 
 def add_memory_arguments(p):
     p.add_argument("--what", choices=WHATS, default="full", help="which loss (default: full)")
-    p.add_argument("--D", type=int, default=None, help="student width (default: 128 on CPU, 768 on CUDA)")
-    p.add_argument("--Dt", type=int, default=None, help="width of each teacher (default: as D)")
-    p.add_argument("--K", type=int, default=2, help="number of teacher components (default: 2)")
+    p.add_argument("--D", type=checks.positive_int, default=None, help="student width (default: 128 on CPU, 768 on CUDA)")
+    p.add_argument("--Dt", type=checks.positive_int, default=None, help="width of each teacher (default: as D)")
+    p.add_argument("--K", type=checks.positive_int, default=2, help="number of teacher components (default: 2)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="embedding dtype (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--shuffle", choices=("none", "expected", "random"), default="random",
                    help="Group-P shuffle of the distillation term (default: random, the paper)")
     p.add_argument("--impl", nargs="+", choices=IMPLS, default=None, metavar="IMPL",
                    help=f"implementations, some of {', '.join(IMPLS)} (default: all; inf-cl when importable)")
-    p.add_argument("--min-batch", type=int, default=64, help="first batch size (default: 64)")
-    p.add_argument("--max-batch", type=int, default=None,
+    p.add_argument("--min-batch", type=checks.batch_size, default=64, help="first batch size (default: 64)")
+    p.add_argument("--max-batch", type=checks.batch_size, default=None,
                    help="last batch size, doubling from --min-batch (default: 1024 on CPU, 2^20 on CUDA)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per point (default: 5 on CPU, 10 on CUDA)")
+    p.add_argument("--repeats", type=checks.positive_int, default=None, help="timed runs per point (default: 5 on CPU, 10 on CUDA)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--max-memory-gib", type=float, default=None,
+    p.add_argument("--max-memory-gib", type=checks.non_negative_float, default=None,
                    help="skip points whose projected memory exceeds this many GiB; 0: no cap "
                    "(default: 4 on CPU, none on CUDA, where OOM ends a series)")
-    p.add_argument("--time-cap", type=float, default=30.0,
+    p.add_argument("--time-cap", type=checks.positive_float, default=30.0,
                    help="seconds per point; a series stops when the next point is projected beyond it (default: 30)")
     p.add_argument("--out", default=None, help="output folder (default: benchmarks/results/<timestamp>)")
     p.add_argument("--no-plot", action="store_true", help="write the CSV and the table only")
@@ -747,6 +747,8 @@ def run_memory(args, log=print):
     cap = args.max_memory_gib if args.max_memory_gib is not None else (None if cuda else 4.0)
     if cap is not None and cap <= 0:
         cap = None
+    if max_batch < args.min_batch:
+        raise SystemExit(f"--max-batch {max_batch} is below --min-batch {args.min_batch}")
     batches = batch_sizes(args.min_batch, max_batch)
     impls = args.impl or default_impls()
     out = args.out or default_out_dir()

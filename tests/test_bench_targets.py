@@ -55,6 +55,7 @@ def test_table_shows_errors_with_their_note():
 
 
 @pytest.mark.parametrize("flag", ["--divide", "--D", "--K", "--repeats"])
-def test_non_positive_settings_are_a_clear_error(flag, tmp_path):
-    with pytest.raises(SystemExit, match="--divide, --D, --K and --repeats must be positive"):
+def test_non_positive_settings_are_a_clear_error(flag, tmp_path, capsys):
+    with pytest.raises(SystemExit):
         main(["bench", "targets", flag, "0", "--device", "cpu", "--out", str(tmp_path)])
+    assert f"argument {flag}: expected a positive number, got 0" in capsys.readouterr().err

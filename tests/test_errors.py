@@ -138,3 +138,26 @@ def test_any_int_seed_is_its_64_bit_key(backend):
     assert loss.item() == distillcse.distillcse_loss(z1, z2, t, seed=big % 2**64, backend=backend).item()
     module = distillcse.DistillCSELoss(seed=big, backend=backend)
     assert module(z1, z2, t).item() == distillcse.DistillCSELoss(seed=big % 2**64, backend=backend)(z1, z2, t).item()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "memory", "--D", "0", "--out", "OUT"], "argument --D: expected a positive number, got 0"),  # was: the default D
+    (["bench", "memory", "--time-cap", "nan", "--out", "OUT"], "argument --time-cap: expected a positive number, got nan"),
+    (["bench", "memory", "--max-batch", "1", "--out", "OUT"], "argument --max-batch: expected a number >= 2, got 1"),
+    (["bench", "memory", "--min-batch", "64", "--max-batch", "32", "--out", "OUT"], "--max-batch 32 is below --min-batch 64"),
+    (["bench", "train", "--batch", "64", "1", "--out", "OUT"], "argument --batch: expected a number >= 2, got 1"),
+    (["bench", "plot", "/nonexistent/results.csv"], "bench plot: /nonexistent/results.csv: no such file"),
+    (["verify", "--sizes", "37", "1"], "argument --sizes: expected a number >= 2, got 1"),
+    (["sts", "/nonexistent/model"], "model /nonexistent/model: no such folder"),
+    (["train", "--out", "OUT", "--eval-every", "-1"], "argument --eval-every: expected a number >= 0, got -1"),
+    (["train", "--out", "OUT", "--distill-weight", "-1"], "argument --distill-weight: expected a number >= 0"),
+    (["train", "--out", "OUT", "--student", "/nonexistent/model"], "--student /nonexistent/model: no such folder"),
+])
+def test_command_line_rejects_bad_values(argv, message, tmp_path, capsys):
+    """Every command's bad option is an error naming it, before any work (no traceback, no
+    silent default, no empty results folder)."""
+    from distillcse.__main__ import main
+    with pytest.raises(SystemExit) as err:
+        main([str(tmp_path / "out") if a == "OUT" else a for a in argv])
+    assert message in str(err.value) + capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or argv[0] == "train"
