@@ -9,7 +9,8 @@ linearly to 0 (no warm-up), as SimCSE's trainer.
 
 Every ``eval_every`` steps: Spearman on STS-B dev; the best student is saved to ``OUT/best``
 (``save_pretrained``: loads with ``transformers.AutoModel``), and ``OUT/checkpoint.pt``
-(student, head, optimizer, scheduler, scaler, step, best score) is written atomically. An
+(student, head, optimizer, scheduler, scaler, step, best score) is written atomically, as it
+is every ``save_every`` steps between evaluations (a killed process loses at most those). An
 interruption (Ctrl-C, SIGTERM) writes the checkpoint before exiting; running the same command
 again resumes from it. At the end the best student is scored on STS12-16, STS-B and SICK-R
 test (``OUT/sts_test.json``, ``OUT/results.md``).
@@ -155,8 +156,8 @@ def train(args, log=print):
 
 
 # Options a resumed run may change: where and how it runs and reports, not what it trains.
-RESUME_MAY_CHANGE = {"command", "out", "device", "backend", "no_progress", "eval_every", "dev_pairs", "test",
-                     "test_pairs"}
+RESUME_MAY_CHANGE = {"command", "out", "device", "backend", "no_progress", "eval_every", "save_every", "dev_pairs",
+                     "test", "test_pairs"}
 
 
 def _check_resume_settings(saved, now, ckpt_path):
@@ -309,6 +310,8 @@ def _train(args, log, device, rank, world):
                         dist.barrier()
                 else:
                     bar.set_postfix(loss=f"{loss.item():.3f}")
+                    if args.save_every and (step + 1) % args.save_every == 0:
+                        save_checkpoint()
                 writer.writerow(row)
                 log_file.flush()
                 bar.update(1)
@@ -365,6 +368,8 @@ def add_train_arguments(p):
     p.add_argument("--max-steps", type=checks.positive_int, default=5000)
     p.add_argument("--eval-every", type=checks.non_negative_int, default=125, help="STS-B dev evaluation period in steps (0: never; "
                    "the last student is kept)")
+    p.add_argument("--save-every", type=checks.non_negative_int, default=500, help="also write the checkpoint "
+                   "every N steps between evaluations (0: at evaluations, interruptions and the end only)")
     p.add_argument("--dev-pairs", type=checks.positive_int, default=None, help="score only the first N STS-B dev pairs")
     p.add_argument("--no-test", dest="test", action="store_false", help="skip the final STS test suite")
     p.add_argument("--test-pairs", type=checks.positive_int, default=None, help="score only each test task's first N pairs")

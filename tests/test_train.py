@@ -116,6 +116,29 @@ def test_train_resumes_exactly_after_an_interruption(tmp_path, sentences, monkey
     assert best.config.num_hidden_layers == 2
 
 
+def test_checkpoint_between_evaluations(tmp_path, sentences, monkeypatch):
+    """Without evaluations a process killed mid-run (no KeyboardInterrupt to catch) keeps the
+    checkpoint of its last --save-every step, and the same command resumes from it."""
+    real_loss, calls = train.distillcse_loss, []
+
+    def killed_at_fourth_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("killed")
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train, "distillcse_loss", killed_at_fourth_step)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="killed"):
+        train.train(_args(out, sentences, eval_every=0, save_every=2), log=lambda *a: None)
+    assert torch.load(os.path.join(out, train.CHECKPOINT))["state"]["step"] == 2
+    monkeypatch.setattr(train, "distillcse_loss", real_loss)
+    messages = []
+    train.train(_args(out, sentences, eval_every=0, save_every=2), log=messages.append)
+    assert any("resumed" in m and "step 2" in m for m in messages)
+    assert torch.load(os.path.join(out, train.CHECKPOINT))["state"]["step"] == 4
+
+
 def test_resume_refuses_other_settings(tmp_path, sentences):
     """The same --out with a different loss or schedule is not silently resumed; options about
     where and how the run reports may change."""
