@@ -157,12 +157,11 @@ class SmallBatchFused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z1, y, t, kernel_args, need_grad):
-        losses, dz1, dy = small_batch_loss(z1, y, t, need_grad=need_grad, **kernel_args)
+        loss, terms, dz1, dy = small_batch_loss(z1, y, t, need_grad=need_grad, **kernel_args)
         ctx.save_for_backward(dz1, dy)
-        terms = losses[1:]
         ctx.mark_non_differentiable(terms)
         ctx.set_materialize_grads(False)  # no zeros for the terms' gradient
-        return losses[0], terms
+        return loss, terms
 
     @staticmethod
     @once_differentiable

@@ -121,7 +121,8 @@ def _small_batch_kernel(
     p_x,  # [B, D] view-1 rows z1, raw, row stride s_x
     p_y,  # [N, D] contrastive columns (z2, then hard negatives), raw, row stride s_y
     p_t,  # [B, Dt] teacher rows, raw (NORM_T) or normalised and weighted, row stride s_t
-    p_loss,  # [3] fp32 out: w_cl L_cl + w_kd L_kd, L_cl, L_kd
+    p_loss,  # [] fp32 out: w_cl L_cl + w_kd L_kd
+    p_terms,  # [2] fp32 out: L_cl, L_kd
     p_dx,  # [B, D] out in x's dtype: d(loss)/dz1 (WRITE_GRAD)
     p_dy,  # [N, D] out in y's dtype: d(loss)/dy (WRITE_GRAD)
     B, N, D, Dt, s_x, s_y, s_t, s_dx, s_dy,
@@ -238,8 +239,8 @@ def _small_batch_kernel(
     b_cl_mean = tl.sum(b_cl_rows, axis=0) / B
     b_kd_mean = tl.sum(b_kd_rows, axis=0) / B
     tl.store(p_loss, w_cl * b_cl_mean + w_kd * b_kd_mean)
-    tl.store(p_loss + 1, b_cl_mean)
-    tl.store(p_loss + 2, b_kd_mean)
+    tl.store(p_terms, b_cl_mean)
+    tl.store(p_terms + 1, b_kd_mean)
     if WRITE_GRAD:
         b_coef_x = b_coef_x * b_rx * b_rx
         for i_d in range(0, tl.cdiv(D, BD_GRAD)):
@@ -266,9 +267,9 @@ def fits(B: int, N: int = 0) -> bool:
 def small_batch_loss(x, y, t, *, cl_scale=1.0, student_scale=1.0, teacher_scale=1.0, grouping_scale=1.0,
                      group_p=0.1, group_size=None, n_groups=1, shuffle="none", step_seed=None,
                      w_cl=1.0, w_kd=1.0, normalize_teacher=True, need_grad=False):
-    """``(losses, dx, dy)``: ``losses`` [3] fp32 = (``w_cl L_cl + w_kd L_kd``, ``L_cl``, ``L_kd``;
-    a missing term is 0) and, with ``need_grad``, the gradients of the first, ``dx`` [B, D] and
-    ``dy`` [N, D] in x's dtype (else None).
+    """``(loss, terms, dx, dy)``: ``loss`` [] fp32 ``w_cl L_cl + w_kd L_kd``, ``terms`` [2] fp32
+    (``L_cl``, ``L_kd``; a missing term is 0; separate tensors, so that the loss is no view) and,
+    with ``need_grad``, the loss's gradients ``dx`` [B, D] and ``dy`` [N, D] in x's dtype (else None).
 
     x [B, D] z1 (the student); y [N, D] the contrastive columns or None (no contrastive term);
     t [B, Dt] teacher rows (raw with ``normalize_teacher``, else normalised and weighted) or
@@ -300,17 +301,18 @@ def small_batch_loss(x, y, t, *, cl_scale=1.0, student_scale=1.0, teacher_scale=
         PREC=prec, PREC_T=prec_t, PREC_GRAD=prec if x.dtype == torch.float32 else "tf32",
         BITS=BB.bit_length(), num_warps=8,
     )
-    loss = torch.empty(3, device=x.device, dtype=torch.float32)
+    loss = torch.empty((), device=x.device, dtype=torch.float32)
+    terms = torch.empty(2, device=x.device, dtype=torch.float32)
     dx = torch.empty_like(x) if need_grad else None
     dy = torch.empty_like(y) if need_grad and contrastive else None
     _small_batch_kernel[(1,)](
-        x, y, t, loss, x if dx is None else dx, x if dy is None else dy, B, N, D, t.shape[1],
+        x, y, t, loss, terms, x if dx is None else dx, x if dy is None else dy, B, N, D, t.shape[1],
         x.stride(0), y.stride(0), t.stride(0), D if dx is None else dx.stride(0), D if dy is None else dy.stride(0),
         float(cl_scale), float(student_scale), float(teacher_scale), float(grouping_scale),
         float(1.0 if group_size is not None else group_p), float(group_size or 1), int(n_groups),
         _int32_bits(seed & 0xFFFFFFFF), _int32_bits((seed >> 32) & 0xFFFFFFFF), float(w_cl), float(w_kd),
         **meta)
-    return loss, dx, dy
+    return loss, terms, dx, dy
 
 
 def _int32_bits(v: int) -> int:

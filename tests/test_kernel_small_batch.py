@@ -64,15 +64,15 @@ def _check(x, y, t, *, shuffle="none", group_p=0.1, group_size=None, step_seed=N
     B = x.shape[0]
     kwargs = dict(SCALES, group_p=group_p, group_size=group_size, n_groups=num_groups(B, group_p, group_size),
                   shuffle=shuffle, step_seed=step_seed, w_cl=w_cl, w_kd=w_kd)
-    losses, no_dx, no_dy = small_batch_loss(x, y, t, **kwargs)
+    loss, terms, no_dx, no_dy = small_batch_loss(x, y, t, **kwargs)
     assert no_dx is None and no_dy is None
-    losses_too, dx, dy = small_batch_loss(x, y, t, need_grad=True, **kwargs)
-    assert torch.equal(losses_too, losses)
+    loss_too, terms_too, dx, dy = small_batch_loss(x, y, t, need_grad=True, **kwargs)
+    assert torch.equal(loss_too, loss) and torch.equal(terms_too, terms)
     want, grads, want_terms = _expected(x, y, t, shuffle=shuffle, group_p=group_p, group_size=group_size,
                                         step_seed=step_seed, w_cl=w_cl, w_kd=w_kd)
     tol_loss, tol_grad, atol = TOL[x.dtype]
-    assert losses.dtype == torch.float32 and losses.shape == (3,)
-    for got, ref in zip(losses, (want,) + want_terms):  # the loss, L_cl, L_kd
+    assert loss.dtype == terms.dtype == torch.float32 and loss.shape == () and terms.shape == (2,)
+    for got, ref in zip([loss, *terms], (want,) + want_terms):  # the loss, L_cl, L_kd
         assert abs(got.double().item() - ref.item()) <= tol_loss * max(1.0, abs(ref.item()))
     for got, ref in zip((dx, dy), grads):
         assert got.dtype == x.dtype and got.shape == ref.shape
@@ -101,9 +101,9 @@ def test_random_shuffle_follows_the_seed():
     for seed in (0, 1, 2**40 + 5):
         _check(x, None, t, shuffle="random", step_seed=seed, w_kd=1.0)
     kw = dict(SCALES, n_groups=10, shuffle="random", w_cl=0.0)
-    a = small_batch_loss(x, None, t, step_seed=5, **kw)[0][0]
-    assert a.item() == small_batch_loss(x, None, t, step_seed=5, **kw)[0][0].item()
-    assert a.item() != small_batch_loss(x, None, t, step_seed=6, **kw)[0][0].item()
+    a = small_batch_loss(x, None, t, step_seed=5, **kw)[0]
+    assert a.item() == small_batch_loss(x, None, t, step_seed=5, **kw)[0].item()
+    assert a.item() != small_batch_loss(x, None, t, step_seed=6, **kw)[0].item()
 
 
 def test_single_terms_weights_strides_and_zero_rows():
@@ -121,10 +121,10 @@ def test_prenormalised_teacher_rows():
     unit = lambda a: a / a.norm(dim=1, keepdim=True)  # noqa: E731
     rows = torch.cat([0.8 ** 0.5 * unit(e1), 0.2 ** 0.5 * unit(e2)], dim=1)
     kw = dict(SCALES, n_groups=10, shuffle="expected", w_cl=0.0)
-    got = small_batch_loss(x, None, rows, normalize_teacher=False, **kw)[0][0]
-    assert abs(got.item() - small_batch_loss(x, None, rows, **kw)[0][0].item()) < 1e-5  # unit rows already
+    got = small_batch_loss(x, None, rows, normalize_teacher=False, **kw)[0]
+    assert abs(got.item() - small_batch_loss(x, None, rows, **kw)[0].item()) < 1e-5  # unit rows already
     rows[0] *= 0.5  # a row of norm 1/2 now: the kernel must keep it
-    assert abs(small_batch_loss(x, None, rows, normalize_teacher=False, **kw)[0][0].item() - got.item()) > 1e-4
+    assert abs(small_batch_loss(x, None, rows, normalize_teacher=False, **kw)[0].item() - got.item()) > 1e-4
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

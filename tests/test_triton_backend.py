@@ -282,3 +282,18 @@ def test_inside_torch_compile(B):
     torch._dynamo.reset()
     for compiled, eager in zip(results[1], results[0]):
         assert torch.allclose(compiled, eager, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("B", [8, 70])  # the one-program kernel, the streaming Functions
+def test_loss_takes_in_place_arithmetic(B):
+    """``loss /= accumulation_steps`` (gradient accumulation) works on every entry point: the
+    loss is no view of a buffer that also holds the terms."""
+    z1, z2, teachers, _ = make_batch(B, 16, (8,))
+    teacher = teachers[0].float().to(DEVICE)
+    for name in ("contrastive", "distill", "distillcse"):
+        leaf = z1.float().to(DEVICE).requires_grad_()
+        loss = _streamed_losses(leaf, z2.float().to(DEVICE), teacher, "triton")[name]
+        value = loss.item()
+        loss /= 4
+        loss.backward()
+        assert loss.item() == pytest.approx(value / 4) and torch.isfinite(leaf.grad).all()
