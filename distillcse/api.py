@@ -177,6 +177,20 @@ def distill_loss(student, teachers, *, student_temperature=0.025, teacher_temper
     return _distill(student, teachers, options, resolve_backend(backend, student))
 
 
+def _check_total_options(temperature, distill_weight, distill_only, return_terms):
+    """The keywords :func:`distillcse_loss` adds to the two terms'; (temperature, distill_weight)."""
+    temperature = checks.check_positive("temperature", temperature)
+    distill_weight = checks.check_real("distill_weight", distill_weight)
+    if distill_weight < 0:
+        raise ValueError(f"distill_weight must be >= 0 (0 is SimCSE), got {distill_weight!r}")
+    for name, flag in (("distill_only", distill_only), ("return_terms", return_terms)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    if distill_only and distill_weight == 0:
+        raise ValueError("distill_only=True with distill_weight=0 leaves no loss to train on")
+    return temperature, distill_weight
+
+
 def distillcse_loss(z1, z2, teachers, *, temperature=0.05, distill_weight=1.0, distill_only=False,
                     hard_negatives=None, student_temperature=0.025, teacher_temperature=0.0125,
                     group_p=0.1, group_size=None, grouping_temperature=1.0, shuffle="random",
@@ -188,16 +202,7 @@ def distillcse_loss(z1, z2, teachers, *, temperature=0.05, distill_weight=1.0, d
     ``distill_only``) and ``terms["distill"]`` (L_kd, unweighted), detached 0-dim tensors for
     logging (no host sync; every backend has them from the same pass)."""
     named, hard_negatives = _check_views(z1, z2, hard_negatives)
-    temperature = checks.check_positive("temperature", temperature)
-    distill_weight = checks.check_real("distill_weight", distill_weight)
-    if distill_weight < 0:
-        raise ValueError(f"distill_weight must be >= 0 (0 is SimCSE), got {distill_weight!r}")
-    if not isinstance(distill_only, bool):
-        raise TypeError(f"distill_only must be a bool, got {type(distill_only).__name__}")
-    if distill_only and distill_weight == 0:
-        raise ValueError("distill_only=True with distill_weight=0 leaves no loss to train on")
-    if not isinstance(return_terms, bool):
-        raise TypeError(f"return_terms must be a bool, got {type(return_terms).__name__}")
+    temperature, distill_weight = _check_total_options(temperature, distill_weight, distill_only, return_terms)
     named_teachers = checks.check_teachers(teachers, z1)
     checks.check_finite(named + named_teachers)
     teachers = [e for _, e in named_teachers]
@@ -247,7 +252,8 @@ class DistillCSELoss(torch.nn.Module):
         _distill_options(*(kwargs.get(k, distillcse_loss.__kwdefaults__[k]) for k in (
             "student_temperature", "teacher_temperature", "group_p", "group_size",
             "grouping_temperature", "shuffle")), None, None, 1)
-        checks.check_positive("temperature", kwargs.get("temperature", 0.05))
+        _check_total_options(*(kwargs.get(k, distillcse_loss.__kwdefaults__[k]) for k in (
+            "temperature", "distill_weight", "distill_only", "return_terms")))
 
     def forward(self, z1, z2, teachers, hard_negatives=None):
         return distillcse_loss(z1, z2, teachers, hard_negatives=hard_negatives, **self.kwargs)

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from . import checks, sts
-from .api import distillcse_loss
+from .api import DistillCSELoss, distillcse_loss
 from .distributed import all_gather
 from .bench_train import default_sentences_path, minilm_path
 
@@ -54,7 +54,7 @@ def load_encoder(name, pooling, max_length=128, option="model"):
     try:
         model = transformers.AutoModel.from_pretrained(name, dtype=torch.float32)   # fp32 weights; AMP casts
         tokenizer = transformers.AutoTokenizer.from_pretrained(name)
-    except OSError as err:
+    except (OSError, ValueError) as err:   # ValueError: a folder without a model's config.json
         raise SystemExit(f"{option} {name}: not loadable (a folder saved with save_pretrained, or a "
                          f"Hugging Face model name reachable from here): {err}") from err
     return sts.Encoder(model, tokenizer, pooling=pooling, max_length=max_length)
@@ -156,8 +156,7 @@ def train(args, log=print):
 
 
 # Options a resumed run may change: where and how it runs and reports, not what it trains.
-RESUME_MAY_CHANGE = {"command", "out", "device", "backend", "no_progress", "eval_every", "save_every", "dev_pairs",
-                     "test", "test_pairs"}
+RESUME_MAY_CHANGE = {"command", "out", "device", "no_progress", "eval_every", "save_every", "test", "test_pairs"}
 
 
 def _check_resume_settings(saved, now, ckpt_path):
@@ -177,7 +176,20 @@ def _train(args, log, device, rank, world):
     if not main:
         log = lambda *a, **k: None                               # noqa: E731
     amp_dtype = _amp_dtype(args.amp, device)
-    os.makedirs(args.out, exist_ok=True)
+    loss_options = dict(temperature=args.temperature, student_temperature=args.student_temperature,
+                        teacher_temperature=args.teacher_temperature, distill_weight=args.distill_weight,
+                        distill_only=args.distill_only, group_p=args.group_p, shuffle=args.shuffle,
+                        backend=args.backend)
+    try:
+        DistillCSELoss(**loss_options)                          # checked before anything loads
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"loss settings: {err}") from err
+    corpus = read_corpus(args.sentences or default_sentences_path())
+    steps_per_epoch = len(corpus) // args.batch_size
+    if steps_per_epoch < 1:
+        raise SystemExit(f"--batch-size {args.batch_size}: larger than the corpus ({len(corpus)} sentences)")
+    if args.batch_size < world:
+        raise SystemExit(f"--batch-size {args.batch_size}: the global batch needs a row on each of {world} ranks")
 
     student = load_encoder(args.student or minilm_path("--student NAME"), args.pooling, option="--student")
     if args.student_layers:
@@ -188,7 +200,7 @@ def _train(args, log, device, rank, world):
     student.model.to(device).train()
     for t in teachers:
         t.model.to(device).eval().requires_grad_(False)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed % 2**64)
     head = MLPHead(student.model.config.hidden_size).to(device) if args.mlp_head else None
     params = list(student.model.parameters()) + (list(head.parameters()) if head else [])
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -199,20 +211,11 @@ def _train(args, log, device, rank, world):
         encode = ddp(student.model, device_ids=ids, find_unused_parameters=True)   # the unused pooler
         project = ddp(head, device_ids=ids) if head is not None else None
 
-    corpus = read_corpus(args.sentences or default_sentences_path())
-    steps_per_epoch = len(corpus) // args.batch_size
-    if steps_per_epoch < 1:
-        raise SystemExit(f"--batch-size {args.batch_size}: larger than the corpus ({len(corpus)} sentences)")
-    if args.batch_size < world:
-        raise SystemExit(f"--batch-size {args.batch_size}: the global batch needs a row on each of {world} ranks")
     total = min(args.max_steps, steps_per_epoch * args.epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / total))
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
-    loss_options = dict(temperature=args.temperature, student_temperature=args.student_temperature,
-                        teacher_temperature=args.teacher_temperature, distill_weight=args.distill_weight,
-                        distill_only=args.distill_only, group_p=args.group_p, shuffle=args.shuffle,
-                        backend=args.backend)
 
+    os.makedirs(args.out, exist_ok=True)
     state = {"step": 0, "best_dev": -math.inf, "best_step": None}
     ckpt_path = os.path.join(args.out, CHECKPOINT)
     if os.path.exists(ckpt_path):
@@ -275,7 +278,7 @@ def _train(args, log, device, rank, world):
             while state["step"] < total:
                 step = state["step"]
                 step_seed = args.seed * 1_000_003 + step          # data, dropout and shuffle: a resumed
-                torch.manual_seed(step_seed * world + rank)        # run repeats the same steps
+                torch.manual_seed((step_seed * world + rank) % 2**64)   # run repeats the same steps
                 batch = sentences_at(step)
                 batch = batch[rank * len(batch) // world:(rank + 1) * len(batch) // world]   # this rank's rows
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):

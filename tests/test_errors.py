@@ -82,6 +82,12 @@ def test_module_rejects_unknown_keywords_and_bad_options():
         distillcse.DistillCSELoss(shuffle="all")
     with pytest.raises(ValueError, match="group_p must be in"):
         distillcse.DistillCSELoss(group_p=2)
+    with pytest.raises(ValueError, match="distill_weight must be >= 0"):
+        distillcse.DistillCSELoss(distill_weight=-1.0)
+    with pytest.raises(ValueError, match="leaves no loss"):
+        distillcse.DistillCSELoss(distill_only=True, distill_weight=0.0)
+    with pytest.raises(TypeError, match="return_terms must be a bool"):
+        distillcse.DistillCSELoss(return_terms="yes")
 
 
 def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
@@ -132,12 +138,13 @@ def test_empty_hard_negatives_are_none(backend):
 def test_any_int_seed_is_its_64_bit_key(backend):
     """Seeds beyond 64 bits (a hash, say) are taken modulo 2^64 on every backend and in the
     module form (the reference's generator overflowed on them)."""
-    z1, z2, t = good()
-    big = 2**70 + 12345
-    loss = distillcse.distillcse_loss(z1, z2, t, seed=big, backend=backend)
-    assert loss.item() == distillcse.distillcse_loss(z1, z2, t, seed=big % 2**64, backend=backend).item()
-    module = distillcse.DistillCSELoss(seed=big, backend=backend)
-    assert module(z1, z2, t).item() == distillcse.DistillCSELoss(seed=big % 2**64, backend=backend)(z1, z2, t).item()
+    g = torch.Generator().manual_seed(0)
+    z1, z2, t = (torch.randn(70, d, generator=g) for d in (D, D, 5))  # 70 rows: the shuffle moves the loss
+    loss = lambda seed: distillcse.distillcse_loss(z1, z2, t, seed=seed, backend=backend).item()  # noqa: E731
+    module = lambda seed: distillcse.DistillCSELoss(seed=seed, backend=backend)(z1, z2, t).item()  # noqa: E731
+    for big in (2**70 + 12345, 2**64 - 1, -1):
+        assert loss(big) == loss(big % 2**64) and module(big) == module(big % 2**64)
+    assert loss(2**70 + 12345) != loss(2**70 + 12346)
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -152,6 +159,8 @@ def test_any_int_seed_is_its_64_bit_key(backend):
     (["train", "--out", "OUT", "--eval-every", "-1"], "argument --eval-every: expected a number >= 0, got -1"),
     (["train", "--out", "OUT", "--distill-weight", "-1"], "argument --distill-weight: expected a number >= 0"),
     (["train", "--out", "OUT", "--student", "/nonexistent/model"], "--student /nonexistent/model: no such folder"),
+    (["train", "--out", "OUT", "--group-p", "2"], "loss settings: group_p must be in (0, 1], got 2.0"),
+    (["train", "--out", "OUT", "--distill-only", "--distill-weight", "0"], "loss settings: distill_only=True"),
 ])
 def test_command_line_rejects_bad_values(argv, message, tmp_path, capsys):
     """Every command's bad option is an error naming it, before any work (no traceback, no
@@ -160,4 +169,11 @@ def test_command_line_rejects_bad_values(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         main([str(tmp_path / "out") if a == "OUT" else a for a in argv])
     assert message in str(err.value) + capsys.readouterr().err
-    assert not (tmp_path / "out").exists() or argv[0] == "train"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_without_a_model_is_named(tmp_path):
+    """A folder that is no saved model (a run's OUT instead of OUT/best, say) exits naming it."""
+    from distillcse.__main__ import main
+    with pytest.raises(SystemExit, match=f"model {tmp_path}: not loadable"):
+        main(["sts", str(tmp_path)])

@@ -146,8 +146,10 @@ def test_resume_refuses_other_settings(tmp_path, sentences):
     train.train(_args(out, sentences, max_steps=2), log=lambda *a: None)
     with pytest.raises(SystemExit, match=r"--distill-weight 1.0 there, 0.0 now; --max-steps 2 there, 4 now"):
         train.train(_args(out, sentences, distill_weight=0), log=lambda *a: None)
+    with pytest.raises(SystemExit, match=r"--backend 'auto' there, 'reference' now"):  # its own random shuffle
+        train.train(_args(out, sentences, max_steps=2, backend="reference"), log=lambda *a: None)
     messages = []
-    train.train(_args(out, sentences, max_steps=2, eval_every=1, backend="reference"), log=messages.append)
+    train.train(_args(out, sentences, max_steps=2, eval_every=1, save_every=0), log=messages.append)
     assert any("resumed" in m and "step 2" in m for m in messages)
 
 
