@@ -748,7 +748,8 @@ def run_memory(args, log=print):
     if cap is not None and cap <= 0:
         cap = None
     if max_batch < args.min_batch:
-        raise SystemExit(f"--max-batch {max_batch} is below --min-batch {args.min_batch}")
+        default = "" if args.max_batch else f" (the default on {device.type.upper()})"
+        raise SystemExit(f"--max-batch {max_batch}{default} is below --min-batch {args.min_batch}")
     batches = batch_sizes(args.min_batch, max_batch)
     impls = args.impl or default_impls()
     out = args.out or default_out_dir()

@@ -43,9 +43,12 @@ if __name__ == "kernels":
     import os
     import sys
 
-    _checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    _path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _checkout]
+    _here = os.path.realpath(__file__)
+    _checkout = os.path.dirname(os.path.dirname(_here))
+    _path = [p for p in sys.path if os.path.realpath(p or os.curdir) != _checkout]  # links too
     _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
+    if _spec is not None and _spec.origin and os.path.realpath(_spec.origin) == _here:
+        _spec = None  # this folder again, by another path
     if _spec is None or _spec.loader is None:
         _spec = importlib.machinery.ModuleSpec("kernels", None, is_package=True)
         _spec.submodule_search_locations = []

@@ -37,6 +37,17 @@ def test_bare_kernels_is_not_this_checkout(hide_installed):
         assert found == "empty"
 
 
+@pytest.mark.parametrize("hide_installed", [False, True])
+def test_bare_kernels_through_a_link_to_the_checkout(hide_installed, tmp_path):
+    """The checkout reached through a symbolic link as well (it recursed without end)."""
+    link = tmp_path / "checkout"
+    link.symlink_to(ROOT)
+    found = _run(f"HIDE_INSTALLED = {hide_installed}\nimport sys; sys.path.insert(0, {str(link)!r})" + PROBE)
+    assert not found.startswith((os.path.join(ROOT, "kernels"), str(link))), found
+    if hide_installed:
+        assert found == "empty"
+
+
 def test_distillcse_kernels_from_the_checkout_root():
     found = _run("import os, distillcse.kernels.contrastive as c; print(os.path.abspath(c.__file__))")
     assert found == os.path.join(ROOT, "kernels", "contrastive.py")
