@@ -238,7 +238,7 @@ def _row_bytes(G1, lanes, collect):
     """Bytes of host temporaries per row of a search pass with ``lanes`` probe points and G1
     boundaries, collecting or not (an upper estimate, measured with ``distillcse.tensor_memory``
     in ``tests/test_memory_plan.py``)."""
-    return 160 * lanes + 400 * G1 + (4 * BUFFER * G1 if collect else 0)
+    return 160 * lanes + 660 * G1 + (4 * BUFFER * G1 if collect else 0)  # 256 B of G1: the inverse cubic
 
 
 def _kernel_probes(t, rt, lse_g, grouping_scale, G1, fixed, budget_bytes=None):
@@ -409,26 +409,25 @@ def _inverse_cubic(xs, ms, i_pass, target):
     through the sorted probe points i_pass - 1 .. i_pass + 2 (NaN unless their measures
     strictly decrease and the estimate falls between the middle two)."""
     BP = xs.shape[1]
-    nodes, valid = [], torch.ones_like(i_pass, dtype=torch.bool)
-    for d in (-1, 0, 1, 2):
-        i = i_pass + d
-        valid &= (i >= 0) & (i < BP)
-        i = i.clamp(0, BP - 1)
-        nodes.append((xs.gather(1, i).double(), ms.gather(1, i).double()))
-    for (_, m0), (_, m1) in zip(nodes[:-1], nodes[1:]):
-        valid &= m0 > m1
-    y = target.double()
-    est = slope = 0.0
-    for i, (x_i, m_i) in enumerate(nodes):
-        basis, d_basis = 1.0, 0.0  # Lagrange basis polynomial i and its derivative at y
-        for k, (_, m_k) in enumerate(nodes):
-            if k != i:
-                d_basis = d_basis * (y - m_k) / (m_i - m_k) + basis / (m_i - m_k)
-                basis = basis * (y - m_k) / (m_i - m_k)
-        est, slope = est + x_i * basis, slope + x_i * d_basis
-    valid &= (est >= nodes[1][0]) & (est <= nodes[2][0]) & (slope < 0)
+    i = i_pass[..., None] + torch.arange(-1, 3, device=i_pass.device)  # [R, G1, 4] the nodes
+    valid = ((i >= 0) & (i < BP)).all(-1)
+    i = i.clamp(0, BP - 1).flatten(1)
+    x, m = (v.gather(1, i).double().view(*i_pass.shape, 4) for v in (xs, ms))  # [R, G1, 4]
+    del i  # under a memory budget every [R, G1, ...] temporary counts
+    valid &= (m[..., :-1] > m[..., 1:]).all(-1)
+    # Lagrange basis i at y: prod_{k != i} f_ik, f_ik = (y - m_k) / (m_i - m_k) (f_ii = 1); its
+    # derivative: sum_{k != i} (prod of the other two factors) / (m_i - m_k)
+    eye = torch.eye(4, dtype=torch.bool, device=m.device)
+    diff = (m[..., :, None] - m[..., None, :]).masked_fill_(eye, 1.0)  # [R, G1, 4 (i), 4 (k)]
+    f = ((target.double()[..., None, None] - m[..., None, :]) / diff).masked_fill_(eye, 1.0)
+    f0, f1, f2, f3 = f.unbind(-1)  # [R, G1, 4 (i)] each
+    f01, f23 = f0 * f1, f2 * f3
+    basis = f01 * f23
+    d0, d1, d2, d3 = diff.masked_fill_(eye, math.inf).unbind(-1)  # k = i: no term
+    d_basis = f1 * f23 / d0 + f0 * f23 / d1 + f01 * f3 / d2 + f01 * f2 / d3
+    est, slope = (x * basis).sum(-1), (x * d_basis).sum(-1)
+    valid &= (est >= x[..., 1]) & (est <= x[..., 2]) & (slope < 0)
     return (torch.where(valid, est, math.nan).float(), torch.where(valid, -slope, math.nan).float())
-
 
 def _place(s, lanes, rule, lse):
     """Probe points x [R, lanes], windows (wlo, whi) [R, G1] and the index of the point at each
