@@ -501,7 +501,8 @@ def _gib(nbytes):
 
 def batch_sizes(min_batch, max_batch):
     if min_batch < 2 or max_batch < min_batch:
-        raise ValueError(f"need 2 <= --min-batch <= --max-batch, got {min_batch} and {max_batch}")
+        raise SystemExit(f"need 2 <= --min-batch <= --max-batch (default 1024 on CPU, 2^20 on CUDA), "
+                         f"got {min_batch} and {max_batch}")
     sizes, B = [], min_batch
     while B <= max_batch:
         sizes.append(B)
@@ -747,9 +748,6 @@ def run_memory(args, log=print):
     cap = args.max_memory_gib if args.max_memory_gib is not None else (None if cuda else 4.0)
     if cap is not None and cap <= 0:
         cap = None
-    if max_batch < args.min_batch:
-        default = "" if args.max_batch else f" (the default on {device.type.upper()})"
-        raise SystemExit(f"--max-batch {max_batch}{default} is below --min-batch {args.min_batch}")
     batches = batch_sizes(args.min_batch, max_batch)
     impls = args.impl or default_impls()
     out = args.out or default_out_dir()

@@ -429,6 +429,7 @@ def _inverse_cubic(xs, ms, i_pass, target):
     valid &= (est >= x[..., 1]) & (est <= x[..., 2]) & (slope < 0)
     return (torch.where(valid, est, math.nan).float(), torch.where(valid, -slope, math.nan).float())
 
+
 def _place(s, lanes, rule, lse):
     """Probe points x [R, lanes], windows (wlo, whi) [R, G1] and the index of the point at each
     window's top (whi)."""
