@@ -76,7 +76,7 @@ def distill(B, D, dtype, teacher_dtype):
     slab's gradient into dx (and lo) and its unpacking; and in kernels/group_partition.py the
     probe pass of the threshold search over 4096 rows (the first pass's grid of 64 points, and
     a later pass's 16 points with windows, then the settling of those windows; by mass and
-    fixed size) and the group means pass.
+    fixed size), the pairwise thresholds (by mass and fixed size) and the group means pass.
     The slab launcher builds its tables from kernel results and the search loops on them, so
     those kernels are called directly."""
     from distillcse.kernels import distill as K
@@ -121,6 +121,8 @@ def distill(B, D, dtype, teacher_dtype):
                    torch.empty(4096, 16, dtype=torch.int32 if fixed else torch.float32), torch.empty(4096, 16),
                    torch.empty(4096, n_thr, dtype=torch.int32), torch.empty(4096, n_thr, GP.BUFFER),
                    GP._Rule(n_thr, 0.1, 100 if fixed else None, 1.0, "cpu"), r[:4096])
+    for group_size in (None, 100):  # the pairwise thresholds (G - 1 = 9; fixed size: B // 100)
+        GP.group_thresholds(t, r, r, r, r, 1.0, group_p=0.1, group_size=group_size, method="pairwise")
     GP.group_means(t, r, r, thr, 80.0)
 
 

@@ -7,6 +7,7 @@
 #          every kernel variant JIT-compiles; the training tests skip there: no MiniLM package)
 #       3. `distillcse verify` (bf16/fp16/fp32 table)
 #   bash benchmarks/gpu_run.sh sweep   (~5 min) `bench memory` sweeps for the README's plots, packed
+#   bash benchmarks/gpu_run.sh thresholds   (~2 min) Group-P search vs pairwise kernel (PAIRWISE_MAX_B)
 #   bash benchmarks/gpu_run.sh train   (~8 min) `distillcse train` of a 3-layer MiniLM student (DistillCSE
 #       and SimCSE, 40k sentences) and `bench train`; first, here: python benchmarks/pack_carry.py; carry .carry
 # Each stage has its own time limit, so a slow one costs its limit and the rest still run.
@@ -40,6 +41,9 @@ case "$MODE" in
     done
     tar -czf "$OUT/sweep.tgz" -C /tmp sweep
     ;;
+  thresholds)
+    stage 240 thresholds.md python3 benchmarks/time_thresholds.py
+    ;;
   train)
     export DISTILLCSE_MINILM=$PWD/.carry/minilm DISTILLCSE_STS_DIR=$PWD/.carry/sts
     for run in distillcse:1 simcse:0; do
@@ -50,5 +54,5 @@ case "$MODE" in
       --out /tmp/train/bench_train
     tar -czf "$OUT/train.tgz" --exclude='*.pt' --exclude='*.safetensors' --exclude='*.bin' -C /tmp train
     ;;
-  *) echo "usage: bash benchmarks/gpu_run.sh check | sweep | train"; exit 2 ;;
+  *) echo "usage: bash benchmarks/gpu_run.sh check | sweep | thresholds | train"; exit 2 ;;
 esac

@@ -36,6 +36,12 @@ computes t through ``teacher_logits``, one expression in one operation order
 (``dot * rt_i * rt_j``), so two kernels' values can differ only where their dots sum in
 another order or the tile is transposed. On real MiniLM sentence embeddings the search takes
 2-4 passes from B = 256 to 65,536 (``benchmarks/group_search_passes.py``).
+Up to ``PAIRWISE_MAX_B`` rows ``group_thresholds`` takes another way, with no host
+bookkeeping: ``_pairwise_brackets_kernel`` computes every value's exact measure by comparing
+it with every other value of its row (B^3 comparisons, the column tiles' dots recomputed per
+tile of values), and per boundary the largest value that passes (hd) and the smallest that
+fails (hu) with atomics; thr is again mid-gap. Two launches and two fills, no host sync,
+extra memory [B, G - 1].
 ``group_means`` then averages the targets ``q_ij`` over each group in one pass.
 """
 import math
@@ -57,6 +63,7 @@ OUTER = 3.0  # probe points beyond a window sit at OUTER**k half-widths from its
 CHUNK_VALUES = 1 << 24  # a launch that collects covers at most this many buffer slots
 MIN_CHUNK_ROWS = 64  # a row chunk under a memory budget has at least this many rows
 SPLIT_PROGRAMS = 1024  # a launch over few rows splits the columns up to about this many programs
+PAIRWISE_MAX_B = 1024  # "auto" compares every pair up to this B (B^3 work; see benchmarks/NOTES.md)
 STATS_MARGIN = 1e-3  # the bracket starts at [t_min - margin, t_max + margin]: the row statistics
 # may come from another summation order or precision (the search itself never needs them exact)
 
@@ -183,6 +190,83 @@ def _group_means_kernel(
              mask=m_m[:, None] & (o_g < G)[None, :])
 
 
+@triton.jit
+def _pairwise_brackets_kernel(
+    p_t,  # [B, Dt] teacher rows, row stride s_t
+    p_rt,  # [B] fp32 inverse norms
+    p_lse,  # [B] fp32 logsumexp_{j != i}(t_ij * grouping_scale) (unused when FIXED)
+    p_hd,  # [B, G1] fp32 in/out, -inf at first: max of row i's values in group >= g
+    p_hu,  # [B, G1] fp32 in/out, +inf at first: min of row i's values in group < g
+    B, Dt, G1, s_t, group_size, group_p, grouping_scale,
+    FIXED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BG: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """The exact measure of every value in a [BM, BN] tile of t (rows o_m, columns o_n), by
+    comparing it with every value of its row, one [BM, BN, BN] tile at a time; then, per
+    boundary, the tile's largest value that passes and smallest that fails, merged into hd and
+    hu with atomics. The column tiles have the tile's shape, so the one holding o_n recomputes
+    its values bit for bit: each value counts its own weight."""
+    i_m, i_n = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    o_m = i_m * BM + tl.arange(0, BM)
+    m_m = o_m < B
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < B
+    b_tn = teacher_logits(p_t, p_rt, o_m, m_m, o_n, m_n, Dt, s_t, BD, PRECISION)  # [BM, BN]
+    m_vn = (o_m[:, None] != o_n[None, :]) & m_n[None, :] & m_m[:, None]
+    if FIXED:
+        b_meas = tl.zeros([BM, BN], dtype=tl.int32)
+    else:
+        b_meas = tl.zeros([BM, BN], dtype=tl.float32)
+        b_lse = tl.load(p_lse + o_m, mask=m_m, other=0.0)
+    for i_k in range(0, tl.cdiv(B, BN)):
+        o_k = i_k * BN + tl.arange(0, BN)
+        m_k = o_k < B
+        b_tk = teacher_logits(p_t, p_rt, o_m, m_m, o_k, m_k, Dt, s_t, BD, PRECISION)  # [BM, BN]
+        m_vk = (o_m[:, None] != o_k[None, :]) & m_k[None, :]
+        if FIXED:
+            b_wk = m_vk.to(tl.int32)
+        else:
+            b_wk = tl.where(m_vk, tl.exp(b_tk * grouping_scale - b_lse[:, None]), 0.0)
+        m_ge = b_tk[:, None, :] >= b_tn[:, :, None]  # [BM, BN (value), BN (k)]
+        b_meas += tl.sum(tl.where(m_ge, b_wk[:, None, :], 0), axis=2)
+    o_g = tl.arange(0, BG)
+    g = o_g + 1  # [BG] boundary
+    if FIXED:
+        holds = (b_meas - 1)[:, :, None] >= (g * group_size)[None, None, :]  # [BM, BN, BG]
+    else:
+        holds = tl.floor(b_meas / group_p)[:, :, None] >= g.to(tl.float32)[None, None, :]
+    b_t3 = b_tn[:, :, None]
+    m_v3 = m_vn[:, :, None]
+    b_hd = tl.max(tl.where(holds & m_v3, b_t3, float("-inf")), axis=1)  # [BM, BG]
+    b_hu = tl.min(tl.where(~holds & m_v3, b_t3, float("inf")), axis=1)
+    o_out = o_m[:, None] * G1 + o_g[None, :]
+    m_out = m_m[:, None] & (o_g < G1)[None, :]
+    tl.atomic_max(p_hd + o_out, b_hd, mask=m_out, sem="relaxed")
+    tl.atomic_min(p_hu + o_out, b_hu, mask=m_out, sem="relaxed")
+
+
+@triton.jit
+def _thresholds_from_brackets_kernel(
+    p_hd, p_hu,  # [B, G1] fp32 from _pairwise_brackets_kernel
+    p_t_min, p_t_max,  # [B] fp32 row statistics (j != i)
+    p_thr,  # [B, G1] fp32 out
+    N, G1, margin,
+    BLOCK: tl.constexpr,
+):
+    """thr in the middle of the gap (hd, hu), as the search ends: where no value of the row
+    passes, hd is a bound below the row; where every value passes, hu is a bound above it."""
+    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = o < N
+    b_hd = tl.load(p_hd + o, mask=m, other=0.0)
+    b_hu = tl.load(p_hu + o, mask=m, other=0.0)
+    b_t_min = tl.load(p_t_min + o // G1, mask=m, other=0.0)
+    b_t_max = tl.load(p_t_max + o // G1, mask=m, other=0.0)
+    b_hd = tl.where(b_hd > float("-inf"), b_hd, b_t_min - margin * (1.0 + tl.abs(b_t_min)))
+    b_hu = tl.where(b_hu < float("inf"), b_hu, b_t_max + margin * (1.0 + tl.abs(b_t_max)))
+    b_mid = b_hd + (b_hu - b_hd) * 0.5
+    tl.store(p_thr + o, tl.where(b_mid > b_hd, b_mid, b_hu), mask=m)
+
+
 def _blocks() -> dict:
     """Row, column and feature blocks. Under the interpreter large blocks run fastest. On a GPU
     the [BM, BN, BP] and [BM, BN, BG] intermediates and the dot's operands share the registers:
@@ -193,6 +277,14 @@ def _blocks() -> dict:
     if utils.interpreter_blocks():
         return dict(BM=64, BN=64, BD=64)
     return dict(BM=16, BN=16, BD=32, num_warps=8)
+
+
+def _pairwise_blocks() -> dict:
+    """Blocks of the pairwise kernel: its [BM, BN, BN] comparison tile and the closing
+    [BM, BN, BG] one share the registers with the two dots' operands."""
+    if utils.interpreter_blocks():
+        return dict(BM=64, BN=64, BD=64)
+    return dict(BM=16, BN=32, BD=32, num_warps=8)
 
 
 def num_groups(B, group_p=0.1, group_size=None) -> int:
@@ -208,14 +300,19 @@ def num_groups(B, group_p=0.1, group_size=None) -> int:
 
 
 def group_thresholds(t, rt, lse_g, t_min, t_max, grouping_scale, *, group_p=0.1, group_size=None,
-                     budget_bytes=None):
+                     budget_bytes=None, method="auto"):
     """thr [B, G-1] fp32 (shape [B, 0] when G == 1): ``t_ij`` (j != i) is in group >= g iff
     ``t_ij < thr[i, g-1]``; thr is non-increasing in g. ``t`` [B, Dt] teacher rows (fp16, bf16
     or fp32) and ``rt`` [B] fp32 their inverse norms (``teacher_logits``); ``lse_g``, ``t_min``,
     ``t_max`` fp32 [B] row statistics over j != i.
     ``group_size``, when given, selects the fixed-size variant (``lse_g`` is then unused).
     A few passes, each one launch per row chunk and one host sync; ``budget_bytes`` bounds a
-    row chunk's temporaries (``_row_bytes``; None: chunks of at most ``CHUNK_VALUES`` slots)."""
+    row chunk's temporaries (``_row_bytes``; None: chunks of at most ``CHUNK_VALUES`` slots).
+    ``method``: "search" (the passes above), "pairwise" (one launch that compares every pair
+    of a row's values: B^3 comparisons, no host sync, extra memory [B, G-1]), or "auto":
+    pairwise up to ``PAIRWISE_MAX_B`` rows."""
+    if method not in ("auto", "search", "pairwise"):
+        raise ValueError(f'method must be "auto", "search" or "pairwise", got {method!r}')
     t = unit_stride_rows(t)
     B, Dt = t.shape
     G = num_groups(B, group_p, group_size)
@@ -228,10 +325,31 @@ def group_thresholds(t, rt, lse_g, t_min, t_max, grouping_scale, *, group_p=0.1,
     if B < 2:  # no off-diagonal entry: any threshold is right
         return torch.zeros((B, G - 1), device=t.device, dtype=torch.float32)
     lse_g = lse_g.float().contiguous()
+    if method == "pairwise" or (method == "auto" and B <= PAIRWISE_MAX_B):
+        return _pairwise_thresholds(t, rt.contiguous(), lse_g, t_min, t_max, float(grouping_scale), G - 1,
+                                    group_p, group_size)
     evaluate = _kernel_probes(t, rt.contiguous(), lse_g, float(grouping_scale), G - 1, group_size is not None,
                               budget_bytes)
     return _search(evaluate, t_min, t_max, lse_g, grouping_scale, G - 1, B, group_p, group_size,
                    budget_bytes=budget_bytes)
+
+
+def _pairwise_thresholds(t, rt, lse_g, t_min, t_max, grouping_scale, G1, group_p, group_size):
+    """thr [B, G1] by ``_pairwise_brackets_kernel`` (every value's exact measure) and
+    ``_thresholds_from_brackets_kernel``: two launches, no host sync."""
+    B, Dt = t.shape
+    hd = torch.full((B, G1), -math.inf, device=t.device, dtype=torch.float32)
+    hu = torch.full((B, G1), math.inf, device=t.device, dtype=torch.float32)
+    cfg = _pairwise_blocks()
+    _pairwise_brackets_kernel[(triton.cdiv(B, cfg["BM"]), triton.cdiv(B, cfg["BN"]))](
+        t, rt, lse_g, hd, hu, B, Dt, G1, t.stride(0), group_size or 0, 1.0 if group_size is not None else group_p,
+        grouping_scale, FIXED=group_size is not None, BG=max(2, triton.next_power_of_2(G1)),
+        PRECISION=dot_precision(t.dtype), **cfg)
+    thr = torch.empty_like(hd)
+    _thresholds_from_brackets_kernel[(triton.cdiv(B * G1, 1024),)](
+        hd, hu, t_min.float().contiguous(), t_max.float().contiguous(), thr, B * G1, G1, STATS_MARGIN,
+        BLOCK=1024)
+    return thr
 
 
 def _row_bytes(G1, lanes, collect):

@@ -12,12 +12,17 @@ from test_triton_backend import TOL, make_batch, round_trip, run
 pytestmark = [requires_triton, pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA every test runs these blocks")]
 
 
-@pytest.mark.parametrize("dtype,shuffle,dims", [
-    (torch.float32, "none", (64,)), (torch.float32, "expected", (32, 40)),
-    (torch.float32, "random", (64,)), (torch.bfloat16, "random", (64,)),
+@pytest.mark.parametrize("dtype,shuffle,dims,thresholds", [
+    (torch.float32, "none", (64,), "auto"), (torch.float32, "expected", (32, 40), "pairwise"),
+    (torch.float32, "expected", (32, 40), "search"), (torch.float32, "random", (64,), "pairwise"),
+    (torch.bfloat16, "random", (64,), "search"),
 ])
-def test_gpu_blocks_match_reference(dtype, shuffle, dims, monkeypatch):
+def test_gpu_blocks_match_reference(dtype, shuffle, dims, thresholds, monkeypatch):
+    """``thresholds``: how the Group-P thresholds are found (B = 130: "auto" is pairwise)."""
     from distillcse.kernels import group_partition, utils
+
+    if thresholds == "search":
+        monkeypatch.setattr(group_partition, "PAIRWISE_MAX_B", 0)
 
     inputs = make_batch(130, 96, dims, Bh=7)
     kw = dict(shuffle=shuffle, seed=3)

@@ -85,12 +85,13 @@ def kernel_groups(t, thr):
     return g.fill_diagonal_(-1)
 
 
-def check_partition(rows, grouping_temperature, group_p=0.1, group_size=None):
+def check_partition(rows, grouping_temperature, group_p=0.1, group_size=None, method="auto"):
     from distillcse.kernels.group_partition import group_thresholds, num_groups
 
     scale = 1.0 / grouping_temperature
     t, lse, t_min, t_max = row_stats(rows, scale)
-    thr = group_thresholds(*rows, lse, t_min, t_max, scale, group_p=group_p, group_size=group_size)
+    thr = group_thresholds(*rows, lse, t_min, t_max, scale, group_p=group_p, group_size=group_size,
+                           method=method)
     G = num_groups(len(t), group_p, group_size)
     assert thr.shape == (len(t), G - 1) and thr.dtype == torch.float32
     assert torch.isfinite(thr).all()
@@ -112,42 +113,48 @@ MODES = [  # (grouping temperature, group_p, group_size)
     (0.1, 0.1, None), (0.1, 0.25, None), (0.1, 0.3, None),
     (1.0, 0.1, 4), (1.0, 0.1, 10),
 ]
+METHODS = ["search", "pairwise"]  # "auto" takes pairwise up to PAIRWISE_MAX_B rows
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("B,Dt", [(37, 48), (130, 96)])
 @pytest.mark.parametrize("temperature,group_p,group_size", MODES)
-def test_partition_matches_naive(device, B, Dt, temperature, group_p, group_size):
-    check_partition(teachers(B, Dt, device), temperature, group_p, group_size)
+def test_partition_matches_naive(device, B, Dt, temperature, group_p, group_size, method):
+    check_partition(teachers(B, Dt, device), temperature, group_p, group_size, method)
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("temperature,group_p,group_size",
                          [(1.0, 0.1, None), (0.1, 0.3, None), (1.0, 0.1, 4)])
-def test_partition_exact_ties(device, temperature, group_p, group_size):
+def test_partition_exact_ties(device, temperature, group_p, group_size, method):
     """Every teacher row three times: runs of equal logits straddle the boundaries."""
-    check_partition(teachers(130, 48, device, dup=3, seed=1), temperature, group_p, group_size)
+    check_partition(teachers(130, 48, device, dup=3, seed=1), temperature, group_p, group_size, method)
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_partition_half_rows(device, dtype):
+def test_partition_half_rows(device, dtype, method):
     """Half-precision teacher rows (2^-7 multiples stay such multiples in both), fp32
     accumulation and inverse norms."""
-    check_partition(teachers(37, 96, device, dtype=dtype, seed=2), 1.0, 0.1)
+    check_partition(teachers(37, 96, device, dtype=dtype, seed=2), 1.0, 0.1, method=method)
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("temperature,group_p,group_size", [(1.0, 0.1, None), (1.0, 0.1, 4)])
-def test_partition_strided_rows_and_zero_row(device, temperature, group_p, group_size):
+def test_partition_strided_rows_and_zero_row(device, temperature, group_p, group_size, method):
     """Teacher rows sliced out of a wider tensor (row stride Dt + 5), one of them all zero
     (rt = 1e8: t = 0 on its row and column, its row one run of ties)."""
     rows = teachers(130, 48, device, seed=7, zero_row=True, strided=True)
     assert rows[0].stride() == (48 + 5, 1)
-    check_partition(rows, temperature, group_p, group_size)
+    check_partition(rows, temperature, group_p, group_size, method)
 
 
-def test_partition_small_and_single_group(device):
+@pytest.mark.parametrize("method", METHODS)
+def test_partition_small_and_single_group(device, method):
     from distillcse.kernels.group_partition import group_thresholds
 
-    check_partition(teachers(2, 48, device), 1.0, 0.1)
-    check_partition(teachers(3, 48, device), 0.1, 0.3, None)
+    check_partition(teachers(2, 48, device), 1.0, 0.1, method=method)
+    check_partition(teachers(3, 48, device), 0.1, 0.3, None, method)
     rows = teachers(37, 48, device)
     _, lse, t_min, t_max = row_stats(rows, 1.0)
     assert group_thresholds(*rows, lse, t_min, t_max, 1.0, group_p=1.0).shape == (37, 0)
@@ -157,8 +164,9 @@ def test_partition_small_and_single_group(device):
     assert torch.isfinite(group_thresholds(*row, lse, t_min, t_max, 1.0)).all()
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("shift", [5e-4, -5e-4])
-def test_partition_inexact_row_stats(device, shift):
+def test_partition_inexact_row_stats(device, shift, method):
     """t_min / t_max off by less than the search's margin (another kernel's summation order)."""
     from distillcse.kernels.group_partition import group_thresholds
 
@@ -166,7 +174,7 @@ def test_partition_inexact_row_stats(device, shift):
     t, lse, t_min, t_max = row_stats(rows, 1.0)
     for group_p, group_size in [(0.1, None), (0.1, 4)]:
         thr = group_thresholds(*rows, lse, t_min + shift, t_max - shift, 1.0, group_p=group_p,
-                               group_size=group_size)
+                               group_size=group_size, method=method)
         ref, _ = naive_groups(t, 1.0, group_p, group_size)
         assert (kernel_groups(t, thr) == ref).all()
 
@@ -192,7 +200,7 @@ def test_partition_multi_pass(device, monkeypatch, temperature, group_p, group_s
     monkeypatch.setattr(gp, "CHUNK_VALUES", 40 * 9 * 8)  # 40 rows per chunk when G - 1 = 9
     monkeypatch.setattr(gp, "SPLIT_PROGRAMS", 1 if dup == 1 else 1024)
     passes = count_passes(monkeypatch)
-    check_partition(teachers(130, 48, device, dup=dup, seed=6), temperature, group_p, group_size)
+    check_partition(teachers(130, 48, device, dup=dup, seed=6), temperature, group_p, group_size, "search")
     assert 2 <= len(passes) <= 6, f"{len(passes)} passes"
 
 
@@ -205,7 +213,7 @@ def test_partition_multi_pass_inexact_row_stats(device, monkeypatch, shift):
     monkeypatch.setattr(gp, "BUFFER", 8)
     rows = teachers(130, 48, device, seed=5)
     t, lse, t_min, t_max = row_stats(rows, 1.0)
-    thr = group_thresholds(*rows, lse, t_min + shift, t_max - shift, 1.0, group_p=0.1)
+    thr = group_thresholds(*rows, lse, t_min + shift, t_max - shift, 1.0, group_p=0.1, method="search")
     ref, _ = naive_groups(t, 1.0, 0.1)
     assert (kernel_groups(t, thr) == ref).all()
 
@@ -213,7 +221,7 @@ def test_partition_multi_pass_inexact_row_stats(device, monkeypatch, shift):
 def test_search_pass_count(device, monkeypatch):
     """B - 1 <= FILL * BUFFER: the first pass collects whole rows and settles everything."""
     passes = count_passes(monkeypatch)
-    check_partition(teachers(130, 96, device, seed=3), 1.0, 0.1)
+    check_partition(teachers(130, 96, device, seed=3), 1.0, 0.1, method="search")
     assert len(passes) == 1 and passes[0][0] == 0.0
 
 
@@ -267,3 +275,5 @@ def test_too_many_groups_and_bad_arguments(device):
         group_thresholds(*rows, lse, t_min, t_max, 1.0, group_size=0)
     with pytest.raises(ValueError, match="group_p"):
         group_thresholds(*rows, lse, t_min, t_max, 1.0, group_p=0.0)
+    with pytest.raises(ValueError, match="method"):
+        group_thresholds(*rows, lse, t_min, t_max, 1.0, method="sort")

@@ -80,16 +80,33 @@ def test_group_search_within_budget():
     assert budget // _row_bytes(G1, 64, False) >= MIN_CHUNK_ROWS
     args = (e.to(DEVICE), torch.ones(B_, device=DEVICE), lse.to(DEVICE), t_min.to(DEVICE), t_max.to(DEVICE), 1.0)
     with TensorMemory() as mem:
-        thr = group_thresholds(*args, group_p=0.1, budget_bytes=budget)
+        thr = group_thresholds(*args, group_p=0.1, budget_bytes=budget, method="search")
     assert thr.shape == (B_, G1)
     state = 16 * 4 * B_ * G1  # brackets, measures, estimates and thresholds [B, G - 1]
     assert mem.peak <= budget + state, (mem.peak, budget + state, mem.at_peak[:6])
     with TensorMemory() as unbounded:
-        again = group_thresholds(*args, group_p=0.1)
+        again = group_thresholds(*args, group_p=0.1, method="search")
     t32 = t.float().to(DEVICE)
     groups = lambda th: (t32[:, :, None] < th[:, None, :]).sum(-1)  # noqa: E731
     assert torch.equal(groups(again)[off], groups(thr)[off])  # the same partition in row chunks
     assert unbounded.peak > 2 * mem.peak  # the bound is what kept it small (the test can fail)
+
+
+def test_pairwise_thresholds_memory():
+    """The pairwise thresholds keep [B, G - 1] brackets and nothing of size B x B."""
+    from distillcse.kernels.group_partition import group_thresholds
+
+    B_, G1 = 600, 9
+    e = torch.nn.functional.normalize(torch.randn(B_, 32, generator=torch.Generator().manual_seed(2)), dim=1)
+    t = e @ e.T
+    off = ~torch.eye(B_, dtype=torch.bool)
+    stats = (torch.logsumexp(torch.where(off, t, -torch.inf), 1), torch.where(off, t, torch.inf).amin(1),
+             torch.where(off, t, -torch.inf).amax(1))
+    args = (e.to(DEVICE), torch.ones(B_, device=DEVICE), *(v.to(DEVICE) for v in stats), 1.0)
+    with TensorMemory() as mem:
+        thr = group_thresholds(*args, group_p=0.1, method="pairwise")
+    assert thr.shape == (B_, G1)
+    assert mem.peak <= 3 * 4 * B_ * G1, (mem.peak, mem.at_peak[:6])  # hd, hu, thr
 
 
 @pytest.mark.parametrize("shuffle", ["none", "expected", "random"])
