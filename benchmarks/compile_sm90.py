@@ -71,8 +71,8 @@ def contrastive(B, D, dtype, teacher_dtype):
 
 def distill(B, D, dtype, teacher_dtype):
     """Distillation (kernels/distill.py): the row statistics pass, and for a slab of 512 rows
-    in 8 column chunks the slab kernel with each shuffle plus the random mode's count and
-    compaction kernels (teacher width D, G = 10 groups), the random mode's accumulation of that
+    in 8 column chunks the slab kernel with each shuffle plus the random mode's count, table
+    and compaction kernels (teacher width D, G = 10 groups), the random mode's accumulation of that
     slab's gradient into dx (and lo) and its unpacking; and in kernels/group_partition.py the
     probe pass of the threshold search over 4096 rows (the first pass's grid of 64 points, and
     a later pass's 16 points with windows, then the settling of those windows; by mass and
@@ -98,6 +98,7 @@ def distill(B, D, dtype, teacher_dtype):
     teacher_grid = (rows // teacher_blocks["BM"], chunks)
     K._group_counts_kernel[teacher_grid](t, r, thr, first, 0, B, D, D, n_thr, n_thr, width, chunks, rows, BG=16,
                                          PREC_T=prec["PREC_T"], **teacher_blocks)
+    K._permutation_tables(first, 0, 2**64 - 1)
     K._compact_targets_kernel[teacher_grid](t, r, thr, r, first, compact, 0, B, D, D, n_thr, n_thr, width, chunks,
                                             rows, 80.0, BG=16, PREC_T=prec["PREC_T"], **teacher_blocks)
     for targets, shuffle in enumerate(K.SHUFFLES):

@@ -29,7 +29,9 @@ every teacher-reading kernel shares); only ``j != i`` takes part. Targets
    the gradient: within ``budget_bytes`` (``tests/test_memory_plan.py`` counts it).
    The random shuffle needs each row's ranks in column order, so it runs two teacher passes
    first: ``_group_counts_kernel`` (members of each group per column chunk) and
-   ``_compact_targets_kernel`` (targets in group order, ``compact[r, start_g + rank] = q``).
+   ``_compact_targets_kernel`` (targets in group order, ``compact[r, start_g + rank] = q``),
+   with ``_permutation_tables_kernel`` between them (group starts and sizes, each chunk's
+   first position, each group's permutation parameters).
 
 Every scale must be positive (the running maximum of ``t`` serves both of its logsumexps).
 """
@@ -41,12 +43,15 @@ import triton
 import triton.language as tl
 
 from . import utils
-from ..shuffle import feistel_shape, group_keys
+from ..shuffle import ROUNDS, SMALL_DOMAIN, SMALL_DOMAIN_ROUNDS
 from .group_partition import teacher_logits
 from .tiles import dot_tile
-from .utils import dot_precision, unit_stride_rows
+from .utils import dot_precision, int32_bits, unit_stride_rows
 
 _GOLDEN = tl.constexpr(0x9E3779B1)
+_SMALL_DOMAIN = tl.constexpr(SMALL_DOMAIN)
+_SMALL_DOMAIN_ROUNDS = tl.constexpr(SMALL_DOMAIN_ROUNDS)
+_ROUNDS = tl.constexpr(ROUNDS)
 SHUFFLES = ("none", "expected", "random")  # the TARGETS constexpr of _distill_slab_kernel: their index
 STATS_MERGE_ROWS = 256  # rows a program of _row_stats_merge_kernel
 
@@ -232,6 +237,28 @@ def _mix32(x):
 
 
 @triton.jit
+def _bit_length(b_v, BITS: tl.constexpr):
+    """Bit length of non-negative uint32 values below 2^BITS."""
+    b_n = tl.zeros(b_v.shape, dtype=tl.uint32)
+    for i_bit in tl.static_range(BITS):
+        b_n += ((b_v >> i_bit) != 0).to(tl.uint32)
+    return b_n
+
+
+@triton.jit
+def _sigma_params(b_row, b_grp, b_n, seed_lo, seed_hi, BITS: tl.constexpr):
+    """(key, h, b, rounds) of sigma for group b_grp of row b_row with b_n members (uint32, one
+    shape; b_n < 2^BITS; seed halves int32 bits), as ``distillcse.shuffle.group_keys`` and
+    ``feistel_shape`` compute them; rounds int32."""
+    b_key = _mix32(b_row * 0x632BE5AB + b_grp * 0x7FEB352D + seed_lo.to(tl.uint32, bitcast=True))
+    b_key = _mix32(b_key ^ seed_hi.to(tl.uint32, bitcast=True))
+    b_h = _bit_length(tl.maximum(b_n, 1) - 1, BITS) >> 1
+    b_b = (b_n + (tl.full(b_n.shape, 1, tl.uint32) << b_h) - 1) >> b_h
+    b_rounds = tl.where(b_n < _SMALL_DOMAIN, _SMALL_DOMAIN_ROUNDS, _ROUNDS).to(tl.int32)
+    return b_key, b_h, b_b, b_rounds
+
+
+@triton.jit
 def _feistel(x, key, h, b, rounds, max_rounds):
     """``distillcse.shuffle._feistel``: x, key, h, b uint32 and rounds int32 (even), one shape."""
     a_mask = (tl.full(x.shape, 1, tl.uint32) << h) - 1
@@ -325,6 +352,41 @@ def _group_counts_kernel(
             b_counts += tl.where(o_g == g, tl.sum((b_grp == g).to(tl.int32), axis=1)[:, None], 0)
     p_out = p_counts + (o_r[:, None] * n_chunks + i_c) * n_groups + o_g
     tl.store(p_out, b_counts, mask=m_m[:, None] & (o_g < n_groups))
+
+
+@triton.jit
+def _permutation_tables_kernel(
+    p_counts,  # [R, C, G] int32: members of group g in chunk c of slab row r
+    p_first,  # [R, C, G] int32 out: compact position of chunk c's first member of group g
+    p_perm,  # [6, R, G] int32 out: each group's sigma (start, size, h, b, rounds, key bits)
+    row0, R, n_chunks, n_groups, seed_lo, seed_hi,
+    BR: tl.constexpr, BG: tl.constexpr,
+):
+    """Group sizes and starts (groups in order), each chunk's first compact position, and the
+    parameters of each group's permutation, for BR slab rows."""
+    o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    o_g = tl.arange(0, BG)
+    m = (o_r < R)[:, None] & (o_g < n_groups)[None, :]
+    p_chunk0 = o_r[:, None] * n_chunks * n_groups + o_g[None, :]  # [BR, BG] offsets in chunk 0
+    b_size = tl.zeros([BR, BG], dtype=tl.int32)
+    for i_c in range(0, n_chunks):
+        b_size += tl.load(p_counts + p_chunk0 + i_c * n_groups, mask=m, other=0)
+    b_start = tl.cumsum(b_size, axis=1) - b_size
+    b_next = b_start
+    for i_c in range(0, n_chunks):
+        tl.store(p_first + p_chunk0 + i_c * n_groups, b_next, mask=m)
+        b_next += tl.load(p_counts + p_chunk0 + i_c * n_groups, mask=m, other=0)
+    b_row = tl.broadcast_to((row0 + o_r).to(tl.uint32)[:, None], [BR, BG])
+    b_grp = tl.broadcast_to(o_g.to(tl.uint32)[None, :], [BR, BG])
+    b_key, b_h, b_b, b_rounds = _sigma_params(b_row, b_grp, b_size.to(tl.uint32), seed_lo, seed_hi, 32)
+    p_out = p_perm + o_r[:, None] * n_groups + o_g[None, :]
+    plane = R * n_groups
+    tl.store(p_out, b_start, mask=m)
+    tl.store(p_out + plane, b_size, mask=m)
+    tl.store(p_out + 2 * plane, b_h.to(tl.int32), mask=m)
+    tl.store(p_out + 3 * plane, b_b.to(tl.int32), mask=m)
+    tl.store(p_out + 4 * plane, b_rounds, mask=m)
+    tl.store(p_out + 5 * plane, b_key.to(tl.int32, bitcast=True), mask=m)
 
 
 @triton.jit
@@ -642,18 +704,18 @@ def _matmul_f32(a, b, k_step=64):
     return out
 
 
-def _permutation_tables(counts, rows, step_seed):
-    """From the chunk counts [R, C, G] int32: ``first`` [R, C, G] (compact position of each
-    chunk's first member of each group) and ``perm`` [6, R, G] int32, the parameters of each
-    group's sigma (start, size, h, b, rounds, key bits)."""
-    sizes = counts.sum(1, dtype=torch.int64)  # [R, G]
-    starts = sizes.cumsum(-1) - sizes
-    first = counts.cumsum(1, dtype=torch.int32).sub_(counts).add_(starts.to(torch.int32)[:, None, :])
-    h, b, rounds = feistel_shape(sizes)
-    groups = torch.arange(sizes.shape[1], device=counts.device)
-    keys = group_keys(step_seed, rows.long()[:, None], groups[None, :])
-    keys = torch.where(keys >= 2**31, keys - 2**32, keys)  # uint32 bits as int32
-    perm = torch.stack([starts, sizes, h, b, rounds, keys]).to(torch.int32)
+def _permutation_tables(counts, row0, step_seed):
+    """From the chunk counts [R, C, G] int32 of slab rows row0.. (``_permutation_tables_kernel``):
+    ``first`` [R, C, G] (compact position of each chunk's first member of each group) and
+    ``perm`` [6, R, G] int32, the parameters of each group's sigma (start, size, h, b, rounds,
+    key bits), as ``distillcse.shuffle`` defines them for ``step_seed`` (64-bit)."""
+    R, C, G = counts.shape
+    first = torch.empty_like(counts)
+    perm = torch.empty((6, R, G), device=counts.device, dtype=torch.int32)
+    BR = 256 if utils.interpreter_blocks() else 64
+    _permutation_tables_kernel[(triton.cdiv(R, BR),)](
+        counts, first, perm, row0, R, C, G, int32_bits(step_seed & 0xFFFFFFFF),
+        int32_bits(step_seed >> 32 & 0xFFFFFFFF), BR=BR, BG=max(2, triton.next_power_of_2(G)), num_warps=4)
     return first, perm
 
 
@@ -808,7 +870,7 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
             _group_counts_kernel[teacher_grid](
                 t, rt, thr, counts, row0, B, t.shape[1], t.stride(0), thr.stride(0), n_thr, chunk_width, chunks,
                 rows, BG=BG, PREC_T=prec["PREC_T"], **teacher_blocks)
-            first, perm = _permutation_tables(counts, torch.arange(row0, row0 + rows, device=x.device), step_seed)
+            first, perm = _permutation_tables(counts, row0, step_seed)
             _compact_targets_kernel[teacher_grid](
                 t, rt, thr, lse_t, first, compact, row0, B, t.shape[1], t.stride(0), thr.stride(0), n_thr,
                 chunk_width, chunks, rows, float(teacher_scale), BG=BG, PREC_T=prec["PREC_T"], **teacher_blocks)

@@ -30,16 +30,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..shuffle import ROUNDS, SMALL_DOMAIN, SMALL_DOMAIN_ROUNDS
-from .distill import SHUFFLES, _group_permutation, _mix32
+from .distill import SHUFFLES, _group_permutation, _sigma_params
 from .tiles import log1p_unit
-from .utils import dot_precision, unit_stride_rows
+from .utils import dot_precision, int32_bits, unit_stride_rows
 
 MAX_ROWS = 64  # B and the contrastive columns N = B + B_h of a batch that fits one program
 MAX_COLUMNS = 128
-_SMALL_DOMAIN = tl.constexpr(SMALL_DOMAIN)
-_SMALL_DOMAIN_ROUNDS = tl.constexpr(SMALL_DOMAIN_ROUNDS)
-_ROUNDS = tl.constexpr(ROUNDS)
 
 
 @triton.jit
@@ -76,15 +72,6 @@ def _group_measure(b_t, b_w, o_col, B):
 
 
 @triton.jit
-def _bit_length(b_v, BITS: tl.constexpr):
-    """Bit length of non-negative uint32 values below 2^BITS."""
-    b_n = tl.zeros(b_v.shape, dtype=tl.uint32)
-    for i_bit in tl.static_range(BITS):
-        b_n += ((b_v >> i_bit) != 0).to(tl.uint32)
-    return b_n
-
-
-@triton.jit
 def _random_targets(b_q, b_grp, o_row, o_col, B, seed_lo, seed_hi, BITS: tl.constexpr):
     """q~ [BB, BB] of the random shuffle (``distillcse.shuffle``): rank in column order within
     the group, ``sigma`` keyed by (seed, row, group), then the target of the member of that
@@ -96,14 +83,9 @@ def _random_targets(b_q, b_grp, o_row, o_col, B, seed_lo, seed_hi, BITS: tl.cons
         m_same = _column(b_grp, o_col, k)[:, None] == b_grp
         b_size += m_same.to(tl.int32)
         b_rank += (m_same & (o_col[None, :] > k)).to(tl.int32)
-    # group_keys(seed, row, group) and feistel_shape(size), as distillcse.shuffle computes them
     b_row = tl.broadcast_to(o_row[:, None], b_grp.shape).to(tl.uint32)
-    b_key = _mix32(b_row * 0x632BE5AB + b_grp.to(tl.uint32) * 0x7FEB352D + seed_lo.to(tl.uint32, bitcast=True))
-    b_key = _mix32(b_key ^ seed_hi.to(tl.uint32, bitcast=True))
     b_n = tl.where(m_in, b_size, 1).to(tl.uint32)
-    b_h = _bit_length(b_n - 1, BITS) >> 1
-    b_b = (b_n + (tl.full(b_n.shape, 1, tl.uint32) << b_h) - 1) >> b_h
-    b_rounds = tl.where(b_n < _SMALL_DOMAIN, _SMALL_DOMAIN_ROUNDS, _ROUNDS).to(tl.int32)
+    b_key, b_h, b_b, b_rounds = _sigma_params(b_row, b_grp.to(tl.uint32), b_n, seed_lo, seed_hi, BITS)
     b_x = tl.where(m_in, b_rank, 0).to(tl.uint32)
     b_partner = _group_permutation(b_x, b_n, b_key, b_h, b_b, b_rounds).to(tl.int32)
     b_qt = tl.zeros(b_q.shape, dtype=tl.float32)
@@ -310,11 +292,7 @@ def small_batch_loss(x, y, t, *, cl_scale=1.0, student_scale=1.0, teacher_scale=
         x.stride(0), y.stride(0), t.stride(0), D if dx is None else dx.stride(0), D if dy is None else dy.stride(0),
         float(cl_scale), float(student_scale), float(teacher_scale), float(grouping_scale),
         float(1.0 if group_size is not None else group_p), float(group_size or 1), int(n_groups),
-        _int32_bits(seed & 0xFFFFFFFF), _int32_bits((seed >> 32) & 0xFFFFFFFF), float(w_cl), float(w_kd),
+        int32_bits(seed & 0xFFFFFFFF), int32_bits((seed >> 32) & 0xFFFFFFFF), float(w_cl), float(w_kd),
         **meta)
     return loss, terms, dx, dy
 
-
-def _int32_bits(v: int) -> int:
-    """A uint32 value as the int32 with the same bits (the kernel reinterprets it)."""
-    return v - (1 << 32) if v >= 1 << 31 else v

@@ -16,6 +16,11 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def int32_bits(v: int) -> int:
+    """A uint32 value as the int32 with the same bits (a kernel reinterprets it)."""
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
 def interpreter_blocks() -> bool:
     """Whether the launchers pick the interpreter's blocks (``TRITON_INTERPRET=1``: few large
     blocks, as every block op costs Python time) rather than the GPU's. Tests patch it to run

@@ -363,3 +363,27 @@ def test_kernel_permutation_is_the_torch_definition():
     _sigma_kernel[(triton.cdiv(len(n), 128),)](
         as_i32(x), as_i32(n), as_i32(key_bits), as_i32(h), as_i32(b), as_i32(rounds), out, len(n), BLOCK=128)
     assert torch.equal(out.cpu().long(), group_permutation(x, n, key))
+
+
+@pytest.mark.parametrize("row0,step_seed", [(0, SEED), (2**32 - 20, 2**64 - 12345)])
+def test_permutation_tables_are_the_torch_definition(row0, step_seed):
+    """``first`` and ``perm`` of the kernel against ``distillcse.shuffle`` in int64 torch: odd
+    R, C, G, empty groups, groups past SMALL_DOMAIN, row indices that wrap at 2^32, seeds
+    with both halves' top bits set."""
+    from distillcse.kernels.distill import _permutation_tables
+    from distillcse.shuffle import feistel_shape, group_keys
+
+    R, C, G = 37, 5, 11
+    counts = torch.randint(0, 90, (R, C, G), generator=torch.Generator().manual_seed(3))
+    counts[:, :, 4] = 0  # an empty group
+    counts[0] = 0
+    counts[0, :, 0] = 130  # one group of 650 members
+    first, perm = _permutation_tables(counts.to(torch.int32).to(DEVICE), row0, step_seed)
+    sizes = counts.sum(1)
+    starts = sizes.cumsum(-1) - sizes
+    ref_first = counts.cumsum(1) - counts + starts[:, None, :]
+    keys = group_keys(step_seed, (row0 + torch.arange(R))[:, None], torch.arange(G)[None, :])
+    ref_perm = torch.stack([starts, sizes, *feistel_shape(sizes), torch.where(keys >= 2**31, keys - 2**32, keys)])
+    assert first.dtype == perm.dtype == torch.int32
+    assert torch.equal(first.cpu().long(), ref_first)
+    assert torch.equal(perm.cpu().long(), ref_perm)
