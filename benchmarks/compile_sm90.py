@@ -74,9 +74,9 @@ def distill(B, D, dtype, teacher_dtype):
     in 8 column chunks the slab kernel with each shuffle plus the random mode's count, table
     and compaction kernels (teacher width D, G = 10 groups), the random mode's accumulation of that
     slab's gradient into dx (and lo) and its unpacking; and in kernels/group_partition.py the
-    probe pass of the threshold search over 4096 rows (the first pass's grid of 64 points, and
-    a later pass's 16 points with windows, then the settling of those windows; by mass and
-    fixed size), the pairwise thresholds (by mass and fixed size) and the group means pass.
+    threshold search over 4096 rows (the first pass's grid of 64 points, and a later pass's 16
+    points with windows: the placing, probe, narrowing and settling kernels; by mass and fixed
+    size), the pairwise thresholds (by mass and fixed size) and the group means pass.
     The slab launcher builds its tables from kernel results and the search loops on them, so
     those kernels are called directly."""
     from distillcse.kernels import distill as K
@@ -112,16 +112,13 @@ def distill(B, D, dtype, teacher_dtype):
     if lo is not None:
         K.unpack_accumulator(hi, lo)
     search_rows = torch.arange(4096)
-    windows = torch.empty(4096, n_thr), torch.empty(4096, n_thr)
-    for fixed in (False, True):
+    for fixed in (False, True):  # a grid pass and a later pass of the search over 4096 rows
         evaluate = GP._kernel_probes(t, r, r, 1.0, n_thr, fixed)
-        evaluate(search_rows, torch.empty(4096, GP.GRID_LANES), None)
-        evaluate(search_rows, torch.empty(4096, 16), windows)
-        GP._settle({k: torch.empty(4096, n_thr) for k in ("lo", "hd", "hu")}, windows,
-                   torch.zeros(4096, n_thr, dtype=torch.int64),
-                   torch.empty(4096, 16, dtype=torch.int32 if fixed else torch.float32), torch.empty(4096, 16),
-                   torch.empty(4096, n_thr, dtype=torch.int32), torch.empty(4096, n_thr, GP.BUFFER),
-                   GP._Rule(n_thr, 0.1, 100 if fixed else None, 1.0, "cpu"), r[:4096])
+        state = {k: torch.empty(B, n_thr, dtype=torch.int32 if fixed and k.startswith("meas") else torch.float32)
+                 for k in GP.STATE}
+        rule = dict(G1=n_thr, group_size=100 if fixed else 0, group_p=0.1, scale=1.0, FIXED=fixed)
+        for i_pass in (0, 1):
+            GP._search_chunk(state, search_rows, i_pass, True, evaluate, rule, 16, r)
     for group_size in (None, 100):  # the pairwise thresholds (G - 1 = 9; fixed size: B // 100)
         GP.group_thresholds(t, r, r, r, r, 1.0, group_p=0.1, group_size=group_size, method="pairwise")
     GP.group_means(t, r, r, thr, 80.0)

@@ -9,9 +9,11 @@ predicate ``floor(F_i(v) / P) >= g`` (by mass) or ``N_i(v) - 1 >= g * S`` (fixed
 holds. Both are monotone in v, so boundary g is a threshold ``thr[i, g-1]``: ``t_ij`` is in
 group >= g iff ``t_ij < thr[i, g-1]``, and ``group_i(j) = #{g : t_ij < thr[i, g]}``.
 
-``group_thresholds`` finds every threshold in a few passes over the teacher's columns (one
-streaming kernel launch per pass and row chunk, one host sync per pass). Per (row, boundary)
-the host keeps a bracket:
+``group_thresholds`` finds every threshold in a few passes over the teacher's columns (per
+pass and row chunk: ``_place_kernel`` puts the probe points and windows, the streaming
+``_group_probe_kernel`` evaluates them, ``_narrow_kernel`` and ``_settle_kernel`` update the
+brackets; one host sync per pass, to drop the rows that are done). Per (row, boundary) the
+search keeps a bracket ([B, G - 1] tensors):
   ``lo``  a value of the row whose predicate holds (at first a bound below the row),
   ``hd``  a value of the row such that every x > hd fails (at first a bound above the row),
   ``hu``  the smallest value of the row above hd (or that bound),
@@ -355,8 +357,9 @@ def _pairwise_thresholds(t, rt, lse_g, t_min, t_max, grouping_scale, G1, group_p
 def _row_bytes(G1, lanes, collect):
     """Bytes of host temporaries per row of a search pass with ``lanes`` probe points and G1
     boundaries, collecting or not (an upper estimate, measured with ``distillcse.tensor_memory``
-    in ``tests/test_memory_plan.py``)."""
-    return 160 * lanes + 660 * G1 + (4 * BUFFER * G1 if collect else 0)  # 256 B of G1: the inverse cubic
+    in ``tests/test_memory_plan.py``): the points and what the probe kernel returns at them, the
+    windows and the measures at their tops, and the collected values."""
+    return 32 * lanes + 48 * G1 + (4 * BUFFER * G1 if collect else 0)
 
 
 def _kernel_probes(t, rt, lse_g, grouping_scale, G1, fixed, budget_bytes=None):
@@ -416,17 +419,19 @@ def _search(evaluate, t_min, t_max, lse_g, grouping_scale, G1, B, group_p, group
         meas_lo, meas_hi = torch.ones_like(lo), torch.zeros_like(lo)
     state = dict(lo=lo, hd=hd, hu=hd.clone(), meas_lo=meas_lo, meas_hi=meas_hi,
                  est=torch.full_like(lo, math.nan), dx_dm=torch.full_like(lo, math.nan))
-    rule = _Rule(G1, group_p, group_size, grouping_scale, dev)
+    rule = dict(G1=G1, group_size=group_size or 0, group_p=1.0 if fixed else float(group_p),
+                scale=float(grouping_scale), FIXED=fixed)
+    lse_g = lse_g.float().contiguous()
     lanes = max(16, triton.next_power_of_2(G1))
     rows = torch.arange(len(t_min), device=dev)
     for i_pass in range(MAX_PASSES):
         collect = i_pass > 0 or B - 1 <= FILL * BUFFER
         chunk = max(1, CHUNK_VALUES // (G1 * BUFFER)) if collect else len(rows)
         if budget_bytes is not None:  # at least MIN_CHUNK_ROWS rows: a launch fills a few row blocks
-            per_row = _row_bytes(G1, GRID_LANES if i_pass == 0 else lanes, collect)
-            chunk = min(chunk, max(MIN_CHUNK_ROWS, budget_bytes // per_row))
+            per_row = _row_bytes(G1, GRID_LANES if i_pass == 0 else lanes, collect)  # the rest: the splits'
+            chunk = min(chunk, max(MIN_CHUNK_ROWS, (budget_bytes - budget_bytes // 4) // per_row))
         for r in rows.split(chunk):
-            points = _search_chunk(state, r, i_pass, collect, evaluate, rule, lanes, lse_g[r])
+            points = _search_chunk(state, r, i_pass, collect, evaluate, rule, lanes, lse_g)
         is_open = state["lo"] < state["hd"]
         if trace is not None:
             trace.append((is_open.float().mean().item(), len(rows) / len(t_min), points))
@@ -439,181 +444,335 @@ def _search(evaluate, t_min, t_max, lse_g, grouping_scale, G1, B, group_p, group
 
 
 def _search_chunk(state, r, i_pass, collect, evaluate, rule, lanes, lse):
-    """One pass over the rows r [R] (``state`` [B, G1] tensors updated in place; the chunk's
-    temporaries die on return); returns the probe points per row."""
-    s = {k: v[r] for k, v in state.items()}
-    if i_pass == 0:
+    """One pass over the rows r [R] (``state`` [B, G1] tensors updated in place by
+    ``_narrow_kernel`` and ``_settle_kernel``; the chunk's temporaries die on return); returns
+    the probe points per row. ``lse`` [B] fp32."""
+    R, G1 = len(r), rule["G1"]
+    BG = max(2, triton.next_power_of_2(G1))
+    if i_pass == 0:  # a uniform grid over [lo, hd], the same for every boundary
+        lo0, hd0 = state["lo"][r, :1], state["hd"][r, :1]
         j = torch.arange(GRID_LANES, device=r.device, dtype=torch.float32)
-        x = s["hd"][:, :1] - (s["hd"][:, :1] - s["lo"][:, :1]) * ((GRID_LANES - 1 - j) / GRID_LANES)
-        windows = (s["lo"], s["hd"]) if collect else None  # [lo0, hd0): the whole row
-        top = torch.full((len(r), rule.G1), GRID_LANES - 1, device=r.device)
+        x = hd0 - (hd0 - lo0) * ((GRID_LANES - 1 - j) / GRID_LANES)
+        windows = (state["lo"][r], state["hd"][r]) if collect else None  # [lo0, hd0): the whole row
+        top = torch.full((R, G1), GRID_LANES - 1, device=r.device, dtype=torch.int32)
     else:
-        x, windows, top = _place(s, lanes, rule, lse)
-    meas, above, below, count, buf = evaluate(r, x.contiguous(), windows)
-    new = _narrow(s, x, meas, above, below, rule, lse)
+        x = torch.empty((R, lanes), device=r.device, dtype=torch.float32)
+        windows = tuple(torch.empty((R, G1), device=r.device, dtype=torch.float32) for _ in range(2))
+        top = torch.empty((R, G1), device=r.device, dtype=torch.int32)
+        BR = _book_rows(BG, lanes)
+        _place_kernel[(triton.cdiv(R, BR),)](
+            r, lse, *(state[k] for k in STATE), x, *windows, top, R, FILL * BUFFER, OUTER, **rule, BR=BR, BP=lanes,
+            BG=BG)
+    meas, above, below, count, buf = evaluate(r, x, windows)
+    m_top = torch.empty((R, G1), device=r.device, dtype=meas.dtype)  # the measure at each window's top
+    u_top = torch.empty((R, G1), device=r.device, dtype=torch.float32)  # the smallest value >= the top
+    BR = _book_rows(BG, x.shape[1])
+    _narrow_kernel[(triton.cdiv(R, BR),)](
+        r, x, meas.contiguous(), above.contiguous(), below.contiguous(), top, x if windows is None else windows[1],
+        m_top, u_top, lse, *(state[k] for k in STATE), R, **rule, SETTLE=windows is not None,
+        BR=BR, BP=x.shape[1], BG=BG)
     if windows is not None:
-        _settle(new, windows, top, meas, above, count, buf, rule, lse)
-    active = s["lo"] < s["hd"]
-    for k, v in new.items():
-        state[k][r] = torch.where(active, v, s[k])
+        # GPU: 4 pairs, 32 x 32 comparisons a step ([4, 32, 32] over 128 threads); the interpreter
+        # pays per program, so there a program takes 256 pairs
+        BS, BC = (256, 64) if utils.interpreter_blocks() else (4, 32)
+        _settle_kernel[(triton.cdiv(R * G1, BS),)](
+            buf, count, m_top, u_top, windows[0], r, lse, state["lo"], state["hd"], state["hu"],
+            R * G1, G1, BUFFER, rule["group_size"], rule["group_p"], rule["scale"], FIXED=rule["FIXED"], BS=BS,
+            BC=min(BC, triton.next_power_of_2(BUFFER)), num_warps=4)
     return x.shape[1]
 
 
-class _Rule:
-    """The predicate of every boundary g = 1..G1 and the measure where it starts to hold."""
-
-    def __init__(self, G1, group_p, group_size, scale, device):
-        group_p = 1.0 if group_size is not None else group_p  # unused by fixed-size groups (may be None)
-        self.G1, self.size, self.scale, self.group_p = G1, group_size, scale, group_p
-        self.p = torch.tensor(group_p, dtype=torch.float32, device=device)
-        self.g = torch.arange(1, G1 + 1, device=device)[None, :]  # [1, G1]
-        self.target = (self.g * group_size + 1).float() if group_size is not None else self.g.float() * self.p
-
-    def holds(self, m, g):
-        """Whether a value whose measure is m lies in group >= g (broadcast)."""
-        if self.size is not None:
-            return m - 1 >= g * self.size
-        return torch.floor(m / self.p) >= g.float()
-
-    def passed(self, m):
-        """Number of boundaries whose predicate m satisfies, in [0, G1]."""
-        if self.size is not None:
-            q = torch.div(m.long() - 1, self.size, rounding_mode="floor")
-        else:
-            q = torch.floor(m / self.p).long()
-        return q.clamp(0, self.G1)
-
-    def weight(self, v, lse):
-        """Measure carried by one value v [R, ...] of its row (lse [R])."""
-        if self.size is not None:
-            return torch.ones_like(v, dtype=torch.int32)
-        return torch.exp(v * self.scale - lse.view(-1, *[1] * (v.dim() - 1)))
+STATE = ("lo", "hd", "hu", "meas_lo", "meas_hi", "est", "dx_dm")  # the search's [B, G1] state, in kernel order
 
 
+def _book_rows(BG, BP):
+    """Rows per program of the bookkeeping kernels: their largest tiles are [BR, BP, BG]
+    (the interpreter pays per program: there 256 rows)."""
+    return 256 if utils.interpreter_blocks() else max(1, min(16, 4096 // (BG * BP)))
+
+
+@triton.jit
 def _next_up(x):
-    """The smallest float above each x."""
-    return torch.nextafter(x, torch.full_like(x, math.inf))
+    """The smallest fp32 above each finite x (``torch.nextafter(x, inf)``)."""
+    bits = x.to(tl.int32, bitcast=True)
+    up = tl.where(x > 0, bits + 1, bits - 1)  # sign and magnitude: below zero the magnitude shrinks
+    return tl.where(x == 0, tl.full(x.shape, 1, tl.int32), up).to(tl.float32, bitcast=True)
 
 
-def _narrow(s, x, meas, above, below, rule, lse):
-    """Brackets [R, G1] shrunk by the probe points x [R, BP] (all of a row's points serve all
-    its boundaries), the check whether hd itself passes, and the estimate of each crossing."""
-    xs, order = x.sort(1)
-    ms, us, ls = (v.gather(1, order) for v in (meas, above, below))
-    BP = xs.shape[1]
-    # last point that passes boundary g: the passed counts are non-increasing along xs
-    i_pass = torch.searchsorted(-rule.passed(ms), -rule.g.expand(len(xs), -1).contiguous(), right=True) - 1
-    i_a, i_b = i_pass.clamp(min=0), (i_pass + 1).clamp(max=BP - 1)
-    u_a, m_a = us.gather(1, i_a), ms.gather(1, i_a)
-    l_b, u_b, m_b = ls.gather(1, i_b), us.gather(1, i_b), ms.gather(1, i_b)
-    raise_lo = (i_pass >= 0) & (u_a > s["lo"])
-    lo = torch.where(raise_lo, torch.minimum(u_a, s["hd"]), s["lo"])
-    meas_lo = torch.where(raise_lo, m_a, s["meas_lo"])
-    lower_hd = (i_pass + 1 < BP) & (l_b < s["hd"])
-    hd = torch.where(lower_hd, torch.maximum(l_b, lo), s["hd"])
-    hu = torch.where(lower_hd, torch.minimum(u_b, s["hu"]), s["hu"])
-    meas_hi = torch.where(lower_hd, m_b, s["meas_hi"])
-    # a new hd whose own weight lifts the measure over the boundary is the answer
-    m_hd = meas_hi + rule.weight(hd, lse)
-    hd_holds = lower_hd & (lo < hd) & rule.holds(m_hd, rule.g)
-    lo = torch.where(hd_holds, hd, lo)
-    meas_lo = torch.where(hd_holds, m_hd, meas_lo)
-    est, dx_dm = _inverse_cubic(xs, ms, i_pass, rule.target)
-    return dict(lo=lo, hd=hd, hu=hu, meas_lo=meas_lo, meas_hi=meas_hi, est=est, dx_dm=dx_dm)
+@triton.jit
+def _expm1(x):
+    """exp(x) - 1 to about fp32's relative precision (Kahan: the quotient undoes exp's rounding)."""
+    u = tl.exp(x)
+    return tl.where(u == 1.0, x, tl.where(u - 1.0 == -1.0, -1.0, (u - 1.0) * x / tl.log(u)))
 
 
-def _inverse_cubic(xs, ms, i_pass, target):
-    """x where the measure reaches ``target`` [1, G1] and -dx/dm there, from the cubic x(m)
-    through the sorted probe points i_pass - 1 .. i_pass + 2 (NaN unless their measures
-    strictly decrease and the estimate falls between the middle two)."""
-    BP = xs.shape[1]
-    i = i_pass[..., None] + torch.arange(-1, 3, device=i_pass.device)  # [R, G1, 4] the nodes
-    valid = ((i >= 0) & (i < BP)).all(-1)
-    i = i.clamp(0, BP - 1).flatten(1)
-    x, m = (v.gather(1, i).double().view(*i_pass.shape, 4) for v in (xs, ms))  # [R, G1, 4]
-    del i  # under a memory budget every [R, G1, ...] temporary counts
-    valid &= (m[..., :-1] > m[..., 1:]).all(-1)
-    # Lagrange basis i at y: prod_{k != i} f_ik, f_ik = (y - m_k) / (m_i - m_k) (f_ii = 1); its
-    # derivative: sum_{k != i} (prod of the other two factors) / (m_i - m_k)
-    eye = torch.eye(4, dtype=torch.bool, device=m.device)
-    diff = (m[..., :, None] - m[..., None, :]).masked_fill_(eye, 1.0)  # [R, G1, 4 (i), 4 (k)]
-    f = ((target.double()[..., None, None] - m[..., None, :]) / diff).masked_fill_(eye, 1.0)
-    f0, f1, f2, f3 = f.unbind(-1)  # [R, G1, 4 (i)] each
-    f01, f23 = f0 * f1, f2 * f3
-    basis = f01 * f23
-    d0, d1, d2, d3 = diff.masked_fill_(eye, math.inf).unbind(-1)  # k = i: no term
-    d_basis = f1 * f23 / d0 + f0 * f23 / d1 + f01 * f3 / d2 + f01 * f2 / d3
-    est, slope = (x * basis).sum(-1), (x * d_basis).sum(-1)
-    valid &= (est >= x[..., 1]) & (est <= x[..., 2]) & (slope < 0)
-    return (torch.where(valid, est, math.nan).float(), torch.where(valid, -slope, math.nan).float())
+@triton.jit
+def _log1p(z):
+    """log(1 + z) for z > -1 to about fp32's relative precision (Goldberg: w = 1 + z rounded, the
+    quotient undoes its rounding)."""
+    w = 1.0 + z
+    return tl.where(w == 1.0, z, tl.log(w) * (z / tl.where(w == 1.0, 1.0, w - 1.0)))
 
 
-def _place(s, lanes, rule, lse):
-    """Probe points x [R, lanes], windows (wlo, whi) [R, G1] and the index of the point at each
-    window's top (whi)."""
-    lo, hd, hu = s["lo"], s["hd"], s["hu"]
-    R, G1 = lo.shape
-    is_open = lo < hd
-    # the row's points shared out among its open boundaries, in order (lanes >= G1: one at least)
-    n_open = is_open.sum(1, keepdim=True)
-    per = torch.where(is_open, lanes // n_open + ((is_open.cumsum(1) - 1) < lanes % n_open).long(), 0)
-    end = per.cumsum(1)
-    o_lane = torch.arange(lanes, device=lo.device).expand(R, lanes)
-    owner = torch.searchsorted(end, o_lane.contiguous(), right=True).clamp(max=G1 - 1)
-    top = (end - per).clamp(max=lanes - 1)  # each boundary's first point: its window's top
-    j = o_lane - top.gather(1, owner)  # index of a point among its boundary's
-    # values in the bracket and where the target lies (fraction from the top), for a uniform
-    # density of values in [lo, hd] (weights exp(scale t) inside it when by mass)
-    width = hd - lo
-    if rule.size is not None:
-        n = n_max = (s["meas_lo"] - s["meas_hi"]).float()
-        frac = (rule.target - s["meas_hi"].float()) / n.clamp(min=1)
+@triton.jit
+def _passed(m, G1, group_size, group_p, FIXED: tl.constexpr):
+    """Number of boundaries whose predicate a measure m satisfies, in [0, G1] (int32)."""
+    if FIXED:
+        q = (m - 1) // group_size  # below 0 only for m = 0, clamped either way
     else:
-        mass = (s["meas_lo"] - s["meas_hi"]).clamp(min=1e-30)
-        sw = (rule.scale * width).clamp(min=1e-30)
-        decay = torch.expm1(-sw)
-        frac = -torch.log1p((rule.target - s["meas_hi"]) / mass * decay) / sw
-        n = mass * sw / (rule.weight(hd, lse) * -decay).clamp(min=1e-38)
-        n_max = mass / rule.weight(lo, lse)  # every value of the bracket weighs at least w(lo)
-    n = n.clamp(min=1)
-    centre = torch.where(torch.isnan(s["est"]), hd - frac.clamp(0, 1) * width, s["est"])
-    centre = torch.minimum(torch.maximum(centre, lo), hd)
+        q = tl.floor(m / group_p).to(tl.int32)
+    return tl.minimum(tl.maximum(q, 0), G1)
+
+
+@triton.jit
+def _holds(m, g, group_size, group_p, FIXED: tl.constexpr):
+    """Whether a value whose measure is m lies in group >= g."""
+    if FIXED:
+        holds = m - 1 >= g * group_size
+    else:
+        holds = tl.floor(m / group_p) >= g.to(tl.float32)
+    return holds
+
+
+@triton.jit
+def _weight(v, lse, scale, FIXED: tl.constexpr):
+    """Measure carried by one value v of a row (lse broadcast to v)."""
+    if FIXED:
+        w = tl.full(v.shape, 1, tl.int32)
+    else:
+        w = tl.exp(v * scale - lse)
+    return w
+
+
+@triton.jit
+def _target(g, group_size, group_p, FIXED: tl.constexpr):
+    """The measure at which boundary g starts to hold (fp32)."""
+    if FIXED:
+        y = (g * group_size + 1).to(tl.float32)
+    else:
+        y = g.to(tl.float32) * group_p
+    return y
+
+
+@triton.jit
+def _lagrange(y, m_i, m_a, m_b, m_c):
+    """The Lagrange basis polynomial of node i (the other nodes a, b, c) at y, and its derivative."""
+    f_a = (y - m_a) / (m_i - m_a)
+    f_b = (y - m_b) / (m_i - m_b)
+    f_c = (y - m_c) / (m_i - m_c)
+    return f_a * f_b * f_c, f_b * f_c / (m_i - m_a) + f_a * f_c / (m_i - m_b) + f_a * f_b / (m_i - m_c)
+
+
+@triton.jit
+def _inverse_cubic(xs, ms, i_pass, y, BP: tl.constexpr):
+    """x where the measure reaches y [BR, BG] and -dx/dm there, from the cubic x(m) through the
+    sorted probe points (xs, ms [BR, BP]) i_pass - 1 .. i_pass + 2, in fp64 (NaN unless their
+    measures strictly decrease and the estimate falls between the middle two)."""
+    valid = (i_pass >= 1) & (i_pass + 2 < BP)
+    i0 = tl.minimum(tl.maximum(i_pass - 1, 0), BP - 1)
+    i1 = tl.minimum(tl.maximum(i_pass, 0), BP - 1)
+    i2 = tl.minimum(i_pass + 1, BP - 1)
+    i3 = tl.minimum(i_pass + 2, BP - 1)
+    x0, x1 = tl.gather(xs, i0, axis=1).to(tl.float64), tl.gather(xs, i1, axis=1).to(tl.float64)
+    x2, x3 = tl.gather(xs, i2, axis=1).to(tl.float64), tl.gather(xs, i3, axis=1).to(tl.float64)
+    m0, m1 = tl.gather(ms, i0, axis=1).to(tl.float64), tl.gather(ms, i1, axis=1).to(tl.float64)
+    m2, m3 = tl.gather(ms, i2, axis=1).to(tl.float64), tl.gather(ms, i3, axis=1).to(tl.float64)
+    valid &= (m0 > m1) & (m1 > m2) & (m2 > m3)
+    y = y.to(tl.float64)
+    b0, d0 = _lagrange(y, m0, m1, m2, m3)
+    b1, d1 = _lagrange(y, m1, m0, m2, m3)
+    b2, d2 = _lagrange(y, m2, m0, m1, m3)
+    b3, d3 = _lagrange(y, m3, m0, m1, m2)
+    est = x0 * b0 + x1 * b1 + x2 * b2 + x3 * b3
+    slope = x0 * d0 + x1 * d1 + x2 * d2 + x3 * d3
+    valid &= (est >= x1) & (est <= x2) & (slope < 0)
+    return tl.where(valid, est, float("nan")).to(tl.float32), tl.where(valid, -slope, float("nan")).to(tl.float32)
+
+
+@triton.jit
+def _state_tiles(p_rows, p_lse, p_lo, p_hd, p_hu, p_mlo, p_mhi, R, G1, BR: tl.constexpr, BG: tl.constexpr):
+    """Offsets [BR, BG] of a program's (row, boundary) pairs in the chunk and in the state, their
+    mask, the rows' lse [BR, 1] and the state's brackets there (padding: an empty bracket)."""
+    o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    m_r = o_r < R
+    o_row = tl.load(p_rows + o_r, mask=m_r, other=0)
+    o_g = tl.arange(0, BG)
+    m = m_r[:, None] & (o_g < G1)[None, :]
+    o_chunk = o_r[:, None] * G1 + o_g[None, :]
+    o_state = o_row[:, None] * G1 + o_g[None, :]
+    b_lse = tl.load(p_lse + o_row, mask=m_r, other=0.0)[:, None]
+    lo = tl.load(p_lo + o_state, mask=m, other=0.0)
+    hd = tl.load(p_hd + o_state, mask=m, other=0.0)
+    hu = tl.load(p_hu + o_state, mask=m, other=0.0)
+    m_lo = tl.load(p_mlo + o_state, mask=m, other=0)
+    m_hi = tl.load(p_mhi + o_state, mask=m, other=0)
+    return o_r, m_r, o_g, m, o_chunk, o_state, b_lse, lo, hd, hu, m_lo, m_hi
+
+
+@triton.jit
+def _place_kernel(
+    p_rows,  # [R] int64 rows of the chunk
+    p_lse,  # [B] fp32 (by mass)
+    p_lo, p_hd, p_hu, p_mlo, p_mhi, p_est, p_dxdm,  # [B, G1] the search's state (STATE)
+    p_x,  # [R, BP] fp32 out: probe points
+    p_wlo, p_whi,  # [R, G1] fp32 out: windows [wlo, whi) (wlo NaN where the pair is done)
+    p_top,  # [R, G1] int32 out: lane of each window's top (whi)
+    R, fill, outer, G1, group_size, group_p, scale,
+    FIXED: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BG: tl.constexpr,
+):
+    """Probe points and windows of a later pass for BR rows: the row's BP points shared out
+    among its open boundaries in order; each boundary's first point is its window's top, the
+    others sit at its bottom and at ``outer``-fold distances beyond, around the inverse cubic's
+    estimate of the crossing or, without one, where a uniform density of values (weights
+    exp(scale t) when by mass) puts it; a bracket of surely at most ``fill`` values is
+    collected whole, its points spread evenly from hd down."""
+    o_r, m_r, o_g, m, o_chunk, o_state, b_lse, lo, hd, hu, m_lo, m_hi = _state_tiles(
+        p_rows, p_lse, p_lo, p_hd, p_hu, p_mlo, p_mhi, R, G1, BR, BG)
+    est = tl.load(p_est + o_state, mask=m, other=float("nan"))
+    dx_dm = tl.load(p_dxdm + o_state, mask=m, other=float("nan"))
+    g = o_g[None, :] + 1
+    is_open = (lo < hd) & m
+    n_open = tl.maximum(tl.sum(is_open.to(tl.int32), axis=1), 1)[:, None]  # [BR, 1]
+    rank = tl.cumsum(is_open.to(tl.int32), axis=1) - 1
+    per = tl.where(is_open, BP // n_open + (rank < BP % n_open).to(tl.int32), 0)  # points of each boundary
+    end = tl.cumsum(per, axis=1)
+    o_l = tl.arange(0, BP)
+    owner = tl.sum((end[:, None, :] <= o_l[None, :, None]).to(tl.int32), axis=2)  # [BR, BP]
+    owner = tl.minimum(owner, G1 - 1)
+    top = tl.minimum(end - per, BP - 1)  # each boundary's first point: its window's top
+    j = o_l[None, :] - tl.gather(top, owner, axis=1)  # index of a point among its boundary's
+    # values in the bracket and where the target lies (fraction from the top)
+    width = hd - lo
+    y = _target(g, group_size, group_p, FIXED)
+    if FIXED:
+        n = (m_lo - m_hi).to(tl.float32)
+        n_max = n
+        frac = (y - m_hi.to(tl.float32)) / tl.maximum(n, 1.0)
+    else:
+        mass = tl.maximum(m_lo - m_hi, 1e-30)
+        sw = tl.maximum(scale * width, 1e-30)
+        decay = _expm1(-sw)
+        frac = -_log1p((y - m_hi) / mass * decay) / sw
+        n = mass * sw / tl.maximum(_weight(hd, b_lse, scale, FIXED) * -decay, 1e-38)
+        n_max = mass / _weight(lo, b_lse, scale, FIXED)  # every value of the bracket weighs at least w(lo)
+    n = tl.maximum(n, 1.0)
+    centre = tl.where(est != est, hd - tl.minimum(tl.maximum(frac, 0.0), 1.0) * width, est)
+    centre = tl.minimum(tl.maximum(centre, lo), hd)
     # distance between neighbouring values: the bracket's mean, or less where the inverse
     # cubic's slope says the values are denser around the centre
     mean_spacing = width / n
-    local = s["dx_dm"] * (1.0 if rule.size is not None else rule.weight(centre, lse))
-    spacing = torch.where(local < mean_spacing, local, mean_spacing)
-    half = (FILL * BUFFER / 2) * spacing
+    if FIXED:
+        local = dx_dm
+    else:
+        local = dx_dm * _weight(centre, b_lse, scale, FIXED)
+    spacing = tl.where(local < mean_spacing, local, mean_spacing)
+    half = (fill / 2) * spacing
     # Windows end mid-gap above hd at the latest and reach a mean spacing below lo: the values
     # at the bracket's ends were computed in earlier passes and may differ from this pass's by
-    # rounding. A bracket of surely at most FILL * BUFFER values is collected whole.
-    whole = n_max <= FILL * BUFFER
+    # rounding. A bracket of surely at most ``fill`` values is collected whole.
+    whole = n_max <= fill
     gap_mid = hd + (hu - hd) * 0.5
-    gap_mid = torch.where(gap_mid > hd, gap_mid, hu)
-    x_top = torch.where(whole | (centre + half >= gap_mid), gap_mid, centre + half)
+    gap_mid = tl.where(gap_mid > hd, gap_mid, hu)
+    x_top = tl.where(whole | (centre + half >= gap_mid), gap_mid, centre + half)
     wlo = lo - mean_spacing
-    wlo = torch.where(whole, wlo, torch.maximum(centre - half, wlo))
-    # points: the top, then the window's bottom and OUTER**k half-widths above and below; a
+    wlo = tl.where(whole, wlo, tl.maximum(centre - half, wlo))
+    # points: the top, then the window's bottom and outer**k half-widths above and below; a
     # bracket collected whole spreads them evenly from hd down
-    at = lambda v: v.gather(1, owner)  # noqa: E731  [R, G1] -> [R, lanes]
-    sign = torch.where(j % 2 == 1, -1.0, 1.0)
-    x_focus = at(centre) + at(half) * sign * OUTER ** torch.div(j, 2, rounding_mode="floor")
-    x_even = at(hd) - at(width) * (j - 1) / (at(per) - 1).clamp(min=1)
-    x = torch.where(at(whole), x_even, x_focus)
-    x = torch.minimum(torch.maximum(x, at(_next_up(lo))), at(hd))
-    x = torch.where(j == 0, at(x_top), x)
-    return x, (torch.where(is_open, wlo, math.nan), x_top), top
+    sign = tl.where(j % 2 == 1, -1.0, 1.0)
+    x_focus = tl.gather(centre, owner, axis=1) + tl.gather(half, owner, axis=1) * sign * tl.exp(
+        (j // 2).to(tl.float32) * tl.log(outer))
+    per_o = tl.gather(per, owner, axis=1)
+    x_even = tl.gather(hd, owner, axis=1) - tl.gather(width, owner, axis=1) * (j - 1).to(tl.float32) / tl.maximum(
+        per_o - 1, 1).to(tl.float32)
+    x = tl.where(tl.gather(whole.to(tl.int32), owner, axis=1) != 0, x_even, x_focus)
+    x = tl.minimum(tl.maximum(x, tl.gather(_next_up(lo), owner, axis=1)), tl.gather(hd, owner, axis=1))
+    x = tl.where(j == 0, tl.gather(x_top, owner, axis=1), x)
+    tl.store(p_x + o_r[:, None] * BP + o_l[None, :], x, mask=m_r[:, None])
+    tl.store(p_wlo + o_chunk, tl.where(is_open, wlo, float("nan")), mask=m)
+    tl.store(p_whi + o_chunk, x_top, mask=m)
+    tl.store(p_top + o_chunk, top, mask=m)
+
+
+@triton.jit
+def _narrow_kernel(
+    p_rows,  # [R] int64 rows of the chunk
+    p_x,  # [R, BP] fp32 probe points
+    p_meas,  # [R, BP] the measure at them (fp32, int32 when FIXED)
+    p_above, p_below,  # [R, BP] fp32 min{t >= x}, max{t < x}
+    p_top,  # [R, G1] int32 lane of each window's top (read when SETTLE)
+    p_whi,  # [R, G1] fp32 window tops (read when SETTLE)
+    p_mtop, p_utop,  # [R, G1] out (when SETTLE): measure at the window's top, smallest value >= it
+    p_lse,  # [B] fp32 (by mass)
+    p_lo, p_hd, p_hu, p_mlo, p_mhi, p_est, p_dxdm,  # [B, G1] the search's state (STATE), updated where open
+    R, G1, group_size, group_p, scale,
+    FIXED: tl.constexpr, SETTLE: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BG: tl.constexpr,
+):
+    """Brackets of BR rows shrunk by the probe points (all of a row's points serve all its
+    boundaries), the check whether a new hd itself passes, and the estimate of each crossing."""
+    o_r, m_r, o_g, m, o_chunk, o_state, b_lse, lo, hd, hu, m_lo, m_hi = _state_tiles(
+        p_rows, p_lse, p_lo, p_hd, p_hu, p_mlo, p_mhi, R, G1, BR, BG)
+    g = o_g[None, :] + 1
+    o_l = tl.arange(0, BP)
+    o_rl = o_r[:, None] * BP + o_l[None, :]
+    x = tl.load(p_x + o_rl, mask=m_r[:, None], other=0.0)
+    meas = tl.load(p_meas + o_rl, mask=m_r[:, None], other=0)
+    above = tl.load(p_above + o_rl, mask=m_r[:, None], other=0.0)
+    below = tl.load(p_below + o_rl, mask=m_r[:, None], other=0.0)
+    if SETTLE:
+        top = tl.load(p_top + o_chunk, mask=m, other=0)
+        u_top = tl.gather(above, top, axis=1)
+        u_top = tl.where(u_top < float("inf"), u_top, tl.load(p_whi + o_chunk, mask=m, other=0.0))
+        tl.store(p_mtop + o_chunk, tl.gather(meas, top, axis=1), mask=m)
+        tl.store(p_utop + o_chunk, u_top, mask=m)
+    # the points in increasing order (ties by lane): each lane's rank, then the lane of each rank
+    x_l, x_k = x[:, :, None], x[:, None, :]  # [BR, BP (lane l), BP (lane k)]
+    before = (x_k < x_l) | ((x_k == x_l) & (o_l[None, None, :] < o_l[None, :, None]))  # k sorts before l
+    rank = tl.sum(before.to(tl.int32), axis=2)  # [BR, BP]
+    order = tl.sum(tl.where(rank[:, :, None] == o_l[None, None, :], o_l[None, :, None], 0), axis=1)
+    xs = tl.gather(x, order, axis=1)
+    ms = tl.gather(meas, order, axis=1)
+    us = tl.gather(above, order, axis=1)
+    ls = tl.gather(below, order, axis=1)
+    # last point that passes boundary g: the passed counts are non-increasing along xs
+    passed = _passed(ms, G1, group_size, group_p, FIXED)  # [BR, BP]
+    i_pass = tl.sum((passed[:, None, :] >= g[:, :, None]).to(tl.int32), axis=2) - 1  # [BR, BG]
+    i_a = tl.maximum(i_pass, 0)
+    i_b = tl.minimum(i_pass + 1, BP - 1)
+    u_a, m_a = tl.gather(us, i_a, axis=1), tl.gather(ms, i_a, axis=1)
+    l_b, u_b, m_b = tl.gather(ls, i_b, axis=1), tl.gather(us, i_b, axis=1), tl.gather(ms, i_b, axis=1)
+    raise_lo = (i_pass >= 0) & (u_a > lo)
+    new_lo = tl.where(raise_lo, tl.minimum(u_a, hd), lo)
+    new_mlo = tl.where(raise_lo, m_a, m_lo)
+    lower_hd = (i_pass + 1 < BP) & (l_b < hd)
+    new_hd = tl.where(lower_hd, tl.maximum(l_b, new_lo), hd)
+    new_hu = tl.where(lower_hd, tl.minimum(u_b, hu), hu)
+    new_mhi = tl.where(lower_hd, m_b, m_hi)
+    # a new hd whose own weight lifts the measure over the boundary is the answer
+    m_hd = new_mhi + _weight(new_hd, b_lse, scale, FIXED)
+    hd_holds = lower_hd & (new_lo < new_hd) & _holds(m_hd, g, group_size, group_p, FIXED)
+    new_lo = tl.where(hd_holds, new_hd, new_lo)
+    new_mlo = tl.where(hd_holds, m_hd, new_mlo)
+    est, dx_dm = _inverse_cubic(xs, ms, i_pass, _target(g, group_size, group_p, FIXED), BP)
+    active = m & (lo < hd)
+    tl.store(p_lo + o_state, new_lo, mask=active)
+    tl.store(p_hd + o_state, new_hd, mask=active)
+    tl.store(p_hu + o_state, new_hu, mask=active)
+    tl.store(p_mlo + o_state, new_mlo, mask=active)
+    tl.store(p_mhi + o_state, new_mhi, mask=active)
+    tl.store(p_est + o_state, est, mask=active)
+    tl.store(p_dxdm + o_state, dx_dm, mask=active)
 
 
 @triton.jit
 def _settle_kernel(
-    p_buf,  # [P, C] fp32: each (row, boundary) pair's collected values, in no order
+    p_buf,  # [P, C] fp32: each (chunk row, boundary) pair's collected values, in no order
     p_count,  # [P] int32 values found in the window (may exceed C)
     p_mtop,  # [P] measure at the window's top (fp32, int32 when FIXED)
     p_utop,  # [P] fp32 smallest row value >= the top
     p_wlo,  # [P] fp32 window bottom, NaN for none
-    p_lse,  # [R] fp32 (by mass)
-    p_lo, p_hd, p_hu,  # [P] fp32 in/out: the brackets, replaced where the window settles
+    p_rows,  # [P / G1] int64 rows of the chunk
+    p_lse,  # [B] fp32 (by mass)
+    p_lo, p_hd, p_hu,  # [B, G1] fp32 the search's brackets, replaced where the window settles
     P, G1, C, group_size, group_p, scale,
     FIXED: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr,
 ):
@@ -624,11 +783,12 @@ def _settle_kernel(
     o_p = tl.program_id(0).to(tl.int64) * BS + tl.arange(0, BS)
     m_p = o_p < P
     g = (o_p % G1 + 1).to(tl.int32)  # [BS] boundary
+    o_row = tl.load(p_rows + o_p // G1, mask=m_p, other=0)
     b_count = tl.load(p_count + o_p, mask=m_p, other=0)
     n = tl.minimum(tl.max(b_count, 0), C)  # slots to read
     b_mtop = tl.load(p_mtop + o_p, mask=m_p, other=0)
     if not FIXED:
-        b_lse = tl.load(p_lse + o_p // G1, mask=m_p, other=0.0)
+        b_lse = tl.load(p_lse + o_row, mask=m_p, other=0.0)
     v_star = tl.full([BS], float("-inf"), dtype=tl.float32)
     for k0 in range(0, n, BC):
         o_k = k0 + tl.arange(0, BC)
@@ -644,10 +804,7 @@ def _settle_kernel(
             else:
                 b_wl = tl.where(m_l, tl.exp(b_vl * scale - b_lse[:, None]), 0.0)
             b_m += tl.sum(tl.where(b_vl[:, None, :] >= b_vk[:, :, None], b_wl[:, None, :], 0), axis=2)
-        if FIXED:
-            holds = b_m - 1 >= (g * group_size)[:, None]
-        else:
-            holds = tl.floor(b_m / group_p) >= g[:, None].to(tl.float32)
+        holds = _holds(b_m, g[:, None], group_size, group_p, FIXED)
         v_star = tl.maximum(v_star, tl.max(tl.where(holds & m_k, b_vk, float("-inf")), axis=1))
     v_up = tl.full([BS], float("inf"), dtype=tl.float32)
     for k0 in range(0, n, BC):
@@ -655,33 +812,14 @@ def _settle_kernel(
         m_k = m_p[:, None] & (o_k[None, :] < tl.minimum(b_count, C)[:, None])
         b_vk = tl.load(p_buf + o_p[:, None] * C + o_k[None, :], mask=m_k, other=float("-inf"))
         v_up = tl.minimum(v_up, tl.min(tl.where(b_vk > v_star[:, None], b_vk, float("inf")), axis=1))
-    if FIXED:
-        top_holds = b_mtop - 1 >= g * group_size
-    else:
-        top_holds = tl.floor(b_mtop / group_p) >= g.to(tl.float32)
+    top_holds = _holds(b_mtop, g, group_size, group_p, FIXED)
     b_wlo = tl.load(p_wlo + o_p, mask=m_p, other=float("nan"))
     found = (v_star > float("-inf")) & (b_count <= C) & ~top_holds & (b_wlo == b_wlo) & m_p
     v_up = tl.where(v_up < float("inf"), v_up, tl.load(p_utop + o_p, mask=m_p, other=0.0))
-    tl.store(p_lo + o_p, v_star, mask=found)
-    tl.store(p_hd + o_p, v_star, mask=found)
-    tl.store(p_hu + o_p, v_up, mask=found)
-
-
-def _settle(new, windows, top, meas, above, count, buf, rule, lse):
-    """Boundaries whose window held at most BUFFER values, the answer among them, take it
-    (``_settle_kernel``; ``new`` lo, hd, hu [R, G1] updated in place)."""
-    R, G1 = count.shape
-    m_top, u_top = meas.gather(1, top), above.gather(1, top)  # at whi; smallest value >= whi
-    u_top = torch.where(u_top < math.inf, u_top, windows[1])  # none: whi bounds the gap
-    lo, hd, hu = (new[k].contiguous() for k in ("lo", "hd", "hu"))
-    # GPU: 4 pairs, 32 x 32 comparisons a step ([4, 32, 32] over 128 threads); the interpreter
-    # pays per program, so there a program takes 256 pairs
-    BS, BC = (256, 64) if utils.interpreter_blocks() else (4, 32)
-    _settle_kernel[(triton.cdiv(R * G1, BS),)](
-        buf, count, m_top.contiguous(), u_top.contiguous(), windows[0].contiguous(), lse.float().contiguous(),
-        lo, hd, hu, R * G1, G1, buf.shape[-1], rule.size or 0, rule.group_p, float(rule.scale),
-        FIXED=rule.size is not None, BS=BS, BC=min(BC, triton.next_power_of_2(buf.shape[-1])), num_warps=4)
-    new.update(lo=lo, hd=hd, hu=hu)
+    o_state = o_row * G1 + g - 1
+    tl.store(p_lo + o_state, v_star, mask=found)
+    tl.store(p_hd + o_state, v_star, mask=found)
+    tl.store(p_hu + o_state, v_up, mask=found)
 
 
 def group_means(t, rt, lse_t, thr, teacher_scale):

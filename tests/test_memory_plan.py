@@ -76,7 +76,7 @@ def test_group_search_within_budget():
     lse = torch.logsumexp(torch.where(off, t, -torch.inf), 1).float()
     t_min = torch.where(off, t, torch.inf).amin(1).float()
     t_max = torch.where(off, t, -torch.inf).amax(1).float()
-    budget = 100 * _row_bytes(G1, 16, True)  # collecting chunks of 100 rows
+    budget = 100 * _row_bytes(G1, 16, True)  # collecting chunks of 75 rows (a quarter: the column splits)
     assert budget // _row_bytes(G1, 64, False) >= MIN_CHUNK_ROWS
     args = (e.to(DEVICE), torch.ones(B_, device=DEVICE), lse.to(DEVICE), t_min.to(DEVICE), t_max.to(DEVICE), 1.0)
     with TensorMemory() as mem:
