@@ -19,6 +19,20 @@ from conftest import requires_triton
 pytestmark = requires_triton
 
 NEAR_BOUNDARY = 1e-5
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+from distillcse.kernels.group_partition import _inverse_cubic  # noqa: E402
+
+
+@triton.jit
+def _estimate_kernel(p_xs, p_ms, p_i, p_y, p_est, p_slope, BP: tl.constexpr, BG: tl.constexpr):
+    """``_inverse_cubic`` of one row: points (xs, ms) [BP], BG boundaries (i_pass, y)."""
+    o_l, o_g = tl.arange(0, BP), tl.arange(0, BG)
+    xs, ms = tl.load(p_xs + o_l)[None, :], tl.load(p_ms + o_l)[None, :]
+    i_pass, y = tl.load(p_i + o_g)[None, :], tl.load(p_y + o_g)[None, :]
+    est, slope = _inverse_cubic(xs, ms, i_pass, y, BP)
+    tl.store(p_est + o_g[None, :], est)
+    tl.store(p_slope + o_g[None, :], slope)
 
 
 def teachers(B, Dt, device, dtype=torch.float32, dup=1, seed=0, zero_row=False, strided=False):
@@ -223,6 +237,34 @@ def test_search_pass_count(device, monkeypatch):
     passes = count_passes(monkeypatch)
     check_partition(teachers(130, 96, device, seed=3), 1.0, 0.1, method="search")
     assert len(passes) == 1 and passes[0][0] == 0.0
+
+
+def test_inverse_cubic_is_exact_on_a_cubic(device):
+    """The crossing estimate of the search (``_inverse_cubic``): where x is a cubic in the
+    measure m, the estimate through the four probe points around the crossing is x(y) and
+    -dx/dm there, exactly up to rounding; NaN where the nodes run off the points, where their
+    measures do not strictly decrease, or where the estimate leaves the middle interval."""
+    x_of_m = lambda m: 0.3 - 0.5 * m + 0.2 * m ** 2 - 0.1 * m ** 3  # noqa: E731  decreasing in m on [0, 1]
+    ms = torch.linspace(1.0, 0.0, 16, dtype=torch.float64)  # decreasing along the points
+    xs = x_of_m(ms)  # increasing
+    i_pass = torch.tensor([5, 9, 0, 13, 2, 7, 7, 7], dtype=torch.int32)  # last point whose measure >= y
+    y = (ms[i_pass.long()] + ms[i_pass.long() + 1]) / 2
+    y[5], y[6] = ms[7] - 1e-3, ms[8] + 1e-3  # near either end of the middle interval
+    y[7] = ms[3]  # outside it: the estimate is not between the middle nodes
+    y = y.float().double()
+    est, slope = (torch.empty(8, device=device) for _ in range(2))
+    run = lambda measures: _estimate_kernel[(1,)](  # noqa: E731
+        xs.float().to(device), measures.float().to(device), i_pass.to(device), y.float().to(device), est, slope,
+        BP=16, BG=8)
+    run(ms)
+    nan = torch.isnan(est.cpu())
+    assert nan.nonzero().flatten().tolist() == [2, 7] and torch.equal(nan, torch.isnan(slope.cpu()))
+    torch.testing.assert_close(est.cpu()[~nan].double(), x_of_m(y)[~nan], rtol=0, atol=1e-7)
+    torch.testing.assert_close(slope.cpu()[~nan].double(), (0.5 - 0.4 * y + 0.3 * y ** 2)[~nan], rtol=1e-5, atol=0)
+    flat = ms.clone()
+    flat[9] = flat[10]  # two nodes with equal measures: no estimate through both (boundary 1's)
+    run(flat)
+    assert torch.isnan(est.cpu()).nonzero().flatten().tolist() == [1, 2, 7]
 
 
 @pytest.mark.parametrize("B,Dt,teacher_temperature,group_p,group_size",
