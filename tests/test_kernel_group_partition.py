@@ -125,7 +125,7 @@ def check_partition(rows, grouping_temperature, group_p=0.1, group_size=None, me
 MODES = [  # (grouping temperature, group_p, group_size)
     (1.0, 0.1, None), (1.0, 0.25, None), (1.0, 0.3, None),
     (0.1, 0.1, None), (0.1, 0.25, None), (0.1, 0.3, None),
-    (1.0, 0.1, 4), (1.0, 0.1, 10),
+    (1.0, 0.1, 4), (1.0, 0.1, 10), (1.0, 0.5, None), (1.0, 0.1, 20),  # the last two: one boundary at B = 37
 ]
 METHODS = ["search", "pairwise"]  # "auto" takes pairwise up to PAIRWISE_MAX_B rows
 
