@@ -503,15 +503,16 @@ def _next_up(x):
 def _expm1(x):
     """exp(x) - 1 to about fp32's relative precision (Kahan: the quotient undoes exp's rounding)."""
     u = tl.exp(x)
-    return tl.where(u == 1.0, x, tl.where(u - 1.0 == -1.0, -1.0, (u - 1.0) * x / tl.log(u)))
+    return tl.where(u == 1.0, x, tl.where(u - 1.0 == -1.0, -1.0, (u - 1.0) * x / tl.log(tl.where(u == 1.0, 2.0, u))))
 
 
 @triton.jit
 def _log1p(z):
     """log(1 + z) for z > -1 to about fp32's relative precision (Goldberg: w = 1 + z rounded, the
-    quotient undoes its rounding)."""
+    quotient undoes its rounding); about -87 for z <= -1, finite, where the search's estimate
+    only needs "far"."""
     w = 1.0 + z
-    return tl.where(w == 1.0, z, tl.log(w) * (z / tl.where(w == 1.0, 1.0, w - 1.0)))
+    return tl.where(w == 1.0, z, tl.log(tl.maximum(w, 1e-38)) * (z / tl.where(w == 1.0, 1.0, w - 1.0)))
 
 
 @triton.jit
@@ -578,6 +579,9 @@ def _inverse_cubic(xs, ms, i_pass, y, BP: tl.constexpr):
     m0, m1 = tl.gather(ms, i0, axis=1).to(tl.float64), tl.gather(ms, i1, axis=1).to(tl.float64)
     m2, m3 = tl.gather(ms, i2, axis=1).to(tl.float64), tl.gather(ms, i3, axis=1).to(tl.float64)
     valid &= (m0 > m1) & (m1 > m2) & (m2 > m3)
+    # elsewhere distinct stand-in nodes: no division by zero (the interpreter warns of it)
+    m0, m1 = tl.where(valid, m0, 3.0), tl.where(valid, m1, 2.0)
+    m2, m3 = tl.where(valid, m2, 1.0), tl.where(valid, m3, 0.0)
     y = y.to(tl.float64)
     b0, d0 = _lagrange(y, m0, m1, m2, m3)
     b1, d1 = _lagrange(y, m1, m0, m2, m3)
