@@ -459,14 +459,14 @@ def _search_chunk(state, r, i_pass, collect, evaluate, rule, lanes, lse):
         x = torch.empty((R, lanes), device=r.device, dtype=torch.float32)
         windows = tuple(torch.empty((R, G1), device=r.device, dtype=torch.float32) for _ in range(2))
         top = torch.empty((R, G1), device=r.device, dtype=torch.int32)
-        BR = _book_rows(BG, lanes)
+        BR = _book_rows(lanes)
         _place_kernel[(triton.cdiv(R, BR),)](
             r, lse, *(state[k] for k in STATE), x, *windows, top, R, FILL * BUFFER, OUTER, **rule, BR=BR, BP=lanes,
             BG=BG)
     meas, above, below, count, buf = evaluate(r, x, windows)
     m_top = torch.empty((R, G1), device=r.device, dtype=meas.dtype)  # the measure at each window's top
     u_top = torch.empty((R, G1), device=r.device, dtype=torch.float32)  # the smallest value >= the top
-    BR = _book_rows(BG, x.shape[1])
+    BR = _book_rows(x.shape[1])
     _narrow_kernel[(triton.cdiv(R, BR),)](
         r, x, meas.contiguous(), above.contiguous(), below.contiguous(), top, x if windows is None else windows[1],
         m_top, u_top, lse, *(state[k] for k in STATE), R, **rule, SETTLE=windows is not None,
@@ -485,10 +485,11 @@ def _search_chunk(state, r, i_pass, collect, evaluate, rule, lanes, lse):
 STATE = ("lo", "hd", "hu", "meas_lo", "meas_hi", "est", "dx_dm")  # the search's [B, G1] state, in kernel order
 
 
-def _book_rows(BG, BP):
-    """Rows per program of the bookkeeping kernels: their largest tiles are [BR, BP, BG]
-    (the interpreter pays per program: there 256 rows)."""
-    return 256 if utils.interpreter_blocks() else max(1, min(16, 4096 // (BG * BP)))
+def _book_rows(BP):
+    """Rows per program of the bookkeeping kernels: their largest tile is the [BR, BP, BP] that
+    ranks the probe points (BP >= BG), at most 16K values (sm_90a: <= 254 registers at 4 warps,
+    no spills); the interpreter pays per program: there 256 rows."""
+    return 256 if utils.interpreter_blocks() else max(1, min(16, 16384 // (BP * BP)))
 
 
 @triton.jit
