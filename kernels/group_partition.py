@@ -255,8 +255,9 @@ def _thresholds_from_brackets_kernel(
     N, G1, margin,
     BLOCK: tl.constexpr,
 ):
-    """thr in the middle of the gap (hd, hu), as the search ends: where no value of the row
-    passes, hd is a bound below the row; where every value passes, hu is a bound above it."""
+    """thr in the middle of the gap (hd, hu) (hu itself where the gap has no float inside); for
+    the pairwise brackets, where no value of the row passes hd is a bound below the row, where
+    every value passes hu is a bound above it (the search's brackets start at those bounds)."""
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = o < N
     b_hd = tl.load(p_hd + o, mask=m, other=0.0)
@@ -308,11 +309,11 @@ def group_thresholds(t, rt, lse_g, t_min, t_max, grouping_scale, *, group_p=0.1,
     or fp32) and ``rt`` [B] fp32 their inverse norms (``teacher_logits``); ``lse_g``, ``t_min``,
     ``t_max`` fp32 [B] row statistics over j != i.
     ``group_size``, when given, selects the fixed-size variant (``lse_g`` is then unused).
-    A few passes, each one launch per row chunk and one host sync; ``budget_bytes`` bounds a
-    row chunk's temporaries (``_row_bytes``; None: chunks of at most ``CHUNK_VALUES`` slots).
-    ``method``: "search" (the passes above), "pairwise" (one launch that compares every pair
-    of a row's values: B^3 comparisons, no host sync, extra memory [B, G-1]), or "auto":
-    pairwise up to ``PAIRWISE_MAX_B`` rows."""
+    ``method``: "search" (a few passes, each a few launches per row chunk and one host sync;
+    ``budget_bytes`` bounds a row chunk's temporaries: ``_row_bytes``, None: chunks of at most
+    ``CHUNK_VALUES`` slots), "pairwise" (two launches that compare every pair of a row's
+    values: B^3 comparisons, no host sync, extra memory [B, G-1]), or "auto": pairwise up to
+    ``PAIRWISE_MAX_B`` rows."""
     if method not in ("auto", "search", "pairwise"):
         raise ValueError(f'method must be "auto", "search" or "pairwise", got {method!r}')
     t = unit_stride_rows(t)
@@ -347,10 +348,15 @@ def _pairwise_thresholds(t, rt, lse_g, t_min, t_max, grouping_scale, G1, group_p
         t, rt, lse_g, hd, hu, B, Dt, G1, t.stride(0), group_size or 0, 1.0 if group_size is not None else group_p,
         grouping_scale, FIXED=group_size is not None, BG=max(2, triton.next_power_of_2(G1)),
         PRECISION=dot_precision(t.dtype), **cfg)
+    return _thresholds_from_brackets(hd, hu, t_min, t_max)
+
+
+def _thresholds_from_brackets(hd, hu, t_min, t_max):
+    """thr [B, G1] mid-gap between hd and hu [B, G1] (``_thresholds_from_brackets_kernel``)."""
     thr = torch.empty_like(hd)
-    _thresholds_from_brackets_kernel[(triton.cdiv(B * G1, 1024),)](
-        hd, hu, t_min.float().contiguous(), t_max.float().contiguous(), thr, B * G1, G1, STATS_MARGIN,
-        BLOCK=1024)
+    _thresholds_from_brackets_kernel[(triton.cdiv(thr.numel(), 1024),)](
+        hd, hu, t_min.float().contiguous(), t_max.float().contiguous(), thr, thr.numel(), thr.shape[1],
+        STATS_MARGIN, BLOCK=1024)
     return thr
 
 
@@ -437,8 +443,7 @@ def _search(evaluate, t_min, t_max, lse_g, grouping_scale, G1, B, group_p, group
             trace.append((is_open.float().mean().item(), len(rows) / len(t_min), points))
         rows = is_open.any(1).nonzero()[:, 0]  # the pass's host sync
         if len(rows) == 0:
-            thr = state["hd"] + (state["hu"] - state["hd"]) * 0.5
-            return torch.where(thr > state["hd"], thr, state["hu"])
+            return _thresholds_from_brackets(state["hd"], state["hu"], t_min, t_max)
     raise RuntimeError(f"group_thresholds: search not converged after {MAX_PASSES} passes "
                        "(non-finite teacher logits?)")
 
