@@ -5,9 +5,9 @@
 kernels) and "auto" (triton on CUDA, torch elsewhere); ``all_gather`` for multi-GPU batches.
 """
 from .api import DistillCSELoss, contrastive_loss, distill_loss, distillcse_loss
-from .config import chunk_budget, set_chunk_budget
+from .config import chunk_budget, finite_check, set_chunk_budget, set_finite_check
 from .distributed import all_gather
 
 __all__ = ["contrastive_loss", "distill_loss", "distillcse_loss", "DistillCSELoss",
-           "set_chunk_budget", "chunk_budget", "all_gather"]
+           "set_chunk_budget", "chunk_budget", "set_finite_check", "finite_check", "all_gather"]
 __version__ = "0.1.0"

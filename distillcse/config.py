@@ -6,6 +6,7 @@ from contextlib import contextmanager
 # (slab + the distillation's gradient buffer), within the 256 MiB target (benchmarks/NOTES.md)
 _DEFAULT_CHUNK_MIB = 128
 _chunk_budget = int(float(os.environ.get("DISTILLCSE_CHUNK_MIB", _DEFAULT_CHUNK_MIB)) * 2**20)
+_finite_check = os.environ.get("DISTILLCSE_CHECK_FINITE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def chunk_budget_bytes() -> int:
@@ -31,3 +32,30 @@ def chunk_budget(mib: float):
         yield
     finally:
         set_chunk_budget(previous / 2**20)
+
+
+def finite_check_enabled() -> bool:
+    """Whether the losses check their inputs for NaN and Inf (one host sync a call)."""
+    return _finite_check
+
+
+def set_finite_check(enabled: bool) -> None:
+    """Turn the losses' NaN / Inf check of their inputs on (the default) or off
+    (``$DISTILLCSE_CHECK_FINITE=0`` at start-up). The check reads one value on the host per call,
+    which waits for the GPU to finish the work queued before it (the encoder's forward); off, a
+    step queues without waiting, and non-finite inputs go unreported."""
+    global _finite_check
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True or False, got {enabled!r}")
+    _finite_check = enabled
+
+
+@contextmanager
+def finite_check(enabled: bool):
+    """Context manager form of :func:`set_finite_check`."""
+    previous = _finite_check
+    set_finite_check(enabled)
+    try:
+        yield
+    finally:
+        set_finite_check(previous)

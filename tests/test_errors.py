@@ -123,6 +123,20 @@ def test_non_finite_inputs_of_each_entry_point_are_named():
     distillcse.distill_loss(z1, t, backend="torch")  # finite inputs pass
 
 
+def test_finite_check_can_be_turned_off():
+    """``finite_check(False)`` skips the NaN / Inf check (and its host sync): the NaN reaches the
+    loss; the setting comes back after the block, and takes only a bool."""
+    z1, z2, t = good()
+    bad = z1.clone()
+    bad[3, 1] = float("nan")
+    with distillcse.finite_check(False):
+        assert torch.isnan(distillcse.distillcse_loss(bad, z2, t, backend="torch"))
+    with pytest.raises(ValueError, match="z1 contains NaN or Inf"):
+        distillcse.distillcse_loss(bad, z2, t, backend="torch")
+    with pytest.raises(TypeError, match="enabled must be True or False, got 0"):
+        distillcse.set_finite_check(0)
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_empty_hard_negatives_are_none(backend):
     """A [0, D] batch of hard negatives (a data pipeline's batch with none) is no hard negatives."""

@@ -297,3 +297,34 @@ def test_loss_takes_in_place_arithmetic(B):
         loss /= 4
         loss.backward()
         assert loss.item() == pytest.approx(value / 4) and torch.isfinite(leaf.grad).all()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("B", [64, 200])  # the one-program kernel, the streaming Functions (no host sync)
+def test_a_training_step_replays_as_a_cuda_graph(B):
+    """Forward and backward captured in a CUDA graph (the input check is skipped while capturing)
+    and replayed on new inputs copied into the captured ones: the eager loss and gradients."""
+    z1, z2, teachers, _ = make_batch(B, 64, (48,))
+    static = [x.float().cuda().requires_grad_() for x in (z1, z2)]
+    teacher = teachers[0].float().cuda()
+
+    def step():
+        loss = distillcse.distillcse_loss(*static, teacher, shuffle="expected", backend="triton")
+        return [loss.detach()] + list(torch.autograd.grad(loss, static))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up: Triton compiles outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    fresh = make_batch(B, 64, (48,), seed=1)
+    with torch.no_grad():
+        for leaf, x in zip(static, fresh[:2]):
+            leaf.copy_(x.float())
+    graph.replay()
+    eager = step()
+    for c, e in zip(captured, eager):
+        assert torch.allclose(c, e, rtol=1e-6, atol=1e-7)
