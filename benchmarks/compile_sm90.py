@@ -111,6 +111,8 @@ def distill(B, D, dtype, teacher_dtype):
     K.accumulate_slab(hi, lo, grad, x, r, torch.empty(rows, D), 0)
     if lo is not None:
         K.unpack_accumulator(hi, lo)
+    K.unit_rows_backward(torch.empty(rows, D), x, r, x)  # a slab's dx rows (strided slices of dx on a GPU)
+    K.unit_rows_backward(hi, x, r, hi, lo=lo, scaled=True)  # the random shuffle's accumulator, in place
     search_rows = torch.arange(4096)
     for fixed in (False, True):  # a grid pass and a later pass of the search over 4096 rows
         evaluate = GP._kernel_probes(t, r, r, 1.0, n_thr, fixed)
@@ -119,7 +121,7 @@ def distill(B, D, dtype, teacher_dtype):
         rule = dict(G1=n_thr, group_size=100 if fixed else 0, group_p=0.1, scale=1.0, FIXED=fixed)
         for i_pass in (0, 1):
             GP._search_chunk(state, search_rows, i_pass, True, evaluate, rule, 16, r)
-    for group_size in (None, 100):  # the pairwise thresholds (G - 1 = 9; fixed size: B // 100)
+    for group_size in (None, triton.cdiv(B, 40)):  # the pairwise thresholds (G - 1 = 9; fixed size: 40 groups)
         GP.group_thresholds(t, r, r, r, r, 1.0, group_p=0.1, group_size=group_size, method="pairwise")
     GP.group_means(t, r, r, thr, 80.0)
 

@@ -589,6 +589,51 @@ def _unpack_kernel(p_hi, p_lo, p_out, N, MANT: tl.constexpr, EMIN: tl.constexpr,
     tl.store(p_out + o, b_hi + b_lo * _pow2(_lo_exponent(b_hi, MANT, EMIN)), mask=m)
 
 
+@triton.jit
+def _load_du(p_du, p_lo, o, m, HAS_LO: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr):
+    """fp32 du at offsets o: p_du's own values, or the accumulator hi + lo (``_unpack_kernel``)."""
+    b_du = tl.load(p_du + o, mask=m, other=0.0).to(tl.float32)
+    if HAS_LO:
+        b_du += tl.load(p_lo + o, mask=m, other=0).to(tl.float32) * _pow2(_lo_exponent(b_du, MANT, EMIN))
+    return b_du
+
+
+@triton.jit
+def _unit_rows_backward_kernel(
+    p_du,  # [R, D] dL/du (fp32), or with HAS_LO the accumulator's hi (x's dtype)
+    p_lo,  # [R, D] int8 (HAS_LO): hi's low part, du's row stride
+    p_x,  # [R, D] raw rows
+    p_rx,  # [R] fp32 inverse norms
+    p_out,  # [R, D] dL/dx in its own dtype; may be p_du (each program reads its rows before writing them)
+    R, D, s_du, s_x, s_out,
+    SCALED: tl.constexpr, HAS_LO: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr,
+    BR: tl.constexpr, BD: tl.constexpr,
+):
+    """dL/dx through ``u = x rx``: ``rx (du - u (u . du))``; with SCALED du holds ``rx du``
+    already, and the answer is ``du - u (u . du)``. Two passes over a block of BR rows: the dots
+    ``x . du``, then the output."""
+    o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    m_r = o_r < R
+    b_rx = tl.load(p_rx + o_r, mask=m_r, other=0.0)
+    b_dot = tl.zeros([BR], dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        o_d = d0 + tl.arange(0, BD)
+        m = m_r[:, None] & (o_d < D)[None, :]
+        b_du = _load_du(p_du, p_lo, o_r[:, None] * s_du + o_d[None, :], m, HAS_LO, MANT, EMIN)
+        b_x = tl.load(p_x + o_r[:, None] * s_x + o_d[None, :], mask=m, other=0.0).to(tl.float32)
+        b_dot += tl.sum(b_du * b_x, axis=1)
+    b_c = (b_rx * b_rx * b_dot)[:, None]  # u (u . du) = x rx^2 (x . du)
+    for d0 in range(0, D, BD):
+        o_d = d0 + tl.arange(0, BD)
+        m = m_r[:, None] & (o_d < D)[None, :]
+        b_du = _load_du(p_du, p_lo, o_r[:, None] * s_du + o_d[None, :], m, HAS_LO, MANT, EMIN)
+        b_x = tl.load(p_x + o_r[:, None] * s_x + o_d[None, :], mask=m, other=0.0).to(tl.float32)
+        b_dx = b_du - b_x * b_c
+        if not SCALED:
+            b_dx *= b_rx[:, None]
+        tl.store(p_out + o_r[:, None] * s_out + o_d[None, :], b_dx.to(p_out.dtype.element_ty), mask=m)
+
+
 def _fp32_dots(x_dtype, t_dtype):
     """(whether the student or the teacher is fp32, whether that fp32 tl.dot runs on FMAs:
     full precision, PyTorch's "highest")."""
@@ -680,11 +725,10 @@ def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale
 
 
 def slab_rows(B: int, budget_bytes: int, bytes_per_entry: int, BM: int) -> int:
-    """Rows per slab: its [R, B] buffers (``bytes_per_entry`` per entry) fit ``budget_bytes``,
-    rounded down to whole row blocks (at least one)."""
-    if bytes_per_entry == 0:
-        return B
-    return max(BM, min(B, budget_bytes // (B * bytes_per_entry)) // BM * BM)
+    """Rows per slab: all B when their [B, B] buffers (``bytes_per_entry`` per entry) fit
+    ``budget_bytes``, else as many as fit, rounded down to whole row blocks (at least one)."""
+    fit = budget_bytes // (B * bytes_per_entry) if bytes_per_entry else B
+    return B if fit >= B else max(BM, fit // BM * BM)
 
 
 MM_OUT_DTYPE = torch.torch_version.TorchVersion(torch.__version__) >= "2.8"  # torch.mm(..., out_dtype=) on CUDA
@@ -719,19 +763,18 @@ def _permutation_tables(counts, row0, step_seed):
     return first, perm
 
 
-def unit_rows_backward(du, x, rx, budget_bytes, out, *, scaled=False):
-    """dL/dx [R, D] into ``out`` (x's dtype) from dL/du (fp32, overwritten) for ``u = x rx``:
-    ``rx (du - u (u . du))``, in place over row chunks of ``budget_bytes``. With ``scaled``,
-    ``du`` holds ``rx du`` already (then ``rx du - u (u . rx du)`` is the answer)."""
+def unit_rows_backward(du, x, rx, out, *, lo=None, scaled=False):
+    """dL/dx [R, D] into ``out`` (x's dtype; may be ``du``) from dL/du [R, D] for ``u = x rx``:
+    ``rx (du - u (u . du))``, one launch, no temporaries. ``du`` is fp32, or with ``lo`` the
+    accumulator hi + lo of :func:`accumulate_slab`. With ``scaled``, du holds ``rx du`` already
+    (then ``rx du - u (u . rx du)`` is the answer). Rows may have any stride, features stride 1."""
     R, D = x.shape
-    step = max(1, budget_bytes // (8 * D))
-    for r0 in range(0, R, step):
-        d, xc, rc = du[r0:r0 + step], x[r0:r0 + step], rx[r0:r0 + step, None]
-        u_dot_du = rc * (d * xc).sum(-1, keepdim=True)  # [rows, 1] fp32
-        d.addcmul_(xc, -rc * u_dot_du)  # du - u (u . du)
-        if not scaled:
-            d.mul_(rc)
-        out[r0:r0 + step].copy_(d)
+    assert du.stride(-1) == x.stride(-1) == out.stride(-1) == 1 and (lo is None or lo.stride() == du.stride())
+    mant, emin = LO_FORMATS.get(du.dtype, (0, 0))
+    BR, BD = (64, 128) if utils.interpreter_blocks() else (8, 128)
+    _unit_rows_backward_kernel[(triton.cdiv(R, BR),)](
+        du, du if lo is None else lo, x, rx, out, R, D, du.stride(0), x.stride(0), out.stride(0),
+        SCALED=scaled, HAS_LO=lo is not None, MANT=mant, EMIN=emin, BR=BR, BD=BD, num_warps=4)
 
 
 LO_FORMATS = {torch.float16: (10, -14), torch.bfloat16: (7, -100)}  # hi's (MANT, EMIN) in _lo_exponent
@@ -794,18 +837,6 @@ def unpack_accumulator(hi, lo):
     mant, emin = LO_FORMATS[hi.dtype]
     _unpack_kernel[(triton.cdiv(out.numel(), 1024),)](hi, lo, out, out.numel(), MANT=mant, EMIN=emin, BLOCK=1024)
     return out
-
-
-def _finish_random_grad(dx, lo, x, rx, budget_bytes):
-    """dx (holding rx du, with lo) -> dL/dx through ``u = x rx``, in place over row chunks."""
-    if lo is None:
-        unit_rows_backward(dx, x, rx, budget_bytes, dx, scaled=True)
-        return
-    step = max(1, budget_bytes // (16 * x.shape[1]))
-    for r0 in range(0, x.shape[0], step):
-        rows = slice(r0, r0 + step)
-        unit_rows_backward(unpack_accumulator(dx[rows], lo[rows]), x[rows], rx[rows], budget_bytes, dx[rows],
-                           scaled=True)
 
 
 def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_scale, *, shuffle="none",
@@ -881,16 +912,15 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
             float(student_scale), float(teacher_scale), BG=BG, TARGETS=targets, WRITE_GRAD=need_grad,
             **prec, **slab_blocks)
         slab = slice(row0, row0 + rows)
-        loss[slab] = lse_s[slab] - student_scale * cross.sum(1)
+        torch.sub(lse_s[slab], cross.sum(1), alpha=student_scale, out=loss[slab])  # lse_s - scale sum_j q~ s
         if not need_grad:
             continue
         g = grad[:rows]
         row_side = _matmul_f32(g, v)  # [rows, D] fp32: sum_j M_rj x_j, the slab rows' du (random: own side)
         if not random_grad:  # g holds both sides: the slab rows' gradient is complete
-            unit_rows_backward(row_side, x[slab], rx[slab], budget_bytes, dx[slab])
+            unit_rows_backward(row_side, x[slab], rx[slab], dx[slab])
             continue
         accumulate_slab(dx, lo, g, x, rx, row_side, row0)
-    if random_grad:
-        del g, v, grad, compact, row_side  # the slabs' buffers go before the finishing pass's chunks
-        _finish_random_grad(dx, lo, x, rx, budget_bytes)
+    if random_grad:  # dx holds rx du (with lo): through u = x rx, in place
+        unit_rows_backward(dx, x, rx, dx, lo=lo, scaled=True)
     return loss, dx

@@ -311,6 +311,36 @@ def test_accumulator_sums_like_fp32(dtype, device):
         assert (hi_alone.double() - exact).abs().max() / scale > 30 * error
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("form", ["du", "scaled-in-place"])
+def test_unit_rows_backward_is_the_chain_rule(dtype, form, device):
+    """``unit_rows_backward`` against autograd of ``u = x / max(|x|, eps)`` in float64, row by
+    row: rows of stride D + 3, D = 200 over two feature blocks. "du": fp32 dL/du into a new
+    buffer; "scaled-in-place": the random shuffle's accumulator (rx du, as hi + int8 lo for
+    16-bit x) turned into dL/dx where it lies."""
+    from distillcse.kernels.distill import accumulate_slab, unit_rows_backward
+
+    R, D = 45, 200
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(R, D + 3, generator=g).to(dtype)[:, :D]
+    rx = 1.0 / x.float().norm(dim=1).clamp_min(1e-8)
+    du = torch.randn(R, D, generator=g) * 10 ** torch.empty(R, 1).uniform_(-2, 1, generator=g)
+    xd = x.double().requires_grad_()
+    (xd / xd.norm(dim=1, keepdim=True).clamp_min(1e-8)).backward(du.double())
+    exact = xd.grad
+    if form == "du":
+        out = torch.empty(R, D, dtype=dtype, device=device)
+        unit_rows_backward(du.to(device), x.to(device), rx.to(device), out)
+    else:  # the accumulator holds rx du: one slab whose factors are zero, du all on the own side
+        out = torch.zeros(R, D, dtype=dtype, device=device)
+        lo = None if dtype == torch.float32 else torch.zeros(R, D, dtype=torch.int8, device=device)
+        m = torch.zeros(R, R, dtype=torch.float32 if lo is None else torch.bfloat16, device=device)
+        accumulate_slab(out, lo, m, x.to(device), rx.to(device), du.to(device), 0)
+        unit_rows_backward(out, x.to(device), rx.to(device), out, lo=lo, scaled=True)
+    error = ((out.double().cpu() - exact).abs().amax(1) / exact.abs().amax(1)).max()  # row by row
+    assert error < {torch.float32: 1e-6, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}[dtype]
+
+
 @pytest.mark.parametrize("teacher", ["concatenated", "fp16-strided-zero-row"])
 def test_random_other_teacher_rows(teacher, device):
     """Two teachers' unit rows (rt = 1); one fp16 teacher sliced out of a wider tensor with an
