@@ -73,7 +73,7 @@ def distill(B, D, dtype, teacher_dtype):
     """Distillation (kernels/distill.py): the row statistics pass, and for a slab of 512 rows
     in 8 column chunks the slab kernel with each shuffle plus the random mode's count, table
     and compaction kernels (teacher width D, G = 10 groups), the random mode's accumulation of that
-    slab's gradient into dx (and lo) and its unpacking; and in kernels/group_partition.py the
+    slab's gradient into dx (and lo), the gradient through the norms (`unit_rows_backward`); and in kernels/group_partition.py the
     threshold search over 4096 rows (the first pass's grid of 64 points, and a later pass's 16
     points with windows: the placing, probe, narrowing and settling kernels; by mass and fixed
     size), the pairwise thresholds (by mass and fixed size) and the group means pass.
@@ -109,8 +109,6 @@ def distill(B, D, dtype, teacher_dtype):
     lo = None if dtype == torch.float32 else torch.empty(B, D, dtype=torch.int8)
     hi = torch.empty(B, D, dtype=dtype)
     K.accumulate_slab(hi, lo, grad, x, r, torch.empty(rows, D), 0)
-    if lo is not None:
-        K.unpack_accumulator(hi, lo)
     K.unit_rows_backward(torch.empty(rows, D), x, r, x)  # a slab's dx rows (strided slices of dx on a GPU)
     K.unit_rows_backward(hi, x, r, hi, lo=lo, scaled=True)  # the random shuffle's accumulator, in place
     search_rows = torch.arange(4096)

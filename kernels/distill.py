@@ -523,6 +523,12 @@ def _pow2(b_k):
 
 
 @triton.jit
+def _unpack(b_hi, b_lo, MANT: tl.constexpr, EMIN: tl.constexpr):
+    """The accumulator's fp32 value ``hi + lo * unit(hi)`` (both as fp32)."""
+    return b_hi + b_lo * _pow2(_lo_exponent(b_hi, MANT, EMIN))
+
+
+@triton.jit
 def _accumulate_slab_kernel(
     p_m,  # [R, B] slab factors (G's dtype): M_rj = G_rj rx_j of rows row0 + [0, R)
     p_x,  # [B, D] student rows, raw
@@ -569,7 +575,7 @@ def _accumulate_slab_kernel(
     b_hi = tl.load(p_hi + o_out, mask=m_out, other=0.0).to(tl.float32)
     if HAS_LO:
         b_lo = tl.load(p_lo + o_out, mask=m_out, other=0).to(tl.float32)
-        b_sum = b_hi + b_lo * _pow2(_lo_exponent(b_hi, MANT, EMIN)) + b_acc
+        b_sum = _unpack(b_hi, b_lo, MANT, EMIN) + b_acc
         b_hi = b_sum.to(p_hi.dtype.element_ty).to(tl.float32)  # to nearest
         b_lo = (b_sum - b_hi) * _pow2(-_lo_exponent(b_hi, MANT, EMIN))  # exact, |.| <= 128
         b_lo = tl.where(b_lo >= 0, b_lo + 0.5, b_lo - 0.5).to(tl.int32)
@@ -580,21 +586,11 @@ def _accumulate_slab_kernel(
 
 
 @triton.jit
-def _unpack_kernel(p_hi, p_lo, p_out, N, MANT: tl.constexpr, EMIN: tl.constexpr, BLOCK: tl.constexpr):
-    """``out = hi + lo * unit(hi)`` (fp32) over N contiguous entries."""
-    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = o < N
-    b_hi = tl.load(p_hi + o, mask=m, other=0.0).to(tl.float32)
-    b_lo = tl.load(p_lo + o, mask=m, other=0).to(tl.float32)
-    tl.store(p_out + o, b_hi + b_lo * _pow2(_lo_exponent(b_hi, MANT, EMIN)), mask=m)
-
-
-@triton.jit
 def _load_du(p_du, p_lo, o, m, HAS_LO: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr):
-    """fp32 du at offsets o: p_du's own values, or the accumulator hi + lo (``_unpack_kernel``)."""
+    """fp32 du at offsets o: p_du's own values, or the accumulator hi + lo (``_unpack``)."""
     b_du = tl.load(p_du + o, mask=m, other=0.0).to(tl.float32)
     if HAS_LO:
-        b_du += tl.load(p_lo + o, mask=m, other=0).to(tl.float32) * _pow2(_lo_exponent(b_du, MANT, EMIN))
+        b_du = _unpack(b_du, tl.load(p_lo + o, mask=m, other=0).to(tl.float32), MANT, EMIN)
     return b_du
 
 
@@ -829,14 +825,6 @@ def accumulate_slab(hi, lo, m, x, rx, row_side, row0):
         m, x, rx, row_side, hi, hi if lo is None else lo, row0, m.shape[0], B, D, x.stride(0),
         PREC=dot_precision(m.dtype), F32_DOT=m.dtype == torch.float32, HAS_LO=lo is not None,
         MANT=mant, EMIN=emin, **blocks)
-
-
-def unpack_accumulator(hi, lo):
-    """fp32 ``hi + lo`` of ``accumulate_slab`` (contiguous rows of the same shape)."""
-    out = torch.empty(hi.shape, device=hi.device, dtype=torch.float32)
-    mant, emin = LO_FORMATS[hi.dtype]
-    _unpack_kernel[(triton.cdiv(out.numel(), 1024),)](hi, lo, out, out.numel(), MANT=mant, EMIN=emin, BLOCK=1024)
-    return out
 
 
 def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_scale, *, shuffle="none",
