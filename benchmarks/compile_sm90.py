@@ -69,7 +69,7 @@ def contrastive(B, D, dtype, teacher_dtype):
     contrastive_bwd_dy(x, r, y, r, stats, 20.0, r)
 
 
-def distill(B, D, dtype, teacher_dtype):
+def distill(B, D, dtype, teacher_dtype, n_thr=9):
     """Distillation (kernels/distill.py): the row statistics pass, and for a slab of 512 rows
     in 8 column chunks the slab kernel with each shuffle plus the random mode's count, table
     and compaction kernels (teacher width D, G = 10 groups), the random mode's accumulation of that
@@ -83,7 +83,7 @@ def distill(B, D, dtype, teacher_dtype):
     from distillcse.kernels import group_partition as GP
     from distillcse.kernels.utils import dot_precision
 
-    rows, chunks, n_thr = 512, 8, 9
+    rows, chunks = 512, 8
     x, t = torch.empty(B, D, dtype=dtype), torch.empty(B, D, dtype=teacher_dtype)
     r, thr, qbar = torch.empty(B), torch.empty(B, n_thr), torch.empty(B, n_thr + 1)
     K.distill_row_stats(x, r, t, r, 40.0, 80.0, 1.0)
@@ -96,16 +96,17 @@ def distill(B, D, dtype, teacher_dtype):
     grad = torch.empty(rows, B, dtype=torch.float32 if dtype == torch.float32 else torch.bfloat16)
     compact, cross = torch.empty(rows, B, dtype=grad.dtype), torch.empty(rows, chunks)
     teacher_grid = (rows // teacher_blocks["BM"], chunks)
-    K._group_counts_kernel[teacher_grid](t, r, thr, first, 0, B, D, D, n_thr, n_thr, width, chunks, rows, BG=16,
+    BG = max(2, triton.next_power_of_2(n_thr + 1))  # groups, as the slab launcher
+    K._group_counts_kernel[teacher_grid](t, r, thr, first, 0, B, D, D, n_thr, n_thr, width, chunks, rows, BG=BG,
                                          PREC_T=prec["PREC_T"], **teacher_blocks)
     K._permutation_tables(first, 0, 2**64 - 1)
     K._compact_targets_kernel[teacher_grid](t, r, thr, r, first, compact, 0, B, D, D, n_thr, n_thr, width, chunks,
-                                            rows, 80.0, BG=16, PREC_T=prec["PREC_T"], **teacher_blocks)
+                                            rows, 80.0, BG=BG, PREC_T=prec["PREC_T"], **teacher_blocks)
     for targets, shuffle in enumerate(K.SHUFFLES):
         slab_blocks = K._slab_blocks(B, shuffle, *dot_kinds)[1]
         K._distill_slab_kernel[(rows // slab_blocks["BM"], chunks)](
             x, r, t, r, thr, r, r, qbar, first, compact, perm, cross, grad, 0, B, D, D, D, D, n_thr, n_thr, width,
-            chunks, rows, 40.0, 80.0, BG=16, TARGETS=targets, WRITE_GRAD=True, **prec, **slab_blocks)
+            chunks, rows, 40.0, 80.0, BG=BG, TARGETS=targets, WRITE_GRAD=True, **prec, **slab_blocks)
     lo = None if dtype == torch.float32 else torch.empty(B, D, dtype=torch.int8)
     hi = torch.empty(B, D, dtype=dtype)
     K.accumulate_slab(hi, lo, grad, x, r, torch.empty(rows, D), 0)
@@ -116,12 +117,20 @@ def distill(B, D, dtype, teacher_dtype):
         evaluate = GP._kernel_probes(t, r, r, 1.0, n_thr, fixed)
         state = {k: torch.empty(B, n_thr, dtype=torch.int32 if fixed and k.startswith("meas") else torch.float32)
                  for k in GP.STATE}
-        rule = dict(G1=n_thr, group_size=100 if fixed else 0, group_p=0.1, scale=1.0, FIXED=fixed)
+        rule = dict(G1=n_thr, group_size=100 if fixed else 0, group_p=1 / (n_thr + 0.5), scale=1.0, FIXED=fixed)
         for i_pass in (0, 1):
             GP._search_chunk(state, search_rows, i_pass, True, evaluate, rule, 16, r)
-    for group_size in (None, triton.cdiv(B, 40)):  # the pairwise thresholds (G - 1 = 9; fixed size: 40 groups)
-        GP.group_thresholds(t, r, r, r, r, 1.0, group_p=0.1, group_size=group_size, method="pairwise")
+    for group_size in (None, triton.cdiv(B, 40)):  # the pairwise thresholds (G - 1 = n_thr; fixed size: 40 groups)
+        GP.group_thresholds(t, r, r, r, r, 1.0, group_p=1 / (n_thr + 0.5), group_size=group_size, method="pairwise")
     GP.group_means(t, r, r, thr, 80.0)
+
+
+def few_groups(B, D, dtype, teacher_dtype):
+    """The distillation kernels as ``distill``, with G - 1 = 1 and 3 boundaries (group_p = 0.5,
+    0.3): their group and boundary axes are the narrowest (Triton 3.6 failed to compile the
+    search's placing kernel with a boundary axis of 4 or fewer, seen on an H200)."""
+    for n_thr in (1, 3):
+        distill(B, D, dtype, teacher_dtype, n_thr)
 
 
 def small_batch(B, D, dtype, teacher_dtype):
@@ -138,7 +147,7 @@ def small_batch(B, D, dtype, teacher_dtype):
     small_batch_loss(x, y, t, n_groups=10, shuffle="random", group_size=6, step_seed=3, need_grad=True)
 
 
-TARGETS = {"contrastive": contrastive, "distill": distill, "small_batch": small_batch}
+TARGETS = {"contrastive": contrastive, "distill": distill, "few_groups": few_groups, "small_batch": small_batch}
 
 
 def _compile_for_h100(kernel, args, kwargs):

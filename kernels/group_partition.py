@@ -453,7 +453,7 @@ def _search_chunk(state, r, i_pass, collect, evaluate, rule, lanes, lse):
     ``_narrow_kernel`` and ``_settle_kernel``; the chunk's temporaries die on return); returns
     the probe points per row. ``lse`` [B] fp32."""
     R, G1 = len(r), rule["G1"]
-    BG = max(2, triton.next_power_of_2(G1))
+    BG = max(8, triton.next_power_of_2(G1))  # Triton 3.6 cannot build _place_kernel for sm_90 at BG <= 4
     if i_pass == 0:  # a uniform grid over [lo, hd], the same for every boundary
         lo0, hd0 = state["lo"][r, :1], state["hd"][r, :1]
         j = torch.arange(GRID_LANES, device=r.device, dtype=torch.float32)
