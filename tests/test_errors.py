@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import distillcse
-from conftest import requires_triton
+from conftest import DEVICE, requires_triton
 
 B, D = 8, 6
 
@@ -153,7 +153,8 @@ def test_any_int_seed_is_its_64_bit_key(backend):
     """Seeds beyond 64 bits (a hash, say) are taken modulo 2^64 on every backend and in the
     module form (the reference's generator overflowed on them)."""
     g = torch.Generator().manual_seed(0)
-    z1, z2, t = (torch.randn(70, d, generator=g) for d in (D, D, 5))  # 70 rows: the shuffle moves the loss
+    dev = DEVICE if backend == "triton" else "cpu"  # the triton backend takes CUDA tensors on a GPU
+    z1, z2, t = (torch.randn(70, d, generator=g).to(dev) for d in (D, D, 5))  # 70 rows: the shuffle moves the loss
     loss = lambda seed: distillcse.distillcse_loss(z1, z2, t, seed=seed, backend=backend).item()  # noqa: E731
     module = lambda seed: distillcse.DistillCSELoss(seed=seed, backend=backend)(z1, z2, t).item()  # noqa: E731
     for big in (2**70 + 12345, 2**64 - 1, -1):
@@ -172,7 +173,8 @@ def test_any_int_seed_is_its_64_bit_key(backend):
     (["sts", "/nonexistent/model"], "model /nonexistent/model: no such folder"),
     (["train", "--out", "OUT", "--eval-every", "-1"], "argument --eval-every: expected a number >= 0, got -1"),
     (["train", "--out", "OUT", "--distill-weight", "-1"], "argument --distill-weight: expected a number >= 0"),
-    (["train", "--out", "OUT", "--student", "/nonexistent/model"], "--student /nonexistent/model: no such folder"),
+    (["train", "--out", "OUT", "--sentences", "SENTENCES", "--batch-size", "2", "--student", "/nonexistent/model"],
+     "--student /nonexistent/model: no such folder"),
     (["train", "--out", "OUT", "--group-p", "2"], "loss settings: group_p must be in (0, 1], got 2.0"),
     (["train", "--out", "OUT", "--distill-only", "--distill-weight", "0"], "loss settings: distill_only=True"),
 ])
@@ -180,8 +182,10 @@ def test_command_line_rejects_bad_values(argv, message, tmp_path, capsys):
     """Every command's bad option is an error naming it, before any work (no traceback, no
     silent default, no empty results folder)."""
     from distillcse.__main__ import main
+    sentences = tmp_path / "sentences.txt"  # a real corpus (the default in ../shared may be absent)
+    sentences.write_text("one sentence\nanother one\n")
     with pytest.raises(SystemExit) as err:
-        main([str(tmp_path / "out") if a == "OUT" else a for a in argv])
+        main([{"OUT": str(tmp_path / "out"), "SENTENCES": str(sentences)}.get(a, a) for a in argv])
     assert message in str(err.value) + capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 

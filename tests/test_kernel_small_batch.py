@@ -27,10 +27,11 @@ def _inputs(B, D, Dt, N, dtype, *, seed=0, strided=False, zero_row=False):
     if zero_row:
         x[B // 3] = 0.0
         t[B // 2] = 0.0
-    if strided:  # row strides != D, Dt
-        x = torch.cat([x, torch.ones(B, 5)], dim=1)[:, :D]
-        t = torch.cat([t, torch.ones(B, 3)], dim=1)[:, :Dt]
-    return x.to(dtype).to(DEVICE), y.to(dtype).to(DEVICE), t.to(dtype).to(DEVICE)
+    x, y, t = (a.to(dtype).to(DEVICE) for a in (x, y, t))
+    if strided:  # row strides != D, Dt (made on the device: a copy there would be contiguous)
+        x = torch.cat([x, x.new_ones(B, 5)], dim=1)[:, :D]
+        t = torch.cat([t, t.new_ones(B, 3)], dim=1)[:, :Dt]
+    return x, y, t
 
 
 def _expected(x, y, t, *, shuffle, group_p, group_size, step_seed, w_cl, w_kd):
