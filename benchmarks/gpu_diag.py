@@ -1,0 +1,86 @@
+"""Two GPU diagnostics left open by the first H200 run (2026-12-04), printed and written to
+``$OUT/diag.txt``:
+
+1. ``small`` -- the one-program kernel's loss with and without gradients (bf16 and fp16, random
+   shuffle, B = 50, tests/test_kernel_small_batch.py's inputs over 12 data seeds): run twice
+   (determinism), with gradients, and the float64 loss. tests' ``test_half_precision[bf16]``
+   saw 11.0694 with gradients against 10.8383 without.
+2. ``probe`` -- ``_group_probe_kernel``'s time against its probe points per row (BP = 16, 32, 64,
+   no collection) at B = 16,384, bf16 teacher rows of 768, and cuBLAS's t t^T for scale: if
+   the time grows with BP, the comparisons dominate it; if not, its 16 x 16 dot tiles do.
+
+    python benchmarks/gpu_diag.py [small] [probe]
+"""
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small(log):
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import test_kernel_small_batch as T
+    from distillcse.kernels.group_partition import num_groups
+    from distillcse.kernels.small_batch import small_batch_loss
+
+    kwargs = dict(T.SCALES, group_p=0.1, group_size=None, n_groups=num_groups(50, 0.1), shuffle="random",
+                  step_seed=77, w_cl=1.0, w_kd=1.0)
+    for dtype in (torch.bfloat16, torch.float16):
+        log(f"\n## small batch, {dtype}: seed | loss | again | with grad | float64")
+        for seed in range(12):
+            x, y, t = T._inputs(50, 64, 48, 70, dtype, seed=seed if seed else 9)
+            a = small_batch_loss(x, y, t, **kwargs)[0].item()
+            a2 = small_batch_loss(x, y, t, **kwargs)[0].item()
+            b = small_batch_loss(x, y, t, need_grad=True, **kwargs)[0].item()
+            want = T._expected(x, y, t, shuffle="random", group_p=0.1, group_size=None, step_seed=77,
+                               w_cl=1.0, w_kd=1.0)[0].item()
+            flag = "" if a == a2 == b else "  <- differ"
+            log(f"{seed if seed else 9:>4} | {a:.6f} | {a2:.6f} | {b:.6f} | {want:.6f}{flag}")
+
+
+def probe(log):
+    from distillcse.kernels import group_partition as GP
+
+    B, Dt, G1 = 16384, 768, 9
+    g = torch.Generator(device="cuda").manual_seed(0)
+    t = torch.randn(B, Dt, device="cuda", generator=g).to(torch.bfloat16)
+    rt = t.float().norm(dim=1).reciprocal()
+    lse = torch.zeros(B, device="cuda")
+    rows = torch.arange(B, device="cuda")
+    evaluate = GP._kernel_probes(t, rt, lse, 1.0, G1, False)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def timed(fn, reps=3):
+        fn()
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / reps
+
+    log(f"\n## _group_probe_kernel at B = {B}, Dt = {Dt}, bf16, blocks {GP._blocks()}")
+    for BP in (16, 32, 64):
+        x = torch.linspace(-0.2, 0.2, BP, device="cuda").expand(B, BP).contiguous()
+        log(f"BP = {BP:>2}: {timed(lambda: evaluate(rows, x, None)):.2f} ms")
+    log(f"cuBLAS t t^T [B, B] bf16: {timed(lambda: t @ t.T):.2f} ms")
+
+
+def main():
+    parts = sys.argv[1:] or ["small", "probe"]
+    out = os.environ.get("OUT", ".")
+    with open(os.path.join(out, "diag.txt"), "a") as f:
+        def log(s):
+            print(s, flush=True)
+            f.write(s + "\n")
+            f.flush()
+        log(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+        for part in parts:
+            {"small": small, "probe": probe}[part](log)
+
+
+if __name__ == "__main__":
+    main()
