@@ -134,13 +134,14 @@ def few_groups(B, D, dtype, teacher_dtype):
 
 
 def small_batch(B, D, dtype, teacher_dtype):
-    """The one-program loss (kernels/small_batch.py) at B = min(B, 64) with as many hard
-    negatives (N = 2 B, the largest tile), teacher width D: every shuffle, loss only and loss
-    with gradients, plus fixed-size groups with gradients."""
-    from distillcse.kernels.small_batch import MAX_ROWS, small_batch_loss
+    """The one-program loss (kernels/small_batch.py) at B = min(B, 64) with as many columns as
+    it takes (N = MAX_COLUMNS, the largest tile), teacher width D: every shuffle, loss only and
+    loss with gradients, plus fixed-size groups with gradients."""
+    from distillcse.kernels.small_batch import MAX_COLUMNS, MAX_ROWS, small_batch_loss
 
     B = min(B, MAX_ROWS)
-    x, y, t = torch.empty(B, D, dtype=dtype), torch.empty(2 * B, D, dtype=dtype), torch.empty(B, D, dtype=teacher_dtype)
+    x, y, t = (torch.empty(B, D, dtype=dtype), torch.empty(MAX_COLUMNS, D, dtype=dtype),
+               torch.empty(B, D, dtype=teacher_dtype))
     for shuffle in ("none", "expected", "random"):
         for need_grad in (False, True):
             small_batch_loss(x, y, t, n_groups=10, shuffle=shuffle, step_seed=3, need_grad=need_grad)

@@ -35,7 +35,10 @@ from .tiles import log1p_unit
 from .utils import dot_precision, int32_bits, unit_stride_rows
 
 MAX_ROWS = 64  # B and the contrastive columns N = B + B_h of a batch that fits one program
-MAX_COLUMNS = 128
+# N <= 64: at N = 65..128 (a [64, 128] column tile, 180 KiB of shared memory with gradients) the
+# gradient variant's loss varied from run to run on an H200 in bf16 / fp16 (benchmarks/NOTES.md,
+# Session 12), so those batches stream until that is understood
+MAX_COLUMNS = 64
 
 
 @triton.jit

@@ -84,7 +84,7 @@ def _check(x, y, t, *, shuffle="none", group_p=0.1, group_size=None, step_seed=N
 
 
 @pytest.mark.parametrize("shuffle", ["none", "expected", "random"])
-@pytest.mark.parametrize("B, D, Dt, N", [(37, 48, 40, 37), (64, 96, 72, 101), (2, 16, 16, 2)])
+@pytest.mark.parametrize("B, D, Dt, N", [(37, 48, 40, 37), (64, 96, 72, 64), (2, 16, 16, 2)])
 def test_whole_loss_matches_float64(shuffle, B, D, Dt, N):
     x, y, t = _inputs(B, D, Dt, N, torch.float32, seed=B)
     _check(x, y, t, shuffle=shuffle, step_seed=12345 if shuffle == "random" else None)
@@ -130,5 +130,5 @@ def test_prenormalised_teacher_rows():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision(dtype):
-    x, y, t = _inputs(50, 64, 48, 70, dtype, seed=9)
+    x, y, t = _inputs(50, 64, 48, 64, dtype, seed=9)
     _check(x, y, t, shuffle="random", step_seed=77)
