@@ -166,14 +166,14 @@ def _group_means_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BG: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Sum and count of q_ij per group for BM rows, streamed over column tiles."""
+    """Sum and count of q_ij per group for BM rows, streamed over column tiles. Per tile, an
+    entry's group counts the thresholds above it (G - 1 compares against thr[:, g]), then each
+    group takes one masked row sum: [BM, BN] tiles only, no [BM, BN, BG] one, so that the logit
+    tile can have the tensor cores' shape."""
     i_m = tl.program_id(0).to(tl.int64)
     o_m = i_m * BM + tl.arange(0, BM)
     m_m = o_m < B
     o_g = tl.arange(0, BG)
-    # thresholds of the padding boundaries are -inf: no t is below them
-    b_thr = tl.load(p_thr + o_m[:, None] * s_thr + o_g[None, :],
-                    mask=m_m[:, None] & (o_g < G - 1)[None, :], other=float("-inf"))  # [BM, BG]
     b_lse = tl.load(p_lse + o_m, mask=m_m, other=0.0)
     b_sum = tl.zeros([BM, BG], dtype=tl.float32)
     b_cnt = tl.zeros([BM, BG], dtype=tl.int32)
@@ -183,10 +183,16 @@ def _group_means_kernel(
         b_t = teacher_logits(p_t, p_rt, o_m, m_m, o_n, m_n, Dt, s_t, BD, PRECISION)  # [BM, BN]
         m_v = (o_m[:, None] != o_n[None, :]) & m_n[None, :]
         b_q = tl.exp(b_t * teacher_scale - b_lse[:, None])
-        b_grp = tl.sum((b_t[:, :, None] < b_thr[:, None, :]).to(tl.int32), axis=2)  # [BM, BN]
-        m_in = m_v[:, :, None] & (b_grp[:, :, None] == o_g[None, None, :])  # [BM, BN, BG]
-        b_sum += tl.sum(tl.where(m_in, b_q[:, :, None], 0.0), axis=1)
-        b_cnt += tl.sum(m_in.to(tl.int32), axis=1)
+        b_grp = tl.zeros([BM, BN], dtype=tl.int32)
+        for g in range(0, G - 1):
+            b_thr = tl.load(p_thr + o_m * s_thr + g, mask=m_m, other=float("-inf"))  # [BM]
+            b_grp += (b_t < b_thr[:, None]).to(tl.int32)
+        b_grp = tl.where(m_v, b_grp, -1)
+        for g in range(0, G):
+            m_g = b_grp == g
+            m_out = o_g[None, :] == g  # [1, BG]
+            b_sum += tl.where(m_out, tl.sum(tl.where(m_g, b_q, 0.0), axis=1)[:, None], 0.0)
+            b_cnt += tl.where(m_out, tl.sum(m_g.to(tl.int32), axis=1)[:, None], 0)
     b_qbar = tl.where(b_cnt > 0, b_sum / tl.maximum(b_cnt, 1).to(tl.float32), 0.0)
     tl.store(p_qbar + o_m[:, None] * G + o_g[None, :], b_qbar,
              mask=m_m[:, None] & (o_g < G)[None, :])
@@ -280,6 +286,17 @@ def _blocks() -> dict:
     if utils.interpreter_blocks():
         return dict(BM=64, BN=64, BD=64)
     return dict(BM=16, BN=16, BD=32, num_warps=8)
+
+
+def _means_blocks(dtype: torch.dtype) -> dict:
+    """Blocks of the group-means pass: its tiles are all [BM, BN], so the logit tile takes
+    wgmma's shape. sm_90a builds at 64 x 64, 8 warps, G = 2, 10, 40 (offline, session 12):
+    138-186 registers, no spills, for bf16 / fp16 / TF32 with BD = 64; fp32 "ieee" dots run on
+    the FMA units and spill at BD = 32 (20 B), not at 16 (128-168 registers)."""
+    if utils.interpreter_blocks():
+        return dict(BM=64, BN=64, BD=64)
+    fma = dtype == torch.float32 and dot_precision(dtype) == "ieee"
+    return dict(BM=64, BN=64, BD=16 if fma else 64, num_warps=8)
 
 
 def _pairwise_blocks() -> dict:
@@ -842,7 +859,7 @@ def group_means(t, rt, lse_t, thr, teacher_scale):
     thr = unit_stride_rows(thr.float())
     qbar = torch.empty((B, G), device=t.device, dtype=torch.float32)
     BG = max(2, triton.next_power_of_2(G))
-    cfg = _blocks()
+    cfg = _means_blocks(t.dtype)
     _group_means_kernel[(triton.cdiv(B, cfg["BM"]),)](
         t, rt.contiguous(), lse_t.float().contiguous(), thr, qbar, B, Dt, G, t.stride(0), thr.stride(0),
         float(teacher_scale), BG=BG, PRECISION=dot_precision(t.dtype), **cfg)

@@ -15,7 +15,7 @@ pytestmark = [requires_triton, pytest.mark.skipif(DEVICE == "cuda", reason="on C
 @pytest.mark.parametrize("dtype,shuffle,dims,thresholds", [
     (torch.float32, "none", (64,), "auto"), (torch.float32, "expected", (32, 40), "pairwise"),
     (torch.float32, "expected", (32, 40), "search"), (torch.float32, "random", (64,), "pairwise"),
-    (torch.bfloat16, "random", (64,), "search"),
+    (torch.bfloat16, "random", (64,), "search"), (torch.bfloat16, "expected", (64,), "search"),
 ])
 def test_gpu_blocks_match_reference(dtype, shuffle, dims, thresholds, monkeypatch):
     """``thresholds``: how the Group-P thresholds are found (B = 130: "auto" is pairwise)."""
