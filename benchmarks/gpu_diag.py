@@ -6,8 +6,9 @@
    (determinism), with gradients, and the float64 loss. tests' ``test_half_precision[bf16]``
    saw 11.0694 with gradients against 10.8383 without.
 2. ``probe`` -- ``_group_probe_kernel``'s time against its probe points per row (BP = 16, 32, 64,
-   no collection) at B = 16,384, bf16 teacher rows of 768, and cuBLAS's t t^T for scale: if
-   the time grows with BP, the comparisons dominate it; if not, its 16 x 16 dot tiles do.
+   no collection) at B = 16,384, bf16 teacher rows of 768, and cuBLAS's t t^T for scale. On
+   the 16 x 16 tiles of d13d510: 91 / 161 / 163 ms against cuBLAS's 0.62 ms; predicted on the
+   64 x 64 tiles of session 12: ~5 / 9 / 17 ms (the comparisons, ~10 simple ops a point and entry).
 
     python benchmarks/gpu_diag.py [small] [probe]
     compute-sanitizer --tool racecheck python3 benchmarks/gpu_diag.py once   # 1.'s first seed, bf16
@@ -63,7 +64,7 @@ def probe(log):
         torch.cuda.synchronize()
         return start.elapsed_time(end) / reps
 
-    log(f"\n## _group_probe_kernel at B = {B}, Dt = {Dt}, bf16, blocks {GP._blocks()}")
+    log(f"\n## _group_probe_kernel at B = {B}, Dt = {Dt}, bf16, blocks {GP._logit_blocks(t.dtype)}")
     for BP in (16, 32, 64):
         x = torch.linspace(-0.2, 0.2, BP, device="cuda").expand(B, BP).contiguous()
         log(f"BP = {BP:>2}: {timed(lambda: evaluate(rows, x, None)):.2f} ms")

@@ -104,16 +104,18 @@ def _group_probe_kernel(
     p_buf,  # [R, G1, C] fp32 out: the first C of them, in no particular order
     R, B, Dt, G1, C, s_t, tiles_per_split, grouping_scale,
     FIXED: tl.constexpr, COLLECT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    BD: tl.constexpr, BP: tl.constexpr, BG: tl.constexpr, PRECISION: tl.constexpr,
+    BD: tl.constexpr, BP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Measure and snaps at BP probe points for BM rows over one split of the columns, and
-    (COLLECT) the row values inside each boundary's window."""
+    (COLLECT) the row values inside each boundary's window. Every tile is [BM, BN]: the probe
+    points and the boundaries are looped, each point's three row reductions written into its
+    lane of the [BM, BP] results, so that the logit tile takes wgmma's shape (a [BM, BN, BP]
+    comparison tensor held the tile to 16 x 16, ~150x slower than cuBLAS on an H200)."""
     i_m, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     o_r = i_m * BM + tl.arange(0, BM)
     m_r = o_r < R
     o_m = tl.load(p_rows + o_r, mask=m_r, other=0)
     o_p = tl.arange(0, BP)
-    b_x = tl.load(p_x + o_r[:, None] * BP + o_p[None, :], mask=m_r[:, None], other=float("nan"))
     if FIXED:
         b_meas = tl.zeros([BM, BP], dtype=tl.int32)
     else:
@@ -121,13 +123,6 @@ def _group_probe_kernel(
         b_lse = tl.load(p_lse + o_m, mask=m_r, other=0.0)
     b_above = tl.full([BM, BP], float("inf"), dtype=tl.float32)
     b_below = tl.full([BM, BP], float("-inf"), dtype=tl.float32)
-    if COLLECT:
-        o_g = tl.arange(0, BG)
-        o_rg = o_r[:, None] * G1 + o_g[None, :]  # [BM, BG] offsets into the windows
-        m_rg = m_r[:, None] & (o_g < G1)[None, :]
-        b_wlo = tl.load(p_wlo + o_rg, mask=m_rg, other=float("nan"))  # NaN: nothing is inside
-        b_whi = tl.load(p_whi + o_rg, mask=m_rg, other=float("nan"))
-        p_cnt = p_count + o_rg[:, None, :] + tl.zeros([BM, BN, BG], dtype=tl.int64)
     i_first = i_s * tiles_per_split
     for i_n in range(i_first, tl.minimum(i_first + tiles_per_split, tl.cdiv(B, BN))):
         o_n = i_n * BN + tl.arange(0, BN)
@@ -138,17 +133,25 @@ def _group_probe_kernel(
             b_w = m_v.to(tl.int32)
         else:
             b_w = tl.where(m_v, tl.exp(b_t * grouping_scale - b_lse[:, None]), 0.0)
-        # the diagonal and padding read -inf: below every probe point and window
-        b_t3 = tl.where(m_v, b_t, float("-inf"))[:, :, None]  # [BM, BN, 1]
-        m_ge = b_t3 >= b_x[:, None, :]  # [BM, BN, BP]
-        b_meas += tl.sum(tl.where(m_ge, b_w[:, :, None], 0), axis=1)
-        b_above = tl.minimum(b_above, tl.min(tl.where(m_ge, b_t3, float("inf")), axis=1))
-        b_below = tl.maximum(b_below, tl.max(tl.where(m_ge, float("-inf"), b_t3), axis=1))
+        b_t = tl.where(m_v, b_t, float("-inf"))  # the diagonal and padding: below every point and window
+        for p in range(0, BP):
+            b_x = tl.load(p_x + o_r * BP + p, mask=m_r, other=float("nan"))  # [BM]
+            m_ge = b_t >= b_x[:, None]  # [BM, BN]
+            m_lane = o_p[None, :] == p  # [1, BP]
+            b_meas += tl.where(m_lane, tl.sum(tl.where(m_ge, b_w, 0), axis=1)[:, None], 0)
+            b_up = tl.min(tl.where(m_ge, b_t, float("inf")), axis=1)  # [BM] min{t >= x} in this tile
+            b_down = tl.max(tl.where(m_ge, float("-inf"), b_t), axis=1)  # max{t < x}
+            b_above = tl.where(m_lane, tl.minimum(b_above, b_up[:, None]), b_above)
+            b_below = tl.where(m_lane, tl.maximum(b_below, b_down[:, None]), b_below)
         if COLLECT:
-            m_in = (b_t3 >= b_wlo[:, None, :]) & (b_t3 < b_whi[:, None, :])  # [BM, BN, BG]
-            b_slot = tl.atomic_add(p_cnt, 1, mask=m_in, sem="relaxed")
-            tl.store(p_buf + o_rg[:, None, :] * C + b_slot, tl.broadcast_to(b_t3, [BM, BN, BG]),
-                     mask=m_in & (b_slot < C))
+            for g in range(0, G1):
+                o_rg = o_r * G1 + g  # [BM] boundary g's window and count
+                b_wlo = tl.load(p_wlo + o_rg, mask=m_r, other=float("nan"))  # NaN: nothing is inside
+                b_whi = tl.load(p_whi + o_rg, mask=m_r, other=float("nan"))
+                m_in = (b_t >= b_wlo[:, None]) & (b_t < b_whi[:, None])  # [BM, BN]
+                p_cnt = p_count + o_rg[:, None] + tl.zeros([BM, BN], dtype=tl.int64)
+                b_slot = tl.atomic_add(p_cnt, 1, mask=m_in, sem="relaxed")
+                tl.store(p_buf + o_rg[:, None] * C + b_slot, b_t, mask=m_in & (b_slot < C))
     o_out = (i_s * R + o_r)[:, None] * BP + o_p[None, :]
     tl.store(p_meas + o_out, b_meas, mask=m_r[:, None])
     tl.store(p_above + o_out, b_above, mask=m_r[:, None])
@@ -276,25 +279,14 @@ def _thresholds_from_brackets_kernel(
     tl.store(p_thr + o, tl.where(b_mid > b_hd, b_mid, b_hu), mask=m)
 
 
-def _blocks() -> dict:
-    """Row, column and feature blocks. Under the interpreter large blocks run fastest. On a GPU
-    the [BM, BN, BP] and [BM, BN, BG] intermediates and the dot's operands share the registers:
-    with 16 x 16 tiles, BD = 32 and 8 warps, sm_90 builds (fp32, tf32, bf16; by mass or fixed
-    size) of the grid pass (BP = 64) and of the later passes up to G - 1 = 32 (BP = BG = 32;
-    built at G - 1 = 9, 16, 17, 32) take 155-255 registers without spills; G - 1 = 33..63
-    (BG = 64), last built before the teacher's inverse norms came in, spilled up to 128 bytes."""
+def _logit_blocks(dtype: torch.dtype) -> dict:
+    """Blocks of the probe and group-means kernels: all their tiles are [BM, BN], so the logit
+    tile takes wgmma's shape. sm_90a builds of the means kernel at 64 x 64, 8 warps, G = 2, 10,
+    40 (offline, session 12): 138-186 registers, no spills, for bf16 / fp16 / TF32 with BD = 64;
+    fp32 "ieee" dots run on the FMA units and spill at BD = 32 (20 B), not at 16. The interpreter
+    pays per block op: there wider column tiles."""
     if utils.interpreter_blocks():
-        return dict(BM=64, BN=64, BD=64)
-    return dict(BM=16, BN=16, BD=32, num_warps=8)
-
-
-def _means_blocks(dtype: torch.dtype) -> dict:
-    """Blocks of the group-means pass: its tiles are all [BM, BN], so the logit tile takes
-    wgmma's shape. sm_90a builds at 64 x 64, 8 warps, G = 2, 10, 40 (offline, session 12):
-    138-186 registers, no spills, for bf16 / fp16 / TF32 with BD = 64; fp32 "ieee" dots run on
-    the FMA units and spill at BD = 32 (20 B), not at 16 (128-168 registers)."""
-    if utils.interpreter_blocks():
-        return dict(BM=64, BN=64, BD=64)
+        return dict(BM=64, BN=128, BD=64)
     fma = dtype == torch.float32 and dot_precision(dtype) == "ieee"
     return dict(BM=64, BN=64, BD=16 if fma else 64, num_warps=8)
 
@@ -392,7 +384,7 @@ def _kernel_probes(t, rt, lse_g, grouping_scale, G1, fixed, budget_bytes=None):
     max{t < x} [R, BP] and, with windows, count [R, G1] and buffer [R, G1, BUFFER]. The
     per-split partial results take at most a quarter of ``budget_bytes``."""
     B, Dt = t.shape
-    cfg = _blocks()
+    cfg = _logit_blocks(t.dtype)
     n_tiles = triton.cdiv(B, cfg["BN"])
 
     def evaluate(rows, x, windows):
@@ -415,8 +407,7 @@ def _kernel_probes(t, rt, lse_g, grouping_scale, G1, fixed, budget_bytes=None):
         _group_probe_kernel[(row_blocks, splits)](
             t, rt, lse_g, rows, x, meas, above, below, wlo, whi, count, buf,
             R, B, Dt, G1, BUFFER, t.stride(0), triton.cdiv(n_tiles, splits), grouping_scale,
-            FIXED=fixed, COLLECT=windows is not None, BP=BP, BG=max(2, triton.next_power_of_2(G1)),
-            PRECISION=dot_precision(t.dtype), **cfg)
+            FIXED=fixed, COLLECT=windows is not None, BP=BP, PRECISION=dot_precision(t.dtype), **cfg)
         while meas.shape[0] > 1:
             meas = meas[0::2] + meas[1::2]
         return meas[0], above.amin(0), below.amax(0), count, buf
@@ -859,7 +850,7 @@ def group_means(t, rt, lse_t, thr, teacher_scale):
     thr = unit_stride_rows(thr.float())
     qbar = torch.empty((B, G), device=t.device, dtype=torch.float32)
     BG = max(2, triton.next_power_of_2(G))
-    cfg = _means_blocks(t.dtype)
+    cfg = _logit_blocks(t.dtype)
     _group_means_kernel[(triton.cdiv(B, cfg["BM"]),)](
         t, rt.contiguous(), lse_t.float().contiguous(), thr, qbar, B, Dt, G, t.stride(0), thr.stride(0),
         float(teacher_scale), BG=BG, PRECISION=dot_precision(t.dtype), **cfg)

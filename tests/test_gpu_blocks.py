@@ -1,6 +1,6 @@
 """The GPU's block shapes, run under the interpreter: the launchers pick large blocks there
 (``kernels.utils.interpreter_blocks``), so the tile sizes, grids and slab rows a GPU uses
-(16-row threshold search, 64 x 128 slab tiles, 128-wide accumulation, ...) are checked here
+(64 x 64 threshold-search tiles, 64 x 128 slab tiles, 128-wide accumulation, ...) are checked here
 against the reference at a ragged B; on CUDA they are what every test runs."""
 import pytest
 import torch
@@ -30,7 +30,7 @@ def test_gpu_blocks_match_reference(dtype, shuffle, dims, thresholds, monkeypatc
     ref_loss, ref_grads = run("torch" if shuffle == "random" else "reference", round_trip(inputs, dtype),
                               torch.float64, "cpu", **kw)
     monkeypatch.setattr(utils, "interpreter_blocks", lambda: False)
-    assert group_partition._blocks()["BM"] == 16  # the GPU's, not the interpreter's 64
+    assert group_partition._logit_blocks(torch.float32)["BN"] == 64  # the GPU's, not the interpreter's 128
     loss, grads = run("triton", inputs, dtype, DEVICE, **kw)
     tol_loss, tol_grad = TOL[dtype]
     assert rel_err(loss, ref_loss, floor=1.0) < tol_loss
