@@ -54,6 +54,7 @@ PRECISIONS = {
     "ieee": (torch.float32, torch.float32, "highest"),
     "bf16+fp32/tf32": (torch.bfloat16, torch.float32, "high"),  # one fp32 teacher, read raw
     "bf16+fp32/ieee": (torch.bfloat16, torch.float32, "highest"),
+    "bf16+fp16": (torch.bfloat16, torch.float16, "highest"),  # K bf16 teachers' unit rows go in fp16
 }
 SAME_DTYPES = ["bf16", "fp16", "tf32", "ieee"]
 
@@ -274,7 +275,7 @@ def main(argv=None):
                    help="rows (a runtime value: only its divisibility by 16 and the launchers' choices matter)")
     p.add_argument("--D", type=int, nargs="+", default=[768])
     p.add_argument("--dtypes", nargs="+", default=SAME_DTYPES, choices=list(PRECISIONS),
-                   help="input precisions; NAME+fp32/PREC: an fp32 teacher (distill only)")
+                   help="input precisions; NAME+fp32/PREC: an fp32 teacher, bf16+fp16: fp16 teacher rows (distill only)")
     p.add_argument("--sweep", action="store_true", help="one summary table over every --what, --B, --D and "
                    "--dtypes (worst spill and shared memory per kernel, compile failures) instead of the tables")
     a = p.parse_args(argv)

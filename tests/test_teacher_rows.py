@@ -1,6 +1,6 @@
 """backend="triton" reads one teacher's own rows, with their inverse norms, instead of a copy
 of its unit rows (several teachers still go as their weighted unit rows side by side, in the
-teachers' precision): against the float64 reference on raw rows of varied norms with an
+teachers' precision, bf16 as fp16): against the float64 reference on raw rows of varied norms with an
 all-zero row, sliced out of a wider tensor, in the student's dtype or another; and no [B, Dt]
 tensor is ever allocated for it."""
 import pytest
@@ -130,3 +130,19 @@ def test_one_teacher_is_never_copied(shuffle, t_dtype, monkeypatch):
     assert teacher_sized_outputs(monkeypatch, z, e, e, **kw) == []
     two = teacher_sized_outputs(monkeypatch, z, [e[:, :DT // 2], e[:, DT // 2:]], e, **kw)
     assert any(shape == (B, DT) for _, shape, _ in two)
+
+
+@pytest.mark.parametrize("B_", [50, 130], ids=["one-program", "streaming"])
+def test_several_bf16_teachers_go_as_fp16_unit_rows(B_):
+    """Two bf16 teachers: their weighted unit rows (|u| <= 1) go side by side in fp16, whose
+    10-bit mantissa keeps t / tau_t close to the torch backend's fp32 arithmetic on the same
+    inputs (loss 3-7e-5, gradient ~3e-3 apart); bf16 rows (8 bits) were ~1e-3 and ~1.2e-2 apart."""
+    g = torch.Generator().manual_seed(7)
+    z = (torch.randn(1, D, generator=g) + torch.randn(B_, D, generator=g)).to(torch.bfloat16)
+    teachers = [(torch.randn(1, d, generator=g) + 0.8 * torch.randn(B_, d, generator=g)).to(torch.bfloat16)
+                for d in (48, DT)]
+    kw = dict(shuffle="none", teacher_weights=[0.6, 0.4])
+    want_loss, want_grad = loss_and_grad(z, teachers, "torch", **kw)
+    loss, grad = loss_and_grad(z.to(DEVICE), [e.to(DEVICE) for e in teachers], "triton", **kw)
+    assert rel_err(loss, want_loss, floor=1.0) < 2e-4
+    assert rel_err(grad, want_grad) < 6e-3
