@@ -281,10 +281,11 @@ def _thresholds_from_brackets_kernel(
 
 def _logit_blocks(dtype: torch.dtype) -> dict:
     """Blocks of the probe and group-means kernels: all their tiles are [BM, BN], so the logit
-    tile takes wgmma's shape. sm_90a builds of the means kernel at 64 x 64, 8 warps, G = 2, 10,
-    40 (offline, session 12): 138-186 registers, no spills, for bf16 / fp16 / TF32 with BD = 64;
-    fp32 "ieee" dots run on the FMA units and spill at BD = 32 (20 B), not at 16. The interpreter
-    pays per block op: there wider column tiles."""
+    tile takes wgmma's shape. sm_90a builds at 64 x 64, 8 warps (offline, session 12), bf16 /
+    fp16 / TF32 with BD = 64: the means kernel (G = 2, 10, 40) 138-186 registers, the probe
+    kernel (BP = 16, 64, collecting, by mass and fixed size) 192-240, no spills; fp32 "ieee" dots
+    run on the FMA units and spill at BD = 32 (20 B), not at 16 (168 and 178-214 registers).
+    The interpreter pays per block op: there wider column tiles."""
     if utils.interpreter_blocks():
         return dict(BM=64, BN=128, BD=64)
     fma = dtype == torch.float32 and dot_precision(dtype) == "ieee"
