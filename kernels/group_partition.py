@@ -58,7 +58,7 @@ from .utils import dot_precision, unit_stride_rows
 
 MAX_BOUNDARIES = 63  # G - 1: the boundary axis is a register dimension of the collection
 MAX_PASSES = 64  # safety cap; measured on real embeddings: 2-4 passes
-GRID_LANES = 64  # probe points of the first pass
+GRID_LANES = 32  # probe points of the first pass (64: as many teacher GEMMs, 1.6x the compares; grid_lanes.py)
 BUFFER = 256  # values collected per (row, boundary) and pass
 FILL = 0.8  # a window aims at FILL * BUFFER values
 OUTER = 3.0  # probe points beyond a window sit at OUTER**k half-widths from its centre
