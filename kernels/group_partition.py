@@ -501,9 +501,10 @@ STATE = ("lo", "hd", "hu", "meas_lo", "meas_hi", "est", "dx_dm")  # the search's
 
 def _book_rows(BP):
     """Rows per program of the bookkeeping kernels: their largest tile is the [BR, BP, BP] that
-    ranks the probe points (BP >= BG), at most 16K values (sm_90a: <= 254 registers at 4 warps,
-    no spills); the interpreter pays per program: there 256 rows."""
-    return 256 if utils.interpreter_blocks() else max(1, min(16, 16384 // (BP * BP)))
+    ranks the probe points (BP >= BG), at most 8K values (sm_90a, 4 warps, G - 1 = 9: the
+    narrowing kernel at BP = 32 spilled 40-104 B with 16 rows, 16K values); the interpreter pays
+    per program: there 256 rows."""
+    return 256 if utils.interpreter_blocks() else max(1, min(16, 8192 // (BP * BP)))
 
 
 @triton.jit
