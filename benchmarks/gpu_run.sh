@@ -2,12 +2,13 @@
 # GPU checks, one device call each (the device tool: <= 10 min a command, 15 min of device time a
 # task, at most 8 files back, so each mode leaves a few flat files in $OUT):
 #   bash benchmarks/gpu_run.sh check   (~9 min; run it first, with timeout_s 570)
-#       1. `distillcse bench targets`: the headline figures (B = 64, 65,536, 2^20) against their targets
+#       1. `distillcse bench targets --skip-million`: the headline figures (B = 64, 65,536) against their targets
 #       2. the test suite on the GPU (bf16/fp16/fp32; 8 pytest-xdist workers, as the first launch of
 #          every kernel variant JIT-compiles; the training tests skip there: no MiniLM package)
 #       3. `distillcse verify` (bf16/fp16/fp32 table)
 #   bash benchmarks/gpu_run.sh sweep   (~5 min) `bench memory` sweeps for the README's plots, packed
 #   bash benchmarks/gpu_run.sh thresholds   (~2 min) Group-P search vs pairwise kernel (PAIRWISE_MAX_B)
+#   bash benchmarks/gpu_run.sh million   (<= 9 min) bench targets' B = 2^20 point alone (one step; timeout_s 590)
 #   bash benchmarks/gpu_run.sh train   (~8 min) `distillcse train` of a 3-layer MiniLM student (DistillCSE
 #       and SimCSE, 40k sentences) and `bench train`; first, here: python benchmarks/pack_carry.py; carry .carry
 # Each stage has its own time limit, so a slow one costs its limit and the rest still run.
@@ -38,7 +39,7 @@ fi
   echo "commit ${DISTILLCSE_COMMIT:-unknown}"; } | tee "$OUT/gpu.txt"
 case "$MODE" in
   check)
-    stage 240 targets.log python3 -m distillcse bench targets --no-progress --out "$OUT"
+    stage 240 targets.log python3 -m distillcse bench targets --skip-million --no-progress --out "$OUT"
     stage 230 pytest_gpu.log python3 -m pytest -q -rf -n 8 --timeout 200 --durations=20 -p no:cacheprovider tests
     stage 60 verify_gpu.txt python3 -m distillcse verify
     ;;
@@ -52,6 +53,9 @@ case "$MODE" in
   thresholds)
     stage 240 thresholds.md python3 benchmarks/time_thresholds.py
     ;;
+  million)
+    stage 540 million.log python3 -m distillcse bench targets --million-only --no-progress --out "$OUT"
+    ;;
   train)
     export DISTILLCSE_MINILM=$PWD/.carry/minilm DISTILLCSE_STS_DIR=$PWD/.carry/sts
     for run in distillcse:1 simcse:0; do
@@ -62,5 +66,5 @@ case "$MODE" in
       --out /tmp/train/bench_train
     tar -czf "$OUT/train.tgz" --exclude='*.pt' --exclude='*.safetensors' --exclude='*.bin' -C /tmp train
     ;;
-  *) echo "usage: bash benchmarks/gpu_run.sh check | sweep | thresholds | train"; exit 2 ;;
+  *) echo "usage: bash benchmarks/gpu_run.sh check | sweep | thresholds | million | train"; exit 2 ;;
 esac

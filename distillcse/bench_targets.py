@@ -163,7 +163,10 @@ def add_targets_arguments(p):
     p.add_argument("--divide", type=checks.positive_int, default=1, help="divide every batch size by this (default: 1)")
     p.add_argument("--impl", nargs="+", choices=bench.IMPLS, default=None, metavar="IMPL",
                    help="these implementations at every point (default: each point's own)")
-    p.add_argument("--skip-million", action="store_true", help="leave out the million-row point")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--skip-million", action="store_true", help="leave out the million-row point")
+    which.add_argument("--million-only", action="store_true",
+                       help="the million-row point alone (a GPU run gives it its own time limit)")
     p.add_argument("--repeats", type=checks.positive_int, default=10, help="timed steps per point (default: 10)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default=None, help="output folder (default: benchmarks/results/<timestamp>-targets)")
@@ -173,7 +176,7 @@ def add_targets_arguments(p):
 def run_targets(args, log=print):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    points = tuple(p for p in POINTS if not (args.skip_million and p[7]))
+    points = tuple(p for p in POINTS if not (args.skip_million and p[7]) and not (args.million_only and not p[7]))
     out = args.out or bench.default_out_dir("-targets")
     os.makedirs(out, exist_ok=True)
     log(f"distillcse bench targets on {bench.device_name(device)}: D = Dt = {args.D}, K = {args.K}, "

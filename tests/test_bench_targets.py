@@ -29,6 +29,19 @@ def test_targets_cli_writes_well_formed_files(tmp_path):
     assert os.path.getsize(out / "targets.csv") > 0
 
 
+def test_million_only_and_skip_million(tmp_path, capsys):
+    out = tmp_path / "million"
+    main(["bench", "targets", "--divide", "4096", "--D", "16", "--impl", "torch", "--repeats", "2",
+          "--device", "cpu", "--no-progress", "--million-only", "--out", str(out)])
+    with open(out / "targets.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["point"], r["B"], r["status"]) for r in rows] == [(ONE_STEP_POINT, str((1 << 20) // 4096), "ok")]
+    with pytest.raises(SystemExit):
+        main(["bench", "targets", "--skip-million", "--million-only", "--out", str(tmp_path / "none")])
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+
 def _row(time_ms, mib, target_ms=150.0, target_mib=256.0, status="ok", point="full loss, shuffle expected"):
     return dict(point=point, status=status, time_ms=str(time_ms), peak_mem_mib=str(mib),
                 target_ms=target_ms, target_mib=target_mib)
