@@ -12,20 +12,22 @@ from test_triton_backend import TOL, make_batch, round_trip, run
 pytestmark = [requires_triton, pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA every test runs these blocks")]
 
 
-@pytest.mark.parametrize("dtype,shuffle,dims,thresholds", [
-    (torch.float32, "none", (64,), "auto"), (torch.float32, "expected", (32, 40), "pairwise"),
-    (torch.float32, "expected", (32, 40), "search"), (torch.float32, "random", (64,), "pairwise"),
-    (torch.bfloat16, "random", (64,), "search"), (torch.bfloat16, "expected", (64,), "search"),
+@pytest.mark.parametrize("dtype,shuffle,dims,thresholds,group_size", [
+    (torch.float32, "none", (64,), "auto", None), (torch.float32, "expected", (32, 40), "pairwise", None),
+    (torch.float32, "expected", (32, 40), "search", None), (torch.float32, "random", (64,), "pairwise", None),
+    (torch.bfloat16, "random", (64,), "search", None), (torch.bfloat16, "expected", (64,), "search", None),
+    (torch.float32, "expected", (64,), "search", 13),
 ])
-def test_gpu_blocks_match_reference(dtype, shuffle, dims, thresholds, monkeypatch):
-    """``thresholds``: how the Group-P thresholds are found (B = 130: "auto" is pairwise)."""
+def test_gpu_blocks_match_reference(dtype, shuffle, dims, thresholds, group_size, monkeypatch):
+    """``thresholds``: how the Group-P thresholds are found (B = 130: "auto" is pairwise);
+    ``group_size``: fixed-size groups instead of groups by mass."""
     from distillcse.kernels import group_partition, utils
 
     if thresholds == "search":
         monkeypatch.setattr(group_partition, "PAIRWISE_MAX_B", 0)
 
     inputs = make_batch(130, 96, dims, Bh=7)
-    kw = dict(shuffle=shuffle, seed=3)
+    kw = dict(shuffle=shuffle, seed=3, group_size=group_size)
     # random: the torch backend in float64 draws the same shuffle for the seed (the reference draws its own)
     ref_loss, ref_grads = run("torch" if shuffle == "random" else "reference", round_trip(inputs, dtype),
                               torch.float64, "cpu", **kw)
