@@ -56,7 +56,7 @@ from . import utils
 from .tiles import dot_tile
 from .utils import dot_precision, unit_stride_rows
 
-MAX_BOUNDARIES = 63  # G - 1: the boundary axis is a register dimension of the collection
+MAX_BOUNDARIES = 63  # G - 1: the boundary axis is a register dimension of the bookkeeping kernels
 MAX_PASSES = 64  # safety cap; measured on real embeddings: 2-4 passes
 GRID_LANES = 32  # probe points of the first pass (64: as many teacher GEMMs, 1.6x the compares; grid_lanes.py)
 BUFFER = 256  # values collected per (row, boundary) and pass
@@ -283,8 +283,8 @@ def _logit_blocks(dtype: torch.dtype) -> dict:
     """Blocks of the probe and group-means kernels: all their tiles are [BM, BN], so the logit
     tile takes wgmma's shape. sm_90a builds at 64 x 64, 8 warps (offline, session 12), bf16 /
     fp16 / TF32 with BD = 64: the means kernel (G = 2, 10, 40) 138-186 registers, the probe
-    kernel (BP = 16, 64, collecting, by mass and fixed size) 192-240, no spills; fp32 "ieee" dots
-    run on the FMA units and spill at BD = 32 (20 B), not at 16 (168 and 178-214 registers).
+    kernel (BP = 16, 32, 64, collecting, by mass and fixed size) 192-243, no spills; fp32 "ieee"
+    dots run on the FMA units and spill at BD = 32 (20 B), not at 16 (168 and 178-214 registers).
     The interpreter pays per block op: there wider column tiles."""
     if utils.interpreter_blocks():
         return dict(BM=64, BN=128, BD=64)
