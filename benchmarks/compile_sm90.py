@@ -60,14 +60,24 @@ SAME_DTYPES = ["bf16", "fp16", "tf32", "ieee"]
 
 
 def contrastive(B, D, dtype, teacher_dtype):
-    """InfoNCE forward (the loss alone, and with dx) and dy (kernels/contrastive.py), N = B columns."""
-    from distillcse.kernels.contrastive import contrastive_bwd_dy, contrastive_fwd
+    """InfoNCE (kernels/contrastive.py): the row factor kernel (the loss alone, and with the
+    factors) and the column factor kernel for a slab of 512 rows / columns, N = B, and the
+    gradient through the norms adding into another term's (``unit_rows_backward`` with
+    ``add_scale``); the slabs' GEMMs are cuBLAS's, so the kernels are called directly."""
+    from distillcse.kernels import contrastive as C
+    from distillcse.kernels.distill import unit_rows_backward
 
-    x, y = torch.empty(B, D, dtype=dtype), torch.empty(B, D, dtype=dtype)
-    r = torch.empty(B)
-    _, stats, _ = contrastive_fwd(x, r, y, r, 20.0)  # the loss alone
-    contrastive_fwd(x, r, y, r, 20.0, r)  # with dx
-    contrastive_bwd_dy(x, r, y, r, stats, 20.0, r)
+    rows, blocks = 512, C._blocks()
+    dots, fac = torch.empty(rows, B), torch.empty(rows, B, dtype=dtype)
+    r, stats, x = torch.empty(B), torch.empty(2, B), torch.empty(B, D, dtype=dtype)
+    raw = dtype != torch.float16  # fp16: factors without the norms, against unit rows
+    for grad in (False, True):
+        C._row_factors_kernel[(triton.cdiv(rows, blocks["rows"]["BR"]),)](
+            dots, r, r, r, stats, fac, 0, rows, B, B, 20.0, GRAD=grad, RAW=raw, **blocks["rows"])
+    cols = blocks["cols"]
+    C._column_factors_kernel[(rows // cols["BC"], triton.cdiv(B, cols["BB"]))](
+        dots, r, r, stats, r, r, fac, 0, rows, B, 20.0, RAW=raw, **cols)
+    unit_rows_backward(torch.empty(rows, D), x, r, x, row_scale=r, add_scale=0.5)
 
 
 def distill(B, D, dtype, teacher_dtype, n_thr=9):

@@ -3,8 +3,11 @@
 
 * ``SmallBatchFused``: a batch of B <= 64 rows (``small_batch.fits``) runs its whole loss
   and gradients in one program, one launch (the streaming path would be launch-bound).
-* Larger batches stream: the contrastive term keeps O(B) row statistics (``ContrastiveFused``;
-  its forward also writes z1's gradient, the backward y's);
+* Larger batches go in slabs: the contrastive term's forward takes row slabs (the loss, O(B)
+  row statistics and z1's gradient), its backward column slabs (y's gradient), each slab's
+  dots and factors from cuBLAS GEMMs and memory-bound kernels (``ContrastiveFused``; the
+  forward's slabs fit the chunk budget, the backward's half of it, as it runs beside both
+  gradients);
   the distillation term works on row slabs whose [R, B] buffers fit the chunk budget
   (``distillcse.set_chunk_budget``; ``DistillFused``); ``DistillCSEFused`` runs both and
   writes z1's gradient once, the contrastive forward adding into the distillation's buffer.
@@ -47,6 +50,13 @@ def _grad_rows(grad_out, B):
     return (grad_out.float() / B).expand(B).contiguous()
 
 
+def _backward_budget():
+    """The contrastive backward's slab budget: half the chunk budget, since y's gradient and z1's
+    (the forward's, saved) exist beside its slabs (at B = 65,536, D = 768, bf16: 192 MiB of
+    gradients and 60 MiB of slabs)."""
+    return config.chunk_budget_bytes() // 2
+
+
 def _sum_grad_rows(x):
     """dL/dloss_rows [B] fp32 = 1 for ``L = sum(loss_rows)``: a forward that writes a gradient
     writes that of the sum, which its backward scales by ``grad_out / B`` (the mean's, already
@@ -63,7 +73,8 @@ class ContrastiveFused(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z1, y, scale, need_grad):
         r1, ry = _inv_norms(z1), _inv_norms(y)
-        loss_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, scale, _sum_grad_rows(z1) if need_grad else None)
+        loss_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, scale, _sum_grad_rows(z1) if need_grad else None,
+                                                   budget_bytes=config.chunk_budget_bytes())
         ctx.save_for_backward(z1, r1, y, ry, cl_stats, dz1)
         ctx.scale = scale
         return loss_rows.mean()
@@ -73,7 +84,8 @@ class ContrastiveFused(torch.autograd.Function):
     def backward(ctx, grad_out):
         _take_once(ctx)
         z1, r1, y, ry, cl_stats, dz1 = ctx.saved_tensors
-        dy = contrastive_bwd_dy(z1, r1, y, ry, cl_stats, ctx.scale, _grad_rows(grad_out, z1.shape[0]))
+        dy = contrastive_bwd_dy(z1, r1, y, ry, cl_stats, ctx.scale, _grad_rows(grad_out, z1.shape[0]),
+                                budget_bytes=_backward_budget())
         return dz1.mul_(grad_out.float() / z1.shape[0]), dy, None, None
 
 
@@ -127,13 +139,13 @@ class DistillCSEFused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z1, y, t, rt, cl_scale, distill_weight, student_temperature, options, need_grad):
-        r1, ry = _inv_norms(z1), _inv_norms(y)
+        r1, ry, budget = _inv_norms(z1), _inv_norms(y), config.chunk_budget_bytes()
         kd_rows, dz_kd = _distill_rows(z1, r1, t, rt, student_temperature, options, need_grad)
         if need_grad:
-            cl_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, cl_scale, _sum_grad_rows(z1),
-                                                add_to=dz_kd.contiguous(), add_scale=distill_weight)
+            cl_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, cl_scale, _sum_grad_rows(z1), budget_bytes=budget,
+                                                     add_to=dz_kd.contiguous(), add_scale=distill_weight)
         else:
-            cl_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, cl_scale)
+            cl_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, cl_scale, budget_bytes=budget)
         ctx.save_for_backward(z1, r1, y, ry, cl_stats, dz1)
         ctx.cl_scale = cl_scale
         terms = torch.stack([cl_rows.mean(), kd_rows.mean()])
@@ -146,7 +158,8 @@ class DistillCSEFused(torch.autograd.Function):
     def backward(ctx, grad_out, _):
         _take_once(ctx)
         z1, r1, y, ry, cl_stats, dz1 = ctx.saved_tensors
-        dy = contrastive_bwd_dy(z1, r1, y, ry, cl_stats, ctx.cl_scale, _grad_rows(grad_out, z1.shape[0]))
+        dy = contrastive_bwd_dy(z1, r1, y, ry, cl_stats, ctx.cl_scale, _grad_rows(grad_out, z1.shape[0]),
+                                budget_bytes=_backward_budget())
         return dz1.mul_(grad_out.float() / z1.shape[0]), dy, None, None, None, None, None, None, None
 
 

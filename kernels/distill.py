@@ -46,7 +46,7 @@ from . import utils
 from ..shuffle import ROUNDS, SMALL_DOMAIN, SMALL_DOMAIN_ROUNDS
 from .group_partition import teacher_logits
 from .tiles import dot_tile
-from .utils import dot_precision, int32_bits, unit_stride_rows
+from .utils import dot_precision, int32_bits, matmul_f32, unit_stride_rows
 
 _GOLDEN = tl.constexpr(0x9E3779B1)
 _SMALL_DOMAIN = tl.constexpr(SMALL_DOMAIN)
@@ -601,16 +601,21 @@ def _unit_rows_backward_kernel(
     p_x,  # [R, D] raw rows
     p_rx,  # [R] fp32 inverse norms
     p_out,  # [R, D] dL/dx in its own dtype; may be p_du (each program reads its rows before writing them)
-    R, D, s_du, s_x, s_out,
-    SCALED: tl.constexpr, HAS_LO: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr,
-    BR: tl.constexpr, BD: tl.constexpr,
+    p_scale,  # [R] fp32 (ROW_SCALE), row stride s_scale (0: one value for every row)
+    R, D, s_du, s_x, s_out, s_scale, add_scale,
+    SCALED: tl.constexpr, HAS_LO: tl.constexpr, ROW_SCALE: tl.constexpr, ADD: tl.constexpr,
+    MANT: tl.constexpr, EMIN: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
 ):
     """dL/dx through ``u = x rx``: ``rx (du - u (u . du))``; with SCALED du holds ``rx du``
-    already, and the answer is ``du - u (u . du)``. Two passes over a block of BR rows: the dots
-    ``x . du``, then the output."""
+    already, and the answer is ``du - u (u . du)``; with ROW_SCALE du's rows are multiplied by
+    p_scale's values first; with ADD, ``add_scale`` times out's own values are added (in fp32,
+    one rounding). Two passes over a block of BR rows: the dots ``x . du``, then the output."""
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     m_r = o_r < R
     b_rx = tl.load(p_rx + o_r, mask=m_r, other=0.0)
+    b_out = b_rx  # the output's row factor: rx (c du - u (u . c du)) = c rx (du - u (u . du))
+    if ROW_SCALE:
+        b_out = b_rx * tl.load(p_scale + o_r * s_scale, mask=m_r, other=0.0)
     b_dot = tl.zeros([BR], dtype=tl.float32)
     for d0 in range(0, D, BD):
         o_d = d0 + tl.arange(0, BD)
@@ -626,8 +631,11 @@ def _unit_rows_backward_kernel(
         b_x = tl.load(p_x + o_r[:, None] * s_x + o_d[None, :], mask=m, other=0.0).to(tl.float32)
         b_dx = b_du - b_x * b_c
         if not SCALED:
-            b_dx *= b_rx[:, None]
-        tl.store(p_out + o_r[:, None] * s_out + o_d[None, :], b_dx.to(p_out.dtype.element_ty), mask=m)
+            b_dx *= b_out[:, None]
+        p_o = p_out + o_r[:, None] * s_out + o_d[None, :]
+        if ADD:
+            b_dx += add_scale * tl.load(p_o, mask=m, other=0.0).to(tl.float32)
+        tl.store(p_o, b_dx.to(p_out.dtype.element_ty), mask=m)
 
 
 def _fp32_dots(x_dtype, t_dtype):
@@ -727,23 +735,6 @@ def slab_rows(B: int, budget_bytes: int, bytes_per_entry: int, BM: int) -> int:
     return B if fit >= B else max(BM, fit // BM * BM)
 
 
-MM_OUT_DTYPE = torch.torch_version.TorchVersion(torch.__version__) >= "2.8"  # torch.mm(..., out_dtype=) on CUDA
-
-
-def _matmul_f32(a, b, k_step=64):
-    """``a @ b`` accumulated and returned in fp32 (a, b in one dtype): on CUDA one cuBLAS call
-    with an fp32 output (PyTorch >= 2.8); elsewhere over ``k_step`` slices of the inner
-    dimension, so that the fp32 copies stay small (as on the GPU, no input-sized temporary)."""
-    if a.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda and MM_OUT_DTYPE:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    out = torch.zeros(a.shape[0], b.shape[1], device=a.device, dtype=torch.float32)
-    for k0 in range(0, a.shape[1], k_step):
-        out.addmm_(a[:, k0:k0 + k_step].float(), b[k0:k0 + k_step].float())
-    return out
-
-
 def _permutation_tables(counts, row0, step_seed):
     """From the chunk counts [R, C, G] int32 of slab rows row0.. (``_permutation_tables_kernel``):
     ``first`` [R, C, G] (compact position of each chunk's first member of each group) and
@@ -759,18 +750,23 @@ def _permutation_tables(counts, row0, step_seed):
     return first, perm
 
 
-def unit_rows_backward(du, x, rx, out, *, lo=None, scaled=False):
+def unit_rows_backward(du, x, rx, out, *, lo=None, scaled=False, row_scale=None, add_scale=None):
     """dL/dx [R, D] into ``out`` (x's dtype; may be ``du``) from dL/du [R, D] for ``u = x rx``:
     ``rx (du - u (u . du))``, one launch, no temporaries. ``du`` is fp32, or with ``lo`` the
     accumulator hi + lo of :func:`accumulate_slab`. With ``scaled``, du holds ``rx du`` already
-    (then ``rx du - u (u . rx du)`` is the answer). Rows may have any stride, features stride 1."""
+    (then ``rx du - u (u . rx du)`` is the answer). ``row_scale`` (fp32, [R] or one value)
+    multiplies du's rows first. With ``add_scale``, ``add_scale`` times out's values are added
+    (another term's gradient). Rows may have any stride, features stride 1."""
     R, D = x.shape
     assert du.stride(-1) == x.stride(-1) == out.stride(-1) == 1 and (lo is None or lo.stride() == du.stride())
+    assert row_scale is None or (not scaled and row_scale.dtype == torch.float32 and row_scale.numel() in (1, R))
     mant, emin = LO_FORMATS.get(du.dtype, (0, 0))
     BR, BD = (64, 128) if utils.interpreter_blocks() else (8, 128)
     _unit_rows_backward_kernel[(triton.cdiv(R, BR),)](
-        du, du if lo is None else lo, x, rx, out, R, D, du.stride(0), x.stride(0), out.stride(0),
-        SCALED=scaled, HAS_LO=lo is not None, MANT=mant, EMIN=emin, BR=BR, BD=BD, num_warps=4)
+        du, du if lo is None else lo, x, rx, out, rx if row_scale is None else row_scale, R, D, du.stride(0),
+        x.stride(0), out.stride(0), 0 if row_scale is None or row_scale.numel() == 1 else row_scale.stride(0),
+        0.0 if add_scale is None else float(add_scale), SCALED=scaled, HAS_LO=lo is not None,
+        ROW_SCALE=row_scale is not None, ADD=add_scale is not None, MANT=mant, EMIN=emin, BR=BR, BD=BD, num_warps=4)
 
 
 LO_FORMATS = {torch.float16: (10, -14), torch.bfloat16: (7, -100)}  # hi's (MANT, EMIN) in _lo_exponent
@@ -904,7 +900,7 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
         if not need_grad:
             continue
         g = grad[:rows]
-        row_side = _matmul_f32(g, v)  # [rows, D] fp32: sum_j M_rj x_j, the slab rows' du (random: own side)
+        row_side = matmul_f32(g, v)  # [rows, D] fp32: sum_j M_rj x_j, the slab rows' du (random: own side)
         if not random_grad:  # g holds both sides: the slab rows' gradient is complete
             unit_rows_backward(row_side, x[slab], rx[slab], dx[slab])
             continue

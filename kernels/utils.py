@@ -33,6 +33,26 @@ def unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+MM_OUT_DTYPE = torch.torch_version.TorchVersion(torch.__version__) >= "2.8"  # torch.mm(..., out_dtype=) on CUDA
+
+
+def matmul_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor = None, k_step: int = 64) -> torch.Tensor:
+    """``a @ b`` accumulated and returned in fp32 (a, b in one dtype), into ``out`` if given (an
+    fp32 [M, N] tensor, any row stride): on CUDA one cuBLAS call with an fp32 output (PyTorch
+    >= 2.8); elsewhere over ``k_step`` slices of the inner dimension, so that the fp32 copies
+    stay small (as on the GPU, no input-sized temporary)."""
+    if out is None:
+        out = torch.empty(a.shape[0], b.shape[1], device=a.device, dtype=torch.float32)
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda and MM_OUT_DTYPE:
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    out.zero_()
+    for k0 in range(0, a.shape[1], k_step):
+        out.addmm_(a[:, k0:k0 + k_step].float(), b[k0:k0 + k_step].float())
+    return out
+
+
 def patch_interpreter_scalar_index():
     """triton-lang/triton#9171: with numpy >= 2.4, Triton 3.6's interpreter cannot ``int()`` a
     runtime scalar (a 1-element array), so ``range(0, N, BN)`` with a runtime N raises.

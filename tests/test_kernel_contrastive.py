@@ -32,17 +32,22 @@ def _rel(out, ref):
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
-def _check(x, y, grad_rows, tol):
+BUDGET = 1 << 30  # one slab for the tests' sizes
+
+
+def _check(x, y, grad_rows, tol, budget=BUDGET):
+    """Loss rows, lse, dx and dy against float64; the forward without dx must agree with the
+    one with it (``budget``: the slab buffers' bytes, both passes)."""
     from distillcse.kernels.contrastive import contrastive_bwd_dy, contrastive_fwd
 
     rx, ry = _inv_norm(x), _inv_norm(y)
-    loss, stats, dx = contrastive_fwd(x, rx, y, ry, SCALE, grad_rows)
-    loss_only, stats_only, no_dx = contrastive_fwd(x, rx, y, ry, SCALE)
+    loss, stats, dx = contrastive_fwd(x, rx, y, ry, SCALE, grad_rows, budget_bytes=budget)
+    loss_only, stats_only, no_dx = contrastive_fwd(x, rx, y, ry, SCALE, budget_bytes=budget)
     assert no_dx is None
     for name, a, b in (("loss_rows", loss_only, loss), ("stats", stats_only, stats)):  # the same sums, dx or not
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"{name} without dx")
     lse = stats[0]
-    dy = contrastive_bwd_dy(x, rx, y, ry, stats, SCALE, grad_rows)
+    dy = contrastive_bwd_dy(x, rx, y, ry, stats, SCALE, grad_rows, budget_bytes=budget)
     refs = _reference(x, y, SCALE, grad_rows)
     dtypes = (torch.float32, torch.float32, x.dtype, x.dtype)
     for name, out, ref, dtype in zip(("loss_rows", "lse", "dx", "dy"), (loss, lse, dx, dy), refs, dtypes):
@@ -72,7 +77,7 @@ def test_odd_shapes(B, D, n_hard, dtype, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [48, 200])
 def test_random_grad_rows_and_non_contiguous(D, dtype, device):
-    """Row stride 3 D; D = 200 also takes two feature splits in the backward."""
+    """Row stride 3 D (the GEMMs and kernels read the rows in place)."""
     B, n_hard = 37, 23
     x, y = _views(B, n_hard, 3 * D, dtype, device, seed=1)
     x, y = x[:, 5 : 5 + D], y[:, D : 2 * D]  # row stride 3 D, feature stride 1
@@ -84,8 +89,8 @@ def test_random_grad_rows_and_non_contiguous(D, dtype, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("grad_scale", [1e-4, 65536.0])
 def test_grad_rows_magnitude(grad_scale, dtype, device):
-    """Tiny (mean over a big batch) and loss-scaled upstream gradients: g_i enters the half
-    precision operand of the du_y dot, so it must neither underflow nor overflow there (the
+    """Tiny (mean over a big batch) and loss-scaled upstream gradients: g_i enters the 16-bit
+    factors of both GEMMs, so it must neither underflow nor overflow there (bf16: fp32's range; the
     fp16 outputs of the tiny case are themselves subnormal: compared with the reference in fp16)."""
     B = 37
     x, y = _views(B, 23, 48, dtype, device, seed=7)
@@ -124,76 +129,72 @@ def test_two_rows(D, n_hard, device):
 
 
 @pytest.mark.parametrize("D", [5, 300])
-def test_feature_dim_split(D, device):
-    """D below the smallest tl.dot block (16), and D over one program's output blocks: the
-    backward then splits the output features over the grid (D = 300 under the interpreter:
-    3 splits of 4 blocks of 32, the last split partly and its last two blocks fully masked)."""
+def test_feature_dims(D, device):
+    """D below a GEMM's usual tile (5) and not a multiple of one (300)."""
     B = 37
     x, y = _views(B, 23, D, torch.float32, device, seed=6)
     _check(x, y, torch.full((B,), 1.0 / B, device=device), 1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("n_out", [1, 2, 3, 4])
-def test_output_blocks(n_out, dtype, monkeypatch, device):
-    """Every accumulator count of the backward (b_acc0..b_acc3), each with several feature
-    splits and a partly or fully masked last block: D = 100 in blocks of 16, N > B."""
-    import distillcse.kernels.contrastive as C
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("slab", [32, 64])
+def test_several_slabs(slab, dtype, device):
+    """Budgets of ``slab`` rows (and columns) a slab: B = 130 rows in 5 or 3 row slabs (the
+    last ragged), N = 153 columns in 5 or 3 column slabs, hard negatives in the last ones; the
+    row kernel's columns and the column kernel's rows span several blocks."""
+    from distillcse.kernels.contrastive import slab_rows
 
-    default = C._config
-
-    def config(D, dtype):
-        cfg, blocks = default(D, dtype), dict(BD_OUT=16, N_OUT=n_out)
-        return dict(cfg, fwd_grad=dict(cfg["fwd_grad"], **blocks), dy=dict(cfg["dy"], **blocks))
-
-    monkeypatch.setattr(C, "_config", config)
-    B, D = 37, 100
-    assert C._feature_splits(D, config(D, dtype)["fwd_grad"]) >= 2
-    x, y = _views(B, 23, D, dtype, device, seed=8)
-    grad_rows = torch.randn(B, generator=torch.Generator().manual_seed(9)).to(device)
-    _check(x, y, grad_rows, TOL[dtype])
+    B, n_hard = 130, 23
+    entry = 4 + dtype.itemsize
+    budget = slab * (B + n_hard) * entry  # slab rows of N entries; the columns' rows (B entries) fit more
+    assert slab_rows(B, B + n_hard, budget, entry) == slab
+    assert slab_rows(B + n_hard, B, budget, entry) == slab  # rounded down to the step
+    x, y = _views(B, n_hard, 96, dtype, device, seed=11)
+    grad_rows = torch.randn(B, generator=torch.Generator().manual_seed(12)).to(device)
+    _check(x, y, grad_rows, TOL[dtype], budget=budget)
 
 
-@pytest.mark.parametrize("D, max_block, max_blocks, expected", [
-    (768, 128, 4, (128, 3, 2)),  # 2 splits of 3 x 128, not 2 of 4 x 128
-    (384, 128, 4, (128, 3, 1)),
-    (1024, 128, 4, (128, 4, 2)),
-    (1024, 128, 3, (128, 3, 3)),
-    (768, 128, 1, (128, 1, 6)),
-    (100, 128, 4, (128, 1, 1)),
-    (5, 128, 4, (16, 1, 1)),
-    (300, 32, 4, (32, 4, 3)),
+@pytest.mark.parametrize("rows, width, budget, entry, expected", [
+    (65536, 65536, 128 << 20, 6, 320),  # the forward at the default budget: 341 rows fit, in steps of 32
+    (65536, 65536, 64 << 20, 6, 160),  # the backward: half the budget
+    (65536, 65536, 128 << 20, 4, 512),  # the loss alone (no factors)
+    (4096, 4096, 128 << 20, 6, 4096),  # all rows fit: one slab
+    (1 << 20, 1 << 20, 128 << 20, 6, 32),  # a budget below one step: one step
 ])
-def test_output_block_choice(D, max_block, max_blocks, expected):
-    """(BD_OUT, N_OUT, feature splits): the fewest splits, then the fewest blocks per split."""
-    from distillcse.kernels.contrastive import _feature_splits, _output_blocks
+def test_slab_rows(rows, width, budget, entry, expected):
+    from distillcse.kernels.contrastive import slab_rows
 
-    blocks = _output_blocks(D, max_block, max_blocks)
-    assert (blocks["BD_OUT"], blocks["N_OUT"], _feature_splits(D, blocks)) == expected
+    assert slab_rows(rows, width, budget, entry) == expected
 
 
-@pytest.mark.parametrize("dtype, matmul_precision, n_out, narrow", [
-    (torch.bfloat16, "highest", 3, (64, 64, 64)), (torch.float16, "highest", 3, (64, 64, 64)),
-    (torch.float32, "high", 3, (32, 32, 64)), (torch.float32, "highest", 1, (32, 32, 32)),
-])
-def test_gpu_config_at_768(dtype, matmul_precision, n_out, narrow, monkeypatch):
-    """The GPU launch configuration (pure Python, checked without a GPU): 64-row programs and
-    one K-chunk (128) everywhere; 16-bit inputs share the 64 x 64 logits tile, fp32 streams 32
-    columns in the dx-writing forward and 32 rows in dy (dy's own rows: 32 with "ieee" dots);
-    at D = 768 two feature splits of 3 x 128 (6 GEMM-equivalents for forward + backward), and
-    one block of 128 for fp32 "ieee" dots."""
-    import distillcse.kernels.contrastive as C
+@pytest.mark.parametrize("grad", [False, True])
+def test_slab_buffers_within_budget(grad):
+    """Counted allocation by allocation (``TensorMemory``): the forward's extra memory is its
+    outputs (loss, stats, dx), one slab's dots and factors within the budget and its [R, D] fp32
+    rows; the backward's, dy, the slab buffers and [C, D] fp32 rows; nothing B x N."""
+    from distillcse.kernels.contrastive import contrastive_bwd_dy, contrastive_fwd
+    from distillcse.tensor_memory import TensorMemory
 
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: matmul_precision)
-    cfg = C._config(768, dtype)
-    assert {k: cfg["fwd"][k] for k in ("BM", "BN", "BD")} == dict(BM=64, BN=64, BD=128)
-    assert cfg["fwd_grad"]["BM"] == 64
-    assert (cfg["fwd_grad"]["BN"], cfg["dy"]["BM"], cfg["dy"]["BN"]) == narrow  # streamed, streamed, own rows
-    for kernel in ("fwd_grad", "dy"):
-        assert cfg[kernel]["BD"] == 128, "one K-chunk: the dy kernel sums the logits as the forward did"
-        assert (cfg[kernel]["BD_OUT"], cfg[kernel]["N_OUT"]) == (128, n_out)
-    assert C._feature_splits(768, cfg["fwd_grad"]) == (2 if n_out == 3 else 6)
+    B, n_hard, D = 260, 40, 32
+    N = B + n_hard
+    x, y = _views(B, n_hard, D, torch.bfloat16, DEVICE, seed=13)
+    rx, ry = _inv_norm(x), _inv_norm(y)
+    grad_rows = torch.full((B,), 1.0 / B, device=DEVICE) if grad else None
+    budget = 64 * N * 6  # 64 rows a slab with factors, 96 without (4 bytes an entry)
+    with TensorMemory() as mem:
+        loss, stats, dx = contrastive_fwd(x, rx, y, ry, SCALE, grad_rows, budget_bytes=budget)
+    outputs = B * 4 * 3 + (B * D * 2 if grad else 0)
+    rows = 64 if grad else 96
+    # the CPU's matmul_f32 adds k-slice fp32 copies of its operands ([rows, 64] and [64, N] or [64, D])
+    bound = outputs + budget + rows * D * 4 + 64 * (rows + N) * 4 + 64 * (rows + D) * 4
+    assert mem.peak <= bound, (mem.peak, bound, mem.at_peak[:6])
+    if not grad:
+        return
+    with TensorMemory() as mem:
+        contrastive_bwd_dy(x, rx, y, ry, stats, SCALE, grad_rows, budget_bytes=budget)
+    cols = 64  # [C, B] slabs of 6-byte entries: 64 N / B = 73 columns fit, in steps of 32
+    bound = N * D * 2 + cols * B * 6 + cols * D * 4 + 64 * (cols + B) * 4 + 64 * (cols + D) * 4
+    assert mem.peak <= bound, (mem.peak, bound, mem.at_peak[:6])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -205,11 +206,13 @@ def test_dx_adds_another_gradient_in_place(dtype, device):
     x, y = _views(B, 23, D, dtype, device, seed=2)
     rx, ry = _inv_norm(x), _inv_norm(y)
     grad_rows = torch.full((B,), 1.0 / B, device=device)
-    loss, _, dx = contrastive_fwd(x, rx, y, ry, SCALE, grad_rows)
+    budget = 32 * 60 * 6  # two slabs: 32 rows, then 5
+    loss, _, dx = contrastive_fwd(x, rx, y, ry, SCALE, grad_rows, budget_bytes=budget)
     other = torch.randn(B, D, generator=torch.Generator().manual_seed(3)).to(device, dtype) * dx.double().abs().max().item()
     want = dx.double() + 0.3 * other.double()
     buffer = other.clone()
-    loss_again, _, dx_sum = contrastive_fwd(x, rx, y, ry, SCALE, grad_rows, add_to=buffer, add_scale=0.3)
+    loss_again, _, dx_sum = contrastive_fwd(x, rx, y, ry, SCALE, grad_rows, budget_bytes=budget,
+                                            add_to=buffer, add_scale=0.3)
     assert dx_sum.data_ptr() == buffer.data_ptr()
     assert torch.equal(loss_again, loss)
     assert _rel(dx_sum, want) <= (1e-6 if dtype == torch.float32 else 2e-3)
