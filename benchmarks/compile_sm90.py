@@ -82,8 +82,8 @@ def contrastive(B, D, dtype, teacher_dtype):
 
 def distill(B, D, dtype, teacher_dtype, n_thr=9):
     """Distillation (kernels/distill.py): the row statistics pass, and for a slab of 512 rows
-    in 8 column chunks the slab kernel with each shuffle plus the random mode's count, table
-    and compaction kernels (teacher width D, G = 10 groups), the random mode's accumulation of that
+    in 8 column chunks (reading the slab's cuBLAS dots) the slab kernel with each shuffle plus
+    the random mode's count, table and compaction kernels (G = 10 groups), the random mode's accumulation of that
     slab's gradient into dx (and lo), the gradient through the norms (`unit_rows_backward`); and in kernels/group_partition.py the
     threshold search over 4096 rows (the first pass's grid of 64 points, and a later pass's 16
     points with windows: the placing, probe, narrowing and settling kernels; by mass and fixed
@@ -98,26 +98,25 @@ def distill(B, D, dtype, teacher_dtype, n_thr=9):
     x, t = torch.empty(B, D, dtype=dtype), torch.empty(B, D, dtype=teacher_dtype)
     r, thr, qbar = torch.empty(B), torch.empty(B, n_thr), torch.empty(B, n_thr + 1)
     K.distill_row_stats(x, r, t, r, 40.0, 80.0, 1.0)
-    prec = dict(PREC_X=dot_precision(dtype), PREC_T=dot_precision(teacher_dtype))
-    dot_kinds = K._fp32_dots(dtype, teacher_dtype)
-    teacher_blocks, _ = K._slab_blocks(B, "random", *dot_kinds)
+    teacher_blocks, _ = K._slab_blocks(B, "random")
     width = triton.cdiv(B, chunks)
     first = torch.empty(rows, chunks, n_thr + 1, dtype=torch.int32)
     perm = torch.empty(6, rows, n_thr + 1, dtype=torch.int32)
     grad = torch.empty(rows, B, dtype=torch.float32 if dtype == torch.float32 else torch.bfloat16)
     compact, cross = torch.empty(rows, B, dtype=grad.dtype), torch.empty(rows, chunks)
+    dots = torch.empty(rows, B)  # a slab's cuBLAS dots, student's or teacher's
     teacher_grid = (rows // teacher_blocks["BM"], chunks)
     BG = max(2, triton.next_power_of_2(n_thr + 1))  # groups, as the slab launcher
-    K._group_counts_kernel[teacher_grid](t, r, thr, first, 0, B, D, D, n_thr, n_thr, width, chunks, rows, BG=BG,
-                                         PREC_T=prec["PREC_T"], **teacher_blocks)
+    K._group_counts_kernel[teacher_grid](dots, r, thr, first, 0, B, n_thr, n_thr, width, chunks, rows, BG=BG,
+                                         **teacher_blocks)
     K._permutation_tables(first, 0, 2**64 - 1)
-    K._compact_targets_kernel[teacher_grid](t, r, thr, r, first, compact, 0, B, D, D, n_thr, n_thr, width, chunks,
-                                            rows, 80.0, BG=BG, PREC_T=prec["PREC_T"], **teacher_blocks)
+    K._compact_targets_kernel[teacher_grid](dots, r, thr, r, first, compact, 0, B, n_thr, n_thr, width, chunks,
+                                            rows, 80.0, BG=BG, **teacher_blocks)
     for targets, shuffle in enumerate(K.SHUFFLES):
-        slab_blocks = K._slab_blocks(B, shuffle, *dot_kinds)[1]
+        slab_blocks = K._slab_blocks(B, shuffle)[1]
         K._distill_slab_kernel[(rows // slab_blocks["BM"], chunks)](
-            x, r, t, r, thr, r, r, qbar, first, compact, perm, cross, grad, 0, B, D, D, D, D, n_thr, n_thr, width,
-            chunks, rows, 40.0, 80.0, BG=BG, TARGETS=targets, WRITE_GRAD=True, **prec, **slab_blocks)
+            dots, r, dots, r, thr, r, r, qbar, first, compact, perm, cross, grad, 0, B, n_thr, n_thr, width,
+            chunks, rows, 40.0, 80.0, BG=BG, TARGETS=targets, WRITE_GRAD=True, **slab_blocks)
     lo = None if dtype == torch.float32 else torch.empty(B, D, dtype=torch.int8)
     hi = torch.empty(B, D, dtype=dtype)
     K.accumulate_slab(hi, lo, grad, x, r, torch.empty(rows, D), 0)

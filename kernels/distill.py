@@ -1,9 +1,10 @@
 """Distillation term (SPEC sections 3-6): row statistics, then the loss and its gradient,
-streamed over tiles so that the B x B logits never exist in memory.
+over tiles and row slabs so that the B x B logits never exist in memory.
 
 Student logits ``s_ij = (x_i . x_j) rx_i rx_j``, teacher logits ``t_ij = (t_i . t_j) rt_i rt_j``
-(raw rows of any float dtype, fp32 inverse norms; ``group_partition.teacher_logits``, which
-every teacher-reading kernel shares); only ``j != i`` takes part. Targets
+(raw rows of any float dtype, fp32 inverse norms; the row statistics compute them through
+``group_partition.teacher_logits``, as the Group-P search does; the slab phase reads a slab's
+cuBLAS dots through ``_slab_tile``); only ``j != i`` takes part. Targets
 ``q_ij = exp(t_ij * teacher_scale - lse_t_i)``, shuffled into ``q~`` within the Group-P groups
 ``group_i(j) = #{g : t_ij < thr[i, g]}`` (thresholds from ``group_partition.group_thresholds``):
   none      ``q~ = q``;
@@ -14,9 +15,10 @@ every teacher-reading kernel shares); only ``j != i`` takes part. Targets
 
 1. ``distill_row_stats``: the logsumexps of s and t (two scales) and t's range, from the
    upper triangle of tiles (s and t are symmetric) in per-program partial slots, then merged.
-2. ``distill_loss_and_grad``: per slab of R rows, a (row block, column chunk) grid streams the
-   s and t tiles and writes the gradient factors ``G_rj = student_scale (p_rj - q~_rj)`` to an
-   [R, B] buffer and the loss's cross term ``sum_j q~_rj s_rj``. s is symmetric, so row r's
+2. ``distill_loss_and_grad``: per slab of R rows, cuBLAS writes the raw dots ``x[slab] x^T``
+   and ``t[slab] t^T`` [R, B] in fp32, and a (row block, column chunk) grid reads their tiles
+   and writes the gradient factors ``G_rj = student_scale (p_rj - q~_rj)`` to an [R, B] buffer
+   and the loss's cross term ``sum_j q~_rj s_rj``. s is symmetric, so row r's
    gradient is ``sum_j (G_rj + G_jr) u_j``: with shuffle none or expected the kernel writes
    both sides (any row's targets are at hand) and one GEMM finishes the slab's rows; the
    random shuffle's ranks exist for the slab rows only, so there ``_accumulate_slab_kernel``
@@ -26,9 +28,10 @@ every teacher-reading kernel shares); only ``j != i`` takes part. Targets
    [B, D] buffer. Every GEMM takes the raw rows x (the factors carry rx_j), so no normalised
    copy of x exists. The loss and its gradient are computed together, so the backward
    recomputes nothing (the loss is linear in the upstream gradient). Extra memory besides
-   the gradient: within ``budget_bytes`` (``tests/test_memory_plan.py`` counts it).
-   The random shuffle needs each row's ranks in column order, so it runs two teacher passes
-   first: ``_group_counts_kernel`` (members of each group per column chunk) and
+   the gradient: within ``budget_bytes`` (``tests/test_memory_plan.py`` counts it): 8 bytes an
+   entry of the two dots' slabs, plus the factors and (random) the compact targets.
+   The random shuffle needs each row's ranks in column order, so it runs two passes over the
+   slab's teacher dots first: ``_group_counts_kernel`` (members of each group per column chunk) and
    ``_compact_targets_kernel`` (targets in group order, ``compact[r, start_g + rank] = q``),
    with ``_permutation_tables_kernel`` between them (group starts and sizes, each chunk's
    first position, each group's permutation parameters).
@@ -288,13 +291,27 @@ def _group_permutation(x, n, key, h, b, rounds):
 
 
 @triton.jit
-def _teacher_groups(
-    p_t, p_rt, p_thr, s_t, s_thr, o_m, m_m, o_n, m_n, Dt, n_thr,
-    BDT: tl.constexpr, PREC_T: tl.constexpr,
+def _slab_tile(
+    p_dots,  # [R, B] fp32 raw dots of the slab rows (cuBLAS), row stride B
+    p_r,  # [B] fp32 inverse norms
+    o_r, o_m, m_m,  # [BM] slab rows, their batch rows (int64) and mask
+    o_n, m_n,  # [BN] columns and mask
+    B,
 ):
-    """Teacher logits t [BM, BN] fp32 and group ids [BM, BN] int32 (-1 off the off-diagonal
-    in-range entries): ``group = #{g : t < thr[row, g]}``, as the expected mode classifies."""
-    b_t = teacher_logits(p_t, p_rt, o_m, m_m, o_n, m_n, Dt, s_t, BDT, PREC_T)  # [BM, BN]
+    """``dots[o_r, o_n] r_m r_n`` [BM, BN] fp32, 0 where masked: a slab's cosines (student) or
+    teacher logits, in the one operation order every slab kernel uses."""
+    b_dot = tl.load(p_dots + o_r[:, None] * B + o_n[None, :], mask=m_m[:, None] & m_n[None, :], other=0.0)
+    b_rm = tl.load(p_r + o_m, mask=m_m, other=0.0)
+    b_rn = tl.load(p_r + o_n, mask=m_n, other=0.0)
+    return b_dot * b_rm[:, None] * b_rn[None, :]
+
+
+@triton.jit
+def _teacher_groups(p_ts, p_rt, p_thr, s_thr, o_r, o_m, m_m, o_n, m_n, B, n_thr):
+    """Teacher logits t [BM, BN] fp32 (from the slab's dots ``p_ts``) and group ids [BM, BN]
+    int32 (-1 off the off-diagonal in-range entries): ``group = #{g : t < thr[row, g]}``, as the
+    expected mode classifies."""
+    b_t = _slab_tile(p_ts, p_rt, o_r, o_m, m_m, o_n, m_n, B)  # [BM, BN]
     b_grp = tl.zeros(b_t.shape, dtype=tl.int32)
     for i_g in range(0, n_thr):
         b_thr = tl.load(p_thr + o_m * s_thr + i_g, mask=m_m, other=float("-inf"))  # [BM]
@@ -331,13 +348,12 @@ def _slab_program(row0, B, R, BM: tl.constexpr):
 
 @triton.jit
 def _group_counts_kernel(
-    p_t,  # [B, Dt] teacher rows, raw
+    p_ts,  # [R, B] fp32 raw teacher dots of the slab rows
     p_rt,  # [B] fp32 inverse norms
     p_thr,  # [B, G-1] fp32 group thresholds
     p_counts,  # [R, C, G] int32 out: members of group g in chunk c of slab row r
-    row0, B, Dt, s_t, s_thr, n_thr, chunk_width, n_chunks, R,
-    BM: tl.constexpr, BN: tl.constexpr, BDT: tl.constexpr, BG: tl.constexpr,
-    PREC_T: tl.constexpr,
+    row0, B, s_thr, n_thr, chunk_width, n_chunks, R,
+    BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr,
 ):
     i_c, o_r, o_m, m_m = _slab_program(row0, B, R, BM)
     o_g = tl.arange(0, BG)[None, :]
@@ -347,7 +363,7 @@ def _group_counts_kernel(
     for i_n in range(0, tl.cdiv(chunk_width, BN)):
         o_n = col0 + i_n * BN + tl.arange(0, BN).to(tl.int64)
         m_n = (o_n < B) & (o_n < col0 + chunk_width)
-        _, b_grp = _teacher_groups(p_t, p_rt, p_thr, s_t, s_thr, o_m, m_m, o_n, m_n, Dt, n_thr, BDT, PREC_T)
+        _, b_grp = _teacher_groups(p_ts, p_rt, p_thr, s_thr, o_r, o_m, m_m, o_n, m_n, B, n_thr)
         for g in range(0, n_groups):
             b_counts += tl.where(o_g == g, tl.sum((b_grp == g).to(tl.int32), axis=1)[:, None], 0)
     p_out = p_counts + (o_r[:, None] * n_chunks + i_c) * n_groups + o_g
@@ -391,15 +407,14 @@ def _permutation_tables_kernel(
 
 @triton.jit
 def _compact_targets_kernel(
-    p_t,  # [B, Dt] teacher rows, raw
+    p_ts,  # [R, B] fp32 raw teacher dots of the slab rows
     p_rt,  # [B] fp32 inverse norms
     p_thr,  # [B, G-1] fp32
     p_lse_t,  # [B] fp32 teacher logsumexps
     p_first,  # [R, C, G] int32: compact position of chunk c's first member of group g
     p_compact,  # [R, B] out (G's dtype): targets in group order (B-1 used)
-    row0, B, Dt, s_t, s_thr, n_thr, chunk_width, n_chunks, R, teacher_scale,
-    BM: tl.constexpr, BN: tl.constexpr, BDT: tl.constexpr, BG: tl.constexpr,
-    PREC_T: tl.constexpr,
+    row0, B, s_thr, n_thr, chunk_width, n_chunks, R, teacher_scale,
+    BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr,
 ):
     i_c, o_r, o_m, m_m = _slab_program(row0, B, R, BM)
     o_g = tl.arange(0, BG)[None, :]
@@ -410,7 +425,7 @@ def _compact_targets_kernel(
     for i_n in range(0, tl.cdiv(chunk_width, BN)):
         o_n = col0 + i_n * BN + tl.arange(0, BN).to(tl.int64)
         m_n = (o_n < B) & (o_n < col0 + chunk_width)
-        b_t, b_grp = _teacher_groups(p_t, p_rt, p_thr, s_t, s_thr, o_m, m_m, o_n, m_n, Dt, n_thr, BDT, PREC_T)
+        b_t, b_grp = _teacher_groups(p_ts, p_rt, p_thr, s_thr, o_r, o_m, m_m, o_n, m_n, B, n_thr)
         b_pos, b_next = _compact_positions(b_grp, b_next, n_groups, BG)
         b_lse_t = tl.load(p_lse_t + o_m, mask=m_m, other=0.0)
         b_q = tl.exp(b_t * teacher_scale - b_lse_t[:, None])  # q_ij [BM, BN]
@@ -419,9 +434,9 @@ def _compact_targets_kernel(
 
 @triton.jit
 def _distill_slab_kernel(
-    p_x,  # [B, D] student rows, raw
+    p_xs,  # [R, B] fp32 raw student dots of the slab rows (cuBLAS)
     p_rx,  # [B] fp32 inverse norms
-    p_t,  # [B, Dt] teacher rows, raw
+    p_ts,  # [R, B] fp32 raw teacher dots of the slab rows (cuBLAS)
     p_rt,  # [B] fp32 inverse norms
     p_thr,  # [B, G-1] fp32 (expected, random)
     p_lse_s,  # [B] fp32 student logsumexps
@@ -432,9 +447,8 @@ def _distill_slab_kernel(
     p_perm,  # [6, R, G] int32: start, size, h, b, rounds, key (bits) of each group's sigma (random)
     p_cross,  # [R, C] fp32 out: sum over chunk c of q~_rj s_rj
     p_grad,  # [R, B] out (G's dtype): M_rj = G_rj rx_j, or (G_rj + G_jr) rx_j when TARGETS < 2; 0 on the diagonal
-    row0, B, D, Dt, s_x, s_t, s_thr, n_thr, chunk_width, n_chunks, R, student_scale, teacher_scale,
-    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDT: tl.constexpr,
-    BG: tl.constexpr, PREC_X: tl.constexpr, PREC_T: tl.constexpr, TARGETS: tl.constexpr,
+    row0, B, s_thr, n_thr, chunk_width, n_chunks, R, student_scale, teacher_scale,
+    BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, TARGETS: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
 ):
     """Cross terms and gradient factors ``G_rj = student_scale (p_rj - q~_rj)`` of slab rows
@@ -450,7 +464,6 @@ def _distill_slab_kernel(
         b_next = tl.load(p_first + (o_r[:, None] * n_chunks + i_c) * n_groups + o_g,
                          mask=m_m[:, None] & (o_g < n_groups), other=0)  # [BM, BG]
     b_lse_s = tl.load(p_lse_s + o_m, mask=m_m, other=0.0)
-    b_rx_m = tl.load(p_rx + o_m, mask=m_m, other=0.0)
     s_perm = R * n_groups  # stride between the tables of p_perm
     b_cross = tl.zeros([BM], dtype=tl.float32)
     col0 = i_c * chunk_width
@@ -458,16 +471,16 @@ def _distill_slab_kernel(
         o_n = col0 + i_n * BN + tl.arange(0, BN).to(tl.int64)
         m_n = (o_n < B) & (o_n < col0 + chunk_width)
         if TARGETS == 0:
-            b_t = teacher_logits(p_t, p_rt, o_m, m_m, o_n, m_n, Dt, s_t, BDT, PREC_T)  # [BM, BN]
+            b_t = _slab_tile(p_ts, p_rt, o_r, o_m, m_m, o_n, m_n, B)  # [BM, BN]
             m_in = (o_m[:, None] != o_n[None, :]) & m_m[:, None] & m_n[None, :]
             b_lse_t = tl.load(p_lse_t + o_m, mask=m_m, other=0.0)
             b_qt = tl.exp(b_t * teacher_scale - b_lse_t[:, None])  # q [BM, BN]
         elif TARGETS == 1:
-            b_t, b_grp = _teacher_groups(p_t, p_rt, p_thr, s_t, s_thr, o_m, m_m, o_n, m_n, Dt, n_thr, BDT, PREC_T)
+            b_t, b_grp = _teacher_groups(p_ts, p_rt, p_thr, s_thr, o_r, o_m, m_m, o_n, m_n, B, n_thr)
             m_in = b_grp >= 0
             b_qt = tl.load(p_qbar + o_m[:, None] * n_groups + b_grp, mask=m_in, other=0.0)  # cache-resident gather
         else:
-            _, b_grp = _teacher_groups(p_t, p_rt, p_thr, s_t, s_thr, o_m, m_m, o_n, m_n, Dt, n_thr, BDT, PREC_T)
+            _, b_grp = _teacher_groups(p_ts, p_rt, p_thr, s_thr, o_r, o_m, m_m, o_n, m_n, B, n_thr)
             b_pos, b_next = _compact_positions(b_grp, b_next, n_groups, BG)
             m_in = b_pos >= 0
             # sigma's parameters of each member's group (non-members: size 1, so sigma(0) = 0)
@@ -482,9 +495,8 @@ def _distill_slab_kernel(
             b_partner = b_start + _group_permutation(b_rank, b_size, b_key, b_h, b_b, b_rounds).to(tl.int32)
             b_qt = tl.load(p_compact + o_r[:, None] * B + b_partner, mask=m_in, other=0.0).to(tl.float32)  # q~
 
-        b_s = dot_tile(p_x, p_x, o_m, m_m, o_n, m_n, D, s_x, s_x, BD, PREC_X)
+        b_s = _slab_tile(p_xs, p_rx, o_r, o_m, m_m, o_n, m_n, B)  # cosines [BM, BN]
         b_rx_n = tl.load(p_rx + o_n, mask=m_n, other=0.0)
-        b_s = b_s * b_rx_m[:, None] * b_rx_n[None, :]  # cosines
         b_p = tl.exp(b_s * student_scale - b_lse_s[:, None])
         b_cross += tl.sum(tl.where(m_in, b_qt * b_s, 0.0), axis=1)
         if WRITE_GRAD:
@@ -672,30 +684,21 @@ def _stats_groups(n_blocks: int, programs: int) -> int:
     return max(1, min(2 * math.isqrt(programs // 2), n_blocks // 2 * 2))
 
 
-def _slab_blocks(B: int, shuffle: str, fp32_dots: bool, fma_dots: bool):
-    """(blocks of the random mode's count and compaction kernels, blocks of the slab kernel),
-    from offline sm_90 compiles (``benchmarks/compile_sm90.py --what distill``, D = 768, 8
-    warps): the largest wgmma tiles that compile without spills in bf16, fp16 and TF32: 64 x 64
-    for the count and compaction kernels (123-234 registers), and for the slab kernel 64 x 128
-    with shuffle none (254-255), 64 x 64 with expected (232-254: its column side classifies
-    the entries again; 64 x 128 spills 268-312 bytes), 32 x 64 with random (mma.sync, 240-248:
-    the permutation's state) and with fp32 "ieee" FMA dots, the student's or the teacher's
-    (180-255; 32 x 32 with random, whose 32 x 64 spills 24 bytes; the count kernel spills 4).
-    Feature chunks are 32 wide when the student or the teacher is fp32 (64 wide spills up to
-    100 bytes there), else 64. Column tiles must divide the chunk width (powers of two). Under
-    the interpreter few large blocks run fastest."""
+def _slab_blocks(B: int, shuffle: str):
+    """(blocks of the random mode's count and compaction kernels, blocks of the slab kernel).
+    They read the slab's cuBLAS dots, so no tile holds a dot's operands: memory- and ALU-bound
+    tiles of [32, 128] at 8 warps, [32, 64] for the random shuffle's slab kernel (the
+    permutation's state). sm_90a (``benchmarks/compile_sm90.py --what distill``, session 13, not
+    timed): counts 121 registers, compaction 208-224, slab kernel 175-178 (none), 235-237
+    (expected), 230-237 (random), no spills; at 4 warps they spilled 12-304 bytes. Under the
+    interpreter few large blocks run fastest. Column tiles must divide the chunk width (powers
+    of two)."""
     if utils.interpreter_blocks():
         bm = min(64, max(16, triton.next_power_of_2(B)))
-        blocks = dict(BM=bm, BN=bm, BDT=64, num_warps=4)
-        return blocks, dict(blocks, BD=64)
-    bd = 32 if fp32_dots else 64
-    if fma_dots:
-        slab = dict(BM=32, BN=32 if shuffle == "random" else 64)
-    elif shuffle == "random":
-        slab = dict(BM=32, BN=64)
-    else:
-        slab = dict(BM=64, BN=128 if shuffle == "none" else 64)
-    return dict(BM=64, BN=64, BDT=bd, num_warps=8), dict(slab, BD=bd, BDT=bd, num_warps=8)
+        blocks = dict(BM=bm, BN=bm, num_warps=4)
+        return blocks, blocks
+    slab = dict(BM=32, BN=64 if shuffle == "random" else 128, num_warps=8)
+    return dict(BM=32, BN=128, num_warps=8), slab
 
 
 def _prepare(x, rx, t, rt):
@@ -839,7 +842,7 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
     [R, D] fp32 per slab; the random shuffle's gradient accumulates in dx, with an int8 [B, D]
     beside 16-bit rows (``_random_accumulator``).
     """
-    x, rx, t, rt, prec = _prepare(x, rx, t, rt)
+    x, rx, t, rt, _ = _prepare(x, rx, t, rt)
     lse_s, lse_t = lse_s.float().contiguous(), lse_t.float().contiguous()
     B, D = x.shape
     targets = SHUFFLES.index(shuffle)
@@ -851,7 +854,7 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
     qbar = unit_stride_rows(qbar.float()) if shuffle == "expected" else lse_t
     G = n_thr + 1
     BG = max(2, triton.next_power_of_2(G))
-    teacher_blocks, slab_blocks = _slab_blocks(B, shuffle, *_fp32_dots(x.dtype, t.dtype))
+    teacher_blocks, slab_blocks = _slab_blocks(B, shuffle)
     BM = max(teacher_blocks["BM"], slab_blocks["BM"])
     BN = max(teacher_blocks["BN"], slab_blocks["BN"])
     grad_dtype = torch.float32 if x.dtype == torch.float32 else torch.bfloat16  # also the compact targets'
@@ -863,7 +866,8 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
     else:
         dx = torch.empty_like(x) if need_grad else None
         lo, slab_budget = None, budget_bytes
-    entry_bytes = (grad_dtype.itemsize if need_grad else 0) + (grad_dtype.itemsize if shuffle == "random" else 0)
+    # per slab entry: the student's and the teacher's fp32 dots, the factors, the compact targets
+    entry_bytes = 8 + (grad_dtype.itemsize if need_grad else 0) + (grad_dtype.itemsize if shuffle == "random" else 0)
     R = slab_rows(B, slab_budget, entry_bytes, BM)
     if random_grad:
         _warn_accumulation_traffic(B, D, R, x.element_size() + (0 if lo is None else 1), budget_bytes)
@@ -877,25 +881,28 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
     grad = torch.empty(R, B, device=x.device, dtype=grad_dtype) if need_grad else lse_s
     compact = torch.empty(R, B, device=x.device, dtype=grad_dtype) if shuffle == "random" else lse_s
     first = perm = lse_s  # the random mode's tables, per slab
+    s_dots = torch.empty(R, B, device=x.device, dtype=torch.float32)  # x[slab] x^T
+    t_dots = torch.empty(R, B, device=x.device, dtype=torch.float32)  # t[slab] t^T
     for row0 in range(0, B, R):
         rows = min(R, B - row0)
+        slab = slice(row0, row0 + rows)
+        matmul_f32(x[slab], x.T, out=s_dots[:rows])
+        matmul_f32(t[slab], t.T, out=t_dots[:rows])
         if shuffle == "random":
             teacher_grid = (triton.cdiv(rows, teacher_blocks["BM"]), chunks)
             counts = torch.empty(rows, chunks, G, device=x.device, dtype=torch.int32)
             _group_counts_kernel[teacher_grid](
-                t, rt, thr, counts, row0, B, t.shape[1], t.stride(0), thr.stride(0), n_thr, chunk_width, chunks,
-                rows, BG=BG, PREC_T=prec["PREC_T"], **teacher_blocks)
+                t_dots, rt, thr, counts, row0, B, thr.stride(0), n_thr, chunk_width, chunks, rows, BG=BG,
+                **teacher_blocks)
             first, perm = _permutation_tables(counts, row0, step_seed)
             _compact_targets_kernel[teacher_grid](
-                t, rt, thr, lse_t, first, compact, row0, B, t.shape[1], t.stride(0), thr.stride(0), n_thr,
-                chunk_width, chunks, rows, float(teacher_scale), BG=BG, PREC_T=prec["PREC_T"], **teacher_blocks)
+                t_dots, rt, thr, lse_t, first, compact, row0, B, thr.stride(0), n_thr, chunk_width, chunks, rows,
+                float(teacher_scale), BG=BG, **teacher_blocks)
         cross = torch.empty(rows, chunks, device=x.device, dtype=torch.float32)
         _distill_slab_kernel[(triton.cdiv(rows, slab_blocks["BM"]), chunks)](
-            x, rx, t, rt, thr, lse_s, lse_t, qbar, first, compact, perm, cross, grad, row0, B, D, t.shape[1],
-            x.stride(0), t.stride(0), thr.stride(0), n_thr, chunk_width, chunks, rows,
-            float(student_scale), float(teacher_scale), BG=BG, TARGETS=targets, WRITE_GRAD=need_grad,
-            **prec, **slab_blocks)
-        slab = slice(row0, row0 + rows)
+            s_dots, rx, t_dots, rt, thr, lse_s, lse_t, qbar, first, compact, perm, cross, grad, row0, B,
+            thr.stride(0), n_thr, chunk_width, chunks, rows, float(student_scale), float(teacher_scale), BG=BG,
+            TARGETS=targets, WRITE_GRAD=need_grad, **slab_blocks)
         torch.sub(lse_s[slab], cross.sum(1), alpha=student_scale, out=loss[slab])  # lse_s - scale sum_j q~ s
         if not need_grad:
             continue

@@ -49,13 +49,15 @@ def test_slab_phase_within_budget(shuffle, dtype):
     half = dtype != torch.float32
     lo = B * D if shuffle == "random" and half else 0  # the int8 low half of the accumulator
     v = B * D * 2 if half else 0  # the row side's GEMM takes bf16 rows: a copy of fp16 ones
-    entry = (2 if half else 4) * (2 if shuffle == "random" else 1)  # gradient factors (+ compact targets)
+    # the fp32 dots of x and t, the gradient factors (+ compact targets)
+    entry = 8 + (2 if half else 4) * (2 if shuffle == "random" else 1)
     slabs = max(max(BUDGET - lo, BUDGET // 2), 64 * B * entry)  # at least one 64-row block
     G, chunks = 4, 1
-    # dx, lo, v, the slab buffers; per slab the [64, D] fp32 row side, its k-slice copies on the
-    # CPU, the random shuffle's permutation tables ([64, chunks, G] and [6, 64, G], some int64
-    # while built) and the loss rows (the finish through the norms reads dx and lo in place)
-    bound = (B * D * x.element_size() + lo + v + slabs + 2 * 64 * D * 4 + 64 * (64 + D) * 4
+    # dx, lo, v, the slab buffers; per slab the [64, D] fp32 row side, the k-slice copies of the
+    # CPU's fp32 GEMMs (at most [64, 64] and [64, B]), the random shuffle's permutation tables
+    # ([64, chunks, G] and [6, 64, G], some int64 while built) and the loss rows (the finish
+    # through the norms reads dx and lo in place)
+    bound = (B * D * x.element_size() + lo + v + slabs + 2 * 64 * D * 4 + 64 * (64 + B) * 4
              + 8 * 64 * G * (5 * chunks + 12) + 16 * B)
     assert mem.peak <= bound, (mem.peak, bound, mem.at_peak[:6])
     assert mem.largest[0] < B * B * 4 // 2, mem.largest  # slabs of R < B / 2 rows, never B x B

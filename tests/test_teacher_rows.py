@@ -5,7 +5,7 @@ all-zero row, sliced out of a wider tensor, in the student's dtype or another; a
 tensor is ever allocated for it."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import distillcse
 import distillcse.api as api
@@ -104,15 +104,24 @@ class TeacherSizedOutputs(TorchDispatchMode):
 
 def teacher_sized_outputs(monkeypatch, z, teachers, teacher, **kw):
     """What ``TeacherSizedOutputs`` records in the distillation term's forward past the input
-    checks (``api._distill``: their finiteness test allocates [B, DT] temporaries) and backward."""
-    found, distill = [], api._distill
+    checks (``api._distill``: their finiteness test allocates [B, DT] temporaries) and backward,
+    outside ``matmul_f32`` (cuBLAS reads the rows in place; the CPU's stand-in for its 16-bit
+    inputs converts them slice by slice, which is not the code under test)."""
+    from distillcse.kernels import distill as kernels_distill
+
+    found, distill, matmul = [], api._distill, kernels_distill.matmul_f32
 
     def recorded(*args):
         with TeacherSizedOutputs(teacher, found):
             return distill(*args)
 
+    def unrecorded_matmul(*args, **kwargs):
+        with _disable_current_modes():
+            return matmul(*args, **kwargs)
+
     with monkeypatch.context() as patch:
         patch.setattr(api, "_distill", recorded)
+        patch.setattr(kernels_distill, "matmul_f32", unrecorded_matmul)
         z = z.detach().requires_grad_()
         loss = distillcse.distill_loss(z, teachers, backend="triton", **kw)
     with TeacherSizedOutputs(teacher, found):
