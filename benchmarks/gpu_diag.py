@@ -68,7 +68,7 @@ def probe(log):
         torch.cuda.synchronize()
         return start.elapsed_time(end) / reps
 
-    log(f"\n## _group_probe_kernel at B = {B}, Dt = {Dt}, bf16, blocks {GP._logit_blocks(t.dtype)}")
+    log(f"\n## _group_probe_kernel at B = {B}, Dt = {Dt}, bf16, blocks {GP._logit_blocks()}")
     for BP in (16, 32, 64):
         x = torch.linspace(-0.2, 0.2, BP, device="cuda").expand(B, BP).contiguous()
         log(f"BP = {BP:>2}: {timed(lambda: evaluate(rows, x, None)):.2f} ms")

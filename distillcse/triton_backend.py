@@ -98,7 +98,7 @@ def _distill_rows(z, r, t, rt, student_temperature, options, need_grad):
         groups["thr"] = group_thresholds(t, rt, lse_g, t_min, t_max, gs, group_p=options["group_p"],
                                          group_size=options["group_size"], budget_bytes=budget)
     if shuffle == "expected":
-        groups["qbar"] = group_means(t, rt, lse_t, groups["thr"], ts)
+        groups["qbar"] = group_means(t, rt, lse_t, groups["thr"], ts, budget_bytes=budget)
     return distill_loss_and_grad(
         z, r, t, rt, lse_s, lse_t, ss, ts, shuffle=shuffle, step_seed=options["step_seed"],
         budget_bytes=budget, need_grad=need_grad, **groups)

@@ -4,7 +4,7 @@ over tiles and row slabs so that the B x B logits never exist in memory.
 Student logits ``s_ij = (x_i . x_j) rx_i rx_j``, teacher logits ``t_ij = (t_i . t_j) rt_i rt_j``
 (raw rows of any float dtype, fp32 inverse norms; the row statistics compute them through
 ``group_partition.teacher_logits``, as the Group-P search does; the slab phase reads a slab's
-cuBLAS dots through ``_slab_tile``); only ``j != i`` takes part. Targets
+cuBLAS dots through ``tiles.slab_tile``); only ``j != i`` takes part. Targets
 ``q_ij = exp(t_ij * teacher_scale - lse_t_i)``, shuffled into ``q~`` within the Group-P groups
 ``group_i(j) = #{g : t_ij < thr[i, g]}`` (thresholds from ``group_partition.group_thresholds``):
   none      ``q~ = q``;
@@ -48,7 +48,7 @@ import triton.language as tl
 from . import utils
 from ..shuffle import ROUNDS, SMALL_DOMAIN, SMALL_DOMAIN_ROUNDS
 from .group_partition import teacher_logits
-from .tiles import dot_tile
+from .tiles import dot_tile, slab_tile
 from .utils import dot_precision, int32_bits, matmul_f32, unit_stride_rows
 
 _GOLDEN = tl.constexpr(0x9E3779B1)
@@ -291,27 +291,11 @@ def _group_permutation(x, n, key, h, b, rounds):
 
 
 @triton.jit
-def _slab_tile(
-    p_dots,  # [R, B] fp32 raw dots of the slab rows (cuBLAS), row stride B
-    p_r,  # [B] fp32 inverse norms
-    o_r, o_m, m_m,  # [BM] slab rows, their batch rows (int64) and mask
-    o_n, m_n,  # [BN] columns and mask
-    B,
-):
-    """``dots[o_r, o_n] r_m r_n`` [BM, BN] fp32, 0 where masked: a slab's cosines (student) or
-    teacher logits, in the one operation order every slab kernel uses."""
-    b_dot = tl.load(p_dots + o_r[:, None] * B + o_n[None, :], mask=m_m[:, None] & m_n[None, :], other=0.0)
-    b_rm = tl.load(p_r + o_m, mask=m_m, other=0.0)
-    b_rn = tl.load(p_r + o_n, mask=m_n, other=0.0)
-    return b_dot * b_rm[:, None] * b_rn[None, :]
-
-
-@triton.jit
 def _teacher_groups(p_ts, p_rt, p_thr, s_thr, o_r, o_m, m_m, o_n, m_n, B, n_thr):
     """Teacher logits t [BM, BN] fp32 (from the slab's dots ``p_ts``) and group ids [BM, BN]
     int32 (-1 off the off-diagonal in-range entries): ``group = #{g : t < thr[row, g]}``, as the
     expected mode classifies."""
-    b_t = _slab_tile(p_ts, p_rt, o_r, o_m, m_m, o_n, m_n, B)  # [BM, BN]
+    b_t = slab_tile(p_ts, p_rt, o_r, o_m, m_m, o_n, m_n, B)  # [BM, BN]
     b_grp = tl.zeros(b_t.shape, dtype=tl.int32)
     for i_g in range(0, n_thr):
         b_thr = tl.load(p_thr + o_m * s_thr + i_g, mask=m_m, other=float("-inf"))  # [BM]
@@ -471,7 +455,7 @@ def _distill_slab_kernel(
         o_n = col0 + i_n * BN + tl.arange(0, BN).to(tl.int64)
         m_n = (o_n < B) & (o_n < col0 + chunk_width)
         if TARGETS == 0:
-            b_t = _slab_tile(p_ts, p_rt, o_r, o_m, m_m, o_n, m_n, B)  # [BM, BN]
+            b_t = slab_tile(p_ts, p_rt, o_r, o_m, m_m, o_n, m_n, B)  # [BM, BN]
             m_in = (o_m[:, None] != o_n[None, :]) & m_m[:, None] & m_n[None, :]
             b_lse_t = tl.load(p_lse_t + o_m, mask=m_m, other=0.0)
             b_qt = tl.exp(b_t * teacher_scale - b_lse_t[:, None])  # q [BM, BN]
@@ -495,7 +479,7 @@ def _distill_slab_kernel(
             b_partner = b_start + _group_permutation(b_rank, b_size, b_key, b_h, b_b, b_rounds).to(tl.int32)
             b_qt = tl.load(p_compact + o_r[:, None] * B + b_partner, mask=m_in, other=0.0).to(tl.float32)  # q~
 
-        b_s = _slab_tile(p_xs, p_rx, o_r, o_m, m_m, o_n, m_n, B)  # cosines [BM, BN]
+        b_s = slab_tile(p_xs, p_rx, o_r, o_m, m_m, o_n, m_n, B)  # cosines [BM, BN]
         b_rx_n = tl.load(p_rx + o_n, mask=m_n, other=0.0)
         b_p = tl.exp(b_s * student_scale - b_lse_s[:, None])
         b_cross += tl.sum(tl.where(m_in, b_qt * b_s, 0.0), axis=1)

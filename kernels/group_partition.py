@@ -32,11 +32,13 @@ A window that contains the answer and at most ``BUFFER`` values settles its boun
 the weights of the window's values >= it, and the answer is the largest value whose measure
 passes. A (row, boundary) is done when
 lo == hd, the largest value in group >= g; ``thr = (hd + hu) / 2`` sits in the middle of the
-gap above it, so that a kernel recomputing ``t_ij`` in another summation order (other blocks,
-or the transposed tile: ``t_ji``) still classifies every entry the same way. Every kernel
-computes t through ``teacher_logits``, one expression in one operation order
-(``dot * rt_i * rt_j``), so two kernels' values can differ only where their dots sum in
-another order or the tile is transposed. On real MiniLM sentence embeddings the search takes
+gap above it, so that a kernel computing ``t_ij`` in another summation order (cuBLAS for
+other rows, Triton's dots, or the transposed entry ``t_ji``) still classifies every entry the
+same way. Every value is ``dot * rt_i * rt_j``: the probe and group-means kernels take the
+dots of their rows from cuBLAS (``matmul_f32``, fp32 [rows, B] slabs within the budget,
+read by ``tiles.slab_tile``), the pairwise kernel and the row statistics compute them with
+Triton (``teacher_logits``), so two kernels' values can differ only where their dots sum in
+another order. On real MiniLM sentence embeddings the search takes
 2-4 passes from B = 256 to 65,536 (``benchmarks/group_search_passes.py``).
 Up to ``PAIRWISE_MAX_B`` rows ``group_thresholds`` takes another way, with no host
 bookkeeping: ``_pairwise_brackets_kernel`` computes every value's exact measure by comparing
@@ -44,7 +46,7 @@ it with every other value of its row (B^3 comparisons, the column tiles' dots re
 tile of values), and per boundary the largest value that passes (hd) and the smallest that
 fails (hu) with atomics; thr is again mid-gap. Two launches and two fills, no host sync,
 extra memory [B, G - 1].
-``group_means`` then averages the targets ``q_ij`` over each group in one pass.
+``group_means`` then averages the targets ``q_ij`` over each group in one pass over row slabs.
 """
 import math
 
@@ -53,8 +55,8 @@ import triton
 import triton.language as tl
 
 from . import utils
-from .tiles import dot_tile
-from .utils import dot_precision, unit_stride_rows
+from .tiles import dot_tile, slab_tile
+from .utils import dot_precision, matmul_f32, unit_stride_rows
 
 MAX_BOUNDARIES = 63  # G - 1: the boundary axis is a register dimension of the bookkeeping kernels
 MAX_PASSES = 64  # safety cap; measured on real embeddings: 2-4 passes
@@ -90,7 +92,7 @@ def teacher_logits(
 
 @triton.jit
 def _group_probe_kernel(
-    p_t,  # [B, Dt] teacher rows, row stride s_t
+    p_dots,  # [R, B] fp32 raw teacher dots t_r . t_j of the launch's rows (cuBLAS), row stride B
     p_rt,  # [B] fp32 inverse norms
     p_lse,  # [B] fp32 logsumexp_{j != i}(t_ij * grouping_scale) (unused when FIXED)
     p_rows,  # [R] int64 rows evaluated by this launch
@@ -102,15 +104,16 @@ def _group_probe_kernel(
     p_whi,  # [R, G1] fp32
     p_count,  # [R, G1] int32 in/out, zeroed by the caller: values found in the window
     p_buf,  # [R, G1, C] fp32 out: the first C of them, in no particular order
-    R, B, Dt, G1, C, s_t, tiles_per_split, grouping_scale,
+    R, B, G1, C, tiles_per_split, grouping_scale,
     FIXED: tl.constexpr, COLLECT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    BD: tl.constexpr, BP: tl.constexpr, PRECISION: tl.constexpr,
+    BP: tl.constexpr,
 ):
     """Measure and snaps at BP probe points for BM rows over one split of the columns, and
-    (COLLECT) the row values inside each boundary's window. Every tile is [BM, BN]: the probe
-    points and the boundaries are looped, each point's three row reductions written into its
-    lane of the [BM, BP] results, so that the logit tile takes wgmma's shape (a [BM, BN, BP]
-    comparison tensor held the tile to 16 x 16, ~150x slower than cuBLAS on an H200)."""
+    (COLLECT) the row values inside each boundary's window, the logits read from the rows'
+    cuBLAS dots. Every tile is [BM, BN]: the probe points and the boundaries are looped, each
+    point's three row reductions written into its lane of the [BM, BP] results (a
+    [BM, BN, BP] comparison tensor held the Triton-dot tile to 16 x 16, ~150x slower than
+    cuBLAS on an H200)."""
     i_m, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     o_r = i_m * BM + tl.arange(0, BM)
     m_r = o_r < R
@@ -127,7 +130,7 @@ def _group_probe_kernel(
     for i_n in range(i_first, tl.minimum(i_first + tiles_per_split, tl.cdiv(B, BN))):
         o_n = i_n * BN + tl.arange(0, BN)
         m_n = o_n < B
-        b_t = teacher_logits(p_t, p_rt, o_m, m_r, o_n, m_n, Dt, s_t, BD, PRECISION)  # [BM, BN]
+        b_t = slab_tile(p_dots, p_rt, o_r, o_m, m_r, o_n, m_n, B)  # [BM, BN]
         m_v = (o_m[:, None] != o_n[None, :]) & m_n[None, :]
         if FIXED:
             b_w = m_v.to(tl.int32)
@@ -160,22 +163,20 @@ def _group_probe_kernel(
 
 @triton.jit
 def _group_means_kernel(
-    p_t,  # [B, Dt] teacher rows, row stride s_t
+    p_dots,  # [R, B] fp32 raw teacher dots t_r . t_j of the slab rows (cuBLAS), row stride B
     p_rt,  # [B] fp32 inverse norms
     p_lse,  # [B] fp32 logsumexp_{j != i}(t_ij * teacher_scale)
     p_thr,  # [B, G-1] fp32, row stride s_thr
     p_qbar,  # [B, G] fp32 out, contiguous
-    B, Dt, G, s_t, s_thr, teacher_scale,
-    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BG: tl.constexpr,
-    PRECISION: tl.constexpr,
+    row0, R, B, G, s_thr, teacher_scale,
+    BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr,
 ):
-    """Sum and count of q_ij per group for BM rows, streamed over column tiles. Per tile, an
-    entry's group counts the thresholds above it (G - 1 compares against thr[:, g]), then each
-    group takes one masked row sum: [BM, BN] tiles only, no [BM, BN, BG] one, so that the logit
-    tile can have the tensor cores' shape."""
-    i_m = tl.program_id(0).to(tl.int64)
-    o_m = i_m * BM + tl.arange(0, BM)
-    m_m = o_m < B
+    """Sum and count of q_ij per group for BM slab rows, streamed over column tiles. Per tile,
+    an entry's group counts the thresholds above it (G - 1 compares against thr[:, g]), then
+    each group takes one masked row sum: [BM, BN] tiles only, no [BM, BN, BG] one."""
+    o_r = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    o_m = row0 + o_r
+    m_m = (o_r < R) & (o_m < B)
     o_g = tl.arange(0, BG)
     b_lse = tl.load(p_lse + o_m, mask=m_m, other=0.0)
     b_sum = tl.zeros([BM, BG], dtype=tl.float32)
@@ -183,7 +184,7 @@ def _group_means_kernel(
     for i_n in range(0, tl.cdiv(B, BN)):
         o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
         m_n = o_n < B
-        b_t = teacher_logits(p_t, p_rt, o_m, m_m, o_n, m_n, Dt, s_t, BD, PRECISION)  # [BM, BN]
+        b_t = slab_tile(p_dots, p_rt, o_r, o_m, m_m, o_n, m_n, B)  # [BM, BN]
         m_v = (o_m[:, None] != o_n[None, :]) & m_n[None, :]
         b_q = tl.exp(b_t * teacher_scale - b_lse[:, None])
         b_grp = tl.zeros([BM, BN], dtype=tl.int32)
@@ -279,17 +280,20 @@ def _thresholds_from_brackets_kernel(
     tl.store(p_thr + o, tl.where(b_mid > b_hd, b_mid, b_hu), mask=m)
 
 
-def _logit_blocks(dtype: torch.dtype) -> dict:
-    """Blocks of the probe and group-means kernels: all their tiles are [BM, BN], so the logit
-    tile takes wgmma's shape. sm_90a builds at 64 x 64, 8 warps (offline, session 12), bf16 /
-    fp16 / TF32 with BD = 64: the means kernel (G = 2, 10, 40) 138-186 registers, the probe
-    kernel (BP = 16, 32, 64, collecting, by mass and fixed size) 192-243, no spills; fp32 "ieee"
-    dots run on the FMA units and spill at BD = 32 (20 B), not at 16 (168 and 178-214 registers).
-    The interpreter pays per block op: there wider column tiles."""
+def _logit_blocks() -> dict:
+    """Blocks of the probe and group-means kernels, which read the cuBLAS teacher dots of their
+    rows: [BM, BN] tiles (the probe points and groups looped), 8 warps. The interpreter pays
+    per block op: there wider column tiles."""
     if utils.interpreter_blocks():
-        return dict(BM=64, BN=128, BD=64)
-    fma = dtype == torch.float32 and dot_precision(dtype) == "ieee"
-    return dict(BM=64, BN=64, BD=16 if fma else 64, num_warps=8)
+        return dict(BM=64, BN=128)
+    return dict(BM=64, BN=64, num_warps=8)
+
+
+def _dots_rows(rows: int, B: int, budget_bytes, BM: int) -> int:
+    """Rows of a slab of fp32 teacher dots [rows, B] within ``budget_bytes`` (None:
+    ``CHUNK_VALUES`` entries), whole row blocks, at least one."""
+    fit = (budget_bytes // 4 if budget_bytes is not None else CHUNK_VALUES) // B
+    return rows if fit >= rows else max(BM, fit // BM * BM)
 
 
 def _pairwise_blocks() -> dict:
@@ -344,7 +348,7 @@ def group_thresholds(t, rt, lse_g, t_min, t_max, grouping_scale, *, group_p=0.1,
     evaluate = _kernel_probes(t, rt.contiguous(), lse_g, float(grouping_scale), G - 1, group_size is not None,
                               budget_bytes)
     return _search(evaluate, t_min, t_max, lse_g, grouping_scale, G - 1, B, group_p, group_size,
-                   budget_bytes=budget_bytes)
+                   budget_bytes=budget_bytes, row_values=B)
 
 
 def _pairwise_thresholds(t, rt, lse_g, t_min, t_max, grouping_scale, G1, group_p, group_size):
@@ -382,14 +386,16 @@ def _kernel_probes(t, rt, lse_g, grouping_scale, G1, fixed, budget_bytes=None):
     """``evaluate(rows, x, windows)`` for ``_search`` by ``_group_probe_kernel`` on the teacher
     rows ``t`` [B, Dt] (unit feature stride) and their inverse norms ``rt`` [B]: rows [R] int64,
     x [R, BP] probe points, windows None or (wlo, whi) [R, G1] -> the measure, min{t >= x},
-    max{t < x} [R, BP] and, with windows, count [R, G1] and buffer [R, G1, BUFFER]. The
+    max{t < x} [R, BP] and, with windows, count [R, G1] and buffer [R, G1, BUFFER]. The rows'
+    teacher dots [R, B] come from cuBLAS in fp32 (``_search`` sizes the chunks for them); the
     per-split partial results take at most a quarter of ``budget_bytes``."""
     B, Dt = t.shape
-    cfg = _logit_blocks(t.dtype)
+    cfg = _logit_blocks()
     n_tiles = triton.cdiv(B, cfg["BN"])
 
     def evaluate(rows, x, windows):
         R, BP = x.shape
+        dots = matmul_f32(t[rows], t.T)  # [R, B] fp32
         row_blocks = triton.cdiv(R, cfg["BM"])
         # splits: a power of two, so that the partial measures are summed in the same order
         splits = min(1 << (n_tiles.bit_length() - 1),
@@ -406,9 +412,9 @@ def _kernel_probes(t, rt, lse_g, grouping_scale, G1, fixed, budget_bytes=None):
             count = torch.zeros((R, G1), device=t.device, dtype=torch.int32)
             buf = torch.empty((R, G1, BUFFER), device=t.device, dtype=torch.float32)
         _group_probe_kernel[(row_blocks, splits)](
-            t, rt, lse_g, rows, x, meas, above, below, wlo, whi, count, buf,
-            R, B, Dt, G1, BUFFER, t.stride(0), triton.cdiv(n_tiles, splits), grouping_scale,
-            FIXED=fixed, COLLECT=windows is not None, BP=BP, PRECISION=dot_precision(t.dtype), **cfg)
+            dots, rt, lse_g, rows, x, meas, above, below, wlo, whi, count, buf,
+            R, B, G1, BUFFER, triton.cdiv(n_tiles, splits), grouping_scale,
+            FIXED=fixed, COLLECT=windows is not None, BP=BP, **cfg)
         while meas.shape[0] > 1:
             meas = meas[0::2] + meas[1::2]
         return meas[0], above.amin(0), below.amax(0), count, buf
@@ -417,11 +423,12 @@ def _kernel_probes(t, rt, lse_g, grouping_scale, G1, fixed, budget_bytes=None):
 
 
 def _search(evaluate, t_min, t_max, lse_g, grouping_scale, G1, B, group_p, group_size, trace=None,
-            budget_bytes=None):
+            budget_bytes=None, row_values=0):
     """thr [R, G1] for R rows whose values are seen through ``evaluate`` (see ``_kernel_probes``;
-    rows index t_min), in row chunks of at most ``CHUNK_VALUES`` collection slots and (when
-    given) ``budget_bytes`` of temporaries. ``trace``, a list, receives per pass (fraction of
-    (row, boundary) pairs still open, fraction of rows evaluated, probe points per row)."""
+    rows index t_min), in row chunks of at most ``CHUNK_VALUES`` collection slots, as many
+    fp32 values of ``evaluate``'s own a row (``row_values``: the kernel probes' teacher dots),
+    and (when given) ``budget_bytes`` of temporaries. ``trace``, a list, receives per pass
+    (fraction of (row, boundary) pairs still open, fraction of rows evaluated, probe points per row)."""
     fixed = group_size is not None
     dev = t_min.device
     t_min, t_max = t_min.float(), t_max.float()
@@ -442,9 +449,12 @@ def _search(evaluate, t_min, t_max, lse_g, grouping_scale, G1, B, group_p, group
     for i_pass in range(MAX_PASSES):
         collect = i_pass > 0 or B - 1 <= FILL * BUFFER
         chunk = max(1, CHUNK_VALUES // (G1 * BUFFER)) if collect else len(rows)
-        if budget_bytes is not None:  # at least MIN_CHUNK_ROWS rows: a launch fills a few row blocks
-            per_row = _row_bytes(G1, GRID_LANES if i_pass == 0 else lanes, collect)  # the rest: the splits'
-            chunk = min(chunk, max(MIN_CHUNK_ROWS, (budget_bytes - budget_bytes // 4) // per_row))
+        # at least MIN_CHUNK_ROWS rows: a launch fills a few row blocks
+        if row_values:
+            chunk = min(chunk, max(MIN_CHUNK_ROWS, CHUNK_VALUES // row_values))
+        if budget_bytes is not None:
+            per_row = _row_bytes(G1, GRID_LANES if i_pass == 0 else lanes, collect) + 4 * row_values
+            chunk = min(chunk, max(MIN_CHUNK_ROWS, (budget_bytes - budget_bytes // 4) // per_row))  # 1/4: the splits'
         for r in rows.split(chunk):
             points = _search_chunk(state, r, i_pass, collect, evaluate, rule, lanes, lse_g)
         is_open = state["lo"] < state["hd"]
@@ -842,18 +852,24 @@ def _settle_kernel(
     tl.store(p_hu + o_state, v_up, mask=found)
 
 
-def group_means(t, rt, lse_t, thr, teacher_scale):
+def group_means(t, rt, lse_t, thr, teacher_scale, *, budget_bytes=None):
     """qbar [B, G] fp32: ``qbar[i, g]`` = mean of ``q_ij = exp(t_ij * teacher_scale - lse_t_i)``
     over the members j (j != i) of group g of row i, 0 for an empty group; ``t``, ``rt`` as in
-    ``group_thresholds``, groups from its ``thr`` [B, G-1]. One pass."""
+    ``group_thresholds``, groups from its ``thr`` [B, G-1]. One pass over row slabs whose fp32
+    teacher dots (cuBLAS) fit ``budget_bytes`` (None: ``CHUNK_VALUES`` entries)."""
     t = unit_stride_rows(t)
     B, Dt = t.shape
     G = thr.shape[1] + 1
     thr = unit_stride_rows(thr.float())
+    rt, lse_t = rt.contiguous(), lse_t.float().contiguous()
     qbar = torch.empty((B, G), device=t.device, dtype=torch.float32)
     BG = max(2, triton.next_power_of_2(G))
-    cfg = _logit_blocks(t.dtype)
-    _group_means_kernel[(triton.cdiv(B, cfg["BM"]),)](
-        t, rt.contiguous(), lse_t.float().contiguous(), thr, qbar, B, Dt, G, t.stride(0), thr.stride(0),
-        float(teacher_scale), BG=BG, PRECISION=dot_precision(t.dtype), **cfg)
+    cfg = _logit_blocks()
+    R = _dots_rows(B, B, budget_bytes, cfg["BM"])
+    dots = torch.empty((R, B), device=t.device, dtype=torch.float32)
+    for row0 in range(0, B, R):
+        n = min(R, B - row0)
+        matmul_f32(t[row0:row0 + n], t.T, out=dots[:n])
+        _group_means_kernel[(triton.cdiv(n, cfg["BM"]),)](
+            dots, rt, lse_t, thr, qbar, row0, n, B, G, thr.stride(0), float(teacher_scale), BG=BG, **cfg)
     return qbar

@@ -52,3 +52,19 @@ def log1p_unit(u):
     b_series = u * (1.0 - u * (0.5 - u * (1.0 / 3.0 - 0.25 * u)))
     w = 1.0 + u
     return tl.where(u < 0.015625, b_series, tl.log(w) * (u / tl.where(u < 0.015625, 1.0, w - 1.0)))
+
+
+@triton.jit
+def slab_tile(
+    p_dots,  # [R, B] fp32 raw dots of the slab rows (cuBLAS), row stride B
+    p_r,  # [B] fp32 inverse norms
+    o_r, o_m, m_m,  # [BM] slab rows, their batch rows (int64) and mask
+    o_n, m_n,  # [BN] columns and mask
+    B,
+):
+    """``dots[o_r, o_n] r_m r_n`` [BM, BN] fp32, 0 where masked: a slab's cosines (student) or
+    teacher logits, in the one operation order every slab kernel uses."""
+    b_dot = tl.load(p_dots + o_r[:, None] * B + o_n[None, :], mask=m_m[:, None] & m_n[None, :], other=0.0)
+    b_rm = tl.load(p_r + o_m, mask=m_m, other=0.0)
+    b_rn = tl.load(p_r + o_n, mask=m_n, other=0.0)
+    return b_dot * b_rm[:, None] * b_rn[None, :]

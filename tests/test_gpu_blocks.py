@@ -32,7 +32,7 @@ def test_gpu_blocks_match_reference(dtype, shuffle, dims, thresholds, group_size
     ref_loss, ref_grads = run("torch" if shuffle == "random" else "reference", round_trip(inputs, dtype),
                               torch.float64, "cpu", **kw)
     monkeypatch.setattr(utils, "interpreter_blocks", lambda: False)
-    assert group_partition._logit_blocks(torch.float32)["BN"] == 64  # the GPU's, not the interpreter's 128
+    assert group_partition._logit_blocks()["BN"] == 64  # the GPU's, not the interpreter's 128
     loss, grads = run("triton", inputs, dtype, DEVICE, **kw)
     tol_loss, tol_grad = TOL[dtype]
     assert rel_err(loss, ref_loss, floor=1.0) < tol_loss

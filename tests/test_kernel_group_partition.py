@@ -267,10 +267,11 @@ def test_inverse_cubic_is_exact_on_a_cubic(device):
     assert torch.isnan(est.cpu()).nonzero().flatten().tolist() == [1, 2, 7]
 
 
-@pytest.mark.parametrize("B,Dt,teacher_temperature,group_p,group_size",
-                         [(37, 48, 0.0125, 0.1, None), (130, 96, 0.0125, 0.3, None),
-                          (130, 48, 0.05, 0.1, 10)])
-def test_group_means(device, B, Dt, teacher_temperature, group_p, group_size):
+@pytest.mark.parametrize("B,Dt,teacher_temperature,group_p,group_size,budget",
+                         [(37, 48, 0.0125, 0.1, None, None), (130, 96, 0.0125, 0.3, None, None),
+                          (130, 48, 0.05, 0.1, 10, None), (130, 96, 0.0125, 0.3, None, 64 * 130 * 4)])
+def test_group_means(device, B, Dt, teacher_temperature, group_p, group_size, budget):
+    """``budget``: the teacher dots' slabs (64 rows: three slabs, the last ragged)."""
     from distillcse.kernels.group_partition import group_means, group_thresholds
 
     rows = teachers(B, Dt, device, seed=4)
@@ -278,7 +279,7 @@ def test_group_means(device, B, Dt, teacher_temperature, group_p, group_size):
     thr = group_thresholds(*rows, lse_g, t_min, t_max, 1.0, group_p=group_p, group_size=group_size)
     scale = 1.0 / teacher_temperature
     _, lse_t, _, _ = row_stats(rows, scale)
-    qbar = group_means(*rows, lse_t, thr, scale)
+    qbar = group_means(*rows, lse_t, thr, scale, budget_bytes=budget)
 
     groups = kernel_groups(t, thr)
     G = thr.shape[1] + 1

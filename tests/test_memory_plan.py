@@ -39,7 +39,7 @@ def test_slab_phase_within_budget(shuffle, dtype):
     if shuffle != "none":
         groups["thr"] = group_thresholds(t, rt, lse_g, t_min, t_max, GROUPING, group_p=0.25)
     if shuffle == "expected":
-        groups["qbar"] = group_means(t, rt, lse_t, groups["thr"], TEACHER)
+        groups["qbar"] = group_means(t, rt, lse_t, groups["thr"], TEACHER, budget_bytes=BUDGET)
     if shuffle == "random":
         groups["step_seed"] = 7
     with TensorMemory() as mem:
