@@ -97,7 +97,7 @@ def distill(B, D, dtype, teacher_dtype, n_thr=9):
     rows, chunks = 512, 8
     x, t = torch.empty(B, D, dtype=dtype), torch.empty(B, D, dtype=teacher_dtype)
     r, thr, qbar = torch.empty(B), torch.empty(B, n_thr), torch.empty(B, n_thr + 1)
-    K.distill_row_stats(x, r, t, r, 40.0, 80.0, 1.0)
+    K.distill_row_stats(x, r, t, r, 40.0, 80.0, 1.0, budget_bytes=rows * B * 8)
     teacher_blocks, _ = K._slab_blocks(B, "random")
     width = triton.cdiv(B, chunks)
     first = torch.empty(rows, chunks, n_thr + 1, dtype=torch.int32)

@@ -92,8 +92,8 @@ class ContrastiveFused(torch.autograd.Function):
 def _distill_rows(z, r, t, rt, student_temperature, options, need_grad):
     """Distillation loss rows [B] fp32 and d(sum of them)/dz [B, D] in z's dtype (or None)."""
     ss, ts, gs = 1.0 / student_temperature, 1.0 / options["teacher_temperature"], 1.0 / options["grouping_temperature"]
-    lse_s, lse_t, lse_g, t_min, t_max = distill_row_stats(z, r, t, rt, ss, ts, gs)
     shuffle, groups, budget = options["shuffle"], {}, config.chunk_budget_bytes()
+    lse_s, lse_t, lse_g, t_min, t_max = distill_row_stats(z, r, t, rt, ss, ts, gs, budget_bytes=budget)
     if shuffle != "none":
         groups["thr"] = group_thresholds(t, rt, lse_g, t_min, t_max, gs, group_p=options["group_p"],
                                          group_size=options["group_size"], budget_bytes=budget)

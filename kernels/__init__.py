@@ -16,18 +16,24 @@ Conventions shared by every kernel:
   * Embeddings come raw (any float dtype, row stride arbitrary, unit feature stride) with
     fp32 inverse norms ``r = 1 / max(|x|, 1e-8)``; a cosine is ``(x_i . y_j) * r_i * r_j``,
     the dot accumulated in fp32.
+  * The large products are cuBLAS GEMMs (``utils.matmul_f32``: 16-bit inputs, fp32 outputs)
+    over slabs of rows within the caller's ``budget_bytes``: the raw dots of a slab's rows
+    against every column, which the kernels read through ``tiles.slab_tile`` (times both
+    inverse norms), and the gradients' GEMMs against the kernels' factor slabs. The kernels
+    themselves are memory- and ALU-bound passes over those slabs (softmaxes, Group-P
+    comparisons, targets, shuffles); only the pairwise thresholds (``teacher_logits``,
+    B <= ``PAIRWISE_MAX_B``) and the one-program path compute dots with ``tl.dot``.
   * Teacher rows come the same way (raw, fp32 inverse norms ``rt``, a dtype that need not be
-    the student's): ``t_ij = (t_i . t_j) * rt_i * rt_j``, computed by every kernel through
-    ``group_partition.teacher_logits``. One teacher passes its own rows and norms; K teachers
-    pass their rows ``sqrt(w_k) e_k / |e_k|`` side by side with ``rt = 1``.
+    the student's): ``t_ij = (t_i . t_j) * rt_i * rt_j``. One teacher passes its own rows and
+    norms; K teachers pass their rows ``sqrt(w_k) e_k / |e_k|`` side by side with ``rt = 1``.
   * Gradients are returned w.r.t. the raw rows, in their dtype, the normalisation's backward
     ``r (du - u (u . du))`` included (accumulated in fp32, or for the random shuffle's 16-bit
     rows in dx plus an int8 low part: about 16 significant bits).
   * Row statistics (logsumexps) are fp32 vectors of length B: extra memory O(B); every
-    other temporary of the distillation (the Group-P search's row chunks, the slab buffers,
-    the random shuffle's int8 low part, which leaves the slabs at least half) is bounded by
-    the caller's ``budget_bytes``, beyond the gradient and O(B x groups) tables
-    (``tests/test_memory_plan.py`` counts them).
+    other temporary (the slabs of dots and factors, the Group-P search's row chunks, the
+    random shuffle's int8 low part, which leaves the slabs at least half) is bounded by the
+    caller's ``budget_bytes``, beyond the gradients and O(B x groups) tables
+    (``tests/test_memory_plan.py`` and ``tests/test_kernel_contrastive.py`` count them).
   * Exception: ``small_batch.py`` (B <= 64, one program) takes the raw rows alone and computes
     every norm and logit itself, in its own passes over the features.
 """

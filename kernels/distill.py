@@ -2,9 +2,8 @@
 over tiles and row slabs so that the B x B logits never exist in memory.
 
 Student logits ``s_ij = (x_i . x_j) rx_i rx_j``, teacher logits ``t_ij = (t_i . t_j) rt_i rt_j``
-(raw rows of any float dtype, fp32 inverse norms; the row statistics compute them through
-``group_partition.teacher_logits``, as the Group-P search does; the slab phase reads a slab's
-cuBLAS dots through ``tiles.slab_tile``); only ``j != i`` takes part. Targets
+(raw rows of any float dtype, fp32 inverse norms; every kernel here reads a row slab's cuBLAS
+dots through ``tiles.slab_tile``); only ``j != i`` takes part. Targets
 ``q_ij = exp(t_ij * teacher_scale - lse_t_i)``, shuffled into ``q~`` within the Group-P groups
 ``group_i(j) = #{g : t_ij < thr[i, g]}`` (thresholds from ``group_partition.group_thresholds``):
   none      ``q~ = q``;
@@ -13,8 +12,8 @@ cuBLAS dots through ``tiles.slab_tile``); only ``j != i`` takes part. Targets
             ``sigma(rank_i(j))``, ``sigma`` the keyed Feistel permutation that
             ``distillcse.shuffle`` defines (``_group_permutation`` is the same uint32 arithmetic).
 
-1. ``distill_row_stats``: the logsumexps of s and t (two scales) and t's range, from the
-   upper triangle of tiles (s and t are symmetric) in per-program partial slots, then merged.
+1. ``distill_row_stats``: the logsumexps of s and t (two scales) and t's range, per slab of
+   rows from their cuBLAS dots, online over the columns.
 2. ``distill_loss_and_grad``: per slab of R rows, cuBLAS writes the raw dots ``x[slab] x^T``
    and ``t[slab] t^T`` [R, B] in fp32, and a (row block, column chunk) grid reads their tiles
    and writes the gradient factors ``G_rj = student_scale (p_rj - q~_rj)`` to an [R, B] buffer
@@ -38,7 +37,6 @@ cuBLAS dots through ``tiles.slab_tile``); only ``j != i`` takes part. Targets
 
 Every scale must be positive (the running maximum of ``t`` serves both of its logsumexps).
 """
-import math
 import warnings
 
 import torch
@@ -47,8 +45,7 @@ import triton.language as tl
 
 from . import utils
 from ..shuffle import ROUNDS, SMALL_DOMAIN, SMALL_DOMAIN_ROUNDS
-from .group_partition import teacher_logits
-from .tiles import dot_tile, slab_tile
+from .tiles import slab_tile
 from .utils import dot_precision, int32_bits, matmul_f32, unit_stride_rows
 
 _GOLDEN = tl.constexpr(0x9E3779B1)
@@ -56,54 +53,6 @@ _SMALL_DOMAIN = tl.constexpr(SMALL_DOMAIN)
 _SMALL_DOMAIN_ROUNDS = tl.constexpr(SMALL_DOMAIN_ROUNDS)
 _ROUNDS = tl.constexpr(ROUNDS)
 SHUFFLES = ("none", "expected", "random")  # the TARGETS constexpr of _distill_slab_kernel: their index
-STATS_MERGE_ROWS = 256  # rows a program of _row_stats_merge_kernel
-
-
-@triton.jit
-def _logit_tiles(
-    p_x,  # [B, D] student rows, raw
-    p_rx,  # [B] fp32 inverse norms
-    p_t,  # [B, Dt] teacher rows, raw
-    p_rt,  # [B] fp32 inverse norms
-    s_x, s_t, o_m, o_n, m_m, m_n, D, Dt,
-    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDT: tl.constexpr,
-    PREC_X: tl.constexpr, PREC_T: tl.constexpr,
-):
-    """Student cosines ``s`` and teacher logits ``t`` of rows ``o_m`` against columns ``o_n``,
-    both [BM, BN] fp32 (diagonal and out-of-range entries included; callers mask them)."""
-    b_s = dot_tile(p_x, p_x, o_m, m_m, o_n, m_n, D, s_x, s_x, BD, PREC_X)  # [BM, BN]
-    b_rxm = tl.load(p_rx + o_m, mask=m_m, other=0.0)
-    b_rxn = tl.load(p_rx + o_n, mask=m_n, other=0.0)
-    b_s = b_s * b_rxm[:, None] * b_rxn[None, :]
-    b_t = teacher_logits(p_t, p_rt, o_m, m_m, o_n, m_n, Dt, s_t, BDT, PREC_T)  # [BM, BN]
-    return b_s, b_t
-
-
-@triton.jit
-def _load_stats(
-    p_slot,  # [6, B] fp32: one slot of the partial statistics
-    o_r, m_r, B,  # [N] rows (int64) and mask
-):
-    """Running statistics of rows o_r from a slot; rows outside m_r get the neutral values
-    (max -inf, sums 0, min inf). See ``_update_stats`` for the six quantities."""
-    b_ms = tl.load(p_slot + o_r, mask=m_r, other=float("-inf"))
-    b_ls = tl.load(p_slot + B + o_r, mask=m_r, other=0.0)
-    b_tmax = tl.load(p_slot + 2 * B + o_r, mask=m_r, other=float("-inf"))
-    b_lt = tl.load(p_slot + 3 * B + o_r, mask=m_r, other=0.0)
-    b_lg = tl.load(p_slot + 4 * B + o_r, mask=m_r, other=0.0)
-    b_tmin = tl.load(p_slot + 5 * B + o_r, mask=m_r, other=float("inf"))
-    return b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin
-
-
-@triton.jit
-def _store_stats(p_slot, o_r, m_r, B, b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin):
-    """Writes the running statistics [N] of rows o_r (mask m_r) to a slot [6, B]."""
-    tl.store(p_slot + o_r, b_ms, mask=m_r)
-    tl.store(p_slot + B + o_r, b_ls, mask=m_r)
-    tl.store(p_slot + 2 * B + o_r, b_tmax, mask=m_r)
-    tl.store(p_slot + 3 * B + o_r, b_lt, mask=m_r)
-    tl.store(p_slot + 4 * B + o_r, b_lg, mask=m_r)
-    tl.store(p_slot + 5 * B + o_r, b_tmin, mask=m_r)
 
 
 @triton.jit
@@ -134,101 +83,44 @@ def _update_stats(
 
 
 @triton.jit
-def _row_stats_partials_kernel(
-    p_x,  # [B, D] student rows, raw
+def _row_stats_kernel(
+    p_xs,  # [R, B] fp32 raw student dots of the slab rows (cuBLAS), row stride B
     p_rx,  # [B] fp32 inverse norms
-    p_t,  # [B, Dt] teacher rows, raw
+    p_ts,  # [R, B] fp32 raw teacher dots of the slab rows (cuBLAS), row stride B
     p_rt,  # [B] fp32 inverse norms
-    p_part,  # [G, 6, B] fp32 out: per slot, the running statistics of every row (_update_stats)
-    s_x, s_t, B, D, Dt, G,
-    student_scale, teacher_scale, grouping_scale,
-    BT: tl.constexpr, BD: tl.constexpr, BDT: tl.constexpr,
-    PREC_X: tl.constexpr, PREC_T: tl.constexpr,
-):
-    """Partial statistics from the tiles (I, J >= I) of one region of the upper triangle (s and
-    t are symmetric). The row blocks form G groups; region (a, c), a <= c, holds the tiles of row
-    group a against column group c. Program (i_a, i_k) of the [G, G / 2] grid takes region
-    (i_a, i_a + i_k mod G) for i_k > 0 (every pair at circular distance < G / 2), or for i_k = 0
-    the pair at distance G / 2 (i_a < G / 2) or the diagonal regions i_a and i_a - G / 2: G^2 / 2
-    programs of ~w^2 tiles (w blocks a group). Tile (I, J > I) adds its rows to the statistics
-    of rows I (kept in registers over J) and its columns to those of rows J (slot a, read and
-    written by this program alone); (I, I) counts once. Region (a, c) writes rows of a to slot c
-    and rows of c to slot a, so each (slot, row) has one writer; a diagonal region keeps rows J
-    in slot a and seeds rows I from it."""
-    i_a, i_k = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    n_blocks = tl.cdiv(B, BT)
-    n_half = G // 2
-    diagonal = (i_k == 0) & (i_a >= n_half)
-    i_b = (i_a + tl.where(i_k == 0, n_half, i_k)) % G  # the other group of an off-diagonal region
-    for i_region in range(0, 1 + (diagonal & (n_half > 0)).to(tl.int32)):
-        g_row = tl.where(diagonal, i_a - i_region * n_half, tl.minimum(i_a, i_b))
-        g_col = tl.where(diagonal, g_row, tl.maximum(i_a, i_b))
-        i_m0, i_m1 = g_row * n_blocks // G, (g_row + 1) * n_blocks // G  # blocks of the groups
-        i_n0, i_n1 = g_col * n_blocks // G, (g_col + 1) * n_blocks // G
-        p_rows = p_part + g_col * 6 * B  # [6, B] slot of the rows of group g_row
-        p_cols = p_part + g_row * 6 * B  # [6, B] slot of the rows of group g_col
-        for i_m in range(i_m0, i_m1):
-            o_m = i_m * BT + tl.arange(0, BT)
-            m_m = o_m < B
-            # in a diagonal region, the slot of rows I holds the columns of the tiles (I' < I, I)
-            m_seed = m_m & (g_row == g_col) & (i_m > i_m0)
-            b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin = _load_stats(p_rows, o_m, m_seed, B)
-            for i_n in range(tl.maximum(i_m, i_n0), i_n1):
-                o_n = i_n * BT + tl.arange(0, BT)
-                m_n = o_n < B
-                b_s, b_t = _logit_tiles(p_x, p_rx, p_t, p_rt, s_x, s_t, o_m, o_n, m_m, m_n, D, Dt,
-                                        BT, BT, BD, BDT, PREC_X, PREC_T)  # [BT, BT] each
-                m_valid = (o_m[:, None] != o_n[None, :]) & m_n[None, :]  # rows I are in range when J > I
-                b_s = tl.where(m_valid, b_s * student_scale, float("-inf"))
-                b_t = tl.where(m_valid, b_t, float("-inf"))
-                b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin = _update_stats(
-                    b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin, b_s, b_t, m_valid, teacher_scale, grouping_scale, 1)
-                if i_n > i_m:  # the column side: rows J, whose slot holds the tiles (I' < I, J)
-                    b_cols = _load_stats(p_cols, o_n, m_n & (i_m > i_m0), B)
-                    b_cols = _update_stats(*b_cols, b_s, b_t, m_valid, teacher_scale, grouping_scale, 0)
-                    # Different threads read and write a row's slot: this barrier puts every read
-                    # of the old values before the write, the one below puts the write before the
-                    # next read (a later I).
-                    tl.debug_barrier()
-                    _store_stats(p_cols, o_n, m_n, B, *b_cols)
-            tl.debug_barrier()  # also puts the seed read of rows I before their write
-            _store_stats(p_rows, o_m, m_m, B, b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin)
-
-
-@triton.jit
-def _row_stats_merge_kernel(
-    p_part,  # [G, 6, B] fp32 partial statistics (_row_stats_partials_kernel)
     p_out,  # [5, B] fp32 out: lse_s, lse_t, lse_g, t_min, t_max
-    B, G, teacher_scale, grouping_scale,
-    BLOCK: tl.constexpr,
+    row0, R, B, student_scale, teacher_scale, grouping_scale,
+    BM: tl.constexpr, BN: tl.constexpr,
 ):
-    """Merges the G slots of BLOCK rows in slot order (deterministic) by the online-logsumexp
-    rule, then writes the statistics."""
-    o_r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m_r = o_r < B
-    b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin = _load_stats(p_part, o_r, m_r, B)
-    p_slot = p_part
-    for _ in range(1, G):
-        p_slot += 6 * B
-        b_ms_g, b_ls_g, b_tmax_g, b_lt_g, b_lg_g, b_tmin_g = _load_stats(p_slot, o_r, m_r, B)
-        b_ms_new, b_tmax_new = tl.maximum(b_ms, b_ms_g), tl.maximum(b_tmax, b_tmax_g)
-        b_ms_ref = tl.where(b_ms_new == float("-inf"), 0.0, b_ms_new)
-        b_tmax_ref = tl.where(b_tmax_new == float("-inf"), 0.0, b_tmax_new)
-        b_ls = b_ls * tl.exp(b_ms - b_ms_ref) + b_ls_g * tl.exp(b_ms_g - b_ms_ref)
-        b_lt = (b_lt * tl.exp((b_tmax - b_tmax_ref) * teacher_scale)
-                + b_lt_g * tl.exp((b_tmax_g - b_tmax_ref) * teacher_scale))
-        b_lg = (b_lg * tl.exp((b_tmax - b_tmax_ref) * grouping_scale)
-                + b_lg_g * tl.exp((b_tmax_g - b_tmax_ref) * grouping_scale))
-        b_ms, b_tmax, b_tmin = b_ms_new, b_tmax_new, tl.minimum(b_tmin, b_tmin_g)
-    # A row without any valid column (B == 1) gets lse = 0 + log(0) = -inf; lanes past B log 1.
+    """The statistics of BM slab rows, online over column tiles (``_update_stats``)."""
+    o_r = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    o_m = row0 + o_r
+    m_m = (o_r < R) & (o_m < B)
+    b_ms = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_ls = tl.zeros([BM], dtype=tl.float32)
+    b_tmax = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_lt = tl.zeros([BM], dtype=tl.float32)
+    b_lg = tl.zeros([BM], dtype=tl.float32)
+    b_tmin = tl.full([BM], float("inf"), dtype=tl.float32)
+    for n0 in range(0, B, BN):
+        o_n = n0 + tl.arange(0, BN).to(tl.int64)
+        m_n = o_n < B
+        m_valid = (o_m[:, None] != o_n[None, :]) & m_m[:, None] & m_n[None, :]
+        b_s = slab_tile(p_xs, p_rx, o_r, o_m, m_m, o_n, m_n, B)  # [BM, BN] cosines
+        b_t = slab_tile(p_ts, p_rt, o_r, o_m, m_m, o_n, m_n, B)  # [BM, BN] teacher logits
+        b_s = tl.where(m_valid, b_s * student_scale, float("-inf"))
+        b_t = tl.where(m_valid, b_t, float("-inf"))
+        b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin = _update_stats(
+            b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin, b_s, b_t, m_valid, teacher_scale, grouping_scale, 1)
+    # A row without any valid column (B == 1) gets lse = 0 + log(0) = -inf; lanes past R log 1.
     b_ms = tl.where(b_ms == float("-inf"), 0.0, b_ms)
     b_tref = tl.where(b_tmax == float("-inf"), 0.0, b_tmax)
-    b_ls, b_lt, b_lg = tl.where(m_r, b_ls, 1.0), tl.where(m_r, b_lt, 1.0), tl.where(m_r, b_lg, 1.0)
-    tl.store(p_out + o_r, b_ms + tl.log(b_ls), mask=m_r)
-    tl.store(p_out + B + o_r, b_tref * teacher_scale + tl.log(b_lt), mask=m_r)
-    tl.store(p_out + 2 * B + o_r, b_tref * grouping_scale + tl.log(b_lg), mask=m_r)
-    tl.store(p_out + 3 * B + o_r, b_tmin, mask=m_r)
-    tl.store(p_out + 4 * B + o_r, b_tmax, mask=m_r)
+    b_ls, b_lt, b_lg = tl.where(m_m, b_ls, 1.0), tl.where(m_m, b_lt, 1.0), tl.where(m_m, b_lg, 1.0)
+    tl.store(p_out + o_m, b_ms + tl.log(b_ls), mask=m_m)
+    tl.store(p_out + B + o_m, b_tref * teacher_scale + tl.log(b_lt), mask=m_m)
+    tl.store(p_out + 2 * B + o_m, b_tref * grouping_scale + tl.log(b_lg), mask=m_m)
+    tl.store(p_out + 3 * B + o_m, b_tmin, mask=m_m)
+    tl.store(p_out + 4 * B + o_m, b_tmax, mask=m_m)
 
 
 @triton.jit
@@ -641,33 +533,6 @@ def _fp32_dots(x_dtype, t_dtype):
     return fp32, fp32 and dot_precision(torch.float32) == "ieee"
 
 
-def _stats_blocks(B: int, x_dtype: torch.dtype, t_dtype: torch.dtype) -> dict:
-    """Tile (BT x BT: its rows and its columns are both row blocks) and feature blocks of the
-    statistics pass. On a GPU BT = 64 (wgmma m64), shrinking to 32 and 16 below B = 4096 so
-    that a side keeps 64 blocks. Feature chunks, per operand (BD the student's, BDT the
-    teacher's): 64 for 16-bit rows, 32 for fp32, 16 for fp32 with "ieee" FMA dots beside a
-    16-bit operand. 8 warps; offline sm_90a compiles (``benchmarks/compile_sm90.py --what
-    distill``, D = 384 and 768): 255 registers in bf16, fp16 and TF32, 194 with fp32 "ieee",
-    254-255 with a bf16 student and an fp32 teacher or the reverse, no spills (BT = 32 / 16:
-    231 / 222 in bf16, 182 / 179 "ieee"). 4 warps spill 184-196 bytes in bf16 (a column's
-    statistics are spread over the MMA layout's threads); 32-wide fp32 "ieee" chunks beside
-    bf16 spill 8-28. Under the interpreter BT ~ B / 4 (16 to 128): few large tiles, yet several
-    blocks and groups for the tests."""
-    if utils.interpreter_blocks():
-        return dict(BT=min(128, max(16, triton.next_power_of_2(triton.cdiv(B, 4)))), BD=64, BDT=64, num_warps=4)
-    fp32_width = 16 if x_dtype != t_dtype and dot_precision(torch.float32) == "ieee" else 32
-    bd, bdt = (fp32_width if dtype == torch.float32 else 64 for dtype in (x_dtype, t_dtype))
-    return dict(BT=min(64, max(16, triton.next_power_of_2(triton.cdiv(B, 64)))), BD=bd, BDT=bdt, num_warps=8)
-
-
-def _stats_groups(n_blocks: int, programs: int) -> int:
-    """G, the row groups of the statistics pass: even (the grid pairs the diagonal regions), at
-    most ``n_blocks`` (no empty group), the most whose G^2 / 2 programs fit ``programs``; 1 for
-    a single block. The partial buffer holds G slots of 6 fp32 per row (24 G B bytes): a program
-    covering w x w tiles writes 2w blocks, so fewer slots would mean fewer, larger programs."""
-    return max(1, min(2 * math.isqrt(programs // 2), n_blocks // 2 * 2))
-
-
 def _slab_blocks(B: int, shuffle: str):
     """(blocks of the random mode's count and compaction kernels, blocks of the slab kernel).
     They read the slab's cuBLAS dots, so no tile holds a dot's operands: memory- and ALU-bound
@@ -686,32 +551,38 @@ def _slab_blocks(B: int, shuffle: str):
 
 
 def _prepare(x, rx, t, rt):
-    """Unit feature strides, contiguous ``rx`` and ``rt`` and the dot precisions of x and t
-    (each operand's own: the teacher may come in fp32 while the student is in bf16)."""
-    x, t = unit_stride_rows(x), unit_stride_rows(t)
-    prec = dict(PREC_X=dot_precision(x.dtype), PREC_T=dot_precision(t.dtype))
-    return x, rx.contiguous(), t, rt.contiguous(), prec
+    """Unit feature strides, contiguous ``rx`` and ``rt``."""
+    return unit_stride_rows(x), rx.contiguous(), unit_stride_rows(t), rt.contiguous()
 
 
-def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale):
-    """The tiles (I, J >= I) once (s and t are symmetric: one GEMM-equivalent), then a merge of
-    the G partial slots; deterministic (no atomics, fixed merge order). ``x`` [B, D], ``rx`` [B]
-    fp32, ``t`` [B, Dt], ``rt`` [B] fp32. Returns five fp32 [B] vectors: lse_s, lse_t, lse_g
-    (logsumexps over j != i of s * student_scale, t * teacher_scale, t * grouping_scale) and
-    t_min, t_max (min / max over j != i of t). Extra memory: the [G, 6, B] fp32 partials."""
-    x, rx, t, rt, prec = _prepare(x, rx, t, rt)
-    B, D = x.shape
-    blocks = _stats_blocks(B, x.dtype, t.dtype)
-    # GPU: a program an SM (8 warps of ~250 registers fill one); interpreter: several groups
-    programs = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
-    G = _stats_groups(triton.cdiv(B, blocks["BT"]), programs)
-    part = torch.empty((G, 6, B), device=x.device, dtype=torch.float32)
-    _row_stats_partials_kernel[(G, max(1, G // 2))](
-        x, rx, t, rt, part, x.stride(0), t.stride(0), B, D, t.shape[1], G,
-        float(student_scale), float(teacher_scale), float(grouping_scale), **blocks, **prec)
+def _stats_blocks() -> dict:
+    """Blocks of the statistics kernel: [BM, BN] tiles of the slab's two dots, memory- and
+    MUFU-bound (three exps an entry). Under the interpreter fewer, larger programs."""
+    if utils.interpreter_blocks():
+        return dict(BM=64, BN=128)
+    return dict(BM=32, BN=128, num_warps=8)
+
+
+def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale, *, budget_bytes):
+    """Per slab of rows whose fp32 dots ``x[slab] x^T`` and ``t[slab] t^T`` (cuBLAS, 8 bytes an
+    entry) fit ``budget_bytes`` (at least one row block), one pass over the columns;
+    deterministic. ``x`` [B, D], ``rx`` [B] fp32, ``t`` [B, Dt], ``rt`` [B] fp32. Returns five
+    fp32 [B] vectors: lse_s, lse_t, lse_g (logsumexps over j != i of s * student_scale,
+    t * teacher_scale, t * grouping_scale) and t_min, t_max (min / max over j != i of t)."""
+    x, rx, t, rt = _prepare(x, rx, t, rt)
+    B = x.shape[0]
+    blocks = _stats_blocks()
+    R = slab_rows(B, budget_bytes, 8, blocks["BM"])
+    s_dots = torch.empty(R, B, device=x.device, dtype=torch.float32)
+    t_dots = torch.empty(R, B, device=x.device, dtype=torch.float32)
     out = torch.empty((5, B), device=x.device, dtype=torch.float32)
-    _row_stats_merge_kernel[(triton.cdiv(B, STATS_MERGE_ROWS),)](
-        part, out, B, G, float(teacher_scale), float(grouping_scale), BLOCK=STATS_MERGE_ROWS)
+    for row0 in range(0, B, R):
+        rows = min(R, B - row0)
+        matmul_f32(x[row0:row0 + rows], x.T, out=s_dots[:rows])
+        matmul_f32(t[row0:row0 + rows], t.T, out=t_dots[:rows])
+        _row_stats_kernel[(triton.cdiv(rows, blocks["BM"]),)](
+            s_dots, rx, t_dots, rt, out, row0, rows, B, float(student_scale), float(teacher_scale),
+            float(grouping_scale), **blocks)
     return tuple(out.unbind(0))
 
 
@@ -826,7 +697,7 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
     [R, D] fp32 per slab; the random shuffle's gradient accumulates in dx, with an int8 [B, D]
     beside 16-bit rows (``_random_accumulator``).
     """
-    x, rx, t, rt, _ = _prepare(x, rx, t, rt)
+    x, rx, t, rt = _prepare(x, rx, t, rt)
     lse_s, lse_t = lse_s.float().contiguous(), lse_t.float().contiguous()
     B, D = x.shape
     targets = SHUFFLES.index(shuffle)

@@ -14,6 +14,7 @@ from distillcse.kernels.distill import _group_permutation  # noqa: E402
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 STUDENT, TEACHER, GROUPING = 1 / 0.025, 1 / 0.0125, 1 / 0.7
 N_GROUPS = 10
+BIG = 1 << 30  # one slab for the row statistics at these sizes
 
 
 def _inputs(B, D, Dt, dtype, device, *, teacher="raw", t_dtype=None, zero_row=False,
@@ -121,7 +122,7 @@ def _run_and_check(x, rx, t, rt, shuffle, tol, **kw):
     from distillcse.kernels.distill import distill_loss_and_grad, distill_row_stats
 
     thr, qbar = _groups(_teacher_logits(t, rt)) if shuffle == "expected" else (None, None)
-    stats = distill_row_stats(x, rx, t, rt, STUDENT, TEACHER, GROUPING)
+    stats = distill_row_stats(x, rx, t, rt, STUDENT, TEACHER, GROUPING, budget_bytes=BIG)
     loss, dx = distill_loss_and_grad(x, rx, t, rt, stats[0], stats[1], STUDENT, TEACHER, shuffle=shuffle,
                                      thr=thr, qbar=qbar, budget_bytes=kw.pop("budget_bytes", 1 << 20), **kw)
     refs = _reference(x, rx, t, rt, thr, qbar)
@@ -173,7 +174,7 @@ def test_distill_two_rows(shuffle, device):
     from distillcse.kernels.distill import distill_loss_and_grad, distill_row_stats
 
     thr, qbar = _groups(_teacher_logits(t, rt)) if shuffle == "expected" else (None, None)
-    stats = distill_row_stats(x, rx, t, rt, STUDENT, TEACHER, GROUPING)
+    stats = distill_row_stats(x, rx, t, rt, STUDENT, TEACHER, GROUPING, budget_bytes=BIG)
     loss, dx = distill_loss_and_grad(x, rx, t, rt, stats[0], stats[1], STUDENT, TEACHER, shuffle=shuffle,
                                      thr=thr, qbar=qbar, budget_bytes=1 << 20)
     refs = _reference(x, rx, t, rt, thr, qbar)
@@ -220,7 +221,7 @@ def _run_random(x, rx, t, rt, grouping, seed=SEED, **kw):
     from distillcse.kernels.distill import distill_loss_and_grad, distill_row_stats
     from distillcse.kernels.group_partition import group_thresholds
 
-    lse_s, lse_t, lse_g, t_min, t_max = distill_row_stats(x, rx, t, rt, STUDENT, TEACHER, GROUPING)
+    lse_s, lse_t, lse_g, t_min, t_max = distill_row_stats(x, rx, t, rt, STUDENT, TEACHER, GROUPING, budget_bytes=BIG)
     thr = group_thresholds(t, rt, lse_g, t_min, t_max, GROUPING, **grouping)
     return distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, STUDENT, TEACHER, shuffle="random", thr=thr,
                                  step_seed=seed, **kw)

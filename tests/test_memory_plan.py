@@ -34,7 +34,8 @@ def test_slab_phase_within_budget(shuffle, dtype):
 
     x, rx, t, rt = _inputs()
     x = x.to(dtype)
-    lse_s, lse_t, lse_g, t_min, t_max = distill_row_stats(x, rx, t, rt, STUDENT, TEACHER, GROUPING)
+    lse_s, lse_t, lse_g, t_min, t_max = distill_row_stats(x, rx, t, rt, STUDENT, TEACHER, GROUPING,
+                                                          budget_bytes=BUDGET)
     groups = {}
     if shuffle != "none":
         groups["thr"] = group_thresholds(t, rt, lse_g, t_min, t_max, GROUPING, group_p=0.25)
