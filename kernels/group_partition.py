@@ -348,7 +348,7 @@ def group_thresholds(t, rt, lse_g, t_min, t_max, grouping_scale, *, group_p=0.1,
     evaluate = _kernel_probes(t, rt.contiguous(), lse_g, float(grouping_scale), G - 1, group_size is not None,
                               budget_bytes)
     return _search(evaluate, t_min, t_max, lse_g, grouping_scale, G - 1, B, group_p, group_size,
-                   budget_bytes=budget_bytes, row_values=B)
+                   budget_bytes=budget_bytes, row_values=B + Dt)  # a row's dots, and its gathered teacher row
 
 
 def _pairwise_thresholds(t, rt, lse_g, t_min, t_max, grouping_scale, G1, group_p, group_size):
@@ -426,7 +426,8 @@ def _search(evaluate, t_min, t_max, lse_g, grouping_scale, G1, B, group_p, group
             budget_bytes=None, row_values=0):
     """thr [R, G1] for R rows whose values are seen through ``evaluate`` (see ``_kernel_probes``;
     rows index t_min), in row chunks of at most ``CHUNK_VALUES`` collection slots, as many
-    fp32 values of ``evaluate``'s own a row (``row_values``: the kernel probes' teacher dots),
+    4-byte values of ``evaluate``'s own a row (``row_values``: the kernel probes' teacher dots
+    and the row itself),
     and (when given) ``budget_bytes`` of temporaries. ``trace``, a list, receives per pass
     (fraction of (row, boundary) pairs still open, fraction of rows evaluated, probe points per row)."""
     fixed = group_size is not None

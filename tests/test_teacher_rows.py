@@ -108,6 +108,7 @@ def teacher_sized_outputs(monkeypatch, z, teachers, teacher, **kw):
     outside ``matmul_f32`` (cuBLAS reads the rows in place; the CPU's stand-in for its 16-bit
     inputs converts them slice by slice, which is not the code under test)."""
     from distillcse.kernels import distill as kernels_distill
+    from distillcse.kernels import group_partition as kernels_groups
 
     found, distill, matmul = [], api._distill, kernels_distill.matmul_f32
 
@@ -122,6 +123,7 @@ def teacher_sized_outputs(monkeypatch, z, teachers, teacher, **kw):
     with monkeypatch.context() as patch:
         patch.setattr(api, "_distill", recorded)
         patch.setattr(kernels_distill, "matmul_f32", unrecorded_matmul)
+        patch.setattr(kernels_groups, "matmul_f32", unrecorded_matmul)
         z = z.detach().requires_grad_()
         loss = distillcse.distill_loss(z, teachers, backend="triton", **kw)
     with TeacherSizedOutputs(teacher, found):
