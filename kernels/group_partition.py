@@ -82,8 +82,8 @@ def teacher_logits(
     BDT: tl.constexpr, PREC_T: tl.constexpr,
 ):
     """Teacher logits ``t_ij = (t_i . t_j) rt_i rt_j`` of rows o_m against columns o_n, [BM, BN]
-    fp32 (masked entries 0). The one place every kernel computes t, so that all of them
-    classify the values the same way (see the module docstring)."""
+    fp32 (masked entries 0), with Triton dots: the pairwise kernel's (the other kernels read
+    cuBLAS dots, see the module docstring)."""
     b_t = dot_tile(p_t, p_t, o_m, m_m, o_n, m_n, Dt, s_t, s_t, BDT, PREC_T)  # [BM, BN]
     b_rt_m = tl.load(p_rt + o_m, mask=m_m, other=0.0)
     b_rt_n = tl.load(p_rt + o_n, mask=m_n, other=0.0)

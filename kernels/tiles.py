@@ -4,26 +4,6 @@ import triton.language as tl
 
 
 @triton.jit
-def dot_chunk(
-    p_a,  # [R, K] rows a_i, row stride s_a, unit feature stride
-    p_b,  # [C, K] rows b_j, row stride s_b, unit feature stride
-    o_m, m_m,  # [BM] row offsets (int64) into a and mask
-    o_n, m_n,  # [BN] row offsets (int64) into b and mask
-    i_k, K, s_a, s_b,
-    b_acc,  # [BM, BN] fp32 partial sums
-    BK: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """``b_acc + a[o_m, k] . b[o_n, k]`` over the feature chunk k = [i_k BK, (i_k + 1) BK)
-    (masked entries add 0): one step of ``dot_tile``, for a kernel whose own loop walks the
-    chunks (the contrastive forward)."""
-    o_k = i_k * BK + tl.arange(0, BK)
-    m_k = o_k < K
-    b_a = tl.load(p_a + o_m[:, None] * s_a + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
-    b_bt = tl.load(p_b + o_n[None, :] * s_b + o_k[:, None], mask=m_k[:, None] & m_n[None, :], other=0.0)  # [BK, BN]
-    return tl.dot(b_a, b_bt, b_acc, input_precision=PRECISION)  # [BM, BK] @ [BK, BN] -> [BM, BN]
-
-
-@triton.jit
 def dot_tile(
     p_a,  # [R, K] rows a_i, row stride s_a, unit feature stride
     p_b,  # [C, K] rows b_j, row stride s_b, unit feature stride
@@ -33,12 +13,15 @@ def dot_tile(
     BK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """``a_i . b_j`` for a [BM, BN] tile, accumulated in fp32 over K in chunks of BK (masked
-    entries are 0), chunk by chunk in order through ``dot_chunk``: every kernel sums its tiles
-    this way, in this orientation, so a kernel that recomputes a tile sums it as the first one
-    did (the contrastive forward calls ``dot_chunk`` from its own flat loop)."""
+    entries are 0): the pairwise thresholds' teacher logits (every other streaming kernel reads
+    cuBLAS dots through ``slab_tile``)."""
     b_acc = tl.zeros([o_m.shape[0], o_n.shape[0]], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
-        b_acc = dot_chunk(p_a, p_b, o_m, m_m, o_n, m_n, i_k, K, s_a, s_b, b_acc, BK, PRECISION)
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_a = tl.load(p_a + o_m[:, None] * s_a + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
+        b_bt = tl.load(p_b + o_n[None, :] * s_b + o_k[:, None], mask=m_k[:, None] & m_n[None, :], other=0.0)  # [BK, BN]
+        b_acc = tl.dot(b_a, b_bt, b_acc, input_precision=PRECISION)  # [BM, BK] @ [BK, BN] -> [BM, BN]
     return b_acc
 
 

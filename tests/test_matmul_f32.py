@@ -1,0 +1,35 @@
+"""``kernels.utils.matmul_f32``, the GEMM every slab of the triton backend goes through: 16-bit
+(or fp32) inputs, an fp32 result accumulated in fp32, into a given output slice. On CUDA it is
+one cuBLAS call (``torch.mm(..., out_dtype=torch.float32, out=...)``), on the CPU a stand-in
+over k-slices; both against float64 on the same rounded inputs."""
+import pytest
+import torch
+
+from conftest import DEVICE
+
+pytest.importorskip("triton")
+from distillcse.kernels.utils import matmul_f32  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,K,N", [(37, 48, 53), (130, 300, 70), (5, 7, 3)])
+def test_matches_float64_into_a_slice(M, K, N, dtype):
+    """b as the transpose of a row-major matrix (as the launchers pass ``y.T``), the result
+    written into the first M rows of a larger fp32 buffer, which is returned."""
+    g = torch.Generator().manual_seed(M + K)
+    a = torch.randn(M, K, generator=g).to(DEVICE, dtype)
+    b = torch.randn(N, K, generator=g).to(DEVICE, dtype).T  # [K, N], column-major
+    buffer = torch.full((M + 4, N), float("nan"), device=DEVICE)
+    out = matmul_f32(a, b, out=buffer[:M])
+    assert out.data_ptr() == buffer.data_ptr() and out.dtype == torch.float32
+    want = a.double() @ b.double()
+    # fp32 accumulation of exact products (16-bit) or of fp32 products (TF32 off by default)
+    assert ((out.double() - want).abs().max() / want.abs().max()).item() < 1e-5
+    assert torch.isnan(buffer[M:]).all(), "rows past the slice were written"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_allocates_its_output_without_one(dtype):
+    a = torch.ones(3, 130, device=DEVICE, dtype=dtype)
+    out = matmul_f32(a, a.T)
+    assert out.shape == (3, 3) and out.dtype == torch.float32 and (out == 130).all()
