@@ -21,6 +21,7 @@ a graph break around the loss, whose kernels are fused already).
 """
 import torch
 from torch.autograd.function import once_differentiable
+from torch.profiler import record_function
 
 from . import config
 from .kernels.contrastive import contrastive_bwd_dy, contrastive_fwd
@@ -50,6 +51,12 @@ def _grad_rows(grad_out, B):
     return (grad_out.float() / B).expand(B).contiguous()
 
 
+def _phase(name):
+    """A named range for torch.profiler (``distillcse::<name>``): a profile's table then gives
+    each phase's GPU time (``benchmarks/profile_step.py``); nearly free without a profiler."""
+    return record_function(f"distillcse::{name}")
+
+
 def _backward_budget():
     """The contrastive backward's slab budget: half the chunk budget, since y's gradient and z1's
     (the forward's, saved) exist beside its slabs (at B = 65,536, D = 768, bf16: 192 MiB of
@@ -73,8 +80,9 @@ class ContrastiveFused(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z1, y, scale, need_grad):
         r1, ry = _inv_norms(z1), _inv_norms(y)
-        loss_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, scale, _sum_grad_rows(z1) if need_grad else None,
-                                                   budget_bytes=config.chunk_budget_bytes())
+        with _phase("contrastive_rows"):
+            loss_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, scale, _sum_grad_rows(z1) if need_grad else None,
+                                                       budget_bytes=config.chunk_budget_bytes())
         ctx.save_for_backward(z1, r1, y, ry, cl_stats, dz1)
         ctx.scale = scale
         return loss_rows.mean()
@@ -84,8 +92,9 @@ class ContrastiveFused(torch.autograd.Function):
     def backward(ctx, grad_out):
         _take_once(ctx)
         z1, r1, y, ry, cl_stats, dz1 = ctx.saved_tensors
-        dy = contrastive_bwd_dy(z1, r1, y, ry, cl_stats, ctx.scale, _grad_rows(grad_out, z1.shape[0]),
-                                budget_bytes=_backward_budget())
+        with _phase("contrastive_columns"):
+            dy = contrastive_bwd_dy(z1, r1, y, ry, cl_stats, ctx.scale, _grad_rows(grad_out, z1.shape[0]),
+                                    budget_bytes=_backward_budget())
         return dz1.mul_(grad_out.float() / z1.shape[0]), dy, None, None
 
 
@@ -93,15 +102,19 @@ def _distill_rows(z, r, t, rt, student_temperature, options, need_grad):
     """Distillation loss rows [B] fp32 and d(sum of them)/dz [B, D] in z's dtype (or None)."""
     ss, ts, gs = 1.0 / student_temperature, 1.0 / options["teacher_temperature"], 1.0 / options["grouping_temperature"]
     shuffle, groups, budget = options["shuffle"], {}, config.chunk_budget_bytes()
-    lse_s, lse_t, lse_g, t_min, t_max = distill_row_stats(z, r, t, rt, ss, ts, gs, budget_bytes=budget)
+    with _phase("row_stats"):
+        lse_s, lse_t, lse_g, t_min, t_max = distill_row_stats(z, r, t, rt, ss, ts, gs, budget_bytes=budget)
     if shuffle != "none":
-        groups["thr"] = group_thresholds(t, rt, lse_g, t_min, t_max, gs, group_p=options["group_p"],
-                                         group_size=options["group_size"], budget_bytes=budget)
+        with _phase("group_thresholds"):
+            groups["thr"] = group_thresholds(t, rt, lse_g, t_min, t_max, gs, group_p=options["group_p"],
+                                             group_size=options["group_size"], budget_bytes=budget)
     if shuffle == "expected":
-        groups["qbar"] = group_means(t, rt, lse_t, groups["thr"], ts, budget_bytes=budget)
-    return distill_loss_and_grad(
-        z, r, t, rt, lse_s, lse_t, ss, ts, shuffle=shuffle, step_seed=options["step_seed"],
-        budget_bytes=budget, need_grad=need_grad, **groups)
+        with _phase("group_means"):
+            groups["qbar"] = group_means(t, rt, lse_t, groups["thr"], ts, budget_bytes=budget)
+    with _phase("distill_slabs"):
+        return distill_loss_and_grad(
+            z, r, t, rt, lse_s, lse_t, ss, ts, shuffle=shuffle, step_seed=options["step_seed"],
+            budget_bytes=budget, need_grad=need_grad, **groups)
 
 
 def _take_once(ctx):
@@ -141,11 +154,13 @@ class DistillCSEFused(torch.autograd.Function):
     def forward(ctx, z1, y, t, rt, cl_scale, distill_weight, student_temperature, options, need_grad):
         r1, ry, budget = _inv_norms(z1), _inv_norms(y), config.chunk_budget_bytes()
         kd_rows, dz_kd = _distill_rows(z1, r1, t, rt, student_temperature, options, need_grad)
-        if need_grad:
-            cl_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, cl_scale, _sum_grad_rows(z1), budget_bytes=budget,
-                                                     add_to=dz_kd.contiguous(), add_scale=distill_weight)
-        else:
-            cl_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, cl_scale, budget_bytes=budget)
+        with _phase("contrastive_rows"):
+            if need_grad:
+                cl_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, cl_scale, _sum_grad_rows(z1),
+                                                         budget_bytes=budget, add_to=dz_kd.contiguous(),
+                                                         add_scale=distill_weight)
+            else:
+                cl_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, cl_scale, budget_bytes=budget)
         ctx.save_for_backward(z1, r1, y, ry, cl_stats, dz1)
         ctx.cl_scale = cl_scale
         terms = torch.stack([cl_rows.mean(), kd_rows.mean()])
@@ -158,8 +173,9 @@ class DistillCSEFused(torch.autograd.Function):
     def backward(ctx, grad_out, _):
         _take_once(ctx)
         z1, r1, y, ry, cl_stats, dz1 = ctx.saved_tensors
-        dy = contrastive_bwd_dy(z1, r1, y, ry, cl_stats, ctx.cl_scale, _grad_rows(grad_out, z1.shape[0]),
-                                budget_bytes=_backward_budget())
+        with _phase("contrastive_columns"):
+            dy = contrastive_bwd_dy(z1, r1, y, ry, cl_stats, ctx.cl_scale, _grad_rows(grad_out, z1.shape[0]),
+                                    budget_bytes=_backward_budget())
         return dz1.mul_(grad_out.float() / z1.shape[0]), dy, None, None, None, None, None, None, None
 
 
