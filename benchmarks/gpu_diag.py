@@ -11,7 +11,13 @@
    the 16 x 16 tiles of d13d510: 91 / 161 / 163 ms against cuBLAS's 0.62 ms; predicted on the
    64 x 64 tiles of session 12: ~5 / 9 / 17 ms (the comparisons, ~10 simple ops a point and entry).
 
-    python benchmarks/gpu_diag.py [small] [probe]
+3. ``paper`` -- where the paper batch's time goes (B = 64, D = Dt = 768, bf16; 0.80 ms a step in
+   ``bench targets``, of which the one-program kernel took 194 us): the kernel alone (CUDA
+   events over 200 launches) per term and shuffle, with and without gradients, and the host
+   time of ``distillcse_loss`` + backward (wall clock over 200 steps, the finiteness check on
+   and off), so that the kernel's parts and the host's share are known.
+
+    python benchmarks/gpu_diag.py [small] [probe] [paper]
     compute-sanitizer --tool racecheck python3 benchmarks/gpu_diag.py once   # 1.'s first seed, bf16
 """
 import os
@@ -75,6 +81,54 @@ def probe(log):
     log(f"cuBLAS t t^T [B, B] bf16: {timed(lambda: t @ t.T):.2f} ms")
 
 
+def paper(log, B=64, D=768, reps=200):
+    import time
+
+    import distillcse
+    from distillcse.kernels.group_partition import num_groups
+    from distillcse.kernels.small_batch import small_batch_loss
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x, y, t = (torch.randn(B, D, device="cuda", generator=g).to(torch.bfloat16) for _ in range(3))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def kernel_us(fn):
+        fn()
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return 1e3 * start.elapsed_time(end) / reps
+
+    scales = dict(cl_scale=20.0, student_scale=40.0, teacher_scale=80.0, grouping_scale=1.0, group_p=0.1,
+                  n_groups=num_groups(B, 0.1), step_seed=7)
+    log(f"\n## paper batch, B = {B}, D = {D}, bf16: the one-program kernel, us a launch (CUDA events)")
+    log("| terms | shuffle | loss only | with gradients |")
+    log("| --- | --- | ---: | ---: |")
+    for terms, cols, teacher in (("contrastive", y, None), ("distillation", None, t), ("both", y, t)):
+        for shuffle in (("none",) if teacher is None else ("none", "expected", "random")):
+            us = [kernel_us(lambda: small_batch_loss(x, cols, teacher, shuffle=shuffle, need_grad=grad, **scales))
+                  for grad in (False, True)]
+            log(f"| {terms} | {shuffle} | {us[0]:.1f} | {us[1]:.1f} |")
+    z1, z2 = x.clone().requires_grad_(), y.clone().requires_grad_()
+    for check in (True, False):
+        distillcse.set_finite_check(check)
+        for _ in range(20):
+            distillcse.distillcse_loss(z1, z2, t, backend="triton").backward()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            distillcse.distillcse_loss(z1, z2, t, backend="triton").backward()
+        host = time.perf_counter() - t0  # the launches queue; the sync below waits for the rest
+        torch.cuda.synchronize()
+        total = time.perf_counter() - t0
+        log(f"distillcse_loss + backward, finite check {'on' if check else 'off'}: {1e6 * total / reps:.0f} us a "
+            f"step ({1e6 * host / reps:.0f} us of it before the last launch returned)")
+    distillcse.set_finite_check(True)
+
+
 def main():
     parts = sys.argv[1:] or ["small", "probe"]
     out = os.environ.get("OUT", ".")
@@ -85,7 +139,8 @@ def main():
             f.flush()
         log(f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}, torch {torch.__version__}")
         for part in parts:
-            {"small": small, "once": lambda log: small(log, 1, (torch.bfloat16,)), "probe": probe}[part](log)
+            {"small": small, "once": lambda log: small(log, 1, (torch.bfloat16,)), "probe": probe,
+             "paper": paper}[part](log)
 
 
 if __name__ == "__main__":
