@@ -145,9 +145,10 @@ def _factor_rows(v, r):
 
 def slab_rows(rows: int, width: int, budget_bytes: int, entry_bytes: int) -> int:
     """Rows a slab of [rows, width] entries of ``entry_bytes`` each: all when they fit
-    ``budget_bytes``, else as many as fit in multiples of ``SLAB_STEP`` (at least one step)."""
+    ``budget_bytes``, else as many as fit in multiples of ``SLAB_STEP`` (at least one step, at
+    most ``rows``)."""
     fit = budget_bytes // (width * entry_bytes)
-    return rows if fit >= rows else max(SLAB_STEP, fit // SLAB_STEP * SLAB_STEP)
+    return rows if fit >= rows else min(rows, max(SLAB_STEP, fit // SLAB_STEP * SLAB_STEP))
 
 
 def _blocks() -> dict:

@@ -160,6 +160,7 @@ def test_several_slabs(slab, dtype, device):
     (65536, 65536, 128 << 20, 4, 512),  # the loss alone (no factors)
     (4096, 4096, 128 << 20, 6, 4096),  # all rows fit: one slab
     (1 << 20, 1 << 20, 128 << 20, 6, 32),  # a budget below one step: one step
+    (20, 1 << 20, 1 << 20, 6, 20),  # ... but never more rows than there are
 ])
 def test_slab_rows(rows, width, budget, entry, expected):
     from distillcse.kernels.contrastive import slab_rows
