@@ -138,8 +138,9 @@ def _factor_rows(v, r):
     if v.dtype != torch.float16:
         return v, True
     u = torch.empty_like(v)
-    for rows in torch.arange(v.shape[0], device=v.device).split(UNIT_COPY_ROWS):
-        u[rows] = (v[rows].float() * r[rows, None]).to(v.dtype)
+    for r0 in range(0, v.shape[0], UNIT_COPY_ROWS):
+        rows = slice(r0, r0 + UNIT_COPY_ROWS)
+        torch.mul(v[rows], r[rows, None], out=u[rows])  # fp32 products, rounded once to v's dtype
     return u, False
 
 
