@@ -7,7 +7,8 @@ At the paper's B = 64 a step's loss is a few microseconds of arithmetic, so its 
 launches (~3-6 us each from Python on an H100) and the host syncs (~10-20 us each), which
 can be counted on any machine: the triton backend runs under ``TRITON_INTERPRET=1`` here,
 Triton launches are counted by kernel, PyTorch operators through a dispatch mode (those that
-launch a kernel on CUDA: everything but views and allocations), and host syncs as reads of a
+launch a kernel on CUDA: everything but views and allocations; ``matmul_f32`` as the one cuBLAS
+call it is on a GPU, not its CPU stand-in's slices), and host syncs as reads of a
 tensor value on the host (``.item()``, ``bool()``, ``int()``) or an output whose size depends on
 the data (``nonzero``, boolean indexing).
 The input checks are counted separately (their NaN / Inf check: one reduction per input, one sync).
@@ -26,7 +27,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 import distillcse  # noqa: E402
 from distillcse import checks  # noqa: E402
 
-NO_LAUNCH = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "lift_fresh"}
+NO_LAUNCH = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "lift_fresh",
+             "_record_function_enter_new", "_record_function_exit"}  # (the phases' profiler ranges: host only)
 # host syncs: a value read on the host, or an output whose size depends on the data
 SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive"}
 
@@ -74,6 +76,29 @@ def triton_launches(counter, ops):
             cls.run = run
 
 
+@contextlib.contextmanager
+def cublas_gemms(ops):
+    """Counts each ``matmul_f32`` as the one cuBLAS GEMM it is on a GPU ("matmul_f32" in the
+    PyTorch kernels), not the CPU stand-in's k-slices (``ops`` paused while it runs)."""
+    from distillcse.kernels import contrastive, distill, group_partition
+    saved = [(m, m.matmul_f32) for m in (contrastive, distill, group_partition)]
+
+    def one_gemm(*args, _real=saved[0][1], **kwargs):
+        ops.ops["matmul_f32"] += 1
+        ops.paused = True
+        try:
+            return _real(*args, **kwargs)
+        finally:
+            ops.paused = False
+    for module, _ in saved:
+        module.matmul_f32 = one_gemm
+    try:
+        yield
+    finally:
+        for module, real in saved:
+            module.matmul_f32 = real
+
+
 def count(B, D, Dt, hard_negatives, shuffle, general):
     gen = torch.Generator().manual_seed(0)
     z1 = torch.randn(B, D, generator=gen, requires_grad=True)
@@ -95,7 +120,7 @@ def count(B, D, Dt, hard_negatives, shuffle, general):
             ops.paused = False
     checks.check_finite = counted_check
     try:
-        with triton_launches(kernels, ops), ops:
+        with triton_launches(kernels, ops), cublas_gemms(ops), ops:
             loss = distillcse.distillcse_loss(z1, z2, teacher, hard_negatives=hn, shuffle=shuffle, seed=1,
                                               backend="triton")
             loss.backward()
