@@ -52,6 +52,19 @@ def small(log, seeds=12, dtypes=(torch.bfloat16, torch.float16)):
             log(f"{seed if seed else 9:>4} | {a:.6f} | {a2:.6f} | {b:.6f} | {want:.6f}{flag}")
 
 
+def cuda_ms(fn, reps=3):
+    """Milliseconds a call of ``fn`` (CUDA events over ``reps`` calls, after one warm-up call)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn()
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
 def probe(log):
     from distillcse.kernels import group_partition as GP
 
@@ -62,23 +75,11 @@ def probe(log):
     lse = torch.zeros(B, device="cuda")
     rows = torch.arange(B, device="cuda")
     evaluate = GP._kernel_probes(t, rt, lse, 1.0, G1, False)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-    def timed(fn, reps=3):
-        fn()
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / reps
-
     log(f"\n## _group_probe_kernel at B = {B}, Dt = {Dt}, bf16, blocks {GP._logit_blocks()}")
     for BP in (16, 32, 64):
         x = torch.linspace(-0.2, 0.2, BP, device="cuda").expand(B, BP).contiguous()
-        log(f"BP = {BP:>2}: {timed(lambda: evaluate(rows, x, None)):.2f} ms")
-    log(f"cuBLAS t t^T [B, B] bf16: {timed(lambda: t @ t.T):.2f} ms")
+        log(f"BP = {BP:>2}: {cuda_ms(lambda: evaluate(rows, x, None)):.2f} ms")
+    log(f"cuBLAS t t^T [B, B] bf16: {cuda_ms(lambda: t @ t.T):.2f} ms")
 
 
 def paper(log, B=64, D=768, reps=200):
@@ -90,18 +91,6 @@ def paper(log, B=64, D=768, reps=200):
 
     g = torch.Generator(device="cuda").manual_seed(0)
     x, y, t = (torch.randn(B, D, device="cuda", generator=g).to(torch.bfloat16) for _ in range(3))
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-    def kernel_us(fn):
-        fn()
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return 1e3 * start.elapsed_time(end) / reps
-
     scales = dict(cl_scale=20.0, student_scale=40.0, teacher_scale=80.0, grouping_scale=1.0, group_p=0.1,
                   n_groups=num_groups(B, 0.1), step_seed=7)
     log(f"\n## paper batch, B = {B}, D = {D}, bf16: the one-program kernel, us a launch (CUDA events)")
@@ -109,8 +98,8 @@ def paper(log, B=64, D=768, reps=200):
     log("| --- | --- | ---: | ---: |")
     for terms, cols, teacher in (("contrastive", y, None), ("distillation", None, t), ("both", y, t)):
         for shuffle in (("none",) if teacher is None else ("none", "expected", "random")):
-            us = [kernel_us(lambda: small_batch_loss(x, cols, teacher, shuffle=shuffle, need_grad=grad, **scales))
-                  for grad in (False, True)]
+            us = [1e3 * cuda_ms(lambda: small_batch_loss(x, cols, teacher, shuffle=shuffle, need_grad=grad,
+                                                         **scales), reps) for grad in (False, True)]
             log(f"| {terms} | {shuffle} | {us[0]:.1f} | {us[1]:.1f} |")
     z1, z2 = x.clone().requires_grad_(), y.clone().requires_grad_()
     for check in (True, False):

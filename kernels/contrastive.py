@@ -30,7 +30,7 @@ import triton.language as tl
 from . import utils
 from .distill import unit_rows_backward
 from .tiles import log1p_unit
-from .utils import matmul_f32, unit_stride_rows
+from .utils import matmul_f32, slab_rows, unit_stride_rows
 
 SLAB_STEP = 32  # slab rows (columns) come in multiples of this, when the budget cuts them
 UNIT_COPY_ROWS = 4096  # rows a step of fp16's unit-row copy
@@ -144,14 +144,6 @@ def _factor_rows(v, r):
     return u, False
 
 
-def slab_rows(rows: int, width: int, budget_bytes: int, entry_bytes: int) -> int:
-    """Rows a slab of [rows, width] entries of ``entry_bytes`` each: all when they fit
-    ``budget_bytes``, else as many as fit in multiples of ``SLAB_STEP`` (at least one step, at
-    most ``rows``)."""
-    fit = budget_bytes // (width * entry_bytes)
-    return rows if fit >= rows else min(rows, max(SLAB_STEP, fit // SLAB_STEP * SLAB_STEP))
-
-
 def _blocks() -> dict:
     """Launch keywords: the row kernel streams BN columns a step for BR rows (memory-bound; on
     a GPU one row a program, so that a slab of a few hundred rows still fills the SMs); the
@@ -200,7 +192,7 @@ def contrastive_fwd(x, rx, y, ry, scale, grad_rows=None, *, budget_bytes, add_to
     else:
         assert add_to is None, "add_to needs grad_rows"
         raw = True
-    R = slab_rows(B, N, budget_bytes, 4 + (x.element_size() if dx is not None else 0))
+    R = slab_rows(B, N, budget_bytes, 4 + (x.element_size() if dx is not None else 0), SLAB_STEP)
     dots = torch.empty(R, N, device=x.device, dtype=torch.float32)
     fac = torch.empty(R, N, device=x.device, dtype=x.dtype) if dx is not None else dots
     blocks = _blocks()["rows"]
@@ -229,7 +221,7 @@ def contrastive_bwd_dy(x, rx, y, ry, stats, scale, grad_rows, *, budget_bytes):
     g_max = grad_rows.abs().amax().reshape(1)
     g_max = torch.where(g_max > 0, g_max, 1.0)
     dy = torch.empty(N, D, device=x.device, dtype=y.dtype)
-    C = slab_rows(N, B, budget_bytes, 4 + x.element_size())
+    C = slab_rows(N, B, budget_bytes, 4 + x.element_size(), SLAB_STEP)
     dots = torch.empty(C, B, device=x.device, dtype=torch.float32)
     fac = torch.empty(C, B, device=x.device, dtype=x.dtype)
     v, raw = _factor_rows(x, rx)

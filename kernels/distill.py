@@ -46,7 +46,7 @@ import triton.language as tl
 from . import utils
 from ..shuffle import ROUNDS, SMALL_DOMAIN, SMALL_DOMAIN_ROUNDS
 from .tiles import slab_tile
-from .utils import dot_precision, int32_bits, matmul_f32, unit_stride_rows
+from .utils import dot_precision, int32_bits, matmul_f32, slab_rows, unit_stride_rows
 
 _GOLDEN = tl.constexpr(0x9E3779B1)
 _SMALL_DOMAIN = tl.constexpr(SMALL_DOMAIN)
@@ -572,7 +572,7 @@ def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale
     x, rx, t, rt = _prepare(x, rx, t, rt)
     B = x.shape[0]
     blocks = _stats_blocks()
-    R = slab_rows(B, budget_bytes, 8, blocks["BM"])
+    R = slab_rows(B, B, budget_bytes, 8, blocks["BM"])
     s_dots = torch.empty(R, B, device=x.device, dtype=torch.float32)
     t_dots = torch.empty(R, B, device=x.device, dtype=torch.float32)
     out = torch.empty((5, B), device=x.device, dtype=torch.float32)
@@ -584,13 +584,6 @@ def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale
             s_dots, rx, t_dots, rt, out, row0, rows, B, float(student_scale), float(teacher_scale),
             float(grouping_scale), **blocks)
     return tuple(out.unbind(0))
-
-
-def slab_rows(B: int, budget_bytes: int, bytes_per_entry: int, BM: int) -> int:
-    """Rows per slab: all B when their [B, B] buffers (``bytes_per_entry`` per entry) fit
-    ``budget_bytes``, else as many as fit, rounded down to whole row blocks (at least one)."""
-    fit = budget_bytes // (B * bytes_per_entry) if bytes_per_entry else B
-    return B if fit >= B else max(BM, fit // BM * BM)
 
 
 def _permutation_tables(counts, row0, step_seed):
@@ -723,7 +716,7 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
         lo, slab_budget = None, budget_bytes
     # per slab entry: the student's and the teacher's fp32 dots, the factors, the compact targets
     entry_bytes = 8 + (grad_dtype.itemsize if need_grad else 0) + (grad_dtype.itemsize if shuffle == "random" else 0)
-    R = slab_rows(B, slab_budget, entry_bytes, BM)
+    R = slab_rows(B, B, slab_budget, entry_bytes, BM)
     if random_grad:
         _warn_accumulation_traffic(B, D, R, x.element_size() + (0 if lo is None else 1), budget_bytes)
     if chunks is None:

@@ -56,7 +56,7 @@ import triton.language as tl
 
 from . import utils
 from .tiles import dot_tile, slab_tile
-from .utils import dot_precision, matmul_f32, unit_stride_rows
+from .utils import dot_precision, matmul_f32, slab_rows, unit_stride_rows
 
 MAX_BOUNDARIES = 63  # G - 1: the boundary axis is a register dimension of the bookkeeping kernels
 MAX_PASSES = 64  # safety cap; measured on real embeddings: 2-4 passes
@@ -287,13 +287,6 @@ def _logit_blocks() -> dict:
     if utils.interpreter_blocks():
         return dict(BM=64, BN=128)
     return dict(BM=64, BN=64, num_warps=8)
-
-
-def _dots_rows(rows: int, B: int, budget_bytes, BM: int) -> int:
-    """Rows of a slab of fp32 teacher dots [rows, B] within ``budget_bytes`` (None:
-    ``CHUNK_VALUES`` entries), whole row blocks, at least one."""
-    fit = (budget_bytes // 4 if budget_bytes is not None else CHUNK_VALUES) // B
-    return rows if fit >= rows else max(BM, fit // BM * BM)
 
 
 def _pairwise_blocks() -> dict:
@@ -866,7 +859,7 @@ def group_means(t, rt, lse_t, thr, teacher_scale, *, budget_bytes=None):
     qbar = torch.empty((B, G), device=t.device, dtype=torch.float32)
     BG = max(2, triton.next_power_of_2(G))
     cfg = _logit_blocks()
-    R = _dots_rows(B, B, budget_bytes, cfg["BM"])
+    R = slab_rows(B, B, 4 * CHUNK_VALUES if budget_bytes is None else budget_bytes, 4, cfg["BM"])
     dots = torch.empty((R, B), device=t.device, dtype=torch.float32)
     for row0 in range(0, B, R):
         n = min(R, B - row0)

@@ -53,6 +53,14 @@ def matmul_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor = None, k_ste
     return out
 
 
+def slab_rows(rows: int, width: int, budget_bytes: int, entry_bytes: int, step: int) -> int:
+    """Rows of a slab of [rows, width] entries of ``entry_bytes`` each within ``budget_bytes``:
+    all when they fit, else as many as fit in multiples of ``step`` (at least one step, at most
+    ``rows``). The slab size every launcher that materialises [rows, width] buffers uses."""
+    fit = budget_bytes // (width * entry_bytes)
+    return rows if fit >= rows else min(rows, max(step, fit // step * step))
+
+
 def patch_interpreter_scalar_index():
     """triton-lang/triton#9171: with numpy >= 2.4, Triton 3.6's interpreter cannot ``int()`` a
     runtime scalar (a 1-element array), so ``range(0, N, BN)`` with a runtime N raises.

@@ -142,13 +142,14 @@ def test_several_slabs(slab, dtype, device):
     """Budgets of ``slab`` rows (and columns) a slab: B = 130 rows in 5 or 3 row slabs (the
     last ragged), N = 153 columns in 5 or 3 column slabs, hard negatives in the last ones; the
     row kernel's columns and the column kernel's rows span several blocks."""
-    from distillcse.kernels.contrastive import slab_rows
+    from distillcse.kernels.contrastive import SLAB_STEP
+    from distillcse.kernels.utils import slab_rows
 
     B, n_hard = 130, 23
     entry = 4 + dtype.itemsize
     budget = slab * (B + n_hard) * entry  # slab rows of N entries; the columns' rows (B entries) fit more
-    assert slab_rows(B, B + n_hard, budget, entry) == slab
-    assert slab_rows(B + n_hard, B, budget, entry) == slab  # rounded down to the step
+    assert slab_rows(B, B + n_hard, budget, entry, SLAB_STEP) == slab
+    assert slab_rows(B + n_hard, B, budget, entry, SLAB_STEP) == slab  # rounded down to the step
     x, y = _views(B, n_hard, 96, dtype, device, seed=11)
     grad_rows = torch.randn(B, generator=torch.Generator().manual_seed(12)).to(device)
     _check(x, y, grad_rows, TOL[dtype], budget=budget)
@@ -163,9 +164,10 @@ def test_several_slabs(slab, dtype, device):
     (20, 1 << 20, 1 << 20, 6, 20),  # ... but never more rows than there are
 ])
 def test_slab_rows(rows, width, budget, entry, expected):
-    from distillcse.kernels.contrastive import slab_rows
+    from distillcse.kernels.contrastive import SLAB_STEP
+    from distillcse.kernels.utils import slab_rows
 
-    assert slab_rows(rows, width, budget, entry) == expected
+    assert slab_rows(rows, width, budget, entry, SLAB_STEP) == expected
 
 
 @pytest.mark.parametrize("grad", [False, True])
