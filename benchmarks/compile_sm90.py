@@ -123,13 +123,14 @@ def distill(B, D, dtype, teacher_dtype, n_thr=9):
     K.unit_rows_backward(torch.empty(rows, D), x, r, x)  # a slab's dx rows (strided slices of dx on a GPU)
     K.unit_rows_backward(hi, x, r, hi, lo=lo, scaled=True)  # the random shuffle's accumulator, in place
     search_rows = torch.arange(4096)
-    for fixed in (False, True):  # a grid pass and a later pass of the search over 4096 rows
-        evaluate = GP._kernel_probes(t, r, r, 1.0, n_thr, fixed)
+    for fixed in (False, True):  # a grid pass and a later pass of the search over 4096 rows, with means
+        probes = GP._KernelProbes(t, r, r, 1.0, n_thr, fixed, means=(r, 80.0))
         state = {k: torch.empty(B, n_thr, dtype=torch.int32 if fixed and k.startswith("meas") else torch.float32)
                  for k in GP.STATE}
         rule = dict(G1=n_thr, group_size=100 if fixed else 0, group_p=1 / (n_thr + 0.5), scale=1.0, FIXED=fixed)
-        for i_pass in (0, 1):
-            GP._search_chunk(state, search_rows, i_pass, True, evaluate, rule, 16, r)
+        for i_pass, collect in ((0, False), (0, True), (1, True)):  # the grid pass measures only, unless it collects
+            GP._search_chunk(state, search_rows, i_pass, collect, probes, rule, 16, r)
+            probes.after_chunk(search_rows, state, r, r)
     for group_size in (None, triton.cdiv(B, 40)):  # the pairwise thresholds (G - 1 = n_thr; fixed size: 40 groups)
         GP.group_thresholds(t, r, r, r, r, 1.0, group_p=1 / (n_thr + 0.5), group_size=group_size, method="pairwise")
     GP.group_means(t, r, r, thr, 80.0)

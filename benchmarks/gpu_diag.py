@@ -7,9 +7,10 @@
    (determinism), with gradients, and the float64 loss. tests' ``test_half_precision[bf16]``
    saw 11.0694 with gradients against 10.8383 without.
 2. ``probe`` -- ``_group_probe_kernel``'s time against its probe points per row (BP = 16, 32, 64,
-   no collection) at B = 16,384, bf16 teacher rows of 768, and cuBLAS's t t^T for scale. On
-   the 16 x 16 tiles of d13d510: 91 / 161 / 163 ms against cuBLAS's 0.62 ms; predicted on the
-   64 x 64 tiles of session 12: ~5 / 9 / 17 ms (the comparisons, ~10 simple ops a point and entry).
+   no collection; measure only, as the grid pass now runs, and with snaps) at B = 16,384, bf16
+   teacher rows of 768, and cuBLAS's t t^T for scale. On the 16 x 16 tiles of d13d510: 91 / 161 /
+   163 ms against cuBLAS's 0.62 ms; predicted on the 64 x 64 tiles of session 12 with snaps:
+   ~5 / 9 / 17 ms (the comparisons, ~10 simple ops a point and entry), measure only ~40% of that.
 
 3. ``paper`` -- where the paper batch's time goes (B = 64, D = Dt = 768, bf16; 0.80 ms a step in
    ``bench targets``, of which the one-program kernel took 194 us): the kernel alone (CUDA
@@ -78,7 +79,8 @@ def probe(log):
     log(f"\n## _group_probe_kernel at B = {B}, Dt = {Dt}, bf16, blocks {GP._logit_blocks()}")
     for BP in (16, 32, 64):
         x = torch.linspace(-0.2, 0.2, BP, device="cuda").expand(B, BP).contiguous()
-        log(f"BP = {BP:>2}: {cuda_ms(lambda: evaluate(rows, x, None)):.2f} ms")
+        log(f"BP = {BP:>2}: {cuda_ms(lambda: evaluate(rows, x, None, False)):.2f} ms measure only (the grid pass), "
+            f"{cuda_ms(lambda: evaluate(rows, x, None, True)):.2f} ms with snaps")
     log(f"cuBLAS t t^T [B, B] bf16: {cuda_ms(lambda: t @ t.T):.2f} ms")
 
 

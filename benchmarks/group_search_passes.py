@@ -80,7 +80,7 @@ class SortedRows:
     def __init__(self, ascending, suffix):
         self.ascending, self.suffix = ascending, suffix
 
-    def __call__(self, rows, x, windows):
+    def __call__(self, rows, x, windows, snap=True):
         v = self.ascending[rows]
         R, n = v.shape
         below_x = torch.searchsorted(v, x.contiguous())  # values < x
@@ -89,8 +89,8 @@ class SortedRows:
         else:
             meas = self.suffix[rows].gather(1, below_x).float()
         inf = torch.full((R, 1), math.inf)
-        above = torch.cat([v, inf], 1).gather(1, below_x)
-        below = torch.cat([-inf, v], 1).gather(1, below_x)
+        above = torch.cat([v, inf], 1).gather(1, below_x) if snap else None
+        below = torch.cat([-inf, v], 1).gather(1, below_x) if snap else None
         if windows is None:
             return meas, above, below, None, None
         first = torch.searchsorted(v, windows[0].contiguous())

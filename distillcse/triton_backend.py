@@ -26,7 +26,7 @@ from torch.profiler import record_function
 from . import config
 from .kernels.contrastive import contrastive_bwd_dy, contrastive_fwd
 from .kernels.distill import distill_loss_and_grad, distill_row_stats
-from .kernels.group_partition import group_means, group_thresholds, num_groups
+from .kernels.group_partition import group_thresholds, num_groups
 from .kernels.small_batch import fits, small_batch_loss
 from .reference import EPS
 from .torch_backend import DistillChunked, need_grad
@@ -104,13 +104,15 @@ def _distill_rows(z, r, t, rt, student_temperature, options, need_grad):
     shuffle, groups, budget = options["shuffle"], {}, config.chunk_budget_bytes()
     with _phase("row_stats"):
         lse_s, lse_t, lse_g, t_min, t_max = distill_row_stats(z, r, t, rt, ss, ts, gs, budget_bytes=budget)
-    if shuffle != "none":
+    if shuffle != "none":  # "expected": the group means come with the thresholds (their last pass)
         with _phase("group_thresholds"):
-            groups["thr"] = group_thresholds(t, rt, lse_g, t_min, t_max, gs, group_p=options["group_p"],
-                                             group_size=options["group_size"], budget_bytes=budget)
-    if shuffle == "expected":
-        with _phase("group_means"):
-            groups["qbar"] = group_means(t, rt, lse_t, groups["thr"], ts, budget_bytes=budget)
+            found = group_thresholds(t, rt, lse_g, t_min, t_max, gs, group_p=options["group_p"],
+                                     group_size=options["group_size"], budget_bytes=budget,
+                                     means=(lse_t, ts) if shuffle == "expected" else None)
+        if shuffle == "expected":
+            groups["thr"], groups["qbar"] = found
+        else:
+            groups["thr"] = found
     with _phase("distill_slabs"):
         return distill_loss_and_grad(
             z, r, t, rt, lse_s, lse_t, ss, ts, shuffle=shuffle, step_seed=options["step_seed"],

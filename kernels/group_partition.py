@@ -22,7 +22,8 @@ A pass evaluates the measure at BP probe points per row together with the row's 
 to each point (``min{t >= x}``, ``max{t < x}``), which "snap" the brackets to row values, and
 collects every value of the row inside one window per (row, boundary):
   * pass 1: probe points on a uniform grid over [t_min, t_max], shared by all boundaries;
-    windows only when the whole row fits in the buffer;
+    windows only when the whole row fits in the buffer; without them, the measure alone (the
+    brackets end at grid points, a third of the work of snapping);
   * later passes: the window holds about ``FILL * BUFFER`` values around the inverse-cubic
     estimate of where the measure crosses the boundary (from the probe points around the
     crossing), its top is a probe point (so the measure above the window is known), and
@@ -98,22 +99,22 @@ def _group_probe_kernel(
     p_rows,  # [R] int64 rows evaluated by this launch
     p_x,  # [R, BP] fp32 probe points
     p_meas,  # [S, R, BP] out: F (fp32) or N (int32) at each probe point over split S's columns
-    p_above,  # [S, R, BP] fp32 out: min{t >= x} (inf if none)
-    p_below,  # [S, R, BP] fp32 out: max{t < x} (-inf if none)
+    p_above,  # [S, R, BP] fp32 out (SNAP): min{t >= x} (inf if none)
+    p_below,  # [S, R, BP] fp32 out (SNAP): max{t < x} (-inf if none)
     p_wlo,  # [R, G1] fp32 window [wlo, whi) per boundary, NaN for none (read when COLLECT)
     p_whi,  # [R, G1] fp32
     p_count,  # [R, G1] int32 in/out, zeroed by the caller: values found in the window
     p_buf,  # [R, G1, C] fp32 out: the first C of them, in no particular order
     R, B, G1, C, tiles_per_split, grouping_scale,
-    FIXED: tl.constexpr, COLLECT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    FIXED: tl.constexpr, SNAP: tl.constexpr, COLLECT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BP: tl.constexpr,
 ):
-    """Measure and snaps at BP probe points for BM rows over one split of the columns, and
-    (COLLECT) the row values inside each boundary's window, the logits read from the rows'
-    cuBLAS dots. Every tile is [BM, BN]: the probe points and the boundaries are looped, each
-    point's three row reductions written into its lane of the [BM, BP] results (a
-    [BM, BN, BP] comparison tensor held the Triton-dot tile to 16 x 16, ~150x slower than
-    cuBLAS on an H200)."""
+    """Measure (and with SNAP the snaps) at BP probe points for BM rows over one split of the
+    columns, and (COLLECT) the row values inside each boundary's window, the logits read from
+    the rows' cuBLAS dots. Every tile is [BM, BN]: the probe points and the boundaries are
+    looped, each point's row reductions (one, three with SNAP) written into its lane of the
+    [BM, BP] results (a [BM, BN, BP] comparison tensor held the Triton-dot tile to 16 x 16,
+    ~150x slower than cuBLAS on an H200)."""
     i_m, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     o_r = i_m * BM + tl.arange(0, BM)
     m_r = o_r < R
@@ -142,10 +143,11 @@ def _group_probe_kernel(
             m_ge = b_t >= b_x[:, None]  # [BM, BN]
             m_lane = o_p[None, :] == p  # [1, BP]
             b_meas += tl.where(m_lane, tl.sum(tl.where(m_ge, b_w, 0), axis=1)[:, None], 0)
-            b_up = tl.min(tl.where(m_ge, b_t, float("inf")), axis=1)  # [BM] min{t >= x} in this tile
-            b_down = tl.max(tl.where(m_ge, float("-inf"), b_t), axis=1)  # max{t < x}
-            b_above = tl.where(m_lane, tl.minimum(b_above, b_up[:, None]), b_above)
-            b_below = tl.where(m_lane, tl.maximum(b_below, b_down[:, None]), b_below)
+            if SNAP:
+                b_up = tl.min(tl.where(m_ge, b_t, float("inf")), axis=1)  # [BM] min{t >= x} in this tile
+                b_down = tl.max(tl.where(m_ge, float("-inf"), b_t), axis=1)  # max{t < x}
+                b_above = tl.where(m_lane, tl.minimum(b_above, b_up[:, None]), b_above)
+                b_below = tl.where(m_lane, tl.maximum(b_below, b_down[:, None]), b_below)
         if COLLECT:
             for g in range(0, G1):
                 o_rg = o_r * G1 + g  # [BM] boundary g's window and count
@@ -157,31 +159,37 @@ def _group_probe_kernel(
                 tl.store(p_buf + o_rg[:, None] * C + b_slot, b_t, mask=m_in & (b_slot < C))
     o_out = (i_s * R + o_r)[:, None] * BP + o_p[None, :]
     tl.store(p_meas + o_out, b_meas, mask=m_r[:, None])
-    tl.store(p_above + o_out, b_above, mask=m_r[:, None])
-    tl.store(p_below + o_out, b_below, mask=m_r[:, None])
+    if SNAP:
+        tl.store(p_above + o_out, b_above, mask=m_r[:, None])
+        tl.store(p_below + o_out, b_below, mask=m_r[:, None])
 
 
 @triton.jit
 def _group_means_kernel(
-    p_dots,  # [R, B] fp32 raw teacher dots t_r . t_j of the slab rows (cuBLAS), row stride B
+    p_dots,  # [R, B] fp32 raw teacher dots t_r . t_j of the rows (cuBLAS), row stride B
     p_rt,  # [B] fp32 inverse norms
     p_lse,  # [B] fp32 logsumexp_{j != i}(t_ij * teacher_scale)
-    p_thr,  # [B, G-1] fp32, row stride s_thr
+    p_rows,  # [R] int64 the dots' rows
+    p_done,  # [R] int8: the rows to average (the others are skipped)
+    p_thr,  # [R, G-1] fp32 the rows' thresholds, row stride s_thr
     p_qbar,  # [B, G] fp32 out, contiguous
-    row0, R, B, G, s_thr, teacher_scale,
+    R, B, G, s_thr, teacher_scale,
     BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr,
 ):
-    """Sum and count of q_ij per group for BM slab rows, streamed over column tiles. Per tile,
-    an entry's group counts the thresholds above it (G - 1 compares against thr[:, g]), then
-    each group takes one masked row sum: [BM, BN] tiles only, no [BM, BN, BG] one."""
+    """Sum and count of q_ij per group for BM rows, streamed over column tiles (none when no
+    row of the block is to be averaged). Per tile, an entry's group counts the thresholds above
+    it (G - 1 compares against thr[:, g]), then each group takes one masked row sum: [BM, BN]
+    tiles only, no [BM, BN, BG] one."""
     o_r = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    o_m = row0 + o_r
-    m_m = (o_r < R) & (o_m < B)
+    m_m = o_r < R
+    o_m = tl.load(p_rows + o_r, mask=m_m, other=0)
+    m_m &= tl.load(p_done + o_r, mask=m_m, other=0) != 0
     o_g = tl.arange(0, BG)
     b_lse = tl.load(p_lse + o_m, mask=m_m, other=0.0)
     b_sum = tl.zeros([BM, BG], dtype=tl.float32)
     b_cnt = tl.zeros([BM, BG], dtype=tl.int32)
-    for i_n in range(0, tl.cdiv(B, BN)):
+    n_tiles = tl.where(tl.max(m_m.to(tl.int32), axis=0) > 0, tl.cdiv(B, BN), 0)
+    for i_n in range(0, n_tiles):
         o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
         m_n = o_n < B
         b_t = slab_tile(p_dots, p_rt, o_r, o_m, m_m, o_n, m_n, B)  # [BM, BN]
@@ -189,7 +197,7 @@ def _group_means_kernel(
         b_q = tl.exp(b_t * teacher_scale - b_lse[:, None])
         b_grp = tl.zeros([BM, BN], dtype=tl.int32)
         for g in range(0, G - 1):
-            b_thr = tl.load(p_thr + o_m * s_thr + g, mask=m_m, other=float("-inf"))  # [BM]
+            b_thr = tl.load(p_thr + o_r * s_thr + g, mask=m_m, other=float("-inf"))  # [BM]
             b_grp += (b_t < b_thr[:, None]).to(tl.int32)
         b_grp = tl.where(m_v, b_grp, -1)
         for g in range(0, G):
@@ -258,26 +266,59 @@ def _pairwise_brackets_kernel(
 
 
 @triton.jit
+def _mid_gap(hd, hu, t_min, t_max, margin):
+    """thr in the middle of the gap (hd, hu) (hu itself where the gap has no float inside); for
+    the pairwise brackets, where no value of the row passes hd is a bound below the row, where
+    every value passes hu is a bound above it (the search's brackets start at those bounds)."""
+    hd = tl.where(hd > float("-inf"), hd, t_min - margin * (1.0 + tl.abs(t_min)))
+    hu = tl.where(hu < float("inf"), hu, t_max + margin * (1.0 + tl.abs(t_max)))
+    mid = hd + (hu - hd) * 0.5
+    return tl.where(mid > hd, mid, hu)
+
+
+@triton.jit
 def _thresholds_from_brackets_kernel(
-    p_hd, p_hu,  # [B, G1] fp32 from _pairwise_brackets_kernel
+    p_hd, p_hu,  # [B, G1] fp32 (the pairwise kernel's, or the search's when done)
     p_t_min, p_t_max,  # [B] fp32 row statistics (j != i)
     p_thr,  # [B, G1] fp32 out
     N, G1, margin,
     BLOCK: tl.constexpr,
 ):
-    """thr in the middle of the gap (hd, hu) (hu itself where the gap has no float inside); for
-    the pairwise brackets, where no value of the row passes hd is a bound below the row, where
-    every value passes hu is a bound above it (the search's brackets start at those bounds)."""
+    """thr = ``_mid_gap`` of N (row, boundary) pairs."""
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = o < N
     b_hd = tl.load(p_hd + o, mask=m, other=0.0)
     b_hu = tl.load(p_hu + o, mask=m, other=0.0)
     b_t_min = tl.load(p_t_min + o // G1, mask=m, other=0.0)
     b_t_max = tl.load(p_t_max + o // G1, mask=m, other=0.0)
-    b_hd = tl.where(b_hd > float("-inf"), b_hd, b_t_min - margin * (1.0 + tl.abs(b_t_min)))
-    b_hu = tl.where(b_hu < float("inf"), b_hu, b_t_max + margin * (1.0 + tl.abs(b_t_max)))
-    b_mid = b_hd + (b_hu - b_hd) * 0.5
-    tl.store(p_thr + o, tl.where(b_mid > b_hd, b_mid, b_hu), mask=m)
+    tl.store(p_thr + o, _mid_gap(b_hd, b_hu, b_t_min, b_t_max, margin), mask=m)
+
+
+@triton.jit
+def _settled_rows_kernel(
+    p_rows,  # [R] int64 rows of a search chunk
+    p_lo, p_hd, p_hu,  # [B, G1] fp32 the search's brackets
+    p_t_min, p_t_max,  # [B] fp32 row statistics (j != i)
+    p_thr,  # [R, G1] fp32 out: the rows' thresholds (meaningful where done)
+    p_done,  # [R] int8 out: 1 where every boundary of the row is settled (lo == hd)
+    R, G1, margin,
+    BR: tl.constexpr, BG: tl.constexpr,
+):
+    """Which rows of a chunk the search has finished, and their thresholds (``_mid_gap``)."""
+    o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    m_r = o_r < R
+    o_row = tl.load(p_rows + o_r, mask=m_r, other=0)
+    o_g = tl.arange(0, BG)
+    m = m_r[:, None] & (o_g < G1)[None, :]
+    o_state = o_row[:, None] * G1 + o_g[None, :]
+    lo = tl.load(p_lo + o_state, mask=m, other=0.0)
+    hd = tl.load(p_hd + o_state, mask=m, other=0.0)
+    hu = tl.load(p_hu + o_state, mask=m, other=0.0)
+    t_min = tl.load(p_t_min + o_row, mask=m_r, other=0.0)[:, None]
+    t_max = tl.load(p_t_max + o_row, mask=m_r, other=0.0)[:, None]
+    tl.store(p_thr + o_r[:, None] * G1 + o_g[None, :], _mid_gap(hd, hu, t_min, t_max, margin), mask=m)
+    n_open = tl.sum((m & (lo < hd)).to(tl.int32), axis=1)
+    tl.store(p_done + o_r, (n_open == 0).to(tl.int8), mask=m_r)
 
 
 def _logit_blocks() -> dict:
@@ -310,7 +351,7 @@ def num_groups(B, group_p=0.1, group_size=None) -> int:
 
 
 def group_thresholds(t, rt, lse_g, t_min, t_max, grouping_scale, *, group_p=0.1, group_size=None,
-                     budget_bytes=None, method="auto"):
+                     budget_bytes=None, method="auto", means=None):
     """thr [B, G-1] fp32 (shape [B, 0] when G == 1): ``t_ij`` (j != i) is in group >= g iff
     ``t_ij < thr[i, g-1]``; thr is non-increasing in g. ``t`` [B, Dt] teacher rows (fp16, bf16
     or fp32) and ``rt`` [B] fp32 their inverse norms (``teacher_logits``); ``lse_g``, ``t_min``,
@@ -320,7 +361,10 @@ def group_thresholds(t, rt, lse_g, t_min, t_max, grouping_scale, *, group_p=0.1,
     ``budget_bytes`` bounds a row chunk's temporaries: ``_row_bytes``, None: chunks of at most
     ``CHUNK_VALUES`` slots), "pairwise" (two launches that compare every pair of a row's
     values: B^3 comparisons, no host sync, extra memory [B, G-1]), or "auto": pairwise up to
-    ``PAIRWISE_MAX_B`` rows."""
+    ``PAIRWISE_MAX_B`` rows.
+    With ``means`` = (``lse_t`` [B] fp32, ``teacher_scale``), returns ``(thr, qbar)``, qbar
+    [B, G] the group means of ``group_means``: the search takes them from the teacher dots of
+    the pass that finishes each row (no pass of their own), the other ways by ``group_means``."""
     if method not in ("auto", "search", "pairwise"):
         raise ValueError(f'method must be "auto", "search" or "pairwise", got {method!r}')
     t = unit_stride_rows(t)
@@ -330,18 +374,25 @@ def group_thresholds(t, rt, lse_g, t_min, t_max, grouping_scale, *, group_p=0.1,
         knob = "group_size" if group_size is not None else "group_p"
         raise ValueError(f"Group-P with {G} groups (B={B}, group_p={group_p}, group_size="
                          f"{group_size}): at most {MAX_BOUNDARIES + 1} are supported; raise {knob}")
-    if G == 1:
-        return torch.empty((B, 0), device=t.device, dtype=torch.float32)
-    if B < 2:  # no off-diagonal entry: any threshold is right
-        return torch.zeros((B, G - 1), device=t.device, dtype=torch.float32)
     lse_g = lse_g.float().contiguous()
-    if method == "pairwise" or (method == "auto" and B <= PAIRWISE_MAX_B):
-        return _pairwise_thresholds(t, rt.contiguous(), lse_g, t_min, t_max, float(grouping_scale), G - 1,
-                                    group_p, group_size)
-    evaluate = _kernel_probes(t, rt.contiguous(), lse_g, float(grouping_scale), G - 1, group_size is not None,
-                              budget_bytes)
-    return _search(evaluate, t_min, t_max, lse_g, grouping_scale, G - 1, B, group_p, group_size,
-                   budget_bytes=budget_bytes, row_values=B + Dt)  # a row's dots, and its gathered teacher row
+    if G == 1:
+        thr = torch.empty((B, 0), device=t.device, dtype=torch.float32)
+    elif B < 2:  # no off-diagonal entry: any threshold is right
+        thr = torch.zeros((B, G - 1), device=t.device, dtype=torch.float32)
+    elif method == "pairwise" or (method == "auto" and B <= PAIRWISE_MAX_B):
+        thr = _pairwise_thresholds(t, rt.contiguous(), lse_g, t_min, t_max, float(grouping_scale), G - 1,
+                                   group_p, group_size)
+    else:
+        probes = _KernelProbes(t, rt.contiguous(), lse_g, float(grouping_scale), G - 1, group_size is not None,
+                               budget_bytes, means)
+        thr = _search(probes, t_min, t_max, lse_g, grouping_scale, G - 1, B, group_p, group_size,
+                      budget_bytes=budget_bytes, row_values=B + Dt,  # a row's dots, and its gathered teacher row
+                      after_chunk=probes.after_chunk)
+        if means is not None:
+            return thr, probes.qbar
+    if means is None:
+        return thr
+    return thr, group_means(t, rt, means[0], thr, means[1], budget_bytes=budget_bytes)
 
 
 def _pairwise_thresholds(t, rt, lse_g, t_min, t_max, grouping_scale, G1, group_p, group_size):
@@ -375,29 +426,45 @@ def _row_bytes(G1, lanes, collect):
     return 32 * lanes + 48 * G1 + (4 * BUFFER * G1 if collect else 0)
 
 
-def _kernel_probes(t, rt, lse_g, grouping_scale, G1, fixed, budget_bytes=None):
-    """``evaluate(rows, x, windows)`` for ``_search`` by ``_group_probe_kernel`` on the teacher
-    rows ``t`` [B, Dt] (unit feature stride) and their inverse norms ``rt`` [B]: rows [R] int64,
-    x [R, BP] probe points, windows None or (wlo, whi) [R, G1] -> the measure, min{t >= x},
-    max{t < x} [R, BP] and, with windows, count [R, G1] and buffer [R, G1, BUFFER]. The rows'
-    teacher dots [R, B] come from cuBLAS in fp32 (``_search`` sizes the chunks for them); the
-    per-split partial results take at most a quarter of ``budget_bytes``."""
-    B, Dt = t.shape
-    cfg = _logit_blocks()
-    n_tiles = triton.cdiv(B, cfg["BN"])
+class _KernelProbes:
+    """``evaluate(rows, x, windows, snap)`` for ``_search`` by ``_group_probe_kernel`` on the
+    teacher rows ``t`` [B, Dt] (unit feature stride) and their inverse norms ``rt`` [B]: rows
+    [R] int64, x [R, BP] probe points, windows None or (wlo, whi) [R, G1] -> the measure
+    [R, BP], with ``snap`` min{t >= x} and max{t < x} [R, BP] (else None, None) and, with
+    windows, count [R, G1] and buffer [R, G1, BUFFER]. The rows' teacher dots [R, B] come from
+    cuBLAS in fp32 (``_search`` sizes the chunks for them); the per-split partial results take
+    at most a quarter of ``budget_bytes``.
 
-    def evaluate(rows, x, windows):
+    With ``means`` (``lse_t`` [B] fp32, ``teacher_scale``), ``after_chunk`` also writes the
+    group means ``qbar`` [B, G] (as ``group_means``) of the rows the chunk finished, from the
+    dots the chunk was evaluated on: the search's last pass over a row is its means pass too."""
+
+    def __init__(self, t, rt, lse_g, grouping_scale, G1, fixed, budget_bytes=None, means=None):
+        self.t, self.rt, self.lse_g, self.grouping_scale = t, rt, lse_g, grouping_scale
+        self.G1, self.fixed, self.budget_bytes = G1, fixed, budget_bytes
+        self.cfg = _logit_blocks()
+        self.n_tiles = triton.cdiv(t.shape[0], self.cfg["BN"])
+        self.dots = None  # the last chunk's, kept for its means
+        self.qbar = self.lse_t = None
+        if means is not None:
+            self.lse_t, self.teacher_scale = means[0].float().contiguous(), float(means[1])
+            self.qbar = torch.empty((t.shape[0], G1 + 1), device=t.device, dtype=torch.float32)
+
+    def __call__(self, rows, x, windows, snap):
+        t, G1, cfg = self.t, self.G1, self.cfg
         R, BP = x.shape
         dots = matmul_f32(t[rows], t.T)  # [R, B] fp32
         row_blocks = triton.cdiv(R, cfg["BM"])
         # splits: a power of two, so that the partial measures are summed in the same order
-        splits = min(1 << (n_tiles.bit_length() - 1),
+        splits = min(1 << (self.n_tiles.bit_length() - 1),
                      triton.next_power_of_2(triton.cdiv(SPLIT_PROGRAMS, row_blocks)))
-        while budget_bytes is not None and splits > 1 and 12 * splits * R * BP > budget_bytes // 4:
+        while self.budget_bytes is not None and splits > 1 and 12 * splits * R * BP > self.budget_bytes // 4:
             splits //= 2
-        meas = torch.empty((splits, R, BP), device=t.device, dtype=torch.int32 if fixed else torch.float32)
-        above = torch.empty((splits, R, BP), device=t.device, dtype=torch.float32)
-        below = torch.empty_like(above)
+        meas = torch.empty((splits, R, BP), device=t.device, dtype=torch.int32 if self.fixed else torch.float32)
+        above = below = meas  # not written without snaps
+        if snap:
+            above = torch.empty((splits, R, BP), device=t.device, dtype=torch.float32)
+            below = torch.empty_like(above)
         if windows is None:
             wlo = whi = count = buf = x  # not read
         else:
@@ -405,27 +472,44 @@ def _kernel_probes(t, rt, lse_g, grouping_scale, G1, fixed, budget_bytes=None):
             count = torch.zeros((R, G1), device=t.device, dtype=torch.int32)
             buf = torch.empty((R, G1, BUFFER), device=t.device, dtype=torch.float32)
         _group_probe_kernel[(row_blocks, splits)](
-            dots, rt, lse_g, rows, x, meas, above, below, wlo, whi, count, buf,
-            R, B, G1, BUFFER, triton.cdiv(n_tiles, splits), grouping_scale,
-            FIXED=fixed, COLLECT=windows is not None, BP=BP, **cfg)
+            dots, self.rt, self.lse_g, rows, x, meas, above, below, wlo, whi, count, buf,
+            R, t.shape[0], G1, BUFFER, triton.cdiv(self.n_tiles, splits), self.grouping_scale,
+            FIXED=self.fixed, SNAP=snap, COLLECT=windows is not None, BP=BP, **cfg)
+        self.dots = dots if self.qbar is not None else None
         while meas.shape[0] > 1:
             meas = meas[0::2] + meas[1::2]
+        if not snap:
+            return meas[0], None, None, count, buf
         return meas[0], above.amin(0), below.amax(0), count, buf
 
-    return evaluate
+    def after_chunk(self, rows, state, t_min, t_max):
+        """The group means of the chunk's rows that the search has finished (``_settled_rows_kernel``
+        then ``_group_means_kernel`` on the chunk's dots, which it then lets go)."""
+        dots, self.dots = self.dots, None
+        if self.qbar is None:
+            return
+        R, G1 = len(rows), self.G1
+        thr = torch.empty((R, G1), device=rows.device, dtype=torch.float32)
+        done = torch.empty(R, device=rows.device, dtype=torch.int8)
+        BR = 256 if utils.interpreter_blocks() else 32
+        _settled_rows_kernel[(triton.cdiv(R, BR),)](
+            rows, state["lo"], state["hd"], state["hu"], t_min, t_max, thr, done, R, G1, STATS_MARGIN,
+            BR=BR, BG=max(2, triton.next_power_of_2(G1)))
+        _means_launch(dots, self.rt, self.lse_t, rows, done, thr, self.qbar, self.teacher_scale)
 
 
 def _search(evaluate, t_min, t_max, lse_g, grouping_scale, G1, B, group_p, group_size, trace=None,
-            budget_bytes=None, row_values=0):
-    """thr [R, G1] for R rows whose values are seen through ``evaluate`` (see ``_kernel_probes``;
+            budget_bytes=None, row_values=0, after_chunk=None):
+    """thr [R, G1] for R rows whose values are seen through ``evaluate`` (see ``_KernelProbes``;
     rows index t_min), in row chunks of at most ``CHUNK_VALUES`` collection slots, as many
     4-byte values of ``evaluate``'s own a row (``row_values``: the kernel probes' teacher dots
     and the row itself),
     and (when given) ``budget_bytes`` of temporaries. ``trace``, a list, receives per pass
-    (fraction of (row, boundary) pairs still open, fraction of rows evaluated, probe points per row)."""
+    (fraction of (row, boundary) pairs still open, fraction of rows evaluated, probe points per row);
+    ``after_chunk(rows, state, t_min, t_max)``, if given, is called after each row chunk's pass."""
     fixed = group_size is not None
     dev = t_min.device
-    t_min, t_max = t_min.float(), t_max.float()
+    t_min, t_max = t_min.float().contiguous(), t_max.float().contiguous()
     lo = (t_min - STATS_MARGIN * (1.0 + t_min.abs()))[:, None].repeat(1, G1)
     hd = (t_max + STATS_MARGIN * (1.0 + t_max.abs()))[:, None].repeat(1, G1)
     if fixed:
@@ -451,6 +535,8 @@ def _search(evaluate, t_min, t_max, lse_g, grouping_scale, G1, B, group_p, group
             chunk = min(chunk, max(MIN_CHUNK_ROWS, (budget_bytes - budget_bytes // 4) // per_row))  # 1/4: the splits'
         for r in rows.split(chunk):
             points = _search_chunk(state, r, i_pass, collect, evaluate, rule, lanes, lse_g)
+            if after_chunk is not None:
+                after_chunk(r, state, t_min, t_max)
         is_open = state["lo"] < state["hd"]
         if trace is not None:
             trace.append((is_open.float().mean().item(), len(rows) / len(t_min), points))
@@ -481,14 +567,17 @@ def _search_chunk(state, r, i_pass, collect, evaluate, rule, lanes, lse):
         _place_kernel[(triton.cdiv(R, BR),)](
             r, lse, *(state[k] for k in STATE), x, *windows, top, R, FILL * BUFFER, OUTER, **rule, BR=BR, BP=lanes,
             BG=BG)
-    meas, above, below, count, buf = evaluate(r, x, windows)
+    # the grid pass without windows measures only (a third of the work of also snapping to
+    # the row's values next to each point, which only tighten the brackets a little there)
+    snap = windows is not None
+    meas, above, below, count, buf = evaluate(r, x, windows, snap)
     m_top = torch.empty((R, G1), device=r.device, dtype=meas.dtype)  # the measure at each window's top
     u_top = torch.empty((R, G1), device=r.device, dtype=torch.float32)  # the smallest value >= the top
     BR = _book_rows(x.shape[1])
     _narrow_kernel[(triton.cdiv(R, BR),)](
-        r, x, meas.contiguous(), above.contiguous(), below.contiguous(), top, x if windows is None else windows[1],
-        m_top, u_top, lse, *(state[k] for k in STATE), R, **rule, SETTLE=windows is not None,
-        BR=BR, BP=x.shape[1], BG=BG)
+        r, x, meas.contiguous(), *((above.contiguous(), below.contiguous()) if snap else (x, x)), top,
+        x if windows is None else windows[1], m_top, u_top, lse, *(state[k] for k in STATE), R, **rule,
+        SNAP=snap, SETTLE=windows is not None, BR=BR, BP=x.shape[1], BG=BG)
     if windows is not None:
         # GPU: 4 pairs, 32 x 32 comparisons a step ([4, 32, 32] over 128 threads); the interpreter
         # pays per program, so there a program takes 256 pairs
@@ -722,17 +811,21 @@ def _narrow_kernel(
     p_rows,  # [R] int64 rows of the chunk
     p_x,  # [R, BP] fp32 probe points
     p_meas,  # [R, BP] the measure at them (fp32, int32 when FIXED)
-    p_above, p_below,  # [R, BP] fp32 min{t >= x}, max{t < x}
+    p_above, p_below,  # [R, BP] fp32 min{t >= x}, max{t < x} (read when SNAP)
     p_top,  # [R, G1] int32 lane of each window's top (read when SETTLE)
     p_whi,  # [R, G1] fp32 window tops (read when SETTLE)
     p_mtop, p_utop,  # [R, G1] out (when SETTLE): measure at the window's top, smallest value >= it
     p_lse,  # [B] fp32 (by mass)
     p_lo, p_hd, p_hu, p_mlo, p_mhi, p_est, p_dxdm,  # [B, G1] the search's state (STATE), updated where open
     R, G1, group_size, group_p, scale,
-    FIXED: tl.constexpr, SETTLE: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BG: tl.constexpr,
+    FIXED: tl.constexpr, SNAP: tl.constexpr, SETTLE: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr,
+    BG: tl.constexpr,
 ):
     """Brackets of BR rows shrunk by the probe points (all of a row's points serve all its
-    boundaries), the check whether a new hd itself passes, and the estimate of each crossing."""
+    boundaries), the check whether a new hd itself passes, and the estimate of each crossing.
+    Without SNAP (no row values beside the points; SETTLE needs them) the bracket ends become
+    the points themselves: lo the last point that passes, hd the float below the first that
+    fails (every value above hd is >= that point, whose measure is meas_hi) and hu that point."""
     o_r, m_r, o_g, m, o_chunk, o_state, b_lse, lo, hd, hu, m_lo, m_hi = _state_tiles(
         p_rows, p_lse, p_lo, p_hd, p_hu, p_mlo, p_mhi, R, G1, BR, BG)
     g = o_g[None, :] + 1
@@ -740,8 +833,9 @@ def _narrow_kernel(
     o_rl = o_r[:, None] * BP + o_l[None, :]
     x = tl.load(p_x + o_rl, mask=m_r[:, None], other=0.0)
     meas = tl.load(p_meas + o_rl, mask=m_r[:, None], other=0)
-    above = tl.load(p_above + o_rl, mask=m_r[:, None], other=0.0)
-    below = tl.load(p_below + o_rl, mask=m_r[:, None], other=0.0)
+    if SNAP:
+        above = tl.load(p_above + o_rl, mask=m_r[:, None], other=0.0)
+        below = tl.load(p_below + o_rl, mask=m_r[:, None], other=0.0)
     if SETTLE:
         top = tl.load(p_top + o_chunk, mask=m, other=0)
         u_top = tl.gather(above, top, axis=1)
@@ -755,15 +849,18 @@ def _narrow_kernel(
     order = tl.sum(tl.where(rank[:, :, None] == o_l[None, None, :], o_l[None, :, None], 0), axis=1)
     xs = tl.gather(x, order, axis=1)
     ms = tl.gather(meas, order, axis=1)
-    us = tl.gather(above, order, axis=1)
-    ls = tl.gather(below, order, axis=1)
     # last point that passes boundary g: the passed counts are non-increasing along xs
     passed = _passed(ms, G1, group_size, group_p, FIXED)  # [BR, BP]
     i_pass = tl.sum((passed[:, None, :] >= g[:, :, None]).to(tl.int32), axis=2) - 1  # [BR, BG]
     i_a = tl.maximum(i_pass, 0)
     i_b = tl.minimum(i_pass + 1, BP - 1)
-    u_a, m_a = tl.gather(us, i_a, axis=1), tl.gather(ms, i_a, axis=1)
-    l_b, u_b, m_b = tl.gather(ls, i_b, axis=1), tl.gather(us, i_b, axis=1), tl.gather(ms, i_b, axis=1)
+    m_a, m_b = tl.gather(ms, i_a, axis=1), tl.gather(ms, i_b, axis=1)
+    if SNAP:  # the row's values next to the points
+        us, ls = tl.gather(above, order, axis=1), tl.gather(below, order, axis=1)
+        u_a, l_b, u_b = tl.gather(us, i_a, axis=1), tl.gather(ls, i_b, axis=1), tl.gather(us, i_b, axis=1)
+    else:  # the points
+        u_a, u_b = tl.gather(xs, i_a, axis=1), tl.gather(xs, i_b, axis=1)
+        l_b = -_next_up(-u_b)
     raise_lo = (i_pass >= 0) & (u_a > lo)
     new_lo = tl.where(raise_lo, tl.minimum(u_a, hd), lo)
     new_mlo = tl.where(raise_lo, m_a, m_lo)
@@ -771,11 +868,11 @@ def _narrow_kernel(
     new_hd = tl.where(lower_hd, tl.maximum(l_b, new_lo), hd)
     new_hu = tl.where(lower_hd, tl.minimum(u_b, hu), hu)
     new_mhi = tl.where(lower_hd, m_b, m_hi)
-    # a new hd whose own weight lifts the measure over the boundary is the answer
-    m_hd = new_mhi + _weight(new_hd, b_lse, scale, FIXED)
-    hd_holds = lower_hd & (new_lo < new_hd) & _holds(m_hd, g, group_size, group_p, FIXED)
-    new_lo = tl.where(hd_holds, new_hd, new_lo)
-    new_mlo = tl.where(hd_holds, m_hd, new_mlo)
+    if SNAP:  # a new hd (a row value) whose own weight lifts the measure over the boundary is the answer
+        m_hd = new_mhi + _weight(new_hd, b_lse, scale, FIXED)
+        hd_holds = lower_hd & (new_lo < new_hd) & _holds(m_hd, g, group_size, group_p, FIXED)
+        new_lo = tl.where(hd_holds, new_hd, new_lo)
+        new_mlo = tl.where(hd_holds, m_hd, new_mlo)
     est, dx_dm = _inverse_cubic(xs, ms, i_pass, _target(g, group_size, group_p, FIXED), BP)
     active = m & (lo < hd)
     tl.store(p_lo + o_state, new_lo, mask=active)
@@ -857,13 +954,22 @@ def group_means(t, rt, lse_t, thr, teacher_scale, *, budget_bytes=None):
     thr = unit_stride_rows(thr.float())
     rt, lse_t = rt.contiguous(), lse_t.float().contiguous()
     qbar = torch.empty((B, G), device=t.device, dtype=torch.float32)
-    BG = max(2, triton.next_power_of_2(G))
-    cfg = _logit_blocks()
-    R = slab_rows(B, B, 4 * CHUNK_VALUES if budget_bytes is None else budget_bytes, 4, cfg["BM"])
+    R = slab_rows(B, B, 4 * CHUNK_VALUES if budget_bytes is None else budget_bytes, 4, _logit_blocks()["BM"])
     dots = torch.empty((R, B), device=t.device, dtype=torch.float32)
+    rows = torch.arange(B, device=t.device)
+    every = torch.ones(R, device=t.device, dtype=torch.int8)
     for row0 in range(0, B, R):
         n = min(R, B - row0)
         matmul_f32(t[row0:row0 + n], t.T, out=dots[:n])
-        _group_means_kernel[(triton.cdiv(n, cfg["BM"]),)](
-            dots, rt, lse_t, thr, qbar, row0, n, B, G, thr.stride(0), float(teacher_scale), BG=BG, **cfg)
+        _means_launch(dots, rt, lse_t, rows[row0:row0 + n], every, thr[row0:row0 + n], qbar, teacher_scale)
     return qbar
+
+
+def _means_launch(dots, rt, lse_t, rows, done, thr, qbar, teacher_scale):
+    """``_group_means_kernel`` over the rows [R] whose teacher dots are ``dots`` [>= R, B] fp32,
+    for those with ``done`` [R] int8 set; thr [R, G-1] (unit column stride), qbar [B, G]."""
+    cfg = _logit_blocks()
+    R, (B, G) = len(rows), qbar.shape
+    _group_means_kernel[(triton.cdiv(R, cfg["BM"]),)](
+        dots, rt, lse_t, rows, done, thr, qbar, R, B, G, thr.stride(0), float(teacher_scale),
+        BG=max(2, triton.next_power_of_2(G)), **cfg)

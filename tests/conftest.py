@@ -25,7 +25,7 @@ def _poison(t):
     if t.is_floating_point() or t.is_complex():
         t.fill_(float("nan"))
     elif t.dtype != torch.bool:
-        t.fill_(-12345 if t.dtype.is_signed else 123)
+        t.fill_(max(-12345, torch.iinfo(t.dtype).min + 5) if t.dtype.is_signed else 123)
     return t
 
 

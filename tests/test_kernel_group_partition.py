@@ -280,12 +280,16 @@ def test_group_means(device, B, Dt, teacher_temperature, group_p, group_size, bu
     scale = 1.0 / teacher_temperature
     _, lse_t, _, _ = row_stats(rows, scale)
     qbar = group_means(*rows, lse_t, thr, scale, budget_bytes=budget)
+    check_means(qbar, t, thr, scale)
 
+
+def check_means(qbar, t, thr, scale):
+    """qbar [B, G] against float64 means of the softmax at ``scale`` over ``thr``'s groups."""
+    B, G = t.shape[0], thr.shape[1] + 1
     groups = kernel_groups(t, thr)
-    G = thr.shape[1] + 1
-    eye = torch.eye(B, dtype=torch.bool, device=device)
+    eye = torch.eye(B, dtype=torch.bool, device=t.device)
     q = torch.softmax((t * scale).masked_fill(eye, -math.inf), 1)
-    onehot = (groups[:, :, None] == torch.arange(G, device=device)).double()
+    onehot = (groups[:, :, None] == torch.arange(G, device=t.device)).double()
     sums, counts = (q[:, :, None] * onehot).sum(1), onehot.sum(1)
     ref = torch.where(counts > 0, sums / counts.clamp(min=1), 0.0)
     assert qbar.shape == (B, G) and qbar.dtype == torch.float32
@@ -293,6 +297,27 @@ def test_group_means(device, B, Dt, teacher_temperature, group_p, group_size, bu
     err = (qbar.double() - ref).norm() / ref.norm()
     assert err <= 1e-5, f"relative error {err:.2e}"
     torch.testing.assert_close(qbar.double(), ref, rtol=1e-4, atol=0.0)
+
+
+@pytest.mark.parametrize("temperature,group_p,group_size", [(1.0, 0.1, None), (0.1, 0.3, None), (1.0, 0.1, 4)])
+def test_group_means_from_the_search(device, monkeypatch, temperature, group_p, group_size):
+    """``group_thresholds(means=...)``: each row's means from the teacher dots of the chunk that
+    finishes it. An 8-value buffer and 40-row chunks: rows finish in different passes and chunks
+    (none in the grid pass, which has no windows), the rest of a chunk is skipped."""
+    import distillcse.kernels.group_partition as gp
+
+    monkeypatch.setattr(gp, "BUFFER", 8)
+    monkeypatch.setattr(gp, "CHUNK_VALUES", 40 * 9 * 8)
+    passes = count_passes(monkeypatch)
+    rows = teachers(130, 48, device, dup=3, seed=6)
+    t, lse_g, t_min, t_max = row_stats(rows, 1.0 / temperature)
+    _, lse_t, _, _ = row_stats(rows, 80.0)
+    thr, qbar = gp.group_thresholds(*rows, lse_g, t_min, t_max, 1.0 / temperature, group_p=group_p,
+                                    group_size=group_size, method="search", means=(lse_t, 80.0))
+    assert len(passes) >= 3 and 0 < passes[1][0] < 1, "rows should finish over several passes"
+    check_means(qbar, t, thr, 80.0)
+    assert (thr == gp.group_thresholds(*rows, lse_g, t_min, t_max, 1.0 / temperature, group_p=group_p,
+                                       group_size=group_size, method="search")).all()
 
 
 def test_group_means_single_group(device):

@@ -66,8 +66,11 @@ def test_slab_phase_within_budget(shuffle, dtype):
         assert sum(n >= B * D * 4 for n, *_ in mem.at_peak) == (0 if half else 1), mem.at_peak[:6]
 
 
-def test_group_search_within_budget():
-    """The search's host temporaries come in row chunks that fit the budget; its state is O(B G)."""
+@pytest.mark.parametrize("means", [False, True])
+def test_group_search_within_budget(means):
+    """The search's host temporaries come in row chunks that fit the budget; its state is O(B G);
+    with the group means, only their [B, G] output is added (each chunk's means come from the
+    teacher dots it was evaluated on)."""
     from distillcse.kernels.group_partition import MIN_CHUNK_ROWS, _row_bytes, group_thresholds
 
     B_, G1 = 600, 9
@@ -83,9 +86,13 @@ def test_group_search_within_budget():
     assert budget // _row_bytes(G1, 64, False) >= MIN_CHUNK_ROWS
     args = (e.to(DEVICE), torch.ones(B_, device=DEVICE), lse.to(DEVICE), t_min.to(DEVICE), t_max.to(DEVICE), 1.0)
     with TensorMemory() as mem:
-        thr = group_thresholds(*args, group_p=0.1, budget_bytes=budget, method="search")
+        thr = group_thresholds(*args, group_p=0.1, budget_bytes=budget, method="search",
+                               means=(lse.to(DEVICE), 80.0) if means else None)
+    if means:
+        thr, qbar = thr
+        assert qbar.shape == (B_, G1 + 1) and torch.isfinite(qbar).all()
     assert thr.shape == (B_, G1)
-    state = 16 * 4 * B_ * G1  # brackets, measures, estimates and thresholds [B, G - 1]
+    state = 16 * 4 * B_ * G1 + (4 * B_ * (G1 + 1) if means else 0)  # brackets, measures, estimates, thresholds (means)
     assert mem.peak <= budget + state, (mem.peak, budget + state, mem.at_peak[:6])
     with TensorMemory() as unbounded:
         again = group_thresholds(*args, group_p=0.1, method="search")
