@@ -85,9 +85,11 @@ def distill(B, D, dtype, teacher_dtype, n_thr=9):
     in 8 column chunks (reading the slab's cuBLAS dots) the slab kernel with each shuffle plus
     the random mode's count, table and compaction kernels (G = 10 groups), the random mode's accumulation of that
     slab's gradient into dx (and lo), the gradient through the norms (`unit_rows_backward`); and in kernels/group_partition.py the
-    threshold search over 4096 rows (the first pass's grid of 64 points, and a later pass's 16
-    points with windows: the placing, probe, narrowing and settling kernels; by mass and fixed
-    size), the pairwise thresholds (by mass and fixed size) and the group means pass.
+    threshold search over 4096 rows (the first pass's grid of 32 points, measure only and
+    collecting, and a later pass's 16 points with windows: the placing, probe, narrowing and
+    settling kernels, the group means of its finished rows; by mass and fixed size), its grid
+    pass on the row statistics' slabs, the pairwise thresholds (by mass and fixed size) and the
+    group means pass.
     The slab launcher builds its tables from kernel results and the search loops on them, so
     those kernels are called directly."""
     from distillcse.kernels import distill as K
@@ -97,7 +99,8 @@ def distill(B, D, dtype, teacher_dtype, n_thr=9):
     rows, chunks = 512, 8
     x, t = torch.empty(B, D, dtype=dtype), torch.empty(B, D, dtype=teacher_dtype)
     r, thr, qbar = torch.empty(B), torch.empty(B, n_thr), torch.empty(B, n_thr + 1)
-    K.distill_row_stats(x, r, t, r, 40.0, 80.0, 1.0, budget_bytes=rows * B * 8)
+    grid = GP.grid_pass(t, r, 1.0, group_p=1 / (n_thr + 0.5), budget_bytes=rows * B * 8, method="search")
+    K.distill_row_stats(x, r, t, r, 40.0, 80.0, 1.0, budget_bytes=rows * B * 8, grid=grid)  # with the search's grid
     teacher_blocks, _ = K._slab_blocks(B, "random")
     width = triton.cdiv(B, chunks)
     first = torch.empty(rows, chunks, n_thr + 1, dtype=torch.int32)

@@ -4,10 +4,10 @@
 
 For each B and each of (contrastive, full/expected, full/random): one warm-up step (JIT
 compiles), then one profiled step; prints the wall time (CUDA events) and the kernels sorted by
-their GPU time, with call counts; the ``distillcse::<phase>`` rows (row_stats, group_thresholds
-(with the group means of shuffle "expected"), distill_slabs, contrastive_rows,
-contrastive_columns) give each phase's total. ``--small`` profiles 20 steps at a small B, where
-host overhead rules. bf16, D = Dt = 768, one teacher, as ``bench targets``.
+their GPU time, with call counts; the ``distillcse::<phase>`` rows (row_stats, with the
+search's grid pass; group_thresholds, with the group means of shuffle "expected";
+distill_slabs, contrastive_rows, contrastive_columns) give each phase's total. ``--small``
+profiles 20 steps at a small B, where host overhead rules. bf16, D = Dt = 768, one teacher, as ``bench targets``.
 """
 import argparse
 import os

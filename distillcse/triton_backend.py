@@ -26,7 +26,7 @@ from torch.profiler import record_function
 from . import config
 from .kernels.contrastive import contrastive_bwd_dy, contrastive_fwd
 from .kernels.distill import distill_loss_and_grad, distill_row_stats
-from .kernels.group_partition import group_thresholds, num_groups
+from .kernels.group_partition import grid_pass, group_thresholds, num_groups
 from .kernels.small_batch import fits, small_batch_loss
 from .reference import EPS
 from .torch_backend import DistillChunked, need_grad
@@ -102,12 +102,15 @@ def _distill_rows(z, r, t, rt, student_temperature, options, need_grad):
     """Distillation loss rows [B] fp32 and d(sum of them)/dz [B, D] in z's dtype (or None)."""
     ss, ts, gs = 1.0 / student_temperature, 1.0 / options["teacher_temperature"], 1.0 / options["grouping_temperature"]
     shuffle, groups, budget = options["shuffle"], {}, config.chunk_budget_bytes()
+    grouping = dict(group_p=options["group_p"], group_size=options["group_size"], budget_bytes=budget)
+    # the threshold search's first pass rides on the row statistics' teacher slabs (None: no search)
+    grid = grid_pass(t, rt, gs, **grouping) if shuffle != "none" else None
     with _phase("row_stats"):
-        lse_s, lse_t, lse_g, t_min, t_max = distill_row_stats(z, r, t, rt, ss, ts, gs, budget_bytes=budget)
+        lse_s, lse_t, lse_g, t_min, t_max = distill_row_stats(z, r, t, rt, ss, ts, gs, budget_bytes=budget,
+                                                              grid=grid)
     if shuffle != "none":  # "expected": the group means come with the thresholds (their last pass)
         with _phase("group_thresholds"):
-            found = group_thresholds(t, rt, lse_g, t_min, t_max, gs, group_p=options["group_p"],
-                                     group_size=options["group_size"], budget_bytes=budget,
+            found = group_thresholds(t, rt, lse_g, t_min, t_max, gs, **grouping, grid=grid,
                                      means=(lse_t, ts) if shuffle == "expected" else None)
         if shuffle == "expected":
             groups["thr"], groups["qbar"] = found

@@ -7,13 +7,14 @@ dots through ``tiles.slab_tile``); only ``j != i`` takes part. Targets
 ``q_ij = exp(t_ij * teacher_scale - lse_t_i)``, shuffled into ``q~`` within the Group-P groups
 ``group_i(j) = #{g : t_ij < thr[i, g]}`` (thresholds from ``group_partition.group_thresholds``):
   none      ``q~ = q``;
-  expected  ``q~_ij = qbar[i, group_i(j)]`` (``group_partition.group_means``);
+  expected  ``q~_ij = qbar[i, group_i(j)]`` (the group means: ``group_thresholds(means=...)``);
   random    ``q~_ij = q_ij'``, j' the member of j's group whose column-order rank is
             ``sigma(rank_i(j))``, ``sigma`` the keyed Feistel permutation that
             ``distillcse.shuffle`` defines (``_group_permutation`` is the same uint32 arithmetic).
 
 1. ``distill_row_stats``: the logsumexps of s and t (two scales) and t's range, per slab of
-   rows from their cuBLAS dots, online over the columns.
+   rows from their cuBLAS dots, online over the columns (and on the same teacher dots the
+   Group-P search's first pass, ``group_partition.grid_pass``).
 2. ``distill_loss_and_grad``: per slab of R rows, cuBLAS writes the raw dots ``x[slab] x^T``
    and ``t[slab] t^T`` [R, B] in fp32, and a (row block, column chunk) grid reads their tiles
    and writes the gradient factors ``G_rj = student_scale (p_rj - q~_rj)`` to an [R, B] buffer
@@ -563,16 +564,19 @@ def _stats_blocks() -> dict:
     return dict(BM=32, BN=128, num_warps=8)
 
 
-def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale, *, budget_bytes):
+def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale, *, budget_bytes, grid=None):
     """Per slab of rows whose fp32 dots ``x[slab] x^T`` and ``t[slab] t^T`` (cuBLAS, 8 bytes an
     entry) fit ``budget_bytes`` (at least one row block), one pass over the columns;
     deterministic. ``x`` [B, D], ``rx`` [B] fp32, ``t`` [B, Dt], ``rt`` [B] fp32. Returns five
     fp32 [B] vectors: lse_s, lse_t, lse_g (logsumexps over j != i of s * student_scale,
-    t * teacher_scale, t * grouping_scale) and t_min, t_max (min / max over j != i of t)."""
+    t * teacher_scale, t * grouping_scale) and t_min, t_max (min / max over j != i of t).
+    ``grid``: the Group-P search's first pass (``group_partition.grid_pass``), run on each slab's
+    teacher dots once its statistics are known; the slabs then take 3/4 of the budget (the
+    pass's partial measures the rest)."""
     x, rx, t, rt = _prepare(x, rx, t, rt)
     B = x.shape[0]
     blocks = _stats_blocks()
-    R = slab_rows(B, B, budget_bytes, 8, blocks["BM"])
+    R = slab_rows(B, B, budget_bytes - (budget_bytes // 4 if grid is not None else 0), 8, blocks["BM"])
     s_dots = torch.empty(R, B, device=x.device, dtype=torch.float32)
     t_dots = torch.empty(R, B, device=x.device, dtype=torch.float32)
     out = torch.empty((5, B), device=x.device, dtype=torch.float32)
@@ -583,6 +587,8 @@ def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale
         _row_stats_kernel[(triton.cdiv(rows, blocks["BM"]),)](
             s_dots, rx, t_dots, rt, out, row0, rows, B, float(student_scale), float(teacher_scale),
             float(grouping_scale), **blocks)
+        if grid is not None:
+            grid(row0, t_dots[:rows], out[2], out[3], out[4])
     return tuple(out.unbind(0))
 
 

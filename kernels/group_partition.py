@@ -47,7 +47,11 @@ it with every other value of its row (B^3 comparisons, the column tiles' dots re
 tile of values), and per boundary the largest value that passes (hd) and the smallest that
 fails (hu) with atomics; thr is again mid-gap. Two launches and two fills, no host sync,
 extra memory [B, G - 1].
-``group_means`` then averages the targets ``q_ij`` over each group in one pass over row slabs.
+``group_means`` averages the targets ``q_ij`` over each group in one pass over row slabs;
+the search does without that pass and without its own first one where it can:
+``group_thresholds(means=...)`` averages each row from the teacher dots of the pass that
+finishes it (``_KernelProbes.after_chunk``), and ``grid_pass`` lets the row statistics'
+slabs (``distill.distill_row_stats(grid=...)``) carry the first pass on their teacher dots.
 """
 import math
 
@@ -295,6 +299,26 @@ def _thresholds_from_brackets_kernel(
 
 
 @triton.jit
+def _grid_points_kernel(
+    p_t_min, p_t_max,  # [B] fp32 row statistics (j != i)
+    p_x,  # [B, BP] fp32 out: rows row0 .. row0 + R
+    row0, R, margin,
+    BR: tl.constexpr, BP: tl.constexpr,
+):
+    """The grid pass's BP probe points of R rows: uniform over (lo, hd], the bracket ``_search``
+    starts from (``_initial_brackets``, ``_grid_points``: the same operations)."""
+    o_m = row0 + tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    m_m = o_m < row0 + R
+    t_min = tl.load(p_t_min + o_m, mask=m_m, other=0.0)
+    t_max = tl.load(p_t_max + o_m, mask=m_m, other=0.0)
+    lo = t_min - margin * (1.0 + tl.abs(t_min))
+    hd = t_max + margin * (1.0 + tl.abs(t_max))
+    o_p = tl.arange(0, BP)
+    x = hd[:, None] - (hd - lo)[:, None] * ((BP - 1 - o_p).to(tl.float32) / BP)[None, :]
+    tl.store(p_x + o_m[:, None] * BP + o_p[None, :], x, mask=m_m[:, None])
+
+
+@triton.jit
 def _settled_rows_kernel(
     p_rows,  # [R] int64 rows of a search chunk
     p_lo, p_hd, p_hu,  # [B, G1] fp32 the search's brackets
@@ -351,7 +375,7 @@ def num_groups(B, group_p=0.1, group_size=None) -> int:
 
 
 def group_thresholds(t, rt, lse_g, t_min, t_max, grouping_scale, *, group_p=0.1, group_size=None,
-                     budget_bytes=None, method="auto", means=None):
+                     budget_bytes=None, method="auto", means=None, grid=None):
     """thr [B, G-1] fp32 (shape [B, 0] when G == 1): ``t_ij`` (j != i) is in group >= g iff
     ``t_ij < thr[i, g-1]``; thr is non-increasing in g. ``t`` [B, Dt] teacher rows (fp16, bf16
     or fp32) and ``rt`` [B] fp32 their inverse norms (``teacher_logits``); ``lse_g``, ``t_min``,
@@ -364,7 +388,8 @@ def group_thresholds(t, rt, lse_g, t_min, t_max, grouping_scale, *, group_p=0.1,
     ``PAIRWISE_MAX_B`` rows.
     With ``means`` = (``lse_t`` [B] fp32, ``teacher_scale``), returns ``(thr, qbar)``, qbar
     [B, G] the group means of ``group_means``: the search takes them from the teacher dots of
-    the pass that finishes each row (no pass of their own), the other ways by ``group_means``."""
+    the pass that finishes each row (no pass of their own), the other ways by ``group_means``.
+    ``grid``: the search's first pass, done already (``grid_pass``; None where it returns None)."""
     if method not in ("auto", "search", "pairwise"):
         raise ValueError(f'method must be "auto", "search" or "pairwise", got {method!r}')
     t = unit_stride_rows(t)
@@ -379,7 +404,7 @@ def group_thresholds(t, rt, lse_g, t_min, t_max, grouping_scale, *, group_p=0.1,
         thr = torch.empty((B, 0), device=t.device, dtype=torch.float32)
     elif B < 2:  # no off-diagonal entry: any threshold is right
         thr = torch.zeros((B, G - 1), device=t.device, dtype=torch.float32)
-    elif method == "pairwise" or (method == "auto" and B <= PAIRWISE_MAX_B):
+    elif not searches(B, method):
         thr = _pairwise_thresholds(t, rt.contiguous(), lse_g, t_min, t_max, float(grouping_scale), G - 1,
                                    group_p, group_size)
     else:
@@ -387,7 +412,7 @@ def group_thresholds(t, rt, lse_g, t_min, t_max, grouping_scale, *, group_p=0.1,
                                budget_bytes, means)
         thr = _search(probes, t_min, t_max, lse_g, grouping_scale, G - 1, B, group_p, group_size,
                       budget_bytes=budget_bytes, row_values=B + Dt,  # a row's dots, and its gathered teacher row
-                      after_chunk=probes.after_chunk)
+                      after_chunk=probes.after_chunk, grid=grid)
         if means is not None:
             return thr, probes.qbar
     if means is None:
@@ -450,10 +475,13 @@ class _KernelProbes:
             self.lse_t, self.teacher_scale = means[0].float().contiguous(), float(means[1])
             self.qbar = torch.empty((t.shape[0], G1 + 1), device=t.device, dtype=torch.float32)
 
-    def __call__(self, rows, x, windows, snap):
+    def __call__(self, rows, x, windows, snap, dots=None):
+        """(``dots``: the rows' teacher dots [R, B] fp32 if already computed.)"""
         t, G1, cfg = self.t, self.G1, self.cfg
         R, BP = x.shape
-        dots = matmul_f32(t[rows], t.T)  # [R, B] fp32
+        self.dots = None  # the previous chunk's
+        if dots is None:
+            dots = matmul_f32(t[rows], t.T)  # [R, B] fp32
         row_blocks = triton.cdiv(R, cfg["BM"])
         # splits: a power of two, so that the partial measures are summed in the same order
         splits = min(1 << (self.n_tiles.bit_length() - 1),
@@ -475,7 +503,7 @@ class _KernelProbes:
             dots, self.rt, self.lse_g, rows, x, meas, above, below, wlo, whi, count, buf,
             R, t.shape[0], G1, BUFFER, triton.cdiv(self.n_tiles, splits), self.grouping_scale,
             FIXED=self.fixed, SNAP=snap, COLLECT=windows is not None, BP=BP, **cfg)
-        self.dots = dots if self.qbar is not None else None
+        self.dots = dots if self.qbar is not None and windows is not None else None  # only windows finish rows
         while meas.shape[0] > 1:
             meas = meas[0::2] + meas[1::2]
         if not snap:
@@ -486,7 +514,7 @@ class _KernelProbes:
         """The group means of the chunk's rows that the search has finished (``_settled_rows_kernel``
         then ``_group_means_kernel`` on the chunk's dots, which it then lets go)."""
         dots, self.dots = self.dots, None
-        if self.qbar is None:
+        if dots is None:
             return
         R, G1 = len(rows), self.G1
         thr = torch.empty((R, G1), device=rows.device, dtype=torch.float32)
@@ -498,20 +526,78 @@ class _KernelProbes:
         _means_launch(dots, self.rt, self.lse_t, rows, done, thr, self.qbar, self.teacher_scale)
 
 
+def _initial_brackets(t_min, t_max):
+    """(lo, hd) [R] fp32: bounds just below and above each row's values ([R] statistics, which
+    may come from another summation order or precision: ``STATS_MARGIN``)."""
+    return t_min - STATS_MARGIN * (1.0 + t_min.abs()), t_max + STATS_MARGIN * (1.0 + t_max.abs())
+
+
+def _grid_points(lo, hd):
+    """The grid pass's probe points [R, GRID_LANES]: uniform over [lo, hd] ([R, 1]), hd the last."""
+    j = torch.arange(GRID_LANES, device=lo.device, dtype=torch.float32)
+    return hd - (hd - lo) * ((GRID_LANES - 1 - j) / GRID_LANES)
+
+
+def searches(B, method="auto"):
+    """Whether ``group_thresholds`` finds B rows' thresholds by the search (else pairwise)."""
+    return method == "search" or (method == "auto" and B > PAIRWISE_MAX_B)
+
+
+class GridPass:
+    """The search's first pass (the measure at GRID_LANES points uniform over each row's range,
+    no windows) on teacher dots computed elsewhere: ``distill.distill_row_stats(grid=...)``
+    calls it per slab of rows with the slab's teacher dots and statistics, then
+    ``group_thresholds(grid=...)`` starts from its results, one sweep of teacher GEMMs fewer.
+    Extra memory: the points and measures [B, GRID_LANES]. Make it with ``grid_pass``."""
+
+    def __init__(self, t, rt, grouping_scale, G1, fixed, budget_bytes):
+        B = t.shape[0]
+        self.probe_args = (t, rt, float(grouping_scale), G1, fixed, budget_bytes)
+        self.x = torch.empty((B, GRID_LANES), device=t.device, dtype=torch.float32)
+        self.meas = torch.empty((B, GRID_LANES), device=t.device, dtype=torch.int32 if fixed else torch.float32)
+
+    def __call__(self, row0, dots, lse_g, t_min, t_max):
+        """The rows row0 .. row0 + n from their raw teacher dots ``dots`` [n, B] fp32 (``t[rows] t^T``
+        as ``matmul_f32`` writes them) and their statistics (``lse_g``, ``t_min``, ``t_max`` [B]
+        fp32, set for those rows)."""
+        n = dots.shape[0]
+        rows = torch.arange(row0, row0 + n, device=dots.device)
+        BR = 256 if utils.interpreter_blocks() else 32
+        _grid_points_kernel[(triton.cdiv(n, BR),)](t_min, t_max, self.x, row0, n, STATS_MARGIN, BR=BR, BP=GRID_LANES)
+        x = self.x[row0:row0 + n]
+        t, rt, scale, G1, fixed, budget_bytes = self.probe_args
+        probes = _KernelProbes(t, rt, lse_g.contiguous(), scale, G1, fixed, budget_bytes)
+        self.meas[row0:row0 + n] = probes(rows, x, None, False, dots=dots)[0]
+
+
+def grid_pass(t, rt, grouping_scale, *, group_p=0.1, group_size=None, budget_bytes=None, method="auto"):
+    """A ``GridPass`` for ``group_thresholds`` of these teacher rows (arguments as there), or None
+    where it finds the thresholds another way or its first pass collects whole rows."""
+    B = t.shape[0]
+    G = num_groups(B, group_p, group_size)
+    if not searches(B, method) or not 1 < G <= MAX_BOUNDARIES + 1 or B - 1 <= FILL * BUFFER:
+        return None
+    return GridPass(unit_stride_rows(t), rt.contiguous(), grouping_scale, G - 1, group_size is not None,
+                    budget_bytes)
+
+
 def _search(evaluate, t_min, t_max, lse_g, grouping_scale, G1, B, group_p, group_size, trace=None,
-            budget_bytes=None, row_values=0, after_chunk=None):
+            budget_bytes=None, row_values=0, after_chunk=None, grid=None):
     """thr [R, G1] for R rows whose values are seen through ``evaluate`` (see ``_KernelProbes``;
     rows index t_min), in row chunks of at most ``CHUNK_VALUES`` collection slots, as many
     4-byte values of ``evaluate``'s own a row (``row_values``: the kernel probes' teacher dots
     and the row itself),
     and (when given) ``budget_bytes`` of temporaries. ``trace``, a list, receives per pass
     (fraction of (row, boundary) pairs still open, fraction of rows evaluated, probe points per row);
-    ``after_chunk(rows, state, t_min, t_max)``, if given, is called after each row chunk's pass."""
+    ``after_chunk(rows, state, t_min, t_max)``, if given, is called after each row chunk's pass;
+    a row leaves the search only after a pass with windows then (the only passes that can
+    finish it, whose dots ``after_chunk`` may use). ``grid``: a ``GridPass`` that has seen
+    every row, the first pass's points and measures."""
     fixed = group_size is not None
     dev = t_min.device
     t_min, t_max = t_min.float().contiguous(), t_max.float().contiguous()
-    lo = (t_min - STATS_MARGIN * (1.0 + t_min.abs()))[:, None].repeat(1, G1)
-    hd = (t_max + STATS_MARGIN * (1.0 + t_max.abs()))[:, None].repeat(1, G1)
+    lo, hd = _initial_brackets(t_min, t_max)
+    lo, hd = lo[:, None].repeat(1, G1), hd[:, None].repeat(1, G1)
     if fixed:
         meas_lo = torch.full_like(lo, B - 1, dtype=torch.int32)
         meas_hi = torch.zeros_like(lo, dtype=torch.int32)
@@ -533,30 +619,32 @@ def _search(evaluate, t_min, t_max, lse_g, grouping_scale, G1, B, group_p, group
         if budget_bytes is not None:
             per_row = _row_bytes(G1, GRID_LANES if i_pass == 0 else lanes, collect) + 4 * row_values
             chunk = min(chunk, max(MIN_CHUNK_ROWS, (budget_bytes - budget_bytes // 4) // per_row))  # 1/4: the splits'
+        from_grid = i_pass == 0 and grid is not None
         for r in rows.split(chunk):
-            points = _search_chunk(state, r, i_pass, collect, evaluate, rule, lanes, lse_g)
-            if after_chunk is not None:
+            points = _search_chunk(state, r, i_pass, collect,
+                                   (lambda r, x, w, s: (grid.meas[r],) + (None,) * 4) if from_grid else evaluate,
+                                   rule, lanes, lse_g, grid.x[r] if from_grid else None)
+            if after_chunk is not None and collect:
                 after_chunk(r, state, t_min, t_max)
         is_open = state["lo"] < state["hd"]
         if trace is not None:
             trace.append((is_open.float().mean().item(), len(rows) / len(t_min), points))
-        rows = is_open.any(1).nonzero()[:, 0]  # the pass's host sync
+        if after_chunk is None or collect:
+            rows = is_open.any(1).nonzero()[:, 0]  # the pass's host sync
         if len(rows) == 0:
             return _thresholds_from_brackets(state["hd"], state["hu"], t_min, t_max)
     raise RuntimeError(f"group_thresholds: search not converged after {MAX_PASSES} passes "
                        "(non-finite teacher logits?)")
 
 
-def _search_chunk(state, r, i_pass, collect, evaluate, rule, lanes, lse):
+def _search_chunk(state, r, i_pass, collect, evaluate, rule, lanes, lse, grid_points=None):
     """One pass over the rows r [R] (``state`` [B, G1] tensors updated in place by
     ``_narrow_kernel`` and ``_settle_kernel``; the chunk's temporaries die on return); returns
-    the probe points per row. ``lse`` [B] fp32."""
+    the probe points per row. ``lse`` [B] fp32; ``grid_points`` the first pass's, if given."""
     R, G1 = len(r), rule["G1"]
     BG = max(8, triton.next_power_of_2(G1))  # Triton 3.6 cannot build _place_kernel for sm_90 at BG <= 4
     if i_pass == 0:  # a uniform grid over [lo, hd], the same for every boundary
-        lo0, hd0 = state["lo"][r, :1], state["hd"][r, :1]
-        j = torch.arange(GRID_LANES, device=r.device, dtype=torch.float32)
-        x = hd0 - (hd0 - lo0) * ((GRID_LANES - 1 - j) / GRID_LANES)
+        x = _grid_points(state["lo"][r, :1], state["hd"][r, :1]) if grid_points is None else grid_points
         windows = (state["lo"][r], state["hd"][r]) if collect else None  # [lo0, hd0): the whole row
         top = torch.full((R, G1), GRID_LANES - 1, device=r.device, dtype=torch.int32)
     else:

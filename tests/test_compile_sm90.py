@@ -20,5 +20,6 @@ def test_few_group_kernels_compile_for_sm90():
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     for kernel in ("_place_kernel", "_group_probe_kernel", "_narrow_kernel", "_settle_kernel",
-                   "_pairwise_brackets_kernel", "_group_means_kernel", "_settled_rows_kernel", "_distill_slab_kernel"):
+                   "_pairwise_brackets_kernel", "_group_means_kernel", "_settled_rows_kernel", "_grid_points_kernel",
+                   "_distill_slab_kernel"):
         assert f"### {kernel} " in run.stdout, kernel

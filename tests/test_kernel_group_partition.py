@@ -100,12 +100,21 @@ def kernel_groups(t, thr):
 
 
 def check_partition(rows, grouping_temperature, group_p=0.1, group_size=None, method="auto"):
-    from distillcse.kernels.group_partition import group_thresholds, num_groups
+    from distillcse.kernels.group_partition import group_thresholds
 
     scale = 1.0 / grouping_temperature
     t, lse, t_min, t_max = row_stats(rows, scale)
     thr = group_thresholds(*rows, lse, t_min, t_max, scale, group_p=group_p, group_size=group_size,
                            method=method)
+    assert_partition(t, thr, scale, group_p, group_size)
+    return thr
+
+
+def assert_partition(t, thr, scale, group_p, group_size):
+    """thr [B, G-1] splits t's rows (float64) as the naive sort does (by mass: up to a group
+    for entries within NEAR_BOUNDARY of a boundary)."""
+    from distillcse.kernels.group_partition import num_groups
+
     G = num_groups(len(t), group_p, group_size)
     assert thr.shape == (len(t), G - 1) and thr.dtype == torch.float32
     assert torch.isfinite(thr).all()
@@ -119,7 +128,6 @@ def check_partition(rows, grouping_temperature, group_p=0.1, group_size=None, me
         assert ((got - ref).abs() <= 1).all()
         diff &= ~near
     assert not diff.any(), f"{int(diff.sum())} entries in the wrong group"
-    return thr
 
 
 MODES = [  # (grouping temperature, group_p, group_size)
@@ -237,6 +245,47 @@ def test_search_pass_count(device, monkeypatch):
     passes = count_passes(monkeypatch)
     check_partition(teachers(130, 96, device, seed=3), 1.0, 0.1, method="search")
     assert len(passes) == 1 and passes[0][0] == 0.0
+
+
+@pytest.mark.parametrize("temperature,group_p,group_size", [(1.0, 0.1, None), (0.1, 0.3, None), (1.0, 0.1, 4)])
+def test_grid_pass_on_the_row_statistics_slabs(device, monkeypatch, temperature, group_p, group_size):
+    """``grid_pass`` fed by ``distill_row_stats``' teacher slabs (64, 64 and 2 rows): the search
+    that starts from it evaluates no grid of its own and finds the right partition (and means)."""
+    import distillcse.kernels.group_partition as gp
+    from distillcse.kernels.distill import distill_row_stats
+
+    monkeypatch.setattr(gp, "BUFFER", 8)  # B - 1 > FILL * BUFFER: the grid pass has no windows
+    monkeypatch.setattr(gp, "PAIRWISE_MAX_B", 64)
+    rows = teachers(130, 48, device, seed=6)
+    scale, budget = 1.0 / temperature, 4 * 64 * 130 * 8 // 3 + 8  # the slabs' 3/4: 64 rows of 8-byte entries
+    grouping = dict(group_p=group_p, group_size=group_size, budget_bytes=budget)
+    grid = gp.grid_pass(*rows, scale, **grouping)
+    _, lse_t, lse_g, t_min, t_max = distill_row_stats(*rows, *rows, 40.0, 80.0, scale, budget_bytes=budget,
+                                                      grid=grid)
+    lo, hd = gp._initial_brackets(t_min, t_max)  # the search's own grid, up to FMA contraction on a GPU
+    torch.testing.assert_close(grid.x, gp._grid_points(lo[:, None], hd[:, None]), rtol=1e-6, atol=1e-7)
+    gemms, matmul = [], gp.matmul_f32
+    monkeypatch.setattr(gp, "matmul_f32", lambda a, b, **kw: gemms.append(len(a)) or matmul(a, b, **kw))
+    thr, qbar = gp.group_thresholds(*rows, lse_g, t_min, t_max, scale, **grouping, grid=grid, means=(lse_t, 80.0))
+    from_grid = len(gemms)
+    again, _ = gp.group_thresholds(*rows, lse_g, t_min, t_max, scale, **grouping, means=(lse_t, 80.0))
+    assert sum(gemms[from_grid:]) - sum(gemms[:from_grid]) == 130, "the grid pass's teacher dots were made again"
+    t = logits(rows)
+    assert_partition(t, thr, scale, group_p, group_size)
+    assert_partition(t, again, scale, group_p, group_size)
+    check_means(qbar, t, thr, 80.0)
+
+
+def test_grid_pass_only_where_the_search_has_one(device, monkeypatch):
+    import distillcse.kernels.group_partition as gp
+
+    rows = teachers(300, 16, device)
+    assert gp.grid_pass(*rows, 1.0) is None  # B <= PAIRWISE_MAX_B: pairwise thresholds
+    assert isinstance(gp.grid_pass(*rows, 1.0, method="search"), gp.GridPass)
+    assert gp.grid_pass(*rows, 1.0, group_p=1.0, method="search") is None  # one group: no thresholds
+    monkeypatch.setattr(gp, "PAIRWISE_MAX_B", 64)
+    assert isinstance(gp.grid_pass(*rows, 1.0), gp.GridPass)
+    assert gp.grid_pass(*(v[:130] for v in rows), 1.0) is None  # the first pass collects whole rows
 
 
 def test_inverse_cubic_is_exact_on_a_cubic(device):

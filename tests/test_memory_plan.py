@@ -66,6 +66,23 @@ def test_slab_phase_within_budget(shuffle, dtype):
         assert sum(n >= B * D * 4 for n, *_ in mem.at_peak) == (0 if half else 1), mem.at_peak[:6]
 
 
+def test_row_stats_with_the_grid_pass_within_budget():
+    """The row statistics carrying the search's first pass (``grid_pass``): their slabs take 3/4
+    of the budget and the pass's temporaries fit in the rest; its [B, GRID_LANES] points and
+    measures are made beforehand, and filled."""
+    import distillcse.kernels.group_partition as gp
+    from distillcse.kernels.distill import distill_row_stats
+
+    x, rx, t, rt = _inputs()
+    budget = 4 * 64 * B * 8 // 3 + 8  # slabs of one 64-row block (8 bytes an entry) in 3/4 of it
+    grid = gp.grid_pass(t, rt, GROUPING, group_p=0.25, budget_bytes=budget, method="search")
+    with TensorMemory() as mem:
+        distill_row_stats(x, rx, t, rt, STUDENT, TEACHER, GROUPING, budget_bytes=budget, grid=grid)
+    assert mem.peak <= budget + 5 * B * 4, (mem.peak, budget, mem.at_peak[:6])  # + the five [B] statistics
+    assert mem.peak > 64 * B * 8 + 4 * 64 * gp.GRID_LANES, mem.at_peak[:6]  # both slabs and the pass's partials
+    assert torch.isfinite(grid.x).all() and torch.isfinite(grid.meas).all()
+
+
 @pytest.mark.parametrize("means", [False, True])
 def test_group_search_within_budget(means):
     """The search's host temporaries come in row chunks that fit the budget; its state is O(B G);

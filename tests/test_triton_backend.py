@@ -93,6 +93,31 @@ def test_random_shuffle_matches_torch_backend_for_a_seed(B):
         assert rel_err(g, rg) < 2e-5
 
 
+@pytest.mark.parametrize("shuffle,dims,group_size", [("expected", (48,), None), ("expected", (24, 16), None),
+                                                    ("expected", (48,), 6), ("random", (48,), None)])
+def test_threshold_search_path_matches(shuffle, dims, group_size, monkeypatch):
+    """Above ``PAIRWISE_MAX_B`` the thresholds come from the search, whose first pass rides on the
+    row statistics' teacher slabs (``grid_pass``) and whose last pass gives the group means: here
+    B = 130 with the pairwise limit at 64 and an 8-value buffer (no windows in the first pass)."""
+    from distillcse import triton_backend
+    from distillcse.kernels import group_partition as gp
+
+    monkeypatch.setattr(gp, "PAIRWISE_MAX_B", 64)
+    monkeypatch.setattr(gp, "BUFFER", 8)
+    made = []
+    monkeypatch.setattr(triton_backend, "grid_pass", lambda *a, **kw: made.append(gp.grid_pass(*a, **kw)) or made[-1])
+    inputs = make_batch(130, 40, dims)
+    kw = dict(shuffle=shuffle, seed=5, group_size=group_size)
+    # random: the torch backend draws the same shuffle for the seed (the reference its own)
+    ref_loss, ref_grads = run("torch" if shuffle == "random" else "reference", round_trip(inputs, torch.float32),
+                              torch.float64, "cpu", **kw)
+    loss, grads = run("triton", inputs, torch.float32, DEVICE, **kw)
+    assert len(made) == 1 and isinstance(made[0], gp.GridPass)
+    assert rel_err(loss, ref_loss, floor=1.0) < 2e-5
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g, rg) < 2e-5
+
+
 def test_float64_is_a_clear_error():
     z1, z2, teachers, _ = make_batch(8, 8, (4,))
     with pytest.raises(TypeError, match='backend="triton" takes float16, bfloat16 or float32'):
