@@ -75,7 +75,7 @@ def probe(log):
     rt = t.float().norm(dim=1).reciprocal()
     lse = torch.zeros(B, device="cuda")
     rows = torch.arange(B, device="cuda")
-    evaluate = GP._kernel_probes(t, rt, lse, 1.0, G1, False)
+    evaluate = GP._KernelProbes(t, rt, lse, 1.0, G1, False)
     log(f"\n## _group_probe_kernel at B = {B}, Dt = {Dt}, bf16, blocks {GP._logit_blocks()}")
     for BP in (16, 32, 64):
         x = torch.linspace(-0.2, 0.2, BP, device="cuda").expand(B, BP).contiguous()

@@ -254,7 +254,7 @@ def kernel_traces(x, scale, group_p, group_size, baseline):
         baseline._group_search_pass_kernel = kernel
     after = []
     ones = torch.ones(B, device=x.device)  # unit rows: t_ij = x_i . x_j exactly
-    evaluate = gp._kernel_probes(x, ones, lse, scale, G1, group_size is not None)
+    evaluate = gp._KernelProbes(x, ones, lse, scale, G1, group_size is not None)
     gp._search(evaluate, t_min, t_max, lse, scale, G1, B, group_p, group_size, trace=after)
     return before, after
 
