@@ -22,6 +22,9 @@ on request a bf16 student with an fp32 teacher, whose dots are TF32 or "ieee"):
   MMA         tensor-core instructions in the PTX: wgmma shape and operand sources (SS: both
               from shared memory, RS: A from registers); mma.sync when there is no wgmma
               (blocks under 64 rows), FMA when there are no tensor-core instructions at all
+  loops       SASS instructions per thread in each loop body, innermost first (nvdisasm of the
+              cubin; a body counts its inner loops once): with the tile's entries per thread, the
+              ALU work an entry costs, for kernels bound by it (the Group-P probe kernel)
   flags       SPILLS, SMEM > 227 KiB, and ptxas warnings (wgmma serialisation, say) verbatim
 
 Extend: add a function to TARGETS that calls a kernel file's launchers on tensors of shape
@@ -35,6 +38,8 @@ import contextlib
 import io
 import os
 import re
+import subprocess
+import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compile, do not interpret
 
@@ -193,6 +198,7 @@ def _compile_for_h100(kernel, args, kwargs):
         spills=f"{spills.group(1)}/{spills.group(2)}",
         smem=compiled.metadata.shared,
         mma=", ".join(mma) or "FMA",
+        loops=_sass_loops(compiled.asm["cubin"]),
         warnings=" ".join(line.strip() for line in log.splitlines() if "warning" in line.lower()),
     )
 
@@ -240,6 +246,27 @@ def compile_rows(target, B, D, precision):
     return [dict(row, inputs=precision) for row in rows]
 
 
+def _sass_loops(cubin):
+    """Sizes of the SASS loop bodies (a backward branch to a label: the instructions from the
+    label to the branch), smallest first, as "a / b / ...", from Triton's own nvdisasm."""
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+    label_at, sizes, n = {}, [], 0  # label -> index of the next instruction
+    for line in sass.splitlines():
+        label = re.match(r"\s*\.(L_x_\d+):", line)
+        if label:
+            label_at[label.group(1)] = n
+        elif re.search(r"/\*[0-9a-f]{4,}\*/", line):  # an instruction (its address comment)
+            target = re.search(r"BRA\s+`?\(?\.(L_x_\d+)", line)
+            if target and label_at.get(target.group(1), n + 1) <= n:
+                sizes.append(n + 1 - label_at[target.group(1)])
+            n += 1
+    return " / ".join(map(str, sorted(s for s in sizes if s > 1))) or "-"
+
+
 def _flags(row):
     flags = [f for f, bad in (("SPILLS", row["spills"] != "0/0"), ("SMEM > 227 KiB", row["smem"] > H100_SMEM_PER_BLOCK))
              if bad]
@@ -255,11 +282,12 @@ def report(target, B, D, precisions):
     lines = []
     for kernel, rows in by_kernel.items():
         lines += [f"### {kernel} (D = {D})", "",
-                  "| inputs | constexprs | warps | stages | regs | spills st/ld B | smem KiB | MMA | flags |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| inputs | constexprs | warps | stages | regs | spills st/ld B | smem KiB | MMA | loops | flags |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in rows:
             lines.append(f"| {r['inputs']} | {r['constexprs']} | {r['warps']} | {r['stages']} | {r['regs']} | "
-                         f"{r['spills']} | {r['smem'] / 1024:.0f} | {r['mma']} | {'; '.join(_flags(r)) or 'ok'} |")
+                         f"{r['spills']} | {r['smem'] / 1024:.0f} | {r['mma']} | {r['loops']} | "
+                         f"{'; '.join(_flags(r)) or 'ok'} |")
         lines.append("")
     return "\n".join(lines)
 

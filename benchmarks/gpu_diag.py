@@ -76,7 +76,7 @@ def probe(log):
     lse = torch.zeros(B, device="cuda")
     rows = torch.arange(B, device="cuda")
     evaluate = GP._KernelProbes(t, rt, lse, 1.0, G1, False)
-    log(f"\n## _group_probe_kernel at B = {B}, Dt = {Dt}, bf16, blocks {GP._logit_blocks()}")
+    log(f"\n## _group_probe_kernel at B = {B}, Dt = {Dt}, bf16, blocks {GP._probe_blocks()}")
     for BP in (16, 32, 64):
         x = torch.linspace(-0.2, 0.2, BP, device="cuda").expand(B, BP).contiguous()
         log(f"BP = {BP:>2}: {cuda_ms(lambda: evaluate(rows, x, None, False)):.2f} ms measure only (the grid pass), "

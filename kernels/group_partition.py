@@ -96,6 +96,22 @@ def teacher_logits(
 
 
 @triton.jit
+def _probe_point(p, p_x, o_r, m_r, o_p, b_t, b_w, b_meas, b_above, b_below, SNAP: tl.constexpr, BP: tl.constexpr):
+    """Probe point p of BM rows against a [BM, BN] tile of their values ``b_t`` (weights ``b_w``):
+    its measure (and with SNAP its snaps) added into lane p of the [BM, BP] results."""
+    b_x = tl.load(p_x + o_r * BP + p, mask=m_r, other=float("nan"))  # [BM]
+    m_ge = b_t >= b_x[:, None]  # [BM, BN]
+    m_lane = o_p[None, :] == p  # [1, BP]
+    b_meas += tl.where(m_lane, tl.sum(tl.where(m_ge, b_w, 0), axis=1)[:, None], 0)
+    if SNAP:
+        b_up = tl.min(tl.where(m_ge, b_t, float("inf")), axis=1)  # [BM] min{t >= x} in this tile
+        b_down = tl.max(tl.where(m_ge, float("-inf"), b_t), axis=1)  # max{t < x}
+        b_above = tl.where(m_lane, tl.minimum(b_above, b_up[:, None]), b_above)
+        b_below = tl.where(m_lane, tl.maximum(b_below, b_down[:, None]), b_below)
+    return b_meas, b_above, b_below
+
+
+@triton.jit
 def _group_probe_kernel(
     p_dots,  # [R, B] fp32 raw teacher dots t_r . t_j of the launch's rows (cuBLAS), row stride B
     p_rt,  # [B] fp32 inverse norms
@@ -142,16 +158,14 @@ def _group_probe_kernel(
         else:
             b_w = tl.where(m_v, tl.exp(b_t * grouping_scale - b_lse[:, None]), 0.0)
         b_t = tl.where(m_v, b_t, float("-inf"))  # the diagonal and padding: below every point and window
-        for p in range(0, BP):
-            b_x = tl.load(p_x + o_r * BP + p, mask=m_r, other=float("nan"))  # [BM]
-            m_ge = b_t >= b_x[:, None]  # [BM, BN]
-            m_lane = o_p[None, :] == p  # [1, BP]
-            b_meas += tl.where(m_lane, tl.sum(tl.where(m_ge, b_w, 0), axis=1)[:, None], 0)
-            if SNAP:
-                b_up = tl.min(tl.where(m_ge, b_t, float("inf")), axis=1)  # [BM] min{t >= x} in this tile
-                b_down = tl.max(tl.where(m_ge, float("-inf"), b_t), axis=1)  # max{t < x}
-                b_above = tl.where(m_lane, tl.minimum(b_above, b_up[:, None]), b_above)
-                b_below = tl.where(m_lane, tl.maximum(b_below, b_down[:, None]), b_below)
+        if (not SNAP) or BP <= 16:  # unrolled: each point's lane is known, half the instructions (sm_90a SASS)
+            for p in tl.static_range(BP):
+                b_meas, b_above, b_below = _probe_point(p, p_x, o_r, m_r, o_p, b_t, b_w, b_meas, b_above, b_below,
+                                                        SNAP, BP)
+        else:  # 32 snapping points spill when unrolled
+            for p in range(0, BP):
+                b_meas, b_above, b_below = _probe_point(p, p_x, o_r, m_r, o_p, b_t, b_w, b_meas, b_above, b_below,
+                                                        SNAP, BP)
         if COLLECT:
             for g in range(0, G1):
                 o_rg = o_r * G1 + g  # [BM] boundary g's window and count
@@ -346,12 +360,21 @@ def _settled_rows_kernel(
 
 
 def _logit_blocks() -> dict:
-    """Blocks of the probe and group-means kernels, which read the cuBLAS teacher dots of their
-    rows: [BM, BN] tiles (the probe points and groups looped), 8 warps. The interpreter pays
-    per block op: there wider column tiles."""
+    """Blocks of the group-means kernel, which reads the cuBLAS teacher dots of its rows:
+    [BM, BN] tiles (the groups looped), 8 warps. The interpreter pays per block op: there
+    wider column tiles."""
     if utils.interpreter_blocks():
         return dict(BM=64, BN=128)
     return dict(BM=64, BN=64, num_warps=8)
+
+
+def _probe_blocks() -> dict:
+    """Blocks of the probe kernel: [32, 64] tiles, 8 warps, where its unrolled point loop fits
+    the registers (sm_90a: 193 registers measuring 32 points, 128 snapping 16 and collecting;
+    at [64, 64] both spill)."""
+    if utils.interpreter_blocks():
+        return dict(BM=64, BN=128)
+    return dict(BM=32, BN=64, num_warps=8)
 
 
 def _pairwise_blocks() -> dict:
@@ -467,7 +490,7 @@ class _KernelProbes:
     def __init__(self, t, rt, lse_g, grouping_scale, G1, fixed, budget_bytes=None, means=None):
         self.t, self.rt, self.lse_g, self.grouping_scale = t, rt, lse_g, grouping_scale
         self.G1, self.fixed, self.budget_bytes = G1, fixed, budget_bytes
-        self.cfg = _logit_blocks()
+        self.cfg = _probe_blocks()
         self.n_tiles = triton.cdiv(t.shape[0], self.cfg["BN"])
         self.dots = None  # the last chunk's, kept for its means
         self.qbar = self.lse_t = None
