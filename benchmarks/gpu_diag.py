@@ -9,8 +9,9 @@
 2. ``probe`` -- ``_group_probe_kernel``'s time against its probe points per row (BP = 16, 32, 64,
    no collection; measure only, as the grid pass now runs, and with snaps) at B = 16,384, bf16
    teacher rows of 768, and cuBLAS's t t^T for scale. On the 16 x 16 tiles of d13d510: 91 / 161 /
-   163 ms against cuBLAS's 0.62 ms; predicted on the 64 x 64 tiles of session 12 with snaps:
-   ~5 / 9 / 17 ms (the comparisons, ~10 simple ops a point and entry), measure only ~40% of that.
+   163 ms against cuBLAS's 0.62 ms; predicted from the sm_90a SASS of session 14's [32, 64]
+   tiles (compile-sm90 report, "loops"; 1.05e12 warp-instructions/s): BP = 32 measure only
+   (unrolled) ~1.5 ms, snapping (a loop) ~5.6 ms.
 
 3. ``paper`` -- where the paper batch's time goes (B = 64, D = Dt = 768, bf16; 0.80 ms a step in
    ``bench targets``, of which the one-program kernel took 194 us): the kernel alone (CUDA
