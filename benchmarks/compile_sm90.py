@@ -170,12 +170,18 @@ def small_batch(B, D, dtype, teacher_dtype):
 TARGETS = {"contrastive": contrastive, "distill": distill, "few_groups": few_groups, "small_batch": small_batch}
 
 
-def _compile_for_h100(kernel, args, kwargs):
-    """Compiles what ``kernel[grid](*args, **kwargs)`` would launch; returns one report row."""
+def _compile_for_h100(kernel, args, kwargs, seen):
+    """Compiles what ``kernel[grid](*args, **kwargs)`` would launch; returns one report row, or
+    None when ``seen`` (a set, updated) already holds the same specialisation (a launcher's loop
+    over slabs launches one compiled kernel many times)."""
     backend = make_backend(H100)
     binder = jit.create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    key = (kernel.__name__, repr(signature), repr(constexprs), repr(attrs), repr(options))
+    if key in seen:
+        return None
+    seen.add(key)
     log = io.StringIO()
     with contextlib.redirect_stdout(log):  # ptxas -v output, printed by triton when dump_ptxas_log is set
         compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=H100,
@@ -217,8 +223,12 @@ def compiled_launches(rows):
     launch = jit.JITFunction.run
     matmuls = [(m, m.matmul_f32) for m in (contrastive, distill, group_partition)]
 
+    seen = set()
+
     def compile_instead(self, *args, grid, warmup, **kwargs):
-        rows.append(_compile_for_h100(self, args, kwargs))
+        row = _compile_for_h100(self, args, kwargs, seen)
+        if row is not None:
+            rows.append(row)
 
     knobs = triton.knobs
     saved = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
