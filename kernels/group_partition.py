@@ -635,14 +635,15 @@ def _search(evaluate, t_min, t_max, lse_g, grouping_scale, G1, B, group_p, group
     rows = torch.arange(len(t_min), device=dev)
     for i_pass in range(MAX_PASSES):
         collect = i_pass > 0 or B - 1 <= FILL * BUFFER
+        from_grid = i_pass == 0 and grid is not None
+        values = 0 if from_grid else row_values  # the grid's pass evaluates nothing: no dots, no row
         chunk = max(1, CHUNK_VALUES // (G1 * BUFFER)) if collect else len(rows)
         # at least MIN_CHUNK_ROWS rows: a launch fills a few row blocks
-        if row_values:
-            chunk = min(chunk, max(MIN_CHUNK_ROWS, CHUNK_VALUES // row_values))
+        if values:
+            chunk = min(chunk, max(MIN_CHUNK_ROWS, CHUNK_VALUES // values))
         if budget_bytes is not None:
-            per_row = _row_bytes(G1, GRID_LANES if i_pass == 0 else lanes, collect) + 4 * row_values
+            per_row = _row_bytes(G1, GRID_LANES if i_pass == 0 else lanes, collect) + 4 * values
             chunk = min(chunk, max(MIN_CHUNK_ROWS, (budget_bytes - budget_bytes // 4) // per_row))  # 1/4: the splits'
-        from_grid = i_pass == 0 and grid is not None
         for r in rows.split(chunk):
             points = _search_chunk(state, r, i_pass, collect,
                                    (lambda r, x, w, s: (grid.meas[r],) + (None,) * 4) if from_grid else evaluate,

@@ -271,7 +271,16 @@ def test_grid_pass_on_the_row_statistics_slabs(device, monkeypatch, temperature,
     later = round(130 * sum(rows_evaluated for _, rows_evaluated, _ in passes[1:]))
     assert sum(gemms) == later, "the grid pass's teacher dots were made again"  # only the later passes' rows
     again, _ = gp.group_thresholds(*rows, lse_g, t_min, t_max, scale, **grouping, means=(lse_t, 80.0))
+    # without a budget, chunks of 64 rows (their dots) in every pass but the grid's, which has none
+    monkeypatch.setattr(gp, "CHUNK_VALUES", 64 * (130 + 48))
+    first_pass, search_chunk = [], gp._search_chunk
+    monkeypatch.setattr(gp, "_search_chunk", lambda st, r, i, *a: (first_pass.append(len(r)) if i == 0 else None)
+                        or search_chunk(st, r, i, *a))
+    unbounded = gp.group_thresholds(*rows, lse_g, t_min, t_max, scale, group_p=group_p, group_size=group_size,
+                                    grid=grid)
+    assert first_pass == [130]
     t = logits(rows)
+    assert_partition(t, unbounded, scale, group_p, group_size)
     assert_partition(t, thr, scale, group_p, group_size)
     assert_partition(t, again, scale, group_p, group_size)
     check_means(qbar, t, thr, 80.0)
