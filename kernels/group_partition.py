@@ -72,6 +72,7 @@ OUTER = 3.0  # probe points beyond a window sit at OUTER**k half-widths from its
 CHUNK_VALUES = 1 << 24  # a launch that collects covers at most this many buffer slots
 MIN_CHUNK_ROWS = 64  # a row chunk under a memory budget has at least this many rows
 SPLIT_PROGRAMS = 1024  # a launch over few rows splits the columns up to about this many programs
+MEANS_GROUPS = 16  # groups the group-means kernel accumulates at once, in registers (more: another sweep)
 PAIRWISE_MAX_B = 1024  # "auto" compares every pair up to this B (B^3 work; see benchmarks/NOTES.md)
 STATS_MARGIN = 1e-3  # the bracket starts at [t_min - margin, t_max + margin]: the row statistics
 # may come from another summation order or precision (the search itself never needs them exact)
@@ -192,40 +193,52 @@ def _group_means_kernel(
     p_thr,  # [R, G-1] fp32 the rows' thresholds, row stride s_thr
     p_qbar,  # [B, G] fp32 out, contiguous
     R, B, G, s_thr, teacher_scale,
-    BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr,
 ):
-    """Sum and count of q_ij per group for BM rows, streamed over column tiles (none when no
-    row of the block is to be averaged). Per tile, an entry's group counts the thresholds above
-    it (G - 1 compares against thr[:, g]), then each group takes one masked row sum: [BM, BN]
-    tiles only, no [BM, BN, BG] one."""
+    """Sum and count of q_ij over the NG groups g0 .. g0 + NG - 1 (g0 = NG * program_id(1)) of
+    BM rows, streamed over column tiles (none when no row of the block is to be averaged).
+    Group g holds ``thr[g] <= t < thr[g-1]`` (thr[-1] = inf, thr[G-1] = -inf); each group keeps
+    its sum and count in a [BM, BN] accumulator of its own (a tuple), reduced over the columns
+    once at the end: per entry and group a compare, a select and two adds, no row reduction
+    in the loop (reducing every tile cost ~2.8 instructions an entry per sum, sm_90a)."""
     o_r = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    g0 = tl.program_id(1) * NG
     m_m = o_r < R
     o_m = tl.load(p_rows + o_r, mask=m_m, other=0)
     m_m &= tl.load(p_done + o_r, mask=m_m, other=0) != 0
-    o_g = tl.arange(0, BG)
     b_lse = tl.load(p_lse + o_m, mask=m_m, other=0.0)
-    b_sum = tl.zeros([BM, BG], dtype=tl.float32)
-    b_cnt = tl.zeros([BM, BG], dtype=tl.int32)
+    edges = ()  # [BM] each: the NG + 1 thresholds around the block's groups
+    for k in tl.static_range(NG + 1):
+        b = g0 + k - 1
+        b_thr = tl.load(p_thr + o_r * s_thr + b, mask=m_m & (b >= 0) & (b < G - 1), other=0.0)
+        edges = edges + (tl.where(b < 0, float("inf"), tl.where(b < G - 1, b_thr, float("-inf"))),)
+    sums = ()
+    counts = ()
+    for k in tl.static_range(NG):
+        sums = sums + (tl.zeros([BM, BN], dtype=tl.float32),)
+        counts = counts + (tl.zeros([BM, BN], dtype=tl.int32),)
     n_tiles = tl.where(tl.max(m_m.to(tl.int32), axis=0) > 0, tl.cdiv(B, BN), 0)
     for i_n in range(0, n_tiles):
         o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
         m_n = o_n < B
         b_t = slab_tile(p_dots, p_rt, o_r, o_m, m_m, o_n, m_n, B)  # [BM, BN]
-        m_v = (o_m[:, None] != o_n[None, :]) & m_n[None, :]
         b_q = tl.exp(b_t * teacher_scale - b_lse[:, None])
-        b_grp = tl.zeros([BM, BN], dtype=tl.int32)
-        for g in range(0, G - 1):
-            b_thr = tl.load(p_thr + o_r * s_thr + g, mask=m_m, other=float("-inf"))  # [BM]
-            b_grp += (b_t < b_thr[:, None]).to(tl.int32)
-        b_grp = tl.where(m_v, b_grp, -1)
-        for g in range(0, G):
-            m_g = b_grp == g
-            m_out = o_g[None, :] == g  # [1, BG]
-            b_sum += tl.where(m_out, tl.sum(tl.where(m_g, b_q, 0.0), axis=1)[:, None], 0.0)
-            b_cnt += tl.where(m_out, tl.sum(m_g.to(tl.int32), axis=1)[:, None], 0)
-    b_qbar = tl.where(b_cnt > 0, b_sum / tl.maximum(b_cnt, 1).to(tl.float32), 0.0)
-    tl.store(p_qbar + o_m[:, None] * G + o_g[None, :], b_qbar,
-             mask=m_m[:, None] & (o_g < G)[None, :])
+        b_t = tl.where((o_m[:, None] != o_n[None, :]) & m_n[None, :], b_t, float("nan"))  # in no group
+        m_below = b_t < edges[0][:, None]
+        new_sums = ()
+        new_counts = ()
+        for k in tl.static_range(NG):
+            m_next = b_t < edges[k + 1][:, None]
+            m_g = m_below & ~m_next  # thr[g] <= t < thr[g - 1]
+            new_sums = new_sums + (sums[k] + tl.where(m_g, b_q, 0.0),)
+            new_counts = new_counts + (counts[k] + m_g.to(tl.int32),)
+            m_below = m_next
+        sums = new_sums
+        counts = new_counts
+    for k in tl.static_range(NG):
+        b_cnt = tl.sum(counts[k], axis=1)
+        b_qbar = tl.where(b_cnt > 0, tl.sum(sums[k], axis=1) / tl.maximum(b_cnt, 1).to(tl.float32), 0.0)
+        tl.store(p_qbar + o_m * G + g0 + k, b_qbar, mask=m_m & (g0 + k < G))
 
 
 @triton.jit
@@ -361,11 +374,12 @@ def _settled_rows_kernel(
 
 def _logit_blocks() -> dict:
     """Blocks of the group-means kernel, which reads the cuBLAS teacher dots of its rows:
-    [BM, BN] tiles (the groups looped), 8 warps. The interpreter pays per block op: there
-    wider column tiles."""
+    [16, 64] tiles, 8 warps, where its 2 x MEANS_GROUPS accumulators fit the registers (sm_90a:
+    173 registers at 10 groups, 242 at 16; [32, 64] spills at 10). The interpreter pays per
+    block op: there larger tiles."""
     if utils.interpreter_blocks():
         return dict(BM=64, BN=128)
-    return dict(BM=64, BN=64, num_warps=8)
+    return dict(BM=16, BN=64, num_warps=8)
 
 
 def _probe_blocks() -> dict:
@@ -1082,6 +1096,7 @@ def _means_launch(dots, rt, lse_t, rows, done, thr, qbar, teacher_scale):
     for those with ``done`` [R] int8 set; thr [R, G-1] (unit column stride), qbar [B, G]."""
     cfg = _logit_blocks()
     R, (B, G) = len(rows), qbar.shape
-    _group_means_kernel[(triton.cdiv(R, cfg["BM"]),)](
+    sweeps = triton.cdiv(G, MEANS_GROUPS)  # the groups in as few, even blocks (one sweep of the dots each)
+    _group_means_kernel[(triton.cdiv(R, cfg["BM"]), sweeps)](
         dots, rt, lse_t, rows, done, thr, qbar, R, B, G, thr.stride(0), float(teacher_scale),
-        BG=max(2, triton.next_power_of_2(G)), **cfg)
+        NG=triton.cdiv(G, sweeps), **cfg)

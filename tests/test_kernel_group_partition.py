@@ -328,9 +328,11 @@ def test_inverse_cubic_is_exact_on_a_cubic(device):
 
 @pytest.mark.parametrize("B,Dt,teacher_temperature,group_p,group_size,budget",
                          [(37, 48, 0.0125, 0.1, None, None), (130, 96, 0.0125, 0.3, None, None),
-                          (130, 48, 0.05, 0.1, 10, None), (130, 96, 0.0125, 0.3, None, 64 * 130 * 4)])
+                          (130, 48, 0.05, 0.1, 10, None), (130, 96, 0.0125, 0.3, None, 64 * 130 * 4),
+                          (130, 48, 0.05, None, 4, None)])
 def test_group_means(device, B, Dt, teacher_temperature, group_p, group_size, budget):
-    """``budget``: the teacher dots' slabs (64 rows: three slabs, the last ragged)."""
+    """``budget``: the teacher dots' slabs (64 rows: three slabs, the last ragged). Groups of 4:
+    33 groups, three sweeps of the kernel's in-register group blocks (MEANS_GROUPS = 16)."""
     from distillcse.kernels.group_partition import group_means, group_thresholds
 
     rows = teachers(B, Dt, device, seed=4)
@@ -377,6 +379,20 @@ def test_group_means_from_the_search(device, monkeypatch, temperature, group_p, 
     check_means(qbar, t, thr, 80.0)
     assert (thr == gp.group_thresholds(*rows, lse_g, t_min, t_max, 1.0 / temperature, group_p=group_p,
                                        group_size=group_size, method="search")).all()
+
+
+@pytest.mark.parametrize("per_sweep", [1, 3])
+def test_group_means_in_group_blocks(device, monkeypatch, per_sweep):
+    """10 groups in blocks of 1 or 3 (the last block of 3 holds group 9 and two past G): each
+    block's edges are the thresholds around it, inf above the first group, -inf below the last."""
+    import distillcse.kernels.group_partition as gp
+
+    monkeypatch.setattr(gp, "MEANS_GROUPS", per_sweep)
+    rows = teachers(130, 48, device, seed=5)
+    t, lse_g, t_min, t_max = row_stats(rows, 1.0)
+    thr = gp.group_thresholds(*rows, lse_g, t_min, t_max, 1.0, group_p=0.1)
+    _, lse_t, _, _ = row_stats(rows, 20.0)
+    check_means(gp.group_means(*rows, lse_t, thr, 20.0), t, thr, 20.0)
 
 
 def test_group_means_single_group(device):
