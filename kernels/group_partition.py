@@ -72,6 +72,8 @@ OUTER = 3.0  # probe points beyond a window sit at OUTER**k half-widths from its
 CHUNK_VALUES = 1 << 24  # a launch that collects covers at most this many buffer slots
 MIN_CHUNK_ROWS = 64  # a row chunk under a memory budget has at least this many rows
 SPLIT_PROGRAMS = 1024  # a launch over few rows splits the columns up to about this many programs
+PROBE_POINTS = 32  # probe points a program of the probe kernel measures at (more: another sweep)
+PROBE_POINTS_SNAP = 16  # ... and snaps at (three accumulators a point)
 MEANS_GROUPS = 16  # groups the group-means kernel accumulates at once, in registers (more: another sweep)
 PAIRWISE_MAX_B = 1024  # "auto" compares every pair up to this B (B^3 work; see benchmarks/NOTES.md)
 STATS_MARGIN = 1e-3  # the bracket starts at [t_min - margin, t_max + margin]: the row statistics
@@ -97,22 +99,6 @@ def teacher_logits(
 
 
 @triton.jit
-def _probe_point(p, p_x, o_r, m_r, o_p, b_t, b_w, b_meas, b_above, b_below, SNAP: tl.constexpr, BP: tl.constexpr):
-    """Probe point p of BM rows against a [BM, BN] tile of their values ``b_t`` (weights ``b_w``):
-    its measure (and with SNAP its snaps) added into lane p of the [BM, BP] results."""
-    b_x = tl.load(p_x + o_r * BP + p, mask=m_r, other=float("nan"))  # [BM]
-    m_ge = b_t >= b_x[:, None]  # [BM, BN]
-    m_lane = o_p[None, :] == p  # [1, BP]
-    b_meas += tl.where(m_lane, tl.sum(tl.where(m_ge, b_w, 0), axis=1)[:, None], 0)
-    if SNAP:
-        b_up = tl.min(tl.where(m_ge, b_t, float("inf")), axis=1)  # [BM] min{t >= x} in this tile
-        b_down = tl.max(tl.where(m_ge, float("-inf"), b_t), axis=1)  # max{t < x}
-        b_above = tl.where(m_lane, tl.minimum(b_above, b_up[:, None]), b_above)
-        b_below = tl.where(m_lane, tl.maximum(b_below, b_down[:, None]), b_below)
-    return b_meas, b_above, b_below
-
-
-@triton.jit
 def _group_probe_kernel(
     p_dots,  # [R, B] fp32 raw teacher dots t_r . t_j of the launch's rows (cuBLAS), row stride B
     p_rt,  # [B] fp32 inverse norms
@@ -128,26 +114,32 @@ def _group_probe_kernel(
     p_buf,  # [R, G1, C] fp32 out: the first C of them, in no particular order
     R, B, G1, C, tiles_per_split, grouping_scale,
     FIXED: tl.constexpr, SNAP: tl.constexpr, COLLECT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    BP: tl.constexpr,
+    BP: tl.constexpr, NP: tl.constexpr,
 ):
-    """Measure (and with SNAP the snaps) at BP probe points for BM rows over one split of the
-    columns, and (COLLECT) the row values inside each boundary's window, the logits read from
-    the rows' cuBLAS dots. Every tile is [BM, BN]: the probe points and the boundaries are
-    looped, each point's row reductions (one, three with SNAP) written into its lane of the
-    [BM, BP] results (a [BM, BN, BP] comparison tensor held the Triton-dot tile to 16 x 16,
-    ~150x slower than cuBLAS on an H200)."""
+    """Measure (and with SNAP the snaps) at the NP probe points p0 .. p0 + NP - 1 (p0 = NP *
+    program_id(2)) of BM rows over one split of the columns, and (COLLECT, in the first point
+    block) the row values inside each boundary's window, the logits read from the rows' cuBLAS
+    dots. Each point keeps its measure (and snaps) in [BM, BN] accumulators of its own (tuples),
+    reduced over the columns once at the end: per entry and point a compare, then a select and
+    an add (and a select and a min / max per snap), no row reduction in the loop (reducing every
+    tile cost ~2.8 instructions an entry per reduction, sm_90a)."""
     i_m, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    p0 = tl.program_id(2) * NP
     o_r = i_m * BM + tl.arange(0, BM)
     m_r = o_r < R
     o_m = tl.load(p_rows + o_r, mask=m_r, other=0)
-    o_p = tl.arange(0, BP)
-    if FIXED:
-        b_meas = tl.zeros([BM, BP], dtype=tl.int32)
-    else:
-        b_meas = tl.zeros([BM, BP], dtype=tl.float32)
+    if not FIXED:
         b_lse = tl.load(p_lse + o_m, mask=m_r, other=0.0)
-    b_above = tl.full([BM, BP], float("inf"), dtype=tl.float32)
-    b_below = tl.full([BM, BP], float("-inf"), dtype=tl.float32)
+    xs = ()  # [BM] each
+    meas = ()  # [BM, BN] each, and with SNAP above and below
+    above = ()
+    below = ()
+    for k in tl.static_range(NP):
+        xs = xs + (tl.load(p_x + o_r * BP + p0 + k, mask=m_r & (p0 + k < BP), other=float("nan")),)
+        meas = meas + (tl.zeros([BM, BN], dtype=tl.int32 if FIXED else tl.float32),)
+        if SNAP:
+            above = above + (tl.full([BM, BN], float("inf"), dtype=tl.float32),)
+            below = below + (tl.full([BM, BN], float("-inf"), dtype=tl.float32),)
     i_first = i_s * tiles_per_split
     for i_n in range(i_first, tl.minimum(i_first + tiles_per_split, tl.cdiv(B, BN))):
         o_n = i_n * BN + tl.arange(0, BN)
@@ -159,15 +151,20 @@ def _group_probe_kernel(
         else:
             b_w = tl.where(m_v, tl.exp(b_t * grouping_scale - b_lse[:, None]), 0.0)
         b_t = tl.where(m_v, b_t, float("-inf"))  # the diagonal and padding: below every point and window
-        if (not SNAP) or BP <= 16:  # unrolled: each point's lane is known, half the instructions (sm_90a SASS)
-            for p in tl.static_range(BP):
-                b_meas, b_above, b_below = _probe_point(p, p_x, o_r, m_r, o_p, b_t, b_w, b_meas, b_above, b_below,
-                                                        SNAP, BP)
-        else:  # 32 snapping points spill when unrolled
-            for p in range(0, BP):
-                b_meas, b_above, b_below = _probe_point(p, p_x, o_r, m_r, o_p, b_t, b_w, b_meas, b_above, b_below,
-                                                        SNAP, BP)
-        if COLLECT:
+        new_meas = ()
+        new_above = ()
+        new_below = ()
+        for k in tl.static_range(NP):
+            m_ge = b_t >= xs[k][:, None]
+            new_meas = new_meas + (meas[k] + tl.where(m_ge, b_w, 0),)
+            if SNAP:
+                new_above = new_above + (tl.minimum(above[k], tl.where(m_ge, b_t, float("inf"))),)
+                new_below = new_below + (tl.maximum(below[k], tl.where(m_ge, float("-inf"), b_t)),)
+        meas = new_meas
+        if SNAP:
+            above = new_above
+            below = new_below
+        if COLLECT and p0 == 0:
             for g in range(0, G1):
                 o_rg = o_r * G1 + g  # [BM] boundary g's window and count
                 b_wlo = tl.load(p_wlo + o_rg, mask=m_r, other=float("nan"))  # NaN: nothing is inside
@@ -176,11 +173,13 @@ def _group_probe_kernel(
                 p_cnt = p_count + o_rg[:, None] + tl.zeros([BM, BN], dtype=tl.int64)
                 b_slot = tl.atomic_add(p_cnt, 1, mask=m_in, sem="relaxed")
                 tl.store(p_buf + o_rg[:, None] * C + b_slot, b_t, mask=m_in & (b_slot < C))
-    o_out = (i_s * R + o_r)[:, None] * BP + o_p[None, :]
-    tl.store(p_meas + o_out, b_meas, mask=m_r[:, None])
-    if SNAP:
-        tl.store(p_above + o_out, b_above, mask=m_r[:, None])
-        tl.store(p_below + o_out, b_below, mask=m_r[:, None])
+    o_out = (i_s * R + o_r) * BP + p0  # [BM] lane p0 of the rows' results
+    for k in tl.static_range(NP):
+        m_out = m_r & (p0 + k < BP)
+        tl.store(p_meas + o_out + k, tl.sum(meas[k], axis=1), mask=m_out)
+        if SNAP:
+            tl.store(p_above + o_out + k, tl.min(above[k], axis=1), mask=m_out)
+            tl.store(p_below + o_out + k, tl.max(below[k], axis=1), mask=m_out)
 
 
 @triton.jit
@@ -382,13 +381,15 @@ def _logit_blocks() -> dict:
     return dict(BM=16, BN=64, num_warps=8)
 
 
-def _probe_blocks() -> dict:
-    """Blocks of the probe kernel: [32, 64] tiles, 8 warps, where its unrolled point loop fits
-    the registers (sm_90a: 193 registers measuring 32 points, 128 snapping 16 and collecting;
-    at [64, 64] both spill)."""
+def _probe_blocks(snap) -> dict:
+    """Blocks of the probe kernel: [BM, 64] tiles, 8 warps, and NP probe points a program, so
+    that the points' [BM, BN] accumulators fit the registers: 32 measuring (16 rows: 4 entries a
+    thread, 128 registers of accumulators) or 16 snapping (3 accumulators a point: 8 rows). The
+    interpreter pays per block op: there larger tiles, the same points."""
+    NP = PROBE_POINTS_SNAP if snap else PROBE_POINTS
     if utils.interpreter_blocks():
-        return dict(BM=64, BN=128)
-    return dict(BM=32, BN=64, num_warps=8)
+        return dict(BM=64, BN=128, NP=NP)
+    return dict(BM=8 if snap else 16, BN=64, NP=NP, num_warps=8)
 
 
 def _pairwise_blocks() -> dict:
@@ -504,8 +505,7 @@ class _KernelProbes:
     def __init__(self, t, rt, lse_g, grouping_scale, G1, fixed, budget_bytes=None, means=None):
         self.t, self.rt, self.lse_g, self.grouping_scale = t, rt, lse_g, grouping_scale
         self.G1, self.fixed, self.budget_bytes = G1, fixed, budget_bytes
-        self.cfg = _probe_blocks()
-        self.n_tiles = triton.cdiv(t.shape[0], self.cfg["BN"])
+        self.n_tiles = triton.cdiv(t.shape[0], _probe_blocks(False)["BN"])
         self.dots = None  # the last chunk's, kept for its means
         self.qbar = self.lse_t = None
         if means is not None:
@@ -514,15 +514,16 @@ class _KernelProbes:
 
     def __call__(self, rows, x, windows, snap, dots=None):
         """(``dots``: the rows' teacher dots [R, B] fp32 if already computed.)"""
-        t, G1, cfg = self.t, self.G1, self.cfg
+        t, G1, cfg = self.t, self.G1, _probe_blocks(snap)
         R, BP = x.shape
+        NP = min(BP, cfg.pop("NP"))  # points a program; the point blocks sweep the dots again
         self.dots = None  # the previous chunk's
         if dots is None:
             dots = matmul_f32(t[rows], t.T)  # [R, B] fp32
-        row_blocks = triton.cdiv(R, cfg["BM"])
+        blocks = triton.cdiv(R, cfg["BM"]) * triton.cdiv(BP, NP)
         # splits: a power of two, so that the partial measures are summed in the same order
         splits = min(1 << (self.n_tiles.bit_length() - 1),
-                     triton.next_power_of_2(triton.cdiv(SPLIT_PROGRAMS, row_blocks)))
+                     triton.next_power_of_2(triton.cdiv(SPLIT_PROGRAMS, blocks)))
         while self.budget_bytes is not None and splits > 1 and 12 * splits * R * BP > self.budget_bytes // 4:
             splits //= 2
         meas = torch.empty((splits, R, BP), device=t.device, dtype=torch.int32 if self.fixed else torch.float32)
@@ -536,10 +537,10 @@ class _KernelProbes:
             wlo, whi = windows
             count = torch.zeros((R, G1), device=t.device, dtype=torch.int32)
             buf = torch.empty((R, G1, BUFFER), device=t.device, dtype=torch.float32)
-        _group_probe_kernel[(row_blocks, splits)](
+        _group_probe_kernel[(triton.cdiv(R, cfg["BM"]), splits, triton.cdiv(BP, NP))](
             dots, self.rt, self.lse_g, rows, x, meas, above, below, wlo, whi, count, buf,
             R, t.shape[0], G1, BUFFER, triton.cdiv(self.n_tiles, splits), self.grouping_scale,
-            FIXED=self.fixed, SNAP=snap, COLLECT=windows is not None, BP=BP, **cfg)
+            FIXED=self.fixed, SNAP=snap, COLLECT=windows is not None, BP=BP, NP=NP, **cfg)
         self.dots = dots if self.qbar is not None and windows is not None else None  # only windows finish rows
         while meas.shape[0] > 1:
             meas = meas[0::2] + meas[1::2]
