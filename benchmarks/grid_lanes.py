@@ -8,10 +8,10 @@ evaluation of ``benchmarks/group_search_passes.py`` (each row's sorted values), 
 all-MiniLM-L6-v2 embeddings cached there, by mass with group_p = 0.1 (G - 1 = 9) at grouping
 scales 1 and 20. Printed per setting: the passes, the fraction of rows each pass evaluates,
 the fraction of (row, boundary) pairs open after it, the teacher GEMMs that makes (one a full
-pass), and the predicted comparison work per teacher logit of the [64, 64]-tile probe kernel:
-~10 simple operations per probe point that also snaps to the row's neighbouring values, ~4 per
-point that only measures (the grid pass since session 14: compare, select, add and its share of
-the reduction), plus ~6 per boundary window from the second pass on.
+pass), and the probe kernel's SASS instructions per teacher logit (sm_90a, counted by
+``compile_sm90.py``'s loop sizes, session 15: each point's accumulators in registers): ~3.6 per
+point that only measures (the grid pass), ~10.2 per point that also snaps to the row's
+neighbouring values, plus ~7.5 per boundary window from the second pass on.
 """
 import argparse
 import math
@@ -53,7 +53,7 @@ def main():
     p.add_argument("--B", type=int, nargs="+", default=[4096, 16384])
     p.add_argument("--lanes", type=int, nargs="+", default=[64, 32, 16])
     args = p.parse_args()
-    print("| B | grouping scale | GRID_LANES | passes | rows per pass | open after each | teacher GEMMs | ops per logit |")
+    print("| B | grouping scale | GRID_LANES | passes | rows per pass | open after each | teacher GEMMs | SASS per logit |")
     print("| ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |")
     for B in args.B:
         x = passes.embeddings(B).float()
@@ -62,7 +62,7 @@ def main():
             for lanes in args.lanes:
                 gp.GRID_LANES = lanes
                 trace = search_trace(x, scale)
-                ops = sum(r * (p * 10 + G1 * 6 if i > 0 else p * 4) for i, (_, r, p) in enumerate(trace))
+                ops = sum(r * (p * 10.2 + G1 * 7.5 if i > 0 else p * 3.6) for i, (_, r, p) in enumerate(trace))
                 print(f"| {B} | {scale:g} | {lanes} | {len(trace)} | {', '.join(f'{r:.3g}' for _, r, _ in trace)} | "
                       f"{', '.join(f'{o:.2g}' for o, _, _ in trace)} | {sum(r for _, r, _ in trace):.2f} | {ops:.0f} |",
                       flush=True)

@@ -94,7 +94,15 @@ class SortedRows:
         if windows is None:
             return meas, above, below, None, None
         first = torch.searchsorted(v, windows[0].contiguous())
-        count = (torch.searchsorted(v, windows[1].contiguous()) - first).clamp(min=0)
+        end = torch.maximum(torch.searchsorted(v, windows[1].contiguous()), first)
+        count = end - first
+        # the kernel collects a row's values inside any window into one buffer of G1 * BUFFER:
+        # a row with more settles nothing in this pass
+        edges = torch.zeros(R, n + 1, dtype=torch.int32)
+        edges.scatter_add_(1, first, torch.ones_like(first, dtype=torch.int32))
+        edges.scatter_add_(1, end, -torch.ones_like(end, dtype=torch.int32))
+        collected = (edges.cumsum(1)[:, :n] > 0).sum(1)  # values inside some window
+        count[collected > count.shape[1] * gp.BUFFER] = gp.BUFFER + 1
         slots = (first[..., None] + torch.arange(gp.BUFFER)).clamp(max=n).view(R, -1)
         buf = torch.cat([v, inf], 1).gather(1, slots).view(*first.shape, gp.BUFFER)
         return meas, above, below, count.to(torch.int32), buf

@@ -20,7 +20,8 @@ search keeps a bracket ([B, G - 1] tensors):
   ``meas_lo``, ``meas_hi``  the measure (mass F, or count N) at lo and just above hd.
 A pass evaluates the measure at BP probe points per row together with the row's values next
 to each point (``min{t >= x}``, ``max{t < x}``), which "snap" the brackets to row values, and
-collects every value of the row inside one window per (row, boundary):
+collects every value of the row inside one window per (row, boundary) (into one buffer per
+row, which ``_split_windows`` then splits by window):
   * pass 1: probe points on a uniform grid over [t_min, t_max], shared by all boundaries;
     windows only when the whole row fits in the buffer; without them, the measure alone (the
     brackets end at grid points, a third of the work of snapping);
@@ -110,16 +111,18 @@ def _group_probe_kernel(
     p_below,  # [S, R, BP] fp32 out (SNAP): max{t < x} (-inf if none)
     p_wlo,  # [R, G1] fp32 window [wlo, whi) per boundary, NaN for none (read when COLLECT)
     p_whi,  # [R, G1] fp32
-    p_count,  # [R, G1] int32 in/out, zeroed by the caller: values found in the window
-    p_buf,  # [R, G1, C] fp32 out: the first C of them, in no particular order
-    R, B, G1, C, tiles_per_split, grouping_scale,
+    p_count,  # [R] int32 in/out, zeroed by the caller: the row's values found inside any window
+    p_buf,  # [R, CR] fp32 out: the first CR of them, in no particular order (``_split_windows``)
+    R, B, CR, tiles_per_split, grouping_scale,
     FIXED: tl.constexpr, SNAP: tl.constexpr, COLLECT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    BP: tl.constexpr, NP: tl.constexpr,
+    BP: tl.constexpr, NP: tl.constexpr, G1: tl.constexpr,
 ):
     """Measure (and with SNAP the snaps) at the NP probe points p0 .. p0 + NP - 1 (p0 = NP *
     program_id(2)) of BM rows over one split of the columns, and (COLLECT, in the first point
-    block) the row values inside each boundary's window, the logits read from the rows' cuBLAS
-    dots. Each point keeps its measure (and snaps) in [BM, BN] accumulators of its own (tuples),
+    block) the row values inside any boundary's window into one buffer per row (a window test
+    per boundary, unrolled, and one atomic per value found: per-window atomics and stores cost
+    ~19 instructions an entry and boundary, sm_90a, and a loop over the boundaries carrying the
+    test's mask ~14), the logits read from the rows' cuBLAS dots. Each point keeps its measure (and snaps) in [BM, BN] accumulators of its own (tuples),
     reduced over the columns once at the end: per entry and point a compare, then a select and
     an add (and a select and a min / max per snap), no row reduction in the loop (reducing every
     tile cost ~2.8 instructions an entry per reduction, sm_90a)."""
@@ -165,14 +168,14 @@ def _group_probe_kernel(
             above = new_above
             below = new_below
         if COLLECT and p0 == 0:
-            for g in range(0, G1):
-                o_rg = o_r * G1 + g  # [BM] boundary g's window and count
-                b_wlo = tl.load(p_wlo + o_rg, mask=m_r, other=float("nan"))  # NaN: nothing is inside
-                b_whi = tl.load(p_whi + o_rg, mask=m_r, other=float("nan"))
-                m_in = (b_t >= b_wlo[:, None]) & (b_t < b_whi[:, None])  # [BM, BN]
-                p_cnt = p_count + o_rg[:, None] + tl.zeros([BM, BN], dtype=tl.int64)
-                b_slot = tl.atomic_add(p_cnt, 1, mask=m_in, sem="relaxed")
-                tl.store(p_buf + o_rg[:, None] * C + b_slot, b_t, mask=m_in & (b_slot < C))
+            m_in = b_t != b_t  # [BM, BN] False (b_t is never NaN): inside some window
+            for g in tl.static_range(G1):
+                b_wlo = tl.load(p_wlo + o_r * G1 + g, mask=m_r, other=float("nan"))  # NaN: nothing is inside
+                b_whi = tl.load(p_whi + o_r * G1 + g, mask=m_r, other=float("nan"))
+                m_in |= (b_t >= b_wlo[:, None]) & (b_t < b_whi[:, None])
+            p_cnt = p_count + o_r[:, None] + tl.zeros([BM, BN], dtype=tl.int64)
+            b_slot = tl.atomic_add(p_cnt, 1, mask=m_in, sem="relaxed")
+            tl.store(p_buf + o_r[:, None] * CR + b_slot, b_t, mask=m_in & (b_slot < CR))
     o_out = (i_s * R + o_r) * BP + p0  # [BM] lane p0 of the rows' results
     for k in tl.static_range(NP):
         m_out = m_r & (p0 + k < BP)
@@ -180,6 +183,36 @@ def _group_probe_kernel(
         if SNAP:
             tl.store(p_above + o_out + k, tl.min(above[k], axis=1), mask=m_out)
             tl.store(p_below + o_out + k, tl.max(below[k], axis=1), mask=m_out)
+
+
+@triton.jit
+def _split_windows_kernel(
+    p_row_buf,  # [R, CR] fp32 the values the probe kernel found inside any window of each row
+    p_row_count,  # [R] int32 how many it found (may exceed CR)
+    p_wlo, p_whi,  # [R, G1] fp32 the windows [wlo, whi), NaN for none
+    p_count,  # [R, G1] int32 out, zeroed by the caller: values in each window (> C: too many)
+    p_buf,  # [R, G1, C] fp32 out: the first C of them, in no particular order
+    R, G1, C, CR,
+    BR: tl.constexpr, BV: tl.constexpr,
+):
+    """BR rows' collected values (one block of BV each) into the buffers of the windows they lie
+    in (a value in two overlapping windows goes to both). A row whose values overflowed its
+    buffer (count > CR) holds an arbitrary part of them: its windows stay empty, and an empty
+    window settles nothing."""
+    o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    o_v = tl.program_id(1) * BV + tl.arange(0, BV)
+    m_r = o_r < R
+    b_n = tl.load(p_row_count + o_r, mask=m_r, other=0)
+    m_v = (m_r & (b_n <= CR))[:, None] & (o_v[None, :] < b_n[:, None])
+    b_v = tl.load(p_row_buf + o_r[:, None] * CR + o_v[None, :], mask=m_v, other=float("nan"))  # [BR, BV]
+    for g in range(0, G1):
+        o_rg = o_r * G1 + g
+        b_wlo = tl.load(p_wlo + o_rg, mask=m_r, other=float("nan"))
+        b_whi = tl.load(p_whi + o_rg, mask=m_r, other=float("nan"))
+        m_in = (b_v >= b_wlo[:, None]) & (b_v < b_whi[:, None])  # NaN (no value, no window): False
+        p_cnt = p_count + o_rg[:, None] + tl.zeros([BR, BV], dtype=tl.int64)
+        b_slot = tl.atomic_add(p_cnt, 1, mask=m_in, sem="relaxed")
+        tl.store(p_buf + o_rg[:, None] * C + b_slot, b_v, mask=m_in & (b_slot < C))
 
 
 @triton.jit
@@ -485,8 +518,9 @@ def _row_bytes(G1, lanes, collect):
     """Bytes of host temporaries per row of a search pass with ``lanes`` probe points and G1
     boundaries, collecting or not (an upper estimate, measured with ``distillcse.tensor_memory``
     in ``tests/test_memory_plan.py``): the points and what the probe kernel returns at them, the
-    windows and the measures at their tops, and the collected values."""
-    return 32 * lanes + 48 * G1 + (4 * BUFFER * G1 if collect else 0)
+    windows and the measures at their tops, and the collected values (each row's, then each
+    window's)."""
+    return 32 * lanes + 48 * G1 + (8 * BUFFER * G1 + 4 if collect else 0)
 
 
 class _KernelProbes:
@@ -535,12 +569,14 @@ class _KernelProbes:
             wlo = whi = count = buf = x  # not read
         else:
             wlo, whi = windows
-            count = torch.zeros((R, G1), device=t.device, dtype=torch.int32)
-            buf = torch.empty((R, G1, BUFFER), device=t.device, dtype=torch.float32)
+            count = torch.zeros(R, device=t.device, dtype=torch.int32)
+            buf = torch.empty((R, G1 * BUFFER), device=t.device, dtype=torch.float32)
         _group_probe_kernel[(triton.cdiv(R, cfg["BM"]), splits, triton.cdiv(BP, NP))](
             dots, self.rt, self.lse_g, rows, x, meas, above, below, wlo, whi, count, buf,
-            R, t.shape[0], G1, BUFFER, triton.cdiv(self.n_tiles, splits), self.grouping_scale,
-            FIXED=self.fixed, SNAP=snap, COLLECT=windows is not None, BP=BP, NP=NP, **cfg)
+            R, t.shape[0], G1 * BUFFER, triton.cdiv(self.n_tiles, splits), self.grouping_scale,
+            FIXED=self.fixed, SNAP=snap, COLLECT=windows is not None, BP=BP, NP=NP, G1=G1, **cfg)
+        if windows is not None:
+            count, buf = _split_windows(count, buf, wlo, whi)
         self.dots = dots if self.qbar is not None and windows is not None else None  # only windows finish rows
         while meas.shape[0] > 1:
             meas = meas[0::2] + meas[1::2]
@@ -562,6 +598,18 @@ class _KernelProbes:
             rows, state["lo"], state["hd"], state["hu"], t_min, t_max, thr, done, R, G1, STATS_MARGIN,
             BR=BR, BG=max(2, triton.next_power_of_2(G1)))
         _means_launch(dots, self.rt, self.lse_t, rows, done, thr, self.qbar, self.teacher_scale)
+
+
+def _split_windows(row_count, row_buf, wlo, whi):
+    """(count [R, G1] int32, buf [R, G1, BUFFER] fp32): each window's values from its row's
+    collection (``row_count`` [R], ``row_buf`` [R, G1 * BUFFER]; ``_split_windows_kernel``)."""
+    (R, G1), CR = wlo.shape, row_buf.shape[1]
+    count = torch.zeros((R, G1), device=wlo.device, dtype=torch.int32)
+    buf = torch.empty((R, G1, BUFFER), device=wlo.device, dtype=torch.float32)
+    BR, BV = (64, 512) if utils.interpreter_blocks() else (8, 128)
+    _split_windows_kernel[(triton.cdiv(R, BR), triton.cdiv(CR, BV))](
+        row_buf, row_count, wlo, whi, count, buf, R, G1, BUFFER, CR, BR=BR, BV=BV, num_warps=4)
+    return count, buf
 
 
 def _initial_brackets(t_min, t_max):
@@ -1033,19 +1081,20 @@ def _settle_kernel(
     g = (o_p % G1 + 1).to(tl.int32)  # [BS] boundary
     o_row = tl.load(p_rows + o_p // G1, mask=m_p, other=0)
     b_count = tl.load(p_count + o_p, mask=m_p, other=0)
-    n = tl.minimum(tl.max(b_count, 0), C)  # slots to read
+    b_n = tl.where(b_count <= C, b_count, 0)  # values to read: none where the window held too many
+    n = tl.max(b_n, 0)
     b_mtop = tl.load(p_mtop + o_p, mask=m_p, other=0)
     if not FIXED:
         b_lse = tl.load(p_lse + o_row, mask=m_p, other=0.0)
     v_star = tl.full([BS], float("-inf"), dtype=tl.float32)
     for k0 in range(0, n, BC):
         o_k = k0 + tl.arange(0, BC)
-        m_k = m_p[:, None] & (o_k[None, :] < tl.minimum(b_count, C)[:, None])
+        m_k = m_p[:, None] & (o_k[None, :] < b_n[:, None])
         b_vk = tl.load(p_buf + o_p[:, None] * C + o_k[None, :], mask=m_k, other=float("-inf"))  # [BS, BC]
         b_m = tl.zeros([BS, BC], dtype=tl.int32 if FIXED else tl.float32) + b_mtop[:, None]
         for l0 in range(0, n, BC):
             o_l = l0 + tl.arange(0, BC)
-            m_l = m_p[:, None] & (o_l[None, :] < tl.minimum(b_count, C)[:, None])
+            m_l = m_p[:, None] & (o_l[None, :] < b_n[:, None])
             b_vl = tl.load(p_buf + o_p[:, None] * C + o_l[None, :], mask=m_l, other=float("-inf"))
             if FIXED:
                 b_wl = m_l.to(tl.int32)
@@ -1057,7 +1106,7 @@ def _settle_kernel(
     v_up = tl.full([BS], float("inf"), dtype=tl.float32)
     for k0 in range(0, n, BC):
         o_k = k0 + tl.arange(0, BC)
-        m_k = m_p[:, None] & (o_k[None, :] < tl.minimum(b_count, C)[:, None])
+        m_k = m_p[:, None] & (o_k[None, :] < b_n[:, None])
         b_vk = tl.load(p_buf + o_p[:, None] * C + o_k[None, :], mask=m_k, other=float("-inf"))
         v_up = tl.minimum(v_up, tl.min(tl.where(b_vk > v_star[:, None], b_vk, float("inf")), axis=1))
     top_holds = _holds(b_mtop, g, group_size, group_p, FIXED)

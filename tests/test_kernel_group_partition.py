@@ -298,6 +298,52 @@ def test_grid_pass_only_where_the_search_has_one(device, monkeypatch):
     assert gp.grid_pass(*(v[:130] for v in rows), 1.0) is None  # the first pass collects whole rows
 
 
+@pytest.mark.parametrize("fixed", [False, True])
+def test_probe_evaluation(device, monkeypatch, fixed):
+    """One pass of ``_KernelProbes`` on 5 rows against float64: the measure (mass or count) and
+    the snaps at 32 points (two blocks of 16 snapping points), and the values inside each
+    window: two overlapping windows share values, a NaN window is empty, and row 64, whose
+    windows hold more than its G1 * BUFFER collection slots, gets every window empty (a part of
+    its values would make a window look complete)."""
+    import distillcse.kernels.group_partition as gp
+
+    monkeypatch.setattr(gp, "BUFFER", 8)
+    B, G1 = 130, 3
+    rows = teachers(B, 48, device, seed=2)
+    t, lse, _, _ = row_stats(rows, 2.0)
+    r = torch.tensor([0, 7, 64, 100, 129], device=device)
+    eye = torch.eye(B, dtype=torch.bool, device=device)
+    v = t.masked_fill(eye, math.inf)[r].sort(1).values[:, :-1]  # [5, B - 1] each row's values, ascending
+    gen = torch.Generator().manual_seed(0)
+    x = (v[:, :1] + (v[:, -1:] - v[:, :1]) * torch.rand(5, 32, generator=gen, dtype=torch.float64).to(device))
+    x[:, 3] = v[:, 40]  # a point on a value: measured from it up
+    x = x.float().sort(1).values
+    lo = torch.tensor([[5, 20, 18], [5, 20, 60], [0, 40, 80], [5, 20, 60], [100, 110, 120]], device=device)
+    hi = lo + torch.tensor([[6, 6, 6], [6, 6, 6], [30, 30, 30], [6, 6, 6], [6, 6, 6]], device=device)
+    wlo, whi = v.float().gather(1, lo), v.float().gather(1, hi)  # [wlo, whi): the values lo .. hi - 1
+    wlo[3, 1] = whi[3, 1] = math.nan  # no window
+    probes = gp._KernelProbes(rows[0], rows[1], lse, 2.0, G1, fixed)
+    meas, above, below, count, buf = probes(r, x, (wlo, whi), True)
+
+    xd = x.double()[:, :, None]
+    ge = v[:, None, :] >= xd  # [5, 32, B - 1]
+    if fixed:
+        torch.testing.assert_close(meas.cpu(), ge.sum(2).int().cpu(), rtol=0, atol=0)
+    else:
+        w = torch.softmax(v * 2.0, 1)[:, None, :]
+        torch.testing.assert_close(meas.double(), (w * ge).sum(2), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(above.double(), v[:, None, :].expand_as(ge).masked_fill(~ge, math.inf).amin(2))
+    torch.testing.assert_close(below.double(), v[:, None, :].expand_as(ge).masked_fill(ge, -math.inf).amax(2))
+    expected = (hi - lo).masked_fill(torch.isnan(wlo), 0)
+    expected[2] = 0  # 90 values in its windows > 3 * 8 slots: none kept
+    assert count.tolist() == expected.tolist()
+    for i in range(5):
+        for g in range(G1):
+            n = min(int(count[i, g]), gp.BUFFER)
+            if n:
+                assert buf[i, g, :n].sort().values.double().tolist() == v[i, lo[i, g]:lo[i, g] + n].tolist()
+
+
 def test_inverse_cubic_is_exact_on_a_cubic(device):
     """The crossing estimate of the search (``_inverse_cubic``): where x is a cubic in the
     measure m, the estimate through the four probe points around the crossing is x(y) and
