@@ -77,11 +77,17 @@ def probe(log):
     lse = torch.zeros(B, device="cuda")
     rows = torch.arange(B, device="cuda")
     evaluate = GP._KernelProbes(t, rt, lse, 1.0, G1, False)
-    log(f"\n## _group_probe_kernel at B = {B}, Dt = {Dt}, bf16, blocks {GP._probe_blocks()}")
+    log(f"\n## _group_probe_kernel at B = {B}, Dt = {Dt}, bf16, blocks measuring {GP._probe_blocks(False)}, "
+        f"snapping {GP._probe_blocks(True)} (each pass with its cuBLAS dots)")
     for BP in (16, 32, 64):
         x = torch.linspace(-0.2, 0.2, BP, device="cuda").expand(B, BP).contiguous()
         log(f"BP = {BP:>2}: {cuda_ms(lambda: evaluate(rows, x, None, False)):.2f} ms measure only (the grid pass), "
             f"{cuda_ms(lambda: evaluate(rows, x, None, True)):.2f} ms with snaps")
+    # a later pass: 16 snapping points and G1 windows of ~200 values each (cosines ~ N(0, 1 / Dt))
+    x = torch.linspace(-0.2, 0.2, 16, device="cuda").expand(B, 16).contiguous()
+    centre = torch.linspace(-0.06, 0.06, G1, device="cuda").expand(B, G1)
+    windows = ((centre - 5e-4).contiguous(), (centre + 5e-4).contiguous())
+    log(f"16 snapping points and {G1} windows: {cuda_ms(lambda: evaluate(rows, x, windows, True)):.2f} ms")
     log(f"cuBLAS t t^T [B, B] bf16: {cuda_ms(lambda: t @ t.T):.2f} ms")
 
 

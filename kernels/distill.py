@@ -186,8 +186,8 @@ def _group_permutation(x, n, key, h, b, rounds):
 @triton.jit
 def _teacher_groups(p_ts, p_rt, p_thr, s_thr, o_r, o_m, m_m, o_n, m_n, B, n_thr):
     """Teacher logits t [BM, BN] fp32 (from the slab's dots ``p_ts``) and group ids [BM, BN]
-    int32 (-1 off the off-diagonal in-range entries): ``group = #{g : t < thr[row, g]}``, as the
-    expected mode classifies."""
+    int32 (-1 off the off-diagonal in-range entries): ``group = #{g : t < thr[row, g]}`` (the
+    expected mode's select chain over the non-increasing thresholds gives the same groups)."""
     b_t = slab_tile(p_ts, p_rt, o_r, o_m, m_m, o_n, m_n, B)  # [BM, BN]
     b_grp = tl.zeros(b_t.shape, dtype=tl.int32)
     for i_g in range(0, n_thr):
@@ -324,7 +324,7 @@ def _distill_slab_kernel(
     p_perm,  # [6, R, G] int32: start, size, h, b, rounds, key (bits) of each group's sigma (random)
     p_cross,  # [R, C] fp32 out: sum over chunk c of q~_rj s_rj
     p_grad,  # [R, B] out (G's dtype): M_rj = G_rj rx_j, or (G_rj + G_jr) rx_j when TARGETS < 2; 0 on the diagonal
-    row0, B, s_thr, n_thr, chunk_width, n_chunks, R, student_scale, teacher_scale,
+    row0, B, s_thr, n_thr: tl.constexpr, chunk_width, n_chunks, R, student_scale, teacher_scale,
     BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, TARGETS: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
 ):
@@ -352,10 +352,14 @@ def _distill_slab_kernel(
             m_in = (o_m[:, None] != o_n[None, :]) & m_m[:, None] & m_n[None, :]
             b_lse_t = tl.load(p_lse_t + o_m, mask=m_m, other=0.0)
             b_qt = tl.exp(b_t * teacher_scale - b_lse_t[:, None])  # q [BM, BN]
-        elif TARGETS == 1:
-            b_t, b_grp = _teacher_groups(p_ts, p_rt, p_thr, s_thr, o_r, o_m, m_m, o_n, m_n, B, n_thr)
-            m_in = b_grp >= 0
-            b_qt = tl.load(p_qbar + o_m[:, None] * n_groups + b_grp, mask=m_in, other=0.0)  # cache-resident gather
+        elif TARGETS == 1:  # q~ = qbar of the entry's group: a select per threshold (thr falls with g)
+            b_t = slab_tile(p_ts, p_rt, o_r, o_m, m_m, o_n, m_n, B)  # [BM, BN]
+            m_in = (o_m[:, None] != o_n[None, :]) & m_m[:, None] & m_n[None, :]
+            b_qt = tl.zeros_like(b_t) + tl.load(p_qbar + o_m * n_groups, mask=m_m, other=0.0)[:, None]
+            for g in tl.static_range(n_thr):
+                b_thr = tl.load(p_thr + o_m * s_thr + g, mask=m_m, other=float("-inf"))  # [BM]
+                b_qbar = tl.load(p_qbar + o_m * n_groups + g + 1, mask=m_m, other=0.0)
+                b_qt = tl.where(b_t < b_thr[:, None], b_qbar[:, None], b_qt)
         else:
             _, b_grp = _teacher_groups(p_ts, p_rt, p_thr, s_thr, o_r, o_m, m_m, o_n, m_n, B, n_thr)
             b_pos, b_next = _compact_positions(b_grp, b_next, n_groups, BG)
@@ -383,12 +387,12 @@ def _distill_slab_kernel(
                 if TARGETS == 0:
                     b_lse_t_n = tl.load(p_lse_t + o_n, mask=m_n, other=0.0)
                     b_qt_n = tl.exp(b_t * teacher_scale - b_lse_t_n[None, :])
-                else:
-                    b_grp_n = tl.zeros(b_t.shape, dtype=tl.int32)
-                    for i_g in range(0, n_thr):
-                        b_thr_n = tl.load(p_thr + o_n * s_thr + i_g, mask=m_n, other=float("-inf"))  # [BN]
-                        b_grp_n += (b_t < b_thr_n[None, :]).to(tl.int32)
-                    b_qt_n = tl.load(p_qbar + o_n[None, :] * n_groups + b_grp_n, mask=m_in, other=0.0)
+                else:  # the columns' thresholds and means, [BN] per tile
+                    b_qt_n = tl.zeros_like(b_t) + tl.load(p_qbar + o_n * n_groups, mask=m_n, other=0.0)[None, :]
+                    for g in tl.static_range(n_thr):
+                        b_thr_n = tl.load(p_thr + o_n * s_thr + g, mask=m_n, other=float("-inf"))
+                        b_qbar_n = tl.load(p_qbar + o_n * n_groups + g + 1, mask=m_n, other=0.0)
+                        b_qt_n = tl.where(b_t < b_thr_n[None, :], b_qbar_n[None, :], b_qt_n)
                 b_g += tl.exp(b_s * student_scale - b_lse_s_n[None, :]) - b_qt_n
             b_g = b_g * b_rx_n[None, :]  # M = G rx_j: the GEMMs take the raw rows (G u = M x)
             b_g = tl.where(m_in, student_scale * b_g, 0.0)
