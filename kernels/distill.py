@@ -184,13 +184,13 @@ def _group_permutation(x, n, key, h, b, rounds):
 
 
 @triton.jit
-def _teacher_groups(p_ts, p_rt, p_thr, s_thr, o_r, o_m, m_m, o_n, m_n, B, n_thr):
+def _teacher_groups(p_ts, p_rt, p_thr, s_thr, o_r, o_m, m_m, o_n, m_n, B, n_thr: tl.constexpr):
     """Teacher logits t [BM, BN] fp32 (from the slab's dots ``p_ts``) and group ids [BM, BN]
     int32 (-1 off the off-diagonal in-range entries): ``group = #{g : t < thr[row, g]}`` (the
     expected mode's select chain over the non-increasing thresholds gives the same groups)."""
     b_t = slab_tile(p_ts, p_rt, o_r, o_m, m_m, o_n, m_n, B)  # [BM, BN]
     b_grp = tl.zeros(b_t.shape, dtype=tl.int32)
-    for i_g in range(0, n_thr):
+    for i_g in tl.static_range(n_thr):
         b_thr = tl.load(p_thr + o_m * s_thr + i_g, mask=m_m, other=float("-inf"))  # [BM]
         b_grp += (b_t < b_thr[:, None]).to(tl.int32)
     m_valid = (o_m[:, None] != o_n[None, :]) & m_m[:, None] & m_n[None, :]
@@ -198,12 +198,12 @@ def _teacher_groups(p_ts, p_rt, p_thr, s_thr, o_r, o_m, m_m, o_n, m_n, B, n_thr)
 
 
 @triton.jit
-def _compact_positions(b_grp, b_next, n_groups, BG: tl.constexpr):
+def _compact_positions(b_grp, b_next, n_groups: tl.constexpr, BG: tl.constexpr):
     """Compact positions [BM, BN] of a tile's members (``b_next`` [BM, BG]: the next free
     position of each group, advanced past this tile and returned). -1 for non-members."""
     o_g = tl.arange(0, BG)[None, :]  # [1, BG]
     b_pos = tl.full(b_grp.shape, -1, dtype=tl.int32)
-    for g in range(0, n_groups):
+    for g in tl.static_range(n_groups):
         m_g = b_grp == g  # [BM, BN]
         b_at = tl.sum(tl.where(o_g == g, b_next, 0), axis=1)  # [BM] next position of group g
         b_seen = tl.cumsum(m_g.to(tl.int32), axis=1)  # members so far in the tile, inclusive
@@ -229,19 +229,19 @@ def _group_counts_kernel(
     p_rt,  # [B] fp32 inverse norms
     p_thr,  # [B, G-1] fp32 group thresholds
     p_counts,  # [R, C, G] int32 out: members of group g in chunk c of slab row r
-    row0, B, s_thr, n_thr, chunk_width, n_chunks, R,
+    row0, B, s_thr, n_thr: tl.constexpr, chunk_width, n_chunks, R,
     BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr,
 ):
     i_c, o_r, o_m, m_m = _slab_program(row0, B, R, BM)
     o_g = tl.arange(0, BG)[None, :]
-    n_groups = n_thr + 1
+    n_groups: tl.constexpr = n_thr + 1
     b_counts = tl.zeros([BM, BG], dtype=tl.int32)
     col0 = i_c * chunk_width
     for i_n in range(0, tl.cdiv(chunk_width, BN)):
         o_n = col0 + i_n * BN + tl.arange(0, BN).to(tl.int64)
         m_n = (o_n < B) & (o_n < col0 + chunk_width)
         _, b_grp = _teacher_groups(p_ts, p_rt, p_thr, s_thr, o_r, o_m, m_m, o_n, m_n, B, n_thr)
-        for g in range(0, n_groups):
+        for g in tl.static_range(n_groups):
             b_counts += tl.where(o_g == g, tl.sum((b_grp == g).to(tl.int32), axis=1)[:, None], 0)
     p_out = p_counts + (o_r[:, None] * n_chunks + i_c) * n_groups + o_g
     tl.store(p_out, b_counts, mask=m_m[:, None] & (o_g < n_groups))
@@ -290,12 +290,12 @@ def _compact_targets_kernel(
     p_lse_t,  # [B] fp32 teacher logsumexps
     p_first,  # [R, C, G] int32: compact position of chunk c's first member of group g
     p_compact,  # [R, B] out (G's dtype): targets in group order (B-1 used)
-    row0, B, s_thr, n_thr, chunk_width, n_chunks, R, teacher_scale,
+    row0, B, s_thr, n_thr: tl.constexpr, chunk_width, n_chunks, R, teacher_scale,
     BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr,
 ):
     i_c, o_r, o_m, m_m = _slab_program(row0, B, R, BM)
     o_g = tl.arange(0, BG)[None, :]
-    n_groups = n_thr + 1
+    n_groups: tl.constexpr = n_thr + 1
     b_next = tl.load(p_first + (o_r[:, None] * n_chunks + i_c) * n_groups + o_g,
                      mask=m_m[:, None] & (o_g < n_groups), other=0)  # [BM, BG]
     col0 = i_c * chunk_width
@@ -336,7 +336,7 @@ def _distill_slab_kernel(
     slab rows only, so its column side is ``_accumulate_slab_kernel``'s GEMM."""
     i_c, o_r, o_m, m_m = _slab_program(row0, B, R, BM)
     o_g = tl.arange(0, BG)[None, :]
-    n_groups = n_thr + 1
+    n_groups: tl.constexpr = n_thr + 1
     if TARGETS == 2:
         b_next = tl.load(p_first + (o_r[:, None] * n_chunks + i_c) * n_groups + o_g,
                          mask=m_m[:, None] & (o_g < n_groups), other=0)  # [BM, BG]
