@@ -198,17 +198,34 @@ def _teacher_groups(p_ts, p_rt, p_thr, s_thr, o_r, o_m, m_m, o_n, m_n, B, n_thr:
 
 
 @triton.jit
+def _group_word(b_grp, w: tl.constexpr):
+    """Groups 4w .. 4w + 3 of a tile's entries (``b_grp`` [BM, BN], fewer than 256 columns) as
+    one-hot counts packed in the 8-bit fields of an int32 (0 for the other groups), and each
+    entry's field shift: a row sum or prefix sum of the word counts 4 groups at once."""
+    tl.static_assert(b_grp.shape[1] < 256)
+    b_shift = 8 * (b_grp - 4 * w)
+    m_w = (b_shift >= 0) & (b_shift < 32)
+    b_shift = tl.where(m_w, b_shift, 0)
+    return tl.where(m_w, 1 << b_shift, 0), b_shift
+
+
+@triton.jit
 def _compact_positions(b_grp, b_next, n_groups: tl.constexpr, BG: tl.constexpr):
     """Compact positions [BM, BN] of a tile's members (``b_next`` [BM, BG]: the next free
-    position of each group, advanced past this tile and returned). -1 for non-members."""
+    position of each group, advanced past this tile and returned). -1 for non-members. Ranks
+    within a group come from one prefix sum per 4 groups (``_group_word``)."""
     o_g = tl.arange(0, BG)[None, :]  # [1, BG]
     b_pos = tl.full(b_grp.shape, -1, dtype=tl.int32)
-    for g in tl.static_range(n_groups):
-        m_g = b_grp == g  # [BM, BN]
-        b_at = tl.sum(tl.where(o_g == g, b_next, 0), axis=1)  # [BM] next position of group g
-        b_seen = tl.cumsum(m_g.to(tl.int32), axis=1)  # members so far in the tile, inclusive
-        b_pos = tl.where(m_g, b_at[:, None] + b_seen - 1, b_pos)
-        b_next += tl.where(o_g == g, tl.sum(m_g.to(tl.int32), axis=1)[:, None], 0)
+    for w in tl.static_range((n_groups + 3) // 4):
+        b_one, b_shift = _group_word(b_grp, w)
+        b_seen = (tl.cumsum(b_one, axis=1) >> b_shift) & 255  # members so far, inclusive
+        b_tot = tl.sum(b_one, axis=1)  # [BM] the tile's members of the word's groups, packed
+        for k in tl.static_range(4):
+            if 4 * w + k < n_groups:
+                m_g = o_g == 4 * w + k
+                b_at = tl.sum(tl.where(m_g, b_next, 0), axis=1)  # [BM] next position of the group
+                b_pos = tl.where(b_grp == 4 * w + k, b_at[:, None] + b_seen - 1, b_pos)
+                b_next += tl.where(m_g, ((b_tot >> (8 * k)) & 255)[:, None], 0)
     return b_pos, b_next
 
 
@@ -241,8 +258,11 @@ def _group_counts_kernel(
         o_n = col0 + i_n * BN + tl.arange(0, BN).to(tl.int64)
         m_n = (o_n < B) & (o_n < col0 + chunk_width)
         _, b_grp = _teacher_groups(p_ts, p_rt, p_thr, s_thr, o_r, o_m, m_m, o_n, m_n, B, n_thr)
-        for g in tl.static_range(n_groups):
-            b_counts += tl.where(o_g == g, tl.sum((b_grp == g).to(tl.int32), axis=1)[:, None], 0)
+        for w in tl.static_range((n_groups + 3) // 4):
+            b_tot = tl.sum(_group_word(b_grp, w)[0], axis=1)  # [BM] 4 groups' counts, packed
+            for k in tl.static_range(4):
+                if 4 * w + k < n_groups:
+                    b_counts += tl.where(o_g == 4 * w + k, ((b_tot >> (8 * k)) & 255)[:, None], 0)
     p_out = p_counts + (o_r[:, None] * n_chunks + i_c) * n_groups + o_g
     tl.store(p_out, b_counts, mask=m_m[:, None] & (o_g < n_groups))
 
