@@ -563,9 +563,9 @@ def _slab_blocks(B: int, shuffle: str):
     They read the slab's cuBLAS dots, so no tile holds a dot's operands: memory- and ALU-bound
     tiles of [32, 128] at 8 warps, [32, 64] for the random shuffle's slab kernel (the
     permutation's state). sm_90a (``benchmarks/compile_sm90.py --what distill``, session 15, not
-    timed; 10 groups): counts 128 registers, compaction 210-255, slab kernel 175 (none), 180
-    (expected), 214 (random), no spills (at 20 and 64 groups counts and compaction spill
-    116-504 B); at 4 warps they spilled 12-304 bytes (session 13). Under the
+    timed; 10 groups): counts 128 registers, compaction 194-255, slab kernel 175 (none), 180
+    (expected), 215 (random), no spills (counts spill 312 B at 64 groups); at 4 warps they
+    spilled 12-304 bytes (session 13). Under the
     interpreter few large blocks run fastest. Column tiles must divide the chunk width (powers
     of two)."""
     if utils.interpreter_blocks():
