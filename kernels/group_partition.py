@@ -122,10 +122,11 @@ def _group_probe_kernel(
     block) the row values inside any boundary's window into one buffer per row (a window test
     per boundary, unrolled, and one atomic per value found: per-window atomics and stores cost
     ~19 instructions an entry and boundary, sm_90a, and a loop over the boundaries carrying the
-    test's mask ~14), the logits read from the rows' cuBLAS dots. Each point keeps its measure (and snaps) in [BM, BN] accumulators of its own (tuples),
-    reduced over the columns once at the end: per entry and point a compare, then a select and
-    an add (and a select and a min / max per snap), no row reduction in the loop (reducing every
-    tile cost ~2.8 instructions an entry per reduction, sm_90a)."""
+    test's mask ~14), the logits read from the rows' cuBLAS dots. Each point keeps its measure
+    (and snaps) in [BM, BN] accumulators of its own (tuples), reduced over the columns once at
+    the end: per entry and point a compare, then a select and an add (and a select and a min /
+    max per snap), no row reduction in the loop (reducing every tile cost ~2.8 instructions an
+    entry per reduction, sm_90a)."""
     i_m, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     p0 = tl.program_id(2) * NP
     o_r = i_m * BM + tl.arange(0, BM)
