@@ -210,6 +210,16 @@ def _group_word(b_grp, w: tl.constexpr):
 
 
 @triton.jit
+def _word_counts(b_one, w: tl.constexpr, n_groups: tl.constexpr, BG: tl.constexpr):
+    """[BM, BG] int32: the tile's members of groups 4w .. 4w + 3 (a ``_group_word`` [BM, BN])
+    in those groups' lanes, 0 in the others."""
+    o_k = tl.arange(0, BG)[None, :] - 4 * w  # [1, BG] the lane's field in word w
+    m_k = (o_k >= 0) & (o_k < 4) & (o_k + 4 * w < n_groups)
+    b_tot = tl.sum(b_one, axis=1)[:, None]  # [BM, 1] the word's counts, packed
+    return tl.where(m_k, (b_tot >> (8 * tl.where(m_k, o_k, 0))) & 255, 0)
+
+
+@triton.jit
 def _compact_positions(b_grp, b_next, n_groups: tl.constexpr, BG: tl.constexpr):
     """Compact positions [BM, BN] of a tile's members (``b_next`` [BM, BG]: the next free
     position of each group, advanced past this tile and returned). -1 for non-members. Ranks
@@ -219,13 +229,10 @@ def _compact_positions(b_grp, b_next, n_groups: tl.constexpr, BG: tl.constexpr):
     for w in tl.static_range((n_groups + 3) // 4):
         b_one, b_shift = _group_word(b_grp, w)
         b_seen = (tl.cumsum(b_one, axis=1) >> b_shift) & 255  # members so far, inclusive
-        b_tot = tl.sum(b_one, axis=1)  # [BM] the tile's members of the word's groups, packed
-        for k in tl.static_range(4):
-            if 4 * w + k < n_groups:
-                m_g = o_g == 4 * w + k
-                b_at = tl.sum(tl.where(m_g, b_next, 0), axis=1)  # [BM] next position of the group
-                b_pos = tl.where(b_grp == 4 * w + k, b_at[:, None] + b_seen - 1, b_pos)
-                b_next += tl.where(m_g, ((b_tot >> (8 * k)) & 255)[:, None], 0)
+        for g in tl.static_range(4 * w, min(4 * w + 4, n_groups)):
+            b_at = tl.sum(tl.where(o_g == g, b_next, 0), axis=1)  # [BM] next position of group g
+            b_pos = tl.where(b_grp == g, b_at[:, None] + b_seen - 1, b_pos)
+        b_next += _word_counts(b_one, w, n_groups, BG)
     return b_pos, b_next
 
 
@@ -259,10 +266,7 @@ def _group_counts_kernel(
         m_n = (o_n < B) & (o_n < col0 + chunk_width)
         _, b_grp = _teacher_groups(p_ts, p_rt, p_thr, s_thr, o_r, o_m, m_m, o_n, m_n, B, n_thr)
         for w in tl.static_range((n_groups + 3) // 4):
-            b_tot = tl.sum(_group_word(b_grp, w)[0], axis=1)  # [BM] 4 groups' counts, packed
-            for k in tl.static_range(4):
-                if 4 * w + k < n_groups:
-                    b_counts += tl.where(o_g == 4 * w + k, ((b_tot >> (8 * k)) & 255)[:, None], 0)
+            b_counts += _word_counts(_group_word(b_grp, w)[0], w, n_groups, BG)
     p_out = p_counts + (o_r[:, None] * n_chunks + i_c) * n_groups + o_g
     tl.store(p_out, b_counts, mask=m_m[:, None] & (o_g < n_groups))
 
@@ -563,9 +567,9 @@ def _slab_blocks(B: int, shuffle: str):
     They read the slab's cuBLAS dots, so no tile holds a dot's operands: memory- and ALU-bound
     tiles of [32, 128] at 8 warps, [32, 64] for the random shuffle's slab kernel (the
     permutation's state). sm_90a (``benchmarks/compile_sm90.py --what distill``, session 15, not
-    timed; 10 groups): counts 128 registers, compaction 194-255, slab kernel 175 (none), 180
-    (expected), 215 (random), no spills (counts spill 312 B at 64 groups); at 4 warps they
-    spilled 12-304 bytes (session 13). Under the
+    timed; 10 groups): counts 168 registers, compaction 193-255, slab kernel 175 (none), 180
+    (expected), 219 (random), no spills (at 64 groups counts spill 348 B, compaction 52 B); at
+    4 warps they spilled 12-304 bytes (session 13). Under the
     interpreter few large blocks run fastest. Column tiles must divide the chunk width (powers
     of two)."""
     if utils.interpreter_blocks():

@@ -540,7 +540,6 @@ class _KernelProbes:
     def __init__(self, t, rt, lse_g, grouping_scale, G1, fixed, budget_bytes=None, means=None):
         self.t, self.rt, self.lse_g, self.grouping_scale = t, rt, lse_g, grouping_scale
         self.G1, self.fixed, self.budget_bytes = G1, fixed, budget_bytes
-        self.n_tiles = triton.cdiv(t.shape[0], _probe_blocks(False)["BN"])
         self.dots = None  # the last chunk's, kept for its means
         self.qbar = self.lse_t = None
         if means is not None:
@@ -557,7 +556,8 @@ class _KernelProbes:
             dots = matmul_f32(t[rows], t.T)  # [R, B] fp32
         blocks = triton.cdiv(R, cfg["BM"]) * triton.cdiv(BP, NP)
         # splits: a power of two, so that the partial measures are summed in the same order
-        splits = min(1 << (self.n_tiles.bit_length() - 1),
+        n_tiles = triton.cdiv(t.shape[0], cfg["BN"])
+        splits = min(1 << (n_tiles.bit_length() - 1),
                      triton.next_power_of_2(triton.cdiv(SPLIT_PROGRAMS, blocks)))
         while self.budget_bytes is not None and splits > 1 and 12 * splits * R * BP > self.budget_bytes // 4:
             splits //= 2
@@ -574,7 +574,7 @@ class _KernelProbes:
             buf = torch.empty((R, G1 * BUFFER), device=t.device, dtype=torch.float32)
         _group_probe_kernel[(triton.cdiv(R, cfg["BM"]), splits, triton.cdiv(BP, NP))](
             dots, self.rt, self.lse_g, rows, x, meas, above, below, wlo, whi, count, buf,
-            R, t.shape[0], G1 * BUFFER, triton.cdiv(self.n_tiles, splits), self.grouping_scale,
+            R, t.shape[0], G1 * BUFFER, triton.cdiv(n_tiles, splits), self.grouping_scale,
             FIXED=self.fixed, SNAP=snap, COLLECT=windows is not None, BP=BP, NP=NP, G1=G1, **cfg)
         if windows is not None:
             count, buf = _split_windows(count, buf, wlo, whi)
@@ -1112,7 +1112,7 @@ def _settle_kernel(
         v_up = tl.minimum(v_up, tl.min(tl.where(b_vk > v_star[:, None], b_vk, float("inf")), axis=1))
     top_holds = _holds(b_mtop, g, group_size, group_p, FIXED)
     b_wlo = tl.load(p_wlo + o_p, mask=m_p, other=float("nan"))
-    found = (v_star > float("-inf")) & (b_count <= C) & ~top_holds & (b_wlo == b_wlo) & m_p
+    found = (v_star > float("-inf")) & ~top_holds & (b_wlo == b_wlo) & m_p  # a value read: count <= C
     v_up = tl.where(v_up < float("inf"), v_up, tl.load(p_utop + o_p, mask=m_p, other=0.0))
     o_state = o_row * G1 + g - 1
     tl.store(p_lo + o_state, v_star, mask=found)
