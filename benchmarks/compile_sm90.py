@@ -118,6 +118,7 @@ def distill(B, D, dtype, teacher_dtype, n_thr=9):
     K._group_counts_kernel[teacher_grid](dots, r, thr, first, 0, B, n_thr, n_thr, width, chunks, rows, BG=BG,
                                          **teacher_blocks)
     K._permutation_tables(first, 0, 2**64 - 1)
+    K._permutation_tables(first, 0, torch.empty(1, dtype=torch.int64))  # the key drawn on the GPU (a CUDA graph)
     K._compact_targets_kernel[teacher_grid](dots, r, thr, r, first, compact, 0, B, n_thr, n_thr, width, chunks,
                                             rows, 80.0, BG=BG, **teacher_blocks)
     for targets, shuffle in enumerate(K.SHUFFLES):
@@ -155,7 +156,8 @@ def few_groups(B, D, dtype, teacher_dtype):
 def small_batch(B, D, dtype, teacher_dtype):
     """The one-program loss (kernels/small_batch.py) at B = min(B, 64) with as many columns as
     it takes (N = MAX_COLUMNS, the largest tile), teacher width D: every shuffle, loss only and
-    loss with gradients, plus fixed-size groups with gradients."""
+    loss with gradients, plus fixed-size groups with gradients and the random shuffle's key read
+    from the device."""
     from distillcse.kernels.small_batch import MAX_COLUMNS, MAX_ROWS, small_batch_loss
 
     B = min(B, MAX_ROWS)
@@ -165,6 +167,8 @@ def small_batch(B, D, dtype, teacher_dtype):
         for need_grad in (False, True):
             small_batch_loss(x, y, t, n_groups=10, shuffle=shuffle, step_seed=3, need_grad=need_grad)
     small_batch_loss(x, y, t, n_groups=10, shuffle="random", group_size=6, step_seed=3, need_grad=True)
+    key = torch.empty(1, dtype=torch.int64)  # the key drawn on the GPU inside a CUDA graph's capture
+    small_batch_loss(x, y, t, n_groups=10, shuffle="random", step_seed=key, need_grad=True)
 
 
 TARGETS = {"contrastive": contrastive, "distill": distill, "few_groups": few_groups, "small_batch": small_batch}

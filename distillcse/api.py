@@ -53,11 +53,21 @@ def _teacher_rows(teachers, weights, dtype):
     return torch.cat([w ** 0.5 * _normalize(e).to(dtype) for w, e in zip(weights, teachers)], dim=1)
 
 
-def _step_seed(seed):
-    """The integer that keys this step's random shuffle: a checked int seed (64 bits) as it is,
-    62 fresh bits from a generator or, if None, from torch's RNG."""
+def _step_seed(seed, x=None):
+    """The 64-bit key of this step's random shuffle: a checked int seed as it is, 62 fresh bits
+    from a generator or, if None, from torch's RNG. While ``x``'s CUDA stream is being captured
+    into a graph, the fresh bits are drawn on the GPU instead (a [1] int64 tensor that the
+    kernels read), so that each replay draws a new shuffle, as eager steps do."""
     if isinstance(seed, int):
         return seed
+    if x is not None and checks.capturing(x):
+        if seed is not None and seed.device.type != "cuda":
+            raise ValueError(
+                f"seed: a {seed.device.type} torch.Generator (DistillCSELoss makes one of an int seed) cannot "
+                "draw a new shuffle on each replay of a CUDA graph (it would be drawn once, at capture); pass "
+                "seed=None (drawn on the GPU at each replay), a CUDA generator registered with the graph, or an "
+                "int to distillcse_loss (the same shuffle every step)")
+        return torch.randint(0, 2**62, (1,), generator=seed, device=x.device)
     device = seed.device if isinstance(seed, torch.Generator) else "cpu"
     return int(torch.randint(0, 2**62, (1,), generator=seed, device=device).item())
 
@@ -122,13 +132,13 @@ def _contrastive(z1, z2, hard_negatives, temperature, backend):
     return ContrastiveChunked.apply(u1, y, 1.0 / temperature, need_grad(u1, y))
 
 
-def _fused_setup(options):
+def _fused_setup(options, student):
     """(student_temperature, teacher weights, options) for the torch and triton backends, the
-    seed replaced by the step's shuffle key."""
+    seed replaced by the step's shuffle key (``_step_seed``)."""
     seed = options.pop("seed")
     weights = options.pop("teacher_weights")
     student_temperature = options.pop("student_temperature")
-    options["step_seed"] = _step_seed(seed) if options["shuffle"] == "random" else None
+    options["step_seed"] = _step_seed(seed, student) if options["shuffle"] == "random" else None
     return student_temperature, weights, options
 
 
@@ -152,7 +162,7 @@ def _distill(student, teachers, options, backend):
         seed, weights = options.pop("seed"), options.pop("teacher_weights")
         return reference.distill_loss(student, teachers, teacher_weights=weights,
                                       generator=_reference_generator(seed), **options)
-    student_temperature, weights, options = _fused_setup(options)
+    student_temperature, weights, options = _fused_setup(options, student)
     if backend == "triton":
         from .triton_backend import distill
         rows, unit_rows = _triton_teacher(teachers, weights)
@@ -214,7 +224,7 @@ def distillcse_loss(z1, z2, teachers, *, temperature=0.05, distill_weight=1.0, d
     backend = resolve_backend(backend, z1)
     if backend == "triton" and not distill_only:  # one fused Function: z1's gradient written once
         from .triton_backend import distillcse
-        student_temperature, weights, options = _fused_setup(options)
+        student_temperature, weights, options = _fused_setup(options, z1)
         rows, unit_rows = _triton_teacher(teachers, weights)
         columns = z2 if hard_negatives is None else torch.cat([z2, hard_negatives], dim=0)
         loss, (cl, kd) = distillcse(z1, columns, rows, 1.0 / temperature, distill_weight, student_temperature,

@@ -4,7 +4,7 @@ against the target, in one short run.
 ============================ ============ ========== =========== ====================================
 point                        loss         B          target      compared with
 ============================ ============ ========== =========== ====================================
-paper batch                  full, random 64         0.3 ms      ``backend="reference"`` (the authors' algorithm)
+paper batch                  full, random 64         0.3 ms      the same in a CUDA graph; ``backend="reference"``
 full loss, shuffle expected  full         65,536     150 ms, 256 MiB
 full loss, shuffle random    full         65,536     250 ms, 256 MiB
 contrastive term             contrastive  65,536     60 ms       plain PyTorch, Inf-CL when importable
@@ -16,13 +16,17 @@ The targets hold at D = Dt = 768, K = 1, bf16 (the defaults on CUDA); other sett
 measured without a verdict. Each (point, implementation) is measured as ``bench memory``
 measures a point (warm-up, one step under the memory meter, the median of up to ``--repeats``
 timed steps), except the million-row point: one step, timed and metered at once (its kernels
-were compiled at 65,536). Beside each time: the bare cuBLAS forward GEMMs of the same shapes
+were compiled at 65,536), and ``triton-graph`` at the paper batch: the triton backend's step
+captured once in a CUDA graph and replayed (no host work but the replay's launch; the input
+check is skipped while capturing, and the random shuffle draws its key on the GPU at each
+replay), the median of ``--repeats`` replays, memory the capture's peak. Beside each time: the bare cuBLAS forward GEMMs of the same shapes
 (``z1 z2^T``; ``z1 z1^T`` and ``T T^T`` for the distillation) and the ratio. An implementation
 that runs out of memory or fails is recorded so and the run goes on. Results: ``targets.csv``
 (device, versions, commit and time stamp on every row) and ``targets.md`` in ``--out``,
 rewritten after every point.
 """
 import os
+import statistics
 import sys
 
 import torch
@@ -30,9 +34,12 @@ import torch
 from . import bench, checks
 
 MIB = bench.MIB
+GRAPH_IMPL = "triton-graph"
+IMPLS = bench.IMPLS + (GRAPH_IMPL,)
+LABELS = dict(bench.LABELS, **{GRAPH_IMPL: 'backend="triton" in a CUDA graph'})
 # name, what, B, shuffle, implementations, target ms, target MiB (None: no target), one step only
 POINTS = (
-    ("paper batch", "full", 64, "random", ("triton", "reference"), 0.3, None, False),
+    ("paper batch", "full", 64, "random", ("triton", GRAPH_IMPL, "reference"), 0.3, None, False),
     ("full loss, shuffle expected", "full", 65536, "expected", ("triton",), 150.0, 256.0, False),
     ("full loss, shuffle random", "full", 65536, "random", ("triton",), 250.0, 256.0, False),
     ("contrastive term", "contrastive", 65536, "random", ("triton", "plain", "inf-cl"), 60.0, None, False),
@@ -55,6 +62,34 @@ def _measure_once(fn, inputs, meter, device):
     with meter.measure(mem):
         seconds = bench.time_once(step, device)
     return seconds, mem["peak"], 1, float(box["loss"].detach().float())
+
+
+def _measure_in_graph(fn, inputs, meter, device, repeats):
+    """Forward+backward captured in a CUDA graph after two eager steps on a side stream (Triton
+    compiles outside the capture), then the median time of ``repeats`` replays; memory: the
+    capture's peak (the graph's pool keeps every temporary of the step)."""
+    if device.type != "cuda":
+        raise bench.Unavailable("n/a (needs CUDA)")
+    z1, z2, teachers = inputs
+    box = {}
+
+    def step():
+        loss = fn(z1, z2, teachers)
+        box["grads"] = torch.autograd.grad(loss, (z1, z2))
+        box["loss"] = loss.detach()
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        step()
+        step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph, mem = torch.cuda.CUDAGraph(), {}
+    with meter.measure(mem), torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    times = [bench.time_once(graph.replay, device) for _ in range(repeats)]
+    return statistics.median(times), mem["peak"], repeats, float(box["loss"].float())
 
 
 def verdict(row):
@@ -94,13 +129,15 @@ def run_points(*, D=768, K=1, dtype=torch.bfloat16, divide=1, impls=None, repeat
         meter = bench.memory_meter(impl, device)
         row = dict(env, point=name, target_ms="" if target_ms is None or not stated else target_ms,
                    target_mib="" if target_mib is None or not stated else target_mib, what=what, impl=impl,
-                   label=bench.LABELS[impl], B=B, D=D, Dt=D, K=K, dtype=str(dtype).replace("torch.", ""),
+                   label=LABELS[impl], B=B, D=D, Dt=D, K=K, dtype=str(dtype).replace("torch.", ""),
                    shuffle="" if what == "contrastive" else shuffle, memory_kind=meter.kind)
         inputs = None
         try:
-            fn = bench.loss_function(impl, what, shuffle, device, compiled)
+            fn = bench.loss_function("triton" if impl == GRAPH_IMPL else impl, what, shuffle, device, compiled)
             inputs = bench.make_inputs(B, D, D, K, dtype, device)
-            if once:
+            if impl == GRAPH_IMPL:
+                seconds, peak, n, loss = _measure_in_graph(fn, inputs, meter, device, repeats)
+            elif once:
                 seconds, peak, n, loss = _measure_once(fn, inputs, meter, device)
             else:
                 seconds, peak, n, loss = bench._measure_point(fn, inputs, meter, device, repeats, time_cap=10.0)
@@ -161,7 +198,7 @@ def add_targets_arguments(p):
     p.add_argument("--dtype", choices=bench.DTYPES, default=None,
                    help="embedding dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--divide", type=checks.positive_int, default=1, help="divide every batch size by this (default: 1)")
-    p.add_argument("--impl", nargs="+", choices=bench.IMPLS, default=None, metavar="IMPL",
+    p.add_argument("--impl", nargs="+", choices=IMPLS, default=None, metavar="IMPL",
                    help="these implementations at every point (default: each point's own)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--skip-million", action="store_true", help="leave out the million-row point")

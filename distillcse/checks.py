@@ -36,13 +36,19 @@ def check_embeddings(name, x, *, rows=None, dim=None, like=None):
     return x
 
 
+def capturing(x):
+    """Whether ``x`` is a CUDA tensor and the current stream is being captured into a CUDA graph
+    (no host reads then; what the host decides is replayed as it was at capture)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def check_finite(named):
     """Raises ValueError naming the first of ``named`` ((name, tensor) pairs) that holds NaN or
     Inf. One reduction per tensor (max |x|, which NaN and Inf survive) and their max: no
     temporary of an input's size, and one host sync for all of them. Skipped when
     ``config.set_finite_check(False)``, and while a CUDA stream is being captured into a graph
     (where a host read is not allowed)."""
-    if not config.finite_check_enabled() or (named[0][1].is_cuda and torch.cuda.is_current_stream_capturing()):
+    if not config.finite_check_enabled() or capturing(named[0][1]):
         return
     peaks = [torch.linalg.vector_norm(x.detach(), ord=math.inf) for _, x in named]
     if math.isfinite(torch.stack(peaks).amax().item()):

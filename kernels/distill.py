@@ -47,7 +47,7 @@ import triton.language as tl
 from . import utils
 from ..shuffle import ROUNDS, SMALL_DOMAIN, SMALL_DOMAIN_ROUNDS
 from .tiles import slab_tile
-from .utils import dot_precision, int32_bits, matmul_f32, slab_rows, unit_stride_rows
+from .utils import dot_precision, matmul_f32, seed_args, slab_rows, unit_stride_rows
 
 _GOLDEN = tl.constexpr(0x9E3779B1)
 _SMALL_DOMAIN = tl.constexpr(SMALL_DOMAIN)
@@ -142,12 +142,24 @@ def _bit_length(b_v, BITS: tl.constexpr):
 
 
 @triton.jit
+def _seed_halves(p_seed, seed_lo, seed_hi, SEED_PTR: tl.constexpr):
+    """The shuffle key's 32-bit halves as uint32: the int32 scalars' bits, or with SEED_PTR the
+    halves of the int64 at p_seed (a key drawn on the GPU inside a CUDA graph's capture, so that
+    each replay reads the one it draws; ``utils.seed_args``)."""
+    b_lo, b_hi = seed_lo.to(tl.uint32, bitcast=True), seed_hi.to(tl.uint32, bitcast=True)
+    if SEED_PTR:
+        b_seed = tl.load(p_seed)
+        b_lo, b_hi = b_seed.to(tl.uint32), (b_seed >> 32).to(tl.uint32)  # truncations: the bits
+    return b_lo, b_hi
+
+
+@triton.jit
 def _sigma_params(b_row, b_grp, b_n, seed_lo, seed_hi, BITS: tl.constexpr):
     """(key, h, b, rounds) of sigma for group b_grp of row b_row with b_n members (uint32, one
-    shape; b_n < 2^BITS; seed halves int32 bits), as ``distillcse.shuffle.group_keys`` and
-    ``feistel_shape`` compute them; rounds int32."""
-    b_key = _mix32(b_row * 0x632BE5AB + b_grp * 0x7FEB352D + seed_lo.to(tl.uint32, bitcast=True))
-    b_key = _mix32(b_key ^ seed_hi.to(tl.uint32, bitcast=True))
+    shape; b_n < 2^BITS; seed halves uint32, ``_seed_halves``), as
+    ``distillcse.shuffle.group_keys`` and ``feistel_shape`` compute them; rounds int32."""
+    b_key = _mix32(b_row * 0x632BE5AB + b_grp * 0x7FEB352D + seed_lo)
+    b_key = _mix32(b_key ^ seed_hi)
     b_h = _bit_length(tl.maximum(b_n, 1) - 1, BITS) >> 1
     b_b = (b_n + (tl.full(b_n.shape, 1, tl.uint32) << b_h) - 1) >> b_h
     b_rounds = tl.where(b_n < _SMALL_DOMAIN, _SMALL_DOMAIN_ROUNDS, _ROUNDS).to(tl.int32)
@@ -276,8 +288,10 @@ def _permutation_tables_kernel(
     p_counts,  # [R, C, G] int32: members of group g in chunk c of slab row r
     p_first,  # [R, C, G] int32 out: compact position of chunk c's first member of group g
     p_perm,  # [6, R, G] int32 out: each group's sigma (start, size, h, b, rounds, key bits)
-    row0, R, n_chunks, n_groups, seed_lo, seed_hi,
-    BR: tl.constexpr, BG: tl.constexpr,
+    p_seed,  # [1] int64: the shuffle key (SEED_PTR), else unread
+    seed_lo, seed_hi,  # int32: the key's halves (without SEED_PTR)
+    row0, R, n_chunks, n_groups,
+    BR: tl.constexpr, BG: tl.constexpr, SEED_PTR: tl.constexpr,
 ):
     """Group sizes and starts (groups in order), each chunk's first compact position, and the
     parameters of each group's permutation, for BR slab rows."""
@@ -295,7 +309,8 @@ def _permutation_tables_kernel(
         b_next += tl.load(p_counts + p_chunk0 + i_c * n_groups, mask=m, other=0)
     b_row = tl.broadcast_to((row0 + o_r).to(tl.uint32)[:, None], [BR, BG])
     b_grp = tl.broadcast_to(o_g.to(tl.uint32)[None, :], [BR, BG])
-    b_key, b_h, b_b, b_rounds = _sigma_params(b_row, b_grp, b_size.to(tl.uint32), seed_lo, seed_hi, 32)
+    b_lo, b_hi = _seed_halves(p_seed, seed_lo, seed_hi, SEED_PTR)
+    b_key, b_h, b_b, b_rounds = _sigma_params(b_row, b_grp, b_size.to(tl.uint32), b_lo, b_hi, 32)
     p_out = p_perm + o_r[:, None] * n_groups + o_g[None, :]
     plane = R * n_groups
     tl.store(p_out, b_start, mask=m)
@@ -625,14 +640,16 @@ def _permutation_tables(counts, row0, step_seed):
     """From the chunk counts [R, C, G] int32 of slab rows row0.. (``_permutation_tables_kernel``):
     ``first`` [R, C, G] (compact position of each chunk's first member of each group) and
     ``perm`` [6, R, G] int32, the parameters of each group's sigma (start, size, h, b, rounds,
-    key bits), as ``distillcse.shuffle`` defines them for ``step_seed`` (64-bit)."""
+    key bits), as ``distillcse.shuffle`` defines them for ``step_seed`` (64-bit: an int, or a [1]
+    int64 tensor on the device, ``utils.seed_args``)."""
     R, C, G = counts.shape
     first = torch.empty_like(counts)
     perm = torch.empty((6, R, G), device=counts.device, dtype=torch.int32)
     BR = 256 if utils.interpreter_blocks() else 64
+    *seed, seed_ptr = seed_args(step_seed, counts)
     _permutation_tables_kernel[(triton.cdiv(R, BR),)](
-        counts, first, perm, row0, R, C, G, int32_bits(step_seed & 0xFFFFFFFF),
-        int32_bits(step_seed >> 32 & 0xFFFFFFFF), BR=BR, BG=max(2, triton.next_power_of_2(G)), num_warps=4)
+        counts, first, perm, *seed, row0, R, C, G, BR=BR, BG=max(2, triton.next_power_of_2(G)), SEED_PTR=seed_ptr,
+        num_warps=4)
     return first, perm
 
 

@@ -30,9 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .distill import SHUFFLES, _group_permutation, _sigma_params
+from .distill import SHUFFLES, _group_permutation, _seed_halves, _sigma_params
 from .tiles import log1p_unit
-from .utils import dot_precision, int32_bits, unit_stride_rows
+from .utils import dot_precision, seed_args, unit_stride_rows
 
 MAX_ROWS = 64  # B and the contrastive columns N = B + B_h of a batch that fits one program
 # N <= 64: at N = 65..128 (a [64, 128] column tile, 180 KiB of shared memory with gradients) the
@@ -110,13 +110,14 @@ def _small_batch_kernel(
     p_terms,  # [2] fp32 out: L_cl, L_kd
     p_dx,  # [B, D] out in x's dtype: d(loss)/dz1 (WRITE_GRAD)
     p_dy,  # [N, D] out in y's dtype: d(loss)/dy (WRITE_GRAD)
+    p_seed,  # [1] int64: the random shuffle's key (SEED_PTR), else unread
     B, N, D, Dt, s_x, s_y, s_t, s_dx, s_dy,
     cl_scale, student_scale, teacher_scale, grouping_scale, group_p, group_size, n_groups,
     seed_lo, seed_hi, w_cl, w_kd,
     BB: tl.constexpr, BY: tl.constexpr, BD: tl.constexpr, BDT: tl.constexpr, BD_GRAD: tl.constexpr,
     CONTRASTIVE: tl.constexpr, DISTILL: tl.constexpr, TARGETS: tl.constexpr,
     FIXED_SIZE: tl.constexpr, NORM_T: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    PREC: tl.constexpr, PREC_T: tl.constexpr, PREC_GRAD: tl.constexpr, BITS: tl.constexpr,
+    PREC: tl.constexpr, PREC_T: tl.constexpr, PREC_GRAD: tl.constexpr, BITS: tl.constexpr, SEED_PTR: tl.constexpr,
 ):
     o_row = tl.arange(0, BB)
     o_col = tl.arange(0, BB)
@@ -161,7 +162,8 @@ def _small_batch_kernel(
                     b_mean = tl.where(m_g, (b_sum / tl.maximum(b_cnt, 1.0))[:, None], b_mean)
                 b_qt = b_mean
             else:
-                b_qt = _random_targets(b_qt, b_grp, o_row, o_col, B, seed_lo, seed_hi, BITS)
+                b_lo, b_hi = _seed_halves(p_seed, seed_lo, seed_hi, SEED_PTR)
+                b_qt = _random_targets(b_qt, b_grp, o_row, o_col, B, b_lo, b_hi, BITS)
 
     # One pass over the features: z1 z1^T, z1 y^T and the squared norms.
     b_xx = tl.zeros([BB, BB], dtype=tl.float32)
@@ -259,7 +261,8 @@ def small_batch_loss(x, y, t, *, cl_scale=1.0, student_scale=1.0, teacher_scale=
     x [B, D] z1 (the student); y [N, D] the contrastive columns or None (no contrastive term);
     t [B, Dt] teacher rows (raw with ``normalize_teacher``, else normalised and weighted) or
     None (no distillation term). ``n_groups`` G from ``group_partition.num_groups``;
-    ``step_seed`` the 64-bit key of a random shuffle. Needs ``fits(B, N)``.
+    ``step_seed`` the 64-bit key of a random shuffle (an int, or a [1] int64 tensor on x's device,
+    ``utils.seed_args``). Needs ``fits(B, N)``.
     """
     B, D = x.shape
     N = 0 if y is None else y.shape[0]
@@ -269,7 +272,7 @@ def small_batch_loss(x, y, t, *, cl_scale=1.0, student_scale=1.0, teacher_scale=
     y = unit_stride_rows(y) if contrastive else x
     t = unit_stride_rows(t) if distill else x
     assert y.shape[1] == D and y.dtype == x.dtype and t.shape[0] == B
-    seed = 0 if step_seed is None else step_seed
+    p_seed, seed_lo, seed_hi, seed_ptr = seed_args(0 if step_seed is None else step_seed, x)
     prec, prec_t = dot_precision(x.dtype), dot_precision(t.dtype)
     BB = max(16, triton.next_power_of_2(B))
     # feature chunks: 64, or 16 where fp32 "ieee" dots run on the FMA units, whose register-
@@ -284,18 +287,18 @@ def small_batch_loss(x, y, t, *, cl_scale=1.0, student_scale=1.0, teacher_scale=
         CONTRASTIVE=contrastive, DISTILL=distill, TARGETS=SHUFFLES.index(shuffle),
         FIXED_SIZE=group_size is not None, NORM_T=normalize_teacher, WRITE_GRAD=need_grad,
         PREC=prec, PREC_T=prec_t, PREC_GRAD=prec if x.dtype == torch.float32 else "tf32",
-        BITS=BB.bit_length(), num_warps=8,
+        BITS=BB.bit_length(), SEED_PTR=seed_ptr, num_warps=8,
     )
     loss = torch.empty((), device=x.device, dtype=torch.float32)
     terms = torch.empty(2, device=x.device, dtype=torch.float32)
     dx = torch.empty_like(x) if need_grad else None
     dy = torch.empty_like(y) if need_grad and contrastive else None
     _small_batch_kernel[(1,)](
-        x, y, t, loss, terms, x if dx is None else dx, x if dy is None else dy, B, N, D, t.shape[1],
+        x, y, t, loss, terms, x if dx is None else dx, x if dy is None else dy, p_seed, B, N, D, t.shape[1],
         x.stride(0), y.stride(0), t.stride(0), D if dx is None else dx.stride(0), D if dy is None else dy.stride(0),
         float(cl_scale), float(student_scale), float(teacher_scale), float(grouping_scale),
         float(1.0 if group_size is not None else group_p), float(group_size or 1), int(n_groups),
-        int32_bits(seed & 0xFFFFFFFF), int32_bits((seed >> 32) & 0xFFFFFFFF), float(w_cl), float(w_kd),
+        seed_lo, seed_hi, float(w_cl), float(w_kd),
         **meta)
     return loss, terms, dx, dy
 

@@ -21,6 +21,17 @@ def int32_bits(v: int) -> int:
     return v - (1 << 32) if v >= 1 << 31 else v
 
 
+def seed_args(step_seed, like):
+    """(p_seed, seed_lo, seed_hi, SEED_PTR) of a random shuffle's 64-bit key for a kernel's
+    ``_seed_halves``: an int as two int32 scalars (p_seed then ``like``, unread), or a [1] int64
+    tensor on the kernel's device (its 64 bits; drawn there inside a CUDA graph's capture, so that
+    each replay draws a new key), read by the kernel."""
+    if isinstance(step_seed, torch.Tensor):
+        assert step_seed.dtype == torch.int64 and step_seed.numel() == 1 and step_seed.device == like.device
+        return step_seed, 0, 0, True
+    return like, int32_bits(step_seed & 0xFFFFFFFF), int32_bits(step_seed >> 32 & 0xFFFFFFFF), False
+
+
 def interpreter_blocks() -> bool:
     """Whether the launchers pick the interpreter's blocks (``TRITON_INTERPRET=1``: few large
     blocks, as every block op costs Python time) rather than the GPU's. Tests patch it to run

@@ -58,3 +58,9 @@ def triton_available():
 
 
 requires_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+
+
+def device_key(step_seed):
+    """A 64-bit shuffle key as the [1] int64 tensor on DEVICE that a CUDA graph's capture draws
+    (the same bits, two's complement)."""
+    return torch.tensor([step_seed - 2**64 if step_seed >= 2**63 else step_seed], dtype=torch.int64, device=DEVICE)

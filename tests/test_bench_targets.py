@@ -5,7 +5,7 @@ import os
 import pytest
 
 from distillcse.__main__ import main
-from distillcse.bench_targets import COLUMNS, ONE_STEP_POINT, POINTS, markdown_table, verdict
+from distillcse.bench_targets import COLUMNS, GRAPH_IMPL, ONE_STEP_POINT, POINTS, markdown_table, verdict
 
 
 def test_targets_cli_writes_well_formed_files(tmp_path):
@@ -27,6 +27,19 @@ def test_targets_cli_writes_well_formed_files(tmp_path):
     table = (out / "targets.md").read_text()
     assert table.count("\n| ") == 2 + len(rows) and "(not at these settings)" in table
     assert os.path.getsize(out / "targets.csv") > 0
+
+
+def test_paper_batch_in_a_cuda_graph_needs_cuda(tmp_path):
+    """The paper batch is measured eagerly and replayed in a CUDA graph by default; on a CPU the
+    graph's row says why it is missing, and the run goes on."""
+    assert POINTS[0][0] == "paper batch" and POINTS[0][4] == ("triton", GRAPH_IMPL, "reference")
+    out = tmp_path / "graph"
+    main(["bench", "targets", "--divide", "4096", "--D", "16", "--impl", GRAPH_IMPL, "torch", "--repeats", "2",
+          "--device", "cpu", "--no-progress", "--skip-million", "--out", str(out)])
+    with open(out / "targets.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["impl"], r["status"]) for r in rows[:2]] == [(GRAPH_IMPL, "n/a (needs CUDA)"), ("torch", "ok")]
+    assert rows[0]["label"] == 'backend="triton" in a CUDA graph'
 
 
 def test_million_only_and_skip_million(tmp_path, capsys):

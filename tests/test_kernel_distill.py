@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE
+from conftest import DEVICE, device_key
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
@@ -400,11 +400,13 @@ def test_kernel_permutation_is_the_torch_definition():
     assert torch.equal(out.cpu().long(), group_permutation(x, n, key))
 
 
+@pytest.mark.parametrize("key_on_device", [False, True])
 @pytest.mark.parametrize("row0,step_seed", [(0, SEED), (2**32 - 20, 2**64 - 12345)])
-def test_permutation_tables_are_the_torch_definition(row0, step_seed):
+def test_permutation_tables_are_the_torch_definition(row0, step_seed, key_on_device):
     """``first`` and ``perm`` of the kernel against ``distillcse.shuffle`` in int64 torch: odd
     R, C, G, empty groups, groups past SMALL_DOMAIN, row indices that wrap at 2^32, seeds
-    with both halves' top bits set."""
+    with both halves' top bits set; the key as an int or as the [1] int64 tensor that a CUDA
+    graph's capture draws (its 64 bits)."""
     from distillcse.kernels.distill import _permutation_tables
     from distillcse.shuffle import feistel_shape, group_keys
 
@@ -413,7 +415,8 @@ def test_permutation_tables_are_the_torch_definition(row0, step_seed):
     counts[:, :, 4] = 0  # an empty group
     counts[0] = 0
     counts[0, :, 0] = 130  # one group of 650 members
-    first, perm = _permutation_tables(counts.to(torch.int32).to(DEVICE), row0, step_seed)
+    key = device_key(step_seed) if key_on_device else step_seed
+    first, perm = _permutation_tables(counts.to(torch.int32).to(DEVICE), row0, key)
     sizes = counts.sum(1)
     starts = sizes.cumsum(-1) - sizes
     ref_first = counts.cumsum(1) - counts + starts[:, None, :]

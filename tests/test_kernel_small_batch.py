@@ -3,7 +3,7 @@ formulas, with the random shuffle from distillcse.shuffle's definition."""
 import pytest
 import torch
 
-from conftest import DEVICE
+from conftest import DEVICE, device_key
 
 pytest.importorskip("triton")
 from distillcse.kernels.group_partition import num_groups  # noqa: E402
@@ -105,6 +105,18 @@ def test_random_shuffle_follows_the_seed():
     a = small_batch_loss(x, None, t, step_seed=5, **kw)[0]
     assert a.item() == small_batch_loss(x, None, t, step_seed=5, **kw)[0].item()
     assert a.item() != small_batch_loss(x, None, t, step_seed=6, **kw)[0].item()
+
+
+@pytest.mark.parametrize("step_seed", [5, 2**64 - 12345])
+def test_random_shuffle_key_on_the_device(step_seed):
+    """The key as the [1] int64 tensor that a CUDA graph's capture draws gives the int key's loss
+    and gradients (all 64 bits: a key past 2^63 is a negative int64)."""
+    x, y, t = _inputs(40, 32, 24, 40, torch.float32, seed=3)
+    kw = dict(SCALES, n_groups=10, shuffle="random", need_grad=True)
+    by_int = small_batch_loss(x, y, t, step_seed=step_seed, **kw)
+    by_tensor = small_batch_loss(x, y, t, step_seed=device_key(step_seed), **kw)
+    for a, b in zip(by_int, by_tensor):
+        assert torch.equal(a, b)
 
 
 def test_single_terms_weights_strides_and_zero_rows():

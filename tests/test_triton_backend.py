@@ -324,32 +324,67 @@ def test_loss_takes_in_place_arithmetic(B):
         assert loss.item() == pytest.approx(value / 4) and torch.isfinite(leaf.grad).all()
 
 
+@pytest.mark.parametrize("B", [40, 130])  # the one-program kernel, the streaming Functions
+def test_random_shuffle_key_drawn_on_the_device_while_capturing(B, monkeypatch):
+    """While a CUDA graph is being captured (simulated here: ``checks.capturing`` patched), a
+    random shuffle without an int seed takes its key from a draw on the GPU, which every replay
+    repeats: the same key and loss as the eager step's host draw from the same RNG state; a new
+    one on the next draw. A CPU generator, which would be drawn once at capture, is refused."""
+    inputs = make_batch(B, 48, (32,), seed=2)
+    torch.manual_seed(7)
+    eager = run("triton", inputs, torch.float32, DEVICE, shuffle="random", seed=None)
+    monkeypatch.setattr(distillcse.checks, "capturing", lambda x: True)
+    assert isinstance(distillcse.api._step_seed(None, inputs[0]), torch.Tensor)
+    torch.manual_seed(7)
+    drawn = run("triton", inputs, torch.float32, DEVICE, shuffle="random", seed=None)
+    assert torch.equal(drawn[0], eager[0]) and all(torch.equal(a, b) for a, b in zip(drawn[1], eager[1]))
+    assert not torch.equal(run("triton", inputs, torch.float32, DEVICE, shuffle="random", seed=None)[0], drawn[0])
+    with pytest.raises(ValueError, match=r"seed: a cpu torch.Generator .* cannot draw a new shuffle on each replay"):
+        run("triton", inputs, torch.float32, DEVICE, shuffle="random", seed=torch.Generator().manual_seed(1))
+    fixed = run("triton", inputs, torch.float32, DEVICE, shuffle="random", seed=5)  # an int: the same shuffle
+    monkeypatch.undo()
+    assert torch.equal(fixed[0], run("triton", inputs, torch.float32, DEVICE, shuffle="random", seed=5)[0])
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("B", [64, 200])  # the one-program kernel, the streaming Functions (no host sync)
 def test_a_training_step_replays_as_a_cuda_graph(B):
     """Forward and backward captured in a CUDA graph (the input check is skipped while capturing)
-    and replayed on new inputs copied into the captured ones: the eager loss and gradients."""
+    and replayed on new inputs copied into the captured ones: the eager loss and gradients, with
+    shuffle expected and random (an int seed); a random shuffle without one differs at each replay."""
     z1, z2, teachers, _ = make_batch(B, 64, (48,))
     static = [x.float().cuda().requires_grad_() for x in (z1, z2)]
     teacher = teachers[0].float().cuda()
 
-    def step():
-        loss = distillcse.distillcse_loss(*static, teacher, shuffle="expected", backend="triton")
-        return [loss.detach()] + list(torch.autograd.grad(loss, static))
+    def capture(**kw):
+        def step():
+            loss = distillcse.distillcse_loss(*static, teacher, backend="triton", **kw)
+            return [loss.detach()] + list(torch.autograd.grad(loss, static))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm-up: Triton compiles outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    fresh = make_batch(B, 64, (48,), seed=1)
-    with torch.no_grad():
-        for leaf, x in zip(static, fresh[:2]):
-            leaf.copy_(x.float())
-    graph.replay()
-    eager = step()
-    for c, e in zip(captured, eager):
-        assert torch.allclose(c, e, rtol=1e-6, atol=1e-7)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()  # warm-up: Triton compiles outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
+        return graph, captured, step
+
+    for kw in (dict(shuffle="expected"), dict(shuffle="random", seed=11)):
+        graph, captured, step = capture(**kw)
+        fresh = make_batch(B, 64, (48,), seed=1)
+        with torch.no_grad():
+            for leaf, x in zip(static, fresh[:2]):
+                leaf.copy_(x.float())
+        graph.replay()
+        eager = step()
+        for c, e in zip(captured, eager):
+            assert torch.allclose(c, e, rtol=1e-6, atol=1e-7)
+    # Without an int seed each replay draws its own shuffle (its key drawn on the GPU), as eager steps do.
+    graph, captured, _ = capture(shuffle="random")
+    losses = set()
+    for _ in range(3):
+        graph.replay()
+        losses.add(captured[0].item())
+    assert len(losses) == 3
