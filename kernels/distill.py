@@ -13,8 +13,9 @@ dots through ``tiles.slab_tile``); only ``j != i`` takes part. Targets
             ``distillcse.shuffle`` defines (``_group_permutation`` is the same uint32 arithmetic).
 
 1. ``distill_row_stats``: the logsumexps of s and t (two scales) and t's range, per slab of
-   rows from their cuBLAS dots, online over the columns (and on the same teacher dots the
-   Group-P search's first pass, ``group_partition.grid_pass``).
+   rows from their cuBLAS dots, online over column splits whose partial states a second
+   kernel merges (a slab has a few row blocks; the splits give the GPU enough programs), and
+   on the same teacher dots the Group-P search's first pass (``group_partition.grid_pass``).
 2. ``distill_loss_and_grad``: per slab of R rows, cuBLAS writes the raw dots ``x[slab] x^T``
    and ``t[slab] t^T`` [R, B] in fp32, and a (row block, column chunk) grid reads their tiles
    and writes the gradient factors ``G_rj = student_scale (p_rj - q~_rj)`` to an [R, B] buffer
@@ -84,17 +85,40 @@ def _update_stats(
 
 
 @triton.jit
+def _merge_stats(
+    b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin,  # [N] a partial state of _update_stats
+    c_ms, c_ls, c_tmax, c_lt, c_lg, c_tmin,  # [N] another, of the same rows over other columns
+    teacher_scale, grouping_scale,
+):
+    """The state of ``_update_stats`` over both partial states' columns."""
+    b_tmin = tl.minimum(b_tmin, c_tmin)
+    b_ms_new = tl.maximum(b_ms, c_ms)
+    b_tmax_new = tl.maximum(b_tmax, c_tmax)
+    b_ms_ref = tl.where(b_ms_new == float("-inf"), 0.0, b_ms_new)
+    b_tmax_ref = tl.where(b_tmax_new == float("-inf"), 0.0, b_tmax_new)
+    b_ls = b_ls * tl.exp(b_ms - b_ms_ref) + c_ls * tl.exp(c_ms - b_ms_ref)
+    b_lt = (b_lt * tl.exp((b_tmax - b_tmax_ref) * teacher_scale)
+            + c_lt * tl.exp((c_tmax - b_tmax_ref) * teacher_scale))
+    b_lg = (b_lg * tl.exp((b_tmax - b_tmax_ref) * grouping_scale)
+            + c_lg * tl.exp((c_tmax - b_tmax_ref) * grouping_scale))
+    return b_ms_new, b_ls, b_tmax_new, b_lt, b_lg, b_tmin
+
+
+@triton.jit
 def _row_stats_kernel(
     p_xs,  # [R, B] fp32 raw student dots of the slab rows (cuBLAS), row stride B
     p_rx,  # [B] fp32 inverse norms
     p_ts,  # [R, B] fp32 raw teacher dots of the slab rows (cuBLAS), row stride B
     p_rt,  # [B] fp32 inverse norms
-    p_out,  # [5, B] fp32 out: lse_s, lse_t, lse_g, t_min, t_max
-    row0, R, B, student_scale, teacher_scale, grouping_scale,
+    p_part,  # [6, S, R] fp32 out: the state of _update_stats (ms, ls, tmax, lt, lg, tmin) per column split
+    row0, R, B, tiles_per_split, student_scale, teacher_scale, grouping_scale,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
-    """The statistics of BM slab rows, online over column tiles (``_update_stats``)."""
+    """The statistics of BM slab rows over the column tiles of split program_id(1), online
+    (``_update_stats``); ``_row_stats_merge_kernel`` merges the S = num_programs(1) splits (a
+    slab has a few row blocks: the splits give the GPU enough programs)."""
     o_r = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    i_s, n_splits = tl.program_id(1), tl.num_programs(1)
     o_m = row0 + o_r
     m_m = (o_r < R) & (o_m < B)
     b_ms = tl.full([BM], float("-inf"), dtype=tl.float32)
@@ -103,8 +127,8 @@ def _row_stats_kernel(
     b_lt = tl.zeros([BM], dtype=tl.float32)
     b_lg = tl.zeros([BM], dtype=tl.float32)
     b_tmin = tl.full([BM], float("inf"), dtype=tl.float32)
-    for n0 in range(0, B, BN):
-        o_n = n0 + tl.arange(0, BN).to(tl.int64)
+    for i_n in range(i_s * tiles_per_split, tl.minimum((i_s + 1) * tiles_per_split, tl.cdiv(B, BN))):
+        o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
         m_n = o_n < B
         m_valid = (o_m[:, None] != o_n[None, :]) & m_m[:, None] & m_n[None, :]
         b_s = slab_tile(p_xs, p_rx, o_r, o_m, m_m, o_n, m_n, B)  # [BM, BN] cosines
@@ -113,6 +137,44 @@ def _row_stats_kernel(
         b_t = tl.where(m_valid, b_t, float("-inf"))
         b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin = _update_stats(
             b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin, b_s, b_t, m_valid, teacher_scale, grouping_scale, 1)
+    p_o = p_part + i_s * R + o_r
+    m_o = o_r < R
+    plane = n_splits * R
+    tl.store(p_o, b_ms, mask=m_o)
+    tl.store(p_o + plane, b_ls, mask=m_o)
+    tl.store(p_o + 2 * plane, b_tmax, mask=m_o)
+    tl.store(p_o + 3 * plane, b_lt, mask=m_o)
+    tl.store(p_o + 4 * plane, b_lg, mask=m_o)
+    tl.store(p_o + 5 * plane, b_tmin, mask=m_o)
+
+
+@triton.jit
+def _load_state(p_state, plane, m):
+    """A [BR] state of ``_update_stats`` stored as six planes ``plane`` apart."""
+    return (tl.load(p_state, mask=m, other=float("-inf")), tl.load(p_state + plane, mask=m, other=0.0),
+            tl.load(p_state + 2 * plane, mask=m, other=float("-inf")), tl.load(p_state + 3 * plane, mask=m, other=0.0),
+            tl.load(p_state + 4 * plane, mask=m, other=0.0), tl.load(p_state + 5 * plane, mask=m, other=float("inf")))
+
+
+@triton.jit
+def _row_stats_merge_kernel(
+    p_part,  # [6, S, R] fp32: _row_stats_kernel's partial states
+    p_out,  # [5, B] fp32 out: lse_s, lse_t, lse_g, t_min, t_max
+    row0, R, B, n_splits, teacher_scale, grouping_scale,
+    BR: tl.constexpr,
+):
+    """The S partial states of BR slab rows merged in split order (deterministic), then the
+    statistics."""
+    o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    o_m = row0 + o_r
+    m_m = (o_r < R) & (o_m < B)
+    plane = n_splits * R
+    b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin = _load_state(p_part + o_r, plane, m_m)
+    for i_s in range(1, n_splits):
+        c_ms, c_ls, c_tmax, c_lt, c_lg, c_tmin = _load_state(p_part + i_s * R + o_r, plane, m_m)
+        b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin = _merge_stats(
+            b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin, c_ms, c_ls, c_tmax, c_lt, c_lg, c_tmin,
+            teacher_scale, grouping_scale)
     # A row without any valid column (B == 1) gets lse = 0 + log(0) = -inf; lanes past R log 1.
     b_ms = tl.where(b_ms == float("-inf"), 0.0, b_ms)
     b_tref = tl.where(b_tmax == float("-inf"), 0.0, b_tmax)
@@ -610,27 +672,39 @@ def _stats_blocks() -> dict:
 
 def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale, *, budget_bytes, grid=None):
     """Per slab of rows whose fp32 dots ``x[slab] x^T`` and ``t[slab] t^T`` (cuBLAS, 8 bytes an
-    entry) fit ``budget_bytes`` (at least one row block), one pass over the columns;
+    entry) fit ``budget_bytes`` (at least one row block), one pass over the columns in column
+    splits (``utils.column_splits``), whose partial statistics are merged in a fixed order:
     deterministic. ``x`` [B, D], ``rx`` [B] fp32, ``t`` [B, Dt], ``rt`` [B] fp32. Returns five
     fp32 [B] vectors: lse_s, lse_t, lse_g (logsumexps over j != i of s * student_scale,
     t * teacher_scale, t * grouping_scale) and t_min, t_max (min / max over j != i of t).
     ``grid``: the Group-P search's first pass (``group_partition.grid_pass``), run on each slab's
     teacher dots once its statistics are known; the slabs then take 3/4 of the budget (the
-    pass's partial measures the rest)."""
+    pass's partial measures and the splits' partial states the rest; without it, the states'
+    at most 1.5 MiB or 1/16 of the budget)."""
     x, rx, t, rt = _prepare(x, rx, t, rt)
     B = x.shape[0]
     blocks = _stats_blocks()
-    R = slab_rows(B, B, budget_bytes - (budget_bytes // 4 if grid is not None else 0), 8, blocks["BM"])
+    # the splits' states: 24 bytes a row and split; column_splits keeps splits x R under 2 x SPLIT_PROGRAMS x BM
+    state_bytes = min(48 * utils.SPLIT_PROGRAMS * blocks["BM"], budget_bytes // 16)
+    R = slab_rows(B, B, budget_bytes - (budget_bytes // 4 if grid is not None else state_bytes), 8, blocks["BM"])
+    n_tiles = triton.cdiv(B, blocks["BN"])
+    splits = utils.column_splits(n_tiles, triton.cdiv(R, blocks["BM"]))
+    while splits > 1 and 24 * splits * R > state_bytes:
+        splits //= 2
     s_dots = torch.empty(R, B, device=x.device, dtype=torch.float32)
     t_dots = torch.empty(R, B, device=x.device, dtype=torch.float32)
+    partial = torch.empty((6, splits, R), device=x.device, dtype=torch.float32)
     out = torch.empty((5, B), device=x.device, dtype=torch.float32)
+    BR = 64 if utils.interpreter_blocks() else 128
     for row0 in range(0, B, R):
         rows = min(R, B - row0)
         matmul_f32(x[row0:row0 + rows], x.T, out=s_dots[:rows])
         matmul_f32(t[row0:row0 + rows], t.T, out=t_dots[:rows])
-        _row_stats_kernel[(triton.cdiv(rows, blocks["BM"]),)](
-            s_dots, rx, t_dots, rt, out, row0, rows, B, float(student_scale), float(teacher_scale),
-            float(grouping_scale), **blocks)
+        _row_stats_kernel[(triton.cdiv(rows, blocks["BM"]), splits)](
+            s_dots, rx, t_dots, rt, partial, row0, rows, B, triton.cdiv(n_tiles, splits), float(student_scale),
+            float(teacher_scale), float(grouping_scale), **blocks)
+        _row_stats_merge_kernel[(triton.cdiv(rows, BR),)](
+            partial, out, row0, rows, B, splits, float(teacher_scale), float(grouping_scale), BR=BR, num_warps=4)
         if grid is not None:
             grid(row0, t_dots[:rows], out[2], out[3], out[4])
     return tuple(out.unbind(0))

@@ -62,7 +62,7 @@ import triton.language as tl
 
 from . import utils
 from .tiles import dot_tile, slab_tile
-from .utils import dot_precision, matmul_f32, slab_rows, unit_stride_rows
+from .utils import SPLIT_PROGRAMS, dot_precision, matmul_f32, slab_rows, unit_stride_rows
 
 MAX_BOUNDARIES = 63  # G - 1: the boundary axis is a register dimension of the bookkeeping kernels
 MAX_PASSES = 64  # safety cap; measured on real embeddings: 2-4 passes
@@ -72,7 +72,6 @@ FILL = 0.8  # a window aims at FILL * BUFFER values
 OUTER = 3.0  # probe points beyond a window sit at OUTER**k half-widths from its centre
 CHUNK_VALUES = 1 << 24  # a launch that collects covers at most this many buffer slots
 MIN_CHUNK_ROWS = 64  # a row chunk under a memory budget has at least this many rows
-SPLIT_PROGRAMS = 1024  # a launch over few rows splits the columns up to about this many programs
 PROBE_POINTS = 32  # probe points a program of the probe kernel measures at (more: another sweep)
 PROBE_POINTS_SNAP = 16  # ... and snaps at (three accumulators a point)
 MEANS_GROUPS = 16  # groups the group-means kernel accumulates at once, in registers (more: another sweep)
@@ -224,18 +223,21 @@ def _group_means_kernel(
     p_rows,  # [R] int64 the dots' rows
     p_done,  # [R] int8: the rows to average (the others are skipped)
     p_thr,  # [R, G-1] fp32 the rows' thresholds, row stride s_thr
-    p_qbar,  # [B, G] fp32 out, contiguous
-    R, B, G, s_thr, teacher_scale,
+    p_sum,  # [S, R, G] fp32 out: each column split's sums of q per row and group
+    p_count,  # [S, R, G] int32 out: ... and member counts
+    R, B, G, s_thr, tiles_per_split, teacher_scale,
     BM: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr,
 ):
     """Sum and count of q_ij over the NG groups g0 .. g0 + NG - 1 (g0 = NG * program_id(1)) of
-    BM rows, streamed over column tiles (none when no row of the block is to be averaged).
-    Group g holds ``thr[g] <= t < thr[g-1]`` (thr[-1] = inf, thr[G-1] = -inf); each group keeps
-    its sum and count in a [BM, BN] accumulator of its own (a tuple), reduced over the columns
-    once at the end: per entry and group a compare, a select and two adds, no row reduction
-    in the loop (reducing every tile cost ~2.8 instructions an entry per sum, sm_90a)."""
+    BM rows, streamed over the column tiles of split program_id(2) (none when no row of the
+    block is to be averaged); ``_group_means_merge_kernel`` adds the splits up. Group g holds
+    ``thr[g] <= t < thr[g-1]`` (thr[-1] = inf, thr[G-1] = -inf); each group keeps its sum and
+    count in a [BM, BN] accumulator of its own (a tuple), reduced over the columns once at the
+    end: per entry and group a compare, a select and two adds, no row reduction in the loop
+    (reducing every tile cost ~2.8 instructions an entry per sum, sm_90a)."""
     o_r = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     g0 = tl.program_id(1) * NG
+    i_s = tl.program_id(2)
     m_m = o_r < R
     o_m = tl.load(p_rows + o_r, mask=m_m, other=0)
     m_m &= tl.load(p_done + o_r, mask=m_m, other=0) != 0
@@ -250,8 +252,9 @@ def _group_means_kernel(
     for k in tl.static_range(NG):
         sums = sums + (tl.zeros([BM, BN], dtype=tl.float32),)
         counts = counts + (tl.zeros([BM, BN], dtype=tl.int32),)
-    n_tiles = tl.where(tl.max(m_m.to(tl.int32), axis=0) > 0, tl.cdiv(B, BN), 0)
-    for i_n in range(0, n_tiles):
+    tile0 = i_s * tiles_per_split
+    tile1 = tl.where(tl.max(m_m.to(tl.int32), axis=0) > 0, tl.minimum(tile0 + tiles_per_split, tl.cdiv(B, BN)), 0)
+    for i_n in range(tile0, tile1):
         o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
         m_n = o_n < B
         b_t = slab_tile(p_dots, p_rt, o_r, o_m, m_m, o_n, m_n, B)  # [BM, BN]
@@ -268,10 +271,39 @@ def _group_means_kernel(
             m_below = m_next
         sums = new_sums
         counts = new_counts
+    p_out = (i_s * R + o_r) * G + g0
     for k in tl.static_range(NG):
-        b_cnt = tl.sum(counts[k], axis=1)
-        b_qbar = tl.where(b_cnt > 0, tl.sum(sums[k], axis=1) / tl.maximum(b_cnt, 1).to(tl.float32), 0.0)
-        tl.store(p_qbar + o_m * G + g0 + k, b_qbar, mask=m_m & (g0 + k < G))
+        m_out = m_m & (g0 + k < G)
+        tl.store(p_sum + p_out + k, tl.sum(sums[k], axis=1), mask=m_out)
+        tl.store(p_count + p_out + k, tl.sum(counts[k], axis=1), mask=m_out)
+
+
+@triton.jit
+def _group_means_merge_kernel(
+    p_sum,  # [S, R, G] fp32: _group_means_kernel's sums per column split
+    p_count,  # [S, R, G] int32: ... and counts
+    p_rows,  # [R] int64 the rows
+    p_done,  # [R] int8: the rows to average (the others are left as they are)
+    p_qbar,  # [B, G] fp32 out, contiguous
+    R, G, n_splits,
+    BR: tl.constexpr, BG: tl.constexpr,
+):
+    """``qbar`` of BR rows: the splits' sums and counts added in split order (deterministic),
+    the mean of each group, 0 for an empty one."""
+    o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    o_g = tl.arange(0, BG)
+    m_r = o_r < R
+    m_r &= tl.load(p_done + o_r, mask=m_r, other=0) != 0
+    m = m_r[:, None] & (o_g < G)[None, :]
+    o_part = o_r[:, None] * G + o_g[None, :]
+    b_sum = tl.zeros([BR, BG], dtype=tl.float32)
+    b_count = tl.zeros([BR, BG], dtype=tl.int32)
+    for i_s in range(0, n_splits):
+        b_sum += tl.load(p_sum + i_s * R * G + o_part, mask=m, other=0.0)
+        b_count += tl.load(p_count + i_s * R * G + o_part, mask=m, other=0)
+    b_qbar = tl.where(b_count > 0, b_sum / tl.maximum(b_count, 1).to(tl.float32), 0.0)
+    o_m = tl.load(p_rows + o_r, mask=m_r, other=0)
+    tl.store(p_qbar + o_m[:, None] * G + o_g[None, :], b_qbar, mask=m)
 
 
 @triton.jit
@@ -557,8 +589,7 @@ class _KernelProbes:
         blocks = triton.cdiv(R, cfg["BM"]) * triton.cdiv(BP, NP)
         # splits: a power of two, so that the partial measures are summed in the same order
         n_tiles = triton.cdiv(t.shape[0], cfg["BN"])
-        splits = min(1 << (n_tiles.bit_length() - 1),
-                     triton.next_power_of_2(triton.cdiv(SPLIT_PROGRAMS, blocks)))
+        splits = utils.column_splits(n_tiles, blocks, SPLIT_PROGRAMS)
         while self.budget_bytes is not None and splits > 1 and 12 * splits * R * BP > self.budget_bytes // 4:
             splits //= 2
         meas = torch.empty((splits, R, BP), device=t.device, dtype=torch.int32 if self.fixed else torch.float32)
@@ -598,7 +629,8 @@ class _KernelProbes:
         _settled_rows_kernel[(triton.cdiv(R, BR),)](
             rows, state["lo"], state["hd"], state["hu"], t_min, t_max, thr, done, R, G1, STATS_MARGIN,
             BR=BR, BG=max(2, triton.next_power_of_2(G1)))
-        _means_launch(dots, self.rt, self.lse_t, rows, done, thr, self.qbar, self.teacher_scale)
+        _means_launch(dots, self.rt, self.lse_t, rows, done, thr, self.qbar, self.teacher_scale,
+                      max_bytes=None if self.budget_bytes is None else self.budget_bytes // 4)
 
 
 def _split_windows(row_count, row_buf, wlo, whi):
@@ -1131,23 +1163,36 @@ def group_means(t, rt, lse_t, thr, teacher_scale, *, budget_bytes=None):
     thr = unit_stride_rows(thr.float())
     rt, lse_t = rt.contiguous(), lse_t.float().contiguous()
     qbar = torch.empty((B, G), device=t.device, dtype=torch.float32)
-    R = slab_rows(B, B, 4 * CHUNK_VALUES if budget_bytes is None else budget_bytes, 4, _logit_blocks()["BM"])
+    budget = 4 * CHUNK_VALUES if budget_bytes is None else budget_bytes
+    R = slab_rows(B, B, budget - budget // 16, 4, _logit_blocks()["BM"])  # 1/16: the column splits' sums
     dots = torch.empty((R, B), device=t.device, dtype=torch.float32)
     rows = torch.arange(B, device=t.device)
     every = torch.ones(R, device=t.device, dtype=torch.int8)
     for row0 in range(0, B, R):
         n = min(R, B - row0)
         matmul_f32(t[row0:row0 + n], t.T, out=dots[:n])
-        _means_launch(dots, rt, lse_t, rows[row0:row0 + n], every, thr[row0:row0 + n], qbar, teacher_scale)
+        _means_launch(dots, rt, lse_t, rows[row0:row0 + n], every, thr[row0:row0 + n], qbar, teacher_scale,
+                      max_bytes=budget // 16)
     return qbar
 
 
-def _means_launch(dots, rt, lse_t, rows, done, thr, qbar, teacher_scale):
+def _means_launch(dots, rt, lse_t, rows, done, thr, qbar, teacher_scale, max_bytes=None):
     """``_group_means_kernel`` over the rows [R] whose teacher dots are ``dots`` [>= R, B] fp32,
-    for those with ``done`` [R] int8 set; thr [R, G-1] (unit column stride), qbar [B, G]."""
+    for those with ``done`` [R] int8 set, in column splits (``utils.column_splits``) whose
+    partial sums and counts (8 S R G bytes, at most ``max_bytes``) ``_group_means_merge_kernel``
+    adds up; thr [R, G-1] (unit column stride), qbar [B, G]."""
     cfg = _logit_blocks()
     R, (B, G) = len(rows), qbar.shape
     sweeps = triton.cdiv(G, MEANS_GROUPS)  # the groups in as few, even blocks (one sweep of the dots each)
-    _group_means_kernel[(triton.cdiv(R, cfg["BM"]), sweeps)](
-        dots, rt, lse_t, rows, done, thr, qbar, R, B, G, thr.stride(0), float(teacher_scale),
-        NG=triton.cdiv(G, sweeps), **cfg)
+    n_tiles = triton.cdiv(B, cfg["BN"])
+    splits = utils.column_splits(n_tiles, triton.cdiv(R, cfg["BM"]) * sweeps, SPLIT_PROGRAMS)
+    while max_bytes is not None and splits > 1 and 8 * splits * R * G > max_bytes:
+        splits //= 2
+    sums = torch.empty((splits, R, G), device=dots.device, dtype=torch.float32)
+    counts = torch.empty((splits, R, G), device=dots.device, dtype=torch.int32)
+    _group_means_kernel[(triton.cdiv(R, cfg["BM"]), sweeps, splits)](
+        dots, rt, lse_t, rows, done, thr, sums, counts, R, B, G, thr.stride(0), triton.cdiv(n_tiles, splits),
+        float(teacher_scale), NG=triton.cdiv(G, sweeps), **cfg)
+    BR = 64 if utils.interpreter_blocks() else 32
+    _group_means_merge_kernel[(triton.cdiv(R, BR),)](
+        sums, counts, rows, done, qbar, R, G, splits, BR=BR, BG=max(2, triton.next_power_of_2(G)), num_warps=4)

@@ -64,6 +64,18 @@ def matmul_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor = None, k_ste
     return out
 
 
+SPLIT_PROGRAMS = 1024  # a launch over a few row blocks splits the columns up to about this many programs
+
+
+def column_splits(n_tiles: int, row_programs: int, programs: int = SPLIT_PROGRAMS) -> int:
+    """Column splits of a launch of ``row_programs`` row programs over ``n_tiles`` column tiles:
+    a power of two (partial results then pair up in a fixed order), at most ``n_tiles``, about
+    ``programs`` programs in all. A slab of a few hundred rows has a few row blocks, and a GPU
+    needs hundreds of programs to be busy."""
+    want = -(-programs // max(1, row_programs))
+    return min(1 << (max(1, n_tiles).bit_length() - 1), 1 << (want - 1).bit_length())
+
+
 def slab_rows(rows: int, width: int, budget_bytes: int, entry_bytes: int, step: int) -> int:
     """Rows of a slab of [rows, width] entries of ``entry_bytes`` each within ``budget_bytes``:
     all when they fit, else as many as fit in multiples of ``step`` (at least one step, at most
