@@ -86,9 +86,10 @@ def contrastive(B, D, dtype, teacher_dtype):
 
 
 def distill(B, D, dtype, teacher_dtype, n_thr=9):
-    """Distillation (kernels/distill.py): the row statistics pass, and for a slab of 512 rows
+    """Distillation (kernels/distill.py): the row statistics pass (with and without the
+    student's logsumexps), and for a slab of 512 rows
     in 8 column chunks (reading the slab's cuBLAS dots) the slab kernel with each shuffle plus
-    the random mode's count, table and compaction kernels (G = 10 groups), the random mode's accumulation of that
+    the random mode's count (with the slab rows' lse_s), table and compaction kernels (G = 10 groups), the random mode's accumulation of that
     slab's gradient into dx (and lo), the gradient through the norms (`unit_rows_backward`); and in kernels/group_partition.py the
     threshold search over 4096 rows (the first pass's grid of 32 points, measure only and
     collecting, and a later pass's 16 points with windows: the placing, probe, narrowing and
@@ -106,6 +107,7 @@ def distill(B, D, dtype, teacher_dtype, n_thr=9):
     r, thr, qbar = torch.empty(B), torch.empty(B, n_thr), torch.empty(B, n_thr + 1)
     grid = GP.grid_pass(t, r, 1.0, group_p=1 / (n_thr + 0.5), budget_bytes=rows * B * 8, method="search")
     K.distill_row_stats(x, r, t, r, 40.0, 80.0, 1.0, budget_bytes=rows * B * 8, grid=grid)  # with the search's grid
+    K.distill_row_stats(None, None, t, r, 40.0, 80.0, 1.0, budget_bytes=rows * B * 8, grid=grid)  # random: no student
     teacher_blocks, _ = K._slab_blocks(B, "random")
     width = triton.cdiv(B, chunks)
     first = torch.empty(rows, chunks, n_thr + 1, dtype=torch.int32)
@@ -115,10 +117,11 @@ def distill(B, D, dtype, teacher_dtype, n_thr=9):
     dots = torch.empty(rows, B)  # a slab's cuBLAS dots, student's or teacher's
     teacher_grid = (rows // teacher_blocks["BM"], chunks)
     BG = max(2, triton.next_power_of_2(n_thr + 1))  # groups, as the slab launcher
-    K._group_counts_kernel[teacher_grid](dots, r, thr, first, 0, B, n_thr, n_thr, width, chunks, rows, BG=BG,
-                                         **teacher_blocks)
-    K._permutation_tables(first, 0, 2**64 - 1)
-    K._permutation_tables(first, 0, torch.empty(1, dtype=torch.int64))  # the key drawn on the GPU (a CUDA graph)
+    states = torch.empty(2, rows, chunks)  # the slab rows' lse_s, by chunk (the random shuffle's)
+    K._group_counts_kernel[teacher_grid](dots, r, thr, first, dots, r, states, 0, B, n_thr, n_thr, width, chunks,
+                                         rows, 40.0, BG=BG, LSE=True, **teacher_blocks)
+    K._permutation_tables(first, 0, 2**64 - 1, (states, r))
+    K._permutation_tables(first, 0, torch.empty(1, dtype=torch.int64), (states, r))  # the key drawn on the GPU
     K._compact_targets_kernel[teacher_grid](dots, r, thr, r, first, compact, 0, B, n_thr, n_thr, width, chunks,
                                             rows, 80.0, BG=BG, **teacher_blocks)
     for targets, shuffle in enumerate(K.SHUFFLES):

@@ -105,8 +105,9 @@ def _distill_rows(z, r, t, rt, student_temperature, options, need_grad):
     grouping = dict(group_p=options["group_p"], group_size=options["group_size"], budget_bytes=budget)
     # the threshold search's first pass rides on the row statistics' teacher slabs (None: no search)
     grid = grid_pass(t, rt, gs, **grouping) if shuffle != "none" else None
-    with _phase("row_stats"):
-        lse_s, lse_t, lse_g, t_min, t_max = distill_row_stats(z, r, t, rt, ss, ts, gs, budget_bytes=budget,
+    with _phase("row_stats"):  # the random shuffle takes s's logsumexps from its own slabs
+        student = (None, None) if shuffle == "random" else (z, r)
+        lse_s, lse_t, lse_g, t_min, t_max = distill_row_stats(*student, t, rt, ss, ts, gs, budget_bytes=budget,
                                                               grid=grid)
     if shuffle != "none":  # "expected": the group means come with the thresholds (their last pass)
         with _phase("group_thresholds"):

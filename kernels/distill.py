@@ -16,6 +16,7 @@ dots through ``tiles.slab_tile``); only ``j != i`` takes part. Targets
    rows from their cuBLAS dots, online over column splits whose partial states a second
    kernel merges (a slab has a few row blocks; the splits give the GPU enough programs), and
    on the same teacher dots the Group-P search's first pass (``group_partition.grid_pass``).
+   With shuffle random only t's: its column side never reads another row's lse_s (step 2).
 2. ``distill_loss_and_grad``: per slab of R rows, cuBLAS writes the raw dots ``x[slab] x^T``
    and ``t[slab] t^T`` [R, B] in fp32, and a (row block, column chunk) grid reads their tiles
    and writes the gradient factors ``G_rj = student_scale (p_rj - q~_rj)`` to an [R, B] buffer
@@ -32,10 +33,11 @@ dots through ``tiles.slab_tile``); only ``j != i`` takes part. Targets
    the gradient: within ``budget_bytes`` (``tests/test_memory_plan.py`` counts it): 8 bytes an
    entry of the two dots' slabs, plus the factors and (random) the compact targets.
    The random shuffle needs each row's ranks in column order, so it runs two passes over the
-   slab's teacher dots first: ``_group_counts_kernel`` (members of each group per column chunk) and
+   slab's teacher dots first: ``_group_counts_kernel`` (members of each group per column chunk,
+   and the chunk's share of the slab rows' lse_s from the student dots) and
    ``_compact_targets_kernel`` (targets in group order, ``compact[r, start_g + rank] = q``),
    with ``_permutation_tables_kernel`` between them (group starts and sizes, each chunk's
-   first position, each group's permutation parameters).
+   first position, each group's permutation parameters, the rows' lse_s).
 
 Every scale must be positive (the running maximum of ``t`` serves both of its logsumexps).
 """
@@ -58,65 +60,65 @@ SHUFFLES = ("none", "expected", "random")  # the TARGETS constexpr of _distill_s
 
 
 @triton.jit
-def _update_stats(
-    b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin,  # [N] running statistics
-    b_s,  # [BT, BT] s * student_scale, -inf off the valid entries
-    b_t,  # [BT, BT] t, -inf off the valid entries
-    m_valid,  # [BT, BT]
-    teacher_scale, grouping_scale, AXIS: tl.constexpr,
-):
-    """Online-logsumexp update by a tile's rows (AXIS = 1) or columns (AXIS = 0) of: ``b_ms``
-    max of s * student_scale, ``b_ls`` sum of exp(s * student_scale - b_ms); ``b_tmax`` max of t
-    (one reference for both t scales), ``b_lt`` / ``b_lg`` sums of exp((t - b_tmax) * scale) at
-    teacher_scale / grouping_scale; ``b_tmin`` min of t."""
-    b_tmin = tl.minimum(b_tmin, tl.min(tl.where(m_valid, b_t, float("inf")), axis=AXIS))
-    b_ms_new = tl.maximum(b_ms, tl.max(b_s, axis=AXIS))
-    b_tmax_new = tl.maximum(b_tmax, tl.max(b_t, axis=AXIS))
-    # Rows with nothing valid yet keep a finite reference so exp never sees -inf - -inf.
-    b_ms_ref = tl.where(b_ms_new == float("-inf"), 0.0, b_ms_new)
-    b_tmax_ref = tl.where(b_tmax_new == float("-inf"), 0.0, b_tmax_new)
-    b_ls = b_ls * tl.exp(b_ms - b_ms_ref) + tl.sum(tl.exp(b_s - tl.expand_dims(b_ms_ref, AXIS)), axis=AXIS)
-    b_dt = b_t - tl.expand_dims(b_tmax_ref, AXIS)
-    b_lt = (b_lt * tl.exp((b_tmax - b_tmax_ref) * teacher_scale)
-            + tl.sum(tl.exp(b_dt * teacher_scale), axis=AXIS))
-    b_lg = (b_lg * tl.exp((b_tmax - b_tmax_ref) * grouping_scale)
-            + tl.sum(tl.exp(b_dt * grouping_scale), axis=AXIS))
-    return b_ms_new, b_ls, b_tmax_new, b_lt, b_lg, b_tmin
+def _update_lse(b_m, b_l, b_v):
+    """Online logsumexp by a tile's rows: running max ``b_m`` [BM] and sum ``b_l`` of
+    exp(v - b_m) over ``b_v`` [BM, BN] (-inf off the valid entries)."""
+    b_m_new = tl.maximum(b_m, tl.max(b_v, axis=1))
+    b_ref = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # no valid entry yet: exp never sees -inf - -inf
+    return b_m_new, b_l * tl.exp(b_m - b_ref) + tl.sum(tl.exp(b_v - b_ref[:, None]), axis=1)
 
 
 @triton.jit
-def _merge_stats(
-    b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin,  # [N] a partial state of _update_stats
-    c_ms, c_ls, c_tmax, c_lt, c_lg, c_tmin,  # [N] another, of the same rows over other columns
+def _merge_lse(b_m, b_l, c_m, c_l):
+    """Two partial states of ``_update_lse`` (the same rows, other columns) as one."""
+    b_m_new = tl.maximum(b_m, c_m)
+    b_ref = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+    return b_m_new, b_l * tl.exp(b_m - b_ref) + c_l * tl.exp(c_m - b_ref)
+
+
+@triton.jit
+def _update_teacher_stats(
+    b_tmax, b_lt, b_lg, b_tmin,  # [BM] running statistics
+    b_t,  # [BM, BN] t, -inf off the valid entries
+    m_valid,  # [BM, BN]
     teacher_scale, grouping_scale,
 ):
-    """The state of ``_update_stats`` over both partial states' columns."""
-    b_tmin = tl.minimum(b_tmin, c_tmin)
-    b_ms_new = tl.maximum(b_ms, c_ms)
+    """Online update by a tile's rows of t's max ``b_tmax`` (one reference for both scales), the
+    sums ``b_lt`` / ``b_lg`` of exp((t - b_tmax) * scale) at teacher_scale / grouping_scale, and
+    t's min ``b_tmin``."""
+    b_tmin = tl.minimum(b_tmin, tl.min(tl.where(m_valid, b_t, float("inf")), axis=1))
+    b_tmax_new = tl.maximum(b_tmax, tl.max(b_t, axis=1))
+    b_ref = tl.where(b_tmax_new == float("-inf"), 0.0, b_tmax_new)
+    b_dt = b_t - b_ref[:, None]
+    b_lt = b_lt * tl.exp((b_tmax - b_ref) * teacher_scale) + tl.sum(tl.exp(b_dt * teacher_scale), axis=1)
+    b_lg = b_lg * tl.exp((b_tmax - b_ref) * grouping_scale) + tl.sum(tl.exp(b_dt * grouping_scale), axis=1)
+    return b_tmax_new, b_lt, b_lg, b_tmin
+
+
+@triton.jit
+def _merge_teacher_stats(b_tmax, b_lt, b_lg, b_tmin, c_tmax, c_lt, c_lg, c_tmin, teacher_scale, grouping_scale):
+    """Two partial states of ``_update_teacher_stats`` (the same rows, other columns) as one."""
     b_tmax_new = tl.maximum(b_tmax, c_tmax)
-    b_ms_ref = tl.where(b_ms_new == float("-inf"), 0.0, b_ms_new)
-    b_tmax_ref = tl.where(b_tmax_new == float("-inf"), 0.0, b_tmax_new)
-    b_ls = b_ls * tl.exp(b_ms - b_ms_ref) + c_ls * tl.exp(c_ms - b_ms_ref)
-    b_lt = (b_lt * tl.exp((b_tmax - b_tmax_ref) * teacher_scale)
-            + c_lt * tl.exp((c_tmax - b_tmax_ref) * teacher_scale))
-    b_lg = (b_lg * tl.exp((b_tmax - b_tmax_ref) * grouping_scale)
-            + c_lg * tl.exp((c_tmax - b_tmax_ref) * grouping_scale))
-    return b_ms_new, b_ls, b_tmax_new, b_lt, b_lg, b_tmin
+    b_ref = tl.where(b_tmax_new == float("-inf"), 0.0, b_tmax_new)
+    b_lt = b_lt * tl.exp((b_tmax - b_ref) * teacher_scale) + c_lt * tl.exp((c_tmax - b_ref) * teacher_scale)
+    b_lg = b_lg * tl.exp((b_tmax - b_ref) * grouping_scale) + c_lg * tl.exp((c_tmax - b_ref) * grouping_scale)
+    return b_tmax_new, b_lt, b_lg, tl.minimum(b_tmin, c_tmin)
 
 
 @triton.jit
 def _row_stats_kernel(
-    p_xs,  # [R, B] fp32 raw student dots of the slab rows (cuBLAS), row stride B
-    p_rx,  # [B] fp32 inverse norms
+    p_xs,  # [R, B] fp32 raw student dots of the slab rows (cuBLAS), row stride B (STUDENT)
+    p_rx,  # [B] fp32 inverse norms (STUDENT)
     p_ts,  # [R, B] fp32 raw teacher dots of the slab rows (cuBLAS), row stride B
     p_rt,  # [B] fp32 inverse norms
-    p_part,  # [6, S, R] fp32 out: the state of _update_stats (ms, ls, tmax, lt, lg, tmin) per column split
+    p_part,  # [6, S, R] fp32 out: per column split, s's running max and sum (STUDENT), t's max, two sums, min
     row0, R, B, tiles_per_split, student_scale, teacher_scale, grouping_scale,
-    BM: tl.constexpr, BN: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, STUDENT: tl.constexpr,
 ):
     """The statistics of BM slab rows over the column tiles of split program_id(1), online
-    (``_update_stats``); ``_row_stats_merge_kernel`` merges the S = num_programs(1) splits (a
-    slab has a few row blocks: the splits give the GPU enough programs)."""
+    (``_update_lse``, ``_update_teacher_stats``); ``_row_stats_merge_kernel`` merges the
+    S = num_programs(1) splits (a slab has a few row blocks: the splits give the GPU enough
+    programs)."""
     o_r = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     i_s, n_splits = tl.program_id(1), tl.num_programs(1)
     o_m = row0 + o_r
@@ -131,17 +133,19 @@ def _row_stats_kernel(
         o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
         m_n = o_n < B
         m_valid = (o_m[:, None] != o_n[None, :]) & m_m[:, None] & m_n[None, :]
-        b_s = slab_tile(p_xs, p_rx, o_r, o_m, m_m, o_n, m_n, B)  # [BM, BN] cosines
+        if STUDENT:
+            b_s = slab_tile(p_xs, p_rx, o_r, o_m, m_m, o_n, m_n, B)  # [BM, BN] cosines
+            b_ms, b_ls = _update_lse(b_ms, b_ls, tl.where(m_valid, b_s * student_scale, float("-inf")))
         b_t = slab_tile(p_ts, p_rt, o_r, o_m, m_m, o_n, m_n, B)  # [BM, BN] teacher logits
-        b_s = tl.where(m_valid, b_s * student_scale, float("-inf"))
-        b_t = tl.where(m_valid, b_t, float("-inf"))
-        b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin = _update_stats(
-            b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin, b_s, b_t, m_valid, teacher_scale, grouping_scale, 1)
+        b_tmax, b_lt, b_lg, b_tmin = _update_teacher_stats(
+            b_tmax, b_lt, b_lg, b_tmin, tl.where(m_valid, b_t, float("-inf")), m_valid, teacher_scale,
+            grouping_scale)
     p_o = p_part + i_s * R + o_r
     m_o = o_r < R
     plane = n_splits * R
-    tl.store(p_o, b_ms, mask=m_o)
-    tl.store(p_o + plane, b_ls, mask=m_o)
+    if STUDENT:
+        tl.store(p_o, b_ms, mask=m_o)
+        tl.store(p_o + plane, b_ls, mask=m_o)
     tl.store(p_o + 2 * plane, b_tmax, mask=m_o)
     tl.store(p_o + 3 * plane, b_lt, mask=m_o)
     tl.store(p_o + 4 * plane, b_lg, mask=m_o)
@@ -149,19 +153,24 @@ def _row_stats_kernel(
 
 
 @triton.jit
-def _load_state(p_state, plane, m):
-    """A [BR] state of ``_update_stats`` stored as six planes ``plane`` apart."""
-    return (tl.load(p_state, mask=m, other=float("-inf")), tl.load(p_state + plane, mask=m, other=0.0),
-            tl.load(p_state + 2 * plane, mask=m, other=float("-inf")), tl.load(p_state + 3 * plane, mask=m, other=0.0),
+def _load_lse_state(p_state, plane, m):
+    """A [BR] state of ``_update_lse`` from ``_row_stats_kernel``'s planes 0-1 (``plane`` apart)."""
+    return tl.load(p_state, mask=m, other=float("-inf")), tl.load(p_state + plane, mask=m, other=0.0)
+
+
+@triton.jit
+def _load_teacher_state(p_state, plane, m):
+    """A [BR] state of ``_update_teacher_stats`` from ``_row_stats_kernel``'s planes 2-5."""
+    return (tl.load(p_state + 2 * plane, mask=m, other=float("-inf")), tl.load(p_state + 3 * plane, mask=m, other=0.0),
             tl.load(p_state + 4 * plane, mask=m, other=0.0), tl.load(p_state + 5 * plane, mask=m, other=float("inf")))
 
 
 @triton.jit
 def _row_stats_merge_kernel(
     p_part,  # [6, S, R] fp32: _row_stats_kernel's partial states
-    p_out,  # [5, B] fp32 out: lse_s, lse_t, lse_g, t_min, t_max
+    p_out,  # [5, B] fp32 out: lse_s (STUDENT), lse_t, lse_g, t_min, t_max
     row0, R, B, n_splits, teacher_scale, grouping_scale,
-    BR: tl.constexpr,
+    BR: tl.constexpr, STUDENT: tl.constexpr,
 ):
     """The S partial states of BR slab rows merged in split order (deterministic), then the
     statistics."""
@@ -169,17 +178,23 @@ def _row_stats_merge_kernel(
     o_m = row0 + o_r
     m_m = (o_r < R) & (o_m < B)
     plane = n_splits * R
-    b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin = _load_state(p_part + o_r, plane, m_m)
+    b_tmax, b_lt, b_lg, b_tmin = _load_teacher_state(p_part + o_r, plane, m_m)
+    if STUDENT:
+        b_ms, b_ls = _load_lse_state(p_part + o_r, plane, m_m)
     for i_s in range(1, n_splits):
-        c_ms, c_ls, c_tmax, c_lt, c_lg, c_tmin = _load_state(p_part + i_s * R + o_r, plane, m_m)
-        b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin = _merge_stats(
-            b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin, c_ms, c_ls, c_tmax, c_lt, c_lg, c_tmin,
-            teacher_scale, grouping_scale)
+        p_s = p_part + i_s * R + o_r
+        c_tmax, c_lt, c_lg, c_tmin = _load_teacher_state(p_s, plane, m_m)
+        b_tmax, b_lt, b_lg, b_tmin = _merge_teacher_stats(
+            b_tmax, b_lt, b_lg, b_tmin, c_tmax, c_lt, c_lg, c_tmin, teacher_scale, grouping_scale)
+        if STUDENT:
+            c_ms, c_ls = _load_lse_state(p_s, plane, m_m)
+            b_ms, b_ls = _merge_lse(b_ms, b_ls, c_ms, c_ls)
     # A row without any valid column (B == 1) gets lse = 0 + log(0) = -inf; lanes past R log 1.
-    b_ms = tl.where(b_ms == float("-inf"), 0.0, b_ms)
+    if STUDENT:
+        b_ms = tl.where(b_ms == float("-inf"), 0.0, b_ms)
+        tl.store(p_out + o_m, b_ms + tl.log(tl.where(m_m, b_ls, 1.0)), mask=m_m)
     b_tref = tl.where(b_tmax == float("-inf"), 0.0, b_tmax)
-    b_ls, b_lt, b_lg = tl.where(m_m, b_ls, 1.0), tl.where(m_m, b_lt, 1.0), tl.where(m_m, b_lg, 1.0)
-    tl.store(p_out + o_m, b_ms + tl.log(b_ls), mask=m_m)
+    b_lt, b_lg = tl.where(m_m, b_lt, 1.0), tl.where(m_m, b_lg, 1.0)
     tl.store(p_out + B + o_m, b_tref * teacher_scale + tl.log(b_lt), mask=m_m)
     tl.store(p_out + 2 * B + o_m, b_tref * grouping_scale + tl.log(b_lg), mask=m_m)
     tl.store(p_out + 3 * B + o_m, b_tmin, mask=m_m)
@@ -327,10 +342,19 @@ def _group_counts_kernel(
     p_rt,  # [B] fp32 inverse norms
     p_thr,  # [B, G-1] fp32 group thresholds
     p_counts,  # [R, C, G] int32 out: members of group g in chunk c of slab row r
-    row0, B, s_thr, n_thr: tl.constexpr, chunk_width, n_chunks, R,
-    BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr,
+    p_xs,  # [R, B] fp32 raw student dots of the slab rows (LSE)
+    p_rx,  # [B] fp32 inverse norms (LSE)
+    p_lse,  # [2, R, C] fp32 out (LSE): running max and sum of exp(s * student_scale - max) of chunk c
+    row0, B, s_thr, n_thr: tl.constexpr, chunk_width, n_chunks, R, student_scale,
+    BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, LSE: tl.constexpr,
 ):
+    """Members of each group per column chunk of BM slab rows and, with LSE, the chunk's share
+    of the rows' student logsumexp (``_update_lse``; ``_permutation_tables_kernel`` merges the
+    chunks): the random shuffle needs the slab rows' own only, so it reads them off the slab's
+    dots instead of a pass of its own over the batch."""
     i_c, o_r, o_m, m_m = _slab_program(row0, B, R, BM)
+    b_ms = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_ls = tl.zeros([BM], dtype=tl.float32)
     o_g = tl.arange(0, BG)[None, :]
     n_groups: tl.constexpr = n_thr + 1
     b_counts = tl.zeros([BM, BG], dtype=tl.int32)
@@ -341,8 +365,14 @@ def _group_counts_kernel(
         _, b_grp = _teacher_groups(p_ts, p_rt, p_thr, s_thr, o_r, o_m, m_m, o_n, m_n, B, n_thr)
         for w in tl.static_range((n_groups + 3) // 4):
             b_counts += _word_counts(_group_word(b_grp, w)[0], w, n_groups, BG)
+        if LSE:
+            b_s = slab_tile(p_xs, p_rx, o_r, o_m, m_m, o_n, m_n, B)  # [BM, BN] cosines
+            b_ms, b_ls = _update_lse(b_ms, b_ls, tl.where(b_grp >= 0, b_s * student_scale, float("-inf")))
     p_out = p_counts + (o_r[:, None] * n_chunks + i_c) * n_groups + o_g
     tl.store(p_out, b_counts, mask=m_m[:, None] & (o_g < n_groups))
+    if LSE:
+        tl.store(p_lse + o_r * n_chunks + i_c, b_ms, mask=m_m)
+        tl.store(p_lse + (R + o_r) * n_chunks + i_c, b_ls, mask=m_m)
 
 
 @triton.jit
@@ -352,12 +382,25 @@ def _permutation_tables_kernel(
     p_perm,  # [6, R, G] int32 out: each group's sigma (start, size, h, b, rounds, key bits)
     p_seed,  # [1] int64: the shuffle key (SEED_PTR), else unread
     seed_lo, seed_hi,  # int32: the key's halves (without SEED_PTR)
-    row0, R, n_chunks, n_groups,
-    BR: tl.constexpr, BG: tl.constexpr, SEED_PTR: tl.constexpr,
+    p_lse,  # [2, R, C] fp32: the count kernel's chunk states of s's logsumexp (LSE)
+    p_lse_s,  # [B] fp32 out: the slab rows' student logsumexps (LSE)
+    row0, R, n_chunks, n_groups, B,
+    BR: tl.constexpr, BG: tl.constexpr, SEED_PTR: tl.constexpr, LSE: tl.constexpr,
 ):
     """Group sizes and starts (groups in order), each chunk's first compact position, and the
-    parameters of each group's permutation, for BR slab rows."""
+    parameters of each group's permutation, for BR slab rows; with LSE their student
+    logsumexps, the chunks' states merged in chunk order."""
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    if LSE:
+        m_r = (o_r < R) & (row0 + o_r < B)
+        b_ms = tl.full([BR], float("-inf"), dtype=tl.float32)
+        b_ls = tl.zeros([BR], dtype=tl.float32)
+        for i_c in range(0, n_chunks):
+            c_ms = tl.load(p_lse + o_r * n_chunks + i_c, mask=m_r, other=float("-inf"))
+            c_ls = tl.load(p_lse + (R + o_r) * n_chunks + i_c, mask=m_r, other=0.0)
+            b_ms, b_ls = _merge_lse(b_ms, b_ls, c_ms, c_ls)
+        b_ms = tl.where(b_ms == float("-inf"), 0.0, b_ms)  # a row without valid columns: -inf
+        tl.store(p_lse_s + row0 + o_r, b_ms + tl.log(tl.where(m_r, b_ls, 1.0)), mask=m_r)
     o_g = tl.arange(0, BG)
     m = (o_r < R)[:, None] & (o_g < n_groups)[None, :]
     p_chunk0 = o_r[:, None] * n_chunks * n_groups + o_g[None, :]  # [BR, BG] offsets in chunk 0
@@ -672,58 +715,65 @@ def _stats_blocks() -> dict:
 
 def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale, *, budget_bytes, grid=None):
     """Per slab of rows whose fp32 dots ``x[slab] x^T`` and ``t[slab] t^T`` (cuBLAS, 8 bytes an
-    entry) fit ``budget_bytes`` (at least one row block), one pass over the columns in column
-    splits (``utils.column_splits``), whose partial statistics are merged in a fixed order:
-    deterministic. ``x`` [B, D], ``rx`` [B] fp32, ``t`` [B, Dt], ``rt`` [B] fp32. Returns five
-    fp32 [B] vectors: lse_s, lse_t, lse_g (logsumexps over j != i of s * student_scale,
-    t * teacher_scale, t * grouping_scale) and t_min, t_max (min / max over j != i of t).
+    entry; 4 without x) fit ``budget_bytes`` (at least one row block), one pass over the columns
+    in column splits (``utils.column_splits``), whose partial statistics are merged in a fixed
+    order: deterministic. ``x`` [B, D] or None, ``rx`` [B] fp32 (or None), ``t`` [B, Dt], ``rt``
+    [B] fp32. Returns five fp32 [B] vectors: lse_s (None without x), lse_t, lse_g (logsumexps
+    over j != i of s * student_scale, t * teacher_scale, t * grouping_scale) and t_min, t_max
+    (min / max over j != i of t).
     ``grid``: the Group-P search's first pass (``group_partition.grid_pass``), run on each slab's
     teacher dots once its statistics are known; the slabs then take 3/4 of the budget (the
     pass's partial measures and the splits' partial states the rest; without it, the states'
     at most 1.5 MiB or 1/16 of the budget)."""
-    x, rx, t, rt = _prepare(x, rx, t, rt)
-    B = x.shape[0]
+    student = x is not None
+    x, rx, t, rt = _prepare(x, rx, t, rt) if student else (None, None, unit_stride_rows(t), rt.contiguous())
+    B = t.shape[0]
     blocks = _stats_blocks()
     # the splits' states: 24 bytes a row and split; column_splits keeps splits x R under 2 x SPLIT_PROGRAMS x BM
     state_bytes = min(48 * utils.SPLIT_PROGRAMS * blocks["BM"], budget_bytes // 16)
-    R = slab_rows(B, B, budget_bytes - (budget_bytes // 4 if grid is not None else state_bytes), 8, blocks["BM"])
+    R = slab_rows(B, B, budget_bytes - (budget_bytes // 4 if grid is not None else state_bytes), 8 if student else 4,
+                  blocks["BM"])
     n_tiles = triton.cdiv(B, blocks["BN"])
     splits = utils.column_splits(n_tiles, triton.cdiv(R, blocks["BM"]))
     while splits > 1 and 24 * splits * R > state_bytes:
         splits //= 2
-    s_dots = torch.empty(R, B, device=x.device, dtype=torch.float32)
-    t_dots = torch.empty(R, B, device=x.device, dtype=torch.float32)
-    partial = torch.empty((6, splits, R), device=x.device, dtype=torch.float32)
-    out = torch.empty((5, B), device=x.device, dtype=torch.float32)
+    t_dots = torch.empty(R, B, device=t.device, dtype=torch.float32)
+    s_dots = torch.empty(R, B, device=t.device, dtype=torch.float32) if student else t_dots
+    partial = torch.empty((6, splits, R), device=t.device, dtype=torch.float32)
+    out = torch.empty((5, B), device=t.device, dtype=torch.float32)
     BR = 64 if utils.interpreter_blocks() else 128
     for row0 in range(0, B, R):
         rows = min(R, B - row0)
-        matmul_f32(x[row0:row0 + rows], x.T, out=s_dots[:rows])
+        if student:
+            matmul_f32(x[row0:row0 + rows], x.T, out=s_dots[:rows])
         matmul_f32(t[row0:row0 + rows], t.T, out=t_dots[:rows])
         _row_stats_kernel[(triton.cdiv(rows, blocks["BM"]), splits)](
-            s_dots, rx, t_dots, rt, partial, row0, rows, B, triton.cdiv(n_tiles, splits), float(student_scale),
-            float(teacher_scale), float(grouping_scale), **blocks)
+            s_dots, rt if rx is None else rx, t_dots, rt, partial, row0, rows, B, triton.cdiv(n_tiles, splits),
+            float(student_scale), float(teacher_scale), float(grouping_scale), STUDENT=student, **blocks)
         _row_stats_merge_kernel[(triton.cdiv(rows, BR),)](
-            partial, out, row0, rows, B, splits, float(teacher_scale), float(grouping_scale), BR=BR, num_warps=4)
+            partial, out, row0, rows, B, splits, float(teacher_scale), float(grouping_scale), BR=BR,
+            STUDENT=student, num_warps=4)
         if grid is not None:
             grid(row0, t_dots[:rows], out[2], out[3], out[4])
-    return tuple(out.unbind(0))
+    return (out[0] if student else None,) + tuple(out[1:].unbind(0))
 
 
-def _permutation_tables(counts, row0, step_seed):
+def _permutation_tables(counts, row0, step_seed, lse=None):
     """From the chunk counts [R, C, G] int32 of slab rows row0.. (``_permutation_tables_kernel``):
     ``first`` [R, C, G] (compact position of each chunk's first member of each group) and
     ``perm`` [6, R, G] int32, the parameters of each group's sigma (start, size, h, b, rounds,
     key bits), as ``distillcse.shuffle`` defines them for ``step_seed`` (64-bit: an int, or a [1]
-    int64 tensor on the device, ``utils.seed_args``)."""
+    int64 tensor on the device, ``utils.seed_args``). With ``lse`` (the count kernel's chunk
+    states [2, R, C] fp32, lse_s [B] fp32), also the slab rows' lse_s."""
     R, C, G = counts.shape
     first = torch.empty_like(counts)
     perm = torch.empty((6, R, G), device=counts.device, dtype=torch.int32)
     BR = 256 if utils.interpreter_blocks() else 64
     *seed, seed_ptr = seed_args(step_seed, counts)
+    states, lse_s = (perm, perm) if lse is None else lse
     _permutation_tables_kernel[(triton.cdiv(R, BR),)](
-        counts, first, perm, *seed, row0, R, C, G, BR=BR, BG=max(2, triton.next_power_of_2(G)), SEED_PTR=seed_ptr,
-        num_warps=4)
+        counts, first, perm, *seed, states, lse_s, row0, R, C, G, lse_s.shape[0], BR=BR,
+        BG=max(2, triton.next_power_of_2(G)), SEED_PTR=seed_ptr, LSE=lse is not None, num_warps=4)
     return first, perm
 
 
@@ -808,7 +858,8 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
 
     ``x`` [B, D] raw student rows, ``rx`` [B] fp32 inverse norms, ``t`` [B, Dt] raw teacher rows
     (fp16, bf16 or fp32, x's dtype or not), ``rt`` [B] fp32 their inverse norms, ``lse_s``,
-    ``lse_t`` [B] fp32 (``distill_row_stats``). ``shuffle`` "none"; "expected" with
+    ``lse_t`` [B] fp32 (``distill_row_stats``); with shuffle random ``lse_s`` may be None: each
+    slab's rows' then come from the slab's own dots (the count kernel, in chunks). ``shuffle`` "none"; "expected" with
     ``thr`` [B, G-1] and ``qbar`` [B, G]; or "random" with ``thr`` and ``step_seed`` (64-bit).
     Rows go in slabs whose [R, B] buffers fit ``budget_bytes`` (at least one row block);
     ``chunks`` (column chunks per slab row) defaults to enough programs to fill the GPU.
@@ -817,8 +868,11 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
     beside 16-bit rows (``_random_accumulator``).
     """
     x, rx, t, rt = _prepare(x, rx, t, rt)
-    lse_s, lse_t = lse_s.float().contiguous(), lse_t.float().contiguous()
     B, D = x.shape
+    slab_lse = lse_s is None
+    assert not slab_lse or shuffle == "random", "lse_s is needed for every column's gradient but with shuffle random"
+    lse_s = torch.empty(B, device=x.device, dtype=torch.float32) if slab_lse else lse_s.float().contiguous()
+    lse_t = lse_t.float().contiguous()
     targets = SHUFFLES.index(shuffle)
     if shuffle == "none":
         thr, n_thr = lse_s[:, None], 0  # unread
@@ -865,10 +919,11 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
         if shuffle == "random":
             teacher_grid = (triton.cdiv(rows, teacher_blocks["BM"]), chunks)
             counts = torch.empty(rows, chunks, G, device=x.device, dtype=torch.int32)
+            states = torch.empty((2, rows, chunks), device=x.device, dtype=torch.float32) if slab_lse else counts
             _group_counts_kernel[teacher_grid](
-                t_dots, rt, thr, counts, row0, B, thr.stride(0), n_thr, chunk_width, chunks, rows, BG=BG,
-                **teacher_blocks)
-            first, perm = _permutation_tables(counts, row0, step_seed)
+                t_dots, rt, thr, counts, s_dots, rx, states, row0, B, thr.stride(0), n_thr, chunk_width, chunks,
+                rows, float(student_scale), BG=BG, LSE=slab_lse, **teacher_blocks)
+            first, perm = _permutation_tables(counts, row0, step_seed, (states, lse_s) if slab_lse else None)
             _compact_targets_kernel[teacher_grid](
                 t_dots, rt, thr, lse_t, first, compact, row0, B, thr.stride(0), n_thr, chunk_width, chunks, rows,
                 float(teacher_scale), BG=BG, **teacher_blocks)

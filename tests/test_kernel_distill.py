@@ -217,11 +217,15 @@ def _random_reference(x, rx, t, rt, grouping, step_seed):
     return loss, _through_unit_rows((g + g.T) @ u, x)
 
 
-def _run_random(x, rx, t, rt, grouping, seed=SEED, **kw):
+def _run_random(x, rx, t, rt, grouping, seed=SEED, slab_lse=True, **kw):
+    """The random shuffle as the triton backend runs it: the student's logsumexps from each
+    slab's own dots (``slab_lse``), or from the row statistics."""
     from distillcse.kernels.distill import distill_loss_and_grad, distill_row_stats
     from distillcse.kernels.group_partition import group_thresholds
 
-    lse_s, lse_t, lse_g, t_min, t_max = distill_row_stats(x, rx, t, rt, STUDENT, TEACHER, GROUPING, budget_bytes=BIG)
+    student = (None, None) if slab_lse else (x, rx)
+    lse_s, lse_t, lse_g, t_min, t_max = distill_row_stats(*student, t, rt, STUDENT, TEACHER, GROUPING,
+                                                          budget_bytes=BIG)
     thr = group_thresholds(t, rt, lse_g, t_min, t_max, GROUPING, **grouping)
     return distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, STUDENT, TEACHER, shuffle="random", thr=thr,
                                  step_seed=seed, **kw)
@@ -241,6 +245,24 @@ def test_random_matches_the_shuffle_definition(B, D, Dt, budget, chunks, groupin
     ref_loss, ref_dx = _random_reference(x, rx, t, rt, grouping, SEED)
     assert ((loss.cpu().double() - ref_loss).abs().max() / ref_loss.abs().max()).item() < 1e-5
     assert ((dx.cpu().double() - ref_dx).norm() / ref_dx.norm()).item() < 1e-5
+
+
+def test_random_student_logsumexp_from_the_slabs(device):
+    """The slab rows' lse_s from the count kernel's chunks (three slabs, three chunks: the
+    triton backend's way) or from the row statistics: the same loss and gradient, up to fp32
+    summation order; and the statistics without the student give the same teacher statistics."""
+    from distillcse.kernels.distill import distill_row_stats
+
+    x, rx, t, rt = _inputs(130, 96, 80, torch.float32, device, seed=1)
+    grouping = dict(group_p=0.1, group_size=None)
+    kw = dict(budget_bytes=130 * 8 * 64, chunks=3)
+    slab_loss, slab_dx = _run_random(x, rx, t, rt, grouping, **kw)
+    loss, dx = _run_random(x, rx, t, rt, grouping, slab_lse=False, **kw)
+    torch.testing.assert_close(slab_loss, loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(slab_dx, dx, rtol=1e-5, atol=1e-6)
+    full = distill_row_stats(x, rx, t, rt, STUDENT, TEACHER, GROUPING, budget_bytes=BIG)
+    teacher_only = distill_row_stats(None, None, t, rt, STUDENT, TEACHER, GROUPING, budget_bytes=BIG)
+    assert teacher_only[0] is None and all(torch.equal(a, b) for a, b in zip(full[1:], teacher_only[1:]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
