@@ -24,7 +24,8 @@ dots through ``tiles.slab_tile``); only ``j != i`` takes part. Targets
    gradient is ``sum_j (G_rj + G_jr) u_j``: with shuffle none or expected the kernel writes
    both sides (any row's targets are at hand) and one GEMM finishes the slab's rows; the
    random shuffle's ranks exist for the slab rows only, so there ``_accumulate_slab_kernel``
-   adds ``G^T u[slab]`` (and the slab rows' own side) to every row of dx in place: fp32 rows
+   adds ``G^T u[slab]`` (and the slab rows' own side) to every row of dx in place, once per
+   gradient slab that holds several dot slabs' factors (``_random_slabs``): fp32 rows
    directly, 16-bit rows as hi (dx) + an int8 lo, about 16 significant bits, so that the
    column side's sum over the slabs needs 1 byte an entry beside dx instead of an fp32
    [B, D] buffer. Every GEMM takes the raw rows x (the factors carry rx_j), so no normalised
@@ -825,6 +826,18 @@ def _warn_accumulation_traffic(B, D, R, acc_bytes, budget_bytes):
             f'shuffle="expected" (its deterministic expectation, O(B^2 D) at any budget).', stacklevel=4)
 
 
+def _random_slabs(B, budget_bytes, grad_bytes, step):
+    """(R, R_grad): rows of the random shuffle's dot slabs and of its gradient slabs (a multiple
+    of R, several dot slabs' factors). Each dot slab's GEMMs read all of x and t; each gradient
+    slab's row-side GEMM reads all of x and its accumulation reads and writes all of dx (and lo),
+    about twice those bytes. So the dots and compact targets (8 + grad_bytes an entry) take half
+    the budget and the factors (grad_bytes an entry) the rest: at B = 65,536 bf16 in 80 MiB,
+    64-row dot slabs in 320-row gradient slabs (205 accumulations instead of 683 of 96 rows)."""
+    R = slab_rows(B, B, budget_bytes // 2, 8 + grad_bytes, step)
+    R_grad = (budget_bytes - R * B * (8 + grad_bytes)) // (B * grad_bytes) // R * R
+    return R, min(max(R, R_grad), triton.cdiv(B, R) * R)
+
+
 def _random_accumulator(x, budget_bytes):
     """(lo, slab budget) of the random shuffle's gradient. Its column side adds to every row once
     a slab, so dx accumulates in place: fp32 rows alone, 16-bit ones with an int8 ``lo`` [B, D]
@@ -865,7 +878,8 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
     ``chunks`` (column chunks per slab row) defaults to enough programs to fill the GPU.
     Extra memory besides dx: at most ``budget_bytes`` (at least one row block per slab), plus
     [R, D] fp32 per slab; the random shuffle's gradient accumulates in dx, with an int8 [B, D]
-    beside 16-bit rows (``_random_accumulator``).
+    beside 16-bit rows (``_random_accumulator``), once per gradient slab of several dot slabs
+    (``_random_slabs``).
     """
     x, rx, t, rt = _prepare(x, rx, t, rt)
     B, D = x.shape
@@ -896,9 +910,10 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
         lo, slab_budget = None, budget_bytes
     # per slab entry: the student's and the teacher's fp32 dots, the factors, the compact targets
     entry_bytes = 8 + (grad_dtype.itemsize if need_grad else 0) + (grad_dtype.itemsize if shuffle == "random" else 0)
-    R = slab_rows(B, B, slab_budget, entry_bytes, BM)
+    R = R_grad = slab_rows(B, B, slab_budget, entry_bytes, BM)  # rows of a dot slab, of a gradient slab
     if random_grad:
-        _warn_accumulation_traffic(B, D, R, x.element_size() + (0 if lo is None else 1), budget_bytes)
+        R, R_grad = _random_slabs(B, slab_budget, grad_dtype.itemsize, BM)
+        _warn_accumulation_traffic(B, D, R_grad, x.element_size() + (0 if lo is None else 1), budget_bytes)
     if chunks is None:
         programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
         chunks = triton.cdiv(programs, triton.cdiv(R, BM))
@@ -906,41 +921,43 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
     chunks = triton.cdiv(B, chunk_width)
 
     v = (x if x.dtype == grad_dtype else x.to(grad_dtype)) if need_grad else None  # the GEMMs' rows, raw
-    grad = torch.empty(R, B, device=x.device, dtype=grad_dtype) if need_grad else lse_s
+    grad = torch.empty(R_grad, B, device=x.device, dtype=grad_dtype) if need_grad else lse_s
     compact = torch.empty(R, B, device=x.device, dtype=grad_dtype) if shuffle == "random" else lse_s
     first = perm = lse_s  # the random mode's tables, per slab
     s_dots = torch.empty(R, B, device=x.device, dtype=torch.float32)  # x[slab] x^T
     t_dots = torch.empty(R, B, device=x.device, dtype=torch.float32)  # t[slab] t^T
-    for row0 in range(0, B, R):
-        rows = min(R, B - row0)
-        slab = slice(row0, row0 + rows)
-        matmul_f32(x[slab], x.T, out=s_dots[:rows])
-        matmul_f32(t[slab], t.T, out=t_dots[:rows])
-        if shuffle == "random":
-            teacher_grid = (triton.cdiv(rows, teacher_blocks["BM"]), chunks)
-            counts = torch.empty(rows, chunks, G, device=x.device, dtype=torch.int32)
-            states = torch.empty((2, rows, chunks), device=x.device, dtype=torch.float32) if slab_lse else counts
-            _group_counts_kernel[teacher_grid](
-                t_dots, rt, thr, counts, s_dots, rx, states, row0, B, thr.stride(0), n_thr, chunk_width, chunks,
-                rows, float(student_scale), BG=BG, LSE=slab_lse, **teacher_blocks)
-            first, perm = _permutation_tables(counts, row0, step_seed, (states, lse_s) if slab_lse else None)
-            _compact_targets_kernel[teacher_grid](
-                t_dots, rt, thr, lse_t, first, compact, row0, B, thr.stride(0), n_thr, chunk_width, chunks, rows,
-                float(teacher_scale), BG=BG, **teacher_blocks)
-        cross = torch.empty(rows, chunks, device=x.device, dtype=torch.float32)
-        _distill_slab_kernel[(triton.cdiv(rows, slab_blocks["BM"]), chunks)](
-            s_dots, rx, t_dots, rt, thr, lse_s, lse_t, qbar, first, compact, perm, cross, grad, row0, B,
-            thr.stride(0), n_thr, chunk_width, chunks, rows, float(student_scale), float(teacher_scale), BG=BG,
-            TARGETS=targets, WRITE_GRAD=need_grad, **slab_blocks)
-        torch.sub(lse_s[slab], cross.sum(1), alpha=student_scale, out=loss[slab])  # lse_s - scale sum_j q~ s
+    for grad0 in range(0, B, R_grad):
+        grad_rows = min(R_grad, B - grad0)
+        for row0 in range(grad0, grad0 + grad_rows, R):
+            rows = min(R, grad0 + grad_rows - row0)
+            slab = slice(row0, row0 + rows)
+            matmul_f32(x[slab], x.T, out=s_dots[:rows])
+            matmul_f32(t[slab], t.T, out=t_dots[:rows])
+            if shuffle == "random":
+                teacher_grid = (triton.cdiv(rows, teacher_blocks["BM"]), chunks)
+                counts = torch.empty(rows, chunks, G, device=x.device, dtype=torch.int32)
+                states = torch.empty((2, rows, chunks), device=x.device, dtype=torch.float32) if slab_lse else counts
+                _group_counts_kernel[teacher_grid](
+                    t_dots, rt, thr, counts, s_dots, rx, states, row0, B, thr.stride(0), n_thr, chunk_width, chunks,
+                    rows, float(student_scale), BG=BG, LSE=slab_lse, **teacher_blocks)
+                first, perm = _permutation_tables(counts, row0, step_seed, (states, lse_s) if slab_lse else None)
+                _compact_targets_kernel[teacher_grid](
+                    t_dots, rt, thr, lse_t, first, compact, row0, B, thr.stride(0), n_thr, chunk_width, chunks,
+                    rows, float(teacher_scale), BG=BG, **teacher_blocks)
+            cross = torch.empty(rows, chunks, device=x.device, dtype=torch.float32)
+            _distill_slab_kernel[(triton.cdiv(rows, slab_blocks["BM"]), chunks)](
+                s_dots, rx, t_dots, rt, thr, lse_s, lse_t, qbar, first, compact, perm, cross,
+                grad[row0 - grad0:], row0, B, thr.stride(0), n_thr, chunk_width, chunks, rows, float(student_scale),
+                float(teacher_scale), BG=BG, TARGETS=targets, WRITE_GRAD=need_grad, **slab_blocks)
+            torch.sub(lse_s[slab], cross.sum(1), alpha=student_scale, out=loss[slab])  # lse_s - scale sum_j q~ s
         if not need_grad:
             continue
-        g = grad[:rows]
+        g, rows_g = grad[:grad_rows], slice(grad0, grad0 + grad_rows)
         row_side = matmul_f32(g, v)  # [rows, D] fp32: sum_j M_rj x_j, the slab rows' du (random: own side)
         if not random_grad:  # g holds both sides: the slab rows' gradient is complete
-            unit_rows_backward(row_side, x[slab], rx[slab], dx[slab])
+            unit_rows_backward(row_side, x[rows_g], rx[rows_g], dx[rows_g])
             continue
-        accumulate_slab(dx, lo, g, x, rx, row_side, row0)
+        accumulate_slab(dx, lo, g, x, rx, row_side, grad0)
     if random_grad:  # dx holds rx du (with lo): through u = x rx, in place
         unit_rows_backward(dx, x, rx, dx, lo=lo, scaled=True)
     return loss, dx

@@ -234,8 +234,9 @@ def _run_random(x, rx, t, rt, grouping, seed=SEED, slab_lse=True, **kw):
 @pytest.mark.parametrize("grouping", [dict(group_p=0.1, group_size=None), dict(group_p=0.25, group_size=None),
                                       dict(group_p=1.0, group_size=None), dict(group_p=None, group_size=6)],
                          ids=["p0.1", "p0.25", "one-group", "size6"])
-@pytest.mark.parametrize("B,D,Dt,budget,chunks", [(37, 48, 32, 1 << 20, 1), (130, 96, 80, 130 * 8 * 64, 3)],
-                         ids=["one-slab", "three-slabs-three-chunks"])
+@pytest.mark.parametrize("B,D,Dt,budget,chunks", [(37, 48, 32, 1 << 20, 1), (130, 96, 80, 130 * 8 * 64, 3),
+                                                  (130, 96, 80, 180_000, 3)],
+                         ids=["one-slab", "three-slabs-three-chunks", "two-gradient-slabs"])
 def test_random_matches_the_shuffle_definition(B, D, Dt, budget, chunks, grouping, device):
     # Not seed 0: two of its logits (row 37) lie 2.4e-8 apart, under fp32's resolution, right
     # at a group boundary, where the kernel's fp32 and the reference's float64 order them apart.
@@ -245,6 +246,17 @@ def test_random_matches_the_shuffle_definition(B, D, Dt, budget, chunks, groupin
     ref_loss, ref_dx = _random_reference(x, rx, t, rt, grouping, SEED)
     assert ((loss.cpu().double() - ref_loss).abs().max() / ref_loss.abs().max()).item() < 1e-5
     assert ((dx.cpu().double() - ref_dx).norm() / ref_dx.norm()).item() < 1e-5
+
+
+def test_random_slabs():
+    """The random shuffle's dot slabs take half the budget, its gradient slabs (a multiple of
+    them) the rest; "two-gradient-slabs" above runs (64, 128) at B = 130 (dot slabs 64, 64 | 2)."""
+    from distillcse.kernels.distill import _random_slabs
+
+    assert _random_slabs(65536, 80 << 20, 2, 32) == (64, 320)  # bf16 at B = 65,536: 205 accumulations
+    assert _random_slabs(130, 180_000, 4, 64) == (64, 128)
+    assert _random_slabs(130, 1000, 4, 64) == (64, 64)  # a tiny budget: one row block each
+    assert _random_slabs(100, 1 << 30, 2, 32) == (100, 100)  # everything in one slab
 
 
 def test_random_student_logsumexp_from_the_slabs(device):

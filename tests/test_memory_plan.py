@@ -26,35 +26,37 @@ def _inputs(seed=0):
     return x.to(DEVICE), rx.to(DEVICE), t.to(DEVICE), rt.to(DEVICE)
 
 
-@pytest.mark.parametrize("shuffle,dtype", [("none", torch.float32), ("expected", torch.float32),
-                                           ("random", torch.float32), ("random", torch.float16)])
-def test_slab_phase_within_budget(shuffle, dtype):
+@pytest.mark.parametrize("shuffle,dtype,budget", [("none", torch.float32, BUDGET), ("expected", torch.float32, BUDGET),
+                                                  ("random", torch.float32, BUDGET), ("random", torch.float16, BUDGET),
+                                                  ("random", torch.float32, 400_000)])
+def test_slab_phase_within_budget(shuffle, dtype, budget):
+    """(400,000 bytes: the random shuffle's 64-row dot slabs in 192-row gradient slabs.)"""
     from distillcse.kernels.distill import distill_loss_and_grad, distill_row_stats
     from distillcse.kernels.group_partition import group_means, group_thresholds
 
     x, rx, t, rt = _inputs()
     x = x.to(dtype)
     lse_s, lse_t, lse_g, t_min, t_max = distill_row_stats(x, rx, t, rt, STUDENT, TEACHER, GROUPING,
-                                                          budget_bytes=BUDGET)
+                                                          budget_bytes=budget)
     groups = {}
     if shuffle != "none":
         groups["thr"] = group_thresholds(t, rt, lse_g, t_min, t_max, GROUPING, group_p=0.25)
     if shuffle == "expected":
-        groups["qbar"] = group_means(t, rt, lse_t, groups["thr"], TEACHER, budget_bytes=BUDGET)
+        groups["qbar"] = group_means(t, rt, lse_t, groups["thr"], TEACHER, budget_bytes=budget)
     if shuffle == "random":
         groups["step_seed"] = 7
     if shuffle == "random":  # as the triton backend runs it: the slab rows' lse_s from each slab's dots
         lse_s = None
     with TensorMemory() as mem:
         loss, dx = distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, STUDENT, TEACHER, shuffle=shuffle,
-                                         budget_bytes=BUDGET, **groups)
+                                         budget_bytes=budget, **groups)
     assert torch.isfinite(loss).all() and torch.isfinite(dx).all()
     half = dtype != torch.float32
     lo = B * D if shuffle == "random" and half else 0  # the int8 low half of the accumulator
     v = B * D * 2 if half else 0  # the row side's GEMM takes bf16 rows: a copy of fp16 ones
     # the fp32 dots of x and t, the gradient factors (+ compact targets)
     entry = 8 + (2 if half else 4) * (2 if shuffle == "random" else 1)
-    slabs = max(max(BUDGET - lo, BUDGET // 2), 64 * B * entry)  # at least one 64-row block
+    slabs = max(max(budget - lo, budget // 2), 64 * B * entry)  # at least one 64-row block
     G, chunks = 4, 1
     # dx, lo, v, the slab buffers; per slab the [64, D] fp32 row side, the k-slice copies of the
     # CPU's fp32 GEMMs (at most [64, 64] and [64, B]), the random shuffle's permutation tables
@@ -64,9 +66,10 @@ def test_slab_phase_within_budget(shuffle, dtype):
     bound = (B * D * x.element_size() + lo + v + slabs + 2 * 64 * D * 4 + 64 * (64 + B) * 4
              + 8 * 64 * G * (5 * chunks + 12) + 8 * 64 * chunks + 16 * B + 4 * B)
     assert mem.peak <= bound, (mem.peak, bound, mem.at_peak[:6])
-    assert mem.largest[0] < B * B * 4 // 2, mem.largest  # slabs of R < B / 2 rows, never B x B
+    assert mem.largest[0] < B * B * 4 * 3 // 4, mem.largest  # slabs of under 3/4 of the B rows, never B x B
     if shuffle == "random":  # no fp32 [B, D] accumulator: fp32 rows accumulate in dx itself
-        assert sum(n >= B * D * 4 for n, *_ in mem.at_peak) == (0 if half else 1), mem.at_peak[:6]
+        fp32_rows = sum(tuple(shape) == (B, D) and dt == torch.float32 for _, shape, dt, _ in mem.at_peak)
+        assert fp32_rows == (0 if half else 1), mem.at_peak[:6]
 
 
 def test_row_stats_with_the_grid_pass_within_budget():
