@@ -385,34 +385,45 @@ def _permutation_tables_kernel(
     seed_lo, seed_hi,  # int32: the key's halves (without SEED_PTR)
     p_lse,  # [2, R, C] fp32: the count kernel's chunk states of s's logsumexp (LSE)
     p_lse_s,  # [B] fp32 out: the slab rows' student logsumexps (LSE)
-    row0, R, n_chunks, n_groups, B,
-    BR: tl.constexpr, BG: tl.constexpr, SEED_PTR: tl.constexpr, LSE: tl.constexpr,
+    row0, R, n_chunks, n_groups,
+    BR: tl.constexpr, BC: tl.constexpr, BG: tl.constexpr, SEED_PTR: tl.constexpr, LSE: tl.constexpr,
 ):
     """Group sizes and starts (groups in order), each chunk's first compact position, and the
     parameters of each group's permutation, for BR slab rows; with LSE their student
-    logsumexps, the chunks' states merged in chunk order."""
+    logsumexps. The chunks go BC at a time ([BR, BC, BG] blocks): a slab has a few hundred
+    chunks, and one chunk a load would make each pass a chain of that many memory latencies."""
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-    if LSE:
-        m_r = (o_r < R) & (row0 + o_r < B)
+    o_c = tl.arange(0, BC)
+    o_g = tl.arange(0, BG)
+    m_r = o_r < R
+    if LSE:  # the chunks' states, merged block by block in chunk order
         b_ms = tl.full([BR], float("-inf"), dtype=tl.float32)
         b_ls = tl.zeros([BR], dtype=tl.float32)
-        for i_c in range(0, n_chunks):
-            c_ms = tl.load(p_lse + o_r * n_chunks + i_c, mask=m_r, other=float("-inf"))
-            c_ls = tl.load(p_lse + (R + o_r) * n_chunks + i_c, mask=m_r, other=0.0)
-            b_ms, b_ls = _merge_lse(b_ms, b_ls, c_ms, c_ls)
+        for c0 in range(0, n_chunks, BC):
+            m_c = m_r[:, None] & (c0 + o_c < n_chunks)[None, :]
+            p_c = p_lse + o_r[:, None] * n_chunks + c0 + o_c[None, :]  # [BR, BC]
+            c_ms = tl.load(p_c, mask=m_c, other=float("-inf"))
+            c_ls = tl.load(p_c + R * n_chunks, mask=m_c, other=0.0)
+            blk_ms = tl.max(c_ms, axis=1)
+            blk_ref = tl.where(blk_ms == float("-inf"), 0.0, blk_ms)
+            b_ms, b_ls = _merge_lse(b_ms, b_ls, blk_ms, tl.sum(c_ls * tl.exp(c_ms - blk_ref[:, None]), axis=1))
         b_ms = tl.where(b_ms == float("-inf"), 0.0, b_ms)  # a row without valid columns: -inf
         tl.store(p_lse_s + row0 + o_r, b_ms + tl.log(tl.where(m_r, b_ls, 1.0)), mask=m_r)
-    o_g = tl.arange(0, BG)
-    m = (o_r < R)[:, None] & (o_g < n_groups)[None, :]
-    p_chunk0 = o_r[:, None] * n_chunks * n_groups + o_g[None, :]  # [BR, BG] offsets in chunk 0
+    m = m_r[:, None] & (o_g < n_groups)[None, :]
+    o_blk = (o_r[:, None, None] * n_chunks + o_c[None, :, None]) * n_groups + o_g[None, None, :]  # [BR, BC, BG]
+    m_blk = m_r[:, None, None] & (o_g < n_groups)[None, None, :]
     b_size = tl.zeros([BR, BG], dtype=tl.int32)
-    for i_c in range(0, n_chunks):
-        b_size += tl.load(p_counts + p_chunk0 + i_c * n_groups, mask=m, other=0)
+    for c0 in range(0, n_chunks, BC):
+        m_c = m_blk & (c0 + o_c < n_chunks)[None, :, None]
+        b_size += tl.sum(tl.load(p_counts + o_blk + c0 * n_groups, mask=m_c, other=0), axis=1)
     b_start = tl.cumsum(b_size, axis=1) - b_size
     b_next = b_start
-    for i_c in range(0, n_chunks):
-        tl.store(p_first + p_chunk0 + i_c * n_groups, b_next, mask=m)
-        b_next += tl.load(p_counts + p_chunk0 + i_c * n_groups, mask=m, other=0)
+    for c0 in range(0, n_chunks, BC):
+        m_c = m_blk & (c0 + o_c < n_chunks)[None, :, None]
+        b_counts = tl.load(p_counts + o_blk + c0 * n_groups, mask=m_c, other=0)  # [BR, BC, BG]
+        tl.store(p_first + o_blk + c0 * n_groups, b_next[:, None, :] + tl.cumsum(b_counts, axis=1) - b_counts,
+                 mask=m_c)
+        b_next += tl.sum(b_counts, axis=1)
     b_row = tl.broadcast_to((row0 + o_r).to(tl.uint32)[:, None], [BR, BG])
     b_grp = tl.broadcast_to(o_g.to(tl.uint32)[None, :], [BR, BG])
     b_lo, b_hi = _seed_halves(p_seed, seed_lo, seed_hi, SEED_PTR)
@@ -769,12 +780,14 @@ def _permutation_tables(counts, row0, step_seed, lse=None):
     R, C, G = counts.shape
     first = torch.empty_like(counts)
     perm = torch.empty((6, R, G), device=counts.device, dtype=torch.int32)
-    BR = 256 if utils.interpreter_blocks() else 64
+    BG = max(2, triton.next_power_of_2(G))
+    BR = 64 if utils.interpreter_blocks() else 1  # a row a program: its chunks in one or a few loads
+    BC = max(1, 4096 // (BR * BG))  # [BR, BC, BG] blocks of 4K counts
     *seed, seed_ptr = seed_args(step_seed, counts)
     states, lse_s = (perm, perm) if lse is None else lse
     _permutation_tables_kernel[(triton.cdiv(R, BR),)](
-        counts, first, perm, *seed, states, lse_s, row0, R, C, G, lse_s.shape[0], BR=BR,
-        BG=max(2, triton.next_power_of_2(G)), SEED_PTR=seed_ptr, LSE=lse is not None, num_warps=4)
+        counts, first, perm, *seed, states, lse_s, row0, R, C, G, BR=BR, BC=BC, BG=BG,
+        SEED_PTR=seed_ptr, LSE=lse is not None, num_warps=4)
     return first, perm
 
 

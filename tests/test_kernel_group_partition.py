@@ -375,10 +375,11 @@ def test_inverse_cubic_is_exact_on_a_cubic(device):
 @pytest.mark.parametrize("B,Dt,teacher_temperature,group_p,group_size,budget",
                          [(37, 48, 0.0125, 0.1, None, None), (130, 96, 0.0125, 0.3, None, None),
                           (130, 48, 0.05, 0.1, 10, None), (130, 96, 0.0125, 0.3, None, 64 * 130 * 4),
-                          (130, 48, 0.05, None, 4, None)])
+                          (130, 48, 0.05, None, 4, None), (600, 24, 0.0125, 0.3, None, None)])
 def test_group_means(device, B, Dt, teacher_temperature, group_p, group_size, budget):
     """``budget``: the teacher dots' slabs (64 rows: three slabs, the last ragged). Groups of 4:
-    33 groups, three sweeps of the kernel's in-register group blocks (MEANS_GROUPS = 16)."""
+    33 groups, three sweeps of the kernel's in-register group blocks (MEANS_GROUPS = 16).
+    B = 130: two column splits; B = 600: five column tiles in four splits, the last empty."""
     from distillcse.kernels.group_partition import group_means, group_thresholds
 
     rows = teachers(B, Dt, device, seed=4)

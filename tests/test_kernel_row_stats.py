@@ -46,9 +46,9 @@ def _reference(x, rx, t, rt):
             torch.logsumexp(neg(GROUPING * tt), 1), tt.masked_fill(~off, math.inf).amin(1), neg(tt).amax(1))
 
 
-def _check(stats, refs, tol=1e-5):
+def _check(stats, refs, tol=1e-5, names=NAMES):
     """Every entry within tol * max(1, |ref|): one wrong row fails."""
-    for name, out, ref in zip(NAMES, stats, refs):
+    for name, out, ref in zip(names, stats, refs):
         assert out.dtype == torch.float32 and out.shape == ref.shape, name
         err = ((out.double() - ref).abs() / ref.abs().clamp_min(1.0)).max().item()
         assert err <= tol, f"{name}: error {err:.2e} > {tol:.0e}"
@@ -71,6 +71,21 @@ def test_row_stats_match_float64(B, D, Dt, slab, dtype, t_dtype):
     assert refs[4][-1] < 0 and refs[0][0] < math.log(B)  # the flipped rows
     budget = BIG if slab is None else slab * B * 8
     _check(K.distill_row_stats(x, rx, t, rt, STUDENT, TEACHER, GROUPING, budget_bytes=budget), refs)
+
+
+def test_row_stats_in_uneven_column_splits():
+    """B = 600: 5 column tiles of 128 in 4 splits of 2 (the last split empty), 10 row blocks
+    of 64; the merged splits against float64, with and without the student."""
+    from distillcse.kernels import utils
+
+    B = 600
+    assert utils.column_splits(5, 10) == 4
+    x, rx, t, rt = _rows(B, 32, 24, torch.float32, torch.float32, seed=5)
+    refs = _reference(x, rx, t, rt)
+    _check(K.distill_row_stats(x, rx, t, rt, STUDENT, TEACHER, GROUPING, budget_bytes=BIG), refs)
+    teacher = K.distill_row_stats(None, None, t, rt, STUDENT, TEACHER, GROUPING, budget_bytes=BIG)
+    assert teacher[0] is None
+    _check(teacher[1:], refs[1:], names=NAMES[1:])
 
 
 def test_row_stats_deterministic():
