@@ -112,7 +112,7 @@ def _row_stats_kernel(
     p_rx,  # [B] fp32 inverse norms (STUDENT)
     p_ts,  # [R, B] fp32 raw teacher dots of the slab rows (cuBLAS), row stride B
     p_rt,  # [B] fp32 inverse norms
-    p_part,  # [6, S, R] fp32 out: per column split, s's running max and sum (STUDENT), t's max, two sums, min
+    p_part,  # [6, R, S] fp32 out: per column split, s's running max and sum (STUDENT), t's max, two sums, min
     row0, R, B, tiles_per_split, student_scale, teacher_scale, grouping_scale,
     BM: tl.constexpr, BN: tl.constexpr, STUDENT: tl.constexpr,
 ):
@@ -141,9 +141,9 @@ def _row_stats_kernel(
         b_tmax, b_lt, b_lg, b_tmin = _update_teacher_stats(
             b_tmax, b_lt, b_lg, b_tmin, tl.where(m_valid, b_t, float("-inf")), m_valid, teacher_scale,
             grouping_scale)
-    p_o = p_part + i_s * R + o_r
+    p_o = p_part + o_r * n_splits + i_s
     m_o = o_r < R
-    plane = n_splits * R
+    plane = R * n_splits
     if STUDENT:
         tl.store(p_o, b_ms, mask=m_o)
         tl.store(p_o + plane, b_ls, mask=m_o)
@@ -154,41 +154,54 @@ def _row_stats_kernel(
 
 
 @triton.jit
-def _load_lse_state(p_state, plane, m):
-    """A [BR] state of ``_update_lse`` from ``_row_stats_kernel``'s planes 0-1 (``plane`` apart)."""
-    return tl.load(p_state, mask=m, other=float("-inf")), tl.load(p_state + plane, mask=m, other=0.0)
+def _lse_block(c_m, c_l):
+    """[BR, BS] states of ``_update_lse`` (the same rows, other columns) as one [BR] state."""
+    b_m = tl.max(c_m, axis=1)
+    b_ref = tl.where(b_m == float("-inf"), 0.0, b_m)
+    return b_m, tl.sum(c_l * tl.exp(c_m - b_ref[:, None]), axis=1)
 
 
 @triton.jit
-def _load_teacher_state(p_state, plane, m):
-    """A [BR] state of ``_update_teacher_stats`` from ``_row_stats_kernel``'s planes 2-5."""
-    return (tl.load(p_state + 2 * plane, mask=m, other=float("-inf")), tl.load(p_state + 3 * plane, mask=m, other=0.0),
-            tl.load(p_state + 4 * plane, mask=m, other=0.0), tl.load(p_state + 5 * plane, mask=m, other=float("inf")))
+def _teacher_stats_block(c_tmax, c_lt, c_lg, c_tmin, teacher_scale, grouping_scale):
+    """[BR, BS] states of ``_update_teacher_stats`` as one [BR] state."""
+    b_tmax = tl.max(c_tmax, axis=1)
+    b_ref = tl.where(b_tmax == float("-inf"), 0.0, b_tmax)
+    b_dt = c_tmax - b_ref[:, None]
+    return (b_tmax, tl.sum(c_lt * tl.exp(b_dt * teacher_scale), axis=1),
+            tl.sum(c_lg * tl.exp(b_dt * grouping_scale), axis=1), tl.min(c_tmin, axis=1))
 
 
 @triton.jit
 def _row_stats_merge_kernel(
-    p_part,  # [6, S, R] fp32: _row_stats_kernel's partial states
+    p_part,  # [6, R, S] fp32: _row_stats_kernel's partial states
     p_out,  # [5, B] fp32 out: lse_s (STUDENT), lse_t, lse_g, t_min, t_max
     row0, R, B, n_splits, teacher_scale, grouping_scale,
-    BR: tl.constexpr, STUDENT: tl.constexpr,
+    BR: tl.constexpr, BS: tl.constexpr, STUDENT: tl.constexpr,
 ):
-    """The S partial states of BR slab rows merged in split order (deterministic), then the
-    statistics."""
+    """The S partial states of BR slab rows merged in split order (deterministic), BS splits a
+    block (a few loads, not a chain of S), then the statistics."""
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    o_s = tl.arange(0, BS)
     o_m = row0 + o_r
     m_m = (o_r < R) & (o_m < B)
-    plane = n_splits * R
-    b_tmax, b_lt, b_lg, b_tmin = _load_teacher_state(p_part + o_r, plane, m_m)
-    if STUDENT:
-        b_ms, b_ls = _load_lse_state(p_part + o_r, plane, m_m)
-    for i_s in range(1, n_splits):
-        p_s = p_part + i_s * R + o_r
-        c_tmax, c_lt, c_lg, c_tmin = _load_teacher_state(p_s, plane, m_m)
+    plane = R * n_splits
+    b_ms = tl.full([BR], float("-inf"), dtype=tl.float32)
+    b_ls = tl.zeros([BR], dtype=tl.float32)
+    b_tmax = tl.full([BR], float("-inf"), dtype=tl.float32)
+    b_lt = tl.zeros([BR], dtype=tl.float32)
+    b_lg = tl.zeros([BR], dtype=tl.float32)
+    b_tmin = tl.full([BR], float("inf"), dtype=tl.float32)
+    for s0 in range(0, n_splits, BS):
+        m = m_m[:, None] & (s0 + o_s < n_splits)[None, :]
+        p_s = p_part + o_r[:, None] * n_splits + s0 + o_s[None, :]  # [BR, BS]
+        c_tmax, c_lt, c_lg, c_tmin = _teacher_stats_block(
+            tl.load(p_s + 2 * plane, mask=m, other=float("-inf")), tl.load(p_s + 3 * plane, mask=m, other=0.0),
+            tl.load(p_s + 4 * plane, mask=m, other=0.0), tl.load(p_s + 5 * plane, mask=m, other=float("inf")),
+            teacher_scale, grouping_scale)
         b_tmax, b_lt, b_lg, b_tmin = _merge_teacher_stats(
             b_tmax, b_lt, b_lg, b_tmin, c_tmax, c_lt, c_lg, c_tmin, teacher_scale, grouping_scale)
         if STUDENT:
-            c_ms, c_ls = _load_lse_state(p_s, plane, m_m)
+            c_ms, c_ls = _lse_block(tl.load(p_s, mask=m, other=float("-inf")), tl.load(p_s + plane, mask=m, other=0.0))
             b_ms, b_ls = _merge_lse(b_ms, b_ls, c_ms, c_ls)
     # A row without any valid column (B == 1) gets lse = 0 + log(0) = -inf; lanes past R log 1.
     if STUDENT:
@@ -402,11 +415,9 @@ def _permutation_tables_kernel(
         for c0 in range(0, n_chunks, BC):
             m_c = m_r[:, None] & (c0 + o_c < n_chunks)[None, :]
             p_c = p_lse + o_r[:, None] * n_chunks + c0 + o_c[None, :]  # [BR, BC]
-            c_ms = tl.load(p_c, mask=m_c, other=float("-inf"))
-            c_ls = tl.load(p_c + R * n_chunks, mask=m_c, other=0.0)
-            blk_ms = tl.max(c_ms, axis=1)
-            blk_ref = tl.where(blk_ms == float("-inf"), 0.0, blk_ms)
-            b_ms, b_ls = _merge_lse(b_ms, b_ls, blk_ms, tl.sum(c_ls * tl.exp(c_ms - blk_ref[:, None]), axis=1))
+            c_ms, c_ls = _lse_block(tl.load(p_c, mask=m_c, other=float("-inf")),
+                                    tl.load(p_c + R * n_chunks, mask=m_c, other=0.0))
+            b_ms, b_ls = _merge_lse(b_ms, b_ls, c_ms, c_ls)
         b_ms = tl.where(b_ms == float("-inf"), 0.0, b_ms)  # a row without valid columns: -inf
         tl.store(p_lse_s + row0 + o_r, b_ms + tl.log(tl.where(m_r, b_ls, 1.0)), mask=m_r)
     m = m_r[:, None] & (o_g < n_groups)[None, :]
@@ -751,9 +762,9 @@ def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale
         splits //= 2
     t_dots = torch.empty(R, B, device=t.device, dtype=torch.float32)
     s_dots = torch.empty(R, B, device=t.device, dtype=torch.float32) if student else t_dots
-    partial = torch.empty((6, splits, R), device=t.device, dtype=torch.float32)
+    partial = torch.empty((6, R, splits), device=t.device, dtype=torch.float32)
     out = torch.empty((5, B), device=t.device, dtype=torch.float32)
-    BR = 64 if utils.interpreter_blocks() else 128
+    BR, BS = (64, 2) if utils.interpreter_blocks() else (16, 64)  # the merge's [BR, BS] blocks of states
     for row0 in range(0, B, R):
         rows = min(R, B - row0)
         if student:
@@ -763,7 +774,7 @@ def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale
             s_dots, rt if rx is None else rx, t_dots, rt, partial, row0, rows, B, triton.cdiv(n_tiles, splits),
             float(student_scale), float(teacher_scale), float(grouping_scale), STUDENT=student, **blocks)
         _row_stats_merge_kernel[(triton.cdiv(rows, BR),)](
-            partial, out, row0, rows, B, splits, float(teacher_scale), float(grouping_scale), BR=BR,
+            partial, out, row0, rows, B, splits, float(teacher_scale), float(grouping_scale), BR=BR, BS=BS,
             STUDENT=student, num_warps=4)
         if grid is not None:
             grid(row0, t_dots[:rows], out[2], out[3], out[4])

@@ -223,8 +223,8 @@ def _group_means_kernel(
     p_rows,  # [R] int64 the dots' rows
     p_done,  # [R] int8: the rows to average (the others are skipped)
     p_thr,  # [R, G-1] fp32 the rows' thresholds, row stride s_thr
-    p_sum,  # [S, R, G] fp32 out: each column split's sums of q per row and group
-    p_count,  # [S, R, G] int32 out: ... and member counts
+    p_sum,  # [R, S, G] fp32 out: each column split's sums of q per row and group
+    p_count,  # [R, S, G] int32 out: ... and member counts
     R, B, G, s_thr, tiles_per_split, teacher_scale,
     BM: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr,
 ):
@@ -271,7 +271,7 @@ def _group_means_kernel(
             m_below = m_next
         sums = new_sums
         counts = new_counts
-    p_out = (i_s * R + o_r) * G + g0
+    p_out = (o_r * tl.num_programs(2) + i_s) * G + g0
     for k in tl.static_range(NG):
         m_out = m_m & (g0 + k < G)
         tl.store(p_sum + p_out + k, tl.sum(sums[k], axis=1), mask=m_out)
@@ -280,30 +280,33 @@ def _group_means_kernel(
 
 @triton.jit
 def _group_means_merge_kernel(
-    p_sum,  # [S, R, G] fp32: _group_means_kernel's sums per column split
-    p_count,  # [S, R, G] int32: ... and counts
+    p_sum,  # [R, S, G] fp32: _group_means_kernel's sums per column split
+    p_count,  # [R, S, G] int32: ... and counts
     p_rows,  # [R] int64 the rows
     p_done,  # [R] int8: the rows to average (the others are left as they are)
     p_qbar,  # [B, G] fp32 out, contiguous
     R, G, n_splits,
-    BR: tl.constexpr, BG: tl.constexpr,
+    BR: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr,
 ):
-    """``qbar`` of BR rows: the splits' sums and counts added in split order (deterministic),
-    the mean of each group, 0 for an empty one."""
+    """``qbar`` of BR rows: the splits' sums and counts added in split order, BS splits a
+    [BR, BS, BG] block (deterministic; a few loads, not a chain of S), the mean of each group,
+    0 for an empty one."""
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    o_s = tl.arange(0, BS)
     o_g = tl.arange(0, BG)
     m_r = o_r < R
     m_r &= tl.load(p_done + o_r, mask=m_r, other=0) != 0
-    m = m_r[:, None] & (o_g < G)[None, :]
-    o_part = o_r[:, None] * G + o_g[None, :]
+    m_blk = m_r[:, None, None] & (o_g < G)[None, None, :]
+    o_blk = (o_r[:, None, None] * n_splits + o_s[None, :, None]) * G + o_g[None, None, :]  # [BR, BS, BG]
     b_sum = tl.zeros([BR, BG], dtype=tl.float32)
     b_count = tl.zeros([BR, BG], dtype=tl.int32)
-    for i_s in range(0, n_splits):
-        b_sum += tl.load(p_sum + i_s * R * G + o_part, mask=m, other=0.0)
-        b_count += tl.load(p_count + i_s * R * G + o_part, mask=m, other=0)
+    for s0 in range(0, n_splits, BS):
+        m = m_blk & (s0 + o_s < n_splits)[None, :, None]
+        b_sum += tl.sum(tl.load(p_sum + o_blk + s0 * G, mask=m, other=0.0), axis=1)
+        b_count += tl.sum(tl.load(p_count + o_blk + s0 * G, mask=m, other=0), axis=1)
     b_qbar = tl.where(b_count > 0, b_sum / tl.maximum(b_count, 1).to(tl.float32), 0.0)
     o_m = tl.load(p_rows + o_r, mask=m_r, other=0)
-    tl.store(p_qbar + o_m[:, None] * G + o_g[None, :], b_qbar, mask=m)
+    tl.store(p_qbar + o_m[:, None] * G + o_g[None, :], b_qbar, mask=m_r[:, None] & (o_g < G)[None, :])
 
 
 @triton.jit
@@ -1188,11 +1191,13 @@ def _means_launch(dots, rt, lse_t, rows, done, thr, qbar, teacher_scale, max_byt
     splits = utils.column_splits(n_tiles, triton.cdiv(R, cfg["BM"]) * sweeps, SPLIT_PROGRAMS)
     while max_bytes is not None and splits > 1 and 8 * splits * R * G > max_bytes:
         splits //= 2
-    sums = torch.empty((splits, R, G), device=dots.device, dtype=torch.float32)
-    counts = torch.empty((splits, R, G), device=dots.device, dtype=torch.int32)
+    sums = torch.empty((R, splits, G), device=dots.device, dtype=torch.float32)
+    counts = torch.empty((R, splits, G), device=dots.device, dtype=torch.int32)
     _group_means_kernel[(triton.cdiv(R, cfg["BM"]), sweeps, splits)](
         dots, rt, lse_t, rows, done, thr, sums, counts, R, B, G, thr.stride(0), triton.cdiv(n_tiles, splits),
         float(teacher_scale), NG=triton.cdiv(G, sweeps), **cfg)
-    BR = 64 if utils.interpreter_blocks() else 32
+    BG = max(2, triton.next_power_of_2(G))
+    BR = 64 if utils.interpreter_blocks() else 8
+    BS = max(1, 2048 // (BR * BG))  # [BR, BS, BG] blocks of 2K sums (and counts)
     _group_means_merge_kernel[(triton.cdiv(R, BR),)](
-        sums, counts, rows, done, qbar, R, G, splits, BR=BR, BG=max(2, triton.next_power_of_2(G)), num_warps=4)
+        sums, counts, rows, done, qbar, R, G, splits, BR=BR, BS=BS, BG=BG, num_warps=4)
