@@ -107,6 +107,15 @@ def _merge_teacher_stats(b_tmax, b_lt, b_lg, b_tmin, c_tmax, c_lt, c_lg, c_tmin,
 
 
 @triton.jit
+def _empty_stats(N: tl.constexpr):
+    """[N] states of ``_update_lse`` and ``_update_teacher_stats`` over no column (each merge's
+    identity): s's max and sum, t's max, two sums, min."""
+    b_neg = tl.full([N], float("-inf"), dtype=tl.float32)
+    b_zero = tl.zeros([N], dtype=tl.float32)
+    return b_neg, b_zero, b_neg, b_zero, b_zero, tl.full([N], float("inf"), dtype=tl.float32)
+
+
+@triton.jit
 def _row_stats_kernel(
     p_xs,  # [R, B] fp32 raw student dots of the slab rows (cuBLAS), row stride B (STUDENT)
     p_rx,  # [B] fp32 inverse norms (STUDENT)
@@ -124,12 +133,7 @@ def _row_stats_kernel(
     i_s, n_splits = tl.program_id(1), tl.num_programs(1)
     o_m = row0 + o_r
     m_m = (o_r < R) & (o_m < B)
-    b_ms = tl.full([BM], float("-inf"), dtype=tl.float32)
-    b_ls = tl.zeros([BM], dtype=tl.float32)
-    b_tmax = tl.full([BM], float("-inf"), dtype=tl.float32)
-    b_lt = tl.zeros([BM], dtype=tl.float32)
-    b_lg = tl.zeros([BM], dtype=tl.float32)
-    b_tmin = tl.full([BM], float("inf"), dtype=tl.float32)
+    b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin = _empty_stats(BM)
     for i_n in range(i_s * tiles_per_split, tl.minimum((i_s + 1) * tiles_per_split, tl.cdiv(B, BN))):
         o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
         m_n = o_n < B
@@ -185,12 +189,7 @@ def _row_stats_merge_kernel(
     o_m = row0 + o_r
     m_m = (o_r < R) & (o_m < B)
     plane = R * n_splits
-    b_ms = tl.full([BR], float("-inf"), dtype=tl.float32)
-    b_ls = tl.zeros([BR], dtype=tl.float32)
-    b_tmax = tl.full([BR], float("-inf"), dtype=tl.float32)
-    b_lt = tl.zeros([BR], dtype=tl.float32)
-    b_lg = tl.zeros([BR], dtype=tl.float32)
-    b_tmin = tl.full([BR], float("inf"), dtype=tl.float32)
+    b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin = _empty_stats(BR)
     for s0 in range(0, n_splits, BS):
         m = m_m[:, None] & (s0 + o_s < n_splits)[None, :]
         p_s = p_part + o_r[:, None] * n_splits + s0 + o_s[None, :]  # [BR, BS]

@@ -43,10 +43,8 @@ def test_slab_phase_within_budget(shuffle, dtype, budget):
         groups["thr"] = group_thresholds(t, rt, lse_g, t_min, t_max, GROUPING, group_p=0.25)
     if shuffle == "expected":
         groups["qbar"] = group_means(t, rt, lse_t, groups["thr"], TEACHER, budget_bytes=budget)
-    if shuffle == "random":
-        groups["step_seed"] = 7
     if shuffle == "random":  # as the triton backend runs it: the slab rows' lse_s from each slab's dots
-        lse_s = None
+        groups["step_seed"], lse_s = 7, None
     with TensorMemory() as mem:
         loss, dx = distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, STUDENT, TEACHER, shuffle=shuffle,
                                          budget_bytes=budget, **groups)
@@ -66,10 +64,12 @@ def test_slab_phase_within_budget(shuffle, dtype, budget):
     bound = (B * D * x.element_size() + lo + v + slabs + 2 * 64 * D * 4 + 64 * (64 + B) * 4
              + 8 * 64 * G * (5 * chunks + 12) + 8 * 64 * chunks + 16 * B + 4 * B)
     assert mem.peak <= bound, (mem.peak, bound, mem.at_peak[:6])
-    assert mem.largest[0] < B * B * 4 * 3 // 4, mem.largest  # slabs of under 3/4 of the B rows, never B x B
+    # slabs of R < B / 2 rows, never B x B; the 192-row gradient slab of the larger budget < 3 B / 4
+    assert mem.largest[0] < B * B * 4 * (3 if budget > BUDGET else 2) // 4, mem.largest
     if shuffle == "random":  # no fp32 [B, D] accumulator: fp32 rows accumulate in dx itself
-        fp32_rows = sum(tuple(shape) == (B, D) and dt == torch.float32 for _, shape, dt, _ in mem.at_peak)
-        assert fp32_rows == (0 if half else 1), mem.at_peak[:6]
+        grad_slab = (192, B) if budget > BUDGET else None  # the gradient slab's fp32 factors, not an accumulator
+        big = [a for a in mem.at_peak if a[0] >= B * D * 4 and tuple(a[1]) != grad_slab]
+        assert len(big) == (0 if half else 1), mem.at_peak[:6]
 
 
 def test_row_stats_with_the_grid_pass_within_budget():
