@@ -87,7 +87,8 @@ def contrastive(B, D, dtype, teacher_dtype):
 
 def distill(B, D, dtype, teacher_dtype, n_thr=9):
     """Distillation (kernels/distill.py): the row statistics pass (with and without the
-    student's logsumexps), and for a slab of 512 rows
+    student's logsumexps, with the search's grid pass and without: whole teacher rows or
+    halves), and for a slab of 512 rows
     in 8 column chunks (reading the slab's cuBLAS dots) the slab kernel with each shuffle plus
     the random mode's count (with the slab rows' lse_s), table and compaction kernels (G = 10 groups), the random mode's accumulation of that
     slab's gradient into dx (and lo), the gradient through the norms (`unit_rows_backward`); and in kernels/group_partition.py the
@@ -108,6 +109,8 @@ def distill(B, D, dtype, teacher_dtype, n_thr=9):
     grid = GP.grid_pass(t, r, 1.0, group_p=1 / (n_thr + 0.5), budget_bytes=rows * B * 8, method="search")
     K.distill_row_stats(x, r, t, r, 40.0, 80.0, 1.0, budget_bytes=rows * B * 8, grid=grid)  # with the search's grid
     K.distill_row_stats(None, None, t, r, 40.0, 80.0, 1.0, budget_bytes=rows * B * 8, grid=grid)  # random: no student
+    for student in ((x, r), (None, None)):  # shuffle none, or pairwise thresholds: t's halves too
+        K.distill_row_stats(*student, t, r, 40.0, 80.0, 1.0, budget_bytes=rows * B * 8)
     teacher_blocks, _ = K._slab_blocks(B, "random")
     width = triton.cdiv(B, chunks)
     first = torch.empty(rows, chunks, n_thr + 1, dtype=torch.int32)

@@ -16,6 +16,9 @@ dots through ``tiles.slab_tile``); only ``j != i`` takes part. Targets
    rows from their cuBLAS dots, online over column splits whose partial states a second
    kernel merges (a slab has a few row blocks; the splits give the GPU enough programs), and
    on the same teacher dots the Group-P search's first pass (``group_partition.grid_pass``).
+   s and t are symmetric: a slab's GEMMs take only the columns from its first row on, and a
+   row's earlier columns come from the slabs above it as their column side (running column
+   states, merged slab by slab); t in whole rows where the search's first pass reads them.
    With shuffle random only t's: its column side never reads another row's lse_s (step 2).
 2. ``distill_loss_and_grad``: per slab of R rows, cuBLAS writes the raw dots ``x[slab] x^T``
    and ``t[slab] t^T`` [R, B] in fp32, and a (row block, column chunk) grid reads their tiles
@@ -42,6 +45,7 @@ dots through ``tiles.slab_tile``); only ``j != i`` takes part. Targets
 
 Every scale must be positive (the running maximum of ``t`` serves both of its logsumexps).
 """
+import math
 import warnings
 
 import torch
@@ -57,16 +61,17 @@ _GOLDEN = tl.constexpr(0x9E3779B1)
 _SMALL_DOMAIN = tl.constexpr(SMALL_DOMAIN)
 _SMALL_DOMAIN_ROUNDS = tl.constexpr(SMALL_DOMAIN_ROUNDS)
 _ROUNDS = tl.constexpr(ROUNDS)
+EMPTY_STATES = (-math.inf, 0.0, -math.inf, 0.0, 0.0, math.inf)  # the six planes of _empty_stats
 SHUFFLES = ("none", "expected", "random")  # the TARGETS constexpr of _distill_slab_kernel: their index
 
 
 @triton.jit
-def _update_lse(b_m, b_l, b_v):
-    """Online logsumexp by a tile's rows: running max ``b_m`` [BM] and sum ``b_l`` of
-    exp(v - b_m) over ``b_v`` [BM, BN] (-inf off the valid entries)."""
-    b_m_new = tl.maximum(b_m, tl.max(b_v, axis=1))
+def _update_lse(b_m, b_l, b_v, AXIS: tl.constexpr = 1):
+    """Online logsumexp along ``AXIS`` of ``b_v`` [BM, BN] (-inf off the valid entries): running
+    max ``b_m`` and sum ``b_l`` of exp(v - b_m), [BM] by rows (AXIS 1) or [BN] by columns (0)."""
+    b_m_new = tl.maximum(b_m, tl.max(b_v, axis=AXIS))
     b_ref = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # no valid entry yet: exp never sees -inf - -inf
-    return b_m_new, b_l * tl.exp(b_m - b_ref) + tl.sum(tl.exp(b_v - b_ref[:, None]), axis=1)
+    return b_m_new, b_l * tl.exp(b_m - b_ref) + tl.sum(tl.exp(b_v - tl.expand_dims(b_ref, AXIS)), axis=AXIS)
 
 
 @triton.jit
@@ -79,20 +84,20 @@ def _merge_lse(b_m, b_l, c_m, c_l):
 
 @triton.jit
 def _update_teacher_stats(
-    b_tmax, b_lt, b_lg, b_tmin,  # [BM] running statistics
+    b_tmax, b_lt, b_lg, b_tmin,  # [BM] (AXIS 1) or [BN] (AXIS 0) running statistics
     b_t,  # [BM, BN] t, -inf off the valid entries
     m_valid,  # [BM, BN]
-    teacher_scale, grouping_scale,
+    teacher_scale, grouping_scale, AXIS: tl.constexpr = 1,
 ):
-    """Online update by a tile's rows of t's max ``b_tmax`` (one reference for both scales), the
-    sums ``b_lt`` / ``b_lg`` of exp((t - b_tmax) * scale) at teacher_scale / grouping_scale, and
-    t's min ``b_tmin``."""
-    b_tmin = tl.minimum(b_tmin, tl.min(tl.where(m_valid, b_t, float("inf")), axis=1))
-    b_tmax_new = tl.maximum(b_tmax, tl.max(b_t, axis=1))
+    """Online update along ``AXIS`` (1: by rows, 0: by columns) of t's max ``b_tmax`` (one
+    reference for both scales), the sums ``b_lt`` / ``b_lg`` of exp((t - b_tmax) * scale) at
+    teacher_scale / grouping_scale, and t's min ``b_tmin``."""
+    b_tmin = tl.minimum(b_tmin, tl.min(tl.where(m_valid, b_t, float("inf")), axis=AXIS))
+    b_tmax_new = tl.maximum(b_tmax, tl.max(b_t, axis=AXIS))
     b_ref = tl.where(b_tmax_new == float("-inf"), 0.0, b_tmax_new)
-    b_dt = b_t - b_ref[:, None]
-    b_lt = b_lt * tl.exp((b_tmax - b_ref) * teacher_scale) + tl.sum(tl.exp(b_dt * teacher_scale), axis=1)
-    b_lg = b_lg * tl.exp((b_tmax - b_ref) * grouping_scale) + tl.sum(tl.exp(b_dt * grouping_scale), axis=1)
+    b_dt = b_t - tl.expand_dims(b_ref, AXIS)
+    b_lt = b_lt * tl.exp((b_tmax - b_ref) * teacher_scale) + tl.sum(tl.exp(b_dt * teacher_scale), axis=AXIS)
+    b_lg = b_lg * tl.exp((b_tmax - b_ref) * grouping_scale) + tl.sum(tl.exp(b_dt * grouping_scale), axis=AXIS)
     return b_tmax_new, b_lt, b_lg, b_tmin
 
 
@@ -117,34 +122,61 @@ def _empty_stats(N: tl.constexpr):
 
 @triton.jit
 def _row_stats_kernel(
-    p_xs,  # [R, B] fp32 raw student dots of the slab rows (cuBLAS), row stride B (STUDENT)
+    p_xs,  # [R, B - row0] fp32 raw student dots of the slab rows with columns row0.. (cuBLAS) (STUDENT)
     p_rx,  # [B] fp32 inverse norms (STUDENT)
-    p_ts,  # [R, B] fp32 raw teacher dots of the slab rows (cuBLAS), row stride B
+    p_ts,  # [R, B - t_col0] fp32 raw teacher dots of the slab rows with columns t_col0.. (cuBLAS)
     p_rt,  # [B] fp32 inverse norms
     p_part,  # [6, R, S] fp32 out: per column split, s's running max and sum (STUDENT), t's max, two sums, min
-    row0, R, B, tiles_per_split, student_scale, teacher_scale, grouping_scale,
-    BM: tl.constexpr, BN: tl.constexpr, STUDENT: tl.constexpr,
+    p_cols,  # [P, NB, B] fp32 out (STUDENT or HALF_T): per row block, the column-side states of columns past the slab
+    row0, R, B, t_col0, tile0, tiles_per_split, col_plane, student_scale, teacher_scale, grouping_scale,
+    BM: tl.constexpr, BN: tl.constexpr, STUDENT: tl.constexpr, HALF_T: tl.constexpr,
 ):
     """The statistics of BM slab rows over the column tiles of split program_id(1), online
     (``_update_lse``, ``_update_teacher_stats``); ``_row_stats_merge_kernel`` merges the
     S = num_programs(1) splits (a slab has a few row blocks: the splits give the GPU enough
-    programs)."""
-    o_r = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    i_s, n_splits = tl.program_id(1), tl.num_programs(1)
+    programs). s (and t with HALF_T, t_col0 = row0) is symmetric, so the slab has its dots with
+    columns from row0 on only: the rows take those, and each tile's columns past the slab take
+    the block's rows as their column side (planes 0-1 s's max and sum, 2-5 t's as in
+    ``p_part``; ``_column_stats_merge_kernel`` folds them into the running column states)."""
+    i_b = tl.program_id(0)
+    o_r = i_b.to(tl.int64) * BM + tl.arange(0, BM)
+    i_s = tl.program_id(1)
     o_m = row0 + o_r
     m_m = (o_r < R) & (o_m < B)
     b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin = _empty_stats(BM)
-    for i_n in range(i_s * tiles_per_split, tl.minimum((i_s + 1) * tiles_per_split, tl.cdiv(B, BN))):
+    split0 = tile0 + i_s * tiles_per_split
+    for i_n in range(split0, tl.minimum(split0 + tiles_per_split, tl.cdiv(B, BN))):
         o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
         m_n = o_n < B
+        m_upper = m_n & (o_n >= row0)  # [BN] columns whose symmetric dots the slab has
+        m_past = m_n & (o_n >= row0 + R)  # [BN] columns past the slab: their column side
         m_valid = (o_m[:, None] != o_n[None, :]) & m_m[:, None] & m_n[None, :]
+        m_col = m_m[:, None] & m_past[None, :]
+        p_c = p_cols + i_b * B + o_n
         if STUDENT:
-            b_s = slab_tile(p_xs, p_rx, o_r, o_m, m_m, o_n, m_n, B)  # [BM, BN] cosines
-            b_ms, b_ls = _update_lse(b_ms, b_ls, tl.where(m_valid, b_s * student_scale, float("-inf")))
-        b_t = slab_tile(p_ts, p_rt, o_r, o_m, m_m, o_n, m_n, B)  # [BM, BN] teacher logits
+            if i_n * BN + BN > row0:
+                b_s = slab_tile(p_xs - row0, p_rx, o_r, o_m, m_m, o_n, m_upper, B - row0) * student_scale
+                b_ms, b_ls = _update_lse(b_ms, b_ls, tl.where(m_valid & m_upper[None, :], b_s, float("-inf")))
+                if i_n * BN + BN > row0 + R:
+                    c_ms, c_ls, _, _, _, _ = _empty_stats(BN)
+                    c_ms, c_ls = _update_lse(c_ms, c_ls, tl.where(m_col, b_s, float("-inf")), 0)
+                    tl.store(p_c, c_ms, mask=m_past)
+                    tl.store(p_c + col_plane, c_ls, mask=m_past)
+        b_t = slab_tile(p_ts - t_col0, p_rt, o_r, o_m, m_m, o_n, m_n & (o_n >= t_col0), B - t_col0)  # teacher logits
+        m_t = m_valid & m_upper[None, :] if HALF_T else m_valid
         b_tmax, b_lt, b_lg, b_tmin = _update_teacher_stats(
-            b_tmax, b_lt, b_lg, b_tmin, tl.where(m_valid, b_t, float("-inf")), m_valid, teacher_scale,
-            grouping_scale)
+            b_tmax, b_lt, b_lg, b_tmin, tl.where(m_t, b_t, float("-inf")), m_t, teacher_scale, grouping_scale)
+        if HALF_T:
+            if i_n * BN + BN > row0 + R:
+                _, _, c_tmax, c_lt, c_lg, c_tmin = _empty_stats(BN)
+                c_tmax, c_lt, c_lg, c_tmin = _update_teacher_stats(
+                    c_tmax, c_lt, c_lg, c_tmin, tl.where(m_col, b_t, float("-inf")), m_col, teacher_scale,
+                    grouping_scale, 0)
+                tl.store(p_c + 2 * col_plane, c_tmax, mask=m_past)
+                tl.store(p_c + 3 * col_plane, c_lt, mask=m_past)
+                tl.store(p_c + 4 * col_plane, c_lg, mask=m_past)
+                tl.store(p_c + 5 * col_plane, c_tmin, mask=m_past)
+    n_splits = tl.num_programs(1)
     p_o = p_part + o_r * n_splits + i_s
     m_o = o_r < R
     plane = R * n_splits
@@ -178,12 +210,14 @@ def _teacher_stats_block(c_tmax, c_lt, c_lg, c_tmin, teacher_scale, grouping_sca
 @triton.jit
 def _row_stats_merge_kernel(
     p_part,  # [6, R, S] fp32: _row_stats_kernel's partial states
+    p_state,  # [P, B] fp32: the running column-side states (STUDENT or HALF_T; planes as in p_part)
     p_out,  # [5, B] fp32 out: lse_s (STUDENT), lse_t, lse_g, t_min, t_max
     row0, R, B, n_splits, teacher_scale, grouping_scale,
-    BR: tl.constexpr, BS: tl.constexpr, STUDENT: tl.constexpr,
+    BR: tl.constexpr, BS: tl.constexpr, STUDENT: tl.constexpr, HALF_T: tl.constexpr,
 ):
     """The S partial states of BR slab rows merged in split order (deterministic), BS splits a
-    block (a few loads, not a chain of S), then the statistics."""
+    block (a few loads, not a chain of S), then the rows' column side from the slabs before
+    (the halves of s, and of t with HALF_T), then the statistics."""
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     o_s = tl.arange(0, BS)
     o_m = row0 + o_r
@@ -202,6 +236,15 @@ def _row_stats_merge_kernel(
         if STUDENT:
             c_ms, c_ls = _lse_block(tl.load(p_s, mask=m, other=float("-inf")), tl.load(p_s + plane, mask=m, other=0.0))
             b_ms, b_ls = _merge_lse(b_ms, b_ls, c_ms, c_ls)
+    p_c = p_state + o_m
+    if STUDENT:
+        b_ms, b_ls = _merge_lse(b_ms, b_ls, tl.load(p_c, mask=m_m, other=float("-inf")),
+                                tl.load(p_c + B, mask=m_m, other=0.0))
+    if HALF_T:
+        b_tmax, b_lt, b_lg, b_tmin = _merge_teacher_stats(
+            b_tmax, b_lt, b_lg, b_tmin, tl.load(p_c + 2 * B, mask=m_m, other=float("-inf")),
+            tl.load(p_c + 3 * B, mask=m_m, other=0.0), tl.load(p_c + 4 * B, mask=m_m, other=0.0),
+            tl.load(p_c + 5 * B, mask=m_m, other=float("inf")), teacher_scale, grouping_scale)
     # A row without any valid column (B == 1) gets lse = 0 + log(0) = -inf; lanes past R log 1.
     if STUDENT:
         b_ms = tl.where(b_ms == float("-inf"), 0.0, b_ms)
@@ -212,6 +255,52 @@ def _row_stats_merge_kernel(
     tl.store(p_out + 2 * B + o_m, b_tref * grouping_scale + tl.log(b_lg), mask=m_m)
     tl.store(p_out + 3 * B + o_m, b_tmin, mask=m_m)
     tl.store(p_out + 4 * B + o_m, b_tmax, mask=m_m)
+
+
+@triton.jit
+def _column_stats_merge_kernel(
+    p_cols,  # [P, NB, B] fp32: the slab's row blocks' column-side states (_row_stats_kernel)
+    p_state,  # [P, B] fp32 in/out: the running column-side states, over the slabs so far
+    col0, NB, B, col_plane, teacher_scale, grouping_scale,
+    BC: tl.constexpr, BB: tl.constexpr, STUDENT: tl.constexpr, HALF_T: tl.constexpr,
+):
+    """BC columns from col0 on (those past the slab) a program: their running states, then the
+    slab's NB row blocks in block order (deterministic), BB blocks a load."""
+    o_c = col0 + tl.program_id(0).to(tl.int64) * BC + tl.arange(0, BC)
+    m_c = o_c < B
+    o_b = tl.arange(0, BB)
+    p_c = p_state + o_c
+    b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin = _empty_stats(BC)
+    if STUDENT:
+        b_ms = tl.load(p_c, mask=m_c, other=float("-inf"))
+        b_ls = tl.load(p_c + B, mask=m_c, other=0.0)
+    if HALF_T:
+        b_tmax = tl.load(p_c + 2 * B, mask=m_c, other=float("-inf"))
+        b_lt = tl.load(p_c + 3 * B, mask=m_c, other=0.0)
+        b_lg = tl.load(p_c + 4 * B, mask=m_c, other=0.0)
+        b_tmin = tl.load(p_c + 5 * B, mask=m_c, other=float("inf"))
+    for b0 in range(0, NB, BB):
+        m = m_c[:, None] & (b0 + o_b < NB)[None, :]
+        p_b = p_cols + (b0 + o_b)[None, :] * B + o_c[:, None]  # [BC, BB]
+        if STUDENT:
+            c_ms, c_ls = _lse_block(tl.load(p_b, mask=m, other=float("-inf")),
+                                    tl.load(p_b + col_plane, mask=m, other=0.0))
+            b_ms, b_ls = _merge_lse(b_ms, b_ls, c_ms, c_ls)
+        if HALF_T:
+            c_tmax, c_lt, c_lg, c_tmin = _teacher_stats_block(
+                tl.load(p_b + 2 * col_plane, mask=m, other=float("-inf")),
+                tl.load(p_b + 3 * col_plane, mask=m, other=0.0), tl.load(p_b + 4 * col_plane, mask=m, other=0.0),
+                tl.load(p_b + 5 * col_plane, mask=m, other=float("inf")), teacher_scale, grouping_scale)
+            b_tmax, b_lt, b_lg, b_tmin = _merge_teacher_stats(
+                b_tmax, b_lt, b_lg, b_tmin, c_tmax, c_lt, c_lg, c_tmin, teacher_scale, grouping_scale)
+    if STUDENT:
+        tl.store(p_c, b_ms, mask=m_c)
+        tl.store(p_c + B, b_ls, mask=m_c)
+    if HALF_T:
+        tl.store(p_c + 2 * B, b_tmax, mask=m_c)
+        tl.store(p_c + 3 * B, b_lt, mask=m_c)
+        tl.store(p_c + 4 * B, b_lg, mask=m_c)
+        tl.store(p_c + 5 * B, b_tmin, mask=m_c)
 
 
 @triton.jit
@@ -736,47 +825,71 @@ def _stats_blocks() -> dict:
 
 
 def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale, *, budget_bytes, grid=None):
-    """Per slab of rows whose fp32 dots ``x[slab] x^T`` and ``t[slab] t^T`` (cuBLAS, 8 bytes an
-    entry; 4 without x) fit ``budget_bytes`` (at least one row block), one pass over the columns
-    in column splits (``utils.column_splits``), whose partial statistics are merged in a fixed
-    order: deterministic. ``x`` [B, D] or None, ``rx`` [B] fp32 (or None), ``t`` [B, Dt], ``rt``
-    [B] fp32. Returns five fp32 [B] vectors: lse_s (None without x), lse_t, lse_g (logsumexps
-    over j != i of s * student_scale, t * teacher_scale, t * grouping_scale) and t_min, t_max
-    (min / max over j != i of t).
-    ``grid``: the Group-P search's first pass (``group_partition.grid_pass``), run on each slab's
-    teacher dots once its statistics are known; the slabs then take 3/4 of the budget (the
-    pass's partial measures and the splits' partial states the rest; without it, the states'
-    at most 1.5 MiB or 1/16 of the budget)."""
-    student = x is not None
+    """Per slab of rows, one pass over their fp32 cuBLAS dots in column splits
+    (``utils.column_splits``), whose partial statistics are merged in a fixed order:
+    deterministic. s and t are symmetric, so a slab takes its dots with the columns from its
+    first row on, ``x[slab] x[row0:]^T`` (half the GEMMs of whole rows), and its rows' columns
+    before it come from the slabs above as their column side, merged into running column
+    states slab by slab. t likewise, except with ``grid``: the Group-P search's first pass
+    (``group_partition.grid_pass``), which each slab's whole teacher rows feed once their
+    statistics are known. Within ``budget_bytes``: the slabs' dots and column-side states (4
+    bytes a column, state and row block, and the running ones), and with ``grid`` the pass's
+    partial measures and the splits' partial states in a quarter of it (without, the states'
+    at most 1.5 MiB or 1/16). ``x`` [B, D] or None, ``rx`` [B] fp32 (or None), ``t`` [B, Dt], ``rt`` [B]
+    fp32. Returns five fp32 [B] vectors: lse_s (None without x), lse_t, lse_g (logsumexps over
+    j != i of s * student_scale, t * teacher_scale, t * grouping_scale) and t_min, t_max
+    (min / max over j != i of t)."""
+    student, half_t = x is not None, grid is None
     x, rx, t, rt = _prepare(x, rx, t, rt) if student else (None, None, unit_stride_rows(t), rt.contiguous())
     B = t.shape[0]
     blocks = _stats_blocks()
+    BM, BN = blocks["BM"], blocks["BN"]
+    planes = 6 if half_t else 2 if student else 0  # column-side states: s's 2 (planes 0-1), t's 4 (2-5)
     # the splits' states: 24 bytes a row and split; column_splits keeps splits x R under 2 x SPLIT_PROGRAMS x BM
-    state_bytes = min(48 * utils.SPLIT_PROGRAMS * blocks["BM"], budget_bytes // 16)
-    R = slab_rows(B, B, budget_bytes - (budget_bytes // 4 if grid is not None else state_bytes), 8 if student else 4,
-                  blocks["BM"])
-    n_tiles = triton.cdiv(B, blocks["BN"])
-    splits = utils.column_splits(n_tiles, triton.cdiv(R, blocks["BM"]))
-    while splits > 1 and 24 * splits * R > state_bytes:
-        splits //= 2
-    t_dots = torch.empty(R, B, device=t.device, dtype=torch.float32)
-    s_dots = torch.empty(R, B, device=t.device, dtype=torch.float32) if student else t_dots
-    partial = torch.empty((6, R, splits), device=t.device, dtype=torch.float32)
+    state_bytes = min(48 * utils.SPLIT_PROGRAMS * BM, budget_bytes // 16)
+    # a slab row: its dots (8 bytes an entry, 4 without x), its block's share of the column-side states
+    row_bytes = B * (8 if student else 4) + triton.cdiv(4 * planes * B, BM)
+    slabs_bytes = budget_bytes - (budget_bytes // 4 if grid is not None else state_bytes) - 8 * planes * B
+    # in multiples of 8 rows, not of a block: a slab's GEMMs read all B rows of x and t, whatever its height
+    R = max(slab_rows(B, row_bytes, slabs_bytes, 1, 8), min(B, BM))
+    NB = triton.cdiv(R, BM)
+    n_tiles = triton.cdiv(B, BN)
+    max_splits = utils.column_splits(n_tiles, NB)
+    while max_splits > 1 and 24 * max_splits * R > state_bytes:
+        max_splits //= 2
+    t_dots = torch.empty(R * B, device=t.device, dtype=torch.float32)
+    s_dots = torch.empty(R * B, device=t.device, dtype=torch.float32) if student else t_dots
+    partial = torch.empty((6, R, max_splits), device=t.device, dtype=torch.float32)
+    if planes:  # per row block of the slab, the column-side states; their running merge over the slabs
+        cols = torch.empty((planes, NB, B), device=t.device, dtype=torch.float32)
+        state = torch.tensor(EMPTY_STATES[:planes], device=t.device)[:, None].expand(planes, B).contiguous()
+    else:
+        cols = state = partial  # unread
     out = torch.empty((5, B), device=t.device, dtype=torch.float32)
     BR, BS = (64, 2) if utils.interpreter_blocks() else (16, 64)  # the merge's [BR, BS] blocks of states
+    BC, BB = (64, 2) if utils.interpreter_blocks() else (128, 8)  # the column merge's [BC, BB] blocks
+    flags = dict(STUDENT=student, HALF_T=half_t)
     for row0 in range(0, B, R):
         rows = min(R, B - row0)
+        t_col0 = row0 if half_t else 0
         if student:
-            matmul_f32(x[row0:row0 + rows], x.T, out=s_dots[:rows])
-        matmul_f32(t[row0:row0 + rows], t.T, out=t_dots[:rows])
-        _row_stats_kernel[(triton.cdiv(rows, blocks["BM"]), splits)](
-            s_dots, rt if rx is None else rx, t_dots, rt, partial, row0, rows, B, triton.cdiv(n_tiles, splits),
-            float(student_scale), float(teacher_scale), float(grouping_scale), STUDENT=student, **blocks)
+            matmul_f32(x[row0:row0 + rows], x[row0:].T, out=s_dots[:rows * (B - row0)].view(rows, B - row0))
+        matmul_f32(t[row0:row0 + rows], t[t_col0:].T, out=t_dots[:rows * (B - t_col0)].view(rows, B - t_col0))
+        tile0 = t_col0 // BN  # tiles before it hold no dots of the slab
+        splits = min(max_splits, utils.column_splits(n_tiles - tile0, triton.cdiv(rows, BM)))
+        _row_stats_kernel[(triton.cdiv(rows, BM), splits)](
+            s_dots, rt if rx is None else rx, t_dots, rt, partial, cols, row0, rows, B, t_col0, tile0,
+            triton.cdiv(n_tiles - tile0, splits), NB * B, float(student_scale), float(teacher_scale),
+            float(grouping_scale), **flags, **blocks)
         _row_stats_merge_kernel[(triton.cdiv(rows, BR),)](
-            partial, out, row0, rows, B, splits, float(teacher_scale), float(grouping_scale), BR=BR, BS=BS,
-            STUDENT=student, num_warps=4)
+            partial, state, out, row0, rows, B, splits, float(teacher_scale), float(grouping_scale), BR=BR, BS=BS,
+            **flags, num_warps=4)
+        if planes and row0 + rows < B:
+            _column_stats_merge_kernel[(triton.cdiv(B - row0 - rows, BC),)](
+                cols, state, row0 + rows, triton.cdiv(rows, BM), B, NB * B, float(teacher_scale),
+                float(grouping_scale), BC=BC, BB=BB, **flags, num_warps=4)
         if grid is not None:
-            grid(row0, t_dots[:rows], out[2], out[3], out[4])
+            grid(row0, t_dots[:rows * B].view(rows, B), out[2], out[3], out[4])
     return (out[0] if student else None,) + tuple(out[1:].unbind(0))
 
 

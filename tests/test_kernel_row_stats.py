@@ -18,8 +18,8 @@ NAMES = ("lse_s", "lse_t", "lse_g", "t_min", "t_max")
 
 def _rows(B, D, Dt, dtype, t_dtype, *, strided=False, seed=0):
     """x [B, D] and t [B, Dt] in a cone around the all-ones direction with spread norms, x's
-    first and t's last row flipped out of it (all their cosines negative: row B - 1's t_max < 0
-    comes from the column side of the tiles above its block), and fp32 inverse norms.
+    first and t's last row flipped out of it (all their cosines negative: in several slabs,
+    row B - 1's t_max < 0 comes from the column side of the slabs above it), and fp32 inverse norms.
     ``strided``: x and t column slices of wider tensors, rx and rt of stride 2."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(B, D, generator=gen).abs() * 0.5 + 0.3
@@ -86,6 +86,57 @@ def test_row_stats_in_uneven_column_splits():
     teacher = K.distill_row_stats(None, None, t, rt, STUDENT, TEACHER, GROUPING, budget_bytes=BIG)
     assert teacher[0] is None
     _check(teacher[1:], refs[1:], names=NAMES[1:])
+
+
+@pytest.mark.parametrize("case", ["student", "teacher", "grid"])
+def test_row_stats_from_half_the_dots(case, monkeypatch):
+    """B = 450 in slabs of 192, 192 and 66 rows (3, 3 and 2 row blocks of 64 under the
+    interpreter; the column merge takes them 2 at a time). s and t are symmetric: each slab's
+    GEMMs have the columns from its first row on, and its rows' earlier columns come from the
+    slabs above as their column side (a row of negative cosines in the second slab would show a
+    masked dot's 0 counted as a logit). "teacher": no student; "grid": the search's first pass
+    reads whole teacher rows, so t is whole and s halved. Against float64."""
+    B, slabs = 450, [192, 192, 66]
+    x, rx, t, rt = _rows(B, 32, 24, torch.float32, torch.float32, seed=7)
+    x[0], t[-1], x[200], t[200] = -x[0], -t[-1], -x[200], -t[200]  # one flipped row, in the second slab
+    refs = _reference(x, rx, t, rt)
+    assert refs[0][200] < 0 and refs[4][200] < 0  # a masked dot's 0 as a logit would show
+    gemms, fed, matmul = [], [], K.matmul_f32
+    monkeypatch.setattr(K, "matmul_f32", lambda a, b, **kw: gemms.append((a.shape[0], b.shape[1])) or matmul(a, b, **kw))
+    student = (None, None) if case == "teacher" else (x, rx)
+    grid = (lambda row0, dots, *stats: fed.append((row0, dots.clone()))) if case == "grid" else None
+    budget = {"student": 807_000, "teacher": 432_600, "grid": 960_400}[case]  # 192-row slabs
+    stats = K.distill_row_stats(*student, t, rt, STUDENT, TEACHER, GROUPING, budget_bytes=budget, grid=grid)
+    halves = [(rows, B - row0) for rows, row0 in zip(slabs, (0, 192, 384))]
+    whole = [(rows, B) for rows in slabs]
+    expected = {"student": zip(halves, halves), "teacher": zip(halves), "grid": zip(halves, whole)}[case]
+    assert gemms == [g for pair in expected for g in pair]
+    _check(stats[1:], refs[1:], names=NAMES[1:])
+    if case == "teacher":
+        assert stats[0] is None
+    else:
+        _check(stats[:1], refs[:1])
+    if case == "grid":  # the whole teacher rows of each slab, once its statistics are final
+        assert [row0 for row0, _ in fed] == [0, 192, 384]
+        for (row0, dots), rows in zip(fed, slabs):
+            torch.testing.assert_close(dots, t[row0:row0 + rows] @ t.T, rtol=1e-5, atol=1e-5)
+
+
+def test_row_stats_from_half_the_dots_in_gpu_blocks(monkeypatch):
+    """The GPU's blocks under the interpreter: B = 450 in slabs of 320 and 130 rows, 32-row
+    blocks (10 in the first slab: the column merge takes 8, then 2), 128-column tiles."""
+    from distillcse.kernels import utils
+
+    monkeypatch.setattr(utils, "interpreter_blocks", lambda: False)
+    assert K._stats_blocks()["BM"] == 32
+    B = 450
+    x, rx, t, rt = _rows(B, 32, 24, torch.float32, torch.float32, seed=8)
+    x[0], t[-1], x[400], t[400] = -x[0], -t[-1], -x[400], -t[400]  # one flipped row, in the second slab
+    refs = _reference(x, rx, t, rt)
+    gemms, matmul = [], K.matmul_f32
+    monkeypatch.setattr(K, "matmul_f32", lambda a, b, **kw: gemms.append((a.shape[0], b.shape[1])) or matmul(a, b, **kw))
+    _check(K.distill_row_stats(x, rx, t, rt, STUDENT, TEACHER, GROUPING, budget_bytes=1_379_800), refs)
+    assert gemms == [(320, 450), (320, 450), (130, 130), (130, 130)]
 
 
 def test_row_stats_deterministic():
