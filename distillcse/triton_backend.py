@@ -2,7 +2,8 @@
 ``distillcse.kernels``; never B x B.
 
 * ``SmallBatchFused``: a batch of B <= 64 rows (``small_batch.fits``) runs its whole loss
-  and gradients in one program, one launch (the streaming path would be launch-bound).
+  and gradients in one program, one launch (the streaming path would be launch-bound), after
+  one that takes a shuffle's targets over a few programs.
 * Larger batches go in slabs: the contrastive term's forward takes row slabs (the loss, O(B)
   row statistics and z1's gradient), its backward column slabs (y's gradient), each slab's
   dots and factors from cuBLAS GEMMs and memory-bound kernels (``ContrastiveFused``; the

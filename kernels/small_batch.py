@@ -1,11 +1,16 @@
 """The whole DistillCSE loss of a small batch (B <= ``MAX_ROWS``) and its gradients in one
-program, one launch.
+program, one launch; a shuffle's targets in a launch before it, a block of rows a program.
 
 At the paper's B = 64 the streaming kernels (``contrastive.py``, ``distill.py``,
 ``group_partition.py``) are launch-bound: about 60 launches and a host sync per threshold-search
 pass for a few microseconds of arithmetic. Here a single program holds every logit tile of
-the batch in registers (s, t [BB, BB] and c [BB, BY], fp32, BB = next_pow2(B)): extra memory
-O(1) in B (nothing is written but the loss and the gradients), any D.
+the batch in registers (s, t [BB, BB] and c [BB, BY], fp32, BB = next_pow2(B)), any D.
+The shuffled targets (Group-P groups, their means or the random permutation) are O(B^3) work,
+each row's its own: ``_shuffled_targets_kernel`` takes TARGET_ROWS rows a program (a few SMs
+instead of one) and writes q~ [B, BB] fp32 for the loss kernel to read; its loops over the
+columns read each column back from a scratch copy of the rows' blocks (``_spill``,
+``_column``; a column reduced out of registers crosses warps: shuffles and a barrier or two a
+column). Extra memory: those two buffers, [6, B, BB] fp32 (96 KiB at B = 64).
 
 Maths (SPEC): cosines from raw rows and inverse norms computed in the same pass over D as the
 dot products; ``t_ij = (t_i . t_j) rt_i rt_j`` (``rt`` from the teacher rows when
@@ -39,6 +44,7 @@ MAX_ROWS = 64  # B and the contrastive columns N = B + B_h of a batch that fits 
 # gradient variant's loss varied from run to run on an H200 in bf16 / fp16 (benchmarks/NOTES.md,
 # Session 12), so those batches stream until that is understood
 MAX_COLUMNS = 64
+TARGET_ROWS = 16  # rows a program of _shuffled_targets_kernel (its teacher logits' tl.dot takes M >= 16)
 
 
 @triton.jit
@@ -48,9 +54,18 @@ def _rows_tile(p_a, o_r, m_r, s_a, o_d, m_d):
 
 
 @triton.jit
-def _column(b_a, o_col, k):
-    """Column k of a [BB, BB] block as a [BB] vector (indexed by row)."""
-    return tl.sum(tl.where(o_col[None, :] == k, b_a, 0), axis=1)
+def _spill(p_rows, o_col, b_a):
+    """Stores a [BR, BB] block at row starts ``p_rows`` [BR] (a scratch row a block row) and
+    waits for every thread's stores, so that ``_column`` can read its columns back."""
+    tl.store(p_rows[:, None] + o_col[None, :], b_a.to(tl.float32))
+    tl.debug_barrier()
+
+
+@triton.jit
+def _column(p_rows, k):
+    """Column k of a block ``_spill`` stored, as a [BR] vector indexed by row: each thread loads
+    its rows' entries (L1), where reducing the block in registers would cross warps."""
+    return tl.load(p_rows + k)
 
 
 @triton.jit
@@ -64,26 +79,29 @@ def _row_logsumexp(b_a):
 
 
 @triton.jit
-def _group_measure(b_t, b_w, o_col, B):
-    """``F_ij = sum_k w_ik [t_ik >= t_ij]`` [BB, BB] (w 0 off the valid entries)."""
+def _group_measure(b_t, b_w, p_t, p_w, o_col, B):
+    """``F_ij = sum_k w_ik [t_ik >= t_ij]`` [BR, BB] (w 0 off the valid entries), the columns
+    through the scratch rows ``p_t``, ``p_w`` [BR]."""
+    _spill(p_t, o_col, b_t)
+    _spill(p_w, o_col, b_w)
     b_f = tl.zeros(b_t.shape, dtype=tl.float32)
     for k in range(0, B):
-        b_tk = _column(b_t, o_col, k)
-        b_wk = _column(b_w, o_col, k)
-        b_f += tl.where(b_tk[:, None] >= b_t, b_wk[:, None], 0.0)
+        b_f += tl.where(_column(p_t, k)[:, None] >= b_t, _column(p_w, k)[:, None], 0.0)
     return b_f
 
 
 @triton.jit
-def _random_targets(b_q, b_grp, o_row, o_col, B, seed_lo, seed_hi, BITS: tl.constexpr):
-    """q~ [BB, BB] of the random shuffle (``distillcse.shuffle``): rank in column order within
+def _random_targets(b_q, b_grp, o_row, o_col, B, p_grp, p_rank, p_q, seed_lo, seed_hi, BITS: tl.constexpr):
+    """q~ [BR, BB] of the random shuffle (``distillcse.shuffle``): rank in column order within
     the group, ``sigma`` keyed by (seed, row, group), then the target of the member of that
-    rank. ``b_grp`` is -1 off the valid entries, which get 0."""
+    rank. ``b_grp`` is -1 off the valid entries, which get 0. Columns through the scratch rows
+    ``p_grp``, ``p_rank``, ``p_q`` [BR]."""
     m_in = b_grp >= 0
+    _spill(p_grp, o_col, b_grp)
     b_rank = tl.zeros(b_grp.shape, dtype=tl.int32)
     b_size = tl.zeros(b_grp.shape, dtype=tl.int32)
     for k in range(0, B):
-        m_same = _column(b_grp, o_col, k)[:, None] == b_grp
+        m_same = _column(p_grp, k).to(tl.int32)[:, None] == b_grp
         b_size += m_same.to(tl.int32)
         b_rank += (m_same & (o_col[None, :] > k)).to(tl.int32)
     b_row = tl.broadcast_to(o_row[:, None], b_grp.shape).to(tl.uint32)
@@ -91,33 +109,92 @@ def _random_targets(b_q, b_grp, o_row, o_col, B, seed_lo, seed_hi, BITS: tl.cons
     b_key, b_h, b_b, b_rounds = _sigma_params(b_row, b_grp.to(tl.uint32), b_n, seed_lo, seed_hi, BITS)
     b_x = tl.where(m_in, b_rank, 0).to(tl.uint32)
     b_partner = _group_permutation(b_x, b_n, b_key, b_h, b_b, b_rounds).to(tl.int32)
+    _spill(p_rank, o_col, b_rank)
+    _spill(p_q, o_col, b_q)
     b_qt = tl.zeros(b_q.shape, dtype=tl.float32)
     for k in range(0, B):
-        b_gk = _column(b_grp, o_col, k)
-        b_rk = _column(b_rank, o_col, k)
-        b_qk = _column(b_q, o_col, k)
-        m_hit = (b_gk[:, None] == b_grp) & (b_rk[:, None] == b_partner)
-        b_qt += tl.where(m_hit, b_qk[:, None], 0.0)
+        m_hit = ((_column(p_grp, k).to(tl.int32)[:, None] == b_grp)
+                 & (_column(p_rank, k).to(tl.int32)[:, None] == b_partner))
+        b_qt += tl.where(m_hit, _column(p_q, k)[:, None], 0.0)
     return tl.where(m_in, b_qt, 0.0)
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+def _shuffled_targets_kernel(
+    p_t,  # [B, Dt] teacher rows, raw (NORM_T) or normalised and weighted, row stride s_t
+    p_q,  # [B, BB] fp32 out: the shuffled targets q~ of the block's rows, 0 off the valid entries
+    p_scratch,  # [5, R, BB] fp32 (R = B rounded up to BR): blocks whose columns the loops read back
+    p_seed,  # [1] int64: the random shuffle's key (SEED_PTR), else unread
+    B, Dt, s_t, R, teacher_scale, grouping_scale, group_p, group_size, n_groups, seed_lo, seed_hi,
+    BR: tl.constexpr, BB: tl.constexpr, BDT: tl.constexpr, TARGETS: tl.constexpr, FIXED_SIZE: tl.constexpr,
+    NORM_T: tl.constexpr, PREC_T: tl.constexpr, BITS: tl.constexpr, SEED_PTR: tl.constexpr,
+):
+    """BR rows a program: their teacher logits against every column, q, the Group-P groups and
+    the expected (TARGETS 1) or random (2) targets. Each row's work is its own (O(B^2) of the
+    O(B^3) group measure and ranks), so the rows spread over a few SMs; the loops over the
+    columns read them back from the program's scratch rows (``_spill``, ``_column``)."""
+    o_row = tl.program_id(0) * BR + tl.arange(0, BR)
+    p_rows = p_scratch + o_row * BB  # [BR] the rows' starts in each scratch plane
+    plane = R * BB
+    o_col = tl.arange(0, BB)
+    m_row = o_row < B
+    m_col = o_col < B
+    b_tt = tl.zeros([BR, BB], dtype=tl.float32)
+    b_nr = tl.zeros([BR], dtype=tl.float32)
+    b_nc = tl.zeros([BB], dtype=tl.float32)
+    for i_d in range(0, tl.cdiv(Dt, BDT)):
+        o_d = i_d * BDT + tl.arange(0, BDT)
+        m_d = o_d < Dt
+        b_tr = _rows_tile(p_t, o_row, m_row, s_t, o_d, m_d)  # [BR, BDT]
+        b_tc = _rows_tile(p_t, o_col, m_col, s_t, o_d, m_d)  # [BB, BDT]
+        b_nr += tl.sum(b_tr.to(tl.float32) * b_tr.to(tl.float32), axis=1)
+        b_nc += tl.sum(b_tc.to(tl.float32) * b_tc.to(tl.float32), axis=1)
+        b_tt = tl.dot(b_tr, tl.trans(b_tc), b_tt, input_precision=PREC_T)  # [BR, BDT] @ [BDT, BB]
+    if NORM_T:
+        b_rr, b_rc = 1.0 / tl.maximum(tl.sqrt(b_nr), 1e-8), 1.0 / tl.maximum(tl.sqrt(b_nc), 1e-8)
+        b_tt = b_tt * b_rr[:, None] * b_rc[None, :]
+    m_in = m_row[:, None] & m_col[None, :] & (o_row[:, None] != o_col[None, :])
+    b_lt = tl.where(m_in, b_tt * teacher_scale, float("-inf"))
+    b_qt = tl.exp(b_lt - _row_logsumexp(b_lt)[:, None])  # q
+    b_t = tl.where(m_in, b_tt, float("-inf"))
+    if FIXED_SIZE:
+        b_f = _group_measure(b_t, m_in.to(tl.float32), p_rows, p_rows + plane, o_col, B)
+        b_grp = ((b_f - 1.0) / group_size).to(tl.int32)
+    else:
+        b_lg = tl.where(m_in, b_tt * grouping_scale, float("-inf"))
+        b_pi = tl.exp(b_lg - _row_logsumexp(b_lg)[:, None])
+        b_f = _group_measure(b_t, b_pi, p_rows, p_rows + plane, o_col, B)
+        b_grp = tl.floor(b_f / group_p).to(tl.int32)
+    b_grp = tl.where(m_in, tl.minimum(b_grp, n_groups - 1), -1)
+    if TARGETS == 1:
+        b_mean = tl.zeros([BR, BB], dtype=tl.float32)
+        for g in range(0, n_groups):
+            m_g = b_grp == g
+            b_sum = tl.sum(tl.where(m_g, b_qt, 0.0), axis=1)
+            b_cnt = tl.sum(m_g.to(tl.float32), axis=1)
+            b_mean = tl.where(m_g, (b_sum / tl.maximum(b_cnt, 1.0))[:, None], b_mean)
+        b_qt = b_mean
+    else:
+        b_lo, b_hi = _seed_halves(p_seed, seed_lo, seed_hi, SEED_PTR)
+        b_qt = _random_targets(b_qt, b_grp, o_row, o_col, B, p_rows + 2 * plane, p_rows + 3 * plane,
+                               p_rows + 4 * plane, b_lo, b_hi, BITS)
+    tl.store(p_q + o_row[:, None] * BB + o_col[None, :], tl.where(m_in, b_qt, 0.0), mask=m_row[:, None])
+
+
+@triton.jit
 def _small_batch_kernel(
     p_x,  # [B, D] view-1 rows z1, raw, row stride s_x
     p_y,  # [N, D] contrastive columns (z2, then hard negatives), raw, row stride s_y
-    p_t,  # [B, Dt] teacher rows, raw (NORM_T) or normalised and weighted, row stride s_t
+    p_t,  # [B, Dt] teacher rows, raw (NORM_T) or normalised and weighted, row stride s_t (unshuffled targets)
+    p_q,  # [B, BB] fp32: the shuffled targets (SHUFFLED, _shuffled_targets_kernel), else unread
     p_loss,  # [] fp32 out: w_cl L_cl + w_kd L_kd
     p_terms,  # [2] fp32 out: L_cl, L_kd
     p_dx,  # [B, D] out in x's dtype: d(loss)/dz1 (WRITE_GRAD)
     p_dy,  # [N, D] out in y's dtype: d(loss)/dy (WRITE_GRAD)
-    p_seed,  # [1] int64: the random shuffle's key (SEED_PTR), else unread
-    B, N, D, Dt, s_x, s_y, s_t, s_dx, s_dy,
-    cl_scale, student_scale, teacher_scale, grouping_scale, group_p, group_size, n_groups,
-    seed_lo, seed_hi, w_cl, w_kd,
+    B, N, D, Dt, s_x, s_y, s_t, s_dx, s_dy, cl_scale, student_scale, teacher_scale, w_cl, w_kd,
     BB: tl.constexpr, BY: tl.constexpr, BD: tl.constexpr, BDT: tl.constexpr, BD_GRAD: tl.constexpr,
-    CONTRASTIVE: tl.constexpr, DISTILL: tl.constexpr, TARGETS: tl.constexpr,
-    FIXED_SIZE: tl.constexpr, NORM_T: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    PREC: tl.constexpr, PREC_T: tl.constexpr, PREC_GRAD: tl.constexpr, BITS: tl.constexpr, SEED_PTR: tl.constexpr,
+    CONTRASTIVE: tl.constexpr, DISTILL: tl.constexpr, SHUFFLED: tl.constexpr, NORM_T: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, PREC: tl.constexpr, PREC_T: tl.constexpr, PREC_GRAD: tl.constexpr,
 ):
     o_row = tl.arange(0, BB)
     o_col = tl.arange(0, BB)
@@ -125,45 +202,26 @@ def _small_batch_kernel(
     m_row = o_row < B
     m_y = o_y < N
 
-    # The teacher's targets first, while nothing else is live (the random shuffle's loops
-    # hold several [BB, BB] blocks).
+    # The distillation's targets first, while nothing else is live: q from the teacher's
+    # logits, or the shuffled ones from _shuffled_targets_kernel.
     if DISTILL:
-        b_tt = tl.zeros([BB, BB], dtype=tl.float32)
-        b_nt = tl.zeros([BB], dtype=tl.float32)
-        for i_d in range(0, tl.cdiv(Dt, BDT)):
-            o_d = i_d * BDT + tl.arange(0, BDT)
-            m_d = o_d < Dt
-            b_te = _rows_tile(p_t, o_row, m_row, s_t, o_d, m_d)  # [BB, BDT]
-            b_nt += tl.sum(b_te.to(tl.float32) * b_te.to(tl.float32), axis=1)
-            b_tt = tl.dot(b_te, tl.trans(b_te), b_tt, input_precision=PREC_T)  # [BB, BDT] @ [BDT, BB]
-        if NORM_T:
-            b_rt = 1.0 / tl.maximum(tl.sqrt(b_nt), 1e-8)
-            b_tt = b_tt * b_rt[:, None] * b_rt[None, :]
         m_in = m_row[:, None] & m_row[None, :] & (o_row[:, None] != o_col[None, :])
-        b_lt = tl.where(m_in, b_tt * teacher_scale, float("-inf"))
-        b_qt = tl.exp(b_lt - _row_logsumexp(b_lt)[:, None])  # q
-        if TARGETS > 0:
-            b_t = tl.where(m_in, b_tt, float("-inf"))
-            if FIXED_SIZE:
-                b_f = _group_measure(b_t, m_in.to(tl.float32), o_col, B)
-                b_grp = ((b_f - 1.0) / group_size).to(tl.int32)
-            else:
-                b_lg = tl.where(m_in, b_tt * grouping_scale, float("-inf"))
-                b_pi = tl.exp(b_lg - _row_logsumexp(b_lg)[:, None])
-                b_f = _group_measure(b_t, b_pi, o_col, B)
-                b_grp = tl.floor(b_f / group_p).to(tl.int32)
-            b_grp = tl.where(m_in, tl.minimum(b_grp, n_groups - 1), -1)
-            if TARGETS == 1:
-                b_mean = tl.zeros([BB, BB], dtype=tl.float32)
-                for g in range(0, n_groups):
-                    m_g = b_grp == g
-                    b_sum = tl.sum(tl.where(m_g, b_qt, 0.0), axis=1)
-                    b_cnt = tl.sum(m_g.to(tl.float32), axis=1)
-                    b_mean = tl.where(m_g, (b_sum / tl.maximum(b_cnt, 1.0))[:, None], b_mean)
-                b_qt = b_mean
-            else:
-                b_lo, b_hi = _seed_halves(p_seed, seed_lo, seed_hi, SEED_PTR)
-                b_qt = _random_targets(b_qt, b_grp, o_row, o_col, B, b_lo, b_hi, BITS)
+        if SHUFFLED:
+            b_qt = tl.load(p_q + o_row[:, None] * BB + o_col[None, :], mask=m_in, other=0.0)
+        else:
+            b_tt = tl.zeros([BB, BB], dtype=tl.float32)
+            b_nt = tl.zeros([BB], dtype=tl.float32)
+            for i_d in range(0, tl.cdiv(Dt, BDT)):
+                o_d = i_d * BDT + tl.arange(0, BDT)
+                m_d = o_d < Dt
+                b_te = _rows_tile(p_t, o_row, m_row, s_t, o_d, m_d)  # [BB, BDT]
+                b_nt += tl.sum(b_te.to(tl.float32) * b_te.to(tl.float32), axis=1)
+                b_tt = tl.dot(b_te, tl.trans(b_te), b_tt, input_precision=PREC_T)  # [BB, BDT] @ [BDT, BB]
+            if NORM_T:
+                b_rt = 1.0 / tl.maximum(tl.sqrt(b_nt), 1e-8)
+                b_tt = b_tt * b_rt[:, None] * b_rt[None, :]
+            b_lt = tl.where(m_in, b_tt * teacher_scale, float("-inf"))
+            b_qt = tl.exp(b_lt - _row_logsumexp(b_lt)[:, None])  # q
 
     # One pass over the features: z1 z1^T, z1 y^T and the squared norms.
     b_xx = tl.zeros([BB, BB], dtype=tl.float32)
@@ -247,7 +305,7 @@ def _small_batch_kernel(
                      mask=m_row[:, None] & m_d[None, :])
 
 def fits(B: int, N: int = 0) -> bool:
-    """Whether a batch of B rows (and N contrastive columns) runs in one program."""
+    """Whether a batch of B rows (and N contrastive columns) takes this path (its loss in one program)."""
     return 2 <= B <= MAX_ROWS and N <= MAX_COLUMNS
 
 
@@ -272,33 +330,39 @@ def small_batch_loss(x, y, t, *, cl_scale=1.0, student_scale=1.0, teacher_scale=
     y = unit_stride_rows(y) if contrastive else x
     t = unit_stride_rows(t) if distill else x
     assert y.shape[1] == D and y.dtype == x.dtype and t.shape[0] == B
-    p_seed, seed_lo, seed_hi, seed_ptr = seed_args(0 if step_seed is None else step_seed, x)
     prec, prec_t = dot_precision(x.dtype), dot_precision(t.dtype)
     BB = max(16, triton.next_power_of_2(B))
     # feature chunks: 64, or 16 where fp32 "ieee" dots run on the FMA units, whose register-
     # hungry layouts spill KBs at 64 (offline sm_90a compile, benchmarks/compile_sm90.py)
     fma_x = prec == "ieee" and x.dtype == torch.float32
     fma_t = prec_t == "ieee" and t.dtype == torch.float32
+    BDT = min(16 if fma_t else 64, triton.next_power_of_2(max(t.shape[1], 16)))
+    shuffled = distill and shuffle != "none"
+    q = x  # unread without a shuffle
+    if shuffled:
+        q = torch.empty((B, BB), device=x.device, dtype=torch.float32)
+        R = triton.cdiv(B, TARGET_ROWS) * TARGET_ROWS
+        scratch = torch.empty((5, R, BB), device=x.device, dtype=torch.float32)
+        p_seed, seed_lo, seed_hi, seed_ptr = seed_args(0 if step_seed is None else step_seed, x)
+        _shuffled_targets_kernel[(triton.cdiv(B, TARGET_ROWS),)](
+            t, q, scratch, p_seed, B, t.shape[1], t.stride(0), R, float(teacher_scale), float(grouping_scale),
+            float(1.0 if group_size is not None else group_p), float(group_size or 1), int(n_groups), seed_lo, seed_hi,
+            BR=TARGET_ROWS, BB=BB, BDT=BDT, TARGETS=SHUFFLES.index(shuffle), FIXED_SIZE=group_size is not None,
+            NORM_T=normalize_teacher, PREC_T=prec_t, BITS=BB.bit_length(), SEED_PTR=seed_ptr, num_warps=8)
     meta = dict(
         BB=BB, BY=max(16, triton.next_power_of_2(max(N, 1))),
-        BD=min(16 if fma_x else 64, triton.next_power_of_2(max(D, 16))),
-        BDT=min(16 if fma_t else 64, triton.next_power_of_2(max(t.shape[1], 16))),
+        BD=min(16 if fma_x else 64, triton.next_power_of_2(max(D, 16))), BDT=BDT,
         BD_GRAD=min(16 if fma_x else 64, triton.next_power_of_2(max(D, 16))),
-        CONTRASTIVE=contrastive, DISTILL=distill, TARGETS=SHUFFLES.index(shuffle),
-        FIXED_SIZE=group_size is not None, NORM_T=normalize_teacher, WRITE_GRAD=need_grad,
-        PREC=prec, PREC_T=prec_t, PREC_GRAD=prec if x.dtype == torch.float32 else "tf32",
-        BITS=BB.bit_length(), SEED_PTR=seed_ptr, num_warps=8,
+        CONTRASTIVE=contrastive, DISTILL=distill, SHUFFLED=shuffled, NORM_T=normalize_teacher, WRITE_GRAD=need_grad,
+        PREC=prec, PREC_T=prec_t, PREC_GRAD=prec if x.dtype == torch.float32 else "tf32", num_warps=8,
     )
     loss = torch.empty((), device=x.device, dtype=torch.float32)
     terms = torch.empty(2, device=x.device, dtype=torch.float32)
     dx = torch.empty_like(x) if need_grad else None
     dy = torch.empty_like(y) if need_grad and contrastive else None
     _small_batch_kernel[(1,)](
-        x, y, t, loss, terms, x if dx is None else dx, x if dy is None else dy, p_seed, B, N, D, t.shape[1],
+        x, y, t, q, loss, terms, x if dx is None else dx, x if dy is None else dy, B, N, D, t.shape[1],
         x.stride(0), y.stride(0), t.stride(0), D if dx is None else dx.stride(0), D if dy is None else dy.stride(0),
-        float(cl_scale), float(student_scale), float(teacher_scale), float(grouping_scale),
-        float(1.0 if group_size is not None else group_p), float(group_size or 1), int(n_groups),
-        seed_lo, seed_hi, float(w_cl), float(w_kd),
-        **meta)
+        float(cl_scale), float(student_scale), float(teacher_scale), float(w_cl), float(w_kd), **meta)
     return loss, terms, dx, dy
 
