@@ -102,7 +102,8 @@ def paper(log, B=64, D=768, reps=200):
     x, y, t = (torch.randn(B, D, device="cuda", generator=g).to(torch.bfloat16) for _ in range(3))
     scales = dict(cl_scale=20.0, student_scale=40.0, teacher_scale=80.0, grouping_scale=1.0, group_p=0.1,
                   n_groups=num_groups(B, 0.1), step_seed=7)
-    log(f"\n## paper batch, B = {B}, D = {D}, bf16: the one-program kernel, us a launch (CUDA events)")
+    log(f"\n## paper batch, B = {B}, D = {D}, bf16: small_batch_loss (with a shuffle, the targets' kernel and the "
+        "loss kernel), us a call (CUDA events)")
     log("| terms | shuffle | loss only | with gradients |")
     log("| --- | --- | ---: | ---: |")
     for terms, cols, teacher in (("contrastive", y, None), ("distillation", None, t), ("both", y, t)):
