@@ -850,8 +850,9 @@ def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale
     # a slab row: its dots (8 bytes an entry, 4 without x), its block's share of the column-side states
     row_bytes = B * (8 if student else 4) + triton.cdiv(4 * planes * B, BM)
     slabs_bytes = budget_bytes - (budget_bytes // 4 if grid is not None else state_bytes) - 8 * planes * B
-    # in multiples of 8 rows, not of a block: a slab's GEMMs read all B rows of x and t, whatever its height
-    R = max(slab_rows(B, row_bytes, slabs_bytes, 1, 8), min(B, BM))
+    # in multiples of 16 rows, not of a block (a slab's GEMMs read all B rows of x and t, whatever its
+    # height); 16, so that the halves' row strides B - row0 stay 16-divisible where B is (vector loads)
+    R = max(slab_rows(B, row_bytes, slabs_bytes, 1, 16), min(B, BM))
     NB = triton.cdiv(R, BM)
     n_tiles = triton.cdiv(B, BN)
     max_splits = utils.column_splits(n_tiles, NB)
