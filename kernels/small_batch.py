@@ -119,6 +119,29 @@ def _random_targets(b_q, b_grp, o_row, o_col, B, p_grp, p_rank, p_q, seed_lo, se
     return tl.where(m_in, b_qt, 0.0)
 
 
+@triton.jit
+def _teacher_targets(p_t, o_row, m_row, o_col, m_col, m_in, s_t, Dt, teacher_scale,
+                     BDT: tl.constexpr, NORM_T: tl.constexpr, PREC_T: tl.constexpr):
+    """(t, q) [BR, BB] of rows o_row against columns o_col: the teacher logits (``rt`` from the
+    rows when NORM_T) and their softmax over the valid entries ``m_in`` at teacher_scale."""
+    b_tt = tl.zeros([o_row.shape[0], o_col.shape[0]], dtype=tl.float32)
+    b_nr = tl.zeros([o_row.shape[0]], dtype=tl.float32)
+    b_nc = tl.zeros([o_col.shape[0]], dtype=tl.float32)
+    for i_d in range(0, tl.cdiv(Dt, BDT)):
+        o_d = i_d * BDT + tl.arange(0, BDT)
+        m_d = o_d < Dt
+        b_tr = _rows_tile(p_t, o_row, m_row, s_t, o_d, m_d)  # [BR, BDT]
+        b_tc = _rows_tile(p_t, o_col, m_col, s_t, o_d, m_d)  # [BB, BDT]
+        b_nr += tl.sum(b_tr.to(tl.float32) * b_tr.to(tl.float32), axis=1)
+        b_nc += tl.sum(b_tc.to(tl.float32) * b_tc.to(tl.float32), axis=1)
+        b_tt = tl.dot(b_tr, tl.trans(b_tc), b_tt, input_precision=PREC_T)  # [BR, BDT] @ [BDT, BB]
+    if NORM_T:
+        b_rr, b_rc = 1.0 / tl.maximum(tl.sqrt(b_nr), 1e-8), 1.0 / tl.maximum(tl.sqrt(b_nc), 1e-8)
+        b_tt = b_tt * b_rr[:, None] * b_rc[None, :]
+    b_lt = tl.where(m_in, b_tt * teacher_scale, float("-inf"))
+    return b_tt, tl.exp(b_lt - _row_logsumexp(b_lt)[:, None])
+
+
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _shuffled_targets_kernel(
     p_t,  # [B, Dt] teacher rows, raw (NORM_T) or normalised and weighted, row stride s_t
@@ -139,23 +162,8 @@ def _shuffled_targets_kernel(
     o_col = tl.arange(0, BB)
     m_row = o_row < B
     m_col = o_col < B
-    b_tt = tl.zeros([BR, BB], dtype=tl.float32)
-    b_nr = tl.zeros([BR], dtype=tl.float32)
-    b_nc = tl.zeros([BB], dtype=tl.float32)
-    for i_d in range(0, tl.cdiv(Dt, BDT)):
-        o_d = i_d * BDT + tl.arange(0, BDT)
-        m_d = o_d < Dt
-        b_tr = _rows_tile(p_t, o_row, m_row, s_t, o_d, m_d)  # [BR, BDT]
-        b_tc = _rows_tile(p_t, o_col, m_col, s_t, o_d, m_d)  # [BB, BDT]
-        b_nr += tl.sum(b_tr.to(tl.float32) * b_tr.to(tl.float32), axis=1)
-        b_nc += tl.sum(b_tc.to(tl.float32) * b_tc.to(tl.float32), axis=1)
-        b_tt = tl.dot(b_tr, tl.trans(b_tc), b_tt, input_precision=PREC_T)  # [BR, BDT] @ [BDT, BB]
-    if NORM_T:
-        b_rr, b_rc = 1.0 / tl.maximum(tl.sqrt(b_nr), 1e-8), 1.0 / tl.maximum(tl.sqrt(b_nc), 1e-8)
-        b_tt = b_tt * b_rr[:, None] * b_rc[None, :]
     m_in = m_row[:, None] & m_col[None, :] & (o_row[:, None] != o_col[None, :])
-    b_lt = tl.where(m_in, b_tt * teacher_scale, float("-inf"))
-    b_qt = tl.exp(b_lt - _row_logsumexp(b_lt)[:, None])  # q
+    b_tt, b_qt = _teacher_targets(p_t, o_row, m_row, o_col, m_col, m_in, s_t, Dt, teacher_scale, BDT, NORM_T, PREC_T)
     b_t = tl.where(m_in, b_tt, float("-inf"))
     if FIXED_SIZE:
         b_f = _group_measure(b_t, m_in.to(tl.float32), p_rows, p_rows + plane, o_col, B)
@@ -209,19 +217,8 @@ def _small_batch_kernel(
         if SHUFFLED:
             b_qt = tl.load(p_q + o_row[:, None] * BB + o_col[None, :], mask=m_in, other=0.0)
         else:
-            b_tt = tl.zeros([BB, BB], dtype=tl.float32)
-            b_nt = tl.zeros([BB], dtype=tl.float32)
-            for i_d in range(0, tl.cdiv(Dt, BDT)):
-                o_d = i_d * BDT + tl.arange(0, BDT)
-                m_d = o_d < Dt
-                b_te = _rows_tile(p_t, o_row, m_row, s_t, o_d, m_d)  # [BB, BDT]
-                b_nt += tl.sum(b_te.to(tl.float32) * b_te.to(tl.float32), axis=1)
-                b_tt = tl.dot(b_te, tl.trans(b_te), b_tt, input_precision=PREC_T)  # [BB, BDT] @ [BDT, BB]
-            if NORM_T:
-                b_rt = 1.0 / tl.maximum(tl.sqrt(b_nt), 1e-8)
-                b_tt = b_tt * b_rt[:, None] * b_rt[None, :]
-            b_lt = tl.where(m_in, b_tt * teacher_scale, float("-inf"))
-            b_qt = tl.exp(b_lt - _row_logsumexp(b_lt)[:, None])  # q
+            _, b_qt = _teacher_targets(p_t, o_row, m_row, o_col, m_row, m_in, s_t, Dt, teacher_scale, BDT, NORM_T,
+                                       PREC_T)
 
     # One pass over the features: z1 z1^T, z1 y^T and the squared norms.
     b_xx = tl.zeros([BB, BB], dtype=tl.float32)
