@@ -30,7 +30,7 @@ import triton.language as tl
 from . import utils
 from .distill import unit_rows_backward
 from .tiles import log1p_unit
-from .utils import matmul_f32, slab_rows, unit_stride_rows
+from .utils import cdiv, matmul_f32, next_pow2, slab_rows, unit_stride_rows
 
 SLAB_STEP = 32  # slab rows (columns) come in multiples of this, when the budget cuts them
 UNIT_COPY_ROWS = 4096  # rows a step of fp16's unit-row copy
@@ -200,7 +200,7 @@ def contrastive_fwd(x, rx, y, ry, scale, grad_rows=None, *, budget_bytes, add_to
         rows = slice(row0, min(row0 + R, B))
         n = rows.stop - row0
         matmul_f32(x[rows], y.T, out=dots[:n])
-        _row_factors_kernel[(triton.cdiv(n, blocks["BR"]),)](
+        _row_factors_kernel[(cdiv(n, blocks["BR"]),)](
             dots, rx, ry, loss, stats, fac, row0, n, B, N, float(scale), GRAD=dx is not None, RAW=raw, **blocks)
         if dx is not None:
             du = matmul_f32(fac[:n], v)  # [n, D] fp32: the slab rows' dL/du_x, up to scale g_i
@@ -231,7 +231,7 @@ def contrastive_bwd_dy(x, rx, y, ry, stats, scale, grad_rows, *, budget_bytes):
         cols = slice(col0, min(col0 + C, N))
         n = cols.stop - col0
         matmul_f32(y[cols], x.T, out=dots[:n])
-        _column_factors_kernel[(triton.cdiv(n, blocks["BC"]), triton.cdiv(B, blocks["BB"]))](
+        _column_factors_kernel[(cdiv(n, blocks["BC"]), cdiv(B, blocks["BB"]))](
             dots, rx, ry, stats, grad_rows, g_max, fac, col0, n, B, float(scale), RAW=raw, **blocks)
         du = matmul_f32(fac[:n], v)  # [n, D] fp32: the slab columns' dL/du_y, up to scale g_max
         unit_rows_backward(du, y[cols], ry[cols], dy[cols], row_scale=dy_scale)

@@ -55,7 +55,7 @@ import triton.language as tl
 from . import utils
 from ..shuffle import ROUNDS, SMALL_DOMAIN, SMALL_DOMAIN_ROUNDS
 from .tiles import slab_tile
-from .utils import dot_precision, matmul_f32, seed_args, slab_rows, unit_stride_rows
+from .utils import cdiv, dot_precision, matmul_f32, next_pow2, seed_args, slab_rows, unit_stride_rows
 
 _GOLDEN = tl.constexpr(0x9E3779B1)
 _SMALL_DOMAIN = tl.constexpr(SMALL_DOMAIN)
@@ -804,7 +804,7 @@ def _slab_blocks(B: int, shuffle: str):
     interpreter few large blocks run fastest. Column tiles must divide the chunk width (powers
     of two)."""
     if utils.interpreter_blocks():
-        bm = min(64, max(16, triton.next_power_of_2(B)))
+        bm = min(64, max(16, next_pow2(B)))
         blocks = dict(BM=bm, BN=bm, num_warps=4)
         return blocks, blocks
     slab = dict(BM=32, BN=64 if shuffle == "random" else 128, num_warps=8)
@@ -848,13 +848,13 @@ def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale
     # the splits' states: 24 bytes a row and split; column_splits keeps splits x R under 2 x SPLIT_PROGRAMS x BM
     state_bytes = min(48 * utils.SPLIT_PROGRAMS * BM, budget_bytes // 16)
     # a slab row: its dots (8 bytes an entry, 4 without x), its block's share of the column-side states
-    row_bytes = B * (8 if student else 4) + triton.cdiv(4 * planes * B, BM)
+    row_bytes = B * (8 if student else 4) + cdiv(4 * planes * B, BM)
     slabs_bytes = budget_bytes - (budget_bytes // 4 if grid is not None else state_bytes) - 8 * planes * B
     # in multiples of 16 rows, not of a block (a slab's GEMMs read all B rows of x and t, whatever its
     # height); 16, so that the halves' row strides B - row0 stay 16-divisible where B is (vector loads)
     R = max(slab_rows(B, row_bytes, slabs_bytes, 1, 16), min(B, BM))
-    NB = triton.cdiv(R, BM)
-    n_tiles = triton.cdiv(B, BN)
+    NB = cdiv(R, BM)
+    n_tiles = cdiv(B, BN)
     max_splits = utils.column_splits(n_tiles, NB)
     while max_splits > 1 and 24 * max_splits * R > state_bytes:
         max_splits //= 2
@@ -877,17 +877,17 @@ def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale
             matmul_f32(x[row0:row0 + rows], x[row0:].T, out=s_dots[:rows * (B - row0)].view(rows, B - row0))
         matmul_f32(t[row0:row0 + rows], t[t_col0:].T, out=t_dots[:rows * (B - t_col0)].view(rows, B - t_col0))
         tile0 = t_col0 // BN  # tiles before it hold no dots of the slab
-        splits = min(max_splits, utils.column_splits(n_tiles - tile0, triton.cdiv(rows, BM)))
-        _row_stats_kernel[(triton.cdiv(rows, BM), splits)](
+        splits = min(max_splits, utils.column_splits(n_tiles - tile0, cdiv(rows, BM)))
+        _row_stats_kernel[(cdiv(rows, BM), splits)](
             s_dots, rt if rx is None else rx, t_dots, rt, partial, cols, row0, rows, B, t_col0, tile0,
-            triton.cdiv(n_tiles - tile0, splits), NB * B, float(student_scale), float(teacher_scale),
+            cdiv(n_tiles - tile0, splits), NB * B, float(student_scale), float(teacher_scale),
             float(grouping_scale), **flags, **blocks)
-        _row_stats_merge_kernel[(triton.cdiv(rows, BR),)](
+        _row_stats_merge_kernel[(cdiv(rows, BR),)](
             partial, state, out, row0, rows, B, splits, float(teacher_scale), float(grouping_scale), BR=BR, BS=BS,
             **flags, num_warps=4)
         if planes and row0 + rows < B:
-            _column_stats_merge_kernel[(triton.cdiv(B - row0 - rows, BC),)](
-                cols, state, row0 + rows, triton.cdiv(rows, BM), B, NB * B, float(teacher_scale),
+            _column_stats_merge_kernel[(cdiv(B - row0 - rows, BC),)](
+                cols, state, row0 + rows, cdiv(rows, BM), B, NB * B, float(teacher_scale),
                 float(grouping_scale), BC=BC, BB=BB, **flags, num_warps=4)
         if grid is not None:
             grid(row0, t_dots[:rows * B].view(rows, B), out[2], out[3], out[4])
@@ -904,12 +904,12 @@ def _permutation_tables(counts, row0, step_seed, lse=None):
     R, C, G = counts.shape
     first = torch.empty_like(counts)
     perm = torch.empty((6, R, G), device=counts.device, dtype=torch.int32)
-    BG = max(2, triton.next_power_of_2(G))
+    BG = max(2, next_pow2(G))
     BR = 64 if utils.interpreter_blocks() else 1  # a row a program: its chunks in one or a few loads
     BC = max(1, 4096 // (BR * BG))  # [BR, BC, BG] blocks of 4K counts
     *seed, seed_ptr = seed_args(step_seed, counts)
     states, lse_s = (perm, perm) if lse is None else lse
-    _permutation_tables_kernel[(triton.cdiv(R, BR),)](
+    _permutation_tables_kernel[(cdiv(R, BR),)](
         counts, first, perm, *seed, states, lse_s, row0, R, C, G, BR=BR, BC=BC, BG=BG,
         SEED_PTR=seed_ptr, LSE=lse is not None, num_warps=4)
     return first, perm
@@ -927,7 +927,7 @@ def unit_rows_backward(du, x, rx, out, *, lo=None, scaled=False, row_scale=None,
     assert row_scale is None or (not scaled and row_scale.dtype == torch.float32 and row_scale.numel() in (1, R))
     mant, emin = LO_FORMATS.get(du.dtype, (0, 0))
     BR, BD = (64, 128) if utils.interpreter_blocks() else (8, 128)
-    _unit_rows_backward_kernel[(triton.cdiv(R, BR),)](
+    _unit_rows_backward_kernel[(cdiv(R, BR),)](
         du, du if lo is None else lo, x, rx, out, rx if row_scale is None else row_scale, R, D, du.stride(0),
         x.stride(0), out.stride(0), 0 if row_scale is None or row_scale.numel() == 1 else row_scale.stride(0),
         0.0 if add_scale is None else float(add_scale), SCALED=scaled, HAS_LO=lo is not None,
@@ -954,10 +954,10 @@ def _warn_accumulation_traffic(B, D, R, acc_bytes, budget_bytes):
     """The random shuffle's gradient adds every slab's column side to all B rows: its traffic is
     (B / R) B D x 2 acc_bytes, with R ~ budget / B rows a slab, so it grows as B^3 / budget.
     Warn where that alone would take minutes."""
-    traffic = triton.cdiv(B, R) * B * D * 2 * acc_bytes
+    traffic = cdiv(B, R) * B * D * 2 * acc_bytes
     if traffic > RANDOM_TRAFFIC_WARN_BYTES:
         warnings.warn(
-            f'shuffle="random" at B={B} with a {budget_bytes / 2**20:.3g} MiB chunk budget runs {triton.cdiv(B, R)} '
+            f'shuffle="random" at B={B} with a {budget_bytes / 2**20:.3g} MiB chunk budget runs {cdiv(B, R)} '
             f'slabs of {R} rows, each adding to all {B} rows of the gradient: ~{traffic / 1e12:.3g} TB of memory '
             f'traffic (it grows as B^3 / budget). Raise the budget (distillcse.set_chunk_budget) or use '
             f'shuffle="expected" (its deterministic expectation, O(B^2 D) at any budget).', stacklevel=4)
@@ -972,7 +972,7 @@ def _random_slabs(B, budget_bytes, grad_bytes, step):
     64-row dot slabs in 320-row gradient slabs (205 accumulations instead of 683 of 96 rows)."""
     R = slab_rows(B, B, budget_bytes // 2, 8 + grad_bytes, step)
     R_grad = (budget_bytes - R * B * (8 + grad_bytes)) // (B * grad_bytes) // R * R
-    return R, min(max(R, R_grad), triton.cdiv(B, R) * R)
+    return R, min(max(R, R_grad), cdiv(B, R) * R)
 
 
 def _random_accumulator(x, budget_bytes):
@@ -994,7 +994,7 @@ def accumulate_slab(hi, lo, m, x, rx, row_side, row0):
     B, D = hi.shape
     blocks = _accumulate_blocks(m.dtype, _fp32_dots(m.dtype, m.dtype)[1])
     mant, emin = LO_FORMATS.get(hi.dtype, (0, 0))
-    _accumulate_slab_kernel[(triton.cdiv(D, blocks["BD"]), triton.cdiv(B, blocks["BJ"]))](
+    _accumulate_slab_kernel[(cdiv(D, blocks["BD"]), cdiv(B, blocks["BJ"]))](
         m, x, rx, row_side, hi, hi if lo is None else lo, row0, m.shape[0], B, D, x.stride(0),
         PREC=dot_precision(m.dtype), F32_DOT=m.dtype == torch.float32, HAS_LO=lo is not None,
         MANT=mant, EMIN=emin, **blocks)
@@ -1032,7 +1032,7 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
         n_thr = thr.shape[1]
     qbar = unit_stride_rows(qbar.float()) if shuffle == "expected" else lse_t
     G = n_thr + 1
-    BG = max(2, triton.next_power_of_2(G))
+    BG = max(2, next_pow2(G))
     teacher_blocks, slab_blocks = _slab_blocks(B, shuffle)
     BM = max(teacher_blocks["BM"], slab_blocks["BM"])
     BN = max(teacher_blocks["BN"], slab_blocks["BN"])
@@ -1053,9 +1053,9 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
         _warn_accumulation_traffic(B, D, R_grad, x.element_size() + (0 if lo is None else 1), budget_bytes)
     if chunks is None:
         programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-        chunks = triton.cdiv(programs, triton.cdiv(R, BM))
-    chunk_width = triton.cdiv(triton.cdiv(B, max(1, min(chunks, triton.cdiv(B, BN)))), BN) * BN
-    chunks = triton.cdiv(B, chunk_width)
+        chunks = cdiv(programs, cdiv(R, BM))
+    chunk_width = cdiv(cdiv(B, max(1, min(chunks, cdiv(B, BN)))), BN) * BN
+    chunks = cdiv(B, chunk_width)
 
     v = (x if x.dtype == grad_dtype else x.to(grad_dtype)) if need_grad else None  # the GEMMs' rows, raw
     grad = torch.empty(R_grad, B, device=x.device, dtype=grad_dtype) if need_grad else lse_s
@@ -1071,7 +1071,7 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
             matmul_f32(x[slab], x.T, out=s_dots[:rows])
             matmul_f32(t[slab], t.T, out=t_dots[:rows])
             if shuffle == "random":
-                teacher_grid = (triton.cdiv(rows, teacher_blocks["BM"]), chunks)
+                teacher_grid = (cdiv(rows, teacher_blocks["BM"]), chunks)
                 counts = torch.empty(rows, chunks, G, device=x.device, dtype=torch.int32)
                 states = torch.empty((2, rows, chunks), device=x.device, dtype=torch.float32) if slab_lse else counts
                 _group_counts_kernel[teacher_grid](
@@ -1082,7 +1082,7 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
                     t_dots, rt, thr, lse_t, first, compact, row0, B, thr.stride(0), n_thr, chunk_width, chunks,
                     rows, float(teacher_scale), BG=BG, **teacher_blocks)
             cross = torch.empty(rows, chunks, device=x.device, dtype=torch.float32)
-            _distill_slab_kernel[(triton.cdiv(rows, slab_blocks["BM"]), chunks)](
+            _distill_slab_kernel[(cdiv(rows, slab_blocks["BM"]), chunks)](
                 s_dots, rx, t_dots, rt, thr, lse_s, lse_t, qbar, first, compact, perm, cross,
                 grad[row0 - grad0:], row0, B, thr.stride(0), n_thr, chunk_width, chunks, rows, float(student_scale),
                 float(teacher_scale), BG=BG, TARGETS=targets, WRITE_GRAD=need_grad, **slab_blocks)

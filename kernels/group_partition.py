@@ -62,7 +62,7 @@ import triton.language as tl
 
 from . import utils
 from .tiles import dot_tile, slab_tile
-from .utils import SPLIT_PROGRAMS, dot_precision, matmul_f32, slab_rows, unit_stride_rows
+from .utils import SPLIT_PROGRAMS, cdiv, dot_precision, matmul_f32, next_pow2, slab_rows, unit_stride_rows
 
 MAX_BOUNDARIES = 63  # G - 1: the boundary axis is a register dimension of the bookkeeping kernels
 MAX_PASSES = 64  # safety cap; measured on real embeddings: 2-4 passes
@@ -534,9 +534,9 @@ def _pairwise_thresholds(t, rt, lse_g, t_min, t_max, grouping_scale, G1, group_p
     hd = torch.full((B, G1), -math.inf, device=t.device, dtype=torch.float32)
     hu = torch.full((B, G1), math.inf, device=t.device, dtype=torch.float32)
     cfg = _pairwise_blocks()
-    _pairwise_brackets_kernel[(triton.cdiv(B, cfg["BM"]), triton.cdiv(B, cfg["BN"]))](
+    _pairwise_brackets_kernel[(cdiv(B, cfg["BM"]), cdiv(B, cfg["BN"]))](
         t, rt, lse_g, hd, hu, B, Dt, G1, t.stride(0), group_size or 0, 1.0 if group_size is not None else group_p,
-        grouping_scale, FIXED=group_size is not None, BG=max(2, triton.next_power_of_2(G1)),
+        grouping_scale, FIXED=group_size is not None, BG=max(2, next_pow2(G1)),
         PRECISION=dot_precision(t.dtype), **cfg)
     return _thresholds_from_brackets(hd, hu, t_min, t_max)
 
@@ -544,7 +544,7 @@ def _pairwise_thresholds(t, rt, lse_g, t_min, t_max, grouping_scale, G1, group_p
 def _thresholds_from_brackets(hd, hu, t_min, t_max):
     """thr [B, G1] mid-gap between hd and hu [B, G1] (``_thresholds_from_brackets_kernel``)."""
     thr = torch.empty_like(hd)
-    _thresholds_from_brackets_kernel[(triton.cdiv(thr.numel(), 1024),)](
+    _thresholds_from_brackets_kernel[(cdiv(thr.numel(), 1024),)](
         hd, hu, t_min.float().contiguous(), t_max.float().contiguous(), thr, thr.numel(), thr.shape[1],
         STATS_MARGIN, BLOCK=1024)
     return thr
@@ -589,9 +589,9 @@ class _KernelProbes:
         self.dots = None  # the previous chunk's
         if dots is None:
             dots = matmul_f32(t[rows], t.T)  # [R, B] fp32
-        blocks = triton.cdiv(R, cfg["BM"]) * triton.cdiv(BP, NP)
+        blocks = cdiv(R, cfg["BM"]) * cdiv(BP, NP)
         # splits: a power of two, so that the partial measures are summed in the same order
-        n_tiles = triton.cdiv(t.shape[0], cfg["BN"])
+        n_tiles = cdiv(t.shape[0], cfg["BN"])
         splits = utils.column_splits(n_tiles, blocks, SPLIT_PROGRAMS)
         while self.budget_bytes is not None and splits > 1 and 12 * splits * R * BP > self.budget_bytes // 4:
             splits //= 2
@@ -606,9 +606,9 @@ class _KernelProbes:
             wlo, whi = windows
             count = torch.zeros(R, device=t.device, dtype=torch.int32)
             buf = torch.empty((R, G1 * BUFFER), device=t.device, dtype=torch.float32)
-        _group_probe_kernel[(triton.cdiv(R, cfg["BM"]), splits, triton.cdiv(BP, NP))](
+        _group_probe_kernel[(cdiv(R, cfg["BM"]), splits, cdiv(BP, NP))](
             dots, self.rt, self.lse_g, rows, x, meas, above, below, wlo, whi, count, buf,
-            R, t.shape[0], G1 * BUFFER, triton.cdiv(n_tiles, splits), self.grouping_scale,
+            R, t.shape[0], G1 * BUFFER, cdiv(n_tiles, splits), self.grouping_scale,
             FIXED=self.fixed, SNAP=snap, COLLECT=windows is not None, BP=BP, NP=NP, G1=G1, **cfg)
         if windows is not None:
             count, buf = _split_windows(count, buf, wlo, whi)
@@ -629,9 +629,9 @@ class _KernelProbes:
         thr = torch.empty((R, G1), device=rows.device, dtype=torch.float32)
         done = torch.empty(R, device=rows.device, dtype=torch.int8)
         BR = 256 if utils.interpreter_blocks() else 32
-        _settled_rows_kernel[(triton.cdiv(R, BR),)](
+        _settled_rows_kernel[(cdiv(R, BR),)](
             rows, state["lo"], state["hd"], state["hu"], t_min, t_max, thr, done, R, G1, STATS_MARGIN,
-            BR=BR, BG=max(2, triton.next_power_of_2(G1)))
+            BR=BR, BG=max(2, next_pow2(G1)))
         _means_launch(dots, self.rt, self.lse_t, rows, done, thr, self.qbar, self.teacher_scale,
                       max_bytes=None if self.budget_bytes is None else self.budget_bytes // 4)
 
@@ -643,7 +643,7 @@ def _split_windows(row_count, row_buf, wlo, whi):
     count = torch.zeros((R, G1), device=wlo.device, dtype=torch.int32)
     buf = torch.empty((R, G1, BUFFER), device=wlo.device, dtype=torch.float32)
     BR, BV = (64, 512) if utils.interpreter_blocks() else (8, 128)
-    _split_windows_kernel[(triton.cdiv(R, BR), triton.cdiv(CR, BV))](
+    _split_windows_kernel[(cdiv(R, BR), cdiv(CR, BV))](
         row_buf, row_count, wlo, whi, count, buf, R, G1, BUFFER, CR, BR=BR, BV=BV, num_warps=4)
     return count, buf
 
@@ -685,7 +685,7 @@ class GridPass:
         n = dots.shape[0]
         rows = torch.arange(row0, row0 + n, device=dots.device)
         BR = 256 if utils.interpreter_blocks() else 32
-        _grid_points_kernel[(triton.cdiv(n, BR),)](t_min, t_max, self.x, row0, n, STATS_MARGIN, BR=BR, BP=GRID_LANES)
+        _grid_points_kernel[(cdiv(n, BR),)](t_min, t_max, self.x, row0, n, STATS_MARGIN, BR=BR, BP=GRID_LANES)
         x = self.x[row0:row0 + n]
         t, rt, scale, G1, fixed, budget_bytes = self.probe_args
         probes = _KernelProbes(t, rt, lse_g.contiguous(), scale, G1, fixed, budget_bytes)
@@ -730,7 +730,7 @@ def _search(evaluate, t_min, t_max, lse_g, grouping_scale, G1, B, group_p, group
     rule = dict(G1=G1, group_size=group_size or 0, group_p=1.0 if fixed else float(group_p),
                 scale=float(grouping_scale), FIXED=fixed)
     lse_g = lse_g.float().contiguous()
-    lanes = max(16, triton.next_power_of_2(G1))
+    lanes = max(16, next_pow2(G1))
     rows = torch.arange(len(t_min), device=dev)
     for i_pass in range(MAX_PASSES):
         collect = i_pass > 0 or B - 1 <= FILL * BUFFER
@@ -765,7 +765,7 @@ def _search_chunk(state, r, i_pass, collect, evaluate, rule, lanes, lse, grid_po
     ``_narrow_kernel`` and ``_settle_kernel``; the chunk's temporaries die on return); returns
     the probe points per row. ``lse`` [B] fp32; ``grid_points`` the first pass's, if given."""
     R, G1 = len(r), rule["G1"]
-    BG = max(8, triton.next_power_of_2(G1))  # Triton 3.6 cannot build _place_kernel for sm_90 at BG <= 4
+    BG = max(8, next_pow2(G1))  # Triton 3.6 cannot build _place_kernel for sm_90 at BG <= 4
     if i_pass == 0:  # a uniform grid over [lo, hd], the same for every boundary
         x = _grid_points(state["lo"][r, :1], state["hd"][r, :1]) if grid_points is None else grid_points
         windows = (state["lo"][r], state["hd"][r]) if collect else None  # [lo0, hd0): the whole row
@@ -775,7 +775,7 @@ def _search_chunk(state, r, i_pass, collect, evaluate, rule, lanes, lse, grid_po
         windows = tuple(torch.empty((R, G1), device=r.device, dtype=torch.float32) for _ in range(2))
         top = torch.empty((R, G1), device=r.device, dtype=torch.int32)
         BR = _book_rows(lanes)
-        _place_kernel[(triton.cdiv(R, BR),)](
+        _place_kernel[(cdiv(R, BR),)](
             r, lse, *(state[k] for k in STATE), x, *windows, top, R, FILL * BUFFER, OUTER, **rule, BR=BR, BP=lanes,
             BG=BG)
     # the grid pass without windows measures only (a third of the work of also snapping to
@@ -785,7 +785,7 @@ def _search_chunk(state, r, i_pass, collect, evaluate, rule, lanes, lse, grid_po
     m_top = torch.empty((R, G1), device=r.device, dtype=meas.dtype)  # the measure at each window's top
     u_top = torch.empty((R, G1), device=r.device, dtype=torch.float32)  # the smallest value >= the top
     BR = _book_rows(x.shape[1])
-    _narrow_kernel[(triton.cdiv(R, BR),)](
+    _narrow_kernel[(cdiv(R, BR),)](
         r, x, meas.contiguous(), *((above.contiguous(), below.contiguous()) if snap else (x, x)), top,
         x if windows is None else windows[1], m_top, u_top, lse, *(state[k] for k in STATE), R, **rule,
         SNAP=snap, SETTLE=windows is not None, BR=BR, BP=x.shape[1], BG=BG)
@@ -793,10 +793,10 @@ def _search_chunk(state, r, i_pass, collect, evaluate, rule, lanes, lse, grid_po
         # GPU: 4 pairs, 32 x 32 comparisons a step ([4, 32, 32] over 128 threads); the interpreter
         # pays per program, so there a program takes 256 pairs
         BS, BC = (256, 64) if utils.interpreter_blocks() else (4, 32)
-        _settle_kernel[(triton.cdiv(R * G1, BS),)](
+        _settle_kernel[(cdiv(R * G1, BS),)](
             buf, count, m_top, u_top, windows[0], r, lse, state["lo"], state["hd"], state["hu"],
             R * G1, G1, BUFFER, rule["group_size"], rule["group_p"], rule["scale"], FIXED=rule["FIXED"], BS=BS,
-            BC=min(BC, triton.next_power_of_2(BUFFER)), num_warps=4)
+            BC=min(BC, next_pow2(BUFFER)), num_warps=4)
     return x.shape[1]
 
 
@@ -1186,18 +1186,18 @@ def _means_launch(dots, rt, lse_t, rows, done, thr, qbar, teacher_scale, max_byt
     adds up; thr [R, G-1] (unit column stride), qbar [B, G]."""
     cfg = _logit_blocks()
     R, (B, G) = len(rows), qbar.shape
-    sweeps = triton.cdiv(G, MEANS_GROUPS)  # the groups in as few, even blocks (one sweep of the dots each)
-    n_tiles = triton.cdiv(B, cfg["BN"])
-    splits = utils.column_splits(n_tiles, triton.cdiv(R, cfg["BM"]) * sweeps, SPLIT_PROGRAMS)
+    sweeps = cdiv(G, MEANS_GROUPS)  # the groups in as few, even blocks (one sweep of the dots each)
+    n_tiles = cdiv(B, cfg["BN"])
+    splits = utils.column_splits(n_tiles, cdiv(R, cfg["BM"]) * sweeps, SPLIT_PROGRAMS)
     while max_bytes is not None and splits > 1 and 8 * splits * R * G > max_bytes:
         splits //= 2
     sums = torch.empty((R, splits, G), device=dots.device, dtype=torch.float32)
     counts = torch.empty((R, splits, G), device=dots.device, dtype=torch.int32)
-    _group_means_kernel[(triton.cdiv(R, cfg["BM"]), sweeps, splits)](
-        dots, rt, lse_t, rows, done, thr, sums, counts, R, B, G, thr.stride(0), triton.cdiv(n_tiles, splits),
-        float(teacher_scale), NG=triton.cdiv(G, sweeps), **cfg)
-    BG = max(2, triton.next_power_of_2(G))
+    _group_means_kernel[(cdiv(R, cfg["BM"]), sweeps, splits)](
+        dots, rt, lse_t, rows, done, thr, sums, counts, R, B, G, thr.stride(0), cdiv(n_tiles, splits),
+        float(teacher_scale), NG=cdiv(G, sweeps), **cfg)
+    BG = max(2, next_pow2(G))
     BR = 64 if utils.interpreter_blocks() else 8
     BS = max(1, 2048 // (BR * BG))  # [BR, BS, BG] blocks of 2K sums (and counts)
-    _group_means_merge_kernel[(triton.cdiv(R, BR),)](
+    _group_means_merge_kernel[(cdiv(R, BR),)](
         sums, counts, rows, done, qbar, R, G, splits, BR=BR, BS=BS, BG=BG, num_warps=4)

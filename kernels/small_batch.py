@@ -37,7 +37,7 @@ import triton.language as tl
 
 from .distill import SHUFFLES, _group_permutation, _seed_halves, _sigma_params
 from .tiles import log1p_unit
-from .utils import dot_precision, seed_args, unit_stride_rows
+from .utils import cdiv, dot_precision, next_pow2, seed_args, unit_stride_rows
 
 MAX_ROWS = 64  # B and the contrastive columns N = B + B_h of a batch that fits one program
 # N <= 64: at N = 65..128 (a [64, 128] column tile, 180 KiB of shared memory with gradients) the
@@ -328,28 +328,28 @@ def small_batch_loss(x, y, t, *, cl_scale=1.0, student_scale=1.0, teacher_scale=
     t = unit_stride_rows(t) if distill else x
     assert y.shape[1] == D and y.dtype == x.dtype and t.shape[0] == B
     prec, prec_t = dot_precision(x.dtype), dot_precision(t.dtype)
-    BB = max(16, triton.next_power_of_2(B))
+    BB = max(16, next_pow2(B))
     # feature chunks: 64, or 16 where fp32 "ieee" dots run on the FMA units, whose register-
     # hungry layouts spill KBs at 64 (offline sm_90a compile, benchmarks/compile_sm90.py)
     fma_x = prec == "ieee" and x.dtype == torch.float32
     fma_t = prec_t == "ieee" and t.dtype == torch.float32
-    BDT = min(16 if fma_t else 64, triton.next_power_of_2(max(t.shape[1], 16)))
+    BDT = min(16 if fma_t else 64, next_pow2(max(t.shape[1], 16)))
     shuffled = distill and shuffle != "none"
     q = x  # unread without a shuffle
     if shuffled:
         q = torch.empty((B, BB), device=x.device, dtype=torch.float32)
-        R = triton.cdiv(B, TARGET_ROWS) * TARGET_ROWS
+        R = cdiv(B, TARGET_ROWS) * TARGET_ROWS
         scratch = torch.empty((5, R, BB), device=x.device, dtype=torch.float32)
         p_seed, seed_lo, seed_hi, seed_ptr = seed_args(0 if step_seed is None else step_seed, x)
-        _shuffled_targets_kernel[(triton.cdiv(B, TARGET_ROWS),)](
+        _shuffled_targets_kernel[(cdiv(B, TARGET_ROWS),)](
             t, q, scratch, p_seed, B, t.shape[1], t.stride(0), R, float(teacher_scale), float(grouping_scale),
             float(1.0 if group_size is not None else group_p), float(group_size or 1), int(n_groups), seed_lo, seed_hi,
             BR=TARGET_ROWS, BB=BB, BDT=BDT, TARGETS=SHUFFLES.index(shuffle), FIXED_SIZE=group_size is not None,
             NORM_T=normalize_teacher, PREC_T=prec_t, BITS=BB.bit_length(), SEED_PTR=seed_ptr, num_warps=8)
     meta = dict(
-        BB=BB, BY=max(16, triton.next_power_of_2(max(N, 1))),
-        BD=min(16 if fma_x else 64, triton.next_power_of_2(max(D, 16))), BDT=BDT,
-        BD_GRAD=min(16 if fma_x else 64, triton.next_power_of_2(max(D, 16))),
+        BB=BB, BY=max(16, next_pow2(max(N, 1))),
+        BD=min(16 if fma_x else 64, next_pow2(max(D, 16))), BDT=BDT,
+        BD_GRAD=min(16 if fma_x else 64, next_pow2(max(D, 16))),
         CONTRASTIVE=contrastive, DISTILL=distill, SHUFFLED=shuffled, NORM_T=normalize_teacher, WRITE_GRAD=need_grad,
         PREC=prec, PREC_T=prec_t, PREC_GRAD=prec if x.dtype == torch.float32 else "tf32", num_warps=8,
     )
