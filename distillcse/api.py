@@ -227,9 +227,11 @@ def distillcse_loss(z1, z2, teachers, *, temperature=0.05, distill_weight=1.0, d
         student_temperature, weights, options = _fused_setup(options, z1)
         rows, unit_rows = _triton_teacher(teachers, weights)
         columns = z2 if hard_negatives is None else torch.cat([z2, hard_negatives], dim=0)
-        loss, (cl, kd) = distillcse(z1, columns, rows, 1.0 / temperature, distill_weight, student_temperature,
-                                    options, unit_rows=unit_rows)
-        terms = dict(contrastive=cl, distill=kd)
+        loss, terms = distillcse(z1, columns, rows, 1.0 / temperature, distill_weight, student_temperature,
+                                 options, unit_rows=unit_rows)
+        if not return_terms:
+            return loss
+        terms = dict(zip(("contrastive", "distill"), terms))
     else:
         kd = _distill(z1, teachers, options, backend)
         terms = dict(distill=kd.detach())
