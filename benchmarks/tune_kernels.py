@@ -7,10 +7,16 @@ Prints, per B (bf16, N = B columns): one cuBLAS GEMM (B x D @ D x B); the contra
 dx per --row-blocks choice of the row kernel (``C._blocks`` is replaced while each one is
 timed), each also in GEMM-equivalents (its time / the GEMM's) beside what the design predicts
 (kernels/contrastive.py: the loss alone 1, with dx 2, dy 2, plus their memory-bound passes);
-and the distillation row stats / loss and gradient (shuffle none).
+the distillation row stats / loss and gradient (shuffle none); and the row statistics per
+--stats-blocks choice of ``_row_stats_kernel``'s tile, for each of its variants (the student's
+dots or not; both halves of t, or its whole rows with the Group-P search's grid pass, which
+this time includes).
 
-  --budgets     slab budgets in MiB (the backward runs at half the chunk budget)
-  --row-blocks  BR,BN,warps: rows a program of the row kernel, columns a step, warps
+  --budgets       slab budgets in MiB (the backward runs at half the chunk budget)
+  --row-blocks    BR,BN,warps: rows a program of the row kernel, columns a step, warps
+  --stats-blocks  BM,BN,warps of the statistics kernel (sm_90a, benchmarks/NOTES.md Session 18:
+                  at 32,128,8 the both-halves variant takes 173 registers, one program an SM;
+                  32,64,8 107 registers and 17% more instructions an entry)
 Check a block choice's registers and spills offline first: benchmarks/compile_sm90.py.
 """
 import argparse
@@ -20,8 +26,10 @@ from triton.testing import do_bench
 
 import distillcse.kernels.contrastive as C
 import distillcse.kernels.distill as KD
+from distillcse.kernels.group_partition import grid_pass
 
 ROW_BLOCKS = ["1,2048,8", "1,4096,8", "2,1024,8", "4,1024,8", "1,1024,4"]  # the default first
+STATS_BLOCKS = ["32,128,8", "32,64,8", "16,128,8"]  # the default first
 
 
 def bench(fn):
@@ -42,6 +50,7 @@ def main():
     p.add_argument("--D", type=int, default=768)
     p.add_argument("--budgets", type=float, nargs="+", default=[128, 64, 256])
     p.add_argument("--row-blocks", nargs="+", default=ROW_BLOCKS)
+    p.add_argument("--stats-blocks", nargs="+", default=STATS_BLOCKS)
     a = p.parse_args()
     dtype = torch.bfloat16
     for B in a.B:
@@ -78,7 +87,32 @@ def main():
                                                     budget_bytes=budget))
         print(f"  distill (none): stats {st:.3f} ms ({st/gemm:.2f}x, predicted 2+: the s and t dots)  loss+grad "
               f"{lg:.3f} ms ({lg/gemm:.2f}x, predicted 3+: s, t and the gradient's GEMM)", flush=True)
+        time_stats_blocks(x, r, t, rt, budget, gemm, a.stats_blocks)
         del x, y, t, rt
+
+
+def time_stats_blocks(x, r, t, rt, budget, gemm, specs):
+    """``distill_row_stats`` per variant and tile choice (``KD._stats_blocks`` replaced)."""
+    default = KD._stats_blocks
+    for student in (True, False):
+        for half_t in (True, False):
+            variant = f"{'student + ' if student else ''}t {'halves' if half_t else 'whole + grid pass'}"
+            for spec in specs:
+                BM, BN, warps = map(int, spec.split(","))
+                KD._stats_blocks = lambda: dict(BM=BM, BN=BN, num_warps=warps)
+
+                def stats():
+                    grid = None if half_t else grid_pass(t, rt, 1.0, group_p=0.1, budget_bytes=budget)
+                    KD.distill_row_stats(x if student else None, r if student else None, t, rt, 40.0, 80.0, 1.0,
+                                         budget_bytes=budget, grid=grid)
+                try:  # a choice that does not compile is reported, not fatal
+                    ms = bench(stats)
+                    print(f"  row stats, {variant}, BM,BN,warps={spec}: {ms:.3f} ms ({ms / gemm:.2f} GEMM-eq)",
+                          flush=True)
+                except Exception as e:
+                    print(f"  row stats, {variant}, {spec}: failed {type(e).__name__}: {str(e)[:120]}", flush=True)
+                finally:
+                    KD._stats_blocks = default
 
 
 if __name__ == "__main__":
