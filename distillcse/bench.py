@@ -653,11 +653,6 @@ def write_csv(rows, path, columns=COLUMNS):
             writer.writerow({c: row.get(c, "") for c in columns})
 
 
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def _cell_time(row):
     if row["status"] != OK:
         return row["status"]
