@@ -422,7 +422,9 @@ def _sigma_kernel(p_x, p_n, p_key, p_h, p_b, p_rounds, p_out, N, BLOCK: tl.const
 def test_kernel_permutation_is_the_torch_definition():
     from distillcse.shuffle import feistel_shape, group_keys, group_permutation
 
-    n = torch.tensor([1, 2, 3, 5, 7, 16, 17, 100, 255, 256, 257, 1000, 4099, 65537]).repeat_interleave(64)
+    # up to 2^30 (b = 2^15 there: the odd rounds' multiply-high spans 48 bits)
+    n = torch.tensor([1, 2, 3, 5, 7, 16, 17, 100, 255, 256, 257, 1000, 4099, 65537, 2**29 + 3, 2**30 - 1,
+                      2**30]).repeat_interleave(64)
     x = (torch.rand(n.shape, generator=torch.Generator().manual_seed(0)) * n).long()
     key = group_keys(SEED, torch.arange(len(n)), torch.arange(len(n)) % 7)
     h, b, rounds = feistel_shape(n)
