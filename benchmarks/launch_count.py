@@ -9,9 +9,9 @@ can be counted on any machine: the triton backend runs under ``TRITON_INTERPRET=
 Triton launches are counted by kernel, PyTorch operators through a dispatch mode (those that
 launch a kernel on CUDA: everything but views and allocations; ``matmul_f32`` as the one cuBLAS
 call it is on a GPU, not its CPU stand-in's slices), and host syncs as reads of a
-tensor value on the host (``.item()``, ``bool()``, ``int()``) or an output whose size depends on
-the data (``nonzero``, boolean indexing).
-The input checks are counted separately (their NaN / Inf check: one reduction per input, one sync).
+tensor value on the host (``.item()``, ``bool()``, ``int()``), an output whose size depends on
+the data (``nonzero``, boolean indexing), or a tensor made from host data (``torch.tensor``).
+The input checks are counted separately (their NaN / Inf check: one foreach reduction, one sync).
 ``--general`` forces the streaming kernels at every B (the one-program path is off).
 """
 import argparse
@@ -27,10 +27,12 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 import distillcse  # noqa: E402
 from distillcse import checks  # noqa: E402
 
-NO_LAUNCH = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "lift_fresh",
+NO_LAUNCH = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach",
              "_record_function_enter_new", "_record_function_exit"}  # (the phases' profiler ranges: host only)
-# host syncs: a value read on the host, or an output whose size depends on the data
-SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive"}
+# host syncs: a value read on the host, an output whose size depends on the data, or a tensor made
+# from host data (lift_fresh: on CUDA a copy from pageable memory, which a graph capture refuses)
+SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive",
+         "lift_fresh"}
 
 
 class OpCounter(TorchDispatchMode):

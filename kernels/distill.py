@@ -863,7 +863,9 @@ def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale
     partial = torch.empty((6, R, max_splits), device=t.device, dtype=torch.float32)
     if planes:  # per row block of the slab, the column-side states; their running merge over the slabs
         cols = torch.empty((planes, NB, B), device=t.device, dtype=torch.float32)
-        state = torch.tensor(EMPTY_STATES[:planes], device=t.device)[:, None].expand(planes, B).contiguous()
+        state = torch.empty((planes, B), device=t.device, dtype=torch.float32)
+        for plane, empty in zip(state, EMPTY_STATES):  # fills, not a tensor from host data: a CUDA graph
+            plane.fill_(empty)  # capture allows no host-to-device copy
     else:
         cols = state = partial  # unread
     out = torch.empty((5, B), device=t.device, dtype=torch.float32)
