@@ -121,6 +121,38 @@ def _empty_stats(N: tl.constexpr):
 
 
 @triton.jit
+def _load_states(p, m, plane, S: tl.constexpr, T: tl.constexpr):
+    """The six planes of states at ``p``, ``plane`` apart (as ``_empty_stats``: s's max and sum
+    with S, t's max, two sums and min with T), masked by ``m``; a masked or unloaded state is
+    its merge's identity. Shaped as ``m``."""
+    b_neg, b_zero = tl.full(m.shape, float("-inf"), tl.float32), tl.zeros(m.shape, tl.float32)
+    b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin = b_neg, b_zero, b_neg, b_zero, b_zero, tl.full(m.shape, float("inf"),
+                                                                                            tl.float32)
+    if S:
+        b_ms = tl.load(p, mask=m, other=float("-inf"))
+        b_ls = tl.load(p + plane, mask=m, other=0.0)
+    if T:
+        b_tmax = tl.load(p + 2 * plane, mask=m, other=float("-inf"))
+        b_lt = tl.load(p + 3 * plane, mask=m, other=0.0)
+        b_lg = tl.load(p + 4 * plane, mask=m, other=0.0)
+        b_tmin = tl.load(p + 5 * plane, mask=m, other=float("inf"))
+    return b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin
+
+
+@triton.jit
+def _store_states(p, m, plane, b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin, S: tl.constexpr, T: tl.constexpr):
+    """``_load_states``' inverse: s's two planes with S, t's four with T."""
+    if S:
+        tl.store(p, b_ms, mask=m)
+        tl.store(p + plane, b_ls, mask=m)
+    if T:
+        tl.store(p + 2 * plane, b_tmax, mask=m)
+        tl.store(p + 3 * plane, b_lt, mask=m)
+        tl.store(p + 4 * plane, b_lg, mask=m)
+        tl.store(p + 5 * plane, b_tmin, mask=m)
+
+
+@triton.jit
 def _row_stats_kernel(
     p_xs,  # [R, B - row0] fp32 raw student dots of the slab rows with columns row0.. (cuBLAS) (STUDENT)
     p_rx,  # [B] fp32 inverse norms (STUDENT)
@@ -178,15 +210,7 @@ def _row_stats_kernel(
                 tl.store(p_c + 5 * col_plane, c_tmin, mask=m_past)
     n_splits = tl.num_programs(1)
     p_o = p_part + o_r * n_splits + i_s
-    m_o = o_r < R
-    plane = R * n_splits
-    if STUDENT:
-        tl.store(p_o, b_ms, mask=m_o)
-        tl.store(p_o + plane, b_ls, mask=m_o)
-    tl.store(p_o + 2 * plane, b_tmax, mask=m_o)
-    tl.store(p_o + 3 * plane, b_lt, mask=m_o)
-    tl.store(p_o + 4 * plane, b_lg, mask=m_o)
-    tl.store(p_o + 5 * plane, b_tmin, mask=m_o)
+    _store_states(p_o, o_r < R, R * n_splits, b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin, STUDENT, True)
 
 
 @triton.jit
@@ -227,24 +251,19 @@ def _row_stats_merge_kernel(
     for s0 in range(0, n_splits, BS):
         m = m_m[:, None] & (s0 + o_s < n_splits)[None, :]
         p_s = p_part + o_r[:, None] * n_splits + s0 + o_s[None, :]  # [BR, BS]
-        c_tmax, c_lt, c_lg, c_tmin = _teacher_stats_block(
-            tl.load(p_s + 2 * plane, mask=m, other=float("-inf")), tl.load(p_s + 3 * plane, mask=m, other=0.0),
-            tl.load(p_s + 4 * plane, mask=m, other=0.0), tl.load(p_s + 5 * plane, mask=m, other=float("inf")),
-            teacher_scale, grouping_scale)
+        c_ms, c_ls, c_tmax, c_lt, c_lg, c_tmin = _load_states(p_s, m, plane, STUDENT, True)
+        c_tmax, c_lt, c_lg, c_tmin = _teacher_stats_block(c_tmax, c_lt, c_lg, c_tmin, teacher_scale, grouping_scale)
         b_tmax, b_lt, b_lg, b_tmin = _merge_teacher_stats(
             b_tmax, b_lt, b_lg, b_tmin, c_tmax, c_lt, c_lg, c_tmin, teacher_scale, grouping_scale)
         if STUDENT:
-            c_ms, c_ls = _lse_block(tl.load(p_s, mask=m, other=float("-inf")), tl.load(p_s + plane, mask=m, other=0.0))
+            c_ms, c_ls = _lse_block(c_ms, c_ls)
             b_ms, b_ls = _merge_lse(b_ms, b_ls, c_ms, c_ls)
-    p_c = p_state + o_m
+    c_ms, c_ls, c_tmax, c_lt, c_lg, c_tmin = _load_states(p_state + o_m, m_m, B, STUDENT, HALF_T)
     if STUDENT:
-        b_ms, b_ls = _merge_lse(b_ms, b_ls, tl.load(p_c, mask=m_m, other=float("-inf")),
-                                tl.load(p_c + B, mask=m_m, other=0.0))
+        b_ms, b_ls = _merge_lse(b_ms, b_ls, c_ms, c_ls)
     if HALF_T:
         b_tmax, b_lt, b_lg, b_tmin = _merge_teacher_stats(
-            b_tmax, b_lt, b_lg, b_tmin, tl.load(p_c + 2 * B, mask=m_m, other=float("-inf")),
-            tl.load(p_c + 3 * B, mask=m_m, other=0.0), tl.load(p_c + 4 * B, mask=m_m, other=0.0),
-            tl.load(p_c + 5 * B, mask=m_m, other=float("inf")), teacher_scale, grouping_scale)
+            b_tmax, b_lt, b_lg, b_tmin, c_tmax, c_lt, c_lg, c_tmin, teacher_scale, grouping_scale)
     # A row without any valid column (B == 1) gets lse = 0 + log(0) = -inf; lanes past R log 1.
     if STUDENT:
         b_ms = tl.where(b_ms == float("-inf"), 0.0, b_ms)
@@ -270,37 +289,19 @@ def _column_stats_merge_kernel(
     m_c = o_c < B
     o_b = tl.arange(0, BB)
     p_c = p_state + o_c
-    b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin = _empty_stats(BC)
-    if STUDENT:
-        b_ms = tl.load(p_c, mask=m_c, other=float("-inf"))
-        b_ls = tl.load(p_c + B, mask=m_c, other=0.0)
-    if HALF_T:
-        b_tmax = tl.load(p_c + 2 * B, mask=m_c, other=float("-inf"))
-        b_lt = tl.load(p_c + 3 * B, mask=m_c, other=0.0)
-        b_lg = tl.load(p_c + 4 * B, mask=m_c, other=0.0)
-        b_tmin = tl.load(p_c + 5 * B, mask=m_c, other=float("inf"))
+    b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin = _load_states(p_c, m_c, B, STUDENT, HALF_T)
     for b0 in range(0, NB, BB):
         m = m_c[:, None] & (b0 + o_b < NB)[None, :]
         p_b = p_cols + (b0 + o_b)[None, :] * B + o_c[:, None]  # [BC, BB]
+        c_ms, c_ls, c_tmax, c_lt, c_lg, c_tmin = _load_states(p_b, m, col_plane, STUDENT, HALF_T)
         if STUDENT:
-            c_ms, c_ls = _lse_block(tl.load(p_b, mask=m, other=float("-inf")),
-                                    tl.load(p_b + col_plane, mask=m, other=0.0))
+            c_ms, c_ls = _lse_block(c_ms, c_ls)
             b_ms, b_ls = _merge_lse(b_ms, b_ls, c_ms, c_ls)
         if HALF_T:
-            c_tmax, c_lt, c_lg, c_tmin = _teacher_stats_block(
-                tl.load(p_b + 2 * col_plane, mask=m, other=float("-inf")),
-                tl.load(p_b + 3 * col_plane, mask=m, other=0.0), tl.load(p_b + 4 * col_plane, mask=m, other=0.0),
-                tl.load(p_b + 5 * col_plane, mask=m, other=float("inf")), teacher_scale, grouping_scale)
+            c_tmax, c_lt, c_lg, c_tmin = _teacher_stats_block(c_tmax, c_lt, c_lg, c_tmin, teacher_scale, grouping_scale)
             b_tmax, b_lt, b_lg, b_tmin = _merge_teacher_stats(
                 b_tmax, b_lt, b_lg, b_tmin, c_tmax, c_lt, c_lg, c_tmin, teacher_scale, grouping_scale)
-    if STUDENT:
-        tl.store(p_c, b_ms, mask=m_c)
-        tl.store(p_c + B, b_ls, mask=m_c)
-    if HALF_T:
-        tl.store(p_c + 2 * B, b_tmax, mask=m_c)
-        tl.store(p_c + 3 * B, b_lt, mask=m_c)
-        tl.store(p_c + 4 * B, b_lg, mask=m_c)
-        tl.store(p_c + 5 * B, b_tmin, mask=m_c)
+    _store_states(p_c, m_c, B, b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin, STUDENT, HALF_T)
 
 
 @triton.jit
