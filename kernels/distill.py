@@ -45,7 +45,6 @@ dots through ``tiles.slab_tile``); only ``j != i`` takes part. Targets
 
 Every scale must be positive (the running maximum of ``t`` serves both of its logsumexps).
 """
-import math
 import warnings
 
 import torch
@@ -61,7 +60,6 @@ _GOLDEN = tl.constexpr(0x9E3779B1)
 _SMALL_DOMAIN = tl.constexpr(SMALL_DOMAIN)
 _SMALL_DOMAIN_ROUNDS = tl.constexpr(SMALL_DOMAIN_ROUNDS)
 _ROUNDS = tl.constexpr(ROUNDS)
-EMPTY_STATES = (-math.inf, 0.0, -math.inf, 0.0, 0.0, math.inf)  # the six planes of _empty_stats
 SHUFFLES = ("none", "expected", "random")  # the TARGETS constexpr of _distill_slab_kernel: their index
 
 
@@ -234,7 +232,7 @@ def _teacher_stats_block(c_tmax, c_lt, c_lg, c_tmin, teacher_scale, grouping_sca
 @triton.jit
 def _row_stats_merge_kernel(
     p_part,  # [6, R, S] fp32: _row_stats_kernel's partial states
-    p_state,  # [P, B] fp32: the running column-side states (STUDENT or HALF_T; planes as in p_part)
+    p_state,  # [P, B] fp32: the running column-side states (STUDENT or HALF_T; planes as in p_part; unset at row0 0)
     p_out,  # [5, B] fp32 out: lse_s (STUDENT), lse_t, lse_g, t_min, t_max
     row0, R, B, n_splits, teacher_scale, grouping_scale,
     BR: tl.constexpr, BS: tl.constexpr, STUDENT: tl.constexpr, HALF_T: tl.constexpr,
@@ -258,7 +256,7 @@ def _row_stats_merge_kernel(
         if STUDENT:
             c_ms, c_ls = _lse_block(c_ms, c_ls)
             b_ms, b_ls = _merge_lse(b_ms, b_ls, c_ms, c_ls)
-    c_ms, c_ls, c_tmax, c_lt, c_lg, c_tmin = _load_states(p_state + o_m, m_m, B, STUDENT, HALF_T)
+    c_ms, c_ls, c_tmax, c_lt, c_lg, c_tmin = _load_states(p_state + o_m, m_m & (row0 > 0), B, STUDENT, HALF_T)
     if STUDENT:
         b_ms, b_ls = _merge_lse(b_ms, b_ls, c_ms, c_ls)
     if HALF_T:
@@ -279,17 +277,18 @@ def _row_stats_merge_kernel(
 @triton.jit
 def _column_stats_merge_kernel(
     p_cols,  # [P, NB, B] fp32: the slab's row blocks' column-side states (_row_stats_kernel)
-    p_state,  # [P, B] fp32 in/out: the running column-side states, over the slabs so far
-    col0, NB, B, col_plane, teacher_scale, grouping_scale,
+    p_state,  # [P, B] fp32 in/out: the running column-side states over the slabs before row0 (unset at row0 0)
+    row0, col0, NB, B, col_plane, teacher_scale, grouping_scale,
     BC: tl.constexpr, BB: tl.constexpr, STUDENT: tl.constexpr, HALF_T: tl.constexpr,
 ):
-    """BC columns from col0 on (those past the slab) a program: their running states, then the
-    slab's NB row blocks in block order (deterministic), BB blocks a load."""
+    """BC columns from col0 on (those past the slab of rows row0..) a program: their running
+    states (none for the first slab), then the slab's NB row blocks in block order
+    (deterministic), BB blocks a load."""
     o_c = col0 + tl.program_id(0).to(tl.int64) * BC + tl.arange(0, BC)
     m_c = o_c < B
     o_b = tl.arange(0, BB)
     p_c = p_state + o_c
-    b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin = _load_states(p_c, m_c, B, STUDENT, HALF_T)
+    b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin = _load_states(p_c, m_c & (row0 > 0), B, STUDENT, HALF_T)
     for b0 in range(0, NB, BB):
         m = m_c[:, None] & (b0 + o_b < NB)[None, :]
         p_b = p_cols + (b0 + o_b)[None, :] * B + o_c[:, None]  # [BC, BB]
@@ -864,9 +863,7 @@ def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale
     partial = torch.empty((6, R, max_splits), device=t.device, dtype=torch.float32)
     if planes:  # per row block of the slab, the column-side states; their running merge over the slabs
         cols = torch.empty((planes, NB, B), device=t.device, dtype=torch.float32)
-        state = torch.empty((planes, B), device=t.device, dtype=torch.float32)
-        for plane, empty in zip(state, EMPTY_STATES):  # fills, not a tensor from host data: a CUDA graph
-            plane.fill_(empty)  # capture allows no host-to-device copy
+        state = torch.empty((planes, B), device=t.device, dtype=torch.float32)  # the first slab reads none
     else:
         cols = state = partial  # unread
     out = torch.empty((5, B), device=t.device, dtype=torch.float32)
@@ -890,7 +887,7 @@ def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale
             **flags, num_warps=4)
         if planes and row0 + rows < B:
             _column_stats_merge_kernel[(cdiv(B - row0 - rows, BC),)](
-                cols, state, row0 + rows, cdiv(rows, BM), B, NB * B, float(teacher_scale),
+                cols, state, row0, row0 + rows, cdiv(rows, BM), B, NB * B, float(teacher_scale),
                 float(grouping_scale), BC=BC, BB=BB, **flags, num_warps=4)
         if grid is not None:
             grid(row0, t_dots[:rows * B].view(rows, B), out[2], out[3], out[4])
