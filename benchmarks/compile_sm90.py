@@ -66,7 +66,7 @@ SAME_DTYPES = ["bf16", "fp16", "tf32", "ieee"]
 
 def contrastive(B, D, dtype, teacher_dtype):
     """InfoNCE (kernels/contrastive.py): the row factor kernel (the loss alone, and with the
-    factors) and the column factor kernel for a slab of 512 rows / columns, N = B, and the
+    factors; in one pass and in two) and the column factor kernel for a slab of 512 rows / columns, N = B, and the
     gradient through the norms adding into another term's (``unit_rows_backward`` with
     ``add_scale``); the slabs' GEMMs are cuBLAS's, so the kernels are called directly."""
     from distillcse.kernels import contrastive as C
@@ -77,8 +77,10 @@ def contrastive(B, D, dtype, teacher_dtype):
     r, stats, x = torch.empty(B), torch.empty(2, B), torch.empty(B, D, dtype=dtype)
     raw = dtype != torch.float16  # fp16: factors without the norms, against unit rows
     for grad in (False, True):
-        C._row_factors_kernel[(triton.cdiv(rows, blocks["rows"]["BR"]),)](
-            dots, r, r, r, stats, fac, 0, rows, B, B, 20.0, GRAD=grad, RAW=raw, **blocks["rows"])
+        for one in {C.one_pass(dtype, 20.0), False}:  # the one-pass kernel (not fp16), and two passes
+            C._row_factors_kernel[(triton.cdiv(rows, blocks["rows"]["BR"]),)](
+                dots, r, r, r, stats, r, fac, 0, rows, B, B, 20.0, GRAD=grad, RAW=raw, ONE_PASS=one,
+                **blocks["rows"])
     cols = blocks["cols"]
     C._column_factors_kernel[(rows // cols["BC"], triton.cdiv(B, cols["BB"]))](
         dots, r, r, stats, r, r, fac, 0, rows, B, 20.0, RAW=raw, **cols)

@@ -5,17 +5,21 @@ second view, rows ``B..N-1`` hard negatives. With ``scale = 1 / temperature``, `
 ``P_ij = exp(s_ij - lse_i)``, ``g`` the upstream gradient of the row losses:
   forward   per slab of R rows, cuBLAS writes the raw dots ``x[slab] y^T`` [R, N] in fp32 and
             ``_row_factors_kernel`` takes ``lse_i``, the loss and ``1 - P_ii`` from them,
-            then writes the factors ``M_ij = (P_ij - [i == j]) ry_j`` [R, N]; one more GEMM,
+            and writes the factors ``M_ij = (P_ij - [i == j]) ry_j`` [R, N]; one more GEMM,
             ``M y``, times ``scale g_i`` is the slab rows' ``du_x``, which
-            ``unit_rows_backward`` takes through ``u = x rx``.
+            ``unit_rows_backward`` takes through ``u = x rx``. For bf16 and fp32 at
+            ``scale <= ONE_PASS_MAX_SCALE`` (``one_pass``) the kernel reads the dots once: the
+            logits shifted by ``scale`` (no row maximum needed), the factors unnormalised
+            (``L_i M_ij``, ``L_i`` the row's sum) and ``1 / L_i`` moved into the row scale.
   backward  per slab of C columns of y, cuBLAS writes ``y[slab] x^T`` [C, B], and the
             elementwise ``_column_factors_kernel`` writes ``M'_ji = (g_i / g_max) (P_ij - [i == j]) rx_i``
             from the saved ``lse`` (the diagonal's ``1 - P_ii`` saved too: no cancellation);
             ``M' x`` times ``scale g_max`` is the slab's ``du_y``.
 Four GEMM-equivalents (1 = one B x N x D product), all cuBLAS at its own rate (the fused
 kernels this design replaced ran at ~24% of it on an H200, benchmarks/NOTES.md, Session 13),
-and memory-bound passes over the slab buffers: the row kernel reads the dots twice and writes
-the factors (10 bytes an entry in 16 bits), the column kernel reads once and writes (6). The
+and memory-bound passes over the slab buffers: the row kernel reads the dots once (twice for
+fp16 or a larger scale) and writes the factors (6 bytes an entry in 16 bits, 10 with two
+reads), the column kernel reads once and writes (6). The
 B x N logits never exist whole: the slab buffers stay within the caller's ``budget_bytes``.
 The factors take the inputs' dtype (fp32 GEMMs follow PyTorch's TF32 switch, as
 ``dot_precision`` does). fp16 cannot hold ``P_ij ry_j`` for every row norm, so for fp16 the
@@ -34,6 +38,9 @@ from .utils import cdiv, matmul_f32, next_pow2, slab_rows, unit_stride_rows
 
 SLAB_STEP = 32  # slab rows (columns) come in multiples of this, when the budget cuts them
 UNIT_COPY_ROWS = 4096  # rows a step of fp16's unit-row copy
+# The row kernel's one pass shifts the logits by scale: exp(s - scale) >= exp(-2 scale) = 1.6e-28
+# at this scale (temperature 1/32), leaving 10 decades of fp32's (and bf16's) normal range for ry_j
+ONE_PASS_MAX_SCALE = 32.0
 
 
 @triton.jit
@@ -43,36 +50,59 @@ def _row_factors_kernel(
     ry,  # [N] fp32 inverse norms
     loss,  # [B] fp32 out: lse_i - s_ii
     stats,  # [2, B] fp32 out: lse_i and 1 - P_ii = sum_{j != i} P_ij
-    fac,  # [R, N] out (GRAD), factor dtype, row stride N: M_ij = (P_ij - [i == j]) (ry_j if RAW)
+    row_scale,  # [B] fp32 in/out (GRAD and ONE_PASS): the rows' gradient scale, divided by L_i
+    fac,  # [R, N] out (GRAD), factor dtype, row stride N: M_ij = (P_ij - [i == j]) (ry_j if RAW), ONE_PASS: L_i times that
     row0, R, B, N, scale,
-    BR: tl.constexpr, BN: tl.constexpr, GRAD: tl.constexpr, RAW: tl.constexpr,
+    BR: tl.constexpr, BN: tl.constexpr, GRAD: tl.constexpr, RAW: tl.constexpr, ONE_PASS: tl.constexpr,
 ):
-    """Rows ``i = row0 + o_r`` (BR slab rows a program): an online logsumexp over their N logits
-    (per lane, the maximum over all of them and the sum ``l_i`` over ``j != i``), then with GRAD
-    a second pass writing the factors, the diagonal's ``P_ii - 1 = -l_i / L_i``
-    (``L_i = l_i + e_ii``) without cancellation."""
+    """Rows ``i = row0 + o_r`` (BR slab rows a program): the sums ``l_i`` over ``j != i`` and
+    ``L_i = l_i + e_ii`` of ``e_ij = exp(s_ij - m_i)``, then lse_i, the loss and ``1 - P_ii = l_i / L_i``
+    (the diagonal's ``P_ii - 1 = -l_i / L_i``, without cancellation).
+    ONE_PASS: m_i = scale, the largest logit a cosine gives (``one_pass``: then no e_ij
+    underflows), so the factors go out in the same pass, unnormalised (``L_i M_ij``, the
+    diagonal's ``-l_i`` once the row is summed), and ``row_scale_i`` is divided by L_i: one
+    read of the dots. Otherwise an online logsumexp (per lane, the maximum over all columns),
+    then with GRAD a second pass writing the factors."""
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)  # [BR] slab-local rows
     m_r = o_r < R
     o_i = row0 + o_r  # [BR] batch rows
     p_dots = dots + o_r[:, None] * N  # [BR, 1]
+    p_fac = fac + o_r[:, None] * N
     b_cx = scale * tl.load(rx + o_i, mask=m_r, other=0.0)  # [BR]
-    b_sii = b_cx * tl.load(dots + o_r * N + o_i, mask=m_r, other=0.0) * tl.load(ry + o_i, mask=m_r, other=0.0)
-    b_max = tl.full([BR, BN], float("-inf"), dtype=tl.float32)  # per-lane running maxima
-    b_sum = tl.zeros([BR, BN], dtype=tl.float32)  # per-lane sums of exp(s_ij - b_max), j != i
-    for j0 in range(0, N, BN):
-        o_n = j0 + tl.arange(0, BN).to(tl.int64)
-        m = m_r[:, None] & (o_n < N)[None, :]
-        b_ry = tl.load(ry + o_n, mask=o_n < N, other=0.0)
-        b_s = b_cx[:, None] * tl.load(p_dots + o_n[None, :], mask=m, other=0.0) * b_ry[None, :]
-        b_s = tl.where(m, b_s, float("-inf"))
-        b_new = tl.maximum(b_max, b_s)
-        b_shift = tl.where(b_new == float("-inf"), 0.0, b_new)  # lanes without a column yet: no NaN
-        b_e = tl.where(o_n[None, :] == o_i[:, None], 0.0, tl.exp(b_s - b_shift))
-        b_sum = b_sum * tl.exp(b_max - b_shift) + b_e
-        b_max = b_new
-    b_m = tl.max(b_max, 1)  # [BR] >= s_ii, finite on valid rows (B >= 2: every row has a column)
-    b_m = tl.where(m_r, b_m, 0.0)
-    b_l = tl.sum(b_sum * tl.exp(b_max - b_m[:, None]), 1)
+    b_ryi = tl.load(ry + o_i, mask=m_r, other=0.0)
+    b_sii = b_cx * tl.load(dots + o_r * N + o_i, mask=m_r, other=0.0) * b_ryi
+    if ONE_PASS:
+        b_sum = tl.zeros([BR, BN], dtype=tl.float32)  # per-lane sums of e_ij, j != i
+        for j0 in range(0, N, BN):
+            o_n = j0 + tl.arange(0, BN).to(tl.int64)
+            m = m_r[:, None] & (o_n < N)[None, :] & (o_n[None, :] != o_i[:, None])
+            b_ry = tl.load(ry + o_n, mask=o_n < N, other=0.0)
+            b_s = b_cx[:, None] * tl.load(p_dots + o_n[None, :], mask=m, other=0.0) * b_ry[None, :]
+            b_e = tl.where(m, tl.exp(b_s - scale), 0.0)
+            b_sum += b_e
+            if GRAD:
+                if RAW:
+                    b_e = b_e * b_ry[None, :]
+                tl.store(p_fac + o_n[None, :], b_e.to(fac.dtype.element_ty), mask=m)  # the diagonal below
+        b_m = tl.where(m_r, scale, 0.0)
+        b_l = tl.sum(b_sum, 1)
+    else:
+        b_max = tl.full([BR, BN], float("-inf"), dtype=tl.float32)  # per-lane running maxima
+        b_sum = tl.zeros([BR, BN], dtype=tl.float32)  # per-lane sums of exp(s_ij - b_max), j != i
+        for j0 in range(0, N, BN):
+            o_n = j0 + tl.arange(0, BN).to(tl.int64)
+            m = m_r[:, None] & (o_n < N)[None, :]
+            b_ry = tl.load(ry + o_n, mask=o_n < N, other=0.0)
+            b_s = b_cx[:, None] * tl.load(p_dots + o_n[None, :], mask=m, other=0.0) * b_ry[None, :]
+            b_s = tl.where(m, b_s, float("-inf"))
+            b_new = tl.maximum(b_max, b_s)
+            b_shift = tl.where(b_new == float("-inf"), 0.0, b_new)  # lanes without a column yet: no NaN
+            b_e = tl.where(o_n[None, :] == o_i[:, None], 0.0, tl.exp(b_s - b_shift))
+            b_sum = b_sum * tl.exp(b_max - b_shift) + b_e
+            b_max = b_new
+        b_m = tl.max(b_max, 1)  # [BR] >= s_ii, finite on valid rows (B >= 2: every row has a column)
+        b_m = tl.where(m_r, b_m, 0.0)
+        b_l = tl.sum(b_sum * tl.exp(b_max - b_m[:, None]), 1)
     b_eii = tl.exp(b_sii - b_m)
     b_total = b_l + b_eii
     b_log_total = tl.log(b_total)
@@ -85,17 +115,23 @@ def _row_factors_kernel(
     b_loss = tl.where(b_l < b_eii, log1p_unit(tl.minimum(b_l / b_eii, 1.0)), (b_m - b_sii) + b_log_total)
     tl.store(loss + o_i, b_loss, mask=m_r)
     if GRAD:
-        p_fac = fac + o_r[:, None] * N
-        for j0 in range(0, N, BN):
-            o_n = j0 + tl.arange(0, BN).to(tl.int64)
-            m = m_r[:, None] & (o_n < N)[None, :]
-            b_ry = tl.load(ry + o_n, mask=o_n < N, other=0.0)
-            b_p = tl.exp(b_cx[:, None] * tl.load(p_dots + o_n[None, :], mask=m, other=0.0) * b_ry[None, :]
-                         - b_lse[:, None])
-            b_p = tl.where(o_n[None, :] == o_i[:, None], -b_miss[:, None], b_p)  # P_ij - [i == j]
+        if ONE_PASS:  # the diagonal L_i (P_ii - 1) = -l_i; the GEMM's row i then times 1 / L_i
+            b_d = -b_l
             if RAW:
-                b_p = b_p * b_ry[None, :]
-            tl.store(p_fac + o_n[None, :], b_p.to(fac.dtype.element_ty), mask=m)
+                b_d = b_d * b_ryi
+            tl.store(fac + o_r * N + o_i, b_d.to(fac.dtype.element_ty), mask=m_r)
+            tl.store(row_scale + o_i, tl.load(row_scale + o_i, mask=m_r, other=0.0) / b_total, mask=m_r)
+        else:
+            for j0 in range(0, N, BN):
+                o_n = j0 + tl.arange(0, BN).to(tl.int64)
+                m = m_r[:, None] & (o_n < N)[None, :]
+                b_ry = tl.load(ry + o_n, mask=o_n < N, other=0.0)
+                b_s = b_cx[:, None] * tl.load(p_dots + o_n[None, :], mask=m, other=0.0) * b_ry[None, :]
+                b_p = tl.exp(tl.where(m, b_s, float("-inf")) - b_lse[:, None])  # masked lanes 0, not exp(-lse)
+                b_p = tl.where(o_n[None, :] == o_i[:, None], -b_miss[:, None], b_p)  # P_ij - [i == j]
+                if RAW:
+                    b_p = b_p * b_ry[None, :]
+                tl.store(p_fac + o_n[None, :], b_p.to(fac.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -125,7 +161,7 @@ def _column_factors_kernel(
         b_coef = b_coef * b_rx
     p = o_c[:, None] * B + o_i[None, :]
     b_s = scale * tl.load(dots + p, mask=m, other=0.0) * b_ry[:, None] * b_rx[None, :]
-    b_p = tl.exp(b_s - b_lse[None, :])
+    b_p = tl.exp(tl.where(m, b_s, float("-inf")) - b_lse[None, :])  # masked lanes 0, not exp(-lse)
     b_p = tl.where(col0 + o_c[:, None] == o_i[None, :], -b_miss[None, :], b_p)  # P_ij - [i == j]
     tl.store(fac + p, (b_coef[None, :] * b_p).to(fac.dtype.element_ty), mask=m)
 
@@ -142,6 +178,13 @@ def _factor_rows(v, r):
         rows = slice(r0, r0 + UNIT_COPY_ROWS)
         torch.mul(v[rows], r[rows, None], out=u[rows])  # fp32 products, rounded once to v's dtype
     return u, False
+
+
+def one_pass(dtype, scale) -> bool:
+    """Whether the row kernel takes the loss and the factors in one read of the dots (shifted by
+    ``scale``, the largest logit: ``_row_factors_kernel``): for ``scale <= ONE_PASS_MAX_SCALE``
+    and factors with fp32's range (not fp16, whose unnormalised factors would underflow)."""
+    return dtype != torch.float16 and float(scale) <= ONE_PASS_MAX_SCALE
 
 
 def _blocks() -> dict:
@@ -181,7 +224,7 @@ def contrastive_fwd(x, rx, y, ry, scale, grad_rows=None, *, budget_bytes, add_to
     stats = torch.empty(2, B, device=x.device, dtype=torch.float32)
     dx = None
     if grad_rows is not None:
-        row_scale = float(scale) * grad_rows.float().contiguous()  # du_x_i = scale g_i (M y)_i
+        row_scale = float(scale) * grad_rows.float().contiguous()  # du_x_i = scale g_i (M y)_i; a new tensor
         assert row_scale.shape == (B,)
         if add_to is None:
             dx = torch.empty(B, D, device=x.device, dtype=x.dtype)
@@ -201,8 +244,9 @@ def contrastive_fwd(x, rx, y, ry, scale, grad_rows=None, *, budget_bytes, add_to
         n = rows.stop - row0
         matmul_f32(x[rows], y.T, out=dots[:n])
         _row_factors_kernel[(cdiv(n, blocks["BR"]),)](
-            dots, rx, ry, loss, stats, fac, row0, n, B, N, float(scale), GRAD=dx is not None, RAW=raw, **blocks)
-        if dx is not None:
+            dots, rx, ry, loss, stats, row_scale if dx is not None else loss, fac, row0, n, B, N, float(scale),
+            GRAD=dx is not None, RAW=raw, ONE_PASS=one_pass(x.dtype, scale), **blocks)
+        if dx is not None:  # (with one pass, the factors are L_i M and row_scale holds scale g_i / L_i)
             du = matmul_f32(fac[:n], v)  # [n, D] fp32: the slab rows' dL/du_x, up to scale g_i
             unit_rows_backward(du, x[rows], rx[rows], dx[rows], row_scale=row_scale[rows],
                                add_scale=None if add_to is None else add_scale)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import DEVICE, requires_triton
 
@@ -35,20 +36,22 @@ def _rel(out, ref):
 BUDGET = 1 << 30  # one slab for the tests' sizes
 
 
-def _check(x, y, grad_rows, tol, budget=BUDGET):
+def _check(x, y, grad_rows, tol, budget=BUDGET, scale=SCALE):
     """Loss rows, lse, dx and dy against float64; the forward without dx must agree with the
     one with it (``budget``: the slab buffers' bytes, both passes)."""
     from distillcse.kernels.contrastive import contrastive_bwd_dy, contrastive_fwd
 
     rx, ry = _inv_norm(x), _inv_norm(y)
-    loss, stats, dx = contrastive_fwd(x, rx, y, ry, SCALE, grad_rows, budget_bytes=budget)
-    loss_only, stats_only, no_dx = contrastive_fwd(x, rx, y, ry, SCALE, budget_bytes=budget)
+    grad_in = grad_rows.clone()
+    loss, stats, dx = contrastive_fwd(x, rx, y, ry, scale, grad_rows, budget_bytes=budget)
+    assert torch.equal(grad_rows, grad_in), "grad_rows changed"
+    loss_only, stats_only, no_dx = contrastive_fwd(x, rx, y, ry, scale, budget_bytes=budget)
     assert no_dx is None
     for name, a, b in (("loss_rows", loss_only, loss), ("stats", stats_only, stats)):  # the same sums, dx or not
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"{name} without dx")
     lse = stats[0]
-    dy = contrastive_bwd_dy(x, rx, y, ry, stats, SCALE, grad_rows, budget_bytes=budget)
-    refs = _reference(x, y, SCALE, grad_rows)
+    dy = contrastive_bwd_dy(x, rx, y, ry, stats, scale, grad_rows, budget_bytes=budget)
+    refs = _reference(x, y, scale, grad_rows)
     dtypes = (torch.float32, torch.float32, x.dtype, x.dtype)
     for name, out, ref, dtype in zip(("loss_rows", "lse", "dx", "dy"), (loss, lse, dx, dy), refs, dtypes):
         ref = ref.to(dtype).double()  # the best an output of this dtype can hold (fp16 underflows)
@@ -104,6 +107,27 @@ def test_near_perfect_positives(noise, device):
     B = 130
     x, y = _views(B, 23, 96, torch.float32, device, seed=10, noise=noise)
     _check(x, y, torch.full((B,), 1.0 / B, device=device), 5e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature", [1 / 32, 0.01])
+@pytest.mark.parametrize("opposed", [False, True])
+def test_one_pass_and_two(opposed, temperature, dtype, device):
+    """The row kernel's one pass (logits shifted by the scale) at its largest scale, 32, and two
+    passes beyond it (100) and for fp16; ``opposed``: every cosine below -0.85, each logit near
+    -scale, the one pass's exp(s - scale) near exp(-64), its smallest."""
+    from distillcse.kernels.contrastive import ONE_PASS_MAX_SCALE, one_pass
+
+    assert one_pass(dtype, 1 / temperature) == (dtype != torch.float16 and 1 / temperature <= ONE_PASS_MAX_SCALE)
+    B, n_hard = 130, 23
+    x, y = _views(B, n_hard, 96, torch.float32, "cpu", seed=13, noise=10.0)  # losses O(1) at scale 100
+    if opposed:  # rows spread around v, columns around -v
+        gen = torch.Generator().manual_seed(14)
+        v = 8.0 * torch.randn(96, generator=gen)
+        x, y = v + 2.0 * torch.randn(B, 96, generator=gen), 2.0 * torch.randn(B + n_hard, 96, generator=gen) - v
+        assert (F.normalize(x, dim=1) @ F.normalize(y, dim=1).T).max() < -0.85
+    grad_rows = torch.randn(B, generator=torch.Generator().manual_seed(15)).to(device)
+    _check(x.to(device, dtype), y.to(device, dtype), grad_rows, TOL[dtype], scale=1 / temperature)
 
 
 def test_feature_stride_not_one(device):
