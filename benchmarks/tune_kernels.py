@@ -2,10 +2,12 @@
 
     python benchmarks/tune_kernels.py --B 16384 65536 --D 768
 
-Prints, per B (bf16, N = B columns): one cuBLAS GEMM (B x D @ D x B); the contrastive forward
+Prints, per B (bf16, N = B columns): one cuBLAS GEMM (B x D @ D x B); the slabs' two GEMM
+shapes at a few slab heights, per sweep of B rows (``time_slab_gemms``); the contrastive forward
 (the loss alone, and with dx) and its dy per --budgets slab budget (MiB), and the forward with
 dx per --row-blocks choice of the row kernel (``C._blocks`` is replaced while each one is
-timed), each also in GEMM-equivalents (its time / the GEMM's) beside what the design predicts
+timed) and with the row kernel in one read of the dots and in two, each also in
+GEMM-equivalents (its time / the GEMM's) beside what the design predicts
 (kernels/contrastive.py: the loss alone 1, with dx 2, dy 2, plus their memory-bound passes);
 the distillation row stats / loss and gradient (shuffle none); and the row statistics per
 --stats-blocks choice of ``_row_stats_kernel``'s tile, for each of its variants (the student's
@@ -27,6 +29,7 @@ from triton.testing import do_bench
 import distillcse.kernels.contrastive as C
 import distillcse.kernels.distill as KD
 from distillcse.kernels.group_partition import grid_pass
+from distillcse.kernels.utils import matmul_f32
 
 ROW_BLOCKS = ["1,2048,8", "1,4096,8", "2,1024,8", "4,1024,8", "1,1024,4"]  # the default first
 STATS_BLOCKS = ["32,128,8", "32,64,8", "16,128,8"]  # the default first
@@ -60,6 +63,7 @@ def main():
         g = torch.ones(B, device="cuda")
         gemm = bench(lambda: x @ y.T)
         print(f"B={B} D={a.D} bf16: one cuBLAS GEMM {gemm:.3f} ms", flush=True)
+        time_slab_gemms(x, y, gemm)
         for mib in a.budgets:
             budget = int(mib * 2**20)
             _, stats, _ = C.contrastive_fwd(x, r, y, r, 20.0, budget_bytes=budget)
@@ -78,6 +82,7 @@ def main():
                 print(f"  row kernel {spec}: failed {type(e).__name__}: {str(e)[:120]}", flush=True)
             finally:
                 C._blocks = default
+        time_passes(x, r, y, g, budget, gemm)
         t = torch.randn(B, a.D, device="cuda", dtype=dtype)  # one teacher's raw rows
         rt = torch.linalg.vector_norm(t, dim=1, dtype=torch.float32).reciprocal()
         budget = 128 * 2**20
@@ -89,6 +94,38 @@ def main():
               f"{lg:.3f} ms ({lg/gemm:.2f}x, predicted 3+: s, t and the gradient's GEMM)", flush=True)
         time_stats_blocks(x, r, t, rt, budget, gemm, a.stats_blocks)
         del x, y, t, rt
+
+
+SLAB_GEMM_ROWS = (320, 160, 64)  # at 128 MiB, B = 65,536: the contrastive forward's slabs, its backward's, random's dots
+
+
+def time_slab_gemms(x, y, gemm):
+    """The slabs' two cuBLAS shapes (``matmul_f32``, fp32 out), swept over B's rows in slabs of
+    R: the dots ``x[slab] y^T`` [R, B] and the factors' GEMM ``[R, B] @ y`` [R, D], whose output
+    is small and inner dimension B (split-K or not is cuBLAS's choice). Each as a multiple of
+    the whole GEMM's time: 1.0 is the design's assumption (one GEMM-equivalent a sweep)."""
+    B = x.shape[0]
+    for R in SLAB_GEMM_ROWS:
+        dots = torch.empty(R, B, device=x.device, dtype=torch.float32)
+        fac = torch.randn(R, B, device=x.device).to(x.dtype)
+        d = bench(lambda: matmul_f32(x[:R], y.T, out=dots)) * B / R
+        f = bench(lambda: matmul_f32(fac, y)) * B / R
+        print(f"  slab GEMMs, R={R}: dots {d:.3f} ms a sweep ({d / gemm:.2f} GEMM-eq), "
+              f"factors {f:.3f} ms a sweep ({f / gemm:.2f})", flush=True)
+
+
+def time_passes(x, r, y, g, budget, gemm):
+    """The contrastive forward with dx, its row kernel in one read of the dots (the default at
+    scale 20 in bf16) and in two (``C.one_pass`` replaced): the one pass should save a read
+    of the [rows, B] fp32 dots and half the kernel's instructions (benchmarks/NOTES.md, Session 19)."""
+    default = C.one_pass
+    for name, choice in (("one pass", default), ("two passes", lambda dtype, scale: False)):
+        C.one_pass = choice
+        try:
+            f = bench(lambda: C.contrastive_fwd(x, r, y, r, 20.0, g, budget_bytes=budget))
+            print(f"  contrastive with dx, row kernel in {name}: {f:.3f} ms ({f / gemm:.2f} GEMM-eq)", flush=True)
+        finally:
+            C.one_pass = default
 
 
 def time_stats_blocks(x, r, t, rt, budget, gemm, specs):
