@@ -13,6 +13,9 @@ tensor value on the host (``.item()``, ``bool()``, ``int()``), an output whose s
 the data (``nonzero``, boolean indexing), or a tensor made from host data (``torch.tensor``).
 The input checks are counted separately (their NaN / Inf check: one foreach reduction, one sync).
 ``--general`` forces the streaming kernels at every B (the one-program path is off).
+``--stub`` runs no kernel and no GEMM (``host_time.StubbedKernels``: the threshold search
+closes its rows as on real embeddings), so that the launches of the headline's B = 65,536
+can be counted; a slab's height depends on ``--dtype`` and ``--D`` as on the GPU.
 """
 import argparse
 import collections
@@ -101,12 +104,12 @@ def cublas_gemms(ops):
             module.matmul_f32 = real
 
 
-def count(B, D, Dt, hard_negatives, shuffle, general):
+def count(B, D, Dt, hard_negatives, shuffle, general, dtype=torch.float32):
     gen = torch.Generator().manual_seed(0)
-    z1 = torch.randn(B, D, generator=gen, requires_grad=True)
-    z2 = torch.randn(B, D, generator=gen, requires_grad=True)
-    teacher = torch.randn(B, Dt, generator=gen)
-    hn = torch.randn(hard_negatives, D, generator=gen) if hard_negatives else None
+    z1 = torch.randn(B, D, generator=gen).to(dtype).requires_grad_()
+    z2 = torch.randn(B, D, generator=gen).to(dtype).requires_grad_()
+    teacher = torch.randn(B, Dt, generator=gen).to(dtype)
+    hn = torch.randn(hard_negatives, D, generator=gen).to(dtype) if hard_negatives else None
     from distillcse.kernels import small_batch
     saved = small_batch.MAX_ROWS
     small_batch.MAX_ROWS = 0 if general else saved
@@ -140,14 +143,24 @@ def main(argv=None):
     p.add_argument("--hard-negatives", type=int, default=0)
     p.add_argument("--shuffle", nargs="+", default=["none", "expected", "random"])
     p.add_argument("--general", action="store_true", help="streaming kernels at every B")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--stub", action="store_true",
+                   help="kernels and GEMMs do not run (host_time.StubbedKernels): any B, e.g. the headline's 65,536")
     a = p.parse_args(argv)
-    print(f"torch {torch.__version__}, distillcse_loss forward+backward, backend triton (interpreted), "
-          f"D = {a.D}, Dt = {a.Dt}, hard negatives {a.hard_negatives}{', streaming kernels only' if a.general else ''}\n")
+    stub = None
+    if a.stub:
+        from host_time import StubbedKernels  # benchmarks/, the script's folder
+        stub = StubbedKernels()
+    print(f"torch {torch.__version__}, distillcse_loss forward+backward, backend triton "
+          f"({'stubbed kernels' if a.stub else 'interpreted'}), {a.dtype}, D = {a.D}, Dt = {a.Dt}, hard negatives "
+          f"{a.hard_negatives}{', streaming kernels only' if a.general else ''}\n")
     print("| B | shuffle | Triton launches | PyTorch kernels | host syncs | checks: kernels, syncs | kernels by name |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for B in a.B:
         for shuffle in a.shuffle:
-            kernels, ops, check_ops = count(B, a.D, a.Dt, a.hard_negatives, shuffle, a.general)
+            if stub is not None:
+                stub.reset()
+            kernels, ops, check_ops = count(B, a.D, a.Dt, a.hard_negatives, shuffle, a.general, getattr(torch, a.dtype))
             names = ", ".join(f"{k} {v}" for k, v in sorted(kernels.items()))
             top = ", ".join(f"{k} {v}" for k, v in ops.ops.most_common(6))
             print(f"| {B} | {shuffle} | {sum(kernels.values())} | {sum(ops.ops.values())} ({top}) | {ops.syncs} | "

@@ -48,3 +48,24 @@ def test_no_host_sync_in_the_streaming_kernels(launch_count):
     assert ops.syncs == 0
     assert ops.ops["matmul_f32"] >= 9 and not {"mm", "addmm", "matmul", "bmm"} & set(ops.ops), ops.ops
     assert check_ops.syncs == 1
+
+
+def test_the_search_sums_its_splits_in_one_op(launch_count, monkeypatch):
+    """Above B = 1,024 the threshold search probes row chunks whose columns the GPU's blocks split
+    over many programs. With the kernels stubbed (``host_time.StubbedKernels``: no kernel, no
+    GEMM, the search closing its rows as on real embeddings) a step at B = 8,192 sums each
+    probe's per-split measures in one op, not a tree of adds (log2 of the splits a probe), and
+    syncs the host once a pass."""
+    from distillcse.kernels import utils
+
+    monkeypatch.setattr(utils, "interpreter_blocks", lambda: False)  # the GPU's blocks: many splits
+    spec = importlib.util.spec_from_file_location("host_time", os.path.join(ROOT, "benchmarks", "host_time.py"))
+    host_time = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(host_time)
+    with host_time.StubbedKernels():
+        kernels, ops, _ = launch_count.count(8192, 16, 24, 0, "expected", general=False)
+    probes, slabs = kernels["_group_probe_kernel"], kernels["_distill_slab_kernel"]
+    assert probes >= 3 and kernels["_settle_kernel"] >= 2, kernels  # the grid pass and two with windows
+    assert ops.ops["sum"] <= probes + slabs, ops.ops  # a probe's splits, a slab's chunks: one op each
+    assert ops.ops["add"] < probes, ops.ops  # 4 here (the brackets); with the tree 53 for 12 probes
+    assert ops.syncs == 2, ops.syncs  # the second pass and the third (its late rows)
