@@ -8,6 +8,8 @@ their GPU time, with call counts; the ``distillcse::<phase>`` rows (row_stats, w
 search's grid pass; group_thresholds, with the group means of shuffle "expected";
 distill_slabs, contrastive_rows, contrastive_columns) give each phase's total. ``--small``
 profiles 20 steps at a small B, where host overhead rules. bf16, D = Dt = 768, one teacher, as ``bench targets``.
+After each table: the GPU's busy time against the wall time, and each phase's host time against
+its kernels' (``busy_summary``): where the host is the slower side.
 """
 import argparse
 import os
@@ -50,6 +52,30 @@ def profile_case(B, what, shuffle, steps, log):
         torch.cuda.synchronize()
     log(f"\n### B = {B}, {what}, shuffle {shuffle}: {ms:.3f} ms a step (mean of {steps})")
     log(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
+    try:  # a summary that a profiler version without these fields must not cost the table above
+        log(busy_summary(prof, ms, steps))
+    except Exception as e:
+        log(f"(no busy summary: {type(e).__name__}: {e})")
+
+
+def busy_summary(prof, ms, steps):
+    """The GPU's busy time a step (the kernels', memsets' and copies' self times, summed as
+    the table's "Self CUDA time total" is) against the step's wall time: the rest is the GPU
+    idle, waiting for the host's launches or a sync. Then per ``distillcse::<phase>`` range
+    (its host-side events): the host's time in it against its kernels' (a phase whose host
+    time exceeds its GPU time is launch-bound)."""
+    from torch.autograd import DeviceType
+    busy = sum(e.self_device_time_total for e in prof.key_averages()
+               if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)) / 1e3 / steps
+    lines = [f"GPU busy {busy:.2f} ms of {ms:.2f} ms a step: idle {ms - busy:.2f} ms (waiting on the host)"]
+    phases = {}
+    for e in prof.events():
+        if e.name.startswith("distillcse::") and e.device_type == DeviceType.CPU:
+            host, gpu = phases.get(e.name, (0.0, 0.0))
+            phases[e.name] = (host + e.cpu_time_total / 1e3 / steps, gpu + e.device_time_total / 1e3 / steps)
+    for name, (host, gpu) in phases.items():
+        lines.append(f"  {name}: host {host:.2f} ms, GPU {gpu:.2f} ms{'  (launch-bound)' if host > gpu else ''}")
+    return "\n".join(lines)
 
 
 def main():

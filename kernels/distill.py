@@ -1057,6 +1057,7 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
     chunk_width = cdiv(cdiv(B, max(1, min(chunks, cdiv(B, BN)))), BN) * BN
     chunks = cdiv(B, chunk_width)
 
+    ones = torch.ones(chunks, device=x.device)  # sums a slab's cross terms over its chunks
     v = (x if x.dtype == grad_dtype else x.to(grad_dtype)) if need_grad else None  # the GEMMs' rows, raw
     grad = torch.empty(R_grad, B, device=x.device, dtype=grad_dtype) if need_grad else lse_s
     compact = torch.empty(R, B, device=x.device, dtype=grad_dtype) if shuffle == "random" else lse_s
@@ -1086,7 +1087,8 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
                 s_dots, rx, t_dots, rt, thr, lse_s, lse_t, qbar, first, compact, perm, cross,
                 grad[row0 - grad0:], row0, B, thr.stride(0), n_thr, chunk_width, chunks, rows, float(student_scale),
                 float(teacher_scale), BG=BG, TARGETS=targets, WRITE_GRAD=need_grad, **slab_blocks)
-            torch.sub(lse_s[slab], cross.sum(1), alpha=student_scale, out=loss[slab])  # lse_s - scale sum_j q~ s
+            # lse_s - scale sum_j q~ s: the chunks' sums and the difference in one op (a GEMV)
+            torch.addmv(lse_s[slab], cross, ones, alpha=-student_scale, out=loss[slab])
         if not need_grad:
             continue
         g, rows_g = grad[:grad_rows], slice(grad0, grad0 + grad_rows)

@@ -581,8 +581,9 @@ class _KernelProbes:
             self.lse_t, self.teacher_scale = means[0].float().contiguous(), float(means[1])
             self.qbar = torch.empty((t.shape[0], G1 + 1), device=t.device, dtype=torch.float32)
 
-    def __call__(self, rows, x, windows, snap, dots=None):
-        """(``dots``: the rows' teacher dots [R, B] fp32 if already computed.)"""
+    def __call__(self, rows, x, windows, snap, dots=None, out=None):
+        """(``dots``: the rows' teacher dots [R, B] fp32 if already computed; ``out``: a contiguous
+        [R, BP] tensor of the measure's dtype to write the measure into.)"""
         t, G1, cfg = self.t, self.G1, _probe_blocks(snap)
         R, BP = x.shape
         NP = min(BP, cfg.pop("NP"))  # points a program; the point blocks sweep the dots again
@@ -595,7 +596,10 @@ class _KernelProbes:
         splits = utils.column_splits(n_tiles, blocks, SPLIT_PROGRAMS)
         while self.budget_bytes is not None and splits > 1 and 12 * splits * R * BP > self.budget_bytes // 4:
             splits //= 2
-        meas = torch.empty((splits, R, BP), device=t.device, dtype=torch.int32 if self.fixed else torch.float32)
+        if out is not None and splits == 1:
+            meas = out[None]  # the kernel's one split writes the answer
+        else:
+            meas = torch.empty((splits, R, BP), device=t.device, dtype=torch.int32 if self.fixed else torch.float32)
         above = below = meas  # not written without snaps
         if snap:
             above = torch.empty((splits, R, BP), device=t.device, dtype=torch.float32)
@@ -614,7 +618,7 @@ class _KernelProbes:
             count, buf = _split_windows(count, buf, wlo, whi)
         self.dots = dots if self.qbar is not None and windows is not None else None  # only windows finish rows
         # one op (a fixed order for the shape), not a tree of log2(splits) adds: ~8 launches fewer a chunk
-        meas = meas[0] if splits == 1 else meas.sum(0, dtype=meas.dtype)
+        meas = meas[0] if splits == 1 else torch.sum(meas, 0, dtype=meas.dtype, out=out)
         if not snap:
             return meas, None, None, count, buf
         return meas, above.amin(0), below.amax(0), count, buf
@@ -670,26 +674,28 @@ class GridPass:
     no windows) on teacher dots computed elsewhere: ``distill.distill_row_stats(grid=...)``
     calls it per slab of rows with the slab's teacher dots and statistics, then
     ``group_thresholds(grid=...)`` starts from its results, one sweep of teacher GEMMs fewer.
-    Extra memory: the points and measures [B, GRID_LANES]. Make it with ``grid_pass``."""
+    Extra memory: the points and measures [B, GRID_LANES], the rows' indices [B]. Make it with
+    ``grid_pass``."""
 
     def __init__(self, t, rt, grouping_scale, G1, fixed, budget_bytes):
         B = t.shape[0]
         self.probe_args = (t, rt, float(grouping_scale), G1, fixed, budget_bytes)
         self.x = torch.empty((B, GRID_LANES), device=t.device, dtype=torch.float32)
         self.meas = torch.empty((B, GRID_LANES), device=t.device, dtype=torch.int32 if fixed else torch.float32)
+        self.rows = torch.arange(B, device=t.device)  # a slab's rows are a slice of it: no op a slab
 
     def __call__(self, row0, dots, lse_g, t_min, t_max):
         """The rows row0 .. row0 + n from their raw teacher dots ``dots`` [n, B] fp32 (``t[rows] t^T``
         as ``matmul_f32`` writes them) and their statistics (``lse_g``, ``t_min``, ``t_max`` [B]
         fp32, set for those rows)."""
         n = dots.shape[0]
-        rows = torch.arange(row0, row0 + n, device=dots.device)
+        rows = self.rows[row0:row0 + n]
         BR = 256 if utils.interpreter_blocks() else 32
         _grid_points_kernel[(cdiv(n, BR),)](t_min, t_max, self.x, row0, n, STATS_MARGIN, BR=BR, BP=GRID_LANES)
         x = self.x[row0:row0 + n]
         t, rt, scale, G1, fixed, budget_bytes = self.probe_args
         probes = _KernelProbes(t, rt, lse_g.contiguous(), scale, G1, fixed, budget_bytes)
-        self.meas[row0:row0 + n] = probes(rows, x, None, False, dots=dots)[0]
+        probes(rows, x, None, False, dots=dots, out=self.meas[row0:row0 + n])
 
 
 def grid_pass(t, rt, grouping_scale, *, group_p=0.1, group_size=None, budget_bytes=None, method="auto"):
