@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # GPU checks, one device call each (the device tool: <= 10 min a command, 15 min of device time a
 # task, at most 8 files back, so each mode leaves a few flat files in $OUT):
-#   bash benchmarks/gpu_run.sh check   (~9 min; run it first, with timeout_s 570)
+#   bash benchmarks/gpu_run.sh check   (~9 min; run it first, with timeout_s 590)
 #       1. `distillcse bench targets --skip-million`: the headline figures (B = 64, 65,536) against their targets
 #       2. the test suite on the GPU (bf16/fp16/fp32; 8 pytest-xdist workers, as the first launch of
 #          every kernel variant JIT-compiles; the training tests skip there: no MiniLM package)
-#       3. `distillcse verify` (bf16/fp16/fp32 table)
+#       3. `benchmarks/profile_step.py --B 65536`: where a step's time goes, and whether the host keeps up
+#       4. `distillcse verify` (bf16/fp16/fp32 table)
+#       (session 12's H200 run: targets hit 240 s with its slow kernels, the suite took 165 s, verify 27 s)
 #   bash benchmarks/gpu_run.sh sweep   (~5 min) `bench memory` sweeps for the README's plots, packed
 #   bash benchmarks/gpu_run.sh thresholds   (~2 min) Group-P search vs pairwise kernel (PAIRWISE_MAX_B)
 #   bash benchmarks/gpu_run.sh million   (<= 9 min) bench targets' B = 2^20 point alone (one step; timeout_s 590)
@@ -39,9 +41,10 @@ fi
   echo "commit ${DISTILLCSE_COMMIT:-unknown}"; } | tee "$OUT/gpu.txt"
 case "$MODE" in
   check)
-    stage 240 targets.log python3 -m distillcse bench targets --skip-million --no-progress --out "$OUT"
-    stage 230 pytest_gpu.log python3 -m pytest -q -rf -n 8 --timeout 200 --durations=20 -p no:cacheprovider tests
-    stage 60 verify_gpu.txt python3 -m distillcse verify
+    stage 210 targets.log python3 -m distillcse bench targets --skip-million --no-progress --out "$OUT"
+    stage 200 pytest_gpu.log python3 -m pytest -q -rf -n 8 --timeout 180 --durations=20 -p no:cacheprovider tests
+    stage 90 profile.log python3 benchmarks/profile_step.py --B 65536 --out /tmp  # the log has it, as it goes
+    stage 45 verify_gpu.txt python3 -m distillcse verify
     ;;
   sweep)
     for run in full:random full:expected contrastive:random; do
