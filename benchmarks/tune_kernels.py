@@ -105,7 +105,7 @@ def time_slab_gemms(x, y, gemm):
     is small and inner dimension B (split-K or not is cuBLAS's choice). Each as a multiple of
     the whole GEMM's time: 1.0 is the design's assumption (one GEMM-equivalent a sweep)."""
     B = x.shape[0]
-    for R in SLAB_GEMM_ROWS:
+    for R in (R for R in SLAB_GEMM_ROWS if R < B):  # a slab of all B rows is the whole GEMM
         dots = torch.empty(R, B, device=x.device, dtype=torch.float32)
         fac = torch.randn(R, B, device=x.device).to(x.dtype)
         d = bench(lambda: matmul_f32(x[:R], y.T, out=dots)) * B / R

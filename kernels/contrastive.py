@@ -34,7 +34,7 @@ import triton.language as tl
 from . import utils
 from .distill import unit_rows_backward
 from .tiles import log1p_unit
-from .utils import cdiv, matmul_f32, next_pow2, slab_rows, unit_stride_rows
+from .utils import cdiv, matmul_f32, slab_rows, unit_stride_rows
 
 SLAB_STEP = 32  # slab rows (columns) come in multiples of this, when the budget cuts them
 UNIT_COPY_ROWS = 4096  # rows a step of fp16's unit-row copy
