@@ -16,7 +16,7 @@ this time includes).
 
   --budgets       slab budgets in MiB (the backward runs at half the chunk budget)
   --row-blocks    BR,BN,warps: rows a program of the row kernel, columns a step, warps
-  --stats-blocks  BM,BN,warps of the statistics kernel (sm_90a, benchmarks/NOTES.md Session 18:
+  --stats-blocks  BM,BN,warps of the statistics kernel (sm_90a, benchmarks/session_log.md Session 18:
                   at 32,128,8 the both-halves variant takes 173 registers, one program an SM;
                   32,64,8 107 registers and 17% more instructions an entry)
 Check a block choice's registers and spills offline first: benchmarks/compile_sm90.py.
@@ -117,7 +117,7 @@ def time_slab_gemms(x, y, gemm):
 def time_passes(x, r, y, g, budget, gemm):
     """The contrastive forward with dx, its row kernel in one read of the dots (the default at
     scale 20 in bf16) and in two (``C.one_pass`` replaced): the one pass should save a read
-    of the [rows, B] fp32 dots and half the kernel's instructions (benchmarks/NOTES.md, Session 19)."""
+    of the [rows, B] fp32 dots and half the kernel's instructions (benchmarks/session_log.md, Session 19)."""
     default = C.one_pass
     for name, choice in (("one pass", default), ("two passes", lambda dtype, scale: False)):
         C.one_pass = choice

@@ -16,7 +16,7 @@ second view, rows ``B..N-1`` hard negatives. With ``scale = 1 / temperature``, `
             from the saved ``lse`` (the diagonal's ``1 - P_ii`` saved too: no cancellation);
             ``M' x`` times ``scale g_max`` is the slab's ``du_y``.
 Four GEMM-equivalents (1 = one B x N x D product), all cuBLAS at its own rate (the fused
-kernels this design replaced ran at ~24% of it on an H200, benchmarks/NOTES.md, Session 13),
+kernels this design replaced ran at ~24% of it on an H200, benchmarks/session_log.md, Session 13),
 and memory-bound passes over the slab buffers: the row kernel reads the dots once (twice for
 fp16 or a larger scale) and writes the factors (6 bytes an entry in 16 bits, 10 with two
 reads), the column kernel reads once and writes (6). The

@@ -41,7 +41,7 @@ from .utils import cdiv, dot_precision, next_pow2, seed_args, unit_stride_rows
 
 MAX_ROWS = 64  # B and the contrastive columns N = B + B_h of a batch that fits one program
 # N <= 64: at N = 65..128 (a [64, 128] column tile, 180 KiB of shared memory with gradients) the
-# gradient variant's loss varied from run to run on an H200 in bf16 / fp16 (benchmarks/NOTES.md,
+# gradient variant's loss varied from run to run on an H200 in bf16 / fp16 (benchmarks/session_log.md,
 # Session 12), so those batches stream until that is understood
 MAX_COLUMNS = 64
 TARGET_ROWS = 16  # rows a program of _shuffled_targets_kernel (its teacher logits' tl.dot takes M >= 16)
