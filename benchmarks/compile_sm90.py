@@ -25,7 +25,9 @@ on request a bf16 student with an fp32 teacher, whose dots are TF32 or "ieee"):
   loops       SASS instructions per thread in each loop body, innermost first (nvdisasm of the
               cubin; a body counts its inner loops once): with the tile's entries per thread, the
               ALU work an entry costs, for kernels bound by it (the Group-P probe kernel)
-  flags       SPILLS, SMEM > 227 KiB, and ptxas warnings (wgmma serialisation, say) verbatim
+  flags       SPILLS, SMEM > 227 KiB, REFILL RACE (``refill_races``: a pipelined loop's async copy
+              into the shared slot an async wgmma may still be reading), and ptxas warnings
+              (wgmma serialisation, say) verbatim
 
 Extend: add a function to TARGETS that calls a kernel file's launchers on tensors of shape
 (B, D). Kernels wrapped in ``triton.autotune`` cannot be compiled this way (the autotuner
@@ -217,6 +219,7 @@ def _compile_for_h100(kernel, args, kwargs, seen):
         smem=compiled.metadata.shared,
         mma=", ".join(mma) or "FMA",
         loops=_sass_loops(compiled.asm["cubin"]),
+        races=refill_races(compiled.asm["ttgir"]),
         warnings=" ".join(line.strip() for line in log.splitlines() if "warning" in line.lower()),
     )
 
@@ -289,9 +292,74 @@ def _sass_loops(cubin):
     return " / ".join(map(str, sorted(s for s in sizes if s > 1))) or "-"
 
 
+_SSA = r"%[\w#]+"
+
+
+def refill_races(ttgir):
+    """Pipelined loops of a compiled kernel (its TTGIR) whose async copy refills a shared slot
+    that an asynchronous wgmma (``warp_group_dot {isAsync}``) may still be reading.
+
+    Triton's software pipeliner gives a loaded tile a buffer of S slots, fills d of them before
+    the loop (d = num_stages - 1) and in iteration i reads slot i mod S and refills slot
+    (i + d) mod S, after a ``warp_group_dot_wait {pendings = P}`` that leaves the last P wgmmas
+    in flight. A wgmma of iteration i - k still reading the slot being refilled, i.e.
+    (d + k) mod S == 0, is a race: Triton 3.6 built the one-program kernel's logit loops with
+    S = d = 2 and P = both of the iteration's wgmmas (benchmarks/session_log.md, Session 20).
+    Returns one description per race found, [] for none. Loops are read at their own nesting
+    level (an inner loop's ops are not the outer loop's events)."""
+    lines = ttgir.splitlines()
+    slots, alias = {}, {}  # alloc -> slots; memdesc value -> the alloc it views
+    for line in lines:
+        m = re.match(rf"\s*({_SSA}) = ttg\.local_alloc : \(\) -> !ttg\.memdesc<(\d+)x\d+x", line)
+        if m:
+            slots[m.group(1)] = int(m.group(2))
+        m = re.match(rf"\s*({_SSA}) = ttg\.memdesc_\w+ ({_SSA})", line)
+        if m:
+            alias[m.group(1)] = alias.get(m.group(2), m.group(2))
+
+    def copy_target(line):
+        m = re.search(rf"ttg\.async_copy_global_to_local {_SSA}, ({_SSA})", line)
+        return alias.get(m.group(1)) if m else None
+
+    races = []
+    for start, line in enumerate(lines):
+        if " = scf.for " not in line:
+            continue
+        indent = len(line) - len(line.lstrip())
+        body = []
+        for inner in lines[start + 1:]:
+            level = len(inner) - len(inner.lstrip())
+            if level <= indent:
+                break
+            if level == indent + 2:
+                body.append(inner)
+        prologue = {}  # alloc -> copies into it before the loop, at the loop's level: the distance d
+        for before in lines[:start]:
+            if len(before) - len(before.lstrip()) == indent and copy_target(before) in slots:
+                prologue[copy_target(before)] = prologue.get(copy_target(before), 0) + 1
+        pending = []  # (iteration, allocs the wgmma reads), oldest first
+        for iteration in range(3):  # the pending set is periodic after the first iteration
+            for op in body:
+                if "ttng.warp_group_dot " in op and "isAsync = true" in op:
+                    operands = re.search(r"warp_group_dot (.*?) \{", op).group(1)
+                    pending.append((iteration, {alias.get(v) for v in re.findall(_SSA, operands)} & set(slots)))
+                elif "ttng.warp_group_dot_wait" in op:
+                    keep = int(re.search(r"pendings = (\d+)", op).group(1))
+                    pending = pending[len(pending) - keep:] if keep else []
+                elif copy_target(op) in prologue:
+                    alloc = copy_target(op)
+                    for issued, reads in pending:
+                        if alloc in reads and (prologue[alloc] + iteration - issued) % slots[alloc] == 0:
+                            races.append(f"loop at TTGIR line {start + 1}: {alloc} ({slots[alloc]} slots, "
+                                         f"{prologue[alloc]} ahead) refilled under a wgmma {iteration - issued} "
+                                         f"iteration(s) old")
+                            break
+    return sorted(set(races))
+
+
 def _flags(row):
     flags = [f for f, bad in (("SPILLS", row["spills"] != "0/0"), ("SMEM > 227 KiB", row["smem"] > H100_SMEM_PER_BLOCK))
-             if bad]
+             if bad] + [f"REFILL RACE: {race}" for race in row["races"]]
     return flags + ([row["warnings"]] if row["warnings"] else [])
 
 

@@ -42,8 +42,15 @@ from .utils import cdiv, dot_precision, next_pow2, seed_args, unit_stride_rows
 MAX_ROWS = 64  # B and the contrastive columns N = B + B_h of a batch that fits one program
 # N <= 64: at N = 65..128 (a [64, 128] column tile, 180 KiB of shared memory with gradients) the
 # gradient variant's loss varied from run to run on an H200 in bf16 / fp16 (benchmarks/session_log.md,
-# Session 12), so those batches stream until that is understood
+# Session 12); the race below may have been the cause, but no GPU has rerun it, so those batches stream
 MAX_COLUMNS = 64
+# Unpipelined loops: the one-program kernel's loops over features, whose tiles feed wgmmas and the
+# norms' sums (the logits, the teacher's logits), run with num_stages=1. Pipelined, Triton 3.6
+# gives them two shared buffers at a prefetch distance of two and leaves the iteration's wgmmas in
+# flight, so each refill (a zero-fill past the last feature chunk) writes the slot those wgmmas are
+# still reading: a race in every variant, found in the sm_90a build by simulating its shared-memory
+# accesses (Session 20; ``benchmarks/compile_sm90.py``'s ``refill_races`` flags the pattern).
+PIPELINED_STAGES = tl.constexpr(3)  # Triton's default num_stages, for the targets kernel's feature loop
 TARGET_ROWS = 16  # rows a program of _shuffled_targets_kernel (its teacher logits' tl.dot takes M >= 16)
 
 
@@ -121,13 +128,15 @@ def _random_targets(b_q, b_grp, o_row, o_col, B, p_grp, p_rank, p_q, seed_lo, se
 
 @triton.jit
 def _teacher_targets(p_t, o_row, m_row, o_col, m_col, m_in, s_t, Dt, teacher_scale,
-                     BDT: tl.constexpr, NORM_T: tl.constexpr, PREC_T: tl.constexpr):
+                     BDT: tl.constexpr, NORM_T: tl.constexpr, PREC_T: tl.constexpr, STAGES: tl.constexpr):
     """(t, q) [BR, BB] of rows o_row against columns o_col: the teacher logits (``rt`` from the
-    rows when NORM_T) and their softmax over the valid entries ``m_in`` at teacher_scale."""
+    rows when NORM_T) and their softmax over the valid entries ``m_in`` at teacher_scale.
+    STAGES: the feature loop's pipeline stages (1 where its dots are wgmmas: the note below
+    MAX_COLUMNS; 16-row blocks take mma.sync, which that race does not touch)."""
     b_tt = tl.zeros([o_row.shape[0], o_col.shape[0]], dtype=tl.float32)
     b_nr = tl.zeros([o_row.shape[0]], dtype=tl.float32)
     b_nc = tl.zeros([o_col.shape[0]], dtype=tl.float32)
-    for i_d in range(0, tl.cdiv(Dt, BDT)):
+    for i_d in tl.range(0, tl.cdiv(Dt, BDT), num_stages=STAGES):
         o_d = i_d * BDT + tl.arange(0, BDT)
         m_d = o_d < Dt
         b_tr = _rows_tile(p_t, o_row, m_row, s_t, o_d, m_d)  # [BR, BDT]
@@ -163,7 +172,8 @@ def _shuffled_targets_kernel(
     m_row = o_row < B
     m_col = o_col < B
     m_in = m_row[:, None] & m_col[None, :] & (o_row[:, None] != o_col[None, :])
-    b_tt, b_qt = _teacher_targets(p_t, o_row, m_row, o_col, m_col, m_in, s_t, Dt, teacher_scale, BDT, NORM_T, PREC_T)
+    b_tt, b_qt = _teacher_targets(p_t, o_row, m_row, o_col, m_col, m_in, s_t, Dt, teacher_scale, BDT, NORM_T, PREC_T,
+                                  PIPELINED_STAGES)
     b_t = tl.where(m_in, b_tt, float("-inf"))
     if FIXED_SIZE:
         b_f = _group_measure(b_t, m_in.to(tl.float32), p_rows, p_rows + plane, o_col, B)
@@ -218,14 +228,14 @@ def _small_batch_kernel(
             b_qt = tl.load(p_q + o_row[:, None] * BB + o_col[None, :], mask=m_in, other=0.0)
         else:
             _, b_qt = _teacher_targets(p_t, o_row, m_row, o_col, m_row, m_in, s_t, Dt, teacher_scale, BDT, NORM_T,
-                                       PREC_T)
+                                       PREC_T, 1)  # unpipelined (the note below MAX_COLUMNS)
 
     # One pass over the features: z1 z1^T, z1 y^T and the squared norms.
     b_xx = tl.zeros([BB, BB], dtype=tl.float32)
     b_xy = tl.zeros([BB, BY], dtype=tl.float32)
     b_nx = tl.zeros([BB], dtype=tl.float32)
     b_ny = tl.zeros([BY], dtype=tl.float32)
-    for i_d in range(0, tl.cdiv(D, BD)):
+    for i_d in tl.range(0, tl.cdiv(D, BD), num_stages=1):  # unpipelined (the note below MAX_COLUMNS)
         o_d = i_d * BD + tl.arange(0, BD)
         m_d = o_d < D
         b_x = _rows_tile(p_x, o_row, m_row, s_x, o_d, m_d)  # [BB, BD]

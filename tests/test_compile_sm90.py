@@ -1,7 +1,8 @@
-"""The distillation kernels compile for an H100/H200 (sm_90a) with few groups, offline:
-``benchmarks/compile_sm90.py`` builds them with Triton's own ptxas, no GPU needed. The
-interpreter never compiles, and Triton 3.6 failed to build the search's placing kernel with a
-boundary axis of 4 or fewer (group_p >= 0.2), which only an H200 showed."""
+"""Kernels built for an H100/H200 (sm_90a) offline: ``benchmarks/compile_sm90.py`` compiles them
+with Triton's own ptxas, no GPU needed, for what the interpreter cannot show. Triton 3.6 failed
+to build the search's placing kernel with a boundary axis of 4 or fewer (group_p >= 0.2), which
+only an H200 showed; and its pipeliner built the one-program kernel's logit loops so that an
+async copy refilled the shared slot a wgmma was still reading (``refill_races``)."""
 import os
 import subprocess
 import sys
@@ -13,13 +14,71 @@ pytest.importorskip("triton")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_few_group_kernels_compile_for_sm90():
+def _compile_report(*args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compile_sm90.py"), "--what",
-                          "few_groups", "--dtypes", "bf16", "--B", "4096", "--D", "64"],
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compile_sm90.py"), *args],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
+
+
+def test_few_group_kernels_compile_for_sm90():
+    report = _compile_report("--what", "few_groups", "--dtypes", "bf16", "--B", "4096", "--D", "64")
     for kernel in ("_place_kernel", "_group_probe_kernel", "_narrow_kernel", "_settle_kernel",
                    "_pairwise_brackets_kernel", "_group_means_kernel", "_settled_rows_kernel", "_grid_points_kernel",
                    "_distill_slab_kernel"):
-        assert f"### {kernel} " in run.stdout, kernel
+        assert f"### {kernel} " in report, kernel
+    assert "REFILL RACE" not in report
+
+
+def test_small_batch_kernels_refill_no_slot_in_use():
+    """Every variant of the one-program kernel and its targets kernel, 16-bit and TF32: no
+    pipelined loop refills a shared slot that an async wgmma may still read (the logit loops
+    run unpipelined for this; pipelined, Triton 3.6 builds each of them as ``_PIPELINED``)."""
+    report = _compile_report("--what", "small_batch", "--dtypes", "bf16", "tf32", "--B", "64", "--D", "64")
+    assert "### _small_batch_kernel " in report and "### _shuffled_targets_kernel " in report
+    assert report.count("| bf16 |") >= 8 and report.count("| tf32 |") >= 8
+    assert "REFILL RACE" not in report, report
+
+
+# A pipelined loop as Triton 3.6 builds the one-program kernel's logits (abridged TTGIR): a tile
+# of SLOTS slots, two filled before the loop, both of the iteration's wgmmas left in flight
+# (PENDINGS) while the refill for two iterations ahead goes out.
+_PIPELINED = """
+    %a = ttg.local_alloc : () -> !ttg.memdesc<SLOTSx64x64xbf16, #shared, #smem, mutable>
+    %a0 = ttg.memdesc_index %a[%c0_i32] : !ttg.memdesc<SLOTSx64x64xbf16> -> !ttg.memdesc<64x64xbf16>
+    %c0 = ttg.async_copy_global_to_local %p, %a0 mask %m : tensor<64x64x!tt.ptr<bf16>> -> <64x64xbf16>
+    %a1 = ttg.memdesc_index %a[%c1_i32] : !ttg.memdesc<SLOTSx64x64xbf16> -> !ttg.memdesc<64x64xbf16>
+    %c1 = ttg.async_copy_global_to_local %p, %a1 mask %m : tensor<64x64x!tt.ptr<bf16>> -> <64x64xbf16>
+    %r:2 = scf.for %i = %c0_i32 to %n step %c1_i32 iter_args(%x = %z, %y = %z) -> (tensor<64x64xf32>) {
+      %w = ttg.async_wait %c0 {num = 2 : i32}
+      %s = ttg.memdesc_index %a[%e] : !ttg.memdesc<SLOTSx64x64xbf16> -> !ttg.memdesc<64x64xbf16>
+      %t = ttg.memdesc_trans %s {order = array<i32: 1, 0>} : !ttg.memdesc<64x64xbf16> -> !ttg.memdesc<64x64xbf16>
+      %d0 = ttng.warp_group_dot %s, %t, %x {isAsync = true} : !ttg.memdesc<64x64xbf16> * !ttg.memdesc<64x64xbf16> -> tensor<64x64xf32>
+      %d1 = ttng.warp_group_dot %s, %b, %y {isAsync = true} : !ttg.memdesc<64x64xbf16> * !ttg.memdesc<64x64xbf16> -> tensor<64x64xf32>
+      %d:3 = ttng.warp_group_dot_wait %d0, %d1, %s {pendings = PENDINGS : i32} : tensor<64x64xf32>, tensor<64x64xf32>
+      %f = ttg.memdesc_index %a[%g] : !ttg.memdesc<SLOTSx64x64xbf16> -> !ttg.memdesc<64x64xbf16>
+      %c = ttg.async_copy_global_to_local %q, %f mask %k : tensor<64x64x!tt.ptr<bf16>> -> <64x64xbf16>
+      scf.yield %d#0, %d#1 : tensor<64x64xf32>, tensor<64x64xf32>
+    } loc(#loc1)
+"""
+
+
+@pytest.mark.parametrize("slots,pendings,races", [
+    (2, 2, 1),  # as built: the refill's slot is the one both wgmmas read
+    (2, 1, 1),  # the second wgmma still reads it
+    (2, 0, 0),  # both waited for
+    (3, 2, 0),  # a third slot: the refill goes to the slot of the iteration before, done
+    (3, 4, 1),  # ... unless that iteration's wgmmas are still in flight too
+])
+def test_refill_races_reads_the_pipeline(slots, pendings, races):
+    interpret = os.environ.get("TRITON_INTERPRET")  # the module drops it on import, for its compiles
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from compile_sm90 import refill_races
+    finally:
+        sys.path.pop(0)
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
+    found = refill_races(_PIPELINED.replace("SLOTS", str(slots)).replace("PENDINGS", str(pendings)))
+    assert len(found) == races, found
