@@ -6,6 +6,8 @@ soon as its logits are: the forward computes the loss and, when autograd will as
 gradient in the same pass (the logits and the shuffled targets are computed once a step), and
 the backward scales that gradient.
 """
+import functools
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -21,6 +23,22 @@ CHUNK_ENTRY_TENSORS = {"none": (6, 0), "expected": (6, 3), "random": (6, 21)}
 def chunk_rows(batch: int, columns: int, bytes_per_entry: int) -> int:
     """Rows per chunk so that the chunk's [rows, columns] temporaries fit the memory budget."""
     return max(1, min(batch, config.chunk_budget_bytes() // max(1, columns * bytes_per_entry)))
+
+
+def first_order(backward):
+    """``once_differentiable``, and a clear error where autograd asks for a second derivative
+    (``create_graph=True``: grad mode is on in the backward): these backends save the
+    gradient their forward computed, which has no graph of its own, so a gradient penalty
+    would silently miss their part."""
+    once = once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError('the torch and triton backends differentiate their losses once; '
+                               'create_graph=True (a second derivative) needs backend="reference"')
+        return once(ctx, *grads)
+    return wrapper
 
 
 def need_grad(*xs):
@@ -62,7 +80,7 @@ class ContrastiveChunked(torch.autograd.Function):
         return loss_rows.mean()
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_out):
         du1, dy = ctx.saved_tensors
         g = grad_out / du1.shape[0]
@@ -94,7 +112,7 @@ class DistillChunked(torch.autograd.Function):
         return loss_rows.mean()
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_out):
         du, = ctx.saved_tensors
         return du * (grad_out / du.shape[0]), None, None, None, None

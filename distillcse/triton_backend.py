@@ -21,7 +21,6 @@ Inside ``torch.compile``d code the entry points run as in eager mode (``torch.co
 a graph break around the loss, whose kernels are fused already).
 """
 import torch
-from torch.autograd.function import once_differentiable
 from torch.profiler import record_function
 
 from . import config
@@ -30,7 +29,7 @@ from .kernels.distill import distill_loss_and_grad, distill_row_stats
 from .kernels.group_partition import grid_pass, group_thresholds, num_groups
 from .kernels.small_batch import fits, small_batch_loss
 from .reference import EPS
-from .torch_backend import DistillChunked, need_grad
+from .torch_backend import DistillChunked, first_order, need_grad
 
 MAX_KERNEL_GROUPS = 64
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -89,7 +88,7 @@ class ContrastiveFused(torch.autograd.Function):
         return loss_rows.mean()
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_out):
         _take_once(ctx)
         z1, r1, y, ry, cl_stats, dz1 = ctx.saved_tensors
@@ -144,7 +143,7 @@ class DistillFused(torch.autograd.Function):
         return loss_rows.mean()
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_out):
         _take_once(ctx)
         dz_sum, = ctx.saved_tensors  # d(sum of loss rows)/dz
@@ -176,7 +175,7 @@ class DistillCSEFused(torch.autograd.Function):
         return terms[0] + distill_weight * terms[1], terms
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_out, _):
         _take_once(ctx)
         z1, r1, y, ry, cl_stats, dz1 = ctx.saved_tensors
@@ -200,7 +199,7 @@ class SmallBatchFused(torch.autograd.Function):
         return loss, terms
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_out, _):
         dz1, dy = ctx.saved_tensors
         g = grad_out.float()

@@ -249,3 +249,24 @@ def test_group_permutation_is_uniform_over_all_permutations(n):
     chi2 = ((counts - expected) ** 2 / expected).sum().item()
     df = math.factorial(n) - 1
     assert chi2 < df + 6 * math.sqrt(2 * df) + 6  # p < 1e-4 under uniformity
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_autocast_leaves_the_loss_in_full_precision(backend):
+    """Under torch.autocast the losses compute as they do outside it (the torch backend
+    crashed: its chunks' bf16 products met fp32 buffers)."""
+    g = torch.Generator().manual_seed(4)
+    z1, z2, hn = (torch.randn(n, 16, generator=g).requires_grad_(True) for n in (20, 20, 5))
+    t = [torch.randn(20, 8, generator=g), torch.randn(20, 12, generator=g)]
+    want = distillcse.distillcse_loss(z1, z2, t, hard_negatives=hn, seed=1, backend=backend)
+    want_grads = torch.autograd.grad(want, (z1, z2, hn))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = distillcse.distillcse_loss(z1, z2, t, hard_negatives=hn, seed=1, backend=backend)
+        terms = (distillcse.contrastive_loss(z1, z2, backend=backend),
+                 distillcse.distill_loss(z1, t, seed=1, backend=backend))
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, want)
+    for grad, want_grad in zip(torch.autograd.grad(loss, (z1, z2, hn)), want_grads):
+        torch.testing.assert_close(grad, want_grad)
+    torch.testing.assert_close(terms[0], distillcse.contrastive_loss(z1, z2, backend=backend))
+    torch.testing.assert_close(terms[1], distillcse.distill_loss(z1, t, seed=1, backend=backend))
