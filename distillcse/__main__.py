@@ -30,7 +30,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="distillcse", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("verify", help="compare every available backend with the reference and print a table")
-    v.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    v.add_argument("--device", type=checks.cli_device, default=None, help="cpu or cuda (default: cuda when available)")
     v.add_argument("--sizes", type=checks.batch_size, nargs="+", default=[37, 130], help="batch sizes (default: 37 130)")
     from . import train
     tr = sub.add_parser("train", help="train a sentence encoder with the DistillCSE loss; STS-B dev "
@@ -63,8 +63,11 @@ def main(argv=None):
             from .plot import plot_results
             if not os.path.isfile(args.csv):
                 parser.error(f"bench plot: {args.csv}: no such file")
-            for path in plot_results(args.csv, args.out):
-                print(path)
+            try:
+                paths = plot_results(args.csv, args.out)
+            except (OSError, ValueError) as err:   # not a results.csv of bench memory; --out not a folder
+                parser.error(f"bench plot: {err}")
+            print("\n".join(paths))
 
 
 if __name__ == "__main__":

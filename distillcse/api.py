@@ -5,6 +5,7 @@ a sequence of K tensors [B, D_k]; ``hard_negatives`` [B_h, D]. Every loss return
 (float32 for half-precision inputs) that autograd differentiates w.r.t. the student inputs.
 """
 import functools
+import inspect
 import os
 
 import torch
@@ -100,11 +101,11 @@ def _distill_options(student_temperature, teacher_temperature, group_p, group_si
                      grouping_temperature, shuffle, teacher_weights, seed, K):
     group_p, group_size = checks.check_grouping(group_p, group_size)
     return dict(
-        student_temperature=checks.check_positive("student_temperature", student_temperature),
-        teacher_temperature=checks.check_positive("teacher_temperature", teacher_temperature),
+        student_temperature=checks.check_temperature("student_temperature", student_temperature),
+        teacher_temperature=checks.check_temperature("teacher_temperature", teacher_temperature),
         group_p=group_p,
         group_size=group_size,
-        grouping_temperature=checks.check_positive("grouping_temperature", grouping_temperature),
+        grouping_temperature=checks.check_temperature("grouping_temperature", grouping_temperature),
         shuffle=checks.check_choice("shuffle", shuffle, checks.SHUFFLES),
         teacher_weights=checks.check_teacher_weights(teacher_weights, K),
         seed=checks.check_seed(seed),
@@ -117,7 +118,7 @@ def contrastive_loss(z1, z2, *, temperature=0.05, hard_negatives=None, backend="
     ``c_ij = cos(z1_i, [z2; hard_negatives]_j)``. z1, z2 [B, D]; hard_negatives [B_h, D]."""
     named, hard_negatives = _check_views(z1, z2, hard_negatives)
     checks.check_finite(named)
-    temperature = checks.check_positive("temperature", temperature)
+    temperature = checks.check_temperature("temperature", temperature)
     return _contrastive(z1, z2, hard_negatives, temperature, resolve_backend(backend, z1))
 
 
@@ -209,7 +210,7 @@ def distill_loss(student, teachers, *, student_temperature=0.025, teacher_temper
 
 def _check_total_options(temperature, distill_weight, distill_only, return_terms):
     """The keywords :func:`distillcse_loss` adds to the two terms'; (temperature, distill_weight)."""
-    temperature = checks.check_positive("temperature", temperature)
+    temperature = checks.check_temperature("temperature", temperature)
     distill_weight = checks.check_real("distill_weight", distill_weight)
     if distill_weight < 0:
         raise ValueError(f"distill_weight must be >= 0 (0 is SimCSE), got {distill_weight!r}")
@@ -262,6 +263,10 @@ def distillcse_loss(z1, z2, teachers, *, temperature=0.05, distill_weight=1.0, d
     return (loss, terms) if return_terms else loss
 
 
+_KEYWORDS = {name: p.default for name, p in inspect.signature(distillcse_loss).parameters.items()
+             if p.kind is p.KEYWORD_ONLY}  # distillcse_loss's keywords and their defaults
+
+
 class DistillCSELoss(torch.nn.Module):
     """Module form of :func:`distillcse_loss`; keywords as there, checked at construction.
 
@@ -270,7 +275,7 @@ class DistillCSELoss(torch.nn.Module):
 
     def __init__(self, **kwargs):
         super().__init__()
-        known = set(distillcse_loss.__kwdefaults__)
+        known = set(_KEYWORDS)
         unknown = set(kwargs) - known
         if unknown:
             raise TypeError(f"DistillCSELoss got unknown keyword(s) {sorted(unknown)}; "
@@ -282,14 +287,30 @@ class DistillCSELoss(torch.nn.Module):
             kwargs["seed"] = torch.Generator().manual_seed(seed)
         self.kwargs = kwargs
         checks.check_choice("backend", kwargs.get("backend", "auto"), checks.BACKENDS)
-        _distill_options(*(kwargs.get(k, distillcse_loss.__kwdefaults__[k]) for k in (
+        _distill_options(*(kwargs.get(k, _KEYWORDS[k]) for k in (
             "student_temperature", "teacher_temperature", "group_p", "group_size",
             "grouping_temperature", "shuffle")), None, None, 1)
-        _check_total_options(*(kwargs.get(k, distillcse_loss.__kwdefaults__[k]) for k in (
+        if kwargs.get("teacher_weights") is not None:  # their count is checked against each call's teachers
+            checks.check_teacher_weights(kwargs["teacher_weights"], None)
+        _check_total_options(*(kwargs.get(k, _KEYWORDS[k]) for k in (
             "temperature", "distill_weight", "distill_only", "return_terms")))
 
     def forward(self, z1, z2, teachers, hard_negatives=None):
         return distillcse_loss(z1, z2, teachers, hard_negatives=hard_negatives, **self.kwargs)
+
+    def get_extra_state(self):
+        """The shuffle generator's state (an int seed's), so that a checkpoint's ``state_dict``
+        resumes the sequence of shuffles where it stopped."""
+        seed = self.kwargs.get("seed")
+        return {"seed_generator": seed.get_state()} if isinstance(seed, torch.Generator) else {}
+
+    def set_extra_state(self, state):
+        seed = self.kwargs.get("seed")
+        if "seed_generator" in state:
+            if not isinstance(seed, torch.Generator):
+                raise ValueError("this state_dict holds a shuffle generator's state, but this DistillCSELoss "
+                                 "has no generator seed (make it with seed=<int> or a torch.Generator)")
+            seed.set_state(state["seed_generator"])
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

@@ -721,7 +721,7 @@ def add_memory_arguments(p):
     p.add_argument("--max-batch", type=checks.batch_size, default=None,
                    help="last batch size, doubling from --min-batch (default: 1024 on CPU, 2^20 on CUDA)")
     p.add_argument("--repeats", type=checks.positive_int, default=None, help="timed runs per point (default: 5 on CPU, 10 on CUDA)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", type=checks.cli_device, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--max-memory-gib", type=checks.non_negative_float, default=None,
                    help="skip points whose projected memory exceeds this many GiB; 0: no cap "
                    "(default: 4 on CPU, none on CUDA, where OOM ends a series)")
@@ -746,6 +746,7 @@ def run_memory(args, log=print):
     batches = batch_sizes(args.min_batch, max_batch)
     impls = args.impl or default_impls()
     out = args.out or default_out_dir()
+    checks.check_out_dir(out)
     os.makedirs(out, exist_ok=True)
     log(f"distillcse bench memory on {device_name(device)}: {WHAT_TITLES[args.what]}, D={D}, Dt={Dt}, "
         f"K={args.K}, {str(dtype).replace('torch.', '')}, shuffle={args.shuffle}, "

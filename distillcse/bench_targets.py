@@ -205,7 +205,7 @@ def add_targets_arguments(p):
     which.add_argument("--million-only", action="store_true",
                        help="the million-row point alone (a GPU run gives it its own time limit)")
     p.add_argument("--repeats", type=checks.positive_int, default=10, help="timed steps per point (default: 10)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", type=checks.cli_device, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default=None, help="output folder (default: benchmarks/results/<timestamp>-targets)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -215,6 +215,7 @@ def run_targets(args, log=print):
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     points = tuple(p for p in POINTS if not (args.skip_million and p[7]) and not (args.million_only and not p[7]))
     out = args.out or bench.default_out_dir("-targets")
+    checks.check_out_dir(out)
     os.makedirs(out, exist_ok=True)
     log(f"distillcse bench targets on {bench.device_name(device)}: D = Dt = {args.D}, K = {args.K}, "
         f"{str(dtype).replace('torch.', '')}, batch sizes / {args.divide}")

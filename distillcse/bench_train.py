@@ -24,7 +24,6 @@ import os
 import random
 import statistics
 import sys
-import time
 
 import torch
 
@@ -258,7 +257,7 @@ def add_train_arguments(p):
     p.add_argument("--amp", choices=("none", "bfloat16", "float16"), default=None,
                    help="autocast dtype of the encoders (default: bfloat16 on CUDA, none on CPU)")
     p.add_argument("--lr", type=checks.positive_float, default=3e-5, help="AdamW learning rate (default: 3e-5, the paper)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", type=checks.cli_device, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=checks.non_negative_int, default=0)
     p.add_argument("--out", default=None, help="output folder (default: benchmarks/results/<timestamp>-train)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -304,6 +303,7 @@ def run_train(args, log=print):
     amp = args.amp or ("bfloat16" if cuda else "none")
     impls = args.impl or list(TRAIN_IMPLS)
     out = args.out or bench.default_out_dir("-train")
+    checks.check_out_dir(out)
     sentences_path = args.sentences or default_sentences_path()
     sentences = read_sentences(sentences_path, steps * max(sizes), seed=args.seed)
     try:

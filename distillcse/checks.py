@@ -3,6 +3,7 @@ and what was expected."""
 import argparse
 import math
 import numbers
+import os
 
 import torch
 
@@ -11,6 +12,8 @@ from . import config
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SHUFFLES = ("none", "random", "expected")
 BACKENDS = ("auto", "reference", "torch", "triton")
+NORM_LIMIT = 1e19  # a row's norm past ~1.8e19 squares past float32's range (3.4e38)
+MIN_TEMPERATURE = 1e-4  # 1 / tau scales the cosines: 1e4 keeps every logit, exp and sum finite in fp32
 
 
 def check_embeddings(name, x, *, rows=None, dim=None, like=None):
@@ -44,18 +47,25 @@ def capturing(x):
 
 def check_finite(named):
     """Raises ValueError naming the first of ``named`` ((name, tensor) pairs) that holds NaN or
-    Inf. Each tensor's max |x| (which NaN and Inf survive) in one foreach op (fused on CUDA for
-    tensors of one dtype, not a launch a tensor) and their max: no temporary of an input's size, and
-    one host sync for all of them. Skipped when ``config.set_finite_check(False)``, and while a
+    Inf, or entries so large that its rows' norms overflow float32 (float64 inputs aside). Each
+    tensor's max |x| (which NaN and Inf survive) in one foreach op (fused on CUDA for tensors of
+    one dtype, not a launch a tensor) and their max, read in one host sync: no temporary of an
+    input's size. Skipped when ``config.set_finite_check(False)``, and while a
     CUDA stream is being captured into a graph (where a host read is not allowed)."""
     if not config.finite_check_enabled() or capturing(named[0][1]):
         return
     peaks = torch._foreach_norm([x.detach() for _, x in named], ord=math.inf)
-    if math.isfinite(torch.stack(peaks).amax().item()):
+    widest = max(math.sqrt(x.shape[-1]) for _, x in named)
+    if torch.stack(peaks).amax().item() * widest < NORM_LIMIT:  # False for NaN: the usual case in one sync
         return
-    for (name, _), peak in zip(named, peaks):
-        if not math.isfinite(peak.item()):
+    for (name, x), peak in zip(named, peaks):
+        peak = peak.item()
+        if not math.isfinite(peak):
             raise ValueError(f"{name} contains NaN or Inf")
+        if x.dtype != torch.float64 and peak * math.sqrt(x.shape[-1]) >= NORM_LIMIT:
+            raise ValueError(f"{name} has entries up to {peak:.3g}: its rows' squared norms overflow float32, "
+                             f"where the losses compute (keep max |x| * sqrt(D) under {NORM_LIMIT:.0e}; rescale "
+                             "the embeddings, which the cosines do not see)")
 
 
 def check_student(name, x):
@@ -85,15 +95,20 @@ def check_teachers(teachers, student):
 
 
 def check_teacher_weights(weights, K):
-    """None (uniform) or K non-negative finite numbers summing to 1. Returns a list of floats."""
+    """None (uniform) or K non-negative finite numbers summing to 1 (any number of them for K
+    None). Returns a list of floats."""
     if weights is None:
         return [1.0 / K] * K
     if isinstance(weights, torch.Tensor):
         weights = weights.detach().cpu().flatten().tolist()
-    weights = list(weights)
-    if len(weights) != K:
+    try:
+        weights = list(weights)
+    except TypeError:
+        raise TypeError("teacher_weights must be None or a sequence of K numbers, "
+                        f"got {type(weights).__name__}") from None
+    if K is not None and len(weights) != K:
         raise ValueError(f"teacher_weights must have one weight per teacher ({K}), got {len(weights)}")
-    if any(not isinstance(w, numbers.Real) or not math.isfinite(w) or w < 0 for w in weights):
+    if any(isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w) or w < 0 for w in weights):
         raise ValueError(f"teacher_weights must be finite and >= 0, got {weights}")
     if abs(sum(weights) - 1.0) > 1e-6:
         raise ValueError(f"teacher_weights must sum to 1, got sum {sum(weights)}")
@@ -107,6 +122,15 @@ def check_positive(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
+
+
+def check_temperature(name, value):
+    """A positive temperature, at least ``MIN_TEMPERATURE`` (smaller ones overflow fp32 logits)."""
+    value = check_positive(name, value)
+    if value < MIN_TEMPERATURE:
+        raise ValueError(f"{name} must be at least {MIN_TEMPERATURE:g} (1 / {name} scales the cosines, and "
+                         f"float32 logits overflow far below that), got {value!r}")
+    return value
 
 
 def check_grouping(group_p, group_size):
@@ -171,3 +195,29 @@ positive_float = cli_number(float, 0)
 non_negative_int = cli_number(int, 0, exclusive=False)
 non_negative_float = cli_number(float, 0, exclusive=False)
 batch_size = cli_number(int, 2, exclusive=False)   # in-batch negatives need two rows
+
+
+def cli_device(text):
+    """The ``--device`` option type: cpu, or cuda / cuda:N for a GPU this machine has; returns the
+    text as given (without the option the commands pick cuda when available)."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    try:
+        device = torch.device(text)
+    except RuntimeError:                   # not a device type torch knows
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cuda" and (device.index or 0) >= gpus):
+        here = ["cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(gpus)] if gpus else [])
+        raise argparse.ArgumentTypeError(f"expected a device of this machine ({', '.join(here)}), got {text!r}")
+    return text
+
+
+def check_out_dir(path):
+    """Exits naming ``--out`` unless ``path`` is a folder or can be made one (its nearest existing
+    ancestor a writable folder); makes nothing, so a later error leaves no empty folder."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise SystemExit(f"--out {path}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(f"--out {path}: {existing} is not writable")

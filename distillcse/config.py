@@ -1,11 +1,32 @@
 """Library-wide settings."""
+import math
+import numbers
 import os
 from contextlib import contextmanager
 
 # 128 MiB: at B = 65,536, D = 768, bf16 the triton backend's forward then peaks near 230 MiB
 # (slab + the distillation's gradient buffer), within the 256 MiB target (benchmarks/NOTES.md)
 _DEFAULT_CHUNK_MIB = 128
-_chunk_budget = int(float(os.environ.get("DISTILLCSE_CHUNK_MIB", _DEFAULT_CHUNK_MIB)) * 2**20)
+
+
+def _checked_mib(name, mib):
+    """``mib`` as a float when it is a positive finite number (not a bool), else a ValueError
+    naming ``name``."""
+    if isinstance(mib, bool) or not isinstance(mib, numbers.Real) or not (math.isfinite(mib) and mib > 0):
+        raise ValueError(f"{name} must be a positive finite number of MiB, got {mib!r}")
+    return float(mib)
+
+
+def _environment_chunk_mib():
+    """``$DISTILLCSE_CHUNK_MIB``, else the default; a bad value is refused with its text."""
+    text = os.environ.get("DISTILLCSE_CHUNK_MIB", str(_DEFAULT_CHUNK_MIB))
+    try:
+        return _checked_mib("$DISTILLCSE_CHUNK_MIB", float(text))
+    except ValueError:
+        raise ValueError(f"$DISTILLCSE_CHUNK_MIB must be a positive finite number of MiB, got {text!r}") from None
+
+
+_chunk_budget = int(_environment_chunk_mib() * 2**20)
 _finite_check = os.environ.get("DISTILLCSE_CHECK_FINITE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
@@ -18,20 +39,19 @@ def set_chunk_budget(mib: float) -> None:
     """Set the per-chunk memory budget of the torch backend and of the triton backend's
     distillation slabs, in MiB (default 128, or ``$DISTILLCSE_CHUNK_MIB``)."""
     global _chunk_budget
-    if not (isinstance(mib, (int, float)) and mib > 0):
-        raise ValueError(f"chunk budget must be a positive number of MiB, got {mib!r}")
-    _chunk_budget = int(mib * 2**20)
+    _chunk_budget = int(_checked_mib("chunk budget", mib) * 2**20)
 
 
 @contextmanager
 def chunk_budget(mib: float):
     """Context manager form of :func:`set_chunk_budget`."""
+    global _chunk_budget
     previous = _chunk_budget
     set_chunk_budget(mib)
     try:
         yield
     finally:
-        set_chunk_budget(previous / 2**20)
+        _chunk_budget = previous  # as it was, bytes and all
 
 
 def finite_check_enabled() -> bool:

@@ -27,13 +27,21 @@ STYLE = {  # colour, marker: the fused and chunked backends in strong colours, b
 WHAT_TITLES = {"contrastive": "contrastive term (InfoNCE)", "distill": "distillation term (Group-P)",
                "full": "full loss (contrastive + Group-P distillation)"}
 GEMM_LABELS = {"contrastive": "z1 z2ᵀ", "distill": "z1 z1ᵀ + T Tᵀ", "full": "z1 z2ᵀ + z1 z1ᵀ + T Tᵀ"}
+COLUMNS = ("impl", "label", "B", "status", "time_ms", "peak_mem_mib", "memory_kind", "what", "D", "Dt", "K",
+           "dtype", "shuffle", "device_name", "torch", "triton", "commit", "timestamp")  # those the plots read
 END_MARKS = {"OOM": "OOM", "skipped (cap)": "over memory cap", "skipped (time cap)": "over time cap",
              "error": "error", "skipped (compile failed)": "compile failed"}
 
 
 def _read(csv_path):
+    """The rows of a results.csv; a ValueError naming the file and the missing columns when it is none."""
     with open(csv_path, newline="") as f:
-        return list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        missing = [c for c in COLUMNS if c not in (reader.fieldnames or ())]
+        if missing:
+            raise ValueError(f"{csv_path} is not a results.csv of `distillcse bench memory`: "
+                             f"no column(s) {', '.join(missing)}")
+        return list(reader)
 
 
 def _series(rows):
@@ -200,8 +208,11 @@ def main(argv=None):
     p.add_argument("csv")
     p.add_argument("--out", default=None, help="folder for the PNGs (default: the CSV's folder)")
     args = p.parse_args(argv)
-    for path in plot_results(args.csv, args.out):
-        print(path)
+    try:
+        paths = plot_results(args.csv, args.out)
+    except (OSError, ValueError) as err:
+        p.error(str(err))
+    print("\n".join(paths))
 
 
 if __name__ == "__main__":

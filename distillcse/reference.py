@@ -57,6 +57,15 @@ def group_ids(sim_t_sorted: torch.Tensor, group_p=0.1, group_size=None, grouping
     return torch.floor(cp / group_p).long().clamp_(max=G - 1)
 
 
+def dense_groups(groups: torch.Tensor) -> torch.Tensor:
+    """Group ids [R, n], non-decreasing along each row, renumbered 0, 1, ... per row: at most n
+    of them, however many groups G a tiny ``group_p`` allows (most of them empty), so that
+    [R, G] tables stay within [R, n]. Membership, all the targets depend on, is unchanged."""
+    dense = torch.zeros_like(groups)
+    dense[:, 1:] = (groups[:, 1:] != groups[:, :-1]).cumsum(-1)
+    return dense
+
+
 def distill_loss(student, teachers, student_temperature=0.025, teacher_temperature=0.0125,
                  group_p=0.1, group_size=None, grouping_temperature=1.0, shuffle="random",
                  teacher_weights=None, generator=None) -> torch.Tensor:
@@ -86,6 +95,7 @@ def distill_loss(student, teachers, student_temperature=0.025, teacher_temperatu
         idx[:, :-1] = torch.gather(idx[:, :-1], -1, perm.to(idx.device))
     elif shuffle == "expected":
         # Expectation of the random mode: each target replaced by the mean over its group.
+        groups = dense_groups(groups)
         G = int(groups.max()) + 1
         sums = torch.zeros(B, G, dtype=q.dtype, device=q.device).scatter_add_(1, groups, q[:, :-1])
         counts = torch.zeros(B, G, dtype=q.dtype, device=q.device).scatter_add_(

@@ -21,7 +21,7 @@ floor of 10^5 samples from 16 rounds on (8 rounds: 0.06 at n = 5); 24 are used b
 """
 import torch
 
-from .reference import group_ids
+from .reference import dense_groups, group_ids
 
 _M32 = 0xFFFFFFFF
 _I64_MAX = 2**63 - 1
@@ -148,27 +148,29 @@ def shuffled_targets(t_rows, rows, *, teacher_temperature, grouping_temperature,
     t_sorted, idx = torch.sort(t, dim=-1, descending=True)  # the diagonal sorts last
     idx = idx[:, :-1]
     q_sorted = torch.softmax(t_sorted[:, :-1] / teacher_temperature, dim=-1)  # [R, B-1]
-    groups = group_ids(t_sorted[:, :-1], group_p, group_size, grouping_temperature)
-    G = int(groups.max()) + 1
+    groups = group_ids(t_sorted[:, :-1], group_p, group_size, grouping_temperature)  # [R, B-1]
+    dense = dense_groups(groups)  # the [R, G] tables' index: G <= B - 1 whatever group_p is
+    G = int(dense.max()) + 1
 
     if shuffle == "expected":
-        sums = torch.zeros(R, G, dtype=q_sorted.dtype, device=t.device).scatter_add_(1, groups, q_sorted)
+        sums = torch.zeros(R, G, dtype=q_sorted.dtype, device=t.device).scatter_add_(1, dense, q_sorted)
         counts = torch.zeros(R, G, dtype=q_sorted.dtype, device=t.device).scatter_add_(
-            1, groups, torch.ones_like(q_sorted))
-        q_tilde_sorted = torch.gather(sums / counts.clamp_min(1), 1, groups)
+            1, dense, torch.ones_like(q_sorted))
+        q_tilde_sorted = torch.gather(sums / counts.clamp_min(1), 1, dense)
         return torch.zeros_like(t).scatter_(1, idx, q_tilde_sorted)
 
     # Random. Columns in group order, column order within a group (the diagonal, group G, last).
-    group_of_col = torch.full((R, B), G, dtype=torch.int64, device=t.device).scatter_(1, idx, groups)
+    group_of_col = torch.full((R, B), G, dtype=torch.int64, device=t.device).scatter_(1, idx, dense)
     q = torch.zeros_like(t).scatter_(1, idx, q_sorted)
     compact_cols = torch.sort(group_of_col, dim=-1, stable=True).indices[:, :-1]  # [R, B-1]
     compact_groups = torch.gather(group_of_col, 1, compact_cols)
     sizes = torch.zeros(R, G, dtype=torch.int64, device=t.device).scatter_add_(
-        1, groups, torch.ones_like(groups))
+        1, dense, torch.ones_like(dense))
     starts = sizes.cumsum(-1) - sizes  # [R, G] first compact position of each group
     start = torch.gather(starts, 1, compact_groups)
     rank = torch.arange(B - 1, device=t.device) - start
-    keys = group_keys(step_seed, rows.to(torch.int64)[:, None], compact_groups)
+    group_of_dense = torch.zeros_like(sizes).scatter_(1, dense, groups)  # [R, G]: the keys take the real ids
+    keys = group_keys(step_seed, rows.to(torch.int64)[:, None], torch.gather(group_of_dense, 1, compact_groups))
     partner = start + group_permutation(rank, torch.gather(sizes, 1, compact_groups), keys)
     q_compact = torch.gather(torch.gather(q, 1, compact_cols), 1, partner)
     return torch.zeros_like(t).scatter_(1, compact_cols, q_compact)

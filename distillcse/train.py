@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from . import checks, sts
-from .api import DistillCSELoss, distillcse_loss
+from .api import DistillCSELoss, distillcse_loss, resolve_backend
 from .distributed import all_gather
 from .bench_train import default_sentences_path, minilm_path
 
@@ -155,6 +155,13 @@ def train(args, log=print):
             dist.destroy_process_group()
 
 
+def _best_so_far(state):
+    """The best STS-B dev score so far and its step, in words."""
+    if state["best_step"] is None:
+        return "no STS-B dev evaluation yet"
+    return f"best STS-B dev {state['best_dev']:.2f} at step {state['best_step']}"
+
+
 # Options a resumed run may change: where and how it runs and reports, not what it trains.
 RESUME_MAY_CHANGE = {"command", "out", "device", "no_progress", "eval_every", "save_every", "test", "test_pairs"}
 
@@ -184,6 +191,11 @@ def _train(args, log, device, rank, world):
         DistillCSELoss(**loss_options)                          # checked before anything loads
     except (TypeError, ValueError) as err:
         raise SystemExit(f"loss settings: {err}") from err
+    try:
+        resolve_backend(args.backend, torch.zeros(1, device=device))   # one that runs on this device
+    except RuntimeError as err:
+        raise SystemExit(f"--backend {args.backend}: {err}") from err
+    checks.check_out_dir(args.out)
     corpus = read_corpus(args.sentences or default_sentences_path())
     steps_per_epoch = len(corpus) // args.batch_size
     if steps_per_epoch < 1:
@@ -228,8 +240,7 @@ def _train(args, log, device, rank, world):
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         state = ckpt["state"]
-        log(f"resumed from {ckpt_path} at step {state['step']} (best STS-B dev "
-            f"{state['best_dev']:.2f} at step {state['best_step']})")
+        log(f"resumed from {ckpt_path} at step {state['step']} ({_best_so_far(state)})")
 
     def save_checkpoint():
         if not main:
@@ -330,9 +341,13 @@ def _train(args, log, device, rank, world):
     if not main:
         return None
     save_checkpoint()
-    if state["best_step"] is None:                       # no evaluation: keep the last student
+    evaluated = state["best_step"] is not None
+    if evaluated:
+        log(f"trained {total} steps; {_best_so_far(state)}")
+    else:                                                # --eval-every 0: keep the last student
         save_best()
-    log(f"trained {total} steps; best STS-B dev {state['best_dev']:.2f} at step {state['best_step']}")
+        log(f"trained {total} steps; no STS-B dev evaluation (--eval-every 0): "
+            f"{os.path.join(args.out, 'best')} is the last student")
 
     test = None
     if args.test:
@@ -340,10 +355,12 @@ def _train(args, log, device, rank, world):
         best.model.to(device)
         test = sts.evaluate(best, progress=lambda task: log(f"evaluating {task}"), max_pairs=args.test_pairs)
         with open(os.path.join(args.out, "sts_test.json"), "w") as f:
-            json.dump({"best_step": state["best_step"], "best_stsb_dev": state["best_dev"], "test": test}, f, indent=1)
+            json.dump({"best_step": state["best_step"], "best_stsb_dev": state["best_dev"] if evaluated else None,
+                       "test": test}, f, indent=1)
+        chosen = (f"the best student (step {state['best_step']}, STS-B dev {state['best_dev']:.2f})" if evaluated
+                  else f"the last student (step {state['step']}, no STS-B dev evaluation)")
         with open(os.path.join(args.out, "results.md"), "w") as f:
-            f.write(f"STS test Spearman x 100 of the best student (step {state['best_step']}, "
-                    f"STS-B dev {state['best_dev']:.2f}):\n\n{sts.format_scores(test)}\n")
+            f.write(f"STS test Spearman x 100 of {chosen}:\n\n{sts.format_scores(test)}\n")
         log(sts.format_scores(test))
     return {"best_dev": state["best_dev"], "best_step": state["best_step"], "test": test}
 
@@ -363,14 +380,14 @@ def add_train_arguments(p):
     p.add_argument("--teacher-pooling", choices=sts.POOLINGS, default="mean", help="teacher pooling")
     p.add_argument("--mlp-head", action="store_true", help="SimCSE's MLP over the pooled output, in training "
                    "only (paper: on, with cls pooling)")
-    p.add_argument("--batch-size", type=checks.positive_int, default=64)
+    p.add_argument("--batch-size", type=checks.batch_size, default=64)
     p.add_argument("--max-seq-length", type=checks.positive_int, default=32, help="training truncation "
                    "(evaluation truncates at 128)")
     p.add_argument("--lr", type=checks.positive_float, default=3e-5)
     p.add_argument("--epochs", type=checks.positive_int, default=1)
     p.add_argument("--max-steps", type=checks.positive_int, default=5000)
-    p.add_argument("--eval-every", type=checks.non_negative_int, default=125, help="STS-B dev evaluation period in steps (0: never; "
-                   "the last student is kept)")
+    p.add_argument("--eval-every", type=checks.non_negative_int, default=125, help="STS-B dev evaluation period in "
+                   "steps, and at the last step (0: never; no model selection then: OUT/best is the last student)")
     p.add_argument("--save-every", type=checks.non_negative_int, default=500, help="also write the checkpoint "
                    "every N steps between evaluations (0: at evaluations, interruptions and the end only)")
     p.add_argument("--dev-pairs", type=checks.positive_int, default=None, help="score only the first N STS-B dev pairs")
@@ -386,7 +403,7 @@ def add_train_arguments(p):
     p.add_argument("--backend", choices=("auto", "reference", "torch", "triton"), default="auto")
     p.add_argument("--amp", choices=("auto", "none", "bfloat16", "float16"), default="auto",
                    help="autocast dtype (auto: bfloat16 on CUDA, none on CPU; float16 adds a grad scaler)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", type=checks.cli_device, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=checks.non_negative_int, default=0, help="data order, dropout and shuffles")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -418,4 +435,4 @@ def add_sts_arguments(p):
     p.add_argument("--split", choices=("test", "dev"), default="test", help="STS-B and SICK-R split")
     p.add_argument("--max-seq-length", type=checks.positive_int, default=128, help="truncation (default 128)")
     p.add_argument("--max-pairs", type=checks.positive_int, default=None, help="score only each task's first N pairs")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", type=checks.cli_device, default=None, help="cpu or cuda (default: cuda when available)")

@@ -231,7 +231,9 @@ def _small_batch_args(z, cl_scale, distill_weight, student_temperature, options,
     return args
 
 
-def _streams_on_torch(z, options):
+def _groups_on_torch(z, options):
+    """Whether the shuffled targets take the torch backend's rows: more groups than the kernels
+    hold (a tiny group_p; the one-program kernel loops over every group)."""
     G = num_groups(z.shape[0], options["group_p"], options["group_size"])
     return options["shuffle"] != "none" and G > MAX_KERNEL_GROUPS
 
@@ -252,13 +254,14 @@ def distill(z, t, student_temperature, options, *, unit_rows):
     (``unit_rows``), or one teacher's raw rows, which the kernels read as they are (float64
     ones cast to z's dtype) with their inverse norms."""
     _check_dtype(z)
+    if _groups_on_torch(z, options):
+        t, rt = _teacher(t, z, unit_rows)
+        u = z.float() / z.float().norm(dim=-1, keepdim=True).clamp_min(EPS)
+        return DistillChunked.apply(u, t.float() * rt[:, None], student_temperature, options, need_grad(u))
     if fits(z.shape[0]):
         args = _small_batch_args(z, 1.0, 1.0, student_temperature, options, unit_rows)
         return SmallBatchFused.apply(z, None, _kernel_dtype(t, z), args, need_grad(z))[0]
     t, rt = _teacher(t, z, unit_rows)
-    if _streams_on_torch(z, options):
-        u = z.float() / z.float().norm(dim=-1, keepdim=True).clamp_min(EPS)
-        return DistillChunked.apply(u, t.float() * rt[:, None], student_temperature, options, need_grad(u))
     return DistillFused.apply(z, t, rt, student_temperature, options, need_grad(z))
 
 
@@ -268,13 +271,13 @@ def distillcse(z1, columns, t, cl_scale, distill_weight, student_temperature, op
     terms [2] fp32 without gradient; ``columns`` and ``t`` as in :func:`contrastive` and
     :func:`distill`."""
     _check_dtype(z1)
-    if fits(z1.shape[0], columns.shape[0]):
-        args = _small_batch_args(z1, cl_scale, distill_weight, student_temperature, options, unit_rows)
-        return SmallBatchFused.apply(z1, columns, _kernel_dtype(t, z1), args, need_grad(z1, columns))
-    if _streams_on_torch(z1, options):
+    if _groups_on_torch(z1, options):
         cl = contrastive(z1, columns, cl_scale)
         kd = distill(z1, t, student_temperature, options, unit_rows=unit_rows)
         return cl + distill_weight * kd, torch.stack([cl.detach(), kd.detach()])
+    if fits(z1.shape[0], columns.shape[0]):
+        args = _small_batch_args(z1, cl_scale, distill_weight, student_temperature, options, unit_rows)
+        return SmallBatchFused.apply(z1, columns, _kernel_dtype(t, z1), args, need_grad(z1, columns))
     t, rt = _teacher(t, z1, unit_rows)
     return DistillCSEFused.apply(z1, columns, t, rt, cl_scale, distill_weight, student_temperature, options,
                                  need_grad(z1, columns))

@@ -42,6 +42,10 @@ def test_bad_tensors(change, error, match):
     (dict(student_temperature=-1.0), "student_temperature must be a positive"),
     (dict(teacher_temperature=float("nan")), "teacher_temperature must be a positive"),
     (dict(grouping_temperature=0), "grouping_temperature must be a positive"),
+    (dict(temperature=1e-40), "temperature must be at least 0.0001"),  # NaN loss, or a crash deep inside
+    (dict(grouping_temperature=1e-40), "grouping_temperature must be at least"),
+    (dict(teacher_weights=1.0), "teacher_weights must be None or a sequence"),
+    (dict(teacher_weights=[True]), "must be finite and >= 0"),
     (dict(group_p=0.0), r"group_p must be in \(0, 1\]"),
     (dict(group_p=1.5), r"group_p must be in \(0, 1\]"),
     (dict(group_size=0), "group_size must be a positive integer"),
@@ -61,6 +65,25 @@ def test_bad_options(kwargs, match):
     z1, z2, t = good()
     with pytest.raises((ValueError, TypeError), match=match):
         distillcse.distillcse_loss(z1, z2, t, **dict(dict(backend="torch"), **kwargs))
+
+
+def test_rows_whose_norms_overflow_float32_are_named():
+    """|x| * sqrt(D) past ~1.8e19 squares past float32's range: the torch and reference backends
+    returned a wrong loss (3.40 for a float64 0.18), the kernels NaN. float64 inputs are fine."""
+    z1, z2, t = good()
+    with pytest.raises(ValueError, match="z2 has entries up to 5e\\+18: its rows' squared norms overflow float32"):
+        distillcse.distillcse_loss(z1, z2.index_fill(0, torch.tensor([3]), 5e18), t, backend="torch")
+    with pytest.raises(ValueError, match=r"teachers has entries up to 1e\+19"):
+        distillcse.distill_loss(z1, t.index_fill(1, torch.tensor([0]), 1e19), backend="reference")
+    z1, z2, t = (x.double() * 1e18 for x in good())
+    assert torch.isfinite(distillcse.distillcse_loss(z1, z2, t, backend="torch"))
+
+
+def test_module_checks_teacher_weights_at_construction():
+    with pytest.raises(ValueError, match="teacher_weights must sum to 1"):
+        distillcse.DistillCSELoss(teacher_weights=[0.2, 0.2])
+    with pytest.raises(TypeError, match="teacher_weights must be None or a sequence"):
+        distillcse.DistillCSELoss(teacher_weights=0.5)
 
 
 def test_bad_seed_and_hard_negatives():

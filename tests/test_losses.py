@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import distillcse
+from conftest import DEVICE, requires_triton
 from distillcse import reference
 from distillcse.shuffle import group_keys, group_permutation, shuffled_targets
+from distillcse.tensor_memory import TensorMemory
 
 F64 = torch.float64
 
@@ -270,3 +272,35 @@ def test_autocast_leaves_the_loss_in_full_precision(backend):
         torch.testing.assert_close(grad, want_grad)
     torch.testing.assert_close(terms[0], distillcse.contrastive_loss(z1, z2, backend=backend))
     torch.testing.assert_close(terms[1], distillcse.distill_loss(z1, t, seed=1, backend=backend))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("triton", marks=requires_triton)])
+def test_a_tiny_group_p_costs_what_singleton_groups_do(backend):
+    """group_p = 1e-7 allows 10^7 groups, of which at most B - 1 hold an entry (here every
+    entry is its own group: the loss is plain distillation). The tables were [rows, G]: at
+    B = 48 the torch backend held ~1 GiB (a 64 GB allocation at 1e-9), and the one-program
+    kernel looped over every group for minutes; now they are numbered densely per row."""
+    g = torch.Generator().manual_seed(6)
+    z, t = torch.randn(48, 12, generator=g).to(DEVICE), torch.randn(48, 10, generator=g).to(DEVICE)
+    plain = distillcse.distill_loss(z, t, shuffle="none", backend=backend)
+    for shuffle in ("expected", "random"):
+        with TensorMemory() as mem:
+            loss = distillcse.distill_loss(z, t, group_p=1e-7, shuffle=shuffle, seed=2, backend=backend)
+        torch.testing.assert_close(loss, plain)
+        assert mem.peak < 2**20, (shuffle, mem.peak)
+
+
+def test_module_state_dict_resumes_the_shuffle_sequence():
+    """A checkpoint of DistillCSELoss(seed=int) holds its generator, so a resumed run draws the
+    shuffles the uninterrupted one would have (its state_dict was empty)."""
+    g = torch.Generator().manual_seed(8)
+    z1, z2, t = (torch.randn(24, 10, generator=g) for _ in range(3))
+    criterion = distillcse.DistillCSELoss(seed=5, backend="torch")
+    criterion(z1, z2, t)
+    state = criterion.state_dict()
+    want = [criterion(z1, z2, t) for _ in range(2)]
+    resumed = distillcse.DistillCSELoss(seed=5, backend="torch")
+    resumed.load_state_dict(state)
+    assert [resumed(z1, z2, t) for _ in range(2)] == want
+    with pytest.raises(ValueError, match="has no generator seed"):
+        distillcse.DistillCSELoss(backend="torch").load_state_dict(state)

