@@ -53,7 +53,7 @@ import triton.language as tl
 
 from . import utils
 from ..shuffle import ROUNDS, SMALL_DOMAIN, SMALL_DOMAIN_ROUNDS
-from .tiles import slab_tile
+from .tiles import EPS_SQUARED, slab_tile
 from .utils import cdiv, dot_precision, matmul_f32, next_pow2, seed_args, slab_rows, unit_stride_rows
 
 _GOLDEN = tl.constexpr(0x9E3779B1)
@@ -757,7 +757,8 @@ def _unit_rows_backward_kernel(
     """dL/dx through ``u = x rx``: ``rx (du - u (u . du))``; with SCALED du holds ``rx du``
     already, and the answer is ``du - u (u . du)``; with ROW_SCALE du's rows are multiplied by
     p_scale's values first; with ADD, ``add_scale`` times out's own values are added (in fp32,
-    one rounding). Two passes over a block of BR rows: the dots ``x . du``, then the output."""
+    one rounding). Two passes over a block of BR rows: the dots ``x . du`` and ``|x|^2``, then
+    the output. A row shorter than eps (``u = x / eps``) has no projection: ``rx du``."""
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     m_r = o_r < R
     b_rx = tl.load(p_rx + o_r, mask=m_r, other=0.0)
@@ -765,13 +766,15 @@ def _unit_rows_backward_kernel(
     if ROW_SCALE:
         b_out = b_rx * tl.load(p_scale + o_r * s_scale, mask=m_r, other=0.0)
     b_dot = tl.zeros([BR], dtype=tl.float32)
+    b_nx = tl.zeros([BR], dtype=tl.float32)
     for d0 in range(0, D, BD):
         o_d = d0 + tl.arange(0, BD)
         m = m_r[:, None] & (o_d < D)[None, :]
         b_du = _load_du(p_du, p_lo, o_r[:, None] * s_du + o_d[None, :], m, HAS_LO, MANT, EMIN)
         b_x = tl.load(p_x + o_r[:, None] * s_x + o_d[None, :], mask=m, other=0.0).to(tl.float32)
         b_dot += tl.sum(b_du * b_x, axis=1)
-    b_c = (b_rx * b_rx * b_dot)[:, None]  # u (u . du) = x rx^2 (x . du)
+        b_nx += tl.sum(b_x * b_x, axis=1)
+    b_c = tl.where(b_nx >= EPS_SQUARED, b_rx * b_rx * b_dot, 0.0)[:, None]  # u (u . du) = x rx^2 (x . du)
     for d0 in range(0, D, BD):
         o_d = d0 + tl.arange(0, BD)
         m = m_r[:, None] & (o_d < D)[None, :]

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .distill import SHUFFLES, _group_permutation, _seed_halves, _sigma_params
-from .tiles import log1p_unit
+from .tiles import EPS_SQUARED, log1p_unit
 from .utils import cdiv, dot_precision, next_pow2, seed_args, unit_stride_rows
 
 MAX_ROWS = 64  # B and the contrastive columns N = B + B_h of a batch that fits one program
@@ -276,7 +276,7 @@ def _small_batch_kernel(
             b_C = tl.where(m_pos, -b_off[:, None], b_e) / b_total[:, None]
             b_C = (w_cl * cl_scale / B) * b_C  # [BB, BY]
             b_coef_x += tl.sum(b_C * b_c, axis=1)
-            b_coef_y = tl.sum(b_C * b_c, axis=0) * b_ry * b_ry  # [BY]
+            b_coef_y = tl.where(b_ny >= EPS_SQUARED, tl.sum(b_C * b_c, axis=0) * b_ry * b_ry, 0.0)  # [BY]
             b_Wc = b_C * b_rx[:, None] * b_ry[None, :]
     if DISTILL:
         b_s = b_xx * b_rx[:, None] * b_rx[None, :]  # cosines s [BB, BB]
@@ -294,7 +294,7 @@ def _small_batch_kernel(
     tl.store(p_terms, b_cl_mean)
     tl.store(p_terms + 1, b_kd_mean)
     if WRITE_GRAD:
-        b_coef_x = b_coef_x * b_rx * b_rx
+        b_coef_x = tl.where(b_nx >= EPS_SQUARED, b_coef_x * b_rx * b_rx, 0.0)  # no projection under eps
         for i_d in range(0, tl.cdiv(D, BD_GRAD)):
             o_d = i_d * BD_GRAD + tl.arange(0, BD_GRAD)
             m_d = o_d < D

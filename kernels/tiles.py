@@ -2,6 +2,10 @@
 import triton
 import triton.language as tl
 
+# cos(a, b) = a.b / (max(|a|, eps) max(|b|, eps)), eps = 1e-8 (SPEC): a row with |a|^2 below this
+# is divided by eps, so its gradient has no projection (I - u u^T)
+EPS_SQUARED = tl.constexpr(1e-16)
+
 
 @triton.jit
 def dot_tile(

@@ -354,14 +354,17 @@ def test_accumulator_sums_like_fp32(dtype, device):
 @pytest.mark.parametrize("form", ["du", "scaled-in-place"])
 def test_unit_rows_backward_is_the_chain_rule(dtype, form, device):
     """``unit_rows_backward`` against autograd of ``u = x / max(|x|, eps)`` in float64, row by
-    row: rows of stride D + 3, D = 200 over two feature blocks. "du": fp32 dL/du into a new
-    buffer; "scaled-in-place": the random shuffle's accumulator (rx du, as hi + int8 lo for
-    16-bit x) turned into dL/dx where it lies."""
+    row: rows of stride D + 3, D = 200 over two feature blocks, two rows shorter than eps (but in
+    fp16). "du": fp32 dL/du into a new buffer; "scaled-in-place": the random shuffle's
+    accumulator (rx du, as hi + int8 lo for 16-bit x) turned into dL/dx where it lies."""
     from distillcse.kernels.distill import accumulate_slab, unit_rows_backward
 
     R, D = 45, 200
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(R, D + 3, generator=g).to(dtype)[:, :D]
+    x = torch.randn(R, D + 3, generator=g)
+    if dtype != torch.float16:  # whose range holds neither such rows nor their gradients (du / eps)
+        x[[3, 7]] *= 1e-10  # rows shorter than eps: u = x / eps, no projection
+    x = x.to(dtype)[:, :D]
     rx = 1.0 / x.float().norm(dim=1).clamp_min(1e-8)
     du = torch.randn(R, D, generator=g) * 10 ** torch.empty(R, 1).uniform_(-2, 1, generator=g)
     xd = x.double().requires_grad_()
