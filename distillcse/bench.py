@@ -593,7 +593,7 @@ def sweep(*, what="full", D=128, Dt=128, K=2, dtype=torch.float32, shuffle="rand
                 record(impl, B, *stop)
                 continue
             if last is not None and 3 * last[1] * (B / last[0]) ** 2 > time_cap:
-                stop = ("skipped (time cap)", f"projected {3 * last[1] * (B / last[0]) ** 2:.0f} s "
+                stop = ("skipped (time cap)", f"projected {3 * last[1] * (B / last[0]) ** 2:.3g} s "
                         f"> cap {time_cap:g} s per point")
                 record(impl, B, *stop)
                 continue
@@ -744,7 +744,7 @@ def run_memory(args, log=print):
     if cap is not None and cap <= 0:
         cap = None
     batches = batch_sizes(args.min_batch, max_batch)
-    impls = args.impl or default_impls()
+    impls = list(dict.fromkeys(args.impl)) if args.impl else default_impls()   # each once, in order
     out = args.out or default_out_dir()
     checks.check_out_dir(out)
     os.makedirs(out, exist_ok=True)

@@ -195,6 +195,7 @@ positive_float = cli_number(float, 0)
 non_negative_int = cli_number(int, 0, exclusive=False)
 non_negative_float = cli_number(float, 0, exclusive=False)
 batch_size = cli_number(int, 2, exclusive=False)   # in-batch negatives need two rows
+pair_count = cli_number(int, 2, exclusive=False)   # a Spearman correlation of one pair is undefined
 
 
 def cli_device(text):

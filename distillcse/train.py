@@ -20,12 +20,12 @@ the batch (``batch_size`` is the global batch), the embeddings are gathered
 (:func:`distillcse.all_gather`) and every rank computes the global loss; the student runs in
 ``DistributedDataParallel``. Rank 0 evaluates, saves and logs.
 """
-import contextlib
 import csv
 import json
 import math
 import os
 import random
+import shutil
 import signal
 import time
 
@@ -111,20 +111,63 @@ def _atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM raises KeyboardInterrupt in the main thread, so both end in one checkpoint."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:                     # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def _save_folder(save, path):
+    """``save(folder)`` into ``path`` as one step: written beside it, then swapped in, so that a
+    kill leaves the old folder or the new one, never half of each."""
+    fresh, stale = path + ".tmp", path + ".old"
+    for leftover in (fresh, stale):
+        shutil.rmtree(leftover, ignore_errors=True)
+    save(fresh)
+    if os.path.exists(path):
+        os.replace(path, stale)
+    os.replace(fresh, path)
+    shutil.rmtree(stale, ignore_errors=True)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT or SIGTERM (``signum``) at a step boundary, checkpoint written."""
+
+    def __init__(self, signum):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+class _StopAtStepEnd:
+    """Within the block, the first SIGINT or SIGTERM asks the training loop to stop where the
+    step it interrupts ends (``requested``), so that the checkpoint written there is the run that
+    was not interrupted (a step half applied, or an evaluation skipped, would not be); a second
+    one raises KeyboardInterrupt at once, and the last checkpoint stands."""
+
+    def __init__(self, log):
+        self.log, self.signum, self.previous = log, None, {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:             # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handler(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"signal {signum}")
+        self.signum = signum
+        self.log(f"\n{signal.Signals(signum).name}: stopping when this step ends (again: at once, "
+                 "without its checkpoint)")
+
+    def requested(self, world, device):
+        """Whether to stop here; with several ranks, whether any rank was asked (they stop together)."""
+        if world == 1:
+            return self.signum is not None
+        flag = torch.tensor([0 if self.signum is None else self.signum], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.signum = self.signum or int(flag.item()) or None
+        return self.signum is not None
 
 
 def _init_distributed(device_arg):
@@ -158,7 +201,7 @@ def train(args, log=print):
 def _best_so_far(state):
     """The best STS-B dev score so far and its step, in words."""
     if state["best_step"] is None:
-        return "no STS-B dev evaluation yet"
+        return "no best student yet"
     return f"best STS-B dev {state['best_dev']:.2f} at step {state['best_step']}"
 
 
@@ -242,7 +285,10 @@ def _train(args, log, device, rank, world):
         state = ckpt["state"]
         log(f"resumed from {ckpt_path} at step {state['step']} ({_best_so_far(state)})")
 
+    saved = {"step": state["step"] if os.path.exists(ckpt_path) else None}   # the checkpoint on disk
+
     def save_checkpoint():
+        saved["step"] = state["step"]
         if not main:
             return
         _atomic_save({"student": student.model.state_dict(), "head": head.state_dict() if head else None,
@@ -253,19 +299,22 @@ def _train(args, log, device, rank, world):
         return sts.evaluate(student, ("STSBenchmark",), split="dev", max_pairs=args.dev_pairs)["STSBenchmark"]
 
     def save_best():
-        student.model.save_pretrained(os.path.join(args.out, "best"))
-        student.tokenizer.save_pretrained(os.path.join(args.out, "best"))
+        def save(folder):
+            student.model.save_pretrained(folder)
+            student.tokenizer.save_pretrained(folder)
+        _save_folder(save, os.path.join(args.out, "best"))
 
     log_path = os.path.join(args.out, "train_log.csv")
-    new_log = not os.path.exists(log_path) or state["step"] == 0
-    columns = LOG_COLUMNS
-    if not new_log and main:  # a log begun by an earlier version keeps its columns
-        with open(log_path, newline="") as f:
-            columns = next(csv.reader(f), LOG_COLUMNS)
-    log_file = open(log_path if main else os.devnull, "w" if new_log else "a", newline="")
+    columns, kept = LOG_COLUMNS, []
+    if state["step"] > 0 and os.path.exists(log_path) and main:
+        with open(log_path, newline="") as f:   # a log begun by an earlier version keeps its columns;
+            reader = csv.DictReader(f)          # rows past the checkpoint (a kill after them) go
+            columns = reader.fieldnames or LOG_COLUMNS
+            kept = [row for row in reader if int(row["step"]) <= state["step"]]
+    log_file = open(log_path if main else os.devnull, "w", newline="")
     writer = csv.DictWriter(log_file, fieldnames=columns, extrasaction="ignore")
-    if new_log:
-        writer.writeheader()
+    writer.writeheader()
+    writer.writerows(kept)
     if state["step"] == 0 and args.eval_every and main:
         score = dev_score()
         writer.writerow({"step": 0, "stsb_dev": f"{score:.4f}"})
@@ -283,9 +332,9 @@ def _train(args, log, device, rank, world):
 
     bar = tqdm(total=total, initial=state["step"], desc="train", unit="step",
                disable=args.no_progress or not main, dynamic_ncols=True)
-    start_time = time.time()
+    start_time = time.time() - state.get("seconds", 0.0)   # the run's own time, across resumes
     try:
-        with _sigterm_as_interrupt():
+        with _StopAtStepEnd(log) as stop:
             while state["step"] < total:
                 step = state["step"]
                 step_seed = args.seed * 1_000_003 + step          # data, dropout and shuffle: a resumed
@@ -302,13 +351,14 @@ def _train(args, log, device, rank, world):
                 z1, z2, *targets = all_gather(z1, z2, *targets)   # the global batch (one rank: as is)
                 loss, terms = distillcse_loss(z1, z2, targets, seed=step_seed, return_terms=True, **loss_options)
                 scaler.scale(loss).backward()
+                lr = scheduler.get_last_lr()[0]                  # this step's
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
-                state["step"] = step + 1
-                row = {"step": step + 1, "loss": f"{loss.item():.6f}", "lr": f"{scheduler.get_last_lr()[0]:.3e}",
-                       "seconds": f"{time.time() - start_time:.1f}"}
+                state["step"], state["seconds"] = step + 1, time.time() - start_time
+                row = {"step": step + 1, "loss": f"{loss.item():.6f}", "lr": f"{lr:.3e}",
+                       "seconds": f"{state['seconds']:.1f}"}
                 row.update({name: f"{term.item():.6f}" for name, term in terms.items()})
                 if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total):
                     if main:
@@ -329,12 +379,20 @@ def _train(args, log, device, rank, world):
                 writer.writerow(row)
                 log_file.flush()
                 bar.update(1)
-    except KeyboardInterrupt:
-        save_checkpoint()
+                if stop.requested(world, device):
+                    save_checkpoint()
+                    raise Interrupted(stop.signum)
+    except Interrupted:
         bar.close()
         log_file.close()
-        log(f"\ninterrupted at step {state['step']}: checkpoint written to {ckpt_path}; "
-            f"run the same command to resume")
+        log(f"\nstopped after step {state['step']}: checkpoint written to {ckpt_path}; "
+            "run the same command to resume")
+        raise
+    except KeyboardInterrupt:
+        bar.close()
+        log_file.close()
+        held = "no checkpoint yet" if saved["step"] is None else f"the checkpoint of step {saved['step']} stands"
+        log(f"\ninterrupted during step {state['step'] + 1}: {held}; run the same command to resume")
         raise
     bar.close()
     log_file.close()
@@ -390,9 +448,9 @@ def add_train_arguments(p):
                    "steps, and at the last step (0: never; no model selection then: OUT/best is the last student)")
     p.add_argument("--save-every", type=checks.non_negative_int, default=500, help="also write the checkpoint "
                    "every N steps between evaluations (0: at evaluations, interruptions and the end only)")
-    p.add_argument("--dev-pairs", type=checks.positive_int, default=None, help="score only the first N STS-B dev pairs")
+    p.add_argument("--dev-pairs", type=checks.pair_count, default=None, help="score only the first N STS-B dev pairs")
     p.add_argument("--no-test", dest="test", action="store_false", help="skip the final STS test suite")
-    p.add_argument("--test-pairs", type=checks.positive_int, default=None, help="score only each test task's first N pairs")
+    p.add_argument("--test-pairs", type=checks.pair_count, default=None, help="score only each test task's first N pairs")
     p.add_argument("--temperature", type=checks.positive_float, default=0.05)
     p.add_argument("--student-temperature", type=checks.positive_float, default=0.025)
     p.add_argument("--teacher-temperature", type=checks.positive_float, default=0.0125)
@@ -411,8 +469,8 @@ def add_train_arguments(p):
 def run_train(args, log=print):
     try:
         train(args, log=log)
-    except KeyboardInterrupt:
-        raise SystemExit(130)
+    except KeyboardInterrupt as stopped:   # 128 + the signal, as a shell reports it
+        raise SystemExit(128 + getattr(stopped, "signum", signal.SIGINT))
 
 
 def run_evaluate(args, log=print):
@@ -434,5 +492,5 @@ def add_sts_arguments(p):
     p.add_argument("--tasks", nargs="+", choices=sts.STS_TASKS, default=list(sts.STS_TASKS))
     p.add_argument("--split", choices=("test", "dev"), default="test", help="STS-B and SICK-R split")
     p.add_argument("--max-seq-length", type=checks.positive_int, default=128, help="truncation (default 128)")
-    p.add_argument("--max-pairs", type=checks.positive_int, default=None, help="score only each task's first N pairs")
+    p.add_argument("--max-pairs", type=checks.pair_count, default=None, help="score only each task's first N pairs")
     p.add_argument("--device", type=checks.cli_device, default=None, help="cpu or cuda (default: cuda when available)")

@@ -54,6 +54,10 @@ def verify(device=None, sizes=(37, 130), dtypes=None, out=print):
     rows = []
     header = f"{'backend':8} {'dtype':9} {'B':>5} {'shuffle':9} {'loss':>12} {'rel.err loss':>12} {'grad z1':>9} {'grad z2':>9} {'grad hn':>9} {'ms':>8}"
     out(f"distillcse verify on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}")
+    if "triton" not in _available_backends(device):
+        out('(backend="triton" left out: it needs a CUDA device, or TRITON_INTERPRET=1 set before '
+            "triton is imported to run its kernels on the CPU)" if _triton_importable() else
+            '(backend="triton" left out: triton is not installed)')
     out(header)
     out("-" * len(header))
     for B in sizes:

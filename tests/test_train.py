@@ -3,6 +3,7 @@ checkpoints, exact resume after an interruption, the saved best student, input e
 import argparse
 import csv
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -137,6 +138,58 @@ def test_checkpoint_between_evaluations(tmp_path, sentences, monkeypatch):
     train.train(_args(out, sentences, eval_every=0, save_every=2), log=messages.append)
     assert any("resumed" in m and "step 2" in m for m in messages)
     assert torch.load(os.path.join(out, train.CHECKPOINT))["state"]["step"] == 4
+    with open(os.path.join(out, "train_log.csv")) as f:   # step 3's first row went with the kill
+        rows = list(csv.DictReader(f))
+    assert [int(row["step"]) for row in rows] == [1, 2, 3, 4]
+    assert [float(row["seconds"]) for row in rows] == sorted(float(row["seconds"]) for row in rows)
+
+
+def test_signals_stop_where_the_step_ends(tmp_path, sentences, monkeypatch):
+    """SIGINT during the step-2 evaluation and SIGTERM inside step 3's update (after the
+    optimizer's step, before the step counts) each stop the run where that step ends, with its
+    checkpoint; resumed twice, the run is the one that was not interrupted, weights, best/ and
+    log alike. (Raised where they landed, they saved a step half applied, or skipped an
+    evaluation.)"""
+    whole = train.train(_args(tmp_path / "whole", sentences), log=lambda *a: None)
+    out, real_evaluate, real_step = tmp_path / "split", train.sts.evaluate, torch.optim.AdamW.step
+    evaluations, updates = [], []
+
+    def evaluate_then_sigint(*args, **kwargs):
+        evaluations.append(1)
+        if len(evaluations) == 2:   # step 0's, then step 2's
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_evaluate(*args, **kwargs)
+
+    def step_then_sigterm(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        updates.append(1)
+        if len(updates) == 1:       # the resumed run's first update: step 3
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(train.sts, "evaluate", evaluate_then_sigint)
+    with pytest.raises(train.Interrupted) as stopped:
+        train.train(_args(out, sentences), log=lambda *a: None)
+    assert stopped.value.signum == signal.SIGINT
+    assert torch.load(os.path.join(out, train.CHECKPOINT))["state"]["step"] == 2
+    monkeypatch.setattr(train.sts, "evaluate", real_evaluate)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_sigterm)
+    with pytest.raises(train.Interrupted) as stopped:
+        train.train(_args(out, sentences), log=lambda *a: None)
+    assert stopped.value.signum == signal.SIGTERM
+    assert torch.load(os.path.join(out, train.CHECKPOINT))["state"]["step"] == 3
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    resumed = train.train(_args(out, sentences), log=lambda *a: None)
+    assert (resumed["best_dev"], resumed["best_step"]) == (whole["best_dev"], whole["best_step"])
+    for name, value in _weights(tmp_path / "whole").items():
+        torch.testing.assert_close(_weights(out)[name], value, rtol=0, atol=0, msg=name)
+    with open(os.path.join(out, "train_log.csv")) as f:
+        rows = list(csv.DictReader(f))
+    with open(os.path.join(tmp_path / "whole", "train_log.csv")) as f:
+        want = list(csv.DictReader(f))
+    assert [(r["step"], r["loss"], r["lr"], r["stsb_dev"]) for r in rows] == [
+        (r["step"], r["loss"], r["lr"], r["stsb_dev"]) for r in want]
+    assert float(want[1]["lr"]) == pytest.approx(3e-5)   # step 1 ran at the full rate (it logged the next one)
 
 
 def test_resume_refuses_other_settings(tmp_path, sentences):
