@@ -384,10 +384,10 @@ def report(target, B, D, precisions):
 
 def sweep(targets, batches, widths, precisions):
     """Every (target, B, D, precision) compiled; one markdown row per kernel and D alignment:
-    compiles, failures, the worst spill and shared memory, with where each occurred. Rows whose
-    stride is not a multiple of 16 elements load element by element (``D % 16``), so the two
-    are apart."""
-    worst, failures = {}, []
+    compiles, failures, the worst spill and shared memory, with where each occurred, and every
+    refill race (``refill_races``). Rows whose stride is not a multiple of 16 elements load
+    element by element (``D % 16``), so the two are apart."""
+    worst, failures, races = {}, [], []
     for target in targets:
         for B in batches:
             for D in widths:
@@ -404,7 +404,9 @@ def sweep(targets, batches, widths, precisions):
                         spill = max(map(int, r["spills"].split("/")))
                         w["spill"] = max(w["spill"], (spill, f"{where} {r['constexprs']}"))
                         w["smem"] = max(w["smem"], (r["smem"], f"{where} {r['constexprs']}"))
+                        races += [f"{where} {r['kernel']} {r['constexprs']}: {race}" for race in r["races"]]
     lines = [f"failures: {len(failures)}"] + [f"- {f}" for f in failures] + [
+        f"refill races: {len(races)}"] + [f"- {race}" for race in races] + [
         "", "| kernel | D % 16 == 0 | compiles | worst spill B | at | most smem KiB | at |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for (kernel, aligned), w in sorted(worst.items()):
         lines.append(f"| {kernel} | {aligned} | {w['n']} | {w['spill'][0]} | {w['spill'][1] if w['spill'][0] else ''} | "
