@@ -7,6 +7,8 @@
 #          every kernel variant JIT-compiles; the training tests skip there: no MiniLM package)
 #       3. `benchmarks/profile_step.py --B 65536`: where a step's time goes, and whether the host keeps up
 #       4. `distillcse verify` (bf16/fp16/fp32 table)
+#       5. `benchmarks/gpu_diag.py small`, if the call has time left: session 12's varying small-batch
+#          loss at N = 70 columns, after session 20 removed a shared-memory race from that kernel
 #       (session 12's H200 run: targets hit 240 s with its slow kernels, the suite took 165 s, verify 27 s)
 #   bash benchmarks/gpu_run.sh sweep   (~5 min) `bench memory` sweeps for the README's plots, packed
 #   bash benchmarks/gpu_run.sh thresholds   (~2 min) Group-P search vs pairwise kernel (PAIRWISE_MAX_B)
@@ -45,6 +47,7 @@ case "$MODE" in
     stage 200 pytest_gpu.log python3 -m pytest -q -rf -n 8 --timeout 180 --durations=20 -p no:cacheprovider tests
     stage 90 profile.log python3 benchmarks/profile_step.py --B 65536 --out /tmp  # the log has it, as it goes
     stage 45 verify_gpu.txt python3 -m distillcse verify
+    stage 40 diag.txt env OUT=/tmp python3 benchmarks/gpu_diag.py small   # its own copy stays in /tmp
     ;;
   sweep)
     for run in full:random full:expected contrastive:random; do
