@@ -72,7 +72,8 @@ class StubbedKernels:
         if kernel.fn.__name__ == "_settle_kernel":
             start = time.perf_counter()
             rows, lo, hd = args[5], args[7], args[8]  # the chunk's rows, the [B, G1] brackets
-            seen = self.seen.setdefault(id(lo), torch.zeros(lo.shape[0], dtype=torch.bool))
+            # keyed by the brackets' tensor, held here so that its id cannot pass to a later search's
+            _, seen = self.seen.setdefault(id(lo), (lo, torch.zeros(lo.shape[0], dtype=torch.bool)))
             done = rows[seen[rows] | (rows % LATE_ROWS != 0)]
             seen[rows] = True
             lo[done] = hd[done]
