@@ -78,8 +78,9 @@ def distill_loss(student, teachers, student_temperature=0.025, teacher_temperatu
     sim_s = cosine_matrix(student, student).fill_diagonal_(float("-inf"))
     sim_t = teacher_logits(teachers, teacher_weights).detach().fill_diagonal_(float("-inf"))
 
-    # Rank the teacher row (the diagonal -inf sorts last) and group the B-1 real entries.
-    sim_t, idx = torch.sort(sim_t, dim=-1, descending=True)
+    # Rank the teacher row (the diagonal -inf sorts last; ties in column order) and group the
+    # B-1 real entries.
+    sim_t, idx = torch.sort(sim_t, dim=-1, descending=True, stable=True)
     groups = group_ids(sim_t[:, :-1], group_p, group_size, grouping_temperature)
     q = torch.softmax(sim_t / teacher_temperature, dim=-1)  # [B, B], 0 in the last column
 

@@ -145,7 +145,8 @@ def shuffled_targets(t_rows, rows, *, teacher_temperature, grouping_temperature,
     if shuffle == "none":
         return torch.softmax(t / teacher_temperature, dim=-1)
 
-    t_sorted, idx = torch.sort(t, dim=-1, descending=True)  # the diagonal sorts last
+    # stable: tied values rank in column order (the one-program kernel's rule); the diagonal sorts last
+    t_sorted, idx = torch.sort(t, dim=-1, descending=True, stable=True)
     idx = idx[:, :-1]
     q_sorted = torch.softmax(t_sorted[:, :-1] / teacher_temperature, dim=-1)  # [R, B-1]
     groups = group_ids(t_sorted[:, :-1], group_p, group_size, grouping_temperature)  # [R, B-1]

@@ -15,12 +15,13 @@ column). Extra memory: those two buffers, [6, B, BB] fp32 (96 KiB at B = 64).
 Maths (SPEC): cosines from raw rows and inverse norms computed in the same pass over D as the
 dot products; ``t_ij = (t_i . t_j) rt_i rt_j`` (``rt`` from the teacher rows when
 ``NORM_T``, else 1 for pre-normalised weighted rows). Only ``j != i`` enters the
-distillation. The Group-P group of entry (i, j) follows ``group_partition``'s definition:
-with the measure ``F_i(v) = sum_{k != i, t_ik >= v} w_ik`` (w the softmax at the grouping
-scale, or 1 for fixed-size groups), ``group = min(floor(F_i(t_ij) / P), G - 1)`` by mass and
-``min(floor((F_i(t_ij) - 1) / S), G - 1)`` by size: ties share a group, as the threshold
-search classifies them. F comes from a loop over the columns k (O(B^3) work, a few million
-operations at B = 64). Targets: none ``q``; expected the group mean of ``q``; random ``q`` of
+distillation. The Group-P group of entry (i, j) is the SPEC's ranking with tied values in
+column order (the torch backend's stable sort): with the measure ``F_ij = sum w_ik`` over the
+k != i ranked at or before j (``t_ik > t_ij``, or equal with ``k <= j``; w the softmax at the
+grouping scale, or 1 for fixed-size groups), ``group = min(floor(F_ij / P), G - 1)`` by mass
+and ``min(floor((F_ij - 1) / S), G - 1)`` by size. (The streaming kernels' thresholds put tied
+values in one group instead: README, "Where the backends differ".) F comes from a loop over
+the columns k (O(B^3) work, a few million operations at B = 64). Targets: none ``q``; expected the group mean of ``q``; random ``q`` of
 the group member whose column-order rank is ``sigma(rank)``, sigma the keyed Feistel
 permutation of ``distillcse.shuffle`` (the same uint32 arithmetic as ``distill.py``), so a
 seed gives the same shuffle here, in the streaming kernels and in the torch backend.
@@ -87,13 +88,16 @@ def _row_logsumexp(b_a):
 
 @triton.jit
 def _group_measure(b_t, b_w, p_t, p_w, o_col, B):
-    """``F_ij = sum_k w_ik [t_ik >= t_ij]`` [BR, BB] (w 0 off the valid entries), the columns
+    """``F_ij = sum_k w_ik [(t_ik, -k) >= (t_ij, -j)]`` [BR, BB] (w 0 off the valid entries): the
+    weight ranked at or before entry j, tied values ranked in column order. The columns
     through the scratch rows ``p_t``, ``p_w`` [BR]."""
     _spill(p_t, o_col, b_t)
     _spill(p_w, o_col, b_w)
     b_f = tl.zeros(b_t.shape, dtype=tl.float32)
     for k in range(0, B):
-        b_f += tl.where(_column(p_t, k)[:, None] >= b_t, _column(p_w, k)[:, None], 0.0)
+        b_tk = _column(p_t, k)[:, None]
+        m_ranked = (b_tk > b_t) | ((b_tk == b_t) & (o_col[None, :] >= k))
+        b_f += tl.where(m_ranked, _column(p_w, k)[:, None], 0.0)
     return b_f
 
 

@@ -43,8 +43,9 @@ def _expected(x, y, t, *, shuffle, group_p, group_size, step_seed, w_cl, w_kd):
     u = unit(x64)
     cl = kd = x64.new_zeros(())
     if t is not None:
-        te = unit(t.double())
-        q = shuffled_targets(te @ te.T, torch.arange(B, device=x.device),
+        rows, copy_of = torch.unique(unit(t.double()), dim=0, return_inverse=True)
+        gram = (rows @ rows.T)[copy_of][:, copy_of]  # duplicated rows tie exactly (BLAS may round edge rows apart)
+        q = shuffled_targets(gram, torch.arange(B, device=x.device),
                              teacher_temperature=1 / SCALES["teacher_scale"],
                              grouping_temperature=1 / SCALES["grouping_scale"], group_p=group_p,
                              group_size=group_size, shuffle=shuffle, step_seed=step_seed)
@@ -95,6 +96,21 @@ def test_whole_loss_matches_float64(shuffle, B, D, Dt, N):
 def test_groupings(shuffle, group_p, group_size):
     x, y, t = _inputs(30, 32, 24, 30, torch.float32, seed=7)
     _check(x, y, t, shuffle=shuffle, group_p=group_p, group_size=group_size, step_seed=2**63 + 99)
+
+
+@pytest.mark.parametrize("shuffle", ["expected", "random"])
+@pytest.mark.parametrize("group_p, group_size", [(0.1, None), (0.1, 4)])
+def test_tied_teacher_values_rank_in_column_order(shuffle, group_p, group_size):
+    """Duplicated teacher rows (the same sentence twice) tie every row's values in pairs and a
+    triple; group boundaries cut through ties, whose columns rank in column order as in the
+    float64 formula's stable sort (a rule that puts a tie in one group fails here)."""
+    x, y, _ = _inputs(41, 32, 24, 41, torch.float32, seed=13)
+    # quarters in [-2, 2]: every dot is exact in fp32 whatever the summation order, so copies tie
+    t = torch.randint(-8, 9, (41, 24), generator=torch.Generator().manual_seed(13)).float().div(4)
+    t[20:40] = t[:20]
+    t[40] = t[0]
+    t = t.to(DEVICE)
+    _check(x, y, t, shuffle=shuffle, group_p=group_p, group_size=group_size, step_seed=31)
 
 
 def test_random_shuffle_follows_the_seed():
