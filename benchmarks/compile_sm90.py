@@ -94,13 +94,14 @@ def distill(B, D, dtype, teacher_dtype, n_thr=9):
     student's logsumexps, with the search's grid pass and without: whole teacher rows or
     halves), and for a slab of 512 rows
     in 8 column chunks (reading the slab's cuBLAS dots) the slab kernel with each shuffle plus
-    the random mode's count (with the slab rows' lse_s), table and compaction kernels (G = 10 groups), the random mode's accumulation of that
+    the random mode's count (with the slab rows' lse_s), table and compaction kernels (G = 10 groups; those
+    that classify, with and without tie cuts), the random mode's accumulation of that
     slab's gradient into dx (and lo), the gradient through the norms (`unit_rows_backward`); and in kernels/group_partition.py the
     threshold search over 4096 rows (the first pass's grid of 32 points, measure only and
     collecting, and a later pass's 16 points with windows: the placing, probe, narrowing and
     settling kernels, the group means of its finished rows; by mass and fixed size), its grid
-    pass on the row statistics' slabs, the pairwise thresholds (by mass and fixed size) and the
-    group means pass.
+    pass on the row statistics' slabs, the pairwise thresholds and their tie cuts (by mass and
+    fixed size) and the group means pass (with and without tie cuts).
     The slab launcher builds its tables from kernel results and the search loops on them, so
     those kernels are called directly."""
     from distillcse.kernels import distill as K
@@ -115,27 +116,30 @@ def distill(B, D, dtype, teacher_dtype, n_thr=9):
     K.distill_row_stats(None, None, t, r, 40.0, 80.0, 1.0, budget_bytes=rows * B * 8, grid=grid)  # random: no student
     for student in ((x, r), (None, None)):  # shuffle none, or pairwise thresholds: t's halves too
         K.distill_row_stats(*student, t, r, 40.0, 80.0, 1.0, budget_bytes=rows * B * 8)
-    teacher_blocks, _ = K._slab_blocks(B, "random")
     width = triton.cdiv(B, chunks)
     first = torch.empty(rows, chunks, n_thr + 1, dtype=torch.int32)
     perm = torch.empty(6, rows, n_thr + 1, dtype=torch.int32)
     grad = torch.empty(rows, B, dtype=torch.float32 if dtype == torch.float32 else torch.bfloat16)
     compact, cross = torch.empty(rows, B, dtype=grad.dtype), torch.empty(rows, chunks)
     dots = torch.empty(rows, B)  # a slab's cuBLAS dots, student's or teacher's
-    teacher_grid = (rows // teacher_blocks["BM"], chunks)
+    teacher_grid = (rows // K._slab_blocks(B, "random")[0]["BM"], chunks)
     BG = max(2, triton.next_power_of_2(n_thr + 1))  # groups, as the slab launcher
     states = torch.empty(2, rows, chunks)  # the slab rows' lse_s, by chunk (the random shuffle's)
-    K._group_counts_kernel[teacher_grid](dots, r, thr, first, dots, r, states, 0, B, n_thr, n_thr, width, chunks,
-                                         rows, 40.0, BG=BG, LSE=True, **teacher_blocks)
+    cut = torch.empty(B, n_thr, dtype=torch.int32)  # tie cuts (the pairwise thresholds': TIES)
+    for ties in (False, True):
+        teacher_blocks = K._slab_blocks(B, "random", ties)[0]
+        K._group_counts_kernel[teacher_grid](dots, r, thr, thr, cut, first, dots, r, states, 0, B, n_thr, n_thr, width,
+                                             chunks, rows, 40.0, BG=BG, LSE=True, TIES=ties, **teacher_blocks)
+        K._compact_targets_kernel[teacher_grid](dots, r, thr, thr, cut, r, first, compact, 0, B, n_thr, n_thr, width,
+                                                chunks, rows, 80.0, BG=BG, TIES=ties, **teacher_blocks)
     K._permutation_tables(first, 0, 2**64 - 1, (states, r))
     K._permutation_tables(first, 0, torch.empty(1, dtype=torch.int64), (states, r))  # the key drawn on the GPU
-    K._compact_targets_kernel[teacher_grid](dots, r, thr, r, first, compact, 0, B, n_thr, n_thr, width, chunks,
-                                            rows, 80.0, BG=BG, **teacher_blocks)
     for targets, shuffle in enumerate(K.SHUFFLES):
-        slab_blocks = K._slab_blocks(B, shuffle)[1]
-        K._distill_slab_kernel[(rows // slab_blocks["BM"], chunks)](
-            dots, r, dots, r, thr, r, r, qbar, first, compact, perm, cross, grad, 0, B, n_thr, n_thr, width,
-            chunks, rows, 40.0, 80.0, BG=BG, TARGETS=targets, WRITE_GRAD=True, **slab_blocks)
+        for ties in (False, True) if targets else (False,):
+            slab_blocks = K._slab_blocks(B, shuffle, ties)[1]
+            K._distill_slab_kernel[(rows // slab_blocks["BM"], chunks)](
+                dots, r, dots, r, thr, thr, cut, r, r, qbar, first, compact, perm, cross, grad, 0, B, n_thr, n_thr,
+                width, chunks, rows, 40.0, 80.0, BG=BG, TARGETS=targets, WRITE_GRAD=True, TIES=ties, **slab_blocks)
     lo = None if dtype == torch.float32 else torch.empty(B, D, dtype=torch.int8)
     hi = torch.empty(B, D, dtype=dtype)
     K.accumulate_slab(hi, lo, grad, x, r, torch.empty(rows, D), 0)
@@ -151,8 +155,11 @@ def distill(B, D, dtype, teacher_dtype, n_thr=9):
             GP._search_chunk(state, search_rows, i_pass, collect, probes, rule, 16, r)
             probes.after_chunk(search_rows, state, r, r)
     for group_size in (None, triton.cdiv(B, 40)):  # the pairwise thresholds (G - 1 = n_thr; fixed size: 40 groups)
-        GP.group_thresholds(t, r, r, r, r, 1.0, group_p=1 / (n_thr + 0.5), group_size=group_size, method="pairwise")
+        grouping = dict(group_p=1 / (n_thr + 0.5), group_size=group_size)
+        GP.group_thresholds(t, r, r, r, r, 1.0, **grouping, method="pairwise")
+        GP.tie_cuts(t, r, r, r, r, torch.empty(B, n_thr if group_size is None else 39), 1.0, **grouping)
     GP.group_means(t, r, r, thr, 80.0)
+    GP.group_means(t, r, r, thr, 80.0, ties=(thr, cut))
 
 
 def few_groups(B, D, dtype, teacher_dtype):

@@ -1,7 +1,8 @@
 """The triton backend's tie rule against the torch backend's on batches with duplicated rows
 (benchmarks/session_log.md, Sessions 20-21): the torch backend ranks tied teacher cosines in
-column order (a stable sort), as does the one-program kernel (B <= 64); the streaming kernels
-(B > 64) put tied cosines in one group. Relative loss difference, shuffle expected, fp32, the
+column order (a stable sort), as do the one-program kernel (B <= 64) and the pairwise
+thresholds' tie cuts (B <= 1024); the threshold search (B > 1024) puts tied cosines in one
+group. Relative loss difference, shuffle expected, fp32, the
 worst of 4 seeds; the last n teacher rows are copies of the first n, and every teacher entry
 is a multiple of 1/64 in [-1, 1], so that every dot is exact in fp32 whatever its summation
 order and copies tie in every backend. On a CPU the kernels run under Triton's interpreter
@@ -21,7 +22,7 @@ import distillcse  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 print("| B | duplicated rows | difference |\n| ---: | ---: | ---: |")
-for B, n_dup in ((16, 0), (16, 5), (64, 8), (130, 0), (256, 0), (256, 2), (256, 8), (130, 4)):
+for B, n_dup in ((16, 0), (16, 5), (64, 8), (130, 0), (130, 4), (256, 2), (256, 8), (1100, 0), (1100, 8)):
     gaps = []
     for seed in range(4):
         g = torch.Generator().manual_seed(seed)

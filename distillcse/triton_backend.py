@@ -26,7 +26,7 @@ from torch.profiler import record_function
 from . import config
 from .kernels.contrastive import contrastive_bwd_dy, contrastive_fwd
 from .kernels.distill import distill_loss_and_grad, distill_row_stats
-from .kernels.group_partition import grid_pass, group_thresholds, num_groups
+from .kernels.group_partition import grid_pass, group_means, group_thresholds, num_groups, searches, tie_cuts
 from .kernels.small_batch import fits, small_batch_loss
 from .reference import EPS
 from .torch_backend import DistillChunked, first_order, need_grad
@@ -109,14 +109,20 @@ def _distill_rows(z, r, t, rt, student_temperature, options, need_grad):
         student = (None, None) if shuffle == "random" else (z, r)
         lse_s, lse_t, lse_g, t_min, t_max = distill_row_stats(*student, t, rt, ss, ts, gs, budget_bytes=budget,
                                                               grid=grid)
-    if shuffle != "none":  # "expected": the group means come with the thresholds (their last pass)
+    if shuffle != "none":
+        # pairwise thresholds (B <= PAIRWISE_MAX_B) come with tie cuts: tied values rank in column
+        # order; the search's put a tie in one group, and give the expected mode's means (their last pass)
+        ranked = not searches(t.shape[0])
+        means = (lse_t, ts) if shuffle == "expected" and not ranked else None
         with _phase("group_thresholds"):
-            found = group_thresholds(t, rt, lse_g, t_min, t_max, gs, **grouping, grid=grid,
-                                     means=(lse_t, ts) if shuffle == "expected" else None)
-        if shuffle == "expected":
-            groups["thr"], groups["qbar"] = found
-        else:
-            groups["thr"] = found
+            found = group_thresholds(t, rt, lse_g, t_min, t_max, gs, **grouping, grid=grid, means=means)
+            groups["thr"], groups["qbar"] = found if means else (found, None)
+            if ranked:
+                groups["ties"] = tie_cuts(t, rt, lse_g, t_min, t_max, groups["thr"], gs, group_p=options["group_p"],
+                                          group_size=options["group_size"])
+                if shuffle == "expected":
+                    groups["qbar"] = group_means(t, rt, lse_t, groups["thr"], ts, budget_bytes=budget,
+                                                 ties=groups["ties"])
     with _phase("distill_slabs"):
         return distill_loss_and_grad(
             z, r, t, rt, lse_s, lse_t, ss, ts, shuffle=shuffle, step_seed=options["step_seed"],

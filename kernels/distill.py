@@ -5,7 +5,8 @@ Student logits ``s_ij = (x_i . x_j) rx_i rx_j``, teacher logits ``t_ij = (t_i . 
 (raw rows of any float dtype, fp32 inverse norms; every kernel here reads a row slab's cuBLAS
 dots through ``tiles.slab_tile``); only ``j != i`` takes part. Targets
 ``q_ij = exp(t_ij * teacher_scale - lse_t_i)``, shuffled into ``q~`` within the Group-P groups
-``group_i(j) = #{g : t_ij < thr[i, g]}`` (thresholds from ``group_partition.group_thresholds``):
+``group_i(j) = #{g : t_ij < thr[i, g]}`` (thresholds from ``group_partition.group_thresholds``;
+with its ``tie_cuts``, the columns before ``cut[i, g]`` compare with ``low[i, g]`` instead):
   none      ``q~ = q``;
   expected  ``q~_ij = qbar[i, group_i(j)]`` (the group means: ``group_thresholds(means=...)``);
   random    ``q~_ij = q_ij'``, j' the member of j's group whose column-order rank is
@@ -375,15 +376,40 @@ def _group_permutation(x, n, key, h, b, rounds):
 
 
 @triton.jit
-def _teacher_groups(p_ts, p_rt, p_thr, s_thr, o_r, o_m, m_m, o_n, m_n, B, n_thr: tl.constexpr):
+def _row_threshold(p_thr, p_low, p_cut, s_thr, o_m, m_m, o_n, g, TIES: tl.constexpr):
+    """Boundary g's threshold for rows o_m [BM] at columns o_n [BN]: [BM, 1], or with TIES
+    [BM, BN] (``group_partition.tie_cuts``: the columns before a row's cut take its lower one)."""
+    b_thr = tl.load(p_thr + o_m * s_thr + g, mask=m_m, other=float("-inf"))[:, None]
+    if TIES:
+        b_low = tl.load(p_low + o_m * s_thr + g, mask=m_m, other=float("-inf"))
+        b_cut = tl.load(p_cut + o_m * s_thr + g, mask=m_m, other=0)
+        b_thr = tl.where(o_n[None, :] < b_cut[:, None], b_low[:, None], b_thr)
+    return b_thr
+
+
+@triton.jit
+def _column_threshold(p_thr, p_low, p_cut, s_thr, o_n, m_n, o_m, g, TIES: tl.constexpr):
+    """``_row_threshold`` of the rows o_n [BN] (the transposed entries t_ji, j in o_n) at columns
+    o_m [BM]: [1, BN], or with TIES [BM, BN]."""
+    b_thr = tl.load(p_thr + o_n * s_thr + g, mask=m_n, other=float("-inf"))[None, :]
+    if TIES:
+        b_low = tl.load(p_low + o_n * s_thr + g, mask=m_n, other=float("-inf"))
+        b_cut = tl.load(p_cut + o_n * s_thr + g, mask=m_n, other=0)
+        b_thr = tl.where(o_m[:, None] < b_cut[None, :], b_low[None, :], b_thr)
+    return b_thr
+
+
+@triton.jit
+def _teacher_groups(p_ts, p_rt, p_thr, p_low, p_cut, s_thr, o_r, o_m, m_m, o_n, m_n, B, n_thr: tl.constexpr,
+                    TIES: tl.constexpr):
     """Teacher logits t [BM, BN] fp32 (from the slab's dots ``p_ts``) and group ids [BM, BN]
     int32 (-1 off the off-diagonal in-range entries): ``group = #{g : t < thr[row, g]}`` (the
-    expected mode's select chain over the non-increasing thresholds gives the same groups)."""
+    thresholds of ``_row_threshold``; the expected mode's select chain over the non-increasing
+    thresholds gives the same groups)."""
     b_t = slab_tile(p_ts, p_rt, o_r, o_m, m_m, o_n, m_n, B)  # [BM, BN]
     b_grp = tl.zeros(b_t.shape, dtype=tl.int32)
     for i_g in tl.static_range(n_thr):
-        b_thr = tl.load(p_thr + o_m * s_thr + i_g, mask=m_m, other=float("-inf"))  # [BM]
-        b_grp += (b_t < b_thr[:, None]).to(tl.int32)
+        b_grp += (b_t < _row_threshold(p_thr, p_low, p_cut, s_thr, o_m, m_m, o_n, i_g, TIES)).to(tl.int32)
     m_valid = (o_m[:, None] != o_n[None, :]) & m_m[:, None] & m_n[None, :]
     return b_t, tl.where(m_valid, b_grp, -1)
 
@@ -443,12 +469,13 @@ def _group_counts_kernel(
     p_ts,  # [R, B] fp32 raw teacher dots of the slab rows
     p_rt,  # [B] fp32 inverse norms
     p_thr,  # [B, G-1] fp32 group thresholds
+    p_low, p_cut,  # [B, G-1] fp32, int32 tie cuts (TIES; ``group_partition.tie_cuts``)
     p_counts,  # [R, C, G] int32 out: members of group g in chunk c of slab row r
     p_xs,  # [R, B] fp32 raw student dots of the slab rows (LSE)
     p_rx,  # [B] fp32 inverse norms (LSE)
     p_lse,  # [2, R, C] fp32 out (LSE): running max and sum of exp(s * student_scale - max) of chunk c
     row0, B, s_thr, n_thr: tl.constexpr, chunk_width, n_chunks, R, student_scale,
-    BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, LSE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, LSE: tl.constexpr, TIES: tl.constexpr,
 ):
     """Members of each group per column chunk of BM slab rows and, with LSE, the chunk's share
     of the rows' student logsumexp (``_update_lse``; ``_permutation_tables_kernel`` merges the
@@ -464,7 +491,7 @@ def _group_counts_kernel(
     for i_n in range(0, tl.cdiv(chunk_width, BN)):
         o_n = col0 + i_n * BN + tl.arange(0, BN).to(tl.int64)
         m_n = (o_n < B) & (o_n < col0 + chunk_width)
-        _, b_grp = _teacher_groups(p_ts, p_rt, p_thr, s_thr, o_r, o_m, m_m, o_n, m_n, B, n_thr)
+        _, b_grp = _teacher_groups(p_ts, p_rt, p_thr, p_low, p_cut, s_thr, o_r, o_m, m_m, o_n, m_n, B, n_thr, TIES)
         for w in tl.static_range((n_groups + 3) // 4):
             b_counts += _word_counts(_group_word(b_grp, w)[0], w, n_groups, BG)
         if LSE:
@@ -542,11 +569,12 @@ def _compact_targets_kernel(
     p_ts,  # [R, B] fp32 raw teacher dots of the slab rows
     p_rt,  # [B] fp32 inverse norms
     p_thr,  # [B, G-1] fp32
+    p_low, p_cut,  # [B, G-1] fp32, int32 tie cuts (TIES)
     p_lse_t,  # [B] fp32 teacher logsumexps
     p_first,  # [R, C, G] int32: compact position of chunk c's first member of group g
     p_compact,  # [R, B] out (G's dtype): targets in group order (B-1 used)
     row0, B, s_thr, n_thr: tl.constexpr, chunk_width, n_chunks, R, teacher_scale,
-    BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, TIES: tl.constexpr,
 ):
     i_c, o_r, o_m, m_m = _slab_program(row0, B, R, BM)
     o_g = tl.arange(0, BG)[None, :]
@@ -557,7 +585,8 @@ def _compact_targets_kernel(
     for i_n in range(0, tl.cdiv(chunk_width, BN)):
         o_n = col0 + i_n * BN + tl.arange(0, BN).to(tl.int64)
         m_n = (o_n < B) & (o_n < col0 + chunk_width)
-        b_t, b_grp = _teacher_groups(p_ts, p_rt, p_thr, s_thr, o_r, o_m, m_m, o_n, m_n, B, n_thr)
+        b_t, b_grp = _teacher_groups(p_ts, p_rt, p_thr, p_low, p_cut, s_thr, o_r, o_m, m_m, o_n, m_n, B, n_thr,
+                                     TIES)
         b_pos, b_next = _compact_positions(b_grp, b_next, n_groups, BG)
         b_lse_t = tl.load(p_lse_t + o_m, mask=m_m, other=0.0)
         b_q = tl.exp(b_t * teacher_scale - b_lse_t[:, None])  # q_ij [BM, BN]
@@ -571,6 +600,7 @@ def _distill_slab_kernel(
     p_ts,  # [R, B] fp32 raw teacher dots of the slab rows (cuBLAS)
     p_rt,  # [B] fp32 inverse norms
     p_thr,  # [B, G-1] fp32 (expected, random)
+    p_low, p_cut,  # [B, G-1] fp32, int32 tie cuts (TIES)
     p_lse_s,  # [B] fp32 student logsumexps
     p_lse_t,  # [B] fp32 teacher logsumexps (none)
     p_qbar,  # [B, G] fp32 group means of q (expected)
@@ -581,7 +611,7 @@ def _distill_slab_kernel(
     p_grad,  # [R, B] out (G's dtype): M_rj = G_rj rx_j, or (G_rj + G_jr) rx_j when TARGETS < 2; 0 on the diagonal
     row0, B, s_thr, n_thr: tl.constexpr, chunk_width, n_chunks, R, student_scale, teacher_scale,
     BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, TARGETS: tl.constexpr,
-    WRITE_GRAD: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, TIES: tl.constexpr,
 ):
     """Cross terms and gradient factors ``G_rj = student_scale (p_rj - q~_rj)`` of slab rows
     ``row0 + [0, R)``, block i_m of BM rows, column chunk i_c; ``TARGETS`` is the index of the
@@ -612,11 +642,12 @@ def _distill_slab_kernel(
             m_in = (o_m[:, None] != o_n[None, :]) & m_m[:, None] & m_n[None, :]
             b_qt = tl.zeros_like(b_t) + tl.load(p_qbar + o_m * n_groups, mask=m_m, other=0.0)[:, None]
             for g in tl.static_range(n_thr):
-                b_thr = tl.load(p_thr + o_m * s_thr + g, mask=m_m, other=float("-inf"))  # [BM]
+                b_thr = _row_threshold(p_thr, p_low, p_cut, s_thr, o_m, m_m, o_n, g, TIES)  # [BM, 1 or BN]
                 b_qbar = tl.load(p_qbar + o_m * n_groups + g + 1, mask=m_m, other=0.0)
-                b_qt = tl.where(b_t < b_thr[:, None], b_qbar[:, None], b_qt)
+                b_qt = tl.where(b_t < b_thr, b_qbar[:, None], b_qt)
         else:
-            _, b_grp = _teacher_groups(p_ts, p_rt, p_thr, s_thr, o_r, o_m, m_m, o_n, m_n, B, n_thr)
+            _, b_grp = _teacher_groups(p_ts, p_rt, p_thr, p_low, p_cut, s_thr, o_r, o_m, m_m, o_n, m_n, B, n_thr,
+                                       TIES)
             b_pos, b_next = _compact_positions(b_grp, b_next, n_groups, BG)
             m_in = b_pos >= 0
             # sigma's parameters of each member's group (non-members: size 1, so sigma(0) = 0)
@@ -645,9 +676,9 @@ def _distill_slab_kernel(
                 else:  # the columns' thresholds and means, [BN] per tile
                     b_qt_n = tl.zeros_like(b_t) + tl.load(p_qbar + o_n * n_groups, mask=m_n, other=0.0)[None, :]
                     for g in tl.static_range(n_thr):
-                        b_thr_n = tl.load(p_thr + o_n * s_thr + g, mask=m_n, other=float("-inf"))
+                        b_thr_n = _column_threshold(p_thr, p_low, p_cut, s_thr, o_n, m_n, o_m, g, TIES)
                         b_qbar_n = tl.load(p_qbar + o_n * n_groups + g + 1, mask=m_n, other=0.0)
-                        b_qt_n = tl.where(b_t < b_thr_n[None, :], b_qbar_n[None, :], b_qt_n)
+                        b_qt_n = tl.where(b_t < b_thr_n, b_qbar_n[None, :], b_qt_n)
                 b_g += tl.exp(b_s * student_scale - b_lse_s_n[None, :]) - b_qt_n
             b_g = b_g * b_rx_n[None, :]  # M = G rx_j: the GEMMs take the raw rows (G u = M x)
             b_g = tl.where(m_in, student_scale * b_g, 0.0)
@@ -796,22 +827,25 @@ def _fp32_dots(x_dtype, t_dtype):
     return fp32, fp32 and dot_precision(torch.float32) == "ieee"
 
 
-def _slab_blocks(B: int, shuffle: str):
+def _slab_blocks(B: int, shuffle: str, ties: bool = False):
     """(blocks of the random mode's count and compaction kernels, blocks of the slab kernel).
     They read the slab's cuBLAS dots, so no tile holds a dot's operands: memory- and ALU-bound
     tiles of [32, 128] at 8 warps, [32, 64] for the random shuffle's slab kernel (the
     permutation's state). sm_90a (``benchmarks/compile_sm90.py --what distill``, session 15, not
     timed; 10 groups): counts 168 registers, compaction 193-255, slab kernel 175 (none), 180
     (expected), 219 (random), no spills (at 64 groups counts spill 348 B, compaction 52 B); at
-    4 warps they spilled 12-304 bytes (session 13). Under the
+    4 warps they spilled 12-304 bytes (session 13). With tie cuts (``ties``: a [BM, BN] threshold
+    per boundary) [32, 64] throughout: at [32, 128] the expected shuffle's slab kernel spilled
+    236 B and the counts 4 B (bf16, session 21). Under the
     interpreter few large blocks run fastest. Column tiles must divide the chunk width (powers
     of two)."""
     if utils.interpreter_blocks():
         bm = min(64, max(16, next_pow2(B)))
         blocks = dict(BM=bm, BN=bm, num_warps=4)
         return blocks, blocks
-    slab = dict(BM=32, BN=64 if shuffle == "random" else 128, num_warps=8)
-    return dict(BM=32, BN=128, num_warps=8), slab
+    narrow = ties or shuffle == "random"
+    slab = dict(BM=32, BN=64 if narrow else 128, num_warps=8)
+    return dict(BM=32, BN=64 if ties else 128, num_warps=8), slab
 
 
 def _prepare(x, rx, t, rt):
@@ -1004,7 +1038,7 @@ def accumulate_slab(hi, lo, m, x, rx, row_side, row0):
 
 
 def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_scale, *, shuffle="none",
-                          thr=None, qbar=None, step_seed=None, budget_bytes, need_grad=True, chunks=None):
+                          thr=None, qbar=None, ties=None, step_seed=None, budget_bytes, need_grad=True, chunks=None):
     """Loss rows [B] fp32 and dx [B, D] in x's dtype (None without ``need_grad``):
     ``loss_i = lse_s_i - student_scale sum_{j != i} q~_ij s_ij`` and ``dx = d(sum_i loss_i)/dx``
     through ``u = x rx``.
@@ -1013,7 +1047,8 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
     (fp16, bf16 or fp32, x's dtype or not), ``rt`` [B] fp32 their inverse norms, ``lse_s``,
     ``lse_t`` [B] fp32 (``distill_row_stats``); with shuffle random ``lse_s`` may be None: each
     slab's rows' then come from the slab's own dots (the count kernel, in chunks). ``shuffle`` "none"; "expected" with
-    ``thr`` [B, G-1] and ``qbar`` [B, G]; or "random" with ``thr`` and ``step_seed`` (64-bit).
+    ``thr`` [B, G-1] and ``qbar`` [B, G]; or "random" with ``thr`` and ``step_seed`` (64-bit);
+    ``ties`` (both shuffles): ``group_partition.tie_cuts``' (low, cut) for ``thr``, or None.
     Rows go in slabs whose [R, B] buffers fit ``budget_bytes`` (at least one row block);
     ``chunks`` (column chunks per slab row) defaults to enough programs to fill the GPU.
     Extra memory besides dx: at most ``budget_bytes`` (at least one row block per slab), plus
@@ -1031,12 +1066,18 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
     if shuffle == "none":
         thr, n_thr = lse_s[:, None], 0  # unread
     else:
-        thr = unit_stride_rows(thr.float())
+        thr = thr.float().contiguous()
         n_thr = thr.shape[1]
+    if ties is not None:
+        low, cut = (a.contiguous() for a in ties)
+        assert low.shape == cut.shape == thr.shape and low.dtype == torch.float32 and cut.dtype == torch.int32
+    else:
+        low, cut = thr, thr  # unread
+    with_ties = ties is not None and n_thr > 0
     qbar = unit_stride_rows(qbar.float()) if shuffle == "expected" else lse_t
     G = n_thr + 1
     BG = max(2, next_pow2(G))
-    teacher_blocks, slab_blocks = _slab_blocks(B, shuffle)
+    teacher_blocks, slab_blocks = _slab_blocks(B, shuffle, with_ties)
     BM = max(teacher_blocks["BM"], slab_blocks["BM"])
     BN = max(teacher_blocks["BN"], slab_blocks["BN"])
     grad_dtype = torch.float32 if x.dtype == torch.float32 else torch.bfloat16  # also the compact targets'
@@ -1079,17 +1120,17 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
                 counts = torch.empty(rows, chunks, G, device=x.device, dtype=torch.int32)
                 states = torch.empty((2, rows, chunks), device=x.device, dtype=torch.float32) if slab_lse else counts
                 _group_counts_kernel[teacher_grid](
-                    t_dots, rt, thr, counts, s_dots, rx, states, row0, B, thr.stride(0), n_thr, chunk_width, chunks,
-                    rows, float(student_scale), BG=BG, LSE=slab_lse, **teacher_blocks)
+                    t_dots, rt, thr, low, cut, counts, s_dots, rx, states, row0, B, thr.stride(0), n_thr, chunk_width,
+                    chunks, rows, float(student_scale), BG=BG, LSE=slab_lse, TIES=with_ties, **teacher_blocks)
                 first, perm = _permutation_tables(counts, row0, step_seed, (states, lse_s) if slab_lse else None)
                 _compact_targets_kernel[teacher_grid](
-                    t_dots, rt, thr, lse_t, first, compact, row0, B, thr.stride(0), n_thr, chunk_width, chunks,
-                    rows, float(teacher_scale), BG=BG, **teacher_blocks)
+                    t_dots, rt, thr, low, cut, lse_t, first, compact, row0, B, thr.stride(0), n_thr, chunk_width,
+                    chunks, rows, float(teacher_scale), BG=BG, TIES=with_ties, **teacher_blocks)
             cross = torch.empty(rows, chunks, device=x.device, dtype=torch.float32)
             _distill_slab_kernel[(cdiv(rows, slab_blocks["BM"]), chunks)](
-                s_dots, rx, t_dots, rt, thr, lse_s, lse_t, qbar, first, compact, perm, cross,
+                s_dots, rx, t_dots, rt, thr, low, cut, lse_s, lse_t, qbar, first, compact, perm, cross,
                 grad[row0 - grad0:], row0, B, thr.stride(0), n_thr, chunk_width, chunks, rows, float(student_scale),
-                float(teacher_scale), BG=BG, TARGETS=targets, WRITE_GRAD=need_grad, **slab_blocks)
+                float(teacher_scale), BG=BG, TARGETS=targets, WRITE_GRAD=need_grad, TIES=with_ties, **slab_blocks)
             # lse_s - scale sum_j q~ s: the chunks' sums and the difference in one op (a GEMV)
             torch.addmv(lse_s[slab], cross, ones, alpha=-student_scale, out=loss[slab])
         if not need_grad:

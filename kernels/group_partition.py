@@ -48,6 +48,13 @@ it with every other value of its row (B^3 comparisons, the column tiles' dots re
 tile of values), and per boundary the largest value that passes (hd) and the smallest that
 fails (hu) with atomics; thr is again mid-gap. Two launches and two fills, no host sync,
 extra memory [B, G - 1].
+Thresholds put every column of a tie (equal values: the same sentence twice in a batch) in one
+group, the group of the last of them; the ranking of the torch backend (a stable sort) puts
+them in column order, and where a tie straddles a boundary that splits it. ``tie_cuts`` gives
+the pairwise thresholds that ranking: per (row, boundary) a cut column and a lower threshold
+mid-gap below the tie, which the columns before the cut compare with (``_tie_cuts_kernel``:
+one sweep over the columns, and a second for a row block with a split tie). The search does
+without (README, "Where the backends differ").
 ``group_means`` averages the targets ``q_ij`` over each group in one pass over row slabs;
 the search does without that pass and without its own first one where it can:
 ``group_thresholds(means=...)`` averages each row from the teacher dots of the pass that
@@ -216,6 +223,16 @@ def _split_windows_kernel(
 
 
 @triton.jit
+def _edge(edges, lows, cuts, k: tl.constexpr, o_n, TIES: tl.constexpr):
+    """Threshold k of ``_group_means_kernel``'s block at columns o_n [BN]: [BM, 1], or with TIES
+    [BM, BN] (the columns before a row's cut take its lower threshold)."""
+    b_edge = edges[k][:, None]
+    if TIES:
+        b_edge = tl.where(o_n[None, :] < cuts[k][:, None], lows[k][:, None], b_edge)
+    return b_edge
+
+
+@triton.jit
 def _group_means_kernel(
     p_dots,  # [R, B] fp32 raw teacher dots t_r . t_j of the rows (cuBLAS), row stride B
     p_rt,  # [B] fp32 inverse norms
@@ -223,10 +240,11 @@ def _group_means_kernel(
     p_rows,  # [R] int64 the dots' rows
     p_done,  # [R] int8: the rows to average (the others are skipped)
     p_thr,  # [R, G-1] fp32 the rows' thresholds, row stride s_thr
+    p_low, p_cut,  # [R, G-1] fp32, int32 their tie cuts (TIES: ``tie_cuts``), row stride s_thr
     p_sum,  # [R, S, G] fp32 out: each column split's sums of q per row and group
     p_count,  # [R, S, G] int32 out: ... and member counts
     R, B, G, s_thr, tiles_per_split, teacher_scale,
-    BM: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr, TIES: tl.constexpr,
 ):
     """Sum and count of q_ij over the NG groups g0 .. g0 + NG - 1 (g0 = NG * program_id(1)) of
     BM rows, streamed over the column tiles of split program_id(2) (none when no row of the
@@ -243,10 +261,16 @@ def _group_means_kernel(
     m_m &= tl.load(p_done + o_r, mask=m_m, other=0) != 0
     b_lse = tl.load(p_lse + o_m, mask=m_m, other=0.0)
     edges = ()  # [BM] each: the NG + 1 thresholds around the block's groups
+    lows = ()  # ... their tie cuts' lower thresholds and cut columns (TIES)
+    cuts = ()
     for k in tl.static_range(NG + 1):
         b = g0 + k - 1
-        b_thr = tl.load(p_thr + o_r * s_thr + b, mask=m_m & (b >= 0) & (b < G - 1), other=0.0)
+        m_b = m_m & (b >= 0) & (b < G - 1)
+        b_thr = tl.load(p_thr + o_r * s_thr + b, mask=m_b, other=0.0)
         edges = edges + (tl.where(b < 0, float("inf"), tl.where(b < G - 1, b_thr, float("-inf"))),)
+        if TIES:
+            lows = lows + (tl.load(p_low + o_r * s_thr + b, mask=m_b, other=0.0),)
+            cuts = cuts + (tl.load(p_cut + o_r * s_thr + b, mask=m_b, other=0),)
     sums = ()
     counts = ()
     for k in tl.static_range(NG):
@@ -260,11 +284,11 @@ def _group_means_kernel(
         b_t = slab_tile(p_dots, p_rt, o_r, o_m, m_m, o_n, m_n, B)  # [BM, BN]
         b_q = tl.exp(b_t * teacher_scale - b_lse[:, None])
         b_t = tl.where((o_m[:, None] != o_n[None, :]) & m_n[None, :], b_t, float("nan"))  # in no group
-        m_below = b_t < edges[0][:, None]
+        m_below = b_t < _edge(edges, lows, cuts, 0, o_n, TIES)
         new_sums = ()
         new_counts = ()
         for k in tl.static_range(NG):
-            m_next = b_t < edges[k + 1][:, None]
+            m_next = b_t < _edge(edges, lows, cuts, k + 1, o_n, TIES)
             m_g = m_below & ~m_next  # thr[g] <= t < thr[g - 1]
             new_sums = new_sums + (sums[k] + tl.where(m_g, b_q, 0.0),)
             new_counts = new_counts + (counts[k] + m_g.to(tl.int32),)
@@ -362,6 +386,97 @@ def _pairwise_brackets_kernel(
     m_out = m_m[:, None] & (o_g < G1)[None, :]
     tl.atomic_max(p_hd + o_out, b_hd, mask=m_out, sem="relaxed")
     tl.atomic_min(p_hu + o_out, b_hu, mask=m_out, sem="relaxed")
+
+
+@triton.jit
+def _tie_cuts_kernel(
+    p_t,  # [B, Dt] teacher rows, row stride s_t
+    p_rt,  # [B] fp32 inverse norms
+    p_lse,  # [B] fp32 logsumexp_{j != i}(t_ij * grouping_scale) (unused when FIXED)
+    p_t_min, p_t_max,  # [B] fp32 row statistics (j != i)
+    p_thr,  # [B, G1] fp32 thresholds
+    p_low,  # [B, G1] fp32 out: the lower threshold of the columns before the cut (thr where none)
+    p_cut,  # [B, G1] int32 out: the cut column (0: none)
+    B, Dt, G1, s_t, group_size, group_p, grouping_scale, margin,
+    FIXED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BG: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Tie cuts of BM rows (``tie_cuts``). Sweep 1 over the columns: per boundary, the largest
+    value below the threshold (hd, the tie's value), how many columns hold it (n), the largest
+    value below it and the measure above the threshold. The ranking puts the tie's k-th column
+    (column order) at measure ``above + k w``, so its first ``k`` columns (those whose measure
+    fails the boundary's predicate, at most n - 1: the last one passes) belong above the
+    boundary. Sweep 2, only for a block with such a split tie: the column of the tie's
+    (k + 1)-th member, the cut."""
+    o_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    m_m = o_m < B
+    o_g = tl.arange(0, BG)
+    m_out = m_m[:, None] & (o_g < G1)[None, :]
+    o_out = o_m[:, None] * G1 + o_g[None, :]
+    b_thr = tl.load(p_thr + o_out, mask=m_out, other=float("-inf"))  # [BM, BG]
+    b_lse = tl.load(p_lse + o_m, mask=m_m, other=0.0)
+    b_hd = tl.full([BM, BG], float("-inf"), dtype=tl.float32)
+    b_prev = tl.full([BM, BG], float("-inf"), dtype=tl.float32)
+    b_n = tl.zeros([BM, BG], dtype=tl.int32)
+    if FIXED:
+        b_above = tl.zeros([BM, BG], dtype=tl.int32)
+    else:
+        b_above = tl.zeros([BM, BG], dtype=tl.float32)
+    for i_n in range(0, tl.cdiv(B, BN)):
+        o_n = i_n * BN + tl.arange(0, BN)
+        m_n = o_n < B
+        b_t = teacher_logits(p_t, p_rt, o_m, m_m, o_n, m_n, Dt, s_t, BD, PRECISION)  # [BM, BN]
+        m_v = (o_m[:, None] != o_n[None, :]) & m_n[None, :] & m_m[:, None]
+        if FIXED:
+            b_w = m_v.to(tl.int32)
+        else:
+            b_w = tl.where(m_v, tl.exp(b_t * grouping_scale - b_lse[:, None]), 0.0)
+        b_t3 = b_t[:, :, None]  # [BM, BN, 1] against [BM, 1, BG]
+        m_v3 = m_v[:, :, None]
+        b_above += tl.sum(tl.where(m_v3 & (b_t3 >= b_thr[:, None, :]), b_w[:, :, None], 0), axis=1)
+        b_v = tl.where(m_v3 & (b_t3 < b_thr[:, None, :]), b_t3, float("-inf"))  # [BM, BN, BG]
+        b_top = tl.max(b_v, axis=1)  # [BM, BG] the tile's largest value below thr, its count, the next
+        b_cnt = tl.sum(((b_v == b_top[:, None, :]) & (b_v > float("-inf"))).to(tl.int32), axis=1)
+        b_next = tl.max(tl.where(b_v < b_top[:, None, :], b_v, float("-inf")), axis=1)
+        b_new = tl.maximum(b_hd, b_top)
+        b_prev = tl.maximum(tl.where(b_hd < b_new, b_hd, b_prev), tl.where(b_top < b_new, b_top, b_next))
+        b_n = tl.where(b_hd == b_new, b_n, 0) + tl.where(b_top == b_new, b_cnt, 0)
+        b_hd = b_new
+    # k: the tie's columns whose measure fails the boundary, in [0, n - 1]
+    g = o_g[None, :] + 1
+    if FIXED:
+        b_k = g * group_size - b_above
+    else:
+        b_w = tl.exp(b_hd * grouping_scale - b_lse[:, None])  # each tied column's weight
+        b_kf = tl.ceil((g.to(tl.float32) * group_p - b_above) / tl.where(b_n >= 2, b_w, 1.0)) - 1.0
+        b_k = tl.maximum(tl.minimum(b_kf, (b_n - 1).to(tl.float32)), 0.0).to(tl.int32)  # (w 0: n - 1)
+        # the estimate corrected against the predicate itself (one step each way)
+        b_k = tl.where((b_k >= 1) & _holds(b_above + b_k.to(tl.float32) * b_w, g, group_size, group_p, FIXED),
+                       b_k - 1, b_k)
+        b_k = tl.where((b_k < b_n - 1)
+                       & ~_holds(b_above + (b_k + 1).to(tl.float32) * b_w, g, group_size, group_p, FIXED),
+                       b_k + 1, b_k)
+    b_k = tl.where(m_out & (b_n >= 2), tl.maximum(tl.minimum(b_k, b_n - 1), 0), 0)
+    b_cut = tl.zeros([BM, BG], dtype=tl.int32)
+    if tl.max(tl.max(b_k, axis=1), axis=0) > 0:  # sweep 2: the (k + 1)-th tied column, in column order
+        b_seen = tl.zeros([BM, BG], dtype=tl.int32)
+        b_cut = tl.full([BM, BG], 2147483647, dtype=tl.int32)
+        for i_n in range(0, tl.cdiv(B, BN)):
+            o_n = i_n * BN + tl.arange(0, BN)
+            m_n = o_n < B
+            b_t = teacher_logits(p_t, p_rt, o_m, m_m, o_n, m_n, Dt, s_t, BD, PRECISION)  # bit for bit sweep 1's
+            m_v = (o_m[:, None] != o_n[None, :]) & m_n[None, :] & m_m[:, None]
+            m_tie = (m_v[:, :, None] & (b_t[:, :, None] == b_hd[:, None, :])).to(tl.int32)  # [BM, BN, BG]
+            b_pos = b_seen[:, None, :] + tl.cumsum(m_tie, axis=1)  # each tied column's place, from 1
+            m_hit = (m_tie > 0) & (b_pos == b_k[:, None, :] + 1)
+            b_cut = tl.minimum(b_cut, tl.min(tl.where(m_hit, o_n[None, :, None], 2147483647), axis=1))
+            b_seen += tl.sum(m_tie, axis=1)
+        b_cut = tl.where(b_k > 0, b_cut, 0)
+    b_t_min = tl.load(p_t_min + o_m, mask=m_m, other=0.0)[:, None]
+    b_t_max = tl.load(p_t_max + o_m, mask=m_m, other=0.0)[:, None]
+    b_low = tl.where(b_k > 0, _mid_gap(b_prev, b_hd, b_t_min, b_t_max, margin), b_thr)
+    tl.store(p_low + o_out, b_low, mask=m_out)
+    tl.store(p_cut + o_out, b_cut, mask=m_out)
 
 
 @triton.jit
@@ -539,6 +654,31 @@ def _pairwise_thresholds(t, rt, lse_g, t_min, t_max, grouping_scale, G1, group_p
         grouping_scale, FIXED=group_size is not None, BG=max(2, next_pow2(G1)),
         PRECISION=dot_precision(t.dtype), **cfg)
     return _thresholds_from_brackets(hd, hu, t_min, t_max)
+
+
+def tie_cuts(t, rt, lse_g, t_min, t_max, thr, grouping_scale, *, group_p=0.1, group_size=None):
+    """Tied values in column order (the torch backend's stable sort) for thresholds ``thr``
+    [B, G1] (arguments as in ``group_thresholds``): ``(low, cut)`` [B, G1] fp32 and int32. The
+    thresholds alone put every column of a tie in one group; where a tie straddles boundary g
+    (the same sentence twice in a batch), its columns before ``cut[i, g]`` belong above the
+    boundary, so entry (i, j) is in group > g iff ``t_ij < (low if j < cut else thr)[i, g]``,
+    ``low`` mid-gap below the tie (``cut`` 0: no split, ``low`` = thr). One launch, no host
+    sync: a sweep over the columns per row block (Triton dots, ``teacher_logits``), and a second
+    for a block with a split tie; B^2 Dt work, the pairwise thresholds' way only."""
+    t = unit_stride_rows(t)
+    B, Dt = t.shape
+    G1 = thr.shape[1]
+    low = torch.empty((B, G1), device=t.device, dtype=torch.float32)
+    cut = torch.empty((B, G1), device=t.device, dtype=torch.int32)
+    if G1 == 0 or B < 2:
+        return low.copy_(thr), cut.zero_()
+    cfg = _pairwise_blocks()
+    _tie_cuts_kernel[(cdiv(B, cfg["BM"]),)](
+        t, rt.contiguous(), lse_g.float().contiguous(), t_min.float().contiguous(), t_max.float().contiguous(),
+        unit_stride_rows(thr.float()).contiguous(), low, cut, B, Dt, G1, t.stride(0), group_size or 0,
+        1.0 if group_size is not None else group_p, float(grouping_scale), STATS_MARGIN,
+        FIXED=group_size is not None, BG=max(2, next_pow2(G1)), PRECISION=dot_precision(t.dtype), **cfg)
+    return low, cut
 
 
 def _thresholds_from_brackets(hd, hu, t_min, t_max):
@@ -1161,15 +1301,17 @@ def _settle_kernel(
     tl.store(p_hu + o_state, v_up, mask=found)
 
 
-def group_means(t, rt, lse_t, thr, teacher_scale, *, budget_bytes=None):
+def group_means(t, rt, lse_t, thr, teacher_scale, *, budget_bytes=None, ties=None):
     """qbar [B, G] fp32: ``qbar[i, g]`` = mean of ``q_ij = exp(t_ij * teacher_scale - lse_t_i)``
     over the members j (j != i) of group g of row i, 0 for an empty group; ``t``, ``rt`` as in
-    ``group_thresholds``, groups from its ``thr`` [B, G-1]. One pass over row slabs whose fp32
-    teacher dots (cuBLAS) fit ``budget_bytes`` (None: ``CHUNK_VALUES`` entries)."""
+    ``group_thresholds``, groups from its ``thr`` [B, G-1] (and ``tie_cuts``' ``ties``, if
+    given). One pass over row slabs whose fp32 teacher dots (cuBLAS) fit ``budget_bytes``
+    (None: ``CHUNK_VALUES`` entries)."""
     t = unit_stride_rows(t)
     B, Dt = t.shape
     G = thr.shape[1] + 1
-    thr = unit_stride_rows(thr.float())
+    thr = thr.float().contiguous()
+    low, cut = (thr, thr) if ties is None else (a.contiguous() for a in ties)
     rt, lse_t = rt.contiguous(), lse_t.float().contiguous()
     qbar = torch.empty((B, G), device=t.device, dtype=torch.float32)
     budget = 4 * CHUNK_VALUES if budget_bytes is None else budget_bytes
@@ -1180,16 +1322,18 @@ def group_means(t, rt, lse_t, thr, teacher_scale, *, budget_bytes=None):
     for row0 in range(0, B, R):
         n = min(R, B - row0)
         matmul_f32(t[row0:row0 + n], t.T, out=dots[:n])
-        _means_launch(dots, rt, lse_t, rows[row0:row0 + n], every, thr[row0:row0 + n], qbar, teacher_scale,
-                      max_bytes=budget // 16)
+        part = slice(row0, row0 + n)
+        _means_launch(dots, rt, lse_t, rows[part], every, thr[part], qbar, teacher_scale, max_bytes=budget // 16,
+                      ties=None if ties is None else (low[part], cut[part]))
     return qbar
 
 
-def _means_launch(dots, rt, lse_t, rows, done, thr, qbar, teacher_scale, max_bytes=None):
+def _means_launch(dots, rt, lse_t, rows, done, thr, qbar, teacher_scale, max_bytes=None, ties=None):
     """``_group_means_kernel`` over the rows [R] whose teacher dots are ``dots`` [>= R, B] fp32,
     for those with ``done`` [R] int8 set, in column splits (``utils.column_splits``) whose
     partial sums and counts (8 S R G bytes, at most ``max_bytes``) ``_group_means_merge_kernel``
-    adds up; thr [R, G-1] (unit column stride), qbar [B, G]."""
+    adds up; thr [R, G-1] (unit column stride), qbar [B, G]; ``ties`` (low, cut) [R, G-1] with
+    thr's strides, or None."""
     cfg = _logit_blocks()
     R, (B, G) = len(rows), qbar.shape
     sweeps = cdiv(G, MEANS_GROUPS)  # the groups in as few, even blocks (one sweep of the dots each)
@@ -1200,8 +1344,9 @@ def _means_launch(dots, rt, lse_t, rows, done, thr, qbar, teacher_scale, max_byt
     sums = torch.empty((R, splits, G), device=dots.device, dtype=torch.float32)
     counts = torch.empty((R, splits, G), device=dots.device, dtype=torch.int32)
     _group_means_kernel[(cdiv(R, cfg["BM"]), sweeps, splits)](
-        dots, rt, lse_t, rows, done, thr, sums, counts, R, B, G, thr.stride(0), cdiv(n_tiles, splits),
-        float(teacher_scale), NG=cdiv(G, sweeps), **cfg)
+        dots, rt, lse_t, rows, done, thr, *((thr, thr) if ties is None else ties), sums, counts, R, B, G,
+        thr.stride(0), cdiv(n_tiles, splits), float(teacher_scale), NG=cdiv(G, sweeps), TIES=ties is not None,
+        **cfg)
     BG = max(2, next_pow2(G))
     BR = 64 if utils.interpreter_blocks() else 8
     BS = max(1, 2048 // (BR * BG))  # [BR, BS, BG] blocks of 2K sums (and counts)

@@ -19,8 +19,9 @@ distillation. The Group-P group of entry (i, j) is the SPEC's ranking with tied 
 column order (the torch backend's stable sort): with the measure ``F_ij = sum w_ik`` over the
 k != i ranked at or before j (``t_ik > t_ij``, or equal with ``k <= j``; w the softmax at the
 grouping scale, or 1 for fixed-size groups), ``group = min(floor(F_ij / P), G - 1)`` by mass
-and ``min(floor((F_ij - 1) / S), G - 1)`` by size. (The streaming kernels' thresholds put tied
-values in one group instead: README, "Where the backends differ".) F comes from a loop over
+and ``min(floor((F_ij - 1) / S), G - 1)`` by size (the streaming kernels rank ties the same way
+up to B = 1024, ``group_partition.tie_cuts``, and put them in one group above: README, "Where
+the backends differ"). F comes from a loop over
 the columns k (O(B^3) work, a few million operations at B = 64). Targets: none ``q``; expected the group mean of ``q``; random ``q`` of
 the group member whose column-order rank is ``sigma(rank)``, sigma the keyed Feistel
 permutation of ``distillcse.shuffle`` (the same uint32 arithmetic as ``distill.py``), so a

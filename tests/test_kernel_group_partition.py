@@ -71,17 +71,19 @@ def row_stats(rows, scale):
     return t, lse.float(), t_min.float(), t_max.float()
 
 
-def naive_groups(t, scale, group_p=0.1, group_size=None):
+def naive_groups(t, scale, group_p=0.1, group_size=None, ranked=False):
     """group [B, B] (diagonal -1) and, by mass, the cumulative mass deciding each entry.
     Sort descending, softmax, cumsum, floor, clamp (or rank // size); tied values all take
-    the group of the last of their run (the kernel's tie rule, one of the allowed ones)."""
+    the group of the last of their run (the thresholds' tie rule), or with ``ranked`` rank in
+    column order (the stable sort of the torch backend, and the thresholds with tie cuts)."""
     B = t.shape[0]
     G = -(-(B - 1) // group_size) if group_size is not None else math.ceil(1.0 / group_p)
     eye = torch.eye(B, dtype=torch.bool, device=t.device)
-    v, order = t.masked_fill(eye, -math.inf).sort(dim=1, descending=True)
+    v, order = t.masked_fill(eye, -math.inf).sort(dim=1, descending=True, stable=True)
     v = v[:, :-1]  # the diagonal sorts last
     c = torch.softmax(v * scale, dim=1).cumsum(dim=1)
-    last = torch.searchsorted(-v, -v, right=True) - 1  # last rank holding the same value
+    last = torch.arange(B - 1, device=t.device).expand(B, -1) if ranked else (
+        torch.searchsorted(-v, -v, right=True) - 1)  # the rank deciding each entry's group
     if group_size is not None:
         g_sorted = last // group_size
     else:
@@ -93,9 +95,15 @@ def naive_groups(t, scale, group_p=0.1, group_size=None):
     return groups, mass
 
 
-def kernel_groups(t, thr):
-    """group(j) = #{g : t_ij < thr[i, g]}, diagonal -1."""
-    g = (t[:, :, None] < thr.double()[:, None, :]).sum(2)
+def kernel_groups(t, thr, ties=None):
+    """group(j) = #{g : t_ij < thr[i, g]}, diagonal -1; with ``ties`` = (low, cut) from
+    ``tie_cuts``, the columns j < cut[i, g] compare with low[i, g] instead."""
+    thr = thr.double()[:, None, :]  # [B, 1, G-1]
+    if ties is not None:
+        low, cut = ties
+        j = torch.arange(len(t), device=t.device)[None, :, None]
+        thr = torch.where(j < cut[:, None, :], low.double()[:, None, :], thr)  # [B, B, G-1]
+    g = (t[:, :, None] < thr).sum(2)
     return g.fill_diagonal_(-1)
 
 
@@ -110,17 +118,18 @@ def check_partition(rows, grouping_temperature, group_p=0.1, group_size=None, me
     return thr
 
 
-def assert_partition(t, thr, scale, group_p, group_size):
-    """thr [B, G-1] splits t's rows (float64) as the naive sort does (by mass: up to a group
-    for entries within NEAR_BOUNDARY of a boundary)."""
+def assert_partition(t, thr, scale, group_p, group_size, ties=None):
+    """thr [B, G-1] (with tie cuts ``ties``: ranking ties in column order) splits t's rows
+    (float64) as the naive sort does (by mass: up to a group for entries within NEAR_BOUNDARY
+    of a boundary)."""
     from distillcse.kernels.group_partition import num_groups
 
     G = num_groups(len(t), group_p, group_size)
     assert thr.shape == (len(t), G - 1) and thr.dtype == torch.float32
     assert torch.isfinite(thr).all()
     assert (thr[:, 1:] <= thr[:, :-1]).all(), "thresholds must be non-increasing in g"
-    ref, mass = naive_groups(t, scale, group_p, group_size)
-    got = kernel_groups(t, thr)
+    ref, mass = naive_groups(t, scale, group_p, group_size, ranked=ties is not None)
+    got = kernel_groups(t, thr, ties)
     diff = got != ref
     if group_size is None:
         k = torch.round(mass / group_p)  # nearest boundary, a real one if 1 <= k <= G-1
@@ -151,6 +160,28 @@ def test_partition_matches_naive(device, B, Dt, temperature, group_p, group_size
 def test_partition_exact_ties(device, temperature, group_p, group_size, method):
     """Every teacher row three times: runs of equal logits straddle the boundaries."""
     check_partition(teachers(130, 48, device, dup=3, seed=1), temperature, group_p, group_size, method)
+
+
+@pytest.mark.parametrize("temperature,group_p,group_size", [(1.0, 0.1, None), (0.1, 0.3, None), (1.0, 0.1, 4)])
+@pytest.mark.parametrize("dup,B,zero_row", [(3, 130, False), (2, 131, True)])
+def test_tie_cuts_rank_ties_in_column_order(device, temperature, group_p, group_size, dup, B, zero_row):
+    """Repeated teacher rows: with ``tie_cuts``, the tied columns of a run that straddles a
+    boundary split between its groups in column order, as the stable sort ranks them (the
+    thresholds alone put the run in one group: the check without cuts fails)."""
+    from distillcse.kernels.group_partition import group_thresholds, tie_cuts
+
+    rows = teachers(B, 48, device, dup=dup, seed=1, zero_row=zero_row, strided=zero_row)
+    scale = 1.0 / temperature
+    t, lse, t_min, t_max = row_stats(rows, scale)
+    grouping = dict(group_p=group_p, group_size=group_size)
+    thr = group_thresholds(*rows, lse, t_min, t_max, scale, **grouping, method="pairwise")
+    low, cut = tie_cuts(*rows, lse, t_min, t_max, thr, scale, **grouping)
+    assert low.shape == cut.shape == thr.shape and cut.dtype == torch.int32
+    assert (cut > 0).any(), "no tie straddles a boundary: the case tests nothing"
+    assert torch.equal(low[cut == 0], thr[cut == 0]) and (low[cut > 0] < thr[cut > 0]).all()
+    assert_partition(t, thr, scale, group_p, group_size, ties=(low, cut))
+    with pytest.raises(AssertionError):  # wrong groups, some more than one off
+        assert_partition(t, thr, scale, group_p, group_size, ties=(thr, torch.zeros_like(cut)))
 
 
 @pytest.mark.parametrize("method", METHODS)

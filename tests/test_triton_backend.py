@@ -45,6 +45,28 @@ def run(backend, inputs, dtype, device, **kw):
                                           for g, x in zip(grads, leaves)]
 
 
+@pytest.mark.parametrize("shuffle", ["expected", "random"])
+@pytest.mark.parametrize("grouping", [dict(group_p=0.1), dict(group_size=4)])
+@pytest.mark.parametrize("B", [40, 130])
+def test_duplicated_teacher_rows_rank_in_column_order(shuffle, grouping, B):
+    """The same sentences twice in a batch: their teacher cosines tie in every row, and where a
+    tie straddles a group boundary its columns rank in column order (the one-program kernel at
+    B = 40, the pairwise thresholds' tie cuts at 130), as the torch backend's stable sort ranks
+    them. Teacher entries are multiples of 1/64 in [-1, 1], so every dot is exact in fp32 (and
+    TF32) and copies tie in every backend; the torch backend in fp32 is the yardstick."""
+    g = torch.Generator().manual_seed(B)
+    z1 = torch.randn(B, 32, generator=g, dtype=torch.float64) + torch.randn(1, 32, generator=g, dtype=torch.float64)
+    z2 = z1 + torch.randn(B, 32, generator=g, dtype=torch.float64)
+    t = torch.randn(B, 24, generator=g, dtype=torch.float64).clamp(-1, 1).mul(64).round().div(64)
+    t[B - B // 4:] = t[:B // 4]
+    inputs, kw = (z1, z2, [t], None), dict(shuffle=shuffle, seed=3, **grouping)
+    ref_loss, ref_grads = run("torch", inputs, torch.float32, DEVICE, **kw)
+    loss, grads = run("triton", inputs, torch.float32, DEVICE, **kw)
+    assert rel_err(loss, ref_loss) <= 1e-6
+    for got, ref in zip(grads, ref_grads):
+        assert rel_err(got, ref) <= 2e-5
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shuffle", ["none", "expected"])
 @pytest.mark.parametrize("B,D,dims,Bh", [(37, 48, (32,), 0), (37, 48, (32, 20, 40), 11), (130, 96, (64,), 0), (2, 8, (5,), 0)])
