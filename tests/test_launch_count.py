@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import _empty, _empty_like, requires_triton
+from conftest import _empty, _empty_like, _poisoned_empty, requires_triton
 
 pytestmark = [requires_triton,
               pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="counts interpreted launches")]
@@ -60,6 +60,9 @@ def test_the_search_sums_its_splits_in_one_op(launch_count, monkeypatch):
     from distillcse.kernels import utils
 
     monkeypatch.setattr(utils, "interpreter_blocks", lambda: False)  # the GPU's blocks: many splits
+    # NaN in every new tensor: the stubbed statistics leave the brackets as such memory, which
+    # the settle stub must not read as closed rows (uninitialised memory once made a late row closed)
+    monkeypatch.setattr(torch, "empty", _poisoned_empty)
     spec = importlib.util.spec_from_file_location("host_time", os.path.join(ROOT, "benchmarks", "host_time.py"))
     host_time = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(host_time)
@@ -69,6 +72,4 @@ def test_the_search_sums_its_splits_in_one_op(launch_count, monkeypatch):
     assert probes >= 3 and kernels["_settle_kernel"] >= 2, kernels  # the grid pass and two with windows
     assert ops.ops["sum"] <= probes + slabs, ops.ops  # a probe's splits, a slab's chunks: one op each
     assert ops.ops["add"] < probes, ops.ops  # 4 here (the brackets); with the tree 53 for 12 probes
-    # at most one sync a pass: the second pass and the third (its late rows). In one CI run of three
-    # (session 20) the third pass did not come (1 sync), which no rerun reproduced: cause not found
-    assert 1 <= ops.syncs <= 2, ops.syncs
+    assert ops.syncs == 2, ops.syncs  # one a pass: the second pass and the third (its late rows)
