@@ -145,8 +145,8 @@ def distill(B, D, dtype, teacher_dtype, n_thr=9):
     K.accumulate_slab(hi, lo, grad, x, r, torch.empty(rows, D), 0)
     K.unit_rows_backward(torch.empty(rows, D), x, r, x)  # a slab's dx rows (strided slices of dx on a GPU)
     K.unit_rows_backward(hi, x, r, hi, lo=lo, scaled=True)  # the random shuffle's accumulator, in place
-    search_rows = torch.arange(4096)
-    for fixed in (False, True):  # a grid pass and a later pass of the search over 4096 rows, with means
+    search_rows = torch.arange(min(B, 4096))
+    for fixed in (False, True):  # a grid pass and a later pass of the search over (at most) 4096 rows, with means
         probes = GP._KernelProbes(t, r, r, 1.0, n_thr, fixed, means=(r, 80.0))
         state = {k: torch.empty(B, n_thr, dtype=torch.int32 if fixed and k.startswith("meas") else torch.float32)
                  for k in GP.STATE}

@@ -7,7 +7,7 @@ import torch
 
 from conftest import DEVICE, requires_triton
 from test_losses import rel_err
-from test_triton_backend import TOL, make_batch, round_trip, run
+from test_triton_backend import TOL, check_against_torch_fp32, duplicated_batch, make_batch, round_trip, run
 
 pytestmark = [requires_triton, pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA every test runs these blocks")]
 
@@ -41,3 +41,14 @@ def test_gpu_blocks_match_reference(dtype, shuffle, dims, thresholds, group_size
     assert rel_err(loss, ref_loss, floor=1.0) < tol_loss
     for g, rg in zip(grads, ref_grads):
         assert rel_err(g, rg) < tol_grad
+
+
+@pytest.mark.parametrize("shuffle,group_size", [("expected", None), ("random", 4)])
+def test_gpu_blocks_tie_cuts(shuffle, group_size, monkeypatch):
+    """Copied sentences at B = 130 with the GPU's blocks: the tie cuts' kernel on its [16, 32]
+    tiles and the classifying kernels on [32, 64] rank the ties as the torch backend does."""
+    from distillcse.kernels import distill, utils
+
+    monkeypatch.setattr(utils, "interpreter_blocks", lambda: False)
+    assert distill._slab_blocks(130, shuffle, ties=True)[1]["BN"] == 64
+    check_against_torch_fp32(duplicated_batch(130), dict(shuffle=shuffle, seed=3, group_size=group_size))

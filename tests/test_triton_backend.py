@@ -54,12 +54,22 @@ def test_duplicated_teacher_rows_rank_in_column_order(shuffle, grouping, B):
     B = 40, the pairwise thresholds' tie cuts at 130), as the torch backend's stable sort ranks
     them. Teacher entries are multiples of 1/64 in [-1, 1], so every dot is exact in fp32 (and
     TF32) and copies tie in every backend; the torch backend in fp32 is the yardstick."""
+    check_against_torch_fp32(duplicated_batch(B), dict(shuffle=shuffle, seed=3, **grouping))
+
+
+def duplicated_batch(B):
+    """(z1, z2, [t], None) float64 whose last quarter of teacher rows copies the first, teacher
+    entries multiples of 1/64 in [-1, 1]."""
     g = torch.Generator().manual_seed(B)
     z1 = torch.randn(B, 32, generator=g, dtype=torch.float64) + torch.randn(1, 32, generator=g, dtype=torch.float64)
     z2 = z1 + torch.randn(B, 32, generator=g, dtype=torch.float64)
     t = torch.randn(B, 24, generator=g, dtype=torch.float64).clamp(-1, 1).mul(64).round().div(64)
     t[B - B // 4:] = t[:B // 4]
-    inputs, kw = (z1, z2, [t], None), dict(shuffle=shuffle, seed=3, **grouping)
+    return z1, z2, [t], None
+
+
+def check_against_torch_fp32(inputs, kw):
+    """The triton backend's loss within 1e-6 and gradients within 2e-5 of the torch backend's, fp32."""
     ref_loss, ref_grads = run("torch", inputs, torch.float32, DEVICE, **kw)
     loss, grads = run("triton", inputs, torch.float32, DEVICE, **kw)
     assert rel_err(loss, ref_loss) <= 1e-6
