@@ -6,7 +6,8 @@
 ``group_thresholds(method="search")`` is a few passes of probe kernels with host-side
 bookkeeping between them (hundreds of small PyTorch kernels and a host sync a pass);
 ``method="pairwise"`` is one B^3 kernel. "auto" takes pairwise up to ``PAIRWISE_MAX_B`` rows:
-this table is what that constant should be set from. Teacher rows: bf16, random plus a shared
+this table is what that constant should be set from; the pairwise way also takes ``tie_cuts``
+(session 21: tied values in column order), timed in its own column. Teacher rows: bf16, random plus a shared
 component (positive, clustered cosines like a sentence encoder's), unit norm; grouping by
 mass at temperature 1 with group_p = 0.1 (G - 1 = 9). Median of ``triton.testing.do_bench``
 after a warm-up call; both methods' partitions are compared (entries in another group).
@@ -44,8 +45,8 @@ def main():
         p.error("needs a GPU")
     print(f"# group_thresholds on {torch.cuda.get_device_name()}, bf16 rows, group_p 0.1; "
           f"PAIRWISE_MAX_B = {gp.PAIRWISE_MAX_B}")
-    print("| B | Dt | search ms | pairwise ms | pairwise / search | entries in another group |")
-    print("|---|---|---|---|---|---|")
+    print("| B | Dt | search ms | pairwise ms | tie cuts ms | (pairwise + cuts) / search | entries in another group |")
+    print("|---|---|---|---|---|---|---|")
     for B in a.B:
         for Dt in a.Dt:
             t = teacher_rows(B, Dt)
@@ -57,11 +58,13 @@ def main():
                                                   method=method)
                 thr[method] = run()
                 ms[method] = do_bench(run, return_mode="median")
+            cuts = lambda: gp.tie_cuts(t, rt, lse, t_min, t_max, thr["pairwise"], 1.0, group_p=0.1)  # noqa: E731
+            ms["cuts"] = do_bench(cuts, return_mode="median")
             s = (t.float() @ t.float().T)
             groups = {m: (s[:, :, None] < v[:, None, :]).sum(-1).fill_diagonal_(-1) for m, v in thr.items()}
             differ = int((groups["search"] != groups["pairwise"]).sum())
-            print(f"| {B} | {Dt} | {ms['search']:.3f} | {ms['pairwise']:.3f} | "
-                  f"{ms['pairwise'] / ms['search']:.2f} | {differ} |", flush=True)
+            print(f"| {B} | {Dt} | {ms['search']:.3f} | {ms['pairwise']:.3f} | {ms['cuts']:.3f} | "
+                  f"{(ms['pairwise'] + ms['cuts']) / ms['search']:.2f} | {differ} |", flush=True)
 
 
 if __name__ == "__main__":
