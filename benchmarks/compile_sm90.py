@@ -157,7 +157,7 @@ def distill(B, D, dtype, teacher_dtype, n_thr=9):
     for group_size in (None, triton.cdiv(B, 40)):  # the pairwise thresholds (G - 1 = n_thr; fixed size: 40 groups)
         grouping = dict(group_p=1 / (n_thr + 0.5), group_size=group_size)
         GP.group_thresholds(t, r, r, r, r, 1.0, **grouping, method="pairwise")
-        GP.tie_cuts(t, r, r, r, r, torch.empty(B, n_thr if group_size is None else 39), 1.0, **grouping)
+        GP.tie_cuts(t, r, r, r, r, torch.empty(B, GP.num_groups(B, **grouping) - 1), 1.0, **grouping)
     GP.group_means(t, r, r, thr, 80.0)
     GP.group_means(t, r, r, thr, 80.0, ties=(thr, cut))
 

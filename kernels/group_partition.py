@@ -675,7 +675,7 @@ def tie_cuts(t, rt, lse_g, t_min, t_max, thr, grouping_scale, *, group_p=0.1, gr
     cfg = _pairwise_blocks()
     _tie_cuts_kernel[(cdiv(B, cfg["BM"]),)](
         t, rt.contiguous(), lse_g.float().contiguous(), t_min.float().contiguous(), t_max.float().contiguous(),
-        unit_stride_rows(thr.float()).contiguous(), low, cut, B, Dt, G1, t.stride(0), group_size or 0,
+        thr.float().contiguous(), low, cut, B, Dt, G1, t.stride(0), group_size or 0,
         1.0 if group_size is not None else group_p, float(grouping_scale), STATS_MARGIN,
         FIXED=group_size is not None, BG=max(2, next_pow2(G1)), PRECISION=dot_precision(t.dtype), **cfg)
     return low, cut
