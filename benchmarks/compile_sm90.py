@@ -116,7 +116,8 @@ def distill(B, D, dtype, teacher_dtype, n_thr=9):
     K.distill_row_stats(None, None, t, r, 40.0, 80.0, 1.0, budget_bytes=rows * B * 8, grid=grid)  # random: no student
     for student in ((x, r), (None, None)):  # shuffle none, or pairwise thresholds: t's halves too
         K.distill_row_stats(*student, t, r, 40.0, 80.0, 1.0, budget_bytes=rows * B * 8)
-    width = triton.cdiv(B, chunks)
+    width = triton.cdiv(triton.cdiv(B, chunks), 128) * 128  # a multiple of the column tiles, as the launcher's
+    chunks = triton.cdiv(B, width)
     first = torch.empty(rows, chunks, n_thr + 1, dtype=torch.int32)
     perm = torch.empty(6, rows, n_thr + 1, dtype=torch.int32)
     grad = torch.empty(rows, B, dtype=torch.float32 if dtype == torch.float32 else torch.bfloat16)
