@@ -75,15 +75,17 @@ def _row_factors_kernel(
         b_sum = tl.zeros([BR, BN], dtype=tl.float32)  # per-lane sums of e_ij, j != i
         for j0 in range(0, N, BN):
             o_n = j0 + tl.arange(0, BN).to(tl.int64)
-            m = m_r[:, None] & (o_n < N)[None, :] & (o_n[None, :] != o_i[:, None])
+            # loads and stores under the row and column bounds only, so that they stay vectorised
+            # (the diagonal in a mask made them element by element: sm_90a, session 22)
+            m_in = m_r[:, None] & (o_n < N)[None, :]
             b_ry = tl.load(ry + o_n, mask=o_n < N, other=0.0)
-            b_s = b_cx[:, None] * tl.load(p_dots + o_n[None, :], mask=m, other=0.0) * b_ry[None, :]
-            b_e = tl.where(m, tl.exp(b_s - scale), 0.0)
+            b_s = b_cx[:, None] * tl.load(p_dots + o_n[None, :], mask=m_in, other=0.0) * b_ry[None, :]
+            b_e = tl.where(m_in & (o_n[None, :] != o_i[:, None]), tl.exp(b_s - scale), 0.0)
             b_sum += b_e
             if GRAD:
                 if RAW:
                     b_e = b_e * b_ry[None, :]
-                tl.store(p_fac + o_n[None, :], b_e.to(fac.dtype.element_ty), mask=m)  # the diagonal below
+                tl.store(p_fac + o_n[None, :], b_e.to(fac.dtype.element_ty), mask=m_in)  # the diagonal: 0, then below
         b_m = tl.where(m_r, scale, 0.0)
         b_l = tl.sum(b_sum, 1)
     else:
@@ -119,6 +121,7 @@ def _row_factors_kernel(
             b_d = -b_l
             if RAW:
                 b_d = b_d * b_ryi
+            tl.debug_barrier()  # the loop's 0 on the diagonal (another thread's store) lands first
             tl.store(fac + o_r * N + o_i, b_d.to(fac.dtype.element_ty), mask=m_r)
             tl.store(row_scale + o_i, tl.load(row_scale + o_i, mask=m_r, other=0.0) / b_total, mask=m_r)
         else:
