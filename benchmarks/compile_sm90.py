@@ -73,19 +73,21 @@ def contrastive(B, D, dtype, teacher_dtype):
     ``add_scale``); the slabs' GEMMs are cuBLAS's, so the kernels are called directly."""
     from distillcse.kernels import contrastive as C
     from distillcse.kernels.distill import unit_rows_backward
+    from distillcse.kernels.utils import slab_buffer
 
     rows, blocks = 512, C._blocks()
-    dots, fac = torch.empty(rows, B), torch.empty(rows, B, dtype=dtype)
+    dots, fac = slab_buffer(rows, B, "cpu"), slab_buffer(rows, B, "cpu", dtype)  # row stride aligned(B)
+    ld = dots.stride(0)
     r, stats, x = torch.empty(B), torch.empty(2, B), torch.empty(B, D, dtype=dtype)
     raw = dtype != torch.float16  # fp16: factors without the norms, against unit rows
     for grad in (False, True):
         for one in {C.one_pass(dtype, 20.0), False}:  # the one-pass kernel (not fp16), and two passes
             C._row_factors_kernel[(triton.cdiv(rows, blocks["rows"]["BR"]),)](
-                dots, r, r, r, stats, r, fac, 0, rows, B, B, 20.0, GRAD=grad, RAW=raw, ONE_PASS=one,
+                dots, r, r, r, stats, r, fac, 0, rows, B, B, ld, 20.0, GRAD=grad, RAW=raw, ONE_PASS=one,
                 **blocks["rows"])
     cols = blocks["cols"]
     C._column_factors_kernel[(rows // cols["BC"], triton.cdiv(B, cols["BB"]))](
-        dots, r, r, stats, r, r, fac, 0, rows, B, 20.0, RAW=raw, **cols)
+        dots, r, r, stats, r, r, fac, 0, rows, B, ld, 20.0, RAW=raw, **cols)
     unit_rows_backward(torch.empty(rows, D), x, r, x, row_scale=r, add_scale=0.5)
 
 
@@ -106,7 +108,7 @@ def distill(B, D, dtype, teacher_dtype, n_thr=9):
     those kernels are called directly."""
     from distillcse.kernels import distill as K
     from distillcse.kernels import group_partition as GP
-    from distillcse.kernels.utils import dot_precision
+    from distillcse.kernels.utils import dot_precision, slab_buffer
 
     rows, chunks = 512, 8
     x, t = torch.empty(B, D, dtype=dtype), torch.empty(B, D, dtype=teacher_dtype)
@@ -120,26 +122,27 @@ def distill(B, D, dtype, teacher_dtype, n_thr=9):
     chunks = triton.cdiv(B, width)
     first = torch.empty(rows, chunks, n_thr + 1, dtype=torch.int32)
     perm = torch.empty(6, rows, n_thr + 1, dtype=torch.int32)
-    grad = torch.empty(rows, B, dtype=torch.float32 if dtype == torch.float32 else torch.bfloat16)
-    compact, cross = torch.empty(rows, B, dtype=grad.dtype), torch.empty(rows, chunks)
-    dots = torch.empty(rows, B)  # a slab's cuBLAS dots, student's or teacher's
+    grad = slab_buffer(rows, B, "cpu", torch.float32 if dtype == torch.float32 else torch.bfloat16)
+    compact, cross = slab_buffer(rows, B, "cpu", grad.dtype), torch.empty(rows, chunks)
+    dots = slab_buffer(rows, B, "cpu")  # a slab's cuBLAS dots, student's or teacher's (row stride aligned(B))
+    ld = dots.stride(0)
     teacher_grid = (rows // K._slab_blocks(B, "random")[0]["BM"], chunks)
     BG = max(2, triton.next_power_of_2(n_thr + 1))  # groups, as the slab launcher
     states = torch.empty(2, rows, chunks)  # the slab rows' lse_s, by chunk (the random shuffle's)
     cut = torch.empty(B, n_thr, dtype=torch.int32)  # tie cuts (the pairwise thresholds': TIES)
     for ties in (False, True):
         teacher_blocks = K._slab_blocks(B, "random", ties)[0]
-        K._group_counts_kernel[teacher_grid](dots, r, thr, thr, cut, first, dots, r, states, 0, B, n_thr, n_thr, width,
-                                             chunks, rows, 40.0, BG=BG, LSE=True, TIES=ties, **teacher_blocks)
-        K._compact_targets_kernel[teacher_grid](dots, r, thr, thr, cut, r, first, compact, 0, B, n_thr, n_thr, width,
-                                                chunks, rows, 80.0, BG=BG, TIES=ties, **teacher_blocks)
+        K._group_counts_kernel[teacher_grid](dots, r, thr, thr, cut, first, dots, r, states, 0, B, ld, n_thr, n_thr,
+                                             width, chunks, rows, 40.0, BG=BG, LSE=True, TIES=ties, **teacher_blocks)
+        K._compact_targets_kernel[teacher_grid](dots, r, thr, thr, cut, r, first, compact, 0, B, ld, n_thr, n_thr,
+                                                width, chunks, rows, 80.0, BG=BG, TIES=ties, **teacher_blocks)
     K._permutation_tables(first, 0, 2**64 - 1, (states, r))
     K._permutation_tables(first, 0, torch.empty(1, dtype=torch.int64), (states, r))  # the key drawn on the GPU
     for targets, shuffle in enumerate(K.SHUFFLES):
         for ties in (False, True) if targets else (False,):
             slab_blocks = K._slab_blocks(B, shuffle, ties)[1]
             K._distill_slab_kernel[(rows // slab_blocks["BM"], chunks)](
-                dots, r, dots, r, thr, thr, cut, r, r, qbar, first, compact, perm, cross, grad, 0, B, n_thr, n_thr,
+                dots, r, dots, r, thr, thr, cut, r, r, qbar, first, compact, perm, cross, grad, 0, B, ld, n_thr, n_thr,
                 width, chunks, rows, 40.0, 80.0, BG=BG, TARGETS=targets, WRITE_GRAD=True, TIES=ties, **slab_blocks)
     lo = None if dtype == torch.float32 else torch.empty(B, D, dtype=torch.int8)
     hi = torch.empty(B, D, dtype=dtype)

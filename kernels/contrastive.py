@@ -34,7 +34,7 @@ import triton.language as tl
 from . import utils
 from .distill import unit_rows_backward
 from .tiles import log1p_unit
-from .utils import cdiv, matmul_f32, slab_rows, unit_stride_rows
+from .utils import aligned, cdiv, matmul_f32, slab_buffer, slab_rows, unit_stride_rows
 
 SLAB_STEP = 32  # slab rows (columns) come in multiples of this, when the budget cuts them
 UNIT_COPY_ROWS = 4096  # rows a step of fp16's unit-row copy
@@ -45,14 +45,15 @@ ONE_PASS_MAX_SCALE = 32.0
 
 @triton.jit
 def _row_factors_kernel(
-    dots,  # [R, N] fp32 raw dots x_r . y_j of the slab rows, row stride N
+    dots,  # [R, N] fp32 raw dots x_r . y_j of the slab rows, row stride ld (``utils.slab_buffer``)
     rx,  # [B] fp32 inverse norms
     ry,  # [N] fp32 inverse norms
     loss,  # [B] fp32 out: lse_i - s_ii
     stats,  # [2, B] fp32 out: lse_i and 1 - P_ii = sum_{j != i} P_ij
     row_scale,  # [B] fp32 in/out (GRAD and ONE_PASS): the rows' gradient scale, divided by L_i
-    fac,  # [R, N] out (GRAD), factor dtype, row stride N: M_ij = (P_ij - [i == j]) (ry_j if RAW), ONE_PASS: L_i times that
-    row0, R, B, N, scale,
+    fac,  # [R, N] out (GRAD), factor dtype, row stride ld: M_ij = (P_ij - [i == j]) (ry_j if RAW),
+    #       with ONE_PASS L_i times that
+    row0, R, B, N, ld, scale,
     BR: tl.constexpr, BN: tl.constexpr, GRAD: tl.constexpr, RAW: tl.constexpr, ONE_PASS: tl.constexpr,
 ):
     """Rows ``i = row0 + o_r`` (BR slab rows a program): the sums ``l_i`` over ``j != i`` and
@@ -62,30 +63,30 @@ def _row_factors_kernel(
     underflows), so the factors go out in the same pass, unnormalised (``L_i M_ij``, the
     diagonal's ``-l_i`` once the row is summed), and ``row_scale_i`` is divided by L_i: one
     read of the dots. Otherwise an online logsumexp (per lane, the maximum over all columns),
-    then with GRAD a second pass writing the factors."""
+    then with GRAD a second pass writing the factors. Loads and stores run under the rows' mask
+    and the aligned bound ld only (vectorised; the padding's dots are 0, its factors written 0),
+    the diagonal and the columns past N by selects."""
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)  # [BR] slab-local rows
     m_r = o_r < R
     o_i = row0 + o_r  # [BR] batch rows
-    p_dots = dots + o_r[:, None] * N  # [BR, 1]
-    p_fac = fac + o_r[:, None] * N
+    p_dots = dots + o_r[:, None] * ld  # [BR, 1]
+    p_fac = fac + o_r[:, None] * ld
     b_cx = scale * tl.load(rx + o_i, mask=m_r, other=0.0)  # [BR]
     b_ryi = tl.load(ry + o_i, mask=m_r, other=0.0)
-    b_sii = b_cx * tl.load(dots + o_r * N + o_i, mask=m_r, other=0.0) * b_ryi
+    b_sii = b_cx * tl.load(dots + o_r * ld + o_i, mask=m_r, other=0.0) * b_ryi
     if ONE_PASS:
         b_sum = tl.zeros([BR, BN], dtype=tl.float32)  # per-lane sums of e_ij, j != i
         for j0 in range(0, N, BN):
             o_n = j0 + tl.arange(0, BN).to(tl.int64)
-            # loads and stores under the row and column bounds only, so that they stay vectorised
-            # (the diagonal in a mask made them element by element: sm_90a, session 22)
-            m_in = m_r[:, None] & (o_n < N)[None, :]
+            m_ld = m_r[:, None] & (o_n < ld)[None, :]  # (the diagonal in it made them element by element, sm_90a)
             b_ry = tl.load(ry + o_n, mask=o_n < N, other=0.0)
-            b_s = b_cx[:, None] * tl.load(p_dots + o_n[None, :], mask=m_in, other=0.0) * b_ry[None, :]
-            b_e = tl.where(m_in & (o_n[None, :] != o_i[:, None]), tl.exp(b_s - scale), 0.0)
+            b_s = b_cx[:, None] * tl.load(p_dots + o_n[None, :], mask=m_ld, other=0.0) * b_ry[None, :]
+            b_e = tl.where(m_ld & (o_n < N)[None, :] & (o_n[None, :] != o_i[:, None]), tl.exp(b_s - scale), 0.0)
             b_sum += b_e
             if GRAD:
                 if RAW:
                     b_e = b_e * b_ry[None, :]
-                tl.store(p_fac + o_n[None, :], b_e.to(fac.dtype.element_ty), mask=m_in)  # the diagonal: 0, then below
+                tl.store(p_fac + o_n[None, :], b_e.to(fac.dtype.element_ty), mask=m_ld)  # the diagonal: 0, then below
         b_m = tl.where(m_r, scale, 0.0)
         b_l = tl.sum(b_sum, 1)
     else:
@@ -95,7 +96,8 @@ def _row_factors_kernel(
             o_n = j0 + tl.arange(0, BN).to(tl.int64)
             m = m_r[:, None] & (o_n < N)[None, :]
             b_ry = tl.load(ry + o_n, mask=o_n < N, other=0.0)
-            b_s = b_cx[:, None] * tl.load(p_dots + o_n[None, :], mask=m, other=0.0) * b_ry[None, :]
+            b_s = b_cx[:, None] * tl.load(p_dots + o_n[None, :], mask=m_r[:, None] & (o_n < ld)[None, :],
+                                          other=0.0) * b_ry[None, :]
             b_s = tl.where(m, b_s, float("-inf"))
             b_new = tl.maximum(b_max, b_s)
             b_shift = tl.where(b_new == float("-inf"), 0.0, b_new)  # lanes without a column yet: no NaN
@@ -122,31 +124,32 @@ def _row_factors_kernel(
             if RAW:
                 b_d = b_d * b_ryi
             tl.debug_barrier()  # the loop's 0 on the diagonal (another thread's store) lands first
-            tl.store(fac + o_r * N + o_i, b_d.to(fac.dtype.element_ty), mask=m_r)
+            tl.store(fac + o_r * ld + o_i, b_d.to(fac.dtype.element_ty), mask=m_r)
             tl.store(row_scale + o_i, tl.load(row_scale + o_i, mask=m_r, other=0.0) / b_total, mask=m_r)
         else:
             for j0 in range(0, N, BN):
                 o_n = j0 + tl.arange(0, BN).to(tl.int64)
                 m = m_r[:, None] & (o_n < N)[None, :]
+                m_ld = m_r[:, None] & (o_n < ld)[None, :]
                 b_ry = tl.load(ry + o_n, mask=o_n < N, other=0.0)
-                b_s = b_cx[:, None] * tl.load(p_dots + o_n[None, :], mask=m, other=0.0) * b_ry[None, :]
+                b_s = b_cx[:, None] * tl.load(p_dots + o_n[None, :], mask=m_ld, other=0.0) * b_ry[None, :]
                 b_p = tl.exp(tl.where(m, b_s, float("-inf")) - b_lse[:, None])  # masked lanes 0, not exp(-lse)
                 b_p = tl.where(o_n[None, :] == o_i[:, None], -b_miss[:, None], b_p)  # P_ij - [i == j]
                 if RAW:
                     b_p = b_p * b_ry[None, :]
-                tl.store(p_fac + o_n[None, :], b_p.to(fac.dtype.element_ty), mask=m)
+                tl.store(p_fac + o_n[None, :], b_p.to(fac.dtype.element_ty), mask=m_ld)
 
 
 @triton.jit
 def _column_factors_kernel(
-    dots,  # [C, B] fp32 raw dots y_j . x_i of the slab columns, row stride B
+    dots,  # [C, B] fp32 raw dots y_j . x_i of the slab columns, row stride ld (``utils.slab_buffer``)
     rx,  # [B] fp32 inverse norms
     ry,  # [N] fp32 inverse norms
     stats,  # [2, B] fp32 from the forward: lse_i and 1 - P_ii
     g,  # [B] fp32 dL/dloss_i
     g_max,  # [1] fp32 max_i |g_i| (1 if all are 0)
-    fac,  # [C, B] out, factor dtype, row stride B: M'_ji = (g_i / g_max) (P_ij - [i == j]) (rx_i if RAW)
-    col0, C, B, scale,
+    fac,  # [C, B] out, factor dtype, row stride ld: M'_ji = (g_i / g_max) (P_ij - [i == j]) (rx_i if RAW)
+    col0, C, B, ld, scale,
     BC: tl.constexpr, BB: tl.constexpr, RAW: tl.constexpr,
 ):
     """A [BC, BB] block of the factors of columns ``col0 + [0, C)`` (grid axis 0) against rows
@@ -162,11 +165,12 @@ def _column_factors_kernel(
     b_coef = tl.load(g + o_i, mask=m_i, other=0.0) / tl.load(g_max)  # |g_i / g_max| <= 1: no range issue
     if RAW:
         b_coef = b_coef * b_rx
-    p = o_c[:, None] * B + o_i[None, :]
-    b_s = scale * tl.load(dots + p, mask=m, other=0.0) * b_ry[:, None] * b_rx[None, :]
+    p = o_c[:, None] * ld + o_i[None, :]
+    m_ld = m_c[:, None] & (o_i < ld)[None, :]  # loads and stores under the aligned bound (the padding: 0)
+    b_s = scale * tl.load(dots + p, mask=m_ld, other=0.0) * b_ry[:, None] * b_rx[None, :]
     b_p = tl.exp(tl.where(m, b_s, float("-inf")) - b_lse[None, :])  # masked lanes 0, not exp(-lse)
     b_p = tl.where(col0 + o_c[:, None] == o_i[None, :], -b_miss[None, :], b_p)  # P_ij - [i == j]
-    tl.store(fac + p, (b_coef[None, :] * b_p).to(fac.dtype.element_ty), mask=m)
+    tl.store(fac + p, (b_coef[None, :] * b_p).to(fac.dtype.element_ty), mask=m_ld)
 
 
 def _factor_rows(v, r):
@@ -238,16 +242,17 @@ def contrastive_fwd(x, rx, y, ry, scale, grad_rows=None, *, budget_bytes, add_to
     else:
         assert add_to is None, "add_to needs grad_rows"
         raw = True
-    R = slab_rows(B, N, budget_bytes, 4 + (x.element_size() if dx is not None else 0), SLAB_STEP)
-    dots = torch.empty(R, N, device=x.device, dtype=torch.float32)
-    fac = torch.empty(R, N, device=x.device, dtype=x.dtype) if dx is not None else dots
+    R = slab_rows(B, aligned(N), budget_bytes, 4 + (x.element_size() if dx is not None else 0), SLAB_STEP)
+    dots = slab_buffer(R, N, x.device)
+    fac = slab_buffer(R, N, x.device, x.dtype) if dx is not None else dots
     blocks = _blocks()["rows"]
     for row0 in range(0, B, R):
         rows = slice(row0, min(row0 + R, B))
         n = rows.stop - row0
         matmul_f32(x[rows], y.T, out=dots[:n])
         _row_factors_kernel[(cdiv(n, blocks["BR"]),)](
-            dots, rx, ry, loss, stats, row_scale if dx is not None else loss, fac, row0, n, B, N, float(scale),
+            dots, rx, ry, loss, stats, row_scale if dx is not None else loss, fac, row0, n, B, N, dots.stride(0),
+            float(scale),
             GRAD=dx is not None, RAW=raw, ONE_PASS=one_pass(x.dtype, scale), **blocks)
         if dx is not None:  # (with one pass, the factors are L_i M and row_scale holds scale g_i / L_i)
             du = matmul_f32(fac[:n], v)  # [n, D] fp32: the slab rows' dL/du_x, up to scale g_i
@@ -268,9 +273,9 @@ def contrastive_bwd_dy(x, rx, y, ry, stats, scale, grad_rows, *, budget_bytes):
     g_max = grad_rows.abs().amax().reshape(1)
     g_max = torch.where(g_max > 0, g_max, 1.0)
     dy = torch.empty(N, D, device=x.device, dtype=y.dtype)
-    C = slab_rows(N, B, budget_bytes, 4 + x.element_size(), SLAB_STEP)
-    dots = torch.empty(C, B, device=x.device, dtype=torch.float32)
-    fac = torch.empty(C, B, device=x.device, dtype=x.dtype)
+    C = slab_rows(N, aligned(B), budget_bytes, 4 + x.element_size(), SLAB_STEP)
+    dots = slab_buffer(C, B, x.device)
+    fac = slab_buffer(C, B, x.device, x.dtype)
     v, raw = _factor_rows(x, rx)
     dy_scale = float(scale) * g_max  # du_y = scale g_max (M' x)
     blocks = _blocks()["cols"]
@@ -279,7 +284,7 @@ def contrastive_bwd_dy(x, rx, y, ry, stats, scale, grad_rows, *, budget_bytes):
         n = cols.stop - col0
         matmul_f32(y[cols], x.T, out=dots[:n])
         _column_factors_kernel[(cdiv(n, blocks["BC"]), cdiv(B, blocks["BB"]))](
-            dots, rx, ry, stats, grad_rows, g_max, fac, col0, n, B, float(scale), RAW=raw, **blocks)
+            dots, rx, ry, stats, grad_rows, g_max, fac, col0, n, B, dots.stride(0), float(scale), RAW=raw, **blocks)
         du = matmul_f32(fac[:n], v)  # [n, D] fp32: the slab columns' dL/du_y, up to scale g_max
         unit_rows_backward(du, y[cols], ry[cols], dy[cols], row_scale=dy_scale)
     return dy

@@ -55,7 +55,8 @@ import triton.language as tl
 from . import utils
 from ..shuffle import ROUNDS, SMALL_DOMAIN, SMALL_DOMAIN_ROUNDS
 from .tiles import EPS_SQUARED, slab_tile
-from .utils import cdiv, dot_precision, matmul_f32, next_pow2, seed_args, slab_rows, unit_stride_rows
+from .utils import (ROW_ALIGN, aligned, cdiv, dot_precision, matmul_f32, next_pow2, seed_args, slab_buffer, slab_rows,
+                    unit_stride_rows)
 
 _GOLDEN = tl.constexpr(0x9E3779B1)
 _SMALL_DOMAIN = tl.constexpr(SMALL_DOMAIN)
@@ -153,13 +154,13 @@ def _store_states(p, m, plane, b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin, S: tl.con
 
 @triton.jit
 def _row_stats_kernel(
-    p_xs,  # [R, B - row0] fp32 raw student dots of the slab rows with columns row0.. (cuBLAS) (STUDENT)
+    p_xs,  # [R, B - row0] fp32 raw student dots of the slab rows, columns row0.. (cuBLAS), row stride ld_s (STUDENT)
     p_rx,  # [B] fp32 inverse norms (STUDENT)
-    p_ts,  # [R, B - t_col0] fp32 raw teacher dots of the slab rows with columns t_col0.. (cuBLAS)
+    p_ts,  # [R, B - t_col0] fp32 raw teacher dots of the slab rows with columns t_col0.. (cuBLAS), row stride ld_t
     p_rt,  # [B] fp32 inverse norms
     p_part,  # [6, R, S] fp32 out: per column split, s's running max and sum (STUDENT), t's max, two sums, min
     p_cols,  # [P, NB, B] fp32 out (STUDENT or HALF_T): per row block, the column-side states of columns past the slab
-    row0, R, B, t_col0, tile0, tiles_per_split, col_plane, student_scale, teacher_scale, grouping_scale,
+    row0, R, B, ld_s, t_col0, ld_t, tile0, tiles_per_split, col_plane, student_scale, teacher_scale, grouping_scale,
     BM: tl.constexpr, BN: tl.constexpr, STUDENT: tl.constexpr, HALF_T: tl.constexpr,
 ):
     """The statistics of BM slab rows over the column tiles of split program_id(1), online
@@ -180,20 +181,24 @@ def _row_stats_kernel(
         o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
         m_n = o_n < B
         m_upper = m_n & (o_n >= row0)  # [BN] columns whose symmetric dots the slab has
+        m_ld = (o_n >= row0) & (o_n < row0 + ld_s)  # ... and the padding past them (``slab_tile``)
         m_past = m_n & (o_n >= row0 + R)  # [BN] columns past the slab: their column side
         m_valid = (o_m[:, None] != o_n[None, :]) & m_m[:, None] & m_n[None, :]
         m_col = m_m[:, None] & m_past[None, :]
         p_c = p_cols + i_b * B + o_n
         if STUDENT:
             if i_n * BN + BN > row0:
-                b_s = slab_tile(p_xs - row0, p_rx, o_r, o_m, m_m, o_n, m_upper, B - row0) * student_scale
+                b_s = slab_tile(p_xs - row0, p_rx, o_r, o_m, m_m, o_n, m_upper, m_ld, ld_s) * student_scale
                 b_ms, b_ls = _update_lse(b_ms, b_ls, tl.where(m_valid & m_upper[None, :], b_s, float("-inf")))
                 if i_n * BN + BN > row0 + R:
                     c_ms, c_ls, _, _, _, _ = _empty_stats(BN)
                     c_ms, c_ls = _update_lse(c_ms, c_ls, tl.where(m_col, b_s, float("-inf")), 0)
                     tl.store(p_c, c_ms, mask=m_past)
                     tl.store(p_c + col_plane, c_ls, mask=m_past)
-        b_t = slab_tile(p_ts - t_col0, p_rt, o_r, o_m, m_m, o_n, m_n & (o_n >= t_col0), B - t_col0)  # teacher logits
+        if HALF_T:  # teacher logits (their half: t_col0 = row0, ld_t = ld_s)
+            b_t = slab_tile(p_ts - row0, p_rt, o_r, o_m, m_m, o_n, m_upper, m_ld, ld_t)
+        else:
+            b_t = slab_tile(p_ts, p_rt, o_r, o_m, m_m, o_n, m_n, o_n < ld_t, ld_t)
         m_t = m_valid & m_upper[None, :] if HALF_T else m_valid
         b_tmax, b_lt, b_lg, b_tmin = _update_teacher_stats(
             b_tmax, b_lt, b_lg, b_tmin, tl.where(m_t, b_t, float("-inf")), m_t, teacher_scale, grouping_scale)
@@ -400,13 +405,13 @@ def _column_threshold(p_thr, p_low, p_cut, s_thr, o_n, m_n, o_m, g, TIES: tl.con
 
 
 @triton.jit
-def _teacher_groups(p_ts, p_rt, p_thr, p_low, p_cut, s_thr, o_r, o_m, m_m, o_n, m_n, B, n_thr: tl.constexpr,
-                    TIES: tl.constexpr):
+def _teacher_groups(p_ts, p_rt, p_thr, p_low, p_cut, s_thr, o_r, o_m, m_m, o_n, m_n, m_ld, ld,
+                    n_thr: tl.constexpr, TIES: tl.constexpr):
     """Teacher logits t [BM, BN] fp32 (from the slab's dots ``p_ts``) and group ids [BM, BN]
     int32 (-1 off the off-diagonal in-range entries): ``group = #{g : t < thr[row, g]}`` (the
     thresholds of ``_row_threshold``; the expected mode's select chain over the non-increasing
     thresholds gives the same groups)."""
-    b_t = slab_tile(p_ts, p_rt, o_r, o_m, m_m, o_n, m_n, B)  # [BM, BN]
+    b_t = slab_tile(p_ts, p_rt, o_r, o_m, m_m, o_n, m_n, m_ld, ld)  # [BM, BN]
     b_grp = tl.zeros(b_t.shape, dtype=tl.int32)
     for i_g in tl.static_range(n_thr):
         b_grp += (b_t < _row_threshold(p_thr, p_low, p_cut, s_thr, o_m, m_m, o_n, i_g, TIES)).to(tl.int32)
@@ -465,8 +470,18 @@ def _slab_program(row0, B, R, BM: tl.constexpr):
 
 
 @triton.jit
+def _chunk_bounds(i_c, chunk_width, B, ld):
+    """(col0, n_end, ld_end): column chunk i_c's first column, and the ends of its columns
+    (``o_n < n_end``) and of those its loads and stores may touch (``o_n < ld_end``, past the
+    batch into the slab's zero padding: a multiple of 16, so they are vectorised), one compare a
+    column each."""
+    col0 = i_c * chunk_width
+    return col0, tl.minimum(col0 + chunk_width, B), tl.minimum(col0 + chunk_width, ld)
+
+
+@triton.jit
 def _group_counts_kernel(
-    p_ts,  # [R, B] fp32 raw teacher dots of the slab rows
+    p_ts,  # [R, B] fp32 raw teacher dots of the slab rows, row stride ld (``utils.slab_buffer``, as every [R, B] here)
     p_rt,  # [B] fp32 inverse norms
     p_thr,  # [B, G-1] fp32 group thresholds
     p_low, p_cut,  # [B, G-1] fp32, int32 tie cuts (TIES; ``group_partition.tie_cuts``)
@@ -474,7 +489,7 @@ def _group_counts_kernel(
     p_xs,  # [R, B] fp32 raw student dots of the slab rows (LSE)
     p_rx,  # [B] fp32 inverse norms (LSE)
     p_lse,  # [2, R, C] fp32 out (LSE): running max and sum of exp(s * student_scale - max) of chunk c
-    row0, B, s_thr, n_thr: tl.constexpr, chunk_width, n_chunks, R, student_scale,
+    row0, B, ld, s_thr, n_thr: tl.constexpr, chunk_width, n_chunks, R, student_scale,
     BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, LSE: tl.constexpr, TIES: tl.constexpr,
 ):
     """Members of each group per column chunk of BM slab rows and, with LSE, the chunk's share
@@ -487,15 +502,16 @@ def _group_counts_kernel(
     o_g = tl.arange(0, BG)[None, :]
     n_groups: tl.constexpr = n_thr + 1
     b_counts = tl.zeros([BM, BG], dtype=tl.int32)
-    col0 = i_c * chunk_width
+    col0, n_end, ld_end = _chunk_bounds(i_c, chunk_width, B, ld)
     for i_n in range(0, tl.cdiv(chunk_width, BN)):
         o_n = col0 + i_n * BN + tl.arange(0, BN).to(tl.int64)
-        m_n = (o_n < B) & (o_n < col0 + chunk_width)
-        _, b_grp = _teacher_groups(p_ts, p_rt, p_thr, p_low, p_cut, s_thr, o_r, o_m, m_m, o_n, m_n, B, n_thr, TIES)
+        m_n, m_ld = o_n < n_end, o_n < ld_end
+        _, b_grp = _teacher_groups(p_ts, p_rt, p_thr, p_low, p_cut, s_thr, o_r, o_m, m_m, o_n, m_n, m_ld, ld, n_thr,
+                                   TIES)
         for w in tl.static_range((n_groups + 3) // 4):
             b_counts += _word_counts(_group_word(b_grp, w)[0], w, n_groups, BG)
         if LSE:
-            b_s = slab_tile(p_xs, p_rx, o_r, o_m, m_m, o_n, m_n, B)  # [BM, BN] cosines
+            b_s = slab_tile(p_xs, p_rx, o_r, o_m, m_m, o_n, m_n, m_ld, ld)  # [BM, BN] cosines
             b_ms, b_ls = _update_lse(b_ms, b_ls, tl.where(b_grp >= 0, b_s * student_scale, float("-inf")))
     p_out = p_counts + (o_r[:, None] * n_chunks + i_c) * n_groups + o_g
     tl.store(p_out, b_counts, mask=m_m[:, None] & (o_g < n_groups))
@@ -573,7 +589,7 @@ def _compact_targets_kernel(
     p_lse_t,  # [B] fp32 teacher logsumexps
     p_first,  # [R, C, G] int32: compact position of chunk c's first member of group g
     p_compact,  # [R, B] out (G's dtype): targets in group order (B-1 used)
-    row0, B, s_thr, n_thr: tl.constexpr, chunk_width, n_chunks, R, teacher_scale,
+    row0, B, ld, s_thr, n_thr: tl.constexpr, chunk_width, n_chunks, R, teacher_scale,
     BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, TIES: tl.constexpr,
 ):
     i_c, o_r, o_m, m_m = _slab_program(row0, B, R, BM)
@@ -581,16 +597,16 @@ def _compact_targets_kernel(
     n_groups: tl.constexpr = n_thr + 1
     b_next = tl.load(p_first + (o_r[:, None] * n_chunks + i_c) * n_groups + o_g,
                      mask=m_m[:, None] & (o_g < n_groups), other=0)  # [BM, BG]
-    col0 = i_c * chunk_width
+    col0, n_end, ld_end = _chunk_bounds(i_c, chunk_width, B, ld)
     for i_n in range(0, tl.cdiv(chunk_width, BN)):
         o_n = col0 + i_n * BN + tl.arange(0, BN).to(tl.int64)
-        m_n = (o_n < B) & (o_n < col0 + chunk_width)
-        b_t, b_grp = _teacher_groups(p_ts, p_rt, p_thr, p_low, p_cut, s_thr, o_r, o_m, m_m, o_n, m_n, B, n_thr,
-                                     TIES)
+        m_n, m_ld = o_n < n_end, o_n < ld_end
+        b_t, b_grp = _teacher_groups(p_ts, p_rt, p_thr, p_low, p_cut, s_thr, o_r, o_m, m_m, o_n, m_n, m_ld, ld,
+                                     n_thr, TIES)
         b_pos, b_next = _compact_positions(b_grp, b_next, n_groups, BG)
         b_lse_t = tl.load(p_lse_t + o_m, mask=m_m, other=0.0)
         b_q = tl.exp(b_t * teacher_scale - b_lse_t[:, None])  # q_ij [BM, BN]
-        tl.store(p_compact + o_r[:, None] * B + b_pos, b_q.to(p_compact.dtype.element_ty), mask=b_pos >= 0)
+        tl.store(p_compact + o_r[:, None] * ld + b_pos, b_q.to(p_compact.dtype.element_ty), mask=b_pos >= 0)
 
 
 @triton.jit
@@ -609,7 +625,7 @@ def _distill_slab_kernel(
     p_perm,  # [6, R, G] int32: start, size, h, b, rounds, key (bits) of each group's sigma (random)
     p_cross,  # [R, C] fp32 out: sum over chunk c of q~_rj s_rj
     p_grad,  # [R, B] out (G's dtype): M_rj = G_rj rx_j, or (G_rj + G_jr) rx_j when TARGETS < 2; 0 on the diagonal
-    row0, B, s_thr, n_thr: tl.constexpr, chunk_width, n_chunks, R, student_scale, teacher_scale,
+    row0, B, ld, s_thr, n_thr: tl.constexpr, chunk_width, n_chunks, R, student_scale, teacher_scale,
     BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, TARGETS: tl.constexpr,
     WRITE_GRAD: tl.constexpr, TIES: tl.constexpr,
 ):
@@ -628,17 +644,17 @@ def _distill_slab_kernel(
     b_lse_s = tl.load(p_lse_s + o_m, mask=m_m, other=0.0)
     s_perm = R * n_groups  # stride between the tables of p_perm
     b_cross = tl.zeros([BM], dtype=tl.float32)
-    col0 = i_c * chunk_width
+    col0, n_end, ld_end = _chunk_bounds(i_c, chunk_width, B, ld)
     for i_n in range(0, tl.cdiv(chunk_width, BN)):
         o_n = col0 + i_n * BN + tl.arange(0, BN).to(tl.int64)
-        m_n = (o_n < B) & (o_n < col0 + chunk_width)
+        m_n, m_ld = o_n < n_end, o_n < ld_end
         if TARGETS == 0:
-            b_t = slab_tile(p_ts, p_rt, o_r, o_m, m_m, o_n, m_n, B)  # [BM, BN]
+            b_t = slab_tile(p_ts, p_rt, o_r, o_m, m_m, o_n, m_n, m_ld, ld)  # [BM, BN]
             m_in = (o_m[:, None] != o_n[None, :]) & m_m[:, None] & m_n[None, :]
             b_lse_t = tl.load(p_lse_t + o_m, mask=m_m, other=0.0)
             b_qt = tl.exp(b_t * teacher_scale - b_lse_t[:, None])  # q [BM, BN]
         elif TARGETS == 1:  # q~ = qbar of the entry's group: a select per threshold (thr falls with g)
-            b_t = slab_tile(p_ts, p_rt, o_r, o_m, m_m, o_n, m_n, B)  # [BM, BN]
+            b_t = slab_tile(p_ts, p_rt, o_r, o_m, m_m, o_n, m_n, m_ld, ld)  # [BM, BN]
             m_in = (o_m[:, None] != o_n[None, :]) & m_m[:, None] & m_n[None, :]
             b_qt = tl.zeros_like(b_t) + tl.load(p_qbar + o_m * n_groups, mask=m_m, other=0.0)[:, None]
             for g in tl.static_range(n_thr):
@@ -646,8 +662,8 @@ def _distill_slab_kernel(
                 b_qbar = tl.load(p_qbar + o_m * n_groups + g + 1, mask=m_m, other=0.0)
                 b_qt = tl.where(b_t < b_thr, b_qbar[:, None], b_qt)
         else:
-            _, b_grp = _teacher_groups(p_ts, p_rt, p_thr, p_low, p_cut, s_thr, o_r, o_m, m_m, o_n, m_n, B, n_thr,
-                                       TIES)
+            _, b_grp = _teacher_groups(p_ts, p_rt, p_thr, p_low, p_cut, s_thr, o_r, o_m, m_m, o_n, m_n, m_ld, ld,
+                                       n_thr, TIES)
             b_pos, b_next = _compact_positions(b_grp, b_next, n_groups, BG)
             m_in = b_pos >= 0
             # sigma's parameters of each member's group (non-members: size 1, so sigma(0) = 0)
@@ -660,9 +676,9 @@ def _distill_slab_kernel(
             b_key = tl.load(p_tab + 5 * s_perm, mask=m_in, other=0).to(tl.uint32, bitcast=True)
             b_rank = tl.where(m_in, b_pos - b_start, 0).to(tl.uint32)
             b_partner = b_start + _group_permutation(b_rank, b_size, b_key, b_h, b_b, b_rounds).to(tl.int32)
-            b_qt = tl.load(p_compact + o_r[:, None] * B + b_partner, mask=m_in, other=0.0).to(tl.float32)  # q~
+            b_qt = tl.load(p_compact + o_r[:, None] * ld + b_partner, mask=m_in, other=0.0).to(tl.float32)  # q~
 
-        b_s = slab_tile(p_xs, p_rx, o_r, o_m, m_m, o_n, m_n, B)  # cosines [BM, BN]
+        b_s = slab_tile(p_xs, p_rx, o_r, o_m, m_m, o_n, m_n, m_ld, ld)  # cosines [BM, BN]
         b_rx_n = tl.load(p_rx + o_n, mask=m_n, other=0.0)
         b_p = tl.exp(b_s * student_scale - b_lse_s[:, None])
         b_cross += tl.sum(tl.where(m_in, b_qt * b_s, 0.0), axis=1)
@@ -682,8 +698,8 @@ def _distill_slab_kernel(
                 b_g += tl.exp(b_s * student_scale - b_lse_s_n[None, :]) - b_qt_n
             b_g = b_g * b_rx_n[None, :]  # M = G rx_j: the GEMMs take the raw rows (G u = M x)
             b_g = tl.where(m_in, student_scale * b_g, 0.0)
-            tl.store(p_grad + o_r[:, None] * B + o_n[None, :], b_g.to(p_grad.dtype.element_ty),
-                     mask=m_m[:, None] & m_n[None, :])
+            tl.store(p_grad + o_r[:, None] * ld + o_n[None, :], b_g.to(p_grad.dtype.element_ty),
+                     mask=m_m[:, None] & m_n[None, :])  # not m_ld: that took ~90 SASS more a tile (B = 144, sm_90a)
     tl.store(p_cross + o_r * n_chunks + i_c, b_cross, mask=m_m)
 
 
@@ -709,13 +725,13 @@ def _unpack(b_hi, b_lo, MANT: tl.constexpr, EMIN: tl.constexpr):
 
 @triton.jit
 def _accumulate_slab_kernel(
-    p_m,  # [R, B] slab factors (G's dtype): M_rj = G_rj rx_j of rows row0 + [0, R)
+    p_m,  # [R, B] slab factors (G's dtype): M_rj = G_rj rx_j of rows row0 + [0, R), row stride ld
     p_x,  # [B, D] student rows, raw
     p_rx,  # [B] fp32 inverse norms
     p_row_side,  # [R, D] fp32: (M x)_r, the slab rows' own side
     p_hi,  # [B, D] contiguous, x's dtype: the accumulator rx_j du_j (fp32: all of it)
     p_lo,  # [B, D] int8 (HAS_LO): the rest, in units of 1/256 of hi's ulp
-    row0, R, B, D, s_x,
+    row0, R, B, ld, D, s_x,
     BJ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, F32_DOT: tl.constexpr,
     HAS_LO: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr,
 ):
@@ -734,7 +750,8 @@ def _accumulate_slab_kernel(
     for k0 in range(0, R, BK):
         o_k = k0 + tl.arange(0, BK).to(tl.int64)
         m_k = o_k < R
-        b_m = tl.load(p_m + o_k[:, None] * B + o_j[None, :], mask=m_k[:, None] & m_j[None, :], other=0.0)  # [BK, BJ]
+        # under the aligned bound (vectorised): a column j >= B only feeds row j of the result, never stored
+        b_m = tl.load(p_m + o_k[:, None] * ld + o_j[None, :], mask=m_k[:, None] & (o_j < ld)[None, :], other=0.0)
         b_rx = tl.load(p_rx + row0 + o_k, mask=m_k, other=0.0)
         b_x = tl.load(p_x + (row0 + o_k)[:, None] * s_x + o_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.0)
         b_u = b_x.to(tl.float32) * b_rx[:, None]  # unit rows u_r [BK, BD]
@@ -885,18 +902,21 @@ def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale
     # the splits' states: 24 bytes a row and split; column_splits keeps splits x R under 2 x SPLIT_PROGRAMS x BM
     state_bytes = min(48 * utils.SPLIT_PROGRAMS * BM, budget_bytes // 16)
     # a slab row: its dots (8 bytes an entry, 4 without x), its block's share of the column-side states
-    row_bytes = B * (8 if student else 4) + cdiv(4 * planes * B, BM)
+    row_bytes = aligned(B) * (8 if student else 4) + cdiv(4 * planes * B, BM)
     slabs_bytes = budget_bytes - (budget_bytes // 4 if grid is not None else state_bytes) - 8 * planes * B
     # in multiples of 16 rows, not of a block (a slab's GEMMs read all B rows of x and t, whatever its
-    # height); 16, so that the halves' row strides B - row0 stay 16-divisible where B is (vector loads)
+    # height); 16, so that the halves' row strides aligned(B - row0) = aligned(B) - row0 fit the buffers
     R = max(slab_rows(B, row_bytes, slabs_bytes, 1, 16), min(B, BM))
     NB = cdiv(R, BM)
     n_tiles = cdiv(B, BN)
     max_splits = utils.column_splits(n_tiles, NB)
     while max_splits > 1 and 24 * max_splits * R > state_bytes:
         max_splits //= 2
-    t_dots = torch.empty(R * B, device=t.device, dtype=torch.float32)
-    s_dots = torch.empty(R * B, device=t.device, dtype=torch.float32) if student else t_dots
+    # flat: each slab views them [rows, B - col0] with row stride aligned(B - col0) (``_slab_view``); zeroed where
+    # that pads, so that columns past the batch read 0 and the others finite dots (``slab_tile``)
+    new = torch.empty if B % ROW_ALIGN == 0 else torch.zeros
+    t_dots = new(R * aligned(B), device=t.device, dtype=torch.float32)
+    s_dots = new(R * aligned(B), device=t.device, dtype=torch.float32) if student else t_dots
     partial = torch.empty((6, R, max_splits), device=t.device, dtype=torch.float32)
     if planes:  # per row block of the slab, the column-side states; their running merge over the slabs
         cols = torch.empty((planes, NB, B), device=t.device, dtype=torch.float32)
@@ -910,13 +930,16 @@ def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale
     for row0 in range(0, B, R):
         rows = min(R, B - row0)
         t_col0 = row0 if half_t else 0
+        s_slab = _slab_view(s_dots, rows, B - row0)
+        t_slab = _slab_view(t_dots, rows, B - t_col0)
         if student:
-            matmul_f32(x[row0:row0 + rows], x[row0:].T, out=s_dots[:rows * (B - row0)].view(rows, B - row0))
-        matmul_f32(t[row0:row0 + rows], t[t_col0:].T, out=t_dots[:rows * (B - t_col0)].view(rows, B - t_col0))
+            matmul_f32(x[row0:row0 + rows], x[row0:].T, out=s_slab)
+        matmul_f32(t[row0:row0 + rows], t[t_col0:].T, out=t_slab)
         tile0 = t_col0 // BN  # tiles before it hold no dots of the slab
         splits = min(max_splits, utils.column_splits(n_tiles - tile0, cdiv(rows, BM)))
         _row_stats_kernel[(cdiv(rows, BM), splits)](
-            s_dots, rt if rx is None else rx, t_dots, rt, partial, cols, row0, rows, B, t_col0, tile0,
+            s_slab, rt if rx is None else rx, t_slab, rt, partial, cols, row0, rows, B, s_slab.stride(0), t_col0,
+            t_slab.stride(0), tile0,
             cdiv(n_tiles - tile0, splits), NB * B, float(student_scale), float(teacher_scale),
             float(grouping_scale), **flags, **blocks)
         _row_stats_merge_kernel[(cdiv(rows, BR),)](
@@ -927,8 +950,14 @@ def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale
                 cols, state, row0, row0 + rows, cdiv(rows, BM), B, NB * B, float(teacher_scale),
                 float(grouping_scale), BC=BC, BB=BB, **flags, num_warps=4)
         if grid is not None:
-            grid(row0, t_dots[:rows * B].view(rows, B), out[2], out[3], out[4])
+            grid(row0, t_slab, out[2], out[3], out[4])
     return (out[0] if student else None,) + tuple(out[1:].unbind(0))
+
+
+def _slab_view(flat, rows, cols):
+    """[rows, cols] of the flat buffer ``flat`` with row stride ``aligned(cols)``."""
+    ld = aligned(cols)
+    return flat[:rows * ld].view(rows, ld)[:, :cols]
 
 
 def _permutation_tables(counts, row0, step_seed, lse=None):
@@ -1007,8 +1036,9 @@ def _random_slabs(B, budget_bytes, grad_bytes, step):
     about twice those bytes. So the dots and compact targets (8 + grad_bytes an entry) take half
     the budget and the factors (grad_bytes an entry) the rest: at B = 65,536 bf16 in 80 MiB,
     64-row dot slabs in 320-row gradient slabs (205 accumulations instead of 683 of 96 rows)."""
-    R = slab_rows(B, B, budget_bytes // 2, 8 + grad_bytes, step)
-    R_grad = (budget_bytes - R * B * (8 + grad_bytes)) // (B * grad_bytes) // R * R
+    width = aligned(B)  # a slab row's entries (``utils.slab_buffer``)
+    R = slab_rows(B, width, budget_bytes // 2, 8 + grad_bytes, step)
+    R_grad = (budget_bytes - R * width * (8 + grad_bytes)) // (width * grad_bytes) // R * R
     return R, min(max(R, R_grad), cdiv(B, R) * R)
 
 
@@ -1032,7 +1062,7 @@ def accumulate_slab(hi, lo, m, x, rx, row_side, row0):
     blocks = _accumulate_blocks(m.dtype, _fp32_dots(m.dtype, m.dtype)[1])
     mant, emin = LO_FORMATS.get(hi.dtype, (0, 0))
     _accumulate_slab_kernel[(cdiv(D, blocks["BD"]), cdiv(B, blocks["BJ"]))](
-        m, x, rx, row_side, hi, hi if lo is None else lo, row0, m.shape[0], B, D, x.stride(0),
+        m, x, rx, row_side, hi, hi if lo is None else lo, row0, m.shape[0], B, m.stride(0), D, x.stride(0),
         PREC=dot_precision(m.dtype), F32_DOT=m.dtype == torch.float32, HAS_LO=lo is not None,
         MANT=mant, EMIN=emin, **blocks)
 
@@ -1091,7 +1121,7 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
         lo, slab_budget = None, budget_bytes
     # per slab entry: the student's and the teacher's fp32 dots, the factors, the compact targets
     entry_bytes = 8 + (grad_dtype.itemsize if need_grad else 0) + (grad_dtype.itemsize if shuffle == "random" else 0)
-    R = R_grad = slab_rows(B, B, slab_budget, entry_bytes, BM)  # rows of a dot slab, of a gradient slab
+    R = R_grad = slab_rows(B, aligned(B), slab_budget, entry_bytes, BM)  # rows of a dot slab, of a gradient slab
     if random_grad:
         R, R_grad = _random_slabs(B, slab_budget, grad_dtype.itemsize, BM)
         _warn_accumulation_traffic(B, D, R_grad, x.element_size() + (0 if lo is None else 1), budget_bytes)
@@ -1103,11 +1133,13 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
 
     ones = torch.ones(chunks, device=x.device)  # sums a slab's cross terms over its chunks
     v = (x if x.dtype == grad_dtype else x.to(grad_dtype)) if need_grad else None  # the GEMMs' rows, raw
-    grad = torch.empty(R_grad, B, device=x.device, dtype=grad_dtype) if need_grad else lse_s
-    compact = torch.empty(R, B, device=x.device, dtype=grad_dtype) if shuffle == "random" else lse_s
+    # [rows, B] slabs with row stride ld (utils.slab_buffer: aligned rows, zero padding)
+    s_dots = slab_buffer(R, B, x.device)  # x[slab] x^T
+    t_dots = slab_buffer(R, B, x.device)  # t[slab] t^T
+    ld = s_dots.stride(0)
+    grad = slab_buffer(R_grad, B, x.device, grad_dtype) if need_grad else lse_s
+    compact = slab_buffer(R, B, x.device, grad_dtype) if shuffle == "random" else lse_s
     first = perm = lse_s  # the random mode's tables, per slab
-    s_dots = torch.empty(R, B, device=x.device, dtype=torch.float32)  # x[slab] x^T
-    t_dots = torch.empty(R, B, device=x.device, dtype=torch.float32)  # t[slab] t^T
     for grad0 in range(0, B, R_grad):
         grad_rows = min(R_grad, B - grad0)
         for row0 in range(grad0, grad0 + grad_rows, R):
@@ -1120,16 +1152,17 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
                 counts = torch.empty(rows, chunks, G, device=x.device, dtype=torch.int32)
                 states = torch.empty((2, rows, chunks), device=x.device, dtype=torch.float32) if slab_lse else counts
                 _group_counts_kernel[teacher_grid](
-                    t_dots, rt, thr, low, cut, counts, s_dots, rx, states, row0, B, thr.stride(0), n_thr, chunk_width,
-                    chunks, rows, float(student_scale), BG=BG, LSE=slab_lse, TIES=with_ties, **teacher_blocks)
+                    t_dots, rt, thr, low, cut, counts, s_dots, rx, states, row0, B, ld, thr.stride(0), n_thr,
+                    chunk_width, chunks, rows, float(student_scale), BG=BG, LSE=slab_lse, TIES=with_ties,
+                    **teacher_blocks)
                 first, perm = _permutation_tables(counts, row0, step_seed, (states, lse_s) if slab_lse else None)
                 _compact_targets_kernel[teacher_grid](
-                    t_dots, rt, thr, low, cut, lse_t, first, compact, row0, B, thr.stride(0), n_thr, chunk_width,
+                    t_dots, rt, thr, low, cut, lse_t, first, compact, row0, B, ld, thr.stride(0), n_thr, chunk_width,
                     chunks, rows, float(teacher_scale), BG=BG, TIES=with_ties, **teacher_blocks)
             cross = torch.empty(rows, chunks, device=x.device, dtype=torch.float32)
             _distill_slab_kernel[(cdiv(rows, slab_blocks["BM"]), chunks)](
                 s_dots, rx, t_dots, rt, thr, low, cut, lse_s, lse_t, qbar, first, compact, perm, cross,
-                grad[row0 - grad0:], row0, B, thr.stride(0), n_thr, chunk_width, chunks, rows, float(student_scale),
+                grad[row0 - grad0:], row0, B, ld, thr.stride(0), n_thr, chunk_width, chunks, rows, float(student_scale),
                 float(teacher_scale), BG=BG, TARGETS=targets, WRITE_GRAD=need_grad, TIES=with_ties, **slab_blocks)
             # lse_s - scale sum_j q~ s: the chunks' sums and the difference in one op (a GEMV)
             torch.addmv(lse_s[slab], cross, ones, alpha=-student_scale, out=loss[slab])

@@ -69,7 +69,8 @@ import triton.language as tl
 
 from . import utils
 from .tiles import dot_tile, slab_tile
-from .utils import SPLIT_PROGRAMS, cdiv, dot_precision, matmul_f32, next_pow2, slab_rows, unit_stride_rows
+from .utils import (SPLIT_PROGRAMS, aligned, cdiv, dot_precision, matmul_f32, next_pow2, slab_buffer, slab_rows,
+                    unit_stride_rows)
 
 MAX_BOUNDARIES = 63  # G - 1: the boundary axis is a register dimension of the bookkeeping kernels
 MAX_PASSES = 64  # safety cap; measured on real embeddings: 2-4 passes
@@ -107,7 +108,7 @@ def teacher_logits(
 
 @triton.jit
 def _group_probe_kernel(
-    p_dots,  # [R, B] fp32 raw teacher dots t_r . t_j of the launch's rows (cuBLAS), row stride B
+    p_dots,  # [R, B] fp32 raw teacher dots t_r . t_j of the launch's rows (cuBLAS), row stride ld (``slab_buffer``)
     p_rt,  # [B] fp32 inverse norms
     p_lse,  # [B] fp32 logsumexp_{j != i}(t_ij * grouping_scale) (unused when FIXED)
     p_rows,  # [R] int64 rows evaluated by this launch
@@ -119,7 +120,7 @@ def _group_probe_kernel(
     p_whi,  # [R, G1] fp32
     p_count,  # [R] int32 in/out, zeroed by the caller: the row's values found inside any window
     p_buf,  # [R, CR] fp32 out: the first CR of them, in no particular order (``_split_windows``)
-    R, B, CR, tiles_per_split, grouping_scale,
+    R, B, ld, CR, tiles_per_split, grouping_scale,
     FIXED: tl.constexpr, SNAP: tl.constexpr, COLLECT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BP: tl.constexpr, NP: tl.constexpr, G1: tl.constexpr,
 ):
@@ -154,7 +155,7 @@ def _group_probe_kernel(
     for i_n in range(i_first, tl.minimum(i_first + tiles_per_split, tl.cdiv(B, BN))):
         o_n = i_n * BN + tl.arange(0, BN)
         m_n = o_n < B
-        b_t = slab_tile(p_dots, p_rt, o_r, o_m, m_r, o_n, m_n, B)  # [BM, BN]
+        b_t = slab_tile(p_dots, p_rt, o_r, o_m, m_r, o_n, m_n, o_n < ld, ld)  # [BM, BN]
         m_v = (o_m[:, None] != o_n[None, :]) & m_n[None, :]
         if FIXED:
             b_w = m_v.to(tl.int32)
@@ -234,7 +235,7 @@ def _edge(edges, lows, cuts, k: tl.constexpr, o_n, TIES: tl.constexpr):
 
 @triton.jit
 def _group_means_kernel(
-    p_dots,  # [R, B] fp32 raw teacher dots t_r . t_j of the rows (cuBLAS), row stride B
+    p_dots,  # [R, B] fp32 raw teacher dots t_r . t_j of the rows (cuBLAS), row stride ld (``slab_buffer``)
     p_rt,  # [B] fp32 inverse norms
     p_lse,  # [B] fp32 logsumexp_{j != i}(t_ij * teacher_scale)
     p_rows,  # [R] int64 the dots' rows
@@ -243,7 +244,7 @@ def _group_means_kernel(
     p_low, p_cut,  # [R, G-1] fp32, int32 their tie cuts (TIES: ``tie_cuts``), row stride s_thr
     p_sum,  # [R, S, G] fp32 out: each column split's sums of q per row and group
     p_count,  # [R, S, G] int32 out: ... and member counts
-    R, B, G, s_thr, tiles_per_split, teacher_scale,
+    R, B, ld, G, s_thr, tiles_per_split, teacher_scale,
     BM: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr, TIES: tl.constexpr,
 ):
     """Sum and count of q_ij over the NG groups g0 .. g0 + NG - 1 (g0 = NG * program_id(1)) of
@@ -281,7 +282,7 @@ def _group_means_kernel(
     for i_n in range(tile0, tile1):
         o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
         m_n = o_n < B
-        b_t = slab_tile(p_dots, p_rt, o_r, o_m, m_m, o_n, m_n, B)  # [BM, BN]
+        b_t = slab_tile(p_dots, p_rt, o_r, o_m, m_m, o_n, m_n, o_n < ld, ld)  # [BM, BN]
         b_q = tl.exp(b_t * teacher_scale - b_lse[:, None])
         b_t = tl.where((o_m[:, None] != o_n[None, :]) & m_n[None, :], b_t, float("nan"))  # in no group
         m_below = b_t < _edge(edges, lows, cuts, 0, o_n, TIES)
@@ -633,7 +634,7 @@ def group_thresholds(t, rt, lse_g, t_min, t_max, grouping_scale, *, group_p=0.1,
         probes = _KernelProbes(t, rt.contiguous(), lse_g, float(grouping_scale), G - 1, group_size is not None,
                                budget_bytes, means)
         thr = _search(probes, t_min, t_max, lse_g, grouping_scale, G - 1, B, group_p, group_size,
-                      budget_bytes=budget_bytes, row_values=B + Dt,  # a row's dots, and its gathered teacher row
+                      budget_bytes=budget_bytes, row_values=aligned(B) + Dt,  # a row's dots, its gathered t row
                       after_chunk=probes.after_chunk, grid=grid)
         if means is not None:
             return thr, probes.qbar
@@ -729,7 +730,7 @@ class _KernelProbes:
         NP = min(BP, cfg.pop("NP"))  # points a program; the point blocks sweep the dots again
         self.dots = None  # the previous chunk's
         if dots is None:
-            dots = matmul_f32(t[rows], t.T)  # [R, B] fp32
+            dots = matmul_f32(t[rows], t.T, out=slab_buffer(R, t.shape[0], t.device))  # [R, B] fp32
         blocks = cdiv(R, cfg["BM"]) * cdiv(BP, NP)
         # splits: a power of two (utils.column_splits); their partial measures are summed by one op
         n_tiles = cdiv(t.shape[0], cfg["BN"])
@@ -752,7 +753,7 @@ class _KernelProbes:
             buf = torch.empty((R, G1 * BUFFER), device=t.device, dtype=torch.float32)
         _group_probe_kernel[(cdiv(R, cfg["BM"]), splits, cdiv(BP, NP))](
             dots, self.rt, self.lse_g, rows, x, meas, above, below, wlo, whi, count, buf,
-            R, t.shape[0], G1 * BUFFER, cdiv(n_tiles, splits), self.grouping_scale,
+            R, t.shape[0], dots.stride(0), G1 * BUFFER, cdiv(n_tiles, splits), self.grouping_scale,
             FIXED=self.fixed, SNAP=snap, COLLECT=windows is not None, BP=BP, NP=NP, G1=G1, **cfg)
         if windows is not None:
             count, buf = _split_windows(count, buf, wlo, whi)
@@ -826,8 +827,8 @@ class GridPass:
 
     def __call__(self, row0, dots, lse_g, t_min, t_max):
         """The rows row0 .. row0 + n from their raw teacher dots ``dots`` [n, B] fp32 (``t[rows] t^T``
-        as ``matmul_f32`` writes them) and their statistics (``lse_g``, ``t_min``, ``t_max`` [B]
-        fp32, set for those rows)."""
+        as ``matmul_f32`` writes them, in a slab ``slab_tile`` reads) and their statistics
+        (``lse_g``, ``t_min``, ``t_max`` [B] fp32, set for those rows)."""
         n = dots.shape[0]
         rows = self.rows[row0:row0 + n]
         BR = 256 if utils.interpreter_blocks() else 32
@@ -1315,8 +1316,8 @@ def group_means(t, rt, lse_t, thr, teacher_scale, *, budget_bytes=None, ties=Non
     rt, lse_t = rt.contiguous(), lse_t.float().contiguous()
     qbar = torch.empty((B, G), device=t.device, dtype=torch.float32)
     budget = 4 * CHUNK_VALUES if budget_bytes is None else budget_bytes
-    R = slab_rows(B, B, budget - budget // 16, 4, _logit_blocks()["BM"])  # 1/16: the column splits' sums
-    dots = torch.empty((R, B), device=t.device, dtype=torch.float32)
+    R = slab_rows(B, aligned(B), budget - budget // 16, 4, _logit_blocks()["BM"])  # 1/16: the splits' sums
+    dots = slab_buffer(R, B, t.device)
     rows = torch.arange(B, device=t.device)
     every = torch.ones(R, device=t.device, dtype=torch.int8)
     for row0 in range(0, B, R):
@@ -1344,9 +1345,9 @@ def _means_launch(dots, rt, lse_t, rows, done, thr, qbar, teacher_scale, max_byt
     sums = torch.empty((R, splits, G), device=dots.device, dtype=torch.float32)
     counts = torch.empty((R, splits, G), device=dots.device, dtype=torch.int32)
     _group_means_kernel[(cdiv(R, cfg["BM"]), sweeps, splits)](
-        dots, rt, lse_t, rows, done, thr, *((thr, thr) if ties is None else ties), sums, counts, R, B, G,
-        thr.stride(0), cdiv(n_tiles, splits), float(teacher_scale), NG=cdiv(G, sweeps), TIES=ties is not None,
-        **cfg)
+        dots, rt, lse_t, rows, done, thr, *((thr, thr) if ties is None else ties), sums, counts, R, B,
+        dots.stride(0), G, thr.stride(0), cdiv(n_tiles, splits), float(teacher_scale), NG=cdiv(G, sweeps),
+        TIES=ties is not None, **cfg)
     BG = max(2, next_pow2(G))
     BR = 64 if utils.interpreter_blocks() else 8
     BS = max(1, 2048 // (BR * BG))  # [BR, BS, BG] blocks of 2K sums (and counts)

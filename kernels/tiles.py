@@ -43,15 +43,18 @@ def log1p_unit(u):
 
 @triton.jit
 def slab_tile(
-    p_dots,  # [R, B] fp32 raw dots of the slab rows (cuBLAS), row stride B
+    p_dots,  # fp32 raw dots of the slab rows (cuBLAS): row r's column n at p_dots + r ld + n
     p_r,  # [B] fp32 inverse norms
     o_r, o_m, m_m,  # [BM] slab rows, their batch rows (int64) and mask
     o_n, m_n,  # [BN] columns and mask
-    B,
+    m_ld,  # [BN] the columns a load may read: an aligned bound (``utils.slab_buffer``), so it is vectorised
+    ld,  # the row stride, a multiple of 16
 ):
     """``dots[o_r, o_n] r_m r_n`` [BM, BN] fp32, 0 where masked: a slab's cosines (student) or
-    teacher logits, in the one operation order every slab kernel uses."""
-    b_dot = tl.load(p_dots + o_r[:, None] * B + o_n[None, :], mask=m_m[:, None] & m_n[None, :], other=0.0)
+    teacher logits, in the one operation order every slab kernel uses. What ``m_ld`` reads past
+    ``m_n`` must be finite (the masked norm ``r_n = 0`` zeroes it): ``utils.slab_buffer`` zeroes
+    the columns past the batch."""
+    b_dot = tl.load(p_dots + o_r[:, None] * ld + o_n[None, :], mask=m_m[:, None] & m_ld[None, :], other=0.0)
     b_rm = tl.load(p_r + o_m, mask=m_m, other=0.0)
     b_rn = tl.load(p_r + o_n, mask=m_n, other=0.0)
     return b_dot * b_rm[:, None] * b_rn[None, :]

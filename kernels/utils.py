@@ -75,6 +75,27 @@ def matmul_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor = None, k_ste
     return out
 
 
+ROW_ALIGN = 16  # elements: the row stride of a slab buffer is a multiple of it
+
+
+def aligned(n: int) -> int:
+    """``n`` rounded up to a multiple of ``ROW_ALIGN``."""
+    return cdiv(n, ROW_ALIGN) * ROW_ALIGN
+
+
+def slab_buffer(rows: int, cols: int, device, dtype=torch.float32) -> torch.Tensor:
+    """A [rows, cols] view of a [rows, aligned(cols)] buffer whose columns past ``cols`` are zero.
+    The kernels read and write such slabs in whole tiles under the aligned bound (the padding's
+    zeros stand in for masked entries), so their loads and stores stay vectorised at any batch
+    size: with a row stride of B and B not a multiple of 16 they went element by element (sm_90a:
+    2x the instructions a tile, 100s of bytes of spills, session 21/22)."""
+    ld = aligned(cols)
+    buf = torch.empty(rows, ld, device=device, dtype=dtype)
+    if ld != cols:
+        buf[:, cols:].zero_()
+    return buf[:, :cols]
+
+
 SPLIT_PROGRAMS = 1024  # a launch over a few row blocks splits the columns up to about this many programs
 
 

@@ -8,7 +8,7 @@ import torch
 from conftest import DEVICE
 
 pytest.importorskip("triton")
-from distillcse.kernels.utils import matmul_f32  # noqa: E402
+from distillcse.kernels.utils import ROW_ALIGN, matmul_f32, slab_buffer  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -33,3 +33,22 @@ def test_allocates_its_output_without_one(dtype):
     a = torch.ones(3, 130, device=DEVICE, dtype=dtype)
     out = matmul_f32(a, a.T)
     assert out.shape == (3, 3) and out.dtype == torch.float32 and (out == 130).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N", [37, 48, 130])
+def test_into_a_slab_buffer(N, dtype):
+    """The slabs the kernels read (``slab_buffer``): rows of a stride rounded up to ROW_ALIGN,
+    the padding zero; the GEMM writes the [M, N] view in place and leaves the padding 0."""
+    M, K = 21, 40
+    g = torch.Generator().manual_seed(N)
+    a = torch.randn(M, K, generator=g).to(DEVICE, dtype)
+    b = torch.randn(N, K, generator=g).to(DEVICE, dtype).T
+    out = slab_buffer(M + 3, N, DEVICE)
+    ld = out.stride(0)
+    assert out.shape == (M + 3, N) and ld % ROW_ALIGN == 0 and N <= ld < N + ROW_ALIGN
+    assert matmul_f32(a, b, out=out[:M]).data_ptr() == out.data_ptr()
+    padding = out.as_strided((M + 3, ld - N), (ld, 1), out.storage_offset() + N)
+    assert (padding == 0).all()
+    want = a.double() @ b.double()
+    assert ((out[:M].double() - want).abs().max() / want.abs().max()).item() < 1e-5
