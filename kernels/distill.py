@@ -55,7 +55,7 @@ import triton.language as tl
 from . import utils
 from ..shuffle import ROUNDS, SMALL_DOMAIN, SMALL_DOMAIN_ROUNDS
 from .tiles import EPS_SQUARED, slab_tile
-from .utils import (ROW_ALIGN, aligned, cdiv, dot_precision, matmul_f32, next_pow2, seed_args, slab_buffer, slab_rows,
+from .utils import (aligned, cdiv, dot_precision, matmul_f32, next_pow2, seed_args, slab_buffer, slab_rows,
                     unit_stride_rows)
 
 _GOLDEN = tl.constexpr(0x9E3779B1)
@@ -905,16 +905,17 @@ def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale
     row_bytes = aligned(B) * (8 if student else 4) + cdiv(4 * planes * B, BM)
     slabs_bytes = budget_bytes - (budget_bytes // 4 if grid is not None else state_bytes) - 8 * planes * B
     # in multiples of 16 rows, not of a block (a slab's GEMMs read all B rows of x and t, whatever its
-    # height); 16, so that the halves' row strides aligned(B - row0) = aligned(B) - row0 fit the buffers
+    # height); 16, so that the halves' row strides B - row0 + pad stay multiples of 16 where aligned(B) pads
     R = max(slab_rows(B, row_bytes, slabs_bytes, 1, 16), min(B, BM))
     NB = cdiv(R, BM)
     n_tiles = cdiv(B, BN)
     max_splits = utils.column_splits(n_tiles, NB)
     while max_splits > 1 and 24 * max_splits * R > state_bytes:
         max_splits //= 2
-    # flat: each slab views them [rows, B - col0] with row stride aligned(B - col0) (``_slab_view``); zeroed where
-    # that pads, so that columns past the batch read 0 and the others finite dots (``slab_tile``)
-    new = torch.empty if B % ROW_ALIGN == 0 else torch.zeros
+    # flat: each slab views them [rows, B - col0] with a row stride of pad more (``_slab_view``: a multiple of 16
+    # where aligned(B) pads); zeroed then, so that columns past the batch read 0 and the others finite dots
+    pad = aligned(B) - B
+    new = torch.zeros if pad else torch.empty
     t_dots = new(R * aligned(B), device=t.device, dtype=torch.float32)
     s_dots = new(R * aligned(B), device=t.device, dtype=torch.float32) if student else t_dots
     partial = torch.empty((6, R, max_splits), device=t.device, dtype=torch.float32)
@@ -930,8 +931,8 @@ def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale
     for row0 in range(0, B, R):
         rows = min(R, B - row0)
         t_col0 = row0 if half_t else 0
-        s_slab = _slab_view(s_dots, rows, B - row0)
-        t_slab = _slab_view(t_dots, rows, B - t_col0)
+        s_slab = _slab_view(s_dots, rows, B - row0, pad)
+        t_slab = _slab_view(t_dots, rows, B - t_col0, pad)
         if student:
             matmul_f32(x[row0:row0 + rows], x[row0:].T, out=s_slab)
         matmul_f32(t[row0:row0 + rows], t[t_col0:].T, out=t_slab)
@@ -954,9 +955,9 @@ def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale
     return (out[0] if student else None,) + tuple(out[1:].unbind(0))
 
 
-def _slab_view(flat, rows, cols):
-    """[rows, cols] of the flat buffer ``flat`` with row stride ``aligned(cols)``."""
-    ld = aligned(cols)
+def _slab_view(flat, rows, cols, pad):
+    """[rows, cols] of the flat buffer ``flat`` with row stride ``cols + pad``."""
+    ld = cols + pad
     return flat[:rows * ld].view(rows, ld)[:, :cols]
 
 

@@ -75,20 +75,25 @@ def matmul_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor = None, k_ste
     return out
 
 
-ROW_ALIGN = 16  # elements: the row stride of a slab buffer is a multiple of it
+ROW_ALIGN = 16  # elements: the row stride of a padded slab buffer is a multiple of it
+# Slabs of more columns than this are padded (``slab_buffer``). Below, a slab kernel's work is a
+# few microseconds and the padding's zero fills (a PyTorch launch a buffer, 7-8 a step, ~5 us of
+# host time each) would cost more than the aligned loads save. Tests set it to 0.
+PAD_MIN_COLS = 4096
 
 
 def aligned(n: int) -> int:
-    """``n`` rounded up to a multiple of ``ROW_ALIGN``."""
-    return cdiv(n, ROW_ALIGN) * ROW_ALIGN
+    """The row stride of ``slab_buffer``'s slabs of n columns: n rounded up to a multiple of
+    ``ROW_ALIGN`` above ``PAD_MIN_COLS``, n itself up to it."""
+    return n if n <= PAD_MIN_COLS else cdiv(n, ROW_ALIGN) * ROW_ALIGN
 
 
 def slab_buffer(rows: int, cols: int, device, dtype=torch.float32) -> torch.Tensor:
     """A [rows, cols] view of a [rows, aligned(cols)] buffer whose columns past ``cols`` are zero.
-    The kernels read and write such slabs in whole tiles under the aligned bound (the padding's
-    zeros stand in for masked entries), so their loads and stores stay vectorised at any batch
-    size: with a row stride of B and B not a multiple of 16 they went element by element (sm_90a:
-    2x the instructions a tile, 100s of bytes of spills, session 21/22)."""
+    The kernels read such slabs in whole tiles under the aligned bound (the padding's zeros
+    stand in for masked entries), so that their loads stay vectorised at any batch size: with
+    a row stride of B and B not a multiple of 16 they went element by element (sm_90a, B = 130:
+    1.9-2.6x the instructions a tile, up to 1 KB of spills; session 22)."""
     ld = aligned(cols)
     buf = torch.empty(rows, ld, device=device, dtype=dtype)
     if ld != cols:

@@ -42,7 +42,8 @@ def test_small_batch_kernels_refill_no_slot_in_use():
 
 
 def _report_rows(report):
-    """{(kernel, constexprs): (spilled bytes, SASS instructions of the outermost loop or None)}."""
+    """{(kernel, constexprs): (spilled bytes, SASS instructions of the outermost loop or None)},
+    the most of each where the launchers' integer arguments made several builds of a row."""
     rows, kernel = {}, None
     for line in report.splitlines():
         if line.startswith("### "):
@@ -50,7 +51,9 @@ def _report_rows(report):
         elif line.startswith("| bf16 |"):
             cells = [c.strip() for c in line.strip("|").split("|")]
             loops = cells[8].split(" / ")[-1]
-            rows[kernel, cells[1]] = (int(cells[5].split("/")[0]), None if loops == "-" else int(loops))
+            spills, loops = int(cells[5].split("/")[0]), None if loops == "-" else int(loops)
+            seen = rows.get((kernel, cells[1]), (0, loops))
+            rows[kernel, cells[1]] = (max(spills, seen[0]), loops and max(loops, seen[1]))
     return rows
 
 
@@ -59,18 +62,19 @@ SLAB_READERS = ("_row_stats_kernel", "_group_counts_kernel", "_compact_targets_k
 
 
 def test_slab_kernels_at_a_batch_not_a_multiple_of_16():
-    """The kernels that read a slab of cuBLAS dots (or of factors) at B = 130 compile as well as
-    at B = 144: their slabs' rows are padded to a multiple of 16 (``utils.slab_buffer``), so the
-    loads stay vectorised. With a row stride of B they went element by element: 1.9-2.6x the
-    loops' instructions and 168-1,044 bytes of spills (session 21)."""
+    """The kernels that read a slab of cuBLAS dots (or of factors) at B = 4,104 compile as well
+    as at B = 4,112: their slabs' rows are padded to a multiple of 16 (``utils.slab_buffer``, above
+    ``PAD_MIN_COLS``), so the loads stay vectorised. With a row stride of B they went element by
+    element (B = 130, session 21): 1.9-2.6x the loops' instructions, 112-1,044 bytes of spills."""
     aligned, unaligned = (_report_rows(_compile_report("--what", "distill", "--dtypes", "bf16", "--B", B, "--D", "64"))
-                          for B in ("144", "130"))
+                          for B in ("4112", "4104"))
     checked = [key for key in aligned if key[0] in SLAB_READERS]
     assert len(checked) >= 15 and set(checked) <= set(unaligned), sorted(unaligned)
     for key in checked:
-        (spills, loops), (spills_at_144, loops_at_144) = unaligned[key], aligned[key]
-        assert spills <= spills_at_144, (key, spills, spills_at_144)
-        assert loops is None or loops <= 1.25 * loops_at_144, (key, loops, loops_at_144)
+        (spills, loops), (spills_at_aligned, loops_at_aligned) = unaligned[key], aligned[key]
+        # (a few bytes either way where ptxas caps a build's registers: 8 B at 4,104 and 4,112)
+        assert spills <= spills_at_aligned + 16, (key, spills, spills_at_aligned)
+        assert loops is None or loops <= 1.25 * loops_at_aligned, (key, loops, loops_at_aligned)
 
 
 # A pipelined loop as Triton 3.6 builds the one-program kernel's logits (abridged TTGIR): a tile
