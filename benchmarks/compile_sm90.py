@@ -10,7 +10,8 @@ never touched). Each ``kernel[grid](...)`` they issue is intercepted instead of 
 arguments are bound and specialised exactly as Triton's launcher does (pointer dtypes, integers
 divisible by 16 or equal to 1, constexprs, ``num_warps`` / ``num_stages``), and the kernel is
 compiled for ``GPUTarget("cuda", 90, 32)`` with ptxas's log captured. Row counts are runtime
-arguments, so the code compiled for one B serves every B with the same divisibility by 16.
+arguments, so the code compiled for one B serves every B with the same divisibility by 16 (and
+the same side of ``utils.PAD_MIN_COLS``, above which slab rows are padded to a multiple of 16).
 
 Per kernel, one table row per input precision and launch (bf16, fp16, fp32 with TF32 dots,
 fp32 with full-precision "ieee" dots, the switch PyTorch's ``float32_matmul_precision`` makes;
