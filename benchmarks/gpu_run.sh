@@ -11,7 +11,8 @@
 #          loss at N = 70 columns, after session 20 removed a shared-memory race from that kernel
 #       (session 12's H200 run: targets hit 240 s with its slow kernels, the suite took 165 s, verify 27 s)
 #   bash benchmarks/gpu_run.sh sweep   (~5 min) `bench memory` sweeps for the README's plots, packed
-#   bash benchmarks/gpu_run.sh thresholds   (~2 min) Group-P search vs pairwise kernel (PAIRWISE_MAX_B)
+#   bash benchmarks/gpu_run.sh thresholds   (~4 min) Group-P search vs pairwise kernel (PAIRWISE_MAX_B), and a
+#       step at B around 4,096 with padded slab rows and without (time_padding.py: PAD_MIN_COLS)
 #   bash benchmarks/gpu_run.sh million   (<= 9 min) bench targets' B = 2^20 point alone (one step; timeout_s 590)
 #   bash benchmarks/gpu_run.sh train   (~8 min) `distillcse train` of a 3-layer MiniLM student (DistillCSE
 #       and SimCSE, 40k sentences) and `bench train`; first, here: python benchmarks/pack_carry.py; carry .carry
@@ -58,6 +59,7 @@ case "$MODE" in
     ;;
   thresholds)
     stage 240 thresholds.md python3 benchmarks/time_thresholds.py
+    stage 150 padding.md python3 benchmarks/time_padding.py
     ;;
   million)
     stage 540 million.log python3 -m distillcse bench targets --million-only --no-progress --out "$OUT"
