@@ -109,7 +109,7 @@ def distill(B, D, dtype, teacher_dtype, n_thr=9):
     those kernels are called directly."""
     from distillcse.kernels import distill as K
     from distillcse.kernels import group_partition as GP
-    from distillcse.kernels.utils import dot_precision, slab_buffer
+    from distillcse.kernels.utils import slab_buffer
 
     rows, chunks = 512, 8
     x, t = torch.empty(B, D, dtype=dtype), torch.empty(B, D, dtype=teacher_dtype)
