@@ -154,13 +154,13 @@ def _store_states(p, m, plane, b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin, S: tl.con
 
 @triton.jit
 def _row_stats_kernel(
-    p_xs,  # [R, B - row0] fp32 raw student dots of the slab rows, columns row0.. (cuBLAS), row stride ld_s (STUDENT)
+    p_xs,  # [R, B - row0] fp32 raw student dots of the slab rows, columns row0.. (cuBLAS), row stride ld (STUDENT)
     p_rx,  # [B] fp32 inverse norms (STUDENT)
-    p_ts,  # [R, B - t_col0] fp32 raw teacher dots of the slab rows with columns t_col0.. (cuBLAS), row stride ld_t
+    p_ts,  # [R, B - t_col0] fp32 raw teacher dots of the slab rows with columns t_col0.. (cuBLAS), row stride ld
     p_rt,  # [B] fp32 inverse norms
     p_part,  # [6, R, S] fp32 out: per column split, s's running max and sum (STUDENT), t's max, two sums, min
     p_cols,  # [P, NB, B] fp32 out (STUDENT or HALF_T): per row block, the column-side states of columns past the slab
-    row0, R, B, ld_s, t_col0, ld_t, tile0, tiles_per_split, col_plane, student_scale, teacher_scale, grouping_scale,
+    row0, R, B, ld, t_col0, tile0, tiles_per_split, col_plane, student_scale, teacher_scale, grouping_scale,
     BM: tl.constexpr, BN: tl.constexpr, STUDENT: tl.constexpr, HALF_T: tl.constexpr,
 ):
     """The statistics of BM slab rows over the column tiles of split program_id(1), online
@@ -181,24 +181,24 @@ def _row_stats_kernel(
         o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
         m_n = o_n < B
         m_upper = m_n & (o_n >= row0)  # [BN] columns whose symmetric dots the slab has
-        m_ld = (o_n >= row0) & (o_n < row0 + ld_s)  # ... and the padding past them (``slab_tile``)
+        m_ld = (o_n >= row0) & (o_n < ld)  # ... and what their rows hold past them (``slab_tile``)
         m_past = m_n & (o_n >= row0 + R)  # [BN] columns past the slab: their column side
         m_valid = (o_m[:, None] != o_n[None, :]) & m_m[:, None] & m_n[None, :]
         m_col = m_m[:, None] & m_past[None, :]
         p_c = p_cols + i_b * B + o_n
         if STUDENT:
             if i_n * BN + BN > row0:
-                b_s = slab_tile(p_xs - row0, p_rx, o_r, o_m, m_m, o_n, m_upper, m_ld, ld_s) * student_scale
+                b_s = slab_tile(p_xs - row0, p_rx, o_r, o_m, m_m, o_n, m_upper, m_ld, ld) * student_scale
                 b_ms, b_ls = _update_lse(b_ms, b_ls, tl.where(m_valid & m_upper[None, :], b_s, float("-inf")))
                 if i_n * BN + BN > row0 + R:
                     c_ms, c_ls, _, _, _, _ = _empty_stats(BN)
                     c_ms, c_ls = _update_lse(c_ms, c_ls, tl.where(m_col, b_s, float("-inf")), 0)
                     tl.store(p_c, c_ms, mask=m_past)
                     tl.store(p_c + col_plane, c_ls, mask=m_past)
-        if HALF_T:  # teacher logits (their half: t_col0 = row0, ld_t = ld_s)
-            b_t = slab_tile(p_ts - row0, p_rt, o_r, o_m, m_m, o_n, m_upper, m_ld, ld_t)
+        if HALF_T:  # teacher logits (their half: t_col0 = row0)
+            b_t = slab_tile(p_ts - row0, p_rt, o_r, o_m, m_m, o_n, m_upper, m_ld, ld)
         else:
-            b_t = slab_tile(p_ts, p_rt, o_r, o_m, m_m, o_n, m_n, o_n < ld_t, ld_t)
+            b_t = slab_tile(p_ts, p_rt, o_r, o_m, m_m, o_n, m_n, o_n < ld, ld)
         m_t = m_valid & m_upper[None, :] if HALF_T else m_valid
         b_tmax, b_lt, b_lg, b_tmin = _update_teacher_stats(
             b_tmax, b_lt, b_lg, b_tmin, tl.where(m_t, b_t, float("-inf")), m_t, teacher_scale, grouping_scale)
@@ -905,19 +905,16 @@ def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale
     row_bytes = aligned(B) * (8 if student else 4) + cdiv(4 * planes * B, BM)
     slabs_bytes = budget_bytes - (budget_bytes // 4 if grid is not None else state_bytes) - 8 * planes * B
     # in multiples of 16 rows, not of a block (a slab's GEMMs read all B rows of x and t, whatever its
-    # height); 16, so that the halves' row strides B - row0 + pad stay multiples of 16 where aligned(B) pads
+    # height); 16, so that a half's first column row0 keeps its loads aligned
     R = max(slab_rows(B, row_bytes, slabs_bytes, 1, 16), min(B, BM))
     NB = cdiv(R, BM)
     n_tiles = cdiv(B, BN)
     max_splits = utils.column_splits(n_tiles, NB)
     while max_splits > 1 and 24 * max_splits * R > state_bytes:
         max_splits //= 2
-    # flat: each slab views them [rows, B - col0] with a row stride of pad more (``_slab_view``: a multiple of 16
-    # where aligned(B) pads); zeroed then, so that columns past the batch read 0 and the others finite dots
-    pad = aligned(B) - B
-    new = torch.zeros if pad else torch.empty
-    t_dots = new(R * aligned(B), device=t.device, dtype=torch.float32)
-    s_dots = new(R * aligned(B), device=t.device, dtype=torch.float32) if student else t_dots
+    # a slab's halves are [rows, B - row0] views of them: past a half, its rows hold zeros or the first slab's dots
+    t_dots = slab_buffer(R, B, t.device)
+    s_dots = slab_buffer(R, B, t.device) if student else t_dots
     partial = torch.empty((6, R, max_splits), device=t.device, dtype=torch.float32)
     if planes:  # per row block of the slab, the column-side states; their running merge over the slabs
         cols = torch.empty((planes, NB, B), device=t.device, dtype=torch.float32)
@@ -931,17 +928,15 @@ def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale
     for row0 in range(0, B, R):
         rows = min(R, B - row0)
         t_col0 = row0 if half_t else 0
-        s_slab = _slab_view(s_dots, rows, B - row0, pad)
-        t_slab = _slab_view(t_dots, rows, B - t_col0, pad)
+        s_slab, t_slab = s_dots[:rows, :B - row0], t_dots[:rows, :B - t_col0]
         if student:
             matmul_f32(x[row0:row0 + rows], x[row0:].T, out=s_slab)
         matmul_f32(t[row0:row0 + rows], t[t_col0:].T, out=t_slab)
         tile0 = t_col0 // BN  # tiles before it hold no dots of the slab
         splits = min(max_splits, utils.column_splits(n_tiles - tile0, cdiv(rows, BM)))
         _row_stats_kernel[(cdiv(rows, BM), splits)](
-            s_slab, rt if rx is None else rx, t_slab, rt, partial, cols, row0, rows, B, s_slab.stride(0), t_col0,
-            t_slab.stride(0), tile0,
-            cdiv(n_tiles - tile0, splits), NB * B, float(student_scale), float(teacher_scale),
+            s_slab, rt if rx is None else rx, t_slab, rt, partial, cols, row0, rows, B, t_dots.stride(0), t_col0,
+            tile0, cdiv(n_tiles - tile0, splits), NB * B, float(student_scale), float(teacher_scale),
             float(grouping_scale), **flags, **blocks)
         _row_stats_merge_kernel[(cdiv(rows, BR),)](
             partial, state, out, row0, rows, B, splits, float(teacher_scale), float(grouping_scale), BR=BR, BS=BS,
@@ -953,12 +948,6 @@ def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale
         if grid is not None:
             grid(row0, t_slab, out[2], out[3], out[4])
     return (out[0] if student else None,) + tuple(out[1:].unbind(0))
-
-
-def _slab_view(flat, rows, cols, pad):
-    """[rows, cols] of the flat buffer ``flat`` with row stride ``cols + pad``."""
-    ld = cols + pad
-    return flat[:rows * ld].view(rows, ld)[:, :cols]
 
 
 def _permutation_tables(counts, row0, step_seed, lse=None):
