@@ -1,0 +1,128 @@
+"""``distillcse.cached_backward`` (gradient caching): the parameters' gradients equal those of one
+backward through every mini-batch's forward, dropout included; input errors."""
+import contextlib
+
+import pytest
+import torch
+
+import distillcse
+from distillcse import cached_backward
+
+
+class Encoder(torch.nn.Module):
+    """A small float64 encoder with dropout: [n, 8] -> two dropout views [n, 6]."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Dropout(0.3),
+                                       torch.nn.Linear(16, 6)).double()
+
+    def forward(self, x):
+        return self.net(torch.cat([x, x])).chunk(2)
+
+
+def _setup(rows=13):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, 8, generator=g, dtype=torch.float64)
+    teacher = torch.randn(rows, 5, generator=g, dtype=torch.float64)
+    return Encoder(), x, teacher
+
+
+def _loss(teacher):
+    """The loss, its shuffle drawn from the global generator (seed=None), after the forwards."""
+    return lambda z1, z2: distillcse.distillcse_loss(z1, z2, teacher, seed=None, group_p=0.3, backend="reference")
+
+
+def _grads(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("sizes", [(5, 5, 3), (13,), (1, 12)])
+def test_gradients_are_those_of_one_backward_through_every_mini_batch(sizes):
+    model, x, teacher = _setup()
+    minis = list(x.split(sizes))
+
+    torch.manual_seed(7)
+    direct_z = [model(m) for m in minis]                       # the same dropout draws, in order
+    z1, z2 = torch.cat([z[0] for z in direct_z]), torch.cat([z[1] for z in direct_z])
+    direct = _loss(teacher)(z1, z2)
+    direct.backward()
+    expected, next_draw = _grads(model), torch.rand(4)
+    model.zero_grad()
+
+    torch.manual_seed(7)
+    loss = cached_backward(model, minis, _loss(teacher))
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, direct.detach(), rtol=1e-12, atol=0)
+    for name, grad in _grads(model).items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-10, atol=1e-14, msg=name)
+    torch.testing.assert_close(torch.rand(4), next_draw, rtol=0, atol=0)   # the replay leaves no trace
+
+
+def test_dropout_makes_the_replay_matter():
+    """Guards the test above: with dropout active, two forwards from different random states give
+    different embeddings, so a replay from the wrong state would give other gradients."""
+    model, x, _ = _setup()
+    torch.manual_seed(7)
+    first = model(x)[0]
+    assert not torch.equal(first, model(x)[0])
+
+
+def test_tuple_results_scale_and_unused_outputs():
+    model, x, teacher = _setup()
+    minis = list(x.split(4))
+
+    def contrastive_only(z1, z2):
+        terms = {"z1 rows": z1.shape[0]}
+        return distillcse.contrastive_loss(z1, z1.detach().flip(0), backend="reference"), terms
+
+    torch.manual_seed(0)
+    loss, terms = cached_backward(model, minis, contrastive_only)   # z2 gets no gradient
+    assert terms == {"z1 rows": 13} and not loss.requires_grad
+    once = _grads(model)
+    model.zero_grad()
+    torch.manual_seed(0)
+    cached_backward(model, minis, contrastive_only, scale=lambda l: 4 * l)
+    for name, grad in _grads(model).items():
+        torch.testing.assert_close(grad, 4 * once[name], rtol=1e-12, atol=0, msg=name)
+
+
+def test_no_sync_holds_every_mini_batch_but_the_last():
+    model, x, teacher = _setup()
+    held = []
+
+    class FakeDDP:
+        @contextlib.contextmanager
+        def no_sync(self):
+            held.append(True)
+            yield
+
+    cached_backward(model, list(x.split(4)), _loss(teacher), no_sync=[FakeDDP()])
+    assert len(held) == 3                                       # 4 mini-batches: the last syncs
+
+
+def test_errors():
+    model, x, teacher = _setup()
+    loss = _loss(teacher)
+    with pytest.raises(ValueError, match="mini_batches is empty"):
+        cached_backward(model, [], loss)
+    with pytest.raises(TypeError, match="callables"):
+        cached_backward(model, [x], "loss")
+    with pytest.raises(TypeError, match=r"encode\(mini_batches\[0\]\) must return a tensor"):
+        cached_backward(lambda m: "text", [x], loss)
+    with pytest.raises(ValueError, match=r"mini_batches\[2\]\) returned 1 tensors"):
+        cached_backward(lambda m: model(m) if m.shape[0] > 5 else model(m)[0], x.split(6), loss)
+    with pytest.raises(TypeError, match="scalar tensor"):
+        cached_backward(model, [x], lambda z1, z2: z1)
+    with pytest.raises(ValueError, match="does not depend on the embeddings"):
+        cached_backward(model, [x], lambda z1, z2: torch.zeros(()))
+    with pytest.raises(TypeError, match="no_sync expects DistributedDataParallel"):
+        cached_backward(model, [x], loss, no_sync=[model])
+    calls = []
+
+    def shifting(m):                                            # a different row count on its replay
+        calls.append(1)
+        return model(m if len(calls) == 1 else m[1:])
+    with pytest.raises(RuntimeError, match="must be deterministic"):
+        cached_backward(shifting, [x], loss)
