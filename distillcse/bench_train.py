@@ -28,10 +28,11 @@ import sys
 import torch
 
 from . import bench, checks
+from .grad_cache import cached_backward
 
 TRAIN_IMPLS = ("encoder-only", "reference", "plain", "torch", "triton")
 TRAIN_COLUMNS = ("timestamp", "commit", "device", "device_name", "torch", "triton", "transformers",
-                 "python", "config", "student", "teacher", "params_m", "max_seq_length", "amp",
+                 "python", "config", "student", "teacher", "params_m", "max_seq_length", "mini_batch", "amp",
                  "shuffle", "impl", "label", "B", "steps", "status", "step_ms", "peak_mem_mib",
                  "memory_kind", "loss", "note")
 LABELS = dict(bench.LABELS, **{"encoder-only": "encoder only (trivial loss)"})
@@ -197,23 +198,33 @@ def _amp(device, amp):
     return torch.autocast(device_type=device.type, dtype=getattr(torch, amp))
 
 
-def run_point(impl, B, *, pristine, teacher, batches, shuffle, device, amp, steps, lr, meter):
-    """Train a fresh copy of the student for ``steps`` steps; returns (ms, peak bytes, loss)."""
+def run_point(impl, B, *, pristine, teacher, batches, shuffle, device, amp, steps, lr, meter, mini_batch=None):
+    """Train a fresh copy of the student for ``steps`` steps; returns (ms, peak bytes, loss).
+    ``mini_batch``: the encoders run that many rows at a time, the student's gradient through
+    :func:`distillcse.cached_backward` (gradient caching)."""
     fn = train_loss_function(impl, shuffle, device)
     student = copy.deepcopy(pristine).to(device).train()
     opt = torch.optim.AdamW(student.parameters(), lr=lr)
     losses = []
 
+    def views(tokens):                      # [m, L] ids and mask -> the two dropout views, [m, H] each
+        ids, mask = tokens
+        with _amp(device, amp):
+            ids2, mask2 = torch.cat([ids, ids]), torch.cat([mask, mask])
+            return mean_pool(student(input_ids=ids2, attention_mask=mask2).last_hidden_state, mask2).chunk(2)
+
     def step(i):
         ids, mask = (x.to(device, non_blocking=True) for x in batches[i % len(batches)])
-        with _amp(device, amp):
-            ids2, mask2 = torch.cat([ids, ids]), torch.cat([mask, mask])  # two dropout views
-            z = mean_pool(student(input_ids=ids2, attention_mask=mask2).last_hidden_state, mask2)
-            with torch.no_grad():
-                t = mean_pool(teacher(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
-        z1, z2 = z[:B], z[B:]
-        loss = fn(z1, z2, [t.to(z1.dtype)])
-        loss.backward()
+        minis = list(zip(ids.split(mini_batch or B), mask.split(mini_batch or B)))
+        with _amp(device, amp), torch.no_grad():
+            t = torch.cat([mean_pool(teacher(input_ids=m_ids, attention_mask=m_mask).last_hidden_state, m_mask)
+                           for m_ids, m_mask in minis])
+        if len(minis) > 1:
+            loss = cached_backward(views, minis, lambda z1, z2: fn(z1, z2, [t.to(z1.dtype)]))
+        else:
+            z1, z2 = views(minis[0])
+            loss = fn(z1, z2, [t.to(z1.dtype)])
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach().float()))
@@ -254,6 +265,9 @@ def add_train_arguments(p):
     p.add_argument("--sentences", default=None,
                    help=f"one sentence a line (default: ../{SENTENCES_FILE} relative to the repository)")
     p.add_argument("--max-seq-length", type=checks.positive_int, default=32, help="tokens per sentence (default: 32, the paper)")
+    p.add_argument("--mini-batch-size", type=checks.positive_int, default=None,
+                   help="encode at most this many sentences at once; the loss sees the whole batch (gradient "
+                   "caching, distillcse.cached_backward; default: the whole batch in one forward)")
     p.add_argument("--amp", choices=("none", "bfloat16", "float16"), default=None,
                    help="autocast dtype of the encoders (default: bfloat16 on CUDA, none on CPU)")
     p.add_argument("--lr", type=checks.positive_float, default=3e-5, help="AdamW learning rate (default: 3e-5, the paper)")
@@ -270,9 +284,11 @@ def markdown_table(rows):
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     Bs = sorted({int(r["B"]) for r in rows})
     cell = {(r["impl"], int(r["B"])): r for r in rows}
+    mini = f"of {first['mini_batch']} rows (gradient caching)" if first.get("mini_batch") else "off"
     lines = [f"# distillcse bench train: {first['student']} student, {first['teacher']} teacher", "",
              f"- device: {first['device_name']} ({first['device']}), autocast {first['amp']}",
-             f"- max_seq_length {first['max_seq_length']}, shuffle={first['shuffle']}, "
+             f"- max_seq_length {first['max_seq_length']}, shuffle={first['shuffle']}, encoder mini-batches "
+             f"{mini}, "
              f"{first['params_m']}M student parameters, {first['steps']} step(s) per point",
              f"- torch {first['torch']}, triton {first['triton']}, transformers {first['transformers']}, "
              f"commit {first['commit']}, {first['timestamp']}", "",
@@ -317,12 +333,13 @@ def run_train(args, log=print):
     os.makedirs(out, exist_ok=True)
     log(f"distillcse bench train on {bench.device_name(device)}: {student_name} student ({params_m:.1f}M), "
         f"{teacher_name} teacher, max_seq_length {args.max_seq_length}, autocast {amp}, "
-        f"shuffle={args.shuffle}, B={sizes}, {steps} step(s) per point, sentences from {sentences_path}")
+        f"shuffle={args.shuffle}, B={sizes}, {steps} step(s) per point, sentences from {sentences_path}"
+        + (f", encoder mini-batches of {args.mini_batch_size} (gradient caching)" if args.mini_batch_size else ""))
     meter = bench.CudaMemory(device) if cuda else RssMemory()
     env = bench.environment(device)
     settings = dict(env, transformers=transformers.__version__, config=args.config, student=student_name,
                     teacher=teacher_name, params_m=f"{params_m:.1f}", max_seq_length=args.max_seq_length,
-                    amp=amp, shuffle=args.shuffle, steps=steps, memory_kind=meter.kind)
+                    mini_batch=args.mini_batch_size or "", amp=amp, shuffle=args.shuffle, steps=steps, memory_kind=meter.kind)
     vocab = pristine.config.vocab_size
     # One untimed step first, so the first point does not pay for the process's first-time costs.
     run_point("encoder-only", min(sizes), pristine=pristine, teacher=teacher,
@@ -345,7 +362,7 @@ def run_train(args, log=print):
                 try:
                     ms, peak, loss = run_point(impl, B, pristine=pristine, teacher=teacher, batches=batches,
                                                shuffle=args.shuffle, device=device, amp=amp, steps=steps,
-                                               lr=args.lr, meter=meter)
+                                               lr=args.lr, meter=meter, mini_batch=args.mini_batch_size)
                     row.update(step_ms=f"{ms * 1e3:.4g}", peak_mem_mib=f"{peak / bench.MIB:.4g}", loss=f"{loss:.6g}")
                     bar.write(f"  {impl:<13} B={B:<6} {ms * 1e3:>10.1f} ms/step  {peak / bench.MIB:>9.1f} MiB  "
                               f"loss {loss:.4f}")

