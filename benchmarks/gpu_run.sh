@@ -10,7 +10,8 @@
 #       5. `benchmarks/gpu_diag.py small`, if the call has time left: session 12's varying small-batch
 #          loss at N = 70 columns, after session 20 removed a shared-memory race from that kernel
 #       (session 12's H200 run: targets hit 240 s with its slow kernels, the suite took 165 s, verify 27 s)
-#   bash benchmarks/gpu_run.sh sweep   (~5 min) `bench memory` sweeps for the README's plots, packed
+#   bash benchmarks/gpu_run.sh sweep   (~6 min) `bench memory` sweeps for the README's plots, and a BERT-base
+#       training step at B = 4,096-32,768 with gradient caching (`bench train --mini-batch-size`), packed
 #   bash benchmarks/gpu_run.sh thresholds   (~4 min) Group-P search vs pairwise kernel (PAIRWISE_MAX_B), and a
 #       step at B around 4,096 with padded slab rows and without (time_padding.py: PAD_MIN_COLS)
 #   bash benchmarks/gpu_run.sh million   (<= 9 min) bench targets' B = 2^20 point alone (one step; timeout_s 590)
@@ -55,6 +56,11 @@ case "$MODE" in
       stage 90 sweep.log python3 -m distillcse bench memory --what "${run%%:*}" --shuffle "${run##*:}" \
         --max-batch "${MAX_BATCH:-262144}" --time-cap 10 --repeats 5 --no-progress --out "/tmp/sweep/${run/:/_}"
     done
+    # a BERT-base-sized training step up to B = 32,768 with gradient caching (encoders 2,048 rows at a
+    # time); with no MiniLM package here the tokens are random ids, so any text file serves as --sentences
+    stage 120 sweep.log python3 -m distillcse bench train --config bert-base --sentences README.md \
+      --batch 4096 16384 32768 --mini-batch-size 2048 --impl encoder-only triton --steps 3 --no-progress \
+      --out /tmp/sweep/train_cached
     tar -czf "$OUT/sweep.tgz" -C /tmp sweep
     ;;
   thresholds)
