@@ -84,7 +84,7 @@ def cached_backward(encode, mini_batches, loss_fn, *, scale=None, no_sync=()):
             states.append(_rng_state())
             parts.append(_as_tuple(encode(mini_batch), i, len(parts[0]) if parts else None))
     embeddings = [torch.cat([p[k] for p in parts]).requires_grad_() for k in range(len(parts[0]))]
-    rows = [p[0].shape[0] for p in parts]
+    rows = [[p[k].shape[0] for p in parts] for k in range(len(parts[0]))]   # [output][mini-batch]
     del parts
 
     result = loss_fn(*embeddings)                                # pass 2: the loss, backward to the embeddings
@@ -95,7 +95,7 @@ def cached_backward(encode, mini_batches, loss_fn, *, scale=None, no_sync=()):
         raise ValueError("cached_backward: the loss does not depend on the embeddings (nothing to differentiate)")
     (scale(loss) if scale is not None else loss).backward()
     after = _rng_state()
-    grads = [e.grad.split(rows) if e.grad is not None else None for e in embeddings]
+    grads = [e.grad.split(r) if e.grad is not None else None for e, r in zip(embeddings, rows)]
     del embeddings
 
     for i, mini_batch in enumerate(mini_batches):                # pass 3: replay with autograd

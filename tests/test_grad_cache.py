@@ -60,6 +60,30 @@ def test_gradients_are_those_of_one_backward_through_every_mini_batch(sizes):
     torch.testing.assert_close(torch.rand(4), next_draw, rtol=0, atol=0)   # the replay leaves no trace
 
 
+def test_outputs_may_differ_in_rows():
+    """Each output is concatenated and split by its own row counts: here hard negatives, two per
+    mini-batch row, beside the two views."""
+    model, x, _ = _setup()
+    minis = list(x.split(5))
+
+    def encode(m):
+        z1, z2 = model(m)
+        return z1, z2, model.net(torch.cat([m.flip(1), m.roll(1, 1)]))
+
+    def loss_fn(z1, z2, negatives):
+        return distillcse.contrastive_loss(z1, z2, hard_negatives=negatives, backend="reference")
+
+    torch.manual_seed(2)
+    direct = [encode(m) for m in minis]
+    loss_fn(*(torch.cat([d[k] for d in direct]) for k in range(3))).backward()
+    expected = _grads(model)
+    model.zero_grad()
+    torch.manual_seed(2)
+    cached_backward(encode, minis, loss_fn)
+    for name, grad in _grads(model).items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-10, atol=1e-14, msg=name)
+
+
 def test_dropout_makes_the_replay_matter():
     """Guards the test above: with dropout active, two forwards from different random states give
     different embeddings, so a replay from the wrong state would give other gradients."""
