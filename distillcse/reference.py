@@ -35,13 +35,6 @@ def contrastive_loss(z1, z2, temperature=0.05, hard_negatives=None) -> torch.Ten
     return torch.nn.functional.cross_entropy(cos_sim / temperature, labels)
 
 
-def num_groups(batch_size: int, group_p: float = 0.1, group_size=None) -> int:
-    """G: ``ceil(1 / group_p)`` groups by probability mass, or ``ceil((B-1) / group_size)``."""
-    if group_size is not None:
-        return -(-(batch_size - 1) // group_size)
-    return math.ceil(1.0 / group_p)
-
-
 def group_ids(sim_t_sorted: torch.Tensor, group_p=0.1, group_size=None, grouping_temperature=1.0):
     """Group of each rank: [B, B-1] descending teacher logits (diagonal dropped) -> [B, B-1] int64.
 
@@ -53,7 +46,7 @@ def group_ids(sim_t_sorted: torch.Tensor, group_p=0.1, group_size=None, grouping
         ranks = torch.arange(n, device=sim_t_sorted.device)
         return (ranks // group_size).expand(rows, n)
     cp = torch.softmax(sim_t_sorted / grouping_temperature, dim=-1).cumsum(dim=-1)
-    G = num_groups(n + 1, group_p)
+    G = math.ceil(1.0 / group_p)
     return torch.floor(cp / group_p).long().clamp_(max=G - 1)
 
 
@@ -106,12 +99,3 @@ def distill_loss(student, teachers, student_temperature=0.025, teacher_temperatu
 
     log_p = torch.log_softmax(sim_s / student_temperature, dim=-1)
     return -(q * log_p).nansum() / q.nansum()
-
-
-def distillcse_loss(z1, z2, teachers, temperature=0.05, distill_weight=1.0, distill_only=False,
-                    hard_negatives=None, **distill_kwargs) -> torch.Tensor:
-    """``L_cl + distill_weight * L_kd`` (``L_cl`` dropped when ``distill_only``)."""
-    kd = distill_weight * distill_loss(z1, teachers, **distill_kwargs)
-    if distill_only:
-        return kd
-    return contrastive_loss(z1, z2, temperature, hard_negatives) + kd

@@ -17,6 +17,7 @@ def good():
     (lambda z1, z2, t: (z1[:1], z2[:1], t[:1]), ValueError, "at least 2 rows"),
     (lambda z1, z2, t: (z1, z2[:-1], t), ValueError, "z2 must have 8 rows"),
     (lambda z1, z2, t: (z1, z2[:, :-1], t), ValueError, "z2 must have 6 features"),
+    (lambda z1, z2, t: (z1[:, :0], z2[:, :0], t), ValueError, "z1 must have at least one feature"),
     (lambda z1, z2, t: (z1, z2.double(), t), TypeError, "z2 has dtype"),
     (lambda z1, z2, t: (z1.long(), z2, t), TypeError, "z1 must be float16"),
     (lambda z1, z2, t: (z1.index_fill(0, torch.tensor([2]), float("nan")), z2, t), ValueError, "z1 contains NaN"),
@@ -111,6 +112,8 @@ def test_module_rejects_unknown_keywords_and_bad_options():
         distillcse.DistillCSELoss(distill_only=True, distill_weight=0.0)
     with pytest.raises(TypeError, match="return_terms must be a bool"):
         distillcse.DistillCSELoss(return_terms="yes")
+    with pytest.raises(TypeError, match=r"pass hard_negatives to forward\(\)"):
+        distillcse.DistillCSELoss(hard_negatives=torch.randn(3, D))
 
 
 def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
@@ -199,6 +202,9 @@ def test_any_int_seed_is_its_64_bit_key(backend):
     (["train", "--out", "OUT", "--sentences", "SENTENCES", "--batch-size", "2", "--student", "/nonexistent/model"],
      "--student /nonexistent/model: no such folder"),
     (["train", "--out", "OUT", "--group-p", "2"], "loss settings: group_p must be in (0, 1], got 2.0"),
+    (["train", "--out", "OUT", "--lr", "3e-5x"], "argument --lr: expected a number, got '3e-5x'"),
+    (["train", "--out", "OUT", "--mini-batch-size", "0"], "argument --mini-batch-size: expected a positive number, got 0"),
+    (["bench", "train", "--mini-batch-size", "1.5", "--out", "OUT"], "argument --mini-batch-size: expected an integer, got '1.5'"),
     (["train", "--out", "OUT", "--distill-only", "--distill-weight", "0"], "loss settings: distill_only=True"),
 ])
 def test_command_line_rejects_bad_values(argv, message, tmp_path, capsys):

@@ -67,6 +67,16 @@ def test_expected_groupings_match_reference(group_p, group_size, gtemp):
         assert rel_err(g, rg) < 1e-9
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_teacher_weights_may_be_a_tensor(backend):
+    z1, z2, teachers, _ = make_batch(21, 16, (12, 8))
+    kw = dict(shuffle="expected", backend=backend)
+    as_list = distillcse.distill_loss(z1, teachers, teacher_weights=[0.25, 0.75], **kw)
+    as_tensor = distillcse.distill_loss(z1, teachers, teacher_weights=torch.tensor([0.25, 0.75]), **kw)
+    uniform = distillcse.distill_loss(z1, teachers, **kw)
+    assert as_tensor.item() == as_list.item() and abs(as_list.item() - uniform.item()) > 1e-6
+
+
 def test_contrastive_hand_computed_b2():
     z1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=F64)
     z2 = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=F64)
