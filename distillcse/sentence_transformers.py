@@ -1,0 +1,103 @@
+"""DistillCSE as a sentence-transformers loss, for ``SentenceTransformerTrainer``.
+
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from distillcse.sentence_transformers import DistillCSELoss
+
+    student, teacher = SentenceTransformer(STUDENT), SentenceTransformer(TEACHER)
+    dataset = dataset.map(lambda b: {"label": teacher.encode(b["anchor"])}, batched=True)   # once
+    trainer = SentenceTransformerTrainer(model=student, train_dataset=dataset,
+                                         loss=DistillCSELoss(student, mini_batch_size=256))
+
+Input columns: ``(anchor)``, whose two dropout views are z1 and z2 (unsupervised SimCSE);
+``(anchor, positive)``, z2 from the positive column; ``(anchor, positive, negative, ...)``,
+the further columns hard negatives. The ``label`` column holds the teachers' embeddings of the
+anchors, computed once (as sentence-transformers' distillation losses take them): ``[B, D_t]``
+for one teacher, ``[B, K, D_t]`` for K components of equal width (their logits averaged).
+
+``mini_batch_size`` turns on gradient caching through sentence-transformers' own
+``CachedLossMixin`` (sentence-transformers >= 6; its trainer then calls ``backward`` as
+usual): the encoder's activations are those of one mini-batch, whatever the batch size.
+The other keywords are :class:`distillcse.DistillCSELoss`'s (``seed`` makes the shuffles
+reproducible; ``backend="auto"`` takes the fused kernels on a GPU).
+"""
+import torch
+
+from .api import DistillCSELoss as _DistillCSELoss
+
+try:
+    from sentence_transformers.base.losses.gradcache import CachedLossMixin
+except ImportError:                      # sentence-transformers < 6: no gradient caching
+    CachedLossMixin = None
+
+__all__ = ["DistillCSELoss"]
+
+CITATION = """@inproceedings{xu-etal-2023-distillcse,
+    title = "{D}istill{CSE}: Distilled Contrastive Learning for Sentence Embeddings",
+    author = "Xu, Jiahao and Shao, Wei and Chen, Lihui and Liu, Lemao",
+    booktitle = "Findings of the Association for Computational Linguistics: EMNLP 2023",
+    year = "2023",
+    url = "https://arxiv.org/abs/2310.13499",
+}"""
+
+
+class DistillCSELoss(*((CachedLossMixin,) if CachedLossMixin else ()), torch.nn.Module):
+    """``loss(sentence_features, labels)``: contrastive + Group-P distillation over the batch's
+    sentence-transformers embeddings, the teachers' embeddings in ``labels``."""
+
+    def __init__(self, model, mini_batch_size=None, show_progress_bar=False, **loss_options):
+        super().__init__()
+        if mini_batch_size is not None:
+            if CachedLossMixin is None:
+                raise ImportError("DistillCSELoss(mini_batch_size=...): gradient caching needs "
+                                  "sentence-transformers >= 6 (its CachedLossMixin)")
+            if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
+                raise ValueError(f"mini_batch_size must be a positive int or None, got {mini_batch_size!r}")
+        if loss_options.get("return_terms"):
+            raise TypeError("return_terms: a sentence-transformers loss returns the loss alone")
+        self.model = model
+        self.criterion = _DistillCSELoss(**loss_options)        # checks the options
+        self.loss_options = dict(loss_options)
+        self.mini_batch_size = mini_batch_size
+        self.uses_gradient_cache = mini_batch_size is not None
+        self.show_progress_bar = show_progress_bar
+
+    def forward(self, sentence_features, labels):
+        features = list(sentence_features)
+        if not features:
+            raise ValueError("sentence_features: expected at least one input column (the anchors)")
+        if len(features) == 1:                                   # the anchors twice: two dropout views
+            features = features * 2
+        if self.uses_gradient_cache:
+            return self.forward_cached(features, labels)
+        return self._loss([self.model(f)["sentence_embedding"] for f in features], labels)
+
+    def calculate_loss(self, reps, labels=None, *, with_backward=False):
+        """The loss from per-column lists of mini-batch embeddings (``CachedLossMixin``'s hook)."""
+        loss = self._loss([torch.cat(column) for column in reps], labels)
+        if with_backward:
+            loss.backward()
+            loss = loss.detach()
+        return loss
+
+    def _loss(self, columns, labels):
+        z1, z2, *negatives = columns
+        return self.criterion(z1, z2, self._teachers(labels, z1),
+                              hard_negatives=torch.cat(negatives) if negatives else None)
+
+    @staticmethod
+    def _teachers(labels, z1):
+        """``labels`` [B, D_t] or [B, K, D_t] -> the teachers' embeddings on z1's device."""
+        if not isinstance(labels, torch.Tensor) or labels.dim() not in (2, 3) or labels.shape[0] != z1.shape[0]:
+            shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"labels: expected the teachers' embeddings of the {z1.shape[0]} anchors, "
+                             f"[{z1.shape[0]}, D_t] or [{z1.shape[0]}, K, D_t] (a 'label' column computed "
+                             f"with teacher.encode), got {shape}")
+        labels = labels.to(z1.device)
+        return labels if labels.dim() == 2 else list(labels.unbind(1))
+
+    def get_config_dict(self):
+        return dict(self.loss_options, mini_batch_size=self.mini_batch_size)
+
+    @property
+    def citation(self):
+        return CITATION

