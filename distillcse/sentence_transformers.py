@@ -17,12 +17,16 @@ for one teacher, ``[B, K, D_t]`` for K components of equal width (their logits a
 ``mini_batch_size`` turns on gradient caching through sentence-transformers' own
 ``CachedLossMixin`` (sentence-transformers >= 6; its trainer then calls ``backward`` as
 usual): the encoder's activations are those of one mini-batch, whatever the batch size.
+``gather_across_devices=True`` (under torch.distributed, e.g. the trainer on several GPUs)
+computes the loss on every rank's rows (:func:`distillcse.all_gather`): every negative and
+every teacher row of the global batch counts; give ``seed`` so that the ranks shuffle alike.
 The other keywords are :class:`distillcse.DistillCSELoss`'s (``seed`` makes the shuffles
 reproducible; ``backend="auto"`` takes the fused kernels on a GPU).
 """
 import torch
 
 from .api import DistillCSELoss as _DistillCSELoss
+from .distributed import all_gather
 
 try:
     from sentence_transformers.base.losses.gradcache import CachedLossMixin
@@ -44,8 +48,11 @@ class DistillCSELoss(*((CachedLossMixin,) if CachedLossMixin else ()), torch.nn.
     """``loss(sentence_features, labels)``: contrastive + Group-P distillation over the batch's
     sentence-transformers embeddings, the teachers' embeddings in ``labels``."""
 
-    def __init__(self, model, mini_batch_size=None, show_progress_bar=False, **loss_options):
+    def __init__(self, model, mini_batch_size=None, gather_across_devices=False, show_progress_bar=False,
+                 **loss_options):
         super().__init__()
+        if not isinstance(gather_across_devices, bool):
+            raise TypeError(f"gather_across_devices must be a bool, got {gather_across_devices!r}")
         if mini_batch_size is not None:
             if CachedLossMixin is None:
                 raise ImportError("DistillCSELoss(mini_batch_size=...): gradient caching needs "
@@ -58,6 +65,7 @@ class DistillCSELoss(*((CachedLossMixin,) if CachedLossMixin else ()), torch.nn.
         self.criterion = _DistillCSELoss(**loss_options)        # checks the options
         self.loss_options = dict(loss_options)
         self.mini_batch_size = mini_batch_size
+        self.gather_across_devices = gather_across_devices
         self.uses_gradient_cache = mini_batch_size is not None
         self.show_progress_bar = show_progress_bar
 
@@ -81,8 +89,12 @@ class DistillCSELoss(*((CachedLossMixin,) if CachedLossMixin else ()), torch.nn.
 
     def _loss(self, columns, labels):
         z1, z2, *negatives = columns
-        return self.criterion(z1, z2, self._teachers(labels, z1),
-                              hard_negatives=torch.cat(negatives) if negatives else None)
+        teachers = self._teachers(labels, z1)
+        negatives = torch.cat(negatives) if negatives else None
+        if self.gather_across_devices:                           # every rank's rows: the global batch
+            z1, z2, *teachers = all_gather(z1, z2, *teachers)
+            negatives = all_gather(negatives) if negatives is not None else None
+        return self.criterion(z1, z2, teachers, hard_negatives=negatives)
 
     @staticmethod
     def _teachers(labels, z1):
@@ -93,10 +105,11 @@ class DistillCSELoss(*((CachedLossMixin,) if CachedLossMixin else ()), torch.nn.
                              f"[{z1.shape[0]}, D_t] or [{z1.shape[0]}, K, D_t] (a 'label' column computed "
                              f"with teacher.encode), got {shape}")
         labels = labels.to(z1.device)
-        return labels if labels.dim() == 2 else list(labels.unbind(1))
+        return [labels] if labels.dim() == 2 else list(labels.unbind(1))
 
     def get_config_dict(self):
-        return dict(self.loss_options, mini_batch_size=self.mini_batch_size)
+        return dict(self.loss_options, mini_batch_size=self.mini_batch_size,
+                    gather_across_devices=self.gather_across_devices)
 
     @property
     def citation(self):

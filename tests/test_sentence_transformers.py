@@ -91,7 +91,7 @@ def test_cached_loss_under_no_grad_evaluates_without_a_hook(model, batch):
 def test_config_and_errors(model, batch):
     anchors, _, labels = batch
     loss_fn = DistillCSELoss(model, mini_batch_size=4, seed=3, group_p=0.2)
-    assert loss_fn.get_config_dict() == {"seed": 3, "group_p": 0.2, "mini_batch_size": 4}
+    assert loss_fn.get_config_dict() == {"seed": 3, "group_p": 0.2, "mini_batch_size": 4, "gather_across_devices": False}
     assert "2310.13499" in loss_fn.citation and CachedLossMixin is not None
     with pytest.raises(ValueError, match="mini_batch_size must be a positive int"):
         DistillCSELoss(model, mini_batch_size=0)
@@ -105,3 +105,56 @@ def test_config_and_errors(model, batch):
         DistillCSELoss(model)([anchors], labels[:7, 0])
     with pytest.raises(ValueError, match="at least one input column"):
         DistillCSELoss(model)([], labels)
+
+
+class _Linear(torch.nn.Module):
+    """A stand-in for a SentenceTransformer: features {"x": [n, 6]} -> {"sentence_embedding": [n, 5]}."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.dense = torch.nn.Linear(6, 5).double()
+
+    def forward(self, features):
+        return {"sentence_embedding": self.dense(features["x"])}
+
+
+def _columns_and_labels():
+    g = torch.Generator().manual_seed(4)
+    columns = [{"x": torch.randn(9, 6, generator=g, dtype=torch.float64)} for _ in range(3)]
+    return columns, torch.randn(9, 2, 4, generator=g, dtype=torch.float64)
+
+
+SHARDS = (slice(0, 5), slice(5, 9))
+
+
+def _gather_worker(rank, init_file, results):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        model = _Linear()
+        columns, labels = _columns_and_labels()
+        local = [{"x": c["x"][SHARDS[rank]]} for c in columns]
+        loss = DistillCSELoss(model, gather_across_devices=True, seed=9, group_size=3)(local, labels[SHARDS[rank]])
+        loss.backward()
+        results[rank] = (loss.detach(), model.dense.weight.grad)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_across_devices_is_the_global_batch(tmp_path):
+    """Two gloo ranks with 5 and 4 rows: each rank's loss is one process's loss on the 9 rows,
+    and the ranks' gradients sum to 2x its gradient (DistributedDataParallel averages them)."""
+    import torch.multiprocessing as mp
+    results = mp.Manager().dict()
+    mp.spawn(_gather_worker, args=(str(tmp_path / "init"), results), nprocs=2, join=True)
+    model = _Linear()
+    columns, labels = _columns_and_labels()
+    loss = DistillCSELoss(model, seed=9, group_size=3)(columns, labels)
+    loss.backward()
+    for rank in range(2):
+        torch.testing.assert_close(results[rank][0], loss.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(results[0][1] + results[1][1], 2 * model.dense.weight.grad, rtol=1e-10, atol=1e-14)
+    local = DistillCSELoss(_Linear(), seed=9, group_size=3)([{"x": c["x"][SHARDS[0]]} for c in columns],
+                                                           labels[SHARDS[0]])
+    assert abs(local.item() - loss.item()) > 1e-3           # without the gather: rank 0's rows alone
