@@ -3,7 +3,8 @@
 ``contrastive_loss``, ``distill_loss``, ``distillcse_loss`` and ``DistillCSELoss`` with backends
 "reference" (plain PyTorch, B x B), "torch" (row-chunked, any device), "triton" (fused
 kernels) and "auto" (triton on CUDA, torch elsewhere); ``all_gather`` for multi-GPU batches;
-``cached_backward`` for batches larger than the encoder's activations allow (gradient caching).
+``cached_backward`` for batches larger than the encoder's activations allow (gradient caching);
+``distillcse.sentence_transformers.DistillCSELoss`` for sentence-transformers' trainer.
 """
 from .api import DistillCSELoss, contrastive_loss, distill_loss, distillcse_loss
 from .config import chunk_budget, finite_check, set_chunk_budget, set_finite_check
