@@ -74,7 +74,7 @@ class DistillCSELoss(*((CachedLossMixin,) if CachedLossMixin else ()), torch.nn.
         if not features:
             raise ValueError("sentence_features: expected at least one input column (the anchors)")
         if len(features) == 1:                                   # the anchors twice: two dropout views
-            features = features * 2
+            features = [features[0], dict(features[0])]
         if self.uses_gradient_cache:
             return self.forward_cached(features, labels)
         return self._loss([self.model(f)["sentence_embedding"] for f in features], labels)
