@@ -150,6 +150,21 @@ def test_threshold_search_path_matches(shuffle, dims, group_size, monkeypatch):
         assert rel_err(g, rg) < 2e-5
 
 
+@pytest.mark.parametrize("grouping", [dict(group_p=1.0), dict(group_size=200)])
+def test_one_group_above_the_pairwise_limit(grouping, monkeypatch):
+    """One group (group_p = 1, or a group larger than the row): the expected targets are the
+    row's mean, on the search's side of ``PAIRWISE_MAX_B`` (no search: the means of their own)."""
+    from distillcse.kernels import group_partition as gp
+    monkeypatch.setattr(gp, "PAIRWISE_MAX_B", 64)
+    inputs = make_batch(130, 40, (48,))
+    kw = dict(shuffle="expected", **grouping)
+    ref_loss, ref_grads = run("reference", round_trip(inputs, torch.float32), torch.float64, "cpu", **kw)
+    loss, grads = run("triton", inputs, torch.float32, DEVICE, **kw)
+    assert rel_err(loss, ref_loss, floor=1.0) < 2e-5
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g, rg) < 2e-5
+
+
 def test_float64_is_a_clear_error():
     z1, z2, teachers, _ = make_batch(8, 8, (4,))
     with pytest.raises(TypeError, match='backend="triton" takes float16, bfloat16 or float32'):
