@@ -37,19 +37,19 @@ def _set_rng_state(state):
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _as_tuple(out, i, n_outputs, caller):
+def _as_tuple(out, i, n_outputs=None):
     """``encode``'s result for mini-batch ``i`` as a tuple of tensors with a row dimension."""
     outputs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
     if not outputs or not all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in outputs):
-        raise TypeError(f"{caller}: encode(mini_batches[{i}]) must return a tensor with a row "
+        raise TypeError(f"cached_backward: encode(mini_batches[{i}]) must return a tensor with a row "
                         f"dimension or a tuple of them, got {type(out).__name__}")
     if n_outputs is not None and len(outputs) != n_outputs:
-        raise ValueError(f"{caller}: encode(mini_batches[{i}]) returned {len(outputs)} tensors, "
+        raise ValueError(f"cached_backward: encode(mini_batches[{i}]) returned {len(outputs)} tensors, "
                          f"encode(mini_batches[0]) {n_outputs}")
     return outputs
 
 
-def encode_without_grad(encode, mini_batches, caller):
+def _encode_without_grad(encode, mini_batches):
     """Pass 1: ``encode`` on each mini-batch under ``no_grad``. Returns the embeddings (each
     output concatenated over the mini-batches, a leaf that requires grad), their row counts
     ``[output][mini-batch]`` and the random state before each mini-batch."""
@@ -57,13 +57,13 @@ def encode_without_grad(encode, mini_batches, caller):
     with torch.no_grad():
         for i, mini_batch in enumerate(mini_batches):
             states.append(_rng_state())
-            parts.append(_as_tuple(encode(mini_batch), i, len(parts[0]) if parts else None, caller))
+            parts.append(_as_tuple(encode(mini_batch), i, len(parts[0]) if parts else None))
     embeddings = [torch.cat([p[k] for p in parts]).requires_grad_() for k in range(len(parts[0]))]
     rows = [[p[k].shape[0] for p in parts] for k in range(len(parts[0]))]
     return embeddings, rows, states
 
 
-def replay_backward(encode, mini_batches, states, grads, no_sync, caller):
+def _replay_backward(encode, mini_batches, states, grads, no_sync):
     """Pass 3: ``encode`` on each mini-batch again, with autograd, from its random state, and
     backward from ``grads[output][mini-batch]`` (None: an output without gradient). The random
     state afterwards is the one before."""
@@ -74,10 +74,10 @@ def replay_backward(encode, mini_batches, states, grads, no_sync, caller):
             if i < len(mini_batches) - 1:
                 for m in no_sync:
                     held.enter_context(m.no_sync())
-            outputs = _as_tuple(encode(mini_batch), i, len(grads), caller)
+            outputs = _as_tuple(encode(mini_batch), i, len(grads))
             for k, (out, g) in enumerate(zip(outputs, grads)):
                 if g is not None and out.shape != g[i].shape:
-                    raise RuntimeError(f"{caller}: encode(mini_batches[{i}]) output {k} is "
+                    raise RuntimeError(f"cached_backward: encode(mini_batches[{i}]) output {k} is "
                                        f"{tuple(out.shape)} on its replay, {tuple(g[i].shape)} the "
                                        "first time; encode must be deterministic given the random state")
             pairs = [(out, g[i]) for out, g in zip(outputs, grads) if g is not None and out.requires_grad]
@@ -115,7 +115,7 @@ def cached_backward(encode, mini_batches, loss_fn, *, scale=None, no_sync=()):
             raise TypeError(f"cached_backward: no_sync expects DistributedDataParallel modules, got "
                             f"{type(m).__name__}")
 
-    embeddings, rows, states = encode_without_grad(encode, mini_batches, "cached_backward")
+    embeddings, rows, states = _encode_without_grad(encode, mini_batches)
     result = loss_fn(*embeddings)
     loss = result[0] if isinstance(result, tuple) else result
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -126,6 +126,6 @@ def cached_backward(encode, mini_batches, loss_fn, *, scale=None, no_sync=()):
     grads = [e.grad.split(r) if e.grad is not None else None for e, r in zip(embeddings, rows)]
     del embeddings
 
-    replay_backward(encode, mini_batches, states, grads, no_sync, "cached_backward")   # pass 3
+    _replay_backward(encode, mini_batches, states, grads, no_sync)   # pass 3
     loss = loss.detach()
     return (loss,) + tuple(result[1:]) if isinstance(result, tuple) else loss
