@@ -95,6 +95,8 @@ def test_config_and_errors(model, batch):
     assert "2310.13499" in loss_fn.citation and CachedLossMixin is not None
     with pytest.raises(ValueError, match="mini_batch_size must be a positive int"):
         DistillCSELoss(model, mini_batch_size=0)
+    with pytest.raises(TypeError, match="gather_across_devices must be a bool"):
+        DistillCSELoss(model, gather_across_devices="yes")
     with pytest.raises(ValueError, match="group_p must be in"):
         DistillCSELoss(model, group_p=3)
     with pytest.raises(TypeError, match="return_terms"):
