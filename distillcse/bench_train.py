@@ -15,6 +15,9 @@ Per (implementation, B): a warm-up step, one step under the memory meter (CUDA: 
 over what was allocated before it, model, optimizer state and batch included in the base;
 CPU: :class:`RssMemory`, resident-set growth), then the median time of the remaining steps.
 ``encoder-only`` is the same step with a trivial loss: the difference is what the loss costs.
+``--mini-batch-size M``: the encoders run M rows at a time and the student's gradient comes
+through :func:`distillcse.cached_backward` (gradient caching), so that large B is bounded by the
+loss's memory rather than the encoder's activations.
 """
 import contextlib
 import copy
