@@ -56,10 +56,10 @@ case "$MODE" in
       stage 90 sweep.log python3 -m distillcse bench memory --what "${run%%:*}" --shuffle "${run##*:}" \
         --max-batch "${MAX_BATCH:-262144}" --time-cap 10 --repeats 5 --no-progress --out "/tmp/sweep/${run/:/_}"
     done
-    # a BERT-base-sized training step up to B = 32,768 with gradient caching (encoders 2,048 rows at a
+    # a BERT-base-sized training step up to B = 32,768 with gradient caching (encoders 1,024 rows at a
     # time); with no MiniLM package here the tokens are random ids, so any text file serves as --sentences
     stage 120 sweep.log python3 -m distillcse bench train --config bert-base --sentences README.md \
-      --batch 4096 16384 32768 --mini-batch-size 2048 --impl encoder-only triton --steps 3 --no-progress \
+      --batch 4096 16384 32768 --mini-batch-size 1024 --impl encoder-only triton --steps 3 --no-progress \
       --out /tmp/sweep/train_cached
     tar -czf "$OUT/sweep.tgz" -C /tmp sweep
     ;;
