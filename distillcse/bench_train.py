@@ -222,12 +222,7 @@ def run_point(impl, B, *, pristine, teacher, batches, shuffle, device, amp, step
         with _amp(device, amp), torch.no_grad():
             t = torch.cat([mean_pool(teacher(input_ids=m_ids, attention_mask=m_mask).last_hidden_state, m_mask)
                            for m_ids, m_mask in minis])
-        if len(minis) > 1:
-            loss = cached_backward(views, minis, lambda z1, z2: fn(z1, z2, [t.to(z1.dtype)]))
-        else:
-            z1, z2 = views(minis[0])
-            loss = fn(z1, z2, [t.to(z1.dtype)])
-            loss.backward()
+        loss = cached_backward(views, minis, lambda z1, z2: fn(z1, z2, [t.to(z1.dtype)]))   # one mini-batch: plain
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach().float()))

@@ -92,7 +92,8 @@ def cached_backward(encode, mini_batches, loss_fn, *, scale=None, no_sync=()):
     Args:
         encode: ``encode(mini_batch)`` -> a tensor ``[m, ...]`` or a tuple of them (e.g. the two
             dropout views ``(z1, z2)``); it runs twice per mini-batch, under the caller's
-            autocast and with the same random numbers both times.
+            autocast and with the same random numbers both times (once where there is one
+            mini-batch: then this is ``loss_fn(*encode(mini_batch))`` and its backward).
         mini_batches: a sequence (or iterable) of the inputs ``encode`` takes.
         loss_fn: ``loss_fn(*embeddings)`` -> the scalar loss, or a tuple whose first element is
             it (e.g. ``distillcse_loss(..., return_terms=True)``); each of ``embeddings`` is the
@@ -115,7 +116,10 @@ def cached_backward(encode, mini_batches, loss_fn, *, scale=None, no_sync=()):
             raise TypeError(f"cached_backward: no_sync expects DistributedDataParallel modules, got "
                             f"{type(m).__name__}")
 
-    embeddings, rows, states = _encode_without_grad(encode, mini_batches)
+    if len(mini_batches) == 1:                                   # nothing to cache: one forward, with autograd
+        embeddings = _as_tuple(encode(mini_batches[0]), 0)
+    else:
+        embeddings, rows, states = _encode_without_grad(encode, mini_batches)
     result = loss_fn(*embeddings)
     loss = result[0] if isinstance(result, tuple) else result
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -123,9 +127,9 @@ def cached_backward(encode, mini_batches, loss_fn, *, scale=None, no_sync=()):
     if not loss.requires_grad:
         raise ValueError("cached_backward: the loss does not depend on the embeddings (nothing to differentiate)")
     (scale(loss) if scale is not None else loss).backward()          # pass 2
-    grads = [e.grad.split(r) if e.grad is not None else None for e, r in zip(embeddings, rows)]
-    del embeddings
-
-    _replay_backward(encode, mini_batches, states, grads, no_sync)   # pass 3
+    if len(mini_batches) > 1:
+        grads = [e.grad.split(r) if e.grad is not None else None for e, r in zip(embeddings, rows)]
+        del embeddings
+        _replay_backward(encode, mini_batches, states, grads, no_sync)   # pass 3
     loss = loss.detach()
     return (loss,) + tuple(result[1:]) if isinstance(result, tuple) else loss

@@ -363,12 +363,9 @@ def _train(args, log, device, rank, world):
                 def global_loss(z1, z2):
                     z1, z2, *ts = all_gather(z1, z2, *targets)   # the global batch (one rank: as is)
                     return distillcse_loss(z1, z2, ts, seed=step_seed, return_terms=True, **loss_options)
-                if len(minis) > 1:                               # gradient caching: one mini-batch's activations
-                    loss, terms = cached_backward(views, minis, global_loss, scale=scaler.scale,
-                                                  no_sync=[m for m in (encode, project) if world > 1 and m is not None])
-                else:
-                    loss, terms = global_loss(*views(batch))
-                    scaler.scale(loss).backward()
+                # gradient caching: one mini-batch's activations (one mini-batch: a plain forward and backward)
+                loss, terms = cached_backward(views, minis, global_loss, scale=scaler.scale,
+                                              no_sync=[m for m in (encode, project) if world > 1 and m is not None])
                 lr = scheduler.get_last_lr()[0]                  # this step's
                 scaler.step(optimizer)
                 scaler.update()

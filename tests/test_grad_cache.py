@@ -38,7 +38,7 @@ def _grads(model):
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("sizes", [(5, 5, 3), (13,), (1, 12)])
+@pytest.mark.parametrize("sizes", [(5, 5, 3), (13,), (1, 12)])   # (13,): one mini-batch, no replay
 def test_gradients_are_those_of_one_backward_through_every_mini_batch(sizes):
     model, x, teacher = _setup()
     minis = list(x.split(sizes))
@@ -112,6 +112,18 @@ def test_tuple_results_scale_and_unused_outputs():
         torch.testing.assert_close(grad, 4 * once[name], rtol=1e-12, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("sizes,forwards", [((13,), 1), ((5, 5, 3), 6)])
+def test_the_encoder_runs_twice_per_mini_batch_once_without_caching(sizes, forwards):
+    model, x, teacher = _setup()
+    calls = []
+
+    def encode(m):
+        calls.append(m.shape[0])
+        return model(m)
+    cached_backward(encode, list(x.split(sizes)), _loss(teacher))
+    assert len(calls) == forwards and all(p.grad is not None for p in model.parameters())
+
+
 def test_no_sync_holds_every_mini_batch_but_the_last():
     model, x, teacher = _setup()
     held = []
@@ -147,6 +159,6 @@ def test_errors():
 
     def shifting(m):                                            # a different row count on its replay
         calls.append(1)
-        return model(m if len(calls) == 1 else m[1:])
-    with pytest.raises(RuntimeError, match="must be deterministic"):
-        cached_backward(shifting, [x], loss)
+        return model(m if len(calls) <= 2 else m[1:])
+    with pytest.raises(RuntimeError, match=r"mini_batches\[0\]\) output 0 is \(6, 6\) on its replay"):
+        cached_backward(shifting, x.split(7), loss)
