@@ -124,6 +124,12 @@ def check_positive(name, value):
     return float(value)
 
 
+def check_positive_int(name, value, alternative=""):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{alternative}, got {value!r}")
+    return int(value)
+
+
 def check_temperature(name, value):
     """A positive temperature, at least ``MIN_TEMPERATURE`` (smaller ones overflow fp32 logits)."""
     value = check_positive(name, value)
@@ -137,11 +143,10 @@ def check_grouping(group_p, group_size):
     """(group_p, group_size): groups by mass, or of fixed size when ``group_size`` is set (then
     ``group_p`` is unused and may be None, and comes back as None)."""
     if group_size is not None:
-        if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size < 1:
-            raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")
+        group_size = check_positive_int("group_size", group_size, " or None")
         if group_p is not None:
             _check_group_p(group_p, " (or None with group_size)")
-        return None, int(group_size)
+        return None, group_size
     return _check_group_p(group_p, ""), None
 
 

@@ -25,6 +25,7 @@ reproducible; ``backend="auto"`` takes the fused kernels on a GPU).
 """
 import torch
 
+from . import checks
 from .api import DistillCSELoss as _DistillCSELoss
 from .distributed import all_gather
 
@@ -57,8 +58,7 @@ class DistillCSELoss(*((CachedLossMixin,) if CachedLossMixin else ()), torch.nn.
             if CachedLossMixin is None:
                 raise ImportError("DistillCSELoss(mini_batch_size=...): gradient caching needs "
                                   "sentence-transformers >= 6 (its CachedLossMixin)")
-            if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
-                raise ValueError(f"mini_batch_size must be a positive int or None, got {mini_batch_size!r}")
+            checks.check_positive_int("mini_batch_size", mini_batch_size, " or None")
         if loss_options.get("return_terms"):
             raise TypeError("return_terms: a sentence-transformers loss returns the loss alone")
         self.model = model

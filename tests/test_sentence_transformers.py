@@ -93,7 +93,7 @@ def test_config_and_errors(model, batch):
     loss_fn = DistillCSELoss(model, mini_batch_size=4, seed=3, group_p=0.2)
     assert loss_fn.get_config_dict() == {"seed": 3, "group_p": 0.2, "mini_batch_size": 4, "gather_across_devices": False}
     assert "2310.13499" in loss_fn.citation and CachedLossMixin is not None
-    with pytest.raises(ValueError, match="mini_batch_size must be a positive int"):
+    with pytest.raises(ValueError, match="mini_batch_size must be a positive integer or None, got 0"):
         DistillCSELoss(model, mini_batch_size=0)
     with pytest.raises(TypeError, match="gather_across_devices must be a bool"):
         DistillCSELoss(model, gather_across_devices="yes")
