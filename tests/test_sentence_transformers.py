@@ -109,6 +109,57 @@ def test_config_and_errors(model, batch):
         DistillCSELoss(model)([], labels)
 
 
+def _student_without_dropout():
+    model = st.SentenceTransformer(minilm.get_model_path(), device="cpu")
+    model[0].auto_model.encoder.layer = model[0].auto_model.encoder.layer[:2]
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+@pytest.mark.parametrize("mini_batch_size, columns", [(None, ("anchor",)), (3, ("anchor", "positive", "negative"))])
+def test_trainer_step_is_one_sgd_step_on_the_loss(tmp_path, batch, mini_batch_size, columns):
+    """SentenceTransformerTrainer end to end (a datasets.Dataset, the trainer's collator, the
+    label column [B, K, D_t], CachedLossMixin's backward under the trainer): one SGD step on the
+    8 sentences moves every parameter by -lr x the gradient of distillcse_loss on the model's
+    embeddings. Dropout off, so that the views are deterministic; shuffle="expected", so that
+    the trainer's row order does not change the loss."""
+    datasets = pytest.importorskip("datasets", reason="datasets (the trainer's data) is not installed")
+    args = st.SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=len(SENTENCES), max_steps=1, learning_rate=0.05,
+        optim="sgd", lr_scheduler_type="constant", max_grad_norm=0, use_cpu=True, save_strategy="no",
+        report_to="none", disable_tqdm=True, seed=0)
+    labels = batch[2]
+    texts = {"anchor": SENTENCES, "positive": [s.replace("A ", "One ") for s in SENTENCES],
+             "negative": [s.lower()[::-1] for s in SENTENCES]}
+    dataset = datasets.Dataset.from_dict(dict({c: texts[c] for c in columns}, label=labels.tolist()))
+
+    student = _student_without_dropout().train()
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    emb = [student(student.preprocess(texts[c]))["sentence_embedding"] for c in columns]
+    assert torch.equal(emb[0], student(student.preprocess(SENTENCES))["sentence_embedding"])  # no dropout
+    z1, z2, *negatives = emb if len(emb) > 1 else emb * 2
+    expected = distillcse.distillcse_loss(z1, z2, list(labels.unbind(1)), hard_negatives=(negatives or [None])[0],
+                                          shuffle="expected")
+    expected.backward()
+    steps = {n: -0.05 * p.grad for n, p in student.named_parameters() if p.grad is not None}
+    assert len(steps) > 10
+
+    student = _student_without_dropout()
+    loss = DistillCSELoss(student, mini_batch_size=mini_batch_size, shuffle="expected")
+    trainer = st.SentenceTransformerTrainer(model=student, args=args, train_dataset=dataset, loss=loss)
+    result = trainer.train()
+    assert result.global_step == 1
+    torch.testing.assert_close(torch.tensor(result.training_loss), expected.detach(), rtol=1e-5, atol=0)
+    moved = 0
+    for name, p in student.named_parameters():
+        step = p.detach() - before[name]
+        torch.testing.assert_close(step, steps.get(name, torch.zeros_like(step)), rtol=2e-3, atol=1e-6, msg=name)
+        moved += bool(step.abs().max() > 0)
+    assert moved == len(steps)
+
+
 class _Linear(torch.nn.Module):
     """A stand-in for a SentenceTransformer: features {"x": [n, 6]} -> {"sentence_embedding": [n, 5]}."""
 
@@ -130,33 +181,38 @@ def _columns_and_labels():
 SHARDS = (slice(0, 5), slice(5, 9))
 
 
-def _gather_worker(rank, init_file, results):
+def _gather_worker(rank, init_file, seed, results):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         model = _Linear()
         columns, labels = _columns_and_labels()
         local = [{"x": c["x"][SHARDS[rank]]} for c in columns]
-        loss = DistillCSELoss(model, gather_across_devices=True, seed=9, group_size=3)(local, labels[SHARDS[rank]])
+        torch.manual_seed(100 + rank)                       # the ranks' random states differ
+        loss = DistillCSELoss(model, gather_across_devices=True, seed=seed, group_size=3)(local, labels[SHARDS[rank]])
         loss.backward()
         results[rank] = (loss.detach(), model.dense.weight.grad)
     finally:
         dist.destroy_process_group()
 
 
-def test_gather_across_devices_is_the_global_batch(tmp_path):
+@pytest.mark.parametrize("seed", [9, None])
+def test_gather_across_devices_is_the_global_batch(tmp_path, seed):
     """Two gloo ranks with 5 and 4 rows: each rank's loss is one process's loss on the 9 rows,
-    and the ranks' gradients sum to 2x its gradient (DistributedDataParallel averages them)."""
+    and the ranks' gradients sum to 2x its gradient (DistributedDataParallel averages them).
+    Without a seed, both ranks shuffle with rank 0's draw from torch's random state."""
     import torch.multiprocessing as mp
     results = mp.Manager().dict()
-    mp.spawn(_gather_worker, args=(str(tmp_path / "init"), results), nprocs=2, join=True)
+    mp.spawn(_gather_worker, args=(str(tmp_path / "init"), seed, results), nprocs=2, join=True)
     model = _Linear()
     columns, labels = _columns_and_labels()
-    loss = DistillCSELoss(model, seed=9, group_size=3)(columns, labels)
+    torch.manual_seed(100)                                  # rank 0's random state
+    loss = DistillCSELoss(model, seed=seed, group_size=3)(columns, labels)
     loss.backward()
     for rank in range(2):
         torch.testing.assert_close(results[rank][0], loss.detach(), rtol=1e-12, atol=0)
     torch.testing.assert_close(results[0][1] + results[1][1], 2 * model.dense.weight.grad, rtol=1e-10, atol=1e-14)
-    local = DistillCSELoss(_Linear(), seed=9, group_size=3)([{"x": c["x"][SHARDS[0]]} for c in columns],
+    torch.manual_seed(100)
+    local = DistillCSELoss(_Linear(), seed=seed, group_size=3)([{"x": c["x"][SHARDS[0]]} for c in columns],
                                                            labels[SHARDS[0]])
     assert abs(local.item() - loss.item()) > 1e-3           # without the gather: rank 0's rows alone
