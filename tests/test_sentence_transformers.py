@@ -1,6 +1,9 @@
 """``distillcse.sentence_transformers.DistillCSELoss`` on a real SentenceTransformer (MiniLM):
 the loss and gradients of distillcse_loss on the model's embeddings, with and without gradient
 caching; input columns, teacher labels, errors."""
+import os
+import socket
+
 import pytest
 import torch
 
@@ -26,9 +29,12 @@ def model():
 def batch(model):
     anchors = model.preprocess(SENTENCES)
     negatives = model.preprocess([s.lower()[::-1] for s in SENTENCES])
-    g = torch.Generator().manual_seed(0)
-    labels = torch.randn(len(SENTENCES), 2, 24, generator=g)      # K = 2 teacher components
-    return anchors, negatives, labels
+    return anchors, negatives, _teacher_labels()
+
+
+def _teacher_labels():
+    """[8, 2, 24]: K = 2 teacher components' embeddings of SENTENCES."""
+    return torch.randn(len(SENTENCES), 2, 24, generator=torch.Generator().manual_seed(0))
 
 
 def _grads(model):
@@ -109,6 +115,11 @@ def test_config_and_errors(model, batch):
         DistillCSELoss(model)([], labels)
 
 
+TEXTS = {"anchor": SENTENCES, "positive": [s.replace("A ", "One ") for s in SENTENCES],
+         "negative": [s.lower()[::-1] for s in SENTENCES]}
+LR = 0.05
+
+
 def _student_without_dropout():
     model = st.SentenceTransformer(minilm.get_model_path(), device="cpu")
     model[0].auto_model.encoder.layer = model[0].auto_model.encoder.layer[:2]
@@ -118,6 +129,40 @@ def _student_without_dropout():
     return model
 
 
+def _trainer(student, loss, columns, labels, output_dir, batch_size, **arguments):
+    """A SentenceTransformerTrainer for one SGD step (lr LR, no clipping) on TEXTS' columns."""
+    import datasets
+    args = st.SentenceTransformerTrainingArguments(
+        output_dir=output_dir, per_device_train_batch_size=batch_size, max_steps=1, learning_rate=LR, optim="sgd",
+        lr_scheduler_type="constant", max_grad_norm=0, use_cpu=True, save_strategy="no", report_to="none",
+        disable_tqdm=True, seed=0, **arguments)
+    dataset = datasets.Dataset.from_dict(dict({c: TEXTS[c] for c in columns}, label=labels.tolist()))
+    return st.SentenceTransformerTrainer(model=student, args=args, train_dataset=dataset, loss=loss)
+
+
+def _sgd_step_by_hand(columns, labels):
+    """distillcse_loss(shuffle="expected") on the 8 sentences' embeddings, the parameters before,
+    and their SGD step -LR x gradient."""
+    student = _student_without_dropout().train()
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    emb = [student(student.preprocess(TEXTS[c]))["sentence_embedding"] for c in columns]
+    assert torch.equal(emb[0], student(student.preprocess(SENTENCES))["sentence_embedding"])  # no dropout
+    z1, z2, *negatives = emb if len(emb) > 1 else emb * 2
+    teachers = [labels] if labels.dim() == 2 else list(labels.unbind(1))
+    loss = distillcse.distillcse_loss(z1, z2, teachers, hard_negatives=(negatives or [None])[0], shuffle="expected")
+    loss.backward()
+    steps = {n: -LR * p.grad for n, p in student.named_parameters() if p.grad is not None}
+    assert len(steps) > 10
+    return loss.detach(), before, steps
+
+
+def _assert_moved_by(parameters, before, steps):
+    for name, value in parameters.items():
+        step = value.detach() - before[name]
+        torch.testing.assert_close(step, steps.get(name, torch.zeros_like(step)), rtol=2e-3, atol=1e-6, msg=name)
+    assert sum(bool((parameters[n].detach() - before[n]).abs().max() > 0) for n in before) == len(steps)
+
+
 @pytest.mark.parametrize("mini_batch_size, columns", [(None, ("anchor",)), (3, ("anchor", "positive", "negative"))])
 def test_trainer_step_is_one_sgd_step_on_the_loss(tmp_path, batch, mini_batch_size, columns):
     """SentenceTransformerTrainer end to end (a datasets.Dataset, the trainer's collator, the
@@ -125,39 +170,43 @@ def test_trainer_step_is_one_sgd_step_on_the_loss(tmp_path, batch, mini_batch_si
     8 sentences moves every parameter by -lr x the gradient of distillcse_loss on the model's
     embeddings. Dropout off, so that the views are deterministic; shuffle="expected", so that
     the trainer's row order does not change the loss."""
-    datasets = pytest.importorskip("datasets", reason="datasets (the trainer's data) is not installed")
-    args = st.SentenceTransformerTrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=len(SENTENCES), max_steps=1, learning_rate=0.05,
-        optim="sgd", lr_scheduler_type="constant", max_grad_norm=0, use_cpu=True, save_strategy="no",
-        report_to="none", disable_tqdm=True, seed=0)
+    pytest.importorskip("datasets", reason="datasets (the trainer's data) is not installed")
     labels = batch[2]
-    texts = {"anchor": SENTENCES, "positive": [s.replace("A ", "One ") for s in SENTENCES],
-             "negative": [s.lower()[::-1] for s in SENTENCES]}
-    dataset = datasets.Dataset.from_dict(dict({c: texts[c] for c in columns}, label=labels.tolist()))
-
-    student = _student_without_dropout().train()
-    before = {n: p.detach().clone() for n, p in student.named_parameters()}
-    emb = [student(student.preprocess(texts[c]))["sentence_embedding"] for c in columns]
-    assert torch.equal(emb[0], student(student.preprocess(SENTENCES))["sentence_embedding"])  # no dropout
-    z1, z2, *negatives = emb if len(emb) > 1 else emb * 2
-    expected = distillcse.distillcse_loss(z1, z2, list(labels.unbind(1)), hard_negatives=(negatives or [None])[0],
-                                          shuffle="expected")
-    expected.backward()
-    steps = {n: -0.05 * p.grad for n, p in student.named_parameters() if p.grad is not None}
-    assert len(steps) > 10
-
+    expected, before, steps = _sgd_step_by_hand(columns, labels)
     student = _student_without_dropout()
     loss = DistillCSELoss(student, mini_batch_size=mini_batch_size, shuffle="expected")
-    trainer = st.SentenceTransformerTrainer(model=student, args=args, train_dataset=dataset, loss=loss)
-    result = trainer.train()
+    result = _trainer(student, loss, columns, labels, str(tmp_path), len(SENTENCES)).train()
     assert result.global_step == 1
-    torch.testing.assert_close(torch.tensor(result.training_loss), expected.detach(), rtol=1e-5, atol=0)
-    moved = 0
-    for name, p in student.named_parameters():
-        step = p.detach() - before[name]
-        torch.testing.assert_close(step, steps.get(name, torch.zeros_like(step)), rtol=2e-3, atol=1e-6, msg=name)
-        moved += bool(step.abs().max() > 0)
-    assert moved == len(steps)
+    torch.testing.assert_close(torch.tensor(result.training_loss), expected, rtol=1e-5, atol=0)
+    _assert_moved_by(dict(student.named_parameters()), before, steps)
+
+
+def _trainer_rank(rank, port, output_dir, results):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    student = _student_without_dropout()
+    loss = DistillCSELoss(student, mini_batch_size=3, gather_across_devices=True, shuffle="expected")
+    trainer = _trainer(student, loss, ("anchor",), _teacher_labels()[:, 0], output_dir, 4, ddp_backend="gloo")
+    result = trainer.train()
+    results[rank] = (result.training_loss, {n: p.detach().clone() for n, p in student.named_parameters()})
+
+
+def test_trainer_on_two_ranks_steps_as_one_process_on_the_global_batch(tmp_path):
+    """The trainer under DDP on two gloo ranks, 4 sentences each, mini-batches of 3, the loss
+    gathered: both ranks report the loss of the 8 sentences and take the SGD step of one process
+    on all 8 (all_gather's backward sums the ranks' gradients, DDP averages them)."""
+    pytest.importorskip("datasets", reason="datasets (the trainer's data) is not installed")
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_trainer_rank, args=(port, str(tmp_path), results), nprocs=2, join=True)
+    expected, before, steps = _sgd_step_by_hand(("anchor",), _teacher_labels()[:, 0])
+    for rank in range(2):
+        loss, parameters = results[rank]
+        torch.testing.assert_close(torch.tensor(loss), expected, rtol=1e-5, atol=0)
+        _assert_moved_by(parameters, before, steps)
 
 
 class _Linear(torch.nn.Module):
