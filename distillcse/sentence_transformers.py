@@ -12,7 +12,9 @@ Input columns: ``(anchor)``, whose two dropout views are z1 and z2 (unsupervised
 ``(anchor, positive)``, z2 from the positive column; ``(anchor, positive, negative, ...)``,
 the further columns hard negatives. The ``label`` column holds the teachers' embeddings of the
 anchors, computed once (as sentence-transformers' distillation losses take them): ``[B, D_t]``
-for one teacher, ``[B, K, D_t]`` for K components of equal width (their logits averaged).
+for one teacher, ``[B, K, D_t]`` for K components of equal width (their logits averaged), or
+teachers of different widths side by side, ``[B, D_1 + ... + D_K]`` with
+``teacher_dims=(D_1, ..., D_K)``.
 
 ``mini_batch_size`` turns on gradient caching through sentence-transformers' own
 ``CachedLossMixin`` (sentence-transformers >= 6; its trainer then calls ``backward`` as
@@ -54,9 +56,14 @@ class DistillCSELoss(*((CachedLossMixin,) if CachedLossMixin else ()), torch.nn.
     """``loss(sentence_features, labels)``: contrastive + Group-P distillation over the batch's
     sentence-transformers embeddings, the teachers' embeddings in ``labels``."""
 
-    def __init__(self, model, mini_batch_size=None, gather_across_devices=False, show_progress_bar=False,
-                 **loss_options):
+    def __init__(self, model, mini_batch_size=None, gather_across_devices=False, teacher_dims=None,
+                 show_progress_bar=False, **loss_options):
         super().__init__()
+        if teacher_dims is not None:
+            if isinstance(teacher_dims, (int, str)) or not teacher_dims:
+                raise TypeError(f"teacher_dims must be a non-empty sequence of the teachers' widths, "
+                                f"e.g. (768, 1024), got {teacher_dims!r}")
+            teacher_dims = tuple(checks.check_positive_int(f"teacher_dims[{k}]", d) for k, d in enumerate(teacher_dims))
         if not isinstance(gather_across_devices, bool):
             raise TypeError(f"gather_across_devices must be a bool, got {gather_across_devices!r}")
         if mini_batch_size is not None:
@@ -71,6 +78,7 @@ class DistillCSELoss(*((CachedLossMixin,) if CachedLossMixin else ()), torch.nn.
         self.loss_options = dict(loss_options)
         self.mini_batch_size = mini_batch_size
         self.gather_across_devices = gather_across_devices
+        self.teacher_dims = teacher_dims
         self.uses_gradient_cache = mini_batch_size is not None
         self.show_progress_bar = show_progress_bar
 
@@ -106,20 +114,24 @@ class DistillCSELoss(*((CachedLossMixin,) if CachedLossMixin else ()), torch.nn.
         key = int(all_gather(key)[0])                            # rank 0's, so that the ranks shuffle alike
         return distillcse_loss(z1, z2, teachers, hard_negatives=negatives, **dict(self.loss_options, seed=key))
 
-    @staticmethod
-    def _teachers(labels, z1):
-        """``labels`` [B, D_t] or [B, K, D_t] -> the teachers' embeddings on z1's device."""
-        if not isinstance(labels, torch.Tensor) or labels.dim() not in (2, 3) or labels.shape[0] != z1.shape[0]:
+    def _teachers(self, labels, z1):
+        """``labels`` [B, D_t], [B, K, D_t] or, with ``teacher_dims``, [B, sum D_k] -> the teachers'
+        embeddings on z1's device."""
+        B, dims = z1.shape[0], self.teacher_dims
+        expected = f"[{B}, {sum(dims)}] (teacher_dims={dims} side by side)" if dims else f"[{B}, D_t] or [{B}, K, D_t]"
+        if (not isinstance(labels, torch.Tensor) or labels.shape[:1] != (B,)
+                or (labels.dim() not in (2, 3) if dims is None else labels.shape != (B, sum(dims)))):
             shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-            raise ValueError(f"labels: expected the teachers' embeddings of the {z1.shape[0]} anchors, "
-                             f"[{z1.shape[0]}, D_t] or [{z1.shape[0]}, K, D_t] (a 'label' column computed "
-                             f"with teacher.encode), got {shape}")
+            raise ValueError(f"labels: expected the teachers' embeddings of the {B} anchors, {expected} "
+                             f"(a 'label' column computed with teacher.encode), got {shape}")
         labels = labels.to(z1.device)
+        if dims:
+            return list(labels.split(dims, dim=1))
         return [labels] if labels.dim() == 2 else list(labels.unbind(1))
 
     def get_config_dict(self):
         return dict(self.loss_options, mini_batch_size=self.mini_batch_size,
-                    gather_across_devices=self.gather_across_devices)
+                    gather_across_devices=self.gather_across_devices, teacher_dims=self.teacher_dims)
 
     @property
     def citation(self):

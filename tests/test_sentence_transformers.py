@@ -84,6 +84,33 @@ def test_one_column_is_two_dropout_views(model, batch):
     assert abs(train_loss.item() - eval_loss.item()) > 1e-4         # dropout: two different views
 
 
+def test_teachers_of_different_widths_side_by_side(model, batch):
+    """teacher_dims=(24, 16): labels [B, 40] are two teachers, [B, 24] and [B, 16], whose logits
+    are averaged (with teacher_weights too)."""
+    anchors, _, labels = batch
+    wide = torch.cat([labels[:, 0], labels[:, 1, :16]], dim=1)
+    model.eval()
+    with torch.no_grad():
+        z = model(anchors)["sentence_embedding"]
+        for weights in (None, [0.7, 0.3]):
+            loss = DistillCSELoss(model, teacher_dims=(24, 16), teacher_weights=weights, shuffle="expected")
+            expected = distillcse.distillcse_loss(z, z, [labels[:, 0], labels[:, 1, :16]], teacher_weights=weights,
+                                                  shuffle="expected")
+            torch.testing.assert_close(loss([anchors], wide), expected, rtol=1e-5, atol=0)
+        one = distillcse.distillcse_loss(z, z, [wide], shuffle="expected")           # not one teacher of 40
+        assert abs(one.item() - expected.item()) > 1e-4
+    assert DistillCSELoss(model, teacher_dims=[24, 16]).get_config_dict()["teacher_dims"] == (24, 16)
+    with pytest.raises(ValueError, match=r"labels: .*\[8, 40\] \(teacher_dims=\(24, 16\) side by side\).*got \(8, 2, 24\)"):
+        DistillCSELoss(model, teacher_dims=(24, 16))([anchors], labels)
+    with pytest.raises(ValueError, match=r"got \(8, 39\)"):
+        DistillCSELoss(model, teacher_dims=(24, 16))([anchors], wide[:, :39])
+    with pytest.raises(ValueError, match=r"teacher_dims\[1\] must be a positive integer, got 0"):
+        DistillCSELoss(model, teacher_dims=(24, 0))
+    for bad in (40, (), "24"):
+        with pytest.raises(TypeError, match="teacher_dims must be a non-empty sequence"):
+            DistillCSELoss(model, teacher_dims=bad)
+
+
 def test_cached_loss_under_no_grad_evaluates_without_a_hook(model, batch):
     anchors, _, labels = batch
     model.eval()
@@ -97,7 +124,8 @@ def test_cached_loss_under_no_grad_evaluates_without_a_hook(model, batch):
 def test_config_and_errors(model, batch):
     anchors, _, labels = batch
     loss_fn = DistillCSELoss(model, mini_batch_size=4, seed=3, group_p=0.2)
-    assert loss_fn.get_config_dict() == {"seed": 3, "group_p": 0.2, "mini_batch_size": 4, "gather_across_devices": False}
+    assert loss_fn.get_config_dict() == {"seed": 3, "group_p": 0.2, "mini_batch_size": 4, "gather_across_devices": False,
+                                         "teacher_dims": None}
     assert "2310.13499" in loss_fn.citation and CachedLossMixin is not None
     with pytest.raises(ValueError, match="mini_batch_size must be a positive integer or None, got 0"):
         DistillCSELoss(model, mini_batch_size=0)
