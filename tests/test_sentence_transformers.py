@@ -298,3 +298,26 @@ def test_gather_across_devices_is_the_global_batch(tmp_path, seed):
     local = DistillCSELoss(_Linear(), seed=seed, group_size=3)([{"x": c["x"][SHARDS[0]]} for c in columns],
                                                            labels[SHARDS[0]])
     assert abs(local.item() - loss.item()) > 1e-3           # without the gather: rank 0's rows alone
+
+
+def test_trainer_step_benchmark_writes_its_table(tmp_path):
+    """benchmarks/st_trainer_step.py at B = 8 (mini-batches of 3): two rows with a time, a peak
+    and a finite loss, in results.csv and table.md."""
+    import csv
+    import importlib.util
+    pytest.importorskip("datasets", reason="datasets (the trainer's data) is not installed")
+    from distillcse import bench_train
+    if not os.path.isfile(bench_train.default_sentences_path()):
+        pytest.skip("the shared sentence file is missing")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("st_trainer_step", os.path.join(root, "benchmarks", "st_trainer_step.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--batch", "8", "--steps", "2", "--mini-batch-size", "3", "--out", str(tmp_path)])
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert [(r["B"], r["mini_batch"]) for r in rows] == [("8", ""), ("8", "3")]
+    for r in rows:
+        assert float(r["step_s"]) > 0 and float(r["peak_mib"]) > 0 and torch.isfinite(torch.tensor(float(r["loss"])))
+    assert "| 8 | 3 |" in (tmp_path / "table.md").read_text() and sorted(os.listdir(tmp_path)) == ["results.csv", "table.md"]
+    with pytest.raises(SystemExit):
+        module.main(["--steps", "1"])
