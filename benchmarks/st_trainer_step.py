@@ -7,10 +7,10 @@ and without gradient caching.
 MiniLM (all-MiniLM-L6-v2) student, max_seq_length 32, the anchors' two dropout views
 (unsupervised), labels the teacher's embeddings of real Wikipedia sentences (the same MiniLM,
 computed once before the timed run, as the README's recipe does). For each B, the trainer with
-``DistillCSELoss(student)`` and with ``DistillCSELoss(student, mini_batch_size=M)``; the second
+``DistillCSELoss(student)`` and with ``DistillCSELoss(student, mini_batch_size=M)``: the second
 step's peak memory growth (CUDA: ``max_memory_allocated``; CPU: resident-set growth, ``bench
-train``'s meter) and the median time of the steps after the first. ``results.csv`` and a markdown
-table in ``--out``.
+train``'s meter, whose allocator mode slows that step) and the median time of the steps after
+it. ``results.csv`` and a markdown table in ``--out``.
 """
 import argparse
 import contextlib
@@ -31,8 +31,9 @@ def _meter(device):
 
 
 def measure_steps(student, dataset, loss, *, B, steps, device):
-    """Train ``steps`` steps; returns (median seconds of the steps after the first, the second
-    step's peak bytes (the first, with one step), the last logged loss)."""
+    """Train ``steps`` steps; returns (the median time of the steps after the second, or the
+    second's with two steps; the second step's peak bytes; the last logged loss). The first
+    step warms up; the second is measured in the memory meter's allocator mode."""
     import transformers
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
@@ -41,7 +42,7 @@ def measure_steps(student, dataset, loss, *, B, steps, device):
     class StepMeter(transformers.TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             self.stack = contextlib.ExitStack()
-            if state.global_step == min(1, steps - 1):          # the second step (the allocator is warm)
+            if state.global_step == 1:                           # the second step (the allocator is warm)
                 self.stack.enter_context(meter.measure(record))
             _sync(device)
             self.start = time.perf_counter()
@@ -61,7 +62,7 @@ def measure_steps(student, dataset, loss, *, B, steps, device):
     with scratch:
         trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-    return statistics.median(record["times"][1:] or record["times"]), record["peak"], losses[-1]
+    return statistics.median(record["times"][2:] or record["times"][1:]), record["peak"], losses[-1]
 
 
 def _sync(device):
@@ -73,7 +74,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, nargs="+", default=[256, 1024])
     p.add_argument("--mini-batch-size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=3, help="trainer steps per point (>= 2)")
+    p.add_argument("--steps", type=int, default=4, help="trainer steps per point (>= 2): a warm-up, "
+                   "the memory step, then the timed ones")
     p.add_argument("--out", default=None, help="folder for results.csv and table.md")
     a = p.parse_args(argv)
     if a.steps < 2:
