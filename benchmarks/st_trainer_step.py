@@ -9,20 +9,21 @@ MiniLM (all-MiniLM-L6-v2) student, max_seq_length 32, the anchors' two dropout v
 computed once before the timed run, as the README's recipe does). For each B, the trainer with
 ``DistillCSELoss(student)`` and with ``DistillCSELoss(student, mini_batch_size=M)``: the second
 step's peak memory growth (CUDA: ``max_memory_allocated``; CPU: resident-set growth, ``bench
-train``'s meter, whose allocator mode slows that step) and the median time of the steps after
-it. ``results.csv`` and a markdown table in ``--out``.
+train``'s meter, whose allocator mode slows that step), then the median time and minor page
+faults of the steps after it. ``results.csv`` and a markdown table in ``--out``.
 """
 import argparse
 import contextlib
 import csv
 import os
+import resource
 import statistics
 import tempfile
 import time
 
 import torch
 
-FIELDS = ["B", "mini_batch", "step_s", "peak_mib", "memory", "loss", "device", "commit"]
+FIELDS = ["B", "mini_batch", "step_s", "peak_mib", "memory", "page_faults", "loss", "device", "commit"]
 
 
 def _meter(device):
@@ -32,12 +33,13 @@ def _meter(device):
 
 def measure_steps(student, dataset, loss, *, B, steps, device):
     """Train ``steps`` steps; returns (the median time of the steps after the second, or the
-    second's with two steps; the second step's peak bytes; the last logged loss). The first
-    step warms up; the second is measured in the memory meter's allocator mode."""
+    second's with two steps; the second step's peak bytes; the median minor page faults of the
+    timed steps (the process's, on any device); the last logged loss). The first step warms up;
+    the second is measured in the memory meter's allocator mode."""
     import transformers
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
-    meter, record = _meter(device), {"times": [], "peak": None}
+    meter, record = _meter(device), {"times": [], "faults": [], "peak": None}
 
     class StepMeter(transformers.TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -45,11 +47,13 @@ def measure_steps(student, dataset, loss, *, B, steps, device):
             if state.global_step == 1:                           # the second step (the allocator is warm)
                 self.stack.enter_context(meter.measure(record))
             _sync(device)
+            self.faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             _sync(device)
             record["times"].append(time.perf_counter() - self.start)
+            record["faults"].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self.faults)
             self.stack.close()
 
     scratch = tempfile.TemporaryDirectory()               # the trainer's output_dir (it saves nothing)
@@ -62,7 +66,9 @@ def measure_steps(student, dataset, loss, *, B, steps, device):
     with scratch:
         trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-    return statistics.median(record["times"][2:] or record["times"][1:]), record["peak"], losses[-1]
+    timed = slice(2, None) if steps > 2 else slice(1, None)
+    return (statistics.median(record["times"][timed]), record["peak"], statistics.median(record["faults"][timed]),
+            losses[-1])
 
 
 def _sync(device):
@@ -104,10 +110,10 @@ def main(argv=None):
             torch.manual_seed(0)
             student = SentenceTransformer(path, device=str(device))
             student.max_seq_length = 32
-            seconds, peak, loss = measure_steps(student, dataset, DistillCSELoss(student, mini_batch_size=mini),
+            seconds, peak, faults, loss = measure_steps(student, dataset, DistillCSELoss(student, mini_batch_size=mini),
                                                 B=B, steps=a.steps, device=device)
             row = {"B": B, "mini_batch": mini or "", "step_s": f"{seconds:.3f}", "peak_mib": f"{peak / 2**20:.0f}",
-                   "memory": _meter(device).kind, "loss": f"{loss:.4f}", "device": bench.device_name(device),
+                   "memory": _meter(device).kind, "page_faults": f"{faults:.0f}", "loss": f"{loss:.4f}", "device": bench.device_name(device),
                    "commit": commit}
             print(row, flush=True)
             rows.append(row)
@@ -117,8 +123,10 @@ def main(argv=None):
         writer = csv.DictWriter(f, FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    table = ["| B | mini-batch | step, s | peak extra memory, MiB |", "| ---: | ---: | ---: | ---: |"]
-    table += [f"| {r['B']} | {r['mini_batch'] or 'whole batch'} | {r['step_s']} | {r['peak_mib']} |" for r in rows]
+    table = ["| B | mini-batch | step, s | peak extra memory, MiB | minor page faults a step |",
+             "| ---: | ---: | ---: | ---: | ---: |"]
+    table += [f"| {r['B']} | {r['mini_batch'] or 'whole batch'} | {r['step_s']} | {r['peak_mib']} | {r['page_faults']} |"
+              for r in rows]
     header = f"SentenceTransformerTrainer steps, MiniLM, {rows[0]['device']}, commit {commit}; memory: {rows[0]['memory']}"
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(header + "\n\n" + "\n".join(table) + "\n")

@@ -317,7 +317,8 @@ def test_trainer_step_benchmark_writes_its_table(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert [(r["B"], r["mini_batch"]) for r in rows] == [("8", ""), ("8", "3")]
     for r in rows:
-        assert float(r["step_s"]) > 0 and float(r["peak_mib"]) > 0 and torch.isfinite(torch.tensor(float(r["loss"])))
+        assert float(r["step_s"]) > 0 and float(r["peak_mib"]) > 0 and int(r["page_faults"]) >= 0
+        assert torch.isfinite(torch.tensor(float(r["loss"])))
     assert "| 8 | 3 |" in (tmp_path / "table.md").read_text() and sorted(os.listdir(tmp_path)) == ["results.csv", "table.md"]
     with pytest.raises(SystemExit):
         module.main(["--steps", "1"])
