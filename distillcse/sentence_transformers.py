@@ -119,8 +119,9 @@ class DistillCSELoss(*((CachedLossMixin,) if CachedLossMixin else ()), torch.nn.
         embeddings on z1's device."""
         B, dims = z1.shape[0], self.teacher_dims
         expected = f"[{B}, {sum(dims)}] (teacher_dims={dims} side by side)" if dims else f"[{B}, D_t] or [{B}, K, D_t]"
-        if (not isinstance(labels, torch.Tensor) or labels.shape[:1] != (B,)
-                or (labels.dim() not in (2, 3) if dims is None else labels.shape != (B, sum(dims)))):
+        fits = isinstance(labels, torch.Tensor) and (
+            labels.shape == (B, sum(dims)) if dims else labels.dim() in (2, 3) and labels.shape[0] == B)
+        if not fits:
             shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
             raise ValueError(f"labels: expected the teachers' embeddings of the {B} anchors, {expected} "
                              f"(a 'label' column computed with teacher.encode), got {shape}")
