@@ -39,11 +39,21 @@ def resolve_backend(backend, x):
     return backend
 
 
-def _autocast_off(loss):
-    """The losses compute in their inputs' precision with fp32 accumulation whatever autocast
-    says: the torch backend adds its chunks' products into fp32 buffers, the kernels' GEMMs
-    keep PyTorch's fp32 matmul switch, and the reference follows suit. Their fp32 result
-    enters the surrounding autocast region as any fp32 tensor does."""
+def _public_loss(loss):
+    """A public loss's wrapper.
+
+    Autocast: the losses compute in their inputs' precision with fp32 accumulation whatever
+    autocast says (the torch backend adds its chunks' products into fp32 buffers, the kernels'
+    GEMMs keep PyTorch's fp32 matmul switch, the reference follows suit); their fp32 result
+    enters the surrounding autocast region as any fp32 tensor does.
+
+    ``torch.compile``: the loss runs as in eager mode, a graph break around it
+    (``torch.compiler.disable``). Its work is fused kernels or row chunks planned on the host
+    from B, which the compiler would retrace for each B (and Inductor's CPU code generation
+    fails on the random shuffle's integer hashing in torch 2.13); the rest of a compiled step
+    is compiled as usual.
+    """
+    @torch.compiler.disable
     @functools.wraps(loss)
     def wrapper(z1, *args, **kwargs):
         device = getattr(z1, "device", None)
@@ -112,7 +122,7 @@ def _distill_options(student_temperature, teacher_temperature, group_p, group_si
     )
 
 
-@_autocast_off
+@_public_loss
 def contrastive_loss(z1, z2, *, temperature=0.05, hard_negatives=None, backend="auto"):
     """SimCSE InfoNCE: ``mean_i [logsumexp_j(c_ij / tau) - c_ii / tau]``,
     ``c_ij = cos(z1_i, [z2; hard_negatives]_j)``. z1, z2 [B, D]; hard_negatives [B_h, D]."""
@@ -189,7 +199,7 @@ def _distill(student, teachers, options, backend):
     return DistillChunked.apply(u, T, student_temperature, options, need_grad(u))
 
 
-@_autocast_off
+@_public_loss
 def distill_loss(student, teachers, *, student_temperature=0.025, teacher_temperature=0.0125,
                  group_p=0.1, group_size=None, grouping_temperature=1.0, shuffle="random",
                  teacher_weights=None, seed=None, backend="auto"):
@@ -222,7 +232,7 @@ def _check_total_options(temperature, distill_weight, distill_only, return_terms
     return temperature, distill_weight
 
 
-@_autocast_off
+@_public_loss
 def distillcse_loss(z1, z2, teachers, *, temperature=0.05, distill_weight=1.0, distill_only=False,
                     hard_negatives=None, student_temperature=0.025, teacher_temperature=0.0125,
                     group_p=0.1, group_size=None, grouping_temperature=1.0, shuffle="random",

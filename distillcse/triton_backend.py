@@ -17,8 +17,6 @@ The random shuffle is the torch backend's for a seed. Groupings with more than
 z1's gradient is computed in the forward (the distillation's: a random shuffle is drawn once,
 nothing is recomputed; the contrastive row side: in the loss's own pass), only when autograd
 will need it; a backward that reuses that buffer in place can run once per forward.
-Inside ``torch.compile``d code the entry points run as in eager mode (``torch.compiler.disable``:
-a graph break around the loss, whose kernels are fused already).
 """
 import torch
 from torch.profiler import record_function
@@ -244,7 +242,6 @@ def _groups_on_torch(z, options):
     return options["shuffle"] != "none" and G > MAX_KERNEL_GROUPS
 
 
-@torch.compiler.disable
 def contrastive(z1, columns, scale):
     """The contrastive term; ``columns`` [N, D] z2 then hard negatives."""
     _check_dtype(z1)
@@ -254,7 +251,6 @@ def contrastive(z1, columns, scale):
     return ContrastiveFused.apply(z1, columns, scale, need_grad(z1, columns))
 
 
-@torch.compiler.disable
 def distill(z, t, student_temperature, options, *, unit_rows):
     """The distillation term. ``t`` [B, Dt]: K teachers' weighted unit rows side by side
     (``unit_rows``), or one teacher's raw rows, which the kernels read as they are (float64
@@ -271,7 +267,6 @@ def distill(z, t, student_temperature, options, *, unit_rows):
     return DistillFused.apply(z, t, rt, student_temperature, options, need_grad(z))
 
 
-@torch.compiler.disable
 def distillcse(z1, columns, t, cl_scale, distill_weight, student_temperature, options, *, unit_rows):
     """``(L_cl + distill_weight L_kd, (L_cl, L_kd))`` with z1 the distillation's student, the
     terms [2] fp32 without gradient; ``columns`` and ``t`` as in :func:`contrastive` and

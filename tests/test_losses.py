@@ -284,6 +284,41 @@ def test_autocast_leaves_the_loss_in_full_precision(backend):
     torch.testing.assert_close(terms[1], distillcse.distill_loss(z1, t, seed=1, backend=backend))
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_inside_torch_compile_the_losses_run_eagerly(backend):
+    """A compiled step calling the losses gets the eager losses and gradients, and the compiler
+    sees only the step's own work: the losses are a graph break (Inductor's CPU code failed to
+    build on the torch backend's random shuffle). The recording compiler below runs each graph
+    as it was traced."""
+    g = torch.Generator().manual_seed(6)
+    z1, z2, hn = (torch.randn(n, 16, generator=g) for n in (20, 20, 5))
+    t = [torch.randn(20, 8, generator=g), torch.randn(20, 12, generator=g)]
+
+    def step(a, b, h):
+        e1, e2 = 2.0 * a, b + 0.5  # the step's own work, for the compiler to trace
+        return (distillcse.distillcse_loss(e1, e2, t, hard_negatives=h, seed=5, backend=backend)
+                + distillcse.contrastive_loss(e1, e2, backend=backend)
+                + distillcse.distill_loss(e1, t, shuffle="expected", backend=backend)
+                + distillcse.DistillCSELoss(seed=5, backend=backend)(e1, e2, t))
+
+    traced = []
+
+    def recording_compiler(gm, example_inputs):
+        traced.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    results = []
+    torch._dynamo.reset()
+    for fn in (step, torch.compile(step, backend=recording_compiler)):
+        leaves = [x.clone().requires_grad_() for x in (z1, z2, hn)]
+        loss = fn(*leaves)
+        results.append([loss.detach()] + list(torch.autograd.grad(loss, leaves)))
+    torch._dynamo.reset()
+    assert traced and set(traced) <= {"<built-in function mul>", "<built-in function add>"}, traced
+    for compiled, eager in zip(results[1], results[0]):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("triton", marks=requires_triton)])
 def test_a_tiny_group_p_costs_what_singleton_groups_do(backend):
     """group_p = 1e-7 allows 10^7 groups, of which at most B - 1 hold an entry (here every
