@@ -172,11 +172,12 @@ def _fused_setup(options, student):
 def _triton_teacher(teachers, weights):
     """(rows, unit_rows): one teacher's raw rows as they are (the kernels normalise on the fly,
     no [B, Dt] copy), or K teachers' weighted unit rows side by side in the teachers' own
-    precision (float64 as float32), never the student's: the targets divide t by tau_t = 0.0125,
+    precision (float64 as float32, also for one float64 teacher, whose raw rows may hold norms
+    that no kernel dtype does), never the student's: the targets divide t by tau_t = 0.0125,
     so rounding fp32 teachers' cosines to bf16 would cost them ~10%. bf16 teachers' unit rows
     (|u| <= 1) go in fp16: the same tensor-core rate and memory, 2 more mantissa bits (bf16 rows
     put 5-9x the torch backend's error on the gradient in `distillcse verify`)."""
-    if len(teachers) == 1:
+    if len(teachers) == 1 and teachers[0].dtype != torch.float64:
         return teachers[0], False
     dtype = functools.reduce(torch.promote_types, (e.dtype for e in teachers))
     dtype = {torch.float64: torch.float32, torch.bfloat16: torch.float16}.get(dtype, dtype)

@@ -213,14 +213,8 @@ class SmallBatchFused(torch.autograd.Function):
         return dz1, dy, None, None, None
 
 
-def _kernel_dtype(t, z):
-    """Teacher rows in a dtype the kernels read: their own, or z's for float64."""
-    return t if t.dtype in KERNEL_DTYPES else t.to(z.dtype)
-
-
 def _teacher(t, z, unit_rows):
-    """(t, rt): teacher rows in a kernel dtype and their fp32 inverse norms (ones for unit rows)."""
-    t = _kernel_dtype(t, z)
+    """(t, rt): teacher rows and their fp32 inverse norms (ones for unit rows)."""
     return t, (torch.ones(t.shape[0], device=t.device) if unit_rows else _inv_norms(t))
 
 
@@ -253,8 +247,8 @@ def contrastive(z1, columns, scale):
 
 def distill(z, t, student_temperature, options, *, unit_rows):
     """The distillation term. ``t`` [B, Dt]: K teachers' weighted unit rows side by side
-    (``unit_rows``), or one teacher's raw rows, which the kernels read as they are (float64
-    ones cast to z's dtype) with their inverse norms."""
+    (``unit_rows``), or one teacher's raw fp32 / bf16 / fp16 rows, which the kernels read as they are with
+    their inverse norms."""
     _check_dtype(z)
     if _groups_on_torch(z, options):
         t, rt = _teacher(t, z, unit_rows)
@@ -262,7 +256,7 @@ def distill(z, t, student_temperature, options, *, unit_rows):
         return DistillChunked.apply(u, t.float() * rt[:, None], student_temperature, options, need_grad(u))
     if fits(z.shape[0]):
         args = _small_batch_args(z, 1.0, 1.0, student_temperature, options, unit_rows)
-        return SmallBatchFused.apply(z, None, _kernel_dtype(t, z), args, need_grad(z))[0]
+        return SmallBatchFused.apply(z, None, t, args, need_grad(z))[0]
     t, rt = _teacher(t, z, unit_rows)
     return DistillFused.apply(z, t, rt, student_temperature, options, need_grad(z))
 
@@ -278,7 +272,7 @@ def distillcse(z1, columns, t, cl_scale, distill_weight, student_temperature, op
         return cl + distill_weight * kd, torch.stack([cl.detach(), kd.detach()])
     if fits(z1.shape[0], columns.shape[0]):
         args = _small_batch_args(z1, cl_scale, distill_weight, student_temperature, options, unit_rows)
-        return SmallBatchFused.apply(z1, columns, _kernel_dtype(t, z1), args, need_grad(z1, columns))
+        return SmallBatchFused.apply(z1, columns, t, args, need_grad(z1, columns))
     t, rt = _teacher(t, z1, unit_rows)
     return DistillCSEFused.apply(z1, columns, t, rt, cl_scale, distill_weight, student_temperature, options,
                                  need_grad(z1, columns))

@@ -62,6 +62,22 @@ def test_several_teachers_keep_their_precision(B_):
     assert rel_err(grad, ref_grad) < 1e-2  # stored in bf16
 
 
+@pytest.mark.parametrize("B_", [50, 130], ids=["one-program", "streaming"])
+@pytest.mark.parametrize("scale", [1e39, 1e-9])
+def test_one_float64_teacher_beyond_the_kernels_range(B_, scale):
+    """One float64 teacher whose norms no kernel dtype holds (1e39 overflows fp32, 1e-9 is
+    subnormal in fp16) goes as float32 unit rows normalised in float64, as several teachers do.
+    Its raw rows were cast to the student's fp16: a NaN loss at 1e39, 13% off at 1e-9."""
+    g = torch.Generator().manual_seed(5)
+    z = (torch.randn(1, D, generator=g) + torch.randn(B_, D, generator=g)).to(torch.float16)
+    e = (torch.randn(1, DT, generator=g) + 0.8 * torch.randn(B_, DT, generator=g)).double() * scale
+    kw = dict(shuffle="expected")
+    ref_loss, ref_grad = loss_and_grad(z.double(), e, "reference", **kw)
+    loss, grad = loss_and_grad(z.to(DEVICE), e.to(DEVICE), "triton", **kw)
+    assert rel_err(loss, ref_loss, floor=1.0) < 2e-5
+    assert rel_err(grad, ref_grad) < 1e-2  # stored in fp16
+
+
 def test_one_raw_teacher_many_groups():
     """B - 1 = 69 groups (more than the kernels take) run on the torch backend's row chunks,
     which get the teacher's unit rows from the same rows and inverse norms."""
