@@ -68,6 +68,12 @@ def _work_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _full_precision(*xs):
+    """The reference backend's inputs: half-precision tensors as fp32 (differentiably), so that it
+    computes in fp32 as the other backends accumulate (fp16's eps of 1e-8 would be 0)."""
+    return [None if x is None else x.to(_work_dtype(x)) for x in xs]
+
+
 def _normalize(x):
     """Unit rows ``x / max(|x|, eps)`` in fp32 (fp64 for fp64 inputs), differentiable."""
     x = x.to(_work_dtype(x))
@@ -150,6 +156,7 @@ def _check_views(z1, z2, hard_negatives):
 def _contrastive(z1, z2, hard_negatives, temperature, backend):
     """The contrastive term on checked inputs."""
     if backend == "reference":
+        z1, z2, hard_negatives = _full_precision(z1, z2, hard_negatives)
         return reference.contrastive_loss(z1, z2, temperature, hard_negatives)
     columns = z2 if hard_negatives is None else torch.cat([z2, hard_negatives], dim=0)
     if backend == "triton":
@@ -188,6 +195,7 @@ def _distill(student, teachers, options, backend):
     """The distillation term on checked inputs (``teachers`` a list, ``options`` checked)."""
     if backend == "reference":
         seed, weights = options.pop("seed"), options.pop("teacher_weights")
+        student, *teachers = _full_precision(student, *teachers)
         return reference.distill_loss(student, teachers, teacher_weights=weights,
                                       generator=_reference_generator(seed), **options)
     student_temperature, weights, options = _fused_setup(options, student)

@@ -246,6 +246,27 @@ def test_half_precision_inputs_on_torch_backend():
         assert abs(loss.item() - ref.item()) / ref.item() < (1e-5 if dtype == torch.float32 else 3e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_reference_computes_half_precision_inputs_in_fp32(dtype):
+    """The reference backend takes fp16 / bf16 inputs in fp32, as the others accumulate: an fp32
+    loss equal to the float64 one on the same rounded inputs, and an all-zero row's cosines 0.
+    It computed in the inputs' dtype: 2e-4 to 5e-4 off, and in fp16 (where eps = 1e-8 is 0) a
+    NaN contrastive term and a distillation of -0.0 (its nansum over NaN)."""
+    z1, z2, teachers, hard = make_batch(37, 48, (32, 20), Bh=5)
+    z1[4] = 0.0
+    inputs = [x.to(dtype) for x in (z1, z2, hard)]
+    teachers = [t.to(dtype) for t in teachers]
+    want, want_grads = loss_and_grads("reference", *[x.double() for x in inputs[:2]], [t.double() for t in teachers],
+                                      inputs[2].double(), shuffle="expected")
+    loss, grads = loss_and_grads("reference", *inputs[:2], teachers, inputs[2], shuffle="expected")
+    assert loss.dtype == torch.float32
+    assert rel_err(loss.double(), want) < 1e-6
+    rows = torch.arange(37) != 4  # the zero row's gradient is ~1/eps = 1e8: beyond fp16
+    checked = 3 if dtype == torch.bfloat16 else 1  # fp16: z2's and the hard negatives' (~1e-8) are subnormal
+    grads, want_grads = [grads[0][rows], *grads[1:checked]], [want_grads[0][rows], *want_grads[1:checked]]
+    for grad, want_grad in zip(grads, want_grads):
+        assert grad.dtype == dtype and rel_err(grad.double(), want_grad) < 1e-2
+
 @pytest.mark.parametrize("n", [2, 3, 4, 5])
 def test_group_permutation_is_uniform_over_all_permutations(n):
     # Chi-square over the n! permutations from 1000 n! keys: a poorly mixing network (8 Feistel
