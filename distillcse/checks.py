@@ -1,6 +1,7 @@
 """Input validation for the public API and the command line: every error names the argument
 and what was expected."""
 import argparse
+import collections.abc
 import math
 import numbers
 import os
@@ -101,6 +102,9 @@ def check_teacher_weights(weights, K):
         return [1.0 / K] * K
     if isinstance(weights, torch.Tensor):
         weights = weights.detach().cpu().flatten().tolist()
+    if isinstance(weights, (collections.abc.Mapping, str)):
+        raise TypeError(f"teacher_weights must be None or a sequence of K numbers in the teachers' order, "
+                        f"got a {type(weights).__name__}")
     try:
         weights = list(weights)
     except TypeError:
@@ -108,20 +112,34 @@ def check_teacher_weights(weights, K):
                         f"got {type(weights).__name__}") from None
     if K is not None and len(weights) != K:
         raise ValueError(f"teacher_weights must have one weight per teacher ({K}), got {len(weights)}")
-    if any(isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w) or w < 0 for w in weights):
-        raise ValueError(f"teacher_weights must be finite and >= 0, got {weights}")
-    if abs(sum(weights) - 1.0) > 1e-6:
-        raise ValueError(f"teacher_weights must sum to 1, got sum {sum(weights)}")
-    return [float(w) for w in weights]
+    numbers_ = [_finite("teacher_weights", w.item() if isinstance(w, torch.Tensor) and w.numel() == 1 else w)
+                for w in weights]
+    if any(w is None or w < 0 for w in numbers_):
+        raise ValueError(f"teacher_weights must be finite numbers >= 0, got {weights}")
+    if abs(sum(numbers_) - 1.0) > 1e-6:
+        raise ValueError(f"teacher_weights must sum to 1, got sum {sum(numbers_)}")
+    return numbers_
+
+
+def _finite(name, value):
+    """``float(value)`` for a finite real number (not a bool), else None; a tensor is a TypeError."""
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a Python number, got a tensor (pass float(...): the "
+                        "loss's settings are fixed, not learned)")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float's range
+        return None
+    return value if math.isfinite(value) else None
 
 
 def check_positive(name, value):
-    if isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a Python number, got a tensor (pass float(...): the "
-                        "temperatures are fixed, not learned)")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+    number = _finite(name, value)
+    if number is None or number <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
+    return number
 
 
 def check_positive_int(name, value, alternative=""):
@@ -139,6 +157,14 @@ def check_temperature(name, value):
     return value
 
 
+# Group ids are int64: a smaller group_p (whose floor(c / P) could pass 2^63) acts as this one,
+# and a larger group_size as this one, which puts every row of any batch in one group. The
+# groups differ only where two neighbours' cumulative masses are closer than 2^-62, finer than a
+# float32 cumulative sum resolves (for B < 2^39).
+MIN_GROUP_P = 2.0 ** -62
+MAX_GROUP_SIZE = 2 ** 62
+
+
 def check_grouping(group_p, group_size):
     """(group_p, group_size): groups by mass, or of fixed size when ``group_size`` is set (then
     ``group_p`` is unused and may be None, and comes back as None)."""
@@ -146,14 +172,15 @@ def check_grouping(group_p, group_size):
         group_size = check_positive_int("group_size", group_size, " or None")
         if group_p is not None:
             _check_group_p(group_p, " (or None with group_size)")
-        return None, group_size
-    return _check_group_p(group_p, ""), None
+        return None, min(group_size, MAX_GROUP_SIZE)
+    return max(_check_group_p(group_p, ""), MIN_GROUP_P), None
 
 
 def _check_group_p(group_p, alternative):
-    if isinstance(group_p, bool) or not isinstance(group_p, numbers.Real) or not (0 < group_p <= 1):
+    number = _finite("group_p", group_p)
+    if number is None or not 0 < number <= 1:
         raise ValueError(f"group_p must be in (0, 1]{alternative}, got {group_p!r}")
-    return float(group_p)
+    return number
 
 
 def check_choice(name, value, choices):
@@ -171,9 +198,10 @@ def check_seed(seed):
 
 
 def check_real(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    number = _finite(name, value)
+    if number is None:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+    return number
 
 
 # Command-line option types: a bad value is argparse's usage error naming the option.

@@ -46,7 +46,12 @@ def test_bad_tensors(change, error, match):
     (dict(temperature=1e-40), "temperature must be at least 0.0001"),  # NaN loss, or a crash deep inside
     (dict(grouping_temperature=1e-40), "grouping_temperature must be at least"),
     (dict(teacher_weights=1.0), "teacher_weights must be None or a sequence"),
-    (dict(teacher_weights=[True]), "must be finite and >= 0"),
+    (dict(teacher_weights=[True]), "must be finite numbers >= 0"),
+    (dict(teacher_weights={0: 1.0}), "teacher_weights must be None or a sequence of K numbers in the teachers' order"),
+    (dict(teacher_weights=[10**400]), "must be finite numbers >= 0"),
+    (dict(temperature=10**400), "temperature must be a positive finite number"),  # an OverflowError
+    (dict(group_p=torch.tensor(0.1)), "group_p must be a Python number, got a tensor"),
+    (dict(distill_weight=torch.tensor(1.0)), "distill_weight must be a Python number, got a tensor"),
     (dict(group_p=0.0), r"group_p must be in \(0, 1\]"),
     (dict(group_p=1.5), r"group_p must be in \(0, 1\]"),
     (dict(group_size=0), "group_size must be a positive integer"),
@@ -56,7 +61,7 @@ def test_bad_tensors(change, error, match):
     (dict(backend="cuda"), "backend must be one of"),
     (dict(teacher_weights=[0.5, 0.5]), "one weight per teacher"),
     (dict(teacher_weights=[2.0]), "must sum to 1"),
-    (dict(teacher_weights=[-1.0]), "must be finite and >= 0"),
+    (dict(teacher_weights=[-1.0]), "must be finite numbers >= 0"),
     (dict(distill_weight=float("inf")), "distill_weight must be a finite number"),
     (dict(distill_only="yes"), "distill_only must be a bool"),
     (dict(distill_weight=-0.5), r"distill_weight must be >= 0 \(0 is SimCSE\)"),

@@ -356,6 +356,23 @@ def test_a_tiny_group_p_costs_what_singleton_groups_do(backend):
         assert mem.peak < 2**20, (shuffle, mem.peak)
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("triton", marks=requires_triton)])
+def test_groupings_beyond_int64(backend):
+    """Any group_p down to the smallest float gives singleton groups, and any group_size one group:
+    the group ids are int64. Below group_p = 1e-19 every backend crashed deep inside (an int64
+    overflow), and group_size >= 2^63 wrapped to a negative divisor: two groups, silently."""
+    g = torch.Generator().manual_seed(7)
+    z, t = torch.randn(48, 12, generator=g).to(DEVICE), torch.randn(48, 10, generator=g).to(DEVICE)
+    plain = distillcse.distill_loss(z, t, shuffle="none", backend=backend)
+    one_group = distillcse.distill_loss(z, t, group_p=1.0, shuffle="expected", backend=backend)
+    for group_p in (1e-19, 1e-30, 5e-324):
+        torch.testing.assert_close(distillcse.distill_loss(z, t, group_p=group_p, shuffle="expected",
+                                                           backend=backend), plain)
+    for group_size in (2**63 - 1, 2**63, 10**30):
+        torch.testing.assert_close(distillcse.distill_loss(z, t, group_size=group_size, shuffle="expected",
+                                                           backend=backend), one_group)
+
+
 def test_module_state_dict_resumes_the_shuffle_sequence():
     """A checkpoint of DistillCSELoss(seed=int) holds its generator, so a resumed run draws the
     shuffles the uninterrupted one would have (its state_dict was empty)."""
