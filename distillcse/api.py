@@ -301,6 +301,7 @@ class DistillCSELoss(torch.nn.Module):
                             f"expected some of {sorted(known)}")
         if "hard_negatives" in kwargs:
             raise TypeError("pass hard_negatives to forward(), not to DistillCSELoss()")
+        self.given = dict(kwargs)  # as passed, for the repr
         seed = checks.check_seed(kwargs.get("seed"))
         if isinstance(seed, int):  # a reproducible sequence of fresh shuffles, one per call
             kwargs["seed"] = torch.Generator().manual_seed(seed)
@@ -332,4 +333,4 @@ class DistillCSELoss(torch.nn.Module):
             seed.set_state(state["seed_generator"])
 
     def extra_repr(self):
-        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+        return ", ".join(f"{k}={v!r}" for k, v in self.given.items())

@@ -200,6 +200,7 @@ def test_module_draws_a_fresh_reproducible_shuffle_each_call():
     a = [first(z1, z2, teachers).item() for _ in range(3)]
     b = [second(z1, z2, teachers).item() for _ in range(3)]
     assert a == b and len(set(a)) == 3
+    assert repr(first) == "DistillCSELoss(seed=5, backend='torch')"  # the seed given, not its generator
 
 
 def test_chunking_does_not_change_results():
