@@ -271,6 +271,8 @@ def distillcse_loss(z1, z2, teachers, *, temperature=0.05, distill_weight=1.0, d
             return loss
         terms = dict(zip(("contrastive", "distill"), terms))
     else:
+        if backend != "triton":  # the two terms' gradients of z1 summed in fp32, then cast once
+            z1 = z1.to(_work_dtype(z1))
         kd = _distill(z1, teachers, options, backend)
         terms = dict(distill=kd.detach())
         if distill_only:

@@ -268,6 +268,19 @@ def test_reference_computes_half_precision_inputs_in_fp32(dtype):
     for grad, want_grad in zip(grads, want_grads):
         assert grad.dtype == dtype and rel_err(grad.double(), want_grad) < 1e-2
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_fp16_gradients_beyond_its_range_are_inf_not_nan(backend):
+    """Rows of norm ~4e-6 in fp16 have gradients ~1e6, beyond fp16: z1's comes out +-Inf there, as
+    on the triton backend, not NaN. Its two terms' gradients were each cast to fp16 and then
+    summed, Inf - Inf."""
+    g = torch.Generator().manual_seed(5)
+    z1, z2 = ((1e-6 * torch.randn(8, 16, generator=g)).half().requires_grad_() for _ in range(2))
+    t = torch.randn(8, 12, generator=g).half()
+    loss = distillcse.distillcse_loss(z1, z2, t, shuffle="none", backend=backend)
+    grad, = torch.autograd.grad(loss, z1)
+    assert torch.isfinite(loss) and grad.isinf().any() and not grad.isnan().any()
+
+
 @pytest.mark.parametrize("n", [2, 3, 4, 5])
 def test_group_permutation_is_uniform_over_all_permutations(n):
     # Chi-square over the n! permutations from 1000 n! keys: a poorly mixing network (8 Feistel
