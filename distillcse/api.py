@@ -246,7 +246,8 @@ def distillcse_loss(z1, z2, teachers, *, temperature=0.05, distill_weight=1.0, d
                     hard_negatives=None, student_temperature=0.025, teacher_temperature=0.0125,
                     group_p=0.1, group_size=None, grouping_temperature=1.0, shuffle="random",
                     teacher_weights=None, seed=None, backend="auto", return_terms=False):
-    """``L = L_cl + distill_weight * L_kd`` (``distill_only=True`` drops ``L_cl``); the
+    """``L = L_cl + distill_weight * L_kd`` (``distill_only=True`` drops ``L_cl``, and with it
+    the hard negatives, its extra columns, which are then checked and unused); the
     distillation term uses view 1 (``z1``) as the student, as the authors' code does.
 
     With ``return_terms=True``, ``(L, terms)``: ``terms["contrastive"]`` (L_cl, absent with
