@@ -46,8 +46,12 @@ def capturing(x):
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+class NonFiniteError(ValueError):
+    """An input holds NaN or Inf, or entries whose rows' norms overflow float32."""
+
+
 def check_finite(named):
-    """Raises ValueError naming the first of ``named`` ((name, tensor) pairs) that holds NaN or
+    """Raises NonFiniteError (a ValueError) naming the first of ``named`` ((name, tensor) pairs) that holds NaN or
     Inf, or entries so large that its rows' norms overflow float32 (float64 inputs aside). Each
     tensor's max |x| (which NaN and Inf survive) in one foreach op (fused on CUDA for tensors of
     one dtype, not a launch a tensor) and their max, read in one host sync: no temporary of an
@@ -62,9 +66,9 @@ def check_finite(named):
     for (name, x), peak in zip(named, peaks):
         peak = peak.item()
         if not math.isfinite(peak):
-            raise ValueError(f"{name} contains NaN or Inf")
+            raise NonFiniteError(f"{name} contains NaN or Inf")
         if x.dtype != torch.float64 and peak * math.sqrt(x.shape[-1]) >= NORM_LIMIT:
-            raise ValueError(f"{name} has entries up to {peak:.3g}: its rows' squared norms overflow float32, "
+            raise NonFiniteError(f"{name} has entries up to {peak:.3g}: its rows' squared norms overflow float32, "
                              f"where the losses compute (keep max |x| * sqrt(D) under {NORM_LIMIT:.0e}; rescale "
                              "the embeddings, which the cosines do not see)")
 

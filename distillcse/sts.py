@@ -50,41 +50,52 @@ def _join(sentence):
     return " ".join(sentence.split())
 
 
+def _task_files(task, split, data_dir):
+    """The files of one task at ``split``: STS12-16 (test only) an (input, gold) pair a subset,
+    STS-B and SICK-R one file."""
+    if task in _SUBSETS:
+        if split != "test":
+            raise ValueError(f"split: {task} has only 'test', got {split!r}")
+        folder = os.path.join(data_dir, "STS", f"{task}-en-test")
+        return [os.path.join(folder, f"STS.{kind}.{subset}.txt") for subset in _SUBSETS[task] for kind in ("input", "gs")]
+    if task in _SPLIT_FILES:
+        if split not in _SPLIT_FILES[task]:
+            raise ValueError(f"split: expected one of {sorted(_SPLIT_FILES[task])}, got {split!r}")
+        folder = ("STS", "STSBenchmark") if task == "STSBenchmark" else ("SICK",)
+        return [os.path.join(data_dir, *folder, _SPLIT_FILES[task][split])]
+    raise ValueError(f"task: expected one of {STS_TASKS}, got {task!r}")
+
+
+def missing_files(tasks, split="test", data_dir=None):
+    """The files that :func:`evaluate` would read for ``tasks`` and are not in ``data_dir``
+    (checked before a long run, which would otherwise fail at its first evaluation)."""
+    data_dir = data_dir or default_data_dir()
+    return [path for task in tasks for path in _task_files(task, "test" if task in _SUBSETS else split, data_dir)
+            if not os.path.isfile(path)]
+
+
 def load_task(task, split="test", data_dir=None):
     """The scored pairs of one task: ``(sentences_a, sentences_b, gold)``, gold a float64 array.
 
     STS12-16 have only a test split (their subsets concatenated in SentEval's order);
     STS-B and SICK-R have ``train``, ``dev`` and ``test``.
     """
-    data_dir = data_dir or default_data_dir()
+    files = _task_files(task, split, data_dir or default_data_dir())
     a, b, gold = [], [], []
     if task in _SUBSETS:
-        if split != "test":
-            raise ValueError(f"split: {task} has only 'test', got {split!r}")
-        folder = os.path.join(data_dir, "STS", f"{task}-en-test")
-        for subset in _SUBSETS[task]:
-            pairs = _read_lines(os.path.join(folder, f"STS.input.{subset}.txt"))
-            scores = _read_lines(os.path.join(folder, f"STS.gs.{subset}.txt"))
-            for pair, score in zip(pairs, scores):
+        for pairs_file, scores_file in zip(files[::2], files[1::2]):
+            for pair, score in zip(_read_lines(pairs_file), _read_lines(scores_file)):
                 if score.strip():                     # STS15/16 leave unscored pairs blank
                     s1, s2 = pair.split("\t")[:2]
                     a.append(_join(s1)), b.append(_join(s2)), gold.append(float(score))
-    elif task in _SPLIT_FILES:
-        if split not in _SPLIT_FILES[task]:
-            raise ValueError(f"split: expected one of {sorted(_SPLIT_FILES[task])}, got {split!r}")
-        if task == "STSBenchmark":
-            path = os.path.join(data_dir, "STS", "STSBenchmark", _SPLIT_FILES[task][split])
-            columns, skip = (5, 6, 4), 0                # genre file year id score s1 s2
-        else:
-            path = os.path.join(data_dir, "SICK", _SPLIT_FILES[task][split])
-            columns, skip = (1, 2, 3), 1                # pair_ID A B relatedness entailment
-        for line in _read_lines(path)[skip:]:
+    else:
+        columns, skip = ((5, 6, 4), 0) if task == "STSBenchmark" else ((1, 2, 3), 1)
+        # STS-B: genre file year id score s1 s2; SICK: pair_ID A B relatedness entailment
+        for line in _read_lines(files[0])[skip:]:
             if line.strip():
                 cells = line.split("\t")
                 a.append(_join(cells[columns[0]])), b.append(_join(cells[columns[1]]))
                 gold.append(float(cells[columns[2]]))
-    else:
-        raise ValueError(f"task: expected one of {STS_TASKS}, got {task!r}")
     return a, b, np.asarray(gold, dtype=np.float64)
 
 

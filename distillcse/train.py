@@ -61,6 +61,10 @@ def load_encoder(name, pooling, max_length=128, option="model"):
     except (OSError, ValueError) as err:   # ValueError: a folder without a model's config.json
         raise SystemExit(f"{option} {name}: not loadable (a folder saved with save_pretrained, or a "
                          f"Hugging Face model name reachable from here): {err}") from err
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab and len(tokenizer) < vocab // 2:   # transformers builds a near-empty one where none was saved
+        raise SystemExit(f"{option} {name}: its tokenizer has {len(tokenizer)} tokens for the model's {vocab} "
+                         "(no tokenizer saved beside the model? save it too: tokenizer.save_pretrained(folder))")
     return sts.Encoder(model, tokenizer, pooling=pooling, max_length=max_length)
 
 
@@ -113,6 +117,15 @@ def _atomic_save(obj, path):
     tmp = path + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def _rewrite_log(path, columns, rows):
+    """The log as its header and ``rows``, written beside it and renamed over it."""
+    with open(path + ".tmp", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(path + ".tmp", path)
 
 
 def _save_folder(save, path):
@@ -210,7 +223,8 @@ def _best_so_far(state):
 
 
 # Options a resumed run may change: where and how it runs and reports, not what it trains.
-RESUME_MAY_CHANGE = {"command", "out", "device", "no_progress", "eval_every", "save_every", "test", "test_pairs"}
+RESUME_MAY_CHANGE = {"command", "out", "device", "no_progress", "eval_every", "save_every", "test", "test_pairs",
+                     "sts_dir"}
 
 
 def _check_resume_settings(saved, now, ckpt_path):
@@ -243,6 +257,10 @@ def _train(args, log, device, rank, world):
     except RuntimeError as err:
         raise SystemExit(f"--backend {args.backend}: {err}") from err
     checks.check_out_dir(args.out)
+    if args.eval_every:
+        check_sts_files(("STSBenchmark",), "dev", args.sts_dir)
+    if args.test:
+        check_sts_files(sts.STS_TASKS, "test", args.sts_dir)
     corpus = read_corpus(args.sentences or default_sentences_path())
     steps_per_epoch = len(corpus) // args.batch_size
     if steps_per_epoch < 1:
@@ -278,29 +296,38 @@ def _train(args, log, device, rank, world):
     state = {"step": 0, "best_dev": -math.inf, "best_step": None}
     ckpt_path = os.path.join(args.out, CHECKPOINT)
     if os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=device)
-        _check_resume_settings(ckpt.get("args", {}), vars(args), ckpt_path)
-        student.model.load_state_dict(ckpt["student"])
-        if head is not None and ckpt.get("head") is not None:
-            head.load_state_dict(ckpt["head"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        state = ckpt["state"]
+        try:
+            ckpt = torch.load(ckpt_path, map_location=device)
+            saved_args = ckpt.get("args", {})
+        except Exception as err:   # truncated, foreign, or not a checkpoint at all
+            raise SystemExit(f"{ckpt_path}: not a distillcse train checkpoint ({type(err).__name__}: {err}); "
+                             "move it away to start afresh, or give another --out") from err
+        _check_resume_settings(saved_args, vars(args), ckpt_path)
+        try:
+            student.model.load_state_dict(ckpt["student"])
+            if head is not None and ckpt.get("head") is not None:
+                head.load_state_dict(ckpt["head"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            state = ckpt["state"]
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise SystemExit(f"{ckpt_path}: does not match this run's student, head or optimizer "
+                             f"({type(err).__name__}: {err}); give another --out") from err
         log(f"resumed from {ckpt_path} at step {state['step']} ({_best_so_far(state)})")
 
     saved = {"step": state["step"] if os.path.exists(ckpt_path) else None}   # the checkpoint on disk
 
     def save_checkpoint():
-        saved["step"] = state["step"]
-        if not main:
-            return
-        _atomic_save({"student": student.model.state_dict(), "head": head.state_dict() if head else None,
-                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                      "scaler": scaler.state_dict(), "state": state, "args": vars(args)}, ckpt_path)
+        if main:
+            _atomic_save({"student": student.model.state_dict(), "head": head.state_dict() if head else None,
+                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                          "scaler": scaler.state_dict(), "state": state, "args": vars(args)}, ckpt_path)
+        saved["step"] = state["step"]                 # once it is on disk
 
     def dev_score():
-        return sts.evaluate(student, ("STSBenchmark",), split="dev", max_pairs=args.dev_pairs)["STSBenchmark"]
+        return sts.evaluate(student, ("STSBenchmark",), split="dev", data_dir=args.sts_dir,
+                            max_pairs=args.dev_pairs)["STSBenchmark"]
 
     def save_best():
         def save(folder):
@@ -315,13 +342,14 @@ def _train(args, log, device, rank, world):
             reader = csv.DictReader(f)          # rows past the checkpoint (a kill after them) go
             columns = reader.fieldnames or LOG_COLUMNS
             kept = [row for row in reader if int(row["step"]) <= state["step"]]
-    log_file = open(log_path if main else os.devnull, "w", newline="")
+    if main:   # the kept rows replace the log in one rename: a kill now leaves it as it was or as kept
+        _rewrite_log(log_path, columns, kept)
+    log_file = open(log_path if main else os.devnull, "a", newline="")
     writer = csv.DictWriter(log_file, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(kept)
     if state["step"] == 0 and args.eval_every and main:
         score = dev_score()
         writer.writerow({"step": 0, "stsb_dev": f"{score:.4f}"})
+        log_file.flush()
         log(f"step 0: STS-B dev {score:.2f}")
 
     mini = args.mini_batch_size or args.batch_size        # rows the encoders run at once on this rank
@@ -364,8 +392,13 @@ def _train(args, log, device, rank, world):
                     z1, z2, *ts = all_gather(z1, z2, *targets)   # the global batch (one rank: as is)
                     return distillcse_loss(z1, z2, ts, seed=step_seed, return_terms=True, **loss_options)
                 # gradient caching: one mini-batch's activations (one mini-batch: a plain forward and backward)
-                loss, terms = cached_backward(views, minis, global_loss, scale=scaler.scale,
-                                              no_sync=[m for m in (encode, project) if world > 1 and m is not None])
+                try:
+                    loss, terms = cached_backward(views, minis, global_loss, scale=scaler.scale,
+                                                  no_sync=[m for m in (encode, project) if world > 1 and m is not None])
+                except checks.NonFiniteError as err:
+                    held = "no checkpoint yet" if saved["step"] is None else f"the checkpoint of step {saved['step']} stands"
+                    raise SystemExit(f"step {step + 1}: the training diverged ({err}); {held}. A lower --lr, or "
+                                     "--amp bfloat16 (or none) instead of float16, may train") from err
                 lr = scheduler.get_last_lr()[0]                  # this step's
                 scaler.step(optimizer)
                 scaler.update()
@@ -375,24 +408,22 @@ def _train(args, log, device, rank, world):
                 row = {"step": step + 1, "loss": f"{loss.item():.6f}", "lr": f"{lr:.3e}",
                        "seconds": f"{state['seconds']:.1f}"}
                 row.update({name: f"{term.item():.6f}" for name, term in terms.items()})
-                if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total):
-                    if main:
-                        score = dev_score()
-                        row["stsb_dev"] = f"{score:.4f}"
-                        if score > state["best_dev"]:
-                            state["best_dev"], state["best_step"] = score, step + 1
-                            save_best()
-                        bar.set_postfix(loss=f"{loss.item():.3f}", dev=f"{score:.2f}",
-                                        best=f"{state['best_dev']:.2f}")
-                        save_checkpoint()
-                    if world > 1:
-                        dist.barrier()
-                else:
+                evaluate = args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total)
+                if evaluate and main:
+                    score = dev_score()
+                    row["stsb_dev"] = f"{score:.4f}"
+                    if score > state["best_dev"]:
+                        state["best_dev"], state["best_step"] = score, step + 1
+                        save_best()
+                    bar.set_postfix(loss=f"{loss.item():.3f}", dev=f"{score:.2f}", best=f"{state['best_dev']:.2f}")
+                elif not evaluate:
                     bar.set_postfix(loss=f"{loss.item():.3f}")
-                    if args.save_every and (step + 1) % args.save_every == 0:
-                        save_checkpoint()
-                writer.writerow(row)
-                log_file.flush()
+                writer.writerow(row)                             # before the checkpoint: a checkpoint's
+                log_file.flush()                                 # step always has its row
+                if evaluate or (args.save_every and (step + 1) % args.save_every == 0):
+                    save_checkpoint()
+                if evaluate and world > 1:
+                    dist.barrier()
                 bar.update(1)
                 if stop.requested(world, device):
                     save_checkpoint()
@@ -426,7 +457,8 @@ def _train(args, log, device, rank, world):
     if args.test:
         best = load_encoder(os.path.join(args.out, "best"), args.pooling)
         best.model.to(device)
-        test = sts.evaluate(best, progress=lambda task: log(f"evaluating {task}"), max_pairs=args.test_pairs)
+        test = sts.evaluate(best, data_dir=args.sts_dir, progress=lambda task: log(f"evaluating {task}"),
+                            max_pairs=args.test_pairs)
         with open(os.path.join(args.out, "sts_test.json"), "w") as f:
             json.dump({"best_step": state["best_step"], "best_stsb_dev": state["best_dev"] if evaluated else None,
                        "test": test}, f, indent=1)
@@ -467,6 +499,7 @@ def add_train_arguments(p):
     p.add_argument("--save-every", type=checks.non_negative_int, default=500, help="also write the checkpoint "
                    "every N steps between evaluations (0: at evaluations, interruptions and the end only)")
     p.add_argument("--dev-pairs", type=checks.pair_count, default=None, help="score only the first N STS-B dev pairs")
+    add_sts_dir_argument(p)
     p.add_argument("--no-test", dest="test", action="store_false", help="skip the final STS test suite")
     p.add_argument("--test-pairs", type=checks.pair_count, default=None, help="score only each test task's first N pairs")
     p.add_argument("--temperature", type=checks.positive_float, default=0.05)
@@ -494,10 +527,11 @@ def run_train(args, log=print):
 def run_evaluate(args, log=print):
     """``distillcse sts MODEL``: STS test Spearman of a saved encoder."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tasks = tuple(args.tasks)
+    check_sts_files(tasks, args.split, args.sts_dir)
     enc = load_encoder(args.model or minilm_path("a model name"), args.pooling, args.max_seq_length)
     enc.model.to(device)
-    tasks = tuple(args.tasks)
-    scores = sts.evaluate(enc, tasks, split=args.split, max_pairs=args.max_pairs,
+    scores = sts.evaluate(enc, tasks, split=args.split, data_dir=args.sts_dir, max_pairs=args.max_pairs,
                           progress=lambda task: log(f"evaluating {task}"))
     log(sts.format_scores(scores))
     return scores
@@ -511,4 +545,19 @@ def add_sts_arguments(p):
     p.add_argument("--split", choices=("test", "dev"), default="test", help="STS-B and SICK-R split")
     p.add_argument("--max-seq-length", type=checks.positive_int, default=128, help="truncation (default 128)")
     p.add_argument("--max-pairs", type=checks.pair_count, default=None, help="score only each task's first N pairs")
+    add_sts_dir_argument(p)
     p.add_argument("--device", type=checks.cli_device, default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def add_sts_dir_argument(p):
+    p.add_argument("--sts-dir", default=None, help="SentEval's 'downstream' folder, holding STS/ and SICK/ "
+                   f"(default: $DISTILLCSE_STS_DIR, else {sts.default_data_dir()})")
+
+
+def check_sts_files(tasks, split, data_dir):
+    """Exits naming the first missing STS file, before any long work."""
+    missing = sts.missing_files(tasks, split, data_dir)
+    if missing:
+        raise SystemExit(f"--sts-dir {data_dir or sts.default_data_dir()}: {missing[0]} not found "
+                         f"({len(missing)} file(s) missing); give SentEval's 'downstream' folder, holding STS/ "
+                         "and SICK/, with --sts-dir or $DISTILLCSE_STS_DIR")

@@ -56,7 +56,7 @@ def test_sts_reproduces_the_anchor(capsys):
     anchor, computed independently)."""
     scores = train.run_evaluate(argparse.Namespace(
         model=None, pooling="mean", tasks=["STSBenchmark", "STS13"], split="dev", max_seq_length=128,
-        max_pairs=None, device="cpu"), log=print)
+        max_pairs=None, device="cpu", sts_dir=None), log=print)
     assert scores["STSBenchmark"] == pytest.approx(86.72, abs=0.005)
     assert scores["STS13"] == pytest.approx(80.60, abs=0.005)
     assert "| STS-B | STS13 | avg. |" in capsys.readouterr().out
@@ -115,6 +115,68 @@ def test_train_resumes_exactly_after_an_interruption(tmp_path, sentences, monkey
     assert steps == [0, 1, 2, 3, 4]
     best = transformers.AutoModel.from_pretrained(os.path.join(out, "best"))
     assert best.config.num_hidden_layers == 2
+
+
+def _steps_on_disk(out):
+    """The steps of train_log.csv as a kill would leave it: read from disk, not the writer's buffer."""
+    with open(os.path.join(out, "train_log.csv"), newline="") as f:
+        return [int(row["step"]) for row in csv.DictReader(f)]
+
+
+def test_the_log_on_disk_holds_every_checkpointed_step(tmp_path, sentences, monkeypatch):
+    """What a kill would leave. Whenever a checkpoint is written, the log on disk already holds its
+    step's row, and during a resumed run's first step it holds the rows up to the checkpoint.
+    (Checkpoints went first, so a second Ctrl-C during one lost its step's row for good; and a
+    resume truncated the log and kept its rows in a buffer until the step's end, so a kill then
+    emptied it.)"""
+    out, real_save, real_loss = tmp_path / "run", train._atomic_save, train.distillcse_loss
+    at_checkpoints, calls, at_resume = [], [], []
+
+    def reading_the_log_then_saving(obj, path):
+        at_checkpoints.append((obj["state"]["step"], _steps_on_disk(out)))
+        real_save(obj, path)
+
+    def interrupted_at_third_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train, "_atomic_save", reading_the_log_then_saving)
+    monkeypatch.setattr(train, "distillcse_loss", interrupted_at_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(_args(out, sentences), log=lambda *a: None)
+
+    def reading_the_log(*args, **kwargs):
+        at_resume.append(_steps_on_disk(out))
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train, "distillcse_loss", reading_the_log)
+    train.train(_args(out, sentences), log=lambda *a: None)
+    assert at_resume[0] == [0, 1, 2]
+    assert [step for step, _ in at_checkpoints] == [2, 4, 4]   # step 2's evaluation, step 4's, the end
+    for step, logged in at_checkpoints:
+        assert logged[-1] == step and logged == list(range(step + 1)), (step, logged)
+
+
+def test_a_diverged_or_foreign_run_is_named(tmp_path, sentences, monkeypatch):
+    """A student whose embeddings turn NaN stops with the step and the checkpoint that stands, not
+    the loss's traceback; a checkpoint.pt that is not one is named, not torch.load's traceback."""
+    real_loss, calls = train.distillcse_loss, []
+
+    def nan_at_third_step(z1, *args, **kwargs):
+        calls.append(1)
+        return real_loss(z1 * float("nan") if len(calls) == 3 else z1, *args, **kwargs)
+
+    monkeypatch.setattr(train, "distillcse_loss", nan_at_third_step)
+    with pytest.raises(SystemExit, match=r"step 3: the training diverged \(z1 contains NaN or Inf\); "
+                                         r"the checkpoint of step 2 stands"):
+        train.train(_args(tmp_path / "run", sentences), log=lambda *a: None)
+    monkeypatch.setattr(train, "distillcse_loss", real_loss)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / train.CHECKPOINT).write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="checkpoint.pt: not a distillcse train checkpoint"):
+        train.train(_args(tmp_path / "foreign", sentences), log=lambda *a: None)
 
 
 def test_checkpoint_between_evaluations(tmp_path, sentences, monkeypatch):
@@ -229,12 +291,25 @@ def test_train_learns_and_writes_test_scores(tmp_path, sentences):
     (["--amp", "bfloat16"], "--amp bfloat16"),
     (["--batch-size", "500"], "larger than the corpus"),
     (["--sentences", "/nonexistent.txt"], "--sentences: file not found"),
+    (["--sts-dir", "/nonexistent"], "--sts-dir /nonexistent: /nonexistent/STS/STSBenchmark/sts-dev.csv not found"),
+    (["--sts-dir", "/nonexistent", "--eval-every", "0"], "/nonexistent/STS/STS12-en-test/STS.input.MSRpar.txt not found"),
 ])
 def test_train_input_errors(tmp_path, sentences, argv, message, capsys):
     base = ["train", "--out", str(tmp_path), "--sentences", sentences, "--device", "cpu", "--no-progress"]
     with pytest.raises(SystemExit) as err:
         main(base + argv)
     assert message in str(err.value)
+
+
+def test_sts_names_what_it_cannot_score(tmp_path):
+    """A model folder saved without its tokenizer (transformers then builds one of 5 tokens: every
+    word [UNK], STS-B dev 1.97 instead of 93) and STS files that are not there are errors before
+    any scoring."""
+    transformers.AutoModel.from_pretrained(minilm.get_model_path()).save_pretrained(tmp_path / "model")
+    with pytest.raises(SystemExit, match="its tokenizer has 5 tokens for the model's 30522"):
+        main(["sts", str(tmp_path / "model"), "--tasks", "STS13", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="--sts-dir /nonexistent: /nonexistent/STS/STS13-en-test/STS.input.FNWN.txt"):
+        main(["sts", "--tasks", "STS13", "--sts-dir", "/nonexistent"])
 
 
 def test_train_rejects_negative_numbers(tmp_path, capsys):
