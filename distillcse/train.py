@@ -49,7 +49,11 @@ def load_encoder(name, pooling, max_length=128, option="model"):
     """A :class:`sts.Encoder` over ``AutoModel``/``AutoTokenizer.from_pretrained(name)``;
     ``max_length`` truncates at evaluation (training passes its own). A model that does not
     load exits with a message naming ``option``."""
-    import transformers
+    try:
+        import transformers
+    except ImportError as err:
+        raise SystemExit(f"{option} {name}: loading an encoder needs transformers "
+                         "(pip install -e \".[train]\")") from err
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     if os.path.isabs(name) or name.startswith(".") or os.path.exists(name):
