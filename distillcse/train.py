@@ -58,7 +58,8 @@ def load_encoder(name, pooling, max_length=128, option="model"):
     transformers.utils.logging.disable_progress_bar()
     if os.path.isabs(name) or name.startswith(".") or os.path.exists(name):
         if not os.path.isdir(name):
-            raise SystemExit(f"{option} {name}: no such folder")
+            raise SystemExit(f"{option} {name}: " + ("a file, not a model's folder" if os.path.exists(name)
+                                                      else "no such folder"))
     try:
         model = transformers.AutoModel.from_pretrained(name, dtype=torch.float32)   # fp32 weights; AMP casts
         tokenizer = transformers.AutoTokenizer.from_pretrained(name)
@@ -235,8 +236,12 @@ def _check_resume_settings(saved, now, ckpt_path):
     """A checkpoint resumes only the run it belongs to: a different student, teacher, data,
     schedule or loss setting is an error naming each option (options absent from an older
     checkpoint are not compared)."""
+    def same(key):   # a data file by where it is, however it was spelt
+        if key == "sentences" and saved[key] and now[key]:
+            return os.path.realpath(saved[key]) == os.path.realpath(now[key])
+        return saved[key] == now[key]
     changed = [f"--{k.replace('_', '-')} {saved[k]!r} there, {now[k]!r} now" for k in sorted(saved.keys() & now.keys())
-               if k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+               if k not in RESUME_MAY_CHANGE and not same(k)]
     if changed:
         raise SystemExit(f"{ckpt_path} is a checkpoint of a run with other settings ({'; '.join(changed)}): "
                          "give the same settings to resume it, or another --out")
@@ -265,6 +270,8 @@ def _train(args, log, device, rank, world):
         check_sts_files(("STSBenchmark",), "dev", args.sts_dir)
     if args.test:
         check_sts_files(sts.STS_TASKS, "test", args.sts_dir)
+    if args.sentences:   # saved absolute: a resume from another folder compares the same file
+        args.sentences = os.path.realpath(args.sentences)
     corpus = read_corpus(args.sentences or default_sentences_path())
     steps_per_epoch = len(corpus) // args.batch_size
     if steps_per_epoch < 1:

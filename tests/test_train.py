@@ -263,9 +263,9 @@ def test_resume_refuses_other_settings(tmp_path, sentences):
         train.train(_args(out, sentences, distill_weight=0), log=lambda *a: None)
     with pytest.raises(SystemExit, match=r"--backend 'auto' there, 'reference' now"):  # its own random shuffle
         train.train(_args(out, sentences, max_steps=2, backend="reference"), log=lambda *a: None)
-    messages = []
-    train.train(_args(out, sentences, max_steps=2, eval_every=1, save_every=0), log=messages.append)
-    assert any("resumed" in m and "step 2" in m for m in messages)
+    messages, respelt = [], os.path.join(os.path.dirname(sentences), ".", os.path.basename(sentences))
+    train.train(_args(out, respelt, max_steps=2, eval_every=1, save_every=0), log=messages.append)
+    assert any("resumed" in m and "step 2" in m for m in messages)   # the same file, spelt otherwise
 
 
 def test_train_learns_and_writes_test_scores(tmp_path, sentences):
@@ -308,6 +308,8 @@ def test_sts_names_what_it_cannot_score(tmp_path):
     transformers.AutoModel.from_pretrained(minilm.get_model_path()).save_pretrained(tmp_path / "model")
     with pytest.raises(SystemExit, match="its tokenizer has 5 tokens for the model's 30522"):
         main(["sts", str(tmp_path / "model"), "--tasks", "STS13", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="a file, not a model's folder"):
+        main(["sts", str(tmp_path / "model" / "config.json"), "--tasks", "STS13"])
     with pytest.raises(SystemExit, match="--sts-dir /nonexistent: /nonexistent/STS/STS13-en-test/STS.input.FNWN.txt"):
         main(["sts", "--tasks", "STS13", "--sts-dir", "/nonexistent"])
 
