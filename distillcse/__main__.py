@@ -1,7 +1,6 @@
 """Command line: ``distillcse train``, ``distillcse sts``, ``distillcse verify`` and
 ``distillcse bench {memory,targets,train,plot}`` (or ``python -m distillcse ...``)."""
 import argparse
-import os
 
 from . import checks
 
@@ -60,14 +59,8 @@ def main(argv=None):
             from .bench_train import run_train
             run_train(args)
         else:
-            from .plot import plot_results
-            if not os.path.isfile(args.csv):
-                parser.error(f"bench plot: {args.csv}: no such file")
-            try:
-                paths = plot_results(args.csv, args.out)
-            except (OSError, ValueError) as err:   # not a results.csv of bench memory; --out not a folder
-                parser.error(f"bench plot: {err}")
-            print("\n".join(paths))
+            from .plot import run_plot
+            run_plot(args.csv, args.out, lambda message: parser.error(f"bench plot: {message}"))
 
 
 if __name__ == "__main__":

@@ -9,12 +9,10 @@ memory, over the memory cap or the time cap), the bare forward GEMMs as a dashed
 the time plot. Uses matplotlib's object API with the Agg canvas: no global backend change.
 """
 import csv
+import math
 import os
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+from . import checks
 
 STYLE = {  # colour, marker: the fused and chunked backends in strong colours, baselines muted
     "reference": ("#7f7f7f", "s"),
@@ -33,15 +31,59 @@ END_MARKS = {"OOM": "OOM", "skipped (cap)": "over memory cap", "skipped (time ca
              "error": "error", "skipped (compile failed)": "compile failed"}
 
 
+NUMBERS = ("time_ms", "peak_mem_mib", "gemm_ms")  # of an ok point: finite numbers, or empty (not drawn)
+
+
+def check_matplotlib():
+    """Raises ImportError saying how to install matplotlib when it does not import."""
+    try:
+        import matplotlib.backends.backend_agg  # noqa: F401
+        import matplotlib.figure  # noqa: F401
+    except ImportError as err:
+        raise ImportError(f"the plots need matplotlib, which does not import here ({err}): "
+                          "pip install matplotlib") from None
+
+
 def _read(csv_path):
-    """The rows of a results.csv; a ValueError naming the file and the missing columns when it is none."""
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or ())]
-        if missing:
-            raise ValueError(f"{csv_path} is not a results.csv of `distillcse bench memory`: "
-                             f"no column(s) {', '.join(missing)}")
-        return list(reader)
+    """The rows of a results.csv; a ValueError naming the file (and the line and column) where it is
+    none: missing columns, a row cut short, a batch size that is not an integer >= 1, a time or
+    memory of an ok point that is not a number."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in COLUMNS if c not in (reader.fieldnames or ())]
+            if missing:
+                raise ValueError(f"{csv_path} is not a results.csv of `distillcse bench memory`: "
+                                 f"no column(s) {', '.join(missing)}")
+            rows = []
+            for row in reader:
+                _check_row(row, f"{csv_path}, line {reader.line_num}", len(reader.fieldnames))
+                rows.append(row)
+            return rows
+    except (csv.Error, UnicodeDecodeError) as err:
+        raise ValueError(f"{csv_path} is not a results.csv of `distillcse bench memory`: {err}") from None
+
+
+def _check_row(row, where, width):
+    if None in row or None in row.values():
+        given = width - list(row.values()).count(None) + len(row.get(None, ()))
+        raise ValueError(f"{where}: {given} fields, the header has {width} (a file cut short?)")
+    try:
+        ok = int(row["B"]) >= 1
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{where}, column B: expected a batch size (an integer >= 1), got {row['B']!r}")
+    if row["status"] != "ok":
+        return
+    for column in NUMBERS:
+        value = row.get(column, "")
+        try:
+            ok = value == "" or math.isfinite(float(value))
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{where}, column {column}: expected a finite number or nothing, got {value!r}")
 
 
 def _series(rows):
@@ -113,6 +155,11 @@ def _slope_guides(ax, series_points):
 
 
 def _plot(rows, column, path, *, title, ylabel, formatter, gemm=False, guides=False, ybase=10):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
     first = rows[0]
     fig = Figure(figsize=(11, 5.8), dpi=150)
     FigureCanvasAgg(fig)
@@ -202,17 +249,37 @@ def plot_results(csv_path, out_dir=None):
     return [memory, timing]
 
 
+def run_plot(csv_path, out_dir, error):
+    """The command: plots ``csv_path`` into ``out_dir`` and prints their paths; ``error(message)``
+    exits on a bad argument or file, a missing matplotlib exits saying how to install it."""
+    if os.path.isdir(csv_path):
+        inside = os.path.join(csv_path, "results.csv")
+        error(f"{csv_path} is a folder; expected a results.csv" + (f" (such as {inside})" if os.path.isfile(inside) else ""))
+    if not os.path.isfile(csv_path):
+        error(f"{csv_path}: no such file")
+    if out_dir is not None:
+        try:
+            checks.check_out_dir(out_dir)
+        except SystemExit as bad:            # --out a file, under a file or not writable
+            error(str(bad.code))
+    try:
+        check_matplotlib()
+    except ImportError as err:
+        raise SystemExit(f"distillcse bench plot: {err}") from None
+    try:
+        paths = plot_results(csv_path, out_dir)
+    except (OSError, ValueError) as err:
+        error(str(err))
+    print("\n".join(paths))
+
+
 def main(argv=None):
     import argparse
     p = argparse.ArgumentParser(prog="python -m distillcse.plot", description=__doc__.splitlines()[0])
     p.add_argument("csv")
     p.add_argument("--out", default=None, help="folder for the PNGs (default: the CSV's folder)")
     args = p.parse_args(argv)
-    try:
-        paths = plot_results(args.csv, args.out)
-    except (OSError, ValueError) as err:
-        p.error(str(err))
-    print("\n".join(paths))
+    run_plot(args.csv, args.out, p.error)
 
 
 if __name__ == "__main__":

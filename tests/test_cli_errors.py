@@ -96,6 +96,51 @@ def test_bench_plot_of_another_csv_names_the_file(text, message, tmp_path, capsy
     assert code == 2 and f"bench plot: {path} {message}" in err
 
 
+def _results_csv(**changes):
+    """A results.csv of one ok point (B = 8) with ``changes`` in its row."""
+    row = dict(dict.fromkeys(bench.COLUMNS, "x"), B="8", status="ok", time_ms="1.5", gemm_ms="", peak_mem_mib="2")
+    row.update(changes)
+    return ",".join(bench.COLUMNS) + "\n" + ",".join(row[c] for c in bench.COLUMNS) + "\n"
+
+
+@pytest.mark.parametrize("text,message", [
+    (_results_csv(B="0"), ", line 2, column B: expected a batch size (an integer >= 1), got '0'"),
+    (_results_csv(B="8.0"), ", line 2, column B: expected a batch size (an integer >= 1), got '8.0'"),
+    (_results_csv().rsplit(",", 6)[0], ", line 2: 19 fields, the header has 25 (a file cut short?)"),
+    (_results_csv(time_ms="fast"), ", line 2, column time_ms: expected a finite number or nothing, got 'fast'"),
+    (_results_csv(peak_mem_mib="inf"), ", line 2, column peak_mem_mib: expected a finite number or nothing, got 'inf'"),
+], ids=["B=0", "B=8.0", "cut short", "time", "memory"])
+def test_bench_plot_of_a_malformed_row_names_file_line_and_column(text, message, tmp_path, capsys):
+    path = tmp_path / "results.csv"
+    path.write_text(text)
+    code, err = _exit(["bench", "plot", str(path), "--out", str(tmp_path)], {}, capsys)
+    assert code == 2 and f"bench plot: {path}{message}" in err
+
+
+def test_bench_plot_of_a_folder_or_into_a_file_is_named(tmp_path, capsys):
+    path = tmp_path / "results.csv"
+    path.write_text(_results_csv())
+    code, err = _exit(["bench", "plot", str(tmp_path)], {}, capsys)
+    assert code == 2 and f"bench plot: {tmp_path} is a folder; expected a results.csv (such as {path})" in err
+    code, err = _exit(["bench", "plot", str(path), "--out", str(path)], {}, capsys)
+    assert code == 2 and f"bench plot: --out {path}: {path} is not a folder" in err
+
+
+@pytest.fixture
+def no_matplotlib(monkeypatch):
+    """matplotlib does not import."""
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_bench_plot_without_matplotlib_says_how_to_install_it(tmp_path, capsys, no_matplotlib):
+    path = tmp_path / "results.csv"
+    path.write_text(_results_csv())
+    code, _ = _exit(["bench", "plot", str(path)], {}, capsys)
+    assert code.startswith("distillcse bench plot: the plots need matplotlib, which does not import here (")
+    assert code.endswith("): pip install matplotlib")
+
+
 @pytest.mark.parametrize("value", ["abc", "inf", "nan", "-5", "0", ""])
 def test_a_bad_chunk_budget_variable_is_named(value):
     env = dict(os.environ, DISTILLCSE_CHUNK_MIB=value)
