@@ -701,9 +701,9 @@ def markdown_table(rows):
 # --------------------------------------------------------------------------------------------
 
 def default_out_dir(suffix=""):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    """``benchmarks/results/<time stamp><suffix>`` under the current folder."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return os.path.join(root, "benchmarks", "results", stamp + suffix)
+    return os.path.join("benchmarks", "results", stamp + suffix)
 
 
 def add_memory_arguments(p):

@@ -179,6 +179,13 @@ def test_bench_memory_cap_and_compile(tmp_path):
             assert peak["plain-compile", int(r["B"])] >= int(r["B"]) ** 2 * 4, r   # the logits
 
 
+def test_bench_default_out_is_under_the_current_folder(tmp_path, monkeypatch):
+    from distillcse import bench
+    monkeypatch.chdir(tmp_path)
+    out = os.path.abspath(bench.default_out_dir("-train"))
+    assert os.path.dirname(out) == str(tmp_path / "benchmarks" / "results") and out.endswith("-train")
+
+
 # ---- distillcse bench train -----------------------------------------------------------------
 
 def test_bench_train_minilm(tmp_path):
