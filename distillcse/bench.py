@@ -36,16 +36,20 @@ A series stops at the first point that runs out of CUDA memory ("OOM"), whose pr
 memory exceeds ``--max-memory-gib`` ("skipped (cap)", on CPU by default) or whose projected
 time exceeds ``--time-cap`` seconds ("skipped (time cap)"); the larger batch sizes of the
 series are recorded with the reason. Results: ``results.csv`` (one row per implementation and
-batch size, every row with device, versions, commit and time stamp), ``results.md`` and, from
-:func:`distillcse.plot.plot_results`, ``memory_vs_batch.png`` and ``time_vs_batch.png``.
+batch size, every row with device, versions, commit and time stamp) and ``results.md``, rewritten
+after every point (Ctrl-C or SIGTERM ends the run with exit status 128 + the signal, keeping them),
+and, from :func:`distillcse.plot.plot_results`, ``memory_vs_batch.png`` and ``time_vs_batch.png``
+(skipped, with a note, without matplotlib).
 """
 import contextlib
 import csv
 import datetime
 import gc
+import io
 import math
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -546,8 +550,9 @@ def _measure_point(fn, inputs, meter, device, repeats, time_cap):
 
 def sweep(*, what="full", D=128, Dt=128, K=2, dtype=torch.float32, shuffle="random", impls=None,
           batches=(64, 128, 256, 512, 1024), repeats=5, device="cpu", max_memory_gib=None,
-          time_cap=30.0, progress=True, log=print):
-    """Run the sweep; returns the rows (dicts with the keys of ``COLUMNS``)."""
+          time_cap=30.0, progress=True, log=print, on_rows=None):
+    """Run the sweep; returns the rows (dicts with the keys of ``COLUMNS``). ``on_rows(rows)`` is
+    called after each point (the files are rewritten: a run stopped midway keeps what it measured)."""
     from tqdm.auto import tqdm
 
     device = torch.device(device)
@@ -558,7 +563,7 @@ def sweep(*, what="full", D=128, Dt=128, K=2, dtype=torch.float32, shuffle="rand
     env = environment(device)
     dtype_name = str(dtype).replace("torch.", "")
     settings = dict(what=what, D=D, Dt=Dt, K=K, dtype=dtype_name, shuffle=shuffle)
-    rows, gemm_cache, compiled = [], {}, {}
+    rows = []
     bar = tqdm(total=len(impls) * len(batches), desc="bench memory", unit="pt", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
     if log is print:
@@ -571,9 +576,24 @@ def sweep(*, what="full", D=128, Dt=128, K=2, dtype=torch.float32, shuffle="rand
                    repeats="", loss="", note=note)
         row.update(values)
         rows.append(row)
+        if on_rows is not None:
+            on_rows(rows)
         bar.update(1)
         return row
 
+    try:
+        _sweep_points(impls, batches, record, bar, log, what=what, D=D, Dt=Dt, K=K, dtype=dtype,
+                      shuffle=shuffle, repeats=repeats, device=device, max_memory_gib=max_memory_gib,
+                      time_cap=time_cap)
+    finally:
+        bar.close()
+    return rows
+
+
+def _sweep_points(impls, batches, record, bar, log, *, what, D, Dt, K, dtype, shuffle, repeats, device,
+                  max_memory_gib, time_cap):
+    """The loop of :func:`sweep`: each (implementation, B) ends in one ``record``."""
+    gemm_cache, compiled = {}, {}
     for impl in impls:
         stop, last = None, None      # stop: (status, note) once the series ends; last: (B, seconds)
         meter = memory_meter(impl, device)
@@ -637,20 +657,28 @@ def sweep(*, what="full", D=128, Dt=128, K=2, dtype=torch.float32, shuffle="rand
                    ratio_to_gemm="" if gemm is None else f"{seconds / gemm:.3g}")
             log(f"  {impl:<14} B={B:<8} {seconds * 1e3:>10.3f} ms  {peak / MIB:>10.2f} MiB"
                 + ("" if gemm is None else f"  {seconds / gemm:>7.1f} x GEMM"))
-    bar.close()
-    return rows
 
 
 # --------------------------------------------------------------------------------------------
 # Files.
 # --------------------------------------------------------------------------------------------
 
+def write_text(path, text):
+    """Writes ``path`` whole or not at all (a temporary file renamed over it): an interruption
+    while writing leaves the previous version."""
+    part = path + ".part"
+    with open(part, "w", newline="") as f:
+        f.write(text)
+    os.replace(part, path)
+
+
 def write_csv(rows, path, columns=COLUMNS):
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: row.get(c, "") for c in columns})
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(columns))
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: row.get(c, "") for c in columns})
+    write_text(path, text.getvalue())
 
 
 def _cell_time(row):
@@ -706,6 +734,36 @@ def default_out_dir(suffix=""):
     return os.path.join("benchmarks", "results", stamp + suffix)
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (``signum``) during a benchmark, raised where it arrives as Ctrl-C's KeyboardInterrupt is."""
+
+    def __init__(self, signum):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(signum)
+
+
+def run_stoppable(work, written, log=print):
+    """``work()``; on Ctrl-C or SIGTERM one line saying what ``written()`` (a phrase) holds, then
+    exit status 128 + the signal (130 for Ctrl-C), no traceback."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    except ValueError:                       # not the main thread: leave signals alone
+        previous = None
+    try:
+        return work()
+    except KeyboardInterrupt as stopped:
+        signum = getattr(stopped, "signum", signal.SIGINT)
+        log(f"\n{signal.Signals(signum).name}: stopped; {written()}")
+        raise SystemExit(128 + signum) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def add_memory_arguments(p):
     p.add_argument("--what", choices=WHATS, default="full", help="which loss (default: full)")
     p.add_argument("--D", type=checks.positive_int, default=None, help="student width (default: 128 on CPU, 768 on CUDA)")
@@ -747,7 +805,8 @@ def run_memory(args, log=print):
     impls = list(dict.fromkeys(args.impl)) if args.impl else default_impls()   # each once, in order
     out = args.out or default_out_dir()
     checks.check_out_dir(out)
-    os.makedirs(out, exist_ok=True)
+    csv_path, md_path = os.path.join(out, "results.csv"), os.path.join(out, "results.md")
+    no_plots = None if args.no_plot else _matplotlib_missing(csv_path)
     log(f"distillcse bench memory on {device_name(device)}: {WHAT_TITLES[args.what]}, D={D}, Dt={Dt}, "
         f"K={args.K}, {str(dtype).replace('torch.', '')}, shuffle={args.shuffle}, "
         f"B={batches[0]}..{batches[-1]}, {repeats} repeats, "
@@ -755,19 +814,54 @@ def run_memory(args, log=print):
     log(f"implementations: {', '.join(impls)}")
     if "inf-cl" not in impls and not args.impl:
         log("inf-cl: not run (the inf_cl package is not importable)")
-    rows = sweep(what=args.what, D=D, Dt=Dt, K=args.K, dtype=dtype, shuffle=args.shuffle, impls=impls,
-                 batches=batches, repeats=repeats, device=device, max_memory_gib=cap,
-                 time_cap=args.time_cap, progress=not args.no_progress, log=log)
-    csv_path = os.path.join(out, "results.csv")
-    write_csv(rows, csv_path)
-    table = markdown_table(rows)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(table)
-    log("")
-    log(table)
-    written = [csv_path, os.path.join(out, "results.md")]
-    if not args.no_plot:
+    if no_plots:
+        log(no_plots)
+    state = dict(rows=[], swept=False)
+
+    def write(rows):                         # after every point
+        state["rows"] = rows
+        os.makedirs(out, exist_ok=True)
+        write_csv(rows, csv_path)
+        write_text(md_path, markdown_table(rows))
+
+    def plots():
+        if args.no_plot or no_plots or not any(r["status"] == OK for r in state["rows"]):
+            return []
         from .plot import plot_results
-        written += plot_results(csv_path, out)
-    log("wrote " + ", ".join(written))
-    return rows, out
+        return plot_results(csv_path, out)
+
+    def run():
+        rows = sweep(what=args.what, D=D, Dt=Dt, K=args.K, dtype=dtype, shuffle=args.shuffle, impls=impls,
+                     batches=batches, repeats=repeats, device=device, max_memory_gib=cap,
+                     time_cap=args.time_cap, progress=not args.no_progress, log=log, on_rows=write)
+        state["swept"] = True
+        log("")
+        log(markdown_table(rows))
+        log("wrote " + ", ".join([csv_path, md_path] + plots()))
+        if no_plots:
+            log(no_plots)
+        return rows
+
+    def written():
+        if not state["rows"]:
+            return "no point was measured, nothing written"
+        files = [csv_path, md_path]
+        if not state["swept"]:               # interrupted while measuring: the plots of the points so far
+            try:
+                files += plots()
+            except KeyboardInterrupt:        # a second Ctrl-C: no plots
+                pass
+        return f"{len(state['rows'])} of {len(impls) * len(batches)} points written: " + ", ".join(files)
+
+    return run_stoppable(run, written, log), out
+
+
+def _matplotlib_missing(csv_path):
+    """None when the plots can be drawn, else a line saying why not and how to draw them later."""
+    from .plot import check_matplotlib
+    try:
+        check_matplotlib()
+    except ImportError as err:
+        return (f"plots skipped: {err}; results.csv and results.md are written (the plots, once it is "
+                f"installed: distillcse bench plot {csv_path})")
+    return None

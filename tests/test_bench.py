@@ -3,6 +3,7 @@ baseline they time against the reference."""
 import csv
 import math
 import os
+import signal
 
 import pytest
 import torch
@@ -179,6 +180,82 @@ def test_bench_memory_cap_and_compile(tmp_path):
             assert peak["plain-compile", int(r["B"])] >= int(r["B"]) ** 2 * 4, r   # the logits
 
 
+def _stop_at_call(monkeypatch, module, name, call, signum):
+    """``module.name`` sends ``signum`` to this process at its ``call``-th call (counting from 1)."""
+    original, calls = getattr(module, name), []
+
+    def stopping(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signum)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(module, name, stopping)
+
+
+def _stopped(argv):
+    """The exit status of ``distillcse ARGV`` stopped by a signal; a KeyboardInterrupt escaping fails."""
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("the interruption escaped as a KeyboardInterrupt (a traceback)")
+    except SystemExit as err:
+        return err.code
+    pytest.fail("the command ran to its end")
+
+
+@pytest.fixture
+def sigterm_guard():
+    """A SIGTERM that no one catches fails the test instead of killing it; the handler is back after."""
+    def unexpected(signum, frame):
+        raise AssertionError("SIGTERM reached the test's handler")
+    previous = signal.signal(signal.SIGTERM, unexpected)
+    yield unexpected
+    signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_bench_memory_stopped_keeps_the_points_measured(signum, tmp_path, monkeypatch, capsys, sigterm_guard):
+    """Ctrl-C or SIGTERM at the third point: exit 128 + the signal with one line, the two points
+    measured in results.csv, results.md and the plots."""
+    from distillcse import bench
+    _stop_at_call(monkeypatch, bench, "_measure_point", 3, signum)
+    out = tmp_path / "out"
+    code = _stopped(["bench", "memory", "--device", "cpu", "--min-batch", "8", "--max-batch", "64", "--D", "8",
+                     "--repeats", "1", "--impl", "plain", "--out", str(out), "--no-progress"])
+    assert code == 128 + signum
+    assert f"{signal.Signals(signum).name}: stopped; 2 of 4 points written: {out / 'results.csv'}, " \
+        f"{out / 'results.md'}, {out / 'memory_vs_batch.png'}, {out / 'time_vs_batch.png'}" in capsys.readouterr().out
+    _, rows = _read(out / "results.csv")
+    assert [(r["B"], r["status"]) for r in rows] == [("8", "ok"), ("16", "ok")]
+    assert "| 16 |" in (out / "results.md").read_text()
+    _assert_png(str(out / "time_vs_batch.png"))
+    assert sorted(os.listdir(out)) == ["memory_vs_batch.png", "results.csv", "results.md", "time_vs_batch.png"]
+    assert signal.getsignal(signal.SIGTERM) is sigterm_guard
+
+
+def test_bench_memory_stopped_before_a_point_writes_nothing(tmp_path, monkeypatch, capsys):
+    from distillcse import bench
+    _stop_at_call(monkeypatch, bench, "_measure_point", 1, signal.SIGINT)
+    out = tmp_path / "out"
+    code = _stopped(["bench", "memory", "--device", "cpu", "--min-batch", "8", "--max-batch", "8", "--D", "8",
+                     "--repeats", "1", "--impl", "plain", "--out", str(out), "--no-progress"])
+    assert code == 130 and "SIGINT: stopped; no point was measured, nothing written" in capsys.readouterr().out
+    assert not out.exists()
+
+
+def test_bench_targets_stopped_keeps_the_points_measured(tmp_path, monkeypatch, capsys):
+    from distillcse import bench
+    _stop_at_call(monkeypatch, bench, "_measure_point", 2, signal.SIGINT)
+    out = tmp_path / "out"
+    code = _stopped(["bench", "targets", "--divide", "4096", "--D", "8", "--impl", "plain", "--repeats", "1",
+                     "--device", "cpu", "--skip-million", "--out", str(out), "--no-progress"])
+    assert code == 130
+    assert f"SIGINT: stopped; 1 of 4 points written: {out / 'targets.csv'}, {out / 'targets.md'}" in \
+        capsys.readouterr().out
+    _, rows = _read(out / "targets.csv")
+    assert [(r["point"], r["status"]) for r in rows] == [("paper batch", "ok")]
+
+
 def test_bench_default_out_is_under_the_current_folder(tmp_path, monkeypatch):
     from distillcse import bench
     monkeypatch.chdir(tmp_path)
@@ -240,6 +317,29 @@ def test_bench_train_mini_batches(tmp_path):
     assert [(r["impl"], r["status"], r["mini_batch"]) for r in rows] == [("encoder-only", "ok", "3"), ("torch", "ok", "3")]
     assert all(math.isfinite(float(r["loss"])) for r in rows)
     assert "encoder mini-batches of 3 rows (gradient caching)" in (out / "train.md").read_text()
+
+
+def test_bench_train_stopped_keeps_the_points_measured(tmp_path, monkeypatch, capsys):
+    """Ctrl-C at the second point (the third step run: the first is the untimed warm-up)."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    from distillcse import bench_train
+    config = transformers.BertConfig(vocab_size=1100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64)
+    torch.manual_seed(0)
+    tiny = (None, transformers.BertModel(config), transformers.BertModel(config), "tiny", "tiny")
+    monkeypatch.setattr(bench_train, "load_models", lambda *args: tiny)
+    _stop_at_call(monkeypatch, bench_train, "run_point", 3, signal.SIGINT)
+    path = tmp_path / "sentences.txt"
+    path.write_text("".join(f"sentence number {i}\n" for i in range(8)), encoding="utf-8")
+    out = tmp_path / "out"
+    code = _stopped(["bench", "train", "--device", "cpu", "--batch", "4", "--steps", "1", "--sentences", str(path),
+                     "--impl", "encoder-only", "torch", "--out", str(out), "--no-progress"])
+    assert code == 130
+    assert f"SIGINT: stopped; 1 of 2 points written: {out / 'train.csv'}, {out / 'train.md'}" in \
+        capsys.readouterr().out
+    _, rows = _read(out / "train.csv")
+    assert [(r["impl"], r["status"]) for r in rows] == [("encoder-only", "ok")]
+    assert "| 4 |" in (out / "train.md").read_text()
 
 
 def test_bench_train_missing_sentences(tmp_path):
