@@ -146,7 +146,7 @@ def test_bench_memory_without_matplotlib_says_so_first_and_writes_the_rest(tmp_p
     main(["bench", "memory", "--device", "cpu", "--min-batch", "8", "--max-batch", "8", "--D", "8", "--impl", "plain",
           "--repeats", "1", "--out", str(out), "--no-progress"])
     printed = capsys.readouterr().out
-    note = (f"plots skipped: the plots need matplotlib, which does not import here (", "): pip install matplotlib; results.csv "
+    note = ("plots skipped: the plots need matplotlib, which does not import here (", "): pip install matplotlib; results.csv "
             f"and results.md are written (the plots, once it is installed: distillcse bench plot {out / 'results.csv'})")
     assert note[0] in printed and note[1] in printed
     assert printed.index(note[0]) < printed.index("B=8 "), "the note comes before the sweep"
