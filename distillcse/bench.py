@@ -505,7 +505,7 @@ def _gib(nbytes):
 
 def batch_sizes(min_batch, max_batch):
     if min_batch < 2 or max_batch < min_batch:
-        raise SystemExit(f"need 2 <= --min-batch <= --max-batch (default 1024 on CPU, 2^20 on CUDA), "
+        raise SystemExit(f"need 2 <= --min-batch <= --max-batch (default 4096 on CPU, 2^20 on CUDA), "
                          f"got {min_batch} and {max_batch}")
     sizes, B = [], min_batch
     while B <= max_batch:
@@ -777,7 +777,7 @@ def add_memory_arguments(p):
                    help=f"implementations, some of {', '.join(IMPLS)} (default: all; inf-cl when importable)")
     p.add_argument("--min-batch", type=checks.batch_size, default=64, help="first batch size (default: 64)")
     p.add_argument("--max-batch", type=checks.batch_size, default=None,
-                   help="last batch size, doubling from --min-batch (default: 1024 on CPU, 2^20 on CUDA)")
+                   help="last batch size, doubling from --min-batch (default: 4096 on CPU, 2^20 on CUDA)")
     p.add_argument("--repeats", type=checks.positive_int, default=None, help="timed runs per point (default: 5 on CPU, 10 on CUDA)")
     p.add_argument("--device", type=checks.cli_device, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--max-memory-gib", type=checks.non_negative_float, default=None,
@@ -796,7 +796,7 @@ def run_memory(args, log=print):
     D = args.D or (768 if cuda else 128)
     Dt = args.Dt or D
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
-    max_batch = args.max_batch or (2 ** 20 if cuda else 1024)
+    max_batch = args.max_batch or (2 ** 20 if cuda else 4096)
     repeats = args.repeats or (10 if cuda else 5)
     cap = args.max_memory_gib if args.max_memory_gib is not None else (None if cuda else 4.0)
     if cap is not None and cap <= 0:

@@ -197,7 +197,7 @@ def test_any_int_seed_is_its_64_bit_key(backend):
     (["bench", "memory", "--D", "0", "--out", "OUT"], "argument --D: expected a positive number, got 0"),  # was: the default D
     (["bench", "memory", "--time-cap", "nan", "--out", "OUT"], "argument --time-cap: expected a positive number, got nan"),
     (["bench", "memory", "--max-batch", "1", "--out", "OUT"], "argument --max-batch: expected a number >= 2, got 1"),
-    (["bench", "memory", "--min-batch", "64", "--max-batch", "32", "--out", "OUT"], "need 2 <= --min-batch <= --max-batch (default 1024 on CPU, 2^20 on CUDA), got 64 and 32"),
+    (["bench", "memory", "--min-batch", "64", "--max-batch", "32", "--out", "OUT"], "need 2 <= --min-batch <= --max-batch (default 4096 on CPU, 2^20 on CUDA), got 64 and 32"),
     (["bench", "train", "--batch", "64", "1", "--out", "OUT"], "argument --batch: expected a number >= 2, got 1"),
     (["bench", "plot", "/nonexistent/results.csv"], "bench plot: /nonexistent/results.csv: no such file"),
     (["verify", "--sizes", "37", "1"], "argument --sizes: expected a number >= 2, got 1"),
