@@ -177,7 +177,9 @@ class _StopAtStepEnd:
 
     def _handler(self, signum, frame):
         if self.signum is not None:
-            raise KeyboardInterrupt(f"signal {signum}")
+            stop = KeyboardInterrupt(f"signal {signum}")
+            stop.signum = signum             # the exit status is 128 + this signal's number
+            raise stop
         self.signum = signum
         self.log(f"\n{signal.Signals(signum).name}: stopping when this step ends (again: at once, "
                  "without its checkpoint)")

@@ -254,6 +254,22 @@ def test_signals_stop_where_the_step_ends(tmp_path, sentences, monkeypatch):
     assert float(want[1]["lr"]) == pytest.approx(3e-5)   # step 1 ran at the full rate (it logged the next one)
 
 
+def test_a_second_signal_exits_with_its_own_status(monkeypatch):
+    """A second SIGTERM stops at once with exit status 143 (128 + SIGTERM); it gave 130, SIGINT's."""
+    stop = train._StopAtStepEnd(log=lambda *a: None)
+    stop._handler(signal.SIGTERM, None)                  # the first: stop where the step ends
+    with pytest.raises(KeyboardInterrupt) as second:
+        stop._handler(signal.SIGTERM, None)
+
+    def raise_second(args, log):
+        raise second.value
+
+    monkeypatch.setattr(train, "train", raise_second)
+    with pytest.raises(SystemExit) as exited:
+        train.run_train(None)
+    assert exited.value.code == 128 + signal.SIGTERM
+
+
 def test_resume_refuses_other_settings(tmp_path, sentences):
     """The same --out with a different loss or schedule is not silently resumed; options about
     where and how the run reports may change."""
