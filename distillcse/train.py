@@ -66,6 +66,9 @@ def load_encoder(name, pooling, max_length=128, option="model"):
     except (OSError, ValueError) as err:   # ValueError: a folder without a model's config.json
         raise SystemExit(f"{option} {name}: not loadable (a folder saved with save_pretrained, or a "
                          f"Hugging Face model name reachable from here): {err}") from err
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise SystemExit(f"{option} {name}: an encoder-decoder model ({type(model).__name__}); give an encoder "
+                         "(for T5: its encoder saved alone, T5EncoderModel)")
     vocab = getattr(model.config, "vocab_size", None)
     if vocab and len(tokenizer) < vocab // 2:   # transformers builds a near-empty one where none was saved
         raise SystemExit(f"{option} {name}: its tokenizer has {len(tokenizer)} tokens for the model's {vocab} "

@@ -324,6 +324,11 @@ def test_sts_names_what_it_cannot_score(tmp_path):
     transformers.AutoModel.from_pretrained(minilm.get_model_path()).save_pretrained(tmp_path / "model")
     with pytest.raises(SystemExit, match="its tokenizer has 5 tokens for the model's 30522"):
         main(["sts", str(tmp_path / "model"), "--tasks", "STS13", "--device", "cpu"])
+    t5 = transformers.T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, vocab_size=30522)
+    transformers.T5Model(t5).save_pretrained(tmp_path / "t5")
+    transformers.AutoTokenizer.from_pretrained(minilm.get_model_path()).save_pretrained(tmp_path / "t5")
+    with pytest.raises(SystemExit, match=r"an encoder-decoder model \(T5Model\)"):
+        main(["sts", str(tmp_path / "t5"), "--tasks", "STS13"])
     with pytest.raises(SystemExit, match="a file, not a model's folder"):
         main(["sts", str(tmp_path / "model" / "config.json"), "--tasks", "STS13"])
     with pytest.raises(SystemExit, match="--sts-dir /nonexistent: /nonexistent/STS/STS13-en-test/STS.input.FNWN.txt"):
