@@ -10,6 +10,8 @@ triton backend is O(B_global). In the backward each rank's slice of the gradient
 the ranks (as ``torch.distributed.nn.all_gather``): with ``DistributedDataParallel``, which
 averages parameter gradients over the ranks, the parameters get the gradient of the global loss.
 """
+import hashlib
+
 import torch
 import torch.distributed as dist
 
@@ -28,7 +30,7 @@ class _AllGatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
+        grad = grad.clone(memory_format=torch.contiguous_format)   # autograd may hand it to others too
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         start = sum(ctx.sizes[:ctx.rank])
         return grad[start:start + ctx.sizes[ctx.rank]], None, None, None
@@ -52,9 +54,27 @@ def all_gather(*tensors, group=None):
     if not (dist.is_available() and dist.is_initialized()):
         return tensors if len(tensors) > 1 else tensors[0]
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    n = torch.tensor([tensors[0].shape[0]], dtype=torch.int64, device=tensors[0].device)
-    counts = [torch.empty_like(n) for _ in range(world)]
-    dist.all_gather(counts, n, group=group)
-    sizes = [int(c) for c in counts]
+    sizes = _rows_per_rank(tensors, world, group)
     out = tuple(_AllGatherRows.apply(t, sizes, rank, group) for t in tensors)
     return out if len(out) > 1 else out[0]
+
+
+def _rows_per_rank(tensors, world, group):
+    """Every rank's row count, in one all-gather that also carries a digest of the tensors' kinds
+    (number, trailing shapes, dtypes, whether they require grad), which must agree across the
+    ranks: the collectives would otherwise reinterpret the bytes, abort, or, for the gradient's
+    all-reduce, hang. On a mismatch every rank sees it and all of them exchange the details."""
+    kinds = [(tuple(t.shape[1:]), str(t.dtype).replace("torch.", ""), t.requires_grad) for t in tensors]
+    digest = int.from_bytes(hashlib.sha256(repr(kinds).encode()).digest()[:7], "little")
+    local = torch.tensor([tensors[0].shape[0], digest], dtype=torch.int64, device=tensors[0].device)
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local, group=group)
+    if any(int(g[1]) != digest for g in gathered):
+        every = [None] * world
+        dist.all_gather_object(every, kinds, group=group)
+        described = "; ".join(f"rank {r}: " + ", ".join(
+            f"[n, {', '.join(map(str, shape))}] {dtype}{' requiring grad' if grad else ''}" for shape, dtype, grad in k)
+            for r, k in enumerate(every))
+        raise ValueError(f"all_gather: the ranks pass different tensors ({described}); every rank must pass "
+                         "tensors of the same trailing shape, dtype and requires_grad, in the same order")
+    return [int(g[0]) for g in gathered]

@@ -71,3 +71,39 @@ def test_all_gather_errors(args, error, message):
     with pytest.raises(error, match=message):
         distillcse.all_gather(*args)
 
+
+
+def _shared_gradient_worker(rank, init_file, results):
+    """(i) the mean of two gathered tensors, whose backward hands both gathers one gradient tensor;
+    (ii) a width that differs between the ranks."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        g = torch.Generator().manual_seed(3)
+        a, b, w = (torch.randn(B, 4, generator=g, dtype=torch.float64) for _ in range(3))
+        a, b = (x[SHARDS[rank]].clone().requires_grad_(True) for x in (a, b))
+        ((w * (distillcse.all_gather(a) + distillcse.all_gather(b)) / 2).sum()).backward()
+        width = 4 if rank == 0 else 5
+        try:
+            distillcse.all_gather(torch.zeros(3, width))
+            mismatch = None
+        except ValueError as err:
+            mismatch = str(err)
+        results[rank] = (a.grad, b.grad, mismatch)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_gather_backward_and_mismatched_ranks(tmp_path):
+    """Each gather's gradient is its own: the mean of two gathered tensors gives each rank W x the
+    one-process gradient (the all-reduce ran in place on the tensor autograd handed to both, so
+    they got W^2). Ranks passing different widths get an error naming both (gloo aborted the
+    processes; other mismatches were reinterpreted as bytes)."""
+    results = mp.Manager().dict()
+    mp.spawn(_shared_gradient_worker, args=(str(tmp_path / "init"), results), nprocs=WORLD, join=True)
+    g = torch.Generator().manual_seed(3)
+    _, _, w = (torch.randn(B, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    for rank in range(WORLD):
+        a_grad, b_grad, mismatch = results[rank]
+        torch.testing.assert_close(a_grad, WORLD * w[SHARDS[rank]] / 2, rtol=1e-12, atol=0)
+        torch.testing.assert_close(b_grad, WORLD * w[SHARDS[rank]] / 2, rtol=1e-12, atol=0)
+        assert mismatch is not None and "rank 0: [n, 4] float32; rank 1: [n, 5] float32" in mismatch
