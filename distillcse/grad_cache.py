@@ -19,8 +19,10 @@ the gradient that one backward through all the mini-batches' forwards would give
 of a second forward of the encoder.
 """
 import contextlib
+import warnings
 
 import torch
+import torch.distributed as dist
 
 __all__ = ["cached_backward"]
 
@@ -58,7 +60,8 @@ def _encode_without_grad(encode, mini_batches):
         for i, mini_batch in enumerate(mini_batches):
             states.append(_rng_state())
             parts.append(_as_tuple(encode(mini_batch), i, len(parts[0]) if parts else None))
-    embeddings = [torch.cat([p[k] for p in parts]).requires_grad_() for k in range(len(parts[0]))]
+    embeddings = [torch.cat([p[k] for p in parts]) for k in range(len(parts[0]))]
+    embeddings = [e.requires_grad_() if e.is_floating_point() else e for e in embeddings]   # not ids, counts
     rows = [[p[k].shape[0] for p in parts] for k in range(len(parts[0]))]
     return embeddings, rows, states
 
@@ -66,8 +69,16 @@ def _encode_without_grad(encode, mini_batches):
 def _replay_backward(encode, mini_batches, states, grads, no_sync):
     """Pass 3: ``encode`` on each mini-batch again, with autograd, from its random state, and
     backward from ``grads[output][mini-batch]`` (None: an output without gradient). The random
-    state afterwards is the one before."""
+    state afterwards is the one before, also where an error ends it (then ``.grad`` holds the
+    mini-batches before it)."""
     after = _rng_state()
+    try:
+        _replay(encode, mini_batches, states, grads, no_sync)
+    finally:
+        _set_rng_state(after)
+
+
+def _replay(encode, mini_batches, states, grads, no_sync):
     for i, mini_batch in enumerate(mini_batches):
         _set_rng_state(states[i])
         with contextlib.ExitStack() as held:
@@ -83,7 +94,6 @@ def _replay_backward(encode, mini_batches, states, grads, no_sync):
             pairs = [(out, g[i]) for out, g in zip(outputs, grads) if g is not None and out.requires_grad]
             if pairs:
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-    _set_rng_state(after)
 
 
 def cached_backward(encode, mini_batches, loss_fn, *, scale=None, no_sync=()):
@@ -99,12 +109,16 @@ def cached_backward(encode, mini_batches, loss_fn, *, scale=None, no_sync=()):
             it (e.g. ``distillcse_loss(..., return_terms=True)``); each of ``embeddings`` is the
             row-wise concatenation of that output over the mini-batches.
         scale: applied to the loss before its backward, e.g. ``GradScaler.scale`` for float16.
-        no_sync: ``DistributedDataParallel`` modules inside ``encode``: their gradient all-reduce
-            waits for the last mini-batch's backward.
+        no_sync: the ``DistributedDataParallel`` modules inside ``encode``: their gradient
+            all-reduce waits for the last mini-batch's backward. Needed under DDP: without it
+            each mini-batch's backward all-reduces, and ranks with different numbers of
+            mini-batches then pair up different collectives (wrong gradients, or a hang).
 
     Returns ``loss_fn``'s result with the loss detached. Parameter gradients are accumulated
     into ``.grad`` as ``loss.backward()`` would; the random-number state afterwards is the one
-    after the first pass's forwards and the loss (the replay leaves no trace).
+    after the first pass's forwards and the loss (the replay leaves no trace). An error in the
+    replay leaves ``.grad`` with the mini-batches before it: zero it before a retry. The encoder
+    runs twice, so running statistics (BatchNorm's) are updated twice a mini-batch.
     """
     if not callable(encode) or not callable(loss_fn):
         raise TypeError("cached_backward: encode and loss_fn must be callables")
@@ -115,6 +129,13 @@ def cached_backward(encode, mini_batches, loss_fn, *, scale=None, no_sync=()):
         if not hasattr(m, "no_sync"):
             raise TypeError(f"cached_backward: no_sync expects DistributedDataParallel modules, got "
                             f"{type(m).__name__}")
+    if not torch.is_grad_enabled():
+        raise RuntimeError("cached_backward: called with gradients disabled (torch.no_grad or "
+                           "inference_mode); it runs the step's backward")
+    if len(mini_batches) > 1 and not no_sync and dist.is_available() and dist.is_initialized():
+        warnings.warn("cached_backward under torch.distributed without no_sync: if encode holds a "
+                      "DistributedDataParallel module, pass it as no_sync=[module] (each mini-batch's "
+                      "backward all-reduces otherwise: wrong gradients or a hang)", stacklevel=2)
 
     if len(mini_batches) == 1:                                   # nothing to cache: one forward, with autograd
         embeddings = _as_tuple(encode(mini_batches[0]), 0)

@@ -155,6 +155,8 @@ def test_errors():
         cached_backward(model, [x], lambda z1, z2: torch.zeros(()))
     with pytest.raises(TypeError, match="no_sync expects DistributedDataParallel"):
         cached_backward(model, [x], loss, no_sync=[model])
+    with torch.no_grad(), pytest.raises(RuntimeError, match="called with gradients disabled"):
+        cached_backward(model, [x], loss)
     calls = []
 
     def shifting(m):                                            # a different row count on its replay
@@ -162,3 +164,61 @@ def test_errors():
         return model(m if len(calls) <= 2 else m[1:])
     with pytest.raises(RuntimeError, match=r"mini_batches\[0\]\) output 0 is \(6, 6\) on its replay"):
         cached_backward(shifting, x.split(7), loss)
+
+
+def test_an_error_in_the_replay_leaves_the_random_state_as_after_the_loss():
+    """A failure in the replay's last mini-batch (an out-of-memory error, say) leaves the random
+    state where the step left it, as a finished replay does (it was left at that mini-batch's
+    saved state: the next step redrew its dropout masks)."""
+    model, x, teacher = _setup()
+    calls = []
+
+    def failing_on_its_last_replay(m):
+        calls.append(1)
+        if len(calls) == 6:                                     # 3 forwards, then the replay's third
+            raise RuntimeError("out of memory")
+        return model(m)
+
+    torch.manual_seed(0)
+    cached_backward(model, x.split(5), _loss(teacher))
+    want = torch.get_rng_state()
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        cached_backward(failing_on_its_last_replay, x.split(5), _loss(teacher))
+    assert torch.equal(torch.get_rng_state(), want)
+
+
+def test_outputs_that_are_not_floats_pass_through():
+    """An encoder that also returns integer rows (token counts) works with several mini-batches
+    (concatenating them asked an int64 tensor to require grad)."""
+    model, x, teacher = _setup()
+
+    def with_counts(m):
+        z1, z2 = model(m)
+        return z1, z2, torch.full((m.shape[0],), 7)
+
+    def loss(z1, z2, counts):
+        assert counts.dtype == torch.int64 and counts.shape == (13,)
+        return _loss(teacher)(z1, z2)
+
+    torch.manual_seed(0)
+    cached_backward(with_counts, x.split(5), loss)
+    cached = _grads(model)
+    model.zero_grad()
+    torch.manual_seed(0)
+    cached_backward(model, x.split(5), _loss(teacher))
+    for name, grad in _grads(model).items():
+        torch.testing.assert_close(cached[name], grad, rtol=0, atol=0, msg=name)
+
+
+def test_several_mini_batches_under_torch_distributed_without_no_sync_warn(tmp_path):
+    """Under a process group, several mini-batches without no_sync warn: a DDP encoder would
+    all-reduce after each one, and ranks with different counts would pair up wrong collectives."""
+    import torch.distributed as dist
+    model, x, teacher = _setup()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        with pytest.warns(UserWarning, match=r"pass it as no_sync=\[module\]"):
+            cached_backward(model, x.split(5), _loss(teacher))
+    finally:
+        dist.destroy_process_group()
