@@ -10,7 +10,8 @@
 
 Input columns: ``(anchor)``, whose two dropout views are z1 and z2 (unsupervised SimCSE);
 ``(anchor, positive)``, z2 from the positive column; ``(anchor, positive, negative, ...)``,
-the further columns hard negatives. The ``label`` column holds the teachers' embeddings of the
+the further columns hard negatives. With ``distill_only=True``, ``(anchor)`` alone, encoded once.
+The ``label`` column holds the teachers' embeddings of the
 anchors, computed once (as sentence-transformers' distillation losses take them): ``[B, D_t]``
 for one teacher, ``[B, K, D_t]`` for K components of equal width (their logits averaged), or
 teachers of different widths side by side, ``[B, D_1 + ... + D_K]`` with
@@ -86,7 +87,11 @@ class DistillCSELoss(*((CachedLossMixin,) if CachedLossMixin else ()), torch.nn.
         features = list(sentence_features)
         if not features:
             raise ValueError("sentence_features: expected at least one input column (the anchors)")
-        if len(features) == 1:                                   # the anchors twice: two dropout views
+        if self.loss_options.get("distill_only"):                # the anchors alone: no views, no negatives
+            if len(features) > 1:
+                raise ValueError(f"sentence_features: distill_only=True uses the anchors alone, got {len(features)} "
+                                 "columns (the others would be encoded for nothing: remove them from the dataset)")
+        elif len(features) == 1:                                 # the anchors twice: two dropout views
             features = [features[0], dict(features[0])]
         if self.uses_gradient_cache:
             return self.forward_cached(features, labels)
@@ -101,7 +106,7 @@ class DistillCSELoss(*((CachedLossMixin,) if CachedLossMixin else ()), torch.nn.
         return loss
 
     def _loss(self, columns, labels):
-        z1, z2, *negatives = columns
+        z1, z2, *negatives = columns if len(columns) > 1 else columns * 2   # distill_only: z2 unused
         teachers = self._teachers(labels, z1)
         negatives = torch.cat(negatives) if negatives else None
         if not self.gather_across_devices:

@@ -86,6 +86,30 @@ def test_one_column_is_two_dropout_views(model, batch):
     assert abs(train_loss.item() - eval_loss.item()) > 1e-4         # dropout: two different views
 
 
+@pytest.mark.parametrize("mini_batch_size", [None, 3])
+def test_distill_only_encodes_the_anchors_alone(model, batch, mini_batch_size):
+    """distill_only=True: the anchors are encoded once (no second view, which the distillation
+    never reads), the loss and gradients are distill_loss's on them, and more columns are an
+    error. With mini-batches it failed: the cache refused the unused second view's column."""
+    anchors, negatives, labels = batch
+    model.eval()
+    model.zero_grad()
+    z = model(anchors)["sentence_embedding"]
+    expected = distillcse.distill_loss(z, labels[:, 0], shuffle="expected")
+    expected.backward()
+    expected_grads = _grads(model)
+    model.zero_grad()
+    loss_fn = DistillCSELoss(model, mini_batch_size=mini_batch_size, distill_only=True, shuffle="expected")
+    loss = loss_fn([anchors], labels[:, 0])
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=0)
+    loss.backward()
+    for name, grad in _grads(model).items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-3, atol=1e-6, msg=name)
+    model.zero_grad()
+    with pytest.raises(ValueError, match="distill_only=True uses the anchors alone, got 2 columns"):
+        loss_fn([anchors, negatives], labels[:, 0])
+
+
 def test_teachers_of_different_widths_side_by_side(model, batch):
     """teacher_dims=(24, 16): labels [B, 40] are two teachers, [B, 24] and [B, 16], whose logits
     are averaged (with teacher_weights too)."""
