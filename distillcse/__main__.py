@@ -47,7 +47,8 @@ def main(argv=None):
         train.run_evaluate(args)
     elif args.command == "verify":
         from .verify import verify
-        verify(device=args.device, sizes=args.sizes)
+        if not all(row["ok"] for row in verify(device=args.device, sizes=args.sizes)):
+            raise SystemExit(1)
     elif args.command == "bench":
         if args.bench_command == "memory":
             from .bench import run_memory
