@@ -6,7 +6,7 @@
 #       2. the test suite on the GPU (bf16/fp16/fp32; 8 pytest-xdist workers, as the first launch of
 #          every kernel variant JIT-compiles; the training tests skip there: no MiniLM package)
 #       3. `benchmarks/profile_step.py --B 65536`: where a step's time goes, and whether the host keeps up
-#       4. `distillcse verify` (bf16/fp16/fp32 table)
+#       4. `distillcse verify` (bf16/fp16/fp32, K = 1 and 2: 72 rows, each held to its bounds)
 #       5. `benchmarks/gpu_diag.py small`, if the call has time left: session 12's varying small-batch
 #          loss at N = 70 columns, after session 20 removed a shared-memory race from that kernel
 #       (session 12's H200 run: targets hit 240 s with its slow kernels, the suite took 165 s, verify 27 s)
@@ -48,8 +48,8 @@ case "$MODE" in
     stage 210 targets.log python3 -m distillcse bench targets --skip-million --no-progress --out "$OUT"
     stage 200 pytest_gpu.log python3 -m pytest -q -rf -n 8 --timeout 180 --durations=20 -p no:cacheprovider tests
     stage 90 profile.log python3 benchmarks/profile_step.py --B 65536 --out /tmp  # the log has it, as it goes
-    stage 45 verify_gpu.txt python3 -m distillcse verify
-    stage 40 diag.txt env OUT=/tmp python3 benchmarks/gpu_diag.py small   # its own copy stays in /tmp
+    stage 60 verify_gpu.txt python3 -m distillcse verify   # 72 rows (K = 1 and 2 since session 25), exit 1 on a row out of bounds
+    stage 25 diag.txt env OUT=/tmp python3 benchmarks/gpu_diag.py small   # its own copy stays in /tmp
     ;;
   sweep)
     for run in full:random full:expected contrastive:random; do
