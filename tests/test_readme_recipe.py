@@ -115,3 +115,13 @@ def test_readme_sentence_transformers_recipe_resumes_as_if_uninterrupted(tmp_pat
     assert any(not torch.equal(v, pristine[k]) for k, v in final.items())          # it trained
     for name, value in resumed["student"].state_dict().items():
         torch.testing.assert_close(value.cpu(), final[name], rtol=0, atol=0, msg=name)
+
+
+def test_readme_quick_start_runs(capsys):
+    """The quick start as written (on the CPU: the torch backend): its last loss is the sum of the
+    two terms it prints, and the first backward reached z1."""
+    scope = {}
+    exec(_recipe("quick start"), scope)
+    contrastive, distill = (float(x) for x in capsys.readouterr().out.split())
+    assert scope["loss"].item() == pytest.approx(contrastive + distill, rel=1e-6)
+    assert scope["z1"].grad is not None and torch.isfinite(scope["z1"].grad).all()
