@@ -252,6 +252,18 @@ def _check_resume_settings(saved, now, ckpt_path):
                          "give the same settings to resume it, or another --out")
 
 
+def _read_checkpoint(ckpt_path, args, device):
+    """The checkpoint at ``ckpt_path``, once its settings are this run's (else an error naming them)."""
+    try:
+        ckpt = torch.load(ckpt_path, map_location=device)
+        saved_args = ckpt.get("args", {})
+    except Exception as err:   # truncated, foreign, or not a checkpoint at all
+        raise SystemExit(f"{ckpt_path}: not a distillcse train checkpoint ({type(err).__name__}: {err}); "
+                         "move it away to start afresh, or give another --out") from err
+    _check_resume_settings(saved_args, vars(args), ckpt_path)
+    return ckpt
+
+
 def _train(args, log, device, rank, world):
     from tqdm.auto import tqdm
     main = rank == 0
@@ -284,6 +296,8 @@ def _train(args, log, device, rank, world):
     if args.batch_size < world:
         raise SystemExit(f"--batch-size {args.batch_size}: the global batch needs a row on each of {world} ranks")
 
+    ckpt_path = os.path.join(args.out, CHECKPOINT)   # read and compared before any model loads
+    ckpt = _read_checkpoint(ckpt_path, args, device) if os.path.exists(ckpt_path) else None
     student = load_encoder(args.student or minilm_path("--student NAME"), args.pooling, option="--student")
     if args.student_layers:
         kept = keep_layers(student.model, args.student_layers)
@@ -310,15 +324,7 @@ def _train(args, log, device, rank, world):
 
     os.makedirs(args.out, exist_ok=True)
     state = {"step": 0, "best_dev": -math.inf, "best_step": None}
-    ckpt_path = os.path.join(args.out, CHECKPOINT)
-    if os.path.exists(ckpt_path):
-        try:
-            ckpt = torch.load(ckpt_path, map_location=device)
-            saved_args = ckpt.get("args", {})
-        except Exception as err:   # truncated, foreign, or not a checkpoint at all
-            raise SystemExit(f"{ckpt_path}: not a distillcse train checkpoint ({type(err).__name__}: {err}); "
-                             "move it away to start afresh, or give another --out") from err
-        _check_resume_settings(saved_args, vars(args), ckpt_path)
+    if ckpt is not None:
         try:
             student.model.load_state_dict(ckpt["student"])
             if head is not None and ckpt.get("head") is not None:
@@ -331,6 +337,7 @@ def _train(args, log, device, rank, world):
             raise SystemExit(f"{ckpt_path}: does not match this run's student, head or optimizer "
                              f"({type(err).__name__}: {err}); give another --out") from err
         log(f"resumed from {ckpt_path} at step {state['step']} ({_best_so_far(state)})")
+        del ckpt                                     # its copy of the weights (the optimizer keeps its state)
 
     saved = {"step": state["step"] if os.path.exists(ckpt_path) else None}   # the checkpoint on disk
 

@@ -270,15 +270,22 @@ def test_a_second_signal_exits_with_its_own_status(monkeypatch):
     assert exited.value.code == 128 + signal.SIGTERM
 
 
-def test_resume_refuses_other_settings(tmp_path, sentences):
-    """The same --out with a different loss or schedule is not silently resumed; options about
-    where and how the run reports may change."""
+def test_resume_refuses_other_settings(tmp_path, sentences, monkeypatch):
+    """The same --out with a different loss or schedule is not silently resumed, and is refused
+    before any model loads; options about where and how the run reports may change."""
     out = tmp_path / "run"
     train.train(_args(out, sentences, max_steps=2), log=lambda *a: None)
+    real_load = train.load_encoder
+
+    def no_model_yet(*args, **kwargs):
+        raise AssertionError("a model loaded before the settings were compared")
+
+    monkeypatch.setattr(train, "load_encoder", no_model_yet)
     with pytest.raises(SystemExit, match=r"--distill-weight 1.0 there, 0.0 now; --max-steps 2 there, 4 now"):
         train.train(_args(out, sentences, distill_weight=0), log=lambda *a: None)
     with pytest.raises(SystemExit, match=r"--backend 'auto' there, 'reference' now"):  # its own random shuffle
         train.train(_args(out, sentences, max_steps=2, backend="reference"), log=lambda *a: None)
+    monkeypatch.setattr(train, "load_encoder", real_load)
     messages, respelt = [], os.path.join(os.path.dirname(sentences), ".", os.path.basename(sentences))
     train.train(_args(out, respelt, max_steps=2, eval_every=1, save_every=0), log=messages.append)
     assert any("resumed" in m and "step 2" in m for m in messages)   # the same file, spelt otherwise
