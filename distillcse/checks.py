@@ -116,13 +116,13 @@ def check_teacher_weights(weights, K):
                         f"got {type(weights).__name__}") from None
     if K is not None and len(weights) != K:
         raise ValueError(f"teacher_weights must have one weight per teacher ({K}), got {len(weights)}")
-    numbers_ = [_finite("teacher_weights", w.item() if isinstance(w, torch.Tensor) and w.numel() == 1 else w)
-                for w in weights]
-    if any(w is None or w < 0 for w in numbers_):
+    values = [_finite("teacher_weights", w.item() if isinstance(w, torch.Tensor) and w.numel() == 1 else w)
+              for w in weights]
+    if any(w is None or w < 0 for w in values):
         raise ValueError(f"teacher_weights must be finite numbers >= 0, got {weights}")
-    if abs(sum(numbers_) - 1.0) > 1e-6:
-        raise ValueError(f"teacher_weights must sum to 1, got sum {sum(numbers_)}")
-    return numbers_
+    if abs(sum(values) - 1.0) > 1e-6:
+        raise ValueError(f"teacher_weights must sum to 1, got sum {sum(values)}")
+    return values
 
 
 def _finite(name, value):

@@ -69,7 +69,8 @@ def _rows_per_rank(tensors, world, group):
     local = torch.tensor([tensors[0].shape[0], digest], dtype=torch.int64, device=tensors[0].device)
     gathered = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(gathered, local, group=group)
-    if any(int(g[1]) != digest for g in gathered):
+    rows, digests = zip(*torch.stack(gathered).tolist())        # one read for every rank
+    if any(d != digest for d in digests):
         every = [None] * world
         dist.all_gather_object(every, kinds, group=group)
         described = "; ".join(f"rank {r}: " + ", ".join(
@@ -77,4 +78,4 @@ def _rows_per_rank(tensors, world, group):
             for r, k in enumerate(every))
         raise ValueError(f"all_gather: the ranks pass different tensors ({described}); every rank must pass "
                          "tensors of the same trailing shape, dtype and requires_grad, in the same order")
-    return [int(g[0]) for g in gathered]
+    return list(rows)

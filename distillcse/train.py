@@ -39,6 +39,7 @@ from . import checks, sts
 from .api import DistillCSELoss, distillcse_loss, resolve_backend
 from .distributed import all_gather
 from .grad_cache import cached_backward
+from .bench import write_csv
 from .bench_train import default_sentences_path, minilm_path
 
 CHECKPOINT = "checkpoint.pt"
@@ -125,15 +126,6 @@ def _atomic_save(obj, path):
     tmp = path + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
-
-
-def _rewrite_log(path, columns, rows):
-    """The log as its header and ``rows``, written beside it and renamed over it."""
-    with open(path + ".tmp", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(path + ".tmp", path)
 
 
 def _save_folder(save, path):
@@ -366,7 +358,7 @@ def _train(args, log, device, rank, world):
             columns = reader.fieldnames or LOG_COLUMNS
             kept = [row for row in reader if int(row["step"]) <= state["step"]]
     if main:   # the kept rows replace the log in one rename: a kill now leaves it as it was or as kept
-        _rewrite_log(log_path, columns, kept)
+        write_csv(kept, log_path, columns)
     log_file = open(log_path if main else os.devnull, "a", newline="")
     writer = csv.DictWriter(log_file, fieldnames=columns, extrasaction="ignore")
     if state["step"] == 0 and args.eval_every and main:

@@ -213,7 +213,7 @@ class SmallBatchFused(torch.autograd.Function):
         return dz1, dy, None, None, None
 
 
-def _teacher(t, z, unit_rows):
+def _teacher(t, unit_rows):
     """(t, rt): teacher rows and their fp32 inverse norms (ones for unit rows)."""
     return t, (torch.ones(t.shape[0], device=t.device) if unit_rows else _inv_norms(t))
 
@@ -251,13 +251,13 @@ def distill(z, t, student_temperature, options, *, unit_rows):
     their inverse norms."""
     _check_dtype(z)
     if _groups_on_torch(z, options):
-        t, rt = _teacher(t, z, unit_rows)
+        t, rt = _teacher(t, unit_rows)
         u = z.float() / z.float().norm(dim=-1, keepdim=True).clamp_min(EPS)
         return DistillChunked.apply(u, t.float() * rt[:, None], student_temperature, options, need_grad(u))
     if fits(z.shape[0]):
         args = _small_batch_args(z, 1.0, 1.0, student_temperature, options, unit_rows)
         return SmallBatchFused.apply(z, None, t, args, need_grad(z))[0]
-    t, rt = _teacher(t, z, unit_rows)
+    t, rt = _teacher(t, unit_rows)
     return DistillFused.apply(z, t, rt, student_temperature, options, need_grad(z))
 
 
@@ -273,6 +273,6 @@ def distillcse(z1, columns, t, cl_scale, distill_weight, student_temperature, op
     if fits(z1.shape[0], columns.shape[0]):
         args = _small_batch_args(z1, cl_scale, distill_weight, student_temperature, options, unit_rows)
         return SmallBatchFused.apply(z1, columns, t, args, need_grad(z1, columns))
-    t, rt = _teacher(t, z1, unit_rows)
+    t, rt = _teacher(t, unit_rows)
     return DistillCSEFused.apply(z1, columns, t, rt, cl_scale, distill_weight, student_temperature, options,
                                  need_grad(z1, columns))
