@@ -85,19 +85,24 @@ def _weights(out):
     return torch.load(os.path.join(out, train.CHECKPOINT))["student"]
 
 
-def test_train_resumes_exactly_after_an_interruption(tmp_path, sentences, monkeypatch):
-    whole = train.train(_args(tmp_path / "whole", sentences), log=lambda *a: None)
-    assert whole["best_step"] in (2, 4) and whole["test"] is None
+def _interrupted_at_third_step(real_loss):
+    """The loss, with Ctrl-C in its third call (step 3, after step 2's checkpoint)."""
+    calls = []
 
-    real_loss, calls = train.distillcse_loss, []
-
-    def interrupted_at_third_step(*args, **kwargs):
+    def loss(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
         return real_loss(*args, **kwargs)
+    return loss
 
-    monkeypatch.setattr(train, "distillcse_loss", interrupted_at_third_step)
+
+def test_train_resumes_exactly_after_an_interruption(tmp_path, sentences, monkeypatch):
+    whole = train.train(_args(tmp_path / "whole", sentences), log=lambda *a: None)
+    assert whole["best_step"] in (2, 4) and whole["test"] is None
+
+    real_loss = train.distillcse_loss
+    monkeypatch.setattr(train, "distillcse_loss", _interrupted_at_third_step(real_loss))
     out = tmp_path / "split"
     with pytest.raises(KeyboardInterrupt):
         train.train(_args(out, sentences), log=lambda *a: None)
@@ -130,20 +135,14 @@ def test_the_log_on_disk_holds_every_checkpointed_step(tmp_path, sentences, monk
     resume truncated the log and kept its rows in a buffer until the step's end, so a kill then
     emptied it.)"""
     out, real_save, real_loss = tmp_path / "run", train._atomic_save, train.distillcse_loss
-    at_checkpoints, calls, at_resume = [], [], []
+    at_checkpoints, at_resume = [], []
 
     def reading_the_log_then_saving(obj, path):
         at_checkpoints.append((obj["state"]["step"], _steps_on_disk(out)))
         real_save(obj, path)
 
-    def interrupted_at_third_step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
     monkeypatch.setattr(train, "_atomic_save", reading_the_log_then_saving)
-    monkeypatch.setattr(train, "distillcse_loss", interrupted_at_third_step)
+    monkeypatch.setattr(train, "distillcse_loss", _interrupted_at_third_step(real_loss))
     with pytest.raises(KeyboardInterrupt):
         train.train(_args(out, sentences), log=lambda *a: None)
 
