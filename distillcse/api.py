@@ -3,6 +3,9 @@
 Shapes: ``z1, z2`` [B, D] student embeddings of two views; ``teachers`` one tensor [B, D_t] or
 a sequence of K tensors [B, D_k]; ``hard_negatives`` [B_h, D]. Every loss returns a scalar
 (float32 for half-precision inputs) that autograd differentiates w.r.t. the student inputs.
+``rows=(start, stop)`` gives a shard's share of a loss: its rows' terms summed over B, so that
+the shares of a partition of the rows sum to the loss (``distillcse.sharded_loss`` splits the
+global batch's loss over the ranks this way).
 """
 import functools
 import inspect
@@ -23,12 +26,18 @@ def _triton_importable():
     return True
 
 
-def resolve_backend(backend, x):
-    """"auto" -> "triton" for CUDA tensors (fp16/bf16/fp32) when Triton is installed, else "torch"."""
+def resolve_backend(backend, x, shard=None):
+    """"auto" -> "triton" for CUDA tensors (fp16/bf16/fp32) when Triton is installed, else "torch"
+    (also for a shard of the rows, ``shard`` (start, stop) other than every row, which the
+    kernels do not take)."""
     checks.check_choice("backend", backend, checks.BACKENDS)
+    sharded = shard is not None and shard != (0, x.shape[0])
     if backend == "auto":
-        fused = x.is_cuda and x.dtype != torch.float64 and _triton_importable()
+        fused = x.is_cuda and x.dtype != torch.float64 and not sharded and _triton_importable()
         return "triton" if fused else "torch"
+    if backend == "triton" and sharded:
+        raise ValueError(f'rows={shard} (a shard of the batch\'s rows) is not supported by backend="triton": its '
+                         'kernels compute every row; use backend="torch" (row-chunked, on CUDA too) or "auto"')
     if backend == "triton":
         if not _triton_importable():
             raise RuntimeError('backend="triton" needs the triton package (pip install triton)')
@@ -129,13 +138,15 @@ def _distill_options(student_temperature, teacher_temperature, group_p, group_si
 
 
 @_public_loss
-def contrastive_loss(z1, z2, *, temperature=0.05, hard_negatives=None, backend="auto"):
+def contrastive_loss(z1, z2, *, temperature=0.05, hard_negatives=None, backend="auto", rows=None):
     """SimCSE InfoNCE: ``mean_i [logsumexp_j(c_ij / tau) - c_ii / tau]``,
-    ``c_ij = cos(z1_i, [z2; hard_negatives]_j)``. z1, z2 [B, D]; hard_negatives [B_h, D]."""
+    ``c_ij = cos(z1_i, [z2; hard_negatives]_j)``. z1, z2 [B, D]; hard_negatives [B_h, D];
+    ``rows=(start, stop)``: the sum over those rows only, divided by B."""
     named, hard_negatives = _check_views(z1, z2, hard_negatives)
+    shard = checks.check_rows(rows, z1.shape[0])
     checks.check_finite(named)
     temperature = checks.check_temperature("temperature", temperature)
-    return _contrastive(z1, z2, hard_negatives, temperature, resolve_backend(backend, z1))
+    return _contrastive(z1, z2, hard_negatives, temperature, resolve_backend(backend, z1, shard), shard)
 
 
 def _check_views(z1, z2, hard_negatives):
@@ -153,17 +164,22 @@ def _check_views(z1, z2, hard_negatives):
     return named, hard_negatives
 
 
-def _contrastive(z1, z2, hard_negatives, temperature, backend):
-    """The contrastive term on checked inputs."""
+def _whole(shard, B):
+    """The reference's ``rows``: None for every row (its own code path, the authors' mean)."""
+    return None if shard == (0, B) else shard
+
+
+def _contrastive(z1, z2, hard_negatives, temperature, backend, shard):
+    """The contrastive term on checked inputs (``shard`` (start, stop): those rows' share)."""
     if backend == "reference":
         z1, z2, hard_negatives = _full_precision(z1, z2, hard_negatives)
-        return reference.contrastive_loss(z1, z2, temperature, hard_negatives)
+        return reference.contrastive_loss(z1, z2, temperature, hard_negatives, _whole(shard, z1.shape[0]))
     columns = z2 if hard_negatives is None else torch.cat([z2, hard_negatives], dim=0)
     if backend == "triton":
         from .triton_backend import contrastive
         return contrastive(z1, columns, 1.0 / temperature)
     u1, y = _normalize(z1), _normalize(columns)
-    return ContrastiveChunked.apply(u1, y, 1.0 / temperature, need_grad(u1, y))
+    return ContrastiveChunked.apply(u1, y, 1.0 / temperature, need_grad(u1, y), shard)
 
 
 def _fused_setup(options, student):
@@ -191,13 +207,14 @@ def _triton_teacher(teachers, weights):
     return _teacher_rows(teachers, weights, dtype), True
 
 
-def _distill(student, teachers, options, backend):
-    """The distillation term on checked inputs (``teachers`` a list, ``options`` checked)."""
+def _distill(student, teachers, options, backend, shard):
+    """The distillation term on checked inputs (``teachers`` a list, ``options`` checked,
+    ``shard`` (start, stop): those rows' share)."""
     if backend == "reference":
         seed, weights = options.pop("seed"), options.pop("teacher_weights")
         student, *teachers = _full_precision(student, *teachers)
-        return reference.distill_loss(student, teachers, teacher_weights=weights,
-                                      generator=_reference_generator(seed), **options)
+        return reference.distill_loss(student, teachers, teacher_weights=weights, generator=_reference_generator(seed),
+                                      rows=_whole(shard, student.shape[0]), **options)
     student_temperature, weights, options = _fused_setup(options, student)
     if backend == "triton":
         from .triton_backend import distill
@@ -205,26 +222,29 @@ def _distill(student, teachers, options, backend):
         return distill(student, rows, student_temperature, options, unit_rows=unit_rows)
     u = _normalize(student)
     T = _teacher_rows(teachers, weights, u.dtype)
-    return DistillChunked.apply(u, T, student_temperature, options, need_grad(u))
+    return DistillChunked.apply(u, T, student_temperature, options, need_grad(u), shard)
 
 
 @_public_loss
 def distill_loss(student, teachers, *, student_temperature=0.025, teacher_temperature=0.0125,
                  group_p=0.1, group_size=None, grouping_temperature=1.0, shuffle="random",
-                 teacher_weights=None, seed=None, backend="auto"):
+                 teacher_weights=None, seed=None, backend="auto", rows=None):
     """Group-P shuffled distillation: ``mean_i sum_{j!=i} -q~_ij log_softmax_{j!=i}(s_ij / tau_s)``.
 
     student [B, D]; teachers [B, D_t] or K tensors [B, D_k] (frozen); ``shuffle`` "random" (the
     paper), "expected" (its deterministic expectation) or "none"; ``group_size`` switches to
-    fixed-size groups; ``seed`` (int or torch.Generator) makes the random shuffle reproducible.
+    fixed-size groups; ``seed`` (int or torch.Generator) makes the random shuffle reproducible;
+    ``rows=(start, stop)``: the sum over those rows only, divided by B (the random shuffle of a
+    row is the same as in the whole batch's loss for the same int seed).
     """
     checks.check_student("student", student)
+    shard = checks.check_rows(rows, student.shape[0])
     named_teachers = checks.check_teachers(teachers, student)
     checks.check_finite([("student", student)] + named_teachers)
     teachers = [e for _, e in named_teachers]
     options = _distill_options(student_temperature, teacher_temperature, group_p, group_size,
                                grouping_temperature, shuffle, teacher_weights, seed, len(teachers))
-    return _distill(student, teachers, options, resolve_backend(backend, student))
+    return _distill(student, teachers, options, resolve_backend(backend, student, shard), shard)
 
 
 def _check_total_options(temperature, distill_weight, distill_only, return_terms):
@@ -245,22 +265,26 @@ def _check_total_options(temperature, distill_weight, distill_only, return_terms
 def distillcse_loss(z1, z2, teachers, *, temperature=0.05, distill_weight=1.0, distill_only=False,
                     hard_negatives=None, student_temperature=0.025, teacher_temperature=0.0125,
                     group_p=0.1, group_size=None, grouping_temperature=1.0, shuffle="random",
-                    teacher_weights=None, seed=None, backend="auto", return_terms=False):
+                    teacher_weights=None, seed=None, backend="auto", return_terms=False, rows=None):
     """``L = L_cl + distill_weight * L_kd`` (``distill_only=True`` drops ``L_cl``, and with it
     the hard negatives, its extra columns, which are then checked and unused); the
     distillation term uses view 1 (``z1``) as the student, as the authors' code does.
 
     With ``return_terms=True``, ``(L, terms)``: ``terms["contrastive"]`` (L_cl, absent with
     ``distill_only``) and ``terms["distill"]`` (L_kd, unweighted), detached 0-dim tensors for
-    logging (no host sync; every backend has them from the same pass)."""
+    logging (no host sync; every backend has them from the same pass).
+
+    ``rows=(start, stop)``: the loss of those rows only, summed and divided by B (the terms too).
+    """
     named, hard_negatives = _check_views(z1, z2, hard_negatives)
+    shard = checks.check_rows(rows, z1.shape[0])
     temperature, distill_weight = _check_total_options(temperature, distill_weight, distill_only, return_terms)
     named_teachers = checks.check_teachers(teachers, z1)
     checks.check_finite(named + named_teachers)
     teachers = [e for _, e in named_teachers]
     options = _distill_options(student_temperature, teacher_temperature, group_p, group_size,
                                grouping_temperature, shuffle, teacher_weights, seed, len(teachers))
-    backend = resolve_backend(backend, z1)
+    backend = resolve_backend(backend, z1, shard)
     if backend == "triton" and not distill_only:  # one fused Function: z1's gradient written once
         from .triton_backend import distillcse
         student_temperature, weights, options = _fused_setup(options, z1)
@@ -274,36 +298,37 @@ def distillcse_loss(z1, z2, teachers, *, temperature=0.05, distill_weight=1.0, d
     else:
         if backend != "triton":  # the two terms' gradients of z1 summed in fp32, then cast once
             z1 = z1.to(_work_dtype(z1))
-        kd = _distill(z1, teachers, options, backend)
+        kd = _distill(z1, teachers, options, backend, shard)
         terms = dict(distill=kd.detach())
         if distill_only:
             loss = distill_weight * kd
         else:
-            cl = _contrastive(z1, z2, hard_negatives, temperature, backend)
+            cl = _contrastive(z1, z2, hard_negatives, temperature, backend, shard)
             loss = cl + distill_weight * kd
             terms = dict(contrastive=cl.detach(), **terms)
     return (loss, terms) if return_terms else loss
 
 
 _KEYWORDS = {name: p.default for name, p in inspect.signature(distillcse_loss).parameters.items()
-             if p.kind is p.KEYWORD_ONLY}  # distillcse_loss's keywords and their defaults
+             if p.kind is p.KEYWORD_ONLY and name != "rows"}  # distillcse_loss's settings and their defaults
 
 
 class DistillCSELoss(torch.nn.Module):
     """Module form of :func:`distillcse_loss`; keywords as there, checked at construction.
 
-    ``loss = DistillCSELoss(group_p=0.1)(z1, z2, teachers, hard_negatives=None)``
+    ``loss = DistillCSELoss(group_p=0.1)(z1, z2, teachers, hard_negatives=None, rows=None)``
     """
 
     def __init__(self, **kwargs):
         super().__init__()
+        for per_call in ("hard_negatives", "rows"):
+            if per_call in kwargs:
+                raise TypeError(f"pass {per_call} to forward(), not to DistillCSELoss()")
         known = set(_KEYWORDS)
         unknown = set(kwargs) - known
         if unknown:
             raise TypeError(f"DistillCSELoss got unknown keyword(s) {sorted(unknown)}; "
                             f"expected some of {sorted(known)}")
-        if "hard_negatives" in kwargs:
-            raise TypeError("pass hard_negatives to forward(), not to DistillCSELoss()")
         self.given = dict(kwargs)  # as passed, for the repr
         seed = checks.check_seed(kwargs.get("seed"))
         if isinstance(seed, int):  # a reproducible sequence of fresh shuffles, one per call
@@ -318,8 +343,8 @@ class DistillCSELoss(torch.nn.Module):
         _check_total_options(*(kwargs.get(k, _KEYWORDS[k]) for k in (
             "temperature", "distill_weight", "distill_only", "return_terms")))
 
-    def forward(self, z1, z2, teachers, hard_negatives=None):
-        return distillcse_loss(z1, z2, teachers, hard_negatives=hard_negatives, **self.kwargs)
+    def forward(self, z1, z2, teachers, hard_negatives=None, rows=None):
+        return distillcse_loss(z1, z2, teachers, hard_negatives=hard_negatives, rows=rows, **self.kwargs)
 
     def get_extra_state(self):
         """The shuffle generator's state (an int seed's), so that a checkpoint's ``state_dict``

@@ -187,6 +187,20 @@ def _check_group_p(group_p, alternative):
     return number
 
 
+def check_rows(rows, B):
+    """None (every row) or ``(start, stop)``, ints with ``0 <= start <= stop <= B``: the rows
+    whose losses a shard computes. Returns (start, stop)."""
+    if rows is None:
+        return 0, B
+    if not isinstance(rows, (tuple, list)) or len(rows) != 2 or not all(
+            isinstance(r, numbers.Integral) and not isinstance(r, bool) for r in rows):
+        raise TypeError(f"rows must be None or (start, stop), two ints, got {rows!r}")
+    start, stop = int(rows[0]), int(rows[1])
+    if not 0 <= start <= stop <= B:
+        raise ValueError(f"rows must be (start, stop) with 0 <= start <= stop <= B = {B}, got {rows!r}")
+    return start, stop
+
+
 def check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")

@@ -27,12 +27,17 @@ def teacher_logits(teachers, teacher_weights=None) -> torch.Tensor:
     return sum(w * cosine_matrix(e, e) for w, e in zip(weights, teachers))
 
 
-def contrastive_loss(z1, z2, temperature=0.05, hard_negatives=None) -> torch.Tensor:
-    """SimCSE InfoNCE: cross entropy of ``cos(z1_i, [z2; hard_negatives]_j) / tau`` with label i."""
+def contrastive_loss(z1, z2, temperature=0.05, hard_negatives=None, rows=None) -> torch.Tensor:
+    """SimCSE InfoNCE: cross entropy of ``cos(z1_i, [z2; hard_negatives]_j) / tau`` with label i.
+    ``rows=(start, stop)``: the sum of those rows' terms over B (a shard of the mean)."""
     columns = z2 if hard_negatives is None else torch.cat([z2, hard_negatives], dim=0)
     cos_sim = cosine_matrix(z1, columns)
     labels = torch.arange(z1.shape[0], device=z1.device)
-    return torch.nn.functional.cross_entropy(cos_sim / temperature, labels)
+    if rows is None:
+        return torch.nn.functional.cross_entropy(cos_sim / temperature, labels)
+    start, stop = rows
+    return torch.nn.functional.cross_entropy(cos_sim[start:stop] / temperature, labels[start:stop],
+                                             reduction="sum") / z1.shape[0]
 
 
 def group_ids(sim_t_sorted: torch.Tensor, group_p=0.1, group_size=None, grouping_temperature=1.0):
@@ -61,11 +66,12 @@ def dense_groups(groups: torch.Tensor) -> torch.Tensor:
 
 def distill_loss(student, teachers, student_temperature=0.025, teacher_temperature=0.0125,
                  group_p=0.1, group_size=None, grouping_temperature=1.0, shuffle="random",
-                 teacher_weights=None, generator=None) -> torch.Tensor:
+                 teacher_weights=None, generator=None, rows=None) -> torch.Tensor:
     """Cross entropy between the (shuffled) teacher and student in-batch distributions.
 
     ``student`` [B, D]; ``teachers`` a list of K tensors [B, D_k]; ``generator`` a CPU
-    ``torch.Generator`` for ``shuffle="random"``.
+    ``torch.Generator`` for ``shuffle="random"``; ``rows=(start, stop)``: those rows' share of
+    the loss (the whole batch is computed, and shuffled, as without it).
     """
     B = student.shape[0]
     sim_s = cosine_matrix(student, student).fill_diagonal_(float("-inf"))
@@ -98,4 +104,7 @@ def distill_loss(student, teachers, student_temperature=0.025, teacher_temperatu
     sim_s = torch.gather(sim_s, -1, idx)
 
     log_p = torch.log_softmax(sim_s / student_temperature, dim=-1)
-    return -(q * log_p).nansum() / q.nansum()
+    if rows is None:
+        return -(q * log_p).nansum() / q.nansum()
+    start, stop = rows
+    return -(q[start:stop] * log_p[start:stop]).nansum() / q.nansum()

@@ -47,17 +47,19 @@ def need_grad(*xs):
 
 
 class ContrastiveChunked(torch.autograd.Function):
-    """mean_i [logsumexp_j(scale u1_i.y_j) - scale u1_i.y_i]: u1 [B, D], y [N, D] (unit rows).
-    With ``grad``, d(sum of the row losses)/du1 and /dy are computed in the forward."""
+    """(1/B) sum_{i in shard} [logsumexp_j(scale u1_i.y_j) - scale u1_i.y_i]: u1 [B, D], y [N, D]
+    (unit rows), the shard ``(start, stop)`` (all rows: the mean). With ``grad``, d(sum of the
+    shard's row losses)/du1 and /dy are computed in the forward."""
 
     @staticmethod
-    def forward(ctx, u1, y, scale, grad):
+    def forward(ctx, u1, y, scale, grad, shard):
         B, N = u1.shape[0], y.shape[0]
-        loss_rows = torch.empty(B, dtype=u1.dtype, device=u1.device)
-        du1, dy = (torch.empty_like(u1), torch.zeros_like(y)) if grad else (None, None)
-        step = chunk_rows(B, N, 4 * u1.element_size())
-        for r0 in range(0, B, step):
-            rows = torch.arange(r0, min(r0 + step, B), device=u1.device)
+        start, stop = shard
+        loss_rows = torch.empty(B, dtype=u1.dtype, device=u1.device)  # only [start, stop) is written
+        du1, dy = (torch.zeros_like(u1), torch.zeros_like(y)) if grad else (None, None)
+        step = chunk_rows(stop - start, N, 4 * u1.element_size())
+        for r0 in range(start, stop, step):
+            rows = torch.arange(r0, min(r0 + step, stop), device=u1.device)
             diag = (torch.arange(len(rows), device=u1.device), rows)
             logits = u1[rows] @ y.T * scale  # [R, N]
             positive = logits[diag]
@@ -77,28 +79,29 @@ class ContrastiveChunked(torch.autograd.Function):
                 du1[rows] = d_logits @ y
                 dy.addmm_(d_logits.T, u1[rows])
         ctx.save_for_backward(du1, dy)
-        return loss_rows.mean()
+        return loss_rows[start:stop].sum() / B
 
     @staticmethod
     @first_order
     def backward(ctx, grad_out):
         du1, dy = ctx.saved_tensors
         g = grad_out / du1.shape[0]
-        return du1 * g, dy * g, None, None
+        return du1 * g, dy * g, None, None, None
 
 
 class DistillChunked(torch.autograd.Function):
-    """mean_i sum_{j!=i} -q~_ij log_softmax_{j!=i}(u_i.u_j / tau_s): u [B, D], T [B, Dt] (teacher
-    rows with T T^T = averaged teacher cosines). ``options`` holds the temperatures, grouping
-    and shuffle settings for :func:`shuffled_targets`; ``step_seed`` fixes the random shuffle.
-    With ``grad``, d(sum of the row losses)/du is computed in the forward."""
+    """(1/B) sum_{i in shard} sum_{j!=i} -q~_ij log_softmax_{j!=i}(u_i.u_j / tau_s): u [B, D], T [B, Dt]
+    (teacher rows with T T^T = averaged teacher cosines), the shard ``(start, stop)`` (all rows:
+    the mean). ``options`` holds the temperatures, grouping and shuffle settings for
+    :func:`shuffled_targets`; ``step_seed`` fixes the random shuffle (keyed by the global row).
+    With ``grad``, d(sum of the shard's row losses)/du is computed in the forward."""
 
     @staticmethod
-    def forward(ctx, u, T, student_temperature, options, grad):
+    def forward(ctx, u, T, student_temperature, options, grad, shard):
         B = u.shape[0]
-        loss_rows = torch.empty(B, dtype=u.dtype, device=u.device)
+        loss_rows = torch.empty(B, dtype=u.dtype, device=u.device)  # only the shard's rows are written
         du = torch.zeros_like(u) if grad else None
-        for rows, logits, q_tilde in DistillChunked._chunks(u, T, student_temperature, options):
+        for rows, logits, q_tilde in DistillChunked._chunks(u, T, student_temperature, options, shard):
             lse = torch.logsumexp(logits, dim=-1)
             if grad:
                 # dL/ds [R, B] (0 on the diagonal, whose logit is -inf and target 0)
@@ -109,22 +112,25 @@ class DistillChunked(torch.autograd.Function):
             logits[torch.arange(len(rows)), rows] = 0.0  # the diagonal, whose target is 0
             loss_rows[rows] = lse - (q_tilde * logits).sum(-1)
         ctx.save_for_backward(du)
-        return loss_rows.mean()
+        start, stop = shard
+        return loss_rows[start:stop].sum() / B
 
     @staticmethod
     @first_order
     def backward(ctx, grad_out):
         du, = ctx.saved_tensors
-        return du * (grad_out / du.shape[0]), None, None, None, None
+        return du * (grad_out / du.shape[0]), None, None, None, None, None
 
     @staticmethod
-    def _chunks(u, T, student_temperature, options):
-        """Yields (rows [R], student logits [R, B] with -inf diagonal, targets q~ [R, B])."""
+    def _chunks(u, T, student_temperature, options, shard):
+        """Yields (rows [R], student logits [R, B] with -inf diagonal, targets q~ [R, B]) over the
+        shard's rows."""
         B = u.shape[0]
+        start, stop = shard
         floats, ints = CHUNK_ENTRY_TENSORS[options["shuffle"]]
-        step = chunk_rows(B, B, floats * u.element_size() + ints * 8)
-        for r0 in range(0, B, step):
-            rows = torch.arange(r0, min(r0 + step, B), device=u.device)
+        step = chunk_rows(stop - start, B, floats * u.element_size() + ints * 8)
+        for r0 in range(start, stop, step):
+            rows = torch.arange(r0, min(r0 + step, stop), device=u.device)
             logits = u[rows] @ u.T / student_temperature
             logits[torch.arange(len(rows)), rows] = float("-inf")
             q_tilde = shuffled_targets(T[rows] @ T.T, rows, **options)

@@ -253,7 +253,8 @@ def distill(z, t, student_temperature, options, *, unit_rows):
     if _groups_on_torch(z, options):
         t, rt = _teacher(t, unit_rows)
         u = z.float() / z.float().norm(dim=-1, keepdim=True).clamp_min(EPS)
-        return DistillChunked.apply(u, t.float() * rt[:, None], student_temperature, options, need_grad(u))
+        return DistillChunked.apply(u, t.float() * rt[:, None], student_temperature, options, need_grad(u),
+                                    (0, z.shape[0]))
     if fits(z.shape[0]):
         args = _small_batch_args(z, 1.0, 1.0, student_temperature, options, unit_rows)
         return SmallBatchFused.apply(z, None, t, args, need_grad(z))[0]

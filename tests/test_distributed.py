@@ -107,3 +107,82 @@ def test_all_gather_backward_and_mismatched_ranks(tmp_path):
         torch.testing.assert_close(a_grad, WORLD * w[SHARDS[rank]] / 2, rtol=1e-12, atol=0)
         torch.testing.assert_close(b_grad, WORLD * w[SHARDS[rank]] / 2, rtol=1e-12, atol=0)
         assert mismatch is not None and "rank 0: [n, 4] float32; rank 1: [n, 5] float32" in mismatch
+
+
+HN_SHARDS = (slice(0, 3), slice(3, 5))      # unequal local hard negatives: 3 and 2 rows (of _batch's 11)
+SHARD_KEYWORDS = dict(group_size=3, shuffle="random", seed=11, distill_weight=0.7)
+
+
+def _sharded_worker(rank, init_file, results):
+    """``sharded_loss`` on each rank's rows: per backend, the loss, its terms and the local
+    gradients; then a batch whose second rank holds no rows; then ranks that disagree on the
+    hard negatives."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        z1, z2, hn, teachers = _batch()
+        for backend in ("reference", "torch"):
+            local = [t[s].clone().requires_grad_(True) for t, s in
+                     ((z1, SHARDS[rank]), (z2, SHARDS[rank]), (hn, HN_SHARDS[rank]))]
+            loss, terms = distillcse.sharded_loss(*local[:2], [t[SHARDS[rank]] for t in teachers],
+                                                  hard_negatives=local[2], backend=backend, return_terms=True,
+                                                  **SHARD_KEYWORDS)
+            loss.backward()
+            results[rank, backend] = (loss.detach(), terms, [t.grad for t in local])
+        whole = slice(0, B) if rank == 0 else slice(B, B)
+        local = [t[whole].clone().requires_grad_(True) for t in (z1, z2)]
+        loss = distillcse.sharded_loss(*local, [t[whole] for t in teachers], backend="torch", **SHARD_KEYWORDS)
+        loss.backward()
+        results[rank, "empty"] = (loss.detach(), [t.grad for t in local])
+        try:
+            distillcse.sharded_loss(z1[SHARDS[rank]], z2[SHARDS[rank]], teachers[0][SHARDS[rank]],
+                                    hard_negatives=hn[:2] if rank == 0 else None, backend="torch")
+            results[rank, "mismatch"] = None
+        except ValueError as err:
+            results[rank, "mismatch"] = str(err)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_loss_matches_one_process(tmp_path):
+    """Each rank computes its own rows' share of the loss (unequal shares: 7 and 4 rows of z1, 3
+    and 2 hard negatives); every rank gets the whole batch's loss and terms, and its rows get the
+    gradient all_gather's path gives them (W x the one-process gradient). A rank without rows
+    takes part (loss and gradients of the other rank's batch); ranks that disagree on passing hard
+    negatives get an error on every rank, not a hang."""
+    results = mp.Manager().dict()
+    mp.spawn(_sharded_worker, args=(str(tmp_path / "init"), results), nprocs=WORLD, join=True)
+    for backend in ("reference", "torch"):
+        z1, z2, hn, teachers = _batch()
+        z1, z2, hn = (t.requires_grad_(True) for t in (z1, z2, hn[:HN_SHARDS[-1].stop]))
+        loss, terms = distillcse.distillcse_loss(z1, z2, teachers, hard_negatives=hn, backend=backend,
+                                                 return_terms=True, **SHARD_KEYWORDS)
+        loss.backward()
+        for rank in range(WORLD):
+            rank_loss, rank_terms, grads = results[rank, backend]
+            torch.testing.assert_close(rank_loss, loss.detach(), rtol=1e-12, atol=0, msg=f"{backend}: rank {rank} loss")
+            for name in ("contrastive", "distill"):
+                torch.testing.assert_close(rank_terms[name], terms[name], rtol=1e-12, atol=0)
+            for name, grad, full, shards in (("z1", grads[0], z1, SHARDS), ("z2", grads[1], z2, SHARDS),
+                                             ("hard_negatives", grads[2], hn, HN_SHARDS)):
+                torch.testing.assert_close(grad, WORLD * full.grad[shards[rank]], rtol=1e-10, atol=1e-14,
+                                           msg=f"{backend}: rank {rank} grad {name}")
+    z1, z2, _, teachers = (t.requires_grad_(True) if isinstance(t, torch.Tensor) else t for t in _batch())
+    loss = distillcse.distillcse_loss(z1, z2, teachers, backend="torch", **SHARD_KEYWORDS)
+    loss.backward()
+    for rank in range(WORLD):
+        rank_loss, grads = results[rank, "empty"]
+        torch.testing.assert_close(rank_loss, loss.detach(), rtol=1e-12, atol=0)
+        expected = (WORLD * z1.grad, WORLD * z2.grad) if rank == 0 else (z1.grad[:0], z2.grad[:0])
+        for grad, want in zip(grads, expected):
+            torch.testing.assert_close(grad, want, rtol=1e-10, atol=1e-14)
+        mismatch = results[rank, "mismatch"]
+        assert mismatch is not None and "rank 0: " in mismatch and ", hard negatives;" in mismatch \
+            and ", no hard negatives" in mismatch, mismatch
+
+
+def test_sharded_loss_without_a_process_group_is_the_loss():
+    z1, z2, t = torch.randn(9, 8), torch.randn(9, 8), torch.randn(9, 5)
+    kwargs = dict(shuffle="expected", backend="torch")
+    assert torch.equal(distillcse.sharded_loss(z1, z2, t, **kwargs), distillcse.distillcse_loss(z1, z2, t, **kwargs))
+    with pytest.raises(TypeError, match="rows= is not an option"):
+        distillcse.sharded_loss(z1, z2, t, rows=(0, 4))

@@ -66,6 +66,12 @@ def test_bad_tensors(change, error, match):
     (dict(distill_only="yes"), "distill_only must be a bool"),
     (dict(distill_weight=-0.5), r"distill_weight must be >= 0 \(0 is SimCSE\)"),
     (dict(distill_only=True, distill_weight=0.0), "distill_only=True with distill_weight=0 leaves no loss"),
+    (dict(rows=3), r"rows must be None or \(start, stop\), two ints, got 3"),
+    (dict(rows=(0, 2.0)), r"rows must be None or \(start, stop\), two ints"),
+    (dict(rows=(True, 2)), r"rows must be None or \(start, stop\), two ints"),
+    (dict(rows=(3, 2)), r"rows must be \(start, stop\) with 0 <= start <= stop <= B = 8, got \(3, 2\)"),
+    (dict(rows=(-1, 2)), r"0 <= start <= stop <= B = 8"),
+    (dict(rows=(0, 9)), r"0 <= start <= stop <= B = 8"),
 ])
 def test_bad_options(kwargs, match):
     z1, z2, t = good()
@@ -119,6 +125,17 @@ def test_module_rejects_unknown_keywords_and_bad_options():
         distillcse.DistillCSELoss(return_terms="yes")
     with pytest.raises(TypeError, match=r"pass hard_negatives to forward\(\)"):
         distillcse.DistillCSELoss(hard_negatives=torch.randn(3, D))
+    with pytest.raises(TypeError, match=r"pass rows to forward\(\)"):
+        distillcse.DistillCSELoss(rows=(0, 2))
+
+
+@requires_triton
+def test_a_shard_of_rows_on_the_triton_backend_is_a_clear_error():
+    z1, z2, t = good()
+    with pytest.raises(ValueError, match=r'rows=\(1, 3\) \(a shard of the batch\'s rows\) is not supported by backend="triton"'):
+        distillcse.distillcse_loss(z1, z2, t, rows=(1, 3), backend="triton")
+    whole = distillcse.distillcse_loss(z1, z2, t, rows=(0, z1.shape[0]), backend="triton", shuffle="expected")
+    assert torch.equal(whole, distillcse.distillcse_loss(z1, z2, t, backend="triton", shuffle="expected"))
 
 
 def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):

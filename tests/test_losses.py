@@ -401,3 +401,38 @@ def test_module_state_dict_resumes_the_shuffle_sequence():
     assert [resumed(z1, z2, t) for _ in range(2)] == want
     with pytest.raises(ValueError, match="has no generator seed"):
         distillcse.DistillCSELoss(backend="torch").load_state_dict(state)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("shuffle", ["none", "expected", "random"])
+def test_shares_of_a_partition_of_the_rows_sum_to_the_loss(backend, shuffle):
+    """``rows=(start, stop)``: each of the three losses' shares over a partition of the rows (an
+    empty share among them) sum to the whole batch's loss, terms and gradients (at float64, the
+    random shuffle's rows keyed as in the whole batch)."""
+    z1, z2, teachers, hard = make_batch(37, 24, (16, 20), Bh=5)
+    cuts = [0, 6, 6, 25, 37]
+    kw = dict(shuffle=shuffle, seed=3, group_p=0.2, backend=backend)
+    calls = [(distillcse.distillcse_loss, (z1, z2, teachers), dict(kw, hard_negatives=hard, distill_weight=0.5)),
+             (distillcse.contrastive_loss, (z1, z2), dict(backend=backend, hard_negatives=hard)),
+             (distillcse.distill_loss, (z1, teachers), kw)]
+    for loss_fn, (x, *rest), kwargs in calls:
+        leaves = [x.detach().clone().requires_grad_()] + [r.detach().clone().requires_grad_() if torch.is_tensor(r) else r
+                                                          for r in rest]
+        grads_of = [v for v in leaves if torch.is_tensor(v)]
+        whole = loss_fn(*leaves, **kwargs)
+        whole_grads = torch.autograd.grad(whole, grads_of)
+        shares = [loss_fn(*leaves, rows=(a, b), **kwargs) for a, b in zip(cuts[:-1], cuts[1:])]
+        assert shares[1] == 0
+        total = sum(shares)
+        torch.testing.assert_close(total, whole, rtol=1e-13, atol=0, msg=loss_fn.__name__)
+        for g, want in zip(torch.autograd.grad(total, grads_of), whole_grads):
+            torch.testing.assert_close(g, want, rtol=1e-11, atol=1e-15, msg=loss_fn.__name__)
+    _, terms = distillcse.distillcse_loss(z1, z2, teachers, return_terms=True, **kw)
+    parts = [distillcse.distillcse_loss(z1, z2, teachers, rows=(a, b), return_terms=True, **kw)[1]
+             for a, b in zip(cuts[:-1], cuts[1:])]
+    for name in ("contrastive", "distill"):
+        torch.testing.assert_close(sum(p[name] for p in parts), terms[name], rtol=1e-13, atol=0)
+    if shuffle != "random":  # the module draws a new shuffle each call
+        module = distillcse.DistillCSELoss(shuffle=shuffle, backend=backend)
+        torch.testing.assert_close(module(z1, z2, teachers, rows=(0, 20)) + module(z1, z2, teachers, rows=(20, 37)),
+                                   module(z1, z2, teachers), rtol=1e-13, atol=0)
