@@ -5,7 +5,8 @@ Each step samples ``batch_size`` sentences (one epoch in a seeded order, capped 
 ``max_steps``), runs the student on them twice in one forward (two dropout views), the frozen
 teacher(s) once under ``no_grad``, and minimises ``distillcse_loss`` (contrastive + Group-P
 distillation; the fused kernels with ``backend="auto"`` on a GPU). Learning rate decays
-linearly to 0 (no warm-up), as SimCSE's trainer. With ``mini_batch_size`` below the batch, the
+linearly to 0 (no warm-up) and the gradients' global norm is clipped to ``max_grad_norm`` (1.0)
+before each step, as SimCSE's trainer (Hugging Face's defaults) does. With ``mini_batch_size`` below the batch, the
 encoders run that many sentences at a time and the student's gradient comes through
 :func:`distillcse.cached_backward` (gradient caching), so the batch is bounded by the loss's
 memory, not by the encoder's activations.
@@ -20,7 +21,8 @@ test (``OUT/sts_test.json``, ``OUT/results.md``).
 
 Under ``torchrun --nproc_per_node N -m distillcse train ...`` each rank encodes its share of
 the batch (``batch_size`` is the global batch), the embeddings are gathered
-(:func:`distillcse.all_gather`) and every rank computes the global loss; the student runs in
+(:func:`distillcse.all_gather`) and every rank computes the global loss (with ``shard_loss``,
+its own rows' share of it: :func:`distillcse.sharded_loss`); the student runs in
 ``DistributedDataParallel``. Rank 0 evaluates, saves and logs.
 """
 import csv
@@ -37,13 +39,14 @@ import torch.distributed as dist
 
 from . import checks, sts
 from .api import DistillCSELoss, distillcse_loss, resolve_backend
-from .distributed import all_gather
+from .distributed import all_gather, sharded_loss
 from .grad_cache import cached_backward
 from .bench import write_csv
 from .bench_train import default_sentences_path, minilm_path
 
 CHECKPOINT = "checkpoint.pt"
-LOG_COLUMNS = ("step", "loss", "contrastive", "distill", "lr", "stsb_dev", "seconds")  # the loss and its two terms
+# the loss and its two terms; grad_norm: the gradients' global norm before clipping
+LOG_COLUMNS = ("step", "loss", "contrastive", "distill", "lr", "grad_norm", "stsb_dev", "seconds")
 
 
 def load_encoder(name, pooling, max_length=128, option="model"):
@@ -93,11 +96,14 @@ def keep_layers(model, n):
 
 
 class MLPHead(torch.nn.Module):
-    """SimCSE's training-only head: Linear(d, d) + tanh over the pooled embedding."""
+    """SimCSE's training-only head: Linear(d, d) + tanh over the pooled embedding, initialised as
+    BERT's layers are (weights N(0, 0.02^2), zero bias), as SimCSE's ``cl_init`` does."""
 
     def __init__(self, d):
         super().__init__()
         self.dense = torch.nn.Linear(d, d)
+        torch.nn.init.normal_(self.dense.weight, std=0.02)
+        torch.nn.init.zeros_(self.dense.bias)
 
     def forward(self, x):
         return torch.tanh(self.dense(x))
@@ -226,7 +232,7 @@ def _best_so_far(state):
 
 # Options a resumed run may change: where and how it runs and reports, not what it trains.
 RESUME_MAY_CHANGE = {"command", "out", "device", "no_progress", "eval_every", "save_every", "test", "test_pairs",
-                     "sts_dir"}
+                     "sts_dir", "shard_loss"}   # shard_loss: the same loss and gradients, split otherwise
 
 
 def _check_resume_settings(saved, now, ckpt_path):
@@ -274,6 +280,9 @@ def _train(args, log, device, rank, world):
         resolve_backend(args.backend, torch.zeros(1, device=device))   # one that runs on this device
     except RuntimeError as err:
         raise SystemExit(f"--backend {args.backend}: {err}") from err
+    if args.shard_loss and args.backend == "triton":
+        raise SystemExit("--shard-loss: the triton backend's kernels compute every row of the loss; give "
+                         "--backend torch (or auto, which is torch for a shard)")
     checks.check_out_dir(args.out)
     if args.eval_every:
         check_sts_files(("STSBenchmark",), "dev", args.sts_dir)
@@ -404,6 +413,8 @@ def _train(args, log, device, rank, world):
                                for t in teachers]
 
                 def global_loss(z1, z2):
+                    if args.shard_loss:                          # this rank's rows' share, all-reduced
+                        return sharded_loss(z1, z2, targets, seed=step_seed, return_terms=True, **loss_options)
                     z1, z2, *ts = all_gather(z1, z2, *targets)   # the global batch (one rank: as is)
                     return distillcse_loss(z1, z2, ts, seed=step_seed, return_terms=True, **loss_options)
                 # gradient caching: one mini-batch's activations (one mini-batch: a plain forward and backward)
@@ -415,6 +426,10 @@ def _train(args, log, device, rank, world):
                     raise SystemExit(f"step {step + 1}: the training diverged ({err}); {held}. A lower --lr, or "
                                      "--amp bfloat16 (or none) instead of float16, may train") from err
                 lr = scheduler.get_last_lr()[0]                  # this step's
+                grad_norm = None
+                if args.max_grad_norm:                           # the true gradients' norm (fp16: unscaled)
+                    scaler.unscale_(optimizer)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
@@ -422,6 +437,8 @@ def _train(args, log, device, rank, world):
                 state["step"], state["seconds"] = step + 1, time.time() - start_time
                 row = {"step": step + 1, "loss": f"{loss.item():.6f}", "lr": f"{lr:.3e}",
                        "seconds": f"{state['seconds']:.1f}"}
+                if grad_norm is not None:
+                    row["grad_norm"] = f"{grad_norm.item():.4g}"
                 row.update({name: f"{term.item():.6f}" for name, term in terms.items()})
                 evaluate = args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total)
                 if evaluate and main:
@@ -507,6 +524,8 @@ def add_train_arguments(p):
     p.add_argument("--max-seq-length", type=checks.positive_int, default=32, help="training truncation "
                    "(evaluation truncates at 128)")
     p.add_argument("--lr", type=checks.positive_float, default=3e-5)
+    p.add_argument("--max-grad-norm", type=checks.non_negative_float, default=1.0, help="clip the gradients' "
+                   "global norm to this before each step, as SimCSE's and DistillCSE's trainers (0: no clipping)")
     p.add_argument("--epochs", type=checks.positive_int, default=1)
     p.add_argument("--max-steps", type=checks.positive_int, default=5000)
     p.add_argument("--eval-every", type=checks.non_negative_int, default=125, help="STS-B dev evaluation period in "
@@ -525,6 +544,8 @@ def add_train_arguments(p):
     p.add_argument("--group-p", type=checks.positive_float, default=0.1)
     p.add_argument("--shuffle", choices=("random", "expected", "none"), default="random")
     p.add_argument("--backend", choices=("auto", "reference", "torch", "triton"), default="auto")
+    p.add_argument("--shard-loss", action="store_true", help="on several ranks, each computes its own rows' "
+                   "share of the global loss (distillcse.sharded_loss; the torch backend) instead of all of it")
     p.add_argument("--amp", choices=("auto", "none", "bfloat16", "float16"), default="auto",
                    help="autocast dtype (auto: bfloat16 on CUDA, none on CPU; float16 adds a grad scaler)")
     p.add_argument("--device", type=checks.cli_device, default=None, help="cpu or cuda (default: cuda when available)")

