@@ -62,14 +62,16 @@ def _public_loss(loss):
     fails on the random shuffle's integer hashing in torch 2.13); the rest of a compiled step
     is compiled as usual.
     """
+    first = next(iter(inspect.signature(loss).parameters))   # z1 or student, positional or by name
+
     @torch.compiler.disable
     @functools.wraps(loss)
-    def wrapper(z1, *args, **kwargs):
-        device = getattr(z1, "device", None)
+    def wrapper(*args, **kwargs):
+        device = getattr(args[0] if args else kwargs.get(first), "device", None)
         if device is not None and device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
             with torch.autocast(device.type, enabled=False):
-                return loss(z1, *args, **kwargs)
-        return loss(z1, *args, **kwargs)
+                return loss(*args, **kwargs)
+        return loss(*args, **kwargs)
     return wrapper
 
 

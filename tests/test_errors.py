@@ -266,3 +266,15 @@ def test_a_second_derivative_is_refused(backend, B):
         torch.autograd.grad(loss(backend), z1)  # once is fine
     g, = torch.autograd.grad(losses[0]("reference"), z1, create_graph=True)
     assert g.requires_grad
+
+
+def test_every_argument_may_be_given_by_name():
+    """The inputs by their documented names (the autocast wrapper once took the first one only by
+    position: distill_loss(student=...) was a TypeError about a 'z1')."""
+    z1, z2, t = good()
+    kw = dict(shuffle="expected", backend="torch")
+    assert torch.equal(distillcse.distill_loss(student=z1, teachers=t, **kw), distillcse.distill_loss(z1, t, **kw))
+    assert torch.equal(distillcse.contrastive_loss(z1=z1, z2=z2), distillcse.contrastive_loss(z1, z2))
+    assert torch.equal(distillcse.distillcse_loss(z1=z1, z2=z2, teachers=t, **kw), distillcse.distillcse_loss(z1, z2, t, **kw))
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # the wrapper finds the device by name: autocast off inside
+        assert torch.equal(distillcse.distill_loss(student=z1, teachers=t, **kw), distillcse.distill_loss(z1, t, **kw))
