@@ -28,8 +28,8 @@ def test_verify_fails_a_backend_that_disagrees(monkeypatch, capsys):
     and the command exits with status 1; it printed the errors and exited 0."""
     real = api._contrastive
 
-    def doubled_on_torch(z1, z2, hard_negatives, temperature, backend):
-        loss = real(z1, z2, hard_negatives, temperature, backend)
+    def doubled_on_torch(z1, z2, hard_negatives, temperature, backend, shard):
+        loss = real(z1, z2, hard_negatives, temperature, backend, shard)
         return 2 * loss if backend == "torch" else loss
 
     monkeypatch.setattr(api, "_contrastive", doubled_on_torch)
