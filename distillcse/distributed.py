@@ -77,6 +77,12 @@ def sharded_loss(z1, z2, teachers, *, hard_negatives=None, group=None, return_te
     if not (dist.is_available() and dist.is_initialized()):
         return distillcse_loss(z1, z2, teachers, hard_negatives=hard_negatives, return_terms=return_terms, **kwargs)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
+    backend = kwargs.get("backend", "auto")
+    if world > 1 and backend in ("auto", "triton"):   # one backend on every rank, decided before any collective
+        if backend == "triton":                       # (a rank holding every row could take triton)
+            raise ValueError('sharded_loss: backend="triton" computes every row of the loss; use backend="torch" '
+                             '(or "auto", which is torch here), or all_gather and the whole loss on the triton backend')
+        kwargs["backend"] = "torch"
     local = [z1, z2, *teachers]
     _check_gatherable("sharded_loss", local)
     sizes = _rows_per_rank(local, world, group, "sharded_loss",

@@ -139,6 +139,9 @@ def _sharded_worker(rank, init_file, results):
             results[rank, "mismatch"] = None
         except ValueError as err:
             results[rank, "mismatch"] = str(err)
+        with pytest.raises(ValueError, match='sharded_loss: backend="triton" computes every row'):
+            distillcse.sharded_loss(z1[SHARDS[rank]], z2[SHARDS[rank]], teachers[0][SHARDS[rank]], backend="triton")
+        results[rank, "triton refused"] = True
     finally:
         dist.destroy_process_group()
 
@@ -148,7 +151,7 @@ def test_sharded_loss_matches_one_process(tmp_path):
     and 2 hard negatives); every rank gets the whole batch's loss and terms, and its rows get the
     gradient all_gather's path gives them (W x the one-process gradient). A rank without rows
     takes part (loss and gradients of the other rank's batch); ranks that disagree on passing hard
-    negatives get an error on every rank, not a hang."""
+    negatives, or ask for the triton backend, get an error on every rank, not a hang."""
     results = mp.Manager().dict()
     mp.spawn(_sharded_worker, args=(str(tmp_path / "init"), results), nprocs=WORLD, join=True)
     for backend in ("reference", "torch"):
@@ -175,6 +178,7 @@ def test_sharded_loss_matches_one_process(tmp_path):
         expected = (WORLD * z1.grad, WORLD * z2.grad) if rank == 0 else (z1.grad[:0], z2.grad[:0])
         for grad, want in zip(grads, expected):
             torch.testing.assert_close(grad, want, rtol=1e-10, atol=1e-14)
+        assert results[rank, "triton refused"]
         mismatch = results[rank, "mismatch"]
         assert mismatch is not None and "rank 0: " in mismatch and ", hard negatives;" in mismatch \
             and ", no hard negatives" in mismatch, mismatch
