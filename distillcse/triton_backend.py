@@ -62,6 +62,28 @@ def _backward_budget():
     return config.chunk_budget_bytes() // 2
 
 
+def _lifted(x):
+    """(x', c): fp16 rows of norm below 1 times the power of two c_i >= 1 that lifts them into
+    [1, 2) (c_i = 1 for the others and for zero rows), and c [B, 1] fp32; (x, None) for other
+    dtypes. Exact: the cosines, every dot the kernels take (scaled by c_i c_j in fp32) and so
+    the loss are the same. The forward writes the gradient of the *sum* of the row losses in
+    x's dtype, and w.r.t. x_i it grows as 1 / |x_i|: at B = 66, fp16 rows of norm 1e-3 passed
+    fp16's 65,504 (the mean's gradient, 1,309, did not); w.r.t. x' it is 1 / c_i of that, and
+    the backward's one fp32 scale takes c_i with the mean's 1 / B (d/dx = c d/dx')."""
+    if x.dtype != torch.float16:
+        return x, None
+    norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
+    c = torch.where(norms > 0, torch.exp2((-torch.floor(torch.log2(norms))).clamp_min(0.0)), 1.0)[:, None]
+    return x * c.to(x.dtype), c  # c <= 2^24: fp16's smallest row norm is 2^-24
+
+
+def _mean_scale(grad_out, B, c):
+    """The backward's factor on the forward's gradient of the sum: grad_out / B (times c, [B, 1], for
+    lifted rows), fp32."""
+    g = grad_out.float() / B
+    return g if c is None else g * c
+
+
 def _sum_grad_rows(x):
     """dL/dloss_rows [B] fp32 = 1 for ``L = sum(loss_rows)``: a forward that writes a gradient
     writes that of the sum, which its backward scales by ``grad_out / B`` (the mean's, already
@@ -77,6 +99,7 @@ class ContrastiveFused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z1, y, scale, need_grad):
+        z1, ctx.lift = _lifted(z1) if need_grad else (z1, None)
         r1, ry = _inv_norms(z1), _inv_norms(y)
         with _phase("contrastive_rows"):
             loss_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, scale, _sum_grad_rows(z1) if need_grad else None,
@@ -93,7 +116,7 @@ class ContrastiveFused(torch.autograd.Function):
         with _phase("contrastive_columns"):
             dy = contrastive_bwd_dy(z1, r1, y, ry, cl_stats, ctx.scale, _grad_rows(grad_out, z1.shape[0]),
                                     budget_bytes=_backward_budget())
-        return dz1.mul_(grad_out.float() / z1.shape[0]), dy, None, None
+        return dz1.mul_(_mean_scale(grad_out, z1.shape[0], ctx.lift)), dy, None, None
 
 
 def _distill_rows(z, r, t, rt, student_temperature, options, need_grad):
@@ -142,6 +165,7 @@ class DistillFused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, t, rt, student_temperature, options, need_grad):
+        z, ctx.lift = _lifted(z) if need_grad else (z, None)
         loss_rows, dz_sum = _distill_rows(z, _inv_norms(z), t, rt, student_temperature, options, need_grad)
         ctx.save_for_backward(dz_sum)
         return loss_rows.mean()
@@ -151,7 +175,8 @@ class DistillFused(torch.autograd.Function):
     def backward(ctx, grad_out):
         _take_once(ctx)
         dz_sum, = ctx.saved_tensors  # d(sum of loss rows)/dz
-        return dz_sum.mul_(grad_out.float() / dz_sum.shape[0]), None, None, None, None, None  # fp32 scale, one rounding
+        scale = _mean_scale(grad_out, dz_sum.shape[0], ctx.lift)
+        return dz_sum.mul_(scale), None, None, None, None, None  # fp32 scale, one rounding
 
 
 class DistillCSEFused(torch.autograd.Function):
@@ -162,6 +187,7 @@ class DistillCSEFused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z1, y, t, rt, cl_scale, distill_weight, student_temperature, options, need_grad):
+        z1, ctx.lift = _lifted(z1) if need_grad else (z1, None)
         r1, ry, budget = _inv_norms(z1), _inv_norms(y), config.chunk_budget_bytes()
         kd_rows, dz_kd = _distill_rows(z1, r1, t, rt, student_temperature, options, need_grad)
         with _phase("contrastive_rows"):
@@ -186,7 +212,7 @@ class DistillCSEFused(torch.autograd.Function):
         with _phase("contrastive_columns"):
             dy = contrastive_bwd_dy(z1, r1, y, ry, cl_stats, ctx.cl_scale, _grad_rows(grad_out, z1.shape[0]),
                                     budget_bytes=_backward_budget())
-        return dz1.mul_(grad_out.float() / z1.shape[0]), dy, None, None, None, None, None, None, None
+        return dz1.mul_(_mean_scale(grad_out, z1.shape[0], ctx.lift)), dy, None, None, None, None, None, None, None
 
 
 class SmallBatchFused(torch.autograd.Function):
