@@ -8,6 +8,7 @@ the shares of a partition of the rows sum to the loss (``distillcse.sharded_loss
 global batch's loss over the ranks this way).
 """
 import functools
+import hashlib
 import inspect
 import os
 
@@ -116,8 +117,12 @@ def _step_seed(seed, x=None):
 
 
 def _reference_generator(seed):
-    """A CPU generator for the reference's randperm calls (seeded from a CUDA generator if given)."""
+    """A CPU generator for the reference's randperm calls (seeded from a CUDA generator if given).
+    Its Mersenne Twister keeps a seed's low 32 bits: a 64-bit int seed past them is hashed to 32,
+    so that seeds 0 and 2^32 draw different shuffles (seeds below 2^32 are taken as they are)."""
     if isinstance(seed, int):
+        if seed >= 2**32:
+            seed = int.from_bytes(hashlib.sha256(seed.to_bytes(8, "little")).digest()[:4], "little")
         return torch.Generator().manual_seed(seed)
     if isinstance(seed, torch.Generator) and seed.device.type != "cpu":
         return torch.Generator().manual_seed(_step_seed(seed))

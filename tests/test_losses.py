@@ -436,3 +436,14 @@ def test_shares_of_a_partition_of_the_rows_sum_to_the_loss(backend, shuffle):
         module = distillcse.DistillCSELoss(shuffle=shuffle, backend=backend)
         torch.testing.assert_close(module(z1, z2, teachers, rows=(0, 20)) + module(z1, z2, teachers, rows=(20, 37)),
                                    module(z1, z2, teachers), rtol=1e-13, atol=0)
+
+
+def test_reference_int_seeds_use_all_64_bits():
+    """The reference's CPU generator keeps a seed's low 32 bits: seeds 0, 2^32 and 2^40 drew one
+    shuffle. Seeds past 32 bits are hashed to 32; those below are taken as they are."""
+    z1, _, teachers, _ = make_batch(40, 16, (12,))
+    kw = dict(shuffle="random", group_p=0.5, backend="reference")
+    losses = [distillcse.distill_loss(z1, teachers, seed=s, **kw).item() for s in (0, 2**32, 2**40, 2**64 - 1)]
+    assert len(set(losses)) == 4, losses
+    g = torch.Generator().manual_seed(7)
+    assert distillcse.distill_loss(z1, teachers, seed=7, **kw) == distillcse.distill_loss(z1, teachers, seed=g, **kw)
