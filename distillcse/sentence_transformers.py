@@ -22,7 +22,9 @@ teachers of different widths side by side, ``[B, D_1 + ... + D_K]`` with
 usual): the encoder's activations are those of one mini-batch, whatever the batch size.
 ``gather_across_devices=True`` (under torch.distributed, e.g. the trainer on several GPUs)
 computes the loss on every rank's rows (:func:`distillcse.all_gather`): every negative and
-every teacher row of the global batch counts.
+every teacher row of the global batch counts. With ``shard_loss=True`` as well, each rank
+computes only its own rows' share of that loss (:func:`distillcse.sharded_loss`, the torch
+backend): the same loss and gradients, 1 / W of the loss's work a rank.
 
 The other keywords are :class:`distillcse.DistillCSELoss`'s (``backend="auto"`` takes the fused
 kernels on a GPU). Leave ``seed`` unset under the trainer: each step's random shuffle is then
@@ -34,8 +36,8 @@ own, which the trainer does not checkpoint: a resumed run would repeat the first
 import torch
 
 from . import checks
-from .api import DistillCSELoss as _DistillCSELoss, distillcse_loss
-from .distributed import all_gather
+from .api import DistillCSELoss as _DistillCSELoss, _step_seed, distillcse_loss
+from .distributed import all_gather, sharded_loss
 
 try:
     from sentence_transformers.base.losses.gradcache import CachedLossMixin
@@ -58,15 +60,19 @@ class DistillCSELoss(*((CachedLossMixin,) if CachedLossMixin else ()), torch.nn.
     sentence-transformers embeddings, the teachers' embeddings in ``labels``."""
 
     def __init__(self, model, mini_batch_size=None, gather_across_devices=False, teacher_dims=None,
-                 show_progress_bar=False, **loss_options):
+                 show_progress_bar=False, shard_loss=False, **loss_options):
         super().__init__()
         if teacher_dims is not None:
             if isinstance(teacher_dims, (int, str)) or not teacher_dims:
                 raise TypeError(f"teacher_dims must be a non-empty sequence of the teachers' widths, "
                                 f"e.g. (768, 1024), got {teacher_dims!r}")
             teacher_dims = tuple(checks.check_positive_int(f"teacher_dims[{k}]", d) for k, d in enumerate(teacher_dims))
-        if not isinstance(gather_across_devices, bool):
-            raise TypeError(f"gather_across_devices must be a bool, got {gather_across_devices!r}")
+        for name, flag in (("gather_across_devices", gather_across_devices), ("shard_loss", shard_loss)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        if shard_loss and not gather_across_devices:
+            raise ValueError("shard_loss=True splits the gathered global batch's loss over the ranks: it needs "
+                             "gather_across_devices=True")
         if mini_batch_size is not None:
             if CachedLossMixin is None:
                 raise ImportError("DistillCSELoss(mini_batch_size=...): gradient caching needs "
@@ -79,6 +85,7 @@ class DistillCSELoss(*((CachedLossMixin,) if CachedLossMixin else ()), torch.nn.
         self.loss_options = dict(loss_options)
         self.mini_batch_size = mini_batch_size
         self.gather_across_devices = gather_across_devices
+        self.shard_loss = shard_loss
         self.teacher_dims = teacher_dims
         self.uses_gradient_cache = mini_batch_size is not None
         self.show_progress_bar = show_progress_bar
@@ -111,13 +118,27 @@ class DistillCSELoss(*((CachedLossMixin,) if CachedLossMixin else ()), torch.nn.
         negatives = torch.cat(negatives) if negatives else None
         if not self.gather_across_devices:
             return self.criterion(z1, z2, teachers, hard_negatives=negatives)
+        if self.shard_loss:
+            return sharded_loss(z1, z2, teachers, hard_negatives=negatives,
+                                **dict(self.loss_options, seed=self._shared_key(z1)))
         z1, z2, *teachers = all_gather(z1, z2, *teachers)        # every rank's rows: the global batch
         negatives = all_gather(negatives) if negatives is not None else None
         if self.loss_options.get("seed") is not None or self.loss_options.get("shuffle", "random") != "random":
             return self.criterion(z1, z2, teachers, hard_negatives=negatives)
+        return distillcse_loss(z1, z2, teachers, hard_negatives=negatives, **dict(self.loss_options,
+                                                                                  seed=self._shared_key(z1)))
+
+    def _shared_key(self, z1):
+        """This step's shuffle key, the same on every rank: a draw from the loss's own generator (an
+        int seed's, alike on every rank), or rank 0's from torch's random state (the ranks' differ).
+        None where there is no random shuffle."""
+        if self.loss_options.get("shuffle", "random") != "random":
+            return None
+        generator = self.criterion.kwargs.get("seed")
+        if generator is not None:
+            return _step_seed(generator)
         key = torch.randint(0, 2**62, (1,)).to(z1.device)       # from torch's random state, as unsharded;
-        key = int(all_gather(key)[0])                            # rank 0's, so that the ranks shuffle alike
-        return distillcse_loss(z1, z2, teachers, hard_negatives=negatives, **dict(self.loss_options, seed=key))
+        return int(all_gather(key)[0])                           # rank 0's, so that the ranks shuffle alike
 
     def _teachers(self, labels, z1):
         """``labels`` [B, D_t], [B, K, D_t] or, with ``teacher_dims``, [B, sum D_k] -> the teachers'
@@ -137,7 +158,8 @@ class DistillCSELoss(*((CachedLossMixin,) if CachedLossMixin else ()), torch.nn.
 
     def get_config_dict(self):
         return dict(self.loss_options, mini_batch_size=self.mini_batch_size,
-                    gather_across_devices=self.gather_across_devices, teacher_dims=self.teacher_dims)
+                    gather_across_devices=self.gather_across_devices, shard_loss=self.shard_loss,
+                    teacher_dims=self.teacher_dims)
 
     @property
     def citation(self):

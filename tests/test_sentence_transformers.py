@@ -151,12 +151,16 @@ def test_config_and_errors(model, batch):
     anchors, _, labels = batch
     loss_fn = DistillCSELoss(model, mini_batch_size=4, seed=3, group_p=0.2)
     assert loss_fn.get_config_dict() == {"seed": 3, "group_p": 0.2, "mini_batch_size": 4, "gather_across_devices": False,
-                                         "teacher_dims": None}
+                                         "shard_loss": False, "teacher_dims": None}
     assert "2310.13499" in loss_fn.citation and CachedLossMixin is not None
     with pytest.raises(ValueError, match="mini_batch_size must be a positive integer or None, got 0"):
         DistillCSELoss(model, mini_batch_size=0)
     with pytest.raises(TypeError, match="gather_across_devices must be a bool"):
         DistillCSELoss(model, gather_across_devices="yes")
+    with pytest.raises(TypeError, match="shard_loss must be a bool"):
+        DistillCSELoss(model, gather_across_devices=True, shard_loss=1)
+    with pytest.raises(ValueError, match="shard_loss=True splits the gathered global batch's loss over the ranks"):
+        DistillCSELoss(model, shard_loss=True)
     with pytest.raises(ValueError, match="group_p must be in"):
         DistillCSELoss(model, group_p=3)
     with pytest.raises(TypeError, match="return_terms"):
@@ -287,7 +291,7 @@ def _columns_and_labels():
 SHARDS = (slice(0, 5), slice(5, 9))
 
 
-def _gather_worker(rank, init_file, seed, results):
+def _gather_worker(rank, init_file, seed, shard_loss, results):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
@@ -295,21 +299,24 @@ def _gather_worker(rank, init_file, seed, results):
         columns, labels = _columns_and_labels()
         local = [{"x": c["x"][SHARDS[rank]]} for c in columns]
         torch.manual_seed(100 + rank)                       # the ranks' random states differ
-        loss = DistillCSELoss(model, gather_across_devices=True, seed=seed, group_size=3)(local, labels[SHARDS[rank]])
+        loss = DistillCSELoss(model, gather_across_devices=True, shard_loss=shard_loss, seed=seed,
+                              group_size=3)(local, labels[SHARDS[rank]])
         loss.backward()
         results[rank] = (loss.detach(), model.dense.weight.grad)
     finally:
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("shard_loss", [False, True])
 @pytest.mark.parametrize("seed", [9, None])
-def test_gather_across_devices_is_the_global_batch(tmp_path, seed):
+def test_gather_across_devices_is_the_global_batch(tmp_path, seed, shard_loss):
     """Two gloo ranks with 5 and 4 rows: each rank's loss is one process's loss on the 9 rows,
-    and the ranks' gradients sum to 2x its gradient (DistributedDataParallel averages them).
-    Without a seed, both ranks shuffle with rank 0's draw from torch's random state."""
+    and the ranks' gradients sum to 2x its gradient (DistributedDataParallel averages them),
+    also with each rank computing its own rows' share (shard_loss). Without a seed, both ranks
+    shuffle with rank 0's draw from torch's random state; with one, with their generators' draws."""
     import torch.multiprocessing as mp
     results = mp.Manager().dict()
-    mp.spawn(_gather_worker, args=(str(tmp_path / "init"), seed, results), nprocs=2, join=True)
+    mp.spawn(_gather_worker, args=(str(tmp_path / "init"), seed, shard_loss, results), nprocs=2, join=True)
     model = _Linear()
     columns, labels = _columns_and_labels()
     torch.manual_seed(100)                                  # rank 0's random state
