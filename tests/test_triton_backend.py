@@ -298,7 +298,7 @@ def test_fp16_rows_of_small_norm_keep_finite_gradients(name, shuffle):
         grads[backend] = [x.grad.double().cpu() for x in leaves if x.grad is not None]
     assert 66 * grads["torch"][0][small].abs().max() > 65504   # the sum's gradient: beyond fp16
     for ours, want in zip(grads["triton"], grads["torch"]):
-        assert torch.isfinite(ours).all() and rel_err(ours, want) < 1e-2   # fp16 rows: 1e-3 to 3e-3
+        assert torch.isfinite(ours).all() and rel_err(ours, want) < 1e-2   # fp16 rows: 4e-4 to 2.8e-3
 
 
 @pytest.mark.parametrize("B", [40, 70])
