@@ -85,15 +85,10 @@ def sharded_loss(z1, z2, teachers, *, hard_negatives=None, group=None, return_te
             raise ValueError('sharded_loss: backend="triton" computes every row of the loss; use backend="torch" '
                              '(or "auto", which is torch here), or all_gather and the whole loss on the triton backend')
         kwargs["backend"] = "torch"
-    local = [z1, z2, *teachers]
-    _check_gatherable("sharded_loss", local)
-    sizes = _rows_per_rank(local, world, group, "sharded_loss",
-                           "hard negatives" if hard_negatives is not None else "no hard negatives")
-    gathered = [_AllGatherRows.apply(t, sizes, rank, group) for t in local]
-    if hard_negatives is not None:
-        _check_gatherable("sharded_loss", [hard_negatives], names=["hard_negatives"])
-        hn_sizes = _rows_per_rank([hard_negatives], world, group, "sharded_loss")
-        hard_negatives = _AllGatherRows.apply(hard_negatives, hn_sizes, rank, group)
+    gathered, sizes = _gather([z1, z2, *teachers], group, "sharded_loss",
+                              extra="hard negatives" if hard_negatives is not None else "no hard negatives")
+    if hard_negatives is not None:   # their own row counts
+        (hard_negatives,), _ = _gather([hard_negatives], group, "sharded_loss", names=["hard_negatives"])
     start = sum(sizes[:rank])
     share, terms = distillcse_loss(*gathered[:2], gathered[2:], hard_negatives=hard_negatives, return_terms=True,
                                    rows=(start, start + sizes[rank]), **kwargs)
@@ -123,13 +118,20 @@ def all_gather(*tensors, group=None):
     """
     if not tensors:
         raise TypeError("all_gather: expected at least one tensor")
-    _check_gatherable("all_gather", tensors)
     if not (dist.is_available() and dist.is_initialized()):
+        _check_gatherable("all_gather", tensors)
         return tensors if len(tensors) > 1 else tensors[0]
+    out, _ = _gather(tensors, group, "all_gather")
+    return tuple(out) if len(out) > 1 else out[0]
+
+
+def _gather(tensors, group, caller, names=None, extra=None):
+    """(every tensor's rows from every rank, in rank order; each rank's row count), the tensors
+    checked first and their kinds (and ``extra``) compared across the ranks (``_rows_per_rank``)."""
+    _check_gatherable(caller, tensors, names)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    sizes = _rows_per_rank(tensors, world, group)
-    out = tuple(_AllGatherRows.apply(t, sizes, rank, group) for t in tensors)
-    return out if len(out) > 1 else out[0]
+    sizes = _rows_per_rank(tensors, world, group, caller, extra)
+    return [_AllGatherRows.apply(t, sizes, rank, group) for t in tensors], sizes
 
 
 def _rows_per_rank(tensors, world, group, caller="all_gather", extra=None):

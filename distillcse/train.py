@@ -6,8 +6,8 @@ Each step samples ``batch_size`` sentences (one epoch in a seeded order, capped 
 teacher(s) once under ``no_grad``, and minimises ``distillcse_loss`` (contrastive + Group-P
 distillation; the fused kernels with ``backend="auto"`` on a GPU). Learning rate decays
 linearly to 0 (no warm-up) and the gradients' global norm is clipped to ``max_grad_norm`` (1.0)
-before each step, as SimCSE's trainer (Hugging Face's defaults) does. With ``mini_batch_size`` below the batch, the
-encoders run that many sentences at a time and the student's gradient comes through
+before each step, as SimCSE's trainer (Hugging Face's defaults) does. With ``mini_batch_size``
+below the batch, the encoders run that many sentences at a time and the student's gradient comes through
 :func:`distillcse.cached_backward` (gradient caching), so the batch is bounded by the loss's
 memory, not by the encoder's activations.
 
