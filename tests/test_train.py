@@ -348,6 +348,9 @@ def test_train_rejects_negative_numbers(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--out", str(tmp_path), "--lr", "-1"])
     assert "expected a positive number" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(tmp_path), "--max-grad-norm", "-1"])
+    assert "--max-grad-norm: expected a number >= 0, got -1" in capsys.readouterr().err
 
 
 def _without_dropout(load):
