@@ -87,8 +87,9 @@ def contrastive(B, D, dtype, teacher_dtype):
                 dots, r, r, r, stats, r, fac, 0, rows, B, B, ld, 20.0, GRAD=grad, RAW=raw, ONE_PASS=one,
                 **blocks["rows"])
     cols = blocks["cols"]
-    C._column_factors_kernel[(rows // cols["BC"], triton.cdiv(B, cols["BB"]))](
-        dots, r, r, stats, r, r, fac, 0, rows, B, ld, 20.0, RAW=raw, **cols)
+    for diag0 in (0, 37):  # the whole batch's, a shard's from row 37
+        C._column_factors_kernel[(rows // cols["BC"], triton.cdiv(B, cols["BB"]))](
+            dots, r, r, stats, r, r, fac, 0, rows, B, ld, 20.0, diag0, RAW=raw, **cols)
     unit_rows_backward(torch.empty(rows, D), x, r, x, row_scale=r, add_scale=0.5)
 
 
@@ -119,6 +120,7 @@ def distill(B, D, dtype, teacher_dtype, n_thr=9):
     K.distill_row_stats(None, None, t, r, 40.0, 80.0, 1.0, budget_bytes=rows * B * 8, grid=grid)  # random: no student
     for student in ((x, r), (None, None)):  # shuffle none, or pairwise thresholds: t's halves too
         K.distill_row_stats(*student, t, r, 40.0, 80.0, 1.0, budget_bytes=rows * B * 8)
+    K.distill_row_stats(x, r, t, r, 40.0, 80.0, 1.0, budget_bytes=rows * B * 8, rows=(B // 2, B))  # a shard: whole rows
     width = triton.cdiv(triton.cdiv(B, chunks), 128) * 128  # a multiple of the column tiles, as the launcher's
     chunks = triton.cdiv(B, width)
     first = torch.empty(rows, chunks, n_thr + 1, dtype=torch.int32)
@@ -141,10 +143,12 @@ def distill(B, D, dtype, teacher_dtype, n_thr=9):
     K._permutation_tables(first, 0, torch.empty(1, dtype=torch.int64), (states, r))  # the key drawn on the GPU
     for targets, shuffle in enumerate(K.SHUFFLES):
         for ties in (False, True) if targets else (False,):
-            slab_blocks = K._slab_blocks(B, shuffle, ties)[1]
-            K._distill_slab_kernel[(rows // slab_blocks["BM"], chunks)](
-                dots, r, dots, r, thr, thr, cut, r, r, qbar, first, compact, perm, cross, grad, 0, B, ld, n_thr, n_thr,
-                width, chunks, rows, 40.0, 80.0, BG=BG, TARGETS=targets, WRITE_GRAD=True, TIES=ties, **slab_blocks)
+            for both_sides in (True, False) if targets < 2 else (False,):  # False: a shard's rows
+                slab_blocks = K._slab_blocks(B, shuffle, ties)[1]
+                K._distill_slab_kernel[(rows // slab_blocks["BM"], chunks)](
+                    dots, r, dots, r, thr, thr, cut, r, r, qbar, first, compact, perm, cross, grad, 0, B, ld, n_thr,
+                    n_thr, width, chunks, rows, 40.0, 80.0, BG=BG, TARGETS=targets, WRITE_GRAD=True, TIES=ties,
+                    BOTH_SIDES=both_sides, **slab_blocks)
     lo = None if dtype == torch.float32 else torch.empty(B, D, dtype=torch.int8)
     hi = torch.empty(B, D, dtype=dtype)
     K.accumulate_slab(hi, lo, grad, x, r, torch.empty(rows, D), 0)

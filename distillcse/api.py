@@ -29,16 +29,13 @@ def _triton_importable():
 
 def resolve_backend(backend, x, shard=None):
     """"auto" -> "triton" for CUDA tensors (fp16/bf16/fp32) when Triton is installed, else "torch"
-    (also for a shard of the rows, ``shard`` (start, stop) other than every row, which the
-    kernels do not take)."""
+    (also for a shard of the rows, ``shard`` (start, stop) other than every row: the kernels'
+    shards are tested under the interpreter only so far; ``backend="triton"`` takes them)."""
     checks.check_choice("backend", backend, checks.BACKENDS)
     sharded = shard is not None and shard != (0, x.shape[0])
     if backend == "auto":
         fused = x.is_cuda and x.dtype != torch.float64 and not sharded and _triton_importable()
         return "triton" if fused else "torch"
-    if backend == "triton" and sharded:
-        raise ValueError(f'rows={shard} (a shard of the batch\'s rows) is not supported by backend="triton": its '
-                         'kernels compute every row; use backend="torch" (row-chunked, on CUDA too) or "auto"')
     if backend == "triton":
         if not _triton_importable():
             raise RuntimeError('backend="triton" needs the triton package (pip install triton)')
@@ -184,7 +181,7 @@ def _contrastive(z1, z2, hard_negatives, temperature, backend, shard):
     columns = z2 if hard_negatives is None else torch.cat([z2, hard_negatives], dim=0)
     if backend == "triton":
         from .triton_backend import contrastive
-        return contrastive(z1, columns, 1.0 / temperature)
+        return contrastive(z1, columns, 1.0 / temperature, shard)
     u1, y = _normalize(z1), _normalize(columns)
     return ContrastiveChunked.apply(u1, y, 1.0 / temperature, need_grad(u1, y), shard)
 
@@ -226,7 +223,7 @@ def _distill(student, teachers, options, backend, shard):
     if backend == "triton":
         from .triton_backend import distill
         rows, unit_rows = _triton_teacher(teachers, weights)
-        return distill(student, rows, student_temperature, options, unit_rows=unit_rows)
+        return distill(student, rows, student_temperature, options, shard, unit_rows=unit_rows)
     u = _normalize(student)
     T = _teacher_rows(teachers, weights, u.dtype)
     return DistillChunked.apply(u, T, student_temperature, options, need_grad(u), shard)
@@ -298,7 +295,7 @@ def distillcse_loss(z1, z2, teachers, *, temperature=0.05, distill_weight=1.0, d
         rows, unit_rows = _triton_teacher(teachers, weights)
         columns = z2 if hard_negatives is None else torch.cat([z2, hard_negatives], dim=0)
         loss, terms = distillcse(z1, columns, rows, 1.0 / temperature, distill_weight, student_temperature,
-                                 options, unit_rows=unit_rows)
+                                 options, shard, unit_rows=unit_rows)
         if not return_terms:
             return loss
         terms = dict(zip(("contrastive", "distill"), terms))

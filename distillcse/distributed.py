@@ -12,8 +12,8 @@ averages parameter gradients over the ranks, the parameters get the gradient of 
 
 ``sharded_loss`` splits that work: each rank computes only its own rows' share of the global
 loss (every row's term needs all the columns, and nothing from the other rows), so a rank's
-loss costs 1 / W of the whole (torch backend), and the ranks' parameters get the same gradients
-as above.
+loss costs 1 / W of the whole (torch and triton backends), and the ranks' parameters get the
+same gradients as above.
 """
 import hashlib
 
@@ -64,14 +64,15 @@ def sharded_loss(z1, z2, teachers, *, hard_negatives=None, group=None, return_te
 
     The embeddings (and hard negatives, whose local counts may differ from the batch's) are gathered
     as :func:`all_gather` does; the rank's share is ``distillcse_loss(..., rows=(start, stop))`` for its
-    rows of the global batch (on the torch backend 1 / W of the whole loss's work, with equal local
-    batches; the reference computes the whole batch and keeps its rows); an all-reduce of the shares
+    rows of the global batch (on the torch and triton backends 1 / W of the whole loss's work, with
+    equal local batches; the reference computes the whole batch and keeps its rows); an all-reduce of the shares
     gives every rank the global loss (and ``return_terms``' terms). The backward gives this rank's
     rows the same gradient as ``all_gather`` then the whole loss: with ``DistributedDataParallel`` the
     parameters get the global loss's gradient. Keywords as ``distillcse_loss``'s; for
     ``shuffle="random"`` an int ``seed``, the same on every rank, gives the same shuffle as the whole
-    loss (each row's is keyed by its global index). ``backend="auto"`` is the torch backend here (the
-    triton kernels compute every row). Without a process group: ``distillcse_loss`` on the batch.
+    loss (each row's is keyed by its global index). ``backend="auto"`` is the torch backend here
+    (the triton backend's shards have been tested under the interpreter only so far: pass
+    ``backend="triton"`` for them). Without a process group: ``distillcse_loss`` on the batch.
     """
     if "rows" in kwargs:
         raise TypeError("sharded_loss takes each rank's rows from the process group; rows= is not an option")
@@ -79,12 +80,8 @@ def sharded_loss(z1, z2, teachers, *, hard_negatives=None, group=None, return_te
     if not (dist.is_available() and dist.is_initialized()):
         return distillcse_loss(z1, z2, teachers, hard_negatives=hard_negatives, return_terms=return_terms, **kwargs)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    backend = kwargs.get("backend", "auto")
-    if world > 1 and backend in ("auto", "triton"):   # one backend on every rank, decided before any collective
-        if backend == "triton":                       # (a rank holding every row could take triton)
-            raise ValueError('sharded_loss: backend="triton" computes every row of the loss; use backend="torch" '
-                             '(or "auto", which is torch here), or all_gather and the whole loss on the triton backend')
-        kwargs["backend"] = "torch"
+    if world > 1 and kwargs.get("backend", "auto") == "auto":  # one backend on every rank, before any collective
+        kwargs["backend"] = "torch"                            # (a rank holding every row would take triton)
     gathered, sizes = _gather([z1, z2, *teachers], group, "sharded_loss",
                               extra="hard negatives" if hard_negatives is not None else "no hard negatives")
     if hard_negatives is not None:   # their own row counts

@@ -280,9 +280,6 @@ def _train(args, log, device, rank, world):
         resolve_backend(args.backend, torch.zeros(1, device=device))   # one that runs on this device
     except RuntimeError as err:
         raise SystemExit(f"--backend {args.backend}: {err}") from err
-    if args.shard_loss and args.backend == "triton":
-        raise SystemExit("--shard-loss: the triton backend's kernels compute every row of the loss; give "
-                         "--backend torch (or auto, which is torch for a shard)")
     checks.check_out_dir(args.out)
     if args.eval_every:
         check_sts_files(("STSBenchmark",), "dev", args.sts_dir)
@@ -545,7 +542,8 @@ def add_train_arguments(p):
     p.add_argument("--shuffle", choices=("random", "expected", "none"), default="random")
     p.add_argument("--backend", choices=("auto", "reference", "torch", "triton"), default="auto")
     p.add_argument("--shard-loss", action="store_true", help="on several ranks, each computes its own rows' "
-                   "share of the global loss (distillcse.sharded_loss; the torch backend) instead of all of it")
+                   "share of the global loss (distillcse.sharded_loss; auto takes the torch backend for it, "
+                   "--backend triton the kernels' shards) instead of all of it")
     p.add_argument("--amp", choices=("auto", "none", "bfloat16", "float16"), default="auto",
                    help="autocast dtype (auto: bfloat16 on CUDA, none on CPU; float16 adds a grad scaler)")
     p.add_argument("--device", type=checks.cli_device, default=None, help="cpu or cuda (default: cuda when available)")

@@ -17,6 +17,9 @@ The random shuffle is the torch backend's for a seed. Groupings with more than
 z1's gradient is computed in the forward (the distillation's: a random shuffle is drawn once,
 nothing is recomputed; the contrastive row side: in the loss's own pass), only when autograd
 will need it; a backward that reuses that buffer in place can run once per forward.
+A shard of the rows (``rows=(start, stop)``, ``distillcse.sharded_loss``) streams its rows only,
+against every column; its distillation accumulates the column side as the random shuffle does
+(``kernels.distill.distill_loss_and_grad``), and a shard never takes the one-program kernel.
 """
 import torch
 from torch.profiler import record_function
@@ -44,9 +47,20 @@ def _inv_norms(x):
     return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).clamp_min(EPS).reciprocal()
 
 
-def _grad_rows(grad_out, B):
-    """dL/dloss_rows [B] fp32 for ``L = mean(loss_rows)``, without a host sync."""
-    return (grad_out.float() / B).expand(B).contiguous()
+def _grad_rows(grad_out, B, n=None):
+    """dL/dloss_rows [n] fp32 (n = B by default: every row) for ``L = sum(loss_rows) / B``,
+    without a host sync."""
+    return (grad_out.float() / B).expand(B if n is None else n).contiguous()
+
+
+def _share(loss_rows, B):
+    """``L = sum(loss_rows) / B``: the mean for a whole batch, a shard's share of it otherwise."""
+    return loss_rows.mean() if loss_rows.shape[0] == B else loss_rows.sum() / B
+
+
+def _whole(rows, B):
+    """(start, stop) of the rows, None for every row (the kernels' default)."""
+    return None if rows == (0, B) else rows
 
 
 def _phase(name):
@@ -94,62 +108,73 @@ def _sum_grad_rows(x):
     return torch.ones(x.shape[0], device=x.device)
 
 
+def _contrastive_columns(ctx, grad_out, z1, r1, y, ry, cl_stats):
+    """y's gradient: that of the saved rows (``ctx.rows``) against every column."""
+    start, stop = ctx.rows
+    with _phase("contrastive_columns"):
+        return contrastive_bwd_dy(z1[start:stop], r1[start:stop], y, ry, cl_stats, ctx.cl_scale,
+                                  _grad_rows(grad_out, z1.shape[0], stop - start), budget_bytes=_backward_budget(),
+                                  diag0=start)
+
+
 class ContrastiveFused(torch.autograd.Function):
-    """InfoNCE over z1 [B, D] against columns y [N, D] (z2 then hard negatives). The forward
-    also writes z1's gradient (the row side, in the same pass as the loss; that of the sum of
-    the row losses) when autograd will need it; the backward scales it in place and computes y's."""
+    """InfoNCE over z1 [B, D] against columns y [N, D] (z2 then hard negatives), the rows
+    ``rows`` (start, stop) summed over B. The forward also writes z1's gradient (the row side,
+    in the same pass as the loss; that of the sum of the row losses) when autograd will need
+    it; the backward scales it in place and computes y's."""
 
     @staticmethod
-    def forward(ctx, z1, y, scale, need_grad):
+    def forward(ctx, z1, y, scale, need_grad, rows):
         z1, ctx.lift = _lifted(z1) if need_grad else (z1, None)
         r1, ry = _inv_norms(z1), _inv_norms(y)
         with _phase("contrastive_rows"):
             loss_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, scale, _sum_grad_rows(z1) if need_grad else None,
-                                                       budget_bytes=config.chunk_budget_bytes())
+                                                       budget_bytes=config.chunk_budget_bytes(),
+                                                       rows=_whole(rows, z1.shape[0]))
         ctx.save_for_backward(z1, r1, y, ry, cl_stats, dz1)
-        ctx.scale = scale
-        return loss_rows.mean()
+        ctx.cl_scale, ctx.rows = scale, rows
+        return _share(loss_rows, z1.shape[0])
 
     @staticmethod
     @first_order
     def backward(ctx, grad_out):
         _take_once(ctx)
         z1, r1, y, ry, cl_stats, dz1 = ctx.saved_tensors
-        with _phase("contrastive_columns"):
-            dy = contrastive_bwd_dy(z1, r1, y, ry, cl_stats, ctx.scale, _grad_rows(grad_out, z1.shape[0]),
-                                    budget_bytes=_backward_budget())
-        return dz1.mul_(_mean_scale(grad_out, z1.shape[0], ctx.lift)), dy, None, None
+        dy = _contrastive_columns(ctx, grad_out, z1, r1, y, ry, cl_stats)
+        return dz1.mul_(_mean_scale(grad_out, z1.shape[0], ctx.lift)), dy, None, None, None
 
 
-def _distill_rows(z, r, t, rt, student_temperature, options, need_grad):
-    """Distillation loss rows [B] fp32 and d(sum of them)/dz [B, D] in z's dtype (or None)."""
+def _distill_rows(z, r, t, rt, student_temperature, options, need_grad, rows=None):
+    """Distillation loss rows [B] fp32 (of ``rows`` (start, stop), [stop - start], if given) and
+    d(sum of them)/dz [B, D] in z's dtype (or None)."""
     ss, ts, gs = 1.0 / student_temperature, 1.0 / options["teacher_temperature"], 1.0 / options["grouping_temperature"]
     shuffle, groups, budget = options["shuffle"], {}, config.chunk_budget_bytes()
+    shard = dict(rows=rows)
     grouping = dict(group_p=options["group_p"], group_size=options["group_size"], budget_bytes=budget)
     # the threshold search's first pass rides on the row statistics' teacher slabs (None: no search)
     grid = grid_pass(t, rt, gs, **grouping) if shuffle != "none" else None
     with _phase("row_stats"):  # the random shuffle takes s's logsumexps from its own slabs
         student = (None, None) if shuffle == "random" else (z, r)
         lse_s, lse_t, lse_g, t_min, t_max = distill_row_stats(*student, t, rt, ss, ts, gs, budget_bytes=budget,
-                                                              grid=grid)
+                                                              grid=grid, **shard)
     if shuffle != "none":
         # pairwise thresholds (B <= PAIRWISE_MAX_B) come with tie cuts: tied values rank in column
         # order; the search's put a tie in one group, and give the expected mode's means (their last pass)
         ranked = not searches(t.shape[0])
         means = (lse_t, ts) if shuffle == "expected" and not ranked else None
         with _phase("group_thresholds"):
-            found = group_thresholds(t, rt, lse_g, t_min, t_max, gs, **grouping, grid=grid, means=means)
+            found = group_thresholds(t, rt, lse_g, t_min, t_max, gs, **grouping, grid=grid, means=means, **shard)
             groups["thr"], groups["qbar"] = found if means else (found, None)
             if ranked:
                 groups["ties"] = tie_cuts(t, rt, lse_g, t_min, t_max, groups["thr"], gs, group_p=options["group_p"],
-                                          group_size=options["group_size"])
+                                          group_size=options["group_size"], **shard)
                 if shuffle == "expected":
                     groups["qbar"] = group_means(t, rt, lse_t, groups["thr"], ts, budget_bytes=budget,
-                                                 ties=groups["ties"])
+                                                 ties=groups["ties"], **shard)
     with _phase("distill_slabs"):
         return distill_loss_and_grad(
             z, r, t, rt, lse_s, lse_t, ss, ts, shuffle=shuffle, step_seed=options["step_seed"],
-            budget_bytes=budget, need_grad=need_grad, **groups)
+            budget_bytes=budget, need_grad=need_grad, **groups, **shard)
 
 
 def _take_once(ctx):
@@ -162,15 +187,16 @@ def _take_once(ctx):
 
 class DistillFused(torch.autograd.Function):
     """Distillation over student z [B, D] and teacher rows t [B, Dt] with fp32 inverse norms
-    rt [B] (``t_ij = (t_i . t_j) rt_i rt_j``), any shuffle; the backward scales the gradient
-    the forward computed, in place."""
+    rt [B] (``t_ij = (t_i . t_j) rt_i rt_j``), any shuffle, the rows ``rows`` (start, stop)
+    summed over B; the backward scales the gradient the forward computed, in place."""
 
     @staticmethod
-    def forward(ctx, z, t, rt, student_temperature, options, need_grad):
+    def forward(ctx, z, t, rt, student_temperature, options, need_grad, rows):
         z, ctx.lift = _lifted(z) if need_grad else (z, None)
-        loss_rows, dz_sum = _distill_rows(z, _inv_norms(z), t, rt, student_temperature, options, need_grad)
+        loss_rows, dz_sum = _distill_rows(z, _inv_norms(z), t, rt, student_temperature, options, need_grad,
+                                          _whole(rows, z.shape[0]))
         ctx.save_for_backward(dz_sum)
-        return loss_rows.mean()
+        return _share(loss_rows, z.shape[0])
 
     @staticmethod
     @first_order
@@ -178,7 +204,7 @@ class DistillFused(torch.autograd.Function):
         _take_once(ctx)
         dz_sum, = ctx.saved_tensors  # d(sum of loss rows)/dz
         scale = _mean_scale(grad_out, dz_sum.shape[0], ctx.lift)
-        return dz_sum.mul_(scale), None, None, None, None, None  # fp32 scale, one rounding
+        return dz_sum.mul_(scale), None, None, None, None, None, None  # fp32 scale, one rounding
 
 
 class DistillCSEFused(torch.autograd.Function):
@@ -188,20 +214,25 @@ class DistillCSEFused(torch.autograd.Function):
     [B, D] buffer, no autograd sum); the backward scales it in place and computes y's."""
 
     @staticmethod
-    def forward(ctx, z1, y, t, rt, cl_scale, distill_weight, student_temperature, options, need_grad):
+    def forward(ctx, z1, y, t, rt, cl_scale, distill_weight, student_temperature, options, need_grad, rows):
         z1, ctx.lift = _lifted(z1) if need_grad else (z1, None)
         r1, ry, budget = _inv_norms(z1), _inv_norms(y), config.chunk_budget_bytes()
-        kd_rows, dz_kd = _distill_rows(z1, r1, t, rt, student_temperature, options, need_grad)
+        B, shard = z1.shape[0], _whole(rows, z1.shape[0])
+        kd_rows, dz_kd = _distill_rows(z1, r1, t, rt, student_temperature, options, need_grad, shard)
         with _phase("contrastive_rows"):
             if need_grad:
+                dz_kd = dz_kd.contiguous()
+                if shard is not None:  # the rows the contrastive forward does not visit: weighted here
+                    for other in (slice(0, rows[0]), slice(rows[1], B)):
+                        dz_kd[other] *= distill_weight
                 cl_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, cl_scale, _sum_grad_rows(z1),
-                                                         budget_bytes=budget, add_to=dz_kd.contiguous(),
-                                                         add_scale=distill_weight)
+                                                         budget_bytes=budget, add_to=dz_kd,
+                                                         add_scale=distill_weight, rows=shard)
             else:
-                cl_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, cl_scale, budget_bytes=budget)
+                cl_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, cl_scale, budget_bytes=budget, rows=shard)
         ctx.save_for_backward(z1, r1, y, ry, cl_stats, dz1)
-        ctx.cl_scale = cl_scale
-        terms = torch.stack([cl_rows.mean(), kd_rows.mean()])
+        ctx.cl_scale, ctx.rows = cl_scale, rows
+        terms = torch.stack([_share(cl_rows, B), _share(kd_rows, B)])
         ctx.mark_non_differentiable(terms)
         ctx.set_materialize_grads(False)  # no zeros for the terms' gradient
         return terms[0] + distill_weight * terms[1], terms
@@ -211,10 +242,9 @@ class DistillCSEFused(torch.autograd.Function):
     def backward(ctx, grad_out, _):
         _take_once(ctx)
         z1, r1, y, ry, cl_stats, dz1 = ctx.saved_tensors
-        with _phase("contrastive_columns"):
-            dy = contrastive_bwd_dy(z1, r1, y, ry, cl_stats, ctx.cl_scale, _grad_rows(grad_out, z1.shape[0]),
-                                    budget_bytes=_backward_budget())
-        return dz1.mul_(_mean_scale(grad_out, z1.shape[0], ctx.lift)), dy, None, None, None, None, None, None, None
+        dy = _contrastive_columns(ctx, grad_out, z1, r1, y, ry, cl_stats)
+        scaled = dz1.mul_(_mean_scale(grad_out, z1.shape[0], ctx.lift))
+        return scaled, dy, None, None, None, None, None, None, None, None
 
 
 class SmallBatchFused(torch.autograd.Function):
@@ -264,44 +294,58 @@ def _groups_on_torch(z, options):
     return options["shuffle"] != "none" and G > MAX_KERNEL_GROUPS
 
 
-def contrastive(z1, columns, scale):
-    """The contrastive term; ``columns`` [N, D] z2 then hard negatives."""
+def _empty_share(*inputs):
+    """A shard without rows: 0, with zero gradients for the inputs."""
+    return sum(x[:0].float().sum() for x in inputs)
+
+
+def _one_program(rows, B, N=0):
+    """Whether the one-program kernel takes the loss: every row (not a shard), of a batch that fits."""
+    return rows == (0, B) and fits(B, N)
+
+
+def contrastive(z1, columns, scale, rows):
+    """The contrastive term of the rows ``rows`` (start, stop), summed over B; ``columns``
+    [N, D] z2 then hard negatives."""
     _check_dtype(z1)
-    if fits(z1.shape[0], columns.shape[0]):
+    if rows[0] == rows[1]:
+        return _empty_share(z1, columns)
+    if _one_program(rows, z1.shape[0], columns.shape[0]):
         return SmallBatchFused.apply(z1, columns, None, _small_batch_args(z1, scale, 0.0, None, None, False),
                                      need_grad(z1, columns))[0]
-    return ContrastiveFused.apply(z1, columns, scale, need_grad(z1, columns))
+    return ContrastiveFused.apply(z1, columns, scale, need_grad(z1, columns), rows)
 
 
-def distill(z, t, student_temperature, options, *, unit_rows):
-    """The distillation term. ``t`` [B, Dt]: K teachers' weighted unit rows side by side
-    (``unit_rows``), or one teacher's raw fp32 / bf16 / fp16 rows, which the kernels read as they are with
-    their inverse norms."""
+def distill(z, t, student_temperature, options, rows, *, unit_rows):
+    """The distillation term of the rows ``rows`` (start, stop), summed over B. ``t`` [B, Dt]:
+    K teachers' weighted unit rows side by side (``unit_rows``), or one teacher's raw fp32 / bf16 /
+    fp16 rows, which the kernels read as they are with their inverse norms."""
     _check_dtype(z)
+    if rows[0] == rows[1]:
+        return _empty_share(z)
     if _groups_on_torch(z, options):
         t, rt = _teacher(t, unit_rows)
         u = z.float() / z.float().norm(dim=-1, keepdim=True).clamp_min(EPS)
-        return DistillChunked.apply(u, t.float() * rt[:, None], student_temperature, options, need_grad(u),
-                                    (0, z.shape[0]))
-    if fits(z.shape[0]):
+        return DistillChunked.apply(u, t.float() * rt[:, None], student_temperature, options, need_grad(u), rows)
+    if _one_program(rows, z.shape[0]):
         args = _small_batch_args(z, 1.0, 1.0, student_temperature, options, unit_rows)
         return SmallBatchFused.apply(z, None, t, args, need_grad(z))[0]
     t, rt = _teacher(t, unit_rows)
-    return DistillFused.apply(z, t, rt, student_temperature, options, need_grad(z))
+    return DistillFused.apply(z, t, rt, student_temperature, options, need_grad(z), rows)
 
 
-def distillcse(z1, columns, t, cl_scale, distill_weight, student_temperature, options, *, unit_rows):
-    """``(L_cl + distill_weight L_kd, (L_cl, L_kd))`` with z1 the distillation's student, the
-    terms [2] fp32 without gradient; ``columns`` and ``t`` as in :func:`contrastive` and
-    :func:`distill`."""
+def distillcse(z1, columns, t, cl_scale, distill_weight, student_temperature, options, rows, *, unit_rows):
+    """``(L_cl + distill_weight L_kd, (L_cl, L_kd))`` of the rows ``rows`` (start, stop), summed
+    over B, with z1 the distillation's student, the terms [2] fp32 without gradient; ``columns``
+    and ``t`` as in :func:`contrastive` and :func:`distill`."""
     _check_dtype(z1)
-    if _groups_on_torch(z1, options):
-        cl = contrastive(z1, columns, cl_scale)
-        kd = distill(z1, t, student_temperature, options, unit_rows=unit_rows)
+    if rows[0] == rows[1] or _groups_on_torch(z1, options):
+        cl = contrastive(z1, columns, cl_scale, rows)
+        kd = distill(z1, t, student_temperature, options, rows, unit_rows=unit_rows)
         return cl + distill_weight * kd, torch.stack([cl.detach(), kd.detach()])
-    if fits(z1.shape[0], columns.shape[0]):
+    if _one_program(rows, z1.shape[0], columns.shape[0]):
         args = _small_batch_args(z1, cl_scale, distill_weight, student_temperature, options, unit_rows)
         return SmallBatchFused.apply(z1, columns, t, args, need_grad(z1, columns))
     t, rt = _teacher(t, unit_rows)
     return DistillCSEFused.apply(z1, columns, t, rt, cl_scale, distill_weight, student_temperature, options,
-                                 need_grad(z1, columns))
+                                 need_grad(z1, columns), rows)

@@ -148,12 +148,13 @@ def _column_factors_kernel(
     stats,  # [2, B] fp32 from the forward: lse_i and 1 - P_ii
     g,  # [B] fp32 dL/dloss_i
     g_max,  # [1] fp32 max_i |g_i| (1 if all are 0)
-    fac,  # [C, B] out, factor dtype, row stride ld: M'_ji = (g_i / g_max) (P_ij - [i == j]) (rx_i if RAW)
-    col0, C, B, ld, scale,
+    fac,  # [C, B] out, factor dtype, row stride ld: M'_ji = (g_i / g_max) (P_ij - [diag0 + i == j]) (rx_i if RAW)
+    col0, C, B, ld, scale, diag0,
     BC: tl.constexpr, BB: tl.constexpr, RAW: tl.constexpr,
 ):
     """A [BC, BB] block of the factors of columns ``col0 + [0, C)`` (grid axis 0) against rows
-    i (grid axis 1); elementwise."""
+    i (grid axis 1), row i's positive the column ``diag0 + i`` (a shard of the batch's rows
+    from ``diag0`` on); elementwise."""
     o_c = tl.program_id(0).to(tl.int64) * BC + tl.arange(0, BC)  # slab-local columns
     o_i = tl.program_id(1).to(tl.int64) * BB + tl.arange(0, BB)
     m_c, m_i = o_c < C, o_i < B
@@ -169,7 +170,7 @@ def _column_factors_kernel(
     m_ld = m_c[:, None] & (o_i < ld)[None, :]  # loads and stores under the aligned bound (the padding: 0)
     b_s = scale * tl.load(dots + p, mask=m_ld, other=0.0) * b_ry[:, None] * b_rx[None, :]
     b_p = tl.exp(tl.where(m, b_s, float("-inf")) - b_lse[None, :])  # masked lanes 0, not exp(-lse)
-    b_p = tl.where(col0 + o_c[:, None] == o_i[None, :], -b_miss[None, :], b_p)  # P_ij - [i == j]
+    b_p = tl.where(col0 + o_c[:, None] == diag0 + o_i[None, :], -b_miss[None, :], b_p)  # P_ij - [i == j]
     tl.store(fac + p, (b_coef[None, :] * b_p).to(fac.dtype.element_ty), mask=m_ld)
 
 
@@ -205,16 +206,17 @@ def _blocks() -> dict:
     return dict(rows=dict(BR=1, BN=2048, num_warps=8), cols=dict(BC=8, BB=512, num_warps=4))
 
 
-def _check(x, rx, y, ry):
+def _check(x, rx, y, ry, diag0=0):
     assert x.dim() == 2 and y.dim() == 2 and x.shape[1] == y.shape[1], "x [B, D], y [N, D]"
     assert x.dtype == y.dtype, "x and y must share a dtype"
-    assert y.shape[0] >= x.shape[0] >= 2, "N >= B >= 2: rows 0..B-1 of y are the positives"
+    assert x.shape[0] >= 1 and y.shape[0] >= max(2, diag0 + x.shape[0]), \
+        "N >= diag0 + B, N >= 2: rows diag0..diag0+B-1 of y are the positives"
     assert rx.shape == (x.shape[0],) and ry.shape == (y.shape[0],)
     assert rx.dtype == ry.dtype == torch.float32
     return unit_stride_rows(x), rx.contiguous(), unit_stride_rows(y), ry.contiguous()
 
 
-def contrastive_fwd(x, rx, y, ry, scale, grad_rows=None, *, budget_bytes, add_to=None, add_scale=0.0):
+def contrastive_fwd(x, rx, y, ry, scale, grad_rows=None, *, budget_bytes, add_to=None, add_scale=0.0, rows=None):
     """x [B, D], rx [B], y [N, D], ry [N]; returns (loss_rows [B], stats [2, B], dx): fp32
     ``loss_rows_i = lse_i - scale c_ii``, ``stats`` = (``lse_i = logsumexp_{j<N}(scale c_ij)``,
     ``1 - P_ii``) for ``contrastive_bwd_dy``, and with ``grad_rows`` [B] fp32 the gradient of
@@ -222,11 +224,15 @@ def contrastive_fwd(x, rx, y, ry, scale, grad_rows=None, *, budget_bytes, add_to
     (``rx = 1 / max(|x|, eps)``), in x's dtype, accumulated in fp32 (None without
     ``grad_rows``). With ``add_to`` (a [B, D] tensor in x's dtype, feature stride 1, another
     term's gradient), dx is ``add_to`` itself, overwritten with dx + add_scale add_to.
+    ``rows=(start, stop)``: those rows only (a shard): loss_rows and stats are theirs, [stop - start]
+    and [2, stop - start], and only those rows of dx are computed (dx's others are 0; add_to's
+    are left as they are).
     Extra memory besides dx: the [R, N] slab buffers within ``budget_bytes`` (at least
     ``SLAB_STEP`` rows), [R, D] fp32, and for fp16 a copy of y's unit rows.
     """
     x, rx, y, ry = _check(x, rx, y, ry)
     (B, D), N = x.shape, y.shape[0]
+    start, stop = (0, B) if rows is None else rows
     loss = torch.empty(B, device=x.device, dtype=torch.float32)
     stats = torch.empty(2, B, device=x.device, dtype=torch.float32)
     dx = None
@@ -234,7 +240,7 @@ def contrastive_fwd(x, rx, y, ry, scale, grad_rows=None, *, budget_bytes, add_to
         row_scale = float(scale) * grad_rows.float().contiguous()  # du_x_i = scale g_i (M y)_i; a new tensor
         assert row_scale.shape == (B,)
         if add_to is None:
-            dx = torch.empty(B, D, device=x.device, dtype=x.dtype)
+            dx = (torch.empty if (start, stop) == (0, B) else torch.zeros)(B, D, device=x.device, dtype=x.dtype)
         else:
             assert add_to.shape == (B, D) and add_to.dtype == x.dtype and add_to.stride(-1) == 1
             dx = add_to
@@ -242,12 +248,12 @@ def contrastive_fwd(x, rx, y, ry, scale, grad_rows=None, *, budget_bytes, add_to
     else:
         assert add_to is None, "add_to needs grad_rows"
         raw = True
-    R = slab_rows(B, aligned(N), budget_bytes, 4 + (x.element_size() if dx is not None else 0), SLAB_STEP)
+    R = slab_rows(stop - start, aligned(N), budget_bytes, 4 + (x.element_size() if dx is not None else 0), SLAB_STEP)
     dots = slab_buffer(R, N, x.device)
     fac = slab_buffer(R, N, x.device, x.dtype) if dx is not None else dots
     blocks = _blocks()["rows"]
-    for row0 in range(0, B, R):
-        rows = slice(row0, min(row0 + R, B))
+    for row0 in range(start, stop, R):
+        rows = slice(row0, min(row0 + R, stop))
         n = rows.stop - row0
         matmul_f32(x[rows], y.T, out=dots[:n])
         _row_factors_kernel[(cdiv(n, blocks["BR"]),)](
@@ -258,15 +264,16 @@ def contrastive_fwd(x, rx, y, ry, scale, grad_rows=None, *, budget_bytes, add_to
             du = matmul_f32(fac[:n], v)  # [n, D] fp32: the slab rows' dL/du_x, up to scale g_i
             unit_rows_backward(du, x[rows], rx[rows], dx[rows], row_scale=row_scale[rows],
                                add_scale=None if add_to is None else add_scale)
-    return loss, stats, dx
+    return loss[start:stop], stats[:, start:stop], dx
 
 
-def contrastive_bwd_dy(x, rx, y, ry, stats, scale, grad_rows, *, budget_bytes):
+def contrastive_bwd_dy(x, rx, y, ry, stats, scale, grad_rows, *, budget_bytes, diag0=0):
     """Gradient of L = sum_i grad_rows_i loss_rows_i w.r.t. the raw rows y, through u_y = y ry:
     x [B, D], rx [B], y [N, D], ry [N], stats [2, B] (from ``contrastive_fwd``), grad_rows [B]
-    fp32; returns dy [N, D] in y's dtype, accumulated in fp32. Extra memory besides dy: the
+    fp32; returns dy [N, D] in y's dtype, accumulated in fp32. ``diag0``: x is a shard of the
+    batch's rows from ``diag0`` on (row i's positive is y's row diag0 + i). Extra memory besides dy: the
     [C, B] slab buffers within ``budget_bytes``, [C, D] fp32, and for fp16 a copy of x's unit rows."""
-    x, rx, y, ry = _check(x, rx, y, ry)
+    x, rx, y, ry = _check(x, rx, y, ry, diag0)
     (B, D), N = x.shape, y.shape[0]
     assert stats.shape == (2, B) and stats.dtype == torch.float32
     stats, grad_rows = stats.contiguous(), grad_rows.float().contiguous()
@@ -284,7 +291,8 @@ def contrastive_bwd_dy(x, rx, y, ry, stats, scale, grad_rows, *, budget_bytes):
         n = cols.stop - col0
         matmul_f32(y[cols], x.T, out=dots[:n])
         _column_factors_kernel[(cdiv(n, blocks["BC"]), cdiv(B, blocks["BB"]))](
-            dots, rx, ry, stats, grad_rows, g_max, fac, col0, n, B, dots.stride(0), float(scale), RAW=raw, **blocks)
+            dots, rx, ry, stats, grad_rows, g_max, fac, col0, n, B, dots.stride(0), float(scale), diag0, RAW=raw,
+            **blocks)
         du = matmul_f32(fac[:n], v)  # [n, D] fp32: the slab columns' dL/du_y, up to scale g_max
         unit_rows_backward(du, y[cols], ry[cols], dy[cols], row_scale=dy_scale)
     return dy

@@ -154,22 +154,24 @@ def _store_states(p, m, plane, b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin, S: tl.con
 
 @triton.jit
 def _row_stats_kernel(
-    p_xs,  # [R, B - row0] fp32 raw student dots of the slab rows, columns row0.. (cuBLAS), row stride ld (STUDENT)
+    p_xs,  # [R, B - row0] fp32 raw student dots of the slab rows, columns row0.. (cuBLAS; [R, B] unless HALF_S),
+    #        row stride ld (STUDENT)
     p_rx,  # [B] fp32 inverse norms (STUDENT)
     p_ts,  # [R, B - t_col0] fp32 raw teacher dots of the slab rows with columns t_col0.. (cuBLAS), row stride ld
     p_rt,  # [B] fp32 inverse norms
     p_part,  # [6, R, S] fp32 out: per column split, s's running max and sum (STUDENT), t's max, two sums, min
-    p_cols,  # [P, NB, B] fp32 out (STUDENT or HALF_T): per row block, the column-side states of columns past the slab
+    p_cols,  # [P, NB, B] fp32 out (HALF_S or HALF_T): per row block, the column-side states of columns past the slab
     row0, R, B, ld, t_col0, tile0, tiles_per_split, col_plane, student_scale, teacher_scale, grouping_scale,
-    BM: tl.constexpr, BN: tl.constexpr, STUDENT: tl.constexpr, HALF_T: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, STUDENT: tl.constexpr, HALF_S: tl.constexpr, HALF_T: tl.constexpr,
 ):
     """The statistics of BM slab rows over the column tiles of split program_id(1), online
     (``_update_lse``, ``_update_teacher_stats``); ``_row_stats_merge_kernel`` merges the
     S = num_programs(1) splits (a slab has a few row blocks: the splits give the GPU enough
-    programs). s (and t with HALF_T, t_col0 = row0) is symmetric, so the slab has its dots with
-    columns from row0 on only: the rows take those, and each tile's columns past the slab take
-    the block's rows as their column side (planes 0-1 s's max and sum, 2-5 t's as in
-    ``p_part``; ``_column_stats_merge_kernel`` folds them into the running column states)."""
+    programs). s with HALF_S (and t with HALF_T, t_col0 = row0) is symmetric, so the slab has its
+    dots with columns from row0 on only: the rows take those, and each tile's columns past the
+    slab take the block's rows as their column side (planes 0-1 s's max and sum, 2-5 t's as in
+    ``p_part``; ``_column_stats_merge_kernel`` folds them into the running column states).
+    Without (a shard of the rows, or t with the search's grid pass) the slab has whole rows."""
     i_b = tl.program_id(0)
     o_r = i_b.to(tl.int64) * BM + tl.arange(0, BM)
     i_s = tl.program_id(1)
@@ -186,7 +188,7 @@ def _row_stats_kernel(
         m_valid = (o_m[:, None] != o_n[None, :]) & m_m[:, None] & m_n[None, :]
         m_col = m_m[:, None] & m_past[None, :]
         p_c = p_cols + i_b * B + o_n
-        if STUDENT:
+        if HALF_S:
             if i_n * BN + BN > row0:
                 b_s = slab_tile(p_xs - row0, p_rx, o_r, o_m, m_m, o_n, m_upper, m_ld, ld) * student_scale
                 b_ms, b_ls = _update_lse(b_ms, b_ls, tl.where(m_valid & m_upper[None, :], b_s, float("-inf")))
@@ -195,6 +197,9 @@ def _row_stats_kernel(
                     c_ms, c_ls = _update_lse(c_ms, c_ls, tl.where(m_col, b_s, float("-inf")), 0)
                     tl.store(p_c, c_ms, mask=m_past)
                     tl.store(p_c + col_plane, c_ls, mask=m_past)
+        elif STUDENT:  # whole rows
+            b_s = slab_tile(p_xs, p_rx, o_r, o_m, m_m, o_n, m_n, o_n < ld, ld) * student_scale
+            b_ms, b_ls = _update_lse(b_ms, b_ls, tl.where(m_valid, b_s, float("-inf")))
         if HALF_T:  # teacher logits (their half: t_col0 = row0)
             b_t = slab_tile(p_ts - row0, p_rt, o_r, o_m, m_m, o_n, m_upper, m_ld, ld)
         else:
@@ -238,14 +243,14 @@ def _teacher_stats_block(c_tmax, c_lt, c_lg, c_tmin, teacher_scale, grouping_sca
 @triton.jit
 def _row_stats_merge_kernel(
     p_part,  # [6, R, S] fp32: _row_stats_kernel's partial states
-    p_state,  # [P, B] fp32: the running column-side states (STUDENT or HALF_T; planes as in p_part; unset at row0 0)
+    p_state,  # [P, B] fp32: the running column-side states (HALF_S or HALF_T; planes as in p_part; unset at row0 0)
     p_out,  # [5, B] fp32 out: lse_s (STUDENT), lse_t, lse_g, t_min, t_max
     row0, R, B, n_splits, teacher_scale, grouping_scale,
-    BR: tl.constexpr, BS: tl.constexpr, STUDENT: tl.constexpr, HALF_T: tl.constexpr,
+    BR: tl.constexpr, BS: tl.constexpr, STUDENT: tl.constexpr, HALF_S: tl.constexpr, HALF_T: tl.constexpr,
 ):
     """The S partial states of BR slab rows merged in split order (deterministic), BS splits a
     block (a few loads, not a chain of S), then the rows' column side from the slabs before
-    (the halves of s, and of t with HALF_T), then the statistics."""
+    (the halves of s with HALF_S, and of t with HALF_T), then the statistics."""
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     o_s = tl.arange(0, BS)
     o_m = row0 + o_r
@@ -262,8 +267,8 @@ def _row_stats_merge_kernel(
         if STUDENT:
             c_ms, c_ls = _lse_block(c_ms, c_ls)
             b_ms, b_ls = _merge_lse(b_ms, b_ls, c_ms, c_ls)
-    c_ms, c_ls, c_tmax, c_lt, c_lg, c_tmin = _load_states(p_state + o_m, m_m & (row0 > 0), B, STUDENT, HALF_T)
-    if STUDENT:
+    c_ms, c_ls, c_tmax, c_lt, c_lg, c_tmin = _load_states(p_state + o_m, m_m & (row0 > 0), B, HALF_S, HALF_T)
+    if HALF_S:
         b_ms, b_ls = _merge_lse(b_ms, b_ls, c_ms, c_ls)
     if HALF_T:
         b_tmax, b_lt, b_lg, b_tmin = _merge_teacher_stats(
@@ -285,7 +290,7 @@ def _column_stats_merge_kernel(
     p_cols,  # [P, NB, B] fp32: the slab's row blocks' column-side states (_row_stats_kernel)
     p_state,  # [P, B] fp32 in/out: the running column-side states over the slabs before row0 (unset at row0 0)
     row0, col0, NB, B, col_plane, teacher_scale, grouping_scale,
-    BC: tl.constexpr, BB: tl.constexpr, STUDENT: tl.constexpr, HALF_T: tl.constexpr,
+    BC: tl.constexpr, BB: tl.constexpr, HALF_S: tl.constexpr, HALF_T: tl.constexpr,
 ):
     """BC columns from col0 on (those past the slab of rows row0..) a program: their running
     states (none for the first slab), then the slab's NB row blocks in block order
@@ -294,19 +299,19 @@ def _column_stats_merge_kernel(
     m_c = o_c < B
     o_b = tl.arange(0, BB)
     p_c = p_state + o_c
-    b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin = _load_states(p_c, m_c & (row0 > 0), B, STUDENT, HALF_T)
+    b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin = _load_states(p_c, m_c & (row0 > 0), B, HALF_S, HALF_T)
     for b0 in range(0, NB, BB):
         m = m_c[:, None] & (b0 + o_b < NB)[None, :]
         p_b = p_cols + (b0 + o_b)[None, :] * B + o_c[:, None]  # [BC, BB]
-        c_ms, c_ls, c_tmax, c_lt, c_lg, c_tmin = _load_states(p_b, m, col_plane, STUDENT, HALF_T)
-        if STUDENT:
+        c_ms, c_ls, c_tmax, c_lt, c_lg, c_tmin = _load_states(p_b, m, col_plane, HALF_S, HALF_T)
+        if HALF_S:
             c_ms, c_ls = _lse_block(c_ms, c_ls)
             b_ms, b_ls = _merge_lse(b_ms, b_ls, c_ms, c_ls)
         if HALF_T:
             c_tmax, c_lt, c_lg, c_tmin = _teacher_stats_block(c_tmax, c_lt, c_lg, c_tmin, teacher_scale, grouping_scale)
             b_tmax, b_lt, b_lg, b_tmin = _merge_teacher_stats(
                 b_tmax, b_lt, b_lg, b_tmin, c_tmax, c_lt, c_lg, c_tmin, teacher_scale, grouping_scale)
-    _store_states(p_c, m_c, B, b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin, STUDENT, HALF_T)
+    _store_states(p_c, m_c, B, b_ms, b_ls, b_tmax, b_lt, b_lg, b_tmin, HALF_S, HALF_T)
 
 
 @triton.jit
@@ -624,17 +629,18 @@ def _distill_slab_kernel(
     p_compact,  # [R, B] targets in group order (random; G's dtype)
     p_perm,  # [6, R, G] int32: start, size, h, b, rounds, key (bits) of each group's sigma (random)
     p_cross,  # [R, C] fp32 out: sum over chunk c of q~_rj s_rj
-    p_grad,  # [R, B] out (G's dtype): M_rj = G_rj rx_j, or (G_rj + G_jr) rx_j when TARGETS < 2; 0 on the diagonal
+    p_grad,  # [R, B] out (G's dtype): M_rj = G_rj rx_j, or (G_rj + G_jr) rx_j with BOTH_SIDES; 0 on the diagonal
     row0, B, ld, s_thr, n_thr: tl.constexpr, chunk_width, n_chunks, R, student_scale, teacher_scale,
     BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, TARGETS: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, TIES: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, TIES: tl.constexpr, BOTH_SIDES: tl.constexpr,
 ):
     """Cross terms and gradient factors ``G_rj = student_scale (p_rj - q~_rj)`` of slab rows
     ``row0 + [0, R)``, block i_m of BM rows, column chunk i_c; ``TARGETS`` is the index of the
     shuffle in SHUFFLES. With shuffle none or expected, any row's targets can be evaluated here
-    (O(B G) tables), so the factor also takes the column side ``G_jr`` (s and t are symmetric)
-    and one GEMM gives the slab rows' whole gradient; the random shuffle's ranks exist for the
-    slab rows only, so its column side is ``_accumulate_slab_kernel``'s GEMM."""
+    (O(B G) tables), so with BOTH_SIDES the factor also takes the column side ``G_jr`` (s and t
+    are symmetric) and one GEMM gives the slab rows' whole gradient; the random shuffle's ranks
+    exist for the slab rows only, and a shard of the batch's rows has its own rows' statistics
+    only, so their column side is ``_accumulate_slab_kernel``'s GEMM."""
     i_c, o_r, o_m, m_m = _slab_program(row0, B, R, BM)
     o_g = tl.arange(0, BG)[None, :]
     n_groups: tl.constexpr = n_thr + 1
@@ -684,7 +690,7 @@ def _distill_slab_kernel(
         b_cross += tl.sum(tl.where(m_in, b_qt * b_s, 0.0), axis=1)
         if WRITE_GRAD:
             b_g = b_p - b_qt
-            if TARGETS < 2:  # the column side: row j's factor at column r
+            if BOTH_SIDES:  # the column side: row j's factor at column r (TARGETS < 2)
                 b_lse_s_n = tl.load(p_lse_s + o_n, mask=m_n, other=0.0)
                 if TARGETS == 0:
                     b_lse_t_n = tl.load(p_lse_t + o_n, mask=m_n, other=0.0)
@@ -878,7 +884,8 @@ def _stats_blocks() -> dict:
     return dict(BM=32, BN=128, num_warps=8)
 
 
-def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale, *, budget_bytes, grid=None):
+def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale, *, budget_bytes, grid=None,
+                      rows=None):
     """Per slab of rows, one pass over their fp32 cuBLAS dots in column splits
     (``utils.column_splits``), whose partial statistics are merged in a fixed order:
     deterministic. s and t are symmetric, so a slab takes its dots with the columns from its
@@ -892,13 +899,17 @@ def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale
     at most 1.5 MiB or 1/16). ``x`` [B, D] or None, ``rx`` [B] fp32 (or None), ``t`` [B, Dt], ``rt`` [B]
     fp32. Returns five fp32 [B] vectors: lse_s (None without x), lse_t, lse_g (logsumexps over
     j != i of s * student_scale, t * teacher_scale, t * grouping_scale) and t_min, t_max
-    (min / max over j != i of t)."""
-    student, half_t = x is not None, grid is None
-    x, rx, t, rt = _prepare(x, rx, t, rt) if student else (None, None, unit_stride_rows(t), rt.contiguous())
+    (min / max over j != i of t). ``rows=(start, stop)``: those rows' statistics only (a shard;
+    the others are 0), from their whole rows of dots (no halves: a shard's columns are every row)."""
+    x, rx, t, rt = _prepare(x, rx, t, rt) if x is not None else (None, None, unit_stride_rows(t), rt.contiguous())
     B = t.shape[0]
+    start, stop = (0, B) if rows is None else rows
+    whole = (start, stop) == (0, B)
+    student, half_t = x is not None, grid is None and whole
+    half_s = student and whole
     blocks = _stats_blocks()
     BM, BN = blocks["BM"], blocks["BN"]
-    planes = 6 if half_t else 2 if student else 0  # column-side states: s's 2 (planes 0-1), t's 4 (2-5)
+    planes = 6 if half_t else 2 if half_s else 0  # column-side states: s's 2 (planes 0-1), t's 4 (2-5)
     # the splits' states: 24 bytes a row and split; column_splits keeps splits x R under 2 x SPLIT_PROGRAMS x BM
     state_bytes = min(48 * utils.SPLIT_PROGRAMS * BM, budget_bytes // 16)
     # a slab row: its dots (8 bytes an entry, 4 without x), its block's share of the column-side states
@@ -906,7 +917,7 @@ def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale
     slabs_bytes = budget_bytes - (budget_bytes // 4 if grid is not None else state_bytes) - 8 * planes * B
     # in multiples of 16 rows, not of a block (a slab's GEMMs read all B rows of x and t, whatever its
     # height); 16, so that a half's first column row0 keeps its loads aligned
-    R = max(slab_rows(B, row_bytes, slabs_bytes, 1, 16), min(B, BM))
+    R = max(slab_rows(stop - start, row_bytes, slabs_bytes, 1, 16), min(stop - start, BM))
     NB = cdiv(R, BM)
     n_tiles = cdiv(B, BN)
     max_splits = utils.column_splits(n_tiles, NB)
@@ -921,16 +932,16 @@ def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale
         state = torch.empty((planes, B), device=t.device, dtype=torch.float32)  # the first slab reads none
     else:
         cols = state = partial  # unread
-    out = torch.empty((5, B), device=t.device, dtype=torch.float32)
+    out = (torch.empty if whole else torch.zeros)((5, B), device=t.device, dtype=torch.float32)
     BR, BS = (64, 2) if utils.interpreter_blocks() else (16, 64)  # the merge's [BR, BS] blocks of states
     BC, BB = (64, 2) if utils.interpreter_blocks() else (128, 8)  # the column merge's [BC, BB] blocks
-    flags = dict(STUDENT=student, HALF_T=half_t)
-    for row0 in range(0, B, R):
-        rows = min(R, B - row0)
-        t_col0 = row0 if half_t else 0
-        s_slab, t_slab = s_dots[:rows, :B - row0], t_dots[:rows, :B - t_col0]
+    flags = dict(STUDENT=student, HALF_S=half_s, HALF_T=half_t)
+    for row0 in range(start, stop, R):
+        rows = min(R, stop - row0)
+        s_col0, t_col0 = (row0 if half_s else 0), (row0 if half_t else 0)
+        s_slab, t_slab = s_dots[:rows, :B - s_col0], t_dots[:rows, :B - t_col0]
         if student:
-            matmul_f32(x[row0:row0 + rows], x[row0:].T, out=s_slab)
+            matmul_f32(x[row0:row0 + rows], x[s_col0:].T, out=s_slab)
         matmul_f32(t[row0:row0 + rows], t[t_col0:].T, out=t_slab)
         tile0 = t_col0 // BN  # tiles before it hold no dots of the slab
         splits = min(max_splits, utils.column_splits(n_tiles - tile0, cdiv(rows, BM)))
@@ -944,7 +955,7 @@ def distill_row_stats(x, rx, t, rt, student_scale, teacher_scale, grouping_scale
         if planes and row0 + rows < B:
             _column_stats_merge_kernel[(cdiv(B - row0 - rows, BC),)](
                 cols, state, row0, row0 + rows, cdiv(rows, BM), B, NB * B, float(teacher_scale),
-                float(grouping_scale), BC=BC, BB=BB, **flags, num_warps=4)
+                float(grouping_scale), BC=BC, BB=BB, HALF_S=half_s, HALF_T=half_t, num_warps=4)
         if grid is not None:
             grid(row0, t_slab, out[2], out[3], out[4])
     return (out[0] if student else None,) + tuple(out[1:].unbind(0))
@@ -1006,30 +1017,31 @@ def _accumulate_blocks(m_dtype, fma_dots):
 RANDOM_TRAFFIC_WARN_BYTES = 1e14  # ~30 s of HBM traffic on an H100
 
 
-def _warn_accumulation_traffic(B, D, R, acc_bytes, budget_bytes):
-    """The random shuffle's gradient adds every slab's column side to all B rows: its traffic is
-    (B / R) B D x 2 acc_bytes, with R ~ budget / B rows a slab, so it grows as B^3 / budget.
-    Warn where that alone would take minutes."""
-    traffic = cdiv(B, R) * B * D * 2 * acc_bytes
+def _warn_accumulation_traffic(B, n, D, R, acc_bytes, budget_bytes):
+    """The random shuffle's gradient adds every slab's column side to all B rows: its traffic
+    over n rows is (n / R) B D x 2 acc_bytes, with R ~ budget / B rows a slab, so it grows as
+    B^3 / budget. Warn where that alone would take minutes."""
+    traffic = cdiv(n, R) * B * D * 2 * acc_bytes
     if traffic > RANDOM_TRAFFIC_WARN_BYTES:
         warnings.warn(
-            f'shuffle="random" at B={B} with a {budget_bytes / 2**20:.3g} MiB chunk budget runs {cdiv(B, R)} '
+            f'shuffle="random" at B={B} with a {budget_bytes / 2**20:.3g} MiB chunk budget runs {cdiv(n, R)} '
             f'slabs of {R} rows, each adding to all {B} rows of the gradient: ~{traffic / 1e12:.3g} TB of memory '
             f'traffic (it grows as B^3 / budget). Raise the budget (distillcse.set_chunk_budget) or use '
             f'shuffle="expected" (its deterministic expectation, O(B^2 D) at any budget).', stacklevel=4)
 
 
-def _random_slabs(B, budget_bytes, grad_bytes, step):
+def _random_slabs(B, n, budget_bytes, grad_bytes, step):
     """(R, R_grad): rows of the random shuffle's dot slabs and of its gradient slabs (a multiple
     of R, several dot slabs' factors). Each dot slab's GEMMs read all of x and t; each gradient
     slab's row-side GEMM reads all of x and its accumulation reads and writes all of dx (and lo),
     about twice those bytes. So the dots and compact targets (8 + grad_bytes an entry) take half
     the budget and the factors (grad_bytes an entry) the rest: at B = 65,536 bf16 in 80 MiB,
-    64-row dot slabs in 320-row gradient slabs (205 accumulations instead of 683 of 96 rows)."""
+    64-row dot slabs in 320-row gradient slabs (205 accumulations instead of 683 of 96 rows).
+    n: the rows the slabs cover (B, or a shard's)."""
     width = aligned(B)  # a slab row's entries (``utils.slab_buffer``)
-    R = slab_rows(B, width, budget_bytes // 2, 8 + grad_bytes, step)
+    R = slab_rows(n, width, budget_bytes // 2, 8 + grad_bytes, step)
     R_grad = (budget_bytes - R * width * (8 + grad_bytes)) // (width * grad_bytes) // R * R
-    return R, min(max(R, R_grad), cdiv(B, R) * R)
+    return R, min(max(R, R_grad), cdiv(n, R) * R)
 
 
 def _random_accumulator(x, budget_bytes):
@@ -1058,7 +1070,8 @@ def accumulate_slab(hi, lo, m, x, rx, row_side, row0):
 
 
 def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_scale, *, shuffle="none",
-                          thr=None, qbar=None, ties=None, step_seed=None, budget_bytes, need_grad=True, chunks=None):
+                          thr=None, qbar=None, ties=None, step_seed=None, budget_bytes, need_grad=True, chunks=None,
+                          rows=None):
     """Loss rows [B] fp32 and dx [B, D] in x's dtype (None without ``need_grad``):
     ``loss_i = lse_s_i - student_scale sum_{j != i} q~_ij s_ij`` and ``dx = d(sum_i loss_i)/dx``
     through ``u = x rx``.
@@ -1075,9 +1088,14 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
     [R, D] fp32 per slab; the random shuffle's gradient accumulates in dx, with an int8 [B, D]
     beside 16-bit rows (``_random_accumulator``), once per gradient slab of several dot slabs
     (``_random_slabs``).
+    ``rows=(start, stop)``: a shard, those rows' losses [stop - start] and the gradient of their
+    sum (all B rows of dx); the per-row inputs (lse_s, lse_t, thr, qbar, ties) need only its rows
+    set. Its column side is accumulated as the random shuffle's is, whatever the shuffle.
     """
     x, rx, t, rt = _prepare(x, rx, t, rt)
     B, D = x.shape
+    start, stop = (0, B) if rows is None else rows
+    whole = (start, stop) == (0, B)
     slab_lse = lse_s is None
     assert not slab_lse or shuffle == "random", "lse_s is needed for every column's gradient but with shuffle random"
     lse_s = torch.empty(B, device=x.device, dtype=torch.float32) if slab_lse else lse_s.float().contiguous()
@@ -1101,9 +1119,10 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
     BM = max(teacher_blocks["BM"], slab_blocks["BM"])
     BN = max(teacher_blocks["BN"], slab_blocks["BN"])
     grad_dtype = torch.float32 if x.dtype == torch.float32 else torch.bfloat16  # also the compact targets'
-    random_grad = need_grad and shuffle == "random"
+    # the column side accumulated over the slabs (the slab rows' own targets and statistics only)
+    accumulate = need_grad and (shuffle == "random" or not whole)
     loss = torch.empty(B, device=x.device, dtype=torch.float32)
-    if random_grad:
+    if accumulate:
         dx = torch.zeros_like(x)
         lo, slab_budget = _random_accumulator(x, budget_bytes)
     else:
@@ -1111,10 +1130,12 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
         lo, slab_budget = None, budget_bytes
     # per slab entry: the student's and the teacher's fp32 dots, the factors, the compact targets
     entry_bytes = 8 + (grad_dtype.itemsize if need_grad else 0) + (grad_dtype.itemsize if shuffle == "random" else 0)
-    R = R_grad = slab_rows(B, aligned(B), slab_budget, entry_bytes, BM)  # rows of a dot slab, of a gradient slab
-    if random_grad:
-        R, R_grad = _random_slabs(B, slab_budget, grad_dtype.itemsize, BM)
-        _warn_accumulation_traffic(B, D, R_grad, x.element_size() + (0 if lo is None else 1), budget_bytes)
+    # rows of a dot slab, of a gradient slab
+    R = R_grad = slab_rows(stop - start, aligned(B), slab_budget, entry_bytes, BM)
+    if accumulate:
+        R, R_grad = _random_slabs(B, stop - start, slab_budget, grad_dtype.itemsize, BM)
+        _warn_accumulation_traffic(B, stop - start, D, R_grad, x.element_size() + (0 if lo is None else 1),
+                                   budget_bytes)
     if chunks is None:
         programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
         chunks = cdiv(programs, cdiv(R, BM))
@@ -1130,8 +1151,8 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
     grad = slab_buffer(R_grad, B, x.device, grad_dtype) if need_grad else lse_s
     compact = slab_buffer(R, B, x.device, grad_dtype) if shuffle == "random" else lse_s
     first = perm = lse_s  # the random mode's tables, per slab
-    for grad0 in range(0, B, R_grad):
-        grad_rows = min(R_grad, B - grad0)
+    for grad0 in range(start, stop, R_grad):
+        grad_rows = min(R_grad, stop - grad0)
         for row0 in range(grad0, grad0 + grad_rows, R):
             rows = min(R, grad0 + grad_rows - row0)
             slab = slice(row0, row0 + rows)
@@ -1153,17 +1174,18 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
             _distill_slab_kernel[(cdiv(rows, slab_blocks["BM"]), chunks)](
                 s_dots, rx, t_dots, rt, thr, low, cut, lse_s, lse_t, qbar, first, compact, perm, cross,
                 grad[row0 - grad0:], row0, B, ld, thr.stride(0), n_thr, chunk_width, chunks, rows, float(student_scale),
-                float(teacher_scale), BG=BG, TARGETS=targets, WRITE_GRAD=need_grad, TIES=with_ties, **slab_blocks)
+                float(teacher_scale), BG=BG, TARGETS=targets, WRITE_GRAD=need_grad, TIES=with_ties,
+                BOTH_SIDES=targets < 2 and not accumulate, **slab_blocks)
             # lse_s - scale sum_j q~ s: the chunks' sums and the difference in one op (a GEMV)
             torch.addmv(lse_s[slab], cross, ones, alpha=-student_scale, out=loss[slab])
         if not need_grad:
             continue
         g, rows_g = grad[:grad_rows], slice(grad0, grad0 + grad_rows)
-        row_side = matmul_f32(g, v)  # [rows, D] fp32: sum_j M_rj x_j, the slab rows' du (random: own side)
-        if not random_grad:  # g holds both sides: the slab rows' gradient is complete
+        row_side = matmul_f32(g, v)  # [rows, D] fp32: sum_j M_rj x_j, the slab rows' du (accumulated: own side)
+        if not accumulate:  # g holds both sides: the slab rows' gradient is complete
             unit_rows_backward(row_side, x[rows_g], rx[rows_g], dx[rows_g])
             continue
         accumulate_slab(dx, lo, g, x, rx, row_side, grad0)
-    if random_grad:  # dx holds rx du (with lo): through u = x rx, in place
+    if accumulate:  # dx holds rx du (with lo): through u = x rx, in place
         unit_rows_backward(dx, x, rx, dx, lo=lo, scaled=True)
-    return loss, dx
+    return loss[start:stop], dx

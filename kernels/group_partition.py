@@ -335,24 +335,37 @@ def _group_means_merge_kernel(
 
 
 @triton.jit
+def _block_rows(i_m, BM: tl.constexpr, row0, row_end, B, SHARD: tl.constexpr):
+    """(rows o_m [BM], mask) of row block i_m: of the batch, or with SHARD of rows row0 .. row_end - 1
+    (a constexpr, so that the whole batch's build is the one without the offset)."""
+    if SHARD:
+        o_m = row0 + i_m * BM + tl.arange(0, BM)
+        m_m = o_m < row_end
+    else:
+        o_m = i_m * BM + tl.arange(0, BM)
+        m_m = o_m < B
+    return o_m, m_m
+
+
+@triton.jit
 def _pairwise_brackets_kernel(
     p_t,  # [B, Dt] teacher rows, row stride s_t
     p_rt,  # [B] fp32 inverse norms
     p_lse,  # [B] fp32 logsumexp_{j != i}(t_ij * grouping_scale) (unused when FIXED)
     p_hd,  # [B, G1] fp32 in/out, -inf at first: max of row i's values in group >= g
     p_hu,  # [B, G1] fp32 in/out, +inf at first: min of row i's values in group < g
-    B, Dt, G1, s_t, group_size, group_p, grouping_scale,
+    row0, row_end, B, Dt, G1, s_t, group_size, group_p, grouping_scale,
     FIXED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BG: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SHARD: tl.constexpr,
 ):
-    """The exact measure of every value in a [BM, BN] tile of t (rows o_m, columns o_n), by
+    """The exact measure of every value in a [BM, BN] tile of t (rows o_m, from row0 below
+    row_end with SHARD; columns o_n), by
     comparing it with every value of its row, one [BM, BN, BN] tile at a time; then, per
     boundary, the tile's largest value that passes and smallest that fails, merged into hd and
     hu with atomics. The column tiles have the tile's shape, so the one holding o_n recomputes
     its values bit for bit: each value counts its own weight."""
     i_m, i_n = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    o_m = i_m * BM + tl.arange(0, BM)
-    m_m = o_m < B
+    o_m, m_m = _block_rows(i_m, BM, row0, row_end, B, SHARD)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < B
     b_tn = teacher_logits(p_t, p_rt, o_m, m_m, o_n, m_n, Dt, s_t, BD, PRECISION)  # [BM, BN]
@@ -398,19 +411,18 @@ def _tie_cuts_kernel(
     p_thr,  # [B, G1] fp32 thresholds
     p_low,  # [B, G1] fp32 out: the lower threshold of the columns before the cut (thr where none)
     p_cut,  # [B, G1] int32 out: the cut column (0: none)
-    B, Dt, G1, s_t, group_size, group_p, grouping_scale, margin,
+    row0, row_end, B, Dt, G1, s_t, group_size, group_p, grouping_scale, margin,
     FIXED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BG: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SHARD: tl.constexpr,
 ):
-    """Tie cuts of BM rows (``tie_cuts``). Sweep 1 over the columns: per boundary, the largest
+    """Tie cuts of BM rows (from row0 below row_end with SHARD; ``tie_cuts``). Sweep 1 over the columns: per boundary, the largest
     value below the threshold (hd, the tie's value), how many columns hold it (n), the largest
     value below it and the measure above the threshold. The ranking puts the tie's k-th column
     (column order) at measure ``above + k w``, so its first ``k`` columns (those whose measure
     fails the boundary's predicate, at most n - 1: the last one passes) belong above the
     boundary. Sweep 2, only for a block with such a split tie: the column of the tie's
     (k + 1)-th member, the cut."""
-    o_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    m_m = o_m < B
+    o_m, m_m = _block_rows(tl.program_id(0).to(tl.int64), BM, row0, row_end, B, SHARD)
     o_g = tl.arange(0, BG)
     m_out = m_m[:, None] & (o_g < G1)[None, :]
     o_out = o_m[:, None] * G1 + o_g[None, :]
@@ -598,7 +610,7 @@ def num_groups(B, group_p=0.1, group_size=None) -> int:
 
 
 def group_thresholds(t, rt, lse_g, t_min, t_max, grouping_scale, *, group_p=0.1, group_size=None,
-                     budget_bytes=None, method="auto", means=None, grid=None):
+                     budget_bytes=None, method="auto", means=None, grid=None, rows=None):
     """thr [B, G-1] fp32 (shape [B, 0] when G == 1): ``t_ij`` (j != i) is in group >= g iff
     ``t_ij < thr[i, g-1]``; thr is non-increasing in g. ``t`` [B, Dt] teacher rows (fp16, bf16
     or fp32) and ``rt`` [B] fp32 their inverse norms (``teacher_logits``); ``lse_g``, ``t_min``,
@@ -612,11 +624,14 @@ def group_thresholds(t, rt, lse_g, t_min, t_max, grouping_scale, *, group_p=0.1,
     With ``means`` = (``lse_t`` [B] fp32, ``teacher_scale``), returns ``(thr, qbar)``, qbar
     [B, G] the group means of ``group_means``: the search takes them from the teacher dots of
     the pass that finishes each row (no pass of their own), the other ways by ``group_means``.
-    ``grid``: the search's first pass, done already (``grid_pass``; None where it returns None)."""
+    ``grid``: the search's first pass, done already (``grid_pass``; None where it returns None).
+    ``rows=(start, stop)``: those rows' thresholds (and means) only, a shard's (the statistics
+    need only its rows; the other rows of thr and qbar are not meaningful)."""
     if method not in ("auto", "search", "pairwise"):
         raise ValueError(f'method must be "auto", "search" or "pairwise", got {method!r}')
     t = unit_stride_rows(t)
     B, Dt = t.shape
+    rows = (0, B) if rows is None else rows
     G = num_groups(B, group_p, group_size)
     if G - 1 > MAX_BOUNDARIES:
         knob = "group_size" if group_size is not None else "group_p"
@@ -629,35 +644,36 @@ def group_thresholds(t, rt, lse_g, t_min, t_max, grouping_scale, *, group_p=0.1,
         thr = torch.zeros((B, G - 1), device=t.device, dtype=torch.float32)
     elif not searches(B, method):
         thr = _pairwise_thresholds(t, rt.contiguous(), lse_g, t_min, t_max, float(grouping_scale), G - 1,
-                                   group_p, group_size)
+                                   group_p, group_size, rows)
     else:
         probes = _KernelProbes(t, rt.contiguous(), lse_g, float(grouping_scale), G - 1, group_size is not None,
                                budget_bytes, means)
         thr = _search(probes, t_min, t_max, lse_g, grouping_scale, G - 1, B, group_p, group_size,
                       budget_bytes=budget_bytes, row_values=aligned(B) + Dt,  # a row's dots, its gathered t row
-                      after_chunk=probes.after_chunk, grid=grid)
+                      after_chunk=probes.after_chunk, grid=grid, rows=rows)
         if means is not None:
             return thr, probes.qbar
     if means is None:
         return thr
-    return thr, group_means(t, rt, means[0], thr, means[1], budget_bytes=budget_bytes)
+    return thr, group_means(t, rt, means[0], thr, means[1], budget_bytes=budget_bytes, rows=rows)
 
 
-def _pairwise_thresholds(t, rt, lse_g, t_min, t_max, grouping_scale, G1, group_p, group_size):
-    """thr [B, G1] by ``_pairwise_brackets_kernel`` (every value's exact measure) and
-    ``_thresholds_from_brackets_kernel``: two launches, no host sync."""
+def _pairwise_thresholds(t, rt, lse_g, t_min, t_max, grouping_scale, G1, group_p, group_size, rows):
+    """thr [B, G1] of the rows (start, stop) by ``_pairwise_brackets_kernel`` (every value's exact
+    measure) and ``_thresholds_from_brackets_kernel``: two launches, no host sync."""
     B, Dt = t.shape
+    start, stop = rows
     hd = torch.full((B, G1), -math.inf, device=t.device, dtype=torch.float32)
     hu = torch.full((B, G1), math.inf, device=t.device, dtype=torch.float32)
     cfg = _pairwise_blocks()
-    _pairwise_brackets_kernel[(cdiv(B, cfg["BM"]), cdiv(B, cfg["BN"]))](
-        t, rt, lse_g, hd, hu, B, Dt, G1, t.stride(0), group_size or 0, 1.0 if group_size is not None else group_p,
-        grouping_scale, FIXED=group_size is not None, BG=max(2, next_pow2(G1)),
-        PRECISION=dot_precision(t.dtype), **cfg)
+    _pairwise_brackets_kernel[(cdiv(stop - start, cfg["BM"]), cdiv(B, cfg["BN"]))](
+        t, rt, lse_g, hd, hu, start, stop, B, Dt, G1, t.stride(0), group_size or 0,
+        1.0 if group_size is not None else group_p, grouping_scale, FIXED=group_size is not None, BG=max(2, next_pow2(G1)),
+        PRECISION=dot_precision(t.dtype), SHARD=rows != (0, B), **cfg)
     return _thresholds_from_brackets(hd, hu, t_min, t_max)
 
 
-def tie_cuts(t, rt, lse_g, t_min, t_max, thr, grouping_scale, *, group_p=0.1, group_size=None):
+def tie_cuts(t, rt, lse_g, t_min, t_max, thr, grouping_scale, *, group_p=0.1, group_size=None, rows=None):
     """Tied values in column order (the torch backend's stable sort) for thresholds ``thr``
     [B, G1] (arguments as in ``group_thresholds``): ``(low, cut)`` [B, G1] fp32 and int32. The
     thresholds alone put every column of a tie in one group; where a tie straddles boundary g
@@ -665,20 +681,23 @@ def tie_cuts(t, rt, lse_g, t_min, t_max, thr, grouping_scale, *, group_p=0.1, gr
     boundary, so entry (i, j) is in group > g iff ``t_ij < (low if j < cut else thr)[i, g]``,
     ``low`` mid-gap below the tie (``cut`` 0: no split, ``low`` = thr). One launch, no host
     sync: a sweep over the columns per row block (Triton dots, ``teacher_logits``), and a second
-    for a block with a split tie; B^2 Dt work, the pairwise thresholds' way only."""
+    for a block with a split tie; B^2 Dt work, the pairwise thresholds' way only.
+    ``rows=(start, stop)``: those rows' cuts only (the other rows are not meaningful)."""
     t = unit_stride_rows(t)
     B, Dt = t.shape
+    start, stop = (0, B) if rows is None else rows
     G1 = thr.shape[1]
     low = torch.empty((B, G1), device=t.device, dtype=torch.float32)
     cut = torch.empty((B, G1), device=t.device, dtype=torch.int32)
     if G1 == 0 or B < 2:
         return low.copy_(thr), cut.zero_()
     cfg = _pairwise_blocks()
-    _tie_cuts_kernel[(cdiv(B, cfg["BM"]),)](
+    _tie_cuts_kernel[(cdiv(stop - start, cfg["BM"]),)](
         t, rt.contiguous(), lse_g.float().contiguous(), t_min.float().contiguous(), t_max.float().contiguous(),
-        thr.float().contiguous(), low, cut, B, Dt, G1, t.stride(0), group_size or 0,
+        thr.float().contiguous(), low, cut, start, stop, B, Dt, G1, t.stride(0), group_size or 0,
         1.0 if group_size is not None else group_p, float(grouping_scale), STATS_MARGIN,
-        FIXED=group_size is not None, BG=max(2, next_pow2(G1)), PRECISION=dot_precision(t.dtype), **cfg)
+        FIXED=group_size is not None, BG=max(2, next_pow2(G1)), PRECISION=dot_precision(t.dtype),
+        SHARD=(start, stop) != (0, B), **cfg)
     return low, cut
 
 
@@ -851,7 +870,7 @@ def grid_pass(t, rt, grouping_scale, *, group_p=0.1, group_size=None, budget_byt
 
 
 def _search(evaluate, t_min, t_max, lse_g, grouping_scale, G1, B, group_p, group_size, trace=None,
-            budget_bytes=None, row_values=0, after_chunk=None, grid=None):
+            budget_bytes=None, row_values=0, after_chunk=None, grid=None, rows=None):
     """thr [R, G1] for R rows whose values are seen through ``evaluate`` (see ``_KernelProbes``;
     rows index t_min), in row chunks of at most ``CHUNK_VALUES`` collection slots, as many
     4-byte values of ``evaluate``'s own a row (``row_values``: the kernel probes' teacher dots
@@ -861,7 +880,8 @@ def _search(evaluate, t_min, t_max, lse_g, grouping_scale, G1, B, group_p, group
     ``after_chunk(rows, state, t_min, t_max)``, if given, is called after each row chunk's pass;
     a row leaves the search only after a pass with windows then (the only passes that can
     finish it, whose dots ``after_chunk`` may use). ``grid``: a ``GridPass`` that has seen
-    every row, the first pass's points and measures."""
+    every row searched, the first pass's points and measures. ``rows=(start, stop)``: search
+    those rows only (default all)."""
     fixed = group_size is not None
     dev = t_min.device
     t_min, t_max = t_min.float().contiguous(), t_max.float().contiguous()
@@ -878,7 +898,8 @@ def _search(evaluate, t_min, t_max, lse_g, grouping_scale, G1, B, group_p, group
                 scale=float(grouping_scale), FIXED=fixed)
     lse_g = lse_g.float().contiguous()
     lanes = max(16, next_pow2(G1))
-    rows = torch.arange(len(t_min), device=dev)
+    start, stop = (0, len(t_min)) if rows is None else rows
+    rows = torch.arange(start, stop, device=dev)
     for i_pass in range(MAX_PASSES):
         collect = i_pass > 0 or B - 1 <= FILL * BUFFER
         from_grid = i_pass == 0 and grid is not None
@@ -896,11 +917,12 @@ def _search(evaluate, t_min, t_max, lse_g, grouping_scale, G1, B, group_p, group
                                    rule, lanes, lse_g, grid.x[r] if from_grid else None)
             if after_chunk is not None and collect:
                 after_chunk(r, state, t_min, t_max)
-        is_open = state["lo"] < state["hd"]
+        is_open = state["lo"][start:stop] < state["hd"][start:stop]
         if trace is not None:
-            trace.append((is_open.float().mean().item(), len(rows) / len(t_min), points))
+            trace.append((is_open.float().mean().item(), len(rows) / (stop - start), points))
         if after_chunk is None or collect:
             rows = is_open.any(1).nonzero()[:, 0]  # the pass's host sync
+            rows = rows + start if start else rows
         if len(rows) == 0:
             return _thresholds_from_brackets(state["hd"], state["hu"], t_min, t_max)
     raise RuntimeError(f"group_thresholds: search not converged after {MAX_PASSES} passes "
@@ -1302,29 +1324,30 @@ def _settle_kernel(
     tl.store(p_hu + o_state, v_up, mask=found)
 
 
-def group_means(t, rt, lse_t, thr, teacher_scale, *, budget_bytes=None, ties=None):
+def group_means(t, rt, lse_t, thr, teacher_scale, *, budget_bytes=None, ties=None, rows=None):
     """qbar [B, G] fp32: ``qbar[i, g]`` = mean of ``q_ij = exp(t_ij * teacher_scale - lse_t_i)``
     over the members j (j != i) of group g of row i, 0 for an empty group; ``t``, ``rt`` as in
     ``group_thresholds``, groups from its ``thr`` [B, G-1] (and ``tie_cuts``' ``ties``, if
     given). One pass over row slabs whose fp32 teacher dots (cuBLAS) fit ``budget_bytes``
-    (None: ``CHUNK_VALUES`` entries)."""
+    (None: ``CHUNK_VALUES`` entries). ``rows=(start, stop)``: those rows' means only."""
     t = unit_stride_rows(t)
     B, Dt = t.shape
+    start, stop = (0, B) if rows is None else rows
     G = thr.shape[1] + 1
     thr = thr.float().contiguous()
     low, cut = (thr, thr) if ties is None else (a.contiguous() for a in ties)
     rt, lse_t = rt.contiguous(), lse_t.float().contiguous()
     qbar = torch.empty((B, G), device=t.device, dtype=torch.float32)
     budget = 4 * CHUNK_VALUES if budget_bytes is None else budget_bytes
-    R = slab_rows(B, aligned(B), budget - budget // 16, 4, _logit_blocks()["BM"])  # 1/16: the splits' sums
+    R = slab_rows(stop - start, aligned(B), budget - budget // 16, 4, _logit_blocks()["BM"])  # 1/16: the splits' sums
     dots = slab_buffer(R, B, t.device)
-    rows = torch.arange(B, device=t.device)
+    every_row = torch.arange(B, device=t.device)
     every = torch.ones(R, device=t.device, dtype=torch.int8)
-    for row0 in range(0, B, R):
-        n = min(R, B - row0)
+    for row0 in range(start, stop, R):
+        n = min(R, stop - row0)
         matmul_f32(t[row0:row0 + n], t.T, out=dots[:n])
         part = slice(row0, row0 + n)
-        _means_launch(dots, rt, lse_t, rows[part], every, thr[part], qbar, teacher_scale, max_bytes=budget // 16,
+        _means_launch(dots, rt, lse_t, every_row[part], every, thr[part], qbar, teacher_scale, max_bytes=budget // 16,
                       ties=None if ties is None else (low[part], cut[part]))
     return qbar
 

