@@ -165,8 +165,9 @@ def distill(B, D, dtype, teacher_dtype, n_thr=9):
             probes.after_chunk(search_rows, state, r, r)
     for group_size in (None, triton.cdiv(B, 40)):  # the pairwise thresholds (G - 1 = n_thr; fixed size: 40 groups)
         grouping = dict(group_p=1 / (n_thr + 0.5), group_size=group_size)
-        GP.group_thresholds(t, r, r, r, r, 1.0, **grouping, method="pairwise")
-        GP.tie_cuts(t, r, r, r, r, torch.empty(B, GP.num_groups(B, **grouping) - 1), 1.0, **grouping)
+        for rows in (None, (B // 2, B)):  # the whole batch, a shard (SHARD)
+            GP.group_thresholds(t, r, r, r, r, 1.0, **grouping, method="pairwise", rows=rows)
+            GP.tie_cuts(t, r, r, r, r, torch.empty(B, GP.num_groups(B, **grouping) - 1), 1.0, **grouping, rows=rows)
     GP.group_means(t, r, r, thr, 80.0)
     GP.group_means(t, r, r, thr, 80.0, ties=(thr, cut))
 

@@ -12,8 +12,8 @@ averages parameter gradients over the ranks, the parameters get the gradient of 
 
 ``sharded_loss`` splits that work: each rank computes only its own rows' share of the global
 loss (every row's term needs all the columns, and nothing from the other rows), so a rank's
-loss costs 1 / W of the whole (torch and triton backends), and the ranks' parameters get the
-same gradients as above.
+loss costs about 1 / W of the whole (torch and triton backends), and the ranks' parameters get
+the same gradients as above.
 """
 import hashlib
 
@@ -64,7 +64,7 @@ def sharded_loss(z1, z2, teachers, *, hard_negatives=None, group=None, return_te
 
     The embeddings (and hard negatives, whose local counts may differ from the batch's) are gathered
     as :func:`all_gather` does; the rank's share is ``distillcse_loss(..., rows=(start, stop))`` for its
-    rows of the global batch (on the torch and triton backends 1 / W of the whole loss's work, with
+    rows of the global batch (on the torch and triton backends about 1 / W of the whole loss's work, with
     equal local batches; the reference computes the whole batch and keeps its rows); an all-reduce of the shares
     gives every rank the global loss (and ``return_terms``' terms). The backward gives this rank's
     rows the same gradient as ``all_gather`` then the whole loss: with ``DistributedDataParallel`` the

@@ -25,7 +25,7 @@ computes the loss on every rank's rows (:func:`distillcse.all_gather`): every ne
 every teacher row of the global batch counts. With ``shard_loss=True`` as well, each rank
 computes only its own rows' share of that loss (:func:`distillcse.sharded_loss`; ``backend="auto"``
 takes the torch backend for it, ``"triton"`` the kernels' shards): the same loss and gradients,
-1 / W of the loss's work a rank.
+about 1 / W of the loss's work a rank.
 
 The other keywords are :class:`distillcse.DistillCSELoss`'s (``backend="auto"`` takes the fused
 kernels on a GPU). Leave ``seed`` unset under the trainer: each step's random shuffle is then

@@ -1017,30 +1017,36 @@ def _accumulate_blocks(m_dtype, fma_dots):
 RANDOM_TRAFFIC_WARN_BYTES = 1e14  # ~30 s of HBM traffic on an H100
 
 
-def _warn_accumulation_traffic(B, n, D, R, acc_bytes, budget_bytes):
-    """The random shuffle's gradient adds every slab's column side to all B rows: its traffic
-    over n rows is (n / R) B D x 2 acc_bytes, with R ~ budget / B rows a slab, so it grows as
-    B^3 / budget. Warn where that alone would take minutes."""
+def _warn_accumulation_traffic(B, n, D, R, acc_bytes, budget_bytes, shuffle):
+    """The random shuffle's gradient (any shuffle's in a shard of n < B rows) adds every slab's
+    column side to all B rows: its traffic over n rows is (n / R) B D x 2 acc_bytes, with
+    R ~ budget / B rows a slab, so it grows as n B^2 / budget. Warn where that alone would take
+    minutes."""
     traffic = cdiv(n, R) * B * D * 2 * acc_bytes
     if traffic > RANDOM_TRAFFIC_WARN_BYTES:
+        shard = f" on a shard of {n} rows" if n < B else ""
+        way_out = "" if shard else (' or use shuffle="expected" (its deterministic expectation, O(B^2 D) at any '
+                                    'budget)')
         warnings.warn(
-            f'shuffle="random" at B={B} with a {budget_bytes / 2**20:.3g} MiB chunk budget runs {cdiv(n, R)} '
-            f'slabs of {R} rows, each adding to all {B} rows of the gradient: ~{traffic / 1e12:.3g} TB of memory '
-            f'traffic (it grows as B^3 / budget). Raise the budget (distillcse.set_chunk_budget) or use '
-            f'shuffle="expected" (its deterministic expectation, O(B^2 D) at any budget).', stacklevel=4)
+            f'shuffle="{shuffle}" at B={B}{shard} with a {budget_bytes / 2**20:.3g} MiB chunk budget runs '
+            f'{cdiv(n, R)} slabs of {R} rows, each adding to all {B} rows of the gradient: ~{traffic / 1e12:.3g} TB '
+            f'of memory traffic (it grows as B^3 / budget). Raise the budget (distillcse.set_chunk_budget)'
+            f'{way_out}.', stacklevel=4)
 
 
-def _random_slabs(B, n, budget_bytes, grad_bytes, step):
+def _random_slabs(B, n, budget_bytes, grad_bytes, step, compact=True):
     """(R, R_grad): rows of the random shuffle's dot slabs and of its gradient slabs (a multiple
     of R, several dot slabs' factors). Each dot slab's GEMMs read all of x and t; each gradient
     slab's row-side GEMM reads all of x and its accumulation reads and writes all of dx (and lo),
     about twice those bytes. So the dots and compact targets (8 + grad_bytes an entry) take half
     the budget and the factors (grad_bytes an entry) the rest: at B = 65,536 bf16 in 80 MiB,
     64-row dot slabs in 320-row gradient slabs (205 accumulations instead of 683 of 96 rows).
-    n: the rows the slabs cover (B, or a shard's)."""
+    n: the rows the slabs cover (B, or a shard's); without ``compact`` (a shard's none or
+    expected shuffle) a dot slab's entries have no compact targets: 8 bytes."""
     width = aligned(B)  # a slab row's entries (``utils.slab_buffer``)
-    R = slab_rows(n, width, budget_bytes // 2, 8 + grad_bytes, step)
-    R_grad = (budget_bytes - R * width * (8 + grad_bytes)) // (width * grad_bytes) // R * R
+    entry_bytes = 8 + (grad_bytes if compact else 0)
+    R = slab_rows(n, width, budget_bytes // 2, entry_bytes, step)
+    R_grad = (budget_bytes - R * width * entry_bytes) // (width * grad_bytes) // R * R
     return R, min(max(R, R_grad), cdiv(n, R) * R)
 
 
@@ -1133,9 +1139,9 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
     # rows of a dot slab, of a gradient slab
     R = R_grad = slab_rows(stop - start, aligned(B), slab_budget, entry_bytes, BM)
     if accumulate:
-        R, R_grad = _random_slabs(B, stop - start, slab_budget, grad_dtype.itemsize, BM)
+        R, R_grad = _random_slabs(B, stop - start, slab_budget, grad_dtype.itemsize, BM, shuffle == "random")
         _warn_accumulation_traffic(B, stop - start, D, R_grad, x.element_size() + (0 if lo is None else 1),
-                                   budget_bytes)
+                                   budget_bytes, shuffle)
     if chunks is None:
         programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
         chunks = cdiv(programs, cdiv(R, BM))

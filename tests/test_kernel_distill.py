@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+import distillcse
+
 from conftest import DEVICE, device_key
 
 triton = pytest.importorskip("triton")
@@ -257,6 +259,8 @@ def test_random_slabs():
     assert _random_slabs(130, 130, 180_000, 4, 64) == (64, 128)
     assert _random_slabs(130, 130, 1000, 4, 64) == (64, 64)  # a tiny budget: one row block each
     assert _random_slabs(100, 100, 1 << 30, 2, 32) == (100, 100)  # everything in one slab
+    # a shard of 8,192 rows with shuffle expected: no compact targets, so the factors get more
+    assert _random_slabs(65536, 8192, 80 << 20, 2, 32, compact=False) == (64, 384)
 
 
 def test_random_student_logsumexp_from_the_slabs(device):
@@ -293,7 +297,8 @@ def test_random_half_precision(dtype, device):
 
 def test_random_warns_when_its_accumulation_traffic_is_huge(device, monkeypatch):
     """The column side's traffic, (B / R) B D x 2 x 3 bytes for fp16 rows (hi + lo), is announced
-    with the numbers and the way out; below the threshold nothing is said."""
+    with the numbers and the way out; below the threshold nothing is said. A shard's (any
+    shuffle's) names its shuffle and rows."""
     import warnings
 
     from distillcse.kernels import distill
@@ -308,6 +313,11 @@ def test_random_warns_when_its_accumulation_traffic_is_huge(device, monkeypatch)
     announced = r'shuffle="random" at B=130 .* runs 3 slabs of 64 rows.*distillcse.set_chunk_budget'
     with pytest.warns(UserWarning, match=announced):
         _run_random(x, rx, t, rt, grouping, budget_bytes=budget)
+    # a shard accumulates whatever its shuffle, and another shuffle would not help it
+    monkeypatch.setattr(distill, "RANDOM_TRAFFIC_WARN_BYTES", 0)
+    with pytest.warns(UserWarning, match=r'shuffle="expected" at B=130 on a shard of 65 rows') as caught:
+        distillcse.distill_loss(x.detach().requires_grad_(), t, shuffle="expected", rows=(0, 65), backend="triton")
+    assert 'or use shuffle="expected"' not in str(caught[0].message)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
