@@ -20,9 +20,10 @@ inf-cl         Inf-CL's ``cal_inf_loss`` when ``inf_cl`` is importable (CUDA onl
 Per point (implementation, B), on inputs made before it: a warm-up forward+backward; the peak
 extra memory of one more, untimed, forward+backward; the median time of up to ``--repeats``
 further ones (CUDA events on CUDA, ``time.perf_counter`` on CPU); and the ratio of that time to
-the time of the bare forward GEMMs the loss needs (``z1 @ z2.T``; ``z1 @ z1.T`` and ``T @ T.T``
-for the distillation term, ``T`` the K teachers side by side) of the same shapes on the same
-device. Peak extra memory is the most that the step holds at once of what it allocates: the
+the time of the bare GEMMs a forward and backward of the loss need, of the same shapes on the
+same device: ``z1 @ z2.T`` and the two B x B x D gradient products ``G @ z2``, ``G.T @ z1`` for
+the contrastive term; ``z1 @ z1.T``, ``T @ T.T`` (``T`` the K teachers side by side) and
+``(G + G.T) @ z1`` for the distillation term (:func:`gemm_shapes`). Peak extra memory is the most that the step holds at once of what it allocates: the
 inputs do not count, their gradients (cleared before the step) and every temporary do. On CUDA
 it is ``max_memory_allocated`` during the step minus ``memory_allocated`` before it ("peak
 extra CUDA memory"). On CPU, "tensor allocations (CPU, counted)": the bytes of the storages
@@ -77,9 +78,10 @@ WHAT_TITLES = {"contrastive": "contrastive term (InfoNCE)", "distill": "distilla
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 COLUMNS = ("timestamp", "commit", "device", "device_name", "torch", "triton", "python",
            "what", "impl", "label", "B", "D", "Dt", "K", "dtype", "shuffle", "status",
-           "time_ms", "gemm_ms", "ratio_to_gemm", "peak_mem_mib", "memory_kind", "repeats",
+           "time_ms", "gemm_ms", "gemms", "ratio_to_gemm", "peak_mem_mib", "memory_kind", "repeats",
            "loss", "note")
 OK = "ok"
+GEMMS = "fwd+bwd"  # the yardstick's GEMMs (gemm_ms): a forward's and a backward's (before 2026-12-06: forward only)
 MIB = 2.0 ** 20
 GIB = 2.0 ** 30
 
@@ -167,10 +169,15 @@ def plain_distillcse_loss(z1, z2, teachers, *, temperature=0.05, distill_weight=
 
 def git_commit():
     """Short commit of the checkout this package runs from, "+dirty" with local changes; outside
-    a git checkout (a copied tree) ``$DISTILLCSE_COMMIT``, else "unknown"."""
+    a git checkout of its own (a copied tree, or an install inside another project's checkout)
+    ``$DISTILLCSE_COMMIT``, else "unknown"."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     fallback = os.environ.get("DISTILLCSE_COMMIT", "unknown")
     try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        if not top or os.path.realpath(top) != os.path.realpath(root):
+            return fallback
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                              text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
@@ -382,10 +389,13 @@ def _compile(fn):
     return torch.compile(fn, dynamic=True)
 
 
-def loss_function(impl, what, shuffle, device, compiled_cache=None):
-    """A function ``(z1, z2, teachers) -> scalar loss`` for one implementation, or Unavailable."""
+def loss_function(impl, what, shuffle, device, compiled_cache=None, dtype=None):
+    """A function ``(z1, z2, teachers) -> scalar loss`` for one implementation, or Unavailable
+    (also for inputs of a ``dtype`` it does not take)."""
     if impl in ("reference", "torch", "triton"):
         if impl == "triton":
+            if dtype == torch.float64:
+                raise Unavailable("n/a (float64: the kernels take float16, bfloat16 or float32)")
             if device.type != "cuda":
                 raise Unavailable("n/a (needs CUDA)")
             try:
@@ -431,34 +441,40 @@ def loss_function(impl, what, shuffle, device, compiled_cache=None):
 
 
 def gemm_shapes(what, impl, D, Dt, K):
-    """Inner dimensions of the forward B x B GEMMs the loss needs (Inf-CL: contrastive only)."""
+    """The B x B GEMMs a forward and backward of the loss need (Inf-CL: contrastive only), as
+    (kind, d): "fwd" ``[B, d] @ [d, B]`` (logits), "bwd" ``[B, B] @ [B, d]`` (a gradient)."""
     shapes = []
     if what in ("contrastive", "full") or impl == "inf-cl":
-        shapes.append(D)                  # z1 @ z2.T
+        shapes += [("fwd", D), ("bwd", D), ("bwd", D)]  # z1 z2^T; dz1 = G z2, dz2 = G^T z1
     if what in ("distill", "full") and impl != "inf-cl":
-        shapes += [D, K * Dt]             # z1 @ z1.T, T @ T.T
+        shapes += [("fwd", D), ("fwd", K * Dt), ("bwd", D)]  # z1 z1^T, T T^T; dz1 = (G + G^T) z1
     return tuple(shapes)
 
 
-def time_gemms(B, inner_dims, dtype, device, repeats, max_block_bytes=None):
-    """Median seconds of the bare forward GEMMs ``[B, d] @ [d, B]`` for each d, summed.
+def time_gemms(B, shapes, dtype, device, repeats, max_block_bytes=None):
+    """Median seconds of the bare GEMMs ``shapes`` (:func:`gemm_shapes`), summed.
 
-    Rows go in blocks whose output fits ``max_block_bytes`` (reused; default 1 GiB on CUDA,
-    256 MiB on CPU), so huge B still runs."""
+    Rows go in blocks whose [rows, B] operand fits ``max_block_bytes`` (reused; default 1 GiB on
+    CUDA, 256 MiB on CPU), so huge B still runs: a forward GEMM writes it, a backward one reads it."""
     if max_block_bytes is None:
         max_block_bytes = GIB if device.type == "cuda" else 256 * MIB
     g = torch.Generator(device=device).manual_seed(1)
-    mats = {d: torch.randn(B, d, device=device, generator=g).to(dtype) for d in set(inner_dims)}
+    dims = {d for _, d in shapes}
+    mats = {d: torch.randn(B, d, device=device, generator=g).to(dtype) for d in dims}
     elem = torch.tensor([], dtype=dtype).element_size()
     rows = max(1, min(B, int(max_block_bytes // (B * elem))))
-    buf = torch.empty(rows, B, device=device, dtype=dtype)
+    buf = torch.randn(rows, B, device=device, generator=g).to(dtype)  # a backward's left block: finite values
+    outs = {d: torch.empty(rows, d, device=device, dtype=dtype) for d in dims}
 
     def gemms():
-        for d in inner_dims:
+        for kind, d in shapes:
             a = mats[d]
             for r0 in range(0, B, rows):
                 r1 = min(B, r0 + rows)
-                torch.matmul(a[r0:r1], a.T, out=buf[: r1 - r0])
+                if kind == "fwd":
+                    torch.matmul(a[r0:r1], a.T, out=buf[: r1 - r0])
+                else:
+                    torch.matmul(buf[: r1 - r0], a, out=outs[d][: r1 - r0])
 
     gemms()
     _sync(device)
@@ -571,7 +587,7 @@ def sweep(*, what="full", D=128, Dt=128, K=2, dtype=torch.float32, shuffle="rand
 
     def record(impl, B, status, note="", **values):
         row = dict(env, **settings, impl=impl, label=LABELS.get(impl, impl), B=B, status=status,
-                   time_ms="", gemm_ms="", ratio_to_gemm="", peak_mem_mib="",
+                   time_ms="", gemm_ms="", gemms=GEMMS, ratio_to_gemm="", peak_mem_mib="",
                    memory_kind=memory_meter(impl, device).kind,
                    repeats="", loss="", note=note)
         row.update(values)
@@ -598,7 +614,7 @@ def _sweep_points(impls, batches, record, bar, log, *, what, D, Dt, K, dtype, sh
         stop, last = None, None      # stop: (status, note) once the series ends; last: (B, seconds)
         meter = memory_meter(impl, device)
         try:
-            fn = loss_function(impl, what, shuffle, device, compiled)
+            fn = loss_function(impl, what, shuffle, device, compiled, dtype)
         except Unavailable as why:
             stop = (str(why), "")
             log(f"{impl}: {why}")
@@ -636,7 +652,8 @@ def _sweep_points(impls, batches, record, bar, log, *, what, D, Dt, K, dtype, sh
             if failed is not None:
                 record(impl, B, *failed)
                 log(f"  {impl:<14} B={B:<8} {failed[0]}: {failed[1]}")
-                stop = ("skipped (after OOM)", f"OOM at B={B}") if failed[0] == "OOM" else failed
+                stop = {"OOM": ("skipped (after OOM)", f"OOM at B={B}"),
+                        "error": ("skipped (after error)", f"error at B={B}")}.get(failed[0], failed)
                 continue
             dims = gemm_shapes(what, impl, D, Dt, K)
             if (B, dims) not in gemm_cache:
@@ -681,17 +698,34 @@ def write_csv(rows, path, columns=COLUMNS):
     write_text(path, text.getvalue())
 
 
+def _number(value):
+    """Three significant digits, without an exponent from 1,000 on: 3,490 and 49,900, not 3.49e+03."""
+    rounded = float(f"{value:.3g}")
+    return f"{value:.3g}" if abs(rounded) < 1000 else f"{rounded:,.0f}"
+
+
+def _clear_previous_run(out, log):
+    """A run into a folder that holds an earlier one's results: its plots go (the CSV and table
+    are rewritten at the first point), so that none of them can sit beside the new CSV."""
+    from .plot import PLOT_FILES
+    stale = [os.path.join(out, name) for name in PLOT_FILES if os.path.isfile(os.path.join(out, name))]
+    if os.path.isfile(os.path.join(out, "results.csv")) or stale:
+        log(f"--out {out}: replacing the previous run's results")
+    for path in stale:
+        os.remove(path)
+
+
 def _cell_time(row):
     if row["status"] != OK:
         return row["status"]
-    ratio = f" ({float(row['ratio_to_gemm']):.3g}x)" if row.get("ratio_to_gemm") else ""
-    return f"{float(row['time_ms']):.3g}{ratio}"
+    ratio = f" ({_number(float(row['ratio_to_gemm']))}x)" if row.get("ratio_to_gemm") else ""
+    return f"{_number(float(row['time_ms']))}{ratio}"
 
 
 def _cell_mem(row):
     if row["status"] != OK:
         return row["status"]
-    return f"{float(row['peak_mem_mib']):.3g}"
+    return _number(float(row["peak_mem_mib"]))
 
 
 def markdown_table(rows):
@@ -711,7 +745,8 @@ def markdown_table(rows):
              f"commit {first['commit']}, {first['timestamp']}", ""]
     notes = sorted({f"{r['impl']}: {r['note']}" for r in rows if r["note"] and r["status"] != OK}
                    | {f"{r['impl']}: {r['note']}" for r in rows if r["status"] == OK and r["note"]})
-    tables = (("Median forward+backward time, ms (x the bare forward GEMMs of the same shapes)", _cell_time),
+    tables = (("Median forward+backward time, ms (x the bare forward and backward GEMMs of the same shapes)",
+               _cell_time),
               (f"Peak extra memory, MiB ({first['memory_kind']})", _cell_mem))
     for title, fmt in tables:
         lines += [f"## {title}", "", "| B | " + " | ".join(labels[i] for i in impls) + " |",
@@ -816,6 +851,7 @@ def run_memory(args, log=print):
         log("inf-cl: not run (the inf_cl package is not importable)")
     if no_plots:
         log(no_plots)
+    _clear_previous_run(out, log)
     state = dict(rows=[], swept=False)
 
     def write(rows):                         # after every point

@@ -19,8 +19,8 @@ timed steps), except the million-row point: one step, timed and metered at once 
 were compiled at 65,536), and ``triton-graph`` at the paper batch: the triton backend's step
 captured once in a CUDA graph and replayed (no host work but the replay's launch; the input
 check is skipped while capturing, and the random shuffle draws its key on the GPU at each
-replay), the median of ``--repeats`` replays, memory the capture's peak. Beside each time: the bare cuBLAS forward GEMMs of the same shapes
-(``z1 z2^T``; ``z1 z1^T`` and ``T T^T`` for the distillation) and the ratio. An implementation
+replay), the median of ``--repeats`` replays, memory the capture's peak. Beside each time: the bare cuBLAS GEMMs a
+forward and backward of the loss need, of the same shapes (``bench.gemm_shapes``), and the ratio. An implementation
 that runs out of memory or fails is recorded so and the run goes on. Results: ``targets.csv``
 (device, versions, commit and time stamp on every row) and ``targets.md`` in ``--out``,
 rewritten after every point.
@@ -177,7 +177,7 @@ def markdown_table(rows):
              f"- D = Dt = {first['D']}, K = {first['K']}, {first['dtype']}; torch {first['torch']}, "
              f"triton {first['triton']}, python {first['python']}, commit {first['commit']}, {first['timestamp']}",
              f"- peak memory: {first['memory_kind']}, the gradients of z1 and z2 included, the inputs not", "",
-             "| point | implementation | B | target | time, ms | cuBLAS fwd GEMMs, ms | x GEMMs | peak extra, MiB | verdict |",
+             "| point | implementation | B | target | time, ms | cuBLAS fwd+bwd GEMMs, ms | x GEMMs | peak extra, MiB | verdict |",
              "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         target = ", ".join(part for part in (f"{r['target_ms']:g} ms" if r["target_ms"] != "" else "",

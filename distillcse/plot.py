@@ -25,6 +25,7 @@ STYLE = {  # colour, marker: the fused and chunked backends in strong colours, b
 WHAT_TITLES = {"contrastive": "contrastive term (InfoNCE)", "distill": "distillation term (Group-P)",
                "full": "full loss (contrastive + Group-P distillation)"}
 GEMM_LABELS = {"contrastive": "z1 z2ᵀ", "distill": "z1 z1ᵀ + T Tᵀ", "full": "z1 z2ᵀ + z1 z1ᵀ + T Tᵀ"}
+BACKWARD_GEMM_LABELS = {"contrastive": "G z2, Gᵀ z1", "distill": "(G + Gᵀ) z1", "full": "G z2, Gᵀ z1, (G + Gᵀ) z1"}
 COLUMNS = ("impl", "label", "B", "status", "time_ms", "peak_mem_mib", "memory_kind", "what", "D", "Dt", "K",
            "dtype", "shuffle", "device_name", "torch", "triton", "commit", "timestamp")  # those the plots read
 END_MARKS = {"OOM": "OOM", "skipped (cap)": "over memory cap", "skipped (time cap)": "over time cap",
@@ -32,6 +33,15 @@ END_MARKS = {"OOM": "OOM", "skipped (cap)": "over memory cap", "skipped (time ca
 
 
 NUMBERS = ("time_ms", "peak_mem_mib", "gemm_ms")  # of an ok point: finite numbers, or empty (not drawn)
+
+
+def _yardstick_label(row):
+    """The dashed line's legend: the bare GEMMs a row's ``gemm_ms`` timed (forward and backward
+    since the ``gemms`` column; CSVs from before it timed the forward's only)."""
+    what = row["what"]
+    if row.get("gemms") == "fwd+bwd":
+        return f"bare GEMMs, forward and backward\n({GEMM_LABELS.get(what, '')}; {BACKWARD_GEMM_LABELS.get(what, '')})"
+    return f"bare forward GEMMs\n({GEMM_LABELS.get(what, '')})"
 
 
 def check_matplotlib():
@@ -194,7 +204,7 @@ def _plot(rows, column, path, *, title, ylabel, formatter, gemm=False, guides=Fa
         if yard:
             Bs = sorted(yard)
             ax.plot(Bs, [yard[B] for B in Bs], color="black", linestyle="--", linewidth=1.2,
-                    label=f"bare forward GEMMs\n({GEMM_LABELS.get(first['what'], '')})")
+                    label=_yardstick_label(first))
     if guides:
         _slope_guides(ax, drawn)
     ax.set_xscale("log", base=2)
@@ -231,6 +241,9 @@ def _plot(rows, column, path, *, title, ylabel, formatter, gemm=False, guides=Fa
     return path
 
 
+PLOT_FILES = ("memory_vs_batch.png", "time_vs_batch.png")
+
+
 def plot_results(csv_path, out_dir=None):
     """Writes memory_vs_batch.png and time_vs_batch.png for a results CSV; returns their paths."""
     rows = _read(csv_path)
@@ -239,11 +252,11 @@ def plot_results(csv_path, out_dir=None):
     out_dir = out_dir or os.path.dirname(os.path.abspath(csv_path))
     os.makedirs(out_dir, exist_ok=True)
     kind = rows[0]["memory_kind"]
-    memory = _plot(rows, "peak_mem_mib", os.path.join(out_dir, "memory_vs_batch.png"),
+    memory = _plot(rows, "peak_mem_mib", os.path.join(out_dir, PLOT_FILES[0]),
                    title="Peak extra memory of one forward+backward vs batch size",
                    ylabel=f"peak extra memory ({kind}; log scale)", formatter=_bytes_label,
                    guides=True, ybase=2)
-    timing = _plot(rows, "time_ms", os.path.join(out_dir, "time_vs_batch.png"),
+    timing = _plot(rows, "time_ms", os.path.join(out_dir, PLOT_FILES[1]),
                    title="Forward+backward time vs batch size",
                    ylabel="median time per forward+backward (log scale)", formatter=_time_label, gemm=True)
     return [memory, timing]

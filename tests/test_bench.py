@@ -10,8 +10,10 @@ import torch
 
 import distillcse
 from distillcse.__main__ import main
-from distillcse.bench import (COLUMNS, MIB, AllocatorRecords, CountedMemory, group_permutation,
-                              loss_function, make_inputs, plain_distill_loss, plain_distillcse_loss)
+from distillcse import bench
+from distillcse.bench import (COLUMNS, MIB, AllocatorRecords, CountedMemory, Unavailable, gemm_shapes,
+                              group_permutation, loss_function, make_inputs, plain_distill_loss,
+                              plain_distillcse_loss)
 from distillcse.bench_train import TRAIN_COLUMNS, default_sentences_path
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -161,6 +163,73 @@ def test_bench_memory_table_and_plots(memory_run, tmp_path):
     main(["bench", "plot", str(memory_run / "results.csv"), "--out", str(tmp_path)])
     for name in ("memory_vs_batch.png", "time_vs_batch.png"):
         _assert_png(str(tmp_path / name))
+
+
+def test_the_gemm_yardstick_is_a_forward_and_a_backward():
+    """The ratio's yardstick: the B x B GEMMs a forward and backward need, each 2 B^2 d FLOPs
+    (the backward's gradient products are as many as the logits' for the contrastive term, 3 in all)."""
+    assert gemm_shapes("contrastive", "torch", 64, 32, 2) == (("fwd", 64), ("bwd", 64), ("bwd", 64))
+    assert gemm_shapes("distill", "torch", 64, 32, 2) == (("fwd", 64), ("fwd", 64), ("bwd", 64))
+    assert gemm_shapes("full", "plain", 64, 32, 3) == gemm_shapes("contrastive", "x", 64, 0, 0) + (
+        ("fwd", 64), ("fwd", 96), ("bwd", 64))
+    assert gemm_shapes("full", "inf-cl", 64, 32, 2) == gemm_shapes("contrastive", "x", 64, 0, 0)  # its term only
+    flops = []
+
+    class Gemms(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out):
+                flops.append(2 * args[0].shape[0] * args[0].shape[1] * args[1].shape[1])
+            return func(*args, **(kwargs or {}))
+
+    B, shapes = 48, gemm_shapes("full", "torch", 16, 8, 2)
+    with Gemms():
+        bench.time_gemms(B, shapes, torch.float32, CPU, repeats=1, max_block_bytes=20 * B * 4)  # 3 row blocks
+    assert sum(flops) == 2 * sum(2 * B * B * d for _, d in shapes)  # a warm-up and one timed call
+
+
+def test_bench_table_numbers_have_no_exponent():
+    assert [bench._number(v) for v in (0.000123, 13.3, 254.4, 999.6, 3487, 49912)] == [
+        "0.000123", "13.3", "254", "1,000", "3,490", "49,900"]
+
+
+def test_bench_commit_is_the_packages_own_checkout(tmp_path, monkeypatch):
+    """Installed inside another project's git checkout, the package records $DISTILLCSE_COMMIT (or
+    "unknown"), not that project's commit."""
+    import subprocess
+    outer = tmp_path / "project"
+    (outer / "lib" / "distillcse").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(outer)], check=True)
+    subprocess.run(["git", "-C", str(outer), "-c", "user.name=x", "-c", "user.email=x@y", "commit", "-q",
+                    "--allow-empty", "-m", "x"], check=True)
+    monkeypatch.setattr(bench, "__file__", str(outer / "lib" / "distillcse" / "bench.py"))
+    monkeypatch.delenv("DISTILLCSE_COMMIT", raising=False)
+    assert bench.git_commit() == "unknown"
+    monkeypatch.setenv("DISTILLCSE_COMMIT", "abc1234")
+    assert bench.git_commit() == "abc1234"
+
+
+def test_bench_memory_failures_and_a_second_run(tmp_path, monkeypatch, capsys):
+    """A failed point ends its series as "error", the larger B "skipped (after error)" (they never
+    ran); float64 on the triton kernels is n/a up front; a second run into the folder removes the
+    first run's plots (here with --no-plot), which would sit beside the new CSV."""
+    with pytest.raises(Unavailable, match="float64"):
+        loss_function("triton", "full", "random", CPU, dtype=torch.float64)
+    for name in ("memory_vs_batch.png", "time_vs_batch.png"):
+        (tmp_path / name).write_bytes(PNG_SIGNATURE)
+    original = bench.loss_function
+
+    def failing_at_16(impl, *args, **kwargs):
+        fn = original(impl, *args, **kwargs)
+        return (lambda z1, z2, ts: fn(z1, z2, ts) if z1.shape[0] < 16 else 1 / 0) if impl == "plain" else fn
+    monkeypatch.setattr(bench, "loss_function", failing_at_16)
+    main(["bench", "memory", "--device", "cpu", "--what", "contrastive", "--min-batch", "8", "--max-batch", "32",
+          "--D", "16", "--repeats", "1", "--impl", "plain", "--out", str(tmp_path), "--no-progress", "--no-plot"])
+    _, rows = _read(tmp_path / "results.csv")
+    assert [r["status"] for r in rows] == ["ok", "error", "skipped (after error)"]
+    assert "ZeroDivisionError" in rows[1]["note"] and rows[2]["note"] == "error at B=16"
+    assert rows[0]["gemms"] == "fwd+bwd"
+    assert not any((tmp_path / name).exists() for name in ("memory_vs_batch.png", "time_vs_batch.png"))
+    assert "replacing the previous run's results" in capsys.readouterr().out
 
 
 def test_bench_memory_cap_and_compile(tmp_path):
