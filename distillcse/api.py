@@ -168,16 +168,12 @@ def _check_views(z1, z2, hard_negatives):
     return named, hard_negatives
 
 
-def _whole(shard, B):
-    """The reference's ``rows``: None for every row (its own code path, the authors' mean)."""
-    return None if shard == (0, B) else shard
-
-
 def _contrastive(z1, z2, hard_negatives, temperature, backend, shard):
     """The contrastive term on checked inputs (``shard`` (start, stop): those rows' share)."""
     if backend == "reference":
         z1, z2, hard_negatives = _full_precision(z1, z2, hard_negatives)
-        return reference.contrastive_loss(z1, z2, temperature, hard_negatives, _whole(shard, z1.shape[0]))
+        return reference.contrastive_loss(z1, z2, temperature, hard_negatives,
+                                          checks.shard_or_none(shard, z1.shape[0]))
     columns = z2 if hard_negatives is None else torch.cat([z2, hard_negatives], dim=0)
     if backend == "triton":
         from .triton_backend import contrastive
@@ -218,7 +214,7 @@ def _distill(student, teachers, options, backend, shard):
         seed, weights = options.pop("seed"), options.pop("teacher_weights")
         student, *teachers = _full_precision(student, *teachers)
         return reference.distill_loss(student, teachers, teacher_weights=weights, generator=_reference_generator(seed),
-                                      rows=_whole(shard, student.shape[0]), **options)
+                                      rows=checks.shard_or_none(shard, student.shape[0]), **options)
     student_temperature, weights, options = _fused_setup(options, student)
     if backend == "triton":
         from .triton_backend import distill

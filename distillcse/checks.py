@@ -201,6 +201,12 @@ def check_rows(rows, B):
     return start, stop
 
 
+def shard_or_none(rows, B):
+    """``rows`` (start, stop) as ``check_rows`` returns it, or None for every row (the backends'
+    whole-batch path)."""
+    return None if rows == (0, B) else rows
+
+
 def check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")

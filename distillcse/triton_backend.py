@@ -24,7 +24,7 @@ against every column; its distillation accumulates the column side as the random
 import torch
 from torch.profiler import record_function
 
-from . import config
+from . import checks, config
 from .kernels.contrastive import contrastive_bwd_dy, contrastive_fwd
 from .kernels.distill import distill_loss_and_grad, distill_row_stats
 from .kernels.group_partition import grid_pass, group_means, group_thresholds, num_groups, searches, tie_cuts
@@ -56,11 +56,6 @@ def _grad_rows(grad_out, B, n=None):
 def _share(loss_rows, B):
     """``L = sum(loss_rows) / B``: the mean for a whole batch, a shard's share of it otherwise."""
     return loss_rows.mean() if loss_rows.shape[0] == B else loss_rows.sum() / B
-
-
-def _whole(rows, B):
-    """(start, stop) of the rows, None for every row (the kernels' default)."""
-    return None if rows == (0, B) else rows
 
 
 def _phase(name):
@@ -130,7 +125,7 @@ class ContrastiveFused(torch.autograd.Function):
         with _phase("contrastive_rows"):
             loss_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, scale, _sum_grad_rows(z1) if need_grad else None,
                                                        budget_bytes=config.chunk_budget_bytes(),
-                                                       rows=_whole(rows, z1.shape[0]))
+                                                       rows=checks.shard_or_none(rows, z1.shape[0]))
         ctx.save_for_backward(z1, r1, y, ry, cl_stats, dz1)
         ctx.cl_scale, ctx.rows = scale, rows
         return _share(loss_rows, z1.shape[0])
@@ -194,7 +189,7 @@ class DistillFused(torch.autograd.Function):
     def forward(ctx, z, t, rt, student_temperature, options, need_grad, rows):
         z, ctx.lift = _lifted(z) if need_grad else (z, None)
         loss_rows, dz_sum = _distill_rows(z, _inv_norms(z), t, rt, student_temperature, options, need_grad,
-                                          _whole(rows, z.shape[0]))
+                                          checks.shard_or_none(rows, z.shape[0]))
         ctx.save_for_backward(dz_sum)
         return _share(loss_rows, z.shape[0])
 
@@ -217,7 +212,7 @@ class DistillCSEFused(torch.autograd.Function):
     def forward(ctx, z1, y, t, rt, cl_scale, distill_weight, student_temperature, options, need_grad, rows):
         z1, ctx.lift = _lifted(z1) if need_grad else (z1, None)
         r1, ry, budget = _inv_norms(z1), _inv_norms(y), config.chunk_budget_bytes()
-        B, shard = z1.shape[0], _whole(rows, z1.shape[0])
+        B, shard = z1.shape[0], checks.shard_or_none(rows, z1.shape[0])
         kd_rows, dz_kd = _distill_rows(z1, r1, t, rt, student_temperature, options, need_grad, shard)
         with _phase("contrastive_rows"):
             if need_grad:
