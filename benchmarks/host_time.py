@@ -22,6 +22,7 @@ import collections
 import os
 import statistics
 import time
+import weakref
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
@@ -72,8 +73,12 @@ class StubbedKernels:
         if kernel.fn.__name__ == "_settle_kernel":
             start = time.perf_counter()
             rows, lo, hd = args[5], args[7], args[8]  # the chunk's rows, the [B, G1] brackets
-            # keyed by the brackets' tensor, held here so that its id cannot pass to a later search's
-            _, seen = self.seen.setdefault(id(lo), (lo, torch.zeros(lo.shape[0], dtype=torch.bool)))
+            # keyed by the brackets' tensor (a weak reference: a later search's tensor may take its id,
+            # and memory counts must not see it kept alive)
+            ref, seen = self.seen.get(id(lo), (None, None))
+            if ref is None or ref() is not lo:
+                seen = torch.zeros(lo.shape[0], dtype=torch.bool)
+                self.seen[id(lo)] = (weakref.ref(lo), seen)
             late = seen[rows] | (rows % LATE_ROWS != 0)
             done, late = rows[late], rows[~late]
             seen[rows] = True

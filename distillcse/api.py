@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from . import checks, reference
+from . import checks, config, reference
 from .reference import EPS
 from .torch_backend import ContrastiveChunked, DistillChunked, need_grad
 
@@ -90,8 +90,18 @@ def _normalize(x):
 
 
 def _teacher_rows(teachers, weights, dtype):
-    """[B, sum D_k]: ``sqrt(w_k) e_k / |e_k|`` side by side, so that ``T T^T = sum_k w_k cos_k``."""
-    return torch.cat([w ** 0.5 * _normalize(e).to(dtype) for w, e in zip(weights, teachers)], dim=1)
+    """[B, sum D_k]: ``sqrt(w_k) e_k / |e_k|`` side by side, so that ``T T^T = sum_k w_k cos_k``
+    (teachers detached). Written in row chunks within the chunk budget: no whole fp32 copy of a
+    teacher beside the result."""
+    B = teachers[0].shape[0]
+    out = torch.empty(B, sum(e.shape[1] for e in teachers), device=teachers[0].device, dtype=dtype)
+    col = 0
+    for w, e in zip(weights, teachers):
+        step = max(1, config.chunk_budget_bytes() // (3 * 8 * e.shape[1]))  # a chunk's work-dtype temporaries
+        for r0 in range(0, B, step):
+            out[r0:r0 + step, col:col + e.shape[1]] = w ** 0.5 * _normalize(e[r0:r0 + step]).to(dtype)
+        col += e.shape[1]
+    return out
 
 
 def _step_seed(seed, x=None):

@@ -251,6 +251,7 @@ def contrastive_fwd(x, rx, y, ry, scale, grad_rows=None, *, budget_bytes, add_to
     R = slab_rows(stop - start, aligned(N), budget_bytes, 4 + (x.element_size() if dx is not None else 0), SLAB_STEP)
     dots = slab_buffer(R, N, x.device)
     fac = slab_buffer(R, N, x.device, x.dtype) if dx is not None else dots
+    du = torch.empty(R, D, device=x.device, dtype=torch.float32) if dx is not None else None  # a slab's dL/du_x
     blocks = _blocks()["rows"]
     for row0 in range(start, stop, R):
         rows = slice(row0, min(row0 + R, stop))
@@ -261,8 +262,8 @@ def contrastive_fwd(x, rx, y, ry, scale, grad_rows=None, *, budget_bytes, add_to
             float(scale),
             GRAD=dx is not None, RAW=raw, ONE_PASS=one_pass(x.dtype, scale), **blocks)
         if dx is not None:  # (with one pass, the factors are L_i M and row_scale holds scale g_i / L_i)
-            du = matmul_f32(fac[:n], v)  # [n, D] fp32: the slab rows' dL/du_x, up to scale g_i
-            unit_rows_backward(du, x[rows], rx[rows], dx[rows], row_scale=row_scale[rows],
+            matmul_f32(fac[:n], v, out=du[:n])  # [n, D] fp32: the slab rows' dL/du_x, up to scale g_i
+            unit_rows_backward(du[:n], x[rows], rx[rows], dx[rows], row_scale=row_scale[rows],
                                add_scale=None if add_to is None else add_scale)
     return loss[start:stop], stats[:, start:stop], dx
 
@@ -272,7 +273,7 @@ def contrastive_bwd_dy(x, rx, y, ry, stats, scale, grad_rows, *, budget_bytes, d
     x [B, D], rx [B], y [N, D], ry [N], stats [2, B] (from ``contrastive_fwd``), grad_rows [B]
     fp32; returns dy [N, D] in y's dtype, accumulated in fp32. ``diag0``: x is a shard of the
     batch's rows from ``diag0`` on (row i's positive is y's row diag0 + i). Extra memory besides dy: the
-    [C, B] slab buffers within ``budget_bytes``, [C, D] fp32, and for fp16 a copy of x's unit rows."""
+    [C, B] slab buffers and [C, D] fp32 within ``budget_bytes``, and for fp16 a copy of x's unit rows."""
     x, rx, y, ry = _check(x, rx, y, ry, diag0)
     (B, D), N = x.shape, y.shape[0]
     assert stats.shape == (2, B) and stats.dtype == torch.float32
@@ -280,9 +281,11 @@ def contrastive_bwd_dy(x, rx, y, ry, stats, scale, grad_rows, *, budget_bytes, d
     g_max = grad_rows.abs().amax().reshape(1)
     g_max = torch.where(g_max > 0, g_max, 1.0)
     dy = torch.empty(N, D, device=x.device, dtype=y.dtype)
-    C = slab_rows(N, aligned(B), budget_bytes, 4 + x.element_size(), SLAB_STEP)
+    # a column's [B] dots and factors and its [D] fp32 du: a shard's few rows make C large
+    C = slab_rows(N, 1, budget_bytes, aligned(B) * (4 + x.element_size()) + 4 * D, SLAB_STEP)
     dots = slab_buffer(C, B, x.device)
     fac = slab_buffer(C, B, x.device, x.dtype)
+    du = torch.empty(C, D, device=x.device, dtype=torch.float32)  # a slab's dL/du_y
     v, raw = _factor_rows(x, rx)
     dy_scale = float(scale) * g_max  # du_y = scale g_max (M' x)
     blocks = _blocks()["cols"]
@@ -293,6 +296,6 @@ def contrastive_bwd_dy(x, rx, y, ry, stats, scale, grad_rows, *, budget_bytes, d
         _column_factors_kernel[(cdiv(n, blocks["BC"]), cdiv(B, blocks["BB"]))](
             dots, rx, ry, stats, grad_rows, g_max, fac, col0, n, B, dots.stride(0), float(scale), diag0, RAW=raw,
             **blocks)
-        du = matmul_f32(fac[:n], v)  # [n, D] fp32: the slab columns' dL/du_y, up to scale g_max
-        unit_rows_backward(du, y[cols], ry[cols], dy[cols], row_scale=dy_scale)
+        matmul_f32(fac[:n], v, out=du[:n])  # [n, D] fp32: the slab columns' dL/du_y, up to scale g_max
+        unit_rows_backward(du[:n], y[cols], ry[cols], dy[cols], row_scale=dy_scale)
     return dy

@@ -1155,6 +1155,7 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
     t_dots = slab_buffer(R, B, x.device)  # t[slab] t^T
     ld = s_dots.stride(0)
     grad = slab_buffer(R_grad, B, x.device, grad_dtype) if need_grad else lse_s
+    row_side = torch.empty(R_grad, D, device=x.device, dtype=torch.float32) if need_grad else None
     compact = slab_buffer(R, B, x.device, grad_dtype) if shuffle == "random" else lse_s
     first = perm = lse_s  # the random mode's tables, per slab
     for grad0 in range(start, stop, R_grad):
@@ -1187,11 +1188,11 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
         if not need_grad:
             continue
         g, rows_g = grad[:grad_rows], slice(grad0, grad0 + grad_rows)
-        row_side = matmul_f32(g, v)  # [rows, D] fp32: sum_j M_rj x_j, the slab rows' du (accumulated: own side)
+        own = matmul_f32(g, v, out=row_side[:grad_rows])  # [rows, D] fp32: sum_j M_rj x_j, the slab rows' du
         if not accumulate:  # g holds both sides: the slab rows' gradient is complete
-            unit_rows_backward(row_side, x[rows_g], rx[rows_g], dx[rows_g])
+            unit_rows_backward(own, x[rows_g], rx[rows_g], dx[rows_g])
             continue
-        accumulate_slab(dx, lo, g, x, rx, row_side, grad0)
+        accumulate_slab(dx, lo, g, x, rx, own, grad0)  # (accumulated: the own side)
     if accumulate:  # dx holds rx du (with lo): through u = x rx, in place
         unit_rows_backward(dx, x, rx, dx, lo=lo, scaled=True)
     return loss[start:stop], dx
