@@ -4,8 +4,9 @@ import numbers
 import os
 from contextlib import contextmanager
 
-# 128 MiB: at B = 65,536, D = 768, bf16 the triton backend's forward then peaks near 230 MiB
-# (slab + the distillation's gradient buffer), within the 256 MiB target (benchmarks/NOTES.md)
+# 128 MiB: at B = 65,536, D = 768, bf16 a triton backend step then peaks near 254 MiB (the forward:
+# slabs + the gradient buffer; the backward: both gradients + column slabs), within the 256 MiB
+# target (tests/test_memory_plan.py::test_the_headline_step, benchmarks/NOTES.md)
 _DEFAULT_CHUNK_MIB = 128
 
 

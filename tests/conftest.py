@@ -5,6 +5,7 @@
 * ``torch.empty`` / ``torch.empty_like`` return NaN-filled (float) or sentinel-filled (int)
   tensors, so an output a kernel forgets to write fails the comparison instead of passing
   on lucky zeros.
+* ``DISTILLCSE_GPU_BLOCKS=1``: the GPU's block shapes under the interpreter (``gpu_blocks``).
 """
 import os
 
@@ -41,6 +42,17 @@ def _poisoned_empty_like(*args, **kwargs):
 def poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", _poisoned_empty)
     monkeypatch.setattr(torch, "empty_like", _poisoned_empty_like)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def gpu_blocks(monkeypatch):
+    """``DISTILLCSE_GPU_BLOCKS=1``: the launchers pick the GPU's block shapes under the
+    interpreter too, as every test does on a GPU; a CPU run then finds the tests that assume
+    the interpreter's blocks before a device does (slow: a file or two at a time)."""
+    if os.environ.get("DISTILLCSE_GPU_BLOCKS") == "1":
+        from distillcse.kernels import utils
+        monkeypatch.setattr(utils, "interpreter_blocks", lambda: False)
     yield
 
 

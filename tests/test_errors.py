@@ -133,7 +133,7 @@ def test_module_rejects_unknown_keywords_and_bad_options():
 def test_rows_on_the_triton_backend():
     """Every row is the whole loss (the one-program kernel here); a shard streams (its share's
     values: ``test_triton_backend.py``); a shard out of range names the argument."""
-    z1, z2, t = good()
+    z1, z2, t = (x.to(DEVICE) for x in good())
     whole = distillcse.distillcse_loss(z1, z2, t, rows=(0, z1.shape[0]), backend="triton", shuffle="expected")
     assert torch.equal(whole, distillcse.distillcse_loss(z1, z2, t, backend="triton", shuffle="expected"))
     shares = [distillcse.distillcse_loss(z1, z2, t, rows=rows, backend="triton", shuffle="expected")

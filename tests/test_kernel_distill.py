@@ -1,6 +1,7 @@
 """kernels/distill.py against naive float64 PyTorch formulas (SPEC sections 2-6), and its random
 shuffle against distillcse.shuffle's definition."""
 import math
+import re
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from conftest import DEVICE, device_key
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
+from distillcse.kernels import utils  # noqa: E402
 from distillcse.kernels.distill import _group_permutation  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
@@ -310,9 +312,12 @@ def test_random_warns_when_its_accumulation_traffic_is_huge(device, monkeypatch)
         warnings.simplefilter("error", UserWarning)
         _run_random(x, rx, t, rt, grouping, budget_bytes=budget)
     monkeypatch.setattr(distill, "RANDOM_TRAFFIC_WARN_BYTES", 3 * 130 * 96 * 6 - 1)
-    announced = r'shuffle="random" at B=130 .* runs 3 slabs of 64 rows.*distillcse.set_chunk_budget'
-    with pytest.warns(UserWarning, match=announced):
+    announced = r'shuffle="random" at B=130 .* runs (\d+) slabs of (\d+) rows.*distillcse.set_chunk_budget'
+    with pytest.warns(UserWarning, match=announced) as caught:
         _run_random(x, rx, t, rt, grouping, budget_bytes=budget)
+    slabs, rows = map(int, re.search(announced, str(caught[0].message), re.S).groups())
+    assert (slabs, rows) == (3, 64) or not utils.interpreter_blocks()  # (the GPU's blocks: 5 slabs of 32 rows)
+    assert (slabs - 1) * rows < 130 <= slabs * rows
     # a shard accumulates whatever its shuffle, and another shuffle would not help it
     monkeypatch.setattr(distill, "RANDOM_TRAFFIC_WARN_BYTES", 0)
     with pytest.warns(UserWarning, match=r'shuffle="expected" at B=130 on a shard of 65 rows') as caught:

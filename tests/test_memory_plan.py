@@ -93,7 +93,7 @@ def test_row_stats_with_the_grid_pass_within_budget():
     with TensorMemory() as mem:
         distill_row_stats(x, rx, t, rt, STUDENT, TEACHER, GROUPING, budget_bytes=budget, grid=grid)
     assert mem.peak <= budget + 5 * B * 4, (mem.peak, budget, mem.at_peak[:6])  # + the five [B] statistics
-    assert mem.peak > 64 * B * 8 + 4 * 64 * gp.GRID_LANES, mem.at_peak[:6]  # both slabs and the pass's partials
+    assert mem.peak > budget // 2, mem.at_peak[:6]  # both slabs and the pass's partials (48-row slabs on a GPU)
     assert torch.isfinite(grid.x).all() and torch.isfinite(grid.meas).all()
 
 
