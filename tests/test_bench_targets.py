@@ -42,13 +42,20 @@ def test_paper_batch_in_a_cuda_graph_needs_cuda(tmp_path):
     assert rows[0]["label"] == 'backend="triton" in a CUDA graph'
 
 
-def test_million_only_and_skip_million(tmp_path, capsys):
+def test_million_only_and_skip_million(tmp_path, capsys, monkeypatch):
+    """Alone, the one-step point first takes an untimed step at 65,536 rows (here / 4,096), so
+    that its kernels do not compile inside its one timed step."""
+    from distillcse import bench_targets
+
+    compiled_at, compile_at = [], bench_targets._compile_at
+    monkeypatch.setattr(bench_targets, "_compile_at", lambda fn, B, *args: (compiled_at.append(B), compile_at(fn, B, *args)))
     out = tmp_path / "million"
     main(["bench", "targets", "--divide", "4096", "--D", "16", "--impl", "torch", "--repeats", "2",
           "--device", "cpu", "--no-progress", "--million-only", "--out", str(out)])
     with open(out / "targets.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["point"], r["B"], r["status"]) for r in rows] == [(ONE_STEP_POINT, str((1 << 20) // 4096), "ok")]
+    assert compiled_at == [65536 // 4096]
     with pytest.raises(SystemExit):
         main(["bench", "targets", "--skip-million", "--million-only", "--out", str(tmp_path / "none")])
     assert "not allowed with argument" in capsys.readouterr().err
