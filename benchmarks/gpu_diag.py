@@ -130,6 +130,9 @@ def paper(log, B=64, D=768, reps=200):
 
 def main():
     parts = sys.argv[1:] or ["small", "probe"]
+    known = ("small", "once", "probe", "paper")
+    if any(part not in known for part in parts):  # --help too: say so before writing anything
+        sys.exit(f"usage: python benchmarks/gpu_diag.py [{'] ['.join(known)}]  (see the docstring)")
     out = os.environ.get("OUT", ".")
     with open(os.path.join(out, "diag.txt"), "a") as f:
         def log(s):
