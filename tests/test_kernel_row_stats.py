@@ -11,6 +11,7 @@ from conftest import DEVICE
 
 pytest.importorskip("triton")
 from distillcse.kernels import distill as K  # noqa: E402
+from distillcse.kernels import utils  # noqa: E402
 
 STUDENT, TEACHER, GROUPING = 1 / 0.025, 1 / 0.0125, 1 / 0.7
 NAMES = ("lse_s", "lse_t", "lse_g", "t_min", "t_max")
@@ -76,8 +77,6 @@ def test_row_stats_match_float64(B, D, Dt, slab, dtype, t_dtype):
 def test_row_stats_in_uneven_column_splits():
     """B = 600: 5 column tiles of 128 in 4 splits of 2 (the last split empty), 10 row blocks
     of 64; the merged splits against float64, with and without the student."""
-    from distillcse.kernels import utils
-
     B = 600
     assert utils.column_splits(5, 10) == 4
     x, rx, t, rt = _rows(B, 32, 24, torch.float32, torch.float32, seed=5)
@@ -90,13 +89,14 @@ def test_row_stats_in_uneven_column_splits():
 
 @pytest.mark.parametrize("case", ["student", "teacher", "grid"])
 def test_row_stats_from_half_the_dots(case, monkeypatch):
-    """B = 450 in slabs of 192, 192 and 66 rows (3, 3 and 2 row blocks of 64 under the
-    interpreter; the column merge takes them 2 at a time). s and t are symmetric: each slab's
+    """B = 450 in three slabs (192, 192 and 66 rows: 3, 3 and 2 row blocks of 64 under the
+    interpreter, the column merge taking them 2 at a time; 176, 176 and 98 with the GPU's 32-row
+    blocks, ``DISTILLCSE_GPU_BLOCKS=1`` or on a GPU). s and t are symmetric: each slab's
     GEMMs have the columns from its first row on, and its rows' earlier columns come from the
     slabs above as their column side (a row of negative cosines in the second slab would show a
     masked dot's 0 counted as a logit). "teacher": no student; "grid": the search's first pass
     reads whole teacher rows, so t is whole and s halved. Against float64."""
-    B, slabs = 450, [192, 192, 66]
+    B = 450
     x, rx, t, rt = _rows(B, 32, 24, torch.float32, torch.float32, seed=7)
     x[0], t[-1], x[200], t[200] = -x[0], -t[-1], -x[200], -t[200]  # one flipped row, in the second slab
     refs = _reference(x, rx, t, rt)
@@ -107,7 +107,12 @@ def test_row_stats_from_half_the_dots(case, monkeypatch):
     grid = (lambda row0, dots, *stats: fed.append((row0, dots.clone()))) if case == "grid" else None
     budget = {"student": 807_000, "teacher": 432_600, "grid": 960_400}[case]  # 192-row slabs
     stats = K.distill_row_stats(*student, t, rt, STUDENT, TEACHER, GROUPING, budget_bytes=budget, grid=grid)
-    halves = [(rows, B - row0) for rows, row0 in zip(slabs, (0, 192, 384))]
+    R = gemms[0][0]
+    assert R == 192 or not utils.interpreter_blocks()
+    assert R % 16 == 0 and R <= 200 < 2 * R < B  # three slabs, the flipped row in the second
+    starts = list(range(0, B, R))
+    slabs = [min(R, B - row0) for row0 in starts]
+    halves = [(rows, B - row0) for rows, row0 in zip(slabs, starts)]
     whole = [(rows, B) for rows in slabs]
     expected = {"student": zip(halves, halves), "teacher": zip(halves), "grid": zip(halves, whole)}[case]
     assert gemms == [g for pair in expected for g in pair]
@@ -117,7 +122,7 @@ def test_row_stats_from_half_the_dots(case, monkeypatch):
     else:
         _check(stats[:1], refs[:1])
     if case == "grid":  # the whole teacher rows of each slab, once its statistics are final
-        assert [row0 for row0, _ in fed] == [0, 192, 384]
+        assert [row0 for row0, _ in fed] == starts
         for (row0, dots), rows in zip(fed, slabs):
             torch.testing.assert_close(dots, t[row0:row0 + rows] @ t.T, rtol=1e-5, atol=1e-5)
 
@@ -125,8 +130,6 @@ def test_row_stats_from_half_the_dots(case, monkeypatch):
 def test_row_stats_from_half_the_dots_in_gpu_blocks(monkeypatch):
     """The GPU's blocks under the interpreter: B = 450 in slabs of 320 and 130 rows, 32-row
     blocks (10 in the first slab: the column merge takes 8, then 2), 128-column tiles."""
-    from distillcse.kernels import utils
-
     monkeypatch.setattr(utils, "interpreter_blocks", lambda: False)
     assert K._stats_blocks()["BM"] == 32
     B = 450
