@@ -71,7 +71,8 @@ def test_slab_phase_within_budget(shuffle, dtype, budget):
     bound = (B * D * x.element_size() + lo + v + slabs + 2 * 64 * D * 4 + 64 * (64 + B) * 4
              + 8 * 64 * G * (5 * chunks + 12) + 8 * 64 * chunks + 16 * B + 4 * B)
     assert mem.peak <= bound, (mem.peak, bound, mem.at_peak[:6])
-    assert mem.peak >= B * D * x.element_size() + 64 * B * 8, mem.at_peak[:6]  # dx and both dots' slabs, counted
+    # dx and both dots' slabs, counted (at least one block: 64 rows here, 32 with the GPU's blocks)
+    assert mem.peak >= B * D * x.element_size() + 32 * B * 8, mem.at_peak[:6]
     # slabs of R < B / 2 rows, never B x B; the 192-row gradient slab of the larger budget < 3 B / 4
     assert mem.largest[0] < B * B * 4 * (3 if budget > BUDGET else 2) // 4, mem.largest
     if shuffle == "random":  # no fp32 [B, D] accumulator: fp32 rows accumulate in dx itself
