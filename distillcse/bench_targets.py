@@ -16,8 +16,8 @@ The targets hold at D = Dt = 768, K = 1, bf16 (the defaults on CUDA); other sett
 measured without a verdict. Each (point, implementation) is measured as ``bench memory``
 measures a point (warm-up, one step under the memory meter, the median of up to ``--repeats``
 timed steps), except the million-row point: one step, timed and metered at once (its kernels
-compiled beforehand at 65,536: by the earlier points, or alone by one untimed step), and ``triton-graph`` at the paper batch: the triton backend's step
-captured once in a CUDA graph and replayed (no host work but the replay's launch; the input
+compiled beforehand at 65,536: by the earlier points, or alone by one untimed step), and
+``triton-graph`` at the paper batch: the triton backend's step captured once in a CUDA graph and replayed (no host work but the replay's launch; the input
 check is skipped while capturing, and the random shuffle draws its key on the GPU at each
 replay), the median of ``--repeats`` replays, memory the capture's peak. Beside each time: the bare cuBLAS GEMMs a
 forward and backward of the loss need, of the same shapes (``bench.gemm_shapes``), and the ratio. An implementation

