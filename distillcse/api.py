@@ -184,10 +184,10 @@ def _contrastive(z1, z2, hard_negatives, temperature, backend, shard):
         z1, z2, hard_negatives = _full_precision(z1, z2, hard_negatives)
         return reference.contrastive_loss(z1, z2, temperature, hard_negatives,
                                           checks.shard_or_none(shard, z1.shape[0]))
-    columns = z2 if hard_negatives is None else torch.cat([z2, hard_negatives], dim=0)
     if backend == "triton":
         from .triton_backend import contrastive
-        return contrastive(z1, columns, 1.0 / temperature, shard)
+        return contrastive(z1, z2, hard_negatives, 1.0 / temperature, shard)
+    columns = z2 if hard_negatives is None else torch.cat([z2, hard_negatives], dim=0)
     u1, y = _normalize(z1), _normalize(columns)
     return ContrastiveChunked.apply(u1, y, 1.0 / temperature, need_grad(u1, y), shard)
 
@@ -299,9 +299,8 @@ def distillcse_loss(z1, z2, teachers, *, temperature=0.05, distill_weight=1.0, d
         from .triton_backend import distillcse
         student_temperature, weights, options = _fused_setup(options, z1)
         rows, unit_rows = _triton_teacher(teachers, weights)
-        columns = z2 if hard_negatives is None else torch.cat([z2, hard_negatives], dim=0)
-        loss, terms = distillcse(z1, columns, rows, 1.0 / temperature, distill_weight, student_temperature,
-                                 options, shard, unit_rows=unit_rows)
+        loss, terms = distillcse(z1, z2, hard_negatives, rows, 1.0 / temperature, distill_weight,
+                                 student_temperature, options, shard, unit_rows=unit_rows)
         if not return_terms:
             return loss
         terms = dict(zip(("contrastive", "distill"), terms))

@@ -103,30 +103,40 @@ def _sum_grad_rows(x):
     return torch.ones(x.shape[0], device=x.device)
 
 
+def _columns(z2, hn):
+    """The contrastive columns: z2, then the hard negatives (if any) as a second block, read
+    where they are (no [B + H, D] concatenation), and their fp32 inverse norms [B + H]."""
+    if hn is None:
+        return (z2,), _inv_norms(z2)
+    return (z2, hn), torch.cat([_inv_norms(z2), _inv_norms(hn)])
+
+
 def _contrastive_columns(ctx, grad_out, z1, r1, y, ry, cl_stats):
-    """y's gradient: that of the saved rows (``ctx.rows``) against every column."""
+    """The gradients of the columns' blocks y (z2, hard negatives: a tuple; None for no hard
+    negatives): those of the saved rows (``ctx.rows``) against every column."""
     start, stop = ctx.rows
     with _phase("contrastive_columns"):
-        return contrastive_bwd_dy(z1[start:stop], r1[start:stop], y, ry, cl_stats, ctx.cl_scale,
-                                  _grad_rows(grad_out, z1.shape[0], stop - start), budget_bytes=_backward_budget(),
-                                  diag0=start)
+        dy = contrastive_bwd_dy(z1[start:stop], r1[start:stop], y, ry, cl_stats, ctx.cl_scale,
+                                _grad_rows(grad_out, z1.shape[0], stop - start), budget_bytes=_backward_budget(),
+                                diag0=start)
+    return dy if len(dy) == 2 else (dy[0], None)
 
 
 class ContrastiveFused(torch.autograd.Function):
-    """InfoNCE over z1 [B, D] against columns y [N, D] (z2 then hard negatives), the rows
-    ``rows`` (start, stop) summed over B. The forward also writes z1's gradient (the row side,
-    in the same pass as the loss; that of the sum of the row losses) when autograd will need
-    it; the backward scales it in place and computes y's."""
+    """InfoNCE over z1 [B, D] against the columns z2 [B, D] and hard negatives hn [H, D] (or
+    None), the rows ``rows`` (start, stop) summed over B. The forward also writes z1's gradient
+    (the row side, in the same pass as the loss; that of the sum of the row losses) when
+    autograd will need it; the backward scales it in place and computes the columns'."""
 
     @staticmethod
-    def forward(ctx, z1, y, scale, need_grad, rows):
+    def forward(ctx, z1, z2, hn, scale, need_grad, rows):
         z1, ctx.lift = _lifted(z1) if need_grad else (z1, None)
-        r1, ry = _inv_norms(z1), _inv_norms(y)
+        r1, (y, ry) = _inv_norms(z1), _columns(z2, hn)
         with _phase("contrastive_rows"):
             loss_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, scale, _sum_grad_rows(z1) if need_grad else None,
                                                        budget_bytes=config.chunk_budget_bytes(),
                                                        rows=checks.shard_or_none(rows, z1.shape[0]))
-        ctx.save_for_backward(z1, r1, y, ry, cl_stats, dz1)
+        ctx.save_for_backward(z1, r1, *y, ry, cl_stats, dz1)
         ctx.cl_scale, ctx.rows = scale, rows
         return _share(loss_rows, z1.shape[0])
 
@@ -134,9 +144,9 @@ class ContrastiveFused(torch.autograd.Function):
     @first_order
     def backward(ctx, grad_out):
         _take_once(ctx)
-        z1, r1, y, ry, cl_stats, dz1 = ctx.saved_tensors
-        dy = _contrastive_columns(ctx, grad_out, z1, r1, y, ry, cl_stats)
-        return dz1.mul_(_mean_scale(grad_out, z1.shape[0], ctx.lift)), dy, None, None, None
+        z1, r1, *y, ry, cl_stats, dz1 = ctx.saved_tensors
+        dz2, dhn = _contrastive_columns(ctx, grad_out, z1, r1, tuple(y), ry, cl_stats)
+        return dz1.mul_(_mean_scale(grad_out, z1.shape[0], ctx.lift)), dz2, dhn, None, None, None
 
 
 def _distill_rows(z, r, t, rt, student_temperature, options, need_grad, rows=None):
@@ -203,15 +213,15 @@ class DistillFused(torch.autograd.Function):
 
 
 class DistillCSEFused(torch.autograd.Function):
-    """``L_cl(z1, y) + distill_weight L_kd(z1, t)``, and (L_cl, L_kd) [2] fp32 beside it (no
-    gradient): the distillation's forward leaves dL_kd/dz1, and the contrastive forward adds
+    """``L_cl(z1, (z2, hn)) + distill_weight L_kd(z1, t)``, and (L_cl, L_kd) [2] fp32 beside it
+    (no gradient): the distillation's forward leaves dL_kd/dz1, and the contrastive forward adds
     its own row-side gradient into that buffer (z1's gradient is written once: no second
-    [B, D] buffer, no autograd sum); the backward scales it in place and computes y's."""
+    [B, D] buffer, no autograd sum); the backward scales it in place and computes the columns'."""
 
     @staticmethod
-    def forward(ctx, z1, y, t, rt, cl_scale, distill_weight, student_temperature, options, need_grad, rows):
+    def forward(ctx, z1, z2, hn, t, rt, cl_scale, distill_weight, student_temperature, options, need_grad, rows):
         z1, ctx.lift = _lifted(z1) if need_grad else (z1, None)
-        r1, ry, budget = _inv_norms(z1), _inv_norms(y), config.chunk_budget_bytes()
+        r1, (y, ry), budget = _inv_norms(z1), _columns(z2, hn), config.chunk_budget_bytes()
         B, shard = z1.shape[0], checks.shard_or_none(rows, z1.shape[0])
         kd_rows, dz_kd = _distill_rows(z1, r1, t, rt, student_temperature, options, need_grad, shard)
         with _phase("contrastive_rows"):
@@ -225,7 +235,7 @@ class DistillCSEFused(torch.autograd.Function):
                                                          add_scale=distill_weight, rows=shard)
             else:
                 cl_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, cl_scale, budget_bytes=budget, rows=shard)
-        ctx.save_for_backward(z1, r1, y, ry, cl_stats, dz1)
+        ctx.save_for_backward(z1, r1, *y, ry, cl_stats, dz1)
         ctx.cl_scale, ctx.rows = cl_scale, rows
         terms = torch.stack([_share(cl_rows, B), _share(kd_rows, B)])
         ctx.mark_non_differentiable(terms)
@@ -236,10 +246,10 @@ class DistillCSEFused(torch.autograd.Function):
     @first_order
     def backward(ctx, grad_out, _):
         _take_once(ctx)
-        z1, r1, y, ry, cl_stats, dz1 = ctx.saved_tensors
-        dy = _contrastive_columns(ctx, grad_out, z1, r1, y, ry, cl_stats)
+        z1, r1, *y, ry, cl_stats, dz1 = ctx.saved_tensors
+        dz2, dhn = _contrastive_columns(ctx, grad_out, z1, r1, tuple(y), ry, cl_stats)
         scaled = dz1.mul_(_mean_scale(grad_out, z1.shape[0], ctx.lift))
-        return scaled, dy, None, None, None, None, None, None, None, None
+        return scaled, dz2, dhn, None, None, None, None, None, None, None, None
 
 
 class SmallBatchFused(torch.autograd.Function):
@@ -299,16 +309,26 @@ def _one_program(rows, B, N=0):
     return rows == (0, B) and fits(B, N)
 
 
-def contrastive(z1, columns, scale, rows):
-    """The contrastive term of the rows ``rows`` (start, stop), summed over B; ``columns``
-    [N, D] z2 then hard negatives."""
+def _small_batch_columns(z2, hn):
+    """The one-program kernel's columns [N, D]: z2, then the hard negatives (a small copy)."""
+    return z2 if hn is None else torch.cat([z2, hn], dim=0)
+
+
+def _num_columns(z2, hn):
+    return z2.shape[0] + (0 if hn is None else hn.shape[0])
+
+
+def contrastive(z1, z2, hn, scale, rows):
+    """The contrastive term of the rows ``rows`` (start, stop), summed over B, against the
+    columns z2 [B, D] and the hard negatives hn [H, D] (or None)."""
     _check_dtype(z1)
+    inputs = [x for x in (z1, z2, hn) if x is not None]
     if rows[0] == rows[1]:
-        return _empty_share(z1, columns)
-    if _one_program(rows, z1.shape[0], columns.shape[0]):
-        return SmallBatchFused.apply(z1, columns, None, _small_batch_args(z1, scale, 0.0, None, None, False),
-                                     need_grad(z1, columns))[0]
-    return ContrastiveFused.apply(z1, columns, scale, need_grad(z1, columns), rows)
+        return _empty_share(*inputs)
+    if _one_program(rows, z1.shape[0], _num_columns(z2, hn)):
+        return SmallBatchFused.apply(z1, _small_batch_columns(z2, hn), None,
+                                     _small_batch_args(z1, scale, 0.0, None, None, False), need_grad(*inputs))[0]
+    return ContrastiveFused.apply(z1, z2, hn, scale, need_grad(*inputs), rows)
 
 
 def distill(z, t, student_temperature, options, rows, *, unit_rows):
@@ -329,18 +349,19 @@ def distill(z, t, student_temperature, options, rows, *, unit_rows):
     return DistillFused.apply(z, t, rt, student_temperature, options, need_grad(z), rows)
 
 
-def distillcse(z1, columns, t, cl_scale, distill_weight, student_temperature, options, rows, *, unit_rows):
+def distillcse(z1, z2, hn, t, cl_scale, distill_weight, student_temperature, options, rows, *, unit_rows):
     """``(L_cl + distill_weight L_kd, (L_cl, L_kd))`` of the rows ``rows`` (start, stop), summed
-    over B, with z1 the distillation's student, the terms [2] fp32 without gradient; ``columns``
+    over B, with z1 the distillation's student, the terms [2] fp32 without gradient; z2, hn
     and ``t`` as in :func:`contrastive` and :func:`distill`."""
     _check_dtype(z1)
     if rows[0] == rows[1] or _groups_on_torch(z1, options):
-        cl = contrastive(z1, columns, cl_scale, rows)
+        cl = contrastive(z1, z2, hn, cl_scale, rows)
         kd = distill(z1, t, student_temperature, options, rows, unit_rows=unit_rows)
         return cl + distill_weight * kd, torch.stack([cl.detach(), kd.detach()])
-    if _one_program(rows, z1.shape[0], columns.shape[0]):
+    grad = need_grad(z1, z2, hn)
+    if _one_program(rows, z1.shape[0], _num_columns(z2, hn)):
         args = _small_batch_args(z1, cl_scale, distill_weight, student_temperature, options, unit_rows)
-        return SmallBatchFused.apply(z1, columns, t, args, need_grad(z1, columns))
+        return SmallBatchFused.apply(z1, _small_batch_columns(z2, hn), t, args, grad)
     t, rt = _teacher(t, unit_rows)
-    return DistillCSEFused.apply(z1, columns, t, rt, cl_scale, distill_weight, student_temperature, options,
-                                 need_grad(z1, columns), rows)
+    return DistillCSEFused.apply(z1, z2, hn, t, rt, cl_scale, distill_weight, student_temperature, options,
+                                 grad, rows)

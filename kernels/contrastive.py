@@ -1,8 +1,10 @@
 """InfoNCE contrastive term (SPEC section 1), forward and backward, in row and column slabs.
 
 ``c_ij = (x_i . y_j) rx_i ry_j`` for ``i < B``, ``j < N``: rows ``0..B-1`` of ``y`` are the
-second view, rows ``B..N-1`` hard negatives. With ``scale = 1 / temperature``, ``s = scale c``,
-``P_ij = exp(s_ij - lse_i)``, ``g`` the upstream gradient of the row losses:
+second view, rows ``B..N-1`` hard negatives; y may come as those two blocks, which the GEMMs
+read where they are (into and out of column ranges of the slabs: no [N, D] concatenation).
+With ``scale = 1 / temperature``, ``s = scale c``, ``P_ij = exp(s_ij - lse_i)``, ``g`` the
+upstream gradient of the row losses:
   forward   per slab of R rows, cuBLAS writes the raw dots ``x[slab] y^T`` [R, N] in fp32 and
             ``_row_factors_kernel`` takes ``lse_i``, the loss and ``1 - P_ii`` from them,
             and writes the factors ``M_ij = (P_ij - [i == j]) ry_j`` [R, N]; one more GEMM,
@@ -206,18 +208,32 @@ def _blocks() -> dict:
     return dict(rows=dict(BR=1, BN=2048, num_warps=8), cols=dict(BC=8, BB=512, num_warps=4))
 
 
+def _column_blocks(y):
+    """y's blocks, [(col0, block [N_k, D])]: y is one [N, D] tensor, or a sequence of blocks whose
+    rows are y's side by side (z2, then the hard negatives: no [N, D] concatenation)."""
+    blocks, col0 = [], 0
+    for block in ((y,) if isinstance(y, torch.Tensor) else y):
+        blocks.append((col0, unit_stride_rows(block)))
+        col0 += block.shape[0]
+    return blocks
+
+
 def _check(x, rx, y, ry, diag0=0):
-    assert x.dim() == 2 and y.dim() == 2 and x.shape[1] == y.shape[1], "x [B, D], y [N, D]"
-    assert x.dtype == y.dtype, "x and y must share a dtype"
-    assert x.shape[0] >= 1 and y.shape[0] >= max(2, diag0 + x.shape[0]), \
-        "N >= diag0 + B, N >= 2: rows diag0..diag0+B-1 of y are the positives"
-    assert rx.shape == (x.shape[0],) and ry.shape == (y.shape[0],)
+    """(x, rx, y's blocks ``_column_blocks``, ry, N)."""
+    blocks = _column_blocks(y)
+    N = sum(block.shape[0] for _, block in blocks)
+    assert x.dim() == 2 and all(b.dim() == 2 and b.shape[1] == x.shape[1] for _, b in blocks), "x [B, D], y [N, D]"
+    assert all(b.dtype == x.dtype for _, b in blocks), "x and y must share a dtype"
+    assert x.shape[0] >= 1 and N >= max(2, diag0 + x.shape[0]) and blocks[0][1].shape[0] >= diag0 + x.shape[0], \
+        "N >= diag0 + B, N >= 2: rows diag0..diag0+B-1 of y (its first block) are the positives"
+    assert rx.shape == (x.shape[0],) and ry.shape == (N,)
     assert rx.dtype == ry.dtype == torch.float32
-    return unit_stride_rows(x), rx.contiguous(), unit_stride_rows(y), ry.contiguous()
+    return unit_stride_rows(x), rx.contiguous(), blocks, ry.contiguous(), N
 
 
 def contrastive_fwd(x, rx, y, ry, scale, grad_rows=None, *, budget_bytes, add_to=None, add_scale=0.0, rows=None):
-    """x [B, D], rx [B], y [N, D], ry [N]; returns (loss_rows [B], stats [2, B], dx): fp32
+    """x [B, D], rx [B], y [N, D] (or its column blocks, ``_column_blocks``), ry [N]; returns
+    (loss_rows [B], stats [2, B], dx): fp32
     ``loss_rows_i = lse_i - scale c_ii``, ``stats`` = (``lse_i = logsumexp_{j<N}(scale c_ij)``,
     ``1 - P_ii``) for ``contrastive_bwd_dy``, and with ``grad_rows`` [B] fp32 the gradient of
     ``sum_i grad_rows_i loss_rows_i`` w.r.t. the raw rows x, through ``u_x = x rx``
@@ -228,10 +244,11 @@ def contrastive_fwd(x, rx, y, ry, scale, grad_rows=None, *, budget_bytes, add_to
     and [2, stop - start], and only those rows of dx are computed (dx's others are 0; add_to's
     are left as they are).
     Extra memory besides dx: the [R, N] slab buffers within ``budget_bytes`` (at least
-    ``SLAB_STEP`` rows), [R, D] fp32, and for fp16 a copy of y's unit rows.
+    ``SLAB_STEP`` rows), [R, D] fp32 (twice with several blocks of y), and for fp16 a copy of
+    y's unit rows.
     """
-    x, rx, y, ry = _check(x, rx, y, ry)
-    (B, D), N = x.shape, y.shape[0]
+    x, rx, blocks, ry, N = _check(x, rx, y, ry)
+    B, D = x.shape
     start, stop = (0, B) if rows is None else rows
     loss = torch.empty(B, device=x.device, dtype=torch.float32)
     stats = torch.empty(2, B, device=x.device, dtype=torch.float32)
@@ -244,25 +261,32 @@ def contrastive_fwd(x, rx, y, ry, scale, grad_rows=None, *, budget_bytes, add_to
         else:
             assert add_to.shape == (B, D) and add_to.dtype == x.dtype and add_to.stride(-1) == 1
             dx = add_to
-        v, raw = _factor_rows(y, ry)
+        factor_rows = [(col0, *_factor_rows(block, ry[col0:col0 + block.shape[0]])) for col0, block in blocks]
+        raw = factor_rows[0][2]
     else:
         assert add_to is None, "add_to needs grad_rows"
         raw = True
     R = slab_rows(stop - start, aligned(N), budget_bytes, 4 + (x.element_size() if dx is not None else 0), SLAB_STEP)
     dots = slab_buffer(R, N, x.device)
     fac = slab_buffer(R, N, x.device, x.dtype) if dx is not None else dots
-    du = torch.empty(R, D, device=x.device, dtype=torch.float32) if dx is not None else None  # a slab's dL/du_x
-    blocks = _blocks()["rows"]
+    if dx is not None:  # a slab's dL/du_x, and a block's share of it
+        du = torch.empty(R, D, device=x.device, dtype=torch.float32)
+        du_block = torch.empty_like(du) if len(blocks) > 1 else None
+    blocks_kw = _blocks()["rows"]
     for row0 in range(start, stop, R):
         rows = slice(row0, min(row0 + R, stop))
         n = rows.stop - row0
-        matmul_f32(x[rows], y.T, out=dots[:n])
-        _row_factors_kernel[(cdiv(n, blocks["BR"]),)](
+        for col0, block in blocks:
+            matmul_f32(x[rows], block.T, out=dots[:n, col0:col0 + block.shape[0]])
+        _row_factors_kernel[(cdiv(n, blocks_kw["BR"]),)](
             dots, rx, ry, loss, stats, row_scale if dx is not None else loss, fac, row0, n, B, N, dots.stride(0),
             float(scale),
-            GRAD=dx is not None, RAW=raw, ONE_PASS=one_pass(x.dtype, scale), **blocks)
+            GRAD=dx is not None, RAW=raw, ONE_PASS=one_pass(x.dtype, scale), **blocks_kw)
         if dx is not None:  # (with one pass, the factors are L_i M and row_scale holds scale g_i / L_i)
-            matmul_f32(fac[:n], v, out=du[:n])  # [n, D] fp32: the slab rows' dL/du_x, up to scale g_i
+            for k, (col0, v, _) in enumerate(factor_rows):  # [n, D] fp32: dL/du_x of the slab rows, up to scale g_i
+                matmul_f32(fac[:n, col0:col0 + v.shape[0]], v, out=du[:n] if k == 0 else du_block[:n])
+                if k:
+                    du[:n] += du_block[:n]
             unit_rows_backward(du[:n], x[rows], rx[rows], dx[rows], row_scale=row_scale[rows],
                                add_scale=None if add_to is None else add_scale)
     return loss[start:stop], stats[:, start:stop], dx
@@ -270,17 +294,18 @@ def contrastive_fwd(x, rx, y, ry, scale, grad_rows=None, *, budget_bytes, add_to
 
 def contrastive_bwd_dy(x, rx, y, ry, stats, scale, grad_rows, *, budget_bytes, diag0=0):
     """Gradient of L = sum_i grad_rows_i loss_rows_i w.r.t. the raw rows y, through u_y = y ry:
-    x [B, D], rx [B], y [N, D], ry [N], stats [2, B] (from ``contrastive_fwd``), grad_rows [B]
-    fp32; returns dy [N, D] in y's dtype, accumulated in fp32. ``diag0``: x is a shard of the
-    batch's rows from ``diag0`` on (row i's positive is y's row diag0 + i). Extra memory besides dy: the
-    [C, B] slab buffers and [C, D] fp32 within ``budget_bytes``, and for fp16 a copy of x's unit rows."""
-    x, rx, y, ry = _check(x, rx, y, ry, diag0)
-    (B, D), N = x.shape, y.shape[0]
+    x [B, D], rx [B], y [N, D] (or its column blocks: then a tuple of their gradients), ry [N],
+    stats [2, B] (from ``contrastive_fwd``), grad_rows [B] fp32; returns dy [N, D] in y's dtype,
+    accumulated in fp32. ``diag0``: x is a shard of the batch's rows from ``diag0`` on (row i's
+    positive is y's row diag0 + i). Extra memory besides dy: the [C, B] slab buffers and [C, D]
+    fp32 within ``budget_bytes``, and for fp16 a copy of x's unit rows."""
+    x, rx, blocks, ry, N = _check(x, rx, y, ry, diag0)
+    B, D = x.shape
     assert stats.shape == (2, B) and stats.dtype == torch.float32
     stats, grad_rows = stats.contiguous(), grad_rows.float().contiguous()
     g_max = grad_rows.abs().amax().reshape(1)
     g_max = torch.where(g_max > 0, g_max, 1.0)
-    dy = torch.empty(N, D, device=x.device, dtype=y.dtype)
+    dys = [torch.empty_like(block, memory_format=torch.contiguous_format) for _, block in blocks]
     # a column's [B] dots and factors and its [D] fp32 du: a shard's few rows make C large
     C = slab_rows(N, 1, budget_bytes, aligned(B) * (4 + x.element_size()) + 4 * D, SLAB_STEP)
     dots = slab_buffer(C, B, x.device)
@@ -288,14 +313,16 @@ def contrastive_bwd_dy(x, rx, y, ry, stats, scale, grad_rows, *, budget_bytes, d
     du = torch.empty(C, D, device=x.device, dtype=torch.float32)  # a slab's dL/du_y
     v, raw = _factor_rows(x, rx)
     dy_scale = float(scale) * g_max  # du_y = scale g_max (M' x)
-    blocks = _blocks()["cols"]
-    for col0 in range(0, N, C):
-        cols = slice(col0, min(col0 + C, N))
-        n = cols.stop - col0
-        matmul_f32(y[cols], x.T, out=dots[:n])
-        _column_factors_kernel[(cdiv(n, blocks["BC"]), cdiv(B, blocks["BB"]))](
-            dots, rx, ry, stats, grad_rows, g_max, fac, col0, n, B, dots.stride(0), float(scale), diag0, RAW=raw,
-            **blocks)
-        matmul_f32(fac[:n], v, out=du[:n])  # [n, D] fp32: the slab columns' dL/du_y, up to scale g_max
-        unit_rows_backward(du[:n], y[cols], ry[cols], dy[cols], row_scale=dy_scale)
-    return dy
+    blocks_kw = _blocks()["cols"]
+    for (block0, block), dy in zip(blocks, dys):
+        for col0 in range(0, block.shape[0], C):
+            cols = slice(col0, min(col0 + C, block.shape[0]))
+            n = cols.stop - col0
+            matmul_f32(block[cols], x.T, out=dots[:n])
+            _column_factors_kernel[(cdiv(n, blocks_kw["BC"]), cdiv(B, blocks_kw["BB"]))](
+                dots, rx, ry, stats, grad_rows, g_max, fac, block0 + col0, n, B, dots.stride(0), float(scale), diag0,
+                RAW=raw, **blocks_kw)
+            matmul_f32(fac[:n], v, out=du[:n])  # [n, D] fp32: the slab columns' dL/du_y, up to scale g_max
+            unit_rows_backward(du[:n], block[cols], ry[block0 + col0:block0 + cols.stop], dy[cols],
+                               row_scale=dy_scale)
+    return dys[0] if isinstance(y, torch.Tensor) else tuple(dys)

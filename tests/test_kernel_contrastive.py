@@ -38,26 +38,33 @@ BUDGET = 1 << 30  # one slab for the tests' sizes
 
 def _check(x, y, grad_rows, tol, budget=BUDGET, scale=SCALE):
     """Loss rows, lse, dx and dy against float64; the forward without dx must agree with the
-    one with it (``budget``: the slab buffers' bytes, both passes)."""
+    one with it (``budget``: the slab buffers' bytes, both passes). With hard negatives (y's
+    rows past B), y also goes in as two blocks, z2 and the hard negatives (``_column_blocks``):
+    dy then comes back as their two gradients."""
     from distillcse.kernels.contrastive import contrastive_bwd_dy, contrastive_fwd
 
+    B = x.shape[0]
     rx, ry = _inv_norm(x), _inv_norm(y)
-    grad_in = grad_rows.clone()
-    loss, stats, dx = contrastive_fwd(x, rx, y, ry, scale, grad_rows, budget_bytes=budget)
-    assert torch.equal(grad_rows, grad_in), "grad_rows changed"
-    loss_only, stats_only, no_dx = contrastive_fwd(x, rx, y, ry, scale, budget_bytes=budget)
-    assert no_dx is None
-    for name, a, b in (("loss_rows", loss_only, loss), ("stats", stats_only, stats)):  # the same sums, dx or not
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"{name} without dx")
-    lse = stats[0]
-    dy = contrastive_bwd_dy(x, rx, y, ry, stats, scale, grad_rows, budget_bytes=budget)
     refs = _reference(x, y, scale, grad_rows)
-    dtypes = (torch.float32, torch.float32, x.dtype, x.dtype)
-    for name, out, ref, dtype in zip(("loss_rows", "lse", "dx", "dy"), (loss, lse, dx, dy), refs, dtypes):
-        ref = ref.to(dtype).double()  # the best an output of this dtype can hold (fp16 underflows)
-        assert out.shape == ref.shape and out.dtype == dtype, name
-        assert torch.isfinite(out).all(), f"{name} has non-finite entries (unwritten output?)"
-        assert _rel(out, ref) <= tol, f"{name}: relative error {_rel(out, ref):.2e} > {tol:.0e}"
+    for ys in [y] + ([(y[:B], y[B:])] if y.shape[0] > B else []):
+        grad_in = grad_rows.clone()
+        loss, stats, dx = contrastive_fwd(x, rx, ys, ry, scale, grad_rows, budget_bytes=budget)
+        assert torch.equal(grad_rows, grad_in), "grad_rows changed"
+        loss_only, stats_only, no_dx = contrastive_fwd(x, rx, ys, ry, scale, budget_bytes=budget)
+        assert no_dx is None
+        for name, a, b in (("loss_rows", loss_only, loss), ("stats", stats_only, stats)):  # the same sums, dx or not
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"{name} without dx")
+        lse = stats[0]
+        dy = contrastive_bwd_dy(x, rx, ys, ry, stats, scale, grad_rows, budget_bytes=budget)
+        if isinstance(ys, tuple):
+            assert isinstance(dy, tuple) and [d.shape for d in dy] == [v.shape for v in ys], "a gradient per block"
+            dy = torch.cat(dy)
+        dtypes = (torch.float32, torch.float32, x.dtype, x.dtype)
+        for name, out, ref, dtype in zip(("loss_rows", "lse", "dx", "dy"), (loss, lse, dx, dy), refs, dtypes):
+            ref = ref.to(dtype).double()  # the best an output of this dtype can hold (fp16 underflows)
+            assert out.shape == ref.shape and out.dtype == dtype, name
+            assert torch.isfinite(out).all(), f"{name} has non-finite entries (unwritten output?)"
+            assert _rel(out, ref) <= tol, f"{name}: relative error {_rel(out, ref):.2e} > {tol:.0e} ({type(ys)})"
 
 
 def _views(B, n_hard, D, dtype, device, seed=0, noise=3.0):
