@@ -103,40 +103,48 @@ def _sum_grad_rows(x):
     return torch.ones(x.shape[0], device=x.device)
 
 
-def _columns(z2, hn):
-    """The contrastive columns: z2, then the hard negatives (if any) as a second block, read
-    where they are (no [B + H, D] concatenation), and their fp32 inverse norms [B + H]."""
-    if hn is None:
-        return (z2,), _inv_norms(z2)
-    return (z2, hn), torch.cat([_inv_norms(z2), _inv_norms(hn)])
+def _columns_of(z2, hn):
+    """The contrastive columns as the kernels' blocks: z2, then the hard negatives (if any),
+    read where they are (no [B + H, D] concatenation)."""
+    return (z2,) if hn is None else (z2, hn)
 
 
-def _contrastive_columns(ctx, grad_out, z1, r1, y, ry, cl_stats):
-    """The gradients of the columns' blocks y (z2, hard negatives: a tuple; None for no hard
-    negatives): those of the saved rows (``ctx.rows``) against every column."""
+def _column_norms(z2, hn):
+    """The columns' fp32 inverse norms [B + H]."""
+    return _inv_norms(z2) if hn is None else torch.cat([_inv_norms(z2), _inv_norms(hn)])
+
+
+def _contrastive_columns(ctx, grad_out, z1, r1, z2, hn, ry, cl_stats, needed):
+    """(dz2, dhn): the gradients of the columns z2 and hn (None: no hard negatives) from the
+    saved rows (``ctx.rows``) against every column; None for one that ``needed`` (two bools,
+    autograd's ``needs_input_grad``) leaves out, e.g. a frozen bank of hard negatives."""
     start, stop = ctx.rows
+    y, needed = _columns_of(z2, hn), needed[:1 if hn is None else 2]
+    if not any(needed):
+        return None, None
     with _phase("contrastive_columns"):
         dy = contrastive_bwd_dy(z1[start:stop], r1[start:stop], y, ry, cl_stats, ctx.cl_scale,
                                 _grad_rows(grad_out, z1.shape[0], stop - start), budget_bytes=_backward_budget(),
-                                diag0=start)
-    return dy if len(dy) == 2 else (dy[0], None)
+                                diag0=start, blocks_needed=needed)
+    return (*dy, None)[:2]
 
 
 class ContrastiveFused(torch.autograd.Function):
     """InfoNCE over z1 [B, D] against the columns z2 [B, D] and hard negatives hn [H, D] (or
     None), the rows ``rows`` (start, stop) summed over B. The forward also writes z1's gradient
     (the row side, in the same pass as the loss; that of the sum of the row losses) when
-    autograd will need it; the backward scales it in place and computes the columns'."""
+    autograd will need it; the backward scales it in place and computes the columns' (those
+    autograd asks for)."""
 
     @staticmethod
     def forward(ctx, z1, z2, hn, scale, need_grad, rows):
         z1, ctx.lift = _lifted(z1) if need_grad else (z1, None)
-        r1, (y, ry) = _inv_norms(z1), _columns(z2, hn)
+        r1, y, ry = _inv_norms(z1), _columns_of(z2, hn), _column_norms(z2, hn)
         with _phase("contrastive_rows"):
             loss_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, scale, _sum_grad_rows(z1) if need_grad else None,
                                                        budget_bytes=config.chunk_budget_bytes(),
                                                        rows=checks.shard_or_none(rows, z1.shape[0]))
-        ctx.save_for_backward(z1, r1, *y, ry, cl_stats, dz1)
+        ctx.save_for_backward(z1, r1, z2, hn, ry, cl_stats, dz1)
         ctx.cl_scale, ctx.rows = scale, rows
         return _share(loss_rows, z1.shape[0])
 
@@ -144,8 +152,8 @@ class ContrastiveFused(torch.autograd.Function):
     @first_order
     def backward(ctx, grad_out):
         _take_once(ctx)
-        z1, r1, *y, ry, cl_stats, dz1 = ctx.saved_tensors
-        dz2, dhn = _contrastive_columns(ctx, grad_out, z1, r1, tuple(y), ry, cl_stats)
+        z1, r1, z2, hn, ry, cl_stats, dz1 = ctx.saved_tensors
+        dz2, dhn = _contrastive_columns(ctx, grad_out, z1, r1, z2, hn, ry, cl_stats, ctx.needs_input_grad[1:3])
         return dz1.mul_(_mean_scale(grad_out, z1.shape[0], ctx.lift)), dz2, dhn, None, None, None
 
 
@@ -216,12 +224,14 @@ class DistillCSEFused(torch.autograd.Function):
     """``L_cl(z1, (z2, hn)) + distill_weight L_kd(z1, t)``, and (L_cl, L_kd) [2] fp32 beside it
     (no gradient): the distillation's forward leaves dL_kd/dz1, and the contrastive forward adds
     its own row-side gradient into that buffer (z1's gradient is written once: no second
-    [B, D] buffer, no autograd sum); the backward scales it in place and computes the columns'."""
+    [B, D] buffer, no autograd sum); the backward scales it in place and computes the columns'
+    (those autograd asks for)."""
 
     @staticmethod
     def forward(ctx, z1, z2, hn, t, rt, cl_scale, distill_weight, student_temperature, options, need_grad, rows):
         z1, ctx.lift = _lifted(z1) if need_grad else (z1, None)
-        r1, (y, ry), budget = _inv_norms(z1), _columns(z2, hn), config.chunk_budget_bytes()
+        r1, y, ry = _inv_norms(z1), _columns_of(z2, hn), _column_norms(z2, hn)
+        budget = config.chunk_budget_bytes()
         B, shard = z1.shape[0], checks.shard_or_none(rows, z1.shape[0])
         kd_rows, dz_kd = _distill_rows(z1, r1, t, rt, student_temperature, options, need_grad, shard)
         with _phase("contrastive_rows"):
@@ -235,7 +245,7 @@ class DistillCSEFused(torch.autograd.Function):
                                                          add_scale=distill_weight, rows=shard)
             else:
                 cl_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, cl_scale, budget_bytes=budget, rows=shard)
-        ctx.save_for_backward(z1, r1, *y, ry, cl_stats, dz1)
+        ctx.save_for_backward(z1, r1, z2, hn, ry, cl_stats, dz1)
         ctx.cl_scale, ctx.rows = cl_scale, rows
         terms = torch.stack([_share(cl_rows, B), _share(kd_rows, B)])
         ctx.mark_non_differentiable(terms)
@@ -246,8 +256,8 @@ class DistillCSEFused(torch.autograd.Function):
     @first_order
     def backward(ctx, grad_out, _):
         _take_once(ctx)
-        z1, r1, *y, ry, cl_stats, dz1 = ctx.saved_tensors
-        dz2, dhn = _contrastive_columns(ctx, grad_out, z1, r1, tuple(y), ry, cl_stats)
+        z1, r1, z2, hn, ry, cl_stats, dz1 = ctx.saved_tensors
+        dz2, dhn = _contrastive_columns(ctx, grad_out, z1, r1, z2, hn, ry, cl_stats, ctx.needs_input_grad[1:3])
         scaled = dz1.mul_(_mean_scale(grad_out, z1.shape[0], ctx.lift))
         return scaled, dz2, dhn, None, None, None, None, None, None, None, None
 
@@ -300,8 +310,8 @@ def _groups_on_torch(z, options):
 
 
 def _empty_share(*inputs):
-    """A shard without rows: 0, with zero gradients for the inputs."""
-    return sum(x[:0].float().sum() for x in inputs)
+    """A shard without rows: 0, with zero gradients for the inputs (None: none)."""
+    return sum(x[:0].float().sum() for x in inputs if x is not None)
 
 
 def _one_program(rows, B, N=0):
@@ -315,6 +325,7 @@ def _small_batch_columns(z2, hn):
 
 
 def _num_columns(z2, hn):
+    """N = B + H contrastive columns."""
     return z2.shape[0] + (0 if hn is None else hn.shape[0])
 
 
@@ -322,13 +333,13 @@ def contrastive(z1, z2, hn, scale, rows):
     """The contrastive term of the rows ``rows`` (start, stop), summed over B, against the
     columns z2 [B, D] and the hard negatives hn [H, D] (or None)."""
     _check_dtype(z1)
-    inputs = [x for x in (z1, z2, hn) if x is not None]
     if rows[0] == rows[1]:
-        return _empty_share(*inputs)
+        return _empty_share(z1, z2, hn)
+    grad = need_grad(z1, z2, hn)
     if _one_program(rows, z1.shape[0], _num_columns(z2, hn)):
         return SmallBatchFused.apply(z1, _small_batch_columns(z2, hn), None,
-                                     _small_batch_args(z1, scale, 0.0, None, None, False), need_grad(*inputs))[0]
-    return ContrastiveFused.apply(z1, z2, hn, scale, need_grad(*inputs), rows)
+                                     _small_batch_args(z1, scale, 0.0, None, None, False), grad)[0]
+    return ContrastiveFused.apply(z1, z2, hn, scale, grad, rows)
 
 
 def distill(z, t, student_temperature, options, rows, *, unit_rows):

@@ -261,15 +261,16 @@ def contrastive_fwd(x, rx, y, ry, scale, grad_rows=None, *, budget_bytes, add_to
         else:
             assert add_to.shape == (B, D) and add_to.dtype == x.dtype and add_to.stride(-1) == 1
             dx = add_to
-        factor_rows = [(col0, *_factor_rows(block, ry[col0:col0 + block.shape[0]])) for col0, block in blocks]
-        raw = factor_rows[0][2]
+        factor_rows = [(col0, _factor_rows(block, ry[col0:col0 + block.shape[0]])[0]) for col0, block in blocks]
+        raw = x.dtype != torch.float16  # (``_factor_rows``)
     else:
         assert add_to is None, "add_to needs grad_rows"
         raw = True
     R = slab_rows(stop - start, aligned(N), budget_bytes, 4 + (x.element_size() if dx is not None else 0), SLAB_STEP)
     dots = slab_buffer(R, N, x.device)
     fac = slab_buffer(R, N, x.device, x.dtype) if dx is not None else dots
-    if dx is not None:  # a slab's dL/du_x, and a block's share of it
+    if dx is not None:  # a slab's dL/du_x, and a later block's share of it: PyTorch's fp32-output
+        # GEMM (``out_dtype``) adds only a matrix of the inputs' dtype, so the share goes apart
         du = torch.empty(R, D, device=x.device, dtype=torch.float32)
         du_block = torch.empty_like(du) if len(blocks) > 1 else None
     blocks_kw = _blocks()["rows"]
@@ -283,7 +284,7 @@ def contrastive_fwd(x, rx, y, ry, scale, grad_rows=None, *, budget_bytes, add_to
             float(scale),
             GRAD=dx is not None, RAW=raw, ONE_PASS=one_pass(x.dtype, scale), **blocks_kw)
         if dx is not None:  # (with one pass, the factors are L_i M and row_scale holds scale g_i / L_i)
-            for k, (col0, v, _) in enumerate(factor_rows):  # [n, D] fp32: dL/du_x of the slab rows, up to scale g_i
+            for k, (col0, v) in enumerate(factor_rows):  # [n, D] fp32: dL/du_x of the slab rows, up to scale g_i
                 matmul_f32(fac[:n, col0:col0 + v.shape[0]], v, out=du[:n] if k == 0 else du_block[:n])
                 if k:
                     du[:n] += du_block[:n]
@@ -292,20 +293,26 @@ def contrastive_fwd(x, rx, y, ry, scale, grad_rows=None, *, budget_bytes, add_to
     return loss[start:stop], stats[:, start:stop], dx
 
 
-def contrastive_bwd_dy(x, rx, y, ry, stats, scale, grad_rows, *, budget_bytes, diag0=0):
+def contrastive_bwd_dy(x, rx, y, ry, stats, scale, grad_rows, *, budget_bytes, diag0=0, blocks_needed=None):
     """Gradient of L = sum_i grad_rows_i loss_rows_i w.r.t. the raw rows y, through u_y = y ry:
     x [B, D], rx [B], y [N, D] (or its column blocks: then a tuple of their gradients), ry [N],
     stats [2, B] (from ``contrastive_fwd``), grad_rows [B] fp32; returns dy [N, D] in y's dtype,
     accumulated in fp32. ``diag0``: x is a shard of the batch's rows from ``diag0`` on (row i's
-    positive is y's row diag0 + i). Extra memory besides dy: the [C, B] slab buffers and [C, D]
-    fp32 within ``budget_bytes``, and for fp16 a copy of x's unit rows."""
+    positive is y's row diag0 + i). ``blocks_needed`` (a bool a block): the blocks whose
+    gradient is computed, None in place of the others' (a column's gradient needs only its own
+    dots and the rows' saved statistics). Extra memory besides dy: the [C, B] slab buffers and
+    [C, D] fp32 within ``budget_bytes``, and for fp16 a copy of x's unit rows."""
     x, rx, blocks, ry, N = _check(x, rx, y, ry, diag0)
     B, D = x.shape
     assert stats.shape == (2, B) and stats.dtype == torch.float32
     stats, grad_rows = stats.contiguous(), grad_rows.float().contiguous()
     g_max = grad_rows.abs().amax().reshape(1)
     g_max = torch.where(g_max > 0, g_max, 1.0)
-    dys = [torch.empty_like(block, memory_format=torch.contiguous_format) for _, block in blocks]
+    if blocks_needed is None:
+        blocks_needed = [True] * len(blocks)
+    assert len(blocks_needed) == len(blocks) and any(blocks_needed)
+    dys = [torch.empty_like(block, memory_format=torch.contiguous_format) if needed else None
+           for (_, block), needed in zip(blocks, blocks_needed)]
     # a column's [B] dots and factors and its [D] fp32 du: a shard's few rows make C large
     C = slab_rows(N, 1, budget_bytes, aligned(B) * (4 + x.element_size()) + 4 * D, SLAB_STEP)
     dots = slab_buffer(C, B, x.device)
@@ -315,6 +322,8 @@ def contrastive_bwd_dy(x, rx, y, ry, stats, scale, grad_rows, *, budget_bytes, d
     dy_scale = float(scale) * g_max  # du_y = scale g_max (M' x)
     blocks_kw = _blocks()["cols"]
     for (block0, block), dy in zip(blocks, dys):
+        if dy is None:
+            continue
         for col0 in range(0, block.shape[0], C):
             cols = slice(col0, min(col0 + C, block.shape[0]))
             n = cols.stop - col0

@@ -46,7 +46,7 @@ def _check(x, y, grad_rows, tol, budget=BUDGET, scale=SCALE):
     B = x.shape[0]
     rx, ry = _inv_norm(x), _inv_norm(y)
     refs = _reference(x, y, scale, grad_rows)
-    for ys in [y] + ([(y[:B], y[B:])] if y.shape[0] > B else []):
+    for ys in [y] + ([(y[:B].clone(), y[B:].clone())] if y.shape[0] > B else []):  # apart: no read past a block
         grad_in = grad_rows.clone()
         loss, stats, dx = contrastive_fwd(x, rx, ys, ry, scale, grad_rows, budget_bytes=budget)
         assert torch.equal(grad_rows, grad_in), "grad_rows changed"
@@ -184,6 +184,36 @@ def test_several_slabs(slab, dtype, device):
     x, y = _views(B, n_hard, 96, dtype, device, seed=11)
     grad_rows = torch.randn(B, generator=torch.Generator().manual_seed(12)).to(device)
     _check(x, y, grad_rows, TOL[dtype], budget=budget)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_column_blocks_of_a_shard(dtype, device):
+    """A shard's rows (start 41: the positives' diagonal at ``diag0``) against the columns as
+    two blocks, in several column slabs, against float64; ``blocks_needed`` computes only the
+    blocks asked for (a frozen bank of hard negatives: no gradient, no work)."""
+    from distillcse.kernels.contrastive import contrastive_bwd_dy, contrastive_fwd
+
+    B, n_hard, D, start, stop = 130, 23, 48, 41, 97
+    x, y = _views(B, n_hard, D, dtype, device, seed=21)
+    blocks = (y[:B].clone(), y[B:].clone())
+    rx, ry = _inv_norm(x), _inv_norm(y)
+    grad_rows = torch.randn(stop - start, generator=torch.Generator().manual_seed(22)).to(device)
+    xd, yd = x.double().requires_grad_(), y.double().requires_grad_()
+    logits = SCALE * F.normalize(xd[start:stop], dim=1) @ F.normalize(yd, dim=1).T
+    loss_rows = torch.logsumexp(logits, 1) - logits[:, start:stop].diagonal()
+    (grad_rows.double() * loss_rows).sum().backward()
+    budget = 32 * B * (4 + dtype.itemsize)  # 32-column slabs: 5 for z2, 1 for the hard negatives
+    loss, stats, _ = contrastive_fwd(x, rx, blocks, ry, SCALE, budget_bytes=budget, rows=(start, stop))
+    assert _rel(loss, loss_rows.detach()) <= TOL[dtype]
+    full = contrastive_bwd_dy(x[start:stop], rx[start:stop], blocks, ry, stats, SCALE, grad_rows,
+                              budget_bytes=budget, diag0=start)
+    for got, want in zip(full, (yd.grad[:B], yd.grad[B:])):
+        assert got.dtype == dtype and _rel(got, want.to(dtype).double()) <= TOL[dtype]
+    for needed in ((True, False), (False, True)):
+        some = contrastive_bwd_dy(x[start:stop], rx[start:stop], blocks, ry, stats, SCALE, grad_rows,
+                                  budget_bytes=budget, diag0=start, blocks_needed=needed)
+        for got, whole, asked in zip(some, full, needed):
+            assert (got is None) != asked and (got is None or torch.equal(got, whole))
 
 
 @pytest.mark.parametrize("rows, width, budget, entry, expected", [

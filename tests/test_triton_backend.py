@@ -367,6 +367,36 @@ def test_fp16_rows_of_small_norm_keep_finite_gradients(name, shuffle):
         assert torch.isfinite(ours).all() and rel_err(ours, want) < 1e-2   # fp16 rows: 4e-4 to 2.8e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("frozen", ["none", "hard_negatives", "z2"])
+def test_hard_negatives_streaming_and_frozen(dtype, frozen, monkeypatch):
+    """16-bit hard negatives on the streaming path (B = 130) against the torch backend, also
+    with the hard negatives or z2 frozen (no gradient asked): the frozen block's gradient is
+    not computed (the column GEMMs take the other block's rows only)."""
+    from distillcse import triton_backend
+
+    z1, z2, teachers, hard = (x.to(DEVICE, dtype) for x in
+                              (lambda b: (b[0], b[1], b[2][0], b[3]))(make_batch(130, 48, (32,), Bh=23, seed=4)))
+    columns_asked = []
+    real_bwd = triton_backend.contrastive_bwd_dy
+    monkeypatch.setattr(triton_backend, "contrastive_bwd_dy", lambda *a, **k: columns_asked.append(
+        tuple(k["blocks_needed"])) or real_bwd(*a, **k))
+    grads = {}
+    for backend in ("torch", "triton"):
+        leaves = {"z1": z1.clone().requires_grad_(), "z2": z2.clone().requires_grad_(frozen != "z2"),
+                  "hard_negatives": hard.clone().requires_grad_(frozen != "hard_negatives")}
+        loss = distillcse.distillcse_loss(leaves["z1"], leaves["z2"], teachers, hard_negatives=leaves["hard_negatives"],
+                                          shuffle="expected", backend=backend)
+        loss.backward()
+        grads[backend] = {name: x.grad for name, x in leaves.items()}
+    assert columns_asked == [(frozen != "z2", frozen != "hard_negatives")]
+    for name, want in grads["torch"].items():
+        got = grads["triton"][name]
+        assert (got is None) == (want is None) == (name == frozen)
+        if got is not None:
+            assert got.dtype == dtype and rel_err(got.double(), want.double()) < TOL[dtype][1], name
+
+
 @pytest.mark.parametrize("B", [40, 70])
 def test_no_gradient_work_without_autograd(B, monkeypatch):
     """Under torch.no_grad (or with inputs that need no gradient) no gradient is computed."""
