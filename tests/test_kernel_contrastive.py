@@ -280,3 +280,15 @@ def test_dx_adds_another_gradient_in_place(dtype, device):
     assert dx_sum.data_ptr() == buffer.data_ptr()
     assert torch.equal(loss_again, loss)
     assert _rel(dx_sum, want) <= (1e-6 if dtype == torch.float32 else 2e-3)
+
+def test_hard_negatives_time_script(capsys):
+    """``benchmarks/hard_negatives_time.py`` (the GPU check of hard negatives' cost) runs and
+    prints a row of figures for each H: times everywhere, memory n/a off CUDA."""
+    from conftest import benchmark_module
+
+    benchmark_module("hard_negatives_time").main(["--B", "70", "--D", "16", "--hard", "0", "9", "--dtype", "float32"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [r[0].strip() for r in rows[2:]] == ["0", "9"]
+    for cells in rows[2:]:
+        times = [float(cells[i]) for i in (1, 5, 6)] + ([float(cells[3])] if cells[0].strip() != "0" else [])
+        assert all(t > 0 for t in times) and cells[2].strip() == "n/a"
