@@ -13,45 +13,31 @@ peak extra memory (stubbed count) 254 MiB at H = 0, 278 at 16,384, 350 at 65,536
 """
 import argparse
 import statistics
-import time
 
 import torch
 
 import distillcse
+from distillcse import checks
+from distillcse.bench import memory_meter, time_once
 from distillcse.kernels.contrastive import contrastive_bwd_dy, contrastive_fwd
+from distillcse.triton_backend import _inv_norms
 
 TEMPERATURE = 0.05
 
 
 def timed(fn, device, repeats):
-    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up (CUDA events on CUDA)."""
+    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up."""
     fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(time_once(fn, device) for _ in range(repeats))
 
 
 def peak_extra_mib(fn, device):
-    """Peak CUDA memory ``fn()`` allocates beyond what exists before it (None off CUDA)."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
+    """Peak extra memory of one ``fn()``: CUDA's allocator on a GPU, counted tensor allocations
+    on the CPU (``distillcse bench memory``'s meters)."""
+    result = {}
+    with memory_meter("triton", device).measure(result):
+        fn()
+    return result["peak"] / 2**20
 
 
 def loss_step(z1, z2, hn):
@@ -67,11 +53,8 @@ def loss_step(z1, z2, hn):
 def launcher_step(z1, columns, budget):
     """The contrastive launchers alone (forward with z1's gradient, then the columns'), on
     ``columns``: one [N, D] tensor or the blocks (z2, hard negatives)."""
-    def inv_norms(x):
-        return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).reciprocal()
-
-    r1 = inv_norms(z1)
-    ry = inv_norms(columns) if torch.is_tensor(columns) else torch.cat([inv_norms(c) for c in columns])
+    r1 = _inv_norms(z1)
+    ry = _inv_norms(columns) if torch.is_tensor(columns) else torch.cat([_inv_norms(c) for c in columns])
     g = torch.full((z1.shape[0],), 1.0 / z1.shape[0], device=z1.device)
 
     def step():  # the backward's budget as the triton backend's (half: the gradients exist beside it)
@@ -80,18 +63,14 @@ def launcher_step(z1, columns, budget):
     return step
 
 
-def _cell(value, fmt):
-    return "n/a" if value is None else format(value, fmt)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--B", type=int, default=None, help="batch rows (default: 65,536 on CUDA, 160 on CPU)")
-    p.add_argument("--D", type=int, default=None, help="width (default: 768 on CUDA, 32 on CPU)")
-    p.add_argument("--hard", type=int, nargs="+", default=None,
+    p.add_argument("--B", type=checks.batch_size, default=None, help="batch rows (default: 65,536 on CUDA, 160 on CPU)")
+    p.add_argument("--D", type=checks.positive_int, default=None, help="width (default: 768 on CUDA, 32 on CPU)")
+    p.add_argument("--hard", type=checks.non_negative_int, nargs="+", default=None,
                    help="numbers of hard negatives (default: 0, B / 4 and B)")
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--repeats", type=int, default=None, help="timed runs a point (default: 5 on CUDA, 1 on CPU)")
+    p.add_argument("--repeats", type=checks.positive_int, default=None, help="timed runs a point (default: 5 on CUDA, 1 on CPU)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
@@ -102,7 +81,8 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     budget = distillcse.config.chunk_budget_bytes()
     name = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter: times say nothing of a GPU)"
-    print(f"{name}; B = {B:,}, D = {D}, {args.dtype}, budget {budget / 2**20:.0f} MiB, torch {torch.__version__}")
+    print(f"{name}; B = {B:,}, D = {D}, {args.dtype}, budget {budget / 2**20:.0f} MiB, torch {torch.__version__}; "
+          f"memory: {memory_meter('triton', device).kind}")
     print("| H | loss, ms | peak extra, MiB | frozen H: ms | frozen H: MiB | launchers, blocks: ms | "
           "launchers, one [B + H, D] tensor: ms |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -112,17 +92,17 @@ def main(argv=None):
     for H in hards:
         hn = torch.randn(H, D, generator=g).to(device, dtype).requires_grad_() if H else None
         trained = loss_step(z1, z2, hn)
-        row = [f"{H:,}", _cell(1e3 * timed(trained, device, repeats), ".2f"), _cell(peak_extra_mib(trained, device), ".1f")]
+        row = [f"{H:,}", f"{1e3 * timed(trained, device, repeats):.2f}", f"{peak_extra_mib(trained, device):.4g}"]
         if hn is None:
             row += ["-", "-"]
         else:
             frozen = loss_step(z1, z2, hn.detach())
-            row += [_cell(1e3 * timed(frozen, device, repeats), ".2f"), _cell(peak_extra_mib(frozen, device), ".1f")]
+            row += [f"{1e3 * timed(frozen, device, repeats):.2f}", f"{peak_extra_mib(frozen, device):.4g}"]
         x = z1.detach()
         blocks = (z2.detach(),) if hn is None else (z2.detach(), hn.detach())
-        row.append(_cell(1e3 * timed(launcher_step(x, blocks, budget), device, repeats), ".2f"))
+        row.append(f"{1e3 * timed(launcher_step(x, blocks, budget), device, repeats):.2f}")
         one = torch.cat(blocks) if hn is not None else z2.detach()
-        row.append(_cell(1e3 * timed(launcher_step(x, one, budget), device, repeats), ".2f"))
+        row.append(f"{1e3 * timed(launcher_step(x, one, budget), device, repeats):.2f}")
         print("| " + " | ".join(row) + " |", flush=True)
         del hn, one
 

@@ -261,8 +261,8 @@ def contrastive_fwd(x, rx, y, ry, scale, grad_rows=None, *, budget_bytes, add_to
         else:
             assert add_to.shape == (B, D) and add_to.dtype == x.dtype and add_to.stride(-1) == 1
             dx = add_to
-        factor_rows = [(col0, _factor_rows(block, ry[col0:col0 + block.shape[0]])[0]) for col0, block in blocks]
-        raw = x.dtype != torch.float16  # (``_factor_rows``)
+        factor_rows = [(col0, *_factor_rows(block, ry[col0:col0 + block.shape[0]])) for col0, block in blocks]
+        raw = factor_rows[0][2]  # (every block's: one dtype)
     else:
         assert add_to is None, "add_to needs grad_rows"
         raw = True
@@ -284,7 +284,7 @@ def contrastive_fwd(x, rx, y, ry, scale, grad_rows=None, *, budget_bytes, add_to
             float(scale),
             GRAD=dx is not None, RAW=raw, ONE_PASS=one_pass(x.dtype, scale), **blocks_kw)
         if dx is not None:  # (with one pass, the factors are L_i M and row_scale holds scale g_i / L_i)
-            for k, (col0, v) in enumerate(factor_rows):  # [n, D] fp32: dL/du_x of the slab rows, up to scale g_i
+            for k, (col0, v, _) in enumerate(factor_rows):  # [n, D] fp32: dL/du_x of the slab rows, up to scale g_i
                 matmul_f32(fac[:n, col0:col0 + v.shape[0]], v, out=du[:n] if k == 0 else du_block[:n])
                 if k:
                     du[:n] += du_block[:n]

@@ -283,12 +283,20 @@ def test_dx_adds_another_gradient_in_place(dtype, device):
 
 def test_hard_negatives_time_script(capsys):
     """``benchmarks/hard_negatives_time.py`` (the GPU check of hard negatives' cost) runs and
-    prints a row of figures for each H: times everywhere, memory n/a off CUDA."""
+    prints a row of figures for each H (off CUDA the memory is counted: the hard negatives'
+    gradient and the slabs; frozen, no gradient for them); a bad option is a clear error."""
     from conftest import benchmark_module
 
-    benchmark_module("hard_negatives_time").main(["--B", "70", "--D", "16", "--hard", "0", "9", "--dtype", "float32"])
+    benchmark_module("hard_negatives_time").main(["--B", "70", "--D", "64", "--hard", "0", "200", "--dtype", "float32"])
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    assert [r[0].strip() for r in rows[2:]] == ["0", "9"]
+    assert [r[0].strip() for r in rows[2:]] == ["0", "200"]
     for cells in rows[2:]:
-        times = [float(cells[i]) for i in (1, 5, 6)] + ([float(cells[3])] if cells[0].strip() != "0" else [])
-        assert all(t > 0 for t in times) and cells[2].strip() == "n/a"
+        figures = [float(cells[i]) for i in (1, 2, 5, 6)] + ([float(cells[3]), float(cells[4])]
+                                                              if cells[0].strip() != "0" else [])
+        assert all(f > 0 for f in figures)
+    trained, frozen = float(rows[3][2]), float(rows[3][4])
+    assert (trained - frozen) * 2**20 >= 0.99 * 200 * 64 * 4  # the hard negatives' fp32 gradient (4-digit MiB)
+    for bad, says in ((["--hard", "-1"], "expected a number >= 0, got -1"), (["--B", "1"], "expected a number >= 2")):
+        with pytest.raises(SystemExit):
+            benchmark_module("hard_negatives_time").main(bad)
+        assert says in capsys.readouterr().err
