@@ -24,7 +24,7 @@ def _case(benchmark, impl, what, shuffle, B, D, dtype, device, rounds):
         fn = loss_function(impl, what, shuffle, device)
     except Unavailable as why:
         pytest.skip(f"{impl} on {device.type}: {why}")
-    z1, z2, teachers = make_inputs(B, D, D, 2, dtype, device)
+    z1, z2, teachers, _ = make_inputs(B, D, D, 2, dtype, device)
 
     def step():
         z1.grad = z2.grad = None

@@ -23,7 +23,10 @@ further ones (CUDA events on CUDA, ``time.perf_counter`` on CPU); and the ratio 
 the time of the bare GEMMs a forward and backward of the loss need, of the same shapes on the
 same device: ``z1 @ z2.T`` and the two B x B x D gradient products ``G @ z2``, ``G.T @ z1`` for
 the contrastive term; ``z1 @ z1.T``, ``T @ T.T`` (``T`` the K teachers side by side) and
-``(G + G.T) @ z1`` for the distillation term (:func:`gemm_shapes`). Peak extra memory is the most that the step holds at once of what it allocates: the
+``(G + G.T) @ z1`` for the distillation term (:func:`gemm_shapes`). With ``--hard-negatives R``
+(supervised SimCSE: R = 1) each row also has R hard negatives, R x B more columns of the
+contrastive term in every implementation (Inf-CL's keys: z2, then them), and its three GEMMs
+count (1 + R) times. Peak extra memory is the most that the step holds at once of what it allocates: the
 inputs do not count, their gradients (cleared before the step) and every temporary do. On CUDA
 it is ``max_memory_allocated`` during the step minus ``memory_allocated`` before it ("peak
 extra CUDA memory"). On CPU, "tensor allocations (CPU, counted)": the bytes of the storages
@@ -60,6 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checks, contrastive_loss, distill_loss, distillcse_loss
+from .plot import hard_negatives_phrase
 from .reference import EPS
 from .tensor_memory import TensorMemory
 
@@ -77,7 +81,7 @@ WHAT_TITLES = {"contrastive": "contrastive term (InfoNCE)", "distill": "distilla
                "full": "full loss (contrastive + Group-P distillation)"}
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 COLUMNS = ("timestamp", "commit", "device", "device_name", "torch", "triton", "python",
-           "what", "impl", "label", "B", "D", "Dt", "K", "dtype", "shuffle", "status",
+           "what", "impl", "label", "B", "D", "Dt", "K", "dtype", "shuffle", "hard_per_row", "status",
            "time_ms", "gemm_ms", "gemms", "ratio_to_gemm", "peak_mem_mib", "memory_kind", "repeats",
            "loss", "note")
 OK = "ok"
@@ -96,9 +100,11 @@ def _unit(x):
     return x / x.norm(dim=-1, keepdim=True).clamp_min(EPS)
 
 
-def plain_contrastive_loss(z1, z2, temperature=0.05):
-    """InfoNCE of z1 [B, D] against z2 [B, D]: cross entropy of the B x B cosine logits."""
-    logits = _unit(z1) @ _unit(z2).T / temperature
+def plain_contrastive_loss(z1, z2, temperature=0.05, hard_negatives=None):
+    """InfoNCE of z1 [B, D] against z2 [B, D] (and ``hard_negatives`` [H, D], extra columns):
+    cross entropy of the B x (B + H) cosine logits."""
+    columns = _unit(z2) if hard_negatives is None else torch.cat([_unit(z2), _unit(hard_negatives)])
+    logits = _unit(z1) @ columns.T / temperature
     return F.cross_entropy(logits, torch.arange(z1.shape[0], device=z1.device))
 
 
@@ -157,9 +163,10 @@ def plain_distill_loss(student, teachers, *, student_temperature=0.025, teacher_
     return -(q * log_p).sum(dim=-1).mean()
 
 
-def plain_distillcse_loss(z1, z2, teachers, *, temperature=0.05, distill_weight=1.0, **distill_kwargs):
+def plain_distillcse_loss(z1, z2, teachers, *, temperature=0.05, distill_weight=1.0, hard_negatives=None,
+                          **distill_kwargs):
     """``plain_contrastive_loss + distill_weight * plain_distill_loss`` (student = z1)."""
-    return (plain_contrastive_loss(z1, z2, temperature)
+    return (plain_contrastive_loss(z1, z2, temperature, hard_negatives)
             + distill_weight * plain_distill_loss(z1, teachers, **distill_kwargs))
 
 
@@ -351,16 +358,21 @@ def _release(device):
 # Inputs, losses per implementation, GEMM yardstick, memory projection.
 # --------------------------------------------------------------------------------------------
 
-def make_inputs(B, D, Dt, K, dtype, device, seed=0):
-    """z1, z2 [B, D] (leaves, requires grad) and K teachers [B, Dt], with a shared direction
-    so that in-batch rows are about as similar as real sentence embeddings (cos ~ 0.5)."""
+def make_inputs(B, D, Dt, K, dtype, device, seed=0, hard=0):
+    """(z1, z2, teachers, hard_negatives): z1, z2 [B, D] (leaves, requires grad), K teachers
+    [B, Dt], with a shared direction so that in-batch rows are about as similar as real sentence
+    embeddings (cos ~ 0.5); and ``hard`` hard negatives a row, [hard * B, D] (a leaf; None for 0),
+    each near its z1 row (cos ~ 0.8, below the positive's ~0.94), as mined ones are."""
     g = torch.Generator(device=device).manual_seed(seed)
     common = torch.randn(1, D, device=device, generator=g)
     z1 = common + torch.randn(B, D, device=device, generator=g)
     z2 = z1 + 0.5 * torch.randn(B, D, device=device, generator=g)
     teachers = [(torch.randn(1, Dt, device=device, generator=g)
                  + 0.8 * torch.randn(B, Dt, device=device, generator=g)).to(dtype) for _ in range(K)]
-    return z1.to(dtype).requires_grad_(), z2.to(dtype).requires_grad_(), teachers
+    hn = None
+    if hard:
+        hn = (z1.repeat(hard, 1) + torch.randn(hard * B, D, device=device, generator=g)).to(dtype).requires_grad_()
+    return z1.to(dtype).requires_grad_(), z2.to(dtype).requires_grad_(), teachers, hn
 
 
 class Unavailable(Exception):
@@ -390,8 +402,9 @@ def _compile(fn):
 
 
 def loss_function(impl, what, shuffle, device, compiled_cache=None, dtype=None):
-    """A function ``(z1, z2, teachers) -> scalar loss`` for one implementation, or Unavailable
-    (also for inputs of a ``dtype`` it does not take)."""
+    """A function ``(z1, z2, teachers, hard_negatives=None) -> scalar loss`` for one
+    implementation, or Unavailable (also for inputs of a ``dtype`` it does not take). Hard
+    negatives [H, D] are extra columns of the contrastive term (``what`` "distill" has none)."""
     if impl in ("reference", "torch", "triton"):
         if impl == "triton":
             if dtype == torch.float64:
@@ -403,17 +416,19 @@ def loss_function(impl, what, shuffle, device, compiled_cache=None, dtype=None):
             except ImportError as err:
                 raise Unavailable("n/a (triton not installed)") from err
         if what == "contrastive":
-            return lambda z1, z2, ts: contrastive_loss(z1, z2, backend=impl)
+            return lambda z1, z2, ts, hn=None: contrastive_loss(z1, z2, hard_negatives=hn, backend=impl)
         if what == "distill":
-            return lambda z1, z2, ts: distill_loss(z1, ts, shuffle=shuffle, backend=impl)
-        return lambda z1, z2, ts: distillcse_loss(z1, z2, ts, shuffle=shuffle, backend=impl)
+            return lambda z1, z2, ts, hn=None: distill_loss(z1, ts, shuffle=shuffle, backend=impl)
+        return lambda z1, z2, ts, hn=None: distillcse_loss(z1, z2, ts, hard_negatives=hn, shuffle=shuffle,
+                                                           backend=impl)
     if impl in ("plain", "plain-compile"):
         if what == "contrastive":
-            fn = lambda z1, z2, ts: plain_contrastive_loss(z1, z2)  # noqa: E731
+            fn = lambda z1, z2, ts, hn=None: plain_contrastive_loss(z1, z2, hard_negatives=hn)  # noqa: E731
         elif what == "distill":
-            fn = lambda z1, z2, ts: plain_distill_loss(z1, ts, shuffle=shuffle)  # noqa: E731
+            fn = lambda z1, z2, ts, hn=None: plain_distill_loss(z1, ts, shuffle=shuffle)  # noqa: E731
         else:
-            fn = lambda z1, z2, ts: plain_distillcse_loss(z1, z2, ts, shuffle=shuffle)  # noqa: E731
+            fn = lambda z1, z2, ts, hn=None: plain_distillcse_loss(z1, z2, ts, hard_negatives=hn,  # noqa: E731
+                                                                   shuffle=shuffle)
         if impl == "plain":
             return fn
         if compiled_cache is not None:
@@ -428,24 +443,26 @@ def loss_function(impl, what, shuffle, device, compiled_cache=None, dtype=None):
         if device.type != "cuda":
             raise Unavailable("n/a (needs CUDA)")
 
-        def inf_cl(z1, z2, ts):
+        def inf_cl(z1, z2, ts, hn=None):
             D = z1.shape[1]
             head_dim = next((h for h in (256, 128, 64, 32, 16) if D % h == 0), None)
             if head_dim is None:
                 raise Unavailable(f"n/a (Inf-CL needs D divisible by 16, got {D})")
             scale = torch.tensor(1.0 / 0.05, device=z1.device)
-            return cal_inf_loss(F.normalize(z1.float(), dim=-1), F.normalize(z2.float(), dim=-1),
-                                scale=scale, head_dim=head_dim)
+            keys = F.normalize((z2 if hn is None else torch.cat([z2, hn])).float(), dim=-1)  # labels: arange(B)
+            return cal_inf_loss(F.normalize(z1.float(), dim=-1), keys, scale=scale, head_dim=head_dim)
         return inf_cl
     raise ValueError(f"unknown implementation {impl!r}; expected one of {IMPLS}")
 
 
-def gemm_shapes(what, impl, D, Dt, K):
+def gemm_shapes(what, impl, D, Dt, K, hard=0):
     """The B x B GEMMs a forward and backward of the loss need (Inf-CL: contrastive only), as
-    (kind, d): "fwd" ``[B, d] @ [d, B]`` (logits), "bwd" ``[B, B] @ [B, d]`` (a gradient)."""
+    (kind, d): "fwd" ``[B, d] @ [d, B]`` (logits), "bwd" ``[B, B] @ [B, d]`` (a gradient). With
+    ``hard`` hard negatives a row the contrastive term has (1 + hard) B columns: its three GEMMs
+    (1 + hard) times."""
     shapes = []
     if what in ("contrastive", "full") or impl == "inf-cl":
-        shapes += [("fwd", D), ("bwd", D), ("bwd", D)]  # z1 z2^T; dz1 = G z2, dz2 = G^T z1
+        shapes += [("fwd", D), ("bwd", D), ("bwd", D)] * (1 + hard)  # z1 z2^T; dz1 = G z2, dz2 = G^T z1
     if what in ("distill", "full") and impl != "inf-cl":
         shapes += [("fwd", D), ("fwd", K * Dt), ("bwd", D)]  # z1 z1^T, T T^T; dz1 = (G + G^T) z1
     return tuple(shapes)
@@ -494,17 +511,18 @@ _BB_FACTORS = {
 }
 
 
-def projected_bytes(impl, what, B, D, Dt, K, dtype):
-    """Projected peak extra bytes of one forward+backward (for the ``--max-memory-gib`` cap)."""
+def projected_bytes(impl, what, B, D, Dt, K, dtype, hard=0):
+    """Projected peak extra bytes of one forward+backward (for the ``--max-memory-gib`` cap); the
+    contrastive term's B x B temporaries grow to B x (1 + hard) B with hard negatives."""
     work = 8 if dtype == torch.float64 else 4
-    linear = 8 * B * (D + K * Dt) * work
+    linear = 8 * B * ((1 + hard) * D + K * Dt) * work
     factors = _BB_FACTORS.get(impl)
     if factors is None:          # O(B): inf-cl; triton's slabs within the chunk budget
         if impl == "triton" and what != "contrastive":
             from .config import chunk_budget_bytes
             return linear + chunk_budget_bytes()
         return linear
-    bb = factors[what] * B * B * work
+    bb = (factors[what] + (hard * factors["contrastive"] if what != "distill" else 0)) * B * B * work
     if impl == "torch":
         from .config import chunk_budget_bytes
         bb = min(bb, 3 * chunk_budget_bytes())
@@ -537,14 +555,14 @@ def default_impls():
 def _measure_point(fn, inputs, meter, device, repeats, time_cap):
     """A warm-up step, one untimed step under the memory meter, then up to ``repeats`` timed
     steps. Every step starts with the inputs' gradients cleared, so it allocates them."""
-    z1, z2, teachers = inputs
-    leaves = (z1, z2)
+    z1, z2, teachers, hn = inputs
+    leaves = (z1, z2) if hn is None else (z1, z2, hn)
     loss_box = {}
 
     def step():
         for x in leaves:
             x.grad = None
-        loss = fn(z1, z2, teachers)
+        loss = fn(z1, z2, teachers, hn)
         loss.backward()
         loss_box["loss"] = loss
 
@@ -564,11 +582,15 @@ def _measure_point(fn, inputs, meter, device, repeats, time_cap):
     return statistics.median(times), mem["peak"], n, loss
 
 
-def sweep(*, what="full", D=128, Dt=128, K=2, dtype=torch.float32, shuffle="random", impls=None,
+def sweep(*, what="full", D=128, Dt=128, K=2, dtype=torch.float32, shuffle="random", hard=0, impls=None,
           batches=(64, 128, 256, 512, 1024), repeats=5, device="cpu", max_memory_gib=None,
           time_cap=30.0, progress=True, log=print, on_rows=None):
-    """Run the sweep; returns the rows (dicts with the keys of ``COLUMNS``). ``on_rows(rows)`` is
-    called after each point (the files are rewritten: a run stopped midway keeps what it measured)."""
+    """Run the sweep; returns the rows (dicts with the keys of ``COLUMNS``). ``hard``: hard
+    negatives a row (columns of the contrastive term; not with ``what`` "distill"). ``on_rows(rows)``
+    is called after each point (the files are rewritten: a run stopped midway keeps what it measured)."""
+    if hard and what == "distill":
+        raise ValueError(f"hard={hard}: hard negatives are columns of the contrastive term, which what='distill' "
+                         "leaves out; expected what='contrastive' or 'full', or hard=0")
     from tqdm.auto import tqdm
 
     device = torch.device(device)
@@ -578,7 +600,7 @@ def sweep(*, what="full", D=128, Dt=128, K=2, dtype=torch.float32, shuffle="rand
         set_mmap_threshold(libc, STEADY_MMAP_THRESHOLD)
     env = environment(device)
     dtype_name = str(dtype).replace("torch.", "")
-    settings = dict(what=what, D=D, Dt=Dt, K=K, dtype=dtype_name, shuffle=shuffle)
+    settings = dict(what=what, D=D, Dt=Dt, K=K, dtype=dtype_name, shuffle=shuffle, hard_per_row=hard)
     rows = []
     bar = tqdm(total=len(impls) * len(batches), desc="bench memory", unit="pt", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
@@ -599,14 +621,14 @@ def sweep(*, what="full", D=128, Dt=128, K=2, dtype=torch.float32, shuffle="rand
 
     try:
         _sweep_points(impls, batches, record, bar, log, what=what, D=D, Dt=Dt, K=K, dtype=dtype,
-                      shuffle=shuffle, repeats=repeats, device=device, max_memory_gib=max_memory_gib,
+                      shuffle=shuffle, hard=hard, repeats=repeats, device=device, max_memory_gib=max_memory_gib,
                       time_cap=time_cap)
     finally:
         bar.close()
     return rows
 
 
-def _sweep_points(impls, batches, record, bar, log, *, what, D, Dt, K, dtype, shuffle, repeats, device,
+def _sweep_points(impls, batches, record, bar, log, *, what, D, Dt, K, dtype, shuffle, hard, repeats, device,
                   max_memory_gib, time_cap):
     """The loop of :func:`sweep`: each (implementation, B) ends in one ``record``."""
     gemm_cache, compiled = {}, {}
@@ -623,7 +645,7 @@ def _sweep_points(impls, batches, record, bar, log, *, what, D, Dt, K, dtype, sh
             if stop is not None:
                 record(impl, B, stop[0], stop[1])
                 continue
-            projected = projected_bytes(impl, what, B, D, Dt, K, dtype)
+            projected = projected_bytes(impl, what, B, D, Dt, K, dtype, hard)
             if max_memory_gib is not None and projected > max_memory_gib * GIB:
                 stop = ("skipped (cap)", f"projected {_gib(projected)} > cap {max_memory_gib:g} GiB")
                 record(impl, B, *stop)
@@ -635,7 +657,7 @@ def _sweep_points(impls, batches, record, bar, log, *, what, D, Dt, K, dtype, sh
                 continue
             inputs, failed = None, None
             try:
-                inputs = make_inputs(B, D, Dt, K, dtype, device)
+                inputs = make_inputs(B, D, Dt, K, dtype, device, hard=hard)
                 seconds, peak, n, loss = _measure_point(fn, inputs, meter, device, repeats, time_cap)
             except Unavailable as why:
                 failed = (str(why), "")
@@ -655,7 +677,7 @@ def _sweep_points(impls, batches, record, bar, log, *, what, D, Dt, K, dtype, sh
                 stop = {"OOM": ("skipped (after OOM)", f"OOM at B={B}"),
                         "error": ("skipped (after error)", f"error at B={B}")}.get(failed[0], failed)
                 continue
-            dims = gemm_shapes(what, impl, D, Dt, K)
+            dims = gemm_shapes(what, impl, D, Dt, K, hard)
             if (B, dims) not in gemm_cache:
                 try:
                     gemm_cache[B, dims] = time_gemms(B, dims, dtype, device, repeats)
@@ -740,7 +762,7 @@ def markdown_table(rows):
     lines = [f"# distillcse bench memory: {WHAT_TITLES.get(first['what'], first['what'])}", "",
              f"- device: {first['device_name']} ({first['device']})",
              f"- settings: D={first['D']}, Dt={first['Dt']}, K={first['K']}, dtype={first['dtype']}, "
-             f"shuffle={first['shuffle']}",
+             f"shuffle={first['shuffle']}{hard_negatives_phrase(first, ', ')}",
              f"- torch {first['torch']}, triton {first['triton']}, python {first['python']}, "
              f"commit {first['commit']}, {first['timestamp']}", ""]
     notes = sorted({f"{r['impl']}: {r['note']}" for r in rows if r["note"] and r["status"] != OK}
@@ -808,6 +830,9 @@ def add_memory_arguments(p):
                    help="embedding dtype (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--shuffle", choices=("none", "expected", "random"), default="random",
                    help="Group-P shuffle of the distillation term (default: random, the paper)")
+    p.add_argument("--hard-negatives", type=checks.non_negative_int, default=0, metavar="R",
+                   help="hard negatives a row: R x B more columns of the contrastive term, as in supervised "
+                   "SimCSE (R = 1); --what contrastive or full (default: 0)")
     p.add_argument("--impl", nargs="+", choices=IMPLS, default=None, metavar="IMPL",
                    help=f"implementations, some of {', '.join(IMPLS)} (default: all; inf-cl when importable)")
     p.add_argument("--min-batch", type=checks.batch_size, default=64, help="first batch size (default: 64)")
@@ -837,13 +862,17 @@ def run_memory(args, log=print):
     if cap is not None and cap <= 0:
         cap = None
     batches = batch_sizes(args.min_batch, max_batch)
+    if args.hard_negatives and args.what == "distill":
+        raise SystemExit(f"--hard-negatives {args.hard_negatives}: hard negatives are columns of the contrastive "
+                         "term, which --what distill leaves out; use --what contrastive or full")
     impls = list(dict.fromkeys(args.impl)) if args.impl else default_impls()   # each once, in order
     out = args.out or default_out_dir()
     checks.check_out_dir(out)
     csv_path, md_path = os.path.join(out, "results.csv"), os.path.join(out, "results.md")
     no_plots = None if args.no_plot else _matplotlib_missing(csv_path)
     log(f"distillcse bench memory on {device_name(device)}: {WHAT_TITLES[args.what]}, D={D}, Dt={Dt}, "
-        f"K={args.K}, {str(dtype).replace('torch.', '')}, shuffle={args.shuffle}, "
+        f"K={args.K}, {str(dtype).replace('torch.', '')}, shuffle={args.shuffle}"
+        f"{hard_negatives_phrase(dict(hard_per_row=args.hard_negatives), ', ')}, "
         f"B={batches[0]}..{batches[-1]}, {repeats} repeats, "
         f"memory cap {'none' if cap is None else f'{cap:g} GiB'}, time cap {args.time_cap:g} s/point")
     log(f"implementations: {', '.join(impls)}")
@@ -867,7 +896,8 @@ def run_memory(args, log=print):
         return plot_results(csv_path, out)
 
     def run():
-        rows = sweep(what=args.what, D=D, Dt=Dt, K=args.K, dtype=dtype, shuffle=args.shuffle, impls=impls,
+        rows = sweep(what=args.what, D=D, Dt=Dt, K=args.K, dtype=dtype, shuffle=args.shuffle,
+                     hard=args.hard_negatives, impls=impls,
                      batches=batches, repeats=repeats, device=device, max_memory_gib=cap,
                      time_cap=args.time_cap, progress=not args.no_progress, log=log, on_rows=write)
         state["swept"] = True

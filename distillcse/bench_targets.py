@@ -52,7 +52,7 @@ ONE_STEP_POINT = POINTS[-1][0]
 def _compile_at(fn, B, D, K, dtype, device):
     """One untimed step at B rows: the one-step point's kernels compile here (65,536 rows take the
     same variants as 2^20: multiples of 16 above ``utils.PAD_MIN_COLS``), not in its timed step."""
-    z1, z2, teachers = bench.make_inputs(B, D, D, K, dtype, device)
+    z1, z2, teachers, _ = bench.make_inputs(B, D, D, K, dtype, device)
     fn(z1, z2, teachers).backward()
     del z1, z2, teachers
     bench._release(device)
@@ -60,7 +60,7 @@ def _compile_at(fn, B, D, K, dtype, device):
 
 def _measure_once(fn, inputs, meter, device):
     """One forward+backward, timed and metered at once (for points too large to repeat)."""
-    z1, z2, teachers = inputs
+    z1, z2, teachers, _ = inputs  # no hard negatives at these points
     box, mem = {}, {}
 
     def step():
@@ -79,7 +79,7 @@ def _measure_in_graph(fn, inputs, meter, device, repeats):
     capture's peak (the graph's pool keeps every temporary of the step)."""
     if device.type != "cuda":
         raise bench.Unavailable("n/a (needs CUDA)")
-    z1, z2, teachers = inputs
+    z1, z2, teachers, _ = inputs  # no hard negatives at these points
     box = {}
 
     def step():

@@ -39,9 +39,12 @@ def _yardstick_label(row):
     """The dashed line's legend: the bare GEMMs a row's ``gemm_ms`` timed (forward and backward
     since the ``gemms`` column; CSVs from before it timed the forward's only)."""
     what = row["what"]
+    labels = f"{GEMM_LABELS.get(what, '')}; {BACKWARD_GEMM_LABELS.get(what, '')}"
+    if hard_negatives_phrase(row):  # the contrastive columns: z2, then the hard negatives
+        labels = labels.replace("z2", "[z2; hn]")
     if row.get("gemms") == "fwd+bwd":
-        return f"bare GEMMs, forward and backward\n({GEMM_LABELS.get(what, '')}; {BACKWARD_GEMM_LABELS.get(what, '')})"
-    return f"bare forward GEMMs\n({GEMM_LABELS.get(what, '')})"
+        return f"bare GEMMs, forward and backward\n({labels})"
+    return f"bare forward GEMMs\n({labels.split('; ')[0]})"
 
 
 def check_matplotlib():
@@ -84,6 +87,9 @@ def _check_row(row, where, width):
         ok = False
     if not ok:
         raise ValueError(f"{where}, column B: expected a batch size (an integer >= 1), got {row['B']!r}")
+    hard = row.get("hard_per_row", "")   # absent from CSVs before 2026-12-06's hard negatives
+    if hard != "" and not (hard.isdigit() and hard.isascii()):
+        raise ValueError(f"{where}, column hard_per_row: expected an integer >= 0 or nothing, got {hard!r}")
     if row["status"] != "ok":
         return
     for column in NUMBERS:
@@ -130,9 +136,16 @@ def _time_label(ms, _pos=None):
     return f"{ms * 1e3:g} µs"
 
 
+def hard_negatives_phrase(row, prefix=""):
+    """``prefix`` + "R hard negatives a row" for a row of a sweep with them, else "" (also for
+    CSVs from before the ``hard_per_row`` column)."""
+    hard = int(row.get("hard_per_row") or 0)
+    return f"{prefix}{hard} hard negative{'s' if hard > 1 else ''} a row" if hard else ""
+
+
 def _subtitle(first):
     return (f"{WHAT_TITLES.get(first['what'], first['what'])} · D={first['D']}, Dt={first['Dt']}, "
-            f"K={first['K']} · {first['dtype']} · shuffle={first['shuffle']}\n"
+            f"K={first['K']} · {first['dtype']} · shuffle={first['shuffle']}{hard_negatives_phrase(first, ' · ')}\n"
             f"{first['device_name']} · torch {first['torch']} · triton {first['triton']} · "
             f"commit {first['commit']} · {first['timestamp']}")
 

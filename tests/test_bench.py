@@ -40,7 +40,7 @@ def _assert_png(path):
 @pytest.mark.parametrize("shuffle", ["none", "expected"])
 @pytest.mark.parametrize("B,K,group_size", [(2, 1, None), (37, 2, None), (64, 3, None), (37, 2, 5)])
 def test_plain_matches_reference(shuffle, B, K, group_size):
-    z1, z2, teachers = make_inputs(B, 24, 20, K, torch.float64, CPU, seed=B + K)
+    z1, z2, teachers, _ = make_inputs(B, 24, 20, K, torch.float64, CPU, seed=B + K)
     kw = dict(shuffle=shuffle, group_size=group_size)
 
     leaves = [x.detach().clone().requires_grad_() for x in (z1, z2)]
@@ -58,6 +58,26 @@ def test_plain_matches_reference(shuffle, B, K, group_size):
         torch.testing.assert_close(g_plain, g_ref, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("what", ["contrastive", "full"])
+def test_every_cpu_loss_takes_hard_negatives(what):
+    """With ``hard`` hard negatives a row (extra contrastive columns), the plain loss and the torch
+    backend, as ``bench memory --hard-negatives`` calls them, give the reference's loss and every
+    gradient (z1, z2 and the hard negatives) at float64; and the hard negatives change the loss."""
+    B, hard = 37, 2
+    inputs = make_inputs(B, 24, 20, 2, torch.float64, CPU, seed=5, hard=hard)
+    assert inputs[3].shape == (hard * B, 24) and inputs[3].requires_grad
+    results = {}
+    for impl in ("reference", "plain", "torch"):
+        z1, z2, ts, hn = (x if isinstance(x, list) else x.detach().clone().requires_grad_() for x in inputs)
+        loss = loss_function(impl, what, "expected", CPU)(z1, z2, ts, hn)
+        results[impl] = (loss, *torch.autograd.grad(loss, (z1, z2, hn)))
+    for impl in ("plain", "torch"):
+        for got, want in zip(results[impl], results["reference"]):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    without = loss_function("reference", what, "expected", CPU)(*inputs[:3])
+    assert results["reference"][0] > without + 0.1  # more (hard) negatives: a larger InfoNCE
+
+
 def test_group_permutation_keeps_pairings_within_groups():
     g = torch.Generator().manual_seed(0)
     sizes = torch.randint(1, 6, (50, 8), generator=g)           # 8 groups of 1..5 ranks per row
@@ -73,7 +93,7 @@ def test_group_permutation_keeps_pairings_within_groups():
 
 
 def test_plain_random_shuffle_is_uniform_within_groups():
-    z1, _, teachers = make_inputs(10, 16, 12, 2, torch.float64, CPU, seed=3)
+    z1, _, teachers, _ = make_inputs(10, 16, 12, 2, torch.float64, CPU, seed=3)
     kw = dict(group_p=0.3, grouping_temperature=0.05)   # few, unequal groups
     # singleton groups: the random shuffle is the identity
     none = plain_distill_loss(z1, teachers, shuffle="none")
@@ -140,7 +160,7 @@ def test_bench_memory_counts_allocations(memory_run):
 
 def test_allocator_records_match_counted_memory():
     """The allocator's records, used for compiled code, count what TensorMemory counts on eager code."""
-    z1, z2, teachers = make_inputs(32, 16, 16, 2, torch.float32, CPU)
+    z1, z2, teachers, _ = make_inputs(32, 16, 16, 2, torch.float32, CPU)
     fn = loss_function("plain", "full", "random", CPU)
     peaks = []
     for meter in (CountedMemory(), AllocatorRecords()):
@@ -173,6 +193,9 @@ def test_the_gemm_yardstick_is_a_forward_and_a_backward():
     assert gemm_shapes("full", "plain", 64, 32, 3) == gemm_shapes("contrastive", "x", 64, 0, 0) + (
         ("fwd", 64), ("fwd", 96), ("bwd", 64))
     assert gemm_shapes("full", "inf-cl", 64, 32, 2) == gemm_shapes("contrastive", "x", 64, 0, 0)  # its term only
+    # R hard negatives a row: (1 + R) B contrastive columns, its three GEMMs (1 + R) times
+    assert gemm_shapes("full", "torch", 64, 32, 2, hard=2) == gemm_shapes("contrastive", "x", 64, 0, 0) * 3 + (
+        ("fwd", 64), ("fwd", 64), ("bwd", 64))
     flops = []
 
     class Gemms(torch.utils._python_dispatch.TorchDispatchMode):
@@ -220,7 +243,7 @@ def test_bench_memory_failures_and_a_second_run(tmp_path, monkeypatch, capsys):
 
     def failing_at_16(impl, *args, **kwargs):
         fn = original(impl, *args, **kwargs)
-        return (lambda z1, z2, ts: fn(z1, z2, ts) if z1.shape[0] < 16 else 1 / 0) if impl == "plain" else fn
+        return (lambda z1, *rest: fn(z1, *rest) if z1.shape[0] < 16 else 1 / 0) if impl == "plain" else fn
     monkeypatch.setattr(bench, "loss_function", failing_at_16)
     main(["bench", "memory", "--device", "cpu", "--what", "contrastive", "--min-batch", "8", "--max-batch", "32",
           "--D", "16", "--repeats", "1", "--impl", "plain", "--out", str(tmp_path), "--no-progress", "--no-plot"])
@@ -230,6 +253,32 @@ def test_bench_memory_failures_and_a_second_run(tmp_path, monkeypatch, capsys):
     assert rows[0]["gemms"] == "fwd+bwd"
     assert not any((tmp_path / name).exists() for name in ("memory_vs_batch.png", "time_vs_batch.png"))
     assert "replacing the previous run's results" in capsys.readouterr().out
+
+
+def test_bench_memory_hard_negatives(tmp_path, capsys):
+    """``--hard-negatives R``: recorded in every row, the table and the log; the B x (1 + R) B
+    logits of the B x B implementations show in the counted peak; the yardstick counts the
+    contrastive GEMMs (1 + R) times (its time grows with R). Not with --what distill; R >= 0."""
+    argv = ["bench", "memory", "--device", "cpu", "--what", "contrastive", "--min-batch", "32", "--max-batch", "64",
+            "--D", "16", "--repeats", "1", "--impl", "plain", "torch", "--no-progress", "--no-plot"]
+    main(argv + ["--hard-negatives", "3", "--out", str(tmp_path / "hard")])
+    _, rows = _read(tmp_path / "hard" / "results.csv")
+    assert [(r["impl"], r["B"], r["status"], r["hard_per_row"]) for r in rows] == [
+        (impl, B, "ok", "3") for impl in ("plain", "torch") for B in ("32", "64")]
+    peak = _peak_bytes(rows)
+    assert peak["plain", 64] >= 64 * (4 * 64) * 4, peak  # the logits against z2 and 3 x 64 hard negatives
+    assert "shuffle=random, 3 hard negatives a row" in (tmp_path / "hard" / "results.md").read_text()
+    assert "3 hard negatives a row, B=32..64" in capsys.readouterr().out
+    shapes = gemm_shapes("contrastive", "plain", 16, 16, 2, 3)
+    assert len(shapes) == 12 and bench.hard_negatives_phrase(rows[0]) == "3 hard negatives a row"
+
+    with pytest.raises(SystemExit, match="--hard-negatives 1: hard negatives are columns of the contrastive term, "
+                                         "which --what distill leaves out"):
+        main(argv[:5] + ["distill"] + argv[6:] + ["--hard-negatives", "1", "--out", str(tmp_path / "distill")])
+    with pytest.raises(SystemExit) as usage:
+        main(argv + ["--hard-negatives", "-1", "--out", str(tmp_path / "negative")])
+    assert usage.value.code == 2 and "--hard-negatives: expected a number >= 0, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "distill").exists() and not (tmp_path / "negative").exists()
 
 
 def test_bench_memory_cap_and_compile(tmp_path):

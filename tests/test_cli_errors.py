@@ -98,7 +98,8 @@ def test_bench_plot_of_another_csv_names_the_file(text, message, tmp_path, capsy
 
 def _results_csv(**changes):
     """A results.csv of one ok point (B = 8) with ``changes`` in its row."""
-    row = dict(dict.fromkeys(bench.COLUMNS, "x"), B="8", status="ok", time_ms="1.5", gemm_ms="", peak_mem_mib="2")
+    row = dict(dict.fromkeys(bench.COLUMNS, "x"), B="8", status="ok", time_ms="1.5", gemm_ms="", peak_mem_mib="2",
+               hard_per_row="0")
     row.update(changes)
     return ",".join(bench.COLUMNS) + "\n" + ",".join(row[c] for c in bench.COLUMNS) + "\n"
 
@@ -110,7 +111,8 @@ def _results_csv(**changes):
      f", line 2: {len(bench.COLUMNS) - 6} fields, the header has {len(bench.COLUMNS)} (a file cut short?)"),
     (_results_csv(time_ms="fast"), ", line 2, column time_ms: expected a finite number or nothing, got 'fast'"),
     (_results_csv(peak_mem_mib="inf"), ", line 2, column peak_mem_mib: expected a finite number or nothing, got 'inf'"),
-], ids=["B=0", "B=8.0", "cut short", "time", "memory"])
+    (_results_csv(hard_per_row="-1"), ", line 2, column hard_per_row: expected an integer >= 0 or nothing, got '-1'"),
+], ids=["B=0", "B=8.0", "cut short", "time", "memory", "hard negatives"])
 def test_bench_plot_of_a_malformed_row_names_file_line_and_column(text, message, tmp_path, capsys):
     path = tmp_path / "results.csv"
     path.write_text(text)
