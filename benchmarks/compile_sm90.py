@@ -152,6 +152,8 @@ def distill(B, D, dtype, teacher_dtype, n_thr=9):
     lo = None if dtype == torch.float32 else torch.empty(B, D, dtype=torch.int8)
     hi = torch.empty(B, D, dtype=dtype)
     K.accumulate_slab(hi, lo, grad, x, r, torch.empty(rows, D), 0)
+    if dtype == torch.float16:  # fp16 rows of small norm: each row's sum times 1 / c_i (triton_backend._lift)
+        K.accumulate_slab(hi, lo, grad, x, r, torch.empty(rows, D), 0, torch.empty(B))
     K.unit_rows_backward(torch.empty(rows, D), x, r, x)  # a slab's dx rows (strided slices of dx on a GPU)
     K.unit_rows_backward(hi, x, r, hi, lo=lo, scaled=True)  # the random shuffle's accumulator, in place
     search_rows = torch.arange(min(B, 4096))

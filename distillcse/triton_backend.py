@@ -71,36 +71,34 @@ def _backward_budget():
     return config.chunk_budget_bytes() // 2
 
 
-def _lifted(x):
-    """(x', c): fp16 rows of norm below 1 times the power of two c_i >= 1 that lifts them into
-    [1, 2) (c_i = 1 for the others and for zero rows), and c [B, 1] fp32; (x, None) for other
-    dtypes. Exact: the cosines, every dot the kernels take (scaled by c_i c_j in fp32) and so
-    the loss are the same. The forward writes the gradient of the *sum* of the row losses in
-    x's dtype, and w.r.t. x_i it grows as 1 / |x_i|: at B = 66, fp16 rows of norm 1e-3 passed
-    fp16's 65,504 (the mean's gradient, 1,309, did not); w.r.t. x' it is 1 / c_i of that, and
-    the backward's one fp32 scale takes c_i with the mean's 1 / B (d/dx = c d/dx')."""
+def _lift(x):
+    """c [B] fp32 for fp16 rows x: the power of two c_i >= 1 that lifts row i's norm into [1, 2)
+    (1 for rows of norm >= 1 and zero rows); None for other dtypes. The forward writes the
+    gradient of the *sum* of the row losses in x's dtype, and w.r.t. x_i it grows as 1 / |x_i|:
+    at B = 66, fp16 rows of norm 1e-3 passed fp16's 65,504 (the mean's gradient, 1,309, did
+    not). So the forward writes row i's gradient divided by c_i (exact: a power of two, applied
+    in fp32 before the one rounding), and the backward's one fp32 scale takes c_i with the
+    mean's 1 / B (``_mean_scale``). No copy of x: the kernels read it as it is."""
     if x.dtype != torch.float16:
-        return x, None
+        return None
     norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
-    c = torch.where(norms > 0, torch.exp2((-torch.floor(torch.log2(norms))).clamp_min(0.0)), 1.0)[:, None]
-    # c <= 2^24 (fp16's smallest row norm is 2^-24), past fp16's 65,504: two exact fp16 factors <= 2^12
-    low = c.clamp_max(2.0 ** 12)
-    return (x * low.to(x.dtype)).mul_((c / low).to(x.dtype)), c
+    return torch.where(norms > 0, torch.exp2((-torch.floor(torch.log2(norms))).clamp_min(0.0)), 1.0)
 
 
 def _mean_scale(grad_out, B, c):
-    """The backward's factor on the forward's gradient of the sum: grad_out / B (times c, [B, 1], for
-    lifted rows), fp32."""
+    """The backward's factor on the forward's gradient of the sum: grad_out / B (times c [B] as
+    [B, 1], for lifted rows), fp32."""
     g = grad_out.float() / B
-    return g if c is None else g * c
+    return g if c is None else g * c[:, None]
 
 
-def _sum_grad_rows(x):
+def _sum_grad_rows(x, c=None):
     """dL/dloss_rows [B] fp32 = 1 for ``L = sum(loss_rows)``: a forward that writes a gradient
     writes that of the sum, which its backward scales by ``grad_out / B`` (the mean's, already
     times a loss scaler's factor: written at the mean's 1 / B, fp16 gradients would underflow
-    before a scaler could lift them)."""
-    return torch.ones(x.shape[0], device=x.device)
+    before a scaler could lift them). With the lift c [B] (``_lift``), 1 / c: for a term whose
+    row i enters loss_i alone (the contrastive rows), that is row i's gradient divided by c_i."""
+    return torch.ones(x.shape[0], device=x.device) if c is None else c.reciprocal()
 
 
 def _columns_of(z2, hn):
@@ -138,10 +136,11 @@ class ContrastiveFused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z1, z2, hn, scale, need_grad, rows):
-        z1, ctx.lift = _lifted(z1) if need_grad else (z1, None)
+        ctx.lift = _lift(z1) if need_grad else None
         r1, y, ry = _inv_norms(z1), _columns_of(z2, hn), _column_norms(z2, hn)
         with _phase("contrastive_rows"):
-            loss_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, scale, _sum_grad_rows(z1) if need_grad else None,
+            loss_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, scale,
+                                                       _sum_grad_rows(z1, ctx.lift) if need_grad else None,
                                                        budget_bytes=config.chunk_budget_bytes(),
                                                        rows=checks.shard_or_none(rows, z1.shape[0]))
         ctx.save_for_backward(z1, r1, z2, hn, ry, cl_stats, dz1)
@@ -157,9 +156,9 @@ class ContrastiveFused(torch.autograd.Function):
         return dz1.mul_(_mean_scale(grad_out, z1.shape[0], ctx.lift)), dz2, dhn, None, None, None
 
 
-def _distill_rows(z, r, t, rt, student_temperature, options, need_grad, rows=None):
+def _distill_rows(z, r, t, rt, student_temperature, options, need_grad, rows=None, lift=None):
     """Distillation loss rows [B] fp32 (of ``rows`` (start, stop), [stop - start], if given) and
-    d(sum of them)/dz [B, D] in z's dtype (or None)."""
+    d(sum of them)/dz [B, D] in z's dtype (or None), row i divided by ``lift``'s c_i if given."""
     ss, ts, gs = 1.0 / student_temperature, 1.0 / options["teacher_temperature"], 1.0 / options["grouping_temperature"]
     shuffle, groups, budget = options["shuffle"], {}, config.chunk_budget_bytes()
     shard = dict(rows=rows)
@@ -187,7 +186,8 @@ def _distill_rows(z, r, t, rt, student_temperature, options, need_grad, rows=Non
     with _phase("distill_slabs"):
         return distill_loss_and_grad(
             z, r, t, rt, lse_s, lse_t, ss, ts, shuffle=shuffle, step_seed=options["step_seed"],
-            budget_bytes=budget, need_grad=need_grad, **groups, **shard)
+            budget_bytes=budget, need_grad=need_grad, grad_scale=None if lift is None else lift.reciprocal(),
+            **groups, **shard)
 
 
 def _take_once(ctx):
@@ -205,9 +205,9 @@ class DistillFused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, t, rt, student_temperature, options, need_grad, rows):
-        z, ctx.lift = _lifted(z) if need_grad else (z, None)
+        ctx.lift = _lift(z) if need_grad else None
         loss_rows, dz_sum = _distill_rows(z, _inv_norms(z), t, rt, student_temperature, options, need_grad,
-                                          checks.shard_or_none(rows, z.shape[0]))
+                                          checks.shard_or_none(rows, z.shape[0]), ctx.lift)
         ctx.save_for_backward(dz_sum)
         return _share(loss_rows, z.shape[0])
 
@@ -229,18 +229,18 @@ class DistillCSEFused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z1, z2, hn, t, rt, cl_scale, distill_weight, student_temperature, options, need_grad, rows):
-        z1, ctx.lift = _lifted(z1) if need_grad else (z1, None)
+        ctx.lift = _lift(z1) if need_grad else None
         r1, y, ry = _inv_norms(z1), _columns_of(z2, hn), _column_norms(z2, hn)
         budget = config.chunk_budget_bytes()
         B, shard = z1.shape[0], checks.shard_or_none(rows, z1.shape[0])
-        kd_rows, dz_kd = _distill_rows(z1, r1, t, rt, student_temperature, options, need_grad, shard)
+        kd_rows, dz_kd = _distill_rows(z1, r1, t, rt, student_temperature, options, need_grad, shard, ctx.lift)
         with _phase("contrastive_rows"):
             if need_grad:
                 dz_kd = dz_kd.contiguous()
                 if shard is not None:  # the rows the contrastive forward does not visit: weighted here
                     for other in (slice(0, rows[0]), slice(rows[1], B)):
                         dz_kd[other] *= distill_weight
-                cl_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, cl_scale, _sum_grad_rows(z1),
+                cl_rows, cl_stats, dz1 = contrastive_fwd(z1, r1, y, ry, cl_scale, _sum_grad_rows(z1, ctx.lift),
                                                          budget_bytes=budget, add_to=dz_kd,
                                                          add_scale=distill_weight, rows=shard)
             else:

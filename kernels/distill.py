@@ -737,14 +737,16 @@ def _accumulate_slab_kernel(
     p_row_side,  # [R, D] fp32: (M x)_r, the slab rows' own side
     p_hi,  # [B, D] contiguous, x's dtype: the accumulator rx_j du_j (fp32: all of it)
     p_lo,  # [B, D] int8 (HAS_LO): the rest, in units of 1/256 of hi's ulp
+    p_scale,  # [B] fp32 (ROW_SCALE): each row's factor on what it adds
     row0, R, B, ld, D, s_x,
     BJ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, F32_DOT: tl.constexpr,
-    HAS_LO: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr,
+    HAS_LO: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr, ROW_SCALE: tl.constexpr,
 ):
     """The random shuffle's gradient, one slab's share: every row j's column side
     ``sum_r M_rj (rx_r x_r)`` (rx_j du_j, since M carries rx_j), plus ``rx_r (M x)_r`` for the
     slab's own rows, added to the accumulator held as hi + lo: a 16-bit hi (dx itself) and an
-    int8 lo, ~16 significant bits in 3 bytes an entry (fp32 hi alone for fp32 rows).
+    int8 lo, ~16 significant bits in 3 bytes an entry (fp32 hi alone for fp32 rows). With
+    ROW_SCALE, row j adds p_scale_j times that (fp16 rows of small norm: rx_j du_j / c_j).
     Grid (feature blocks, row blocks): the programs of one strip of M run together (L2).
     F32_DOT: fp32 operands (M in fp32)."""
     i_d = tl.program_id(0).to(tl.int64)
@@ -772,6 +774,8 @@ def _accumulate_slab_kernel(
     b_own = tl.load(p_row_side + (o_j - row0)[:, None] * D + o_d[None, :], mask=m_own[:, None] & m_d[None, :],
                     other=0.0)
     b_acc += b_own * tl.load(p_rx + o_j, mask=m_j, other=0.0)[:, None]
+    if ROW_SCALE:
+        b_acc *= tl.load(p_scale + o_j, mask=m_j, other=0.0)[:, None]
     o_out = o_j[:, None] * D + o_d[None, :]
     m_out = m_j[:, None] & m_d[None, :]
     b_hi = tl.load(p_hi + o_out, mask=m_out, other=0.0).to(tl.float32)
@@ -1061,23 +1065,24 @@ def _random_accumulator(x, budget_bytes):
     return lo, max(budget_bytes - lo.numel(), budget_bytes // 2)
 
 
-def accumulate_slab(hi, lo, m, x, rx, row_side, row0):
+def accumulate_slab(hi, lo, m, x, rx, row_side, row0, row_scale=None):
     """``acc += M^T (rx x)[row0 : row0 + R]`` on every row, plus ``rx row_side`` on rows
-    ``row0 + [0, R)``; acc [B, D] is ``hi`` (x's dtype, contiguous) + ``lo`` (int8, or None for
-    fp32 hi). ``m`` [R, B] (fp32 or bf16), ``x`` [B, D] raw rows, ``rx`` [B] fp32,
-    ``row_side`` [R, D] fp32 contiguous."""
+    ``row0 + [0, R)`` (each row's sum times ``row_scale``, [B] fp32, if given); acc [B, D] is
+    ``hi`` (x's dtype, contiguous) + ``lo`` (int8, or None for fp32 hi). ``m`` [R, B] (fp32 or
+    bf16), ``x`` [B, D] raw rows, ``rx`` [B] fp32, ``row_side`` [R, D] fp32 contiguous."""
     B, D = hi.shape
+    assert row_scale is None or (row_scale.shape == (B,) and row_scale.dtype == torch.float32)
     blocks = _accumulate_blocks(m.dtype, _fp32_dots(m.dtype, m.dtype)[1])
     mant, emin = LO_FORMATS.get(hi.dtype, (0, 0))
     _accumulate_slab_kernel[(cdiv(D, blocks["BD"]), cdiv(B, blocks["BJ"]))](
-        m, x, rx, row_side, hi, hi if lo is None else lo, row0, m.shape[0], B, m.stride(0), D, x.stride(0),
-        PREC=dot_precision(m.dtype), F32_DOT=m.dtype == torch.float32, HAS_LO=lo is not None,
-        MANT=mant, EMIN=emin, **blocks)
+        m, x, rx, row_side, hi, hi if lo is None else lo, rx if row_scale is None else row_scale, row0, m.shape[0],
+        B, m.stride(0), D, x.stride(0), PREC=dot_precision(m.dtype), F32_DOT=m.dtype == torch.float32,
+        HAS_LO=lo is not None, MANT=mant, EMIN=emin, ROW_SCALE=row_scale is not None, **blocks)
 
 
 def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_scale, *, shuffle="none",
                           thr=None, qbar=None, ties=None, step_seed=None, budget_bytes, need_grad=True, chunks=None,
-                          rows=None):
+                          rows=None, grad_scale=None):
     """Loss rows [B] fp32 and dx [B, D] in x's dtype (None without ``need_grad``):
     ``loss_i = lse_s_i - student_scale sum_{j != i} q~_ij s_ij`` and ``dx = d(sum_i loss_i)/dx``
     through ``u = x rx``.
@@ -1097,6 +1102,8 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
     ``rows=(start, stop)``: a shard, those rows' losses [stop - start] and the gradient of their
     sum (all B rows of dx); the per-row inputs (lse_s, lse_t, thr, qbar, ties) need only its rows
     set. Its column side is accumulated as the random shuffle's is, whatever the shuffle.
+    ``grad_scale`` [B] fp32: dx's rows times it (fp16 rows of small norm, whose gradient would
+    pass fp16's range, come with 1 / c_i: ``triton_backend._lift``).
     """
     x, rx, t, rt = _prepare(x, rx, t, rt)
     B, D = x.shape
@@ -1190,9 +1197,10 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
         g, rows_g = grad[:grad_rows], slice(grad0, grad0 + grad_rows)
         own = matmul_f32(g, v, out=row_side[:grad_rows])  # [rows, D] fp32: sum_j M_rj x_j, the slab rows' du
         if not accumulate:  # g holds both sides: the slab rows' gradient is complete
-            unit_rows_backward(own, x[rows_g], rx[rows_g], dx[rows_g])
+            unit_rows_backward(own, x[rows_g], rx[rows_g], dx[rows_g],
+                               row_scale=None if grad_scale is None else grad_scale[rows_g])
             continue
-        accumulate_slab(dx, lo, g, x, rx, own, grad0)  # (accumulated: the own side)
+        accumulate_slab(dx, lo, g, x, rx, own, grad0, grad_scale)  # (accumulated: the own side)
     if accumulate:  # dx holds rx du (with lo): through u = x rx, in place
         unit_rows_backward(dx, x, rx, dx, lo=lo, scaled=True)
     return loss[start:stop], dx

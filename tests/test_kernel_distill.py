@@ -325,12 +325,14 @@ def test_random_warns_when_its_accumulation_traffic_is_huge(device, monkeypatch)
     assert 'or use shuffle="expected"' not in str(caught[0].message)
 
 
+@pytest.mark.parametrize("row_scale", [False, True], ids=["", "row_scale"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_accumulator_sums_like_fp32(dtype, device):
+def test_accumulator_sums_like_fp32(dtype, row_scale, device):
     """``accumulate_slab`` over 60 slabs: the column side onto every row, each slab's own side
-    onto its rows. hi (dx's 16-bit dtype) + int8 lo carries 8 bits more than hi (the rounding
-    of 60 sums: ~2^-13 of the largest entry in bf16, 2^-16 in fp16), where rounding the sum to
-    the 16-bit dtype after every slab (hi alone) is far worse."""
+    onto its rows (with ``row_scale``, row j's sum times 2^-k_j, as fp16's lifted rows take it).
+    hi (dx's 16-bit dtype) + int8 lo carries 8 bits more than hi (the rounding of 60 sums:
+    ~2^-13 of the largest entry in bf16, 2^-16 in fp16), where rounding the sum to the 16-bit
+    dtype after every slab (hi alone) is far worse."""
     from distillcse.kernels.distill import LO_FORMATS, accumulate_slab
 
     B, D, R, slabs = 150, 40, 24, 60
@@ -343,6 +345,7 @@ def test_accumulator_sums_like_fp32(dtype, device):
     exact = torch.zeros(B, D, dtype=torch.float64)
     hi_alone = torch.zeros(B, D, dtype=dtype)
     m_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
+    scales = torch.exp2(-torch.randint(0, 13, (B,), generator=g).float()) if row_scale else torch.ones(B)
     for s in range(slabs):
         row0 = (s * 37) % (B - R + 5)  # the last slabs are ragged: rows past B are not there
         rows = min(R, B - row0)
@@ -350,19 +353,21 @@ def test_accumulator_sums_like_fp32(dtype, device):
         own = torch.randn(rows, D, generator=g)
         update = m.double().T @ u[row0:row0 + rows]
         update[row0:row0 + rows] += own.double() * rx.double().cpu()[row0:row0 + rows, None]
+        update *= scales.double()[:, None]
         exact += update
         hi_alone = (hi_alone.double() + update).to(dtype)
-        accumulate_slab(hi, lo, m.to(device), x.to(device), rx, own.to(device), row0)
+        accumulate_slab(hi, lo, m.to(device), x.to(device), rx, own.to(device), row0,
+                        scales.to(device) if row_scale else None)
     total = hi.double().cpu()
     if lo is not None:  # lo counts 1/256 of hi's ulp; exponents below EMIN share EMIN's unit
         mant, emin = LO_FORMATS[dtype]
         exponent = ((hi.float().cpu().view(torch.int32) >> 23) & 0xFF) - 127
         total += lo.double().cpu() * torch.pow(2.0, (exponent.clamp_min(emin) - mant - 8).double())
-    scale = exact.abs().max()
-    error = (total - exact).abs().max() / scale
+    scale = exact.abs().amax(dim=1, keepdim=True)  # per row: rows of 2^-12 hold their own 8 extra bits
+    error = ((total - exact).abs() / scale).max()
     assert error < {torch.bfloat16: 2 ** -12, torch.float16: 2 ** -15, torch.float32: 2 ** -20}[dtype]
     if lo is not None:
-        assert (hi_alone.double() - exact).abs().max() / scale > 30 * error
+        assert ((hi_alone.double() - exact).abs() / scale).max() > 30 * error
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
