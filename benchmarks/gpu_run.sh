@@ -11,8 +11,9 @@
 #       4. `benchmarks/profile_step.py --B 65536`: where a step's time goes, and whether the host keeps up
 #       (session 12's H200 run: targets hit 240 s with its slow kernels, the suite took 165 s, verify 27 s;
 #       `gpu_diag.py small` now runs on its own: `run`, below)
-#   bash benchmarks/gpu_run.sh sweep   (~6 min) `bench memory` sweeps for the README's plots, and a BERT-base
-#       training step at B = 4,096-32,768 with gradient caching (`bench train --mini-batch-size`), packed
+#   bash benchmarks/gpu_run.sh sweep   (~7.5 min) `bench memory` sweeps for the README's plots (and the
+#       contrastive term with a hard negative a row, supervised SimCSE's), and a BERT-base training step
+#       at B = 4,096-32,768 with gradient caching (`bench train --mini-batch-size`), packed
 #   bash benchmarks/gpu_run.sh thresholds   (~4 min) Group-P search vs pairwise kernel (PAIRWISE_MAX_B), and a
 #       step at B around 4,096 with padded slab rows and without (time_padding.py: PAD_MIN_COLS)
 #   bash benchmarks/gpu_run.sh million   (<= 9 min) bench targets' B = 2^20 point alone (one step; timeout_s 590)
@@ -66,6 +67,10 @@ case "$MODE" in
         --max-batch "${MAX_BATCH:-262144}" --time-cap 10 --repeats 5 --no-progress --out "/tmp/sweep/${run/:/_}"
       tar -czf "$OUT/sweep.tgz" -C /tmp sweep
     done
+    stage 90 sweep.log python3 -m distillcse bench memory --what contrastive --hard-negatives 1 \
+      --impl triton torch plain plain-compile reference \
+      --max-batch "${MAX_BATCH:-262144}" --time-cap 10 --repeats 5 --no-progress --out /tmp/sweep/contrastive_hard1
+    tar -czf "$OUT/sweep.tgz" -C /tmp sweep
     # a BERT-base-sized training step up to B = 32,768 with gradient caching (encoders 1,024 rows at a
     # time); with no MiniLM package here the tokens are random ids, so any text file serves as --sentences
     stage 120 sweep.log python3 -m distillcse bench train --config bert-base --sentences README.md \
