@@ -203,6 +203,7 @@ HEADLINE_CASES = {
     "expected": (dict(shuffle="expected"), 0),
     "random": (dict(shuffle="random"), 0),
     "contrastive": (dict(what="contrastive"), 0),
+    "fp32": (dict(shuffle="random", dtype=torch.float32), 0),  # no copy: only its gradients are twice bf16's
     # one [B, D] fp16 copy at a time: the distillation's bf16 rows for its GEMM (forward), then the
     # contrastive backward's unit rows of z1 (fp16 factors cannot carry the norms); the lift makes none
     "fp16": (dict(shuffle="random", dtype=torch.float16), HEADLINE_B * HEADLINE_D * 2),
