@@ -588,6 +588,8 @@ def sweep(*, what="full", D=128, Dt=128, K=2, dtype=torch.float32, shuffle="rand
     """Run the sweep; returns the rows (dicts with the keys of ``COLUMNS``). ``hard``: hard
     negatives a row (columns of the contrastive term; not with ``what`` "distill"). ``on_rows(rows)``
     is called after each point (the files are rewritten: a run stopped midway keeps what it measured)."""
+    if hard < 0:
+        raise ValueError(f"hard={hard}: expected a number of hard negatives a row >= 0")
     if hard and what == "distill":
         raise ValueError(f"hard={hard}: hard negatives are columns of the contrastive term, which what='distill' "
                          "leaves out; expected what='contrastive' or 'full', or hard=0")

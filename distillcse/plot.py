@@ -39,12 +39,12 @@ def _yardstick_label(row):
     """The dashed line's legend: the bare GEMMs a row's ``gemm_ms`` timed (forward and backward
     since the ``gemms`` column; CSVs from before it timed the forward's only)."""
     what = row["what"]
-    labels = f"{GEMM_LABELS.get(what, '')}; {BACKWARD_GEMM_LABELS.get(what, '')}"
+    forward, backward = GEMM_LABELS.get(what, ""), BACKWARD_GEMM_LABELS.get(what, "")
     if hard_negatives_phrase(row):  # the contrastive columns: z2, then the hard negatives
-        labels = labels.replace("z2", "[z2; hn]")
+        forward, backward = (label.replace("z2", "[z2; hn]") for label in (forward, backward))
     if row.get("gemms") == "fwd+bwd":
-        return f"bare GEMMs, forward and backward\n({labels})"
-    return f"bare forward GEMMs\n({labels.split('; ')[0]})"
+        return f"bare GEMMs, forward and backward\n({forward}; {backward})"
+    return f"bare forward GEMMs\n({forward})"
 
 
 def check_matplotlib():
