@@ -20,7 +20,7 @@ import distillcse
 from distillcse import checks
 from distillcse.bench import memory_meter, time_once
 from distillcse.kernels.contrastive import contrastive_bwd_dy, contrastive_fwd
-from distillcse.triton_backend import _inv_norms
+from distillcse.triton_backend import _column_norms, _columns_of, _inv_norms
 
 TEMPERATURE = 0.05
 
@@ -50,11 +50,12 @@ def loss_step(z1, z2, hn):
     return step
 
 
-def launcher_step(z1, columns, budget):
-    """The contrastive launchers alone (forward with z1's gradient, then the columns'), on
-    ``columns``: one [N, D] tensor or the blocks (z2, hard negatives)."""
-    r1 = _inv_norms(z1)
-    ry = _inv_norms(columns) if torch.is_tensor(columns) else torch.cat([_inv_norms(c) for c in columns])
+def launcher_step(z1, z2, hn, budget, concatenated):
+    """The contrastive launchers alone (forward with z1's gradient, then the columns'), on the
+    blocks (z2, hn) as the backend passes them, or ``concatenated`` into one [B + H, D] tensor
+    (made here, outside the timed step)."""
+    r1, ry = _inv_norms(z1), _column_norms(z2, hn)
+    columns = torch.cat([z2, hn]) if concatenated and hn is not None else _columns_of(z2, hn)
     g = torch.full((z1.shape[0],), 1.0 / z1.shape[0], device=z1.device)
 
     def step():  # the backward's budget as the triton backend's (half: the gradients exist beside it)
@@ -98,13 +99,11 @@ def main(argv=None):
         else:
             frozen = loss_step(z1, z2, hn.detach())
             row += [f"{1e3 * timed(frozen, device, repeats):.2f}", f"{peak_extra_mib(frozen, device):.4g}"]
-        x = z1.detach()
-        blocks = (z2.detach(),) if hn is None else (z2.detach(), hn.detach())
-        row.append(f"{1e3 * timed(launcher_step(x, blocks, budget), device, repeats):.2f}")
-        one = torch.cat(blocks) if hn is not None else z2.detach()
-        row.append(f"{1e3 * timed(launcher_step(x, one, budget), device, repeats):.2f}")
+        x, y, h = z1.detach(), z2.detach(), None if hn is None else hn.detach()
+        for concatenated in (False, True):
+            row.append(f"{1e3 * timed(launcher_step(x, y, h, budget, concatenated), device, repeats):.2f}")
         print("| " + " | ".join(row) + " |", flush=True)
-        del hn, one
+        del hn, h
 
 
 if __name__ == "__main__":

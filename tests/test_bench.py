@@ -269,8 +269,7 @@ def test_bench_memory_hard_negatives(tmp_path, capsys):
     assert peak["plain", 64] >= 64 * (4 * 64) * 4, peak  # the logits against z2 and 3 x 64 hard negatives
     assert "shuffle=random, 3 hard negatives a row" in (tmp_path / "hard" / "results.md").read_text()
     assert "3 hard negatives a row, B=32..64" in capsys.readouterr().out
-    shapes = gemm_shapes("contrastive", "plain", 16, 16, 2, 3)
-    assert len(shapes) == 12 and bench.hard_negatives_phrase(rows[0]) == "3 hard negatives a row"
+    assert bench.hard_negatives_phrase(rows[0]) == "3 hard negatives a row"
     from distillcse.plot import _yardstick_label
     assert _yardstick_label(dict(rows[0], gemms="")) == "bare forward GEMMs\n(z1 [z2; hn]ᵀ)"  # a CSV before fwd+bwd
     with pytest.raises(ValueError, match="hard=-1: expected a number of hard negatives a row >= 0"):
