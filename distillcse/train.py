@@ -19,6 +19,12 @@ interruption (Ctrl-C, SIGTERM) writes the checkpoint before exiting; running the
 again resumes from it. At the end the best student is scored on STS12-16, STS-B and SICK-R
 test (``OUT/sts_test.json``, ``OUT/results.md``).
 
+With ``pairs`` (a CSV of anchor, positive and, optionally, hard negative sentences: supervised
+SimCSE's NLI triples) a batch is ``batch_size`` rows: the student encodes each row's sentences
+once, in one forward (dropout on), as supervised SimCSE does: z1 the anchors, z2 the positives,
+the hard negatives the contrastive term's extra columns; the teachers and the distillation
+term take the anchors.
+
 Under ``torchrun --nproc_per_node N -m distillcse train ...`` each rank encodes its share of
 the batch (``batch_size`` is the global batch), the embeddings are gathered
 (:func:`distillcse.all_gather`) and every rank computes the global loss (with ``shard_loss``,
@@ -118,6 +124,40 @@ def read_corpus(path):
     if not lines:
         raise SystemExit(f"--sentences: {path} has no sentences")
     return lines
+
+
+PAIR_COLUMNS = ("anchor", "positive", "hard negative")
+
+
+def read_pairs(path):
+    """Training rows of a CSV file (tab-separated if its name ends in .tsv) whose first line is a
+    header: two columns, anchor and positive, or three, the third a hard negative (SimCSE's
+    ``nli_for_simcse.csv``: sent0,sent1,hard_neg). Returns tuples of 2 or 3 sentences."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"--pairs: file not found: {path} (a CSV file with a header line: "
+                         "anchor,positive or anchor,positive,hard_negative)")
+    tsv = path.lower().endswith(".tsv")
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+        header = next(reader, [])
+        if len(header) not in (2, 3):
+            raise SystemExit(f"--pairs: {path}: expected a header line of 2 columns (anchor, positive) or 3 "
+                             f"(anchor, positive, hard negative), got {len(header)}: {header}")
+        rows = []
+        for cells in reader:
+            if not any(c.strip() for c in cells):            # a blank line
+                continue
+            if len(cells) != len(header):
+                raise SystemExit(f"--pairs: {path}, line {reader.line_num}: {len(cells)} columns, its header "
+                                 f"{len(header)}")
+            cells = tuple(c.strip() for c in cells)
+            for name, cell in zip(PAIR_COLUMNS, cells):
+                if not cell:
+                    raise SystemExit(f"--pairs: {path}, line {reader.line_num}: the {name} is empty")
+            rows.append(cells)
+    if not rows:
+        raise SystemExit(f"--pairs: {path} has no rows under its header")
+    return rows
 
 
 def _amp_dtype(amp, device):
@@ -240,7 +280,7 @@ def _check_resume_settings(saved, now, ckpt_path):
     schedule or loss setting is an error naming each option (options absent from an older
     checkpoint are not compared)."""
     def same(key):   # a data file by where it is, however it was spelt
-        if key == "sentences" and saved[key] and now[key]:
+        if key in ("sentences", "pairs") and saved[key] and now[key]:
             return os.path.realpath(saved[key]) == os.path.realpath(now[key])
         return saved[key] == now[key]
     changed = [f"--{k.replace('_', '-')} {saved[k]!r} there, {now[k]!r} now" for k in sorted(saved.keys() & now.keys())
@@ -285,12 +325,18 @@ def _train(args, log, device, rank, world):
         check_sts_files(("STSBenchmark",), "dev", args.sts_dir)
     if args.test:
         check_sts_files(sts.STS_TASKS, "test", args.sts_dir)
-    if args.sentences:   # saved absolute: a resume from another folder compares the same file
-        args.sentences = os.path.realpath(args.sentences)
-    corpus = read_corpus(args.sentences or default_sentences_path())
+    if args.pairs and args.distill_only:
+        raise SystemExit("--distill-only drops the contrastive term, the only one that reads --pairs' positives "
+                         "and hard negatives: train on the anchors alone with --sentences")
+    for key in ("sentences", "pairs"):   # saved absolute: a resume from another folder compares the same file
+        if getattr(args, key):
+            setattr(args, key, os.path.realpath(getattr(args, key)))
+    # a row: a sentence (its two dropout views), or the sentences of --pairs (anchor, positive[, hard negative])
+    corpus = read_pairs(args.pairs) if args.pairs else read_corpus(args.sentences or default_sentences_path())
     steps_per_epoch = len(corpus) // args.batch_size
     if steps_per_epoch < 1:
-        raise SystemExit(f"--batch-size {args.batch_size}: larger than the corpus ({len(corpus)} sentences)")
+        raise SystemExit(f"--batch-size {args.batch_size}: larger than the corpus ({len(corpus)} "
+                         f"{'rows of --pairs' if args.pairs else 'sentences'})")
     if args.batch_size < world:
         raise SystemExit(f"--batch-size {args.batch_size}: the global batch needs a row on each of {world} ranks")
 
@@ -378,10 +424,14 @@ def _train(args, log, device, rank, world):
     def autocast():
         return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
-    def views(sentences):                                 # the student's two dropout views, [n, d] each
+    def anchors(rows):                                    # what z1 and the teachers encode
+        return [row[0] for row in rows] if args.pairs else rows
+
+    def views(rows):                                      # z1, z2 (and the hard negatives), [n, d] each
+        columns = [list(c) for c in zip(*rows)] if args.pairs else [rows, rows]   # pairs: each sentence once
         with autocast():
-            z1, z2 = student.pool(student.tokenize(sentences + sentences, args.max_seq_length), encode).chunk(2)
-            return (project(z1), project(z2)) if project is not None else (z1, z2)
+            outputs = student.pool(student.tokenize(sum(columns, []), args.max_seq_length), encode).chunk(len(columns))
+            return tuple(project(z) for z in outputs) if project is not None else outputs
 
     orders = {}                                           # epoch -> its seeded order
 
@@ -406,14 +456,18 @@ def _train(args, log, device, rank, world):
                 batch = batch[rank * len(batch) // world:(rank + 1) * len(batch) // world]   # this rank's rows
                 minis = [batch[i:i + mini] for i in range(0, len(batch), mini)]
                 with autocast(), torch.no_grad():
-                    targets = [torch.cat([t.pool(t.tokenize(m, args.max_seq_length)) for m in minis])
+                    targets = [torch.cat([t.pool(t.tokenize(anchors(m), args.max_seq_length)) for m in minis])
                                for t in teachers]
 
-                def global_loss(z1, z2):
+                def global_loss(z1, z2, hard_negatives=None):
                     if args.shard_loss:                          # this rank's rows' share, all-reduced
-                        return sharded_loss(z1, z2, targets, seed=step_seed, return_terms=True, **loss_options)
+                        return sharded_loss(z1, z2, targets, hard_negatives=hard_negatives, seed=step_seed,
+                                            return_terms=True, **loss_options)
                     z1, z2, *ts = all_gather(z1, z2, *targets)   # the global batch (one rank: as is)
-                    return distillcse_loss(z1, z2, ts, seed=step_seed, return_terms=True, **loss_options)
+                    if hard_negatives is not None:
+                        hard_negatives = all_gather(hard_negatives)
+                    return distillcse_loss(z1, z2, ts, hard_negatives=hard_negatives, seed=step_seed,
+                                           return_terms=True, **loss_options)
                 # gradient caching: one mini-batch's activations (one mini-batch: a plain forward and backward)
                 try:
                     loss, terms = cached_backward(views, minis, global_loss, scale=scaler.scale,
@@ -508,16 +562,21 @@ def add_train_arguments(p):
                    "components, their logits averaged (default: all-MiniLM-L6-v2; the paper: SimCSE models)")
     p.add_argument("--student-layers", type=checks.positive_int, default=None,
                    help="keep this many evenly spaced layers of the student (a smaller student)")
-    p.add_argument("--sentences", default=None, help="one sentence a line (default: the shared data "
-                   "folder's 407k Wikipedia sentences)")
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--sentences", default=None, help="one sentence a line (default: the shared data "
+                      "folder's 407k Wikipedia sentences)")
+    data.add_argument("--pairs", default=None, help="supervised rows instead: a CSV file (.tsv: tab-separated) "
+                      "with a header line and 2 columns, anchor and positive, or 3, the third a hard negative "
+                      "(SimCSE's nli_for_simcse.csv); the batch is --batch-size rows")
     p.add_argument("--pooling", choices=sts.POOLINGS, default="mean", help="student pooling (paper: cls)")
     p.add_argument("--teacher-pooling", choices=sts.POOLINGS, default="mean", help="teacher pooling")
     p.add_argument("--mlp-head", action="store_true", help="SimCSE's MLP over the pooled output, in training "
                    "only (paper: on, with cls pooling)")
-    p.add_argument("--batch-size", type=checks.batch_size, default=64)
+    p.add_argument("--batch-size", type=checks.batch_size, default=64, help="rows a step: sentences, or rows of "
+                   "--pairs (default: 64)")
     p.add_argument("--mini-batch-size", type=checks.positive_int, default=None, help="encode at most this many "
-                   "sentences at once on each rank; the loss still sees the whole batch (gradient caching: the "
-                   "encoder's activations are one mini-batch's, its forward runs twice; default: the whole batch)")
+                   "rows at once on each rank; the loss still sees the whole batch (gradient caching: the encoder's "
+                   "activations are one mini-batch's, its forward runs twice; default: the whole batch)")
     p.add_argument("--max-seq-length", type=checks.positive_int, default=32, help="training truncation "
                    "(evaluation truncates at 128)")
     p.add_argument("--lr", type=checks.positive_float, default=3e-5)

@@ -3,6 +3,7 @@ checkpoints, exact resume after an interruption, the saved best student, input e
 import argparse
 import csv
 import os
+import re
 import signal
 
 import numpy as np
@@ -70,10 +71,30 @@ def sentences(tmp_path_factory):
     return str(path)
 
 
-def _args(out, sentences, test=False, **over):
+@pytest.fixture(scope="module")
+def triples(tmp_path_factory):
+    """Supervised rows from SICK's training split: a premise, a hypothesis it entails and one it
+    contradicts (107 rows, each premise once)."""
+    path = os.path.join(sts.default_data_dir(), "SICK", "SICK_train.txt")
+    with open(path, encoding="utf-8", newline="") as f:
+        pairs = list(csv.reader(f, delimiter="\t"))[1:]
+    entails, contradicts = {}, {}
+    for _, a, b, _, label in pairs:
+        {"ENTAILMENT": entails, "CONTRADICTION": contradicts}.get(label, {}).setdefault(a, b)
+    out = tmp_path_factory.mktemp("pairs") / "triples.csv"
+    with open(out, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["sent0", "sent1", "hard_neg"])
+        writer.writerows((a, b, contradicts[a]) for a, b in entails.items() if a in contradicts)
+    return str(out)
+
+
+def _args(out, data, test=False, **over):
+    """``distillcse train``'s arguments: a small fast run on ``data`` (--pairs for a .csv file)."""
     parser = argparse.ArgumentParser()
     train.add_train_arguments(parser)
-    argv = ["--out", str(out), "--sentences", sentences, "--batch-size", "8", "--max-steps", "4",
+    argv = ["--out", str(out), "--pairs" if data.endswith(".csv") else "--sentences", data, "--batch-size", "8",
+            "--max-steps", "4",
             "--eval-every", "2", "--dev-pairs", "40", "--student-layers", "2", "--no-progress",
             "--device", "cpu"] + ([] if test else ["--no-test"])
     for key, value in over.items():
@@ -269,7 +290,7 @@ def test_a_second_signal_exits_with_its_own_status(monkeypatch):
     assert exited.value.code == 128 + signal.SIGTERM
 
 
-def test_resume_refuses_other_settings(tmp_path, sentences, monkeypatch):
+def test_resume_refuses_other_settings(tmp_path, sentences, triples, monkeypatch):
     """The same --out with a different loss or schedule is not silently resumed, and is refused
     before any model loads; options about where and how the run reports may change."""
     out = tmp_path / "run"
@@ -284,6 +305,8 @@ def test_resume_refuses_other_settings(tmp_path, sentences, monkeypatch):
         train.train(_args(out, sentences, distill_weight=0), log=lambda *a: None)
     with pytest.raises(SystemExit, match=r"--backend 'auto' there, 'reference' now"):  # its own random shuffle
         train.train(_args(out, sentences, max_steps=2, backend="reference"), log=lambda *a: None)
+    with pytest.raises(SystemExit, match=r"--pairs None there, '\S+triples.csv' now; --sentences '\S+' there, None now"):
+        train.train(_args(out, triples, max_steps=2), log=lambda *a: None)
     monkeypatch.setattr(train, "load_encoder", real_load)
     messages, respelt = [], os.path.join(os.path.dirname(sentences), ".", os.path.basename(sentences))
     train.train(_args(out, respelt, max_steps=2, eval_every=1, save_every=0), log=messages.append)
@@ -390,18 +413,22 @@ def _same_training(one, other):
     assert mismatched <= total * 1e-5, f"{mismatched} of {total} weights differ"
 
 
-@pytest.mark.parametrize("over", [{}, {"mini_batch_size": 3}, {"shard_loss": True}])
-def test_train_on_two_ranks_is_training_on_one(tmp_path, sentences, monkeypatch, over):
+@pytest.mark.parametrize("over", [{}, {"mini_batch_size": 3}, {"shard_loss": True}, {"pairs": True},
+                                  {"pairs": True, "shard_loss": True, "mini_batch_size": 3}])
+def test_train_on_two_ranks_is_training_on_one(tmp_path, sentences, triples, monkeypatch, over):
     """Two gloo ranks with 4 rows each (dropout off, so the views are exact) train as one
     process with the batch of 8: the same losses step by step; only rank 0 writes. With
     --mini-batch-size 3 each rank encodes 3 + 1 rows (gradient caching under DDP's no_sync);
-    with --shard-loss each rank computes its 4 rows' share of the loss."""
+    with --shard-loss each rank computes its 4 rows' share of the loss; with --pairs (SICK
+    triples) the hard negatives are gathered too."""
     import torch.multiprocessing as mp
     monkeypatch.setattr(train, "load_encoder", _without_dropout(train.load_encoder))
-    one = _args(tmp_path / "one", sentences, max_steps=3, eval_every=3)
+    over = dict(over)
+    data = triples if over.pop("pairs", False) else sentences
+    one = _args(tmp_path / "one", data, max_steps=3, eval_every=3)
     train.train(one, log=lambda *a: None)
 
-    two = _args(tmp_path / "two", sentences, max_steps=3, eval_every=3, **over)
+    two = _args(tmp_path / "two", data, max_steps=3, eval_every=3, **over)
     results = mp.Manager().dict()
     mp.spawn(_train_rank, args=(str(tmp_path / "init"), two, results), nprocs=2, join=True)
     assert results[1] is None and results[0]["best_step"] == 3
@@ -418,6 +445,72 @@ def test_mini_batches_train_as_the_whole_batch(tmp_path, sentences, monkeypatch)
     mini = _args(tmp_path / "mini", sentences, max_steps=3, eval_every=3, mlp_head=True, mini_batch_size=3)
     train.train(mini, log=lambda *a: None)
     _same_training(whole.out, mini.out)
+
+
+def test_read_pairs_reads_csv_and_tsv(tmp_path):
+    """CSV cells as the csv module quotes them; a .tsv file split at tabs only, its quotes kept."""
+    nli = tmp_path / "nli.csv"
+    nli.write_text('sent0,sent1,hard_neg\n"A man, smiling",A man smiles,"No one ""smiles"""\n\n x , y , z \n')
+    assert train.read_pairs(str(nli)) == [("A man, smiling", "A man smiles", 'No one "smiles"'), ("x", "y", "z")]
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text('anchor\tpositive\n"Quoted" start\tit, says\n')
+    assert train.read_pairs(str(tsv)) == [('"Quoted" start', "it, says")]
+
+
+@pytest.mark.parametrize("text,message", [
+    ("sent0\nA\n", "expected a header line of 2 columns (anchor, positive) or 3 (anchor, positive, hard negative), "
+                   "got 1: ['sent0']"),
+    ("a,b,c,d\n1,2,3,4\n", "got 4"),
+    ("", "got 0"),
+    ("sent0,sent1\n\n", "has no rows under its header"),
+    ("sent0,sent1\nA,B\n\nC\n", "line 4: 1 columns, its header 2"),
+    ("sent0,sent1,hard_neg\nA,B,C\nD,,F\n", "line 3: the positive is empty"),
+    ("sent0,sent1,hard_neg\nA,B, \n", "line 2: the hard negative is empty"),
+])
+def test_read_pairs_names_what_is_wrong(tmp_path, text, message):
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(SystemExit, match=re.escape(f"--pairs: {path}") + ".*" + re.escape(message)):
+        train.read_pairs(str(path))
+
+
+def test_pairs_input_errors(tmp_path, sentences, triples, capsys):
+    base = ["train", "--out", str(tmp_path), "--device", "cpu", "--no-progress"]
+    with pytest.raises(SystemExit):
+        main(base + ["--pairs", triples, "--sentences", sentences])
+    assert "argument --sentences: not allowed with argument --pairs" in capsys.readouterr().err
+    for argv, message in ((["--pairs", "/nonexistent.csv"], "--pairs: file not found: /nonexistent.csv"),
+                          (["--pairs", triples, "--distill-only"], "--distill-only drops the contrastive term"),
+                          (["--pairs", triples, "--batch-size", "200"], "larger than the corpus (107 rows of --pairs)")):
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            main(base + argv)
+
+
+def test_supervised_rows_reach_the_loss_in_their_roles(tmp_path, triples, monkeypatch):
+    """--pairs with hard negatives (dropout off; 3 rows encoded at a time): row by row, z1 is the
+    student's anchor, z2 its positive, the hard negative its contradiction, and the teacher's
+    rows are its encoding of the anchor."""
+    monkeypatch.setattr(train, "load_encoder", _without_dropout(train.load_encoder))
+    seen, real_loss = [], train.distillcse_loss
+
+    def recording(z1, z2, teachers, **kwargs):
+        seen.append((z1.detach(), z2.detach(), kwargs["hard_negatives"].detach(), teachers[0]))
+        return real_loss(z1, z2, teachers, **kwargs)
+    monkeypatch.setattr(train, "distillcse_loss", recording)
+    train.train(_args(tmp_path / "run", triples, max_steps=1, eval_every=0, mini_batch_size=3), log=lambda *a: None)
+    (z1, z2, hard_negatives, teacher_rows), = seen
+
+    student, teacher = (train.load_encoder(train.minilm_path("x"), "mean") for _ in range(2))
+    train.keep_layers(student.model, 2)
+    rows = train.read_pairs(triples)
+    with torch.no_grad():
+        expected = [student.pool(student.tokenize(column, 32)) for column in zip(*rows)]
+        expected.append(teacher.pool(teacher.tokenize([row[0] for row in rows], 32)))
+    assert all(t.shape == (8, 384) for t in (z1, z2, hard_negatives, teacher_rows))
+    for i in range(8):
+        j = int((expected[0] - z1[i]).norm(dim=1).argmin())   # its row of the file
+        for got, want in zip((z1, z2, hard_negatives, teacher_rows), expected):
+            torch.testing.assert_close(got[i], want[j], atol=1e-4, rtol=0)
 
 
 def test_gradients_are_clipped_to_max_grad_norm(tmp_path, sentences):
