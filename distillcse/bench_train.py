@@ -15,6 +15,8 @@ Per (implementation, B): a warm-up step, one step under the memory meter (CUDA: 
 over what was allocated before it, model, optimizer state and batch included in the base;
 CPU: :class:`RssMemory`, resident-set growth), then the median time of the remaining steps.
 ``encoder-only`` is the same step with a trivial loss: the difference is what the loss costs.
+``--hard-negatives R`` (supervised SimCSE: R = 1): each row also has R other sentences, encoded
+by the student in the same forward, the contrastive term's extra R x B columns.
 ``--mini-batch-size M``: the encoders run M rows at a time and the student's gradient comes
 through :func:`distillcse.cached_backward` (gradient caching), so that large B is bounded by the
 loss's memory rather than the encoder's activations.
@@ -31,11 +33,12 @@ import torch
 
 from . import bench, checks
 from .grad_cache import cached_backward
+from .plot import hard_negatives_phrase
 
 TRAIN_IMPLS = ("encoder-only", "reference", "plain", "torch", "triton")
 TRAIN_COLUMNS = ("timestamp", "commit", "device", "device_name", "torch", "triton", "transformers",
                  "python", "config", "student", "teacher", "params_m", "max_seq_length", "mini_batch", "amp",
-                 "shuffle", "impl", "label", "B", "steps", "status", "step_ms", "peak_mem_mib",
+                 "shuffle", "hard_per_row", "impl", "label", "B", "steps", "status", "step_ms", "peak_mem_mib",
                  "memory_kind", "loss", "note")
 LABELS = dict(bench.LABELS, **{"encoder-only": "encoder only (trivial loss)"})
 SENTENCES_FILE = os.path.join("shared", "data", "wiki", "wiki_sentences_en_407k.txt")
@@ -109,6 +112,13 @@ def tokenise(tokenizer, sentences, max_length, vocab_size, seed=0):
     return ids, torch.ones_like(ids)
 
 
+def batch_tokens(tokenizer, sentences, B, max_length, vocab_size, seed=0):
+    """A step's tokens from (1 + R) B sentences, padded to one length: (ids, mask) [B, L] of the
+    first B, and for R > 0 (ids, mask) [R B, L] of the rest, row i's hard negatives at R i .. R i + R - 1."""
+    ids, mask = tokenise(tokenizer, sentences, max_length, vocab_size, seed)
+    return (ids[:B], mask[:B]) + ((ids[B:], mask[B:]) if len(sentences) > B else ())
+
+
 def mean_pool(hidden, mask):
     """[n, L, H], [n, L] -> [n, H]: the mean over the real tokens."""
     mask = mask.unsqueeze(-1).to(hidden.dtype)
@@ -116,8 +126,9 @@ def mean_pool(hidden, mask):
 
 
 def train_loss_function(impl, shuffle, device):
+    """``(z1, z2, teachers, hard_negatives=None) -> loss`` (``encoder-only``: a trivial one)."""
     if impl == "encoder-only":
-        return lambda z1, z2, ts: z1.float().square().mean() + z2.float().square().mean()
+        return lambda z1, z2, ts, hn=None: sum(z.float().square().mean() for z in (z1, z2, hn) if z is not None)
     return bench.loss_function(impl, "full", shuffle, device)
 
 
@@ -202,26 +213,29 @@ def _amp(device, amp):
 
 def run_point(impl, B, *, pristine, teacher, batches, shuffle, device, amp, steps, lr, meter, mini_batch=None):
     """Train a fresh copy of the student for ``steps`` steps; returns (ms, peak bytes, loss).
-    ``mini_batch``: the encoders run that many rows at a time, the student's gradient through
-    :func:`distillcse.cached_backward` (gradient caching)."""
+    ``batches``: (ids, mask) [B, L] each, and with hard negatives their (ids, mask) [R B, L], row
+    i's R at R i .. R i + R - 1. ``mini_batch``: the encoders run that many rows at a time, the
+    student's gradient through :func:`distillcse.cached_backward` (gradient caching)."""
     fn = train_loss_function(impl, shuffle, device)
     student = copy.deepcopy(pristine).to(device).train()
     opt = torch.optim.AdamW(student.parameters(), lr=lr)
     losses = []
 
-    def views(tokens):                      # [m, L] ids and mask -> the two dropout views, [m, H] each
-        ids, mask = tokens
+    def views(tokens):                      # a mini-batch's (ids, mask[, hard ids, hard mask]) -> the two
+        ids, mask = tokens[0::2], tokens[1::2]   # dropout views [m, H] (and the hard negatives [R m, H])
         with _amp(device, amp):
-            ids2, mask2 = torch.cat([ids, ids]), torch.cat([mask, mask])
-            return mean_pool(student(input_ids=ids2, attention_mask=mask2).last_hidden_state, mask2).chunk(2)
+            ids_all, mask_all = torch.cat([ids[0], *ids]), torch.cat([mask[0], *mask])
+            pooled = mean_pool(student(input_ids=ids_all, attention_mask=mask_all).last_hidden_state, mask_all)
+            return pooled.split([len(ids[0])] + [len(x) for x in ids])
 
     def step(i):
-        ids, mask = (x.to(device, non_blocking=True) for x in batches[i % len(batches)])
-        minis = list(zip(ids.split(mini_batch or B), mask.split(mini_batch or B)))
+        tokens = [x.to(device, non_blocking=True) for x in batches[i % len(batches)]]
+        rows = mini_batch or B
+        minis = list(zip(*(x.split(rows if k < 2 else rows * len(x) // B) for k, x in enumerate(tokens))))
         with _amp(device, amp), torch.no_grad():
-            t = torch.cat([mean_pool(teacher(input_ids=m_ids, attention_mask=m_mask).last_hidden_state, m_mask)
-                           for m_ids, m_mask in minis])
-        loss = cached_backward(views, minis, lambda z1, z2: fn(z1, z2, [t.to(z1.dtype)]))   # one mini-batch: plain
+            t = torch.cat([mean_pool(teacher(input_ids=m[0], attention_mask=m[1]).last_hidden_state, m[1])
+                           for m in minis])
+        loss = cached_backward(views, minis, lambda z1, z2, *hn: fn(z1, z2, [t.to(z1.dtype)], *hn))   # one mini-batch: plain
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach().float()))
@@ -259,6 +273,9 @@ def add_train_arguments(p):
                    f"inf-cl (default: {' '.join(TRAIN_IMPLS)})")
     p.add_argument("--shuffle", choices=("none", "expected", "random"), default="random",
                    help="Group-P shuffle (default: random, the paper)")
+    p.add_argument("--hard-negatives", type=checks.non_negative_int, default=0, metavar="R",
+                   help="hard negatives a row: R more sentences a row for the student, R x B more columns of the "
+                   "contrastive term, as in supervised SimCSE (R = 1; default: 0)")
     p.add_argument("--sentences", default=None,
                    help=f"one sentence a line (default: ../{SENTENCES_FILE} relative to the repository)")
     p.add_argument("--max-seq-length", type=checks.positive_int, default=32, help="tokens per sentence (default: 32, the paper)")
@@ -284,7 +301,8 @@ def markdown_table(rows):
     mini = f"of {first['mini_batch']} rows (gradient caching)" if first.get("mini_batch") else "off"
     lines = [f"# distillcse bench train: {first['student']} student, {first['teacher']} teacher", "",
              f"- device: {first['device_name']} ({first['device']}), autocast {first['amp']}",
-             f"- max_seq_length {first['max_seq_length']}, shuffle={first['shuffle']}, encoder mini-batches "
+             f"- max_seq_length {first['max_seq_length']}, shuffle={first['shuffle']}"
+             f"{hard_negatives_phrase(first, ', ')}, encoder mini-batches "
              f"{mini}, "
              f"{first['params_m']}M student parameters, {first['steps']} step(s) per point",
              f"- torch {first['torch']}, triton {first['triton']}, transformers {first['transformers']}, "
@@ -318,7 +336,8 @@ def run_train(args, log=print):
     out = args.out or bench.default_out_dir("-train")
     checks.check_out_dir(out)
     sentences_path = args.sentences or default_sentences_path()
-    sentences = read_sentences(sentences_path, steps * max(sizes), seed=args.seed)
+    R = args.hard_negatives
+    sentences = read_sentences(sentences_path, steps * max(sizes) * (1 + R), seed=args.seed)
     try:
         import transformers
     except ImportError:
@@ -342,13 +361,14 @@ def run_train(args, log=print):
         params_m = sum(p.numel() for p in pristine.parameters()) / 1e6
         log(f"distillcse bench train on {bench.device_name(device)}: {student_name} student ({params_m:.1f}M), "
             f"{teacher_name} teacher, max_seq_length {args.max_seq_length}, autocast {amp}, "
-            f"shuffle={args.shuffle}, B={sizes}, {steps} step(s) per point, sentences from {sentences_path}"
+            f"shuffle={args.shuffle}{', ' + str(R) + ' hard negative(s) a row' if R else ''}, B={sizes}, {steps} "
+            f"step(s) per point, sentences from {sentences_path}"
             + (f", encoder mini-batches of {args.mini_batch_size} (gradient caching)" if args.mini_batch_size else ""))
         meter = bench.CudaMemory(device) if cuda else RssMemory()
         env = bench.environment(device)
         settings = dict(env, transformers=transformers.__version__, config=args.config, student=student_name,
                         teacher=teacher_name, params_m=f"{params_m:.1f}", max_seq_length=args.max_seq_length,
-                        mini_batch=args.mini_batch_size or "", amp=amp, shuffle=args.shuffle, steps=steps,
+                        mini_batch=args.mini_batch_size or "", amp=amp, shuffle=args.shuffle, hard_per_row=R, steps=steps,
                         memory_kind=meter.kind)
         vocab = pristine.config.vocab_size
         # One untimed step first, so the first point does not pay for the process's first-time costs.
@@ -367,8 +387,8 @@ def run_train(args, log=print):
                     if stop is not None:
                         row["status"], row["note"] = stop
                     else:
-                        batches = [tokenise(tokenizer, sentences[s * B:(s + 1) * B], args.max_seq_length, vocab,
-                                            args.seed + s) for s in range(steps)]
+                        batches = [batch_tokens(tokenizer, sentences[s * B * (1 + R):(s + 1) * B * (1 + R)], B,
+                                                args.max_seq_length, vocab, args.seed + s) for s in range(steps)]
                         try:
                             ms, peak, loss = run_point(impl, B, pristine=pristine, teacher=teacher, batches=batches,
                                                        shuffle=args.shuffle, device=device, amp=amp, steps=steps,

@@ -440,6 +440,41 @@ def test_bench_train_mini_batches(tmp_path):
     assert "encoder mini-batches of 3 rows (gradient caching)" in (out / "train.md").read_text()
 
 
+def test_bench_train_hard_negatives(tmp_path, monkeypatch):
+    """--hard-negatives 2: the student also encodes 2 sentences a row in its forward, the contrastive
+    term's extra columns. Without dropout the first step's loss is distillcse_loss on them, in one
+    forward and in mini-batches of 3 rows; the CSV and the table say so."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    from distillcse import bench_train
+    from distillcse.api import distillcse_loss
+    config = transformers.BertConfig(vocab_size=1100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    student, teacher = transformers.BertModel(config), transformers.BertModel(config).eval()
+    batch = bench_train.batch_tokens(None, ["x"] * 21, 7, 12, config.vocab_size, seed=1)
+    assert [tuple(x.shape) for x in batch] == [(7, 12), (7, 12), (14, 12), (14, 12)]
+    with torch.no_grad():
+        pool = lambda model, ids, mask: bench_train.mean_pool(model(input_ids=ids, attention_mask=mask).last_hidden_state, mask)  # noqa: E731
+        z, hn, t = pool(student, *batch[:2]), pool(student, *batch[2:]), pool(teacher, *batch[:2])
+        expected = distillcse_loss(z, z, [t], hard_negatives=hn, shuffle="expected", backend="torch").item()
+        without = distillcse_loss(z, z, [t], shuffle="expected", backend="torch").item()
+    cpu = torch.device("cpu")
+    for mini in (None, 3):
+        loss = bench_train.run_point("torch", 7, pristine=student, teacher=teacher, batches=[batch], shuffle="expected",
+                                     device=cpu, amp="none", steps=1, lr=1e-3, meter=bench_train.RssMemory(),
+                                     mini_batch=mini)[2]
+        assert loss == pytest.approx(expected, rel=1e-5) and loss != pytest.approx(without, rel=1e-3)
+
+    monkeypatch.setattr(bench_train, "load_models", lambda *args: (None, student, teacher, "tiny", "tiny"))
+    path = tmp_path / "sentences.txt"
+    path.write_text("".join(f"sentence number {i}\n" for i in range(8)), encoding="utf-8")
+    main(["bench", "train", "--device", "cpu", "--batch", "4", "--steps", "1", "--sentences", str(path),
+          "--impl", "encoder-only", "torch", "--hard-negatives", "1", "--out", str(tmp_path / "out"), "--no-progress"])
+    _, rows = _read(tmp_path / "out" / "train.csv")
+    assert [(r["impl"], r["status"], r["hard_per_row"]) for r in rows] == [("encoder-only", "ok", "1"), ("torch", "ok", "1")]
+    assert "shuffle=random, 1 hard negative a row, encoder mini-batches off" in (tmp_path / "out" / "train.md").read_text()
+
+
 def test_bench_train_stopped_keeps_the_points_measured(tmp_path, monkeypatch, capsys):
     """Ctrl-C at the second point (the third step run: the first is the untimed warm-up)."""
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
