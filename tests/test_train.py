@@ -513,6 +513,25 @@ def test_supervised_rows_reach_the_loss_in_their_roles(tmp_path, triples, monkey
             torch.testing.assert_close(got[i], want[j], atol=1e-4, rtol=0)
 
 
+def test_supervised_training_on_the_fused_kernels(tmp_path, triples, monkeypatch):
+    """--pairs with --backend triton (the kernels under the interpreter on CPU: the paper batch's
+    one program at B = 8, the streaming kernels at B = 40: 80 columns with the hard negatives)
+    trains as the torch backend does: the same losses and terms step by step."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("these runs are on the CPU, where the triton backend needs TRITON_INTERPRET=1")
+    monkeypatch.setattr(train, "load_encoder", _without_dropout(train.load_encoder))
+    for B in (8, 40):
+        logs = {}
+        for backend in ("torch", "triton"):
+            out = tmp_path / f"{backend}{B}"
+            train.train(_args(out, triples, max_steps=2, eval_every=0, batch_size=B, backend=backend),
+                        log=lambda *a: None)
+            with open(os.path.join(out, "train_log.csv")) as f:
+                logs[backend] = [[float(row[k]) for k in ("loss", "contrastive", "distill")] for row in csv.DictReader(f)]
+        assert len(logs["torch"]) == 2
+        np.testing.assert_allclose(logs["triton"], logs["torch"], rtol=1e-4)
+
+
 def test_gradients_are_clipped_to_max_grad_norm(tmp_path, sentences):
     """--max-grad-norm clips the gradients' global norm before each step, and the log has the norm
     before clipping. Adam's first step moves a weight by about lr * g / (|g| + 1e-8): clipped to a
