@@ -280,8 +280,9 @@ def add_train_arguments(p):
                    help=f"one sentence a line (default: ../{SENTENCES_FILE} relative to the repository)")
     p.add_argument("--max-seq-length", type=checks.positive_int, default=32, help="tokens per sentence (default: 32, the paper)")
     p.add_argument("--mini-batch-size", type=checks.positive_int, default=None,
-                   help="encode at most this many sentences at once; the loss sees the whole batch (gradient "
-                   "caching, distillcse.cached_backward; default: the whole batch in one forward)")
+                   help="encode at most this many rows at once (the student's forward: 2 + R sequences a row); "
+                   "the loss sees the whole batch (gradient caching, distillcse.cached_backward; default: the "
+                   "whole batch in one forward)")
     p.add_argument("--amp", choices=("none", "bfloat16", "float16"), default=None,
                    help="autocast dtype of the encoders (default: bfloat16 on CUDA, none on CPU)")
     p.add_argument("--lr", type=checks.positive_float, default=3e-5, help="AdamW learning rate (default: 3e-5, the paper)")

@@ -115,11 +115,18 @@ class MLPHead(torch.nn.Module):
         return torch.tanh(self.dense(x))
 
 
+def _not_utf8(option, path, err):
+    return SystemExit(f"{option}: {path} is not UTF-8 text ({err}); a compressed or UTF-16 file? save it as UTF-8")
+
+
 def read_corpus(path):
     if not os.path.isfile(path):
         raise SystemExit(f"--sentences: file not found: {path} (one sentence a line)")
-    with open(path, encoding="utf-8") as f:
-        lines = [line.strip() for line in f]
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = [line.strip() for line in f]
+    except UnicodeDecodeError as err:
+        raise _not_utf8("--sentences", path, err) from err
     lines = [line for line in lines if line]
     if not lines:
         raise SystemExit(f"--sentences: {path} has no sentences")
@@ -137,24 +144,45 @@ def read_pairs(path):
         raise SystemExit(f"--pairs: file not found: {path} (a CSV file with a header line: "
                          "anchor,positive or anchor,positive,hard_negative)")
     tsv = path.lower().endswith(".tsv")
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+    limit = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)          # a long cell is the data's; an unbalanced quote is named below
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return _pair_rows(csv.reader(f, delimiter="\t" if tsv else ",",
+                                         quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL), path)
+    except UnicodeDecodeError as err:
+        raise _not_utf8("--pairs", path, err) from err
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _pair_rows(reader, path):
+    """The rows of :func:`read_pairs`, from its ``csv.reader``; errors name the line."""
+    def where(start):                                     # a record may span lines (a quoted newline)
+        end = reader.line_num
+        return f"--pairs: {path}, line {start}" + (f"-{end}" if end > start else "")
+
+    start = 1
+    try:
         header = next(reader, [])
         if len(header) not in (2, 3):
+            hint = " (tab-separated? name the file .tsv)" if len(header) == 1 and "\t" in header[0] else ""
             raise SystemExit(f"--pairs: {path}: expected a header line of 2 columns (anchor, positive) or 3 "
-                             f"(anchor, positive, hard negative), got {len(header)}: {header}")
-        rows = []
+                             f"(anchor, positive, hard negative), got {len(header)}: {header}{hint}")
+        rows, start = [], reader.line_num + 1
         for cells in reader:
-            if not any(c.strip() for c in cells):            # a blank line
-                continue
-            if len(cells) != len(header):
-                raise SystemExit(f"--pairs: {path}, line {reader.line_num}: {len(cells)} columns, its header "
-                                 f"{len(header)}")
-            cells = tuple(c.strip() for c in cells)
-            for name, cell in zip(PAIR_COLUMNS, cells):
-                if not cell:
-                    raise SystemExit(f"--pairs: {path}, line {reader.line_num}: the {name} is empty")
-            rows.append(cells)
+            if any(c.strip() for c in cells):                 # not a blank line
+                if len(cells) != len(header):
+                    quote = " (an unbalanced quote?)" if any("\n" in c for c in cells) else ""
+                    raise SystemExit(f"{where(start)}: {len(cells)} columns, its header {len(header)}{quote}")
+                cells = tuple(c.strip() for c in cells)
+                for name, cell in zip(PAIR_COLUMNS, cells):
+                    if not cell:
+                        raise SystemExit(f"{where(start)}: the {name} is empty")
+                rows.append(cells)
+            start = reader.line_num + 1
+    except csv.Error as err:
+        raise SystemExit(f"{where(start)}: {err}") from err
     if not rows:
         raise SystemExit(f"--pairs: {path} has no rows under its header")
     return rows
@@ -279,6 +307,8 @@ def _check_resume_settings(saved, now, ckpt_path):
     """A checkpoint resumes only the run it belongs to: a different student, teacher, data,
     schedule or loss setting is an error naming each option (options absent from an older
     checkpoint are not compared)."""
+    saved = {"pairs": None, **saved}   # a checkpoint from before --pairs trained on --sentences
+
     def same(key):   # a data file by where it is, however it was spelt
         if key in ("sentences", "pairs") and saved[key] and now[key]:
             return os.path.realpath(saved[key]) == os.path.realpath(now[key])

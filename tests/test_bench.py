@@ -453,17 +453,31 @@ def test_bench_train_hard_negatives(tmp_path, monkeypatch):
     student, teacher = transformers.BertModel(config), transformers.BertModel(config).eval()
     batch = bench_train.batch_tokens(None, ["x"] * 21, 7, 12, config.vocab_size, seed=1)
     assert [tuple(x.shape) for x in batch] == [(7, 12), (7, 12), (14, 12), (14, 12)]
+    pool = lambda model, ids, mask: bench_train.mean_pool(model(input_ids=ids, attention_mask=mask).last_hidden_state, mask)  # noqa: E731
+    z, hn = pool(student, *batch[:2]), pool(student, *batch[2:])
     with torch.no_grad():
-        pool = lambda model, ids, mask: bench_train.mean_pool(model(input_ids=ids, attention_mask=mask).last_hidden_state, mask)  # noqa: E731
-        z, hn, t = pool(student, *batch[:2]), pool(student, *batch[2:]), pool(teacher, *batch[:2])
-        expected = distillcse_loss(z, z, [t], hard_negatives=hn, shuffle="expected", backend="torch").item()
+        t = pool(teacher, *batch[:2])
         without = distillcse_loss(z, z, [t], shuffle="expected", backend="torch").item()
+    expected = distillcse_loss(z, z, [t], hard_negatives=hn, shuffle="expected", backend="torch")
+    expected.backward()
+    grads = []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            grads.append([p.grad.clone() for group in self.param_groups for p in group["params"] if p.grad is not None])
+            return super().step(closure)
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
     cpu = torch.device("cpu")
     for mini in (None, 3):
         loss = bench_train.run_point("torch", 7, pristine=student, teacher=teacher, batches=[batch], shuffle="expected",
                                      device=cpu, amp="none", steps=1, lr=1e-3, meter=bench_train.RssMemory(),
                                      mini_batch=mini)[2]
-        assert loss == pytest.approx(expected, rel=1e-5) and loss != pytest.approx(without, rel=1e-3)
+        assert loss == pytest.approx(expected.item(), rel=1e-5) and loss != pytest.approx(without, rel=1e-3)
+        want = [p.grad for p in student.parameters() if p.grad is not None]   # autograd's, through hn too
+        assert len(grads[-1]) == len(want) > 10
+        for got, w in zip(grads[-1], want):
+            torch.testing.assert_close(got, w, atol=1e-6, rtol=1e-4)
+    monkeypatch.undo()
 
     monkeypatch.setattr(bench_train, "load_models", lambda *args: (None, student, teacher, "tiny", "tiny"))
     path = tmp_path / "sentences.txt"

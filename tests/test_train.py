@@ -307,6 +307,13 @@ def test_resume_refuses_other_settings(tmp_path, sentences, triples, monkeypatch
         train.train(_args(out, sentences, max_steps=2, backend="reference"), log=lambda *a: None)
     with pytest.raises(SystemExit, match=r"--pairs None there, '\S+triples.csv' now; --sentences '\S+' there, None now"):
         train.train(_args(out, triples, max_steps=2), log=lambda *a: None)
+    ckpt = torch.load(os.path.join(out, train.CHECKPOINT))
+    del ckpt["args"]["pairs"], ckpt["args"]["sentences"]   # a checkpoint from before --pairs, on the default data
+    torch.save(ckpt, os.path.join(out, train.CHECKPOINT))
+    with pytest.raises(SystemExit, match=r"--pairs None there, '\S+triples.csv' now"):
+        train.train(_args(out, triples, max_steps=2), log=lambda *a: None)
+    ckpt["args"]["sentences"] = sentences
+    torch.save(ckpt, os.path.join(out, train.CHECKPOINT))
     monkeypatch.setattr(train, "load_encoder", real_load)
     messages, respelt = [], os.path.join(os.path.dirname(sentences), ".", os.path.basename(sentences))
     train.train(_args(out, respelt, max_steps=2, eval_every=1, save_every=0), log=messages.append)
@@ -453,8 +460,11 @@ def test_read_pairs_reads_csv_and_tsv(tmp_path):
     nli.write_text('sent0,sent1,hard_neg\n"A man, smiling",A man smiles,"No one ""smiles"""\n\n x , y , z \n')
     assert train.read_pairs(str(nli)) == [("A man, smiling", "A man smiles", 'No one "smiles"'), ("x", "y", "z")]
     tsv = tmp_path / "pairs.tsv"
-    tsv.write_text('anchor\tpositive\n"Quoted" start\tit, says\n')
+    tsv.write_text('\ufeffanchor\tpositive\r\n"Quoted" start\tit, says\r\n')   # a BOM, Windows line ends
     assert train.read_pairs(str(tsv)) == [('"Quoted" start', "it, says")]
+    long = tmp_path / "long.csv"                          # beyond the csv module's default field limit
+    long.write_text(f"sent0,sent1\n{'word ' * 40000},b\n")
+    assert train.read_pairs(str(long))[0][1] == "b" and csv.field_size_limit() == 131072
 
 
 @pytest.mark.parametrize("text,message", [
@@ -466,10 +476,13 @@ def test_read_pairs_reads_csv_and_tsv(tmp_path):
     ("sent0,sent1\nA,B\n\nC\n", "line 4: 1 columns, its header 2"),
     ("sent0,sent1,hard_neg\nA,B,C\nD,,F\n", "line 3: the positive is empty"),
     ("sent0,sent1,hard_neg\nA,B, \n", "line 2: the hard negative is empty"),
+    ('sent0,sent1\n"A, B,C\n' + "D,E\n" * 3000, "line 2-3002: 1 columns, its header 2 (an unbalanced quote?)"),
+    ("a\tb\tc\nx\ty\tz\n", "got 1: ['a\\tb\\tc'] (tab-separated? name the file .tsv)"),
+    ("sent0,sent1\ncaf\xe9,B\n".encode("latin-1"), "is not UTF-8 text"),
 ])
 def test_read_pairs_names_what_is_wrong(tmp_path, text, message):
     path = tmp_path / "bad.csv"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(SystemExit, match=re.escape(f"--pairs: {path}") + ".*" + re.escape(message)):
         train.read_pairs(str(path))
 
@@ -486,31 +499,59 @@ def test_pairs_input_errors(tmp_path, sentences, triples, capsys):
             main(base + argv)
 
 
-def test_supervised_rows_reach_the_loss_in_their_roles(tmp_path, triples, monkeypatch):
-    """--pairs with hard negatives (dropout off; 3 rows encoded at a time): row by row, z1 is the
-    student's anchor, z2 its positive, the hard negative its contradiction, and the teacher's
-    rows are its encoding of the anchor."""
+@pytest.mark.parametrize("columns", [3, 2])
+def test_supervised_rows_reach_the_loss_in_their_roles(tmp_path, triples, monkeypatch, columns):
+    """--pairs (dropout off; 3 rows encoded at a time, gradient caching): row by row, z1 is the
+    student's anchor, z2 its positive, the hard negative (3 columns) its contradiction, and the
+    teacher's rows are its encoding of the anchor; the step's gradient (no clipping) is
+    autograd's through all of them."""
+    data = triples
+    if columns == 2:
+        data = str(tmp_path / "pairs.csv")
+        with open(triples, newline="") as f, open(data, "w", newline="") as out:
+            csv.writer(out).writerows(row[:2] for row in csv.reader(f))
     monkeypatch.setattr(train, "load_encoder", _without_dropout(train.load_encoder))
-    seen, real_loss = [], train.distillcse_loss
+    seen, grads, real_loss = [], [], train.distillcse_loss
 
     def recording(z1, z2, teachers, **kwargs):
-        seen.append((z1.detach(), z2.detach(), kwargs["hard_negatives"].detach(), teachers[0]))
+        hard_negatives = kwargs["hard_negatives"]
+        seen.append((z1.detach(), z2.detach(), None if hard_negatives is None else hard_negatives.detach(), teachers[0]))
         return real_loss(z1, z2, teachers, **kwargs)
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            grads.append([None if p.grad is None else p.grad.clone()   # None: the unused pooler
+                          for group in self.param_groups for p in group["params"]])
+            return super().step(closure)
     monkeypatch.setattr(train, "distillcse_loss", recording)
-    train.train(_args(tmp_path / "run", triples, max_steps=1, eval_every=0, mini_batch_size=3), log=lambda *a: None)
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    train.train(_args(tmp_path / "run", data, max_steps=1, eval_every=0, mini_batch_size=3, max_grad_norm=0),
+                log=lambda *a: None)
     (z1, z2, hard_negatives, teacher_rows), = seen
+    assert (hard_negatives is None) == (columns == 2)
 
     student, teacher = (train.load_encoder(train.minilm_path("x"), "mean") for _ in range(2))
     train.keep_layers(student.model, 2)
-    rows = train.read_pairs(triples)
+    rows = train.read_pairs(data)
     with torch.no_grad():
         expected = [student.pool(student.tokenize(column, 32)) for column in zip(*rows)]
         expected.append(teacher.pool(teacher.tokenize([row[0] for row in rows], 32)))
-    assert all(t.shape == (8, 384) for t in (z1, z2, hard_negatives, teacher_rows))
-    for i in range(8):
-        j = int((expected[0] - z1[i]).norm(dim=1).argmin())   # its row of the file
-        for got, want in zip((z1, z2, hard_negatives, teacher_rows), expected):
-            torch.testing.assert_close(got[i], want[j], atol=1e-4, rtol=0)
+    got = [t for t in (z1, z2, hard_negatives) if t is not None] + [teacher_rows]
+    assert all(t.shape == (8, 384) for t in got)
+    in_file = [int((expected[0] - z1[i]).norm(dim=1).argmin()) for i in range(8)]   # each row's line
+    for i, j in enumerate(in_file):
+        for mine, want in zip(got, expected):
+            torch.testing.assert_close(mine[i], want[j], atol=1e-4, rtol=0)
+
+    batch = [rows[j] for j in in_file]
+    views = [student.pool(student.tokenize(column, 32)) for column in zip(*batch)]
+    loss = real_loss(views[0], views[1], [teacher_rows], hard_negatives=views[2] if columns == 3 else None, seed=0)
+    loss.backward()
+    assert sum(g is not None for g in grads[0]) > 30
+    for (name, p), g in zip(student.model.named_parameters(), grads[0]):
+        assert (g is None) == (p.grad is None), name
+        if g is not None:
+            torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-3, msg=name)
 
 
 def test_supervised_training_on_the_fused_kernels(tmp_path, triples, monkeypatch):
