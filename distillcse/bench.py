@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checks, contrastive_loss, distill_loss, distillcse_loss
-from .plot import hard_negatives_phrase
+from .plot import settings_phrase
 from .reference import EPS
 from .tensor_memory import TensorMemory
 
@@ -469,12 +469,16 @@ def gemm_shapes(what, impl, D, Dt, K, hard=0):
 
 
 def time_gemms(B, shapes, dtype, device, repeats, max_block_bytes=None):
-    """Median seconds of the bare GEMMs ``shapes`` (:func:`gemm_shapes`), summed.
+    """Median seconds of the bare GEMMs ``shapes`` (:func:`gemm_shapes`), summed. On CPU, 16-bit
+    inputs time float32 GEMMs: every CPU loss computes in float32, and PyTorch's 16-bit CPU GEMMs
+    are many times slower than its float32 ones (the yardstick is the fastest way to the products).
 
     Rows go in blocks whose [rows, B] operand fits ``max_block_bytes`` (reused; default 1 GiB on
     CUDA, 256 MiB on CPU), so huge B still runs: a forward GEMM writes it, a backward one reads it."""
     if max_block_bytes is None:
         max_block_bytes = GIB if device.type == "cuda" else 256 * MIB
+    if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
     g = torch.Generator(device=device).manual_seed(1)
     dims = {d for _, d in shapes}
     mats = {d: torch.randn(B, d, device=device, generator=g).to(dtype) for d in dims}
@@ -729,11 +733,12 @@ def _number(value):
 
 
 def _clear_previous_run(out, log):
-    """A run into a folder that holds an earlier one's results: its plots go (the CSV and table
-    are rewritten at the first point), so that none of them can sit beside the new CSV."""
+    """A run into a folder that holds an earlier one's results: they go (CSV, table, plots), so
+    that none of them can sit beside the new run's files, nor pass for them if it stops early."""
     from .plot import PLOT_FILES
-    stale = [os.path.join(out, name) for name in PLOT_FILES if os.path.isfile(os.path.join(out, name))]
-    if os.path.isfile(os.path.join(out, "results.csv")) or stale:
+    stale = [os.path.join(out, name) for name in ("results.csv", "results.md") + PLOT_FILES
+             if os.path.isfile(os.path.join(out, name))]
+    if stale:
         log(f"--out {out}: replacing the previous run's results")
     for path in stale:
         os.remove(path)
@@ -763,14 +768,14 @@ def markdown_table(rows):
     cell = {(r["impl"], int(r["B"])): r for r in rows}
     lines = [f"# distillcse bench memory: {WHAT_TITLES.get(first['what'], first['what'])}", "",
              f"- device: {first['device_name']} ({first['device']})",
-             f"- settings: D={first['D']}, Dt={first['Dt']}, K={first['K']}, dtype={first['dtype']}, "
-             f"shuffle={first['shuffle']}{hard_negatives_phrase(first, ', ')}",
+             f"- settings: {settings_phrase(first)}",
              f"- torch {first['torch']}, triton {first['triton']}, python {first['python']}, "
              f"commit {first['commit']}, {first['timestamp']}", ""]
     notes = sorted({f"{r['impl']}: {r['note']}" for r in rows if r["note"] and r["status"] != OK}
                    | {f"{r['impl']}: {r['note']}" for r in rows if r["status"] == OK and r["note"]})
-    tables = (("Median forward+backward time, ms (x the bare forward and backward GEMMs of the same shapes)",
-               _cell_time),
+    gemm_dtype = "float32" if first["device"] == "cpu" and first["dtype"] in ("float16", "bfloat16") else first["dtype"]
+    tables = ((f"Median forward+backward time, ms (x the bare forward and backward GEMMs of the same shapes, "
+               f"{gemm_dtype})", _cell_time),
               (f"Peak extra memory, MiB ({first['memory_kind']})", _cell_mem))
     for title, fmt in tables:
         lines += [f"## {title}", "", "| B | " + " | ".join(labels[i] for i in impls) + " |",
@@ -872,9 +877,8 @@ def run_memory(args, log=print):
     checks.check_out_dir(out)
     csv_path, md_path = os.path.join(out, "results.csv"), os.path.join(out, "results.md")
     no_plots = None if args.no_plot else _matplotlib_missing(csv_path)
-    log(f"distillcse bench memory on {device_name(device)}: {WHAT_TITLES[args.what]}, D={D}, Dt={Dt}, "
-        f"K={args.K}, {str(dtype).replace('torch.', '')}, shuffle={args.shuffle}"
-        f"{hard_negatives_phrase(dict(hard_per_row=args.hard_negatives), ', ')}, "
+    log(f"distillcse bench memory on {device_name(device)}: {WHAT_TITLES[args.what]}, "
+        f"{settings_phrase(dict(what=args.what, D=D, Dt=Dt, K=args.K, dtype=str(dtype).replace('torch.', ''), shuffle=args.shuffle, hard_per_row=args.hard_negatives))}, "
         f"B={batches[0]}..{batches[-1]}, {repeats} repeats, "
         f"memory cap {'none' if cap is None else f'{cap:g} GiB'}, time cap {args.time_cap:g} s/point")
     log(f"implementations: {', '.join(impls)}")
@@ -892,7 +896,10 @@ def run_memory(args, log=print):
         write_text(md_path, markdown_table(rows))
 
     def plots():
-        if args.no_plot or no_plots or not any(r["status"] == OK for r in state["rows"]):
+        if args.no_plot or no_plots:
+            return []
+        if not any(r["status"] == OK for r in state["rows"]):
+            log("plots skipped: no point was measured")
             return []
         from .plot import plot_results
         return plot_results(csv_path, out)

@@ -5,8 +5,8 @@
 
 or ``distillcse bench plot CSV [--out DIR]``. Writes ``memory_vs_batch.png`` and
 ``time_vs_batch.png``: log-log, one line per implementation, an x where a series ended (out of
-memory, over the memory cap or the time cap), the bare forward GEMMs as a dashed yardstick on
-the time plot. Uses matplotlib's object API with the Agg canvas: no global backend change.
+memory, over the memory cap or the time cap), the bare GEMMs of a forward and backward as a
+dashed yardstick on the time plot. Uses matplotlib's object API with the Agg canvas: no global backend change.
 """
 import csv
 import math
@@ -62,15 +62,22 @@ def _read(csv_path):
     none: missing columns, a row cut short, a batch size that is not an integer >= 1, a time or
     memory of an ok point that is not a number."""
     try:
-        with open(csv_path, newline="", encoding="utf-8") as f:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             missing = [c for c in COLUMNS if c not in (reader.fieldnames or ())]
             if missing:
                 raise ValueError(f"{csv_path} is not a results.csv of `distillcse bench memory`: "
                                  f"no column(s) {', '.join(missing)}")
+            if "point" in reader.fieldnames:
+                raise ValueError(f"{csv_path} is a targets.csv of `distillcse bench targets` (its table is "
+                                 "targets.md); bench plot draws the results.csv of `distillcse bench memory`")
             rows = []
             for row in reader:
-                _check_row(row, f"{csv_path}, line {reader.line_num}", len(reader.fieldnames))
+                where = f"{csv_path}, line {reader.line_num}"
+                _check_row(row, where, len(reader.fieldnames))
+                if rows and settings_phrase(row) != settings_phrase(rows[0]):
+                    raise ValueError(f"{where}: {settings_phrase(row)}, where line 2 has {settings_phrase(rows[0])}: "
+                                     "one plot draws one run's settings (a CSV of several runs?)")
                 rows.append(row)
             return rows
     except (csv.Error, UnicodeDecodeError) as err:
@@ -143,9 +150,15 @@ def hard_negatives_phrase(row, prefix=""):
     return f"{prefix}{hard} hard negative{'s' if hard > 1 else ''} a row" if hard else ""
 
 
+def settings_phrase(row):
+    """A run's settings in words: the teachers and the shuffle only where the distillation term ran."""
+    teacher = "" if row["what"] == "contrastive" else f", Dt={row['Dt']}, K={row['K']}"
+    shuffle = "" if row["what"] == "contrastive" else f", shuffle={row['shuffle']}"
+    return f"D={row['D']}{teacher}, {row['dtype']}{shuffle}{hard_negatives_phrase(row, ', ')}"
+
+
 def _subtitle(first):
-    return (f"{WHAT_TITLES.get(first['what'], first['what'])} · D={first['D']}, Dt={first['Dt']}, "
-            f"K={first['K']} · {first['dtype']} · shuffle={first['shuffle']}{hard_negatives_phrase(first, ' · ')}\n"
+    return (f"{WHAT_TITLES.get(first['what'], first['what'])} · {settings_phrase(first)}\n"
             f"{first['device_name']} · torch {first['torch']} · triton {first['triton']} · "
             f"commit {first['commit']} · {first['timestamp']}")
 
@@ -216,8 +229,8 @@ def _plot(rows, column, path, *, title, ylabel, formatter, gemm=False, guides=Fa
                 yard.setdefault(int(r["B"]), float(r["gemm_ms"]))
         if yard:
             Bs = sorted(yard)
-            ax.plot(Bs, [yard[B] for B in Bs], color="black", linestyle="--", linewidth=1.2,
-                    label=_yardstick_label(first))
+            ax.plot(Bs, [yard[B] for B in Bs], color="black", linestyle="--", linewidth=1.2, marker="_",
+                    markersize=9, label=_yardstick_label(first))
     if guides:
         _slope_guides(ax, drawn)
     ax.set_xscale("log", base=2)
@@ -228,6 +241,9 @@ def _plot(rows, column, path, *, title, ylabel, formatter, gemm=False, guides=Fa
     ax.xaxis.set_major_formatter(FuncFormatter(_batch_label))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.yaxis.set_major_formatter(FuncFormatter(formatter))
+    low, high = ax.get_ylim()
+    if drawn and high < ybase * low:   # less than one step of the log axis: no major tick would show
+        ax.yaxis.set_major_locator(FixedLocator([low * (high / low) ** f for f in (0.2, 0.5, 0.8)]))
     ax.set_xlabel("batch size B (rows; log scale)")
     ax.set_ylabel(ylabel)
     ax.grid(True, which="major", alpha=0.35)
@@ -262,6 +278,9 @@ def plot_results(csv_path, out_dir=None):
     rows = _read(csv_path)
     if not rows:
         raise ValueError(f"{csv_path} has no result rows")
+    if not any(r["status"] == "ok" for r in rows):
+        raise ValueError(f"{csv_path}: no point was measured (every point: "
+                         f"{', '.join(sorted({r['status'] for r in rows}))}); nothing to draw")
     out_dir = out_dir or os.path.dirname(os.path.abspath(csv_path))
     os.makedirs(out_dir, exist_ok=True)
     kind = rows[0]["memory_kind"]

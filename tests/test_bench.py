@@ -179,10 +179,23 @@ def test_bench_memory_table_and_plots(memory_run, tmp_path):
     assert all(f"| {B} |" in table for B in BATCHES)
     for name in ("memory_vs_batch.png", "time_vs_batch.png"):
         _assert_png(str(memory_run / name))
-    # the separate plotting command, from the CSV alone
-    main(["bench", "plot", str(memory_run / "results.csv"), "--out", str(tmp_path)])
+    # the separate plotting command, from the CSV alone (here saved again with a byte-order mark)
+    (tmp_path / "results.csv").write_text("\ufeff" + (memory_run / "results.csv").read_text(), encoding="utf-8")
+    main(["bench", "plot", str(tmp_path / "results.csv"), "--out", str(tmp_path)])
     for name in ("memory_vs_batch.png", "time_vs_batch.png"):
         _assert_png(str(tmp_path / name))
+
+
+def test_a_run_into_an_earlier_runs_folder_removes_its_results(tmp_path):
+    """All of them: a run stopped before its first point must not leave the old CSV looking current."""
+    stale = ("results.csv", "results.md", "memory_vs_batch.png", "time_vs_batch.png")
+    for name in stale + ("notes.txt",):
+        (tmp_path / name).write_text("old")
+    said = []
+    bench._clear_previous_run(str(tmp_path), said.append)
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"] and said == [f"--out {tmp_path}: replacing the previous run's results"]
+    bench._clear_previous_run(str(tmp_path), said.append)
+    assert len(said) == 1
 
 
 def test_the_gemm_yardstick_is_a_forward_and_a_backward():
@@ -208,6 +221,27 @@ def test_the_gemm_yardstick_is_a_forward_and_a_backward():
     with Gemms():
         bench.time_gemms(B, shapes, torch.float32, CPU, repeats=1, max_block_bytes=20 * B * 4)  # 3 row blocks
     assert sum(flops) == 2 * sum(2 * B * B * d for _, d in shapes)  # a warm-up and one timed call
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_cpu_yardstick_of_16_bit_inputs_is_float32(dtype):
+    """Every CPU loss computes 16-bit inputs in float32, and PyTorch's 16-bit CPU GEMMs are many
+    times slower: a 16-bit yardstick made the losses look faster than their own products."""
+    dtypes = set()
+
+    class Gemms(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out):
+                dtypes.update(a.dtype for a in args[:2])
+            return func(*args, **(kwargs or {}))
+
+    with Gemms():
+        bench.time_gemms(32, gemm_shapes("contrastive", "torch", 16, 8, 1), dtype, CPU, repeats=1)
+    assert dtypes == {torch.float32}
+    row = dict.fromkeys(COLUMNS, "x")
+    row.update(device="cpu", dtype=str(dtype).replace("torch.", ""), what="contrastive", hard_per_row="0",
+               impl="torch", B="8", status="ok", time_ms="1", ratio_to_gemm="2", peak_mem_mib="1")
+    assert "same shapes, float32)" in bench.markdown_table([row])
 
 
 def test_bench_table_numbers_have_no_exponent():
@@ -267,9 +301,10 @@ def test_bench_memory_hard_negatives(tmp_path, capsys):
         (impl, B, "ok", "3") for impl in ("plain", "torch") for B in ("32", "64")]
     peak = _peak_bytes(rows)
     assert peak["plain", 64] >= 64 * (4 * 64) * 4, peak  # the logits against z2 and 3 x 64 hard negatives
-    assert "shuffle=random, 3 hard negatives a row" in (tmp_path / "hard" / "results.md").read_text()
+    # the contrastive term alone: no teacher and no shuffle in its settings
+    assert "- settings: D=16, float32, 3 hard negatives a row\n" in (tmp_path / "hard" / "results.md").read_text()
     assert "3 hard negatives a row, B=32..64" in capsys.readouterr().out
-    assert bench.hard_negatives_phrase(rows[0]) == "3 hard negatives a row"
+    assert distillcse.plot.hard_negatives_phrase(rows[0]) == "3 hard negatives a row"
     from distillcse.plot import _yardstick_label
     assert _yardstick_label(dict(rows[0], gemms="")) == "bare forward GEMMs\n(z1 [z2; hn]ᵀ)"  # a CSV before fwd+bwd
     with pytest.raises(ValueError, match="hard=-1: expected a number of hard negatives a row >= 0"):

@@ -5,13 +5,14 @@ import os
 import pytest
 
 from distillcse.__main__ import main
-from distillcse.bench_targets import COLUMNS, GRAPH_IMPL, ONE_STEP_POINT, POINTS, markdown_table, verdict
+from distillcse.bench_targets import COLUMNS, GRAPH_IMPL, ONE_STEP_POINT, POINTS, markdown_table, run_points, verdict
 
 
-def test_targets_cli_writes_well_formed_files(tmp_path):
+def test_targets_cli_writes_well_formed_files(tmp_path, capsys):
     out = tmp_path / "targets"
     main(["bench", "targets", "--divide", "4096", "--D", "16", "--impl", "torch", "plain", "--repeats", "2",
           "--device", "cpu", "--no-progress", "--out", str(out)])
+    assert "on a CPU every point is measured, none judged" in capsys.readouterr().out
     with open(out / "targets.csv", newline="") as f:
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == COLUMNS
@@ -27,6 +28,18 @@ def test_targets_cli_writes_well_formed_files(tmp_path):
     table = (out / "targets.md").read_text()
     assert table.count("\n| ") == 2 + len(rows) and "(not at these settings)" in table
     assert os.path.getsize(out / "targets.csv") > 0
+
+
+def test_a_cpu_run_at_the_stated_settings_is_not_judged():
+    """The targets are an H100's: on a CPU, even at D = 768, K = 1, bf16 and full size, a point is
+    measured and not judged; a repeated implementation runs once; the yardstick is not cuBLAS."""
+    rows = run_points(points=POINTS[:1], impls=["torch", "torch"], repeats=1, device="cpu", progress=False,
+                      log=lambda *a: None)
+    assert [(r["B"], r["D"], r["dtype"], r["status"]) for r in rows] == [(64, 768, "bfloat16", "ok")]
+    assert rows[0]["target_ms"] == rows[0]["target_mib"] == "" and verdict(rows[0]) == "measured"
+    assert rows[0]["gemms"] == "fwd+bwd" and rows[0]["hard_per_row"] == 0
+    table = markdown_table(rows)
+    assert "| bare fwd+bwd GEMMs, ms |" in table and "cuBLAS" not in table
 
 
 def test_paper_batch_in_a_cuda_graph_needs_cuda(tmp_path):

@@ -104,6 +104,20 @@ def _results_csv(**changes):
     return ",".join(bench.COLUMNS) + "\n" + ",".join(row[c] for c in bench.COLUMNS) + "\n"
 
 
+def _two_rows(**changes):
+    """A results.csv of two ok points, ``changes`` in the second."""
+    settings = dict(what="full", D="16", Dt="16", K="2", dtype="float32", shuffle="random")
+    return _results_csv(**settings) + _results_csv(**dict(settings, **changes)).split("\n", 1)[1]
+
+
+def test_bench_plot_of_a_targets_csv_is_named(tmp_path, capsys):
+    from distillcse.bench_targets import COLUMNS as TARGET_COLUMNS
+    path = tmp_path / "targets.csv"
+    path.write_text(",".join(TARGET_COLUMNS) + "\n")
+    code, err = _exit(["bench", "plot", str(path)], {}, capsys)
+    assert code == 2 and f"bench plot: {path} is a targets.csv of `distillcse bench targets`" in err
+
+
 @pytest.mark.parametrize("text,message", [
     (_results_csv(B="0"), ", line 2, column B: expected a batch size (an integer >= 1), got '0'"),
     (_results_csv(B="8.0"), ", line 2, column B: expected a batch size (an integer >= 1), got '8.0'"),
@@ -112,7 +126,10 @@ def _results_csv(**changes):
     (_results_csv(time_ms="fast"), ", line 2, column time_ms: expected a finite number or nothing, got 'fast'"),
     (_results_csv(peak_mem_mib="inf"), ", line 2, column peak_mem_mib: expected a finite number or nothing, got 'inf'"),
     (_results_csv(hard_per_row="-1"), ", line 2, column hard_per_row: expected an integer >= 0 or nothing, got '-1'"),
-], ids=["B=0", "B=8.0", "cut short", "time", "memory", "hard negatives"])
+    (_two_rows(D="32"), ", line 3: D=32, Dt=16, K=2, float32, shuffle=random, where line 2 has D=16, Dt=16, K=2, "
+                        "float32, shuffle=random: one plot draws one run's settings (a CSV of several runs?)"),
+    (_results_csv(status="n/a (needs CUDA)"), ": no point was measured (every point: n/a (needs CUDA)); nothing to draw"),
+], ids=["B=0", "B=8.0", "cut short", "time", "memory", "hard negatives", "two runs", "nothing measured"])
 def test_bench_plot_of_a_malformed_row_names_file_line_and_column(text, message, tmp_path, capsys):
     path = tmp_path / "results.csv"
     path.write_text(text)
