@@ -117,10 +117,11 @@ def verdict(row):
 
 
 def run_points(*, D=768, K=1, dtype=torch.bfloat16, divide=1, impls=None, repeats=10, device="cuda",
-               points=POINTS, progress=True, log=print, on_rows=None):
+               points=POINTS, progress=True, log=print, on_rows=None, max_memory_gib=None):
     """Measure every (point, implementation); returns the rows (dicts with the keys of ``COLUMNS``).
     ``on_rows(rows)`` is called after each one (the files are rewritten: a run stopped midway keeps
-    what it measured)."""
+    what it measured). A point whose projected memory (``bench.projected_bytes``) exceeds
+    ``max_memory_gib`` is not run: "skipped (cap)"."""
     from tqdm.auto import tqdm
 
     device = torch.device(device)
@@ -143,7 +144,10 @@ def run_points(*, D=768, K=1, dtype=torch.bfloat16, divide=1, impls=None, repeat
                    shuffle="" if what == "contrastive" else shuffle, hard_per_row=0, gemms=bench.GEMMS,
                    memory_kind=meter.kind)
         inputs = None
+        projected = bench.projected_bytes("triton" if impl == GRAPH_IMPL else impl, what, B, D, D, K, dtype)
         try:
+            if max_memory_gib is not None and projected > max_memory_gib * bench.GIB:
+                raise bench.Unavailable("skipped (cap)")
             fn = bench.loss_function("triton" if impl == GRAPH_IMPL else impl, what, shuffle, device, compiled)
             inputs = bench.make_inputs(B, D, D, K, dtype, device)
             if impl == GRAPH_IMPL:
@@ -159,6 +163,8 @@ def run_points(*, D=768, K=1, dtype=torch.bfloat16, divide=1, impls=None, repeat
             gemm = bench.time_gemms(B, bench.gemm_shapes(what, impl, D, D, K), dtype, device, 3 if once else repeats)
         except bench.Unavailable as why:
             row["status"] = str(why)
+            if row["status"] == "skipped (cap)":
+                row["note"] = f"projected {bench._gib(projected)} > cap {max_memory_gib:g} GiB"
         except Exception as err:  # noqa: BLE001 - recorded, the run goes on
             row["status"] = "OOM" if bench.is_oom(err) else "error"
             row["note"] = bench._describe(err)
@@ -219,6 +225,8 @@ def add_targets_arguments(p):
     which.add_argument("--million-only", action="store_true",
                        help="the million-row point alone (a GPU run gives it its own time limit)")
     p.add_argument("--repeats", type=checks.positive_int, default=10, help="timed steps per point (default: 10)")
+    p.add_argument("--max-memory-gib", type=checks.non_negative_float, default=None, help="skip a point whose "
+                   "projected peak exceeds this many GiB; 0: no cap (default: 4 on CPU, none on CUDA)")
     p.add_argument("--device", type=checks.cli_device, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default=None, help="output folder (default: benchmarks/results/<timestamp>-targets)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -232,8 +240,13 @@ def run_targets(args, log=print):
     checks.check_out_dir(out)
     log(f"distillcse bench targets on {bench.device_name(device)}: D = Dt = {args.D}, K = {args.K}, "
         f"{str(dtype).replace('torch.', '')}, batch sizes / {args.divide}")
+    cap = args.max_memory_gib if args.max_memory_gib is not None else (None if device.type == "cuda" else 4.0)
+    if cap is not None and cap <= 0:
+        cap = None
     if device.type != "cuda":
-        log("the targets are stated for an H100: on a CPU every point is measured, none judged")
+        log("the targets are stated for an H100: on a CPU every point is measured, none judged (at full size "
+            f"a point takes minutes to hours: --divide 64 shrinks every B); memory cap "
+            f"{'none' if cap is None else f'{cap:g} GiB'}")
     csv_path, md_path = os.path.join(out, "targets.csv"), os.path.join(out, "targets.md")
 
     measured = []
@@ -251,7 +264,7 @@ def run_targets(args, log=print):
 
     rows = bench.run_stoppable(lambda: run_points(
         D=args.D, K=args.K, dtype=dtype, divide=args.divide, impls=args.impl, repeats=args.repeats, device=device,
-        points=points, progress=not args.no_progress, log=log, on_rows=write), written, log)
+        points=points, progress=not args.no_progress, log=log, on_rows=write, max_memory_gib=cap), written, log)
     log("")
     log(markdown_table(rows))
     log(f"wrote {csv_path}, {md_path}")

@@ -42,6 +42,24 @@ def test_a_cpu_run_at_the_stated_settings_is_not_judged():
     assert "| bare fwd+bwd GEMMs, ms |" in table and "cuBLAS" not in table
 
 
+def test_a_point_over_the_memory_cap_is_not_run(monkeypatch):
+    """On a CPU by default (4 GiB): plain PyTorch's B x B temporaries at the whole loss's 65,536
+    rows (16 GiB of logits alone) are projected and skipped, not run; the torch backend's chunks
+    fit, and run."""
+    from distillcse import bench, bench_targets
+    ran = []
+    monkeypatch.setattr(bench_targets.bench, "_measure_point", lambda fn, inputs, *a, **k: (ran.append(1), (1.0, 1, 1, 1.0))[1])
+    monkeypatch.setattr(bench_targets.bench, "time_gemms", lambda *a, **k: 0.5)
+    monkeypatch.setattr(bench_targets.bench, "make_inputs", lambda *a, **k: None)
+    full = [p for p in POINTS if p[1] == "full" and p[2] == 65536][:1]
+    rows = run_points(points=full, impls=["plain", "torch"], repeats=1, device="cpu", progress=False,
+                      log=lambda *a: None, max_memory_gib=4.0)
+    assert [(r["impl"], r["status"]) for r in rows] == [("plain", "skipped (cap)"), ("torch", "ok")] and ran == [1]
+    assert rows[0]["note"].startswith("projected ") and rows[0]["note"].endswith("> cap 4 GiB")
+    assert verdict(rows[0]) == "skipped (cap)" and bench.projected_bytes("plain", "full", 65536, 768, 768, 1,
+                                                                          bench.torch.bfloat16) > 16 * bench.GIB
+
+
 def test_paper_batch_in_a_cuda_graph_needs_cuda(tmp_path):
     """The paper batch is measured eagerly and replayed in a CUDA graph by default; on a CPU the
     graph's row says why it is missing, and the run goes on."""
