@@ -77,6 +77,11 @@ LABELS = {
     "inf-cl": "Inf-CL (contrastive term only)",
 }
 WHATS = ("contrastive", "distill", "full")
+
+
+def label(impl, what):
+    """An implementation's name in tables and plots (the plain loss sorts only for Group-P)."""
+    return "plain PyTorch" if impl == "plain" and what == "contrastive" else LABELS.get(impl, impl)
 WHAT_TITLES = {"contrastive": "contrastive term (InfoNCE)", "distill": "distillation term (Group-P)",
                "full": "full loss (contrastive + Group-P distillation)"}
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -614,7 +619,7 @@ def sweep(*, what="full", D=128, Dt=128, K=2, dtype=torch.float32, shuffle="rand
         log = bar.write
 
     def record(impl, B, status, note="", **values):
-        row = dict(env, **settings, impl=impl, label=LABELS.get(impl, impl), B=B, status=status,
+        row = dict(env, **settings, impl=impl, label=label(impl, what), B=B, status=status,
                    time_ms="", gemm_ms="", gemms=GEMMS, ratio_to_gemm="", peak_mem_mib="",
                    memory_kind=memory_meter(impl, device).kind,
                    repeats="", loss="", note=note)

@@ -140,7 +140,8 @@ def run_points(*, D=768, K=1, dtype=torch.bfloat16, divide=1, impls=None, repeat
         meter = bench.memory_meter(impl, device)
         row = dict(env, point=name, target_ms="" if target_ms is None or not stated else target_ms,
                    target_mib="" if target_mib is None or not stated else target_mib, what=what, impl=impl,
-                   label=LABELS[impl], B=B, D=D, Dt=D, K=K, dtype=str(dtype).replace("torch.", ""),
+                   label=LABELS[impl] if impl == GRAPH_IMPL else bench.label(impl, what),
+                   B=B, D=D, Dt=D, K=K, dtype=str(dtype).replace("torch.", ""),
                    shuffle="" if what == "contrastive" else shuffle, hard_per_row=0, gemms=bench.GEMMS,
                    memory_kind=meter.kind)
         inputs = None

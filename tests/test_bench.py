@@ -299,6 +299,7 @@ def test_bench_memory_hard_negatives(tmp_path, capsys):
     _, rows = _read(tmp_path / "hard" / "results.csv")
     assert [(r["impl"], r["B"], r["status"], r["hard_per_row"]) for r in rows] == [
         (impl, B, "ok", "3") for impl in ("plain", "torch") for B in ("32", "64")]
+    assert rows[0]["label"] == "plain PyTorch"   # its contrastive term sorts nothing
     peak = _peak_bytes(rows)
     assert peak["plain", 64] >= 64 * (4 * 64) * 4, peak  # the logits against z2 and 3 x 64 hard negatives
     # the contrastive term alone: no teacher and no shuffle in its settings
