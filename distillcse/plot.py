@@ -75,9 +75,9 @@ def _read(csv_path):
             for row in reader:
                 where = f"{csv_path}, line {reader.line_num}"
                 _check_row(row, where, len(reader.fieldnames))
-                if rows and settings_phrase(row) != settings_phrase(rows[0]):
-                    raise ValueError(f"{where}: {settings_phrase(row)}, where line 2 has {settings_phrase(rows[0])}: "
-                                     "one plot draws one run's settings (a CSV of several runs?)")
+                if rows and _run(row) != _run(rows[0]):
+                    raise ValueError(f"{where}: {_run(row)}, where line 2 has {_run(rows[0])}: one plot draws "
+                                     "one run's settings (a CSV of several runs?)")
                 rows.append(row)
             return rows
     except (csv.Error, UnicodeDecodeError) as err:
@@ -155,6 +155,11 @@ def settings_phrase(row):
     teacher = "" if row["what"] == "contrastive" else f", Dt={row['Dt']}, K={row['K']}"
     shuffle = "" if row["what"] == "contrastive" else f", shuffle={row['shuffle']}"
     return f"D={row['D']}{teacher}, {row['dtype']}{shuffle}{hard_negatives_phrase(row, ', ')}"
+
+
+def _run(row):
+    """What a CSV row's run measured, where: rows of one plot must agree on it."""
+    return f"{row['what']} on {row['device_name']}: {settings_phrase(row)}"
 
 
 def _subtitle(first):
@@ -242,8 +247,10 @@ def _plot(rows, column, path, *, title, ylabel, formatter, gemm=False, guides=Fa
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.yaxis.set_major_formatter(FuncFormatter(formatter))
     low, high = ax.get_ylim()
-    if drawn and high < ybase * low:   # less than one step of the log axis: no major tick would show
-        ax.yaxis.set_major_locator(FixedLocator([low * (high / low) ** f for f in (0.2, 0.5, 0.8)]))
+    if drawn and math.floor(math.log(high, ybase)) < math.ceil(math.log(low, ybase)):   # no power of the base
+        ax.yaxis.set_major_locator(FixedLocator(sorted({float(f"{low * (high / low) ** f:.2g}")   # in range:
+                                                        for f in (0.2, 0.5, 0.8)})))          # no major tick
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("batch size B (rows; log scale)")
     ax.set_ylabel(ylabel)
     ax.grid(True, which="major", alpha=0.35)

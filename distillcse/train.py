@@ -493,9 +493,9 @@ def _train(args, log, device, rank, world):
                     if args.shard_loss:                          # this rank's rows' share, all-reduced
                         return sharded_loss(z1, z2, targets, hard_negatives=hard_negatives, seed=step_seed,
                                             return_terms=True, **loss_options)
-                    z1, z2, *ts = all_gather(z1, z2, *targets)   # the global batch (one rank: as is)
-                    if hard_negatives is not None:
-                        hard_negatives = all_gather(hard_negatives)
+                    extra = () if hard_negatives is None else (hard_negatives,)
+                    z1, z2, *rest = all_gather(z1, z2, *extra, *targets)   # the global batch (one rank: as is)
+                    hard_negatives, ts = (rest[0], rest[1:]) if extra else (None, rest)
                     return distillcse_loss(z1, z2, ts, hard_negatives=hard_negatives, seed=step_seed,
                                            return_terms=True, **loss_options)
                 # gradient caching: one mini-batch's activations (one mini-batch: a plain forward and backward)

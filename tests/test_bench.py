@@ -186,16 +186,28 @@ def test_bench_memory_table_and_plots(memory_run, tmp_path):
         _assert_png(str(tmp_path / name))
 
 
-def test_a_run_into_an_earlier_runs_folder_removes_its_results(tmp_path):
-    """All of them: a run stopped before its first point must not leave the old CSV looking current."""
-    stale = ("results.csv", "results.md", "memory_vs_batch.png", "time_vs_batch.png")
-    for name in stale + ("notes.txt",):
+@pytest.mark.parametrize("command,files", [
+    ("memory", ("results.csv", "results.md", "memory_vs_batch.png", "time_vs_batch.png")),
+    ("targets", ("targets.csv", "targets.md")),
+    ("train", ("train.csv", "train.md")),
+])
+def test_a_run_into_an_earlier_runs_folder_removes_its_results(tmp_path, monkeypatch, capsys, command, files):
+    """All of them, also where the run is stopped before its first point: the old files must not
+    be left looking like its results."""
+    from distillcse import bench_targets, bench_train
+    for name in files + ("notes.txt",):
         (tmp_path / name).write_text("old")
-    said = []
-    bench._clear_previous_run(str(tmp_path), said.append)
-    assert sorted(os.listdir(tmp_path)) == ["notes.txt"] and said == [f"--out {tmp_path}: replacing the previous run's results"]
-    bench._clear_previous_run(str(tmp_path), said.append)
-    assert len(said) == 1
+    stop = lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)  # noqa: E731
+    monkeypatch.setattr(bench, "sweep", stop)
+    monkeypatch.setattr(bench_targets, "run_points", stop)
+    monkeypatch.setattr(bench_train, "load_models", stop)
+    path = tmp_path / "s.txt"
+    path.write_text("a sentence\n")
+    extra = {"memory": ["--max-batch", "64"], "targets": [], "train": ["--sentences", str(path)]}[command]
+    code = _stopped(["bench", command, "--device", "cpu", "--out", str(tmp_path), "--no-progress"] + extra)
+    assert code == 130 and sorted(os.listdir(tmp_path)) == ["notes.txt", "s.txt"]
+    out = capsys.readouterr().out
+    assert f"--out {tmp_path}: replacing the previous run's results" in out and "no point was measured" in out
 
 
 def test_the_gemm_yardstick_is_a_forward_and_a_backward():
@@ -225,8 +237,8 @@ def test_the_gemm_yardstick_is_a_forward_and_a_backward():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_the_cpu_yardstick_of_16_bit_inputs_is_float32(dtype):
-    """Every CPU loss computes 16-bit inputs in float32, and PyTorch's 16-bit CPU GEMMs are many
-    times slower: a 16-bit yardstick made the losses look faster than their own products."""
+    """Every CPU loss computes 16-bit inputs in float32 (and float16 CPU GEMMs are many times
+    slower): a 16-bit yardstick made the losses look faster than their own products."""
     dtypes = set()
 
     class Gemms(torch.utils._python_dispatch.TorchDispatchMode):

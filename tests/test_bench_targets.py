@@ -26,7 +26,7 @@ def test_targets_cli_writes_well_formed_files(tmp_path, capsys):
         assert verdict(r) == ("completes" if r["point"] == ONE_STEP_POINT else "measured")
     assert rows[-1]["repeats"] == "1"  # the million-row point is one step
     table = (out / "targets.md").read_text()
-    assert table.count("\n| ") == 2 + len(rows) and "(not at these settings)" in table
+    assert table.count("\n| ") == 2 + len(rows) and "(not judged on a CPU)" in table
     assert os.path.getsize(out / "targets.csv") > 0
 
 

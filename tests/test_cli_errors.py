@@ -126,10 +126,12 @@ def test_bench_plot_of_a_targets_csv_is_named(tmp_path, capsys):
     (_results_csv(time_ms="fast"), ", line 2, column time_ms: expected a finite number or nothing, got 'fast'"),
     (_results_csv(peak_mem_mib="inf"), ", line 2, column peak_mem_mib: expected a finite number or nothing, got 'inf'"),
     (_results_csv(hard_per_row="-1"), ", line 2, column hard_per_row: expected an integer >= 0 or nothing, got '-1'"),
-    (_two_rows(D="32"), ", line 3: D=32, Dt=16, K=2, float32, shuffle=random, where line 2 has D=16, Dt=16, K=2, "
-                        "float32, shuffle=random: one plot draws one run's settings (a CSV of several runs?)"),
+    (_two_rows(D="32"), ", line 3: full on x: D=32, Dt=16, K=2, float32, shuffle=random, where line 2 has full on "
+                        "x: D=16, Dt=16, K=2, float32, shuffle=random: one plot draws one run's settings (a CSV of "
+                        "several runs?)"),
+    (_two_rows(what="distill"), ", line 3: distill on x: D=16"),
     (_results_csv(status="n/a (needs CUDA)"), ": no point was measured (every point: n/a (needs CUDA)); nothing to draw"),
-], ids=["B=0", "B=8.0", "cut short", "time", "memory", "hard negatives", "two runs", "nothing measured"])
+], ids=["B=0", "B=8.0", "cut short", "time", "memory", "hard negatives", "two runs", "two terms", "nothing measured"])
 def test_bench_plot_of_a_malformed_row_names_file_line_and_column(text, message, tmp_path, capsys):
     path = tmp_path / "results.csv"
     path.write_text(text)
