@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checks, contrastive_loss, distill_loss, distillcse_loss
-from .plot import settings_phrase
+from .plot import PLOT_FILES, settings_phrase
 from .reference import EPS
 from .tensor_memory import TensorMemory
 
@@ -77,8 +77,17 @@ LABELS = {
     "inf-cl": "Inf-CL (contrastive term only)",
 }
 WHATS = ("contrastive", "distill", "full")
-
-
+WHAT_TITLES = {"contrastive": "contrastive term (InfoNCE)", "distill": "distillation term (Group-P)",
+               "full": "full loss (contrastive + Group-P distillation)"}
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+COLUMNS = ("timestamp", "commit", "device", "device_name", "torch", "triton", "python",
+           "what", "impl", "label", "B", "D", "Dt", "K", "dtype", "shuffle", "hard_per_row", "status",
+           "time_ms", "gemm_ms", "gemms", "ratio_to_gemm", "peak_mem_mib", "memory_kind", "repeats",
+           "loss", "note")
+OK = "ok"
+GEMMS = "fwd+bwd"  # the yardstick's GEMMs (gemm_ms): a forward's and a backward's (before 2026-12-06: forward only)
+MIB = 2.0 ** 20
+GIB = 2.0 ** 30
 
 
 def label(impl, what):
@@ -97,17 +106,6 @@ def memory_cap(max_memory_gib, device):
     out-of-memory ends a series); 0 is none."""
     cap = max_memory_gib if max_memory_gib is not None else (None if device.type == "cuda" else 4.0)
     return cap if cap is None or cap > 0 else None
-WHAT_TITLES = {"contrastive": "contrastive term (InfoNCE)", "distill": "distillation term (Group-P)",
-               "full": "full loss (contrastive + Group-P distillation)"}
-DTYPES = ("float32", "float64", "bfloat16", "float16")
-COLUMNS = ("timestamp", "commit", "device", "device_name", "torch", "triton", "python",
-           "what", "impl", "label", "B", "D", "Dt", "K", "dtype", "shuffle", "hard_per_row", "status",
-           "time_ms", "gemm_ms", "gemms", "ratio_to_gemm", "peak_mem_mib", "memory_kind", "repeats",
-           "loss", "note")
-OK = "ok"
-GEMMS = "fwd+bwd"  # the yardstick's GEMMs (gemm_ms): a forward's and a backward's (before 2026-12-06: forward only)
-MIB = 2.0 ** 20
-GIB = 2.0 ** 30
 
 
 # --------------------------------------------------------------------------------------------
@@ -891,8 +889,9 @@ def run_memory(args, log=print):
     checks.check_out_dir(out)
     csv_path, md_path = os.path.join(out, "results.csv"), os.path.join(out, "results.md")
     no_plots = None if args.no_plot else _matplotlib_missing(csv_path)
-    log(f"distillcse bench memory on {device_name(device)}: {WHAT_TITLES[args.what]}, "
-        f"{settings_phrase(dict(what=args.what, D=D, Dt=Dt, K=args.K, dtype=str(dtype).replace('torch.', ''), shuffle=args.shuffle, hard_per_row=args.hard_negatives))}, "
+    settings = dict(what=args.what, D=D, Dt=Dt, K=args.K, dtype=str(dtype).replace("torch.", ""),
+                    shuffle=args.shuffle, hard_per_row=args.hard_negatives)
+    log(f"distillcse bench memory on {device_name(device)}: {WHAT_TITLES[args.what]}, {settings_phrase(settings)}, "
         f"B={batches[0]}..{batches[-1]}, {repeats} repeats, "
         f"memory cap {'none' if cap is None else f'{cap:g} GiB'}, time cap {args.time_cap:g} s/point")
     log(f"implementations: {', '.join(impls)}")
@@ -900,7 +899,6 @@ def run_memory(args, log=print):
         log("inf-cl: not run (the inf_cl package is not importable)")
     if no_plots:
         log(no_plots)
-    from .plot import PLOT_FILES
     clear_previous_run(out, ("results.csv", "results.md") + PLOT_FILES, log)
     state = dict(rows=[], swept=False)
 

@@ -14,15 +14,15 @@ a million rows               full, random 1,048,576  completes
 The targets hold on a CUDA device at D = Dt = 768, K = 1, bf16 (the defaults on CUDA); a CPU,
 and other settings (``--D``, ``--K``, ``--dtype``, ``--divide N``, which divides every B by N
 for a quick run), are measured without a verdict. A point whose projected memory exceeds
-``--max-memory-gib`` (4 GiB on a CPU by default) is not run ("skipped (cap)"). Each (point, implementation) is measured as ``bench memory``
-measures a point (warm-up, one step under the memory meter, the median of up to ``--repeats``
+``--max-memory-gib`` (4 GiB on a CPU by default) is not run ("skipped (cap)"). Each (point,
+implementation) is measured as ``bench memory`` measures a point (warm-up, one step under the memory meter, the median of up to ``--repeats``
 timed steps), except the million-row point: one step, timed and metered at once (its kernels
 compiled beforehand at 65,536: by the earlier points, or alone by one untimed step), and
 ``triton-graph`` at the paper batch: the triton backend's step captured once in a CUDA graph and replayed (no host work but the replay's launch; the input
 check is skipped while capturing, and the random shuffle draws its key on the GPU at each
-replay), the median of ``--repeats`` replays, memory the capture's peak. Beside each time: the bare GEMMs
-(cuBLAS on CUDA; float32 for 16-bit inputs on a CPU) a forward and backward of the loss need, of the same shapes (``bench.gemm_shapes``), and the ratio. An implementation
-that runs out of memory or fails is recorded so and the run goes on. Results: ``targets.csv``
+replay), the median of ``--repeats`` replays, memory the capture's peak. Beside each time: the
+bare GEMMs (cuBLAS on CUDA; float32 for 16-bit inputs on a CPU) a forward and backward of the
+loss need, of the same shapes (``bench.gemm_shapes``), and the ratio. An implementation that runs out of memory or fails is recorded so and the run goes on. Results: ``targets.csv``
 (device, versions, commit and time stamp on every row) and ``targets.md`` in ``--out``,
 rewritten after every point.
 """
