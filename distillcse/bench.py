@@ -299,6 +299,9 @@ class AllocatorRecords:
     @contextlib.contextmanager
     def measure(self, result):
         from torch.profiler import ProfilerActivity, profile
+        # Kineto reads its log level at its first start: above its highest (5, "USDT") it no
+        # longer prints "profiler_start" / "profiler_stop" lines into the progress bar.
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
         gc.collect()
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             yield

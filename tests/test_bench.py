@@ -173,6 +173,20 @@ def test_allocator_records_match_counted_memory():
     assert counted >= 32 * 32 * 4 and abs(recorded - counted) <= 0.01 * counted + 1024, peaks
 
 
+def test_allocator_records_print_nothing():
+    """Kineto's "profiler_start" / "profiler_stop" lines would land in the progress bar."""
+    import subprocess
+    import sys
+    code = ("import torch\n"
+            "from distillcse.bench import AllocatorRecords\n"
+            "with AllocatorRecords().measure({}):\n"
+            "    torch.ones(1000) * 2\n")
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "" and "profiler_st" not in run.stderr, (run.stdout, run.stderr)
+
+
 def test_bench_memory_table_and_plots(memory_run, tmp_path):
     table = (memory_run / "results.md").read_text()
     assert "| B |" in table and 'backend="reference"' in table and "n/a (needs CUDA)" in table
