@@ -184,6 +184,29 @@ def test_tie_cuts_rank_ties_in_column_order(device, temperature, group_p, group_
         assert_partition(t, thr, scale, group_p, group_size, ties=(thr, torch.zeros_like(cut)))
 
 
+def test_tie_cuts_when_the_threshold_is_the_next_value(device):
+    """A tie of three straddles a fixed-size boundary whose threshold is the next float above the
+    tied value (no float between them): the cut still counts the one value above the tie and
+    ranks the tie's columns in order. Row 0's logits are exact: it is e_0, every rt is 1, and row
+    j's first feature is its logit."""
+    from distillcse.kernels.group_partition import group_thresholds, tie_cuts
+
+    a = 0.5
+    b = float(torch.nextafter(torch.tensor(a), torch.tensor(1.0)))
+    first = torch.tensor([1.0, b, a, a, a, 0.25, 0.125, -0.5])
+    B, Dt = len(first), 16
+    x = torch.zeros(B, Dt)
+    x[:, 0] = first
+    x[1:, 1:B] = 0.25 * torch.eye(B - 1)
+    x, rt = x.to(device), torch.ones(B, device=device)
+    t, lse, t_min, t_max = row_stats((x, rt), 1.0)
+    assert t[0, 1:].tolist() == first[1:].tolist()
+    thr = group_thresholds(x, rt, lse, t_min, t_max, 1.0, group_size=2, method="pairwise")
+    assert thr[0, 0].item() == b
+    low, cut = tie_cuts(x, rt, lse, t_min, t_max, thr, 1.0, group_size=2)
+    assert kernel_groups(t, thr, (low, cut))[0].tolist() == [-1, 0, 0, 1, 1, 2, 2, 3]
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_partition_half_rows(device, dtype, method):
@@ -422,10 +445,11 @@ def test_group_means(device, B, Dt, teacher_temperature, group_p, group_size, bu
     check_means(qbar, t, thr, scale)
 
 
-def check_means(qbar, t, thr, scale):
-    """qbar [B, G] against float64 means of the softmax at ``scale`` over ``thr``'s groups."""
+def check_means(qbar, t, thr, scale, ties=None):
+    """qbar [B, G] against float64 means of the softmax at ``scale`` over ``thr``'s groups (with
+    the tie cuts ``ties``, as ``kernel_groups`` takes them)."""
     B, G = t.shape[0], thr.shape[1] + 1
-    groups = kernel_groups(t, thr)
+    groups = kernel_groups(t, thr, ties)
     eye = torch.eye(B, dtype=torch.bool, device=t.device)
     q = torch.softmax((t * scale).masked_fill(eye, -math.inf), 1)
     onehot = (groups[:, :, None] == torch.arange(G, device=t.device)).double()
@@ -436,6 +460,21 @@ def check_means(qbar, t, thr, scale):
     err = (qbar.double() - ref).norm() / ref.norm()
     assert err <= 1e-5, f"relative error {err:.2e}"
     torch.testing.assert_close(qbar.double(), ref, rtol=1e-4, atol=0.0)
+
+
+def test_group_means_with_tie_cuts_in_slabs(device):
+    """Repeated teacher rows, tie cuts and three teacher-dot slabs: each slab's rows take their
+    own cuts (not the first slab's), and a cut column takes its lower threshold."""
+    from distillcse.kernels.group_partition import group_means, group_thresholds, tie_cuts
+
+    rows = teachers(130, 48, device, dup=3, seed=1)
+    t, lse, t_min, t_max = row_stats(rows, 1.0)
+    thr = group_thresholds(*rows, lse, t_min, t_max, 1.0, group_p=0.1, method="pairwise")
+    ties = tie_cuts(*rows, lse, t_min, t_max, thr, 1.0, group_p=0.1)
+    assert (ties[1][64:] > 0).any(), "no split tie past the first slab: the case tests nothing"
+    _, lse_t, _, _ = row_stats(rows, 80.0)
+    qbar = group_means(*rows, lse_t, thr, 80.0, ties=ties, budget_bytes=64 * 130 * 4)  # 64-row slabs
+    check_means(qbar, t, thr, 80.0, ties)
 
 
 @pytest.mark.parametrize("temperature,group_p,group_size", [(1.0, 0.1, None), (0.1, 0.3, None), (1.0, 0.1, 4)])
