@@ -745,10 +745,11 @@ def write_csv(rows, path, columns=COLUMNS):
     write_text(path, text.getvalue())
 
 
-def _number(value):
-    """Three significant digits, without an exponent from 1,000 on: 3,490 and 49,900, not 3.49e+03."""
-    rounded = float(f"{value:.3g}")
-    return f"{value:.3g}" if abs(rounded) < 1000 else f"{rounded:,.0f}"
+def number(value, digits=3):
+    """``digits`` significant digits, without an exponent from 1,000 on: 3,490 and 49,900, not
+    3.49e+03 (the tables' cells; the CSVs keep ``.4g``)."""
+    rounded = float(f"{float(value):.{digits}g}")
+    return f"{float(value):.{digits}g}" if abs(rounded) < 1000 else f"{rounded:,.0f}"
 
 
 def clear_previous_run(out, names, log):
@@ -764,14 +765,14 @@ def clear_previous_run(out, names, log):
 def _cell_time(row):
     if row["status"] != OK:
         return row["status"]
-    ratio = f" ({_number(float(row['ratio_to_gemm']))}x)" if row.get("ratio_to_gemm") else ""
-    return f"{_number(float(row['time_ms']))}{ratio}"
+    ratio = f" ({number(row['ratio_to_gemm'])}x)" if row.get("ratio_to_gemm") else ""
+    return f"{number(row['time_ms'])}{ratio}"
 
 
 def _cell_mem(row):
     if row["status"] != OK:
         return row["status"]
-    return _number(float(row["peak_mem_mib"]))
+    return number(row["peak_mem_mib"])
 
 
 def markdown_table(rows):

@@ -182,7 +182,7 @@ def run_points(*, D=768, K=1, dtype=torch.bfloat16, divide=1, impls=None, repeat
         if on_rows is not None:
             on_rows(rows)
         log(f"  {name:<28} {impl:<10} B={B:<8} " + (
-            f"{float(row['time_ms']):>10.4g} ms {float(row['peak_mem_mib']):>10.4g} MiB  {verdict(row)}"
+            f"{bench.number(row['time_ms'], 4):>10} ms {bench.number(row['peak_mem_mib'], 4):>10} MiB  {verdict(row)}"
             if row["status"] == bench.OK else f"{row['status']} {row.get('note', '')}"))
         bar.update(1)
     bar.close()
@@ -208,9 +208,9 @@ def markdown_table(rows):
         if not target:
             target = ("completes" if r["point"] == ONE_STEP_POINT else
                       "(not judged on a CPU)" if r["device"] != "cuda" else "(not at these settings)")
-        cells = [r["point"], r["label"], f"{r['B']:,}", target,
-                 r["time_ms"] if ok else "", r["gemm_ms"] if ok else "", r["ratio_to_gemm"] if ok else "",
-                 r["peak_mem_mib"] if ok else "", verdict(r) + ("" if ok or not r.get("note") else f": {r['note']}")]
+        numbers = [bench.number(r[k], 4) if ok else "" for k in ("time_ms", "gemm_ms", "ratio_to_gemm", "peak_mem_mib")]
+        cells = [r["point"], r["label"], f"{r['B']:,}", target, *numbers,
+                 verdict(r) + ("" if ok or not r.get("note") else f": {r['note']}")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

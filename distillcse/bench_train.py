@@ -320,7 +320,7 @@ def markdown_table(rows):
             elif r["status"] != "ok":
                 cells.append(r["status"])
             else:
-                cells.append(f"{float(r['step_ms']):.4g} / {float(r['peak_mem_mib']):.4g}")
+                cells.append(f"{bench.number(r['step_ms'], 4)} / {bench.number(r['peak_mem_mib'], 4)}")
         lines.append(f"| {B} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

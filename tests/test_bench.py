@@ -271,8 +271,19 @@ def test_the_cpu_yardstick_of_16_bit_inputs_is_float32(dtype):
 
 
 def test_bench_table_numbers_have_no_exponent():
-    assert [bench._number(v) for v in (0.000123, 13.3, 254.4, 999.6, 3487, 49912)] == [
+    assert [bench.number(v) for v in (0.000123, 13.3, 254.4, 999.6, 3487, 49912)] == [
         "0.000123", "13.3", "254", "1,000", "3,490", "49,900"]
+    assert [bench.number(v, 4) for v in ("0.2134", "6559", "30670.8", "2.346e+05")] == [
+        "0.2134", "6,559", "30,670", "234,600"]
+
+
+def test_bench_train_table_numbers_have_no_exponent():
+    """A BERT-base step on a CPU takes 30 s: "30,670 / 3,156", not "3.067e+04 / 3156"."""
+    from distillcse.bench_train import markdown_table as train_table
+    row = dict.fromkeys(TRAIN_COLUMNS, "x")
+    row.update(impl="torch", B="64", status="ok", step_ms="3.067e+04", peak_mem_mib="3156", mini_batch="",
+               hard_per_row="0")
+    assert "| 64 | 30,670 / 3,156 |" in train_table([row])
 
 
 def test_bench_commit_is_the_packages_own_checkout(tmp_path, monkeypatch):

@@ -111,6 +111,14 @@ def test_verdict(row, expected):
     assert verdict(row) == expected
 
 
+def test_table_numbers_have_no_exponent():
+    """The million-row step takes minutes: "234,600" ms in the table, not "2.346e+05"."""
+    rows = [dict(_row("2.346e+05", "3584", target_ms="", target_mib="", point=ONE_STEP_POINT), label="x",
+                 B=2**20, device_name="d", device="cuda", D=768, K=1, dtype="bfloat16", torch="t", triton="t",
+                 python="p", commit="c", timestamp="s", memory_kind="m", gemm_ms="1.234e+04", ratio_to_gemm="19")]
+    assert "| 1,048,576 | completes | 234,600 | 12,340 | 19 | 3,584 | completes |" in markdown_table(rows)
+
+
 def test_table_shows_errors_with_their_note():
     rows = [dict(_row(1.0, 1.0, status="error"), note="RuntimeError: boom", label="x", B=64, device_name="d",
                  device="cuda", D=768, K=1, dtype="bfloat16", torch="t", triton="t", python="p", commit="c",
