@@ -116,6 +116,19 @@ def test_near_perfect_positives(noise, device):
     _check(x, y, torch.full((B,), 1.0 / B, device=device), 5e-5)
 
 
+@pytest.mark.parametrize("noise", [0.7, 1.0])
+def test_near_perfect_positives_in_two_passes(noise, device):
+    """The same past the one pass's largest scale (40, fp32: two passes): the second pass's
+    diagonal factor P_ii - 1 is also -(the off-diagonal sum), not exp(s_ii - lse_i) - 1 (row
+    losses 2e-12..5e-6 here; at scale 100 the float64 reference itself rounds them to 0)."""
+    from distillcse.kernels.contrastive import one_pass
+
+    scale, B = 40.0, 37
+    assert not one_pass(torch.float32, scale)
+    x, y = _views(B, 23, 96, torch.float32, device, seed=10, noise=noise)
+    _check(x, y, torch.full((B,), 1.0 / B, device=device), 5e-5, scale=scale)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("temperature", [1 / 32, 0.01])
 @pytest.mark.parametrize("opposed", [False, True])

@@ -160,3 +160,16 @@ def test_prenormalised_teacher_rows():
 def test_half_precision(dtype):
     x, y, t = _inputs(50, 64, 48, 64, dtype, seed=9)
     _check(x, y, t, shuffle="random", step_seed=77)
+
+
+def test_contrastive_logits_past_fp32_exp_range(monkeypatch):
+    """Temperature 0.01 (scale 100), each row's positive and a hard negative at cosine ~0.95:
+    exp(100 c) ~ e^95 overflows fp32, so the one program shifts the logits by their row maximum,
+    as the streaming kernels do (the hard negative, as close as the positive, keeps the losses
+    of order 1)."""
+    monkeypatch.setitem(SCALES, "cl_scale", 100.0)
+    B, D = 30, 48
+    x, _, _ = _inputs(B, D, 40, B, torch.float32, seed=2)
+    noise = 0.3 * torch.randn(2, B, D, generator=torch.Generator().manual_seed(3))
+    y = torch.cat([x.cpu() + noise[0], x.cpu() + noise[1]]).to(DEVICE)  # z2, then the hard negatives
+    _check(x, y, None)
