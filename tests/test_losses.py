@@ -226,6 +226,30 @@ def test_zero_vectors_behave_like_cosine_similarity():
                    loss_and_grads("reference", z1, z2, teachers, None, shuffle="expected")[0]) < 1e-12
 
 
+def test_distillcse_loss_defaults_are_the_spec():
+    """Every default of the function and the module is SPEC.md's."""
+    z1, z2, teachers, _ = make_batch(37, 16, (12,))
+    explicit = dict(temperature=0.05, distill_weight=1.0, student_temperature=0.025, teacher_temperature=0.0125,
+                    group_p=0.1, group_size=None, grouping_temperature=1.0, shuffle="random", seed=3)
+    for backend in ("reference", "torch"):
+        default = distillcse.distillcse_loss(z1, z2, teachers, seed=3, backend=backend)
+        assert default.item() == distillcse.distillcse_loss(z1, z2, teachers, backend=backend, **explicit).item()
+        module = distillcse.DistillCSELoss(shuffle="expected", backend=backend)(z1, z2, teachers)
+        assert module.item() == distillcse.distillcse_loss(z1, z2, teachers, backend=backend,
+                                                           **dict(explicit, shuffle="expected")).item()
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("triton", marks=requires_triton)])
+def test_default_teacher_weights_average_the_teachers(backend):
+    """The default weights are 1 / K: K copies of one teacher average to that teacher's cosines."""
+    z1, _, teachers, _ = make_batch(21, 16, (12,))
+    z1, teachers = z1.float().to(DEVICE), [t.float().to(DEVICE) for t in teachers]
+    kw = dict(shuffle="expected", backend=backend)
+    one = distillcse.distill_loss(z1, teachers, **kw)
+    two = distillcse.distill_loss(z1, teachers * 2, **kw)
+    assert two.item() == pytest.approx(one.item(), rel=1e-5)
+
+
 def test_distill_only_and_weight():
     z1, z2, teachers, _ = make_batch(21, 8, (6,))
     kd = distillcse.distill_loss(z1, teachers, shuffle="none", backend="torch")

@@ -110,6 +110,14 @@ def test_groupings_match_reference(B, group_p, group_size):
         assert rel_err(g, rg) < 2e-5
 
 
+@pytest.mark.parametrize("B", [40, 130])  # one program; streaming kernels
+def test_random_shuffle_matches_torch_backend_with_empty_groups(B):
+    """Grouping temperature 0.05 puts more than P on single entries, so some groups are empty:
+    the shuffle's keys take the real group ids in the torch backend as in the kernels."""
+    check_against_torch_fp32(make_batch(B, 24, (16,)), dict(shuffle="random", seed=5, group_p=0.1,
+                                                           grouping_temperature=0.05, teacher_temperature=0.05))
+
+
 @pytest.mark.parametrize("B", [53, 130])  # one program; streaming kernels
 def test_random_shuffle_matches_torch_backend_for_a_seed(B):
     # Counter-based keys: the same seed gives the same permutation on every backend and device.
@@ -283,7 +291,7 @@ def test_one_program_and_streaming_paths_agree(shuffle, monkeypatch):
 
 
 def _streamed_losses(z1, z2, teacher, backend):
-    """The three public losses on a batch that streams (B > 64), by name."""
+    """The three public losses, by name (B > 64: the streaming kernels)."""
     return {
         "contrastive": distillcse.contrastive_loss(z1, z2, backend=backend),
         "distill": distillcse.distill_loss(z1, teacher, shuffle="expected", backend=backend),
@@ -302,11 +310,12 @@ def test_backward_twice_is_a_clear_error(name):
         loss.backward()
 
 
+@pytest.mark.parametrize("B", [40, 70])  # one program; streaming kernels
 @pytest.mark.parametrize("name", ["contrastive", "distill", "distillcse"])
-def test_upstream_gradient_scales_the_forward_gradient(name):
+def test_upstream_gradient_scales_the_forward_gradient(name, B):
     """The forward writes z1's gradient for dL/dloss = 1 and the backward scales it: a loss
     weighted by -2.5 inside a larger graph gets -2.5 times it (against the torch backend)."""
-    z1, z2, teachers, _ = make_batch(70, 16, (8,))
+    z1, z2, teachers, _ = make_batch(B, 16, (8,))
     grads = {}
     for backend in ("torch", "triton"):
         leaves = [x.float().to(DEVICE).requires_grad_() for x in (z1, z2)]
