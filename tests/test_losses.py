@@ -101,10 +101,13 @@ def _softmax2(a, b):
     return ea / (ea + eb), eb / (ea + eb)
 
 
-@pytest.mark.parametrize("group_p,expected_same_group", [(0.1, False), (0.5, True)])
-def test_distill_hand_computed_b3(group_p, expected_same_group):
+@pytest.mark.parametrize("group_p,expected_same_group,grouping_temperature",
+                         [(0.1, False, 1.0), (0.5, True, 1.0), (0.5, True, 1e30)])
+def test_distill_hand_computed_b3(group_p, expected_same_group, grouping_temperature):
     # B = 3: each row has two off-diagonal entries. With P = 0.5 both fall in the last group
     # (c_1 = pi_1 >= 0.5), so the expected targets are (1/2, 1/2); with P = 0.1 they stay q.
+    # At grouping temperature 1e30 the masses are exactly 1/2 each: c = (0.5, 1.0) exactly, and
+    # only the clamp min(floor(c / P), G - 1) keeps the second entry in the first one's group.
     s = torch.tensor([[1.0, 0.0], [0.6, 0.8], [-0.6, 0.8]], dtype=F64)
     t = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.0, 0.6, 0.8]], dtype=F64)
     tau_s, tau_t = 0.025, 0.0125
@@ -119,7 +122,8 @@ def test_distill_hand_computed_b3(group_p, expected_same_group):
             q_j = q_k = 0.5
         total += -(q_j * math.log(p_j) + q_k * math.log(p_k))
     for backend in ("reference", "torch"):
-        loss = distillcse.distill_loss(s, t, shuffle="expected", group_p=group_p, backend=backend)
+        loss = distillcse.distill_loss(s, t, shuffle="expected", group_p=group_p,
+                                       grouping_temperature=grouping_temperature, backend=backend)
         assert loss.item() == pytest.approx(total / 3, rel=1e-10)
 
 
