@@ -51,3 +51,14 @@ def test_cast_rounds_to_nearest_even():
     assert torch.equal(y[finite].view(torch.int16), want[finite].view(torch.int16))
     assert torch.isnan(y[~finite]).all()
     assert y[:3].tolist() == [1.0, 1.0 + 2 ** -6, -1.0]
+
+
+def test_cast_keeps_every_nan_a_nan():
+    """NaNs of any payload and sign cast to NaN: rounded as a number's bits, 0x7F800001 would
+    carry into inf, 0x7FFFFFFF into -0 and 0xFFFFFFFF past 32 bits into +0."""
+    bits = [0x7F800001, 0x7F80FFFF, 0x7FBFFFFF, 0x7FC00000, 0x7FFFFFFF, 0xFF800001, 0xFFC00000, 0xFFFFFFFF]
+    x = torch.tensor([b - (1 << 32) if b >= 1 << 31 else b for b in bits], dtype=torch.int32).view(torch.float32)
+    assert torch.isnan(x).all()
+    y = torch.empty(x.shape, dtype=torch.bfloat16, device=DEVICE)
+    _cast_kernel[(1,)](x.to(DEVICE), y, N=x.numel())
+    assert torch.isnan(y.cpu()).all(), y.cpu().view(torch.int16)

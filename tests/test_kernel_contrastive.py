@@ -10,6 +10,15 @@ pytestmark = requires_triton
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 SCALE = 1 / 0.05
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+from distillcse.kernels.tiles import log1p_unit  # noqa: E402
+
+
+@triton.jit
+def _log1p_unit_kernel(p_u, p_y, N: tl.constexpr):
+    o = tl.arange(0, N)
+    tl.store(p_y + o, log1p_unit(tl.load(p_u + o)))
 
 
 def _inv_norm(a):
@@ -172,6 +181,23 @@ def test_two_rows(D, n_hard, device):
     _check(x, y, torch.tensor([0.5, -1.5], device=device), 1e-5)
 
 
+def test_log1p_unit_matches_float64(device):
+    """``tiles.log1p_unit`` (a row's loss ``log1p(l / e_ii)`` while P_ii > 1/2) against float64
+    log1p of the same fp32 u, over [0, 1] and on both sides of the switch at 2^-6: below it the
+    series (its four terms, arithmetic alone: 3e-7 relative, ~2.5 ulp), above it Goldberg's
+    quotient (a plain log(1 + u) is up to 2^-18 off there; 1e-6 leaves room for a GPU's log)."""
+    u = torch.cat([torch.tensor([0.0, 2.0 ** -6 * (1 - 2.0 ** -24), 2.0 ** -6, 1.0]),
+                   2.0 ** torch.linspace(-30.0, 0.0, 4092, dtype=torch.float64)]).float()
+    y = torch.empty(u.shape, device=device)
+    _log1p_unit_kernel[(1,)](u.to(device), y, N=u.numel())
+    ref = torch.log1p(u.double())
+    err = (y.cpu().double() - ref).abs() / ref.clamp_min(1e-300)
+    series = u < 2.0 ** -6
+    assert y[0].item() == 0.0
+    assert err[series].max().item() < 3e-7, f"series: {err[series].max().item():.2e}"
+    assert err[~series].max().item() < 1e-6, f"log: {err[~series].max().item():.2e}"
+
+
 @pytest.mark.parametrize("D", [5, 300])
 def test_feature_dims(D, device):
     """D below a GEMM's usual tile (5) and not a multiple of one (300)."""
@@ -236,6 +262,8 @@ def test_column_blocks_of_a_shard(dtype, device):
     (4096, 4096, 128 << 20, 6, 4096),  # all rows fit: one slab
     (1 << 20, 1 << 20, 128 << 20, 6, 32),  # a budget below one step: one step
     (20, 1 << 20, 1 << 20, 6, 20),  # ... but never more rows than there are
+    (40, 10, 40 * 10 * 4, 4, 40),  # all rows fit exactly: all of them, not rounded down to the step
+    (100, 10, 64 * 10 * 4 - 1, 4, 32),  # a byte short of 64 rows: 63 fit, so one step (never over the budget)
 ])
 def test_slab_rows(rows, width, budget, entry, expected):
     from distillcse.kernels.contrastive import SLAB_STEP

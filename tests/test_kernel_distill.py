@@ -403,6 +403,27 @@ def test_unit_rows_backward_is_the_chain_rule(dtype, form, device):
     assert error < {torch.float32: 1e-6, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unit_rows_backward_projects_rows_just_longer_than_eps(dtype, device):
+    """Rows of |x| = 2e-8, 1e-6 and 1e-5 (|x|^2 above eps^2 = 1e-16, far below eps) are unit rows
+    like any other: their gradient has the projection ``rx (du - u (u . du))``; only the row
+    shorter than eps (1e-10) has none. A threshold on |x|^2 at eps or a larger eps fails here."""
+    from distillcse.kernels.distill import unit_rows_backward
+
+    R, D = 6, 48
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(R, D, generator=g)
+    x = (x / x.norm(dim=1, keepdim=True) * torch.tensor([2e-8, 1e-6, 1e-5, 1.0, 3.0, 1e-10])[:, None]).to(dtype)
+    rx = 1.0 / x.float().norm(dim=1).clamp_min(1e-8)
+    du = torch.randn(R, D, generator=g)
+    xd = x.double().requires_grad_()
+    (xd / xd.norm(dim=1, keepdim=True).clamp_min(1e-8)).backward(du.double())
+    out = torch.empty(R, D, dtype=dtype, device=device)
+    unit_rows_backward(du.to(device), x.to(device), rx.to(device), out)
+    error = (out.double().cpu() - xd.grad).abs().amax(1) / xd.grad.abs().amax(1)  # row by row
+    assert error.max().item() < {torch.float32: 1e-6, torch.bfloat16: 2 ** -8}[dtype], error
+
+
 @pytest.mark.parametrize("teacher", ["concatenated", "fp16-strided-zero-row"])
 def test_random_other_teacher_rows(teacher, device):
     """Two teachers' unit rows (rt = 1); one fp16 teacher sliced out of a wider tensor with an

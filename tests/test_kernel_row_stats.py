@@ -87,6 +87,29 @@ def test_row_stats_in_uneven_column_splits():
     _check(teacher[1:], refs[1:], names=NAMES[1:])
 
 
+def test_column_splits():
+    """``utils.column_splits``: a power of two (the merge pairs partial results up), at most the
+    tiles, and otherwise the power of two at or above programs / row programs (about that many
+    programs in all)."""
+    assert [utils.column_splits(64, rows) for rows in (1, 100, 300, 1024, 5000)] == [64, 16, 4, 1, 1]
+    assert [utils.column_splits(n, 1) for n in (0, 1, 2, 3, 100)] == [1, 1, 2, 2, 64]
+    for n_tiles in range(70):
+        for rows in (1, 3, 10, 100, 1000):
+            splits = utils.column_splits(n_tiles, rows, 512)
+            assert splits & (splits - 1) == 0 and 1 <= splits <= max(1, n_tiles), (n_tiles, rows, splits)
+            assert splits * rows >= 512 or 2 * splits > n_tiles, (n_tiles, rows, splits)
+
+
+def test_blocks_follow_the_interpreter():
+    """The statistics kernel's blocks: the interpreter's few large ones (64 rows) under
+    ``TRITON_INTERPRET=1``, the GPU's (32 rows) on a GPU or with ``DISTILLCSE_GPU_BLOCKS=1``."""
+    import os
+
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("DISTILLCSE_GPU_BLOCKS") != "1"
+    assert utils.interpreter_blocks() == interpreted
+    assert K._stats_blocks()["BM"] == (64 if interpreted else 32)
+
+
 @pytest.mark.parametrize("case", ["student", "teacher", "grid"])
 def test_row_stats_from_half_the_dots(case, monkeypatch):
     """B = 450 in three slabs (192, 192 and 66 rows: 3, 3 and 2 row blocks of 64 under the

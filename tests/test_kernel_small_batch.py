@@ -123,16 +123,29 @@ def test_random_shuffle_follows_the_seed():
     assert a.item() != small_batch_loss(x, None, t, step_seed=6, **kw)[0].item()
 
 
-@pytest.mark.parametrize("step_seed", [5, 2**64 - 12345])
+@pytest.mark.parametrize("step_seed", [5, 2**64 - 12345, 2**63 + 2**31])
 def test_random_shuffle_key_on_the_device(step_seed):
     """The key as the [1] int64 tensor that a CUDA graph's capture draws gives the int key's loss
-    and gradients (all 64 bits: a key past 2^63 is a negative int64)."""
+    and gradients (all 64 bits: a key past 2^63 is a negative int64; 2^63 + 2^31: both halves at
+    the int32 boundary, each passed as the int32 -2^31)."""
     x, y, t = _inputs(40, 32, 24, 40, torch.float32, seed=3)
     kw = dict(SCALES, n_groups=10, shuffle="random", need_grad=True)
     by_int = small_batch_loss(x, y, t, step_seed=step_seed, **kw)
     by_tensor = small_batch_loss(x, y, t, step_seed=device_key(step_seed), **kw)
     for a, b in zip(by_int, by_tensor):
         assert torch.equal(a, b)
+
+
+def test_next_pow2():
+    """``utils.next_pow2`` (the batch block BB, the group axes): the smallest power of two >= n,
+    1 for n <= 1, as ``triton.next_power_of_2``; a power of two is its own (B = 64: a [64, 64]
+    block, not [128, 128])."""
+    import triton
+
+    from distillcse.kernels.utils import next_pow2
+
+    assert [next_pow2(n) for n in (-3, 0, 1, 2, 3, 64, 65)] == [1, 1, 1, 2, 4, 64, 128]
+    assert all(next_pow2(n) == triton.next_power_of_2(n) for n in range(1, 5000))
 
 
 def test_single_terms_weights_strides_and_zero_rows():
