@@ -1,6 +1,7 @@
 """``distillcse.cached_backward`` (gradient caching): the parameters' gradients equal those of one
 backward through every mini-batch's forward, dropout included; input errors."""
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -138,6 +139,69 @@ def test_no_sync_holds_every_mini_batch_but_the_last():
     assert len(held) == 3                                       # 4 mini-batches: the last syncs
 
 
+def test_no_sync_holds_every_module_for_every_backward_but_the_last():
+    """Every DDP module's no_sync holds the replay's backward of each mini-batch but the last, and
+    the one it does not hold runs last (its all-reduce carries every mini-batch's gradient):
+    mini-batches of distinct sizes, in order, as each one's backward sees the modules held."""
+    model, x, teacher = _setup()
+    held, seen = {"a": 0, "b": 0}, []
+
+    class FakeDDP:
+        def __init__(self, name):
+            self.name = name
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            held[self.name] += 1
+            try:
+                yield
+            finally:
+                held[self.name] -= 1
+
+    def encode(m):
+        z1, z2 = model(m)
+        if z1.requires_grad:                                    # the replay's forward: see its backward
+            z1.register_hook(lambda g: seen.append((g.shape[0], dict(held))))
+        return z1, z2
+    cached_backward(encode, list(x.split((5, 4, 3, 1))), _loss(teacher), no_sync=[FakeDDP("a"), FakeDDP("b")])
+    both, neither = {"a": 1, "b": 1}, {"a": 0, "b": 0}
+    assert seen == [(5, both), (4, both), (3, both), (1, neither)]
+
+
+def test_outputs_without_a_gradient_path_on_the_replay_are_skipped():
+    """An output the loss differentiates that does not depend on the trained parameters (hard
+    negatives from a frozen encoder inside encode) gets a gradient in the loss's backward, and the
+    replay has nothing to pass it to: the gradients are those of one backward."""
+    model, x, _ = _setup()
+    frozen = torch.nn.Linear(8, 6).double().requires_grad_(False)
+
+    def encode(m):
+        z1, z2 = model(m)
+        return z1, z2, frozen(m)
+
+    def loss_fn(z1, z2, negatives):
+        return distillcse.contrastive_loss(z1, z2, hard_negatives=negatives, backend="reference")
+
+    torch.manual_seed(3)
+    direct = [encode(m) for m in x.split(5)]
+    loss_fn(*(torch.cat([d[k] for d in direct]) for k in range(3))).backward()
+    expected = _grads(model)
+    model.zero_grad()
+    torch.manual_seed(3)
+    cached_backward(encode, x.split(5), loss_fn)
+    for name, grad in _grads(model).items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-10, atol=1e-14, msg=name)
+
+
+@pytest.mark.parametrize("sizes", [(13,), (7, 6)])
+def test_outputs_without_a_row_dimension_are_refused(sizes):
+    """A 0-dim output (a loss computed inside encode, say) is refused by name, with one mini-batch
+    as with several."""
+    model, x, teacher = _setup()
+    with pytest.raises(TypeError, match=r"encode\(mini_batches\[0\]\) must return a tensor with a row dimension"):
+        cached_backward(lambda m: tuple(z.sum() for z in model(m)), x.split(sizes), _loss(teacher))
+
+
 def test_errors():
     model, x, teacher = _setup()
     loss = _loss(teacher)
@@ -220,5 +284,24 @@ def test_several_mini_batches_under_torch_distributed_without_no_sync_warn(tmp_p
     try:
         with pytest.warns(UserWarning, match=r"pass it as no_sync=\[module\]"):
             cached_backward(model, x.split(5), _loss(teacher))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_torch_distributed_one_mini_batch_or_no_sync_do_not_warn(tmp_path):
+    """The warning above is for several mini-batches without no_sync only: one mini-batch (one
+    backward) and several with no_sync given run silently."""
+    import torch.distributed as dist
+    model, x, teacher = _setup()
+
+    class FakeDDP:
+        no_sync = contextlib.nullcontext
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            cached_backward(model, [x], _loss(teacher))
+            cached_backward(model, x.split(5), _loss(teacher), no_sync=[FakeDDP()])
     finally:
         dist.destroy_process_group()
