@@ -111,6 +111,57 @@ def test_all_gather_backward_and_mismatched_ranks(tmp_path):
         assert mismatch is not None and "rank 0: [n, 4] float32; rank 1: [n, 5] float32" in mismatch
 
 
+def _kinds_and_subgroup_worker(rank, init_file, results):
+    """(i) ranks that differ only in dtype, then only in requires_grad; (ii) on rank 1, a group
+    of rank 1 alone, where it is rank 0."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        mismatches = []
+        for x in (torch.zeros(3, 4, dtype=torch.float64 if rank else torch.float32),
+                  torch.zeros(3, 4, requires_grad=rank == 0)):
+            try:
+                distillcse.all_gather(x)
+                mismatches.append(None)
+            except ValueError as err:
+                mismatches.append(str(err))
+        alone = dist.new_group([1])
+        if rank == 1:
+            g = torch.Generator().manual_seed(3)
+            x, w, z2, t = (torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in range(4))
+            x.requires_grad_(True)
+            (w * distillcse.all_gather(x, group=alone)).sum().backward()
+            gathered_grad, x.grad = x.grad, None
+            loss = distillcse.sharded_loss(x, z2, t, group=alone, backend="torch", shuffle="expected")
+            loss.backward()
+            results["alone"] = (gathered_grad, loss.detach(), x.grad)
+        results[rank] = mismatches
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_differ_in_dtype_or_requires_grad_and_a_group_that_is_not_the_world(tmp_path):
+    """Ranks passing different dtypes, or one requiring grad and one not (its backward's all-reduce
+    would wait for the other forever), get an error naming both. In a group whose ranks are not
+    the global ones (rank 1 alone, rank 0 in it), all_gather's backward hands the rank its own
+    rows' gradient and sharded_loss is the loss on its rows: the group's rank is used, not the
+    global one."""
+    results = mp.Manager().dict()
+    mp.spawn(_kinds_and_subgroup_worker, args=(str(tmp_path / "init"), results), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        dtypes, grads = results[rank]
+        assert dtypes is not None and "rank 0: [n, 4] float32; rank 1: [n, 4] float64" in dtypes, dtypes
+        assert grads is not None and "rank 0: [n, 4] float32 requiring grad; rank 1: [n, 4] float32" in grads, grads
+    gathered_grad, loss, grad = results["alone"]
+    g = torch.Generator().manual_seed(3)
+    x, w, z2, t = (torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in range(4))
+    torch.testing.assert_close(gathered_grad, w, rtol=0, atol=0)
+    x.requires_grad_(True)
+    expected = distillcse.distillcse_loss(x, z2, t, backend="torch", shuffle="expected")
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, x.grad, rtol=1e-10, atol=1e-14)
+
+
 HN_SHARDS = (slice(0, 3), slice(3, 5))      # unequal local hard negatives: 3 and 2 rows (of _batch's 11)
 SHARD_KEYWORDS = dict(group_size=3, shuffle="random", seed=11, distill_weight=0.7)
 # the triton backend's shards in fp32 on CPU under the interpreter (the ranks' gloo group holds CPU tensors)
@@ -203,3 +254,15 @@ def test_sharded_loss_without_a_process_group_is_the_loss():
     assert torch.equal(distillcse.sharded_loss(z1, z2, t, **kwargs), distillcse.distillcse_loss(z1, z2, t, **kwargs))
     with pytest.raises(TypeError, match="rows= is not an option"):
         distillcse.sharded_loss(z1, z2, t, rows=(0, 4))
+
+
+def test_sharded_loss_without_a_process_group_passes_hard_negatives_and_terms_on():
+    """Without a process group sharded_loss is distillcse_loss with every keyword, hard negatives
+    and return_terms included."""
+    g = torch.Generator().manual_seed(2)
+    z1, z2, hn, t = (torch.randn(9, 8, generator=g) for _ in range(4))
+    kwargs = dict(hard_negatives=hn[:4], return_terms=True, shuffle="expected", backend="torch")
+    loss, terms = distillcse.sharded_loss(z1, z2, [t], **kwargs)
+    want_loss, want_terms = distillcse.distillcse_loss(z1, z2, [t], **kwargs)
+    assert torch.equal(loss, want_loss) and terms.keys() == want_terms.keys()
+    assert all(torch.equal(terms[k], want_terms[k]) for k in terms)
