@@ -1,6 +1,7 @@
 """``distillcse.all_gather`` over a real 2-process gloo group on the CPU: the global loss and
 each rank's gradients equal one process's loss on the whole batch (gradients summed over the
 ranks, as DistributedDataParallel expects)."""
+import datetime
 import os
 
 import pytest
@@ -172,7 +173,8 @@ def _sharded_worker(rank, init_file, results):
     """``sharded_loss`` on each rank's rows: per backend, the loss, its terms and the local
     gradients; then a batch whose second rank holds no rows; then ranks that disagree on the
     hard negatives."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))   # mismatched collectives fail, not hang
     try:
         z1, z2, hn, teachers = _batch()
         for backend in SHARD_BACKENDS:
