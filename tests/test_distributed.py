@@ -173,8 +173,10 @@ def _sharded_worker(rank, init_file, results):
     """``sharded_loss`` on each rank's rows: per backend, the loss, its terms and the local
     gradients; then a batch whose second rank holds no rows; then ranks that disagree on the
     hard negatives."""
+    # mismatched collectives fail instead of hanging; 300 s leaves room for a rank that compiles
+    # kernels (a GPU run's first launches) while the other, holding no rows, waits
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))   # mismatched collectives fail, not hang
+                            timeout=datetime.timedelta(seconds=300))
     try:
         z1, z2, hn, teachers = _batch()
         for backend in SHARD_BACKENDS:
