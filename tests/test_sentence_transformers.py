@@ -331,6 +331,33 @@ def test_gather_across_devices_is_the_global_batch(tmp_path, seed, shard_loss):
     assert abs(local.item() - loss.item()) > 1e-3           # without the gather: rank 0's rows alone
 
 
+OPTIONS = dict(temperature=0.1, student_temperature=0.05, teacher_temperature=0.02, distill_weight=0.5, group_p=0.3)
+
+
+@pytest.mark.parametrize("mini_batch_size", [None, 4])
+def test_every_further_column_is_a_hard_negative_and_the_options_reach_the_loss(mini_batch_size):
+    """(anchor, positive, negative, negative): both further columns are hard negatives (the first
+    one's rows, then the second's), and each loss option given (temperatures, distillation weight,
+    group_p) is distillcse_loss's: each one back at its default changes the loss."""
+    model = _Linear()
+    g = torch.Generator().manual_seed(5)
+    columns = [{"x": torch.randn(9, 6, generator=g, dtype=torch.float64)} for _ in range(4)]
+    labels = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    z1, z2, *negatives = (model(c)["sentence_embedding"].detach() for c in columns)
+
+    def expected(hard_negatives=torch.cat(negatives), **options):
+        return distillcse.distillcse_loss(z1, z2, [labels], hard_negatives=hard_negatives, shuffle="expected",
+                                          **dict(OPTIONS, **options))
+
+    loss = DistillCSELoss(model, mini_batch_size=mini_batch_size, shuffle="expected", **OPTIONS)(columns, labels)
+    torch.testing.assert_close(loss.detach(), expected(), rtol=1e-12, atol=0)
+    assert abs(expected(hard_negatives=negatives[0]).item() - loss.item()) > 1e-6
+    defaults = dict(temperature=0.05, student_temperature=0.025, teacher_temperature=0.0125, distill_weight=1.0,
+                    group_p=0.1)
+    for name, default in defaults.items():
+        assert abs(expected(**{name: default}).item() - loss.item()) > 1e-6, name
+
+
 def test_trainer_step_benchmark_writes_its_table(tmp_path):
     """benchmarks/st_trainer_step.py at B = 8 (mini-batches of 3): two rows with a time, a peak
     and a finite loss, in results.csv and table.md."""

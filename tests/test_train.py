@@ -226,6 +226,160 @@ def test_checkpoint_between_evaluations(tmp_path, sentences, monkeypatch):
     assert [float(row["seconds"]) for row in rows] == sorted(float(row["seconds"]) for row in rows)
 
 
+def test_the_mlp_head_trains_resumes_and_is_clipped(tmp_path, sentences, monkeypatch):
+    """--mlp-head: the head trains (its weights move), and its state resumes with the student's:
+    a kill while step 2's checkpoint.pt is written (a torn file) leaves step 1's whole, and the
+    same command resumes from it to the uninterrupted run's weights, head included, bit for bit.
+    --max-grad-norm 1e-12 clips the head's gradients with the student's: it barely moves."""
+    inits, real_save = [], torch.save
+
+    class RecordingHead(train.MLPHead):
+        def __init__(self, d):
+            super().__init__(d)
+            inits.append({k: v.clone() for k, v in self.state_dict().items()})
+
+    def moved(head):
+        return sum(float((head[k] - v).abs().sum()) for k, v in inits[0].items())
+
+    monkeypatch.setattr(train, "MLPHead", RecordingHead)
+    run = dict(max_steps=2, eval_every=0, save_every=1, mlp_head=True)
+    train.train(_args(tmp_path / "whole", sentences, **run), log=lambda *a: None)
+    whole = torch.load(os.path.join(tmp_path / "whole", train.CHECKPOINT))
+
+    saves = []
+
+    def torn_at_second_save(obj, f, *args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:
+            with open(f, "wb") as torn:
+                torn.write(b"PK\x03\x04 half a checkpoint")
+            raise RuntimeError("killed while writing")
+        return real_save(obj, f, *args, **kwargs)
+
+    out = tmp_path / "split"
+    monkeypatch.setattr(torch, "save", torn_at_second_save)
+    with pytest.raises(RuntimeError, match="killed while writing"):
+        train.train(_args(out, sentences, **run), log=lambda *a: None)
+    monkeypatch.setattr(torch, "save", real_save)
+    first = torch.load(os.path.join(out, train.CHECKPOINT))
+    assert first["state"]["step"] == 1
+    messages = []
+    train.train(_args(out, sentences, **run), log=messages.append)
+    assert any("resumed" in m and "step 1" in m for m in messages)
+    resumed = torch.load(os.path.join(out, train.CHECKPOINT))
+    for part in ("head", "student"):
+        for name, value in whole[part].items():
+            torch.testing.assert_close(resumed[part][name], value, rtol=0, atol=0, msg=f"{part}.{name}")
+    assert 0 < moved(first["head"]) < moved(whole["head"])
+
+    train.train(_args(tmp_path / "clipped", sentences, max_steps=1, eval_every=0, mlp_head=True,
+                      max_grad_norm=1e-12), log=lambda *a: None)
+    assert all(all(torch.equal(init[k], inits[0][k]) for k in init) for init in inits)   # one seeded start
+    clipped = torch.load(os.path.join(tmp_path / "clipped", train.CHECKPOINT))["head"]
+    assert moved(clipped) < 1e-3 * moved(first["head"]), (moved(clipped), moved(first["head"]))
+
+
+def test_each_epoch_has_its_own_order_and_the_rate_decays_over_the_epochs(tmp_path, sentences, monkeypatch):
+    """--epochs 3 of 16 sentences in batches of 8 (--max-steps 100 does not bind): 6 steps; each
+    epoch's two batches hold the 16 sentences, in an order of its own, and step s + 1 runs at
+    3e-5 x (1 - s / 6): the rate reaches 0 at the end of the epochs, not of --max-steps."""
+    corpus = tmp_path / "sixteen.txt"
+    lines = open(sentences).read().splitlines()[:16]
+    corpus.write_text("\n".join(lines) + "\n")
+    batches, real_load = [], train.load_encoder
+
+    def recording_the_teachers_rows(*args, **kwargs):      # the teacher encodes each step's batch
+        encoder = real_load(*args, **kwargs)
+        if kwargs.get("option") == "--teacher":
+            tokenize = encoder.tokenize
+            encoder.tokenize = lambda rows, *a: batches.append(list(rows)) or tokenize(rows, *a)
+        return encoder
+
+    monkeypatch.setattr(train, "load_encoder", recording_the_teachers_rows)
+    out = tmp_path / "run"
+    train.train(_args(out, str(corpus), epochs=3, max_steps=100, eval_every=0), log=lambda *a: None)
+    assert len(batches) == 6 and all(len(b) == 8 for b in batches)
+    epochs = [batches[0] + batches[1], batches[2] + batches[3], batches[4] + batches[5]]
+    for order in epochs:
+        assert sorted(order) == sorted(lines)
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2] and epochs[0] != epochs[2]
+    with open(os.path.join(out, "train_log.csv")) as f:
+        rates = [row["lr"] for row in csv.DictReader(f)]
+    assert rates == [f"{3e-5 * (1 - s / 6):.3e}" for s in range(6)]
+
+
+def test_the_best_student_is_selected_on_sts_b_dev_and_tested(tmp_path, sentences):
+    """--lr 1e-2 wrecks the student, so that the best trained step is not the last. The log's
+    STS-B dev scores (step 0, the pristine student; step 2; step 3, the last step, off the
+    --eval-every period) are sts.evaluate's on the first 40 dev pairs; best/ is the student of
+    the best of steps 2 and 3 (here 2), and it scores best_dev again; the test suite is best/'s."""
+    out = tmp_path / "run"
+    result = train.train(_args(out, sentences, max_steps=3, eval_every=2, lr=1e-2, test=True, test_pairs=20),
+                         log=lambda *a: None)
+    with open(os.path.join(out, "train_log.csv")) as f:
+        dev = {int(row["step"]): float(row["stsb_dev"]) for row in csv.DictReader(f) if row["stsb_dev"]}
+    assert sorted(dev) == [0, 2, 3]
+    pristine = train.load_encoder(train.minilm_path("x"), "mean")
+    train.keep_layers(pristine.model, 2)
+    assert dev[0] == pytest.approx(sts.evaluate(pristine, ("STSBenchmark",), split="dev", max_pairs=40)["STSBenchmark"],
+                                   abs=5e-5)
+    assert dev[3] < dev[2] and result["best_step"] == 2 and result["best_dev"] == pytest.approx(dev[2], abs=5e-5)
+    best = train.load_encoder(os.path.join(out, "best"), "mean")
+    again = sts.evaluate(best, ("STSBenchmark",), split="dev", max_pairs=40)["STSBenchmark"]
+    assert again == pytest.approx(result["best_dev"], abs=1e-9)
+    assert result["test"] == pytest.approx(sts.evaluate(best, max_pairs=20), abs=1e-9)
+
+
+def test_teachers_give_their_eval_mode_embeddings_in_their_pooling(tmp_path, sentences, monkeypatch):
+    """The student with --pooling cls and two --teacher components (--teacher-pooling mean, the
+    default), dropout on: at each step the loss gets one [8, 384] target per component, every row
+    the teacher's eval-mode (no dropout) mean-pooled embedding of a corpus sentence; and the
+    student trains in train mode, its two views apart, also after the step-2 evaluation."""
+    seen, real_loss = [], train.distillcse_loss
+
+    def recording(z1, z2, teachers, **kwargs):
+        seen.append((z1.detach(), z2.detach(), [t.detach() for t in teachers]))
+        return real_loss(z1, z2, teachers, **kwargs)
+
+    monkeypatch.setattr(train, "distillcse_loss", recording)
+    args = _args(tmp_path / "run", sentences, max_steps=3, eval_every=2, pooling="cls")
+    args.teacher = [train.minilm_path("x")] * 2
+    train.train(args, log=lambda *a: None)
+    assert len(seen) == 3
+    teacher = train.load_encoder(train.minilm_path("x"), "mean")
+    teacher.model.eval()
+    with torch.no_grad():
+        rows = teacher.pool(teacher.tokenize(open(sentences).read().splitlines(), 32))
+    for step, (z1, z2, targets) in enumerate(seen, 1):
+        assert (z1 - z2).abs().max() > 1e-3, f"step {step}: the two views coincide (no dropout)"
+        assert len(targets) == 2, step
+        for target in targets:
+            assert target.shape == (8, 384)
+            assert torch.cdist(target.double(), rows.double()).min(dim=1).values.max() < 1e-4, step
+
+
+@pytest.mark.parametrize("option,value", [
+    ("lr", 1e-4), ("temperature", 0.1), ("student_temperature", 0.05), ("teacher_temperature", 0.025),
+    ("group_p", 0.2), ("distill_only", True), ("shuffle", "none"), ("seed", 1), ("batch_size", 4),
+    ("epochs", 2), ("max_seq_length", 16), ("max_grad_norm", 0.5), ("pooling", "cls"), ("teacher_pooling", "cls"),
+    ("mlp_head", True), ("student_layers", 3)])
+def test_resume_refuses_each_training_setting(tmp_path, sentences, monkeypatch, option, value):
+    """A checkpoint of a run that trained otherwise (each setting of the loss, the data order, the
+    schedule, the model) is refused before any model loads, naming the option and both values."""
+    out = tmp_path / "run"
+    out.mkdir()
+    saved = _args(out, os.path.realpath(sentences))
+    torch.save({"args": vars(saved)}, os.path.join(out, train.CHECKPOINT))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model loaded: the checkpoint was not refused")
+
+    monkeypatch.setattr(train, "load_encoder", no_model)
+    message = f"--{option.replace('_', '-')} {getattr(saved, option)!r} there, {value!r} now"
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        train.train(_args(out, sentences, **{option: value}), log=lambda *a: None)
+
+
 def test_signals_stop_where_the_step_ends(tmp_path, sentences, monkeypatch):
     """SIGINT during the step-2 evaluation and SIGTERM inside step 3's update (after the
     optimizer's step, before the step counts) each stop the run where that step ends, with its
