@@ -1,5 +1,6 @@
 """The benchmark commands at tiny sizes on the CPU, through the CLI entry, and the plain-PyTorch
 baseline they time against the reference."""
+import contextlib
 import csv
 import math
 import os
@@ -374,6 +375,197 @@ def test_bench_memory_cap_and_compile(tmp_path):
             assert peak["plain-compile", int(r["B"])] >= int(r["B"]) ** 2 * 4, r   # the logits
 
 
+def test_a_point_is_a_warm_up_a_metered_step_and_the_median_of_the_timed_ones(monkeypatch):
+    """A point: one warm-up step, then one step under the meter, entered with the inputs' gradients
+    already freed (they are the step's memory, not the baseline's), then the median of the timed
+    steps (not their mean, nor the fastest)."""
+    z1, z2, teachers, _ = make_inputs(8, 4, 4, 1, torch.float32, CPU)
+    fn = loss_function("plain", "contrastive", "random", CPU)
+    events, times = [], iter([0.010, 0.001, 0.002, 0.009, 0.003])
+
+    def counted(*args):
+        events.append("step")
+        return fn(*args)
+
+    class Meter:
+        @contextlib.contextmanager
+        def measure(self, result):
+            events.append(("meter", z1.grad is None and z2.grad is None))
+            yield
+            result["peak"] = 123
+
+    def timed(step, device):
+        events.append("timed")
+        step()
+        return next(times)
+    monkeypatch.setattr(bench, "time_once", timed)
+    seconds, peak, n, loss = bench._measure_point(counted, (z1, z2, teachers, None), Meter(), CPU, repeats=5,
+                                                  time_cap=30.0)
+    assert (seconds, peak, n) == (0.003, 123, 5)
+    assert events == ["step", ("meter", True), "step"] + ["timed", "step"] * 5
+    assert loss == pytest.approx(fn(z1, z2, teachers).item()) and z1.grad is None and z2.grad is None
+
+
+def test_cuda_peak_is_the_steps_max_allocated_over_the_memory_before_it(monkeypatch):
+    """On CUDA a point's memory is max_memory_allocated during the step (the peak reset at its
+    start) minus memory_allocated before it: not the reserved pool, not an earlier step's peak,
+    not the inputs already held. torch.cuda's counters are faked: 300 bytes held before the step,
+    500 more at its peak, an earlier peak of 900, 2,048 reserved."""
+    stats = dict(allocated=300, peak=900, reserved=2048)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: stats["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: stats["peak"])
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: stats["reserved"])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: stats["reserved"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: stats.update(peak=stats["allocated"]))
+    meter = bench.memory_meter("plain", torch.device("cuda"))
+    result = {}
+    with meter.measure(result):
+        stats["allocated"] += 500
+        stats["peak"] = max(stats["peak"], stats["allocated"])
+        stats["allocated"] -= 450             # the step's temporaries freed
+    assert result == {"peak": 500} and meter.kind == "peak extra CUDA memory"
+
+
+def test_an_oom_ends_its_series(tmp_path, monkeypatch):
+    """Out of memory at B = 16: that point is "OOM" with no number, the larger B "skipped (after
+    OOM)" (never run), and the next implementation runs all its points."""
+    original, ran = bench.loss_function, []
+
+    def oom_from_16(impl, *args, **kwargs):
+        fn = original(impl, *args, **kwargs)
+        if impl != "plain":
+            return fn
+
+        def plain(z1, *rest):
+            ran.append(z1.shape[0])
+            if z1.shape[0] >= 16:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return fn(z1, *rest)
+        return plain
+    monkeypatch.setattr(bench, "loss_function", oom_from_16)
+    main(["bench", "memory", "--device", "cpu", "--what", "contrastive", "--min-batch", "8", "--max-batch", "32",
+          "--D", "8", "--repeats", "1", "--impl", "plain", "torch", "--out", str(tmp_path), "--no-progress", "--no-plot"])
+    _, rows = _read(tmp_path / "results.csv")
+    assert [(r["impl"], r["B"], r["status"], r["note"]) for r in rows] == [
+        ("plain", "8", "ok", ""), ("plain", "16", "OOM", "OutOfMemoryError at B=16"),
+        ("plain", "32", "skipped (after OOM)", "OOM at B=16"),
+        ("torch", "8", "ok", ""), ("torch", "16", "ok", ""), ("torch", "32", "ok", "")]
+    assert all(r["time_ms"] == r["peak_mem_mib"] == r["ratio_to_gemm"] == "" for r in rows if r["status"] != "ok")
+    assert sorted(set(ran)) == [8, 16]
+
+
+def test_bench_memory_rows_say_where_when_and_in_which_units(memory_run):
+    """Every row carries this machine's name, this checkout's commit, the versions and a time stamp
+    of the run; the ratio is time_ms over gemm_ms (both ms); the peak is the step's counted bytes
+    in MiB (2^20 bytes, not MB), as a warm step of the plain loss counts them here."""
+    import datetime
+    import platform
+    _, rows = _read(memory_run / "results.csv")
+    env = bench.environment(CPU)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    for r in rows:
+        assert (r["device_name"], r["commit"], r["torch"], r["triton"], r["python"]) == (
+            bench.device_name(CPU), env["commit"], torch.__version__, bench.triton_version(),
+            platform.python_version()), r
+        stamp = datetime.datetime.fromisoformat(r["timestamp"])
+        assert stamp.tzinfo is not None and datetime.timedelta(0) <= now - stamp < datetime.timedelta(hours=1), r
+        if r["status"] == "ok":
+            ratio = float(r["time_ms"]) / float(r["gemm_ms"])
+            assert float(r["ratio_to_gemm"]) == pytest.approx(ratio, rel=1e-2), r
+    z1, z2, teachers, _ = make_inputs(8, 16, 16, 2, torch.float32, CPU)
+    fn = loss_function("plain", "full", "random", CPU)
+    fn(z1, z2, teachers).backward()          # the warm-up
+    z1.grad = z2.grad = None
+    counted = {}
+    with CountedMemory().measure(counted):
+        fn(z1, z2, teachers).backward()
+    row, = [r for r in rows if (r["impl"], r["B"]) == ("plain", "8")]
+    assert float(row["peak_mem_mib"]) == pytest.approx(counted["peak"] / 2**20, rel=1e-3)
+
+
+def test_bench_memory_table_cells_and_units():
+    """The time table holds the median in ms (x the yardstick), the memory table the peak in MiB,
+    each under its own title; a point with no number shows its status in both."""
+    row = dict.fromkeys(COLUMNS, "x")
+    row.update(device="cpu", dtype="float32", what="contrastive", hard_per_row="0", impl="plain", label="P", B="8",
+               status="ok", time_ms="12.5", ratio_to_gemm="3.25", peak_mem_mib="0.75", note="")
+    oom = dict(row, B="16", status="OOM", time_ms="", ratio_to_gemm="", peak_mem_mib="")
+    times, memory = bench.markdown_table([row, oom]).split("## Peak extra memory")
+    assert "## Median forward+backward time, ms (x the bare forward and backward GEMMs" in times
+    assert "| 8 | 12.5 (3.25x) |" in times and "| 16 | OOM |" in times
+    assert memory.startswith(", MiB (x)\n") and "| 8 | 0.75 |" in memory and "| 16 | OOM |" in memory
+
+
+def test_bench_memory_forwards_its_options(tmp_path, monkeypatch):
+    """--what, --dtype, --D, --Dt, --K and --shuffle reach every point's inputs and loss, and its row."""
+    made, losses = [], []
+    make, loss = bench.make_inputs, bench.loss_function
+
+    def making(B, D, Dt, K, dtype, device, **kwargs):
+        made.append((B, D, Dt, K, dtype))
+        return make(B, D, Dt, K, dtype, device, **kwargs)
+
+    def loss_of(impl, what, shuffle, device, compiled=None, dtype=None):
+        losses.append((impl, what, shuffle, dtype))
+        return loss(impl, what, shuffle, device, compiled, dtype)
+    monkeypatch.setattr(bench, "make_inputs", making)
+    monkeypatch.setattr(bench, "loss_function", loss_of)
+    main(["bench", "memory", "--device", "cpu", "--what", "distill", "--dtype", "float64", "--D", "8", "--Dt", "6",
+          "--K", "3", "--shuffle", "expected", "--min-batch", "8", "--max-batch", "8", "--repeats", "1",
+          "--impl", "plain", "torch", "--out", str(tmp_path), "--no-progress", "--no-plot"])
+    assert made == [(8, 8, 6, 3, torch.float64)] * 2
+    assert losses == [("plain", "distill", "expected", torch.float64), ("torch", "distill", "expected", torch.float64)]
+    _, rows = _read(tmp_path / "results.csv")
+    assert [(r["impl"], r["status"], r["what"], r["dtype"], r["D"], r["Dt"], r["K"], r["shuffle"]) for r in rows] == [
+        (impl, "ok", "distill", "float64", "8", "6", "3", "expected") for impl in ("plain", "torch")]
+
+
+@pytest.mark.parametrize("what", ["distill", "full"])
+def test_every_cpu_loss_takes_the_shuffle(what):
+    """bench's losses get the shuffle they are given: with "expected" (deterministic) each CPU
+    implementation gives the reference's expected-shuffle loss, which differs from the unshuffled one."""
+    z1, z2, teachers, _ = make_inputs(16, 8, 8, 2, torch.float64, CPU, seed=1)
+    api = distillcse.distill_loss if what == "distill" else (lambda z1, ts, **kw: distillcse.distillcse_loss(z1, z2, ts, **kw))
+    want = api(z1, teachers, shuffle="expected", backend="reference")
+    assert abs(want - api(z1, teachers, shuffle="none", backend="reference")) > 1e-3
+    for impl in ("reference", "plain", "torch"):
+        got = loss_function(impl, what, "expected", CPU)(z1, z2, teachers)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=impl)
+
+
+def test_bench_plots_are_log_log_one_line_an_implementation_with_the_end_marked(tmp_path, monkeypatch):
+    """Each plot: log-log axes; one line per implementation through its measured values (memory:
+    peak_mem_mib, time: time_ms); an x at the B where a series ended, with its reason (OOM)."""
+    from matplotlib.figure import Figure
+    figures, save = {}, Figure.savefig
+
+    def saving(fig, path, *args, **kwargs):
+        figures[os.path.basename(path)] = fig
+        return save(fig, path, *args, **kwargs)
+    monkeypatch.setattr(Figure, "savefig", saving)
+    base = dict.fromkeys(COLUMNS, "x")
+    base.update(device="cpu", what="full", dtype="float32", hard_per_row="0", gemms="fwd+bwd", note="")
+    values = {("plain", 8): (1.5, 2.0), ("plain", 16): (4.0, 8.0), ("torch", 8): (1.0, 1.0),
+              ("torch", 16): (2.0, 1.5), ("torch", 32): (4.5, 2.5)}
+    rows = [dict(base, impl=impl, label=bench.label(impl, "full"), B=str(B), status="ok", time_ms=str(t),
+                 peak_mem_mib=str(m), gemm_ms="0.5", ratio_to_gemm=str(t / 0.5)) for (impl, B), (t, m) in values.items()]
+    rows.insert(2, dict(base, impl="plain", label=bench.label("plain", "full"), B="32", status="OOM", time_ms="",
+                        peak_mem_mib="", gemm_ms="", ratio_to_gemm=""))
+    bench.write_csv(rows, str(tmp_path / "results.csv"))
+    distillcse.plot.plot_results(str(tmp_path / "results.csv"), str(tmp_path))
+    for name, column in (("memory_vs_batch.png", 1), ("time_vs_batch.png", 0)):
+        ax, = figures[name].axes
+        assert (ax.get_xscale(), ax.get_yscale()) == ("log", "log"), name
+        lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+        for impl in ("plain", "torch"):
+            Bs = [B for i, B in values if i == impl]
+            assert lines[bench.label(impl, "full")] == (Bs, [values[impl, B][column] for B in Bs]), (name, impl)
+        ends = [c.get_offsets().tolist() for c in ax.collections]   # the x: plain's last value, at B = 32
+        assert ends == [[[32, values["plain", 16][column]]]], name
+        assert [t.get_text() for t in ax.texts if t.get_text() in ("OOM", "∝ B", "∝ B²")].count("OOM") == 1, name
+
+
 def _stop_at_call(monkeypatch, module, name, call, signum):
     """``module.name`` sends ``signum`` to this process at its ``call``-th call (counting from 1)."""
     original, calls = getattr(module, name), []
@@ -589,3 +781,90 @@ def test_bench_train_missing_sentences(tmp_path):
     with pytest.raises(SystemExit, match="sentence file not found"):
         main(["bench", "train", "--device", "cpu", "--batch", "4", "--steps", "1",
               "--sentences", str(tmp_path / "nope.txt"), "--out", str(tmp_path), "--no-progress"])
+
+
+def _tiny_bert(transformers, layers=1):
+    config = transformers.BertConfig(vocab_size=1100, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                                     intermediate_size=64)
+    torch.manual_seed(0)
+    return transformers.BertModel(config), transformers.BertModel(config).eval()
+
+
+def test_bench_train_point_is_a_warm_up_a_metered_step_and_the_median(monkeypatch):
+    """A training point of 6 steps on a CPU: a warm-up step, the metered step, a step that warms the
+    allocator up again, then the median of the 3 timed steps (not their mean, nor the metered step's
+    time). Timer and meter are faked."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    from distillcse import bench_train
+    student, teacher = _tiny_bert(transformers)
+    batch = bench_train.tokenise(None, ["x"] * 4, 8, 1100, seed=1)
+    events, times = [], iter([5.0, 0.1, 0.2, 0.9, 7.0])
+    loss_of = bench_train.train_loss_function
+
+    def counted(*args):
+        fn = loss_of(*args)
+        return lambda *a: (events.append("step"), fn(*a))[1]
+
+    class Meter:
+        @contextlib.contextmanager
+        def measure(self, result):
+            events.append("meter")
+            yield
+            result["peak"] = 7
+
+    def timed(step, device):
+        events.append("timed")
+        step()
+        return next(times)
+    monkeypatch.setattr(bench_train, "train_loss_function", counted)
+    monkeypatch.setattr(bench, "time_once", timed)
+    ms, peak, loss = bench_train.run_point("encoder-only", 4, pristine=student, teacher=teacher, batches=[batch],
+                                           shuffle="random", device=CPU, amp="none", steps=6, lr=1e-3, meter=Meter())
+    assert (ms, peak) == (0.2, 7) and math.isfinite(loss)
+    assert events == ["step", "meter", "timed", "step", "step"] + ["timed", "step"] * 3
+
+
+def test_rss_memory_is_the_growth_during_the_block():
+    """RssMemory (bench train's CPU meter): the resident-set growth of the block, here a 64 MiB
+    buffer written inside it, not the size of the process."""
+    from distillcse import bench_train
+    meter = bench_train.RssMemory()
+    if not meter.resettable:
+        pytest.skip("the peak RSS is not resettable here (/proc/self/clear_refs)")
+    result = {}
+    with meter.measure(result):
+        buffer = torch.ones(16 * 2**20)
+        del buffer
+    assert 60 * MIB <= result["peak"] < 96 * MIB, result["peak"] / MIB
+
+
+def test_bench_train_forwards_its_options_records_ms_and_mib_and_stops_at_oom(tmp_path, monkeypatch):
+    """bench train passes --shuffle, --amp, --steps, --lr and --mini-batch-size to every point, records
+    its step time in ms and its memory in MiB; an OOM ends the series ("OOM", then "skipped (after
+    OOM)": never run) and the next implementation runs all its points. The points are faked."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    from distillcse import bench_train
+    student, teacher = _tiny_bert(transformers)
+    monkeypatch.setattr(bench_train, "load_models", lambda *args: (None, student, teacher, "tiny", "tiny"))
+    calls = []
+
+    def point(impl, B, **kw):
+        calls.append((impl, B, kw["shuffle"], kw["amp"], kw["steps"], kw["lr"], kw.get("mini_batch")))
+        if impl == "torch" and B >= 8:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return 0.0125, 3 * MIB, 1.5
+    monkeypatch.setattr(bench_train, "run_point", point)
+    path = tmp_path / "sentences.txt"
+    path.write_text("".join(f"sentence number {i}\n" for i in range(8)), encoding="utf-8")
+    main(["bench", "train", "--device", "cpu", "--batch", "4", "8", "16", "--steps", "4", "--shuffle", "expected",
+          "--amp", "bfloat16", "--lr", "1e-4", "--mini-batch-size", "2", "--impl", "torch", "encoder-only",
+          "--sentences", str(path), "--out", str(tmp_path / "out"), "--no-progress"])
+    settings = ("expected", "bfloat16", 4, 1e-4, 2)
+    assert calls[1:] == [("torch", 4, *settings), ("torch", 8, *settings)] + [
+        ("encoder-only", B, *settings) for B in (4, 8, 16)]
+    _, rows = _read(tmp_path / "out" / "train.csv")
+    assert [(r["impl"], r["B"], r["status"], r["step_ms"], r["peak_mem_mib"], r["note"]) for r in rows] == [
+        ("torch", "4", "ok", "12.5", "3", ""), ("torch", "8", "OOM", "", "", "OutOfMemoryError at B=8"),
+        ("torch", "16", "skipped (after OOM)", "", "", "OOM at B=8")] + [
+        ("encoder-only", B, "ok", "12.5", "3", "") for B in ("4", "8", "16")]
+    assert {(r["shuffle"], r["amp"], r["steps"], r["mini_batch"]) for r in rows} == {("expected", "bfloat16", "4", "2")}

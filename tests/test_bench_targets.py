@@ -131,3 +131,37 @@ def test_non_positive_settings_are_a_clear_error(flag, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "targets", flag, "0", "--device", "cpu", "--out", str(tmp_path)])
     assert f"argument {flag}: expected a positive number, got 0" in capsys.readouterr().err
+
+
+def test_verdict_at_the_target_meets_it():
+    """A target is a bound the figure may reach: exactly 150 ms and 256 MiB meet 150 ms and 256 MiB."""
+    assert verdict(_row(150.0, 256.0)) == "meets"
+    assert verdict(_row(150.0, 256.0001)) == "misses (memory)" and verdict(_row(150.0001, 256.0)) == "misses (time)"
+
+
+def test_the_stated_settings_on_cuda_are_judged_against_their_own_points_targets(monkeypatch):
+    """On a CUDA device at D = 768, K = 1, bf16, full size, each point carries its own targets (the
+    expected shuffle's 150 ms and 256 MiB, the random one's 250 ms and 256 MiB, the contrastive
+    term's 60 ms); float32 (or another D, K, --divide) is measured without them. The device and the
+    measurement are faked: 200 ms and 300 MiB a point, 50 ms of GEMMs."""
+    from distillcse import bench
+    monkeypatch.setattr(bench, "environment", lambda device: dict(
+        timestamp="t", commit="c", device=device.type, device_name="GPU", torch="t", triton="t", python="p"))
+    monkeypatch.setattr(bench, "make_inputs", lambda *a, **k: None)
+    monkeypatch.setattr(bench, "_measure_point", lambda fn, inputs, meter, device, repeats, time_cap: (
+        0.2, 300 * bench.MIB, repeats, 1.0))
+    monkeypatch.setattr(bench, "time_gemms", lambda *a, **k: 0.05)
+    monkeypatch.setattr(bench, "_release", lambda device: None)
+    run = lambda **kw: run_points(points=POINTS[1:4], impls=["torch"], repeats=3, device="cuda", progress=False,  # noqa: E731
+                                  log=lambda *a: None, **kw)
+    rows = run()
+    assert [(r["point"], r["target_ms"], r["target_mib"], verdict(r)) for r in rows] == [
+        ("full loss, shuffle expected", 150.0, 256.0, "misses (time, memory)"),
+        ("full loss, shuffle random", 250.0, 256.0, "misses (memory)"),
+        ("contrastive term", 60.0, "", "misses (time)")]
+    assert {(r["time_ms"], r["gemm_ms"], r["ratio_to_gemm"], r["peak_mem_mib"], r["repeats"]) for r in rows} == {
+        ("200", "50", "4", "300", 3)}
+    table = markdown_table(rows)
+    assert "| full loss, shuffle expected | " in table and "| 150 ms, 256 MiB | 200 | 50 | 4 | 300 | misses (time, memory) |" in table
+    for other in (dict(dtype=bench.torch.float32), dict(D=384), dict(K=2), dict(divide=2)):
+        assert {(r["target_ms"], r["target_mib"], verdict(r)) for r in run(**other)} == {("", "", "measured")}, other
