@@ -375,6 +375,25 @@ def test_bench_memory_cap_and_compile(tmp_path):
             assert peak["plain-compile", int(r["B"])] >= int(r["B"]) ** 2 * 4, r   # the logits
 
 
+def _recording_meter_and_timer(monkeypatch, events, times, peak, meter_event):
+    """A memory meter that appends ``meter_event()`` to ``events`` as it starts and reports
+    ``peak``, and ``bench.time_once`` patched to append "timed", run the step and return the next
+    of ``times``: the order of a point's steps, meterings and timings, and what it keeps."""
+    class Meter:
+        @contextlib.contextmanager
+        def measure(self, result):
+            events.append(meter_event())
+            yield
+            result["peak"] = peak
+
+    def timed(step, device):
+        events.append("timed")
+        step()
+        return next(times)
+    monkeypatch.setattr(bench, "time_once", timed)
+    return Meter()
+
+
 def test_a_point_is_a_warm_up_a_metered_step_and_the_median_of_the_timed_ones(monkeypatch):
     """A point: one warm-up step, then one step under the meter, entered with the inputs' gradients
     already freed (they are the step's memory, not the baseline's), then the median of the timed
@@ -387,19 +406,9 @@ def test_a_point_is_a_warm_up_a_metered_step_and_the_median_of_the_timed_ones(mo
         events.append("step")
         return fn(*args)
 
-    class Meter:
-        @contextlib.contextmanager
-        def measure(self, result):
-            events.append(("meter", z1.grad is None and z2.grad is None))
-            yield
-            result["peak"] = 123
-
-    def timed(step, device):
-        events.append("timed")
-        step()
-        return next(times)
-    monkeypatch.setattr(bench, "time_once", timed)
-    seconds, peak, n, loss = bench._measure_point(counted, (z1, z2, teachers, None), Meter(), CPU, repeats=5,
+    meter = _recording_meter_and_timer(monkeypatch, events, times, 123,
+                                       lambda: ("meter", z1.grad is None and z2.grad is None))
+    seconds, peak, n, loss = bench._measure_point(counted, (z1, z2, teachers, None), meter, CPU, repeats=5,
                                                   time_cap=30.0)
     assert (seconds, peak, n) == (0.003, 123, 5)
     assert events == ["step", ("meter", True), "step"] + ["timed", "step"] * 5
@@ -805,21 +814,10 @@ def test_bench_train_point_is_a_warm_up_a_metered_step_and_the_median(monkeypatc
         fn = loss_of(*args)
         return lambda *a: (events.append("step"), fn(*a))[1]
 
-    class Meter:
-        @contextlib.contextmanager
-        def measure(self, result):
-            events.append("meter")
-            yield
-            result["peak"] = 7
-
-    def timed(step, device):
-        events.append("timed")
-        step()
-        return next(times)
+    meter = _recording_meter_and_timer(monkeypatch, events, times, 7, lambda: "meter")
     monkeypatch.setattr(bench_train, "train_loss_function", counted)
-    monkeypatch.setattr(bench, "time_once", timed)
     ms, peak, loss = bench_train.run_point("encoder-only", 4, pristine=student, teacher=teacher, batches=[batch],
-                                           shuffle="random", device=CPU, amp="none", steps=6, lr=1e-3, meter=Meter())
+                                           shuffle="random", device=CPU, amp="none", steps=6, lr=1e-3, meter=meter)
     assert (ms, peak) == (0.2, 7) and math.isfinite(loss)
     assert events == ["step", "meter", "timed", "step", "step"] + ["timed", "step"] * 3
 
