@@ -77,6 +77,50 @@ def test_teacher_weights_may_be_a_tensor(backend):
     assert as_tensor.item() == as_list.item() and abs(as_list.item() - uniform.item()) > 1e-6
 
 
+def test_reference_default_teacher_weights_are_uniform():
+    """The reference's own default (its functions called directly; the API always passes the
+    weights): 1/K each, t the mean of the teachers' cosines."""
+    z1, _, teachers, _ = make_batch(21, 16, (12, 8))
+    cos = [reference.cosine_matrix(e, e) for e in teachers]
+    torch.testing.assert_close(reference.teacher_logits(teachers), (cos[0] + cos[1]) / 2, rtol=1e-15, atol=0)
+    kw = dict(shuffle="expected")
+    assert reference.distill_loss(z1, teachers, **kw) == reference.distill_loss(z1, teachers, teacher_weights=[0.5, 0.5], **kw)
+
+
+@pytest.mark.parametrize("group_p,group_size,gtemp", [(0.3, None, 1.0), (0.1, None, 0.2), (None, 4, 1.0)])
+def test_group_ids_are_the_spec_formula(group_p, group_size, gtemp):
+    """SPEC section 4 in plain Python floats against ``reference.group_ids``, which the torch
+    backend's targets share (so reference vs torch cannot see a mistake in it): the inclusive
+    cumulative softmax at the grouping temperature, floor(c / P) capped at G - 1 = ceil(1 / P) - 1
+    (P = 0.3: four groups, the last holding c in [0.9, 1]), or floor(r / group_size)."""
+    g = torch.Generator().manual_seed(2)
+    t = (2 * torch.rand(5, 36, generator=g, dtype=F64) - 1).sort(dim=-1, descending=True).values
+    got = reference.group_ids(t, group_p or 0.1, group_size, gtemp).tolist()
+    for row, ids in zip(t.tolist(), got):
+        if group_size is not None:
+            want = [r // group_size for r in range(len(row))]
+        else:
+            e = [math.exp((v - row[0]) / gtemp) for v in row]
+            c = [sum(e[:r + 1]) / sum(e) for r in range(len(e))]
+            want = [min(math.floor(x / group_p), math.ceil(1 / group_p) - 1) for x in c]
+        assert ids == want
+        assert len(set(want)) >= 4 and max(want.count(k) for k in set(want)) > 1  # several groups, not singletons
+
+
+def test_reference_ranks_tied_teacher_values_in_column_order():
+    """Copied sentences tie in every teacher row; where a tie straddles a group boundary the
+    reference ranks it in column order (its stable sort), as the torch backend and the kernels
+    do, so the expected targets agree (an unstable sort moved the loss 0.2-1%)."""
+    z1, z2, teachers, _ = make_batch(37, 16, (12,))
+    teachers[0][28:] = teachers[0][:9]
+    for grouping in (dict(group_size=4), dict(group_p=0.1)):
+        ref_loss, ref_grads = loss_and_grads("reference", z1, z2, teachers, None, shuffle="expected", **grouping)
+        loss, grads = loss_and_grads("torch", z1, z2, teachers, None, shuffle="expected", **grouping)
+        assert rel_err(loss, ref_loss, floor=1.0) < 1e-12
+        for g, rg in zip(grads, ref_grads):
+            assert rel_err(g, rg) < 1e-9
+
+
 def test_contrastive_hand_computed_b2():
     z1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=F64)
     z2 = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=F64)
