@@ -63,6 +63,23 @@ def test_several_teachers_keep_their_precision(B_):
 
 
 @pytest.mark.parametrize("B_", [50, 130], ids=["one-program", "streaming"])
+def test_several_teachers_with_zero_rows(B_):
+    """K = 2 fp32 teachers, the first with all-zero rows: those rows' weighted unit rows have
+    norm sqrt(w_2) < 1, and t_ij = w_1 * 0 + w_2 cos_2 (cos as torch.cosine_similarity), so the
+    kernels take the unit rows as they are: normalising them again scaled those rows' logits
+    by 1 / sqrt(w_2)."""
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn(1, D, generator=g) + torch.randn(B_, D, generator=g)
+    teachers = [torch.randn(1, d, generator=g) + 0.8 * torch.randn(B_, d, generator=g) for d in (32, 24)]
+    teachers[0][::5] = 0.0
+    kw = dict(shuffle="expected", teacher_weights=[0.6, 0.4])
+    ref_loss, ref_grad = loss_and_grad(z.double(), [e.double() for e in teachers], "reference", **kw)
+    loss, grad = loss_and_grad(z.to(DEVICE), [e.to(DEVICE) for e in teachers], "triton", **kw)
+    assert rel_err(loss, ref_loss, floor=1.0) < 2e-5
+    assert rel_err(grad, ref_grad) < 2e-5
+
+
+@pytest.mark.parametrize("B_", [50, 130], ids=["one-program", "streaming"])
 @pytest.mark.parametrize("scale", [1e39, 1e-9])
 def test_one_float64_teacher_beyond_the_kernels_range(B_, scale):
     """One float64 teacher whose norms no kernel dtype holds (1e39 overflows fp32, 1e-9 is

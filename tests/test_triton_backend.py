@@ -376,6 +376,54 @@ def test_fp16_rows_of_small_norm_keep_finite_gradients(name, shuffle):
         assert torch.isfinite(ours).all() and rel_err(ours, want) < 1e-2   # fp16 rows: 4e-4 to 2.8e-3
 
 
+def test_fp16_zero_row_gradient_is_inf_not_nan():
+    """An all-zero fp16 row of z1 on the streaming path (B = 66): cos divides it by eps, so its
+    gradient (~1e7) is beyond fp16 and comes out +-Inf, as on the torch backend, not NaN (the
+    lift must take c = 1 for a zero row: 2^-floor(log2 0) = inf gave 0 * inf); the other rows
+    match the float64 torch backend's."""
+    z1, z2, teachers, _ = make_batch(66, 16, (8,), seed=5)
+    z1[3] = 0.0
+    grads = {}
+    for backend, dtype, device in (("torch", torch.float64, "cpu"), ("triton", torch.float16, DEVICE)):
+        leaves = [x.to(torch.float16).to(device, dtype).requires_grad_() for x in (z1, z2)]
+        losses = _streamed_losses(*leaves, teachers[0].to(torch.float16).to(device, dtype), backend)
+        grads[backend] = {name: torch.autograd.grad(loss, leaves[0])[0].double().cpu() for name, loss in losses.items()}
+    others = torch.arange(66) != 3
+    for name, want in grads["torch"].items():
+        got = grads["triton"][name]
+        assert not got.isnan().any() and got[3].isinf().any(), name
+        if name != "distillcse":  # there the contrastive part adds to the distillation's fp16 Inf: its sign
+            assert torch.equal(got[3].sign(), want[3].sign()), name
+        assert rel_err(got[others], want[others]) < 1e-2, name
+
+
+@pytest.mark.parametrize("frozen", ["hard_negatives", "z2"])
+def test_contrastive_loss_streaming_with_a_frozen_block(frozen, monkeypatch):
+    """contrastive_loss alone on the streaming path (B = 70), fp32, with z2 or the hard negatives
+    frozen: the backward computes the other block's gradient only (autograd's flags for its
+    inputs z2 and hn, not z1's and z2's), matching the torch backend."""
+    from distillcse import triton_backend
+
+    z1, z2, _, hard = (x.float().to(DEVICE) if torch.is_tensor(x) else x for x in make_batch(70, 16, (8,), Bh=9, seed=2))
+    columns_asked = []
+    real_bwd = triton_backend.contrastive_bwd_dy
+    monkeypatch.setattr(triton_backend, "contrastive_bwd_dy", lambda *a, **k: columns_asked.append(
+        tuple(k["blocks_needed"])) or real_bwd(*a, **k))
+    grads = {}
+    for backend in ("torch", "triton"):
+        leaves = {"z1": z1.clone().requires_grad_(), "z2": z2.clone().requires_grad_(frozen != "z2"),
+                  "hard_negatives": hard.clone().requires_grad_(frozen != "hard_negatives")}
+        distillcse.contrastive_loss(leaves["z1"], leaves["z2"], hard_negatives=leaves["hard_negatives"],
+                                    temperature=0.5, backend=backend).backward()
+        grads[backend] = {name: x.grad for name, x in leaves.items()}
+    assert columns_asked == [(frozen != "z2", frozen != "hard_negatives")]
+    for name, want in grads["torch"].items():
+        got = grads["triton"][name]
+        assert (got is None) == (want is None) == (name == frozen)
+        if got is not None:
+            assert rel_err(got.double().cpu(), want.double().cpu()) < 2e-5, name
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("frozen", ["none", "hard_negatives", "z2"])
 def test_hard_negatives_streaming_and_frozen(dtype, frozen, monkeypatch):
