@@ -5,8 +5,9 @@ import torch
 
 from conftest import requires_triton
 from distillcse import api
+from distillcse import verify as verifying
 from distillcse.__main__ import main
-from distillcse.verify import verify
+from distillcse.verify import verify, within_bounds
 
 
 @requires_triton
@@ -39,4 +40,49 @@ def test_verify_fails_a_backend_that_disagrees(monkeypatch, capsys):
     printed = capsys.readouterr().out.splitlines()
     torch_rows = [line for line in printed if line.startswith("torch ")]
     assert len(torch_rows) == 18 and all(line.endswith("FAIL") for line in torch_rows)
-    assert "FAILED: 18" in printed[-1]
+    rows = [line for line in printed if line.split()[:1] in (["torch"], ["triton"])]
+    passed = sum(line.endswith(" ok") for line in rows)
+    assert printed[-1].startswith(f"{passed} of {len(rows)} cases within") and "FAILED: 18" in printed[-1]
+
+
+def test_within_bounds_holds_each_error_to_its_dtype():
+    """The loss's error, the larger of z1's and z2's, and the hard negatives' each fail a row
+    on their own, against the row's dtype: float32 1e-5, 1e-4, 1e-4; bfloat16 0.01, 0.1, 0.1;
+    float16 0.001, 0.03 and 0.5 (its hard negatives' gradients are subnormal)."""
+    def row(dtype, loss, z1, z2, hn):
+        return dict(dtype=dtype, err_loss=loss, err_grads=[z1, z2, hn])
+
+    assert within_bounds(row("float32", 5e-6, 5e-5, 5e-5, 5e-5))
+    for bad in (row("float32", 2e-5, 0, 0, 0), row("float32", 0, 2e-4, 0, 0), row("float32", 0, 0, 2e-4, 0),
+                row("float32", 0, 0, 0, 2e-4)):
+        assert not within_bounds(bad), bad
+    assert within_bounds(row("bfloat16", 5e-3, 0.05, 0.05, 0.05)) and not within_bounds(row("bfloat16", 2e-2, 0, 0, 0))
+    assert within_bounds(row("float16", 5e-4, 0.02, 0.02, 0.4)) and not within_bounds(row("float16", 0, 0, 0, 0.6))
+
+
+def test_the_reference_runs_in_float64_on_the_unrounded_inputs(monkeypatch):
+    """Each case's reference sees float64 inputs that bfloat16 cannot hold; the backend, the same
+    inputs rounded to bfloat16."""
+    seen, real = [], verifying.distillcse_loss
+
+    def recording(z1, z2, teachers, **kwargs):
+        seen.append((kwargs["backend"], z1.detach().clone()))
+        return real(z1, z2, teachers, **kwargs)
+
+    monkeypatch.setattr(verifying, "distillcse_loss", recording)
+    monkeypatch.setattr(verifying, "_available_backends", lambda device: ["torch"])
+    rows = verify(device="cpu", sizes=[6], dtypes=[torch.bfloat16], out=lambda line: None)
+    assert len(rows) == 6 and [b for b, _ in seen] == ["reference", "torch"] * 6
+    for (_, ref), (_, rounded) in zip(seen[::2], seen[1::2]):
+        assert ref.dtype == torch.float64 and not torch.equal(ref.to(torch.bfloat16).double(), ref)
+        assert torch.equal(rounded, ref.to(torch.bfloat16))
+
+
+def test_verify_command_runs_the_default_sizes_on_the_device_given(monkeypatch):
+    """``distillcse verify`` runs B = 37 and 130 unless --sizes says otherwise, on --device when
+    given (else verify picks); with every row ok it returns (exit status 0)."""
+    calls = []
+    monkeypatch.setattr(verifying, "verify", lambda **kwargs: calls.append(kwargs) or [{"ok": True}])
+    main(["verify"])
+    main(["verify", "--sizes", "5", "9", "--device", "cpu"])
+    assert calls == [dict(device=None, sizes=[37, 130]), dict(device="cpu", sizes=[5, 9])]
