@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import distillcse
+from distillcse import config
 from conftest import DEVICE, requires_triton
 
 B, D = 8, 6
@@ -153,6 +154,18 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch)
 def test_chunk_budget_must_be_positive():
     with pytest.raises(ValueError, match="chunk budget must be a positive"):
         distillcse.set_chunk_budget(0)
+
+
+def test_chunk_budget_block_restores_the_budget():
+    """The budget before the block comes back after it, also when the block raises."""
+    before = config.chunk_budget_bytes()
+    with distillcse.chunk_budget(0.3):
+        assert config.chunk_budget_bytes() == int(0.3 * 2**20)
+        with pytest.raises(KeyError), distillcse.chunk_budget(2):
+            assert config.chunk_budget_bytes() == 2 * 2**20
+            raise KeyError
+        assert config.chunk_budget_bytes() == int(0.3 * 2**20)
+    assert config.chunk_budget_bytes() == before
 
 
 def test_device_mismatch_names_the_argument():
