@@ -5,12 +5,14 @@ distillation's slab phase stays within its budget plus its gradient, for every s
 within its budget plus O(B G) tables; and no B x B tensor is ever allocated. Also the
 torch backend's chunks (`test_torch_backend_within_budget`), and a whole step of the public
 loss at the headline size, B = 65,536, with the GPU's block shapes and the kernels stubbed
-(`test_the_headline_step`)."""
+(`test_the_headline_step`). And TensorMemory's own count (`test_tensor_memory_*`)."""
+import gc
 import os
 
 import pytest
 import torch
 import triton
+import triton.language as tl
 
 from conftest import DEVICE, benchmark_module, requires_triton
 from distillcse.tensor_memory import TensorMemory
@@ -264,3 +266,44 @@ def test_the_headline_step(case, stubbed_kernels, monkeypatch):
     assert mem.peak <= grads + copies + 128 * MiB + ROW_TABLE_BYTES * B, (mem.peak / MiB, top)
     assert mem.peak >= grads + copies + 32 * MiB, (mem.peak / MiB, top)  # the slabs were counted
     assert mem.largest[0] <= max(144 * MiB, B * D * z1.element_size()), mem.largest  # never B x B (16 GiB in fp32)
+
+
+def test_tensor_memory_counts_storages_largest_first():
+    """4000 + 2000 bytes live at the peak (the view and the in-place result are no new storage),
+    listed largest first; the largest allocation is the 4000 bytes, not the last one."""
+    with TensorMemory() as mem:
+        a = torch.ones(1000)
+        b = torch.ones(250, dtype=torch.float64)
+        a[:10].mul_(2)
+        del b
+        c = torch.zeros(100)
+    assert mem.peak == 6000 and [(n, shape, dtype) for n, shape, dtype, _ in mem.at_peak] == [
+        (4000, (1000,), torch.float32), (2000, (250,), torch.float64)]
+    assert mem.largest[:3] == (4000, (1000,), torch.float32) and c.nbytes == 400
+
+
+@triton.jit
+def _doubled(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    tl.store(y_ptr + i, 2 * tl.load(x_ptr + i, mask=i < n), mask=i < n)
+
+
+def test_tensor_memory_frees_what_interpreted_launches_keep_in_cycles():
+    """A GPU launch keeps no reference to its arguments; the interpreter's keeps them in cycles
+    until a collection. With the collector off, three rounds of two 4 KiB tensors, each launched
+    on and dropped, still peak at two; after the block launches are the interpreter's own again."""
+    from triton.runtime.interpreter import GridExecutor
+    launch = GridExecutor.__call__
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with TensorMemory() as mem:
+            for _ in range(3):
+                x, y = torch.ones(1024, device=DEVICE), torch.zeros(1024, device=DEVICE)
+                _doubled[(1,)](x, y, 1024, BLOCK=1024)
+                del x, y
+    finally:
+        if enabled:
+            gc.enable()
+    assert mem.peak == 2 * 4096, mem.at_peak
+    assert GridExecutor.__call__ is launch
