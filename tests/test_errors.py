@@ -62,6 +62,7 @@ def test_bad_tensors(change, error, match):
     (dict(backend="cuda"), "backend must be one of"),
     (dict(teacher_weights=[0.5, 0.5]), "one weight per teacher"),
     (dict(teacher_weights=[2.0]), "must sum to 1"),
+    (dict(teacher_weights=[0.999]), "teacher_weights must sum to 1, got sum 0.999"),
     (dict(teacher_weights=[-1.0]), "must be finite numbers >= 0"),
     (dict(distill_weight=float("inf")), "distill_weight must be a finite number"),
     (dict(distill_only="yes"), "distill_only must be a bool"),
@@ -69,6 +70,7 @@ def test_bad_tensors(change, error, match):
     (dict(distill_only=True, distill_weight=0.0), "distill_only=True with distill_weight=0 leaves no loss"),
     (dict(rows=3), r"rows must be None or \(start, stop\), two ints, got 3"),
     (dict(rows=(0, 2.0)), r"rows must be None or \(start, stop\), two ints"),
+    (dict(rows=(0, 2, 4)), r"rows must be None or \(start, stop\), two ints"),
     (dict(rows=(True, 2)), r"rows must be None or \(start, stop\), two ints"),
     (dict(rows=(3, 2)), r"rows must be \(start, stop\) with 0 <= start <= stop <= B = 8, got \(3, 2\)"),
     (dict(rows=(-1, 2)), r"0 <= start <= stop <= B = 8"),
@@ -80,15 +82,26 @@ def test_bad_options(kwargs, match):
         distillcse.distillcse_loss(z1, z2, t, **dict(dict(backend="torch"), **kwargs))
 
 
+def test_the_smallest_temperature_is_accepted():
+    """The bound itself (1e-4) passes ("at least"), and the loss is finite there."""
+    z1, z2, t = good()
+    taus = dict(temperature=1e-4, student_temperature=1e-4, teacher_temperature=1e-4, grouping_temperature=1e-4)
+    assert torch.isfinite(distillcse.distillcse_loss(z1, z2, t, backend="torch", **taus))
+
+
 def test_rows_whose_norms_overflow_float32_are_named():
     """|x| * sqrt(D) past ~1.8e19 squares past float32's range: the torch and reference backends
-    returned a wrong loss (3.40 for a float64 0.18), the kernels NaN. float64 inputs are fine."""
+    returned a wrong loss (3.40 for a float64 0.18), the kernels NaN. Each input is held to its
+    own width (a narrow teacher beside it aside); float64 inputs are fine."""
     z1, z2, t = good()
     with pytest.raises(ValueError, match="z2 has entries up to 5e\\+18: its rows' squared norms overflow float32"):
         distillcse.distillcse_loss(z1, z2.index_fill(0, torch.tensor([3]), 5e18), t, backend="torch")
     with pytest.raises(ValueError, match=r"teachers has entries up to 1e\+19"):
         distillcse.distill_loss(z1, t.index_fill(1, torch.tensor([0]), 1e19), backend="reference")
-    z1, z2, t = (x.double() * 1e18 for x in good())
+    wide = torch.randn(B, 64).index_fill(0, torch.tensor([2]), 2.5e18)  # |row| = 2e19; the teacher is 5 wide
+    with pytest.raises(ValueError, match=r"student has entries up to 2.5e\+18"):
+        distillcse.distill_loss(wide, t, backend="torch")
+    z1, z2, t = (x.double() * 1e30 for x in good())
     assert torch.isfinite(distillcse.distillcse_loss(z1, z2, t, backend="torch"))
 
 
@@ -103,6 +116,8 @@ def test_bad_seed_and_hard_negatives():
     z1, z2, t = good()
     with pytest.raises(TypeError, match="seed must be None, an int or a torch.Generator"):
         distillcse.distill_loss(z1, t, seed="42")
+    with pytest.raises(TypeError, match="seed must be None, an int or a torch.Generator, got bool"):
+        distillcse.distill_loss(z1, t, seed=True)
     with pytest.raises(TypeError, match="temperature must be a Python number, got a tensor"):
         distillcse.contrastive_loss(z1, z2, temperature=torch.tensor(0.05))
     with pytest.raises(ValueError, match="hard_negatives must have 6 features"):
@@ -124,6 +139,11 @@ def test_module_rejects_unknown_keywords_and_bad_options():
         distillcse.DistillCSELoss(distill_only=True, distill_weight=0.0)
     with pytest.raises(TypeError, match="return_terms must be a bool"):
         distillcse.DistillCSELoss(return_terms="yes")
+    with pytest.raises(ValueError, match="backend must be one of"):  # at construction, not the first call
+        distillcse.DistillCSELoss(backend="cuda")
+    for name in ("student_temperature", "teacher_temperature", "grouping_temperature"):
+        with pytest.raises(ValueError, match=f"^{name} must be a positive"):
+            distillcse.DistillCSELoss(**{name: 0.0})
     with pytest.raises(TypeError, match=r"pass hard_negatives to forward\(\)"):
         distillcse.DistillCSELoss(hard_negatives=torch.randn(3, D))
     with pytest.raises(TypeError, match=r"pass rows to forward\(\)"):
@@ -225,7 +245,7 @@ def test_any_int_seed_is_its_64_bit_key(backend):
     module = lambda seed: distillcse.DistillCSELoss(seed=seed, backend=backend)(z1, z2, t).item()  # noqa: E731
     for big in (2**70 + 12345, 2**64 - 1, -1):
         assert loss(big) == loss(big % 2**64) and module(big) == module(big % 2**64)
-    assert loss(2**70 + 12345) != loss(2**70 + 12346)
+    assert loss(2**70 + 12345) != loss(2**70 + 12346) and loss(2**63 + 12345) != loss(12345)  # the top bit too
 
 
 @pytest.mark.parametrize("argv,message", [

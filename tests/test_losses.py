@@ -1,13 +1,14 @@
 """The public losses: reference vs torch backend at float64, hand-computed cases, gradcheck,
 random-shuffle properties, seeds, chunking and the module."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import distillcse
 from conftest import DEVICE, requires_triton
-from distillcse import reference
+from distillcse import api, reference
 from distillcse.shuffle import group_keys, group_permutation, shuffled_targets
 from distillcse.tensor_memory import TensorMemory
 
@@ -119,6 +120,29 @@ def test_reference_ranks_tied_teacher_values_in_column_order():
         assert rel_err(loss, ref_loss, floor=1.0) < 1e-12
         for g, rg in zip(grads, ref_grads):
             assert rel_err(g, rg) < 1e-9
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_a_zero_teacher_weight_leaves_that_teacher_out(backend):
+    """Weights are >= 0 (SPEC.md), not > 0: [1, 0] is the first teacher alone."""
+    z1, _, teachers, _ = make_batch(21, 16, (12, 8))
+    kw = dict(shuffle="expected", backend=backend)
+    assert distillcse.distill_loss(z1, teachers, teacher_weights=[1.0, 0.0], **kw).item() == pytest.approx(
+        distillcse.distill_loss(z1, teachers[:1], **kw).item(), rel=1e-12)
+
+
+def test_auto_backend(monkeypatch):
+    """"auto": the kernels for a whole batch of CUDA fp16 / bf16 / fp32 tensors with triton
+    installed, else the torch backend (CPU, float64, a shard of the rows, no triton)."""
+    cuda = lambda dtype: SimpleNamespace(is_cuda=True, dtype=dtype, shape=(8, 6))  # noqa: E731 (no GPU needed)
+    monkeypatch.setattr(api, "_triton_importable", lambda: True)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        assert api.resolve_backend("auto", cuda(dtype)) == api.resolve_backend("auto", cuda(dtype), (0, 8)) == "triton"
+    assert api.resolve_backend("auto", cuda(F64)) == "torch"
+    assert api.resolve_backend("auto", cuda(torch.float32), (0, 4)) == "torch"
+    assert api.resolve_backend("auto", torch.randn(8, 6)) == "torch"
+    monkeypatch.setattr(api, "_triton_importable", lambda: False)
+    assert api.resolve_backend("auto", cuda(torch.float32)) == "torch"
 
 
 def test_contrastive_hand_computed_b2():
@@ -275,11 +299,16 @@ def test_zero_vectors_behave_like_cosine_similarity():
 
 
 def test_distillcse_loss_defaults_are_the_spec():
-    """Every default of the function and the module is SPEC.md's."""
+    """Every default of the three functions and the module is SPEC.md's."""
     z1, z2, teachers, _ = make_batch(37, 16, (12,))
     explicit = dict(temperature=0.05, distill_weight=1.0, student_temperature=0.025, teacher_temperature=0.0125,
                     group_p=0.1, group_size=None, grouping_temperature=1.0, shuffle="random", seed=3)
+    distill = {k: v for k, v in explicit.items() if k not in ("temperature", "distill_weight")}
     for backend in ("reference", "torch"):
+        assert distillcse.contrastive_loss(z1, z2, backend=backend).item() == \
+            distillcse.contrastive_loss(z1, z2, temperature=0.05, backend=backend).item()
+        assert distillcse.distill_loss(z1, teachers, seed=3, backend=backend).item() == \
+            distillcse.distill_loss(z1, teachers, backend=backend, **distill).item()
         default = distillcse.distillcse_loss(z1, z2, teachers, seed=3, backend=backend)
         assert default.item() == distillcse.distillcse_loss(z1, z2, teachers, backend=backend, **explicit).item()
         module = distillcse.DistillCSELoss(shuffle="expected", backend=backend)(z1, z2, teachers)
@@ -306,6 +335,22 @@ def test_distill_only_and_weight():
     only = distillcse.distillcse_loss(z1, z2, teachers, shuffle="none", distill_only=True, backend="torch")
     assert both.item() == pytest.approx(cl.item() + 0.5 * kd.item(), rel=1e-12)
     assert only.item() == pytest.approx(kd.item(), rel=1e-12)
+    half = distillcse.distillcse_loss(z1, z2, teachers, shuffle="none", distill_only=True, distill_weight=0.5,
+                                      backend="torch")
+    assert half.item() == pytest.approx(0.5 * kd.item(), rel=1e-12)
+
+
+def test_deterministic_shuffles_leave_torchs_generator_alone():
+    """shuffle="none" / "expected" draw no shuffle key: torch's global RNG (the model's dropout)
+    is where it was; the random shuffle draws its key there."""
+    z1, z2, teachers, _ = make_batch(21, 8, (6,))
+    state = torch.get_rng_state()
+    for backend in ("reference", "torch"):
+        for shuffle in ("none", "expected"):
+            distillcse.distillcse_loss(z1, z2, teachers, shuffle=shuffle, backend=backend)
+            assert torch.equal(torch.get_rng_state(), state)
+    distillcse.distill_loss(z1, teachers, backend="torch")
+    assert not torch.equal(torch.get_rng_state(), state)
 
 
 def test_half_precision_inputs_on_torch_backend():
