@@ -564,3 +564,17 @@ def test_reference_int_seeds_use_all_64_bits():
     assert len(set(losses)) == 4, losses
     g = torch.Generator().manual_seed(7)
     assert distillcse.distill_loss(z1, teachers, seed=7, **kw) == distillcse.distill_loss(z1, teachers, seed=g, **kw)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="a CUDA torch.Generator needs a GPU")
+def test_reference_takes_a_cuda_generator():
+    """The reference's randperm calls run on the CPU: a CUDA generator seeds a CPU one with 62
+    bits it draws (a CUDA generator handed to them raised). Same seed, same loss; each call
+    advances the generator."""
+    z1, _, teachers, _ = make_batch(40, 16, (12,))
+    z1, teachers = z1.to(DEVICE), [e.to(DEVICE) for e in teachers]
+    kw = dict(shuffle="random", group_p=0.5, backend="reference")
+    seeded = lambda: torch.Generator(device=DEVICE).manual_seed(3)  # noqa: E731
+    assert distillcse.distill_loss(z1, teachers, seed=seeded(), **kw) == distillcse.distill_loss(z1, teachers, seed=seeded(), **kw)
+    g = seeded()
+    assert len({distillcse.distill_loss(z1, teachers, seed=g, **kw).item() for _ in range(3)}) == 3
