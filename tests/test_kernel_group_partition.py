@@ -207,6 +207,29 @@ def test_tie_cuts_when_the_threshold_is_the_next_value(device):
     assert kernel_groups(t, thr, (low, cut))[0].tolist() == [-1, 0, 0, 1, 1, 2, 2, 3]
 
 
+def test_tie_cuts_with_the_next_value_between_the_tied_columns(device):
+    """A tie of two (columns 5 and 129) straddles a fixed-size boundary, and the next value below
+    it (column 70, before the cut) lies in a column tile between them, where it is that tile's
+    largest value below the threshold: ``low`` must sit above it (sweep 1 keeps each tile's top
+    below the running maximum). Row 0 is e_0 and every rt is 1, so its logits are ``first``."""
+    from distillcse.kernels.group_partition import group_thresholds, tie_cuts
+
+    B = 130
+    first = -torch.arange(B, dtype=torch.float32) / 256  # the rest: distinct, below the tie's neighbours
+    first[[0, 1, 2, 3, 5, 129, 70]] = torch.tensor([1.0, 0.875, 0.75, 0.625, 0.5, 0.5, 0.4375])
+    x = torch.zeros(B, B)
+    x[:, 0] = first
+    x[1:, 1:] = 0.25 * torch.eye(B - 1)
+    rows = (x.to(device), torch.ones(B, device=device))
+    t, lse, t_min, t_max = row_stats(rows, 1.0)
+    assert t[0, 1:].tolist() == first[1:].tolist()
+    thr = group_thresholds(*rows, lse, t_min, t_max, 1.0, group_size=4, method="pairwise")
+    low, cut = tie_cuts(*rows, lse, t_min, t_max, thr, 1.0, group_size=4)
+    assert cut[0, 0].item() == 129 and 0.4375 < low[0, 0].item() < 0.5
+    assert kernel_groups(t, thr, (low, cut))[0, [1, 2, 3, 5, 129, 70]].tolist() == [0, 0, 0, 0, 1, 1]
+    assert_partition(t, thr, 1.0, None, 4, ties=(low, cut))
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_partition_half_rows(device, dtype, method):
