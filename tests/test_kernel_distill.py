@@ -370,6 +370,35 @@ def test_accumulator_sums_like_fp32(dtype, row_scale, device):
         assert ((hi_alone.double() - exact).abs() / scale).max() > 30 * error
 
 
+def test_accumulator_below_fp16s_normal_range(device):
+    """fp16 sums under 2^-14, where hi is subnormal or zero: their lo counts 2^-32 (EMIN's unit,
+    1/256 of the smallest normal's ulp), so the sum keeps the dot's ~16 bits; a unit from hi's
+    own exponent would pass int8's range (or, at hi = 0, 2^k's) and lose most of them. Read
+    back as unit_rows_backward reads it, into an fp32 gradient."""
+    from distillcse.kernels.distill import accumulate_slab, unit_rows_backward
+
+    B, D, R = 40, 16, 8
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(B, D, generator=g).half()
+    rx = 1.0 / x.float().norm(dim=1)
+    u = x.double() * rx.double()[:, None]
+    hi = torch.zeros(B, D, dtype=torch.float16, device=device)
+    lo = torch.zeros(B, D, dtype=torch.int8, device=device)
+    exact = torch.zeros(B, D, dtype=torch.float64)
+    for s in range(12):
+        row0 = (s * 11) % (B - R + 1)
+        m = (torch.randn(R, B, generator=g) * 2.0 ** -18).to(torch.bfloat16)
+        own = torch.randn(R, D, generator=g) * 2.0 ** -18
+        exact += m.double().T @ u[row0:row0 + R]
+        exact[row0:row0 + R] += own.double() * rx.double()[row0:row0 + R, None]
+        accumulate_slab(hi, lo, m.to(device), x.to(device), rx.to(device), own.to(device), row0)
+    assert exact.abs().max() < 2 ** -14
+    out = torch.empty(B, D, device=device)
+    unit_rows_backward(hi, x.to(device), rx.to(device), out, lo=lo, scaled=True)
+    ref = exact - u * (u * exact).sum(1, keepdim=True)  # rx du through u = x rx
+    assert ((out.double().cpu() - ref).abs().max() / ref.abs().max()).item() < 2 ** -13
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("form", ["du", "scaled-in-place"])
 def test_unit_rows_backward_is_the_chain_rule(dtype, form, device):
