@@ -1125,7 +1125,7 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
     else:
         low, cut = thr, thr  # unread
     with_ties = ties is not None and n_thr > 0
-    qbar = unit_stride_rows(qbar.float()) if shuffle == "expected" else lse_t
+    qbar = qbar.float().contiguous() if shuffle == "expected" else lse_t  # the kernel reads rows of G
     G = n_thr + 1
     BG = max(2, next_pow2(G))
     teacher_blocks, slab_blocks = _slab_blocks(B, shuffle, with_ties)

@@ -126,9 +126,13 @@ def _run_and_check(x, rx, t, rt, shuffle, tol, **kw):
     from distillcse.kernels.distill import distill_loss_and_grad, distill_row_stats
 
     thr, qbar = _groups(_teacher_logits(t, rt)) if shuffle == "expected" else (None, None)
+    tables = (thr, qbar)
+    if kw.pop("strided_groups", False) and shuffle == "expected":  # column slices of wider tensors
+        tables = tuple(torch.cat([a, a.new_full((len(a), 3), 7.0)], 1)[:, :a.shape[1]] for a in tables)
     stats = distill_row_stats(x, rx, t, rt, STUDENT, TEACHER, GROUPING, budget_bytes=BIG)
     loss, dx = distill_loss_and_grad(x, rx, t, rt, stats[0], stats[1], STUDENT, TEACHER, shuffle=shuffle,
-                                     thr=thr, qbar=qbar, budget_bytes=kw.pop("budget_bytes", 1 << 20), **kw)
+                                     thr=tables[0], qbar=tables[1], budget_bytes=kw.pop("budget_bytes", 1 << 20),
+                                     **kw)
     refs = _reference(x, rx, t, rt, thr, qbar)
     names = ("lse_s", "lse_t", "lse_g", "t_min", "t_max", "loss_rows", "dx")
     for name, out, ref in zip(names, (*stats, loss, dx), refs):
@@ -153,10 +157,11 @@ def test_distill_slabs_and_chunks(shuffle, device):
 @pytest.mark.parametrize("shuffle", ["none", "expected"])
 def test_distill_noncontiguous_zero_rows(shuffle, device):
     """Strided x, rx and rt, teacher rows sliced out of a wider tensor (row stride Dt + 5), an
-    all-zero student row and an all-zero teacher row (rt = 1e8, t = 0 on its row and column)."""
+    all-zero student row and an all-zero teacher row (rt = 1e8, t = 0 on its row and column);
+    with shuffle expected, thr and qbar sliced out of wider tensors too (row strides G + 2, G + 3)."""
     x, rx, t, rt = _inputs(37, 48, 32, torch.float32, device, zero_row=True, zero_teacher_row=True, strided=True)
     assert t.stride() == (32 + 5, 1)
-    _run_and_check(x, rx, t, rt, shuffle, TOL[torch.float32])
+    _run_and_check(x, rx, t, rt, shuffle, TOL[torch.float32], strided_groups=True)
 
 
 @pytest.mark.parametrize("shuffle", ["none", "expected"])
