@@ -1072,6 +1072,7 @@ def accumulate_slab(hi, lo, m, x, rx, row_side, row0, row_scale=None):
     bf16), ``x`` [B, D] raw rows, ``rx`` [B] fp32, ``row_side`` [R, D] fp32 contiguous."""
     B, D = hi.shape
     assert row_scale is None or (row_scale.shape == (B,) and row_scale.dtype == torch.float32)
+    row_scale = None if row_scale is None else row_scale.contiguous()  # the kernel reads it at stride 1
     blocks = _accumulate_blocks(m.dtype, _fp32_dots(m.dtype, m.dtype)[1])
     mant, emin = LO_FORMATS.get(hi.dtype, (0, 0))
     _accumulate_slab_kernel[(cdiv(D, blocks["BD"]), cdiv(B, blocks["BJ"]))](

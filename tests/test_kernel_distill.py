@@ -334,7 +334,8 @@ def test_random_warns_when_its_accumulation_traffic_is_huge(device, monkeypatch)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_accumulator_sums_like_fp32(dtype, row_scale, device):
     """``accumulate_slab`` over 60 slabs: the column side onto every row, each slab's own side
-    onto its rows (with ``row_scale``, row j's sum times 2^-k_j, as fp16's lifted rows take it).
+    onto its rows (with ``row_scale``, row j's sum times 2^-k_j, as fp16's lifted rows take it;
+    a [B] view of stride 2).
     hi (dx's 16-bit dtype) + int8 lo carries 8 bits more than hi (the rounding of 60 sums:
     ~2^-13 of the largest entry in bf16, 2^-16 in fp16), where rounding the sum to the 16-bit
     dtype after every slab (hi alone) is far worse."""
@@ -351,6 +352,7 @@ def test_accumulator_sums_like_fp32(dtype, row_scale, device):
     hi_alone = torch.zeros(B, D, dtype=dtype)
     m_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
     scales = torch.exp2(-torch.randint(0, 13, (B,), generator=g).float()) if row_scale else torch.ones(B)
+    row_scales = torch.stack([scales, -scales], 1).to(device)[:, 0]  # a view of stride 2 (made on the device)
     for s in range(slabs):
         row0 = (s * 37) % (B - R + 5)  # the last slabs are ragged: rows past B are not there
         rows = min(R, B - row0)
@@ -362,7 +364,7 @@ def test_accumulator_sums_like_fp32(dtype, row_scale, device):
         exact += update
         hi_alone = (hi_alone.double() + update).to(dtype)
         accumulate_slab(hi, lo, m.to(device), x.to(device), rx, own.to(device), row0,
-                        scales.to(device) if row_scale else None)
+                        row_scales if row_scale else None)
     total = hi.double().cpu()
     if lo is not None:  # lo counts 1/256 of hi's ulp; exponents below EMIN share EMIN's unit
         mant, emin = LO_FORMATS[dtype]
