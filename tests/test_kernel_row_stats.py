@@ -165,6 +165,25 @@ def test_row_stats_from_half_the_dots_in_gpu_blocks(monkeypatch):
     assert gemms == [(320, 450), (320, 450), (130, 130), (130, 130)]
 
 
+def test_row_stats_of_a_shard(monkeypatch):
+    """``rows=(21, 111)`` at B = 130 in two slabs of whole rows (64 and 26, no halves): the
+    shard's rows against float64, every other row 0 (as documented), with and without the
+    student."""
+    x, rx, t, rt = _rows(130, 48, 40, torch.float32, torch.float32, seed=3)
+    refs = _reference(x, rx, t, rt)
+    shard = slice(21, 111)
+    gemms, matmul = [], K.matmul_f32
+    monkeypatch.setattr(K, "matmul_f32", lambda a, b, **kw: gemms.append((a.shape[0], b.shape[1])) or matmul(a, b, **kw))
+    for student in (True, False):
+        stats = K.distill_row_stats(*((x, rx) if student else (None, None)), t, rt, STUDENT, TEACHER, GROUPING,
+                                    budget_bytes=40 * 130 * 8, rows=(21, 111))
+        names, stats, want = (NAMES, stats, refs) if student else (NAMES[1:], stats[1:], refs[1:])
+        _check([s[shard] for s in stats], [r[shard] for r in want], names=names)
+        for name, s in zip(names, stats):
+            assert not torch.cat([s[:21], s[111:]]).any(), f"{name}: rows outside the shard are not 0"
+    assert gemms == [(64, 130), (64, 130), (26, 130), (26, 130), (64, 130), (26, 130)]
+
+
 def test_row_stats_deterministic():
     x, rx, t, rt = _rows(130, 96, 80, torch.float32, torch.float16, seed=1)
     first = K.distill_row_stats(x, rx, t, rt, STUDENT, TEACHER, GROUPING, budget_bytes=BIG)
