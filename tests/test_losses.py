@@ -38,6 +38,15 @@ def rel_err(a, b, floor=1e-6):
     return ((a - b).norm() / b.norm().clamp_min(floor)).item()
 
 
+def assert_torch_matches_reference(z1, z2, teachers, hard, **kw):
+    """The torch backend's loss within 1e-12 and its gradients within 1e-9 of the reference's (float64)."""
+    ref_loss, ref_grads = loss_and_grads("reference", z1, z2, teachers, hard, **kw)
+    loss, grads = loss_and_grads("torch", z1, z2, teachers, hard, **kw)
+    assert rel_err(loss, ref_loss, floor=1.0) < 1e-12
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g, rg) < 1e-9
+
+
 @pytest.mark.parametrize("shuffle", ["none", "expected", "random"])
 @pytest.mark.parametrize("B,D,dims,Bh", [(37, 48, (32,), 0), (37, 48, (32, 20, 40), 11), (130, 96, (64,), 0), (2, 5, (3,), 0)])
 def test_torch_backend_matches_reference(shuffle, B, D, dims, Bh):
@@ -48,11 +57,7 @@ def test_torch_backend_matches_reference(shuffle, B, D, dims, Bh):
         # Same distribution, different draws: compare with the random shuffle removed from
         # both (group_size=1 gives singleton groups, where random == none exactly).
         kw["group_size"] = 1
-    ref_loss, ref_grads = loss_and_grads("reference", z1, z2, teachers, hard, **kw)
-    loss, grads = loss_and_grads("torch", z1, z2, teachers, hard, **kw)
-    assert rel_err(loss, ref_loss, floor=1.0) < 1e-12
-    for g, rg in zip(grads, ref_grads):
-        assert rel_err(g, rg) < 1e-9
+    assert_torch_matches_reference(z1, z2, teachers, hard, **kw)
 
 
 @pytest.mark.parametrize("group_p,group_size,gtemp", [(0.1, None, 1.0), (0.3, None, 1.0), (0.25, None, 0.1), (None, 4, 1.0)])
@@ -61,11 +66,7 @@ def test_expected_groupings_match_reference(group_p, group_size, gtemp):
     kw = dict(shuffle="expected", group_size=group_size, grouping_temperature=gtemp, teacher_weights=[0.25, 0.75])
     if group_p is not None:
         kw["group_p"] = group_p
-    ref_loss, ref_grads = loss_and_grads("reference", z1, z2, teachers, None, **kw)
-    loss, grads = loss_and_grads("torch", z1, z2, teachers, None, **kw)
-    assert rel_err(loss, ref_loss, floor=1.0) < 1e-12
-    for g, rg in zip(grads, ref_grads):
-        assert rel_err(g, rg) < 1e-9
+    assert_torch_matches_reference(z1, z2, teachers, None, **kw)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
@@ -115,11 +116,7 @@ def test_reference_ranks_tied_teacher_values_in_column_order():
     z1, z2, teachers, _ = make_batch(37, 16, (12,))
     teachers[0][28:] = teachers[0][:9]
     for grouping in (dict(group_size=4), dict(group_p=0.1)):
-        ref_loss, ref_grads = loss_and_grads("reference", z1, z2, teachers, None, shuffle="expected", **grouping)
-        loss, grads = loss_and_grads("torch", z1, z2, teachers, None, shuffle="expected", **grouping)
-        assert rel_err(loss, ref_loss, floor=1.0) < 1e-12
-        for g, rg in zip(grads, ref_grads):
-            assert rel_err(g, rg) < 1e-9
+        assert_torch_matches_reference(z1, z2, teachers, None, shuffle="expected", **grouping)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])

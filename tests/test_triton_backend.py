@@ -397,14 +397,13 @@ def test_fp16_zero_row_gradient_is_inf_not_nan():
         assert rel_err(got[others], want[others]) < 1e-2, name
 
 
-@pytest.mark.parametrize("frozen", ["hard_negatives", "z2"])
-def test_contrastive_loss_streaming_with_a_frozen_block(frozen, monkeypatch):
-    """contrastive_loss alone on the streaming path (B = 70), fp32, with z2 or the hard negatives
-    frozen: the backward computes the other block's gradient only (autograd's flags for its
-    inputs z2 and hn, not z1's and z2's), matching the torch backend."""
+def _check_frozen_block(loss_of, z1, z2, hard, frozen, tol, monkeypatch):
+    """``loss_of(z1, z2, hard_negatives, backend)`` backpropagated on each backend with the
+    ``frozen`` block ("z2", "hard_negatives" or "none") asking for no gradient: the triton
+    backward's column GEMMs take the other blocks' rows only, and every gradient matches the
+    torch backend's within ``tol``, in the inputs' dtype."""
     from distillcse import triton_backend
 
-    z1, z2, _, hard = (x.float().to(DEVICE) if torch.is_tensor(x) else x for x in make_batch(70, 16, (8,), Bh=9, seed=2))
     columns_asked = []
     real_bwd = triton_backend.contrastive_bwd_dy
     monkeypatch.setattr(triton_backend, "contrastive_bwd_dy", lambda *a, **k: columns_asked.append(
@@ -413,15 +412,25 @@ def test_contrastive_loss_streaming_with_a_frozen_block(frozen, monkeypatch):
     for backend in ("torch", "triton"):
         leaves = {"z1": z1.clone().requires_grad_(), "z2": z2.clone().requires_grad_(frozen != "z2"),
                   "hard_negatives": hard.clone().requires_grad_(frozen != "hard_negatives")}
-        distillcse.contrastive_loss(leaves["z1"], leaves["z2"], hard_negatives=leaves["hard_negatives"],
-                                    temperature=0.5, backend=backend).backward()
+        loss_of(leaves["z1"], leaves["z2"], leaves["hard_negatives"], backend).backward()
         grads[backend] = {name: x.grad for name, x in leaves.items()}
     assert columns_asked == [(frozen != "z2", frozen != "hard_negatives")]
     for name, want in grads["torch"].items():
         got = grads["triton"][name]
         assert (got is None) == (want is None) == (name == frozen)
         if got is not None:
-            assert rel_err(got.double().cpu(), want.double().cpu()) < 2e-5, name
+            assert got.dtype == z1.dtype and rel_err(got.double().cpu(), want.double().cpu()) < tol, name
+
+
+@pytest.mark.parametrize("frozen", ["hard_negatives", "z2"])
+def test_contrastive_loss_streaming_with_a_frozen_block(frozen, monkeypatch):
+    """contrastive_loss alone on the streaming path (B = 70), fp32, with z2 or the hard negatives
+    frozen: the backward computes the other block's gradient only (autograd's flags for its
+    inputs z2 and hn, not z1's and z2's), matching the torch backend."""
+    z1, z2, _, hard = (x.float().to(DEVICE) if torch.is_tensor(x) else x for x in make_batch(70, 16, (8,), Bh=9, seed=2))
+    _check_frozen_block(lambda a, b, h, backend: distillcse.contrastive_loss(a, b, hard_negatives=h, temperature=0.5,
+                                                                             backend=backend),
+                        z1, z2, hard, frozen, 2e-5, monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -430,28 +439,11 @@ def test_hard_negatives_streaming_and_frozen(dtype, frozen, monkeypatch):
     """16-bit hard negatives on the streaming path (B = 130) against the torch backend, also
     with the hard negatives or z2 frozen (no gradient asked): the frozen block's gradient is
     not computed (the column GEMMs take the other block's rows only)."""
-    from distillcse import triton_backend
-
     z1, z2, teachers, hard = (x.to(DEVICE, dtype) for x in
                               (lambda b: (b[0], b[1], b[2][0], b[3]))(make_batch(130, 48, (32,), Bh=23, seed=4)))
-    columns_asked = []
-    real_bwd = triton_backend.contrastive_bwd_dy
-    monkeypatch.setattr(triton_backend, "contrastive_bwd_dy", lambda *a, **k: columns_asked.append(
-        tuple(k["blocks_needed"])) or real_bwd(*a, **k))
-    grads = {}
-    for backend in ("torch", "triton"):
-        leaves = {"z1": z1.clone().requires_grad_(), "z2": z2.clone().requires_grad_(frozen != "z2"),
-                  "hard_negatives": hard.clone().requires_grad_(frozen != "hard_negatives")}
-        loss = distillcse.distillcse_loss(leaves["z1"], leaves["z2"], teachers, hard_negatives=leaves["hard_negatives"],
-                                          shuffle="expected", backend=backend)
-        loss.backward()
-        grads[backend] = {name: x.grad for name, x in leaves.items()}
-    assert columns_asked == [(frozen != "z2", frozen != "hard_negatives")]
-    for name, want in grads["torch"].items():
-        got = grads["triton"][name]
-        assert (got is None) == (want is None) == (name == frozen)
-        if got is not None:
-            assert got.dtype == dtype and rel_err(got.double(), want.double()) < TOL[dtype][1], name
+    _check_frozen_block(lambda a, b, h, backend: distillcse.distillcse_loss(a, b, teachers, hard_negatives=h,
+                                                                            shuffle="expected", backend=backend),
+                        z1, z2, hard, frozen, TOL[dtype][1], monkeypatch)
 
 
 @pytest.mark.parametrize("B", [40, 70])
