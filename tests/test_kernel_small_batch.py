@@ -7,7 +7,7 @@ from conftest import DEVICE, device_key
 
 pytest.importorskip("triton")
 from distillcse.kernels.group_partition import num_groups  # noqa: E402
-from distillcse.kernels.small_batch import small_batch_loss  # noqa: E402
+from distillcse.kernels.small_batch import fits, small_batch_loss  # noqa: E402
 from distillcse.shuffle import shuffled_targets  # noqa: E402
 
 SCALES = dict(cl_scale=1 / 0.05, student_scale=1 / 0.025, teacher_scale=1 / 0.0125, grouping_scale=1.0)
@@ -30,6 +30,7 @@ def _inputs(B, D, Dt, N, dtype, *, seed=0, strided=False, zero_row=False):
     x, y, t = (a.to(dtype).to(DEVICE) for a in (x, y, t))
     if strided:  # row strides != D, Dt (made on the device: a copy there would be contiguous)
         x = torch.cat([x, x.new_ones(B, 5)], dim=1)[:, :D]
+        y = torch.cat([y, y.new_ones(N, 7)], dim=1)[:, :D]
         t = torch.cat([t, t.new_ones(B, 3)], dim=1)[:, :Dt]
     return x, y, t
 
@@ -150,7 +151,7 @@ def test_next_pow2():
 
 def test_single_terms_weights_strides_and_zero_rows():
     x, y, t = _inputs(45, 40, 33, 60, torch.float32, seed=11, strided=True, zero_row=True)
-    assert not x.is_contiguous() and not t.is_contiguous()
+    assert not x.is_contiguous() and not y.is_contiguous() and not t.is_contiguous()  # dx, dy: contiguous
     _check(x, y, None, w_cl=1.0)  # contrastive only, with hard negatives
     _check(x, None, t, shuffle="expected", w_kd=1.0)  # distillation only
     _check(x, y, t, shuffle="random", step_seed=4, w_cl=0.5, w_kd=-2.0)
@@ -186,3 +187,45 @@ def test_contrastive_logits_past_fp32_exp_range(monkeypatch):
     noise = 0.3 * torch.randn(2, B, D, generator=torch.Generator().manual_seed(3))
     y = torch.cat([x.cpu() + noise[0], x.cpu() + noise[1]]).to(DEVICE)  # z2, then the hard negatives
     _check(x, y, None)
+
+
+def test_feature_stride_not_one():
+    """Transposed copies (feature stride B or N, row stride 1) of z1, the columns and the teacher
+    rows: the launcher gives each feature stride 1 before the kernels read rows at ``row * stride
+    + feature``."""
+    x, y, t = (a.T.contiguous().T for a in _inputs(37, 48, 40, 45, torch.float32, seed=17))
+    assert x.stride() == (1, 37) and y.stride() == (1, 45) and t.stride() == (1, 37)
+    _check(x, y, t)  # the loss kernel reads the teacher rows
+    _check(x, None, t, shuffle="expected")  # the targets kernel reads them
+
+
+@pytest.mark.parametrize("shuffle", ["none", "expected"])  # the loss kernel's q; the targets kernel's
+def test_teacher_rows_shorter_than_1e_4(shuffle):
+    """A teacher row of norm ~1e-5 (and a zero row) is a unit row for its cosines: the inverse
+    norm clamps the norm at eps = 1e-8, not the squared norm (which would make it 1e-4 and
+    scale that row's and column's logits by 1/10)."""
+    x, _, t = _inputs(37, 48, 40, 37, torch.float32, seed=19, zero_row=True)
+    t[5] *= 1e-6  # norm ~1e-5: its square 1e-10 is a normal fp32 number
+    _check(x, None, t, shuffle=shuffle)
+
+
+def test_near_perfect_positives():
+    """Positives at noise 0.3 (P_ii = 1 - 5e-6 at scale 20): the gradient's P_ii - 1 is minus the
+    off-diagonal sum over L_i, not e_ii / L_i - 1, which cancels in fp32 (2e-3 of the gradient
+    here). w_cl = 2^16, a loss scaler's factor, lifts the gradients (~3e-7) far above TOL's floor."""
+    B, D = 37, 48
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(B, D, generator=gen)
+    y = x + 0.3 * torch.randn(B, D, generator=gen)  # z2 [B, D], no hard negatives
+    _check(x.to(DEVICE), y.to(DEVICE), None, w_cl=2.0**16)
+
+
+def test_fits_and_the_launcher_refuses_what_does_not():
+    """``fits``: 2 <= B <= 64 rows and N <= 64 columns (the paper's B = 64 with its 64 columns
+    takes the one program); ``small_batch_loss`` refuses a batch outside them."""
+    assert [fits(B) for B in (1, 2, 64, 65)] == [False, True, True, False]
+    assert fits(64, 64) and not fits(64, 65) and not fits(2, 65)
+    x, y, t = _inputs(65, 16, 16, 65, torch.float32)
+    for rows in (slice(0, 1), slice(0, 65)):  # B = 1, B = 65
+        with pytest.raises(AssertionError, match="one-program path takes 2 <= B <= 64"):
+            small_batch_loss(x[rows], y[rows], t[rows], n_groups=1)
