@@ -41,6 +41,15 @@ def test_small_batch_kernels_refill_no_slot_in_use():
     assert "REFILL RACE" not in report, report
 
 
+def test_small_batch_kernels_compile_below_16_rows():
+    """B = 2: the one-program kernels' batch block stays 16 rows (``BB = max(16, next_pow2(B))``):
+    the gradient's dots take it as their inner dimension, which sm_90 needs at least 16 (the
+    interpreter takes any; with BB = 2 the build fails)."""
+    report = _compile_report("--what", "small_batch", "--dtypes", "bf16", "--B", "2", "--D", "16")
+    assert "### _small_batch_kernel " in report and "### _shuffled_targets_kernel " in report
+    assert "WRITE_GRAD=True" in report and " BB=16 " in report and " BB=2 " not in report
+
+
 def _report_rows(report):
     """{(kernel, constexprs): (spilled bytes, SASS instructions of the outermost loop or None)},
     the most of each where the launchers' integer arguments made several builds of a row."""
