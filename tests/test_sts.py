@@ -173,3 +173,19 @@ def test_sts_names_what_it_cannot_score(tmp_path):
         main(["sts", str(tmp_path / "model" / "config.json"), "--tasks", "STS13", "--sts-dir", data])
     with pytest.raises(SystemExit, match="--sts-dir /nonexistent: /nonexistent/STS/STS13-en-test/STS.input.FNWN.txt"):
         main(["sts", "--tasks", "STS13", "--sts-dir", "/nonexistent"])
+
+
+@needs_minilm
+def test_sts_command_truncates_at_max_seq_length(tmp_path, monkeypatch):
+    """`distillcse sts --max-seq-length 4` scores the model with its sentences cut at 4 tokens."""
+    data, widths, real_evaluate = _senteval(tmp_path), [], sts.evaluate
+
+    def evaluate(encoder, *args, **kwargs):
+        widths.append(encoder.tokenize(["a sentence of more than four tokens"])["input_ids"].shape[1])
+        return real_evaluate(encoder, *args, **kwargs)
+
+    monkeypatch.setattr(train.sts, "evaluate", evaluate)
+    train.run_evaluate(argparse.Namespace(model=None, pooling="mean", tasks=["STSBenchmark"], split="dev",
+                                          max_seq_length=4, max_pairs=None, device="cpu", sts_dir=data),
+                       log=lambda *a: None)
+    assert widths == [4]

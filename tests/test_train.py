@@ -75,8 +75,14 @@ def _interrupted_at_third_step(real_loss):
 
 
 def test_train_resumes_exactly_after_an_interruption(tmp_path, sentences, monkeypatch):
+    """Interrupted at step 3, then resumed: the uninterrupted run's weights and best score, bit for
+    bit, and its log. A log left without a checkpoint (a run killed before its first) is started
+    afresh, not continued."""
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "whole" / "train_log.csv").write_text("step,loss\n0,\n1,9.9\n3,9.9\n")
     whole = train.train(_args(tmp_path / "whole", sentences), log=lambda *a: None)
     assert whole["best_step"] in (2, 4) and whole["test"] is None
+    assert _steps_on_disk(tmp_path / "whole") == [0, 1, 2, 3, 4]
 
     real_loss = train.distillcse_loss
     monkeypatch.setattr(train, "distillcse_loss", _interrupted_at_third_step(real_loss))
@@ -137,7 +143,8 @@ def test_the_log_on_disk_holds_every_checkpointed_step(tmp_path, sentences, monk
 
 def test_a_diverged_or_foreign_run_is_named(tmp_path, sentences, monkeypatch):
     """A student whose embeddings turn NaN stops with the step and the checkpoint that stands, not
-    the loss's traceback; a checkpoint.pt that is not one is named, not torch.load's traceback."""
+    the loss's traceback, also in a resumed run before it writes one; a checkpoint.pt that is not
+    one is named, not torch.load's traceback."""
     real_loss, calls = train.distillcse_loss, []
 
     def nan_at_third_step(z1, *args, **kwargs):
@@ -145,9 +152,11 @@ def test_a_diverged_or_foreign_run_is_named(tmp_path, sentences, monkeypatch):
         return real_loss(z1 * float("nan") if len(calls) == 3 else z1, *args, **kwargs)
 
     monkeypatch.setattr(train, "distillcse_loss", nan_at_third_step)
-    with pytest.raises(SystemExit, match=r"step 3: the training diverged \(z1 contains NaN or Inf\); "
-                                         r"the checkpoint of step 2 stands"):
-        train.train(_args(tmp_path / "run", sentences), log=lambda *a: None)
+    for _ in range(2):   # then the resumed run, whose first step (3) diverges again
+        with pytest.raises(SystemExit, match=r"step 3: the training diverged \(z1 contains NaN or Inf\); "
+                                             r"the checkpoint of step 2 stands"):
+            train.train(_args(tmp_path / "run", sentences), log=lambda *a: None)
+        calls[:] = [1, 1]
     monkeypatch.setattr(train, "distillcse_loss", real_loss)
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / train.CHECKPOINT).write_bytes(b"not a checkpoint")
@@ -236,11 +245,12 @@ def test_the_mlp_head_trains_resumes_and_is_clipped(tmp_path, sentences, monkeyp
 
 
 def test_each_epoch_has_its_own_order_and_the_rate_decays_over_the_epochs(tmp_path, sentences, monkeypatch):
-    """--epochs 3 of 16 sentences in batches of 8 (--max-steps 100 does not bind): 6 steps; each
-    epoch's two batches hold the 16 sentences, in an order of its own, and step s + 1 runs at
-    3e-5 x (1 - s / 6): the rate reaches 0 at the end of the epochs, not of --max-steps."""
-    corpus = tmp_path / "sixteen.txt"
-    lines = open(sentences).read().splitlines()[:16]
+    """--epochs 3 of 20 sentences in batches of 8 (--max-steps 100 does not bind): 2 full batches an
+    epoch (no ragged third of 4), 6 steps; each epoch's two batches hold 16 distinct sentences, in
+    an order of its own, and step s + 1 runs at 3e-5 x (1 - s / 6): the rate reaches 0 at the end
+    of the epochs, not of --max-steps. AdamW without weight decay, as SimCSE's trainer."""
+    corpus = tmp_path / "twenty.txt"
+    lines = open(sentences).read().splitlines()[:20]
     corpus.write_text("\n".join(lines) + "\n")
     batches, real_load = [], train.load_encoder
 
@@ -257,11 +267,13 @@ def test_each_epoch_has_its_own_order_and_the_rate_decays_over_the_epochs(tmp_pa
     assert len(batches) == 6 and all(len(b) == 8 for b in batches)
     epochs = [batches[0] + batches[1], batches[2] + batches[3], batches[4] + batches[5]]
     for order in epochs:
-        assert sorted(order) == sorted(lines)
+        assert len(set(order)) == 16 and set(order) <= set(lines)
     assert epochs[0] != epochs[1] and epochs[1] != epochs[2] and epochs[0] != epochs[2]
     with open(os.path.join(out, "train_log.csv")) as f:
         rates = [row["lr"] for row in csv.DictReader(f)]
     assert rates == [f"{3e-5 * (1 - s / 6):.3e}" for s in range(6)]
+    groups = torch.load(os.path.join(out, train.CHECKPOINT))["optimizer"]["param_groups"]
+    assert [group["weight_decay"] for group in groups] == [0.0]
 
 
 def test_the_best_student_is_selected_on_sts_b_dev_and_tested(tmp_path, sentences):
@@ -318,10 +330,11 @@ def test_teachers_give_their_eval_mode_embeddings_in_their_pooling(tmp_path, sen
     ("lr", 1e-4), ("temperature", 0.1), ("student_temperature", 0.05), ("teacher_temperature", 0.025),
     ("group_p", 0.2), ("distill_only", True), ("shuffle", "none"), ("seed", 1), ("batch_size", 4),
     ("epochs", 2), ("max_seq_length", 16), ("max_grad_norm", 0.5), ("pooling", "cls"), ("teacher_pooling", "cls"),
-    ("mlp_head", True), ("student_layers", 3)])
+    ("mlp_head", True), ("student_layers", 3), ("dev_pairs", 20)])
 def test_resume_refuses_each_training_setting(tmp_path, sentences, monkeypatch, option, value):
     """A checkpoint of a run that trained otherwise (each setting of the loss, the data order, the
-    schedule, the model) is refused before any model loads, naming the option and both values."""
+    schedule, the model, and the dev pairs its best score was chosen on) is refused before any
+    model loads, naming the option and both values."""
     out = tmp_path / "run"
     out.mkdir()
     saved = _args(out, os.path.realpath(sentences))
@@ -402,9 +415,13 @@ def test_a_second_signal_exits_with_its_own_status(monkeypatch):
 
 def test_resume_refuses_other_settings(tmp_path, sentences, triples, monkeypatch):
     """The same --out with a different loss or schedule is not silently resumed, and is refused
-    before any model loads; options about where and how the run reports may change."""
+    before any model loads; options about where and how the run reports may change, and the
+    sentence file, given relative to its folder, may be spelt otherwise from another. The resume
+    keeps the columns of a log begun by an older version."""
     out = tmp_path / "run"
-    train.train(_args(out, sentences, max_steps=2), log=lambda *a: None)
+    monkeypatch.chdir(os.path.dirname(sentences))
+    train.train(_args(out, os.path.basename(sentences), max_steps=2), log=lambda *a: None)
+    monkeypatch.chdir(tmp_path)
     real_load = train.load_encoder
 
     def no_model_yet(*args, **kwargs):
@@ -418,16 +435,23 @@ def test_resume_refuses_other_settings(tmp_path, sentences, triples, monkeypatch
     with pytest.raises(SystemExit, match=r"--pairs None there, '\S+triples.csv' now; --sentences '\S+' there, None now"):
         train.train(_args(out, triples, max_steps=2), log=lambda *a: None)
     ckpt = torch.load(os.path.join(out, train.CHECKPOINT))
+    stored = ckpt["args"]["sentences"]
     del ckpt["args"]["pairs"], ckpt["args"]["sentences"]   # a checkpoint from before --pairs, on the default data
     torch.save(ckpt, os.path.join(out, train.CHECKPOINT))
     with pytest.raises(SystemExit, match=r"--pairs None there, '\S+triples.csv' now"):
         train.train(_args(out, triples, max_steps=2), log=lambda *a: None)
-    ckpt["args"]["sentences"] = sentences
+    ckpt["args"]["sentences"] = stored
     torch.save(ckpt, os.path.join(out, train.CHECKPOINT))
     monkeypatch.setattr(train, "load_encoder", real_load)
+    log_path, older = os.path.join(out, "train_log.csv"), ["step", "loss", "lr", "stsb_dev", "seconds"]
+    with open(log_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    train.write_csv(rows, log_path, older)                              # no loss terms in it
     messages, respelt = [], os.path.join(os.path.dirname(sentences), ".", os.path.basename(sentences))
     train.train(_args(out, respelt, max_steps=2, eval_every=1, save_every=0), log=messages.append)
     assert any("resumed" in m and "step 2" in m for m in messages)   # the same file, spelt otherwise
+    with open(log_path, newline="") as f:
+        assert next(csv.reader(f)) == older and _steps_on_disk(out) == [0, 1, 2]
 
 
 def test_train_learns_and_writes_test_scores(tmp_path, sentences):
@@ -690,3 +714,104 @@ def test_mlp_head_starts_as_simcse_initialises_it():
     head = train.MLPHead(384)
     assert torch.equal(head.dense.bias, torch.zeros(384))
     assert head.dense.weight.std().item() == pytest.approx(0.02, rel=0.01)
+
+
+def test_keep_layers_keeps_evenly_spaced_layers_first_and_last_included():
+    """--student-layers N of a 6-layer encoder: the layers themselves (not copies), the first and
+    the last among them; 1..6 accepted, 7 refused."""
+    model = transformers.BertModel(transformers.BertConfig(vocab_size=100, hidden_size=8, num_hidden_layers=6,
+                                                           num_attention_heads=2, intermediate_size=16))
+    layers = list(model.encoder.layer)
+    for n, want in ((1, [0]), (2, [0, 5]), (3, [0, 2, 5]), (4, [0, 2, 3, 5]), (6, [0, 1, 2, 3, 4, 5])):
+        model.encoder.layer = torch.nn.ModuleList(layers)
+        assert train.keep_layers(model, n) == want
+        assert list(model.encoder.layer) == [layers[i] for i in want] and model.config.num_hidden_layers == n
+    with pytest.raises(SystemExit, match=r"--student-layers: expected 1\.\.6, got 7"):
+        train.keep_layers(model, 7)
+
+
+def test_mlp_head_is_tanh_over_a_linear_layer():
+    """SimCSE's MLP: tanh(W x + b), so its outputs lie in (-1, 1)."""
+    head = train.MLPHead(4)
+    x = 30 * torch.randn(3, 4)
+    torch.testing.assert_close(head(x), torch.tanh(head.dense(x)))
+
+
+def test_read_corpus_skips_blank_lines_and_a_byte_order_mark(tmp_path):
+    """--sentences: one sentence a line, stripped; blank lines are not sentences; a UTF-8 BOM is not
+    part of the first one."""
+    path = tmp_path / "corpus.txt"
+    path.write_bytes("\ufeffA first one.\n\n  \n second one \r\n".encode("utf-8"))
+    assert train.read_corpus(str(path)) == ["A first one.", "second one"]
+
+
+def test_a_failed_save_of_the_best_student_keeps_the_previous_one(tmp_path):
+    """best/ is replaced in one step: a save that fails half-way leaves the previous folder whole."""
+    best = tmp_path / "best"
+
+    def save(text):
+        def write(folder):
+            os.makedirs(folder)
+            with open(os.path.join(folder, "weights"), "w") as f:
+                f.write(text)
+            if text == "torn":
+                raise RuntimeError("killed while saving")
+        return write
+    train._save_folder(save("step 2"), str(best))
+    with pytest.raises(RuntimeError, match="killed while saving"):
+        train._save_folder(save("torn"), str(best))
+    assert (best / "weights").read_text() == "step 2"
+    train._save_folder(save("step 4"), str(best))
+    assert (best / "weights").read_text() == "step 4" and sorted(os.listdir(tmp_path)) == ["best"]
+
+
+def test_the_signal_handlers_are_restored_after_training():
+    """SIGINT and SIGTERM stop at the step's end only during training: afterwards their handlers are
+    the ones from before."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    with train._StopAtStepEnd(log=lambda *a: None) as stop:
+        assert all(signal.getsignal(sig) == stop._handler for sig in before)
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_the_global_batch_needs_a_row_on_each_rank(tmp_path, sentences, monkeypatch):
+    """Nine ranks cannot share a batch of 8: refused before any model loads."""
+    monkeypatch.setattr(train, "load_encoder", lambda *a, **k: pytest.fail("a model loaded"))
+    with pytest.raises(SystemExit, match="--batch-size 8: the global batch needs a row on each of 9 ranks"):
+        train._train(_args(tmp_path / "run", sentences), lambda *a: None, torch.device("cpu"), 0, 9)
+
+
+def test_each_loss_setting_and_the_truncation_reach_every_step(tmp_path, sentences, monkeypatch):
+    """Every loss option of the command reaches distillcse_loss at each step, with a shuffle seed of
+    the step's own; the student's and the teacher's sentences are cut at --max-seq-length tokens."""
+    calls, widths, real_loss, real_load = [], [], train.distillcse_loss, train.load_encoder
+
+    def recording(z1, z2, teachers, **kwargs):
+        calls.append(kwargs)
+        return real_loss(z1, z2, teachers, **kwargs)
+
+    def recording_widths(*args, **kwargs):
+        encoder = real_load(*args, **kwargs)
+        tokenize = encoder.tokenize
+        encoder.tokenize = lambda rows, *a: (lambda t: widths.append((kwargs["option"], t["input_ids"].shape[1])) or t)(
+            tokenize(rows, *a))
+        return encoder
+
+    monkeypatch.setattr(train, "distillcse_loss", recording)
+    monkeypatch.setattr(train, "load_encoder", recording_widths)
+    options = dict(temperature=0.07, student_temperature=0.03, teacher_temperature=0.02, distill_weight=0.5,
+                   group_p=0.25, shuffle="expected", backend="reference")
+    train.train(_args(tmp_path / "run", sentences, max_steps=2, eval_every=0, max_seq_length=5, **options),
+                log=lambda *a: None)
+    assert len(calls) == 2 and calls[0]["seed"] != calls[1]["seed"]
+    for kwargs in calls:
+        assert {k: kwargs.get(k) for k in options} == options
+    assert sorted(set(widths)) == [("--student", 5), ("--teacher", 5)]
+
+
+def test_a_tie_keeps_the_earlier_best_student(tmp_path, sentences, monkeypatch):
+    """Steps 1 and 2 score the same on STS-B dev (a faked evaluation): the best is step 1; a later
+    step must do better, not as well, to replace it."""
+    monkeypatch.setattr(train.sts, "evaluate", lambda *args, **kwargs: {"STSBenchmark": 50.0})
+    result = train.train(_args(tmp_path / "run", sentences, max_steps=2, eval_every=1), log=lambda *a: None)
+    assert (result["best_step"], result["best_dev"]) == (1, 50.0)
