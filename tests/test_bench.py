@@ -59,6 +59,35 @@ def test_plain_matches_reference(shuffle, B, K, group_size):
         torch.testing.assert_close(g_plain, g_ref, rtol=1e-10, atol=1e-12)
 
 
+def test_plain_matches_reference_with_a_group_p_that_does_not_divide_one_and_a_distill_weight():
+    """G = ceil(1 / P) groups, the last one short (P = 0.3: four, not three), and the distillation
+    term weighted by ``distill_weight``, as in the reference (float64, the expected shuffle)."""
+    z1, z2, teachers, _ = make_inputs(37, 24, 20, 2, torch.float64, CPU, seed=7)
+    kw = dict(shuffle="expected", group_p=0.3)
+    torch.testing.assert_close(plain_distill_loss(z1, teachers, **kw),
+                               distillcse.distill_loss(z1, teachers, backend="reference", **kw), rtol=1e-12, atol=1e-12)
+    plain = plain_distillcse_loss(z1, z2, teachers, distill_weight=0.25, **kw)
+    ref = distillcse.distillcse_loss(z1, z2, teachers, distill_weight=0.25, backend="reference", **kw)
+    torch.testing.assert_close(plain, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_plain_loss_of_zero_rows_is_the_references():
+    """A zero row (of z1, z2 or a teacher) is normalised as x / max(|x|, eps), as in the reference:
+    a finite loss and gradient, not NaN."""
+    z1, z2, teachers, _ = make_inputs(9, 8, 6, 1, torch.float64, CPU, seed=2)
+    with torch.no_grad():
+        z1[1], z2[4], teachers[0][6] = 0.0, 0.0, 0.0
+    for impl in ("reference", "plain"):
+        z1.grad = z2.grad = None
+        loss = loss_function(impl, "full", "expected", CPU)(z1, z2, teachers)
+        loss.backward()
+        if impl == "reference":
+            want = (loss.detach(), z1.grad, z2.grad)
+    assert torch.isfinite(loss) and torch.isfinite(z1.grad).all() and torch.isfinite(z2.grad).all()
+    for got, w in zip((loss.detach(), z1.grad, z2.grad), want):
+        torch.testing.assert_close(got, w, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("what", ["contrastive", "full"])
 def test_every_cpu_loss_takes_hard_negatives(what):
     """With ``hard`` hard negatives a row (extra contrastive columns), the plain loss and the torch
@@ -289,7 +318,7 @@ def test_bench_train_table_numbers_have_no_exponent():
 
 def test_bench_commit_is_the_packages_own_checkout(tmp_path, monkeypatch):
     """Installed inside another project's git checkout, the package records $DISTILLCSE_COMMIT (or
-    "unknown"), not that project's commit."""
+    "unknown"), not that project's commit; in its own checkout, its commit, "+dirty" with local changes."""
     import subprocess
     outer = tmp_path / "project"
     (outer / "lib" / "distillcse").mkdir(parents=True)
@@ -301,6 +330,22 @@ def test_bench_commit_is_the_packages_own_checkout(tmp_path, monkeypatch):
     assert bench.git_commit() == "unknown"
     monkeypatch.setenv("DISTILLCSE_COMMIT", "abc1234")
     assert bench.git_commit() == "abc1234"
+    # in a checkout of its own: its short commit, "+dirty" once a tracked file changes (not for an untracked one)
+    own = outer / "lib"
+    (own / "distillcse" / "bench.py").write_text("v1\n")
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(own), "-c", "user.name=x", "-c", "user.email=x@y", *args], check=True,
+                              capture_output=True, text=True).stdout.strip()
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "x")
+    sha = git("rev-parse", "--short", "HEAD")
+    assert bench.git_commit() == sha
+    (own / "notes.txt").write_text("untracked")
+    assert bench.git_commit() == sha
+    (own / "distillcse" / "bench.py").write_text("v2\n")
+    assert bench.git_commit() == sha + "+dirty"
 
 
 def test_bench_memory_failures_and_a_second_run(tmp_path, monkeypatch, capsys):
@@ -415,6 +460,138 @@ def test_a_point_is_a_warm_up_a_metered_step_and_the_median_of_the_timed_ones(mo
     assert loss == pytest.approx(fn(z1, z2, teachers).item()) and z1.grad is None and z2.grad is None
 
 
+def test_cuda_time_is_the_events_elapsed_time_in_seconds(monkeypatch):
+    """On CUDA a call is timed by two events recorded around it, the end waited for, and
+    elapsed_time's milliseconds returned as seconds (the events are faked: 12.5 ms)."""
+    events = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self):
+            events.append("record")
+
+        def synchronize(self):
+            events.append("wait")
+
+        def elapsed_time(self, end):
+            return 12.5
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    assert bench.time_once(lambda: events.append("call"), torch.device("cuda")) == 0.0125
+    assert events == ["record", "call", "record", "wait"]
+
+
+def test_what_counts_as_out_of_memory():
+    """Out of memory (a series ends "OOM", not "error"): torch's OutOfMemoryError, Python's
+    MemoryError and the CPU allocator's RuntimeError; not another error whatever its text. A
+    failure's note is its type and its first line."""
+    assert bench.is_oom(torch.OutOfMemoryError("CUDA out of memory")) and bench.is_oom(MemoryError())
+    assert bench.is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough "
+                                     "memory: you tried to allocate 4294967296 bytes."))
+    assert not bench.is_oom(ValueError("out of memory")) and not bench.is_oom(RuntimeError("shape mismatch"))
+    assert bench._describe(RuntimeError("shape mismatch\n  at line 2")) == "RuntimeError: shape mismatch"
+
+
+def test_the_yardstick_is_the_median_of_at_most_ten_seconds_of_calls(monkeypatch):
+    """time_gemms: the median of up to ``repeats`` timed calls (not their mean), as many as fit in
+    about 10 s at the first one's time (the timer faked: 4 s a call leaves room for two)."""
+    calls = []
+
+    def timed(fn, device):
+        fn()
+        calls.append(1)
+        return next(times)
+    monkeypatch.setattr(bench, "time_once", timed)
+    shapes = gemm_shapes("contrastive", "torch", 4, 4, 1)
+    times = iter([0.003, 0.010, 0.001, 0.002, 0.009])
+    assert bench.time_gemms(8, shapes, torch.float32, CPU, repeats=5) == 0.003 and len(calls) == 5
+    times = iter([4.0, 2.0, 9.0, 9.0, 9.0])
+    assert bench.time_gemms(8, shapes, torch.float32, CPU, repeats=5) == 3.0 and len(calls) == 7
+
+
+def test_projected_memory_of_a_point():
+    """The memory cap's projection, worked by hand: the B x B temporaries (22 of them for the plain
+    whole loss, 4 more a hard negative for the contrastive term's columns) and 8 B-row copies of every
+    input, 4 bytes an entry (8 for float64); the triton kernels' slabs add the chunk budget, only
+    where the distillation term runs."""
+    B, D, Dt, K = 1024, 16, 8, 2
+    linear = 8 * B * (D + K * Dt) * 4
+    assert bench.projected_bytes("plain", "full", B, D, Dt, K, torch.float32) == 22 * B * B * 4 + linear
+    assert bench.projected_bytes("plain", "full", B, D, Dt, K, torch.float64) == 2 * (22 * B * B * 4 + linear)
+    assert bench.projected_bytes("plain", "full", B, D, Dt, K, torch.float32, hard=2) == (
+        (22 + 2 * 4) * B * B * 4 + 8 * B * (3 * D + K * Dt) * 4)
+    with distillcse.chunk_budget(1):
+        assert bench.projected_bytes("triton", "contrastive", B, D, Dt, K, torch.bfloat16) == linear
+        assert bench.projected_bytes("triton", "full", B, D, Dt, K, torch.bfloat16) == linear + 2**20
+
+
+def test_bench_memory_defaults_on_a_cpu(tmp_path, monkeypatch):
+    """Without options on a CPU: the whole loss, D = Dt = 128, K = 2, float32, the random shuffle,
+    B = 64 .. 4,096, 5 repeats, a 4 GiB memory cap (0: none), 30 s a point, every implementation
+    but an Inf-CL that does not import; a repeated --impl runs once. The sweep is faked."""
+    calls = []
+    monkeypatch.setattr(bench, "sweep", lambda **kwargs: calls.append(kwargs) or [])
+    monkeypatch.setattr(bench, "inf_cl_importable", lambda: False)
+    main(["bench", "memory", "--device", "cpu", "--out", str(tmp_path / "a"), "--no-progress", "--no-plot"])
+    assert {k: v for k, v in calls[0].items() if k not in ("progress", "log", "on_rows")} == dict(
+        what="full", D=128, Dt=128, K=2, dtype=torch.float32, shuffle="random", hard=0,
+        impls=["reference", "plain", "plain-compile", "torch", "triton"], batches=[64 * 2**i for i in range(7)],
+        repeats=5, device=CPU, max_memory_gib=4.0, time_cap=30.0)
+    main(["bench", "memory", "--device", "cpu", "--D", "16", "--impl", "plain", "torch", "plain", "--max-memory-gib", "0",
+          "--out", str(tmp_path / "b"), "--no-progress", "--no-plot"])
+    assert (calls[1]["impls"], calls[1]["D"], calls[1]["Dt"], calls[1]["max_memory_gib"]) == (["plain", "torch"], 16, 16, None)
+    monkeypatch.setattr(bench, "inf_cl_importable", lambda: True)
+    assert bench.default_impls() == list(bench.IMPLS)
+    assert bench.memory_cap(None, torch.device("cuda")) is None and bench.memory_cap(0.5, CPU) == 0.5
+
+
+def test_a_point_times_as_many_steps_as_fit_in_the_time_cap(monkeypatch):
+    """The timed steps of a point: up to ``repeats``, as many as the time cap holds at the first
+    one's time (here 2 of 5 at 10 s within 25 s), their median."""
+    z1, z2, teachers, _ = make_inputs(8, 4, 4, 1, torch.float32, CPU)
+    events = []
+    meter = _recording_meter_and_timer(monkeypatch, events, iter([10.0, 1.0, 7.0]), 1, lambda: "meter")
+    seconds, _, n, _ = bench._measure_point(loss_function("plain", "contrastive", "random", CPU),
+                                            (z1, z2, teachers, None), meter, CPU, repeats=5, time_cap=25.0)
+    assert (seconds, n) == (5.5, 2) and events.count("timed") == 2
+
+
+def _sweep_faked(monkeypatch, seconds, impl="plain", **kwargs):
+    """bench.sweep of ``impl``'s contrastive loss at B = 8, 16, 32 (D = 4), each point measured as
+    ``seconds(B)`` s (or what it raises) and 1 byte, the point faked: its (B, status, note)s."""
+    monkeypatch.setattr(bench, "_measure_point", lambda fn, inputs, *a: (seconds(inputs[0].shape[0]), 1, 1, 1.0))
+    rows = bench.sweep(what="contrastive", D=4, impls=[impl], batches=(8, 16, 32), repeats=1, progress=False,
+                       log=lambda *a: None, **kwargs)
+    return [(r["B"], r["status"], r["note"]) for r in rows]
+
+
+def test_a_series_stops_where_the_next_point_is_projected_past_the_time_cap(monkeypatch):
+    """The next point's time is projected as 3 x the last one's x (B / B_last)^2: 0.1 s at B = 8
+    projects 1.2 s at B = 16, past a cap of 1 s (skipped, with the larger B), within 1.25 s (run)."""
+    assert _sweep_faked(monkeypatch, lambda B: 0.1, time_cap=1.0) == [
+        (8, "ok", ""), (16, "skipped (time cap)", "projected 1.2 s > cap 1 s per point"),
+        (32, "skipped (time cap)", "projected 1.2 s > cap 1 s per point")]
+    assert [status for _, status, _ in _sweep_faked(monkeypatch, lambda B: 0.1, time_cap=1.25)] == ["ok"] * 3
+
+
+def test_plain_compile_failing_at_its_first_point_is_a_compile_failure(monkeypatch):
+    """plain-compile failing at its first point (torch.compile's errors) ends its series as "skipped
+    (compile failed)"; failing after a point ran, as an "error"."""
+    def failing_from(first):
+        def seconds(B):
+            if B >= first:
+                raise RuntimeError("BackendCompilerFailed: boom\nmore")
+            return 0.001
+        return seconds
+    failed = "RuntimeError: BackendCompilerFailed: boom"
+    assert _sweep_faked(monkeypatch, failing_from(8), impl="plain-compile") == [
+        (B, "skipped (compile failed)", failed) for B in (8, 16, 32)]
+    rows = _sweep_faked(monkeypatch, failing_from(16), impl="plain-compile")
+    assert [(B, status) for B, status, _ in rows] == [(8, "ok"), (16, "error"), (32, "skipped (after error)")]
+    assert rows[1][2] == failed
+
+
 def test_cuda_peak_is_the_steps_max_allocated_over_the_memory_before_it(monkeypatch):
     """On CUDA a point's memory is max_memory_allocated during the step (the peak reset at its
     start) minus memory_allocated before it: not the reserved pool, not an earlier step's peak,
@@ -495,19 +672,21 @@ def test_bench_memory_rows_say_where_when_and_in_which_units(memory_run):
 
 def test_bench_memory_table_cells_and_units():
     """The time table holds the median in ms (x the yardstick), the memory table the peak in MiB,
-    each under its own title; a point with no number shows its status in both."""
+    each under its own title; a point with no number shows its status in both, and its note below them."""
     row = dict.fromkeys(COLUMNS, "x")
     row.update(device="cpu", dtype="float32", what="contrastive", hard_per_row="0", impl="plain", label="P", B="8",
                status="ok", time_ms="12.5", ratio_to_gemm="3.25", peak_mem_mib="0.75", note="")
-    oom = dict(row, B="16", status="OOM", time_ms="", ratio_to_gemm="", peak_mem_mib="")
+    oom = dict(row, B="16", status="OOM", time_ms="", ratio_to_gemm="", peak_mem_mib="", note="OutOfMemoryError at B=16")
     times, memory = bench.markdown_table([row, oom]).split("## Peak extra memory")
     assert "## Median forward+backward time, ms (x the bare forward and backward GEMMs" in times
     assert "| 8 | 12.5 (3.25x) |" in times and "| 16 | OOM |" in times
     assert memory.startswith(", MiB (x)\n") and "| 8 | 0.75 |" in memory and "| 16 | OOM |" in memory
+    assert memory.endswith("\nNotes:\n\n- plain: OutOfMemoryError at B=16\n")
 
 
 def test_bench_memory_forwards_its_options(tmp_path, monkeypatch):
-    """--what, --dtype, --D, --Dt, --K and --shuffle reach every point's inputs and loss, and its row."""
+    """--what, --dtype, --D, --Dt, --K and --shuffle reach every point's inputs and loss, and its row;
+    --dtype the yardstick's GEMMs too."""
     made, losses = [], []
     make, loss = bench.make_inputs, bench.loss_function
 
@@ -520,11 +699,15 @@ def test_bench_memory_forwards_its_options(tmp_path, monkeypatch):
         return loss(impl, what, shuffle, device, compiled, dtype)
     monkeypatch.setattr(bench, "make_inputs", making)
     monkeypatch.setattr(bench, "loss_function", loss_of)
+    gemms, time_gemms = [], bench.time_gemms
+    monkeypatch.setattr(bench, "time_gemms", lambda B, shapes, dtype, *a: (gemms.append((B, shapes, dtype)),
+                                                                         time_gemms(B, shapes, dtype, *a))[1])
     main(["bench", "memory", "--device", "cpu", "--what", "distill", "--dtype", "float64", "--D", "8", "--Dt", "6",
           "--K", "3", "--shuffle", "expected", "--min-batch", "8", "--max-batch", "8", "--repeats", "1",
           "--impl", "plain", "torch", "--out", str(tmp_path), "--no-progress", "--no-plot"])
     assert made == [(8, 8, 6, 3, torch.float64)] * 2
     assert losses == [("plain", "distill", "expected", torch.float64), ("torch", "distill", "expected", torch.float64)]
+    assert gemms == [(8, gemm_shapes("distill", "plain", 8, 6, 3), torch.float64)]   # the yardstick: once, in float64
     _, rows = _read(tmp_path / "results.csv")
     assert [(r["impl"], r["status"], r["what"], r["dtype"], r["D"], r["Dt"], r["K"], r["shuffle"]) for r in rows] == [
         (impl, "ok", "distill", "float64", "8", "6", "3", "expected") for impl in ("plain", "torch")]
@@ -543,9 +726,9 @@ def test_every_cpu_loss_takes_the_shuffle(what):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=impl)
 
 
-def test_bench_plots_are_log_log_one_line_an_implementation_with_the_end_marked(tmp_path, monkeypatch):
-    """Each plot: log-log axes; one line per implementation through its measured values (memory:
-    peak_mem_mib, time: time_ms); an x at the B where a series ended, with its reason (OOM)."""
+def _plotted(tmp_path, monkeypatch, rows):
+    """The figures plot_results draws from ``rows`` (their results.csv: a full-loss run on the CPU,
+    "x" in the columns a row leaves out), by file name."""
     from matplotlib.figure import Figure
     figures, save = {}, Figure.savefig
 
@@ -555,14 +738,20 @@ def test_bench_plots_are_log_log_one_line_an_implementation_with_the_end_marked(
     monkeypatch.setattr(Figure, "savefig", saving)
     base = dict.fromkeys(COLUMNS, "x")
     base.update(device="cpu", what="full", dtype="float32", hard_per_row="0", gemms="fwd+bwd", note="")
+    bench.write_csv([{**base, "label": bench.label(r["impl"], "full"), **r} for r in rows], str(tmp_path / "results.csv"))
+    distillcse.plot.plot_results(str(tmp_path / "results.csv"), str(tmp_path))
+    return figures
+
+
+def test_bench_plots_are_log_log_one_line_an_implementation_with_the_end_marked(tmp_path, monkeypatch):
+    """Each plot: log-log axes; one line per implementation through its measured values (memory:
+    peak_mem_mib, time: time_ms); an x at the B where a series ended, with its reason (OOM)."""
     values = {("plain", 8): (1.5, 2.0), ("plain", 16): (4.0, 8.0), ("torch", 8): (1.0, 1.0),
               ("torch", 16): (2.0, 1.5), ("torch", 32): (4.5, 2.5)}
-    rows = [dict(base, impl=impl, label=bench.label(impl, "full"), B=str(B), status="ok", time_ms=str(t),
-                 peak_mem_mib=str(m), gemm_ms="0.5", ratio_to_gemm=str(t / 0.5)) for (impl, B), (t, m) in values.items()]
-    rows.insert(2, dict(base, impl="plain", label=bench.label("plain", "full"), B="32", status="OOM", time_ms="",
-                        peak_mem_mib="", gemm_ms="", ratio_to_gemm=""))
-    bench.write_csv(rows, str(tmp_path / "results.csv"))
-    distillcse.plot.plot_results(str(tmp_path / "results.csv"), str(tmp_path))
+    rows = [dict(impl=impl, B=str(B), status="ok", time_ms=str(t), peak_mem_mib=str(m), gemm_ms="0.5",
+                 ratio_to_gemm=str(t / 0.5)) for (impl, B), (t, m) in values.items()]
+    rows.insert(2, dict(impl="plain", B="32", status="OOM", time_ms="", peak_mem_mib="", gemm_ms="", ratio_to_gemm=""))
+    figures = _plotted(tmp_path, monkeypatch, rows)
     for name, column in (("memory_vs_batch.png", 1), ("time_vs_batch.png", 0)):
         ax, = figures[name].axes
         assert (ax.get_xscale(), ax.get_yscale()) == ("log", "log"), name
@@ -573,6 +762,40 @@ def test_bench_plots_are_log_log_one_line_an_implementation_with_the_end_marked(
         ends = [c.get_offsets().tolist() for c in ax.collections]   # the x: plain's last value, at B = 32
         assert ends == [[[32, values["plain", 16][column]]]], name
         assert [t.get_text() for t in ax.texts if t.get_text() in ("OOM", "∝ B", "∝ B²")].count("OOM") == 1, name
+
+
+def test_bench_plots_yardstick_slope_guides_and_axes(tmp_path, monkeypatch):
+    """The time plot's dashed yardstick: each B's gemm_ms of the loss's own GEMMs (not Inf-CL's, which
+    times the contrastive term's only). The memory plot: y in powers of 2, the slope guides through
+    the lowest first point, a point of 0 bytes left off the log scale with a note. At most 12 B ticks
+    (13 batch sizes: every other one)."""
+    Bs = [2**i for i in range(1, 14)]
+    rows = [dict(impl=impl, B=str(B), status="ok", time_ms=str(B * t), gemm_ms=str(B * g),
+                 peak_mem_mib=str(0 if (impl, B) == ("plain", 2) else B * m))
+            for impl, t, g, m in (("inf-cl", 1, 0.001, 0.5), ("torch", 2, 0.01, 0.25), ("plain", 3, 0.01, 1)) for B in Bs]
+    figures = _plotted(tmp_path, monkeypatch, rows)
+    timing, = figures["time_vs_batch.png"].axes
+    memory, = figures["memory_vs_batch.png"].axes
+    yardstick, = [line for line in timing.get_lines() if line.get_linestyle() == "--"]
+    assert (list(yardstick.get_xdata()), list(yardstick.get_ydata())) == (Bs, [B * 0.01 for B in Bs])
+    assert (memory.yaxis.get_transform().base, timing.yaxis.get_transform().base) == (2, 10)
+    guides = [(list(line.get_xdata()), list(line.get_ydata())) for line in memory.get_lines() if line.get_color() == "#999999"]
+    assert guides == [([2, 2**13], [0.5, 0.5 * 2**12]), ([2, 2**13], [0.5, 0.5 * 2**24])]   # torch's at B = 2
+    assert "1 point(s) with no measurable growth (0) omitted from the log scale" in [
+        t.get_text() for t in figures["memory_vs_batch.png"].texts]
+    for ax in (timing, memory):
+        assert list(ax.xaxis.get_major_locator().locs) == Bs[::2]
+
+
+def test_bench_plot_tick_labels():
+    """The axes' labels: a batch size in K or M only when a whole number of them (1,536 stays 1536),
+    memory in binary units from exactly one unit up, a time in µs, ms or s."""
+    from distillcse.plot import _batch_label, _bytes_label, _time_label
+    assert [_batch_label(B) for B in (64, 1024, 1536, 65536, 2**20, 3 * 2**19)] == [
+        "64", "1K", "1536", "64K", "1M", "1536K"]
+    assert [_bytes_label(mib) for mib in (2**-20, 2**-10, 0.5, 1, 1.5, 1024)] == [
+        "1 B", "1 KiB", "512 KiB", "1 MiB", "1.5 MiB", "1 GiB"]
+    assert [_time_label(ms) for ms in (0.25, 1, 250, 1000, 2500)] == ["250 µs", "1 ms", "250 ms", "1 s", "2.5 s"]
 
 
 def _stop_at_call(monkeypatch, module, name, call, signum):
