@@ -3,24 +3,35 @@ import csv
 import os
 
 import pytest
+import torch
 
 from distillcse.__main__ import main
 from distillcse.bench_targets import COLUMNS, GRAPH_IMPL, ONE_STEP_POINT, POINTS, markdown_table, run_points, verdict
 
 
-def test_targets_cli_writes_well_formed_files(tmp_path, capsys):
+def test_targets_cli_writes_well_formed_files(tmp_path, capsys, monkeypatch):
+    """Every point at B / 4,096 with each implementation; on a CPU by default K = 1, float32 and a
+    4 GiB memory cap; the contrastive term's rows without a shuffle; the one-step point's kernels
+    already compiled by the earlier points (no untimed step of its own)."""
+    from distillcse import bench_targets
+    compiled_at = []
+    monkeypatch.setattr(bench_targets, "_compile_at", lambda fn, B, *args: compiled_at.append(B))
     out = tmp_path / "targets"
     main(["bench", "targets", "--divide", "4096", "--D", "16", "--impl", "torch", "plain", "--repeats", "2",
           "--device", "cpu", "--no-progress", "--out", str(out)])
-    assert "on a CPU every point is measured, none judged" in capsys.readouterr().out
+    assert "on a CPU every point is measured, none judged (--divide N shrinks every B); memory cap 4 GiB" in \
+        capsys.readouterr().out
+    assert compiled_at == []
     with open(out / "targets.csv", newline="") as f:
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == COLUMNS
         rows = list(reader)
     assert [(r["point"], r["impl"]) for r in rows] == [(p[0], i) for p in POINTS for i in ("torch", "plain")]
     assert [int(r["B"]) for r in rows[::2]] == [max(2, p[2] // 4096) for p in POINTS]
+    shuffles = {p[0]: "" if p[1] == "contrastive" else p[3] for p in POINTS}
     for r in rows:
         assert r["status"] == "ok" and r["device"] == "cpu" and r["commit"] and r["timestamp"]
+        assert (r["D"], r["Dt"], r["K"], r["dtype"], r["shuffle"]) == ("16", "16", "1", "float32", shuffles[r["point"]])
         assert float(r["time_ms"]) > 0 and float(r["gemm_ms"]) > 0 and float(r["peak_mem_mib"]) > 0
         assert r["target_ms"] == r["target_mib"] == ""  # scaled run: no verdict against the targets
         assert verdict(r) == ("completes" if r["point"] == ONE_STEP_POINT else "measured")
@@ -75,18 +86,21 @@ def test_paper_batch_in_a_cuda_graph_needs_cuda(tmp_path):
 
 def test_million_only_and_skip_million(tmp_path, capsys, monkeypatch):
     """Alone, the one-step point first takes an untimed step at 65,536 rows (here / 4,096), so
-    that its kernels do not compile inside its one timed step."""
+    that its kernels do not compile inside its one timed step; its yardstick's GEMMs run 3 times."""
     from distillcse import bench_targets
 
     compiled_at, compile_at = [], bench_targets._compile_at
     monkeypatch.setattr(bench_targets, "_compile_at", lambda fn, B, *args: (compiled_at.append(B), compile_at(fn, B, *args)))
+    gemm_repeats, time_gemms = [], bench_targets.bench.time_gemms
+    monkeypatch.setattr(bench_targets.bench, "time_gemms", lambda B, shapes, dtype, device, repeats: (
+        gemm_repeats.append(repeats), time_gemms(B, shapes, dtype, device, repeats))[1])
     out = tmp_path / "million"
     main(["bench", "targets", "--divide", "4096", "--D", "16", "--impl", "torch", "--repeats", "2",
           "--device", "cpu", "--no-progress", "--million-only", "--out", str(out)])
     with open(out / "targets.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["point"], r["B"], r["status"]) for r in rows] == [(ONE_STEP_POINT, str((1 << 20) // 4096), "ok")]
-    assert compiled_at == [65536 // 4096]
+    assert compiled_at == [65536 // 4096] and gemm_repeats == [3]   # its yardstick: 3 calls, whatever --repeats
     with pytest.raises(SystemExit):
         main(["bench", "targets", "--skip-million", "--million-only", "--out", str(tmp_path / "none")])
     assert "not allowed with argument" in capsys.readouterr().err
@@ -165,3 +179,40 @@ def test_the_stated_settings_on_cuda_are_judged_against_their_own_points_targets
     assert "| full loss, shuffle expected | " in table and "| 150 ms, 256 MiB | 200 | 50 | 4 | 300 | misses (time, memory) |" in table
     for other in (dict(dtype=bench.torch.float32), dict(D=384), dict(K=2), dict(divide=2)):
         assert {(r["target_ms"], r["target_mib"], verdict(r)) for r in run(**other)} == {("", "", "measured")}, other
+
+
+def test_an_oom_is_recorded_and_the_run_goes_on(monkeypatch):
+    """An implementation out of memory at a point: "OOM" with the error's first line as its note and
+    no number, and the next implementation is measured (the measurement faked)."""
+    from distillcse import bench
+    calls = []
+
+    def measure(fn, inputs, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB\nmore")
+        return 0.001, 1, 1, 1.0
+    monkeypatch.setattr(bench, "_measure_point", measure)
+    monkeypatch.setattr(bench, "time_gemms", lambda *a, **k: 0.0005)
+    monkeypatch.setattr(bench, "make_inputs", lambda *a, **k: None)
+    rows = run_points(points=POINTS[3:4], impls=["plain", "torch"], repeats=1, device="cpu", progress=False,
+                      log=lambda *a: None)
+    assert [(r["impl"], r["status"], verdict(r)) for r in rows] == [("plain", "OOM", "OOM"), ("torch", "ok", "measured")]
+    assert rows[0]["note"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 16.00 GiB"
+    assert rows[0].get("time_ms", "") == "" and rows[1]["time_ms"] == "1"
+    assert "| OOM: OutOfMemoryError: CUDA out of memory. Tried to allocate 16.00 GiB |" in markdown_table(rows)
+
+
+def test_the_untimed_step_before_the_one_step_point_is_a_forward_and_a_backward():
+    """_compile_at: one forward and one backward at the given B (the backward's kernels compile
+    there too, not in the one timed step)."""
+    from distillcse import bench_targets
+    ran = []
+
+    def fn(z1, z2, teachers):
+        loss = (z1 * z2).sum() + teachers[0].sum()
+        loss.register_hook(lambda grad: ran.append(("backward", z1.shape[0])))
+        ran.append(("forward", z1.shape[0]))
+        return loss
+    bench_targets._compile_at(fn, 16, 8, 1, torch.float32, torch.device("cpu"))
+    assert ran == [("forward", 16), ("backward", 16)]
