@@ -798,6 +798,15 @@ def test_bench_plot_tick_labels():
     assert [_time_label(ms) for ms in (0.25, 1, 250, 1000, 2500)] == ["250 µs", "1 ms", "250 ms", "1 s", "2.5 s"]
 
 
+@pytest.fixture(autouse=True)
+def _sigint_raises():
+    """Python's Ctrl-C handler for each test: a job started in the background (``cmd &``) has
+    SIGINT ignored, so the stop tests' SIGINT would do nothing there."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _stop_at_call(monkeypatch, module, name, call, signum):
     """``module.name`` sends ``signum`` to this process at its ``call``-th call (counting from 1)."""
     original, calls = getattr(module, name), []
