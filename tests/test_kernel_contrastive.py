@@ -86,6 +86,16 @@ def _views(B, n_hard, D, dtype, device, seed=0, noise=3.0):
     return z1.to(device, dtype), y.to(device, dtype)
 
 
+def _opposed_views(B, n_hard, D, seed):
+    """fp32 rows spread around a vector v, columns (z2, then the hard negatives) around -v:
+    every cosine below -0.85, each logit near -scale."""
+    gen = torch.Generator().manual_seed(seed)
+    v = 8.0 * torch.randn(D, generator=gen)
+    x, y = v + 2.0 * torch.randn(B, D, generator=gen), 2.0 * torch.randn(B + n_hard, D, generator=gen) - v
+    assert (F.normalize(x, dim=1) @ F.normalize(y, dim=1).T).max() < -0.85
+    return x, y
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n_hard", [0, 23])
 @pytest.mark.parametrize("B, D", [(37, 48), (130, 96)])
@@ -107,14 +117,60 @@ def test_random_grad_rows_and_non_contiguous(D, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("grad_scale", [1e-4, 65536.0])
+@pytest.mark.parametrize("grad_scale", [1e-4, -1e-4, 65536.0])
 def test_grad_rows_magnitude(grad_scale, dtype, device):
     """Tiny (mean over a big batch) and loss-scaled upstream gradients: g_i enters the 16-bit
     factors of both GEMMs, so it must neither underflow nor overflow there (bf16: fp32's range; the
-    fp16 outputs of the tiny case are themselves subnormal: compared with the reference in fp16)."""
+    fp16 outputs of the tiny case are themselves subnormal: compared with the reference in fp16).
+    Negative ones too (a maximised loss): the column factors' g_i / g_max takes g_max = max |g_i|."""
     B = 37
     x, y = _views(B, 23, 48, dtype, device, seed=7)
     _check(x, y, torch.full((B,), grad_scale / B, device=device), TOL[dtype])
+
+
+def test_zero_grad_rows(device):
+    """Upstream gradients all 0 (a term weighted 0): dx and dy are 0, not the 0 / 0 of g_i / g_max."""
+    from distillcse.kernels.contrastive import contrastive_bwd_dy, contrastive_fwd
+
+    B = 37
+    x, y = _views(B, 23, 48, torch.float32, device, seed=8)  # [37, 48], [60, 48]
+    rx, ry, grad_rows = _inv_norm(x), _inv_norm(y), torch.zeros(B, device=device)
+    _, stats, dx = contrastive_fwd(x, rx, y, ry, SCALE, grad_rows, budget_bytes=BUDGET)
+    dy = contrastive_bwd_dy(x, rx, y, ry, stats, SCALE, grad_rows, budget_bytes=BUDGET)
+    assert torch.equal(dx, torch.zeros_like(x)) and torch.equal(dy, torch.zeros_like(y))
+
+
+def _strided(v):
+    """v's values at stride 2, NaN between them (read at stride 1, they give NaN)."""
+    return torch.stack([v, torch.full_like(v, float("nan"))], 1)[:, 0]
+
+
+def test_norms_and_grad_rows_of_any_stride(device):
+    """rx, ry and grad_rows as views of stride 2 (the kernels read them at stride 1, so the
+    launchers make them contiguous): the loss, statistics and gradients of contiguous ones, bit for bit."""
+    from distillcse.kernels.contrastive import contrastive_bwd_dy, contrastive_fwd
+
+    B = 37
+    x, y = _views(B, 23, 48, torch.float32, device, seed=9)  # [37, 48], [60, 48]
+    rx, ry = _inv_norm(x), _inv_norm(y)
+    grad_rows = torch.randn(B, generator=torch.Generator().manual_seed(10)).to(device)
+    outs = []
+    for r_x, r_y, g in ((rx, ry, grad_rows), (_strided(rx), _strided(ry), _strided(grad_rows))):
+        loss, stats, dx = contrastive_fwd(x, r_x, y, r_y, SCALE, g, budget_bytes=BUDGET)
+        outs.append((loss, stats, dx, contrastive_bwd_dy(x, r_x, y, r_y, stats, SCALE, g, budget_bytes=BUDGET)))
+    for name, contiguous, strided in zip(("loss_rows", "stats", "dx", "dy"), *outs):
+        assert torch.equal(strided, contiguous), name
+
+
+def test_fp16_unit_rows_copied_in_steps(monkeypatch, device):
+    """fp16's copy of the unit rows (``_factor_rows``) goes UNIT_COPY_ROWS rows a step, here 16:
+    x's 37 rows, y's 60 and its blocks' 37 and 23 in several steps, the last ragged."""
+    from distillcse.kernels import contrastive
+
+    monkeypatch.setattr(contrastive, "UNIT_COPY_ROWS", 16)
+    B = 37
+    x, y = _views(B, 23, 48, torch.float16, device, seed=11)  # [37, 48], [60, 48]
+    _check(x, y, torch.full((B,), 1.0 / B, device=device), TOL[torch.float16])
 
 
 @pytest.mark.parametrize("noise", [0.3, 0.01])
@@ -151,13 +207,21 @@ def test_one_pass_and_two(opposed, temperature, dtype, device):
     assert one_pass(dtype, 1 / temperature) == (dtype != torch.float16 and 1 / temperature <= ONE_PASS_MAX_SCALE)
     B, n_hard = 130, 23
     x, y = _views(B, n_hard, 96, torch.float32, "cpu", seed=13, noise=10.0)  # losses O(1) at scale 100
-    if opposed:  # rows spread around v, columns around -v
-        gen = torch.Generator().manual_seed(14)
-        v = 8.0 * torch.randn(96, generator=gen)
-        x, y = v + 2.0 * torch.randn(B, 96, generator=gen), 2.0 * torch.randn(B + n_hard, 96, generator=gen) - v
-        assert (F.normalize(x, dim=1) @ F.normalize(y, dim=1).T).max() < -0.85
+    if opposed:
+        x, y = _opposed_views(B, n_hard, 96, seed=14)
     grad_rows = torch.randn(B, generator=torch.Generator().manual_seed(15)).to(device)
     _check(x.to(device, dtype), y.to(device, dtype), grad_rows, TOL[dtype], scale=1 / temperature)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_two_passes_where_every_exp_underflows(dtype, device):
+    """Scale 128 (two passes) with every cosine below -0.85: every logit is below -108, where
+    exp underflows fp32 to 0, so the sums hold only by the shift of the rows' running maxima,
+    which start at -inf (a start at 0 is never raised by logits all below 0)."""
+    B, n_hard = 37, 23
+    x, y = _opposed_views(B, n_hard, 48, seed=16)  # [37, 48], [60, 48]
+    grad_rows = torch.randn(B, generator=torch.Generator().manual_seed(17)).to(device)
+    _check(x.to(device, dtype), y.to(device, dtype), grad_rows, TOL[dtype], scale=128.0)
 
 
 def test_feature_stride_not_one(device):
@@ -275,11 +339,21 @@ def test_slab_rows(rows, width, budget, entry, expected):
     assert slab_rows(rows, width, budget, entry, SLAB_STEP) == expected
 
 
+def _gemm_copies(M, K, N):
+    """Bytes of the k-slice fp32 copies of a [M, K] x [K, N] ``matmul_f32`` on the CPU ([M, k] and
+    [k, N], k = min(64, K); a GPU's one cuBLAS call makes none)."""
+    return min(64, K) * (M + N) * 4
+
+
+SCALARS = 1024  # bytes a bound leaves to 1-element tensors (g_max) and a shard's [2, n] statistics
+
+
 @pytest.mark.parametrize("grad", [False, True])
 def test_slab_buffers_within_budget(grad):
     """Counted allocation by allocation (``TensorMemory``): the forward's extra memory is its
-    outputs (loss, stats, dx), one slab's dots and factors within the budget and its [R, D] fp32
-    rows; the backward's, dy, the slab buffers and [C, D] fp32 rows; nothing B x N."""
+    outputs (loss, stats, dx and the rows' gradient scale), one slab's dots (of ``rows`` rows) and
+    factors within the budget and its [R, D] fp32 rows; the backward's, dy, the slab buffers and
+    [C, D] fp32 rows; nothing B x N, and no copy of the bf16 rows (fp16 alone copies its unit rows)."""
     from distillcse.kernels.contrastive import contrastive_bwd_dy, contrastive_fwd
     from distillcse.tensor_memory import TensorMemory
 
@@ -291,17 +365,45 @@ def test_slab_buffers_within_budget(grad):
     budget = 64 * N * 6  # 64 rows a slab with factors, 96 without (4 bytes an entry)
     with TensorMemory() as mem:
         loss, stats, dx = contrastive_fwd(x, rx, y, ry, SCALE, grad_rows, budget_bytes=budget)
-    outputs = B * 4 * 3 + (B * D * 2 if grad else 0)
+    outputs = B * 4 * 3 + (B * D * 2 + B * 4 if grad else 0)
     rows = 64 if grad else 96
-    # the CPU's matmul_f32 adds k-slice fp32 copies of its operands ([rows, 64] and [64, N] or [64, D])
-    bound = outputs + budget + rows * D * 4 + 64 * (rows + N) * 4 + 64 * (rows + D) * 4
+    assert mem.largest[:2] == (rows * N * 4, (rows, N))  # the dots' slab
+    # one GEMM's copies at a time: the dots x y^T, then the factors times y
+    gemms = max(_gemm_copies(rows, D, N), _gemm_copies(rows, N, D) if grad else 0)
+    bound = outputs + budget + (rows * D * 4 if grad else 0) + gemms + SCALARS
     assert mem.peak <= bound, (mem.peak, bound, mem.at_peak[:6])
     if not grad:
         return
     with TensorMemory() as mem:
         contrastive_bwd_dy(x, rx, y, ry, stats, SCALE, grad_rows, budget_bytes=budget)
     cols = 64  # [C, B] slabs of 6-byte entries: 64 N / B = 73 columns fit, in steps of 32
-    bound = N * D * 2 + cols * B * 6 + cols * D * 4 + 64 * (cols + B) * 4 + 64 * (cols + D) * 4
+    bound = N * D * 2 + cols * B * 6 + cols * D * 4 + max(_gemm_copies(cols, D, B), _gemm_copies(cols, B, D)) + SCALARS
+    assert mem.peak <= bound, (mem.peak, bound, mem.at_peak[:6])
+
+
+def test_slab_buffers_of_a_shard():
+    """A shard of n = 8 rows (``rows=``; D = 256, bf16), counted as above: the forward's slab holds
+    the shard's rows, not the batch's, and the backward's column slabs count each column's [D] fp32
+    row of du with its n dots and factors (a shard's few rows make that row the larger part)."""
+    from distillcse.kernels.contrastive import contrastive_bwd_dy, contrastive_fwd
+    from distillcse.tensor_memory import TensorMemory
+
+    B, n_hard, D, start, stop = 130, 23, 256, 41, 49
+    N, n = B + n_hard, stop - start
+    x, y = _views(B, n_hard, D, torch.bfloat16, DEVICE, seed=14)
+    rx, ry = _inv_norm(x), _inv_norm(y)
+    grad_rows = torch.full((B,), 1.0 / B, device=DEVICE)
+    budget = 64 * (n * 6 + D * 4)  # 64 columns a backward slab; the forward's 8 rows fit
+    with TensorMemory() as mem:
+        _, stats, _ = contrastive_fwd(x, rx, y, ry, SCALE, grad_rows, budget_bytes=budget, rows=(start, stop))
+    outputs = B * 4 * 4 + B * D * 2  # loss, stats, the gradient scale, dx (its rows outside the shard 0)
+    bound = outputs + n * N * 6 + n * D * 4 + max(_gemm_copies(n, D, N), _gemm_copies(n, N, D)) + SCALARS
+    assert mem.peak <= bound, (mem.peak, bound, mem.at_peak[:6])
+    with TensorMemory() as mem:
+        contrastive_bwd_dy(x[start:stop], rx[start:stop], y, ry, stats, SCALE, grad_rows[start:stop],
+                           budget_bytes=budget, diag0=start)
+    cols = 64
+    bound = N * D * 2 + cols * (n * 6 + D * 4) + max(_gemm_copies(cols, D, n), _gemm_copies(cols, n, D)) + SCALARS
     assert mem.peak <= bound, (mem.peak, bound, mem.at_peak[:6])
 
 
