@@ -320,11 +320,14 @@ def test_bench_commit_is_the_packages_own_checkout(tmp_path, monkeypatch):
     """Installed inside another project's git checkout, the package records $DISTILLCSE_COMMIT (or
     "unknown"), not that project's commit; in its own checkout, its commit, "+dirty" with local changes."""
     import subprocess
+
+    def git(folder, *args):
+        return subprocess.run(["git", "-C", str(folder), "-c", "user.name=x", "-c", "user.email=x@y", *args], check=True,
+                              capture_output=True, text=True).stdout.strip()
     outer = tmp_path / "project"
     (outer / "lib" / "distillcse").mkdir(parents=True)
-    subprocess.run(["git", "init", "-q", str(outer)], check=True)
-    subprocess.run(["git", "-C", str(outer), "-c", "user.name=x", "-c", "user.email=x@y", "commit", "-q",
-                    "--allow-empty", "-m", "x"], check=True)
+    git(outer, "init", "-q")
+    git(outer, "commit", "-q", "--allow-empty", "-m", "x")
     monkeypatch.setattr(bench, "__file__", str(outer / "lib" / "distillcse" / "bench.py"))
     monkeypatch.delenv("DISTILLCSE_COMMIT", raising=False)
     assert bench.git_commit() == "unknown"
@@ -333,14 +336,10 @@ def test_bench_commit_is_the_packages_own_checkout(tmp_path, monkeypatch):
     # in a checkout of its own: its short commit, "+dirty" once a tracked file changes (not for an untracked one)
     own = outer / "lib"
     (own / "distillcse" / "bench.py").write_text("v1\n")
-
-    def git(*args):
-        return subprocess.run(["git", "-C", str(own), "-c", "user.name=x", "-c", "user.email=x@y", *args], check=True,
-                              capture_output=True, text=True).stdout.strip()
-    git("init", "-q")
-    git("add", ".")
-    git("commit", "-q", "-m", "x")
-    sha = git("rev-parse", "--short", "HEAD")
+    git(own, "init", "-q")
+    git(own, "add", ".")
+    git(own, "commit", "-q", "-m", "x")
+    sha = git(own, "rev-parse", "--short", "HEAD")
     assert bench.git_commit() == sha
     (own / "notes.txt").write_text("untracked")
     assert bench.git_commit() == sha
