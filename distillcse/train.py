@@ -299,8 +299,10 @@ def _best_so_far(state):
 
 
 # Options a resumed run may change: where and how it runs and reports, not what it trains.
+# shard_loss: the same loss and gradients, split otherwise; mini_batch_size: the same loss and
+# gradients, the encoders run on other slices of the batch (a smaller GPU), dropout drawn per slice.
 RESUME_MAY_CHANGE = {"command", "out", "device", "no_progress", "eval_every", "save_every", "test", "test_pairs",
-                     "sts_dir", "shard_loss"}   # shard_loss: the same loss and gradients, split otherwise
+                     "sts_dir", "shard_loss", "mini_batch_size"}
 
 
 def _check_resume_settings(saved, now, ckpt_path):

@@ -105,6 +105,25 @@ def test_train_resumes_exactly_after_an_interruption(tmp_path, sentences, monkey
     assert best.config.num_hidden_layers == 2
 
 
+def test_a_resume_may_run_other_mini_batches(tmp_path, sentences, monkeypatch):
+    """Interrupted at step 3 of a whole-batch run (its checkpoint: step 2's evaluation), then
+    resumed with --mini-batch-size 3 (a smaller GPU): accepted, and with dropout off it trains
+    as the run that was not interrupted."""
+    monkeypatch.setattr(train, "load_encoder", _without_dropout(train.load_encoder))
+    whole = _args(tmp_path / "whole", sentences, max_steps=3, eval_every=2)
+    train.train(whole, log=lambda *a: None)
+    real_loss = train.distillcse_loss
+    monkeypatch.setattr(train, "distillcse_loss", _interrupted_at_third_step(real_loss))
+    split = _args(tmp_path / "split", sentences, max_steps=3, eval_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(split, log=lambda *a: None)
+    monkeypatch.setattr(train, "distillcse_loss", real_loss)
+    messages = []
+    train.train(_args(split.out, sentences, max_steps=3, eval_every=2, mini_batch_size=3), log=messages.append)
+    assert any("resumed" in m and "step 2" in m for m in messages)
+    _same_training(whole.out, split.out)
+
+
 def _steps_on_disk(out):
     """The steps of train_log.csv as a kill would leave it: read from disk, not the writer's buffer."""
     with open(os.path.join(out, "train_log.csv"), newline="") as f:
