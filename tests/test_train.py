@@ -578,6 +578,40 @@ def test_train_on_two_ranks_is_training_on_one(tmp_path, sentences, triples, mon
     _same_training(one.out, two.out)
 
 
+def _first_views_rank(rank, init_file, args, results):
+    """A gloo rank of a one-step run; rank 0 keeps the global views [8, d] its loss got."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    real_loss = train.distillcse_loss
+
+    def recording(z1, z2, teachers, **kwargs):
+        if rank == 0:
+            results["views"] = (z1.detach().clone(), z2.detach().clone())
+        return real_loss(z1, z2, teachers, **kwargs)
+    try:
+        train.distillcse_loss = recording
+        train.train(args, log=lambda *a: None)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_draw_their_own_dropout(tmp_path):
+    """Eight copies of one sentence on two gloo ranks, dropout on: the views rank 1 encodes
+    differ from rank 0's (each rank seeds its own stream from the step and its rank; one seed
+    for both would give the global batch the same rows twice)."""
+    import torch.multiprocessing as mp
+    same = tmp_path / "same.txt"
+    same.write_text("A man is playing a guitar on the stage.\n" * 8)
+    args = _args(tmp_path / "run", str(same), max_steps=1, eval_every=0)
+    results = mp.Manager().dict()
+    mp.spawn(_first_views_rank, args=(str(tmp_path / "init"), args, results), nprocs=2, join=True)
+    z1, z2 = results["views"]
+    assert z1.shape == (8, 384)
+    for view in (z1, z2):
+        assert (view[:4] - view[4:]).abs().max() > 1e-3   # rank 0's rows against rank 1's
+        assert (view[:2] - view[2:4]).abs().max() > 1e-3  # and within a rank
+
+
 def test_mini_batches_train_as_the_whole_batch(tmp_path, sentences, monkeypatch):
     """--mini-batch-size 3: the student and its MLP head encode 3 + 3 + 2 rows at a time, the loss
     sees all 8 (gradient caching); with dropout off it trains as the batch in one forward."""
