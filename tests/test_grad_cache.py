@@ -230,6 +230,54 @@ def test_errors():
         cached_backward(shifting, x.split(7), loss)
 
 
+def test_malformed_outputs_are_refused_by_name():
+    """An empty tuple, or a tuple or list with one output that is not a tensor with a row dimension
+    beside tensors that are (every output is checked, not just one), is refused by name."""
+    model, x, teacher = _setup()
+    message = r"encode\(mini_batches\[0\]\) must return a tensor with a row dimension"
+    for encode in (lambda m: (), lambda m: (model(m)[0], model(m)[1].sum()), lambda m: [*model(m), "text"]):
+        for sizes in ((13,), (7, 6)):
+            with pytest.raises(TypeError, match=message):
+                cached_backward(encode, x.split(sizes), _loss(teacher))
+
+
+def test_a_replay_that_differs_from_the_first_pass_is_named():
+    """encode must be deterministic given the random state: a replay that returns fewer outputs
+    (its gradients would be dropped silently) or other trailing shapes than the first pass (7 + 6
+    rows: [7, 6] then [7, 5]) is refused by cached_backward, not by autograd's shape check."""
+    model, x, teacher = _setup()
+
+    def fewer(m):                                               # the replay runs with autograd on
+        return model(m)[:1] if torch.is_grad_enabled() else model(m)
+
+    def narrower(m):
+        z1, z2 = model(m)
+        return (z1[:, :5], z2) if torch.is_grad_enabled() else (z1, z2)
+    with pytest.raises(ValueError, match=r"encode\(mini_batches\[0\]\) returned 1 tensors, .* 2$"):
+        cached_backward(fewer, x.split(7), _loss(teacher))
+    model.zero_grad()
+    with pytest.raises(RuntimeError, match=r"mini_batches\[0\]\) output 0 is \(7, 5\) on its replay, \(7, 6\) the first"):
+        cached_backward(narrower, x.split(7), _loss(teacher))
+
+
+def test_a_list_of_outputs_an_iterator_of_mini_batches_and_a_one_element_loss():
+    """encode may return a list, mini_batches may be any iterable (here a generator, read once),
+    and the loss may be any one-element tensor (here [1]): the step is the one with a tuple, a
+    list and a 0-dim loss, bit for bit."""
+    model, x, teacher = _setup()
+    torch.manual_seed(4)
+    want = cached_backward(model, list(x.split(5)), _loss(teacher))
+    expected = _grads(model)
+    model.zero_grad()
+    torch.manual_seed(4)
+    loss = cached_backward(lambda m: list(model(m)), (m for m in x.split(5)),
+                           lambda z1, z2: _loss(teacher)(z1, z2).reshape(1))
+    assert loss.shape == (1,) and not loss.requires_grad
+    torch.testing.assert_close(loss[0], want, rtol=0, atol=0)
+    for name, grad in _grads(model).items():
+        torch.testing.assert_close(grad, expected[name], rtol=0, atol=0, msg=name)
+
+
 def test_an_error_in_the_replay_leaves_the_random_state_as_after_the_loss():
     """A failure in the replay's last mini-batch (an out-of-memory error, say) leaves the random
     state where the step left it, as a finished replay does (it was left at that mini-batch's
