@@ -78,7 +78,8 @@ def test_all_gather_errors(args, error, message):
 
 def _shared_gradient_worker(rank, init_file, results):
     """(i) the mean of two gathered tensors, whose backward hands both gathers one gradient tensor;
-    (ii) a width that differs between the ranks."""
+    (ii) a width that differs between the ranks; (iii) one rank's tensors with different row counts;
+    (iv) 1-D tensors (a count or a key per row)."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         g = torch.Generator().manual_seed(3)
@@ -91,7 +92,13 @@ def _shared_gradient_worker(rank, init_file, results):
             mismatch = None
         except ValueError as err:
             mismatch = str(err)
-        results[rank] = (a.grad, b.grad, mismatch)
+        try:
+            distillcse.all_gather(torch.zeros(3, 4), torch.zeros(2, 4))    # [3, 4] and [2, 4] on each rank
+            rows = None
+        except ValueError as err:
+            rows = str(err)
+        counts = distillcse.all_gather(torch.arange(SHARDS[rank].start, SHARDS[rank].stop))   # [n_r] -> [B]
+        results[rank] = (a.grad, b.grad, mismatch, rows, counts)
     finally:
         dist.destroy_process_group()
 
@@ -100,16 +107,19 @@ def test_all_gather_backward_and_mismatched_ranks(tmp_path):
     """Each gather's gradient is its own: the mean of two gathered tensors gives each rank W x the
     one-process gradient (the all-reduce ran in place on the tensor autograd handed to both, so
     they got W^2). Ranks passing different widths get an error naming both (gloo aborted the
-    processes; other mismatches were reinterpreted as bytes)."""
+    processes; other mismatches were reinterpreted as bytes). Under a process group too, one rank's
+    tensors must have one row count (a shorter one was padded with zeros); 1-D tensors gather."""
     results = mp.Manager().dict()
     mp.spawn(_shared_gradient_worker, args=(str(tmp_path / "init"), results), nprocs=WORLD, join=True)
     g = torch.Generator().manual_seed(3)
     _, _, w = (torch.randn(B, 4, generator=g, dtype=torch.float64) for _ in range(3))
     for rank in range(WORLD):
-        a_grad, b_grad, mismatch = results[rank]
+        a_grad, b_grad, mismatch, rows, counts = results[rank]
         torch.testing.assert_close(a_grad, WORLD * w[SHARDS[rank]] / 2, rtol=1e-12, atol=0)
         torch.testing.assert_close(b_grad, WORLD * w[SHARDS[rank]] / 2, rtol=1e-12, atol=0)
         assert mismatch is not None and "rank 0: [n, 4] float32; rank 1: [n, 5] float32" in mismatch
+        assert rows is not None and "all_gather: argument 1 has 2 rows, argument 0 has 3" in rows, rows
+        assert torch.equal(counts, torch.arange(B))
 
 
 def _kinds_and_subgroup_worker(rank, init_file, results):
@@ -270,3 +280,14 @@ def test_sharded_loss_without_a_process_group_passes_hard_negatives_and_terms_on
     want_loss, want_terms = distillcse.distillcse_loss(z1, z2, [t], **kwargs)
     assert torch.equal(loss, want_loss) and terms.keys() == want_terms.keys()
     assert all(torch.equal(terms[k], want_terms[k]) for k in terms)
+
+
+def test_sharded_loss_takes_teachers_as_a_tensor_a_list_or_a_tuple():
+    """Teachers as distillcse_loss takes them: one tensor, a list or a tuple (here without a
+    process group)."""
+    g = torch.Generator().manual_seed(4)
+    z1, z2, t1, t2 = (torch.randn(9, 8, generator=g) for _ in range(4))
+    kwargs = dict(shuffle="expected", backend="torch")
+    assert torch.equal(distillcse.sharded_loss(z1, z2, (t1, t2), **kwargs),
+                       distillcse.distillcse_loss(z1, z2, [t1, t2], **kwargs))
+    assert torch.equal(distillcse.sharded_loss(z1, z2, t1, **kwargs), distillcse.distillcse_loss(z1, z2, [t1], **kwargs))
