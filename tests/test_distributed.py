@@ -37,7 +37,7 @@ def _worker(rank, init_file, backend, results):
         gathered = distillcse.all_gather(*local, *[t[SHARDS[rank]] for t in teachers])
         loss = _loss(*gathered[:3], list(gathered[3:]), backend)
         loss.backward()
-        results[rank] = (loss.detach(), [t.grad for t in local])
+        results[rank] = (loss.detach(), [t.grad for t in local], type(gathered))
     finally:
         dist.destroy_process_group()
 
@@ -51,7 +51,8 @@ def test_gathered_loss_and_gradients_match_one_process(tmp_path, backend):
     loss = _loss(z1, z2, hn, teachers, backend)
     loss.backward()
     for rank in range(WORLD):
-        rank_loss, grads = results[rank]
+        rank_loss, grads, gathered_type = results[rank]
+        assert gathered_type is tuple                              # as without a process group
         torch.testing.assert_close(rank_loss, loss.detach(), rtol=1e-12, atol=0)
         for name, grad, full in zip(("z1", "z2", "hard_negatives"), grads, (z1, z2, hn)):
             torch.testing.assert_close(grad, WORLD * full.grad[SHARDS[rank]], rtol=1e-10, atol=1e-14,
