@@ -323,6 +323,15 @@ def test_outputs_that_are_not_floats_pass_through():
         torch.testing.assert_close(cached[name], grad, rtol=0, atol=0, msg=name)
 
 
+def test_without_a_process_group_several_mini_batches_do_not_warn():
+    """The no_sync warning below is for torch.distributed only: one process with several
+    mini-batches and no no_sync (the usual single-GPU call) runs silently."""
+    model, x, teacher = _setup()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cached_backward(model, x.split(5), _loss(teacher))
+
+
 def test_several_mini_batches_under_torch_distributed_without_no_sync_warn(tmp_path):
     """Under a process group, several mini-batches without no_sync warn: a DDP encoder would
     all-reduce after each one, and ranks with different counts would pair up wrong collectives."""
