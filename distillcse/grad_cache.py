@@ -39,13 +39,17 @@ def _set_rng_state(state):
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _as_tuple(out, i, n_outputs=None):
-    """``encode``'s result for mini-batch ``i`` as a tuple of tensors with a row dimension."""
+def _as_tuple(out, i, n_outputs=None, replay=False):
+    """``encode``'s result for mini-batch ``i`` (on its replay) as a tuple of tensors with a row
+    dimension, ``n_outputs`` of them if given."""
     outputs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
     if not outputs or not all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in outputs):
         raise TypeError(f"cached_backward: encode(mini_batches[{i}]) must return a tensor with a row "
                         f"dimension or a tuple of them, got {type(out).__name__}")
     if n_outputs is not None and len(outputs) != n_outputs:
+        if replay:
+            raise ValueError(f"cached_backward: encode(mini_batches[{i}]) returned {len(outputs)} tensors on its "
+                             f"replay, {n_outputs} the first time; encode must be deterministic given the random state")
         raise ValueError(f"cached_backward: encode(mini_batches[{i}]) returned {len(outputs)} tensors, "
                          f"encode(mini_batches[0]) {n_outputs}")
     return outputs
@@ -85,7 +89,7 @@ def _replay(encode, mini_batches, states, grads, no_sync):
             if i < len(mini_batches) - 1:
                 for m in no_sync:
                     held.enter_context(m.no_sync())
-            outputs = _as_tuple(encode(mini_batch), i, len(grads))
+            outputs = _as_tuple(encode(mini_batch), i, len(grads), replay=True)
             for k, (out, g) in enumerate(zip(outputs, grads)):
                 if g is not None and out.shape != g[i].shape:
                     raise RuntimeError(f"cached_backward: encode(mini_batches[{i}]) output {k} is "
