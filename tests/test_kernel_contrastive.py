@@ -249,7 +249,9 @@ def test_two_rows(D, n_hard, device):
 def test_log1p_unit_matches_float64(device):
     """``tiles.log1p_unit`` (a row's loss ``log1p(l / e_ii)`` while P_ii > 1/2) against float64
     log1p of the same fp32 u, over [0, 1] and on both sides of the switch at 2^-6: below it the
-    series (its four terms, arithmetic alone: 3e-7 relative, ~2.5 ulp), above it Goldberg's
+    series (arithmetic alone: two roundings of 2^-24, the 1 - v and the product, plus the
+    truncation u^4 / 5 < 1.2e-8 and the inner roundings scaled by u: < 1.35e-7 relative, so a
+    coefficient off by 1/20 shows; measured 8.9e-8 here), above it Goldberg's
     quotient (a plain log(1 + u) is up to 2^-18 off there). The interpreter's log is numpy's; on
     a GPU Triton 3.6's fp32 ``tl.log`` is libdevice's ``logf`` (its fma polynomial is in the
     sm_90 PTX of this kernel), within an ulp or two, and the quotient's ``div.full`` within two."""
@@ -261,7 +263,7 @@ def test_log1p_unit_matches_float64(device):
     err = (y.cpu().double() - ref).abs() / ref.clamp_min(1e-300)
     series = u < 2.0 ** -6
     assert y[0].item() == 0.0
-    assert err[series].max().item() < 3e-7, f"series: {err[series].max().item():.2e}"
+    assert err[series].max().item() < 1.5e-7, f"series: {err[series].max().item():.2e}"
     assert err[~series].max().item() < 1e-6, f"log: {err[~series].max().item():.2e}"
 
 
