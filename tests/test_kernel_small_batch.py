@@ -137,6 +137,22 @@ def test_random_shuffle_key_on_the_device(step_seed):
         assert torch.equal(a, b)
 
 
+def test_seed_args_take_a_64_bit_key():
+    """``utils.seed_args``: an int key as its two 32-bit halves (low first, each the int32 of its
+    bits), a [1] int64 tensor on the device as it is (the kernel reads its 8 bytes); an int32 or
+    a [2] tensor is refused (the kernel would read 4 bytes past the first, or one key of two)."""
+    from distillcse.kernels.utils import seed_args
+
+    like = device_key(0)
+    assert seed_args(2**63 + 2**31 + 5, like)[1:] == (-2**31 + 5, -2**31, False)
+    key = device_key(2**64 - 12345)
+    p_seed, lo, hi, on_device = seed_args(key, like)
+    assert p_seed is key and (lo, hi, on_device) == (0, 0, True)
+    for bad in (key.int(), torch.cat([key, key])):
+        with pytest.raises(AssertionError):
+            seed_args(bad, like)
+
+
 def test_next_pow2():
     """``utils.next_pow2`` (the batch block BB, the group axes): the smallest power of two >= n,
     1 for n <= 1, as ``triton.next_power_of_2``; a power of two is its own (B = 64: a [64, 64]

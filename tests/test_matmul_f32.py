@@ -60,13 +60,16 @@ def test_into_a_slab_buffer(N, dtype, monkeypatch):
 
 def test_dot_precision_follows_torchs_float32_switch():
     """fp32 Triton dots are full fp32 under PyTorch's default ("highest") and TF32 once the user
-    allows it (``torch.set_float32_matmul_precision("high")``); 16-bit inputs are exact either way."""
+    allows it (``torch.set_float32_matmul_precision("high")`` or ``"medium"``); 16-bit inputs are
+    exact either way."""
     from distillcse.kernels.utils import dot_precision
     before = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
         assert [dot_precision(d) for d in (torch.float32, torch.bfloat16)] == ["ieee", "ieee"]
         torch.set_float32_matmul_precision("high")
+        assert [dot_precision(d) for d in (torch.float32, torch.bfloat16, torch.float16)] == ["tf32", "ieee", "ieee"]
+        torch.set_float32_matmul_precision("medium")
         assert [dot_precision(d) for d in (torch.float32, torch.bfloat16, torch.float16)] == ["tf32", "ieee", "ieee"]
     finally:
         torch.set_float32_matmul_precision(before)
