@@ -12,10 +12,11 @@ from distillcse.kernels.utils import ROW_ALIGN, matmul_f32, slab_buffer  # noqa:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("M,K,N", [(37, 48, 53), (130, 300, 70), (5, 7, 3)])
+@pytest.mark.parametrize("M,K,N", [(37, 48, 53), (130, 300, 70), (5, 7, 3), (5, 129, 3)])
 def test_matches_float64_into_a_slice(M, K, N, dtype):
     """b as the transpose of a row-major matrix (as the launchers pass ``y.T``), the result
-    written into the first M rows of a larger fp32 buffer, which is returned."""
+    written into the first M rows of a larger fp32 buffer, which is returned. K = 129: on the CPU
+    two 64-wide k-slices and a last one of a single column."""
     g = torch.Generator().manual_seed(M + K)
     a = torch.randn(M, K, generator=g).to(DEVICE, dtype)
     b = torch.randn(N, K, generator=g).to(DEVICE, dtype).T  # [K, N], column-major
