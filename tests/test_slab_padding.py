@@ -18,7 +18,7 @@ pytestmark = requires_triton
 def test_slab_buffer_pads_rows_above_the_threshold(monkeypatch):
     from distillcse.kernels import utils
 
-    for cols, ld in ((37, 37), (4096, 4096), (4097, 4112), (4112, 4112)):
+    for cols, ld in ((37, 37), (4095, 4095), (4096, 4096), (4097, 4112), (4112, 4112)):  # PAD_MIN_COLS = 4096
         buf = utils.slab_buffer(3, cols, DEVICE)
         assert buf.shape == (3, cols) and buf.stride() == (ld, 1), (cols, buf.stride())
     monkeypatch.setattr(utils, "PAD_MIN_COLS", 0)
