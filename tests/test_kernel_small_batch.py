@@ -165,6 +165,18 @@ def test_next_pow2():
     assert all(next_pow2(n) == triton.next_power_of_2(n) for n in range(1, 5000))
 
 
+def test_unit_stride_rows_copies_only_another_feature_stride():
+    """``utils.unit_stride_rows``: rows of any row stride and feature stride 1 (a column slice)
+    go on as they are, no [B, D] copy; only another feature stride is copied, contiguous."""
+    from distillcse.kernels.utils import unit_stride_rows
+
+    x = torch.randn(37, 60, device=DEVICE)[:, 5:53]  # [37, 48], row stride 60
+    assert unit_stride_rows(x) is x
+    y = torch.randn(37, 96, device=DEVICE)[:, ::2]  # [37, 48], feature stride 2
+    z = unit_stride_rows(y)
+    assert z.stride() == (48, 1) and torch.equal(z, y)
+
+
 def test_single_terms_weights_strides_and_zero_rows():
     x, y, t = _inputs(45, 40, 33, 60, torch.float32, seed=11, strided=True, zero_row=True)
     assert not x.is_contiguous() and not y.is_contiguous() and not t.is_contiguous()  # dx, dy: contiguous
