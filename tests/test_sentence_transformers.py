@@ -152,6 +152,7 @@ def test_config_and_errors(model, batch):
     loss_fn = DistillCSELoss(model, mini_batch_size=4, seed=3, group_p=0.2)
     assert loss_fn.get_config_dict() == {"seed": 3, "group_p": 0.2, "mini_batch_size": 4, "gather_across_devices": False,
                                          "shard_loss": False, "teacher_dims": None}
+    assert DistillCSELoss(model, gather_across_devices=True).get_config_dict()["shard_loss"] is False
     assert "2310.13499" in loss_fn.citation and CachedLossMixin is not None
     with pytest.raises(ValueError, match="mini_batch_size must be a positive integer or None, got 0"):
         DistillCSELoss(model, mini_batch_size=0)
@@ -169,6 +170,9 @@ def test_config_and_errors(model, batch):
         DistillCSELoss(model)([anchors], None)
     with pytest.raises(ValueError, match=r"\[8, D_t\] or \[8, K, D_t\].*got \(7, 24\)"):
         DistillCSELoss(model)([anchors], labels[:7, 0])
+    for bad, shape in ((labels[:, 0, 0], r"\(8,\)"), (labels[:, :, None], r"\(8, 2, 1, 24\)")):
+        with pytest.raises(ValueError, match=r"\[8, D_t\] or \[8, K, D_t\].*got " + shape):
+            DistillCSELoss(model)([anchors], bad)
     with pytest.raises(ValueError, match="at least one input column"):
         DistillCSELoss(model)([], labels)
 
@@ -329,6 +333,79 @@ def test_gather_across_devices_is_the_global_batch(tmp_path, seed, shard_loss):
     local = DistillCSELoss(_Linear(), seed=seed, group_size=3)([{"x": c["x"][SHARDS[0]]} for c in columns],
                                                            labels[SHARDS[0]])
     assert abs(local.item() - loss.item()) > 1e-3           # without the gather: rank 0's rows alone
+
+
+@pytest.mark.parametrize("seed, shard_loss, backend", [
+    (9, False, "torch"), (9, True, "torch"), (None, False, "torch"), (None, True, "torch"), (9, False, "reference")])
+def test_gathering_in_one_process_is_the_loss(monkeypatch, seed, shard_loss, backend):
+    """Without a process group, gather_across_devices (and shard_loss, through sharded_loss) is the
+    one process's loss: the same shuffle key, from the loss's generator (an int seed) or from
+    torch's random state (None); a deterministic shuffle draws nothing from torch's random state.
+    (The reference's random shuffle with seed=None or sharded draws another permutation from a key,
+    as random as the plain loss's: left out.)"""
+    import distillcse.sentence_transformers as module
+    calls, real = [], module.sharded_loss
+    monkeypatch.setattr(module, "sharded_loss", lambda *args, **kwargs: calls.append(kwargs) or real(*args, **kwargs))
+    columns, labels = _columns_and_labels()                 # 3 columns [9, 6], labels [9, 2, 4]
+    model = _Linear()
+    options = dict(gather_across_devices=True, shard_loss=shard_loss)
+    torch.manual_seed(100)
+    loss = DistillCSELoss(model, seed=seed, group_size=3, backend=backend, **options)(columns, labels)
+    torch.manual_seed(100)
+    expected = DistillCSELoss(model, seed=seed, group_size=3, backend=backend)(columns, labels)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    assert len(calls) == shard_loss
+    state = torch.random.get_rng_state()
+    DistillCSELoss(model, shuffle="expected", **options)(columns, labels)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+class _Recording(_Linear):
+    """_Linear that records the row count of each call."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def forward(self, features):
+        self.rows.append(features["x"].shape[0])
+        return super().forward(features)
+
+
+def test_the_encoder_sees_mini_batches_and_the_loss_is_the_uncached_one():
+    """mini_batch_size=4 on 3 columns of 9 rows: the encoder runs on 4, 4 and 1 rows a column,
+    without gradients and again in the backward; the loss and gradient are the uncached ones."""
+    columns, labels = _columns_and_labels()
+    model = _Recording()
+    loss = DistillCSELoss(model, mini_batch_size=4, shuffle="expected")(columns, labels)
+    assert model.rows == [4, 4, 1] * 3
+    loss.backward()
+    assert model.rows == [4, 4, 1] * 6
+    grad, model.dense.weight.grad = model.dense.weight.grad, None
+    whole = DistillCSELoss(model, shuffle="expected")(columns, labels)
+    whole.backward()
+    torch.testing.assert_close(loss.detach(), whole.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, model.dense.weight.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_the_progress_bar_is_shown_only_when_asked(capsys):
+    """show_progress_bar=True shows CachedLossMixin's bar over the mini-batches (on stderr); by
+    default nothing is printed."""
+    columns, labels = _columns_and_labels()
+    DistillCSELoss(_Linear(), mini_batch_size=4, shuffle="expected")(columns, labels)
+    assert capsys.readouterr().err == ""
+    DistillCSELoss(_Linear(), mini_batch_size=4, shuffle="expected", show_progress_bar=True)(columns, labels)
+    assert "Embed mini-batches" in capsys.readouterr().err
+
+
+def test_gradient_caching_needs_sentence_transformers_6(monkeypatch):
+    """Without CachedLossMixin (sentence-transformers < 6) mini_batch_size is refused by name, with
+    the version it needs; the loss without it is still made."""
+    import distillcse.sentence_transformers as module
+    monkeypatch.setattr(module, "CachedLossMixin", None)
+    with pytest.raises(ImportError, match=r"mini_batch_size=\.\.\.\): gradient caching needs sentence-transformers >= 6"):
+        DistillCSELoss(_Linear(), mini_batch_size=4)
+    assert not DistillCSELoss(_Linear()).uses_gradient_cache
 
 
 OPTIONS = dict(temperature=0.1, student_temperature=0.05, teacher_temperature=0.02, distill_weight=0.5, group_p=0.3)
