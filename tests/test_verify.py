@@ -99,7 +99,8 @@ def test_verify_command_runs_the_default_sizes_on_the_device_given(monkeypatch):
 
 
 @pytest.mark.parametrize("interpret, importable, reason", [
-    (None, True, "it needs a CUDA device, or TRITON_INTERPRET=1"), ("1", False, "triton is not installed")])
+    (None, True, "it needs a CUDA device, or TRITON_INTERPRET=1"), ("1", False, "triton is not installed")],
+    ids=["not-interpreted", "no-triton"])
 def test_triton_is_left_out_where_it_cannot_run_and_the_reason_printed(monkeypatch, interpret, importable, reason):
     """On a CPU the kernels run only under the interpreter and with triton installed: otherwise
     verify runs the torch backend alone and says why; every row has its time (B = 6, float32)."""
