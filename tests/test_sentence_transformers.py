@@ -360,6 +360,19 @@ def test_gathering_in_one_process_is_the_loss(monkeypatch, seed, shard_loss, bac
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
+@pytest.mark.parametrize("mini_batch_size", [None, 4])
+def test_a_second_column_is_the_positives(mini_batch_size):
+    """(anchor, positive): z2 is the positive column's embeddings, not the anchors' second view,
+    and there are no hard negatives."""
+    model = _Linear()
+    columns, labels = _columns_and_labels()                 # 3 columns [9, 6], labels [9, 2, 4]
+    z1, z2 = (model(c)["sentence_embedding"].detach() for c in columns[:2])
+    teachers = list(labels.unbind(1))
+    loss = DistillCSELoss(model, mini_batch_size=mini_batch_size, shuffle="expected")(columns[:2], labels)
+    expected = distillcse.distillcse_loss(z1, z2, teachers, shuffle="expected")
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-12, atol=0)
+    assert abs(distillcse.distillcse_loss(z1, z1, teachers, shuffle="expected").item() - loss.item()) > 1e-3
+
 class _Recording(_Linear):
     """_Linear that records the row count of each call."""
 
