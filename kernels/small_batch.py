@@ -53,13 +53,14 @@ MAX_COLUMNS = 64
 # still reading: a race in every variant, found in the sm_90a build by simulating its shared-memory
 # accesses (Session 20; ``benchmarks/compile_sm90.py``'s ``refill_races`` flags the pattern).
 PIPELINED_STAGES = tl.constexpr(3)  # Triton's default num_stages, for the targets kernel's feature loop
-TARGET_ROWS = 16  # rows a program of _shuffled_targets_kernel (its teacher logits' tl.dot takes M >= 16)
+TARGET_ROWS = 16  # rows a program of _shuffled_targets_kernel: an MMA's M (Triton 3.6 builds M = 8 too, sm_90a)
 
 
 @triton.jit
 def _rows_tile(p_a, o_r, m_r, s_a, o_d, m_d):
-    """Rows o_r, features o_d of a row-major matrix (row stride s_a); 0 where masked."""
-    return tl.load(p_a + o_r[:, None] * s_a + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.0)
+    """Rows o_r, features o_d of a row-major matrix (row stride s_a); 0 where masked. The row
+    offsets in int64: a view's row stride may put a row past 2^31 elements."""
+    return tl.load(p_a + o_r[:, None].to(tl.int64) * s_a + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.0)
 
 
 @triton.jit

@@ -11,20 +11,23 @@ EPS_SQUARED = tl.constexpr(1e-16)
 def dot_tile(
     p_a,  # [R, K] rows a_i, row stride s_a, unit feature stride
     p_b,  # [C, K] rows b_j, row stride s_b, unit feature stride
-    o_m, m_m,  # [BM] row offsets (int64) into a and mask
-    o_n, m_n,  # [BN] row offsets (int64) into b and mask
+    o_m, m_m,  # [BM] row offsets into a and mask
+    o_n, m_n,  # [BN] row offsets into b and mask
     K, s_a, s_b,
     BK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """``a_i . b_j`` for a [BM, BN] tile, accumulated in fp32 over K in chunks of BK (masked
     entries are 0): the pairwise thresholds' teacher logits (every other streaming kernel reads
-    cuBLAS dots through ``slab_tile``)."""
+    cuBLAS dots through ``slab_tile``). The row offsets times the strides in int64 (a view's row
+    stride may put a row past 2^31 elements), whatever the callers' offsets are."""
     b_acc = tl.zeros([o_m.shape[0], o_n.shape[0]], dtype=tl.float32)
+    o_a = o_m[:, None].to(tl.int64) * s_a  # [BM, 1]
+    o_b = o_n[None, :].to(tl.int64) * s_b  # [1, BN]
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
-        b_a = tl.load(p_a + o_m[:, None] * s_a + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
-        b_bt = tl.load(p_b + o_n[None, :] * s_b + o_k[:, None], mask=m_k[:, None] & m_n[None, :], other=0.0)  # [BK, BN]
+        b_a = tl.load(p_a + o_a + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
+        b_bt = tl.load(p_b + o_b + o_k[:, None], mask=m_k[:, None] & m_n[None, :], other=0.0)  # [BK, BN]
         b_acc = tl.dot(b_a, b_bt, b_acc, input_precision=PRECISION)  # [BM, BK] @ [BK, BN] -> [BM, BN]
     return b_acc
 
