@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import distillcse
-from conftest import DEVICE, requires_triton
+from conftest import DEVICE, benchmark_module, requires_triton
 from distillcse.kernels import group_partition
 from distillcse.kernels.small_batch import fits
 from test_losses import rel_err
@@ -76,3 +76,23 @@ def test_row_offsets_past_int32(monkeypatch, B, Bh, path, kw):
     assert rel_err(loss.double().cpu(), ref_loss.double().cpu()) <= 2e-6
     for got, ref in zip(grads, ref_grads):
         assert rel_err(got.double().cpu(), ref.double().cpu()) <= 2e-5
+
+
+def test_the_gpu_check_of_the_kernels_own_buffers_runs_here(monkeypatch, capsys):
+    """``benchmarks/int64_rows.py`` (a GPU's check of the [B, D] buffers the kernels write, at
+    B * D past 2^31) at a size the interpreter runs: a row per shuffle and exit 0; a triton
+    backend whose loss is off by 1e-3 fails it."""
+    script = benchmark_module("int64_rows")
+    argv = ["--B", "70", "--D", "16", "--dtype", "float32"]
+    assert script.main(argv) == 0
+    out = capsys.readouterr().out
+    assert [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| ") and "e-" in line] == [
+        "| none", "| expected", "| random"]
+    real = distillcse.distillcse_loss
+
+    def off(*args, backend, **kw):
+        loss = real(*args, backend=backend, **kw)
+        return loss * (1 + 1e-3) if backend == "triton" else loss
+    monkeypatch.setattr(distillcse, "distillcse_loss", off)
+    assert script.main(argv + ["--shuffles", "none"]) == 1
+    assert "FAILED" in capsys.readouterr().out
