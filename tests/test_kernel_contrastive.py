@@ -297,7 +297,8 @@ def test_several_slabs(slab, dtype, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_column_blocks_of_a_shard(dtype, device):
     """A shard's rows (start 41: the positives' diagonal at ``diag0``) against the columns as
-    two blocks, in several column slabs, against float64; ``blocks_needed`` computes only the
+    two blocks, in several column slabs, against float64: the loss, dx (its rows only; with
+    ``add_to``, the other rows left as they are) and dy; ``blocks_needed`` computes only the
     blocks asked for (a frozen bank of hard negatives: no gradient, no work)."""
     from distillcse.kernels.contrastive import contrastive_bwd_dy, contrastive_fwd
 
@@ -313,6 +314,15 @@ def test_column_blocks_of_a_shard(dtype, device):
     budget = 32 * B * (4 + dtype.itemsize)  # 32-column slabs: 5 for z2, 1 for the hard negatives
     loss, stats, _ = contrastive_fwd(x, rx, blocks, ry, SCALE, budget_bytes=budget, rows=(start, stop))
     assert _rel(loss, loss_rows.detach()) <= TOL[dtype]
+    grad_all = torch.zeros(B, device=device).index_copy_(0, torch.arange(start, stop, device=device), grad_rows)
+    _, _, dx = contrastive_fwd(x, rx, blocks, ry, SCALE, grad_all, budget_bytes=budget, rows=(start, stop))
+    assert _rel(dx, xd.grad.to(dtype).double()) <= TOL[dtype] and not dx[:start].any() and not dx[stop:].any()
+    other = torch.randn(B, D, generator=torch.Generator().manual_seed(23)).to(device, dtype)  # another term's dx
+    _, _, summed = contrastive_fwd(x, rx, blocks, ry, SCALE, grad_all, budget_bytes=budget, rows=(start, stop),
+                                   add_to=other.clone(), add_scale=0.5)
+    want = xd.grad[start:stop] + 0.5 * other[start:stop].double()
+    assert _rel(summed[start:stop], want.to(dtype).double()) <= TOL[dtype]
+    assert torch.equal(summed[:start], other[:start]) and torch.equal(summed[stop:], other[stop:])
     full = contrastive_bwd_dy(x[start:stop], rx[start:stop], blocks, ry, stats, SCALE, grad_rows,
                               budget_bytes=budget, diag0=start)
     for got, want in zip(full, (yd.grad[:B], yd.grad[B:])):
