@@ -373,6 +373,7 @@ def test_a_second_column_is_the_positives(mini_batch_size):
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-12, atol=0)
     assert abs(distillcse.distillcse_loss(z1, z1, teachers, shuffle="expected").item() - loss.item()) > 1e-3
 
+
 class _Recording(_Linear):
     """_Linear that records the row count of each call."""
 
