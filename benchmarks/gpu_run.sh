@@ -3,7 +3,8 @@
 # task, at most 8 files back, so each mode leaves a few flat files in $OUT):
 #   bash benchmarks/gpu_run.sh check   (~9.5 min; run it first, with timeout_s 590)
 #       1. `distillcse bench targets --skip-million`: the headline figures (B = 64, 65,536) against their targets
-#       2. the test suite on the GPU (bf16/fp16/fp32; 16 pytest-xdist workers, as the first launch of each of
+#       2. the test suite on the GPU (bf16/fp16/fp32; 16 pytest-xdist workers (--dist loadgroup: the ~9 GiB cases
+#          of test_int64_offsets.py on one worker, one at a time), as the first launch of each of
 #          ~1,200 kernel variants JIT-compiles, ~1 s each; -v names each result as it ends, so a suite cut at its
 #          limit still says what failed; the training tests skip there: no MiniLM package; the bench, CLI and
 #          compile-report files are left out: CPU work that CI covers, ~2 min of it in session 12)
@@ -51,7 +52,7 @@ fi
 case "$MODE" in
   check)
     stage 200 targets.log python3 -m distillcse bench targets --skip-million --no-progress --out "$OUT"
-    stage 230 pytest_gpu.log python3 -m pytest -v -rfE -n 16 --timeout 180 --durations=20 -p no:cacheprovider \
+    stage 230 pytest_gpu.log python3 -m pytest -v -rfE -n 16 --dist loadgroup --timeout 180 --durations=20 -p no:cacheprovider \
       --ignore=tests/test_bench.py --ignore=tests/test_cli_errors.py --ignore=tests/test_compile_sm90.py tests
     stage 75 verify_gpu.txt python3 -m distillcse verify   # 72 rows (K = 1 and 2 since session 25), exit 1 on a row out of bounds
     stage 60 profile.log python3 benchmarks/profile_step.py --B 65536 --out /tmp  # the log has it, as it goes

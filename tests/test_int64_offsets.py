@@ -21,7 +21,8 @@ from distillcse.kernels.small_batch import fits
 from test_losses import rel_err
 from test_triton_backend import make_batch
 
-pytestmark = requires_triton
+# on a GPU each case allocates its ~9 GiB: gpu_run.sh's 16 workers (--dist loadgroup) run them one at a time
+pytestmark = [requires_triton, pytest.mark.xdist_group("int64_offsets")]
 
 
 def wide_rows(tensors, B):
