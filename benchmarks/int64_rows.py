@@ -8,6 +8,8 @@ views, but not the contiguous buffers the kernels allocate: this is their check.
 at the default size (bf16 inputs, both backends' gradients), seconds a shuffle.
 
     python benchmarks/int64_rows.py                                   # B = 4,194,341, D = 768, bf16
+    python benchmarks/int64_rows.py --dtype float32 --D 256           # the accumulator's WIDE grid (fp32
+                                                                      # rows: 65,537 row blocks of 64)
     TRITON_INTERPRET=1 python benchmarks/int64_rows.py --B 70 --D 16 --dtype float32   # the logic, on a CPU
 
 Prints a markdown table: per shuffle, the loss's relative error and the gradients' (of the rows

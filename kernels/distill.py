@@ -740,17 +740,23 @@ def _accumulate_slab_kernel(
     p_scale,  # [B] fp32 (ROW_SCALE): each row's factor on what it adds
     row0, R, B, ld, D, s_x,
     BJ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, F32_DOT: tl.constexpr,
-    HAS_LO: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr, ROW_SCALE: tl.constexpr,
+    HAS_LO: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr, ROW_SCALE: tl.constexpr, WIDE: tl.constexpr,
 ):
     """The random shuffle's gradient, one slab's share: every row j's column side
     ``sum_r M_rj (rx_r x_r)`` (rx_j du_j, since M carries rx_j), plus ``rx_r (M x)_r`` for the
     slab's own rows, added to the accumulator held as hi + lo: a 16-bit hi (dx itself) and an
     int8 lo, ~16 significant bits in 3 bytes an entry (fp32 hi alone for fp32 rows). With
     ROW_SCALE, row j adds p_scale_j times that (fp16 rows of small norm: rx_j du_j / c_j).
-    Grid (feature blocks, row blocks): the programs of one strip of M run together (L2).
-    F32_DOT: fp32 operands (M in fp32)."""
+    Grid (feature blocks, row blocks): the programs of one strip of M run together (L2). CUDA
+    takes at most 65,535 on a grid's second axis, which the row blocks pass from B = 4,194,241
+    at BJ = 64: then (WIDE) a third axis carries them on (a variant of its own: the row index
+    from program_id(1) alone keeps the common one at 211 registers in bf16, sm_90a; as a sum it
+    takes 255 and spills). F32_DOT: fp32 operands (M in fp32)."""
     i_d = tl.program_id(0).to(tl.int64)
-    i_j = tl.program_id(1).to(tl.int64)
+    if WIDE:
+        i_j = tl.program_id(2).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+    else:
+        i_j = tl.program_id(1).to(tl.int64)
     o_d = i_d * BD + tl.arange(0, BD)
     o_j = i_j * BJ + tl.arange(0, BJ)
     m_d, m_j = o_d < D, o_j < B
@@ -1018,6 +1024,7 @@ def _accumulate_blocks(m_dtype, fma_dots):
     return dict(BJ=128, BK=64 if m_dtype != torch.float32 else 32, BD=128, num_warps=8)
 
 
+GRID_AXIS_MAX = 65_535  # CUDA's largest grid on its second and third axes
 RANDOM_TRAFFIC_WARN_BYTES = 1e14  # ~30 s of HBM traffic on an H100
 
 
@@ -1075,10 +1082,12 @@ def accumulate_slab(hi, lo, m, x, rx, row_side, row0, row_scale=None):
     row_scale = None if row_scale is None else row_scale.contiguous()  # the kernel reads it at stride 1
     blocks = _accumulate_blocks(m.dtype, _fp32_dots(m.dtype, m.dtype)[1])
     mant, emin = LO_FORMATS.get(hi.dtype, (0, 0))
-    _accumulate_slab_kernel[(cdiv(D, blocks["BD"]), cdiv(B, blocks["BJ"]))](
+    row_blocks = cdiv(B, blocks["BJ"])
+    _accumulate_slab_kernel[(cdiv(D, blocks["BD"]), min(row_blocks, GRID_AXIS_MAX), cdiv(row_blocks, GRID_AXIS_MAX))](
         m, x, rx, row_side, hi, hi if lo is None else lo, rx if row_scale is None else row_scale, row0, m.shape[0],
         B, m.stride(0), D, x.stride(0), PREC=dot_precision(m.dtype), F32_DOT=m.dtype == torch.float32,
-        HAS_LO=lo is not None, MANT=mant, EMIN=emin, ROW_SCALE=row_scale is not None, **blocks)
+        HAS_LO=lo is not None, MANT=mant, EMIN=emin, ROW_SCALE=row_scale is not None,
+        WIDE=row_blocks > GRID_AXIS_MAX, **blocks)
 
 
 def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_scale, *, shuffle="none",

@@ -572,3 +572,47 @@ def test_permutation_tables_are_the_torch_definition(row0, step_seed, key_on_dev
     assert first.dtype == perm.dtype == torch.int32
     assert torch.equal(first.cpu().long(), ref_first)
     assert torch.equal(perm.cpu().long(), ref_perm)
+
+
+@pytest.mark.parametrize("m_dtype", [torch.float32, torch.bfloat16])
+def test_accumulate_slab_grid_within_cudas_limits(monkeypatch, m_dtype):
+    """At B = 2^23 + 5 rows and the GPU's blocks (BJ = 64 rows for fp32 M, 128 for bf16) the
+    accumulator's 131,073 or 65,537 row blocks pass the 65,535 CUDA allows on a grid's second
+    axis (a launch error from B = 4,194,241 in fp32): the WIDE variant's third axis carries the
+    rest; at B = 65,536 the common variant, as before."""
+    from distillcse.kernels import distill, utils
+
+    monkeypatch.setattr(utils, "interpreter_blocks", lambda: False)
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, kwargs))
+
+    monkeypatch.setattr(distill, "_accumulate_slab_kernel", Recorder())
+    D = 300
+    for B in (2**23 + 5, 65_536):
+        hi = torch.zeros(B, 1).expand(B, D)  # shapes only: nothing is launched
+        distill.accumulate_slab(hi, None, torch.zeros(1, B, dtype=m_dtype), hi, torch.zeros(B), torch.zeros(1, D), 0)
+    for (grid, blocks), B in zip(launches, (2**23 + 5, 65_536)):
+        row_blocks = -(-B // blocks["BJ"])
+        assert grid[0] == -(-D // blocks["BD"]) and max(grid[1:]) <= 65_535 and grid[1] * grid[2] >= row_blocks
+        assert blocks["WIDE"] == (row_blocks > 65_535) == (B > 2**23)
+
+
+def test_wide_accumulator_grid_is_the_common_one(monkeypatch, device):
+    """The WIDE variant (row blocks over two grid axes; here at most 2 on the second: 3 row blocks
+    of 128 as (1, 2, 2) programs under the interpreter, the last past B) adds what the common one
+    adds, bit for bit."""
+    from distillcse.kernels import distill
+
+    B, D, R = 300, 40, 24
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(B, D, generator=g).to(device)
+    rx = 1.0 / x.norm(dim=1)
+    m, own = torch.randn(R, B, generator=g).to(device), torch.randn(R, D, generator=g).to(device)
+    common, wide = torch.zeros(B, D, device=device), torch.zeros(B, D, device=device)
+    distill.accumulate_slab(common, None, m, x, rx, own, 100)
+    monkeypatch.setattr(distill, "GRID_AXIS_MAX", 2)
+    distill.accumulate_slab(wide, None, m, x, rx, own, 100)
+    assert torch.equal(wide, common) and common.abs().min() > 0
