@@ -82,7 +82,8 @@ def test_row_offsets_past_int32(monkeypatch, B, Bh, path, kw):
 def test_the_gpu_check_of_the_kernels_own_buffers_runs_here(monkeypatch, capsys):
     """``benchmarks/int64_rows.py`` (a GPU's check of the [B, D] buffers the kernels write, at
     B * D past 2^31) at a size the interpreter runs: a row per shuffle and exit 0; a triton
-    backend whose loss is off by 1e-3 fails it."""
+    backend whose loss is off by 1e-3 fails it; its chunked error is the whole one; a shard
+    larger than the batch is refused by name."""
     script = benchmark_module("int64_rows")
     argv = ["--B", "70", "--D", "16", "--dtype", "float32"]
     assert script.main(argv) == 0
@@ -97,3 +98,8 @@ def test_the_gpu_check_of_the_kernels_own_buffers_runs_here(monkeypatch, capsys)
     monkeypatch.setattr(distillcse, "distillcse_loss", off)
     assert script.main(argv + ["--shuffles", "none"]) == 1
     assert "FAILED" in capsys.readouterr().out
+    a, b = torch.randn(5, 9, dtype=torch.float64), torch.randn(5, 9, dtype=torch.float64)  # 7 entries at a time
+    assert script.rel(a, b, chunk=7) == pytest.approx(float((a - b).norm() / b.norm()), rel=1e-12)
+    with pytest.raises(SystemExit):
+        script.main(["--B", "70", "--rows", "80"])
+    assert "expected 2 <= --rows <= --B and --D >= 1, got --rows 80, --B 70" in capsys.readouterr().err

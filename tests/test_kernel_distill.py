@@ -595,8 +595,8 @@ def test_accumulate_slab_grid_within_cudas_limits(monkeypatch, m_dtype):
         hi = torch.zeros(B, 1).expand(B, D)  # shapes only: nothing is launched
         distill.accumulate_slab(hi, None, torch.zeros(1, B, dtype=m_dtype), hi, torch.zeros(B), torch.zeros(1, D), 0)
     for (grid, blocks), B in zip(launches, (2**23 + 5, 65_536)):
-        row_blocks = -(-B // blocks["BJ"])
-        assert grid[0] == -(-D // blocks["BD"]) and max(grid[1:]) <= 65_535 and grid[1] * grid[2] >= row_blocks
+        row_blocks = utils.cdiv(B, blocks["BJ"])
+        assert grid[0] == utils.cdiv(D, blocks["BD"]) and max(grid[1:]) <= 65_535 and grid[1] * grid[2] >= row_blocks
         assert blocks["WIDE"] == (row_blocks > 65_535) == (B > 2**23)
 
 
