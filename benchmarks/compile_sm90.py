@@ -88,7 +88,7 @@ def contrastive(B, D, dtype, teacher_dtype):
                 **blocks["rows"])
     cols = blocks["cols"]
     for diag0 in (0, 37):  # the whole batch's, a shard's from row 37
-        C._column_factors_kernel[(rows // cols["BC"], triton.cdiv(B, cols["BB"]))](
+        C._column_factors_kernel[(rows // cols["BC"] * triton.cdiv(B, cols["BB"]),)](
             dots, r, r, stats, r, r, fac, 0, rows, B, ld, 20.0, diag0, RAW=raw, **cols)
     unit_rows_backward(torch.empty(rows, D), x, r, x, row_scale=r, add_scale=0.5)
 

@@ -154,11 +154,13 @@ def _column_factors_kernel(
     col0, C, B, ld, scale, diag0,
     BC: tl.constexpr, BB: tl.constexpr, RAW: tl.constexpr,
 ):
-    """A [BC, BB] block of the factors of columns ``col0 + [0, C)`` (grid axis 0) against rows
-    i (grid axis 1), row i's positive the column ``diag0 + i`` (a shard of the batch's rows
-    from ``diag0`` on); elementwise."""
-    o_c = tl.program_id(0).to(tl.int64) * BC + tl.arange(0, BC)  # slab-local columns
-    o_i = tl.program_id(1).to(tl.int64) * BB + tl.arange(0, BB)
+    """A [BC, BB] block of the factors of columns ``col0 + [0, C)`` against rows i, row i's
+    positive the column ``diag0 + i`` (a shard of the batch's rows from ``diag0`` on);
+    elementwise. A 1-D grid, column blocks fastest: B / BB row blocks on a second axis would
+    pass the 65,535 programs CUDA allows there from B = 33,553,921 (BB = 512)."""
+    col_blocks = tl.cdiv(C, BC)
+    o_c = (tl.program_id(0) % col_blocks).to(tl.int64) * BC + tl.arange(0, BC)  # slab-local columns
+    o_i = (tl.program_id(0) // col_blocks).to(tl.int64) * BB + tl.arange(0, BB)
     m_c, m_i = o_c < C, o_i < B
     m = m_c[:, None] & m_i[None, :]
     b_ry = tl.load(ry + col0 + o_c, mask=m_c, other=0.0)
@@ -328,7 +330,7 @@ def contrastive_bwd_dy(x, rx, y, ry, stats, scale, grad_rows, *, budget_bytes, d
             cols = slice(col0, min(col0 + C, block.shape[0]))
             n = cols.stop - col0
             matmul_f32(block[cols], x.T, out=dots[:n])
-            _column_factors_kernel[(cdiv(n, blocks_kw["BC"]), cdiv(B, blocks_kw["BB"]))](
+            _column_factors_kernel[(cdiv(n, blocks_kw["BC"]) * cdiv(B, blocks_kw["BB"]),)](
                 dots, rx, ry, stats, grad_rows, g_max, fac, block0 + col0, n, B, dots.stride(0), float(scale), diag0,
                 RAW=raw, **blocks_kw)
             matmul_f32(fac[:n], v, out=du[:n])  # [n, D] fp32: the slab columns' dL/du_y, up to scale g_max

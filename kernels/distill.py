@@ -55,8 +55,8 @@ import triton.language as tl
 from . import utils
 from ..shuffle import ROUNDS, SMALL_DOMAIN, SMALL_DOMAIN_ROUNDS
 from .tiles import EPS_SQUARED, slab_tile
-from .utils import (aligned, cdiv, dot_precision, matmul_f32, next_pow2, seed_args, slab_buffer, slab_rows,
-                    unit_stride_rows)
+from .utils import (GRID_AXIS_MAX, aligned, cdiv, dot_precision, matmul_f32, next_pow2, seed_args, slab_buffer,
+                    slab_rows, unit_stride_rows)
 
 _GOLDEN = tl.constexpr(0x9E3779B1)
 _SMALL_DOMAIN = tl.constexpr(SMALL_DOMAIN)
@@ -1024,7 +1024,6 @@ def _accumulate_blocks(m_dtype, fma_dots):
     return dict(BJ=128, BK=64 if m_dtype != torch.float32 else 32, BD=128, num_warps=8)
 
 
-GRID_AXIS_MAX = 65_535  # CUDA's largest grid on its second and third axes
 RANDOM_TRAFFIC_WARN_BYTES = 1e14  # ~30 s of HBM traffic on an H100
 
 

@@ -101,6 +101,7 @@ def slab_buffer(rows: int, cols: int, device, dtype=torch.float32) -> torch.Tens
     return buf[:, :cols]
 
 
+GRID_AXIS_MAX = 65_535  # CUDA's largest grid on its second and third axes (the first takes 2^31 - 1)
 SPLIT_PROGRAMS = 1024  # a launch over a few row blocks splits the columns up to about this many programs
 
 

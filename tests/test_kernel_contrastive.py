@@ -334,6 +334,41 @@ def test_column_blocks_of_a_shard(dtype, device):
             assert (got is None) != asked and (got is None or torch.equal(got, whole))
 
 
+def test_column_factors_grid_within_cudas_limits(monkeypatch):
+    """At B = 2^25 + 3 rows (past 65,535 row blocks of BB = 512: a second grid axis of row blocks
+    is a launch error from B = 33,553,921) and the GPU's blocks, the column kernel's first
+    launch is one axis of programs (CUDA allows 2^31 - 1 there), one for every (column block,
+    row block). Shapes only: the GEMMs, the buffers and the kernels are stand-ins."""
+    from distillcse.kernels import contrastive, utils
+
+    class Launched(Exception):
+        pass
+
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((grid, kwargs))
+                raise Launched  # the first slab's launch is all this test reads
+
+            return launch
+
+    monkeypatch.setattr(utils, "interpreter_blocks", lambda: False)
+    monkeypatch.setattr(contrastive, "_column_factors_kernel", Recorder())
+    monkeypatch.setattr(contrastive, "matmul_f32", lambda a, b, out: out)
+    monkeypatch.setattr(contrastive, "slab_buffer",
+                        lambda rows, cols, device, dtype=torch.float32: torch.zeros(rows, 1, dtype=dtype).expand(rows, cols))
+    B, D = 2**25 + 3, 2
+    rows, inv = torch.zeros(1, D, dtype=torch.bfloat16).expand(B, D), torch.ones(1).expand(B)
+    budget = 16 << 30  # 85 columns' [B] dots and factors fit: slabs of 64
+    with pytest.raises(Launched):
+        contrastive.contrastive_bwd_dy(rows, inv, rows, inv, torch.zeros(2, B), SCALE, inv, budget_bytes=budget)
+    (grid, blocks), = launches
+    assert len(grid) == 1 and grid[0] == utils.cdiv(64, blocks["BC"]) * utils.cdiv(B, blocks["BB"]) < 2**31
+    assert utils.cdiv(B, blocks["BB"]) > utils.GRID_AXIS_MAX
+
+
 @pytest.mark.parametrize("rows, width, budget, entry, expected", [
     (65536, 65536, 128 << 20, 6, 320),  # the forward at the default budget: 341 rows fit, in steps of 32
     (65536, 65536, 64 << 20, 6, 160),  # the backward: half the budget
