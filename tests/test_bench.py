@@ -138,6 +138,65 @@ def test_plain_random_shuffle_is_uniform_within_groups():
     assert abs(draws.mean() - expected) < 4 * draws.std() / math.sqrt(len(draws))
 
 
+def test_plain_random_shuffle_without_a_generator_draws_from_torchs_generator():
+    """bench calls the plain loss without a generator: its random shuffle then draws from torch's
+    global generator (one seed, one loss; another seed, another) and moves targets within groups."""
+    z1, _, teachers, _ = make_inputs(37, 48, 40, 2, torch.float64, CPU, seed=4)   # B = 37, D = 48
+    fn = loss_function("plain", "distill", "random", CPU)
+    losses = []
+    with torch.random.fork_rng():   # the other tests' global generator left as it was
+        for seed in (0, 0, 1):
+            torch.manual_seed(seed)
+            losses.append(fn(z1, None, teachers).detach())
+    none = plain_distill_loss(z1, teachers, shuffle="none").detach()
+    assert losses[0] == losses[1] and losses[0] != losses[2], losses
+    assert abs(losses[0] - none) > 1e-6 and abs(losses[2] - none) > 1e-6, (losses, none)
+
+
+def test_inputs_are_as_similar_as_sentence_embeddings_in_their_dtype():
+    """make_inputs' rows, as its docstring states them (B = 64, D = 768, seed 0): positives at cos
+    ~0.94 (2 / sqrt(4.5) in expectation), in-batch rows ~0.5, hard negatives ~0.82 (2 / sqrt(6)),
+    teachers' in-batch rows ~0.61 (1 / 1.64); every tensor in the dtype asked for, the leaves
+    requiring grad. Tolerances: the common direction's squared norm varies by sqrt(2 / D) ~ 5%."""
+    import torch.nn.functional as F
+    B = 64
+    z1, z2, teachers, hn = make_inputs(B, 768, 768, 2, torch.float16, CPU, hard=1)
+    assert [x.dtype for x in (z1, z2, hn, *teachers)] == [torch.float16] * 5
+    assert z1.requires_grad and z2.requires_grad and hn.requires_grad and not teachers[0].requires_grad
+    u1, u2, uh, ut = (F.normalize(x.detach().double(), dim=-1) for x in (z1, z2, hn, teachers[0]))
+    off = ~torch.eye(B, dtype=torch.bool)
+    assert abs((u1 * u2).sum(-1).mean() - 2 / math.sqrt(4.5)) < 0.02
+    assert abs((u1 * uh).sum(-1).mean() - 2 / math.sqrt(6)) < 0.02
+    assert abs((u1 @ u1.T)[off].mean() - 0.5) < 0.05 and abs((ut @ ut.T)[off].mean() - 1 / 1.64) < 0.05
+
+
+def test_inf_cl_is_called_as_infonce_at_temperature_0_05(monkeypatch):
+    """bench's Inf-CL step (CUDA only; here on the CPU with cal_inf_loss faked as the cross entropy
+    of scale x q kᵀ with labels arange(B)): unit rows of z1 as queries, of z2 then the hard negatives
+    as keys, scale 1 / 0.05, the largest head_dim of 256 .. 16 dividing D; it gives the reference's
+    InfoNCE (float32 against float64: 1e-5). No distillation term; a D not divisible by 16 is n/a."""
+    import torch.nn.functional as F
+    calls = []
+
+    def cal_inf_loss(q, k, scale, head_dim):
+        calls.append((float(scale), head_dim))
+        return F.cross_entropy(scale * q @ k.T, torch.arange(q.shape[0]))
+    monkeypatch.setattr(bench, "_inf_cl_loss", lambda: cal_inf_loss)
+    cuda = torch.device("cuda")
+    z1, z2, teachers, hn = make_inputs(37, 48, 48, 1, torch.float64, CPU, seed=6, hard=2)   # B = 37, D = 48
+    fn = loss_function("inf-cl", "full", "random", cuda)
+    for h in (None, hn):
+        want = distillcse.contrastive_loss(z1, z2, hard_negatives=h, backend="reference")
+        torch.testing.assert_close(fn(z1, z2, teachers, h).double(), want, rtol=1e-5, atol=1e-6)
+    assert calls == [(20.0, 16)] * 2
+    fn(*make_inputs(8, 768, 768, 1, torch.float32, CPU)[:3])
+    assert calls[-1] == (20.0, 256)
+    with pytest.raises(Unavailable, match="no distillation term"):
+        loss_function("inf-cl", "distill", "random", cuda)
+    with pytest.raises(Unavailable, match="divisible by 16, got 40"):
+        fn(*make_inputs(8, 40, 40, 1, torch.float32, CPU)[:3])
+
+
 # ---- distillcse bench memory / plot ---------------------------------------------------------
 
 BATCHES = [8, 16, 32]
@@ -217,6 +276,25 @@ def test_allocator_records_print_nothing():
     assert run.stdout == "" and "profiler_st" not in run.stderr, (run.stdout, run.stderr)
 
 
+def test_allocator_records_of_a_step_that_allocates_nothing_is_an_error():
+    """A peak of 0 from no records would read as a loss that allocates nothing: it is an error."""
+    with pytest.raises(RuntimeError, match="torch.profiler recorded no CPU allocations"):
+        with AllocatorRecords().measure({}):
+            pass
+
+
+def test_a_cpus_name_is_its_model_name():
+    """The rows' device_name on Linux: /proc/cpuinfo's "model name" (not its "model" number line)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.split(":")[0].strip() == "model name"]
+    except OSError:
+        names = []
+    if not names:
+        pytest.skip("no model name in /proc/cpuinfo here")
+    assert bench.cpu_name() == names[0]
+
+
 def test_bench_memory_table_and_plots(memory_run, tmp_path):
     table = (memory_run / "results.md").read_text()
     assert "| B |" in table and 'backend="reference"' in table and "n/a (needs CUDA)" in table
@@ -265,18 +343,20 @@ def test_the_gemm_yardstick_is_a_forward_and_a_backward():
     # R hard negatives a row: (1 + R) B contrastive columns, its three GEMMs (1 + R) times
     assert gemm_shapes("full", "torch", 64, 32, 2, hard=2) == gemm_shapes("contrastive", "x", 64, 0, 0) * 3 + (
         ("fwd", 64), ("fwd", 64), ("bwd", 64))
-    flops = []
+    flops, blocks = [], []
 
     class Gemms(torch.utils._python_dispatch.TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out):
                 flops.append(2 * args[0].shape[0] * args[0].shape[1] * args[1].shape[1])
+                blocks.append(args[0].shape[0])
             return func(*args, **(kwargs or {}))
 
     B, shapes = 48, gemm_shapes("full", "torch", 16, 8, 2)
     with Gemms():
         bench.time_gemms(B, shapes, torch.float32, CPU, repeats=1, max_block_bytes=20 * B * 4)  # 3 row blocks
     assert sum(flops) == 2 * sum(2 * B * B * d for _, d in shapes)  # a warm-up and one timed call
+    assert max(blocks) == 20   # [rows, B] fp32 blocks within the 20 x B x 4 bytes given
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -484,12 +564,14 @@ def test_cuda_time_is_the_events_elapsed_time_in_seconds(monkeypatch):
 def test_what_counts_as_out_of_memory():
     """Out of memory (a series ends "OOM", not "error"): torch's OutOfMemoryError, Python's
     MemoryError and the CPU allocator's RuntimeError; not another error whatever its text. A
-    failure's note is its type and its first line."""
+    failure's note is its type and its first line, cut at 200 characters."""
     assert bench.is_oom(torch.OutOfMemoryError("CUDA out of memory")) and bench.is_oom(MemoryError())
     assert bench.is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough "
                                      "memory: you tried to allocate 4294967296 bytes."))
+    assert bench.is_oom(RuntimeError("can't allocate memory: you tried to allocate 4294967296 bytes"))
     assert not bench.is_oom(ValueError("out of memory")) and not bench.is_oom(RuntimeError("shape mismatch"))
     assert bench._describe(RuntimeError("shape mismatch\n  at line 2")) == "RuntimeError: shape mismatch"
+    assert bench._describe(RuntimeError("x" * 300)) == "RuntimeError: " + "x" * 200   # a CSV cell, not a dump
 
 
 def test_the_yardstick_is_the_median_of_at_most_ten_seconds_of_calls(monkeypatch):
@@ -556,11 +638,11 @@ def test_a_point_times_as_many_steps_as_fit_in_the_time_cap(monkeypatch):
     assert (seconds, n) == (5.5, 2) and events.count("timed") == 2
 
 
-def _sweep_faked(monkeypatch, seconds, impl="plain", **kwargs):
-    """bench.sweep of ``impl``'s contrastive loss at B = 8, 16, 32 (D = 4), each point measured as
+def _sweep_faked(monkeypatch, seconds, impl="plain", what="contrastive", **kwargs):
+    """bench.sweep of ``impl``'s ``what`` term at B = 8, 16, 32 (D = 4), each point measured as
     ``seconds(B)`` s (or what it raises) and 1 byte, the point faked: its (B, status, note)s."""
     monkeypatch.setattr(bench, "_measure_point", lambda fn, inputs, *a: (seconds(inputs[0].shape[0]), 1, 1, 1.0))
-    rows = bench.sweep(what="contrastive", D=4, impls=[impl], batches=(8, 16, 32), repeats=1, progress=False,
+    rows = bench.sweep(what=what, D=4, impls=[impl], batches=(8, 16, 32), repeats=1, progress=False,
                        log=lambda *a: None, **kwargs)
     return [(r["B"], r["status"], r["note"]) for r in rows]
 
@@ -572,6 +654,58 @@ def test_a_series_stops_where_the_next_point_is_projected_past_the_time_cap(monk
         (8, "ok", ""), (16, "skipped (time cap)", "projected 1.2 s > cap 1 s per point"),
         (32, "skipped (time cap)", "projected 1.2 s > cap 1 s per point")]
     assert [status for _, status, _ in _sweep_faked(monkeypatch, lambda B: 0.1, time_cap=1.25)] == ["ok"] * 3
+
+
+def test_batch_sizes_double_from_two_rows():
+    """Contrastive rows need a negative: a first batch of one row is refused (the CLI's types
+    refuse it too, before bench.batch_sizes sees it)."""
+    assert bench.batch_sizes(2, 9) == [2, 4, 8] and bench.batch_sizes(3, 12) == [3, 6, 12]
+    with pytest.raises(SystemExit, match="need 2 <= --min-batch <= --max-batch"):
+        bench.batch_sizes(1, 8)
+
+
+def test_a_cpu_sweep_sets_glibcs_steady_malloc_thresholds(monkeypatch):
+    """On a CPU the sweep sets glibc's mmap threshold to 32 MiB and its trim threshold to twice that
+    before the first point (libc faked)."""
+    calls = []
+
+    class Libc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+    monkeypatch.setattr(bench, "glibc", lambda: Libc())
+    _sweep_faked(monkeypatch, lambda B: 0.001)
+    assert calls == [(-3, 32 * 2**20), (-1, 64 * 2**20)]
+
+
+def test_inf_cl_points_of_the_whole_loss_say_they_time_the_contrastive_term_only(monkeypatch):
+    """Inf-CL has no distillation term: its rows of a --what full or distill sweep say so in their
+    note, its rows of --what contrastive do not (the loss and the point faked)."""
+    monkeypatch.setattr(bench, "loss_function", lambda *args, **kwargs: None)
+    assert {note for _, _, note in _sweep_faked(monkeypatch, lambda B: 0.001, impl="inf-cl", what="full")} == {
+        "contrastive term only"}
+    assert {note for _, _, note in _sweep_faked(monkeypatch, lambda B: 0.001, impl="inf-cl")} == {""}
+
+
+def test_a_point_that_cannot_run_ends_its_series_without_running_the_rest(monkeypatch):
+    """A point unavailable when it runs (Inf-CL at a D not divisible by 16) gives the larger B the
+    same status, without running them (the point faked)."""
+    ran = []
+
+    def unavailable(B):
+        ran.append(B)
+        raise Unavailable("n/a (Inf-CL needs D divisible by 16, got 4)")
+    monkeypatch.setattr(bench, "loss_function", lambda *args, **kwargs: None)
+    assert _sweep_faked(monkeypatch, unavailable, impl="inf-cl") == [
+        (B, "n/a (Inf-CL needs D divisible by 16, got 4)", "") for B in (8, 16, 32)]
+    assert ran == [8]
+
+
+def test_a_point_projected_at_the_memory_cap_runs(monkeypatch):
+    """The cap is a bound a point may reach: at B = 8 exactly at it, the point runs; B = 16 over it is
+    skipped (projections of bench.sweep's defaults: Dt = 128, K = 2, float32)."""
+    cap = bench.projected_bytes("plain", "contrastive", 8, 4, 128, 2, torch.float32) / bench.GIB
+    assert [(B, status) for B, status, _ in _sweep_faked(monkeypatch, lambda B: 0.001, max_memory_gib=cap)] == [
+        (8, "ok"), (16, "skipped (cap)"), (32, "skipped (cap)")]
 
 
 def test_plain_compile_failing_at_its_first_point_is_a_compile_failure(monkeypatch):
@@ -681,6 +815,8 @@ def test_bench_memory_table_cells_and_units():
     assert "| 8 | 12.5 (3.25x) |" in times and "| 16 | OOM |" in times
     assert memory.startswith(", MiB (x)\n") and "| 8 | 0.75 |" in memory and "| 16 | OOM |" in memory
     assert memory.endswith("\nNotes:\n\n- plain: OutOfMemoryError at B=16\n")
+    assert times.index("| 8 |") < times.index("| 16 |")   # one line per B, ascending, whatever the rows' order
+    assert bench.markdown_table([oom, row]) == bench.markdown_table([row, oom])
 
 
 def test_bench_memory_forwards_its_options(tmp_path, monkeypatch):
@@ -734,11 +870,12 @@ def _plotted(tmp_path, monkeypatch, rows):
     def saving(fig, path, *args, **kwargs):
         figures[os.path.basename(path)] = fig
         return save(fig, path, *args, **kwargs)
-    monkeypatch.setattr(Figure, "savefig", saving)
     base = dict.fromkeys(COLUMNS, "x")
     base.update(device="cpu", what="full", dtype="float32", hard_per_row="0", gemms="fwd+bwd", note="")
     bench.write_csv([{**base, "label": bench.label(r["impl"], "full"), **r} for r in rows], str(tmp_path / "results.csv"))
-    distillcse.plot.plot_results(str(tmp_path / "results.csv"), str(tmp_path))
+    with monkeypatch.context() as patch:   # each call its own figures
+        patch.setattr(Figure, "savefig", saving)
+        distillcse.plot.plot_results(str(tmp_path / "results.csv"), str(tmp_path))
     return figures
 
 
@@ -784,6 +921,85 @@ def test_bench_plots_yardstick_slope_guides_and_axes(tmp_path, monkeypatch):
         t.get_text() for t in figures["memory_vs_batch.png"].texts]
     for ax in (timing, memory):
         assert list(ax.xaxis.get_major_locator().locs) == Bs[::2]
+
+
+def test_bench_plots_end_marks_notes_and_points_without_a_number(tmp_path, monkeypatch):
+    """Where a series ended: room past the last B for its label (x up to 1.9 x the last B, else
+    1.25 x) and a legend entry for the x; a series with no point drawn is named in a note below the
+    plot; an ok point with no number in a column (allowed in the CSV) is left out of that plot."""
+    ok = lambda impl, B, t, m: dict(impl=impl, B=str(B), status="ok", time_ms=str(t), peak_mem_mib=m,  # noqa: E731
+                                    gemm_ms="", ratio_to_gemm="")
+    na = [dict(impl="triton", B=str(B), status="n/a (needs CUDA)", time_ms="", peak_mem_mib="", gemm_ms="",
+               ratio_to_gemm="") for B in (8, 16, 32)]
+    oom = dict(impl="plain", B="32", status="OOM", time_ms="", peak_mem_mib="", gemm_ms="", ratio_to_gemm="")
+    ended = _plotted(tmp_path, monkeypatch, [ok("plain", 8, 1, "2"), ok("plain", 16, 2, "4"), oom] + na)
+    (tmp_path / "more").mkdir()
+    whole = _plotted(tmp_path / "more", monkeypatch,
+                     [ok("torch", B, B / 8, "" if B == 32 else str(B)) for B in (8, 16, 32)])   # no memory at B = 32
+    legend = "series ended at this B\n(OOM or over a cap; drawn\nat the last measured value)"
+    for name in ("memory_vs_batch.png", "time_vs_batch.png"):
+        ax, = ended[name].axes
+        assert ax.get_xlim() == pytest.approx((8 / 1.25, 32 * 1.9)), name
+        assert legend in [t.get_text() for t in ax.get_legend().get_texts()], name
+        assert 'not shown: backend="triton" (fused): n/a (needs CUDA)' in [t.get_text() for t in ended[name].texts]
+        ax, = whole[name].axes
+        assert ax.get_xlim() == pytest.approx((8 / 1.25, 32 * 1.25)), name
+        assert legend not in [t.get_text() for t in ax.get_legend().get_texts()], name
+        assert not [t for t in whole[name].texts if t.get_text().startswith("not shown")], name
+    torch_label = bench.label("torch", "full")
+    lines = {name: [list(line.get_xdata()) for line in fig.axes[0].get_lines() if line.get_label() == torch_label]
+             for name, fig in whole.items()}
+    assert lines == {"memory_vs_batch.png": [[8, 16]], "time_vs_batch.png": [[8, 16, 32]]}
+
+
+def test_bench_plots_axes_of_one_batch_size_and_of_one_decade(tmp_path, monkeypatch):
+    """No slope guide through a single batch size; a time axis that holds one power of 10 keeps its
+    log ticks (the narrow-axis ticks are only for a range with none), one that holds none gets 3
+    ticks inside it."""
+    from matplotlib.ticker import FixedLocator
+    row = lambda B, t: dict(impl="torch", B=str(B), status="ok", time_ms=str(t), peak_mem_mib=str(B),  # noqa: E731
+                            gemm_ms="", ratio_to_gemm="")
+    for folder, rows in (("one", [row(8, 2)]), ("decade", [row(8, 4), row(16, 8), row(32, 16)]),
+                         ("narrow", [row(8, 2), row(16, 3), row(32, 4)])):
+        (tmp_path / folder).mkdir()
+        figures = _plotted(tmp_path / folder, monkeypatch, rows)
+        memory, = figures["memory_vs_batch.png"].axes
+        timing, = figures["time_vs_batch.png"].axes
+        if folder == "one":
+            assert [line for line in memory.get_lines() if line.get_color() == "#999999"] == []
+        else:
+            assert isinstance(timing.yaxis.get_major_locator(), FixedLocator) == (folder == "narrow"), folder
+            if folder == "narrow":
+                low, high = timing.get_ylim()
+                assert len(timing.yaxis.get_major_locator().locs) == 3
+                assert all(low <= y <= high for y in timing.yaxis.get_major_locator().locs)
+
+
+def test_bench_plot_writes_beside_its_csv_by_default(tmp_path, monkeypatch):
+    """plot_results(CSV) without a folder (``bench plot CSV`` without --out): the PNGs beside the CSV,
+    wherever the command runs."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    _plotted(tmp_path / "run", monkeypatch, [dict(impl="torch", B="8", status="ok", time_ms="1", peak_mem_mib="1",
+                                                  gemm_ms="", ratio_to_gemm="")])
+    for name in ("memory_vs_batch.png", "time_vs_batch.png"):
+        os.remove(tmp_path / "run" / name)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    paths = distillcse.plot.plot_results(str(tmp_path / "run" / "results.csv"))
+    assert paths == [str(tmp_path / "run" / name) for name in ("memory_vs_batch.png", "time_vs_batch.png")]
+    assert os.listdir(tmp_path / "elsewhere") == [] and all(os.path.isfile(p) for p in paths)
+
+
+def test_a_results_file_is_replaced_whole_or_not_at_all(tmp_path):
+    """write_text (the CSVs and tables, rewritten after every point): a write that fails once the file
+    is open leaves the previous version."""
+    path = tmp_path / "results.md"
+    bench.write_text(str(path), "old")
+    with pytest.raises(TypeError):
+        bench.write_text(str(path), 123)
+    assert path.read_text() == "old"
+    bench.write_text(str(path), "new")
+    assert path.read_text() == "new"
 
 
 def test_bench_plot_tick_labels():
@@ -842,14 +1058,14 @@ def sigterm_guard():
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_bench_memory_stopped_keeps_the_points_measured(signum, tmp_path, monkeypatch, capsys, sigterm_guard):
     """Ctrl-C or SIGTERM at the third point: exit 128 + the signal with one line, the two points
-    measured in results.csv, results.md and the plots."""
+    measured (of 2 implementations x 4 batch sizes) in results.csv, results.md and the plots."""
     from distillcse import bench
     _stop_at_call(monkeypatch, bench, "_measure_point", 3, signum)
     out = tmp_path / "out"
     code = _stopped(["bench", "memory", "--device", "cpu", "--min-batch", "8", "--max-batch", "64", "--D", "8",
-                     "--repeats", "1", "--impl", "plain", "--out", str(out), "--no-progress"])
+                     "--repeats", "1", "--impl", "plain", "torch", "--out", str(out), "--no-progress"])
     assert code == 128 + signum
-    assert f"{signal.Signals(signum).name}: stopped; 2 of 4 points written: {out / 'results.csv'}, " \
+    assert f"{signal.Signals(signum).name}: stopped; 2 of 8 points written: {out / 'results.csv'}, " \
         f"{out / 'results.md'}, {out / 'memory_vs_batch.png'}, {out / 'time_vs_batch.png'}" in capsys.readouterr().out
     _, rows = _read(out / "results.csv")
     assert [(r["B"], r["status"]) for r in rows] == [("8", "ok"), ("16", "ok")]
@@ -857,6 +1073,15 @@ def test_bench_memory_stopped_keeps_the_points_measured(signum, tmp_path, monkey
     _assert_png(str(out / "time_vs_batch.png"))
     assert sorted(os.listdir(out)) == ["memory_vs_batch.png", "results.csv", "results.md", "time_vs_batch.png"]
     assert signal.getsignal(signal.SIGTERM) is sigterm_guard
+
+
+def test_bench_memory_with_no_point_measured_draws_no_plot(tmp_path, capsys):
+    """Every point n/a (triton on a CPU): the CSV and the table are written, the plots skipped with a
+    line saying why (plot_results refuses a CSV without a measured point)."""
+    main(["bench", "memory", "--device", "cpu", "--min-batch", "8", "--max-batch", "16", "--D", "8", "--impl", "triton",
+          "--out", str(tmp_path), "--no-progress"])
+    assert "plots skipped: no point was measured" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["results.csv", "results.md"]
 
 
 def test_bench_memory_stopped_before_a_point_writes_nothing(tmp_path, monkeypatch, capsys):
@@ -870,10 +1095,11 @@ def test_bench_memory_stopped_before_a_point_writes_nothing(tmp_path, monkeypatc
 
 
 def test_bench_targets_stopped_keeps_the_points_measured(tmp_path, monkeypatch, capsys):
+    """Ctrl-C at the second point: the first kept; the points counted once for a repeated --impl."""
     from distillcse import bench
     _stop_at_call(monkeypatch, bench, "_measure_point", 2, signal.SIGINT)
     out = tmp_path / "out"
-    code = _stopped(["bench", "targets", "--divide", "4096", "--D", "8", "--impl", "plain", "--repeats", "1",
+    code = _stopped(["bench", "targets", "--divide", "4096", "--D", "8", "--impl", "plain", "plain", "--repeats", "1",
                      "--device", "cpu", "--skip-million", "--out", str(out), "--no-progress"])
     assert code == 130
     assert f"SIGINT: stopped; 1 of 4 points written: {out / 'targets.csv'}, {out / 'targets.md'}" in \
