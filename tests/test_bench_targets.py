@@ -29,6 +29,9 @@ def test_targets_cli_writes_well_formed_files(tmp_path, capsys, monkeypatch):
     assert [(r["point"], r["impl"]) for r in rows] == [(p[0], i) for p in POINTS for i in ("torch", "plain")]
     assert [int(r["B"]) for r in rows[::2]] == [max(2, p[2] // 4096) for p in POINTS]
     shuffles = {p[0]: "" if p[1] == "contrastive" else p[3] for p in POINTS}
+    from distillcse import bench
+    assert [r["label"] for r in rows] == [bench.label(r["impl"], r["what"]) for r in rows]   # plain PyTorch sorts
+    assert rows[7]["label"] == "plain PyTorch"                                                # only for Group-P
     for r in rows:
         assert r["status"] == "ok" and r["device"] == "cpu" and r["commit"] and r["timestamp"]
         assert (r["D"], r["Dt"], r["K"], r["dtype"], r["shuffle"]) == ("16", "16", "1", "float32", shuffles[r["point"]])
@@ -216,3 +219,44 @@ def test_the_untimed_step_before_the_one_step_point_is_a_forward_and_a_backward(
         return loss
     bench_targets._compile_at(fn, 16, 8, 1, torch.float32, torch.device("cpu"))
     assert ran == [("forward", 16), ("backward", 16)]
+
+
+def test_the_one_step_point_compiles_first_where_the_earlier_points_failed(monkeypatch):
+    """The earlier points compile the one-step point's kernels only where they ran: an implementation
+    that failed at every earlier point takes the untimed step first (the measurements faked)."""
+    from distillcse import bench, bench_targets
+    compiled_at = []
+    monkeypatch.setattr(bench_targets, "_compile_at", lambda fn, B, *args: compiled_at.append(B))
+    monkeypatch.setattr(bench, "_measure_point", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(bench_targets, "_measure_once", lambda *a: (1.0, 1, 1, 1.0))
+    monkeypatch.setattr(bench, "time_gemms", lambda *a, **k: 0.5)
+    monkeypatch.setattr(bench, "make_inputs", lambda *a, **k: None)
+    rows = run_points(points=(POINTS[1], POINTS[-1]), impls=["torch"], D=16, divide=4096, repeats=1, device="cpu",
+                      progress=False, log=lambda *a: None)
+    assert [(r["point"], r["status"]) for r in rows] == [(POINTS[1][0], "error"), (ONE_STEP_POINT, "ok")]
+    assert compiled_at == [65536 // 4096]
+
+
+def test_the_cuda_graphs_projected_memory_is_the_triton_backends(monkeypatch):
+    """triton-graph runs the triton backend's step: the memory cap projects it as the backend, chunk
+    budget included (CUDA faked; at the paper batch the inputs project 3 MiB, with the 128 MiB budget
+    131 MiB: a 64 MiB cap skips both)."""
+    import distillcse
+    from distillcse import bench
+    monkeypatch.setattr(bench, "environment", lambda device: dict(
+        timestamp="t", commit="c", device=device.type, device_name="GPU", torch="t", triton="t", python="p"))
+    monkeypatch.setattr(bench, "_release", lambda device: None)
+    with distillcse.chunk_budget(128):
+        rows = run_points(points=POINTS[:1], impls=["triton", GRAPH_IMPL], repeats=1, device="cuda", progress=False,
+                          log=lambda *a: None, max_memory_gib=1 / 16)
+    assert [(r["impl"], r["status"], r["note"]) for r in rows] == [
+        (impl, "skipped (cap)", "projected 131 MiB > cap 0.0625 GiB") for impl in ("triton", GRAPH_IMPL)]
+
+
+def test_table_verdict_of_a_measured_point_is_the_verdict_alone():
+    """An ok row's note (plain-compile's memory from the allocator's records) is not a failure's: the
+    verdict cell holds the verdict alone."""
+    rows = [dict(_row(149.0, 255.0), note="memory from the CPU allocator's records", label="x", B=65536,
+                 device_name="d", device="cuda", D=768, K=1, dtype="bfloat16", torch="t", triton="t", python="p",
+                 commit="c", timestamp="s", memory_kind="m", gemm_ms="50", ratio_to_gemm="3")]
+    assert markdown_table(rows).endswith("| 149 | 50 | 3 | 255 | meets |\n")
