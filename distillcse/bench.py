@@ -729,11 +729,16 @@ def _sweep_points(impls, batches, record, bar, log, *, what, D, Dt, K, dtype, sh
 
 def write_text(path, text):
     """Writes ``path`` whole or not at all (a temporary file renamed over it): an interruption
-    while writing leaves the previous version."""
+    or a failed write leaves the previous version, and no temporary file."""
     part = path + ".part"
-    with open(part, "w", newline="") as f:
-        f.write(text)
-    os.replace(part, path)
+    try:
+        with open(part, "w", newline="") as f:
+            f.write(text)
+        os.replace(part, path)
+    except BaseException:
+        if os.path.exists(part):
+            os.remove(part)
+        raise
 
 
 def write_csv(rows, path, columns=COLUMNS):

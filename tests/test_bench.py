@@ -992,12 +992,12 @@ def test_bench_plot_writes_beside_its_csv_by_default(tmp_path, monkeypatch):
 
 def test_a_results_file_is_replaced_whole_or_not_at_all(tmp_path):
     """write_text (the CSVs and tables, rewritten after every point): a write that fails once the file
-    is open leaves the previous version."""
+    is open leaves the previous version, and no temporary file."""
     path = tmp_path / "results.md"
     bench.write_text(str(path), "old")
     with pytest.raises(TypeError):
         bench.write_text(str(path), 123)
-    assert path.read_text() == "old"
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["results.md"]
     bench.write_text(str(path), "new")
     assert path.read_text() == "new"
 
