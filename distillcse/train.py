@@ -197,18 +197,32 @@ def _amp_dtype(amp, device):
 
 
 def _atomic_save(obj, path):
+    """``torch.save`` to ``path`` whole or not at all: a failed save (a full disk) leaves the
+    previous file and removes its partial copy."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def _save_folder(save, path):
     """``save(folder)`` into ``path`` as one step: written beside it, then swapped in, so that a
-    kill leaves the old folder or the new one, never half of each."""
+    kill leaves the old folder or the new one, never half of each (a kill between the two
+    renames leaves the old one as ``path.old``, which the next save puts back first)."""
     fresh, stale = path + ".tmp", path + ".old"
+    if not os.path.exists(path) and os.path.exists(stale):
+        os.replace(stale, path)
     for leftover in (fresh, stale):
         shutil.rmtree(leftover, ignore_errors=True)
-    save(fresh)
+    try:
+        save(fresh)
+    except BaseException:
+        shutil.rmtree(fresh, ignore_errors=True)
+        raise
     if os.path.exists(path):
         os.replace(path, stale)
     os.replace(fresh, path)

@@ -799,7 +799,8 @@ def test_read_corpus_skips_blank_lines_and_a_byte_order_mark(tmp_path):
 
 
 def test_a_failed_save_of_the_best_student_keeps_the_previous_one(tmp_path):
-    """best/ is replaced in one step: a save that fails half-way leaves the previous folder whole."""
+    """best/ is replaced in one step: a save that fails half-way leaves the previous folder whole and
+    nothing beside it."""
     best = tmp_path / "best"
 
     def save(text):
@@ -813,9 +814,29 @@ def test_a_failed_save_of_the_best_student_keeps_the_previous_one(tmp_path):
     train._save_folder(save("step 2"), str(best))
     with pytest.raises(RuntimeError, match="killed while saving"):
         train._save_folder(save("torn"), str(best))
-    assert (best / "weights").read_text() == "step 2"
+    assert (best / "weights").read_text() == "step 2" and sorted(os.listdir(tmp_path)) == ["best"]
     train._save_folder(save("step 4"), str(best))
     assert (best / "weights").read_text() == "step 4" and sorted(os.listdir(tmp_path)) == ["best"]
+    os.replace(best, tmp_path / "best.old")  # a kill between the swap's two renames
+    with pytest.raises(RuntimeError, match="killed while saving"):
+        train._save_folder(save("torn"), str(best))
+    assert (best / "weights").read_text() == "step 4" and sorted(os.listdir(tmp_path)) == ["best"]
+
+
+def test_a_failed_checkpoint_save_keeps_the_previous_one(tmp_path, monkeypatch):
+    """checkpoint.pt is replaced in one step: a save that fails half-way (a full disk) leaves the
+    previous file and no partial copy beside it."""
+    path = str(tmp_path / "checkpoint.pt")
+    train._atomic_save({"step": 2}, path)
+
+    def torn(obj, f):
+        open(f, "wb").write(b"half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(train.torch, "save", torn)
+    with pytest.raises(OSError, match="No space"):
+        train._atomic_save({"step": 4}, path)
+    monkeypatch.undo()
+    assert torch.load(path) == {"step": 2} and os.listdir(tmp_path) == ["checkpoint.pt"]
 
 
 def test_the_signal_handlers_are_restored_after_training():
