@@ -2,6 +2,7 @@
 variable) and what was expected, before any model loads: no traceback."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import distillcse
 from distillcse import bench, bench_train, config, sts, train
 from distillcse.__main__ import main
 
-BAD_DEVICES = ["foo", "cuda:99"] + ([] if torch.cuda.is_available() else ["cuda"])
+BAD_DEVICES = ["foo", "cuda:99", "meta"] + ([] if torch.cuda.is_available() else ["cuda"])  # meta: a torch device, not a machine's
 DEVICE_COMMANDS = [
     ["verify", "--sizes", "2"],
     ["train", "--out", "OUT", "--sentences", "SENTENCES"],
@@ -82,6 +83,21 @@ def test_out_under_a_file_is_named(command, tmp_path, paths, no_models, capsys):
     file.write_text("")
     code, _ = _exit(command + ["--out", str(file / "x")], paths, capsys)
     assert code == f"--out {file / 'x'}: {file} is not a folder"
+
+
+def test_out_that_is_relative_or_not_writable_is_checked(tmp_path, monkeypatch):
+    """``check_out_dir``: a relative --out is resolved from the working folder (the error names the
+    absolute ancestor; without it the walk up a relative path never reached one), and a folder
+    this user cannot write to is named (os.access stubbed: root writes anywhere)."""
+    from distillcse.checks import check_out_dir
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match=f"^--out a_file/x: {re.escape(str(tmp_path / 'a_file'))} is not a folder$"):
+        check_out_dir("a_file/x")
+    assert check_out_dir("new/sub") is None and not (tmp_path / "new").exists()  # makes nothing
+    monkeypatch.setattr(os, "access", lambda path, mode: not mode & os.W_OK)
+    with pytest.raises(SystemExit, match=f"^--out new/sub: {re.escape(str(tmp_path))} is not writable$"):
+        check_out_dir("new/sub")
 
 
 @pytest.mark.parametrize("text,message", [

@@ -18,6 +18,7 @@ def good():
     (lambda z1, z2, t: (z1[:1], z2[:1], t[:1]), ValueError, "at least 2 rows"),
     (lambda z1, z2, t: (z1, z2[:-1], t), ValueError, "z2 must have 8 rows"),
     (lambda z1, z2, t: (z1, z2[:, :-1], t), ValueError, "z2 must have 6 features"),
+    (lambda z1, z2, t: (z1, torch.cat([z2, z2[:, :1]], 1), t), ValueError, "z2 must have 6 features"),  # wider too
     (lambda z1, z2, t: (z1[:, :0], z2[:, :0], t), ValueError, "z1 must have at least one feature"),
     (lambda z1, z2, t: (z1, z2.double(), t), TypeError, "z2 has dtype"),
     (lambda z1, z2, t: (z1.long(), z2, t), TypeError, "z1 must be float16"),
@@ -25,6 +26,7 @@ def good():
     (lambda z1, z2, t: (z1, z2.index_fill(0, torch.tensor([2]), float("inf")), t), ValueError, "z2 contains NaN or Inf"),
     (lambda z1, z2, t: (z1, z2, t[:-1]), ValueError, "teachers must have 8 rows"),
     (lambda z1, z2, t: (z1, z2, [t, t[:-2]]), ValueError, r"teachers\[1\] must have 8 rows"),
+    (lambda z1, z2, t: (z1, z2, [t[:-2], t]), ValueError, r"teachers\[0\] must have 8 rows"),
     (lambda z1, z2, t: (z1, z2, []), TypeError, "teachers must be a tensor"),
     (lambda z1, z2, t: (z1, z2, t.index_fill(0, torch.tensor([0]), float("nan"))), ValueError, "teachers contains NaN"),
     (lambda z1, z2, t: ("z1", z2, t), TypeError, "z1 must be a torch.Tensor"),
@@ -32,6 +34,8 @@ def good():
      r"teachers\[1\] contains NaN or Inf"),
     (lambda z1, z2, t: (z1.half().index_fill(1, torch.tensor([0]), float("inf")), z2.half(), t), ValueError,
      "z1 contains NaN or Inf"),
+    (lambda z1, z2, t: (z1.index_fill(0, torch.tensor([2]), float("nan")), z2.index_fill(0, torch.tensor([1]), float("inf")),
+                        t), ValueError, "^z1 contains NaN or Inf"),  # the first of the inputs that hold them
 ])
 def test_bad_tensors(change, error, match):
     z1, z2, t = change(*good())
@@ -45,10 +49,12 @@ def test_bad_tensors(change, error, match):
     (dict(teacher_temperature=float("nan")), "teacher_temperature must be a positive"),
     (dict(grouping_temperature=0), "grouping_temperature must be a positive"),
     (dict(temperature=1e-40), "temperature must be at least 0.0001"),  # NaN loss, or a crash deep inside
+    (dict(temperature=9e-5), "temperature must be at least 0.0001"),  # just below the bound
     (dict(grouping_temperature=1e-40), "grouping_temperature must be at least"),
     (dict(teacher_weights=1.0), "teacher_weights must be None or a sequence"),
     (dict(teacher_weights=[True]), "must be finite numbers >= 0"),
     (dict(teacher_weights={0: 1.0}), "teacher_weights must be None or a sequence of K numbers in the teachers' order"),
+    (dict(teacher_weights="1"), "teacher_weights must be None or a sequence of K numbers in the teachers' order, got a str"),
     (dict(teacher_weights=[10**400]), "must be finite numbers >= 0"),
     (dict(temperature=10**400), "temperature must be a positive finite number"),  # an OverflowError
     (dict(group_p=torch.tensor(0.1)), "group_p must be a Python number, got a tensor"),
@@ -57,6 +63,7 @@ def test_bad_tensors(change, error, match):
     (dict(group_p=1.5), r"group_p must be in \(0, 1\]"),
     (dict(group_size=0), "group_size must be a positive integer"),
     (dict(group_size=2.5), "group_size must be a positive integer"),
+    (dict(group_size=True), "group_size must be a positive integer or None, got True"),
     (dict(group_size=3, group_p=2.0), r"group_p must be in \(0, 1\] \(or None with group_size\)"),
     (dict(shuffle="sometimes"), "shuffle must be one of"),
     (dict(backend="cuda"), "backend must be one of"),
@@ -101,8 +108,35 @@ def test_rows_whose_norms_overflow_float32_are_named():
     wide = torch.randn(B, 64).index_fill(0, torch.tensor([2]), 2.5e18)  # |row| = 2e19; the teacher is 5 wide
     with pytest.raises(ValueError, match=r"student has entries up to 2.5e\+18"):
         distillcse.distill_loss(wide, t, backend="torch")
+    bf16 = [x.bfloat16() for x in good()]  # bfloat16 reaches 3.4e38 as float32 does; only float64 is exempt
+    with pytest.raises(ValueError, match=r"z1 has entries up to .*: its rows' squared norms overflow float32"):
+        distillcse.distillcse_loss(bf16[0].index_fill(0, torch.tensor([1]), 1e19), *bf16[1:], backend="torch")
     z1, z2, t = (x.double() * 1e30 for x in good())
     assert torch.isfinite(distillcse.distillcse_loss(z1, z2, t, backend="torch"))
+
+
+def test_teacher_weights_one_per_teacher():
+    """Fewer weights than teachers are refused too (zip would have left the last teachers out)."""
+    z1, _, t = good()
+    with pytest.raises(ValueError, match=r"teacher_weights must have one weight per teacher \(2\), got 1"):
+        distillcse.distill_loss(z1, [t, t], teacher_weights=[1.0], backend="torch")
+
+
+def test_rows_may_be_a_list():
+    """rows=[start, stop] (a list, from a config file say) is the share (start, stop)."""
+    z1, z2, t = good()
+    kw = dict(shuffle="expected", backend="torch")
+    assert torch.equal(distillcse.distillcse_loss(z1, z2, t, rows=[2, 5], **kw),
+                       distillcse.distillcse_loss(z1, z2, t, rows=(2, 5), **kw))
+
+
+def test_triton_backend_without_triton_is_a_clear_error(monkeypatch):
+    """backend="triton" where the triton package does not import names the package."""
+    from distillcse import api
+    monkeypatch.setattr(api, "_triton_importable", lambda: False)
+    z1, z2, _ = good()
+    with pytest.raises(RuntimeError, match=r'backend="triton" needs the triton package \(pip install triton\)'):
+        distillcse.contrastive_loss(z1, z2, backend="triton")
 
 
 def test_module_checks_teacher_weights_at_construction():
@@ -256,6 +290,7 @@ def test_any_int_seed_is_its_64_bit_key(backend):
     (["bench", "train", "--batch", "64", "1", "--out", "OUT"], "argument --batch: expected a number >= 2, got 1"),
     (["bench", "plot", "/nonexistent/results.csv"], "bench plot: /nonexistent/results.csv: no such file"),
     (["verify", "--sizes", "37", "1"], "argument --sizes: expected a number >= 2, got 1"),
+    (["sts", "--max-pairs", "1"], "argument --max-pairs: expected a number >= 2, got 1"),  # one pair has no Spearman
     (["sts", "/nonexistent/model"], "model /nonexistent/model: no such folder"),
     (["train", "--out", "OUT", "--eval-every", "-1"], "argument --eval-every: expected a number >= 0, got -1"),
     (["train", "--out", "OUT", "--distill-weight", "-1"], "argument --distill-weight: expected a number >= 0"),
