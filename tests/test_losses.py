@@ -71,12 +71,16 @@ def test_expected_groupings_match_reference(group_p, group_size, gtemp):
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_teacher_weights_may_be_a_tensor(backend):
+    """The weights as a list, a tensor or a list of one-element tensors; the teachers as a list or a tuple."""
     z1, z2, teachers, _ = make_batch(21, 16, (12, 8))
     kw = dict(shuffle="expected", backend=backend)
     as_list = distillcse.distill_loss(z1, teachers, teacher_weights=[0.25, 0.75], **kw)
     as_tensor = distillcse.distill_loss(z1, teachers, teacher_weights=torch.tensor([0.25, 0.75]), **kw)
+    as_scalars = distillcse.distill_loss(z1, teachers, teacher_weights=[torch.tensor(0.25), torch.tensor([0.75])], **kw)
+    as_tuple = distillcse.distill_loss(z1, tuple(teachers), teacher_weights=[0.25, 0.75], **kw)
     uniform = distillcse.distill_loss(z1, teachers, **kw)
-    assert as_tensor.item() == as_list.item() and abs(as_list.item() - uniform.item()) > 1e-6
+    assert as_tensor.item() == as_list.item() == as_scalars.item() == as_tuple.item()
+    assert abs(as_list.item() - uniform.item()) > 1e-6
 
 
 def test_reference_default_teacher_weights_are_uniform():
@@ -280,6 +284,33 @@ def test_chunking_does_not_change_results():
     assert rel_err(rows[0], whole[0]) < 1e-13
     for g, w in zip(rows[1], whole[1]):
         assert rel_err(g, w) < 1e-12
+
+
+def test_a_chunk_budget_below_one_teacher_row():
+    """A budget smaller than one row's temporaries (104 bytes; a 48-wide teacher row's are 1,152)
+    still writes the teachers' unit rows a row at a time: the same loss and gradients."""
+    z1, z2, teachers, hard = make_batch(21, 16, (48, 40), Bh=3)
+    whole = loss_and_grads("torch", z1, z2, teachers, hard, shuffle="expected")
+    with distillcse.chunk_budget(1e-4):
+        rows = loss_and_grads("torch", z1, z2, teachers, hard, shuffle="expected")
+    assert rel_err(rows[0], whole[0]) < 1e-13
+    for g, w in zip(rows[1], whole[1]):
+        assert rel_err(g, w) < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_contrastive_gradients_with_z1_frozen(backend):
+    """z1 frozen (a cached or teacher-side view) and z2, the hard negatives trainable: their
+    gradients are computed all the same (float64 autograd of SPEC's formula, within 1e-9)."""
+    z1, z2, _, hard = make_batch(37, 48, (32,), Bh=5)  # z1 [37, 48] without requires_grad
+    leaves = [x.clone().requires_grad_() for x in (z2, hard)]
+    loss = distillcse.contrastive_loss(z1, *leaves[:1], hard_negatives=leaves[1], backend=backend)
+    grads = torch.autograd.grad(loss, leaves)
+    y = torch.nn.functional.normalize(torch.cat(leaves), dim=-1)
+    logits = torch.nn.functional.normalize(z1, dim=-1) @ y.T / 0.05  # [37, 42]
+    want = torch.nn.functional.cross_entropy(logits, torch.arange(37))
+    for g, w in zip(grads, torch.autograd.grad(want, leaves)):
+        assert rel_err(g, w) < 1e-9
 
 
 def test_zero_vectors_behave_like_cosine_similarity():
@@ -507,7 +538,7 @@ def test_module_state_dict_resumes_the_shuffle_sequence():
     g = torch.Generator().manual_seed(8)
     z1, z2, t = (torch.randn(24, 10, generator=g) for _ in range(3))
     criterion = distillcse.DistillCSELoss(seed=5, backend="torch")
-    criterion(z1, z2, t)
+    first = criterion(z1, z2, t)
     state = criterion.state_dict()
     want = [criterion(z1, z2, t) for _ in range(2)]
     resumed = distillcse.DistillCSELoss(seed=5, backend="torch")
@@ -515,6 +546,9 @@ def test_module_state_dict_resumes_the_shuffle_sequence():
     assert [resumed(z1, z2, t) for _ in range(2)] == want
     with pytest.raises(ValueError, match="has no generator seed"):
         distillcse.DistillCSELoss(backend="torch").load_state_dict(state)
+    seeded = distillcse.DistillCSELoss(seed=5, backend="torch")  # a state without a generator leaves its own
+    seeded.load_state_dict(distillcse.DistillCSELoss(backend="torch").state_dict())
+    assert seeded(z1, z2, t) == first
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])

@@ -62,6 +62,22 @@ def test_several_teachers_keep_their_precision(B_):
     assert rel_err(grad, ref_grad) < 1e-2  # stored in bf16
 
 
+def test_teachers_of_mixed_dtypes_go_in_the_widest():
+    """An fp16 teacher beside an fp32 one: their unit rows go in fp32 (the dtypes promoted), not
+    the first teacher's fp16; the loss and gradient then match float64 on the same inputs."""
+    g = torch.Generator().manual_seed(9)
+    z = torch.randn(1, D, generator=g) + torch.randn(50, D, generator=g)  # [50, D]: one program
+    teachers = [(torch.randn(1, d, generator=g) + 0.8 * torch.randn(50, d, generator=g)).to(dtype)
+                for d, dtype in ((32, torch.float16), (DT, torch.float32))]
+    rows, unit_rows = api._triton_teacher(teachers, [0.5, 0.5])
+    assert unit_rows and rows.dtype == torch.float32 and rows.shape == (50, 32 + DT)
+    kw = dict(shuffle="expected", teacher_weights=[0.5, 0.5])
+    ref_loss, ref_grad = loss_and_grad(z.double(), [e.double() for e in teachers], "reference", **kw)
+    loss, grad = loss_and_grad(z.to(DEVICE), [e.to(DEVICE) for e in teachers], "triton", **kw)
+    assert rel_err(loss, ref_loss, floor=1.0) < 2e-6  # 2e-7 and 1.1e-6 here; fp16 rows: 1.4e-5 and 5.5e-4
+    assert rel_err(grad, ref_grad) < 2e-5
+
+
 @pytest.mark.parametrize("B_", [50, 130], ids=["one-program", "streaming"])
 def test_several_teachers_with_zero_rows(B_):
     """K = 2 fp32 teachers, the first with all-zero rows: those rows' weighted unit rows have
