@@ -164,6 +164,16 @@ def test_distill_b2_is_zero():
         assert distillcse.distill_loss(z1, teachers, backend=backend).item() == pytest.approx(0.0, abs=1e-12)
 
 
+
+def test_distill_leaves_the_diagonal_out_at_any_student_temperature():
+    """j != i at any temperature (the diagonal's logit -inf, not a large negative number): at
+    tau_s = 1e8 every |s_ij| / tau_s <= 1e-8, so p is uniform over the B - 1 other columns and
+    the loss is log(B - 1) within 1e-8 whatever q is; a diagonal left in would give log B."""
+    z1, _, teachers, _ = make_batch(9, 16, (12,))  # B = 9
+    for backend in ("reference", "torch"):
+        loss = distillcse.distill_loss(z1, teachers, student_temperature=1e8, shuffle="none", backend=backend)
+        assert loss.item() == pytest.approx(math.log(8), abs=1e-7)
+
 def _softmax2(a, b):
     m = max(a, b)
     ea, eb = math.exp(a - m), math.exp(b - m)
