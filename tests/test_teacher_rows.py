@@ -122,6 +122,26 @@ def test_one_raw_teacher_many_groups():
     assert rel_err(grad, ref_grad) < 2e-5
 
 
+def test_many_groups_in_the_combined_loss():
+    """distillcse_loss with B - 1 = 69 groups (more than the kernels take): each term on its own
+    path, the distillation's on the torch backend's row chunks, weighted by distill_weight (0.7),
+    and an all-zero row of z1 divided by eps there as cos does (a finite gradient), matching the
+    float64 reference on the same fp32 values (fp32 tolerances, as above)."""
+    z, e = make(torch.float32)
+    z[5] = 0.0
+    z2 = z + torch.randn(B, D, generator=torch.Generator().manual_seed(4)).to(DEVICE)  # [B, D]
+    kw = dict(shuffle="expected", group_size=1, distill_weight=0.7)
+    results = {}
+    for backend, dtype, device in (("reference", torch.float64, "cpu"), ("triton", torch.float32, DEVICE)):
+        leaves = [x.to(device, dtype).requires_grad_() for x in (z, z2)]
+        loss = distillcse.distillcse_loss(*leaves, e.to(device, dtype), backend=backend, **kw)
+        results[backend] = loss.detach().double().cpu(), [g.double().cpu() for g in torch.autograd.grad(loss, leaves)]
+    (ref_loss, ref_grads), (loss, grads) = results["reference"], results["triton"]
+    assert rel_err(loss, ref_loss, floor=1.0) < 2e-5
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g, rg) < 2e-5
+
+
 @pytest.mark.parametrize("t_dtype", [torch.float32, torch.float16], ids=str)
 def test_one_raw_teacher_random_shuffle_matches_torch_backend(t_dtype):
     """The torch backend's fp32 unit rows and the kernels' raw rows give the same groups."""

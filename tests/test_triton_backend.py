@@ -110,6 +110,44 @@ def test_groupings_match_reference(B, group_p, group_size):
         assert rel_err(g, rg) < 2e-5
 
 
+@pytest.mark.parametrize("shuffle", ["expected", "random"])
+def test_fixed_size_groups_with_a_last_group_of_one(shuffle):
+    """group_size = 6 at B = 62 (the one-program kernel): the 61 ranks leave a last group of one
+    entry, G = ceil(61 / 6) = 11 (a count of B - 2 ranks gives 10 and merges it into the group
+    above). Teacher temperature 1 gives the bottom ranks real target mass, so that merge shows
+    (the default 0.0125 leaves them ~e^-40 of it); fp32 tolerances as test_matches_reference's,
+    against the float64 reference (expected) or the fp32 torch backend (random: the same draw for a seed)."""
+    inputs = make_batch(62, 40, (24,))  # z1, z2 [62, 40], one teacher [62, 24]
+    kw = dict(shuffle=shuffle, group_size=6, teacher_temperature=1.0, seed=3)
+    if shuffle == "random":
+        check_against_torch_fp32(inputs, kw)
+        return
+    ref_loss, ref_grads = run("reference", round_trip(inputs, torch.float32), torch.float64, "cpu", **kw)
+    loss, grads = run("triton", inputs, torch.float32, DEVICE, **kw)
+    assert rel_err(loss, ref_loss, floor=1.0) < 2e-5
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g, rg) < 2e-5
+
+
+@pytest.mark.parametrize("loss", ["contrastive_loss", "distillcse_loss"])
+def test_rows_that_fit_one_program_with_columns_that_do_not(loss):
+    """B = 37 rows fit the one-program kernel, but N = 37 + 30 = 67 contrastive columns pass its
+    64 (``small_batch.MAX_COLUMNS``, hard negatives counted): the loss streams instead, and
+    matches the float64 reference on the same fp32-rounded inputs (test_matches_reference's fp32 tolerances)."""
+    z1, z2, teachers, hard = round_trip(make_batch(37, 48, (32,), Bh=30), torch.float32)  # hard [30, 48]
+    results = {}
+    for backend, dtype, device in (("reference", torch.float64, "cpu"), ("triton", torch.float32, DEVICE)):
+        leaves = [x.to(device, dtype).requires_grad_() for x in (z1, z2, hard)]
+        teachers_ = [[t.to(device, dtype) for t in teachers]] if loss == "distillcse_loss" else []
+        kw = dict(shuffle="expected") if loss == "distillcse_loss" else {}
+        value = getattr(distillcse, loss)(*leaves[:2], *teachers_, hard_negatives=leaves[2], backend=backend, **kw)
+        results[backend] = value.detach().double().cpu(), [g.double().cpu() for g in torch.autograd.grad(value, leaves)]
+    (ref_loss, ref_grads), (got_loss, got_grads) = results["reference"], results["triton"]
+    assert rel_err(got_loss, ref_loss, floor=1.0) < 2e-5
+    for g, rg in zip(got_grads, ref_grads):
+        assert rel_err(g, rg) < 2e-5
+
+
 @pytest.mark.parametrize("B", [40, 130])  # one program; streaming kernels
 def test_random_shuffle_matches_torch_backend_with_empty_groups(B):
     """Grouping temperature 0.05 puts more than P on single entries, so some groups are empty:
