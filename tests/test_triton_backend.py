@@ -77,6 +77,16 @@ def check_against_torch_fp32(inputs, kw):
         assert rel_err(got, ref) <= 2e-5
 
 
+def check_against_reference_fp32(inputs, kw):
+    """The triton backend in fp32 within 2e-5 (loss and gradients) of the float64 reference on
+    the same fp32-rounded inputs."""
+    ref_loss, ref_grads = run("reference", round_trip(inputs, torch.float32), torch.float64, "cpu", **kw)
+    loss, grads = run("triton", inputs, torch.float32, DEVICE, **kw)
+    assert rel_err(loss, ref_loss, floor=1.0) < 2e-5
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g, rg) < 2e-5
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shuffle", ["none", "expected"])
 @pytest.mark.parametrize("B,D,dims,Bh", [(37, 48, (32,), 0), (37, 48, (32, 20, 40), 11), (130, 96, (64,), 0), (2, 8, (5,), 0)])
@@ -102,12 +112,7 @@ def test_groupings_match_reference(B, group_p, group_size):
     """By mass and of fixed size (group_p None, unused), in one program and streaming."""
     inputs = make_batch(B, 40, (24, 24))
     kw = dict(shuffle="expected", group_p=group_p, group_size=group_size, teacher_weights=[0.3, 0.7])
-    rounded = round_trip(inputs, torch.float32)
-    ref_loss, ref_grads = run("reference", rounded, torch.float64, "cpu", **kw)
-    loss, grads = run("triton", inputs, torch.float32, DEVICE, **kw)
-    assert rel_err(loss, ref_loss, floor=1.0) < 2e-5
-    for g, rg in zip(grads, ref_grads):
-        assert rel_err(g, rg) < 2e-5
+    check_against_reference_fp32(inputs, kw)
 
 
 @pytest.mark.parametrize("shuffle", ["expected", "random"])
@@ -115,18 +120,11 @@ def test_fixed_size_groups_with_a_last_group_of_one(shuffle):
     """group_size = 6 at B = 62 (the one-program kernel): the 61 ranks leave a last group of one
     entry, G = ceil(61 / 6) = 11 (a count of B - 2 ranks gives 10 and merges it into the group
     above). Teacher temperature 1 gives the bottom ranks real target mass, so that merge shows
-    (the default 0.0125 leaves them ~e^-40 of it); fp32 tolerances as test_matches_reference's,
-    against the float64 reference (expected) or the fp32 torch backend (random: the same draw for a seed)."""
+    (the default 0.0125 leaves them ~e^-40 of it): against the float64 reference (expected) or
+    the fp32 torch backend (random: the same draw for a seed)."""
     inputs = make_batch(62, 40, (24,))  # z1, z2 [62, 40], one teacher [62, 24]
     kw = dict(shuffle=shuffle, group_size=6, teacher_temperature=1.0, seed=3)
-    if shuffle == "random":
-        check_against_torch_fp32(inputs, kw)
-        return
-    ref_loss, ref_grads = run("reference", round_trip(inputs, torch.float32), torch.float64, "cpu", **kw)
-    loss, grads = run("triton", inputs, torch.float32, DEVICE, **kw)
-    assert rel_err(loss, ref_loss, floor=1.0) < 2e-5
-    for g, rg in zip(grads, ref_grads):
-        assert rel_err(g, rg) < 2e-5
+    (check_against_torch_fp32 if shuffle == "random" else check_against_reference_fp32)(inputs, kw)
 
 
 @pytest.mark.parametrize("loss", ["contrastive_loss", "distillcse_loss"])
@@ -267,12 +265,7 @@ def test_one_group_above_the_pairwise_limit(grouping, monkeypatch):
     from distillcse.kernels import group_partition as gp
     monkeypatch.setattr(gp, "PAIRWISE_MAX_B", 64)
     inputs = make_batch(130, 40, (48,))
-    kw = dict(shuffle="expected", **grouping)
-    ref_loss, ref_grads = run("reference", round_trip(inputs, torch.float32), torch.float64, "cpu", **kw)
-    loss, grads = run("triton", inputs, torch.float32, DEVICE, **kw)
-    assert rel_err(loss, ref_loss, floor=1.0) < 2e-5
-    for g, rg in zip(grads, ref_grads):
-        assert rel_err(g, rg) < 2e-5
+    check_against_reference_fp32(inputs, dict(shuffle="expected", **grouping))
 
 
 def test_float64_is_a_clear_error():
