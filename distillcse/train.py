@@ -47,7 +47,7 @@ from . import checks, sts
 from .api import DistillCSELoss, distillcse_loss, resolve_backend
 from .distributed import all_gather, sharded_loss
 from .grad_cache import cached_backward
-from .bench import write_csv
+from .bench import write_csv, write_text
 from .bench_train import default_sentences_path, minilm_path
 
 CHECKPOINT = "checkpoint.pt"
@@ -588,13 +588,13 @@ def _train(args, log, device, rank, world):
         best.model.to(device)
         test = sts.evaluate(best, data_dir=args.sts_dir, progress=lambda task: log(f"evaluating {task}"),
                             max_pairs=args.test_pairs)
-        with open(os.path.join(args.out, "sts_test.json"), "w") as f:
-            json.dump({"best_step": state["best_step"], "best_stsb_dev": state["best_dev"] if evaluated else None,
-                       "test": test}, f, indent=1)
+        write_text(os.path.join(args.out, "sts_test.json"), json.dumps(
+            {"best_step": state["best_step"], "best_stsb_dev": state["best_dev"] if evaluated else None,
+             "test": test}, indent=1))
         chosen = (f"the best student (step {state['best_step']}, STS-B dev {state['best_dev']:.2f})" if evaluated
                   else f"the last student (step {state['step']}, no STS-B dev evaluation)")
-        with open(os.path.join(args.out, "results.md"), "w") as f:
-            f.write(f"STS test Spearman x 100 of {chosen}:\n\n{sts.format_scores(test)}\n")
+        write_text(os.path.join(args.out, "results.md"),
+                   f"STS test Spearman x 100 of {chosen}:\n\n{sts.format_scores(test)}\n")
         log(sts.format_scores(test))
     return {"best_dev": state["best_dev"], "best_step": state["best_step"], "test": test}
 

@@ -2,6 +2,7 @@
 student, supervised rows, several ranks, input errors (``distillcse sts``: test_sts.py)."""
 import argparse
 import csv
+import json
 import os
 import re
 import signal
@@ -482,7 +483,12 @@ def test_train_learns_and_writes_test_scores(tmp_path, sentences):
     result = train.train(_args(out, str(one_batch), max_steps=6, epochs=6, eval_every=3, mlp_head=True,
                                lr=1e-4, test_pairs=30, test=True), log=lambda *a: None)
     assert set(result["test"]) == set(sts.STS_TASKS) | {"avg"}
-    assert os.path.exists(os.path.join(out, "results.md")) and os.path.exists(os.path.join(out, "sts_test.json"))
+    with open(os.path.join(out, "sts_test.json")) as f:   # written whole (renamed over), no .part left
+        assert json.load(f) == {"best_step": result["best_step"], "best_stsb_dev": result["best_dev"],
+                                "test": result["test"]}
+    with open(os.path.join(out, "results.md")) as f:
+        assert f.read().endswith(sts.format_scores(result["test"]) + "\n")
+    assert not [name for name in os.listdir(out) if name.endswith(".part")]
     with open(os.path.join(out, "train_log.csv")) as f:
         rows = [row for row in csv.DictReader(f) if row["loss"]]
     losses = [float(row["loss"]) for row in rows]
