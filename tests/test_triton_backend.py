@@ -242,6 +242,23 @@ def test_shares_of_the_rows_match_the_torch_backend(shuffle, loss, thresholds, m
             assert rel_err(g, wg) < 2e-5
 
 
+@pytest.mark.parametrize("loss", ["distillcse", "contrastive"])
+def test_shares_of_a_batch_the_one_program_kernel_takes(loss):
+    """B = 37 fits the one-program kernel as a whole, a shard never takes it: the share from row
+    0 (and the one after it) each equal the torch backend's share, hard negatives included."""
+    inputs = make_batch(37, 40, (24,), Bh=5)
+    for rows in ((0, 19), (19, 37)):
+        if loss == "contrastive":
+            got, want = (_contrastive_run(b, inputs, torch.float32, d, rows)
+                         for b, d in (("triton", DEVICE), ("torch", "cpu")))
+        else:
+            got, want = (run(b, inputs, torch.float32, d, rows=rows, shuffle="expected", group_p=0.2)
+                         for b, d in (("triton", DEVICE), ("torch", "cpu")))
+        assert rel_err(got[0], want[0], floor=1.0) < 2e-5
+        for g, wg in zip(got[1], want[1]):
+            assert rel_err(g, wg) < 2e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16_bit_shares_sum_to_the_whole_loss(dtype):
     """16-bit shares (the accumulated column side in hi + lo, fp16's lifted rows) sum to the
