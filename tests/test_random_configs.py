@@ -60,19 +60,21 @@ def _errors(loss, grads, ref_loss, ref_grads):
 
 
 @hypothesis.settings(max_examples=30, deadline=None, derandomize=True, database=None,
-                     phases=[hypothesis.Phase.generate], suppress_health_check=list(hypothesis.HealthCheck))
+                     phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
+                     suppress_health_check=list(hypothesis.HealthCheck))
 @hypothesis.given(configs())
+@hypothesis.example(config=(dict(B=3, D=16, dims=(3,), Bh=0, seed=0),  # found by 400 undirected draws
+                            dict(shuffle="random", seed=1, temperature=0.5, distill_weight=1.0, distill_only=False,
+                                 group_p=0.7, grouping_temperature=0.05, teacher_temperature=0.0125)))
 def test_random_configurations_match_the_reference(config):
     shape, kw = config
     inputs = make_batch(shape["B"], shape["D"], shape["dims"], shape["Bh"], seed=shape["seed"])
     rounded = round_trip(inputs, torch.float32)
     hypothesis.assume(kw["shuffle"] == "none" or _boundary_gap(rounded[2], kw) > NEAR_TIE)
-    if kw["shuffle"] == "random":  # the torch backend draws the same shuffle for a seed (the reference its own)
-        ref = run("torch", rounded, torch.float64, "cpu", **kw)
-        limits = [2e-5] * (len(ref[1]) + 1)
-    else:
-        ref = run("reference", rounded, torch.float64, "cpu", **kw)
-        limits = [max(2e-5, 10 * e) for e in _errors(*run("torch", inputs, torch.float32, "cpu", **kw), *ref)]
+    # the random shuffle: the torch backend in float64 (it draws the same shuffle for a seed, the
+    # reference its own); the yardstick is its fp32 run in every mode (B = 3, random: 3.9e-5 on z1)
+    ref = run("torch" if kw["shuffle"] == "random" else "reference", rounded, torch.float64, "cpu", **kw)
+    limits = [max(2e-5, 10 * e) for e in _errors(*run("torch", inputs, torch.float32, "cpu", **kw), *ref)]
     if shape["B"] == 2:  # one column a row: the distillation gradient is rounding alone (test_matches_reference)
         limits = [limits[0]] + [max(e, 1e-4) for e in limits[1:]]
     errors = _errors(*run("triton", inputs, torch.float32, DEVICE, **kw), *ref)
