@@ -66,6 +66,9 @@ def _errors(loss, grads, ref_loss, ref_grads):
 @hypothesis.example(config=(dict(B=3, D=16, dims=(3,), Bh=0, seed=0),  # found by 400 undirected draws
                             dict(shuffle="random", seed=1, temperature=0.5, distill_weight=1.0, distill_only=False,
                                  group_p=0.7, grouping_temperature=0.05, teacher_temperature=0.0125)))
+@hypothesis.example(config=(dict(B=2, D=130, dims=(24, 7, 7), Bh=70, seed=317),  # found by 300 more
+                            dict(shuffle="none", seed=455, temperature=0.05, distill_weight=1.0, distill_only=False,
+                                 group_p=1.0, grouping_temperature=3.0, teacher_temperature=0.0125)))
 def test_random_configurations_match_the_reference(config):
     shape, kw = config
     inputs = make_batch(shape["B"], shape["D"], shape["dims"], shape["Bh"], seed=shape["seed"])
@@ -75,8 +78,13 @@ def test_random_configurations_match_the_reference(config):
     # reference its own); the yardstick is its fp32 run in every mode (B = 3, random: 3.9e-5 on z1)
     ref = run("torch" if kw["shuffle"] == "random" else "reference", rounded, torch.float64, "cpu", **kw)
     limits = [max(2e-5, 10 * e) for e in _errors(*run("torch", inputs, torch.float32, "cpu", **kw), *ref)]
-    if shape["B"] == 2:  # one column a row: the distillation gradient is rounding alone (test_matches_reference)
-        limits = [limits[0]] + [max(e, 1e-4) for e in limits[1:]]
+    if shape["B"] == 2:
+        # One column a row: the distillation gradient (z1's alone) is 0 in exact arithmetic, and
+        # the kernels' rounding of exp(s / tau_s - lse) - 1, ~eps * 40, times 1 / (tau_s B |z1_i|) a
+        # row (test_matches_reference): z1's error may be 16 times that. Under a saturated
+        # contrastive softmax z1's gradient is small (B = 2, tau = 0.05, 70 hard negatives: 1e-3).
+        rounding = 16 * 2**-23 * 40 / (0.025 * 2) * (1 / inputs[0].norm(dim=1)).norm().item()
+        limits[1] = max(limits[1], rounding / ref[1][0].norm().item())
     errors = _errors(*run("triton", inputs, torch.float32, DEVICE, **kw), *ref)
     assert all(e <= limit for e, limit in zip(errors, limits)), (errors, limits)
 
