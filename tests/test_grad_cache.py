@@ -215,6 +215,8 @@ def test_errors():
         cached_backward(lambda m: model(m) if m.shape[0] > 5 else model(m)[0], x.split(6), loss)
     with pytest.raises(TypeError, match="scalar tensor"):
         cached_backward(model, [x], lambda z1, z2: z1)
+    with pytest.raises(TypeError, match=r"scalar tensor \(or a tuple that starts with one\)"):
+        cached_backward(model, [x], lambda z1, z2: [loss(z1, z2), {}])   # a list is not a tuple of results
     with pytest.raises(ValueError, match="does not depend on the embeddings"):
         cached_backward(model, [x], lambda z1, z2: torch.zeros(()))
     with pytest.raises(TypeError, match="no_sync expects DistributedDataParallel"):
@@ -339,8 +341,9 @@ def test_several_mini_batches_under_torch_distributed_without_no_sync_warn(tmp_p
     model, x, teacher = _setup()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
-        with pytest.warns(UserWarning, match=r"pass it as no_sync=\[module\]"):
+        with pytest.warns(UserWarning, match=r"pass it as no_sync=\[module\]") as record:
             cached_backward(model, x.split(5), _loss(teacher))
+        assert record[0].filename == __file__                  # attributed to the caller's line
     finally:
         dist.destroy_process_group()
 
