@@ -129,6 +129,7 @@ def cached_backward(encode, mini_batches, loss_fn, *, scale=None, no_sync=()):
     mini_batches = list(mini_batches)
     if not mini_batches:
         raise ValueError("cached_backward: mini_batches is empty; expected at least one mini-batch")
+    no_sync = tuple(no_sync)                                     # read once: checked here, held in the replay
     for m in no_sync:
         if not hasattr(m, "no_sync"):
             raise TypeError(f"cached_backward: no_sync expects DistributedDataParallel modules, got "

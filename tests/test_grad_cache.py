@@ -168,6 +168,30 @@ def test_no_sync_holds_every_module_for_every_backward_but_the_last():
     assert seen == [(5, both), (4, both), (3, both), (1, neither)]
 
 
+def test_no_sync_may_be_any_iterable_of_modules():
+    """no_sync read once (a generator, as mini_batches may be): its modules still hold every
+    replay backward but the last (the input check consumed it, and the replay held nothing)."""
+    model, x, teacher = _setup()
+    held, seen = [0], []
+
+    class FakeDDP:
+        @contextlib.contextmanager
+        def no_sync(self):
+            held[0] += 1
+            try:
+                yield
+            finally:
+                held[0] -= 1
+
+    def encode(m):
+        z1, z2 = model(m)
+        if z1.requires_grad:                                    # the replay's forward: see its backward
+            z1.register_hook(lambda g: seen.append(held[0]))
+        return z1, z2
+    cached_backward(encode, x.split(5), _loss(teacher), no_sync=(m for m in [FakeDDP()]))
+    assert seen == [1, 1, 0]
+
+
 def test_outputs_without_a_gradient_path_on_the_replay_are_skipped():
     """An output the loss differentiates that does not depend on the trained parameters (hard
     negatives from a frozen encoder inside encode) gets a gradient in the loss's backward, and the
