@@ -249,6 +249,37 @@ def test_random_pairing_stays_within_groups():
     assert moved > 0  # the shuffle does permute
 
 
+def test_random_shuffle_keys_each_group_by_its_id_past_empty_groups():
+    """SPEC section 5 keys a group's permutation by hash(seed, row, group) with the group's id.
+    Where a row's top logits hold more than group_p of the mass, the ids skip the empty groups,
+    and the [R, G] tables' dense numbering differs from them: the keys take the ids (as the
+    kernels' tables do), checked against the definition written out column by column."""
+    g = torch.Generator().manual_seed(6)
+    B, seed, rows = 14, 77, torch.tensor([3, 0, 9, 13])
+    t = torch.randn(len(rows), B, generator=g, dtype=F64)
+    t[:, 5] += 3.0                                                 # a top column holding most of the mass
+    opts = dict(teacher_temperature=0.5, grouping_temperature=0.5, group_p=0.15, group_size=None)
+    got = shuffled_targets(t, rows, shuffle="random", step_seed=seed, **opts)
+    q = shuffled_targets(t, rows, shuffle="none", **opts)
+    skipped = 0
+    for r, row in enumerate(rows.tolist()):
+        masked = t[r].clone()
+        masked[row] = float("-inf")
+        t_sorted, idx = torch.sort(masked, descending=True, stable=True)
+        ids = reference.group_ids(t_sorted[None, :-1], opts["group_p"], None, opts["grouping_temperature"])[0]
+        group_of = {int(c): int(i) for c, i in zip(idx[:-1], ids)}
+        skipped += len(set(group_of.values())) < max(group_of.values()) + 1
+        want = torch.zeros(B, dtype=F64)
+        for gid in set(group_of.values()):
+            members = sorted(c for c, i in group_of.items() if i == gid)   # ranked in column order
+            key = group_keys(seed, torch.tensor(row), torch.tensor(gid))
+            n = torch.tensor(len(members))
+            for rank, c in enumerate(members):
+                want[c] = q[r, members[int(group_permutation(torch.tensor(rank), n, key))]]
+        torch.testing.assert_close(got[r], want, rtol=1e-12, atol=0, msg=f"row {row}")
+    assert skipped >= 2                                            # rows whose group ids skip empty groups
+
+
 def test_random_mode_averages_to_expected():
     z1, _, teachers, _ = make_batch(11, 8, (6,))
     kw = dict(group_p=0.25, backend="torch")
