@@ -292,3 +292,80 @@ def test_sharded_loss_takes_teachers_as_a_tensor_a_list_or_a_tuple():
     assert torch.equal(distillcse.sharded_loss(z1, z2, (t1, t2), **kwargs),
                        distillcse.distillcse_loss(z1, z2, [t1, t2], **kwargs))
     assert torch.equal(distillcse.sharded_loss(z1, z2, t1, **kwargs), distillcse.distillcse_loss(z1, z2, [t1], **kwargs))
+
+
+THREE_SHARDS = (slice(0, 2), slice(2, 7), slice(7, 11))   # 3 ranks, the first the smallest: 2, 5 and 4 rows
+
+
+class _Stop(Exception):
+    pass
+
+
+def _three_ranks_worker(rank, init_file, results):
+    """On 3 ranks of unequal sizes: all_gather's backward (each rank's own rows of the summed
+    gradient), sharded_loss's loss and gradients (torch backend), then the backend sharded_loss
+    hands distillcse_loss for "triton" and "auto" (recorded, the loss not computed)."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=3,
+                            timeout=datetime.timedelta(seconds=300))
+    try:
+        z1, z2, _, teachers = _batch()
+        g = torch.Generator().manual_seed(3)
+        w = torch.randn(B, D, generator=g, dtype=torch.float64)
+        a = z1[THREE_SHARDS[rank]].clone().requires_grad_(True)
+        (w * distillcse.all_gather(a)).sum().backward()
+        local = [t[THREE_SHARDS[rank]].clone().requires_grad_(True) for t in (z1, z2)]
+        loss = distillcse.sharded_loss(*local, [t[THREE_SHARDS[rank]] for t in teachers], backend="torch",
+                                       **SHARD_KEYWORDS)
+        loss.backward()
+        from distillcse import distributed
+        backends, real = [], distributed.distillcse_loss
+
+        def recording(*args, **kwargs):
+            backends.append(kwargs.get("backend", "auto"))
+            raise _Stop
+        distributed.distillcse_loss = recording
+        try:
+            for backend in ("triton", "auto"):
+                try:
+                    distillcse.sharded_loss(*local, [t[THREE_SHARDS[rank]] for t in teachers], backend=backend)
+                except _Stop:
+                    pass
+        finally:
+            distributed.distillcse_loss = real
+        pair = dist.new_group([1, 2])                              # a group that is not the world: rank 0 stays out
+        mismatch = None
+        if rank > 0:
+            try:
+                distillcse.all_gather(torch.zeros(2, 3 + rank), group=pair)
+            except ValueError as err:
+                mismatch = str(err)
+        results[rank] = (a.grad, loss.detach(), [t.grad for t in local], backends, mismatch)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_three_ranks_of_unequal_sizes(tmp_path):
+    """Three ranks whose first holds the fewest rows (2, 5, 4): a rank's rows start after the sum
+    of the ranks before it and span its own count (two ranks, or a first rank with the most rows,
+    cannot tell that from rank x the first rank's count, or from the first rank's count as the
+    span). sharded_loss keeps backend="triton" and takes "torch" for "auto" on several ranks. Ranks 1
+    and 2 in a group of their own, passing different widths, exchange the details in that group
+    (in the world's, which rank 0 never joins, they failed or waited)."""
+    results = mp.Manager().dict()
+    mp.spawn(_three_ranks_worker, args=(str(tmp_path / "init"), results), nprocs=3, join=True)
+    z1, z2, _, teachers = _batch()
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(B, D, generator=g, dtype=torch.float64)
+    z1, z2 = z1.requires_grad_(True), z2.requires_grad_(True)
+    loss = distillcse.distillcse_loss(z1, z2, teachers, backend="torch", **SHARD_KEYWORDS)
+    loss.backward()
+    for rank in range(3):
+        gathered_grad, rank_loss, grads, backends, mismatch = results[rank]
+        rows = THREE_SHARDS[rank]
+        torch.testing.assert_close(gathered_grad, 3 * w[rows], rtol=1e-12, atol=0, msg=f"rank {rank}")
+        torch.testing.assert_close(rank_loss, loss.detach(), rtol=1e-12, atol=0, msg=f"rank {rank} loss")
+        for name, grad, full in (("z1", grads[0], z1), ("z2", grads[1], z2)):
+            torch.testing.assert_close(grad, 3 * full.grad[rows], rtol=1e-10, atol=1e-14, msg=f"rank {rank} {name}")
+        assert backends == ["triton", "torch"], backends
+        if rank:                                                   # the group's ranks 0 and 1, in the group
+            assert mismatch is not None and "rank 0: [n, 4] float32; rank 1: [n, 5] float32" in mismatch, mismatch
