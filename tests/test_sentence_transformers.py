@@ -422,6 +422,28 @@ def test_gradient_caching_needs_sentence_transformers_6(monkeypatch):
     assert not DistillCSELoss(_Linear()).uses_gradient_cache
 
 
+def test_return_terms_false_is_accepted_and_true_refused():
+    """return_terms=False, distillcse_loss's own default given explicitly, leaves the loss alone as
+    this module returns it: only True (a tuple the trainer cannot take) is refused."""
+    columns, labels = _columns_and_labels()
+    loss = DistillCSELoss(_Linear(), return_terms=False, shuffle="expected")(columns, labels)
+    torch.testing.assert_close(loss, DistillCSELoss(_Linear(), shuffle="expected")(columns, labels), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="return_terms: a sentence-transformers loss returns the loss alone"):
+        DistillCSELoss(_Linear(), return_terms=True)
+
+
+def test_labels_with_other_row_counts_are_refused_with_teacher_dims():
+    """With teacher_dims the labels' rows are checked as without: [8, 7] labels for 9 anchors are
+    refused by this module, with the shape it expects (not by distillcse_loss, later, as teachers
+    of 8 rows)."""
+    columns, labels = _columns_and_labels()
+    wide = labels.flatten(1)[:, :7]                         # [9, 7]: teachers of widths 4 and 3
+    assert DistillCSELoss(_Linear(), teacher_dims=(4, 3), shuffle="expected")(columns, wide).isfinite()
+    with pytest.raises(ValueError, match=r"labels: expected the teachers' embeddings of the 9 anchors, \[9, 7\] "
+                                         r"\(teacher_dims=\(4, 3\) side by side\).*got \(8, 7\)"):
+        DistillCSELoss(_Linear(), teacher_dims=(4, 3))(columns, wide[:8])
+
+
 OPTIONS = dict(temperature=0.1, student_temperature=0.05, teacher_temperature=0.02, distill_weight=0.5, group_p=0.3)
 
 
