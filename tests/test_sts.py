@@ -48,6 +48,17 @@ def test_load_task_errors():
         sts.load_task("STS13", data_dir="/nonexistent")
 
 
+def test_load_task_names_a_split_that_a_task_lacks(tmp_path):
+    """STS-B and SICK-R have train, dev and test: another split is a ValueError naming them (not a
+    KeyError), for the loader and for the check before a run."""
+    data = _senteval(tmp_path)
+    for task in ("STSBenchmark", "SICKRelatedness"):
+        with pytest.raises(ValueError, match=r"split: expected one of \['dev', 'test', 'train'\], got 'validation'"):
+            sts.load_task(task, "validation", data_dir=data)
+        with pytest.raises(ValueError, match="split: expected one of"):
+            sts.missing_files((task,), "validation", data)
+
+
 def test_spearman_averages_tied_ranks():
     pred = np.array([0.1, 0.4, 0.4, 0.9, 0.2])
     gold = np.array([1.0, 3.0, 2.0, 5.0, 2.0])
