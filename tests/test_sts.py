@@ -115,6 +115,21 @@ def test_evaluate_scores_each_task_on_its_split_and_averages_them(tmp_path):
     assert sts.evaluate(_angles, ("STS13",), max_pairs=3, data_dir=data) == pytest.approx({"STS13": 100.0})
 
 
+def test_load_task_returns_each_files_columns_in_order(tmp_path):
+    """``(sentences_a, sentences_b, gold)`` as the files hold them: STS13's input then gold file
+    per subset, in SentEval's subset order, the unscored pair dropped; STS-B's columns 5, 6 and 4;
+    SICK's 1, 2 and 3 under its header. The scores are symmetric in a and b, so only this sees
+    the two sentences swapped."""
+    data = _senteval(tmp_path)
+    a, b, gold = sts.load_task("STS13", data_dir=data)
+    assert a == ["x 0"] * 5 and b == ["x 10", "x 20", "x 30", "x 50", "x 5"]
+    assert gold.dtype == np.float64 and gold.tolist() == [5.0, 4.0, 2.0, 3.0, 1.0]
+    a, b, gold = sts.load_task("STSBenchmark", "dev", data)
+    assert (a, b, gold.tolist()) == (["x 0"] * 3, ["x 10", "x 20", "x 30"], [3.0, 2.0, 1.0])
+    a, b, gold = sts.load_task("SICKRelatedness", "dev", data)
+    assert (a, b, gold.tolist()) == (["x 0"] * 4, ["x 10", "x 20", "x 30", "x 40"], [4.0, 3.0, 1.0, 2.0])
+
+
 def test_missing_files_and_the_data_folder_variable(tmp_path, monkeypatch):
     """STS12-16 are looked for at their test split whatever ``split`` is; $DISTILLCSE_STS_DIR is
     the default folder."""
