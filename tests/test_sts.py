@@ -130,6 +130,18 @@ def test_load_task_returns_each_files_columns_in_order(tmp_path):
     assert (a, b, gold.tolist()) == (["x 0"] * 4, ["x 10", "x 20", "x 30", "x 40"], [4.0, 3.0, 1.0, 2.0])
 
 
+def test_load_task_skips_blank_lines_of_stsb_and_sick(tmp_path):
+    """A blank line in an STS-B or SICK file (a trailing one, or one between rows) is no pair."""
+    data = _senteval(tmp_path)
+    for task, path in (("STSBenchmark", tmp_path / "STS" / "STSBenchmark" / "sts-dev.csv"),
+                       ("SICKRelatedness", tmp_path / "SICK" / "SICK_trial.txt")):
+        expected = sts.load_task(task, "dev", data)
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(lines[:2]) + "\n" + "".join(lines[2:]) + "  \n\n")
+        a, b, gold = sts.load_task(task, "dev", data)
+        assert (a, b, gold.tolist()) == (expected[0], expected[1], expected[2].tolist())
+
+
 def test_missing_files_and_the_data_folder_variable(tmp_path, monkeypatch):
     """STS12-16 are looked for at their test split whatever ``split`` is; $DISTILLCSE_STS_DIR is
     the default folder."""
