@@ -142,6 +142,22 @@ def test_load_task_skips_blank_lines_of_stsb_and_sick(tmp_path):
         assert (a, b, gold.tolist()) == (expected[0], expected[1], expected[2].tolist())
 
 
+def test_pair_cosines_encodes_each_sentence_once_in_batches():
+    """Over several batches (batch_size 2, five distinct sentences) each sentence is encoded once,
+    shortest first, and every pair gets the cosine of its own two embeddings (float64)."""
+    a = ["x 0", "x 0", "x 90", "x 180"]
+    b = ["x 60", "x 90", "x 210", "x 0"]
+    batches = []
+
+    def encode(sentences):
+        batches.append(list(sentences))
+        return _angles(sentences)
+
+    cos = sts.pair_cosines(encode, a, b, batch_size=2)
+    assert batches == [["x 0", "x 60"], ["x 90", "x 180"], ["x 210"]]
+    assert cos.dtype == np.float64 and cos == pytest.approx([0.5, 0.0, -0.5, -1.0], abs=1e-6)
+
+
 def test_missing_files_and_the_data_folder_variable(tmp_path, monkeypatch):
     """STS12-16 are looked for at their test split whatever ``split`` is; $DISTILLCSE_STS_DIR is
     the default folder."""
