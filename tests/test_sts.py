@@ -182,6 +182,42 @@ def test_mean_pool_averages_the_real_tokens_only():
     assert torch.equal(sts.mean_pool(hidden, mask), torch.tensor([[2.0, 3.0], [7.0, 8.0]]))
 
 
+class _Batch(dict):
+    """What a Hugging Face tokenizer returns, as far as :class:`sts.Encoder` uses it."""
+
+    def to(self, device):
+        return _Batch({k: v.to(device) for k, v in self.items()})
+
+
+def _tokenize(sentences, max_length, **kwargs):
+    """Token i of "x A" is A + i, the sentences padded (mask 0) to the longest, cut at max_length."""
+    width = min(max(len(s.split()) for s in sentences), max_length)
+    ids = torch.tensor([[float(s.split()[1]) + i for i in range(width)] for s in sentences])
+    mask = torch.tensor([[int(i < len(s.split())) for i in range(width)] for s in sentences])
+    return _Batch(input_ids=ids, attention_mask=mask)
+
+
+class _Model(torch.nn.Module):
+    """An encoder whose hidden states are its token ids times its weight, through dropout."""
+
+    def __init__(self, weight=1.0):
+        super().__init__()
+        self.weight, self.dropout = torch.nn.Parameter(torch.tensor(weight)), torch.nn.Dropout(0.5)
+
+    def forward(self, input_ids, attention_mask):
+        return argparse.Namespace(last_hidden_state=self.dropout(input_ids[..., None].repeat(1, 1, 2) * self.weight))
+
+
+def test_encoder_leaves_an_eval_model_in_eval_mode():
+    """The encoder switches dropout off for its call and puts the mode back as it was: a model in
+    eval mode stays there (and one training trains again)."""
+    enc = sts.Encoder(_Model(), _tokenize, pooling="cls")
+    for training in (False, True):
+        enc.model.train(training)
+        assert torch.equal(enc(["x 3", "x 5 y"]), torch.tensor([[3.0, 3.0], [5.0, 5.0]]))  # no dropout
+        assert enc.model.training is training
+
+
 @needs_minilm
 def test_encoder_pools_without_dropout_and_restores_the_mode():
     """[CLS] pooling is the first token's last hidden state, taken in eval mode (no dropout)
