@@ -218,6 +218,14 @@ def test_encoder_leaves_an_eval_model_in_eval_mode():
         assert enc.model.training is training
 
 
+@pytest.mark.parametrize("pooling", ["max", "CLS", None])
+def test_encoder_refuses_another_pooling(pooling):
+    """Only mean and cls pooling: another name is a ValueError at construction (it would
+    otherwise mean-pool without a word)."""
+    with pytest.raises(ValueError, match=r"pooling: expected one of \('mean', 'cls'\), got " + repr(pooling)):
+        sts.Encoder(_Model(), _tokenize, pooling=pooling)
+
+
 @needs_minilm
 def test_encoder_pools_without_dropout_and_restores_the_mode():
     """[CLS] pooling is the first token's last hidden state, taken in eval mode (no dropout)
