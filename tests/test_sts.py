@@ -158,6 +158,17 @@ def test_pair_cosines_encodes_each_sentence_once_in_batches():
     assert cos.dtype == np.float64 and cos == pytest.approx([0.5, 0.0, -0.5, -1.0], abs=1e-6)
 
 
+def test_evaluate_announces_each_task_before_scoring_it(tmp_path):
+    """``progress(task)`` is called once a task, in order, before the task is read: a task whose
+    files are missing has been announced when its error comes."""
+    data, announced = _senteval(tmp_path), []
+    sts.evaluate(_angles, ("STSBenchmark", "SICKRelatedness"), split="dev", data_dir=data, progress=announced.append)
+    assert announced == ["STSBenchmark", "SICKRelatedness"]
+    with pytest.raises(FileNotFoundError, match="STS12-en-test"):
+        sts.evaluate(_angles, ("STS13", "STS12"), data_dir=data, progress=announced.append)
+    assert announced[2:] == ["STS13", "STS12"]
+
+
 def test_missing_files_and_the_data_folder_variable(tmp_path, monkeypatch):
     """STS12-16 are looked for at their test split whatever ``split`` is; $DISTILLCSE_STS_DIR is
     the default folder."""
