@@ -181,6 +181,17 @@ def test_missing_files_and_the_data_folder_variable(tmp_path, monkeypatch):
     assert sts.evaluate(_angles, ("STSBenchmark",)) == pytest.approx({"STSBenchmark": -100.0})
 
 
+def test_the_default_data_folder_is_next_to_the_repository(monkeypatch):
+    """Without $DISTILLCSE_STS_DIR (or with it empty) the data is ../shared/data/sts/downstream of
+    the repository root: the tests that need the data skip, not fail, when that path is wrong."""
+    expected = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
+                                             "data", "sts", "downstream"))
+    monkeypatch.delenv("DISTILLCSE_STS_DIR", raising=False)
+    assert sts.default_data_dir() == expected
+    monkeypatch.setenv("DISTILLCSE_STS_DIR", "")
+    assert sts.default_data_dir() == expected
+
+
 def test_format_scores_is_a_markdown_row_with_two_decimals():
     assert sts.format_scores({"STS12": 70.1234, "STSBenchmark": 80.0, "avg": 75.0617}) == \
         "| STS12 | STS-B | avg. |\n| ---: | ---: | ---: |\n| 70.12 | 80.00 | 75.06 |"
