@@ -58,6 +58,14 @@ def test_an_unusable_device_is_a_usage_error(command, device, paths, no_models, 
     assert not os.path.exists(paths["OUT"])
 
 
+@pytest.mark.parametrize("argv,required", [([], "command"), (["bench"], "bench_command")])
+def test_a_missing_command_is_a_usage_error(argv, required, paths, capsys):
+    """``distillcse`` and ``distillcse bench`` without their command exit 2 naming it (not a silent
+    exit 0, nor a traceback from the plot branch)."""
+    code, err = _exit(argv, paths, capsys)
+    assert code == 2 and f"error: the following arguments are required: {required}" in err
+
+
 def test_train_batch_size_needs_two_rows(paths, no_models, capsys):
     code, err = _exit(["train", "--out", "OUT", "--sentences", "SENTENCES", "--batch-size", "1"], paths, capsys)
     assert code == 2 and "argument --batch-size: expected a number >= 2, got 1" in err
