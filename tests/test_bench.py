@@ -308,6 +308,18 @@ def test_bench_memory_table_and_plots(memory_run, tmp_path):
         _assert_png(str(tmp_path / name))
 
 
+def test_bench_plot_writes_next_to_the_csv_by_default(memory_run, tmp_path, monkeypatch):
+    """Without --out, `bench plot` puts the PNGs in the CSV's folder, not in the working directory."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "run" / "results.csv").write_text((memory_run / "results.csv").read_text())
+    monkeypatch.chdir(tmp_path / "cwd")
+    main(["bench", "plot", str(tmp_path / "run" / "results.csv")])
+    for name in ("memory_vs_batch.png", "time_vs_batch.png"):
+        _assert_png(str(tmp_path / "run" / name))
+    assert os.listdir(tmp_path / "cwd") == []
+
+
 @pytest.mark.parametrize("command,files", [
     ("memory", ("results.csv", "results.md", "memory_vs_batch.png", "time_vs_batch.png")),
     ("targets", ("targets.csv", "targets.md")),
