@@ -66,6 +66,14 @@ def test_a_missing_command_is_a_usage_error(argv, required, paths, capsys):
     assert code == 2 and f"error: the following arguments are required: {required}" in err
 
 
+def test_python_dash_m_distillcse_runs_the_command_line():
+    """``python -m distillcse ...`` is the command line (the README's form): a usage error there
+    exits 2 with the usage of ``distillcse bench``, not 0 with nothing done."""
+    done = subprocess.run([sys.executable, "-m", "distillcse", "bench"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("usage: distillcse bench") and "required: bench_command" in done.stderr
+
+
 def test_train_batch_size_needs_two_rows(paths, no_models, capsys):
     code, err = _exit(["train", "--out", "OUT", "--sentences", "SENTENCES", "--batch-size", "1"], paths, capsys)
     assert code == 2 and "argument --batch-size: expected a number >= 2, got 1" in err
