@@ -218,10 +218,12 @@ def test_a_bad_chunk_budget_variable_is_named(value):
 
 
 @pytest.mark.parametrize("env,nbytes,checked", [({}, 128 * 2**20, True),
-                                                ({"DISTILLCSE_CHUNK_MIB": "2.5", "DISTILLCSE_CHECK_FINITE": "0"}, 5 * 2**19, False)])
+                                                ({"DISTILLCSE_CHUNK_MIB": "2.5", "DISTILLCSE_CHECK_FINITE": "0"}, 5 * 2**19, False),
+                                                ({"DISTILLCSE_CHECK_FINITE": " OFF\n"}, 128 * 2**20, False),
+                                                ({"DISTILLCSE_CHECK_FINITE": "yes"}, 128 * 2**20, True)])
 def test_settings_from_the_environment(env, nbytes, checked):
     """128 MiB and the finite check on by default; $DISTILLCSE_CHUNK_MIB in MiB (2^20 bytes);
-    $DISTILLCSE_CHECK_FINITE=0 turns the check off."""
+    $DISTILLCSE_CHECK_FINITE=0 (or false, no, off in any case, spaces around) turns the check off."""
     env = dict({k: v for k, v in os.environ.items() if not k.startswith("DISTILLCSE_")}, **env)
     code = "from distillcse import config; print(config.chunk_budget_bytes(), config.finite_check_enabled())"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
