@@ -257,6 +257,21 @@ def test_finite_check_can_be_turned_off():
         distillcse.set_finite_check(0)
 
 
+def test_finite_check_block_restores_the_setting():
+    """The setting before the block comes back after it: also when the block raises, and when it
+    was off (a block inside ``finite_check(False)`` leaves the check off)."""
+    before = config.finite_check_enabled()
+    for outer in (True, False):
+        with distillcse.finite_check(outer):
+            with distillcse.finite_check(not outer):
+                assert config.finite_check_enabled() is not outer
+            assert config.finite_check_enabled() is outer
+            with pytest.raises(KeyError), distillcse.finite_check(not outer):
+                raise KeyError
+            assert config.finite_check_enabled() is outer
+    assert config.finite_check_enabled() is before
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_empty_hard_negatives_are_none(backend):
     """A [0, D] batch of hard negatives (a data pipeline's batch with none) is no hard negatives."""
