@@ -231,8 +231,10 @@ def test_settings_from_the_environment(env, nbytes, checked):
     assert done.stdout.split() == [str(nbytes), str(checked)]
 
 
-@pytest.mark.parametrize("mib,nbytes", [(np.int64(64), 64 * 2**20), (np.float32(1.5), 3 * 2**19)])
+@pytest.mark.parametrize("mib,nbytes", [(np.int64(64), 64 * 2**20), (np.float32(1.5), 3 * 2**19),
+                                       (np.float16(1.5), 3 * 2**19)])
 def test_chunk_budget_takes_numpy_numbers(mib, nbytes):
+    """Any real number of MiB, taken as a Python float: float16's 1.5 x 2^20 would overflow."""
     with distillcse.chunk_budget(mib):
         assert config.chunk_budget_bytes() == nbytes
 
