@@ -282,6 +282,17 @@ def test_tensor_memory_counts_storages_largest_first():
     assert mem.largest[:3] == (4000, (1000,), torch.float32) and c.nbytes == 400
 
 
+def test_tensor_memory_counts_every_output_of_an_op():
+    """An op with several outputs (sort: values and int64 indices) allocates each: 4000 + 8000
+    bytes, both listed at the peak; the input, made before the block, is not counted."""
+    x = torch.rand(1000)
+    with TensorMemory() as mem:
+        values, indices = torch.sort(x)
+    assert mem.peak == 12000 and [(n, shape, dtype) for n, shape, dtype, _ in mem.at_peak] == [
+        (8000, (1000,), torch.int64), (4000, (1000,), torch.float32)]
+    assert mem.largest[:3] == (8000, (1000,), torch.int64) and values.nbytes + indices.nbytes == 12000
+
+
 @triton.jit
 def _doubled(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK)
