@@ -318,3 +318,17 @@ def test_tensor_memory_frees_what_interpreted_launches_keep_in_cycles():
             gc.enable()
     assert mem.peak == 2 * 4096, mem.at_peak
     assert GridExecutor.__call__ is launch
+
+
+def test_tensor_memory_restores_the_launcher_when_the_block_raises():
+    """An error inside the block (a failed check in a memory test) still gives interpreted launches
+    back to the interpreter, uncollected, and ends the tracking."""
+    from triton.runtime.interpreter import GridExecutor
+    launch = GridExecutor.__call__
+    with pytest.raises(KeyError), TensorMemory() as mem:
+        x, y = torch.ones(1024, device=DEVICE), torch.zeros(1024, device=DEVICE)
+        _doubled[(1,)](x, y, 1024, BLOCK=1024)
+        raise KeyError
+    assert GridExecutor.__call__ is launch
+    torch.ones(4096)
+    assert mem.peak == 2 * 4096
