@@ -293,6 +293,15 @@ def test_tensor_memory_counts_every_output_of_an_op():
     assert mem.largest[:3] == (8000, (1000,), torch.int64) and values.nbytes + indices.nbytes == 12000
 
 
+def test_tensor_memory_counts_a_storage_once():
+    """``unsafe_split`` returns views whose schema has no alias mark: the storage they share,
+    counted when ``ones`` made it, is not counted again (4000 bytes, not 12000)."""
+    with TensorMemory() as mem:
+        x = torch.ones(1000)
+        halves = torch.unsafe_split(x, 500)
+    assert mem.peak == 4000 and len(mem.at_peak) == 1 and halves[1].data_ptr() == x.data_ptr() + 2000
+
+
 @triton.jit
 def _doubled(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK)
