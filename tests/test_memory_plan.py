@@ -302,6 +302,14 @@ def test_tensor_memory_counts_a_storage_once():
     assert mem.peak == 4000 and len(mem.at_peak) == 1 and halves[1].data_ptr() == x.data_ptr() + 2000
 
 
+def test_tensor_memory_counts_the_whole_storage_of_a_padded_tensor():
+    """A [100, 10] float32 tensor whose rows are 16 apart holds 99 x 16 + 10 floats: the storage
+    (6376 bytes) is what is allocated, not the 4000 bytes of its elements."""
+    with TensorMemory() as mem:
+        padded = torch.empty_strided((100, 10), (16, 1))
+    assert mem.peak == 6376 == padded.untyped_storage().nbytes() and mem.largest[:2] == (6376, (100, 10))
+
+
 @triton.jit
 def _doubled(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK)
