@@ -349,3 +349,23 @@ def test_tensor_memory_restores_the_launcher_when_the_block_raises():
     assert GridExecutor.__call__ is launch
     torch.ones(4096)
     assert mem.peak == 2 * 4096
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the collection follows interpreted launches")
+def test_tensor_memory_collects_after_a_launch_that_fails():
+    """A launch that raises (here BLOCK 1000, not a power of two) is followed by a collection too:
+    with the collector off, three rounds of a failed launch on two 4 KiB tensors, the error caught
+    and the tensors dropped, still peak at two."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with TensorMemory() as mem:
+            for _ in range(3):
+                x, y = torch.ones(1024, device=DEVICE), torch.zeros(1024, device=DEVICE)
+                with pytest.raises(Exception):
+                    _doubled[(1,)](x, y, 1024, BLOCK=1000)
+                del x, y
+    finally:
+        if enabled:
+            gc.enable()
+    assert mem.peak == 2 * 4096, mem.at_peak
