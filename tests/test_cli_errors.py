@@ -74,6 +74,16 @@ def test_python_dash_m_distillcse_runs_the_command_line():
     assert done.stderr.startswith("usage: distillcse bench") and "required: bench_command" in done.stderr
 
 
+@pytest.mark.parametrize("argv", [[], ["train"], ["bench", "memory"], ["bench", "train"], ["bench", "targets"]])
+def test_help_shows_code_in_single_backticks(argv, capsys):
+    """The commands' descriptions are their modules' docstrings, with reST's double backticks
+    turned into single ones on the terminal."""
+    with pytest.raises(SystemExit) as done:
+        main(argv + ["--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "`distillcse " in out and "``" not in out
+
+
 def test_train_batch_size_needs_two_rows(paths, no_models, capsys):
     code, err = _exit(["train", "--out", "OUT", "--sentences", "SENTENCES", "--batch-size", "1"], paths, capsys)
     assert code == 2 and "argument --batch-size: expected a number >= 2, got 1" in err
