@@ -845,6 +845,27 @@ def test_a_failed_checkpoint_save_keeps_the_previous_one(tmp_path, monkeypatch):
     assert torch.load(path) == {"step": 2} and os.listdir(tmp_path) == ["checkpoint.pt"]
 
 
+def test_a_checkpoint_save_interrupted_or_failing_before_it_writes_keeps_the_previous_one(tmp_path, monkeypatch):
+    """A Ctrl-C during the save (KeyboardInterrupt: not an Exception) also removes the partial copy;
+    a save that fails before it writes anything raises its own error, not the cleanup's."""
+    path = str(tmp_path / "checkpoint.pt")
+    train._atomic_save({"step": 2}, path)
+
+    def interrupted(obj, f):
+        open(f, "wb").write(b"half")
+        raise KeyboardInterrupt
+
+    def refused(obj, f):
+        raise PermissionError(13, "Permission denied")
+
+    for save, error in ((interrupted, KeyboardInterrupt), (refused, PermissionError)):
+        monkeypatch.setattr(train.torch, "save", save)
+        with pytest.raises(error):
+            train._atomic_save({"step": 4}, path)
+        monkeypatch.undo()
+        assert torch.load(path) == {"step": 2} and os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
 def test_the_signal_handlers_are_restored_after_training():
     """SIGINT and SIGTERM stop at the step's end only during training: afterwards their handlers are
     the ones from before."""
