@@ -829,6 +829,25 @@ def test_a_failed_save_of_the_best_student_keeps_the_previous_one(tmp_path):
     assert (best / "weights").read_text() == "step 4" and sorted(os.listdir(tmp_path)) == ["best"]
 
 
+def test_a_kill_while_the_old_best_student_is_removed_leaves_a_folder_the_next_save_replaces(tmp_path):
+    """A kill after the swap, while best.old is being removed, leaves best/ (the new one) and
+    best.old beside it: the next save keeps neither the leftover nor a stale copy, and best/
+    is the student it saved."""
+    best = tmp_path / "best"
+
+    def save(text):
+        def write(folder):
+            os.makedirs(folder)
+            (tmp_path / folder / "weights").write_text(text)
+        return write
+    train._save_folder(save("step 2"), str(best))
+    train._save_folder(save("step 4"), str(best))
+    os.makedirs(tmp_path / "best.old")                      # what the kill left of step 2's
+    (tmp_path / "best.old" / "weights").write_text("step 2")
+    train._save_folder(save("step 6"), str(best))
+    assert (best / "weights").read_text() == "step 6" and sorted(os.listdir(tmp_path)) == ["best"]
+
+
 def test_a_failed_checkpoint_save_keeps_the_previous_one(tmp_path, monkeypatch):
     """checkpoint.pt is replaced in one step: a save that fails half-way (a full disk) leaves the
     previous file and no partial copy beside it."""
@@ -873,6 +892,50 @@ def test_the_signal_handlers_are_restored_after_training():
     with train._StopAtStepEnd(log=lambda *a: None) as stop:
         assert all(signal.getsignal(sig) == stop._handler for sig in before)
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_training_outside_the_main_thread_leaves_the_signals_alone():
+    """Python sets signal handlers in the main thread only: a training loop run from another
+    thread (a notebook's worker, a job runner) neither fails nor changes the handlers."""
+    import threading
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    seen = []
+
+    def run():
+        try:
+            with train._StopAtStepEnd(log=lambda *a: None) as stop:
+                seen.append(({sig: signal.getsignal(sig) for sig in before}, stop.requested(1, torch.device("cpu"))))
+        except Exception as err:   # noqa: BLE001 - reported below
+            seen.append(err)
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert seen == [(before, False)]
+
+
+def test_a_signal_on_any_rank_stops_every_rank(monkeypatch):
+    """With several ranks, requested() is the all-reduced maximum of their signals: a rank that
+    got none stops too, with the other rank's signal; none anywhere: no stop."""
+    for elsewhere in (0, int(signal.SIGTERM)):
+        def all_reduce(flag, op):
+            assert op == train.dist.ReduceOp.MAX
+            flag.fill_(max(int(flag.item()), elsewhere))
+        monkeypatch.setattr(train.dist, "all_reduce", all_reduce)
+        stop = train._StopAtStepEnd(log=lambda *a: None)
+        assert stop.requested(2, torch.device("cpu")) == bool(elsewhere)
+        assert stop.signum == (elsewhere or None)
+
+
+def test_ctrl_c_without_a_signal_number_exits_with_130(monkeypatch):
+    """A KeyboardInterrupt raised by Python's own Ctrl-C handler (no signum on it) exits with 130
+    (128 + SIGINT), as a shell reports it."""
+    def interrupted(args, log):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train", interrupted)
+    with pytest.raises(SystemExit) as exited:
+        train.run_train(None)
+    assert exited.value.code == 128 + signal.SIGINT
 
 
 def test_the_global_batch_needs_a_row_on_each_rank(tmp_path, sentences, monkeypatch):
