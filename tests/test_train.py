@@ -369,6 +369,31 @@ def test_resume_refuses_each_training_setting(tmp_path, sentences, monkeypatch, 
         train.train(_args(out, sentences, **{option: value}), log=lambda *a: None)
 
 
+@pytest.mark.parametrize("option,there", [
+    ("out", "/elsewhere/run"), ("device", "cuda"), ("no_progress", False), ("eval_every", 5), ("save_every", 7),
+    ("test", True), ("test_pairs", 10), ("sts_dir", "/elsewhere/downstream"), ("shard_loss", True),
+    ("mini_batch_size", 3)])
+def test_resume_accepts_each_setting_of_where_and_how_it_runs(tmp_path, sentences, monkeypatch, option, there):
+    """A checkpoint whose run differed only in where or how it ran and reported (a moved folder,
+    another device, evaluation and save periods, the test suite, sharding, mini-batches) is
+    resumed: the settings compare as the same, and the models load."""
+    out = tmp_path / "run"
+    out.mkdir()
+    saved = vars(_args(out, os.path.realpath(sentences)))
+    saved[option] = there
+    torch.save({"args": saved}, os.path.join(out, train.CHECKPOINT))
+
+    class Compared(Exception):
+        pass
+
+    def settings_accepted(*args, **kwargs):
+        raise Compared
+
+    monkeypatch.setattr(train, "load_encoder", settings_accepted)
+    with pytest.raises(Compared):
+        train.train(_args(out, sentences), log=lambda *a: None)
+
+
 def test_signals_stop_where_the_step_ends(tmp_path, sentences, monkeypatch):
     """SIGINT during the step-2 evaluation and SIGTERM inside step 3's update (after the
     optimizer's step, before the step counts) each stop the run where that step ends, with its
