@@ -87,10 +87,11 @@ def test_train_resumes_exactly_after_an_interruption(tmp_path, sentences, monkey
 
     real_loss = train.distillcse_loss
     monkeypatch.setattr(train, "distillcse_loss", _interrupted_at_third_step(real_loss))
-    out = tmp_path / "split"
+    out, stopped = tmp_path / "split", []
     with pytest.raises(KeyboardInterrupt):
-        train.train(_args(out, sentences), log=lambda *a: None)
+        train.train(_args(out, sentences), log=stopped.append)
     assert torch.load(os.path.join(out, train.CHECKPOINT))["state"]["step"] == 2
+    assert any("interrupted during step 3: the checkpoint of step 2 stands" in m for m in stopped), stopped
     monkeypatch.setattr(train, "distillcse_loss", real_loss)
     messages = []
     resumed = train.train(_args(out, sentences), log=messages.append)
@@ -184,6 +185,37 @@ def test_a_diverged_or_foreign_run_is_named(tmp_path, sentences, monkeypatch):
         train.train(_args(tmp_path / "foreign", sentences), log=lambda *a: None)
 
 
+def test_a_checkpoint_of_something_else_or_of_another_student_is_named(tmp_path, sentences):
+    """checkpoint.pt holding a tensor (torch.load reads it, it has no settings) is named as no
+    checkpoint of ours; one with this run's settings whose student weights are not this
+    student's is named as not matching it, not load_state_dict's traceback."""
+    out = tmp_path / "tensor"
+    out.mkdir()
+    torch.save(torch.zeros(2), os.path.join(out, train.CHECKPOINT))
+    with pytest.raises(SystemExit, match=r"checkpoint.pt: not a distillcse train checkpoint \(AttributeError"):
+        train.train(_args(out, sentences), log=lambda *a: None)
+    out = tmp_path / "other"
+    out.mkdir()
+    torch.save({"args": vars(_args(out, os.path.realpath(sentences))), "student": {"weight": torch.zeros(2)}},
+               os.path.join(out, train.CHECKPOINT))
+    with pytest.raises(SystemExit, match=r"checkpoint.pt: does not match this run's student, head or optimizer "
+                                         r"\(RuntimeError"):
+        train.train(_args(out, sentences), log=lambda *a: None)
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_says_there_is_none(tmp_path, sentences, monkeypatch):
+    """A fresh run whose first step diverges has no checkpoint to fall back on, and says so (not
+    "the checkpoint of step 0")."""
+    real_loss = train.distillcse_loss
+
+    def nan(z1, *args, **kwargs):
+        return real_loss(z1 * float("nan"), *args, **kwargs)
+
+    monkeypatch.setattr(train, "distillcse_loss", nan)
+    with pytest.raises(SystemExit, match=r"step 1: the training diverged \(z1 contains NaN or Inf\); no checkpoint yet\."):
+        train.train(_args(tmp_path / "run", sentences, eval_every=0), log=lambda *a: None)
+
+
 def test_checkpoint_between_evaluations(tmp_path, sentences, monkeypatch):
     """Without evaluations a process killed mid-run (no KeyboardInterrupt to catch) keeps the
     checkpoint of its last --save-every step, and the same command resumes from it."""
@@ -203,7 +235,7 @@ def test_checkpoint_between_evaluations(tmp_path, sentences, monkeypatch):
     monkeypatch.setattr(train, "distillcse_loss", real_loss)
     messages = []
     train.train(_args(out, sentences, eval_every=0, save_every=2), log=messages.append)
-    assert any("resumed" in m and "step 2" in m for m in messages)
+    assert any("resumed" in m and "at step 2 (no best student yet)" in m for m in messages), messages
     assert torch.load(os.path.join(out, train.CHECKPOINT))["state"]["step"] == 4
     with open(os.path.join(out, "train_log.csv")) as f:   # step 3's first row went with the kill
         rows = list(csv.DictReader(f))
