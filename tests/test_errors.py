@@ -336,6 +336,17 @@ def test_a_folder_without_a_model_is_named(tmp_path):
         main(["sts", str(tmp_path)])
 
 
+def test_a_file_given_relatively_as_a_model_is_named(tmp_path, monkeypatch):
+    """A model named by a relative path that is a file (config.json in the current folder) is named
+    as a file, not sent to the Hugging Face hub as a model name."""
+    pytest.importorskip("transformers")
+    from distillcse.__main__ import main
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="model config.json: a file, not a model's folder"):
+        main(["sts", "config.json"])
+
+
 @pytest.mark.parametrize("backend,B", [("torch", 8), pytest.param("triton", 8, marks=requires_triton),
                                        pytest.param("triton", 70, marks=requires_triton)])
 def test_a_second_derivative_is_refused(backend, B):

@@ -699,6 +699,17 @@ def test_read_pairs_reads_csv_and_tsv(tmp_path):
     assert train.read_pairs(str(long))[0][1] == "b" and csv.field_size_limit() == 131072
 
 
+def test_read_pairs_skips_lines_of_spaces_and_reads_a_tsv_named_in_capitals(tmp_path):
+    """A line of spaces is a blank line, not a row of one column; PAIRS.TSV is tab-separated too
+    (the comma in its cell is text)."""
+    spaced = tmp_path / "spaced.csv"
+    spaced.write_text("sent0,sent1\nA,B\n   \nC,D\n")
+    assert train.read_pairs(str(spaced)) == [("A", "B"), ("C", "D")]
+    upper = tmp_path / "PAIRS.TSV"
+    upper.write_text("anchor\tpositive\nA man, smiling\tA man smiles\n")
+    assert train.read_pairs(str(upper)) == [("A man, smiling", "A man smiles")]
+
+
 @pytest.mark.parametrize("text,message", [
     ("sent0\nA\n", "expected a header line of 2 columns (anchor, positive) or 3 (anchor, positive, hard negative), "
                    "got 1: ['sent0']"),
