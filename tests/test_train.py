@@ -1006,6 +1006,36 @@ def test_ctrl_c_without_a_signal_number_exits_with_130(monkeypatch):
     assert exited.value.code == 128 + signal.SIGINT
 
 
+def test_a_process_group_train_joins_is_left_and_one_it_was_given_is_not(monkeypatch):
+    """Under torchrun (WORLD_SIZE 2, no group yet) train() joins a gloo group for a CPU run and
+    destroys it when training ends, also by an error; a group the caller initialised is used as
+    is and left for the caller to destroy (torch.distributed faked)."""
+    group, calls = [], []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(train.dist, "is_initialized", lambda: bool(group))
+    monkeypatch.setattr(train.dist, "init_process_group", lambda backend: calls.append(backend) or group.append(1))
+    monkeypatch.setattr(train.dist, "destroy_process_group", lambda: calls.append("destroy") or group.clear())
+    monkeypatch.setattr(train.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(train.dist, "get_world_size", lambda: 2)
+
+    def fake_train(args, log, device, rank, world):
+        calls.append((device.type, rank, world))
+        if args.fail:
+            raise SystemExit("failed")
+
+    monkeypatch.setattr(train, "_train", fake_train)
+    train.train(argparse.Namespace(device="cpu", fail=False))
+    assert calls == ["gloo", ("cpu", 1, 2), "destroy"] and not group
+    calls.clear()
+    with pytest.raises(SystemExit, match="failed"):
+        train.train(argparse.Namespace(device="cpu", fail=True))
+    assert calls == ["gloo", ("cpu", 1, 2), "destroy"] and not group
+    calls.clear()
+    group.append(1)                                         # the caller's
+    train.train(argparse.Namespace(device="cpu", fail=False))
+    assert calls == [("cpu", 1, 2)] and group
+
+
 def test_the_global_batch_needs_a_row_on_each_rank(tmp_path, sentences, monkeypatch):
     """Nine ranks cannot share a batch of 8: refused before any model loads."""
     monkeypatch.setattr(train, "load_encoder", lambda *a, **k: pytest.fail("a model loaded"))
