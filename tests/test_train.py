@@ -1009,7 +1009,8 @@ def test_ctrl_c_without_a_signal_number_exits_with_130(monkeypatch):
 def test_a_process_group_train_joins_is_left_and_one_it_was_given_is_not(monkeypatch):
     """Under torchrun (WORLD_SIZE 2, no group yet) train() joins a gloo group for a CPU run and
     destroys it when training ends, also by an error; a group the caller initialised is used as
-    is and left for the caller to destroy (torch.distributed faked)."""
+    is and left for the caller to destroy; without --device on a machine without CUDA the group
+    is gloo too, not nccl (torch.distributed faked)."""
     group, calls = [], []
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(train.dist, "is_initialized", lambda: bool(group))
@@ -1034,6 +1035,11 @@ def test_a_process_group_train_joins_is_left_and_one_it_was_given_is_not(monkeyp
     group.append(1)                                         # the caller's
     train.train(argparse.Namespace(device="cpu", fail=False))
     assert calls == [("cpu", 1, 2)] and group
+    calls.clear()
+    group.clear()
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)   # no --device, no GPU: gloo
+    train.train(argparse.Namespace(device=None, fail=False))
+    assert calls == ["gloo", ("cpu", 1, 2), "destroy"]
 
 
 def test_the_global_batch_needs_a_row_on_each_rank(tmp_path, sentences, monkeypatch):
