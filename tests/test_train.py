@@ -328,6 +328,39 @@ def test_each_epoch_has_its_own_order_and_the_rate_decays_over_the_epochs(tmp_pa
     assert [group["weight_decay"] for group in groups] == [0.0]
 
 
+def test_the_seed_chooses_the_data_order(tmp_path, sentences, monkeypatch):
+    """--seed draws the data order too, not only dropout: the first batch of --seed 0 and of
+    --seed 1 are different sentences (8 of 80)."""
+    batches, real_load = {}, train.load_encoder
+
+    for seed in (0, 1):
+        def recording_the_teachers_rows(*args, **kwargs):
+            encoder = real_load(*args, **kwargs)
+            if kwargs.get("option") == "--teacher":
+                tokenize = encoder.tokenize
+                encoder.tokenize = lambda rows, *a: batches.setdefault(seed, list(rows)) and tokenize(rows, *a)
+            return encoder
+        monkeypatch.setattr(train, "load_encoder", recording_the_teachers_rows)
+        train.train(_args(tmp_path / f"seed{seed}", sentences, max_steps=1, eval_every=0, seed=seed),
+                    log=lambda *a: None)
+    assert len(batches[0]) == len(batches[1]) == 8 and set(batches[0]) != set(batches[1])
+
+
+def test_the_command_trains_the_losses_defaults_and_clips_at_1(tmp_path):
+    """`distillcse train` without loss options trains distillcse_loss's own defaults (the paper's
+    temperatures and Group-P), clips the gradients' norm at 1.0 and takes batches of 64, as its
+    help and SimCSE's trainer say."""
+    import inspect
+    parser = argparse.ArgumentParser()
+    train.add_train_arguments(parser)
+    args = parser.parse_args(["--out", str(tmp_path)])
+    defaults = inspect.signature(train.distillcse_loss).parameters
+    for name in ("temperature", "student_temperature", "teacher_temperature", "distill_weight", "distill_only",
+                 "group_p", "shuffle", "backend"):
+        assert getattr(args, name) == defaults[name].default, name
+    assert (args.max_grad_norm, args.batch_size) == (1.0, 64)
+
+
 def test_the_best_student_is_selected_on_sts_b_dev_and_tested(tmp_path, sentences):
     """--lr 1e-2 wrecks the student, so that the best trained step is not the last. The log's
     STS-B dev scores (step 0, the pristine student; step 2; step 3, the last step, off the
@@ -1043,10 +1076,19 @@ def test_a_process_group_train_joins_is_left_and_one_it_was_given_is_not(monkeyp
 
 
 def test_the_global_batch_needs_a_row_on_each_rank(tmp_path, sentences, monkeypatch):
-    """Nine ranks cannot share a batch of 8: refused before any model loads."""
+    """Nine ranks cannot share a batch of 8: refused before any model loads; eight can (a row each)."""
     monkeypatch.setattr(train, "load_encoder", lambda *a, **k: pytest.fail("a model loaded"))
     with pytest.raises(SystemExit, match="--batch-size 8: the global batch needs a row on each of 9 ranks"):
         train._train(_args(tmp_path / "run", sentences), lambda *a: None, torch.device("cpu"), 0, 9)
+
+    class Accepted(Exception):
+        pass
+
+    def accepted(*args, **kwargs):
+        raise Accepted
+    monkeypatch.setattr(train, "load_encoder", accepted)
+    with pytest.raises(Accepted):
+        train._train(_args(tmp_path / "run", sentences), lambda *a: None, torch.device("cpu"), 0, 8)
 
 
 def test_each_loss_setting_and_the_truncation_reach_every_step(tmp_path, sentences, monkeypatch):
