@@ -383,6 +383,26 @@ def test_the_best_student_is_selected_on_sts_b_dev_and_tested(tmp_path, sentence
     assert result["test"] == pytest.approx(sts.evaluate(best, max_pairs=20), abs=1e-9)
 
 
+def test_the_test_suite_scores_best_in_the_students_pooling_at_128_tokens(tmp_path, sentences, monkeypatch):
+    """--pooling cls, --eval-every 0 (OUT/best: the last student), the STS test on: the suite scores
+    OUT/best pooled as the student trained (cls, not the default mean), truncated at evaluation's
+    128 tokens (not --max-seq-length), on every test task's first --test-pairs pairs of --sts-dir
+    (sts.evaluate faked: it records what it was given)."""
+    calls = []
+
+    def evaluate(encoder, tasks=sts.STS_TASKS, **kwargs):
+        calls.append((encoder.pooling, encoder.max_length, tuple(tasks), kwargs.get("split", "test"),
+                      kwargs["max_pairs"], kwargs["data_dir"]))
+        return {task: 50.0 for task in tasks}
+
+    monkeypatch.setattr(train.sts, "evaluate", evaluate)
+    args = _args(tmp_path / "run", sentences, test=True, max_steps=1, eval_every=0, pooling="cls", test_pairs=7,
+                 max_seq_length=16, sts_dir=sts.default_data_dir())
+    result = train.train(args, log=lambda *a: None)
+    assert calls == [("cls", 128, sts.STS_TASKS, "test", 7, sts.default_data_dir())]
+    assert result["test"] == {task: 50.0 for task in sts.STS_TASKS}
+
+
 def test_teachers_give_their_eval_mode_embeddings_in_their_pooling(tmp_path, sentences, monkeypatch):
     """The student with --pooling cls and two --teacher components (--teacher-pooling mean, the
     default), dropout on: at each step the loss gets one [8, 384] target per component, every row
