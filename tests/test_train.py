@@ -243,6 +243,32 @@ def test_checkpoint_between_evaluations(tmp_path, sentences, monkeypatch):
     assert [float(row["seconds"]) for row in rows] == sorted(float(row["seconds"]) for row in rows)
 
 
+def test_a_resumed_run_counts_its_time_from_the_first_run(tmp_path, sentences, monkeypatch):
+    """The log's seconds are the run's own time across resumes: a clock that advances 10 s at each
+    reading gives step 1 10 s; the run is interrupted in step 2, and the resume's step 2 logs 20 s
+    (10 s of the first run, 10 of its own), not 10."""
+    import itertools
+    clock = itertools.count(1000.0, 10.0)
+    monkeypatch.setattr(train, "time", argparse.Namespace(time=lambda: next(clock)))
+    real_loss, calls = train.distillcse_loss, []
+
+    def interrupted_at_second_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train, "distillcse_loss", interrupted_at_second_step)
+    run = dict(max_steps=2, eval_every=0, save_every=1)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(_args(tmp_path / "run", sentences, **run), log=lambda *a: None)
+    monkeypatch.setattr(train, "distillcse_loss", real_loss)
+    train.train(_args(tmp_path / "run", sentences, **run), log=lambda *a: None)
+    with open(os.path.join(tmp_path / "run", "train_log.csv")) as f:
+        assert [(row["step"], row["seconds"]) for row in csv.DictReader(f)] == [("1", "10.0"), ("2", "20.0")]
+    assert torch.load(os.path.join(tmp_path / "run", train.CHECKPOINT))["state"]["seconds"] == 20.0
+
+
 def test_the_mlp_head_trains_resumes_and_is_clipped(tmp_path, sentences, monkeypatch):
     """--mlp-head: the head trains (its weights move), and its state resumes with the student's:
     a kill while step 2's checkpoint.pt is written (a torn file) leaves step 1's whole, and the
