@@ -936,6 +936,20 @@ def test_keep_layers_keeps_evenly_spaced_layers_first_and_last_included():
         train.keep_layers(model, 7)
 
 
+def test_keep_layers_names_an_encoder_without_bert_s_layer_list():
+    """--student-layers of an encoder whose layers are not encoder.layer (DistilBERT's are
+    transformer.layer; a stand-in whose encoder.layer is a plain list) is an error naming the
+    model, not a TypeError from inside."""
+    distil = transformers.DistilBertModel(transformers.DistilBertConfig(vocab_size=100, dim=8, n_layers=2, n_heads=2,
+                                                                        hidden_dim=16))
+    with pytest.raises(SystemExit, match=r"--student-layers: DistilBertModel has no encoder.layer list"):
+        train.keep_layers(distil, 1)
+    stand_in = torch.nn.Module()
+    stand_in.encoder = argparse.Namespace(layer=[torch.nn.Linear(2, 2)] * 3)
+    with pytest.raises(SystemExit, match=r"--student-layers: Module has no encoder.layer list"):
+        train.keep_layers(stand_in, 1)
+
+
 def test_mlp_head_is_tanh_over_a_linear_layer():
     """SimCSE's MLP: tanh(W x + b), so its outputs lie in (-1, 1)."""
     head = train.MLPHead(4)
