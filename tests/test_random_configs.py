@@ -157,8 +157,9 @@ def copied_sentences(draw):
 def test_copied_sentences_rank_as_the_torch_backend(config):
     """Ties from repeated sentences, up to B = 1,024, rank in column order in the triton backend
     (the one program, the pairwise thresholds' tie cuts) as in the torch backend's stable sort:
-    the same loss and gradients in fp32."""
+    the same loss and gradients, against its float64 run within 10 times its own fp32 error."""
     inputs, kw = config
-    ref = run("torch", inputs, torch.float32, DEVICE, **kw)
+    ref = run("torch", round_trip(inputs, torch.float32), torch.float64, "cpu", **kw)  # teacher logits exact
+    limits = [max(2e-5, 10 * e) for e in _errors(*run("torch", inputs, torch.float32, "cpu", **kw), *ref)]
     errors = _errors(*run("triton", inputs, torch.float32, DEVICE, **kw), *ref)
-    assert max(errors) <= 2e-5, errors
+    assert all(e <= limit for e, limit in zip(errors, limits)), (errors, limits)
