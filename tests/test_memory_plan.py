@@ -6,6 +6,7 @@ within its budget plus O(B G) tables; and no B x B tensor is ever allocated. Als
 torch backend's chunks (`test_torch_backend_within_budget`), and a whole step of the public
 loss at the headline size, B = 65,536, with the GPU's block shapes and the kernels stubbed
 (`test_the_headline_step`). And TensorMemory's own count (`test_tensor_memory_*`)."""
+import contextlib
 import gc
 import os
 
@@ -316,23 +317,29 @@ def _doubled(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     tl.store(y_ptr + i, 2 * tl.load(x_ptr + i, mask=i < n), mask=i < n)
 
 
+@contextlib.contextmanager
+def _collector_off():
+    """Python's cyclic garbage collector off inside the block, as it was after."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def test_tensor_memory_frees_what_interpreted_launches_keep_in_cycles():
     """A GPU launch keeps no reference to its arguments; the interpreter's keeps them in cycles
     until a collection. With the collector off, three rounds of two 4 KiB tensors, each launched
     on and dropped, still peak at two; after the block launches are the interpreter's own again."""
     from triton.runtime.interpreter import GridExecutor
     launch = GridExecutor.__call__
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        with TensorMemory() as mem:
-            for _ in range(3):
-                x, y = torch.ones(1024, device=DEVICE), torch.zeros(1024, device=DEVICE)
-                _doubled[(1,)](x, y, 1024, BLOCK=1024)
-                del x, y
-    finally:
-        if enabled:
-            gc.enable()
+    with _collector_off(), TensorMemory() as mem:
+        for _ in range(3):
+            x, y = torch.ones(1024, device=DEVICE), torch.zeros(1024, device=DEVICE)
+            _doubled[(1,)](x, y, 1024, BLOCK=1024)
+            del x, y
     assert mem.peak == 2 * 4096, mem.at_peak
     assert GridExecutor.__call__ is launch
 
@@ -356,16 +363,10 @@ def test_tensor_memory_collects_after_a_launch_that_fails():
     """A launch that raises (here BLOCK 1000, not a power of two) is followed by a collection too:
     with the collector off, three rounds of a failed launch on two 4 KiB tensors, the error caught
     and the tensors dropped, still peak at two."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        with TensorMemory() as mem:
-            for _ in range(3):
-                x, y = torch.ones(1024, device=DEVICE), torch.zeros(1024, device=DEVICE)
-                with pytest.raises(Exception):
-                    _doubled[(1,)](x, y, 1024, BLOCK=1000)
-                del x, y
-    finally:
-        if enabled:
-            gc.enable()
+    with _collector_off(), TensorMemory() as mem:
+        for _ in range(3):
+            x, y = torch.ones(1024, device=DEVICE), torch.zeros(1024, device=DEVICE)
+            with pytest.raises(Exception):
+                _doubled[(1,)](x, y, 1024, BLOCK=1000)
+            del x, y
     assert mem.peak == 2 * 4096, mem.at_peak

@@ -75,6 +75,18 @@ def _interrupted_at_third_step(real_loss):
     return loss
 
 
+def _stop_at_the_model(monkeypatch):
+    """``train.load_encoder`` raising the returned exception: a run that raises it passed every
+    check of its settings made before the first model loads."""
+    class ReachedTheModel(Exception):
+        pass
+
+    def reached(*args, **kwargs):
+        raise ReachedTheModel
+    monkeypatch.setattr(train, "load_encoder", reached)
+    return ReachedTheModel
+
+
 def test_train_resumes_exactly_after_an_interruption(tmp_path, sentences, monkeypatch):
     """Interrupted at step 3, then resumed: the uninterrupted run's weights and best score, bit for
     bit, and its log. A log left without a checkpoint (a run killed before its first) is started
@@ -494,14 +506,7 @@ def test_resume_accepts_each_setting_of_where_and_how_it_runs(tmp_path, sentence
     saved[option] = there
     torch.save({"args": saved}, os.path.join(out, train.CHECKPOINT))
 
-    class Compared(Exception):
-        pass
-
-    def settings_accepted(*args, **kwargs):
-        raise Compared
-
-    monkeypatch.setattr(train, "load_encoder", settings_accepted)
-    with pytest.raises(Compared):
+    with pytest.raises(_stop_at_the_model(monkeypatch)):
         train.train(_args(out, sentences), log=lambda *a: None)
 
 
@@ -1141,13 +1146,7 @@ def test_the_global_batch_needs_a_row_on_each_rank(tmp_path, sentences, monkeypa
     with pytest.raises(SystemExit, match="--batch-size 8: the global batch needs a row on each of 9 ranks"):
         train._train(_args(tmp_path / "run", sentences), lambda *a: None, torch.device("cpu"), 0, 9)
 
-    class Accepted(Exception):
-        pass
-
-    def accepted(*args, **kwargs):
-        raise Accepted
-    monkeypatch.setattr(train, "load_encoder", accepted)
-    with pytest.raises(Accepted):
+    with pytest.raises(_stop_at_the_model(monkeypatch)):
         train._train(_args(tmp_path / "run", sentences), lambda *a: None, torch.device("cpu"), 0, 8)
 
 
