@@ -204,16 +204,15 @@ def _contrastive_run(backend, inputs, dtype, device, rows):
     return loss.detach().double().cpu(), [g.double().cpu() for g in torch.autograd.grad(loss, leaves)]
 
 
-def _share_runs(backend, inputs, dtype, loss, **kw):
-    """(loss, gradients) of each share of SHARD_CUTS: ``loss`` "distillcse", "distill" (its
+def _share_runs(backend, inputs, dtype, loss, cuts=SHARD_CUTS, **kw):
+    """(loss, gradients) of each share of ``cuts``: ``loss`` "distillcse", "distill" (its
     distill_only form) or "contrastive", with a chunk budget of 32-row slabs (a share spans several)."""
     device = DEVICE if backend == "triton" else "cpu"
     with distillcse.chunk_budget(130 * 8 * 32 / 2**20):
         if loss == "contrastive":
-            return [_contrastive_run(backend, inputs, dtype, device, (a, b))
-                    for a, b in zip(SHARD_CUTS[:-1], SHARD_CUTS[1:])]
+            return [_contrastive_run(backend, inputs, dtype, device, (a, b)) for a, b in zip(cuts[:-1], cuts[1:])]
         kw = dict(kw, distill_only=True) if loss == "distill" else kw
-        return [run(backend, inputs, dtype, device, rows=(a, b), **kw) for a, b in zip(SHARD_CUTS[:-1], SHARD_CUTS[1:])]
+        return [run(backend, inputs, dtype, device, rows=(a, b), **kw) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
 @pytest.mark.parametrize("shuffle,loss,thresholds", [
@@ -247,15 +246,11 @@ def test_shares_of_a_batch_the_one_program_kernel_takes(loss):
     """B = 37 fits the one-program kernel as a whole, a shard never takes it: the share from row
     0 (and the one after it) each equal the torch backend's share, hard negatives included."""
     inputs = make_batch(37, 40, (24,), Bh=5)
-    for rows in ((0, 19), (19, 37)):
-        if loss == "contrastive":
-            got, want = (_contrastive_run(b, inputs, torch.float32, d, rows)
-                         for b, d in (("triton", DEVICE), ("torch", "cpu")))
-        else:
-            got, want = (run(b, inputs, torch.float32, d, rows=rows, shuffle="expected", group_p=0.2)
-                         for b, d in (("triton", DEVICE), ("torch", "cpu")))
-        assert rel_err(got[0], want[0], floor=1.0) < 2e-5
-        for g, wg in zip(got[1], want[1]):
+    kw = dict(cuts=(0, 19, 37), shuffle="expected", group_p=0.2)
+    got, want = (_share_runs(backend, inputs, torch.float32, loss, **kw) for backend in ("triton", "torch"))
+    for (share, grads), (want_share, want_grads) in zip(got, want):
+        assert rel_err(share, want_share, floor=1.0) < 2e-5
+        for g, wg in zip(grads, want_grads):
             assert rel_err(g, wg) < 2e-5
 
 
