@@ -126,7 +126,7 @@ def distill(B, D, dtype, teacher_dtype, n_thr=9):
     first = torch.empty(rows, chunks, n_thr + 1, dtype=torch.int32)
     perm = torch.empty(6, rows, n_thr + 1, dtype=torch.int32)
     grad = slab_buffer(rows, B, "cpu", torch.float32 if dtype == torch.float32 else torch.bfloat16)
-    compact, cross = slab_buffer(rows, B, "cpu", grad.dtype), torch.empty(rows, chunks)
+    compact, nll = slab_buffer(rows, B, "cpu", grad.dtype), torch.empty(rows, chunks)
     dots = slab_buffer(rows, B, "cpu")  # a slab's cuBLAS dots, student's or teacher's (row stride aligned(B))
     ld = dots.stride(0)
     teacher_grid = (rows // K._slab_blocks(B, "random")[0]["BM"], chunks)
@@ -146,7 +146,7 @@ def distill(B, D, dtype, teacher_dtype, n_thr=9):
             for both_sides in (True, False) if targets < 2 else (False,):  # False: a shard's rows
                 slab_blocks = K._slab_blocks(B, shuffle, ties)[1]
                 K._distill_slab_kernel[(rows // slab_blocks["BM"], chunks)](
-                    dots, r, dots, r, thr, thr, cut, r, r, qbar, first, compact, perm, cross, grad, 0, B, ld, n_thr,
+                    dots, r, dots, r, thr, thr, cut, r, r, qbar, first, compact, perm, nll, grad, 0, B, ld, n_thr,
                     n_thr, width, chunks, rows, 40.0, 80.0, BG=BG, TARGETS=targets, WRITE_GRAD=True, TIES=ties,
                     BOTH_SIDES=both_sides, **slab_blocks)
     lo = None if dtype == torch.float32 else torch.empty(B, D, dtype=torch.int8)

@@ -24,7 +24,9 @@ with its ``tie_cuts``, the columns before ``cut[i, g]`` compare with ``low[i, g]
 2. ``distill_loss_and_grad``: per slab of R rows, cuBLAS writes the raw dots ``x[slab] x^T``
    and ``t[slab] t^T`` [R, B] in fp32, and a (row block, column chunk) grid reads their tiles
    and writes the gradient factors ``G_rj = student_scale (p_rj - q~_rj)`` to an [R, B] buffer
-   and the loss's cross term ``sum_j q~_rj s_rj``. s is symmetric, so row r's
+   and the loss's terms ``sum_j q~_rj (lse_s_r - l_rj)``, l = student_scale s (each difference
+   before the sum: ``lse_s_r`` and ``sum_j q~_rj l_rj`` are both near student_scale, and their
+   difference would lose their last bits). s is symmetric, so row r's
    gradient is ``sum_j (G_rj + G_jr) u_j``: with shuffle none or expected the kernel writes
    both sides (any row's targets are at hand) and one GEMM finishes the slab's rows; the
    random shuffle's ranks exist for the slab rows only, so there ``_accumulate_slab_kernel``
@@ -628,7 +630,7 @@ def _distill_slab_kernel(
     p_first,  # [R, C, G] int32, as in _compact_targets_kernel (random)
     p_compact,  # [R, B] targets in group order (random; G's dtype)
     p_perm,  # [6, R, G] int32: start, size, h, b, rounds, key (bits) of each group's sigma (random)
-    p_cross,  # [R, C] fp32 out: sum over chunk c of q~_rj s_rj
+    p_nll,  # [R, C] fp32 out: sum over chunk c of q~_rj (lse_s_r - student_scale s_rj), -q~ log p
     p_grad,  # [R, B] out (G's dtype): M_rj = G_rj rx_j, or (G_rj + G_jr) rx_j with BOTH_SIDES; 0 on the diagonal
     row0, B, ld, s_thr, n_thr: tl.constexpr, chunk_width, n_chunks, R, student_scale, teacher_scale,
     BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, TARGETS: tl.constexpr,
@@ -649,7 +651,7 @@ def _distill_slab_kernel(
                          mask=m_m[:, None] & (o_g < n_groups), other=0)  # [BM, BG]
     b_lse_s = tl.load(p_lse_s + o_m, mask=m_m, other=0.0)
     s_perm = R * n_groups  # stride between the tables of p_perm
-    b_cross = tl.zeros([BM], dtype=tl.float32)
+    b_nll = tl.zeros([BM], dtype=tl.float32)
     col0, n_end, ld_end = _chunk_bounds(i_c, chunk_width, B, ld)
     for i_n in range(0, tl.cdiv(chunk_width, BN)):
         o_n = col0 + i_n * BN + tl.arange(0, BN).to(tl.int64)
@@ -686,8 +688,9 @@ def _distill_slab_kernel(
 
         b_s = slab_tile(p_xs, p_rx, o_r, o_m, m_m, o_n, m_n, m_ld, ld)  # cosines [BM, BN]
         b_rx_n = tl.load(p_rx + o_n, mask=m_n, other=0.0)
-        b_p = tl.exp(b_s * student_scale - b_lse_s[:, None])
-        b_cross += tl.sum(tl.where(m_in, b_qt * b_s, 0.0), axis=1)
+        b_nlp = b_lse_s[:, None] - b_s * student_scale  # -log p [BM, BN]
+        b_p = tl.exp(-b_nlp)
+        b_nll += tl.sum(tl.where(m_in, b_qt * b_nlp, 0.0), axis=1)
         if WRITE_GRAD:
             b_g = b_p - b_qt
             if BOTH_SIDES:  # the column side: row j's factor at column r (TARGETS < 2)
@@ -706,7 +709,7 @@ def _distill_slab_kernel(
             b_g = tl.where(m_in, student_scale * b_g, 0.0)
             tl.store(p_grad + o_r[:, None] * ld + o_n[None, :], b_g.to(p_grad.dtype.element_ty),
                      mask=m_m[:, None] & m_n[None, :])  # not m_ld: that took ~90 SASS more a tile (B = 144, sm_90a)
-    tl.store(p_cross + o_r * n_chunks + i_c, b_cross, mask=m_m)
+    tl.store(p_nll + o_r * n_chunks + i_c, b_nll, mask=m_m)
 
 
 @triton.jit
@@ -1093,7 +1096,7 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
                           thr=None, qbar=None, ties=None, step_seed=None, budget_bytes, need_grad=True, chunks=None,
                           rows=None, grad_scale=None):
     """Loss rows [B] fp32 and dx [B, D] in x's dtype (None without ``need_grad``):
-    ``loss_i = lse_s_i - student_scale sum_{j != i} q~_ij s_ij`` and ``dx = d(sum_i loss_i)/dx``
+    ``loss_i = sum_{j != i} q~_ij (lse_s_i - student_scale s_ij)`` and ``dx = d(sum_i loss_i)/dx``
     through ``u = x rx``.
 
     ``x`` [B, D] raw student rows, ``rx`` [B] fp32 inverse norms, ``t`` [B, Dt] raw teacher rows
@@ -1164,7 +1167,6 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
     chunk_width = cdiv(cdiv(B, max(1, min(chunks, cdiv(B, BN)))), BN) * BN
     chunks = cdiv(B, chunk_width)
 
-    ones = torch.ones(chunks, device=x.device)  # sums a slab's cross terms over its chunks
     v = (x if x.dtype == grad_dtype else x.to(grad_dtype)) if need_grad else None  # the GEMMs' rows, raw
     # [rows, B] slabs with row stride ld (utils.slab_buffer: aligned rows, zero padding)
     s_dots = slab_buffer(R, B, x.device)  # x[slab] x^T
@@ -1193,14 +1195,13 @@ def distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, student_scale, teacher_sca
                 _compact_targets_kernel[teacher_grid](
                     t_dots, rt, thr, low, cut, lse_t, first, compact, row0, B, ld, thr.stride(0), n_thr, chunk_width,
                     chunks, rows, float(teacher_scale), BG=BG, TIES=with_ties, **teacher_blocks)
-            cross = torch.empty(rows, chunks, device=x.device, dtype=torch.float32)
+            nll = torch.empty(rows, chunks, device=x.device, dtype=torch.float32)
             _distill_slab_kernel[(cdiv(rows, slab_blocks["BM"]), chunks)](
-                s_dots, rx, t_dots, rt, thr, low, cut, lse_s, lse_t, qbar, first, compact, perm, cross,
+                s_dots, rx, t_dots, rt, thr, low, cut, lse_s, lse_t, qbar, first, compact, perm, nll,
                 grad[row0 - grad0:], row0, B, ld, thr.stride(0), n_thr, chunk_width, chunks, rows, float(student_scale),
                 float(teacher_scale), BG=BG, TARGETS=targets, WRITE_GRAD=need_grad, TIES=with_ties,
                 BOTH_SIDES=targets < 2 and not accumulate, **slab_blocks)
-            # lse_s - scale sum_j q~ s: the chunks' sums and the difference in one op (a GEMV)
-            torch.addmv(lse_s[slab], cross, ones, alpha=-student_scale, out=loss[slab])
+            torch.sum(nll, dim=1, out=loss[slab])  # over the chunks
         if not need_grad:
             continue
         g, rows_g = grad[:grad_rows], slice(grad0, grad0 + grad_rows)

@@ -195,6 +195,26 @@ def test_distill_two_rows(shuffle, device):
     assert (dx.abs().max() / rx.max()).item() <= 2e-5 * STUDENT, "dx"
 
 
+@pytest.mark.parametrize("B", [37, 130])
+def test_distill_small_row_losses_keep_their_precision(B, device):
+    """A student close to its teacher: row losses down to ~5e-4, where lse_s and the sum of q l
+    are both near STUDENT = 40. Each row's loss sums q (lse_s - l) term by term, so it is within
+    2 eps STUDENT of float64 (computed as their difference, it was 5.6 and 7.7 eps STUDENT off)."""
+    from distillcse.kernels.distill import distill_loss_and_grad, distill_row_stats
+
+    gen = torch.Generator().manual_seed(1)
+    t = torch.randn(B, 48, generator=gen)
+    x = t + 0.05 * torch.randn(B, 48, generator=gen)
+    rx, rt = 1 / x.norm(dim=1), 1 / t.norm(dim=1)
+    x, rx, t, rt = (v.to(device) for v in (x, rx, t, rt))
+    stats = distill_row_stats(x, rx, t, rt, STUDENT, TEACHER, GROUPING, budget_bytes=BIG)
+    loss, _ = distill_loss_and_grad(x, rx, t, rt, stats[0], stats[1], STUDENT, TEACHER, budget_bytes=1 << 20)
+    ref = _reference(x, rx, t, rt)[5]
+    assert ref.min().item() < 1e-3  # small rows, where the difference's rounding shows
+    err = (loss.double() - ref).abs().max().item()
+    assert err <= 2 * torch.finfo(torch.float32).eps * STUDENT, f"row loss {err:.2e} off"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shuffle", ["none", "expected"])
 def test_distill_half_precision(dtype, shuffle, device):

@@ -36,12 +36,12 @@ def test_the_paper_batch_launches(launch_count, shuffle, launches):
 def test_no_host_sync_in_the_streaming_kernels(launch_count):
     """B = 130 (streaming; the Group-P thresholds from the pairwise kernel): no host sync and no
     tensor made from host data (a host-to-device copy), so a step can be captured in a CUDA
-    graph; the only GEMMs are matmul_f32's (beside the distillation slab's GEMV of its cross terms)."""
+    graph; the only GEMMs are matmul_f32's."""
     kernels, ops, check_ops = launch_count.count(130, 16, 24, 5, "expected", general=False)
     assert "_small_batch_kernel" not in kernels and sum(kernels.values()) >= 8
     assert ops.syncs == 0
     assert ops.ops["matmul_f32"] >= 9 and not {"mm", "addmm", "matmul", "bmm"} & set(ops.ops), ops.ops
-    assert ops.ops["addmv"] == 1 and "sub" not in ops.ops, ops.ops  # one slab: its loss rows in one op
+    assert ops.ops["sum"] == 1 and "sub" not in ops.ops, ops.ops  # one slab: its loss rows in one op
     assert check_ops.syncs == 1
 
 
