@@ -109,8 +109,11 @@ class DistillChunked(torch.autograd.Function):
                 du[rows] += g @ u
                 du.addmm_(g.T, u[rows])
                 del g
-            logits[torch.arange(len(rows)), rows] = 0.0  # the diagonal, whose target is 0
-            loss_rows[rows] = lse - (q_tilde * logits).sum(-1)
+            # sum_j q~_ij (lse_i - l_ij), each difference before the sum (lse_i and sum_j q~_ij l_ij
+            # are both near 1 / tau_s, and their difference would lose their last bits)
+            log_p = logits.sub_(lse[:, None])  # in place: [R, B]
+            log_p[torch.arange(len(rows)), rows] = 0.0  # the diagonal, whose target is 0
+            loss_rows[rows] = -(q_tilde * log_p).sum(-1)
         ctx.save_for_backward(du)
         start, stop = shard
         return loss_rows[start:stop].sum() / B
