@@ -421,6 +421,36 @@ def test_probe_evaluation(device, monkeypatch, fixed):
                 assert buf[i, g, :n].sort().values.double().tolist() == v[i, lo[i, g]:lo[i, g] + n].tolist()
 
 
+def test_probe_collection_at_the_row_buffers_edges(device, monkeypatch):
+    """The probe kernel's row buffers (G1 * BUFFER = 24 slots, ``_split_windows``) at their edges:
+    row 1's three windows hold exactly 24 values, each window's top a value of the row (not
+    inside it): all are kept; row 0's one window holds 25, the 25th in column order (column 129)
+    in the last column tile: its windows are empty, and its 25th value stays out of row 1's
+    buffer, which follows it."""
+    import distillcse.kernels.group_partition as gp
+
+    monkeypatch.setattr(gp, "BUFFER", 8)
+    B, G1 = 130, 3
+    rows = teachers(B, 48, device, seed=2)
+    t, lse, _, _ = row_stats(rows, 2.0)
+    r = torch.tensor([0, 1], device=device)
+    eye = torch.eye(B, dtype=torch.bool, device=device)
+    v, order = t.masked_fill(eye, math.inf)[r].sort(1)
+    v, order = v[:, :-1], order[:, :-1]  # [2, B - 1] each row's values, ascending, and their columns
+    assert order[0, 30:55].max() == 129 and (order[0, 30:55] < 128).sum() == 24  # row 0: the 25th arrives last
+    lo = torch.tensor([[30, 0, 0], [5, 40, 80]], device=device)
+    hi = lo + torch.tensor([[25, 0, 0], [8, 8, 8]], device=device)
+    wlo, whi = v.float().gather(1, lo), v.float().gather(1, hi)  # [wlo, whi): the values lo .. hi - 1
+    wlo[0, 1:] = whi[0, 1:] = math.nan  # no window
+    assert (v[1, hi[1]] > v[1, hi[1] - 1]).all() and v[0, 55] > v[0, 54]  # no tie at a window's top
+    x = v[:, 10:26].float()  # 16 points, one block
+    probes = gp._KernelProbes(rows[0], rows[1], lse, 2.0, G1, False)
+    _, _, _, count, buf = probes(r, x, (wlo, whi), False)
+    assert count.tolist() == [[0, 0, 0], [8, 8, 8]]
+    for g in range(G1):
+        assert buf[1, g].sort().values.double().tolist() == v[1, lo[1, g]:hi[1, g]].tolist()
+
+
 def test_inverse_cubic_is_exact_on_a_cubic(device):
     """The crossing estimate of the search (``_inverse_cubic``): where x is a cubic in the
     measure m, the estimate through the four probe points around the crossing is x(y) and
