@@ -263,6 +263,17 @@ def test_partition_small_and_single_group(device, method):
     assert torch.isfinite(group_thresholds(*row, lse, t_min, t_max, 1.0)).all()
 
 
+@pytest.mark.parametrize("B,group_p,group_size,method", [(65, 1 / 64, None, "search"), (65, 1 / 64, None, "pairwise"),
+                                                          (129, 0.1, 2, "pairwise")])
+def test_partition_with_the_most_groups(device, B, group_p, group_size, method):
+    """G = MAX_BOUNDARIES + 1 = 64 groups (of mass 1/64, or of 2 at B = 129) are accepted and split
+    as the naive sort does (one more group is refused: ``test_too_many_groups_and_bad_arguments``)."""
+    from distillcse.kernels.group_partition import MAX_BOUNDARIES
+
+    thr = check_partition(teachers(B, 48, device, seed=3), 1.0, group_p, group_size, method)
+    assert thr.shape == (B, MAX_BOUNDARIES)
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("shift", [5e-4, -5e-4])
 def test_partition_inexact_row_stats(device, shift, method):
