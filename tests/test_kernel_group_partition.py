@@ -328,6 +328,35 @@ def test_partition_multi_pass_inexact_row_stats(device, monkeypatch, shift):
     assert (kernel_groups(t, thr) == ref).all()
 
 
+def test_search_places_each_window_top_on_a_lane_of_its_own(device, monkeypatch):
+    """``_place_kernel`` in the later passes of a multi-pass search (an 8-value buffer, 9
+    boundaries on 16 lanes: the last open boundary may get one lane, the last): every open
+    window's top is a probe point, on a lane that no other open window of its row tops (the
+    measure there is the one its settling adds to)."""
+    import distillcse.kernels.group_partition as gp
+
+    class Spy:  # ``kernel[grid](*args)``, then the placed points, windows and top lanes kept
+        def __init__(self, kernel):
+            self.kernel, self.placed = kernel, []
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                self.kernel[grid](*args, **kwargs)
+                self.placed.append([a.clone() for a in args[9:13]])  # x, wlo, whi, top
+            return launch
+
+    monkeypatch.setattr(gp, "BUFFER", 8)
+    spy = Spy(gp._place_kernel)
+    monkeypatch.setattr(gp, "_place_kernel", spy)
+    check_partition(teachers(130, 48, device, seed=6), 1.0, 0.1, method="search")
+    for x, wlo, whi, top in spy.placed:
+        is_open = ~wlo.isnan()
+        assert torch.equal(x.gather(1, top.long())[is_open], whi[is_open])
+        lanes = torch.where(is_open, top, -1 - torch.arange(top.shape[1], device=device, dtype=top.dtype))
+        assert (lanes.sort(1).values.diff(dim=1) != 0).all(), "two windows topped by one lane"
+    assert any((top[~wlo.isnan()] == x.shape[1] - 1).any() for x, wlo, _, top in spy.placed), "no top on the last lane"
+
+
 def test_search_pass_count(device, monkeypatch):
     """B - 1 <= FILL * BUFFER: the first pass collects whole rows and settles everything."""
     passes = count_passes(monkeypatch)
