@@ -21,7 +21,7 @@ pytestmark = requires_triton
 NEAR_BOUNDARY = 1e-5
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
-from distillcse.kernels.group_partition import _inverse_cubic  # noqa: E402
+from distillcse.kernels.group_partition import _inverse_cubic, _next_up  # noqa: E402
 
 
 @triton.jit
@@ -33,6 +33,13 @@ def _estimate_kernel(p_xs, p_ms, p_i, p_y, p_est, p_slope, BP: tl.constexpr, BG:
     est, slope = _inverse_cubic(xs, ms, i_pass, y, BP)
     tl.store(p_est + o_g[None, :], est)
     tl.store(p_slope + o_g[None, :], slope)
+
+
+@triton.jit
+def _next_up_kernel(p_x, p_y, N: tl.constexpr):
+    """``_next_up`` of N values."""
+    o = tl.arange(0, N)
+    tl.store(p_y + o, _next_up(tl.load(p_x + o)))
 
 
 def teachers(B, Dt, device, dtype=torch.float32, dup=1, seed=0, zero_row=False, strided=False):
@@ -517,6 +524,18 @@ def test_inverse_cubic_is_exact_on_a_cubic(device):
     flat[9] = flat[10]  # two nodes with equal measures: no estimate through both (boundary 1's)
     run(flat)
     assert torch.isnan(est.cpu()).nonzero().flatten().tolist() == [1, 2, 7]
+
+
+def test_next_up_is_nextafter_towards_inf(device):
+    """``_next_up`` (the search's "float above": bracket ends without snaps, the lowest point a
+    window may take) is ``torch.nextafter(x, inf)`` on either side of zero, at zero and among the
+    subnormals: negative logits (anticorrelated teacher rows) go through it too."""
+    tiny = torch.finfo(torch.float32).tiny
+    x = torch.tensor([-3.5, -1.0, -0.3, -tiny, -1e-45, 0.0, 1e-45, tiny, 1e-30, 0.3, 1.0, 3.5, 1e38, -1e38,
+                      -0.7, 2.0 ** -20], device=device)
+    y = torch.empty_like(x)
+    _next_up_kernel[(1,)](x, y, N=16)
+    assert torch.equal(y, torch.nextafter(x, torch.full_like(x, math.inf)))
 
 
 @pytest.mark.parametrize("B,Dt,teacher_temperature,group_p,group_size,budget",
