@@ -214,6 +214,28 @@ def test_tie_cuts_when_the_threshold_is_the_next_value(device):
     assert kernel_groups(t, thr, (low, cut))[0].tolist() == [-1, 0, 0, 1, 1, 2, 2, 3]
 
 
+def test_tie_cuts_below_a_tie_at_the_bottom_of_the_row(device):
+    """A tie of three that is the row's smallest value straddles a fixed-size boundary: no value
+    lies below it, and ``low`` still sits strictly below the tie, within the statistics' margin
+    of t_min (not at the tie itself, where another summation order could round a tied logit
+    below it). Row 0 is e_0 and every rt is 1, so its logits are ``first``."""
+    from distillcse.kernels.group_partition import STATS_MARGIN, group_thresholds, tie_cuts
+
+    first = torch.tensor([1.0, 0.75, 0.5, 0.25, -0.5, -0.5, -0.5])
+    B = len(first)
+    x = torch.zeros(B, 16)
+    x[:, 0] = first
+    x[1:, 1:B] = 0.25 * torch.eye(B - 1)
+    rows = (x.to(device), torch.ones(B, device=device))
+    t, lse, t_min, t_max = row_stats(rows, 1.0)
+    assert t[0, 1:].tolist() == first[1:].tolist()
+    thr = group_thresholds(*rows, lse, t_min, t_max, 1.0, group_size=2, method="pairwise")
+    low, cut = tie_cuts(*rows, lse, t_min, t_max, thr, 1.0, group_size=2)
+    assert cut[0].tolist() == [0, 5]
+    assert -0.5 - 2 * STATS_MARGIN < low[0, 1].item() < -0.5
+    assert kernel_groups(t, thr, (low, cut))[0].tolist() == [-1, 0, 0, 1, 1, 2, 2]
+
+
 def test_tie_cuts_with_the_next_value_between_the_tied_columns(device):
     """A tie of two (columns 5 and 129) straddles a fixed-size boundary, and the next value below
     it (column 70, before the cut) lies in a column tile between them, where it is that tile's
