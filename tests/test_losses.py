@@ -367,6 +367,20 @@ def test_zero_vectors_behave_like_cosine_similarity():
                    loss_and_grads("reference", z1, z2, teachers, None, shuffle="expected")[0]) < 1e-12
 
 
+def test_cosine_clamps_each_norm_at_eps_1e_8():
+    """SPEC's ``cos(a, b) = a.b / (max(|a|, eps) max(|b|, eps))`` with eps = 1e-8 exactly: a row
+    of norm 1e-6 (above eps) keeps its true cosines, one of norm 1e-12 (below) is divided by
+    1e-8, on both sides of the matrix. The zero-row test cannot see eps: 0 / eps is 0 for any."""
+    g = torch.Generator().manual_seed(3)
+    a, b = (torch.nn.functional.normalize(torch.randn(n, 6, generator=g, dtype=F64), dim=-1) for n in (5, 7))
+    cos = a @ b.T
+    scale_a = torch.tensor([1.0, 1e-6, 1e-12, 2.0, 1e-9], dtype=F64)[:, None]
+    scale_b = torch.tensor([1e-12, 1e-6, 3.0, 1.0, 1e-7, 1e-10, 1.0], dtype=F64)[:, None]
+    want = cos * (scale_a / scale_a.clamp_min(1e-8)) * (scale_b / scale_b.clamp_min(1e-8)).T
+    torch.testing.assert_close(reference.cosine_matrix(scale_a * a, scale_b * b), want, rtol=1e-13, atol=0)
+    assert want[2, 2].item() == pytest.approx(1e-4 * cos[2, 2].item(), rel=1e-13)  # 1e-12 / 1e-8
+
+
 def test_distillcse_loss_defaults_are_the_spec():
     """Every default of the three functions and the module is SPEC.md's."""
     z1, z2, teachers, _ = make_batch(37, 16, (12,))
