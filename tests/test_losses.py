@@ -292,6 +292,23 @@ def test_random_mode_averages_to_expected():
         assert abs(samples.mean().item() - expected) < 5 * stderr + 1e-12
 
 
+def test_reference_random_shuffle_draws_every_permutation_of_a_group_uniformly():
+    """SPEC section 5: phi_i is a uniformly random permutation of each group. At B = 4 and
+    group_p = 1 (one group) row 0's three targets are permuted; its share of the loss takes one
+    of 3! = 6 values, one per permutation, each drawn 1/6 of the time (chi-square). The
+    average over draws cannot see this: any shuffle whose marginals are uniform (a random
+    cyclic shift: 3 of the 6) has the expected mode as its mean."""
+    z1, _, teachers, _ = make_batch(4, 6, (5,))
+    g = torch.Generator().manual_seed(11)
+    draws = 900
+    values = [round(reference.distill_loss(z1, teachers, group_p=1.0, generator=g, rows=(0, 1)).item(), 12)
+              for _ in range(draws)]
+    counts = torch.tensor([values.count(v) for v in set(values)], dtype=F64)
+    assert len(counts) == 6, sorted(set(values))
+    chi2 = ((counts - draws / 6) ** 2 / (draws / 6)).sum().item()
+    assert chi2 < 5 + 6 * math.sqrt(10) + 6  # p < 1e-4 under uniformity (df = 5)
+
+
 def test_same_seed_same_result_and_generator_seed():
     z1, z2, teachers, _ = make_batch(37, 16, (12,))
     a = loss_and_grads("torch", z1, z2, teachers, None, seed=123)
