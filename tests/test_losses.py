@@ -93,6 +93,23 @@ def test_reference_default_teacher_weights_are_uniform():
     assert reference.distill_loss(z1, teachers, **kw) == reference.distill_loss(z1, teachers, teacher_weights=[0.5, 0.5], **kw)
 
 
+def test_reference_defaults_are_the_spec():
+    """The reference's own defaults (its functions called directly, as the tests do; the API
+    passes every keyword) are SPEC.md's: tau = 0.05, tau_s = 0.025, tau_t = 0.0125, P = 0.1,
+    no group size, grouping temperature 1 and the random shuffle."""
+    z1, z2, teachers, _ = make_batch(37, 16, (12,))
+    spec = dict(student_temperature=0.025, teacher_temperature=0.0125, group_p=0.1, group_size=None,
+                grouping_temperature=1.0)
+    assert reference.contrastive_loss(z1, z2) == reference.contrastive_loss(z1, z2, temperature=0.05)
+    assert reference.distill_loss(z1, teachers, shuffle="expected") == \
+        reference.distill_loss(z1, teachers, shuffle="expected", **spec)
+    seeded = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    assert reference.distill_loss(z1, teachers, generator=seeded()) == \
+        reference.distill_loss(z1, teachers, shuffle="random", generator=seeded(), **spec)
+    t = reference.teacher_logits(teachers).fill_diagonal_(-math.inf).sort(dim=-1, descending=True).values[:, :-1]
+    assert torch.equal(reference.group_ids(t), reference.group_ids(t, 0.1, None, 1.0))
+
+
 @pytest.mark.parametrize("group_p,group_size,gtemp", [(0.3, None, 1.0), (0.1, None, 0.2), (None, 4, 1.0)])
 def test_group_ids_are_the_spec_formula(group_p, group_size, gtemp):
     """SPEC section 4 in plain Python floats against ``reference.group_ids``, which the torch
