@@ -361,6 +361,23 @@ def test_chunking_does_not_change_results():
         assert rel_err(g, w) < 1e-12
 
 
+@pytest.mark.parametrize("shuffle", ["none", "expected", "random"])
+def test_shares_in_ragged_chunks_are_the_unchunked_shares(shuffle):
+    """A share of the rows that the chunk budget cuts into chunks with a shorter last one (here
+    19 rows in 15 + 4, 11 + 8, 7 + 7 + 5 or 2-row chunks) has the loss and gradients of the same
+    share in one chunk: its last chunk stops at the share's end, not at the batch's (rows past
+    it would add their gradients to the share's)."""
+    z1, z2, teachers, hard = make_batch(37, 24, (16, 20), Bh=5)
+    for rows in ((0, 6), (6, 25), (25, 37)):
+        kw = dict(shuffle=shuffle, seed=3, group_p=0.2, rows=rows)
+        whole = loss_and_grads("torch", z1, z2, teachers, hard, **kw)
+        with distillcse.chunk_budget(0.02):  # 20,971 bytes
+            chunked = loss_and_grads("torch", z1, z2, teachers, hard, **kw)
+        assert rel_err(chunked[0], whole[0]) < 1e-13
+        for g, w in zip(chunked[1], whole[1]):
+            assert rel_err(g, w) < 1e-12
+
+
 def test_a_chunk_budget_below_one_teacher_row():
     """A budget smaller than one row's temporaries (104 bytes; a 48-wide teacher row's are 1,152)
     still writes the teachers' unit rows a row at a time: the same loss and gradients."""
