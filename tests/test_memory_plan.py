@@ -198,6 +198,22 @@ def test_torch_backend_within_budget(shuffle):
     assert mem.peak <= bound, (mem.peak, bound, mem.at_peak[:6])
 
 
+def test_torch_backend_contrastive_within_budget():
+    """backend="torch", the contrastive term: its chunks' [rows, B + B_h] temporaries (four at
+    the peak: a chunk's logits and exponentials while the next chunk's product is formed) fit
+    the chunk budget; beyond it only [B + B_h, D] tensors (the unit rows, the gradients and
+    their accumulators) and row vectors."""
+    import distillcse
+
+    B_, H_, D_, budget_mib = 256, 64, 32, 0.25
+    g = torch.Generator().manual_seed(0)
+    z1, z2, hn = (torch.randn(n, D_, generator=g, requires_grad=True) for n in (B_, B_, H_))
+    with distillcse.chunk_budget(budget_mib), TensorMemory() as mem:
+        distillcse.contrastive_loss(z1, z2, hard_negatives=hn, backend="torch").backward()
+    bound = budget_mib * 2**20 + 6 * (B_ + H_) * D_ * 4 + 16 * B_ * 8
+    assert mem.peak <= bound, (mem.peak, bound, mem.at_peak[:6])
+
+
 MiB = 2**20
 HEADLINE_B, HEADLINE_D, HEADLINE_H = 65_536, 768, 16_384
 ROW_TABLE_BYTES = 400  # per row: statistics, thresholds, the search's grid points and measures ([B, 32] x 2)
