@@ -174,6 +174,19 @@ def test_contrastive_hand_computed_b2():
         assert loss.item() == pytest.approx((row1 + row2) / 2, rel=1e-12)
 
 
+def test_contrastive_hand_computed_b2_where_a_negative_is_closer():
+    """Both rows' negative is closer than their positive (P_ii < 1/2, away from the log1p
+    branch, and the row's max is not the positive): loss_i = logsumexp_j(c_ij / tau) - c_ii / tau."""
+    z1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=F64)
+    z2 = torch.tensor([[0.0, 1.0], [1.0, 1.0]], dtype=F64)
+    tau, r = 0.05, 1 / math.sqrt(2)
+    row1 = math.log(math.exp(0.0) + math.exp(r / tau)) - 0.0
+    row2 = math.log(math.exp(1 / tau) + math.exp(r / tau)) - r / tau
+    for backend in ("reference", "torch"):
+        loss = distillcse.contrastive_loss(z1, z2, temperature=tau, backend=backend)
+        assert loss.item() == pytest.approx((row1 + row2) / 2, rel=1e-12)
+
+
 def test_distill_b2_is_zero():
     # One off-diagonal entry per row: the target and the student distribution are both 1.
     z1, _, teachers, _ = make_batch(2, 4, (3,))
