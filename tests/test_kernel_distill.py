@@ -350,6 +350,30 @@ def test_random_warns_when_its_accumulation_traffic_is_huge(device, monkeypatch)
     assert 'or use shuffle="expected"' not in str(caught[0].message)
 
 
+def test_random_traffic_warning_counts_the_gradient_slabs(device, monkeypatch):
+    """The accumulation runs once per gradient slab (several dot slabs' factors), so the traffic
+    announced is (B / R_grad) B D x 2 x 4 bytes for fp32 rows, with R_grad's slabs named: fp32
+    rows at B = 130 in 180,000 bytes run dot slabs of 64 rows in gradient slabs of 128 (two
+    accumulations, not three). At that traffic exactly nothing is said; a byte below, it is."""
+    import warnings
+
+    from distillcse.kernels import distill
+
+    x, rx, t, rt = _inputs(130, 96, 80, torch.float32, device, seed=1)
+    grouping = dict(group_p=0.1, group_size=None)
+    BM = distill._slab_blocks(130, "random")[1]["BM"]
+    R, R_grad = distill._random_slabs(130, 130, 180_000, 4, BM)
+    assert R < R_grad < 130, (R, R_grad)  # the case tests nothing unless the two differ
+    traffic = utils.cdiv(130, R_grad) * 130 * 96 * 2 * 4
+    monkeypatch.setattr(distill, "RANDOM_TRAFFIC_WARN_BYTES", traffic)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        _run_random(x, rx, t, rt, grouping, budget_bytes=180_000)
+    monkeypatch.setattr(distill, "RANDOM_TRAFFIC_WARN_BYTES", traffic - 1)
+    with pytest.warns(UserWarning, match=rf"runs {utils.cdiv(130, R_grad)} slabs of {R_grad} rows"):
+        _run_random(x, rx, t, rt, grouping, budget_bytes=180_000)
+
+
 @pytest.mark.parametrize("row_scale", [False, True], ids=["", "row_scale"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_accumulator_sums_like_fp32(dtype, row_scale, device):
