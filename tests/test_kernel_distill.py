@@ -645,12 +645,12 @@ def test_accumulate_slab_grid_within_cudas_limits(monkeypatch, m_dtype):
 
 
 def test_wide_accumulator_grid_is_the_common_one(monkeypatch, device):
-    """The WIDE variant (row blocks over two grid axes; here at most 2 on the second: 3 row blocks
-    of 128 as (1, 2, 2) programs under the interpreter, the last past B) adds what the common one
-    adds, bit for bit."""
+    """The WIDE variant (row blocks over two grid axes; here at most 2 on the second: 5 row blocks
+    of 128 as (1, 2, 3) programs under the interpreter, the last past B; the axes' sizes differ,
+    so a row index from the third's would skip blocks) adds what the common one adds, bit for bit."""
     from distillcse.kernels import distill
 
-    B, D, R = 300, 40, 24
+    B, D, R = 520, 40, 24
     g = torch.Generator().manual_seed(6)
     x = torch.randn(B, D, generator=g).to(device)
     rx = 1.0 / x.norm(dim=1)
