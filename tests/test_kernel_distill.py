@@ -215,6 +215,25 @@ def test_distill_small_row_losses_keep_their_precision(B, device):
     assert err <= 2 * torch.finfo(torch.float32).eps * STUDENT, f"row loss {err:.2e} off"
 
 
+@pytest.mark.parametrize("shuffle", ["none", "random"])
+def test_distill_row_statistics_of_any_stride(shuffle, device):
+    """lse_s and lse_t as views of stride 2 (the kernels read them at stride 1, as every row's
+    and column's statistic): the loss and dx of the contiguous ones, bit for bit."""
+    from distillcse.kernels.distill import distill_loss_and_grad, distill_row_stats
+    from distillcse.kernels.group_partition import group_thresholds
+
+    x, rx, t, rt = _inputs(37, 48, 32, torch.float32, device, seed=1)
+    lse_s, lse_t, lse_g, t_min, t_max = distill_row_stats(x, rx, t, rt, STUDENT, TEACHER, GROUPING, budget_bytes=BIG)
+    kw = dict(shuffle=shuffle, budget_bytes=1 << 20)
+    if shuffle == "random":
+        kw.update(thr=group_thresholds(t, rt, lse_g, t_min, t_max, GROUPING, group_p=0.2), step_seed=SEED)
+    strided = [torch.stack([a, torch.full_like(a, 7.0)], dim=1)[:, 0] for a in (lse_s, lse_t)]
+    assert not any(a.is_contiguous() for a in strided)
+    loss, dx = distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, STUDENT, TEACHER, **kw)
+    loss_strided, dx_strided = distill_loss_and_grad(x, rx, t, rt, *strided, STUDENT, TEACHER, **kw)
+    assert torch.equal(loss_strided, loss) and torch.equal(dx_strided, dx)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shuffle", ["none", "expected"])
 def test_distill_half_precision(dtype, shuffle, device):
