@@ -234,6 +234,26 @@ def test_distill_row_statistics_of_any_stride(shuffle, device):
     assert torch.equal(loss_strided, loss) and torch.equal(dx_strided, dx)
 
 
+def test_distill_loss_only_slabs_take_no_factors(device, monkeypatch):
+    """Without the gradient a slab entry is the two fp32 dots alone (8 bytes, no factors), so a
+    budget of 128 rows of them at B = 130 runs slabs of 128 rows (then 2), where the gradient's
+    12 bytes an entry take 64-row slabs; the loss rows are the same."""
+    from distillcse.kernels import distill
+
+    x, rx, t, rt = _inputs(130, 48, 32, torch.float32, device)
+    lse_s, lse_t = distill.distill_row_stats(x, rx, t, rt, STUDENT, TEACHER, GROUPING, budget_bytes=BIG)[:2]
+    gemms, matmul = [], distill.matmul_f32
+    monkeypatch.setattr(distill, "matmul_f32", lambda a, b, **kw: gemms.append(a.shape[0]) or matmul(a, b, **kw))
+    budget = 130 * 8 * 128
+    loss_only, none = distill.distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, STUDENT, TEACHER,
+                                                    budget_bytes=budget, need_grad=False)
+    assert none is None and gemms == [128, 128, 2, 2]
+    gemms.clear()
+    loss, _ = distill.distill_loss_and_grad(x, rx, t, rt, lse_s, lse_t, STUDENT, TEACHER, budget_bytes=budget)
+    assert gemms[:3] == [64, 64, 64] or not utils.interpreter_blocks()  # two dots and the row side's GEMM
+    torch.testing.assert_close(loss_only, loss, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shuffle", ["none", "expected"])
 def test_distill_half_precision(dtype, shuffle, device):
