@@ -254,6 +254,20 @@ def test_distill_loss_only_slabs_take_no_factors(device, monkeypatch):
     torch.testing.assert_close(loss_only, loss, rtol=1e-6, atol=1e-6)
 
 
+def test_lse_s_may_be_left_out_with_the_random_shuffle_only(device):
+    """``lse_s=None`` (each slab's own, from its dots) serves the random shuffle alone: the other
+    shuffles' column side reads every row's, so they refuse it with a clear error instead of
+    reading an unset buffer."""
+    from distillcse.kernels.distill import distill_loss_and_grad
+
+    x, rx, t, rt = _inputs(37, 48, 32, torch.float32, device)
+    thr, qbar = _groups(_teacher_logits(t, rt))
+    for shuffle in ("none", "expected"):
+        with pytest.raises(AssertionError, match="lse_s is needed for every column's gradient but with shuffle random"):
+            distill_loss_and_grad(x, rx, t, rt, None, torch.zeros(37), STUDENT, TEACHER, shuffle=shuffle, thr=thr,
+                                  qbar=qbar, budget_bytes=1 << 20)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shuffle", ["none", "expected"])
 def test_distill_half_precision(dtype, shuffle, device):
