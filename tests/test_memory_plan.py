@@ -128,6 +128,25 @@ def test_row_statistics_and_group_means_within_budget(blocks, rows):
     assert min(budget // 2, 4 * B * n) <= mem.peak <= budget + tables, (mem.peak, budget, mem.at_peak[:6])
 
 
+def test_row_stats_budget_holds_the_running_column_states():
+    """The row statistics' running column-side states ([6, B] fp32, and a row block's rounding of
+    the slab's column states) come out of the budget as the slabs do: at B = 130 and 151,100
+    bytes the whole batch's slab (130 rows, 135,200 bytes of dots) would fit beside the splits'
+    reserve but not beside those states, so it takes 112 rows and the peak stays within the
+    budget plus the five [B] statistics."""
+    from distillcse.kernels.distill import distill_row_stats
+
+    n = 130
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(n, 48, generator=g).to(DEVICE), torch.randn(n, 32, generator=g).to(DEVICE)
+    rx, rt = 1.0 / x.norm(dim=1), 1.0 / t.norm(dim=1)
+    budget = 151_100
+    with TensorMemory() as mem:
+        stats = distill_row_stats(x, rx, t, rt, STUDENT, TEACHER, GROUPING, budget_bytes=budget)
+    assert all(torch.isfinite(s).all() for s in stats)
+    assert mem.peak <= budget + 5 * n * 4, (mem.peak, budget, mem.at_peak[:6])
+
+
 @pytest.mark.parametrize("means", [False, True])
 def test_group_search_within_budget(means):
     """The search's host temporaries come in row chunks that fit the budget; its state is O(B G);
