@@ -377,8 +377,8 @@ def test_random_half_precision(dtype, device):
 
 def test_random_warns_when_its_accumulation_traffic_is_huge(device, monkeypatch):
     """The column side's traffic, (B / R) B D x 2 x 3 bytes for fp16 rows (hi + lo), is announced
-    with the numbers and the way out; below the threshold nothing is said. A shard's (any
-    shuffle's) names its shuffle and rows."""
+    with the numbers and the way out (the expected shuffle); below the threshold nothing is said.
+    A shard's (any shuffle's) names its shuffle and rows, and not that way out."""
     import warnings
 
     from distillcse.kernels import distill
@@ -394,6 +394,8 @@ def test_random_warns_when_its_accumulation_traffic_is_huge(device, monkeypatch)
     with pytest.warns(UserWarning, match=announced) as caught:
         _run_random(x, rx, t, rt, grouping, budget_bytes=budget)
     slabs, rows = map(int, re.search(announced, str(caught[0].message), re.S).groups())
+    # the whole batch: no shard named, and the expected shuffle offered as the way out
+    assert "shard" not in str(caught[0].message) and 'or use shuffle="expected"' in str(caught[0].message)
     assert (slabs, rows) == (3, 64) or not utils.interpreter_blocks()  # (the GPU's blocks: 5 slabs of 32 rows)
     assert (slabs - 1) * rows < 130 <= slabs * rows
     # a shard accumulates whatever its shuffle, and another shuffle would not help it
