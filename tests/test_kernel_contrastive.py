@@ -239,6 +239,23 @@ def test_zero_rows(device):
     _check(x, y, torch.full((B,), 1.0 / B, device=device), 1e-5)
 
 
+@pytest.mark.parametrize("blocks", ["interpreter", "gpu"])
+def test_one_row_past_whole_blocks(blocks, monkeypatch, device):
+    """B = 129 = 2 * 64 + 1 = 128 + 1 rows: one past whole blocks of the interpreter's row kernel
+    (64 rows a program) and column kernel (128 rows a block), and the GPU's (one row a program,
+    512 rows a block); the grids' last program holds the single row, whose loss, statistics and
+    gradients must be there like the others' (the other tests' row counts, 37, 130, a shard's 56,
+    are covered by a grid sized for one row fewer: it is 2 or more rows past whole blocks)."""
+    from distillcse.kernels import utils
+
+    if blocks == "gpu":
+        monkeypatch.setattr(utils, "interpreter_blocks", lambda: False)
+    B = 129
+    x, y = _views(B, 8, 48, torch.float32, device, seed=24)
+    grad_rows = torch.randn(B, generator=torch.Generator().manual_seed(25)).to(device)
+    _check(x, y, grad_rows, 1e-5)
+
+
 @pytest.mark.parametrize("n_hard", [0, 3])
 @pytest.mark.parametrize("D", [48, 200])
 def test_two_rows(D, n_hard, device):
