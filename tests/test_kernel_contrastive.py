@@ -445,6 +445,32 @@ def test_slab_buffers_within_budget(grad):
     assert mem.peak <= bound, (mem.peak, bound, mem.at_peak[:6])
 
 
+def test_padded_slab_buffers_within_budget(monkeypatch):
+    """With every slab padded (``PAD_MIN_COLS`` 0: rows of aligned(N) = 160 entries for N = 153,
+    columns of aligned(B) = 144 for B = 130), the slab heights count the padded rows: a budget
+    that holds 64 unpadded slab rows (columns) of dots and factors holds 32 padded ones, and the
+    buffers stay within it."""
+    from distillcse.kernels import utils
+    from distillcse.kernels.contrastive import contrastive_bwd_dy, contrastive_fwd
+    from distillcse.tensor_memory import TensorMemory
+
+    monkeypatch.setattr(utils, "PAD_MIN_COLS", 0)
+    B, n_hard, D = 130, 23, 32
+    N = B + n_hard
+    x, y = _views(B, n_hard, D, torch.bfloat16, DEVICE, seed=26)
+    rx, ry = _inv_norm(x), _inv_norm(y)
+    grad_rows = torch.full((B,), 1.0 / B, device=DEVICE)
+    budget = 64 * N * 6  # 64 unpadded rows (and columns: 64 (6 B + 4 D) fit too), 61 padded rows
+    assert 64 * (6 * B + 4 * D) <= budget < 64 * (6 * utils.aligned(B) + 4 * D)
+    with TensorMemory() as mem:
+        _, stats, _ = contrastive_fwd(x, rx, y, ry, SCALE, grad_rows, budget_bytes=budget)
+    assert mem.largest[:2] == (32 * 160 * 4, (32, 160))  # the dots' slab, the factors' beside it
+    with TensorMemory() as mem:
+        contrastive_bwd_dy(x, rx, y, ry, stats, SCALE, grad_rows, budget_bytes=budget)
+    assert mem.largest[:2] == (32 * 144 * 4, (32, 144))
+    assert 32 * (144 * 6 + 4 * D) <= budget
+
+
 def test_slab_buffers_of_a_shard():
     """A shard of n = 8 rows (``rows=``; D = 256, bf16), counted as above: the forward's slab holds
     the shard's rows, not the batch's, and the backward's column slabs count each column's [D] fp32
