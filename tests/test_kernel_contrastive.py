@@ -140,6 +140,34 @@ def test_zero_grad_rows(device):
     assert torch.equal(dx, torch.zeros_like(x)) and torch.equal(dy, torch.zeros_like(y))
 
 
+def test_launchers_refuse_inconsistent_inputs(device):
+    """The launchers' guards: y's blocks in another dtype than x, a single column (no negative),
+    a shard whose positives would run past z2 (y's first block) into the hard negatives (N alone
+    has room for them), inverse norms not fp32, and ``add_to`` without ``grad_rows`` are refused,
+    not computed into wrong losses."""
+    from distillcse.kernels.contrastive import contrastive_bwd_dy, contrastive_fwd
+
+    B = 37
+    x, y = _views(B, 23, 48, torch.float32, device, seed=27)  # [37, 48], [60, 48]
+    rx, ry = _inv_norm(x), _inv_norm(y)
+    blocks, grad_rows = (y[:B], y[B:]), torch.full((B,), 1.0 / B, device=device)
+    with pytest.raises(AssertionError, match="share a dtype"):
+        contrastive_fwd(x, rx, (y[:B], y[B:].double()), ry, SCALE, budget_bytes=BUDGET)
+    with pytest.raises(AssertionError, match="N >= 2"):
+        contrastive_fwd(x[:1], rx[:1], y[:1], ry[:1], SCALE, budget_bytes=BUDGET)
+    _, stats, _ = contrastive_fwd(x, rx, blocks, ry, SCALE, budget_bytes=BUDGET)
+    shard = slice(30, B)  # 7 rows: from diag0 = 31 the last one's positive would be y's row 37
+    contrastive_bwd_dy(x[shard], rx[shard], blocks, ry, stats[:, shard], SCALE, grad_rows[shard],
+                       budget_bytes=BUDGET, diag0=30)
+    with pytest.raises(AssertionError, match="its first block"):
+        contrastive_bwd_dy(x[shard], rx[shard], blocks, ry, stats[:, shard], SCALE, grad_rows[shard],
+                           budget_bytes=BUDGET, diag0=31)
+    with pytest.raises(AssertionError):
+        contrastive_fwd(x, rx.half(), y, ry, SCALE, budget_bytes=BUDGET)
+    with pytest.raises(AssertionError, match="add_to needs grad_rows"):
+        contrastive_fwd(x, rx, y, ry, SCALE, budget_bytes=BUDGET, add_to=torch.zeros_like(x))
+
+
 def _strided(v):
     """v's values at stride 2, NaN between them (read at stride 1, they give NaN)."""
     return torch.stack([v, torch.full_like(v, float("nan"))], 1)[:, 0]
