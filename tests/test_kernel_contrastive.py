@@ -143,8 +143,8 @@ def test_zero_grad_rows(device):
 def test_launchers_refuse_inconsistent_inputs(device):
     """The launchers' guards: y's blocks in another dtype than x, a single column (no negative),
     a shard whose positives would run past z2 (y's first block) into the hard negatives (N alone
-    has room for them), inverse norms not fp32, and ``add_to`` without ``grad_rows`` are refused,
-    not computed into wrong losses."""
+    has room for them), inverse norms not fp32, upstream gradients of another length than x's
+    rows, and ``add_to`` without ``grad_rows`` are refused, not computed into wrong losses."""
     from distillcse.kernels.contrastive import contrastive_bwd_dy, contrastive_fwd
 
     B = 37
@@ -164,6 +164,8 @@ def test_launchers_refuse_inconsistent_inputs(device):
                            budget_bytes=BUDGET, diag0=31)
     with pytest.raises(AssertionError):
         contrastive_fwd(x, rx.half(), y, ry, SCALE, budget_bytes=BUDGET)
+    with pytest.raises(AssertionError):
+        contrastive_fwd(x, rx, y, ry, SCALE, torch.cat([grad_rows, grad_rows[:3]]), budget_bytes=BUDGET)
     with pytest.raises(AssertionError, match="add_to needs grad_rows"):
         contrastive_fwd(x, rx, y, ry, SCALE, budget_bytes=BUDGET, add_to=torch.zeros_like(x))
 
