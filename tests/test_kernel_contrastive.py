@@ -254,6 +254,31 @@ def test_two_passes_where_every_exp_underflows(dtype, device):
     _check(x.to(device, dtype), y.to(device, dtype), grad_rows, TOL[dtype], scale=128.0)
 
 
+def test_two_passes_where_the_positive_towers_over_the_negatives(device):
+    """Scale 128 (two passes) with near-copies for positives in D = 256: each row's positive
+    logit is over 100 above all its negatives, so the running maxima must take the diagonal
+    too: shifted by the negatives' maximum alone, exp(s_ii - m_i) overflows fp32 (past 88.7)
+    and lse_i with it. lse_i is s_ii to fp32's precision; the loss and the gradients, ~exp(-100)
+    in float64, underflow to (nearly) 0 but stay finite."""
+    from distillcse.kernels.contrastive import contrastive_bwd_dy, contrastive_fwd
+
+    B, scale = 37, 128.0
+    x, y = _views(B, 23, 256, torch.float32, device, seed=28, noise=0.01)  # [37, 256], [60, 256]
+    cos = F.normalize(x.double(), dim=1) @ F.normalize(y.double(), dim=1).T
+    positives = cos[:, :B].diagonal().clone()
+    cos[:, :B].diagonal().fill_(-1.0)
+    assert scale * (positives - cos.amax(1)).min() > 100.0
+    rx, ry = _inv_norm(x), _inv_norm(y)
+    grad_rows = torch.randn(B, generator=torch.Generator().manual_seed(29)).to(device)
+    loss, stats, dx = contrastive_fwd(x, rx, y, ry, scale, grad_rows, budget_bytes=BUDGET)
+    dy = contrastive_bwd_dy(x, rx, y, ry, stats, scale, grad_rows, budget_bytes=BUDGET)
+    lse = torch.logsumexp(scale * F.normalize(x.double(), dim=1) @ F.normalize(y.double(), dim=1).T, 1)
+    assert _rel(stats[0], lse) <= 2e-6
+    assert (loss >= 0).all() and loss.max() < 1e-38
+    for name, g in (("dx", dx), ("dy", dy)):
+        assert torch.isfinite(g).all() and g.abs().max() < 1e-30, name
+
+
 def test_feature_stride_not_one(device):
     B, D = 37, 48
     x, y = _views(B, 0, D, torch.float32, device, seed=3)
